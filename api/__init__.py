@@ -1,0 +1,1 @@
+"""Billing API: FastAPI app serving billing-cycle meter reads."""

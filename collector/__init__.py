@@ -1,0 +1,1 @@
+"""Collector: CoAP and MQTT uplinks, acknowledged only once durable."""

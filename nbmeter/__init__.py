@@ -1,0 +1,1 @@
+"""nbmeter: operator entry points (the `nbmeter` command and the local stack)."""

@@ -1,0 +1,1 @@
+"""Device-fleet simulator with ground truth."""

@@ -1,0 +1,1 @@
+"""The only package that speaks SQL: pool, migrations, idempotent COPY ingest, queries."""
