@@ -1,0 +1,82 @@
+"""Shared fixtures: the real stack (TimescaleDB + Mosquitto) that `nbmeter stack up` starts.
+
+`make test` exports NBMETER_DATABASE_URL and NBMETER_MQTT_URL. Each test session gets a
+fresh database on that server, migrated from scratch, and drops it at the end, so runs
+never see each other's rows. Tests that need the stack request `db_url`, `pool` or
+`mqtt_url`; pure tests (the decoders) need nothing running.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from storage.migrate import migrate
+
+_HOW = "run the suite with `make test`, or `eval $(nbmeter stack env)` after `nbmeter stack up`"
+
+
+def _env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        pytest.fail(f"{name} is not set: {_HOW}", pytrace=False)
+    return value
+
+
+def _with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@pytest.fixture(scope="session")
+def server_url() -> str:
+    """URL of the stack's TimescaleDB server (its default database)."""
+    return _env("NBMETER_DATABASE_URL")
+
+
+@pytest.fixture(scope="session")
+async def db_url(server_url: str) -> AsyncIterator[str]:
+    """A fresh database on the stack's server with every migration applied."""
+    name = f"nbmeter_test_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = _with_database(server_url, name)
+    await migrate(url)
+    yield url
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """An asyncpg pool on the session's migrated database."""
+    async with asyncpg.create_pool(db_url, min_size=1, max_size=8) as p:
+        yield p
+
+
+@pytest.fixture
+async def tenant_id(pool: asyncpg.Pool) -> int:
+    """A new tenant of its own for one test (so tests never share meters)."""
+    slug = f"t-{uuid.uuid4().hex[:12]}"
+    value: int = await pool.fetchval(
+        "INSERT INTO tenants (slug, name) VALUES ($1, $2) RETURNING tenant_id", slug, slug
+    )
+    return value
+
+
+@pytest.fixture(scope="session")
+def mqtt_url() -> Iterator[str]:
+    """URL of the stack's Mosquitto broker."""
+    yield _env("NBMETER_MQTT_URL")
