@@ -1,0 +1,137 @@
+"""The project's Mosquitto broker: host package, project config, own port and state.
+
+The config template `mosquitto.conf` beside this file belongs to the collector (it
+decides authentication and ACLs); this module renders it into the state directory,
+lets the collector prepare the credential files the template names, and runs the
+broker as a daemon with a pid file.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from importlib import resources
+from pathlib import Path
+
+from nbmeter.stack.config import StackConfig, StackError, say
+from nbmeter.stack.debian import apt_install, run
+
+_FALLBACK = """\
+# no collector broker config shipped: anonymous loopback broker for development only
+listener {port} 127.0.0.1
+allow_anonymous true
+persistence true
+persistence_location {state_dir}/
+"""
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts TCP connections on host:port."""
+    with socket.socket() as sock:
+        sock.settimeout(0.3)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _pid(cfg: StackConfig) -> int | None:
+    path = cfg.mosquitto_dir / "mosquitto.pid"
+    try:
+        pid = int(path.read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if b"mosquitto" in cmdline else None
+
+
+def running(cfg: StackConfig) -> bool:
+    """True when the project's broker process is alive and listening."""
+    return _pid(cfg) is not None and port_open(cfg.mqtt_port)
+
+
+def _render(cfg: StackConfig) -> Path:
+    template = resources.files("nbmeter.stack").joinpath("mosquitto.conf")
+    text = template.read_text(encoding="utf-8") if template.is_file() else _FALLBACK
+    directory = cfg.mosquitto_dir
+    body = text.format(port=cfg.mqtt_port, state_dir=directory)
+    body += f"\npid_file {directory}/mosquitto.pid\nlog_dest file {directory}/mosquitto.log\n"
+    if os.geteuid() == 0:
+        # as root, mosquitto would switch to the `mosquitto` user, who cannot read our state
+        body += f"user {getpass.getuser()}\n"
+    conf = directory / "mosquitto.conf"
+    conf.write_text(body, encoding="utf-8")
+    return conf
+
+
+def prepare_credentials(cfg: StackConfig) -> dict[str, str]:
+    """Let the collector create the broker's credential files; return its env additions."""
+    try:
+        from collector.broker import prepare_broker_files
+    except ImportError:
+        return {}
+    return dict(prepare_broker_files(cfg.mosquitto_dir))
+
+
+def bring_up(cfg: StackConfig) -> str:
+    """Start the broker unless it runs; return what was done."""
+    cfg.mosquitto_dir.mkdir(parents=True, exist_ok=True)
+    prepare_credentials(cfg)
+    conf = _render(cfg)
+    if running(cfg):
+        return "already running"
+    if port_open(cfg.mqtt_port):
+        msg = (
+            f"127.0.0.1:{cfg.mqtt_port} is taken by another program: stop it or choose "
+            "another port with NBMETER_MQTT_PORT"
+        )
+        raise StackError(msg)
+    binary = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
+    if binary is None:
+        apt_install(["mosquitto"])
+        binary = "/usr/sbin/mosquitto"
+    say(f"starting Mosquitto on 127.0.0.1:{cfg.mqtt_port} ...")
+    run(
+        [binary, "-c", str(conf), "-d"],
+        what=f"starting Mosquitto (log: {cfg.mosquitto_dir}/mosquitto.log)",
+    )
+    deadline = time.monotonic() + 15
+    while not port_open(cfg.mqtt_port):
+        if time.monotonic() > deadline:
+            msg = f"Mosquitto did not open port {cfg.mqtt_port}; see {cfg.mosquitto_dir}/mosquitto.log"
+            raise StackError(msg)
+        time.sleep(0.1)
+    return "started"
+
+
+def stop(cfg: StackConfig) -> None:
+    """Stop the broker (SIGTERM; it saves its persistent sessions first)."""
+    pid = _pid(cfg)
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while _pid(cfg) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def reload(cfg: StackConfig) -> None:
+    """Ask the running broker to re-read its password and ACL files (SIGHUP)."""
+    pid = _pid(cfg)
+    if pid is not None:
+        os.kill(pid, signal.SIGHUP)
+
+
+def version() -> str:
+    """Mosquitto's version as the binary reports it."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    proc = subprocess.run([binary, "-h"], capture_output=True, text=True, check=False)
+    first = (proc.stdout or proc.stderr).splitlines()
+    return first[0].strip() if first else "mosquitto"
