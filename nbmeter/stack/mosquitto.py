@@ -91,21 +91,16 @@ def bring_up(cfg: StackConfig) -> str:
             "another port with NBMETER_MQTT_PORT"
         )
         raise StackError(msg)
-    binary = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
-    if binary is None:
+    binary = _binary()
+    if not Path(binary).exists():
         apt_install(["mosquitto"])
-        binary = "/usr/sbin/mosquitto"
     say(f"starting Mosquitto on 127.0.0.1:{cfg.mqtt_port} ...")
-    run(
-        [binary, "-c", str(conf), "-d"],
-        what=f"starting Mosquitto (log: {cfg.mosquitto_dir}/mosquitto.log)",
-    )
+    log = cfg.mosquitto_dir / "mosquitto.log"
+    run([binary, "-c", str(conf), "-d"], what=f"starting Mosquitto (log: {log})")
     deadline = time.monotonic() + 15
     while not port_open(cfg.mqtt_port):
         if time.monotonic() > deadline:
-            msg = f"Mosquitto did not open port {cfg.mqtt_port}; see {cfg.mosquitto_dir}/mosquitto.log"
+            msg = f"Mosquitto did not open port {cfg.mqtt_port}; see {log}"
             raise StackError(msg)
         time.sleep(0.1)
     return "started"
@@ -129,9 +124,13 @@ def reload(cfg: StackConfig) -> None:
         os.kill(pid, signal.SIGHUP)
 
 
+def _binary() -> str:
+    # Debian installs it in /usr/sbin, which a non-root PATH often lacks
+    return shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
 def version() -> str:
     """Mosquitto's version as the binary reports it."""
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    proc = subprocess.run([binary, "-h"], capture_output=True, text=True, check=False)
+    proc = subprocess.run([_binary(), "-h"], capture_output=True, text=True, check=False)
     first = (proc.stdout or proc.stderr).splitlines()
     return first[0].strip() if first else "mosquitto"
