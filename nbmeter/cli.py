@@ -43,6 +43,10 @@ def _stack(args: argparse.Namespace) -> int:
             ok, lines = stack.status(cfg)
             print("\n".join(lines))
             return 0 if ok else 1
+        elif args.action == "tools":
+            from nbmeter.stack.control import tools
+
+            print("\n".join(tools(cfg)), file=sys.stderr)
         else:
             print("\n".join(stack.env_lines(cfg, export=args.export)))
     except stack.StackError as exc:
@@ -108,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("stack", help="the local TimescaleDB + Mosquitto")
-    p.add_argument("action", choices=["up", "down", "status", "env"])
+    p.add_argument("action", choices=["up", "down", "status", "env", "tools"])
     p.add_argument("--export", action="store_true", help="env: prefix lines with `export `")
     p.set_defaults(func=_stack)
 

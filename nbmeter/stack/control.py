@@ -212,3 +212,39 @@ def _compose_up(cfg: StackConfig, *, need_db: bool, need_mqtt: bool) -> None:
     cfg.mosquitto_dir.mkdir(parents=True, exist_ok=True)
     mosquitto.prepare_credentials(cfg)
     _compose(["up", "-d", "--wait", *services], cfg)
+
+
+def compose_command(cfg: StackConfig) -> list[str] | None:
+    """A docker compose v2 command line (plugin, standalone, or the Debian 13 root's)."""
+    if shutil.which("docker"):
+        proc = subprocess.run(["docker", "compose", "version"], capture_output=True, check=False)
+        if proc.returncode == 0:
+            return ["docker", "compose"]
+    for path in (shutil.which("docker-compose"), cfg.root / "usr/bin/docker-compose"):
+        if path and Path(path).exists():
+            proc = subprocess.run(
+                [str(path), "version"], capture_output=True, text=True, check=False
+            )
+            if (
+                proc.returncode == 0
+                and " v1." not in proc.stdout
+                and "version 1." not in proc.stdout
+            ):
+                return [str(path)]
+    return None
+
+
+def tools(cfg: StackConfig) -> list[str]:
+    """Install the test tools (coap-client, docker compose v2) where possible; describe them."""
+    notes: list[str] = []
+    if not shutil.which("coap-client-notls"):
+        if is_root() and codename():
+            apt_install(["libcoap3-bin"])
+        else:
+            notes.append("coap-client missing (Debian package libcoap3-bin): interop test skips")
+    if compose_command(cfg) is None:
+        if is_root() and (cfg.root / "usr/bin/apt-get").exists():
+            apt_install(["docker-compose"], root=cfg.root)
+        else:
+            notes.append("docker compose v2 missing: the compose file check skips")
+    return notes or ["test tools present: coap-client, docker compose"]
