@@ -1,0 +1,64 @@
+"""`nbmeter decode`: hex frames (arguments, or hex/JSONL lines on stdin) to JSON lines.
+
+One JSON object per frame, in input order: `ok`, `format`, `meter_id`, `total_m3`, the
+other decoded fields with units in their names, and `error` when the frame fails. A bad
+line never stops the run; the exit code is 1 when any frame failed, so scripts notice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from decoder.view import frame_records, parse_input_line
+
+
+def _load_keys(path: str | None) -> dict[str, bytes]:
+    if not path:
+        return {}
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        msg = f"--keys {path}: {exc} (expected a JSON object: meter id -> 32 hex digits)"
+        raise SystemExit(f"nbmeter decode: {msg}") from exc
+    keys: dict[str, bytes] = {}
+    for meter, key in raw.items():
+        try:
+            keys[str(meter)] = bytes.fromhex(key)
+        except (TypeError, ValueError):
+            msg = f"--keys {path}: key for meter {meter} is not hex"
+            raise SystemExit(f"nbmeter decode: {msg}") from None
+        if len(keys[str(meter)]) != 16:
+            msg = f"--keys {path}: key for meter {meter} is not 16 bytes (AES-128)"
+            raise SystemExit(f"nbmeter decode: {msg}")
+    return keys
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    """Decode the frames named by `args`, print JSON lines; 1 if any frame failed."""
+    keys = _load_keys(args.keys)
+    lines = args.frames or [line for line in sys.stdin if line.strip()]
+    received = args.received_at if args.received_at is not None else int(time.time())
+    frames: list[bytes] = []
+    bad_input: dict[int, str] = {}
+    for i, line in enumerate(lines):
+        try:
+            frame, key = parse_input_line(line)
+        except ValueError as exc:
+            bad_input[i] = str(exc)
+            frame, key = b"", None
+        frames.append(frame)
+        if key is not None:
+            keys.setdefault(f"#frame{i}", key)
+    inline = {i: keys[f"#frame{i}"] for i in range(len(frames)) if f"#frame{i}" in keys}
+    records = frame_records(frames, received, keys={**keys}, frame_keys=inline)
+    failed = 0
+    for i, record in enumerate(records):
+        if i in bad_input:
+            record = {"ok": False, "error": f"input line {i + 1}: {bad_input[i]}"}
+        failed += not record.get("ok", False)
+        print(json.dumps(record, ensure_ascii=False, default=str))
+    return 1 if failed else 0
