@@ -1,0 +1,104 @@
+"""TEMPORARY SQL for the collector's batch writes, until `storage/ingest.py` lands.
+
+Each function takes an open connection (inside the batch's transaction) and plain column
+lists. Readings are inserted idempotently (`ON CONFLICT DO NOTHING` on the
+(meter_id, read_at) key), in key order so that concurrent overlapping batches lock rows
+in the same order and cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+
+async def insert_readings(
+    conn: asyncpg.Connection,
+    meter_id: list[int],
+    read_at_s: list[int],
+    register_ml: list[int],
+    flags: list[int],
+    transport: list[int],
+    received_at_s: list[float],
+) -> set[tuple[int, int]]:
+    """Insert readings; return the (meter_id, read_at_s) keys that were new."""
+    if not meter_id:
+        return set()
+    rows = await conn.fetch(
+        "INSERT INTO readings (meter_id, read_at, register_ml, flags, transport, received_at)"
+        " SELECT m, to_timestamp(r), v, f, t, to_timestamp(rc)"
+        " FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::int[], $5::smallint[],"
+        " $6::float8[]) AS u(m, r, v, f, t, rc) ORDER BY m, r"
+        " ON CONFLICT DO NOTHING RETURNING meter_id, extract(epoch FROM read_at)::bigint",
+        meter_id,
+        read_at_s,
+        register_ml,
+        flags,
+        transport,
+        received_at_s,
+    )
+    return {(int(r[0]), int(r[1])) for r in rows}
+
+
+async def insert_raw(conn: asyncpg.Connection, rows: list[tuple[object, ...]]) -> None:
+    """Archive raw uplinks: (received_at_s, tenant_id, meter_id, transport, peer, payload,
+    format, outcome, n_readings, n_new, error_code, error_message) per row."""
+    if not rows:
+        return
+    cols = list(zip(*rows, strict=True))
+    await conn.execute(
+        "INSERT INTO raw_uplinks (received_at, tenant_id, meter_id, transport, peer, payload,"
+        " format, outcome, n_readings, n_new, error_code, error_message)"
+        " SELECT to_timestamp(a), b, c, d, e, f, g, h, i, j, k, l FROM unnest($1::float8[],"
+        " $2::bigint[], $3::bigint[], $4::smallint[], $5::text[], $6::bytea[], $7::text[],"
+        " $8::text[], $9::int[], $10::int[], $11::smallint[], $12::text[])"
+        " AS u(a, b, c, d, e, f, g, h, i, j, k, l)",
+        *(list(c) for c in cols),
+    )
+
+
+async def insert_quarantine(conn: asyncpg.Connection, rows: list[tuple[object, ...]]) -> None:
+    """Quarantine uplinks: (received_at_s, tenant_id, meter_id, transport, peer, reason,
+    detail, payload) per row."""
+    if not rows:
+        return
+    cols = list(zip(*rows, strict=True))
+    await conn.execute(
+        "INSERT INTO quarantine (received_at, tenant_id, meter_id, transport, peer, reason,"
+        " detail, payload) SELECT to_timestamp(a), b, c, d, e, f, g, h FROM unnest("
+        "$1::float8[], $2::bigint[], $3::bigint[], $4::smallint[], $5::text[], $6::text[],"
+        " $7::text[], $8::bytea[]) AS u(a, b, c, d, e, f, g, h)",
+        *(list(c) for c in cols),
+    )
+
+
+async def insert_events(conn: asyncpg.Connection, rows: list[tuple[int, int, str, float]]) -> None:
+    """Record alarms: (meter_id, occurred_at_s, kind, received_at_s); repeats are ignored."""
+    if not rows:
+        return
+    cols = list(zip(*rows, strict=True))
+    await conn.execute(
+        "INSERT INTO meter_events (meter_id, occurred_at, kind, received_at)"
+        " SELECT m, to_timestamp(o), k, to_timestamp(r) FROM unnest($1::bigint[],"
+        " $2::bigint[], $3::text[], $4::float8[]) AS u(m, o, k, r) ORDER BY m, k, o"
+        " ON CONFLICT DO NOTHING",
+        *(list(c) for c in cols),
+    )
+
+
+async def insert_health(
+    conn: asyncpg.Connection,
+    rows: list[tuple[int, int, int | None, int | None, int | None, int | None, float]],
+) -> None:
+    """Record modem health: (meter_id, measured_at_s, battery_mv, rsrp_cdbm, sinr_cdb, ecl,
+    received_at_s); a repeated (meter, time) is ignored."""
+    if not rows:
+        return
+    cols = list(zip(*rows, strict=True))
+    await conn.execute(
+        "INSERT INTO device_health (meter_id, measured_at, battery_mv, rsrp_cdbm, sinr_cdb,"
+        " ecl, received_at) SELECT m, to_timestamp(t), b, r, s, e, to_timestamp(rc)"
+        " FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::int[],"
+        " $6::smallint[], $7::float8[]) AS u(m, t, b, r, s, e, rc) ORDER BY m, t"
+        " ON CONFLICT DO NOTHING",
+        *(list(c) for c in cols),
+    )

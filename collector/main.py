@@ -1,0 +1,105 @@
+"""The collector process: CoAP and MQTT into one group-commit pipeline, until SIGTERM.
+
+`run(settings)` starts the pipeline workers, the CoAP server, the MQTT subscriber and the
+/metrics endpoint, and on SIGTERM/SIGINT (or when `stop` is set) shuts down in order:
+refuse new uplinks (CoAP 5.03, MQTT messages left unacked for redelivery), commit
+everything already accepted, answer and PUBACK it, then close the sockets. The database
+may be down at start or at any time: batches wait and retry, nothing accepted is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+
+import asyncpg
+import structlog
+
+from collector import metrics
+from collector.coap import start_server
+from collector.logs import configure_logging
+from collector.mqtt import MqttSubscriber
+from collector.pipeline import Pipeline
+from collector.settings import CollectorSettings
+from collector.store import BatchStore
+from storage.credentials import parse_key
+
+log = structlog.get_logger("collector.main")
+
+
+async def _create_pool(settings: CollectorSettings) -> asyncpg.Pool:
+    # min_size 0: the collector starts (and keeps running) while the database is away
+    return await asyncpg.create_pool(
+        settings.database_url,
+        min_size=0,
+        max_size=settings.pipeline.pool_size + 2,
+        timeout=5.0,  # connect timeout
+        command_timeout=30.0,
+        max_inactive_connection_lifetime=60.0,
+    )
+
+
+async def run(
+    settings: CollectorSettings,
+    *,
+    stop: asyncio.Event | None = None,
+    started: asyncio.Event | None = None,
+) -> None:
+    """Run the collector until `stop` is set (default: until SIGTERM or SIGINT)."""
+    loop = asyncio.get_running_loop()
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    key = None
+    if settings.credentials_key is not None:
+        key = parse_key(settings.credentials_key.get_secret_value())
+    pool = await _create_pool(settings)
+    pipeline = Pipeline(settings.pipeline, BatchStore(pool).commit)
+    http = metrics.serve(settings.metrics_host, settings.metrics_port)
+    mqtt = MqttSubscriber(settings.mqtt_url, settings.mqtt, pipeline) if settings.mqtt_url else None
+    try:
+        async with asyncio.TaskGroup() as group:
+            drained = group.create_task(pipeline.run(), name="pipeline")
+            coap = await start_server(settings.coap, pipeline, pool, key)
+            if mqtt is not None:
+                await mqtt.start()
+            log.info("collector.started", coap_port=settings.coap.port, mqtt=mqtt is not None)
+            if started is not None:
+                started.set()
+            await stop.wait()
+            log.info("collector.stopping", pending=pipeline.pending)
+            pipeline.close()
+            try:
+                await asyncio.wait_for(asyncio.shield(drained), settings.shutdown_grace_s)
+            except TimeoutError:
+                # the database stayed away: what is left was never acknowledged
+                log.warning("collector.drain_timed_out", pending=pipeline.pending)
+                drained.cancel()
+            if mqtt is not None:
+                await mqtt.drain_and_stop()
+            await asyncio.sleep(0.05)  # let CoAP handlers send the answers just resolved
+            await coap.shutdown()
+    finally:
+        if http is not None:
+            with contextlib.suppress(Exception):
+                http.shutdown()  # type: ignore[attr-defined]
+        await pool.close()
+    log.info("collector.stopped")
+
+
+def main() -> int:
+    """Process entry point: settings, logging, then `run` until SIGTERM."""
+    settings = CollectorSettings()
+    configure_logging(settings.log_json)
+    try:
+        asyncio.run(run(settings))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Group commit: uplinks from every transport in, one durable outcome per uplink out.
+
+A transport handler calls `Pipeline.offer(uplink)`, which never blocks: it returns a
+future, or raises `PipelineFull` (answer "busy, retry later": CoAP 5.03 + Max-Age, MQTT
+stops reading) or `PipelineClosed` (shutting down). Worker tasks take batches (up to
+`batch_max` uplinks, or whatever arrived within `batch_wait_ms` of the first) and hand
+each to the `commit` callable, which decodes, stores and archives the whole batch in one
+transaction. Only when it returns are the futures resolved, so an answer to a device
+always means "durable". While the database is away, `commit` raises
+`StorageUnavailableError` and the batch is retried with backoff, never dropped; the
+queue fills, and new offers are refused, which is the backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from collector import metrics
+from collector.settings import PipelineSettings
+from storage.errors import StorageUnavailableError
+
+log = structlog.get_logger("collector.pipeline")
+
+
+class Transport(enum.IntEnum):
+    """How an uplink arrived; stored as a smallint (see migration 0001)."""
+
+    COAP = 1  # plain CoAP, lab tenants only
+    COAP_OSCORE = 2
+    MQTT = 3
+
+
+class PipelineFull(Exception):
+    """The pipeline holds `max_pending` uplinks; the sender must retry later."""
+
+
+class PipelineClosed(Exception):
+    """The collector is shutting down and accepts nothing new."""
+
+
+@dataclass(slots=True, frozen=True)
+class Device:
+    """The authenticated sender of an uplink: the one meter it may report for."""
+
+    meter_id: int
+    tenant_id: int
+    address: str
+
+
+@dataclass(slots=True, frozen=True)
+class Outcome:
+    """What became of one uplink. `status`: stored, duplicate or quarantined."""
+
+    status: str
+    reason: str = ""  # quarantine reason (machine-readable)
+    detail: str = ""  # quarantine detail (for a person)
+    n_readings: int = 0
+    n_new: int = 0
+
+
+@dataclass(slots=True)
+class Uplink:
+    """One received payload and what the transport knows about its sender."""
+
+    payload: bytes
+    transport: Transport
+    peer: str
+    device: Device | None = None  # OSCORE / MQTT: who authenticated
+    tenant_id: int | None = None  # plain CoAP: the tenant named in the query
+    topic: tuple[str, str] | None = None  # MQTT: (tenant slug, meter address) of the topic
+    reject: tuple[str, str] | None = None  # decided before decoding: (reason, detail)
+    replay_window: tuple[int, int, int] | None = None  # OSCORE (meter_id, index, bits)
+    received_at: float = field(default_factory=time.time)
+    future: asyncio.Future[Outcome] | None = None
+
+
+Commit = Callable[[list[Uplink]], Awaitable[list[Outcome]]]
+
+
+class Pipeline:
+    """A bounded queue of uplinks drained by workers that group-commit them."""
+
+    def __init__(self, settings: PipelineSettings, commit: Commit) -> None:
+        """Hold at most `settings.max_pending` uplinks; commit batches with `commit`."""
+        self._settings = settings
+        self._commit = commit
+        self._queue: deque[Uplink] = deque()
+        self._pending = 0  # queued + being committed
+        self._wakeup = asyncio.Event()
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """Uplinks offered and not yet answered."""
+        return self._pending
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` was called."""
+        return self._closed
+
+    def offer(self, uplink: Uplink, *, force: bool = False) -> asyncio.Future[Outcome]:
+        """Queue `uplink`; return the future of its outcome. Raise PipelineFull/Closed.
+
+        `force` skips the `max_pending` bound, for a transport bounded by other means
+        (MQTT: the broker's Receive Maximum).
+        """
+        if self._closed:
+            raise PipelineClosed
+        if not force and self._pending >= self._settings.max_pending:
+            raise PipelineFull
+        uplink.future = asyncio.get_running_loop().create_future()
+        self._queue.append(uplink)
+        self._pending += 1
+        metrics.QUEUE_DEPTH.set(self._pending)
+        self._wakeup.set()
+        return uplink.future
+
+    def close(self) -> None:
+        """Refuse new uplinks; `run()` returns once everything queued is committed."""
+        self._closed = True
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Run the workers until `close()` and the queue is drained."""
+        async with asyncio.TaskGroup() as group:
+            for n in range(self._settings.workers):
+                group.create_task(self._worker(), name=f"pipeline-worker-{n}")
+
+    async def _next_batch(self) -> list[Uplink] | None:
+        while not self._queue:
+            if self._closed:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        limit = self._settings.batch_max
+        if len(self._queue) < limit and not self._closed and self._settings.batch_wait_ms > 0:
+            # whichever comes first: a full batch, or batch_wait_ms after the first uplink
+            deadline = time.monotonic() + self._settings.batch_wait_ms / 1000
+            while len(self._queue) < limit and (left := deadline - time.monotonic()) > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), left)
+                except TimeoutError:
+                    break
+                if self._closed:
+                    break
+        if not self._queue:  # another worker took them meanwhile
+            return []
+        count = min(limit, len(self._queue))
+        return [self._queue.popleft() for _ in range(count)]
+
+    async def _worker(self) -> None:
+        while (batch := await self._next_batch()) is not None:
+            if batch:
+                await self._commit_with_retry(batch)
+
+    async def _commit_with_retry(self, batch: list[Uplink]) -> None:
+        delay = self._settings.retry_initial_s
+        started = time.monotonic()
+        while True:
+            try:
+                outcomes = await self._commit(batch)
+            except StorageUnavailableError as exc:
+                metrics.DB_FAILURES.inc()
+                log.warning("batch.retried", uplinks=len(batch), error=str(exc), wait_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._settings.retry_max_s)
+                continue
+            except Exception as exc:  # a bug or a poison batch: fail it, keep running
+                log.exception("batch.failed", uplinks=len(batch))
+                self._finish(batch, exc)
+                return
+            break
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.BATCH_SECONDS.observe(time.monotonic() - started)
+        for uplink, outcome in zip(batch, outcomes, strict=True):
+            if uplink.future is not None and not uplink.future.done():
+                uplink.future.set_result(outcome)
+        self._finish(batch, None)
+
+    def _finish(self, batch: list[Uplink], exc: Exception | None) -> None:
+        self._pending -= len(batch)
+        metrics.QUEUE_DEPTH.set(self._pending)
+        if exc is None:
+            return
+        for uplink in batch:
+            if uplink.future is not None and not uplink.future.done():
+                uplink.future.set_exception(exc)

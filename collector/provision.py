@@ -1,0 +1,168 @@
+"""Provision one meter's transport credentials; the secrets are returned once, stored never.
+
+`provision_device(...)` creates the meter (if absent) in its tenant, a fresh OSCORE context
+(stored sealed under the credentials key) and a broker account whose ACL allows publishing
+only to `nbmeter/<tenant-slug>/<address>/up` (created on the running broker over dynsec;
+the database keeps a hash). Calling it again rotates the credentials: the old ones stop
+working. Raises `ProvisionError` with a message for the operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from collector.broker import BrokerError, dynsec
+from storage import credentials
+
+OSCORE_ALGORITHM = "AES-CCM-16-64-128"  # RFC 8613 default; HKDF SHA-256
+SERVER_SENDER_ID = b"\x00"  # our Sender ID: unique per context, so one value serves all
+
+
+class ProvisionError(Exception):
+    """Provisioning failed; nothing the operator must undo (the message says what to do)."""
+
+
+@dataclass(frozen=True)
+class ProvisionedDevice:
+    """What to load into the meter. Shown once: nbmeter keeps only sealed or hashed copies."""
+
+    meter_id: int
+    tenant: str
+    address: str
+    oscore: dict[str, str] = field(default_factory=dict)  # hex; the device's point of view
+    mqtt: dict[str, str] = field(default_factory=dict)  # username, password, topic
+
+
+def device_username(tenant_slug: str, address: str) -> str:
+    """The broker username of a meter: `<tenant-slug>/<address>`."""
+    return f"{tenant_slug}/{address}"
+
+
+def uplink_topic(tenant_slug: str, address: str) -> str:
+    """The one topic a meter may publish to."""
+    return f"nbmeter/{tenant_slug}/{address}/up"
+
+
+def _broker_commands(username: str, password: str, topic: str) -> list[dict[str, object]]:
+    role = f"device:{username}"
+    return [
+        {"command": "deleteClient", "username": username},
+        {"command": "deleteRole", "rolename": role},
+        {"command": "createRole", "rolename": role},
+        {
+            "command": "addRoleACL",
+            "rolename": role,
+            "acltype": "publishClientSend",
+            "topic": topic,
+            "allow": True,
+        },
+        {
+            "command": "createClient",
+            "username": username,
+            "password": password,
+            "roles": [{"rolename": role}],
+        },
+    ]
+
+
+async def provision_device(
+    database_url: str,
+    tenant_slug: str,
+    address: str,
+    *,
+    credentials_key: str,
+    mqtt_admin_url: str | None = None,
+    kind: str = "water",
+    meter_format: str = "cjt188",
+    oscore: bool = True,
+) -> ProvisionedDevice:
+    """Create or rotate the credentials of meter `address` of tenant `tenant_slug`.
+
+    OSCORE when `oscore`; an MQTT account when `mqtt_admin_url` (the broker's admin URL,
+    NBMETER_MQTT_ADMIN_URL) is given. Returns the secrets to show once.
+    """
+    try:
+        key = credentials.parse_key(credentials_key)
+    except ValueError as exc:
+        raise ProvisionError(f"NBMETER_CREDENTIALS_KEY: {exc}") from exc
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            tenant = await credentials.tenant_by_slug(conn, tenant_slug)
+            if tenant is None:
+                raise ProvisionError(f"no tenant {tenant_slug!r}: create it first")
+            meter_id = await credentials.ensure_meter(
+                conn, tenant[0], address, kind=kind, fmt=meter_format
+            )
+            meter = credentials.MeterRef(meter_id, tenant[0], address)
+            oscore_out: dict[str, str] = {}
+            if oscore:
+                oscore_out = await _new_oscore(conn, key, meter)
+            mqtt_out: dict[str, str] = {}
+            if mqtt_admin_url:
+                username = device_username(tenant_slug, address)
+                password = secrets.token_urlsafe(18)
+                digest, salt, iterations = credentials.hash_password(password, iterations=10_000)
+                await credentials.store_mqtt(
+                    conn,
+                    meter,
+                    username=username,
+                    password_hash=f"pbkdf2-sha512${iterations}${salt}${digest}",
+                )
+                topic = uplink_topic(tenant_slug, address)
+                # broker last, inside the transaction: a failure leaves no half-made row
+                await _apply_on_broker(mqtt_admin_url, username, password, topic)
+                mqtt_out = {"username": username, "password": password, "topic": topic}
+    finally:
+        await conn.close()
+    return ProvisionedDevice(meter_id, tenant_slug, address, oscore_out, mqtt_out)
+
+
+async def _new_oscore(
+    conn: asyncpg.Connection, key: bytes, meter: credentials.MeterRef
+) -> dict[str, str]:
+    for _ in range(5):  # a random 6-byte kid collides with odds ~n/2^48; retry anyway
+        kid = secrets.token_bytes(6)
+        exists = await conn.fetchval(
+            "SELECT 1 FROM device_credentials WHERE oscore_kid = $1 AND meter_id <> $2",
+            kid,
+            meter.meter_id,
+        )
+        if not exists:
+            break
+    else:  # pragma: no cover
+        raise ProvisionError("could not draw a unique OSCORE key id; try again")
+    master_secret, master_salt = secrets.token_bytes(16), secrets.token_bytes(8)
+    await credentials.store_oscore(
+        conn,
+        key,
+        meter,
+        kid=kid,
+        sender_id=SERVER_SENDER_ID,
+        master_secret=master_secret,
+        master_salt=master_salt,
+    )
+    return {
+        "sender_id": kid.hex(),  # the device's
+        "recipient_id": SERVER_SENDER_ID.hex(),
+        "master_secret": master_secret.hex(),
+        "master_salt": master_salt.hex(),
+        "algorithm": OSCORE_ALGORITHM,
+        "kdf": "HKDF-SHA256",
+    }
+
+
+async def _apply_on_broker(admin_url: str, username: str, password: str, topic: str) -> None:
+    commands = _broker_commands(username, password, topic)
+    try:
+        responses = await asyncio.to_thread(dynsec, admin_url, commands)
+    except BrokerError as exc:
+        raise ProvisionError(f"broker: {exc}") from exc
+    # the two deletes fail harmlessly for a new device; the rest must succeed
+    failed = [r for r in responses[2:] if r.get("error")]
+    if failed:
+        raise ProvisionError(f"broker refused {failed[0]['command']}: {failed[0]['error']}")

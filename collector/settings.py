@@ -1,0 +1,72 @@
+"""Collector configuration: environment variables with the NBMETER_ prefix.
+
+Top level: NBMETER_DATABASE_URL, NBMETER_MQTT_URL (unset: no MQTT), NBMETER_CREDENTIALS_KEY
+(base64 32 bytes; opens the sealed OSCORE secrets), NBMETER_METRICS_PORT (0: off).
+Sections use a double underscore: NBMETER_COAP__PORT=5684, NBMETER_PIPELINE__BATCH_MAX=256,
+NBMETER_MQTT__CLIENT_ID=collector-b. A misspelt key inside a section fails at startup.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CoapSettings(_Section):
+    """The CoAP/UDP listener."""
+
+    host: str = "::"  # dual-stack: IPv4 clients arrive as ::ffff:a.b.c.d
+    port: int = Field(5683, ge=0, le=65535)
+    max_payload_bytes: int = Field(4096, ge=64)  # larger uplinks: 4.13 (blockwise included)
+    ack_wait_s: float = Field(10.0, gt=0)  # longest a device waits before a 5.03
+    busy_max_age_s: int = Field(30, ge=0)  # Max-Age of a 5.03: when the device may retry
+    exchange_lifetime_s: float = Field(247.0, gt=0)  # RFC 7252 deduplication window
+    dedup_max_entries: int = Field(200_000, ge=1000)  # bounds the dedup cache's memory
+
+
+class MqttSettings(_Section):
+    """The MQTT 5 subscription (shared, persistent, manual acknowledgement)."""
+
+    client_id: str = Field(default_factory=lambda: f"nbmeter-collector-{socket.gethostname()}")
+    share_group: str = "nbmeter"
+    topic: str = "nbmeter/+/+/up"
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0)  # broker keeps our queue this long
+    receive_maximum: int = Field(1000, ge=1, le=65535)  # unacked messages the broker sends
+    keepalive_s: int = Field(30, ge=5)
+
+
+class PipelineSettings(_Section):
+    """Group commit: batch by count or time, bounded queue, retry while the DB is away."""
+
+    batch_max: int = Field(512, ge=1)
+    batch_wait_ms: float = Field(5.0, ge=0)
+    max_pending: int = Field(20_000, ge=1)  # uplinks offered but not yet committed
+    workers: int = Field(2, ge=1, le=32)  # batches committing concurrently
+    retry_initial_s: float = Field(0.2, gt=0)
+    retry_max_s: float = Field(5.0, gt=0)
+    pool_size: int = Field(4, ge=1)
+
+
+class CollectorSettings(BaseSettings):
+    """Everything `collector.main.run` needs; read from the environment (prefix NBMETER_)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NBMETER_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    database_url: str = "postgresql://nbmeter@127.0.0.1:55432/nbmeter"
+    mqtt_url: str | None = None
+    credentials_key: SecretStr | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    log_json: bool | None = None  # None: JSON unless stderr is a terminal
+    shutdown_grace_s: float = Field(30.0, gt=0)
+    coap: CoapSettings = CoapSettings()
+    mqtt: MqttSettings = MqttSettings()
+    pipeline: PipelineSettings = PipelineSettings()

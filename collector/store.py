@@ -1,0 +1,344 @@
+"""One batch of uplinks → decoded, checked, stored and archived in one transaction.
+
+`BatchStore.commit(batch)` returns one `Outcome` per uplink, in order, after the
+transaction has committed; it raises `StorageUnavailableError` when the database cannot
+be reached (the pipeline retries the batch), never a raw asyncpg error. Per uplink:
+
+- decoded by `decoder.decode_batch`; an undecodable payload is quarantined;
+- identity: every meter a frame reports must be the authenticated device's meter
+  (OSCORE context or MQTT account), else quarantine `identity_mismatch`; plain CoAP
+  frames must name a meter of the tenant given in the query, else `unknown_meter`;
+- readings go in idempotently: a replayed uplink stores nothing twice (`duplicate`);
+- every uplink is archived in raw_uplinks; alarms from reading flags go to meter_events,
+  modem figures to device_health; OSCORE replay windows are persisted with the batch.
+A batch that fails for a non-transient database reason is split, so one poison uplink
+is quarantined as `store_failed` instead of blocking the others.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from decimal import Decimal
+
+import asyncpg
+import numpy as np
+import structlog
+
+from collector import _interim_ingest as ingest
+from collector import metrics
+from collector.pipeline import Device, Outcome, Uplink
+from decoder.columns import Decoded, ErrorCode, Flag
+from storage import credentials
+from storage.errors import StorageUnavailableError
+
+try:  # the real dispatcher, once decoder/registry.py lands
+    from decoder import decode_batch as _decode_batch  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - TEMPORARY until the decoder lands
+    from collector._standin_decoder import decode_batch as _decode_batch
+
+log = structlog.get_logger("collector.store")
+
+Decode = Callable[[list[bytes], int], Decoded]
+
+_EVENT_FLAGS = (
+    (Flag.LEAK, "leak"),
+    (Flag.BURST, "burst"),
+    (Flag.REVERSE_FLOW, "reverse_flow"),
+    (Flag.TAMPER, "tamper"),
+    (Flag.LOW_BATTERY, "low_battery"),
+    (Flag.VALVE_CLOSED, "valve_closed"),
+    (Flag.VALVE_ABNORMAL, "valve_abnormal"),
+    (Flag.DRY, "dry"),
+    (Flag.METER_ERROR, "meter_error"),
+)
+_EVENT_MASK = int(sum(int(f) for f, _ in _EVENT_FLAGS))
+
+TRANSIENT = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+)
+
+
+def default_decode(frames: list[bytes], received_at_s: int) -> Decoded:
+    """Decode with the project's decoder dispatcher."""
+    return _decode_batch(frames, received_at_s)
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, TRANSIENT):
+        return True
+    return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
+
+
+def _scaled(extra: dict[str, object], names: tuple[tuple[str, int], ...]) -> int | None:
+    for name, factor in names:
+        value = extra.get(name)
+        if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+            return int(Decimal(str(value)) * factor)
+    return None
+
+
+def health_of(extra: dict[str, object]) -> tuple[int | None, int | None, int | None, int | None]:
+    """(battery_mv, rsrp_cdbm, sinr_cdb, ecl) from a frame's extra fields, None if absent."""
+    return (
+        _scaled(extra, (("battery_mv", 1), ("battery_v", 1000))),
+        _scaled(extra, (("rsrp_cdbm", 1), ("rsrp_dbm", 100))),
+        _scaled(extra, (("sinr_cdb", 1), ("sinr_db", 100))),
+        _scaled(extra, (("ecl", 1),)),
+    )
+
+
+class BatchStore:
+    """Commits batches of uplinks to the database through `pool`."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, decode: Decode = default_decode, acquire_timeout_s: float = 5.0
+    ) -> None:
+        """Store through `pool`, decoding with `decode`."""
+        self._pool = pool
+        self._decode = decode
+        self._acquire_timeout_s = acquire_timeout_s
+
+    async def commit(self, batch: list[Uplink]) -> list[Outcome]:
+        """Store `batch` in one transaction; return its outcomes (see the module docstring)."""
+        try:
+            return await self._commit(batch)
+        except Exception as exc:
+            if _transient(exc):
+                raise StorageUnavailableError(str(exc) or type(exc).__name__) from exc
+            if not isinstance(exc, asyncpg.PostgresError):
+                raise
+            log.error("batch.split", uplinks=len(batch), error=str(exc))
+        outcomes: list[Outcome] = []
+        for uplink in batch:  # find the poison uplink: commit one at a time
+            try:
+                outcomes.extend(await self._commit([uplink]))
+            except asyncpg.PostgresError as exc:
+                if _transient(exc):
+                    raise StorageUnavailableError(str(exc)) from exc
+                uplink.reject = ("store_failed", f"the database refused it: {exc}")
+                outcomes.extend(await self._commit([uplink]))
+        return outcomes
+
+    async def _commit(self, batch: list[Uplink]) -> list[Outcome]:
+        now = time.time()
+        todo = [i for i, u in enumerate(batch) if u.reject is None]
+        dec = self._decode([batch[i].payload for i in todo], int(now))
+        frame_of = np.full(len(batch), -1, np.int64)
+        frame_of[todo] = np.arange(len(todo))
+        fi = dec.frame_index
+        starts = np.searchsorted(fi, np.arange(len(todo)), "left").tolist()
+        ends = np.searchsorted(fi, np.arange(len(todo)), "right").tolist()
+        r_meter: list[str] = dec.meter_id.tolist()
+        r_at: list[int] = dec.read_at_s.tolist()
+        r_ml: list[int] = dec.register_ml.tolist()
+        r_flags: list[int] = dec.flags.tolist()
+        codes: list[int] = dec.error_code.tolist()
+
+        async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+            async with conn.transaction():
+                await self._resolve_topics(conn, batch)
+                plain = {
+                    (batch[i].tenant_id, r_meter[k])
+                    for j, i in enumerate(todo)
+                    if batch[i].device is None and batch[i].tenant_id is not None
+                    for k in range(starts[j], ends[j])
+                }
+                known = await credentials.meters_by_address(
+                    conn, [(t, a) for t, a in plain if t is not None]
+                )
+                decided: list[tuple[str, str] | None] = []
+                meter_of: list[int | None] = []
+                cols: tuple[list[int], list[int], list[int], list[int], list[int], list[float]]
+                cols = ([], [], [], [], [], [])
+                owner: list[int] = []  # uplink index of each reading row
+                for i, uplink in enumerate(batch):
+                    j = int(frame_of[i])
+                    verdict, meter_ids = self._check(
+                        uplink, j, dec, codes, starts, ends, r_meter, r_ml, known
+                    )
+                    decided.append(verdict)
+                    meter_of.append(
+                        meter_ids[0]
+                        if meter_ids
+                        else (uplink.device.meter_id if uplink.device else None)
+                    )
+                    if verdict is not None:
+                        continue
+                    for k, meter_id in zip(range(starts[j], ends[j]), meter_ids, strict=True):
+                        cols[0].append(meter_id)
+                        cols[1].append(r_at[k])
+                        cols[2].append(r_ml[k])
+                        cols[3].append(r_flags[k])
+                        cols[4].append(int(uplink.transport))
+                        cols[5].append(uplink.received_at)
+                        owner.append(i)
+                new = await ingest.insert_readings(conn, *cols)
+                n_new = [0] * len(batch)
+                n_read = [0] * len(batch)
+                for row, i in enumerate(owner):
+                    n_read[i] += 1
+                    key = (cols[0][row], cols[1][row])
+                    if key in new:
+                        n_new[i] += 1
+                        new.discard(key)  # credit a reading to the first uplink carrying it
+                outcomes = self._outcomes(batch, decided, n_read, n_new)
+                await self._archive(conn, batch, dec, frame_of, meter_of, outcomes, cols, owner)
+                await credentials.save_replay_windows(
+                    conn, [u.replay_window for u in batch if u.replay_window is not None]
+                )
+        for uplink, outcome in zip(batch, outcomes, strict=True):
+            if outcome.status == "quarantined":
+                metrics.QUARANTINED.labels(outcome.reason).inc()
+                log.info(
+                    "uplink.quarantined",
+                    reason=outcome.reason,
+                    detail=outcome.detail,
+                    transport=int(uplink.transport),
+                    peer=uplink.peer,
+                )
+        metrics.READINGS_NEW.inc(sum(n_new))
+        return outcomes
+
+    @staticmethod
+    async def _resolve_topics(conn: asyncpg.Connection, batch: list[Uplink]) -> None:
+        """MQTT: the topic names the broker-authenticated device; find its meter."""
+        topics = [u.topic for u in batch if u.topic is not None and u.device is None]
+        if not topics:
+            return
+        found = await credentials.meters_by_topic(conn, topics)
+        for uplink in batch:
+            if uplink.topic is None or uplink.device is not None:
+                continue
+            ref = found.get(uplink.topic)
+            if ref is None:
+                if uplink.reject is None:
+                    uplink.reject = ("unknown_meter", f"no meter for topic {uplink.topic}")
+                continue
+            uplink.device = Device(ref.meter_id, ref.tenant_id, ref.address)
+
+    @staticmethod
+    def _check(
+        uplink: Uplink,
+        j: int,
+        dec: Decoded,
+        codes: list[int],
+        starts: list[int],
+        ends: list[int],
+        r_meter: list[str],
+        r_ml: list[int],
+        known: dict[tuple[int, str], int],
+    ) -> tuple[tuple[str, str] | None, list[int]]:
+        """(quarantine verdict or None, meter id of each of the frame's readings)."""
+        if uplink.reject is not None:
+            return uplink.reject, []
+        if codes[j] != ErrorCode.OK:
+            name = ErrorCode(codes[j]).name.lower()
+            return ("undecodable", f"{name}: {dec.error_message[j]}"), []
+        addresses = r_meter[starts[j] : ends[j]]
+        if any(v < 0 for v in r_ml[starts[j] : ends[j]]):
+            return ("bad_value", "a register value is negative"), []
+        if uplink.device is not None:
+            claimed = {a for a in addresses} | {dec.meter_of_frame[j]} - {""}
+            foreign = sorted(a for a in claimed if a != uplink.device.address)
+            if foreign:
+                detail = (
+                    f"frame reports meter {', '.join(foreign)}; the device is "
+                    f"authenticated as meter {uplink.device.address}"
+                )
+                return ("identity_mismatch", detail), []
+            return None, [uplink.device.meter_id] * len(addresses)
+        tenant = uplink.tenant_id
+        ids = [known.get((tenant, a)) for a in addresses] if tenant is not None else [None]
+        missing = sorted({a for a, m in zip(addresses, ids, strict=False) if m is None})
+        if missing or tenant is None:
+            return ("unknown_meter", f"no meter {', '.join(missing)} in this tenant"), []
+        return None, [m for m in ids if m is not None]
+
+    @staticmethod
+    def _outcomes(
+        batch: list[Uplink],
+        decided: list[tuple[str, str] | None],
+        n_read: list[int],
+        n_new: list[int],
+    ) -> list[Outcome]:
+        out = []
+        for i in range(len(batch)):
+            verdict = decided[i]
+            if verdict is not None:
+                out.append(Outcome("quarantined", verdict[0], verdict[1]))
+            elif n_read[i] and not n_new[i]:
+                out.append(Outcome("duplicate", n_readings=n_read[i]))
+            else:
+                out.append(Outcome("stored", n_readings=n_read[i], n_new=n_new[i]))
+        return out
+
+    @staticmethod
+    async def _archive(
+        conn: asyncpg.Connection,
+        batch: list[Uplink],
+        dec: Decoded,
+        frame_of: np.ndarray,
+        meter_of: list[int | None],
+        outcomes: list[Outcome],
+        cols: tuple[list[int], list[int], list[int], list[int], list[int], list[float]],
+        owner: list[int],
+    ) -> None:
+        raw, quarantine, health = [], [], []
+        for i, (uplink, outcome) in enumerate(zip(batch, outcomes, strict=True)):
+            j = int(frame_of[i])
+            fmt = dec.format[j] or None if j >= 0 else None
+            code = int(dec.error_code[j]) if j >= 0 and dec.error_code[j] else None
+            tenant = uplink.device.tenant_id if uplink.device else uplink.tenant_id
+            raw.append(
+                (
+                    uplink.received_at,
+                    tenant,
+                    meter_of[i],
+                    int(uplink.transport),
+                    uplink.peer,
+                    uplink.payload,
+                    fmt,
+                    outcome.status,
+                    outcome.n_readings,
+                    outcome.n_new,
+                    code,
+                    outcome.detail or None,
+                )
+            )
+            if outcome.status == "quarantined":
+                quarantine.append(
+                    (
+                        uplink.received_at,
+                        tenant,
+                        meter_of[i],
+                        int(uplink.transport),
+                        uplink.peer,
+                        outcome.reason,
+                        outcome.detail,
+                        uplink.payload,
+                    )
+                )
+            elif j >= 0 and dec.extra[j] and meter_of[i] is not None:
+                figures = health_of(dec.extra[j])
+                if any(v is not None for v in figures):
+                    health.append(
+                        (meter_of[i], int(uplink.received_at), *figures, uplink.received_at)
+                    )
+        events = [
+            (cols[0][row], cols[1][row], kind, cols[5][row])
+            for row in range(len(owner))
+            if cols[3][row] & _EVENT_MASK
+            for flag, kind in _EVENT_FLAGS
+            if cols[3][row] & flag
+        ]
+        await ingest.insert_raw(conn, raw)
+        await ingest.insert_quarantine(conn, quarantine)
+        await ingest.insert_events(conn, events)
+        await ingest.insert_health(conn, health)  # type: ignore[arg-type]

@@ -1,0 +1,263 @@
+"""Device identities and their transport credentials, stored sealed or hashed, never clear.
+
+The collector authenticates a device (OSCORE context, MQTT broker account) and must then
+know which meter it is. This module is the SQL side of that: it creates meters and their
+credential rows, looks them up by OSCORE key id, tenant slug or MQTT topic, and persists
+OSCORE replay windows. Secrets cross it only as arguments and return values:
+
+- OSCORE master secret and salt are sealed with AES-256-GCM under a 32-byte key-encryption
+  key (`NBMETER_CREDENTIALS_KEY`); the meter id is the associated data.
+- MQTT passwords are hashed (PBKDF2-SHA512, the broker's own format); only the broker
+  verifies them.
+
+Errors: `StorageUnavailableError` when the database cannot be reached; `CredentialsError`
+when a sealed secret does not open with the given key (wrong key, or tampering).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import asyncpg
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from storage.errors import StorageError
+
+KEY_BYTES = 32
+_NONCE_BYTES = 12
+
+
+class CredentialsError(StorageError):
+    """A sealed credential could not be opened (wrong credentials key or tampered row)."""
+
+
+@dataclass(frozen=True)
+class OscoreSecret:
+    """One device's OSCORE context as stored: key id, sender id, sealed-open secrets."""
+
+    meter_id: int
+    tenant_id: int
+    address: str
+    kid: bytes  # the device's Sender ID = our Recipient ID
+    sender_id: bytes  # our Sender ID towards the device
+    master_secret: bytes
+    master_salt: bytes
+    replay_index: int | None
+    replay_bits: int | None
+
+
+@dataclass(frozen=True)
+class MeterRef:
+    """A meter as the collector needs it: ids and the address it reports."""
+
+    meter_id: int
+    tenant_id: int
+    address: str
+
+
+def parse_key(text: str) -> bytes:
+    """Decode a base64 (urlsafe or standard) credentials key; raise ValueError unless 32 bytes."""
+    padded = text.strip() + "=" * (-len(text.strip()) % 4)
+    raw = base64.urlsafe_b64decode(padded.replace("+", "-").replace("/", "_"))
+    if len(raw) != KEY_BYTES:
+        msg = f"the credentials key must be {KEY_BYTES} bytes, base64-encoded (got {len(raw)})"
+        raise ValueError(msg)
+    return raw
+
+
+def new_key() -> str:
+    """A fresh credentials key, base64url text (32 random bytes)."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(KEY_BYTES)).decode("ascii")
+
+
+def seal(key: bytes, plaintext: bytes, meter_id: int) -> bytes:
+    """Encrypt `plaintext` for `meter_id` under `key`: nonce || AES-256-GCM ciphertext."""
+    nonce = secrets.token_bytes(_NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, str(meter_id).encode())
+
+
+def unseal(key: bytes, sealed: bytes, meter_id: int) -> bytes:
+    """Decrypt what `seal` made for `meter_id`; raise CredentialsError when it does not open."""
+    try:
+        return AESGCM(key).decrypt(
+            sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], str(meter_id).encode()
+        )
+    except (InvalidTag, ValueError) as exc:
+        msg = f"the OSCORE secret of meter {meter_id} does not open with this credentials key"
+        raise CredentialsError(msg) from exc
+
+
+def hash_password(password: str, *, iterations: int = 101) -> tuple[str, str, int]:
+    """PBKDF2-SHA512 hash of `password` as Mosquitto's dynamic-security plugin stores it.
+
+    Returns (password_b64, salt_b64, iterations).
+    """
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
+    return base64.b64encode(digest).decode(), base64.b64encode(salt).decode(), iterations
+
+
+async def tenant_by_slug(conn: asyncpg.Connection, slug: str) -> tuple[int, bool] | None:
+    """(tenant_id, allow_plain_coap) of the tenant `slug`, or None when there is none."""
+    row = await conn.fetchrow(
+        "SELECT tenant_id, allow_plain_coap FROM tenants WHERE slug = $1", slug
+    )
+    return None if row is None else (int(row[0]), bool(row[1]))
+
+
+async def tenant_slug(conn: asyncpg.Connection, tenant_id: int) -> str:
+    """The slug of tenant `tenant_id` (raise LookupError when it does not exist)."""
+    slug = await conn.fetchval("SELECT slug FROM tenants WHERE tenant_id = $1", tenant_id)
+    if slug is None:
+        msg = f"no tenant {tenant_id}"
+        raise LookupError(msg)
+    return str(slug)
+
+
+async def ensure_meter(
+    conn: asyncpg.Connection, tenant_id: int, address: str, *, kind: str, fmt: str
+) -> int:
+    """The active meter `address` of `tenant_id`, created (kind, format) when absent."""
+    meter_id = await conn.fetchval(
+        "SELECT meter_id FROM meters WHERE tenant_id = $1 AND address = $2 AND removed_at IS NULL",
+        tenant_id,
+        address,
+    )
+    if meter_id is None:
+        meter_id = await conn.fetchval(
+            "INSERT INTO meters (tenant_id, address, kind, format) VALUES ($1, $2, $3, $4)"
+            " RETURNING meter_id",
+            tenant_id,
+            address,
+            kind,
+            fmt,
+        )
+    return int(meter_id)
+
+
+async def meters_by_address(
+    conn: asyncpg.Connection, pairs: Iterable[tuple[int, str]]
+) -> dict[tuple[int, str], int]:
+    """Map (tenant_id, address) pairs to their active meter ids; unknown pairs are absent."""
+    wanted = sorted(set(pairs))
+    if not wanted:
+        return {}
+    rows = await conn.fetch(
+        "SELECT m.tenant_id, m.address, m.meter_id FROM meters m"
+        " JOIN unnest($1::bigint[], $2::text[]) AS w(tenant_id, address)"
+        " ON m.tenant_id = w.tenant_id AND m.address = w.address WHERE m.removed_at IS NULL",
+        [t for t, _ in wanted],
+        [a for _, a in wanted],
+    )
+    return {(int(r[0]), str(r[1])): int(r[2]) for r in rows}
+
+
+async def meters_by_topic(
+    conn: asyncpg.Connection, pairs: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], MeterRef]:
+    """Map (tenant slug, address) of MQTT topics `nbmeter/<slug>/<address>/up` to meters."""
+    wanted = sorted(set(pairs))
+    if not wanted:
+        return {}
+    rows = await conn.fetch(
+        "SELECT t.slug, m.address, m.meter_id, m.tenant_id FROM meters m JOIN tenants t"
+        " USING (tenant_id) JOIN unnest($1::text[], $2::text[]) AS w(slug, address)"
+        " ON t.slug = w.slug AND m.address = w.address WHERE m.removed_at IS NULL",
+        [s for s, _ in wanted],
+        [a for _, a in wanted],
+    )
+    return {(str(r[0]), str(r[1])): MeterRef(int(r[2]), int(r[3]), str(r[1])) for r in rows}
+
+
+async def store_oscore(
+    conn: asyncpg.Connection,
+    key: bytes,
+    meter: MeterRef,
+    *,
+    kid: bytes,
+    sender_id: bytes,
+    master_secret: bytes,
+    master_salt: bytes,
+) -> None:
+    """Store (or replace) the OSCORE context of `meter`, sealed; reset its replay window."""
+    blob = json.dumps({"secret": master_secret.hex(), "salt": master_salt.hex()}).encode()
+    await conn.execute(
+        "INSERT INTO device_credentials (meter_id, tenant_id, oscore_kid, oscore_sender_id,"
+        " oscore_sealed) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (meter_id) DO UPDATE SET"
+        " oscore_kid = EXCLUDED.oscore_kid, oscore_sender_id = EXCLUDED.oscore_sender_id,"
+        " oscore_sealed = EXCLUDED.oscore_sealed, oscore_replay_index = NULL,"
+        " oscore_replay_bits = NULL, rotated_at = now()",
+        meter.meter_id,
+        meter.tenant_id,
+        kid,
+        sender_id,
+        seal(key, blob, meter.meter_id),
+    )
+
+
+async def store_mqtt(
+    conn: asyncpg.Connection, meter: MeterRef, *, username: str, password_hash: str
+) -> None:
+    """Record `meter`'s broker username and the hash of its password."""
+    await conn.execute(
+        "INSERT INTO device_credentials (meter_id, tenant_id, mqtt_username, mqtt_password_hash)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (meter_id) DO UPDATE SET"
+        " mqtt_username = EXCLUDED.mqtt_username,"
+        " mqtt_password_hash = EXCLUDED.mqtt_password_hash, rotated_at = now()",
+        meter.meter_id,
+        meter.tenant_id,
+        username,
+        password_hash,
+    )
+
+
+async def load_oscore(conn: asyncpg.Connection, key: bytes, kid: bytes) -> OscoreSecret | None:
+    """The OSCORE context whose device Sender ID is `kid`, opened; None when there is none."""
+    row = await conn.fetchrow(
+        "SELECT c.meter_id, c.tenant_id, m.address, c.oscore_sender_id, c.oscore_sealed,"
+        " c.oscore_replay_index, c.oscore_replay_bits FROM device_credentials c"
+        " JOIN meters m USING (meter_id) WHERE c.oscore_kid = $1 AND m.removed_at IS NULL",
+        kid,
+    )
+    if row is None:
+        return None
+    opened = json.loads(unseal(key, bytes(row[4]), int(row[0])))
+    return OscoreSecret(
+        meter_id=int(row[0]),
+        tenant_id=int(row[1]),
+        address=str(row[2]),
+        kid=kid,
+        sender_id=bytes(row[3]),
+        master_secret=bytes.fromhex(opened["secret"]),
+        master_salt=bytes.fromhex(opened["salt"]),
+        replay_index=row[5],
+        replay_bits=row[6],
+    )
+
+
+async def save_replay_windows(
+    conn: asyncpg.Connection, windows: Iterable[tuple[int, int, int]]
+) -> None:
+    """Persist (meter_id, index, bits) replay windows; a window never moves backwards."""
+    latest: dict[int, tuple[int, int, int]] = {}
+    for window in windows:  # in arrival order: the last window of a meter is its newest
+        if window[0] not in latest or latest[window[0]][1] <= window[1]:
+            latest[window[0]] = window
+    rows = list(latest.values())
+    if not rows:
+        return
+    await conn.execute(
+        "UPDATE device_credentials c SET oscore_replay_index = w.idx, oscore_replay_bits = w.bits"
+        " FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS w(meter_id, idx, bits)"
+        " WHERE c.meter_id = w.meter_id"
+        " AND (c.oscore_replay_index IS NULL OR c.oscore_replay_index <= w.idx)",
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [r[2] for r in rows],
+    )
