@@ -1,0 +1,372 @@
+"""Idempotent batched ingest of decoded readings into the `readings` hypertable.
+
+`ReadingWriter(pool).write(batch, conn=None)` validates a `ReadingBatch` (numpy columns),
+writes its good rows with binary COPY and returns an `IngestResult`: how many rows were
+new, how many the database (or the batch itself) already had, and which rows were
+rejected and why. Writing the same batch twice inserts nothing the second time.
+
+Two paths, the same result:
+- copy: fresh data is the common case, so the rows are COPYed straight into `readings`
+  inside a transaction (a savepoint when the caller's connection is in one). Every
+  row is then new.
+- merge: if that COPY hits the unique key (meter_id, read_at), it is rolled back and
+  the batch is COPYed into a per-connection temp table, then moved with
+  `INSERT ... ON CONFLICT DO NOTHING RETURNING`, whose returned keys say exactly which
+  rows were new. After a merge the next few batches go straight to merge (a replaying
+  device makes overlap likely to continue), then the copy path is tried again.
+
+Rows are written in (meter_id, read_at) order, so concurrent writers of overlapping
+batches wait for each other in one global order and cannot deadlock; the loser of a
+race sees its rows as duplicates, never an error.
+
+A bad row is a rejection, never an exception: see `RejectReason`. Errors (all from
+`storage.errors`, mapped in `storage.pool.translated`):
+
+StorageError                 another database error
+├── StorageUnavailableError  connection lost, pool closing, deadlock: retry the batch
+└── SchemaError              `readings` or `meters` missing: run `nbmeter db migrate`
+
+A batch whose columns disagree in length is a programming error: ValueError.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import asyncpg
+import numpy as np
+import numpy.typing as npt
+
+from decoder.columns import Decoded
+from storage import copybin
+from storage.pool import translated
+
+Int64s = npt.NDArray[np.int64]
+Bools = npt.NDArray[np.bool_]
+Path = Literal["copy", "merge", "none"]
+
+# NB-IoT networks opened in 2016 (3GPP Release 13); a meter clock before 2015 is a reset
+# RTC (they typically restart at 2000-01-01), not a reading time.
+EARLIEST_READ_AT_S = 1_420_070_400  # 2015-01-01T00:00:00Z
+# a meter clock may run ahead of ours; a day ahead is a wrong clock, not drift
+MAX_CLOCK_AHEAD_S = 86_400
+
+_COLUMNS = ("meter_id", "read_at", "register_ml", "flags", "transport", "received_at")
+_STAGE = "nbmeter_readings_stage"
+_CREATE_STAGE = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (LIKE readings INCLUDING DEFAULTS)"
+    " ON COMMIT DELETE ROWS"
+)
+_COLS_SQL = ", ".join(_COLUMNS)
+# ORDER BY: insert in key order, so that racing merges wait in one order (no deadlock)
+_MERGE = (
+    f"INSERT INTO readings ({_COLS_SQL}) SELECT {_COLS_SQL} FROM pg_temp.{_STAGE}"
+    " ORDER BY meter_id, read_at ON CONFLICT DO NOTHING RETURNING meter_id, read_at"
+)
+# after a merge, skip the copy attempt for this many batches (a failed copy costs a
+# whole batch of work; replays come in runs)
+_MERGE_RUN = 8
+# known meter ids kept in memory; past this the cache is simply dropped and refilled
+_MAX_KNOWN_METERS = 4_000_000
+
+
+class RejectReason(enum.IntEnum):
+    """Why a row was not written; `.label` is the quarantine `reason` string."""
+
+    UNKNOWN_METER = 1  # no meter row with that id (or the address did not resolve: -1)
+    NEGATIVE_REGISTER = 2  # a register is a count of millilitres, never negative
+    CLOCK_PAST = 3  # read_at before 2015: the meter's clock was reset
+    CLOCK_FUTURE = 4  # read_at more than a day after the collector received it
+
+    @property
+    def label(self) -> str:
+        """The machine-readable reason, as stored in `quarantine.reason`."""
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Row `index` of the batch was not written, because of `reason`."""
+
+    index: int
+    reason: RejectReason
+
+
+@dataclass(frozen=True)
+class ReadingBatch:
+    """Readings to write, as equal-length numpy columns (scalars for per-batch values).
+
+    `meter_id`: int64 database meter ids (-1 for an address that did not resolve);
+    `read_at_s`: int64 UTC epoch seconds (the decoder's unit); `register_ml`: int64 mL;
+    `flags`: uint32/int32 `decoder.columns.Flag` bits; `transport`: smallint code (see
+    0001: 1 coap, 2 coap+oscore, 3 mqtt, 4 import/api, 5 bench/test), per row or batch;
+    `received_at_us`: int64 UTC epoch microseconds, per row or batch. Raises ValueError
+    if the array columns differ in length.
+    """
+
+    meter_id: Int64s
+    read_at_s: Int64s
+    register_ml: Int64s
+    flags: npt.NDArray[np.uint32] | npt.NDArray[np.int32]
+    transport: int | npt.NDArray[np.int16]
+    received_at_us: int | Int64s
+
+    def __post_init__(self) -> None:
+        """Check that every array column has the length of `meter_id`."""
+        n = len(self.meter_id)
+        for name in ("read_at_s", "register_ml", "flags", "transport", "received_at_us"):
+            value = getattr(self, name)
+            if isinstance(value, np.ndarray) and value.shape != (n,):
+                msg = f"ReadingBatch.{name} has shape {value.shape}, meter_id has {n} rows"
+                raise ValueError(msg)
+
+    def __len__(self) -> int:
+        """Number of rows."""
+        return len(self.meter_id)
+
+    @classmethod
+    def from_decoded(
+        cls, decoded: Decoded, meter_ids: Int64s, *, transport: int, received_at_us: int
+    ) -> ReadingBatch:
+        """The readings of `decoded` with their addresses resolved to `meter_ids` (-1: unknown)."""
+        return cls(
+            meter_id=meter_ids,
+            read_at_s=decoded.read_at_s,
+            register_ml=decoded.register_ml,
+            flags=decoded.flags,
+            transport=transport,
+            received_at_us=received_at_us,
+        )
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one `write` did: per-batch counts for metrics, and which rows were new.
+
+    `rows == new + duplicate + len(rejected)`. `duplicate` counts rows whose key the
+    database already had, or that repeat an earlier row of the same batch (the first
+    one is kept). `new_mask[i]` is true if row i was inserted by this call. `path` is
+    the write path taken; `elapsed_s` the wall time of the whole call.
+    """
+
+    rows: int
+    new: int
+    duplicate: int
+    rejected: tuple[Rejection, ...]
+    new_mask: Bools = field(repr=False)
+    path: Path
+    elapsed_s: float
+
+    def rejected_by_reason(self) -> dict[str, int]:
+        """Rejected row counts keyed by reason label (only reasons that occurred)."""
+        counts: dict[str, int] = {}
+        for rejection in self.rejected:
+            counts[rejection.reason.label] = counts.get(rejection.reason.label, 0) + 1
+        return counts
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The rows to write (indices into the batch, in key order) and the rejected ones."""
+
+    write: npt.NDArray[np.intp]
+    reject_code: npt.NDArray[np.uint8]  # per batch row: 0 or a RejectReason
+
+
+class ReadingWriter:
+    """Writes `ReadingBatch`es into `readings` idempotently; one per process, task-safe."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        earliest_read_at_s: int = EARLIEST_READ_AT_S,
+        max_clock_ahead_s: int = MAX_CLOCK_AHEAD_S,
+        chunk_rows: int = 65_536,
+    ) -> None:
+        """Write through `pool`; rows outside [earliest, received + ahead] are rejected."""
+        self._pool = pool
+        self._earliest_read_at_s = earliest_read_at_s
+        self._max_clock_ahead_s = max_clock_ahead_s
+        self._chunk_rows = chunk_rows
+        self._known_meters: Int64s = np.zeros(0, np.int64)  # sorted, unique
+        self._merge_run = 0
+
+    async def write(
+        self, batch: ReadingBatch, conn: asyncpg.Connection | None = None
+    ) -> IngestResult:
+        """Insert the batch's new, valid rows; return the counts. Raises storage.errors.
+
+        With `conn`, the rows are written on that connection, inside a savepoint if it
+        is in a transaction (so the caller can archive the uplink atomically with its
+        readings); otherwise a pooled connection and a transaction of its own are used.
+        """
+        started = time.perf_counter()
+        with translated("writing readings"):
+            if conn is None:
+                async with self._pool.acquire() as pooled:
+                    return await self._write(batch, pooled, started)
+            return await self._write(batch, conn, started)
+
+    async def _write(
+        self, batch: ReadingBatch, conn: asyncpg.Connection, started: float
+    ) -> IngestResult:
+        plan = await self._plan(batch, conn)
+        new_mask = np.zeros(len(batch), np.bool_)
+        path: Path = "none"
+        if len(plan.write):
+            if self._merge_run > 0:
+                self._merge_run -= 1
+            elif await self._copy(batch, plan, conn):
+                new_mask[plan.write] = True
+                path = "copy"
+            if path == "none":
+                new_mask[plan.write[await self._merge(batch, plan, conn)]] = True
+                path = "merge"
+                self._merge_run = _MERGE_RUN
+        rejected_rows = np.flatnonzero(plan.reject_code)
+        rejected = tuple(
+            Rejection(int(i), RejectReason(int(plan.reject_code[i]))) for i in rejected_rows
+        )
+        new = int(np.count_nonzero(new_mask))
+        return IngestResult(
+            rows=len(batch),
+            new=new,
+            duplicate=len(batch) - new - len(rejected),
+            rejected=rejected,
+            new_mask=new_mask,
+            path=path,
+            elapsed_s=time.perf_counter() - started,
+        )
+
+    async def _plan(self, batch: ReadingBatch, conn: asyncpg.Connection) -> _Plan:
+        """Validate, sort by key and drop in-batch repeats; unknown meters need one query."""
+        n = len(batch)
+        code = np.zeros(n, np.uint8)
+        received_s = np.asarray(batch.received_at_us, np.int64) // copybin.US_PER_S
+        code[batch.read_at_s > received_s + self._max_clock_ahead_s] = RejectReason.CLOCK_FUTURE
+        code[batch.read_at_s < self._earliest_read_at_s] = RejectReason.CLOCK_PAST
+        code[batch.register_ml < 0] = RejectReason.NEGATIVE_REGISTER
+        candidates = np.flatnonzero(code == 0)
+        # np.lexsort: last key is primary; stable, so a repeated key keeps its first row
+        order = candidates[np.lexsort((batch.read_at_s[candidates], batch.meter_id[candidates]))]
+        meters = batch.meter_id[order]
+        known = await self._known(meters, conn)
+        code[order[~known]] = RejectReason.UNKNOWN_METER
+        order = order[known]
+        meters = meters[known]
+        read_at = batch.read_at_s[order]
+        repeat = np.zeros(len(order), np.bool_)
+        repeat[1:] = (meters[1:] == meters[:-1]) & (read_at[1:] == read_at[:-1])
+        order = order[~repeat]
+        return _Plan(
+            write=order,
+            reject_code=code,
+        )
+
+    async def _known(self, sorted_meters: Int64s, conn: asyncpg.Connection) -> Bools:
+        """Per row of `sorted_meters` (ascending): does a meter with that id exist?"""
+        if not len(sorted_meters):
+            return np.zeros(0, np.bool_)
+        starts = np.empty(len(sorted_meters), np.bool_)
+        starts[0] = True
+        starts[1:] = sorted_meters[1:] != sorted_meters[:-1]
+        unique = sorted_meters[starts]
+        cached = np.isin(unique, self._known_meters, assume_unique=True)
+        ask = unique[~cached & (unique > 0)]
+        if len(ask):
+            # meters are never deleted while they have readings, so a found id stays
+            # valid; an unknown id is asked again next time (it may be registered since)
+            rows = await conn.fetch(
+                "SELECT meter_id FROM meters WHERE meter_id = ANY($1::bigint[])", ask.tolist()
+            )
+            found = np.fromiter((r["meter_id"] for r in rows), np.int64, len(rows))
+            if len(self._known_meters) + len(found) > _MAX_KNOWN_METERS:
+                self._known_meters = np.zeros(0, np.int64)
+            self._known_meters = np.union1d(self._known_meters, found)
+            cached = np.isin(unique, self._known_meters, assume_unique=True)
+        # expand the per-unique answer back to every row of its run
+        return cached[np.cumsum(starts) - 1]
+
+    def _payload(self, batch: ReadingBatch, plan: _Plan) -> AsyncIterator[memoryview | bytes]:
+        """The binary COPY stream of the planned rows, encoded chunk by chunk as it is sent."""
+        epoch_us = copybin.PG_EPOCH_S * copybin.US_PER_S
+        columns: list[copybin.Column] = [
+            ("meter_id", "bigint", batch.meter_id),
+            ("read_at", "timestamptz", _pg_us(batch.read_at_s)),
+            ("register_ml", "bigint", batch.register_ml),
+            ("flags", "integer", batch.flags),
+            ("transport", "smallint", batch.transport),
+            ("received_at", "timestamptz", batch.received_at_us - epoch_us),
+        ]
+        return _aiter(
+            copybin.encode_chunks(
+                columns, len(plan.write), take=plan.write, chunk_rows=self._chunk_rows
+            )
+        )
+
+    async def _copy(self, batch: ReadingBatch, plan: _Plan, conn: asyncpg.Connection) -> bool:
+        """COPY the planned rows straight into readings; False if one already exists."""
+        try:
+            async with conn.transaction():
+                await conn.copy_to_table(
+                    "readings",
+                    source=self._payload(batch, plan),
+                    columns=_COLUMNS,
+                    format="binary",
+                )
+        except asyncpg.UniqueViolationError:
+            return False
+        return True
+
+    async def _merge(
+        self, batch: ReadingBatch, plan: _Plan, conn: asyncpg.Connection
+    ) -> npt.NDArray[np.intp]:
+        """Insert the planned rows not yet stored; return their positions in `plan.write`."""
+        chunks: list[bytes] = []
+
+        async def collect(data: bytes) -> None:
+            chunks.append(data)
+
+        async with conn.transaction():
+            await conn.execute(_CREATE_STAGE)
+            # the caller's transaction may already have used the stage table
+            await conn.execute(f"TRUNCATE pg_temp.{_STAGE}")
+            await conn.copy_to_table(
+                _STAGE, source=self._payload(batch, plan), columns=_COLUMNS, format="binary"
+            )
+            await conn.copy_from_query(_MERGE, output=collect, format="binary")
+        inserted = copybin.decode_int8(b"".join(chunks), 2)
+        return np.searchsorted(
+            _key(batch.meter_id[plan.write], _pg_us(batch.read_at_s[plan.write])),
+            _key(inserted[:, 0], inserted[:, 1]),
+        )
+
+
+def _key(meter_id: Int64s, read_at_us: Int64s) -> npt.NDArray[np.void]:
+    """One comparable 16-byte value per (meter_id, read_at): memcmp order = key order."""
+    out = np.empty((len(meter_id), 2), ">u8")
+    # flipping the sign bit maps signed order onto unsigned (big-endian bytewise) order
+    sign = np.uint64(1 << 63)
+    out[:, 0] = meter_id.view(np.uint64) ^ sign
+    out[:, 1] = np.ascontiguousarray(read_at_us, np.int64).view(np.uint64) ^ sign
+    return out.view("V16").ravel()
+
+
+def _pg_us(epoch_s: Int64s) -> Int64s:
+    """UTC epoch seconds as PostgreSQL timestamptz microseconds (since 2000-01-01)."""
+    return (epoch_s - copybin.PG_EPOCH_S) * copybin.US_PER_S
+
+
+async def _aiter(chunks: Iterator[memoryview | bytes]) -> AsyncIterator[memoryview | bytes]:
+    """Hand a sync chunk generator to asyncpg, which wants an async iterable.
+
+    Each chunk is encoded only when asyncpg asks for it, i.e. after the previous one is
+    on its way to the server, so encoding overlaps the server's work on earlier chunks.
+    """
+    for chunk in chunks:
+        yield chunk
