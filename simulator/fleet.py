@@ -89,7 +89,7 @@ FORMAT_MIX: dict[Kind, dict[Format, float]] = {
 # and 23 deltas; OMS and SenML packs can hold a day and more.
 BATCH_CAPACITY: dict[Format, int] = {
     Format.CJT188: 1,
-    Format.OMS: 48,
+    Format.OMS: 1,
     Format.SENML: 48,
     Format.INTERVAL: 24,
 }

@@ -1,0 +1,95 @@
+"""MQTT device side: connect with the device's own account, publish its uplink, disconnect.
+
+That is what an NB-IoT meter in PSM does each day. paho-mqtt's network loop runs in its
+own thread (`loop_start`); its callbacks only resolve asyncio futures with
+`loop.call_soon_threadsafe`. QoS 1 waits for the broker's PUBACK; QoS 0 only for the
+write. A re-delivery (`copies` > 1) publishes the same payload again on the same
+connection, as a broker or platform re-delivery would present it to the collector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+
+CONNECT_TIMEOUT_S = 10.0
+PUBLISH_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class MqttCredentials:
+    """A device's broker account and the one topic it may publish to."""
+
+    username: str
+    password: str
+    topic: str
+
+
+@dataclass(frozen=True)
+class MqttResult:
+    """How a publish went: `acked` copies the broker confirmed (QoS 1) or wrote (QoS 0),
+    and an error text when the connection or publish failed."""
+
+    acked: int
+    sent: int
+    error: str = ""
+
+
+def broker_address(url: str) -> tuple[str, int]:
+    """(host, port) of an `mqtt://host:port` URL (credentials in it are ignored)."""
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 1883
+
+
+async def publish(
+    broker_url: str, creds: MqttCredentials, payload: bytes, *, qos: int, copies: int = 1
+) -> MqttResult:
+    """Connect as `creds`, publish `payload` `copies` times at `qos`, then disconnect."""
+    loop = asyncio.get_running_loop()
+    host, port = broker_address(broker_url)
+    connected: asyncio.Future[int] = loop.create_future()
+    acks: asyncio.Queue[int] = asyncio.Queue()
+
+    def settle(fut: asyncio.Future[int], value: int) -> None:
+        if not fut.done():
+            fut.set_result(value)
+
+    def on_connect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
+        loop.call_soon_threadsafe(settle, connected, int(getattr(reason, "value", reason)))
+
+    def on_publish(_c: Any, _u: Any, mid: int, _r: Any = None, _p: Any = None) -> None:
+        loop.call_soon_threadsafe(acks.put_nowait, mid)
+
+    client = paho.Client(
+        paho.CallbackAPIVersion.VERSION2,
+        client_id=f"sim-{secrets.token_hex(6)}",
+        protocol=paho.MQTTv311,
+    )
+    client.username_pw_set(creds.username, creds.password)
+    client.on_connect = on_connect
+    client.on_publish = on_publish
+    sent = acked = 0
+    try:
+        await asyncio.to_thread(client.connect, host, port, 30)
+        client.loop_start()
+        code = await asyncio.wait_for(connected, CONNECT_TIMEOUT_S)
+        if code != 0:
+            return MqttResult(0, 0, f"connect refused ({code})")
+        for _ in range(copies):
+            info = client.publish(creds.topic, payload, qos=qos)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                return MqttResult(acked, sent, f"publish failed ({info.rc})")
+            sent += 1
+            await asyncio.wait_for(acks.get(), PUBLISH_TIMEOUT_S)
+            acked += 1
+    except (OSError, TimeoutError) as exc:
+        return MqttResult(acked, sent, f"{type(exc).__name__}: {exc}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return MqttResult(acked, sent)
