@@ -1,0 +1,337 @@
+"""M-Bus / wM-Bus / OMS (EN 13757-2/-3/-4/-7) decoder: frames in, `Decoded` columns out.
+
+`decode(frames, received_at_s, keys, cache)` parses each frame's link/transport header
+(and AES mode 5) in `mbus_link`, then groups frames by their record layout: frames of
+one meter model share the DIF/VIF header bytes, so the layout is compiled once
+(`mbus_records`) and the whole group is decoded at fixed offsets (`mbus_kernels`).
+Compact frames are expanded through a `SignatureCache` learned from full frames.
+
+Per reading: the current volume register (storage 0) read at the meter's own clock
+(else the receive time, flagged CLOCK_MISSING) and, when present, the billing-date
+register (lowest storage >= 1) read at its own date record, flagged BILLING_DATE.
+A bad frame gets an `ErrorCode` and a message; nothing raises for bad input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from decoder import mbus_compact, mbus_fixed, mbus_kernels, mbus_link
+from decoder.columns import Decoded, ErrorCode, Flag
+from decoder.mbus_compact import SignatureCache
+from decoder.mbus_encode import encode_oms_mode5, encode_oms_plain, encode_wired
+from decoder.mbus_link import Envelope, looks_like
+from decoder.mbus_records import REGISTER_QUALIFIERS, Field, Kind, Layout, compile_layout, walk
+
+__all__ = [
+    "FORMAT_WIRED",
+    "FORMAT_WIRELESS",
+    "SignatureCache",
+    "decode",
+    "encode_oms_mode5",
+    "encode_oms_plain",
+    "encode_wired",
+    "looks_like",
+]
+
+FORMAT_WIRED, FORMAT_WIRELESS = "mbus_wired", "wmbus"
+Ints = npt.NDArray[np.int64]
+INT64_MAX = np.iinfo(np.int64).max
+
+
+class _Batch:
+    """Per-frame outcome columns plus the readings collected group by group."""
+
+    def __init__(self, n: int, received_at_s: Ints) -> None:
+        self.received = np.asarray(received_at_s, np.int64)
+        self.code = np.zeros(n, np.uint16)
+        self.message = np.full(n, "", object)
+        self.format = np.full(n, "", object)
+        self.meter = np.full(n, "", object)
+        self.flags = np.zeros(n, np.uint32)
+        self.extra: list[dict[str, object]] = [{} for _ in range(n)]
+        self.readings: list[tuple[Ints, Ints, Ints, npt.NDArray[np.uint32]]] = []
+
+    def fail(self, rows: Ints | list[int], code: ErrorCode, message: str) -> None:
+        """Reject `rows` that are still OK with `code` and `message`."""
+        rows = np.asarray(rows, np.int64)
+        rows = rows[self.code[rows] == 0]
+        self.code[rows] = code
+        self.message[rows] = message
+
+    def read(self, rows: Ints, register_ml: Ints, read_at_s: Ints, flags: Ints) -> None:
+        """Add one reading for each of `rows`."""
+        self.readings.append((rows, register_ml, read_at_s, flags.astype(np.uint32)))
+
+    def result(self) -> Decoded:
+        """The batch as `Decoded`, readings ordered by input frame (current before billing)."""
+        if self.readings:
+            rows, reg, at, fl = (np.concatenate(c) for c in zip(*self.readings, strict=True))
+        else:
+            rows, reg, at, fl = (np.zeros(0, np.int64),) * 3 + (np.zeros(0, np.uint32),)
+        keep = self.code[rows] == 0
+        order = np.argsort(rows[keep], kind="stable")
+        rows = rows[keep][order]
+        return Decoded(
+            frame_index=rows.astype(np.int32),
+            meter_id=self.meter[rows],
+            read_at_s=at[keep][order],
+            register_ml=reg[keep][order],
+            flags=fl[keep][order],
+            format=self.format,
+            meter_of_frame=self.meter,
+            error_code=self.code,
+            error_message=self.message,
+            extra=self.extra,
+        )
+
+
+def decode(
+    frames: Sequence[bytes],
+    received_at_s: npt.NDArray[np.int64],
+    keys: Mapping[str, bytes] | None = None,
+    cache: SignatureCache | None = None,
+) -> Decoded:
+    """Decode a batch of wired long / wireless M-Bus frames; bad frames get error codes.
+
+    `keys` maps meter_id -> 16-byte AES key (security mode 5 / ELL CTR); `cache` learns
+    the format signatures of full frames (and is updated in place) so compact frames of
+    the same model decode. Raises ValueError only when the two inputs differ in length.
+    """
+    if len(frames) != len(received_at_s):
+        raise ValueError(f"{len(frames)} frames but {len(received_at_s)} receive times")
+    keys = keys or {}
+    cache = cache if cache is not None else SignatureCache()
+    out = _Batch(len(frames), received_at_s)
+    full: dict[tuple[object, ...], list[int]] = {}
+    compact: dict[tuple[object, ...], list[int]] = {}
+    fixed: list[int] = []
+    envs: dict[int, Envelope] = {}
+    for i, raw in enumerate(frames):  # per-frame Python: headers and AES only
+        frame = bytes(raw)
+        out.format[i] = FORMAT_WIRED if frame[:1] == b"\x68" else FORMAT_WIRELESS
+        got = mbus_link.parse(frame, keys)
+        if isinstance(got, tuple):
+            out.fail([i], *got)
+            continue
+        envs[i] = got
+        out.meter[i] = got.meter_id
+        out.flags[i] = got.flags
+        out.extra[i].update(got.extra)
+        if got.fixed:
+            fixed.append(i)
+        elif got.compact:
+            compact.setdefault((got.model, got.app[:2], len(got.app)), []).append(i)
+        else:
+            full.setdefault((got.model, len(got.app)), []).append(i)
+    for (model, _), rows in full.items():
+        _decode_full(out, np.asarray(rows, np.int64), [envs[i].app for i in rows], model, cache)
+    for (model, sig, _), rows in compact.items():
+        _decode_compact(
+            out,
+            np.asarray(rows, np.int64),
+            [envs[i].app for i in rows],
+            model,
+            int.from_bytes(sig, "little"),
+            cache,
+        )
+    if fixed:
+        _decode_fixed(out, np.asarray(fixed, np.int64), [envs[i].app for i in fixed])
+    return out.result()
+
+
+def _stack(apps: list[bytes]) -> npt.NDArray[np.uint8]:
+    """Equal-length payloads as one (N, L) uint8 array."""
+    return np.frombuffer(b"".join(apps), np.uint8).reshape(len(apps), -1)
+
+
+def _decode_full(
+    out: _Batch, rows: Ints, apps: list[bytes], model: tuple[str, int, int], cache: SignatureCache
+) -> None:
+    """One (model, length) group: compile a prototype's layout, decode all rows sharing it."""
+    a = _stack(apps)
+    pending = np.arange(len(rows))
+    while pending.size:
+        proto = int(pending[0])
+        skeleton = walk(apps[proto], 0)
+        if isinstance(skeleton, tuple):
+            out.fail(rows[[proto]], *skeleton)
+            pending = pending[1:]
+            continue
+        layout = compile_layout(skeleton)
+        same = np.all(a[pending][:, layout.header_at] == layout.header_bytes, axis=1)
+        members = pending[same]
+        cache.learn(model, layout.format_bytes)
+        _apply(out, rows[members], a[members], layout)
+        pending = pending[~same]
+
+
+def _decode_compact(
+    out: _Batch,
+    rows: Ints,
+    apps: list[bytes],
+    model: tuple[str, int, int],
+    sig: int,
+    cache: SignatureCache,
+) -> None:
+    """One (model, signature, length) group of compact frames, through the learned format."""
+    fmt = cache.lookup(model, sig)
+    if fmt is None:
+        who = f"{model[0]} v{model[1]} type 0x{model[2]:02X}"
+        out.fail(
+            rows,
+            ErrorCode.UNKNOWN_COMPACT,
+            f"compact frame signature {sig:04X} of {who} not learned yet; wait for a full frame",
+        )
+        return
+    compiled = mbus_compact.compact_layout(fmt)
+    if isinstance(compiled[0], ErrorCode):
+        out.fail(rows, *compiled)
+        return
+    layout, skeleton = compiled
+    if len(apps[0]) - 4 != layout.end:
+        out.fail(
+            rows,
+            ErrorCode.BAD_LENGTH,
+            f"compact frame carries {len(apps[0]) - 4} value bytes, format needs {layout.end}",
+        )
+        return
+    crc_ok = np.array(
+        [mbus_compact.data_crc_ok(skeleton, p[4:], int.from_bytes(p[2:4], "little")) for p in apps]
+    )
+    out.fail(rows[~crc_ok], ErrorCode.BAD_CHECKSUM, "compact frame data CRC mismatch")
+    _apply(out, rows[crc_ok], _stack([p[4:] for p in apps])[crc_ok], layout)
+
+
+def _decode_fixed(out: _Batch, rows: Ints, apps: list[bytes]) -> None:
+    """Wired fixed data structures (CI 73/77): counter 1 current, counter 2 historic."""
+    c = mbus_fixed.counters(_stack(apps))
+    ok = c["total_ok"].astype(bool)
+    out.fail(rows[~ok], ErrorCode.BAD_UNIT, "fixed-data counter 1 is not a volume (or bad BCD)")
+    base = out.flags[rows].astype(np.int64) | Flag.CLOCK_MISSING
+    out.read(rows[ok], c["total_ml"][ok], out.received[rows[ok]], base[ok])
+    hist = ok & c["historic_ok"].astype(bool)
+    out.read(
+        rows[hist], c["historic_ml"][hist], out.received[rows[hist]], base[hist] | Flag.BILLING_DATE
+    )
+    for j, i in enumerate(rows.tolist()):
+        if ok[j]:
+            out.extra[i]["total_ml"] = int(c["total_ml"][j])
+        if hist[j]:
+            out.extra[i]["target_ml"] = int(c["historic_ml"][j])
+
+
+def _plain(f: Field) -> bool:
+    """A plain instantaneous volume of tariff 0, subunit 0 (a register candidate)."""
+    return (
+        f.volume
+        and f.function == 0
+        and f.tariff == 0
+        and f.subunit == 0
+        and set(f.qualifiers) <= REGISTER_QUALIFIERS
+    )
+
+
+def _pick(layout: Layout) -> tuple[Field | None, Field | None, Field | None, Field | None]:
+    """(current register, billing register, meter clock, billing date) fields of a layout."""
+    fields = layout.fields
+    current = next((f for f in fields if _plain(f) and f.storage == 0), None)
+    billing_storages = [f.storage for f in fields if _plain(f) and f.storage > 0]
+    billing = None
+    if billing_storages:
+        s = min(billing_storages)
+        billing = next(f for f in fields if _plain(f) and f.storage == s)
+    dates = [
+        f
+        for f in fields
+        if f.is_date and f.function == 0 and f.tariff == 0 and f.subunit == 0 and not f.qualifiers
+    ]
+    clock = next(
+        (f for f in sorted(dates, key=lambda f: f.kind == Kind.DATE_G) if f.storage == 0), None
+    )
+    when = None
+    if billing is not None:
+        when = next((f for f in dates if f.storage == billing.storage), None)
+    return current, billing, clock, when
+
+
+def _register(
+    out: _Batch, rows: Ints, a: npt.NDArray[np.uint8], f: Field, *, billing: bool
+) -> tuple[Ints, npt.NDArray[np.bool_]]:
+    """A volume field as int64 mL and a usable mask.
+
+    A current register with bad digits, a sub-mL scale or an int64 overflow rejects its
+    frame; a bad billing register only loses that reading (noted in `target_m3_error`).
+    """
+    ml_exp = f.exponent + 6  # volume_m3 exponent -> mL (EN 13757-3 VIF 10..17 = 1e(n-6) m3)
+    bad: list[tuple[npt.NDArray[np.bool_], ErrorCode, str]] = []
+    if f.kind not in (Kind.INT, Kind.BCD) or ml_exp < 0:
+        why = "a float" if f.kind == Kind.REAL else f"scale 1e{f.exponent} m3 (finer than 1 mL)"
+        raw, ok = np.zeros(len(rows), np.int64), np.zeros(len(rows), bool)
+        bad.append((~ok, ErrorCode.BAD_UNIT, f"volume register {f.name} is {why}"))
+        factor = 1
+    else:
+        raw, ok = mbus_kernels.read_field(a, f)
+        bad.append((~ok, ErrorCode.BAD_BCD, f"volume register {f.name} has a non-decimal digit"))
+        factor = 10**ml_exp * f.multiplier
+        fits = np.abs(raw) <= INT64_MAX // factor
+        bad.append((~fits, ErrorCode.BAD_UNIT, f"volume register {f.name} overflows int64 mL"))
+        ok &= fits
+    for mask, code, message in bad:
+        if billing:
+            for i in rows[mask].tolist():
+                out.extra[i].pop("target_m3", None)
+                out.extra[i]["target_m3_error"] = message
+        else:
+            out.fail(rows[mask], code, message)
+    return raw * np.int64(factor), ok
+
+
+def _apply(out: _Batch, rows: Ints, a: npt.NDArray[np.uint8], layout: Layout) -> None:
+    """Decode all `rows` (frames of one layout, stacked in `a`) into readings and extras."""
+    current, billing, clock, when = _pick(layout)
+    if current is None and billing is None:
+        out.fail(rows, ErrorCode.NO_REGISTER, "frame carries no volume register record")
+    aliases = {
+        id(current): "total_m3",
+        id(billing): "target_m3",
+        id(clock): "meter_datetime",
+        id(when): "target_date" if when and when.kind == Kind.DATE_G else "target_datetime",
+    }
+    columns: dict[str, list[object]] = {}
+    flags = out.flags[rows].astype(np.int64)
+    for f in layout.fields:
+        name = aliases.get(id(f), f.name)
+        if f.kind == Kind.TEXT:
+            columns[name] = mbus_kernels.ascii_text(a, f)
+        elif f.kind == Kind.BYTES:
+            columns[name] = mbus_kernels.hex_bytes(a, f)
+        elif f.kind == Kind.REAL:
+            columns[name] = mbus_kernels.real32(a, f)
+        elif f.kind != Kind.NONE:
+            raw, ok = mbus_kernels.read_field(a, f)
+            if f.is_date:
+                columns[name] = mbus_kernels.as_text(raw, ok, f)
+            else:
+                columns[name] = mbus_kernels.scaled(raw, ok, f)
+                if f.name.startswith("error_flags"):  # FD 17: manufacturer error bits
+                    flags |= np.where(raw != 0, int(Flag.METER_ERROR), 0)
+        if f.record_error:
+            flags |= int(Flag.METER_ERROR)
+    for name, values in columns.items():
+        for i, v in zip(rows.tolist(), values, strict=True):
+            if v is not None:
+                out.extra[i][name] = v
+    for reg, date, extra_flag in ((current, clock, Flag.NONE), (billing, when, Flag.BILLING_DATE)):
+        if reg is None:
+            continue
+        ml, ok = _register(out, rows, a, reg, billing=reg is billing)
+        at, at_ok = out.received[rows], np.zeros(len(rows), bool)
+        if date is not None:
+            stamp, at_ok = mbus_kernels.read_field(a, date)
+            at = np.where(at_ok, stamp, at)
+        row_flags = flags | int(extra_flag) | np.where(at_ok, 0, int(Flag.CLOCK_MISSING))
+        out.read(rows[ok], ml[ok], at[ok], row_flags[ok])

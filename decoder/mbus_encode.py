@@ -1,0 +1,162 @@
+"""Encoders for OMS / M-Bus frames: the pure inverse of `decoder.mbus.decode` (simulator use).
+
+Frames carry a volume register (litres as int32 when exact, else mL as int64), an
+optional type F meter clock and an optional billing-date register (storage 1) with its
+type G date. Wireless frames are CRC-stripped, as the decoder expects.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+
+from decoder import oms_crypto
+
+SND_NR = 0x44  # EN 13757-4 C field: send/no reply (periodic meter telegram)
+RSP_UD = 0x08  # EN 13757-2 C field: respond user data
+
+
+def manufacturer_field(code: str) -> bytes:
+    """Three letters A-Z -> the 2-byte EN 13757-4 M field (little-endian)."""
+    if len(code) != 3 or not code.isalpha() or not code.isupper():
+        raise ValueError(f"manufacturer code must be 3 letters A-Z, got {code!r}")
+    m = sum((ord(c) - 64) << s for c, s in zip(code, (10, 5, 0), strict=True))
+    return m.to_bytes(2, "little")
+
+
+def id_field(meter_id: str) -> bytes:
+    """An 8-digit id -> 4 BCD bytes, low byte first."""
+    if len(meter_id) != 8 or not meter_id.isdigit():
+        raise ValueError(f"meter_id must be 8 decimal digits, got {meter_id!r}")
+    return bytes.fromhex(meter_id)[::-1]
+
+
+def _volume_record(total_ml: int, storage: int) -> bytes:
+    """DIF/VIF/value of a volume register: litres int32 if exact, else mL int64."""
+    st = 0x40 if storage else 0x00  # DIF bit 6 = storage number LSB (EN 13757-3)
+    if total_ml % 1000 == 0 and -(2**31) <= total_ml // 1000 < 2**31:
+        return bytes([0x04 | st, 0x13]) + (total_ml // 1000).to_bytes(4, "little", signed=True)
+    if not -(2**63) <= total_ml < 2**63:
+        raise ValueError("total_ml does not fit int64")
+    return bytes([0x07 | st, 0x10]) + total_ml.to_bytes(8, "little", signed=True)
+
+
+def _type_f(when: datetime) -> bytes:
+    """EN 13757-3 type F date+time (minute resolution), years 2000-2080."""
+    y = when.year - 2000
+    if not 0 <= y <= 80:
+        raise ValueError("type F dates cover 2000-2080")
+    return bytes(
+        [when.minute, when.hour, ((y & 0x07) << 5) | when.day, ((y & 0x78) << 1) | when.month]
+    )
+
+
+def _type_g(day: date) -> bytes:
+    """EN 13757-3 type G date, years 2000-2080."""
+    y = day.year - 2000
+    if not 0 <= y <= 80:
+        raise ValueError("type G dates cover 2000-2080")
+    return bytes([((y & 0x07) << 5) | day.day, ((y & 0x78) << 1) | day.month])
+
+
+def records(
+    total_ml: int, when: datetime | None, target_ml: int | None, target_date: date | None
+) -> bytes:
+    """The data records: register, meter clock, billing register and its date."""
+    out = _volume_record(total_ml, 0)
+    if when is not None:
+        out += b"\x04\x6d" + _type_f(when)
+    if target_ml is not None:
+        out += _volume_record(target_ml, 1)
+        if target_date is not None:
+            out += b"\x42\x6c" + _type_g(target_date)
+    return out
+
+
+def encode_oms_plain(
+    meter_id: str,
+    manufacturer: str,
+    version: int,
+    device_type: int,
+    access_no: int,
+    total_ml: int,
+    when: datetime | None = None,
+    *,
+    target_ml: int | None = None,
+    target_date: date | None = None,
+    status: int = 0,
+) -> bytes:
+    """An unencrypted wM-Bus SND_NR frame (short TPL 7A, security mode 0), CRCs stripped."""
+    tpl = bytes([0x7A, access_no & 0xFF, status & 0xFF, 0x00, 0x00])
+    return _wireless(
+        meter_id,
+        manufacturer,
+        version,
+        device_type,
+        tpl + records(total_ml, when, target_ml, target_date),
+    )
+
+
+def encode_oms_mode5(
+    meter_id: str,
+    manufacturer: str,
+    version: int,
+    device_type: int,
+    access_no: int,
+    total_ml: int,
+    key: bytes,
+    when: datetime | None = None,
+    *,
+    target_ml: int | None = None,
+    target_date: date | None = None,
+    status: int = 0,
+) -> bytes:
+    """An OMS security mode 5 (AES-128-CBC) wM-Bus frame; raises ValueError on bad input."""
+    if len(key) != oms_crypto.BLOCK:
+        raise ValueError("AES-128 key must be 16 bytes")
+    plain = oms_crypto.pad_blocks(b"\x2f\x2f" + records(total_ml, when, target_ml, target_date))
+    blocks = len(plain) // oms_crypto.BLOCK
+    if blocks > 15:
+        raise ValueError("mode 5 payload exceeds 15 AES blocks")
+    a_field = id_field(meter_id) + bytes([version & 0xFF, device_type & 0xFF])
+    iv = oms_crypto.mode5_iv(manufacturer_field(manufacturer), a_field, access_no)
+    cw = (5 << 8) | (blocks << 4)  # OMS CW: mode in bits 8-12, encrypted blocks in 4-7
+    tpl = bytes([0x7A, access_no & 0xFF, status & 0xFF]) + cw.to_bytes(2, "little")
+    return _wireless(
+        meter_id, manufacturer, version, device_type, tpl + oms_crypto.cbc_encrypt(key, iv, plain)
+    )
+
+
+def encode_wired(
+    meter_id: str,
+    manufacturer: str,
+    version: int,
+    device_type: int,
+    access_no: int,
+    total_ml: int,
+    when: datetime | None = None,
+    *,
+    target_ml: int | None = None,
+    target_date: date | None = None,
+    status: int = 0,
+    address: int = 0,
+) -> bytes:
+    """A wired RSP_UD long frame (68 L L 68 08 A 72 …) with a long TPL header, CS and 16."""
+    body = bytes([RSP_UD, address & 0xFF, 0x72]) + id_field(meter_id)
+    body += manufacturer_field(manufacturer) + bytes(
+        [version & 0xFF, device_type & 0xFF, access_no & 0xFF, status & 0xFF, 0, 0]
+    )
+    body += records(total_ml, when, target_ml, target_date)
+    if len(body) > 255:
+        raise ValueError("wired frame longer than 255 bytes")
+    return bytes([0x68, len(body), len(body), 0x68]) + body + bytes([sum(body) & 0xFF, 0x16])
+
+
+def _wireless(
+    meter_id: str, manufacturer: str, version: int, device_type: int, rest: bytes
+) -> bytes:
+    """L C M A(ID V T) + `rest` (CI onwards)."""
+    head = bytes([SND_NR]) + manufacturer_field(manufacturer) + id_field(meter_id)
+    frame = head + bytes([version & 0xFF, device_type & 0xFF]) + rest
+    if len(frame) > 255:
+        raise ValueError("wireless frame longer than 255 bytes")
+    return bytes([len(frame)]) + frame
