@@ -1,0 +1,220 @@
+"""Test helpers for the collector: CJ/T 188 frames, a raw-UDP CoAP client, an OSCORE
+client context. Shared by tests/collector, tests/e2e and bench/collector.py."""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import secrets
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+import aiocoap
+from aiocoap import oscore
+
+
+def _bcd(value: int, width: int) -> bytes:
+    digits = f"{value:0{width * 2}d}"
+    pairs = [int(digits[i : i + 2], 16) for i in range(0, len(digits), 2)]
+    return bytes(reversed(pairs))  # low byte first
+
+
+def cjt188_frame(address: str, total_ml: int, read_at_s: int, status: int = 0) -> bytes:
+    """A CJ/T 188 901F read-data reply (FORMATS.md §1.2) for meter `address` (14 digits).
+
+    `total_ml` must be a multiple of 10,000 mL (the register has 2 decimals of m3).
+    """
+    tm = time.gmtime(read_at_s)
+    clock = bytes(
+        int(f"{v:02d}", 16)
+        for v in (
+            tm.tm_sec,
+            tm.tm_min,
+            tm.tm_hour,
+            tm.tm_mday,
+            tm.tm_mon,
+            tm.tm_year % 100,
+            tm.tm_year // 100,
+        )
+    )
+    addr = bytes(reversed([int(address[i : i + 2], 16) for i in range(0, 14, 2)]))
+    total = _bcd(total_ml // 10_000, 4)
+    data = b"\x90\x1f\x00" + total + b"\x2c" + total + b"\x2c" + clock + bytes([status, 0])
+    body = b"\x68\x10" + addr + b"\x81" + bytes([len(data)]) + data
+    return body + bytes([sum(body) & 0xFF, 0x16])
+
+
+def hour(n: int) -> int:
+    """A whole-hour UTC epoch second, n hours after 2025-01-01."""
+    return calendar.timegm((2025, 1, 1, 0, 0, 0)) + 3600 * n
+
+
+# --- raw CoAP over UDP (RFC 7252 §3): enough for POST /u and its answer ------------------
+
+CON, NON, ACK, RST = 0, 1, 2, 3
+
+
+def _nibble(value: int) -> tuple[int, bytes]:
+    if value < 13:
+        return value, b""
+    if value < 269:
+        return 13, bytes([value - 13])
+    return 14, struct.pack("!H", value - 269)
+
+
+def _option_head(delta: int, length: int) -> bytes:
+    d, d_ext = _nibble(delta)
+    n, n_ext = _nibble(length)
+    return bytes([(d << 4) | n]) + d_ext + n_ext
+
+
+def coap_post(
+    mid: int, token: bytes, payload: bytes, *, confirmable: bool = True, query: str | None = None
+) -> bytes:
+    """Encode POST /u[?query] with `mid` and `token`."""
+    head = bytes([0x40 | ((CON if confirmable else NON) << 4) | len(token), 0x02])
+    out = head + struct.pack("!H", mid) + token
+    options = [(11, b"u")]
+    if query:
+        options.append((15, query.encode()))
+    last = 0
+    for number, value in options:
+        delta, last = number - last, number
+        out += _option_head(delta, len(value)) + value
+    return out + (b"\xff" + payload if payload else b"")
+
+
+@dataclass(frozen=True)
+class CoapReply:
+    """A parsed CoAP answer: type, code (e.g. 0x44 = 2.04), mid, token, payload."""
+
+    mtype: int
+    code: int
+    mid: int
+    token: bytes
+    payload: bytes
+
+    @property
+    def code_str(self) -> str:
+        """The code in dotted form, e.g. '2.04'."""
+        return f"{self.code >> 5}.{self.code & 0x1F:02d}"
+
+
+def parse_reply(data: bytes) -> CoapReply:
+    """Decode a CoAP message header, token and payload (options are skipped)."""
+    tkl = data[0] & 0x0F
+    mtype = (data[0] >> 4) & 0x03
+    mid = struct.unpack("!H", data[2:4])[0]
+    token = data[4 : 4 + tkl]
+    marker = data.find(b"\xff", 4 + tkl)
+    payload = data[marker + 1 :] if marker >= 0 else b""
+    return CoapReply(mtype, data[1], mid, token, payload)
+
+
+def coap_ack(mid: int) -> bytes:
+    """An empty ACK for `mid` (to acknowledge a separate CON response)."""
+    return bytes([0x60, 0x00]) + struct.pack("!H", mid)
+
+
+class RawCoap(asyncio.DatagramProtocol):
+    """A raw-UDP CoAP client: send datagrams, collect answers by token."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.waiting: dict[bytes, asyncio.Future[CoapReply]] = {}
+        self.replies: list[CoapReply] = []
+
+    @classmethod
+    async def open(cls, port: int) -> RawCoap:
+        """A client connected to 127.0.0.1:`port`."""
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.create_datagram_endpoint(cls, remote_addr=("127.0.0.1", port))
+        return proto
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        reply = parse_reply(data)
+        if reply.mtype == CON and self.transport is not None:
+            self.transport.sendto(coap_ack(reply.mid))
+        if reply.code == 0:  # empty ACK: the answer comes separately
+            return
+        self.replies.append(reply)
+        future = self.waiting.pop(reply.token, None)
+        if future is not None and not future.done():
+            future.set_result(reply)
+
+    def send(self, datagram: bytes) -> None:
+        """Send one datagram."""
+        assert self.transport is not None
+        self.transport.sendto(datagram)
+
+    async def post(
+        self,
+        payload: bytes,
+        *,
+        mid: int | None = None,
+        confirmable: bool = True,
+        query: str | None = None,
+        token: bytes | None = None,
+        timeout_s: float = 15,
+    ) -> CoapReply:
+        """POST /u and wait for the answer (retransmitting a CON every 2 s meanwhile)."""
+        mid = secrets.randbelow(65536) if mid is None else mid
+        token = secrets.token_bytes(4) if token is None else token
+        future: asyncio.Future[CoapReply] = asyncio.get_running_loop().create_future()
+        self.waiting[token] = future
+        datagram = coap_post(mid, token, payload, confirmable=confirmable, query=query)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.send(datagram)
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), 2.0)
+            except TimeoutError:
+                if time.monotonic() > deadline or not confirmable:
+                    raise
+
+    def close(self) -> None:
+        """Close the socket."""
+        if self.transport is not None:
+            self.transport.close()
+
+
+# --- OSCORE, the device's side --------------------------------------------------------
+
+
+class DeviceOscore(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityContextUtils):
+    """A meter's OSCORE context from the hex values `provision_device` returned."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.alg_aead = oscore.algorithms[values["algorithm"]]
+        self.hashfun = oscore.hashfunctions["sha256"]
+        self.sender_id = bytes.fromhex(values["sender_id"])
+        self.recipient_id = bytes.fromhex(values["recipient_id"])
+        self.id_context = None
+        self.derive_keys(
+            bytes.fromhex(values["master_salt"]), bytes.fromhex(values["master_secret"])
+        )
+        self.sender_sequence_number = 0
+        self.recipient_replay_window = oscore.ReplayWindow(32, lambda: None)
+        self.recipient_replay_window.initialize_empty()
+
+    def post_seqnoincrease(self) -> None:
+        pass
+
+
+async def oscore_client(port: int, values: dict[str, str]) -> aiocoap.Context:
+    """An aiocoap client context that protects requests to 127.0.0.1:`port` with OSCORE."""
+    ctx = await aiocoap.Context.create_client_context()
+    ctx.client_credentials[f"coap://127.0.0.1:{port}/*"] = DeviceOscore(values)
+    return ctx
+
+
+def free_udp_port() -> int:
+    """A free loopback UDP port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

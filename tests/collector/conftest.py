@@ -1,0 +1,202 @@
+"""Collector fixtures: a real Mosquitto (the stack's, or one started from our template),
+an in-process collector on free ports, lab/OSCORE/MQTT devices, CJ/T 188 frames.
+
+Broker: when NBMETER_MQTT_URL and NBMETER_MQTT_ADMIN_URL are set (the stack's broker,
+`eval $(nbmeter stack env)`), they are used; otherwise the session starts Mosquitto
+from `nbmeter/stack/mosquitto.conf` on a free loopback port in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import asyncpg
+import pytest
+from collector_testkit import cjt188_frame
+
+from collector.broker import prepare_broker_files
+from collector.main import run
+from collector.provision import ProvisionedDevice, provision_device
+from collector.settings import CoapSettings, CollectorSettings, MqttSettings, PipelineSettings
+from storage.credentials import new_key
+
+__all__ = ["cjt188_frame"]
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Broker:
+    """A running broker: the collector's URL and the provisioning (admin) URL."""
+
+    url: str
+    admin_url: str
+    port: int
+
+
+def start_broker(state_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    """Start Mosquitto from the project's template in `state_dir`; wait until it listens."""
+    template = resources.files("nbmeter.stack").joinpath("mosquitto.conf").read_text("utf-8")
+    body = template.format(port=port, state_dir=state_dir)
+    body += f"\nlog_dest file {state_dir}/mosquitto.log\n"
+    if os.geteuid() == 0:
+        body += f"user {getpass.getuser()}\n"
+    conf = state_dir / "mosquitto.conf"
+    conf.write_text(body, encoding="utf-8")
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    proc = subprocess.Popen([binary, "-c", str(conf)])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"Mosquitto did not start; see {state_dir}/mosquitto.log")
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """The stack's broker (NBMETER_MQTT_URL + NBMETER_MQTT_ADMIN_URL) or our own."""
+    url, admin = os.environ.get("NBMETER_MQTT_URL"), os.environ.get("NBMETER_MQTT_ADMIN_URL")
+    if url and admin:
+        yield Broker(url, admin, int(url.rsplit(":", 1)[1]))
+        return
+    state = tmp_path_factory.mktemp("mosquitto")
+    port = free_port()
+    env = prepare_broker_files(state, port)
+    proc = start_broker(state, port)
+    yield Broker(env["NBMETER_MQTT_URL"], env["NBMETER_MQTT_ADMIN_URL"], port)
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def credentials_key() -> str:
+    """The key that seals OSCORE secrets (the stack's, or a fresh one)."""
+    return os.environ.get("NBMETER_CREDENTIALS_KEY") or new_key()
+
+
+def collector_settings(
+    db_url: str, broker: Broker, key: str, **pipeline: object
+) -> CollectorSettings:
+    """Settings for an in-process collector on a free UDP port, metrics off."""
+    return CollectorSettings(
+        database_url=db_url,
+        mqtt_url=broker.url,
+        credentials_key=key,  # type: ignore[arg-type]
+        metrics_port=0,
+        coap=CoapSettings(host="127.0.0.1", port=free_port(socket.SOCK_DGRAM), ack_wait_s=10),
+        mqtt=MqttSettings(client_id=f"test-collector-{uuid.uuid4().hex[:8]}"),
+        pipeline=PipelineSettings(**pipeline),  # type: ignore[arg-type]
+    )
+
+
+@dataclass
+class RunningCollector:
+    """An in-process collector: its settings and the event that stops it."""
+
+    settings: CollectorSettings
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+    @property
+    def coap_port(self) -> int:
+        """The UDP port it serves CoAP on."""
+        return self.settings.coap.port
+
+
+@pytest.fixture(scope="session")
+async def collector(
+    db_url: str, broker: Broker, credentials_key: str
+) -> AsyncIterator[RunningCollector]:
+    """One collector for the session (tests use their own tenants, so they never collide)."""
+    settings = collector_settings(db_url, broker, credentials_key)
+    stop, started = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run(settings, stop=stop, started=started))
+    await asyncio.wait_for(started.wait(), 20)
+    yield RunningCollector(settings, stop, task)
+    stop.set()
+    await asyncio.wait_for(task, 40)
+
+
+@pytest.fixture
+async def tenant_slug(pool: asyncpg.Pool) -> str:
+    """A tenant of its own for one test, plain CoAP NOT allowed."""
+    slug = f"t-{uuid.uuid4().hex[:12]}"
+    await pool.execute("INSERT INTO tenants (slug, name) VALUES ($1, $1)", slug)
+    return slug
+
+
+@pytest.fixture
+async def lab_tenant(pool: asyncpg.Pool) -> str:
+    """A lab tenant (allow_plain_coap) of its own for one test; returns its slug."""
+    slug = f"lab-{uuid.uuid4().hex[:12]}"
+    await pool.execute(
+        "INSERT INTO tenants (slug, name, allow_plain_coap) VALUES ($1, $1, true)", slug
+    )
+    return slug
+
+
+def new_address() -> str:
+    """A fresh 14-digit CJ/T 188 meter address."""
+    return f"{uuid.uuid4().int % 10**14:014d}"
+
+
+async def add_meter(pool: asyncpg.Pool, slug: str, address: str) -> int:
+    """Create meter `address` in tenant `slug`; return its meter_id."""
+    return int(
+        await pool.fetchval(
+            "INSERT INTO meters (tenant_id, address, kind, format) SELECT tenant_id, $2,"
+            " 'water', 'cjt188' FROM tenants WHERE slug = $1 RETURNING meter_id",
+            slug,
+            address,
+        )
+    )
+
+
+@pytest.fixture
+async def device(
+    db_url: str, tenant_slug: str, broker: Broker, credentials_key: str
+) -> ProvisionedDevice:
+    """A provisioned meter (OSCORE context and MQTT account) in its own tenant."""
+    return await provision_device(
+        db_url,
+        tenant_slug,
+        new_address(),
+        credentials_key=credentials_key,
+        mqtt_admin_url=broker.admin_url,
+    )
+
+
+async def count(pool: asyncpg.Pool, sql: str, *args: object) -> int:
+    """SELECT count(*) helper."""
+    return int(await pool.fetchval(sql, *args))
+
+
+async def wait_count(
+    pool: asyncpg.Pool, want: int, sql: str, *args: object, within_s: float = 15
+) -> int:
+    """Poll `sql` (a count) until it reaches `want` or `within_s` passes; return the last."""
+    deadline = time.monotonic() + within_s
+    got = await count(pool, sql, *args)
+    while got < want and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        got = await count(pool, sql, *args)
+    return got

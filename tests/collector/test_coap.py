@@ -1,0 +1,222 @@
+"""CoAP uplinks end to end: real collector, real TimescaleDB, raw UDP and aiocoap clients."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiocoap
+import asyncpg
+import pytest
+from collector_testkit import RawCoap, cjt188_frame, hour, oscore_client
+from conftest import RunningCollector, add_meter, count, new_address
+
+from collector.provision import ProvisionedDevice
+
+READINGS = "SELECT count(*) FROM readings r JOIN meters m USING (meter_id) WHERE m.address = $1"
+RAW = "SELECT count(*) FROM raw_uplinks r JOIN meters m USING (meter_id) WHERE m.address = $1"
+QUARANTINED = "SELECT count(*) FROM quarantine WHERE reason = $1 AND payload = $2"
+
+
+@pytest.fixture
+async def raw(collector: RunningCollector) -> RawCoap:
+    """A raw-UDP CoAP client pointed at the session's collector."""
+    client = await RawCoap.open(collector.coap_port)
+    yield client  # type: ignore[misc]
+    client.close()
+
+
+async def test_plain_con_stores_the_reading(
+    raw: RawCoap, pool: asyncpg.Pool, lab_tenant: str
+) -> None:
+    """A plain CON POST from a lab tenant is answered 2.04 after its reading is stored."""
+    address = new_address()
+    meter_id = await add_meter(pool, lab_tenant, address)
+    reply = await raw.post(cjt188_frame(address, 1_230_000, hour(1)), query=f"t={lab_tenant}")
+    assert reply.code_str == "2.04"
+    row = await pool.fetchrow(
+        "SELECT register_ml, transport, extract(epoch FROM read_at)::bigint AS at"
+        " FROM readings WHERE meter_id = $1",
+        meter_id,
+    )
+    assert (row["register_ml"], row["transport"], row["at"]) == (1_230_000, 1, hour(1))
+
+
+async def test_plain_non_stores_the_reading(
+    raw: RawCoap, pool: asyncpg.Pool, lab_tenant: str
+) -> None:
+    """A plain NON POST is answered with a NON 2.04 once its reading is stored."""
+    address = new_address()
+    await add_meter(pool, lab_tenant, address)
+    reply = await raw.post(
+        cjt188_frame(address, 40_000, hour(2)), confirmable=False, query=f"t={lab_tenant}"
+    )
+    assert (reply.mtype, reply.code_str) == (1, "2.04")
+    assert await count(pool, READINGS, address) == 1
+
+
+async def test_retransmitted_con_is_stored_once(
+    raw: RawCoap, pool: asyncpg.Pool, lab_tenant: str
+) -> None:
+    """The same CON (same message ID) sent three times is processed and archived once."""
+    address = new_address()
+    await add_meter(pool, lab_tenant, address)
+    frame = cjt188_frame(address, 50_000, hour(3))
+    same = {"mid": 4242, "token": b"\x01\x02\x03\x04", "query": f"t={lab_tenant}"}
+    first = await raw.post(frame, **same)  # type: ignore[arg-type]
+    again = [await raw.post(frame, **same) for _ in range(2)]  # type: ignore[arg-type]
+    assert [r.code_str for r in (first, *again)] == ["2.04"] * 3
+    assert await count(pool, READINGS, address) == 1
+    assert await count(pool, RAW, address) == 1  # deduplicated before the pipeline
+
+
+async def test_plain_coap_refused_without_lab_flag(
+    raw: RawCoap, pool: asyncpg.Pool, tenant_slug: str
+) -> None:
+    """Plain CoAP for a tenant without allow_plain_coap gets 4.01 and stores nothing."""
+    address = new_address()
+    await add_meter(pool, tenant_slug, address)
+    reply = await raw.post(cjt188_frame(address, 10_000, hour(4)), query=f"t={tenant_slug}")
+    assert reply.code_str == "4.01"
+    assert await count(pool, READINGS, address) == 0
+
+
+async def test_garbage_payload_is_quarantined(
+    raw: RawCoap, pool: asyncpg.Pool, lab_tenant: str
+) -> None:
+    """An undecodable payload gets 4.00 with the reason and lands in quarantine."""
+    payload = b"\x00garbage-" + new_address().encode()
+    reply = await raw.post(payload, query=f"t={lab_tenant}")
+    assert reply.code_str == "4.00"
+    assert reply.payload.startswith(b"undecodable")
+    assert await count(pool, QUARANTINED, "undecodable", payload) == 1
+
+
+async def test_oversized_payload_is_refused_and_quarantined(
+    collector: RunningCollector, raw: RawCoap, pool: asyncpg.Pool, lab_tenant: str
+) -> None:
+    """A payload over max_payload_bytes gets 4.13 and its head is archived in quarantine."""
+    limit = collector.settings.coap.max_payload_bytes
+    payload = new_address().encode() * (limit // 14 + 2)
+    client = await aiocoap.Context.create_client_context()
+    try:
+        request = aiocoap.Message(
+            code=aiocoap.POST,
+            uri=f"coap://127.0.0.1:{collector.coap_port}/u?t={lab_tenant}",
+            payload=payload,
+        )
+        response = await client.request(request).response
+    finally:
+        await client.shutdown()
+    assert response.code == aiocoap.REQUEST_ENTITY_TOO_LARGE
+    got = await pool.fetchval(
+        "SELECT count(*) FROM quarantine q JOIN tenants t USING (tenant_id)"
+        " WHERE q.reason = 'too_large' AND t.slug = $1 AND length(q.payload) <= $2",
+        lab_tenant,
+        limit,
+    )
+    assert got == 1
+
+
+async def test_blockwise_upload_is_assembled(
+    collector: RunningCollector, pool: asyncpg.Pool, lab_tenant: str
+) -> None:
+    """A payload larger than one block (Block1) is reassembled and stored."""
+    address = new_address()
+    await add_meter(pool, lab_tenant, address)
+    payload = b"\xfe" * 1500 + cjt188_frame(address, 70_000, hour(5))
+    client = await aiocoap.Context.create_client_context()
+    try:
+        request = aiocoap.Message(
+            code=aiocoap.POST,
+            uri=f"coap://127.0.0.1:{collector.coap_port}/u?t={lab_tenant}",
+            payload=payload,
+        )
+        response = await client.request(request).response
+    finally:
+        await client.shutdown()
+    assert response.code == aiocoap.CHANGED
+    assert await count(pool, READINGS, address) == 1
+
+
+async def test_overlapping_uplinks_store_each_reading_once(
+    raw: RawCoap, pool: asyncpg.Pool, lab_tenant: str
+) -> None:
+    """Uplinks repeating the same interval readings, sent at once, store each reading once."""
+    address = new_address()
+    await add_meter(pool, lab_tenant, address)
+    frames = [cjt188_frame(address, 10_000 * (h + 1), hour(h)) for h in range(24)]
+    sends = [raw.post(frames[h % 24], query=f"t={lab_tenant}") for h in range(24 * 4)]
+    replies = await asyncio.gather(*sends)
+    assert {r.code_str for r in replies} == {"2.04"}
+    assert await count(pool, READINGS, address) == 24
+    new = await pool.fetchval(
+        "SELECT sum(n_new) FROM raw_uplinks r JOIN meters m USING (meter_id) WHERE m.address = $1",
+        address,
+    )
+    assert new == 24
+
+
+async def test_oscore_con_and_non_store_the_readings(
+    collector: RunningCollector, pool: asyncpg.Pool, device: ProvisionedDevice
+) -> None:
+    """OSCORE-protected CON and NON uplinks are stored with transport 2 (coap+oscore)."""
+    client = await oscore_client(collector.coap_port, device.oscore)
+    try:
+        for n, tuning in enumerate((aiocoap.Reliable, aiocoap.Unreliable)):
+            request = aiocoap.Message(
+                code=aiocoap.POST,
+                transport_tuning=tuning,
+                uri=f"coap://127.0.0.1:{collector.coap_port}/u",
+                payload=cjt188_frame(device.address, 20_000 * (n + 1), hour(10 + n)),
+            )
+            response = await client.request(request).response
+            assert response.code == aiocoap.CHANGED
+    finally:
+        await client.shutdown()
+    rows = await pool.fetch(
+        "SELECT register_ml, transport FROM readings WHERE meter_id = $1 ORDER BY read_at",
+        device.meter_id,
+    )
+    assert [(r["register_ml"], r["transport"]) for r in rows] == [(20_000, 2), (40_000, 2)]
+
+
+async def test_oscore_device_reporting_another_meter_is_forbidden(
+    collector: RunningCollector, pool: asyncpg.Pool, device: ProvisionedDevice
+) -> None:
+    """An OSCORE device sending another meter's frame gets 4.03; it is quarantined."""
+    other = new_address()
+    frame = cjt188_frame(other, 30_000, hour(12))
+    client = await oscore_client(collector.coap_port, device.oscore)
+    try:
+        request = aiocoap.Message(
+            code=aiocoap.POST, uri=f"coap://127.0.0.1:{collector.coap_port}/u", payload=frame
+        )
+        response = await client.request(request).response
+    finally:
+        await client.shutdown()
+    assert response.code == aiocoap.FORBIDDEN
+    assert await count(pool, QUARANTINED, "identity_mismatch", frame) == 1
+    assert (
+        await count(pool, "SELECT count(*) FROM readings WHERE meter_id = $1", device.meter_id) == 0
+    )
+
+
+async def test_oscore_with_wrong_key_is_unauthorized(
+    collector: RunningCollector, pool: asyncpg.Pool, device: ProvisionedDevice
+) -> None:
+    """A request protected with the right kid but a wrong secret is refused and not stored."""
+    forged = dict(device.oscore, master_secret="00" * 16)
+    client = await oscore_client(collector.coap_port, forged)
+    try:
+        request = aiocoap.Message(
+            code=aiocoap.POST,
+            uri=f"coap://127.0.0.1:{collector.coap_port}/u",
+            payload=cjt188_frame(device.address, 10_000, hour(13)),
+        )
+        with pytest.raises(Exception):  # noqa: B017,PT011 (aiocoap: no protected answer)
+            await client.request(request).response
+    finally:
+        await client.shutdown()
+    assert (
+        await count(pool, "SELECT count(*) FROM readings WHERE meter_id = $1", device.meter_id) == 0
+    )
