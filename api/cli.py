@@ -1,0 +1,22 @@
+"""`nbmeter api`: serve the billing API (wired by nbmeter.cli through `add_arguments`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _run(args: argparse.Namespace) -> int:
+    from api.serve import run
+    from api.settings import ApiSettings
+    from nbmeter.cli import database_url
+
+    run(args.host, args.port, ApiSettings(database_url=database_url()), log_level=args.log_level)
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `nbmeter api`."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--log-level", default="info")
+    parser.set_defaults(func=_run)

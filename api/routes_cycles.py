@@ -1,0 +1,139 @@
+"""Tenant-wide billing routes: calendar, cycle list, bulk cycle-read export, cycle close."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime, timedelta
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response, StreamingResponse
+
+from api.auth import Admin, Pool, Reader
+from api.errors import ConflictError, NotFoundError
+from api.localtime import CalendarError, cycle_bounds, cycles_in, local_midnight
+from api.routes_meters import CONFLICT, PROBLEMS, decode_cursor, encode_cursor
+from api.routes_reads import CycleId
+from api.schemas import Calendar, CloseResult, Cycle, CycleList, CyclePage
+from api.settings import ApiSettings
+from storage import billing
+from storage.apikeys import tenant_timezone
+from storage.export import stream_cycle
+
+router = APIRouter(prefix="/v1", tags=["cycles"], responses=PROBLEMS)
+NDJSON = "application/x-ndjson"
+_EXPORT_RESPONSES = {
+    200: {
+        "description": "JSON page (default), NDJSON stream or CSV stream of cycle reads",
+        "content": {
+            NDJSON: {"schema": {"type": "string"},
+                     "example": '{"meter_id": 1, "cycle": "2024-03-01", ...}\n'},
+            "text/csv": {"schema": {"type": "string"},
+                         "example": "meter_id,address,...\n1,12345678901234,...\n"},
+        },
+    }
+}  # fmt: skip
+
+
+@router.get("/billing-calendar", summary="The tenant's billing calendar")
+async def get_calendar(who: Reader, pool: Pool) -> Calendar:
+    """Cycle day of month (default 1), or explicit cycle start dates."""
+    day, dates = await billing.calendar(pool, who.tenant_id)
+    return Calendar(cycle_day=day, dates=dates)
+
+
+@router.put("/billing-calendar", summary="Replace the tenant's billing calendar")
+async def put_calendar(body: Calendar, who: Admin, pool: Pool) -> Calendar:
+    """Set the cycle day, or explicit start dates (then the cycle day is not used)."""
+    async with pool.acquire() as conn:
+        await billing.set_calendar(conn, who.tenant_id, body.cycle_day, body.dates)
+    return body
+
+
+@router.get("/cycles", summary="List billing cycles")
+async def list_cycles(
+    who: Reader,
+    pool: Pool,
+    start: Annotated[date | None, Query(alias="from")] = None,
+    end: Annotated[date | None, Query(alias="to")] = None,
+) -> CycleList:
+    """Cycles starting within [from, to] (default: the last 365 days), at most 120."""
+    today = datetime.now(UTC).date()
+    last = min(end or today, date(2199, 1, 1))
+    first = max(start or (last - timedelta(days=365)), date(1970, 1, 1))
+    day, dates = await billing.calendar(pool, who.tenant_id)
+    tz = await tenant_timezone(pool, who.tenant_id)
+    cycles = [
+        Cycle(cycle=s, start_date=s, end_date=e) for s, e in cycles_in(day, dates, first, last)
+    ]
+    return CycleList(timezone=tz, cycles=cycles)
+
+
+async def _bounds(pool: Pool, tenant_id: int, cycle: date) -> tuple[date, date]:
+    day, dates = await billing.calendar(pool, tenant_id)
+    try:
+        return cycle_bounds(day, dates, cycle)
+    except CalendarError as exc:
+        raise NotFoundError(str(exc)) from exc
+
+
+def _negotiate(fmt: str | None, accept: str) -> str:
+    if fmt is not None:
+        return fmt
+    if NDJSON in accept or "application/jsonl" in accept:
+        return "ndjson"
+    if "text/csv" in accept:
+        return "csv"
+    return "json"
+
+
+@router.get("/cycles/{cycle}/reads", summary="Cycle reads of every meter (export)",
+            response_model=CyclePage, responses=_EXPORT_RESPONSES)  # fmt: skip
+async def cycle_reads(
+    cycle: CycleId,
+    who: Reader,
+    pool: Pool,
+    request: Request,
+    fmt: Annotated[Literal["json", "ndjson", "csv"] | None, Query(alias="format")] = None,
+    cursor: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> Response:
+    """All meters' cycle reads: a JSON page (opaque `cursor`), or the whole tenant streamed.
+
+    `format=` (or Accept: application/x-ndjson, text/csv) picks the form. Streams run one
+    set-wise query with the server copying rows out, so memory is flat at any fleet size.
+    A meter exchanged during the cycle has one row per meter (sum by service point).
+    """
+    settings: ApiSettings = request.app.state.settings
+    start, end = await _bounds(pool, who.tenant_id, cycle)
+    kind = _negotiate(fmt, request.headers.get("accept", ""))
+    if kind in ("ndjson", "csv"):
+        args = billing.cycle_args(who.tenant_id, start, end, settings.tuning())
+        media = NDJSON if kind == "ndjson" else "text/csv; charset=utf-8"
+        body = stream_cycle(pool, args, "ndjson" if kind == "ndjson" else "csv")
+        return StreamingResponse(body, media_type=media)
+    after = decode_cursor(cursor)
+    args = billing.cycle_args(
+        who.tenant_id, start, end, settings.tuning(), after=after, limit=limit
+    )
+    lines = await billing.cycle_lines(pool, args)
+    more = len(lines) == limit
+    next_cursor = encode_cursor(json.loads(lines[-1])["meter_id"]) if more else None
+    text = '{"items":[' + ",".join(lines) + '],"next_cursor":' + json.dumps(next_cursor) + "}"
+    return Response(text, media_type="application/json")
+
+
+@router.post("/cycles/{cycle}/close", responses=CONFLICT, summary="Close a cycle (publish reads)")
+async def close_cycle(cycle: CycleId, who: Admin, pool: Pool, request: Request) -> CloseResult:
+    """Publish every meter's boundary reads of an ended cycle; changed ones become revisions."""
+    settings: ApiSettings = request.app.state.settings
+    start, end = await _bounds(pool, who.tenant_id, cycle)
+    tz = ZoneInfo(await tenant_timezone(pool, who.tenant_id))
+    if local_midnight(end, tz) > datetime.now(UTC):
+        raise ConflictError(f"cycle {cycle} ends {end} and cannot be closed before then")
+    args = billing.cycle_args(who.tenant_id, start, end, settings.tuning())
+    async with pool.acquire() as conn:
+        row = await billing.publish(conn, args)
+    return CloseResult(cycle=cycle, boundaries=row["boundaries"], published=row["published"],
+                       revised=row["revised"])  # fmt: skip

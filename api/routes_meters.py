@@ -1,0 +1,290 @@
+"""Meter registry routes: create, list, get, update, bulk import, exchange, health, alarms."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import json
+from typing import Annotated, Any
+
+import asyncpg
+from fastapi import APIRouter, Path, Query, Request
+from pydantic import ValidationError
+
+from api.auth import Pool, Reader, Writer
+from api.errors import PROBLEM_JSON, NotFoundError, UnprocessableError
+from api.schemas import (
+    DeviceHealth,
+    ExchangeRequest,
+    ExchangeResult,
+    ImportResult,
+    ImportRowError,
+    Meter,
+    MeterCreate,
+    MeterPage,
+    MeterPatch,
+    OpenAlarm,
+    Problem,
+    to_m3,
+    to_ml,
+)  # fmt: skip
+from decoder.columns import Flag
+from storage import registry
+from storage.apikeys import check_timezone
+from storage.errors import StorageError
+
+_P = {
+    "model": Problem,
+    "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+}
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    s: {**_P, "description": d}
+    for s, d in ((401, "no or invalid API key"), (403, "the key lacks the scope"),
+                 (404, "no such resource for this tenant"), (422, "invalid request"))
+}  # fmt: skip
+CONFLICT: dict[int | str, dict[str, Any]] = {409: {**_P, "description": "state conflict"}}
+router = APIRouter(prefix="/v1", tags=["meters"], responses=PROBLEMS)
+MeterId = Annotated[int, Path(ge=1, le=2**63 - 1, description="meter id", examples=[1])]
+MAX_IMPORT_ROWS = 10_000
+
+
+def credentials_ref(creds: dict[str, Any]) -> str:
+    """A reference to device credentials: sha256 of their canonical JSON, never the secret.
+
+    The hook for the collector's credential store: it provisions the secret itself
+    (storage.credentials / `nbmeter device provision`); the API keeps only this reference.
+    """
+    canonical = json.dumps(creds, sort_keys=True, separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()
+
+
+def meter_out(row: asyncpg.Record) -> Meter:
+    """The API view of a meters row."""
+    scale = row["register_scale"]
+    return Meter(
+        **{k: row[k] for k in (
+            "meter_id", "address", "service_point", "kind", "format", "unit",
+            "register_scale", "register_digits", "timezone", "installed_at", "removed_at",
+            "created_at")},
+        initial_register_m3=to_m3(row["initial_register_ml"], scale),
+        final_register_m3=to_m3(row["final_register_ml"], scale),
+        has_credentials=row["credentials_ref"] is not None,
+    )  # fmt: skip
+
+
+def _fields(body: MeterCreate | MeterPatch, scale: int) -> dict[str, Any]:
+    data = body.model_dump(exclude_unset=True, exclude={"credentials", "initial_register_m3"})
+    if data.get("timezone") is not None:
+        check_timezone(data["timezone"])
+    if body.credentials is not None:
+        data["credentials_ref"] = credentials_ref(body.credentials.model_dump())
+    initial = getattr(body, "initial_register_m3", None)
+    if initial is not None:
+        data["initial_register_ml"] = to_ml(initial, scale, "initial_register_m3")
+    if data.get("installed_at") is None:
+        data.pop("installed_at", None)
+    return data
+
+
+async def get_or_404(pool: asyncpg.Pool, tenant_id: int, meter_id: int) -> asyncpg.Record:
+    """The tenant's meter row, or NotFoundError."""
+    row = await registry.get_meter(pool, tenant_id, meter_id)
+    if row is None:
+        raise NotFoundError(f"no meter {meter_id}")
+    return row
+
+
+@router.post("/meters", status_code=201, responses=CONFLICT, summary="Register a meter")
+async def create_meter(body: MeterCreate, who: Writer, pool: Pool) -> Meter:
+    """Register a meter; 409 if an active meter of the tenant has the same address."""
+    async with pool.acquire() as conn:
+        row = await registry.insert_meter(conn, who.tenant_id, _fields(body, body.register_scale))
+    return meter_out(row)
+
+
+@router.get("/meters", summary="List meters")
+async def list_meters(
+    who: Reader,
+    pool: Pool,
+    cursor: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    address: Annotated[str | None, Query(max_length=64, pattern=r"^[!-~]+$")] = None,
+    service_point: Annotated[
+        str | None, Query(max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
+    ] = None,
+    active: bool | None = None,
+) -> MeterPage:
+    """Meters in id order, `limit` per page; filter by address, service point, active."""
+    after = decode_cursor(cursor)
+    rows = await registry.list_meters(
+        pool, who.tenant_id, after=after, limit=limit, address=address,
+        service_point=service_point, active=active,
+    )  # fmt: skip
+    more = len(rows) == limit
+    return MeterPage(
+        items=[meter_out(r) for r in rows],
+        next_cursor=encode_cursor(rows[-1]["meter_id"]) if more else None,
+    )
+
+
+def encode_cursor(after: int) -> str:
+    """An opaque cursor for 'after this id'."""
+    return base64.urlsafe_b64encode(f"m{after}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int:
+    """The id a cursor points after (0 for none); UnprocessableError if it is not ours."""
+    if not cursor:
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        value = int(raw[1:]) if raw.startswith("m") else -1
+    except (ValueError, UnicodeDecodeError):
+        value = -1
+    if not 0 <= value < 2**63:
+        msg = "invalid cursor: pass next_cursor from the previous page unchanged"
+        raise UnprocessableError(msg)
+    return value
+
+
+@router.get("/meters/{meter_id}", summary="Get a meter")
+async def get_meter(meter_id: MeterId, who: Reader, pool: Pool) -> Meter:
+    """One meter of the tenant."""
+    return meter_out(await get_or_404(pool, who.tenant_id, meter_id))
+
+
+@router.patch("/meters/{meter_id}", responses=CONFLICT, summary="Update a meter")
+async def update_meter(meter_id: MeterId, body: MeterPatch, who: Writer, pool: Pool) -> Meter:
+    """Change the given fields of a meter; registers keep their millilitre values."""
+    async with pool.acquire() as conn:
+        old = await get_or_404(conn, who.tenant_id, meter_id)
+        scale = body.register_scale if body.register_scale is not None else old["register_scale"]
+        row = await registry.update_meter(conn, who.tenant_id, meter_id, _fields(body, scale))
+    if row is None:
+        raise NotFoundError(f"no meter {meter_id}")
+    return meter_out(row)
+
+
+_IMPORT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "a JSON array of meters, or CSV with a header row of MeterCreate fields",
+        "content": {
+            "application/json": {
+                "schema": {"type": "array", "maxItems": MAX_IMPORT_ROWS,
+                           "items": {"$ref": "#/components/schemas/MeterCreate"}},
+                "example": [{"address": "10000001", "kind": "water", "format": "mbus"}],
+            },
+            "text/csv": {
+                "schema": {"type": "string"},
+                "example": "address,kind,format,service_point\n10000001,water,mbus,SP-1\n",
+            },
+        },
+    }
+}  # fmt: skip
+
+
+async def _import_rows(request: Request) -> list[Any]:
+    raw = await request.body()
+    if request.headers.get("content-type", "").startswith("text/csv"):
+        text = raw.decode("utf-8", errors="replace").replace("\x00", "")
+        return [
+            {k: v for k, v in r.items() if k and v not in (None, "")}
+            for r in csv.DictReader(io.StringIO(text))
+        ]
+    try:
+        rows = json.loads(raw)
+    except ValueError as exc:
+        msg = "send a JSON array of meters (application/json) or CSV (text/csv)"
+        raise UnprocessableError(msg) from exc
+    if not isinstance(rows, list):
+        raise UnprocessableError("the JSON body must be an array of meters")
+    return rows
+
+
+@router.post("/meters/import", summary="Bulk-import meters (JSON array or CSV)",
+             openapi_extra=_IMPORT_BODY)  # fmt: skip
+async def import_meters(request: Request, who: Writer, pool: Pool) -> ImportResult:
+    """Import up to 10,000 meters; each row is validated and inserted on its own."""
+    rows = await _import_rows(request)
+    if len(rows) > MAX_IMPORT_ROWS:
+        raise UnprocessableError(f"at most {MAX_IMPORT_ROWS} rows per import")
+    created: list[int] = []
+    errors: list[ImportRowError] = []
+    async with pool.acquire() as conn:
+        for number, raw in enumerate(rows, start=1):
+            try:
+                meter = MeterCreate.model_validate(raw)
+                row = await registry.insert_meter(
+                    conn, who.tenant_id, _fields(meter, meter.register_scale)
+                )
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                errors.append(ImportRowError(row=number, detail=f"{where}: {first['msg']}"))
+            except (StorageError, UnprocessableError) as exc:
+                errors.append(ImportRowError(row=number, detail=str(exc)))
+            else:
+                created.append(row["meter_id"])
+    return ImportResult(created=len(created), meter_ids=created, errors=errors)
+
+
+@router.post("/meters/{meter_id}/exchange", status_code=201, responses=CONFLICT,
+             summary="Exchange a meter at its service point")  # fmt: skip
+async def exchange_meter(
+    meter_id: MeterId, body: ExchangeRequest, who: Writer, pool: Pool
+) -> ExchangeResult:
+    """Remove the meter with its final read, install the new one with its initial read."""
+    async with pool.acquire() as conn:
+        old = await get_or_404(conn, who.tenant_id, meter_id)
+        new = body.new_meter
+        fields = {
+            "address": new.address, "format": new.format, "register_scale": new.register_scale,
+            "register_digits": new.register_digits,
+            "initial_register_ml": to_ml(new.initial_register_m3, new.register_scale, "initial_register_m3"),
+        }  # fmt: skip
+        if new.credentials is not None:
+            fields["credentials_ref"] = credentials_ref(new.credentials.model_dump())
+        final_ml = to_ml(body.final_register_m3, old["register_scale"], "final_register_m3")
+        done = await registry.exchange_meter(
+            conn, who.tenant_id, meter_id, exchanged_at=body.exchanged_at,
+            final_register_ml=final_ml, new_meter=fields,
+        )  # fmt: skip
+    if done is None:
+        raise NotFoundError(f"no meter {meter_id}")
+    return ExchangeResult(removed=meter_out(done[0]), installed=meter_out(done[1]))
+
+
+@router.get("/meters/{meter_id}/health", summary="Device health and last seen")
+async def meter_health(meter_id: MeterId, who: Reader, pool: Pool) -> DeviceHealth:
+    """Last reading and uplink times, register, flags, battery and radio of a meter."""
+    meter = await get_or_404(pool, who.tenant_id, meter_id)
+    health, seen = await registry.device_health(pool, meter_id)
+    flags = seen["flags"] or 0
+    return DeviceHealth(
+        meter_id=meter_id,
+        last_read_at=seen["last_read_at"],
+        last_received_at=seen["last_received_at"],
+        last_uplink_at=seen["last_uplink_at"],
+        last_register_m3=to_m3(seen["register_ml"], meter["register_scale"]),
+        last_flags=[f.name.lower() for f in Flag if f and flags & f and f.name],
+        **{k: (health[k] if health else None)
+           for k in ("measured_at", "battery_mv", "rsrp_cdbm", "sinr_cdb", "ecl")},
+    )  # fmt: skip
+
+
+@router.get("/meters/{meter_id}/alarms", summary="Open alarms of a meter")
+async def meter_alarms(meter_id: MeterId, who: Reader, pool: Pool) -> list[OpenAlarm]:
+    """Alarms (leak, tamper, ...) whose latest event is still active."""
+    await get_or_404(pool, who.tenant_id, meter_id)
+    rows = await registry.open_alarms(pool, who.tenant_id, meter_id)
+    return [OpenAlarm(**dict(r)) for r in rows]
+
+
+@router.get("/alarms", summary="Open alarms of every meter")
+async def tenant_alarms(who: Reader, pool: Pool) -> list[OpenAlarm]:
+    """The tenant's open alarms, newest first (at most 1,000)."""
+    rows = await registry.open_alarms(pool, who.tenant_id, None)
+    return [OpenAlarm(**dict(r)) for r in rows]

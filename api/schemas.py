@@ -1,0 +1,403 @@
+"""Request and response bodies. Billing quantities are decimal strings of m3, never floats.
+
+`M3` is such a string ("123.456"); `to_ml` / `to_m3` convert exactly between it and the
+int millilitres storage speaks, checking the value fits the register's resolution.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+from api.errors import UnprocessableError
+
+M3 = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,14}(\.[0-9]{1,6})?$")]
+Text = Annotated[
+    str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]+$", min_length=1, max_length=64)
+]
+Address = Annotated[str, StringConstraints(pattern=r"^[!-~]{1,64}$")]
+Zone = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+){0,2}$", max_length=64)
+]
+Kind = Literal["water", "gas"]
+Format = Literal["cjt188", "oms", "mbus", "senml", "interval"]
+Scope = Literal["readings:read", "meters:write", "admin"]
+Method = Literal["actual", "interpolated", "estimated", "installation", "removal", "missing"]
+Basis = Literal["reference_day", "average_daily_use", "last_read"]
+
+
+def to_ml(value: str, scale: int, what: str) -> int:
+    """Exact mL of an m3 decimal string; UnprocessableError if finer than 10^scale m3."""
+    ml = Decimal(value) * 1_000_000
+    unit = 10 ** (scale + 6)
+    if ml != ml.to_integral_value() or int(ml) % unit:
+        msg = f"{what} {value} m3 is finer than the register's resolution (10^{scale} m3)"
+        raise UnprocessableError(msg)
+    return int(ml)
+
+
+def to_m3(ml: int | None, scale: int) -> str | None:
+    """The m3 decimal string of `ml` with the register's number of decimals."""
+    if ml is None:
+        return None
+    return str((Decimal(ml) / 1_000_000).quantize(Decimal(1).scaleb(scale)))
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    errors: list[dict[str, Any]] | None = None
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "type": "/problems/not-found", "title": "Not Found", "status": 404,
+        "detail": "no meter 42", "instance": "/v1/meters/42"}]})  # fmt: skip
+
+
+class Credentials(BaseModel):
+    """Device credentials for the collector; only a sha256 reference is kept here."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["psk", "oscore", "mqtt"]
+    identity: Text | None = None
+    secret: Annotated[str, StringConstraints(min_length=8, max_length=512)]
+
+
+_METER_EXAMPLE = {
+    "address": "12345678901234", "service_point": "SP-0001", "kind": "water", "format": "cjt188",
+    "register_scale": -3, "register_digits": 8, "timezone": None,
+    "installed_at": "2024-01-01T00:00:00Z", "initial_register_m3": "0.000",
+}  # fmt: skip
+
+
+class MeterCreate(BaseModel):
+    """A meter to register."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_METER_EXAMPLE]})
+    address: Address
+    service_point: Text | None = None
+    kind: Kind
+    format: Format
+    register_scale: int = Field(-3, ge=-6, le=0)
+    register_digits: int = Field(8, ge=4, le=14)
+    timezone: Zone | None = None
+    installed_at: AwareDatetime | None = None
+    initial_register_m3: M3 | None = None
+    credentials: Credentials | None = None
+
+
+class MeterPatch(BaseModel):
+    """Fields to change on a meter (absent fields are kept)."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"service_point": "SP-0002"}]}
+    )
+    address: Address | None = None
+    service_point: Text | None = None
+    format: Format | None = None
+    register_scale: int | None = Field(None, ge=-6, le=0)
+    register_digits: int | None = Field(None, ge=4, le=14)
+    timezone: Zone | None = None
+    credentials: Credentials | None = None
+
+
+class Meter(BaseModel):
+    """A registered meter."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{**_METER_EXAMPLE, "meter_id": 1,
+        "unit": "m3", "removed_at": None, "final_register_m3": None, "has_credentials": False,
+        "created_at": "2024-01-01T00:00:00Z"}]})  # fmt: skip
+    meter_id: int
+    address: str
+    service_point: str | None
+    kind: Kind
+    format: Format
+    unit: Literal["m3"]
+    register_scale: int
+    register_digits: int
+    timezone: str | None
+    installed_at: datetime
+    removed_at: datetime | None
+    initial_register_m3: str | None
+    final_register_m3: str | None
+    has_credentials: bool
+    created_at: datetime
+
+
+class MeterPage(BaseModel):
+    """A page of meters; pass `next_cursor` as `cursor` for the next one."""
+
+    items: list[Meter]
+    next_cursor: str | None
+
+
+class ImportRowError(BaseModel):
+    """Why one imported row was rejected (row numbers start at 1, after a CSV header)."""
+
+    row: int
+    detail: str
+
+
+class ImportResult(BaseModel):
+    """Outcome of a bulk import: valid rows are kept, invalid ones reported."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"created": 2, "meter_ids": [7, 8], "errors": [{"row": 3, "detail": "kind: ..."}]}]})  # fmt: skip
+    created: int
+    meter_ids: list[int]
+    errors: list[ImportRowError]
+
+
+class NewMeter(BaseModel):
+    """The meter installed by an exchange (service point, kind, timezone are inherited)."""
+
+    model_config = ConfigDict(extra="forbid")
+    address: Address
+    format: Format
+    register_scale: int = Field(-3, ge=-6, le=0)
+    register_digits: int = Field(8, ge=4, le=14)
+    initial_register_m3: M3 = "0"
+    credentials: Credentials | None = None
+
+
+class ExchangeRequest(BaseModel):
+    """Remove a meter with its final read; install the next one at the same service point."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "exchanged_at": "2024-03-15T08:30:00+08:00", "final_register_m3": "123.456",
+        "new_meter": {"address": "12345678909999", "format": "cjt188",
+                      "initial_register_m3": "0.000"}}]})  # fmt: skip
+    exchanged_at: AwareDatetime
+    final_register_m3: M3
+    new_meter: NewMeter
+
+
+class ExchangeResult(BaseModel):
+    """The removed and the installed meter."""
+
+    removed: Meter
+    installed: Meter
+
+
+class DeviceHealth(BaseModel):
+    """Last-seen times and the latest radio/battery measurements of a meter."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"meter_id": 1,
+        "last_read_at": "2024-03-01T00:00:00Z", "last_received_at": "2024-03-01T00:02:00Z",
+        "last_uplink_at": None, "last_register_m3": "12.345", "last_flags": ["low_battery"],
+        "measured_at": None, "battery_mv": None, "rsrp_cdbm": None, "sinr_cdb": None,
+        "ecl": None}]})  # fmt: skip
+    meter_id: int
+    last_read_at: datetime | None
+    last_received_at: datetime | None
+    last_uplink_at: datetime | None
+    last_register_m3: str | None
+    last_flags: list[str]
+    measured_at: datetime | None
+    battery_mv: int | None
+    rsrp_cdbm: int | None
+    sinr_cdb: int | None
+    ecl: int | None
+
+
+class OpenAlarm(BaseModel):
+    """An alarm whose latest event is still active."""
+
+    meter_id: int
+    kind: str
+    occurred_at: datetime
+    detail: str | None
+
+
+class Interval(BaseModel):
+    """One step: registers at its local-time boundaries and the consumption between."""
+
+    start: datetime
+    end: datetime
+    start_register_m3: str | None
+    end_register_m3: str | None
+    consumption_m3: str | None
+    start_method: Method
+    end_method: Method
+    quality: int | None
+
+
+class IntervalReads(BaseModel):
+    """Interval reads of a meter, steps aligned to its local time."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"meter_id": 1, "step": "1d",
+        "timezone": "Asia/Shanghai", "unit": "m3", "intervals": [{
+            "start": "2024-02-29T16:00:00Z", "end": "2024-03-01T16:00:00Z",
+            "start_register_m3": "10.000", "end_register_m3": "10.350", "consumption_m3": "0.350",
+            "start_method": "actual", "end_method": "interpolated", "quality": 13}]}]})  # fmt: skip
+    meter_id: int
+    step: Literal["1h", "1d", "1mo"]
+    timezone: str
+    unit: Literal["m3"]
+    intervals: list[Interval]
+
+
+class BoundaryRead(BaseModel):
+    """A register at a cycle boundary, how it was obtained, and its publication state."""
+
+    at: datetime
+    register_m3: str | None
+    method: Method
+    basis: Basis | None
+    quality: int | None = Field(description="ESPI QualityOfReading: 0 valid, 8 reference "
+        "day, 9 interpolated, 10 questionable, 12 projected, 13 mixed")  # fmt: skip
+    read_at: datetime | None
+    revision: int | None
+    published_register_m3: str | None
+
+
+class CycleRow(BaseModel):
+    """One meter's cycle read as exported (a meter exchanged mid-cycle has two rows)."""
+
+    meter_id: int
+    address: str
+    service_point: str | None
+    kind: Kind
+    cycle: date
+    unit: Literal["m3"]
+    opening: BoundaryRead
+    closing: BoundaryRead
+    consumption_m3: str | None
+    consumption_quality: int | None
+    rolled_over: bool
+    reverse: bool
+    revised: bool
+
+
+class CyclePage(BaseModel):
+    """A page of cycle reads; pass `next_cursor` as `cursor` for the next one."""
+
+    items: list[CycleRow]
+    next_cursor: str | None
+
+
+class VeeIssue(BaseModel):
+    """A VEE finding during the cycle."""
+
+    code: str
+    severity: Literal["error", "warning", "info"]
+    meter_id: int
+    start: datetime
+    end: datetime
+    detail: str
+
+
+class CycleAlarm(BaseModel):
+    """An alarm during the cycle, from meter events or reading flags."""
+
+    kind: str
+    source: Literal["event", "flag"]
+    meter_id: int
+    first_at: datetime
+    last_at: datetime
+    count: int
+    active: bool
+
+
+class Revision(BaseModel):
+    """A published boundary read; revisions after the first follow late readings."""
+
+    meter_id: int
+    at: datetime
+    revision: int
+    register_m3: str | None
+    method: str
+    quality: int | None
+    published_at: datetime
+
+
+class CycleRead(BaseModel):
+    """A meter's billing-cycle read: opening, closing, consumption, VEE, alarms."""
+
+    meter_id: int
+    cycle: date
+    start: datetime
+    end: datetime
+    timezone: str
+    unit: Literal["m3"]
+    closed: bool
+    opening: BoundaryRead
+    closing: BoundaryRead
+    consumption_m3: str | None
+    consumption_quality: int | None
+    revised: bool
+    segments: list[CycleRow]
+    issues: list[VeeIssue]
+    alarms: list[CycleAlarm]
+    revisions: list[Revision]
+
+
+class Cycle(BaseModel):
+    """A billing cycle: [start_date 00:00, end_date 00:00) local time."""
+
+    cycle: date
+    start_date: date
+    end_date: date
+
+
+class CycleList(BaseModel):
+    """Billing cycles in a range."""
+
+    timezone: str
+    cycles: list[Cycle]
+
+
+class Calendar(BaseModel):
+    """The tenant's billing calendar: a cycle day, or explicit start dates (which win)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"cycle_day": 1, "dates": []}, {"cycle_day": 1, "dates": ["2024-01-05", "2024-02-06"]}]})  # fmt: skip
+    cycle_day: int = Field(1, ge=1, le=28)
+    dates: list[date] = Field(default_factory=list, max_length=1200)
+
+
+class CloseResult(BaseModel):
+    """Boundary reads published by closing a cycle."""
+
+    cycle: date
+    boundaries: int
+    published: int
+    revised: int
+
+
+class ApiKeyCreate(BaseModel):
+    """Scopes of a new API key."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"scopes": ["readings:read"]}]}
+    )
+    scopes: list[Scope] = Field(min_length=1, max_length=3)
+
+
+class ApiKeyCreated(BaseModel):
+    """A new key: `key` is shown only now."""
+
+    key_id: str
+    key: str
+    scopes: list[Scope]
+
+
+class ApiKey(BaseModel):
+    """A key's metadata (never its secret)."""
+
+    key_id: str
+    scopes: list[Scope]
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class Health(BaseModel):
+    """Liveness: the database answered."""
+
+    status: Literal["ok"]

@@ -1,0 +1,37 @@
+"""API settings from the environment (prefix `NBMETER_`); pass an instance to create_app."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from storage.billing import Tuning
+
+
+class ApiSettings(BaseSettings):
+    """Settings of the billing API. Other components' NBMETER_ variables are ignored."""
+
+    model_config = SettingsConfigDict(env_prefix="NBMETER_", extra="ignore")
+
+    database_url: str = Field(description="PostgreSQL/TimescaleDB DSN (NBMETER_DATABASE_URL)")
+    api_pool_min: int = Field(2, ge=1)
+    api_pool_max: int = Field(10, ge=1)
+    # a reading within this many seconds of a boundary is the boundary's actual read
+    actual_window_s: int = Field(3600, ge=0, le=86400)
+    # readings dated more than this after their received_at are a wrong clock: excluded
+    future_tolerance_s: int = Field(300, ge=0)
+    # verified keys are cached this long (a revoked key may work this much longer)
+    key_cache_ttl_s: float = Field(30.0, ge=0)
+    # VEE: a gap between readings longer than this is reported
+    max_gap_h: int = Field(48, ge=1)
+    # VEE: equal registers spanning at least this many days are a zero-consumption streak
+    zero_streak_days: int = Field(3, ge=1)
+
+    def tuning(self) -> Tuning:
+        """The boundary-read tuning storage.billing needs."""
+        return Tuning(
+            actual_window=timedelta(seconds=self.actual_window_s),
+            future_tolerance=timedelta(seconds=self.future_tolerance_s),
+        )

@@ -1,0 +1,218 @@
+"""VEE checks of one billing cycle (pure): rollover, reverse flow, spikes, zero streaks,
+gaps, clock sanity, alarms from flags and events, meter exchange.
+
+Input: the cycle's meters (oldest first), their readings from 90 days before the cycle to
+its end, and their events. Output: `Issue`s and `Alarm`s, each dated, most severe first.
+Thresholds (stated, and reported with each issue):
+- spike_high: a >= 1-day window uses > 3x the baseline daily use and > 100 L/day more;
+  spike_low: a >= 1-day window uses > 0 and < baseline / 3, baseline > 100 L/day;
+  baseline = average daily use over the (up to) 90 days before the cycle, at least 7 days.
+- gap: readings (or cycle edges) further apart than `max_gap`.
+- zero_consumption: an unchanged register over at least `zero_streak` days.
+- rollover: a drop whose wrap at 10^digits units is plausible at MAX_FLOW_ML_H (info);
+  reverse_flow: any other drop (negative consumption), or the REVERSE_FLOW flag.
+- clock_future / before_installation / after_removal: readings excluded from billing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from decoder.columns import Flag
+from storage.billing import MAX_FLOW_ML_H, Reading
+
+_ALARM_FLAGS = {
+    Flag.LEAK: "leak", Flag.BURST: "burst", Flag.TAMPER: "tamper",
+    Flag.REVERSE_FLOW: "reverse_flow", Flag.DRY: "dry", Flag.METER_ERROR: "meter_error",
+    Flag.LOW_BATTERY: "low_battery", Flag.VALVE_ABNORMAL: "valve_abnormal",
+}  # fmt: skip
+_SEVERITY = {"error": 0, "warning": 1, "info": 2}
+DAY = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class Span:
+    """One meter's part in the cycle."""
+
+    meter_id: int
+    kind: str
+    digits: int
+    scale: int
+    installed_at: datetime
+    removed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Issue:
+    """A VEE finding: code, severity, meter, time span, and a human detail."""
+
+    code: str
+    severity: str
+    meter_id: int
+    start: datetime
+    end: datetime
+    detail: str
+
+
+@dataclass
+class Alarm:
+    """An alarm seen during the cycle, from meter events or reading flags."""
+
+    kind: str
+    source: str
+    meter_id: int
+    first_at: datetime
+    last_at: datetime
+    count: int = 1
+    active: bool = True
+
+
+@dataclass
+class Report:
+    """The cycle's issues and alarms."""
+
+    issues: list[Issue] = field(default_factory=list)
+    alarms: list[Alarm] = field(default_factory=list)
+
+
+def _m3(ml: int) -> str:
+    return f"{ml / 1_000_000:.3f}"  # detail text only, never a billed quantity
+
+
+def _valid(r: Reading, s: Span, tolerance: timedelta) -> str | None:
+    if r.read_at > r.received_at + tolerance:
+        return "clock_future"
+    if r.read_at < s.installed_at:
+        return "before_installation"
+    if s.removed_at is not None and r.read_at > s.removed_at:
+        return "after_removal"
+    return None
+
+
+def check_cycle(
+    spans: list[Span],
+    readings: list[Reading],
+    events: list[tuple[int, str, datetime, bool, str | None]],
+    *,
+    open_at: datetime,
+    close_at: datetime,
+    now: datetime,
+    tolerance: timedelta,
+    max_gap: timedelta,
+    zero_streak: timedelta,
+) -> Report:
+    """Run every check over the cycle [open_at, close_at) and return the report."""
+    report = Report()
+    if len(spans) > 1:
+        for old, new in zip(spans, spans[1:], strict=False):
+            at = new.installed_at
+            report.issues.append(Issue("meter_exchange", "info", new.meter_id, at, at,
+                f"meter {old.meter_id} exchanged for {new.meter_id}: cycle consumption is "
+                "the sum of both meters'"))  # fmt: skip
+    for s in spans:
+        mine = [r for r in readings if r.meter_id == s.meter_id]
+        good: list[Reading] = []
+        for r in mine:
+            why = _valid(r, s, tolerance)
+            if why is None:
+                good.append(r)
+            elif open_at <= r.read_at < close_at or open_at <= r.received_at < close_at:
+                report.issues.append(Issue(why, "warning", s.meter_id, r.read_at, r.read_at,
+                    f"reading dated {r.read_at.isoformat()} received {r.received_at.isoformat()}"
+                    " excluded from billing"))  # fmt: skip
+        _check_series(report, s, good, open_at, close_at, now, max_gap, zero_streak)
+        _flag_alarms(report, s, [r for r in good if open_at <= r.read_at < close_at])
+    for meter_id, kind, at, active, _detail in events:
+        report.alarms.append(Alarm(kind, "event", meter_id, at, at, 1, active))
+    report.issues.sort(key=lambda i: (_SEVERITY[i.severity], i.start, i.code))
+    report.alarms.sort(key=lambda a: (a.first_at, a.kind))
+    return report
+
+
+def _baseline_ml_day(good: list[Reading], open_at: datetime, modulus: int) -> int | None:
+    before = [r for r in good if r.read_at <= open_at]
+    if len(before) < 2 or before[-1].read_at - before[0].read_at < timedelta(days=7):
+        return None
+    used = (before[-1].register_ml - before[0].register_ml) % modulus
+    return used * 86400 // int((before[-1].read_at - before[0].read_at).total_seconds())
+
+
+def _check_series(
+    report: Report, s: Span, good: list[Reading], open_at: datetime, close_at: datetime,
+    now: datetime, max_gap: timedelta, zero_streak: timedelta,
+) -> None:  # fmt: skip
+    modulus = 10 ** (s.digits + s.scale + 6)
+    max_ml_h = MAX_FLOW_ML_H[s.kind]
+    baseline = _baseline_ml_day(good, open_at, modulus)
+    start = max(open_at, s.installed_at)
+    stop = min(close_at, now, s.removed_at or close_at)
+    inside = [r for r in good if start <= r.read_at < stop]
+    prior = [r for r in good if r.read_at < start]
+    series = prior[-1:] + inside
+    add = report.issues.append
+    edges = [start, *(r.read_at for r in inside), stop]
+    for a, b in zip(edges, edges[1:], strict=False):
+        if b - a > max_gap:
+            add(Issue("gap", "warning", s.meter_id, a, b,
+                f"no reading for {(b - a) / timedelta(hours=1):.0f} h (limit {max_gap})"))  # fmt: skip
+    zero_from: datetime | None = None
+    win_start, win_used = None, 0
+    for a, b in zip(series, series[1:], strict=False):
+        seconds = int((b.read_at - a.read_at).total_seconds())
+        used = b.register_ml - a.register_ml
+        if used < 0:
+            wrapped = used + modulus
+            if wrapped * 3600 <= max_ml_h * seconds:
+                used = wrapped
+                add(Issue("rollover", "info", s.meter_id, a.read_at, b.read_at,
+                    f"register rolled over at 10^{s.digits} units: {_m3(wrapped)} m3 used"))  # fmt: skip
+            else:
+                add(Issue("reverse_flow", "error", s.meter_id, a.read_at, b.read_at,
+                    f"negative consumption {_m3(used)} m3 (not a plausible rollover)"))  # fmt: skip
+        if used == 0:
+            zero_from = zero_from or a.read_at
+        else:
+            if zero_from is not None and a.read_at - zero_from >= zero_streak:
+                add(_zero(s, zero_from, a.read_at))
+            zero_from = None
+        win_start = win_start or a.read_at
+        win_used += used
+        if baseline is not None and b.read_at - win_start >= DAY:
+            days = (b.read_at - win_start) / DAY
+            rate = win_used / days
+            if rate > 3 * baseline and rate - baseline > 100_000:
+                add(Issue("spike_high", "warning", s.meter_id, win_start, b.read_at,
+                    f"{_m3(int(rate))} m3/day vs baseline {_m3(baseline)} m3/day (> 3x)"))  # fmt: skip
+            elif 0 < rate < baseline / 3 and baseline > 100_000:
+                add(Issue("spike_low", "warning", s.meter_id, win_start, b.read_at,
+                    f"{_m3(int(rate))} m3/day vs baseline {_m3(baseline)} m3/day (< 1/3)"))  # fmt: skip
+            win_start, win_used = None, 0
+    if zero_from is not None and series and series[-1].read_at - zero_from >= zero_streak:
+        add(_zero(s, zero_from, series[-1].read_at))
+
+
+def _zero(s: Span, start: datetime, end: datetime) -> Issue:
+    return Issue("zero_consumption", "warning", s.meter_id, start, end,
+        f"register unchanged for {(end - start) / DAY:.1f} days")  # fmt: skip
+
+
+def _flag_alarms(report: Report, s: Span, inside: list[Reading]) -> None:
+    seen: dict[str, Alarm] = {}
+    for r in inside:
+        for bit, kind in _ALARM_FLAGS.items():
+            if r.flags & bit:
+                alarm = seen.get(kind)
+                if alarm is None:
+                    seen[kind] = Alarm(kind, "flag", s.meter_id, r.read_at, r.read_at)
+                else:
+                    alarm.last_at, alarm.count = r.read_at, alarm.count + 1
+        if r.flags & Flag.REVERSE_FLOW:
+            report.issues.append(Issue("reverse_flow", "warning", s.meter_id, r.read_at,
+                r.read_at, "the meter flags reverse flow"))  # fmt: skip
+    if inside:
+        last = inside[-1]
+        for kind, alarm in seen.items():
+            bit = next(b for b, k in _ALARM_FLAGS.items() if k == kind)
+            alarm.active = bool(last.flags & bit)
+    report.alarms.extend(seen.values())

@@ -1,0 +1,284 @@
+"""Billing queries: cycle calendar, cycle boundary reads (set-wise), publication, interval reads.
+
+Every boundary read comes from the SQL function `nbm_boundary_read` (migration 0020), so a
+single meter, an interval series and a whole-tenant export agree to the millilitre.
+Registers are int millilitres here; the SQL renders m3 decimal strings with the register's
+own number of decimals (`round(ml / 1e6, -register_scale)`), never a float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+Conn = asyncpg.Connection | asyncpg.Pool
+
+# Maximum physically plausible flow per meter kind, in mL per hour. A register drop is a
+# rollover only if the wrapped volume fits this flow over the time between the readings.
+# water: 10 m3/h, above the overload flow Q4 of residential meters (DN25: Q4 = 7.875 m3/h,
+# ISO 4064 / OIML R49); gas: 10 m3/h, the Qmax of a G6 diaphragm meter (EN 1359).
+MAX_FLOW_ML_H = {"water": 10_000_000, "gas": 10_000_000}
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One stored reading as the VEE checks see it."""
+
+    meter_id: int
+    read_at: datetime
+    register_ml: int
+    flags: int
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Boundary-read tuning: the actual-read window and the future-clock tolerance."""
+
+    actual_window: timedelta
+    future_tolerance: timedelta
+
+
+def _max_flow_sql(kind: str) -> str:
+    cases = " ".join(f"WHEN '{k}' THEN {v}" for k, v in MAX_FLOW_ML_H.items())
+    return f"(CASE {kind} {cases} END)::numeric"
+
+
+def _m3(ml: str, scale: str) -> str:
+    return f"round(({ml})::numeric / 1000000, -({scale}))::text"
+
+
+# $1 tenant, $2 cycle start date, $3 cycle end date (local), $4 after meter_id, $5 limit
+# (NULL: all), $6 actual window, $7 future tolerance, $8 meter ids (NULL: all meters).
+_CORE = f"""
+WITH m AS (
+    SELECT m.meter_id, m.address, m.service_point, m.kind, m.register_scale AS scale,
+           m.register_digits AS digits, m.installed_at, m.removed_at, m.initial_register_ml,
+           m.final_register_ml, {_max_flow_sql("m.kind")} AS max_flow, w.open_at, w.close_at
+    FROM meters m JOIN tenants t ON t.tenant_id = m.tenant_id
+    CROSS JOIN LATERAL (SELECT
+        ($2::date::timestamp AT TIME ZONE coalesce(m.timezone, t.timezone)) AS open_at,
+        ($3::date::timestamp AT TIME ZONE coalesce(m.timezone, t.timezone)) AS close_at) w
+    WHERE m.tenant_id = $1 AND m.meter_id > $4 AND ($8::bigint[] IS NULL OR m.meter_id = ANY($8))
+      AND m.installed_at < w.close_at AND (m.removed_at IS NULL OR m.removed_at > w.open_at)
+    ORDER BY m.meter_id LIMIT $5
+), b AS (
+    SELECT m.*, greatest(m.open_at, m.installed_at) AS o_at,
+           CASE WHEN m.installed_at >= m.open_at THEN 'install' END AS o_edge,
+           least(m.close_at, m.removed_at) AS c_at,
+           CASE WHEN m.removed_at <= m.close_at THEN 'remove' END AS c_edge
+    FROM m
+)
+SELECT {{columns}}
+FROM b
+CROSS JOIN LATERAL nbm_boundary_read(b.meter_id, b.o_at, b.o_edge, b.installed_at, b.removed_at,
+    b.initial_register_ml, b.final_register_ml, b.scale, b.digits, b.max_flow, $6, $7) o
+CROSS JOIN LATERAL nbm_boundary_read(b.meter_id, b.c_at, b.c_edge, b.installed_at, b.removed_at,
+    b.initial_register_ml, b.final_register_ml, b.scale, b.digits, b.max_flow, $6, $7) c
+CROSS JOIN LATERAL (SELECT nbm_consumption(o.register_ml, c.register_ml,
+    extract(epoch FROM b.c_at - b.o_at), b.scale, b.digits, b.max_flow) AS ml) u
+{{published}}
+ORDER BY b.meter_id
+"""
+
+_PUBLISHED = """
+LEFT JOIN LATERAL (SELECT p.register_ml, p.revision FROM published_boundary_reads p
+    WHERE p.meter_id = b.meter_id AND p.boundary_at = b.o_at
+    ORDER BY p.revision DESC LIMIT 1) po ON true
+LEFT JOIN LATERAL (SELECT p.register_ml, p.revision FROM published_boundary_reads p
+    WHERE p.meter_id = b.meter_id AND p.boundary_at = b.c_at
+    ORDER BY p.revision DESC LIMIT 1) pc ON true
+"""
+
+
+def _side_json(s: str, pub: str) -> str:
+    return f"""json_build_object('at', b.{s}_at, 'register_m3', {_m3(f"{s}.register_ml", "b.scale")},
+        'method', {s}.method, 'basis', {s}.basis, 'quality', {s}.quality,
+        'read_at', {s}.basis_at, 'revision', {pub}.revision,
+        'published_register_m3', {_m3(f"{pub}.register_ml", "b.scale")})"""
+
+
+_CONSUMPTION_QUALITY = (
+    "CASE WHEN o.quality IS NULL OR c.quality IS NULL THEN NULL"
+    " WHEN o.quality = c.quality THEN o.quality ELSE 13 END"
+)
+_REVISED = (
+    "(coalesce(po.revision, 0) > 1 OR coalesce(pc.revision, 0) > 1"
+    " OR (po.revision IS NOT NULL AND po.register_ml IS DISTINCT FROM o.register_ml)"
+    " OR (pc.revision IS NOT NULL AND pc.register_ml IS DISTINCT FROM c.register_ml))"
+)
+
+JSON_COLUMNS = f"""json_build_object('meter_id', b.meter_id, 'address', b.address,
+    'service_point', b.service_point, 'kind', b.kind, 'cycle', $2::date, 'unit', 'm3',
+    'opening', {_side_json("o", "po")},
+    'closing', {_side_json("c", "pc")},
+    'consumption_m3', {_m3("u.ml", "b.scale")}, 'consumption_quality', {_CONSUMPTION_QUALITY},
+    'rolled_over', coalesce(u.ml > c.register_ml - o.register_ml, false),
+    'reverse', coalesce(u.ml < 0, false), 'revised', {_REVISED})::text AS line"""
+
+CSV_HEADER = (
+    "meter_id,address,service_point,kind,cycle,unit,opening_at,opening_register_m3,opening_method,"
+    "opening_quality,closing_at,closing_register_m3,closing_method,closing_quality,consumption_m3,"
+    "consumption_quality,rolled_over,reverse,revised"
+)
+CSV_COLUMNS = f"""b.meter_id, b.address, b.service_point, b.kind, $2::date, 'm3',
+    b.o_at, {_m3("o.register_ml", "b.scale")}, o.method, o.quality,
+    b.c_at, {_m3("c.register_ml", "b.scale")}, c.method, c.quality,
+    {_m3("u.ml", "b.scale")}, {_CONSUMPTION_QUALITY},
+    coalesce(u.ml > c.register_ml - o.register_ml, false), coalesce(u.ml < 0, false), {_REVISED}"""
+
+CYCLE_JSON_SQL = _CORE.format(columns=JSON_COLUMNS, published=_PUBLISHED)
+CYCLE_CSV_SQL = _CORE.format(columns=CSV_COLUMNS, published=_PUBLISHED)
+
+PUBLISH_SQL = (
+    "WITH src AS ("
+    + _CORE.format(
+        columns="b.meter_id, b.o_at, o.register_ml AS o_ml, o.method AS o_method, o.quality AS"
+        " o_quality, b.c_at, c.register_ml AS c_ml, c.method AS c_method, c.quality AS c_quality",
+        published="",
+    )
+    + """), sides AS (
+    SELECT s.meter_id, v.at, v.ml, v.method, v.quality FROM src s
+    CROSS JOIN LATERAL (VALUES (s.o_at, s.o_ml, s.o_method, s.o_quality),
+                               (s.c_at, s.c_ml, s.c_method, s.c_quality)) v(at, ml, method, quality)
+    WHERE v.at <= now()
+), ins AS (
+    INSERT INTO published_boundary_reads (meter_id, boundary_at, revision, register_ml, method, quality)
+    SELECT s.meter_id, s.at, coalesce(l.revision, 0) + 1, s.ml, s.method, s.quality FROM sides s
+    LEFT JOIN LATERAL (SELECT p.revision, p.register_ml FROM published_boundary_reads p
+        WHERE p.meter_id = s.meter_id AND p.boundary_at = s.at
+        ORDER BY p.revision DESC LIMIT 1) l ON true
+    WHERE l.revision IS NULL OR l.register_ml IS DISTINCT FROM s.ml
+    ON CONFLICT DO NOTHING RETURNING revision
+)
+SELECT (SELECT count(*) FROM sides) AS boundaries,
+       count(*) FILTER (WHERE revision = 1) AS published,
+       count(*) FILTER (WHERE revision > 1) AS revised FROM ins"""
+)
+
+
+def cycle_args(
+    tenant_id: int,
+    start: date,
+    end: date,
+    tuning: Tuning,
+    *,
+    after: int = 0,
+    limit: int | None = None,
+    meter_ids: list[int] | None = None,
+) -> tuple[Any, ...]:
+    """Positional arguments $1..$8 of CYCLE_JSON_SQL / CYCLE_CSV_SQL / PUBLISH_SQL."""
+    return (
+        tenant_id, start, end, after, limit, tuning.actual_window, tuning.future_tolerance,
+        meter_ids,
+    )  # fmt: skip
+
+
+async def cycle_lines(conn: Conn, args: tuple[Any, ...]) -> list[str]:
+    """The JSON text of each meter's cycle read (one page: give `limit` in args)."""
+    rows = await conn.fetch(CYCLE_JSON_SQL, *args)
+    return [r["line"] for r in rows]
+
+
+async def publish(conn: Conn, args: tuple[Any, ...]) -> asyncpg.Record:
+    """Publish boundary reads of ended boundaries: first ones, and changed ones as revisions."""
+    row: asyncpg.Record = await conn.fetchrow(PUBLISH_SQL, *args)
+    return row
+
+
+async def revisions(conn: Conn, meter_ids: list[int], at: list[datetime]) -> list[asyncpg.Record]:
+    """Every published revision of the given meters at the given boundaries, oldest first."""
+    return await conn.fetch(
+        "SELECT meter_id, boundary_at, revision, register_ml, method, quality, published_at"
+        " FROM published_boundary_reads WHERE meter_id = ANY($1) AND boundary_at = ANY($2)"
+        " ORDER BY meter_id, boundary_at, revision",
+        meter_ids,
+        at,
+    )
+
+
+async def interval_reads(
+    conn: Conn, meter_id: int, boundaries: list[datetime], tuning: Tuning
+) -> list[asyncpg.Record]:
+    """Boundary reads of one meter at each instant, with consumption since the previous one."""
+    return await conn.fetch(
+        f"""SELECT t.at, r.register_ml, r.method, r.basis, r.quality, m.register_scale AS scale,
+            nbm_consumption(lag(r.register_ml) OVER w, r.register_ml,
+                extract(epoch FROM t.at - lag(t.at) OVER w), m.register_scale,
+                m.register_digits, {_max_flow_sql("m.kind")}) AS used_ml,
+            lag(r.quality) OVER w AS prev_quality
+        FROM meters m CROSS JOIN unnest($2::timestamptz[]) AS t(at)
+        LEFT JOIN LATERAL nbm_boundary_read(m.meter_id, t.at, NULL, m.installed_at,
+            m.removed_at, NULL, NULL, m.register_scale, m.register_digits,
+            {_max_flow_sql("m.kind")}, $3, $4) r
+            ON t.at >= m.installed_at AND t.at <= coalesce(m.removed_at, 'infinity')
+               AND t.at <= now()
+        WHERE m.meter_id = $1
+        WINDOW w AS (ORDER BY t.at)
+        ORDER BY t.at""",
+        meter_id,
+        boundaries,
+        tuning.actual_window,
+        tuning.future_tolerance,
+    )
+
+
+async def readings_between(
+    conn: Conn, meter_ids: list[int], start: datetime, end: datetime
+) -> list[Reading]:
+    """All stored readings (valid or not) of the meters in [start, end), by meter and time."""
+    rows = await conn.fetch(
+        "SELECT meter_id, read_at, register_ml, flags, received_at FROM readings"
+        " WHERE meter_id = ANY($1) AND read_at >= $2 AND read_at < $3 ORDER BY meter_id, read_at",
+        meter_ids,
+        start,
+        end,
+    )
+    return [Reading(*r) for r in rows]
+
+
+async def events_between(
+    conn: Conn, meter_ids: list[int], start: datetime, end: datetime
+) -> list[asyncpg.Record]:
+    """Meter events (alarms) of the meters in [start, end), oldest first."""
+    return await conn.fetch(
+        "SELECT meter_id, kind, occurred_at, active, detail FROM meter_events"
+        " WHERE meter_id = ANY($1) AND occurred_at >= $2 AND occurred_at < $3"
+        " ORDER BY occurred_at, meter_id, kind",
+        meter_ids,
+        start,
+        end,
+    )
+
+
+async def calendar(conn: Conn, tenant_id: int) -> tuple[int, list[date]]:
+    """The tenant's cycle day (default 1) and explicit cycle start dates (may be empty)."""
+    day = await conn.fetchval(
+        "SELECT cycle_day FROM billing_calendars WHERE tenant_id = $1", tenant_id
+    )
+    rows = await conn.fetch(
+        "SELECT starts_on FROM billing_cycle_dates WHERE tenant_id = $1 ORDER BY starts_on",
+        tenant_id,
+    )
+    return (day or 1), [r["starts_on"] for r in rows]
+
+
+async def set_calendar(
+    conn: asyncpg.Connection, tenant_id: int, cycle_day: int, dates: list[date]
+) -> None:
+    """Replace the tenant's calendar: its cycle day and explicit start dates."""
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO billing_calendars (tenant_id, cycle_day) VALUES ($1, $2)"
+            " ON CONFLICT (tenant_id) DO UPDATE SET cycle_day = $2, updated_at = now()",
+            tenant_id,
+            cycle_day,
+        )
+        await conn.execute("DELETE FROM billing_cycle_dates WHERE tenant_id = $1", tenant_id)
+        await conn.executemany(
+            "INSERT INTO billing_cycle_dates (tenant_id, starts_on) VALUES ($1, $2)",
+            [(tenant_id, d) for d in sorted(set(dates))],
+        )

@@ -1,0 +1,188 @@
+-- 0020: billing API: API keys, billing-cycle calendars, published boundary reads, and the
+-- one boundary-read function that single-meter reads, interval reads and bulk export share.
+
+-- API keys: `nbm_<key_id>_<secret>`; only sha256(secret) is stored. key_id is the lookup.
+CREATE TABLE api_keys (
+    key_id        text PRIMARY KEY CHECK (key_id ~ '^[0-9a-f]{12}$'),
+    tenant_id     bigint NOT NULL REFERENCES tenants ON DELETE CASCADE,
+    secret_sha256 bytea NOT NULL CHECK (length(secret_sha256) = 32),
+    scopes        text[] NOT NULL CHECK (scopes <@ ARRAY['readings:read', 'meters:write', 'admin']),
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    revoked_at    timestamptz
+);
+CREATE INDEX api_keys_tenant ON api_keys (tenant_id);
+
+-- Billing-cycle calendar, in the tenant's local time. A cycle is named by the local date
+-- it starts on and runs [start 00:00 local, next start 00:00 local). Either a cycle day of
+-- month (1..28 so every month has it), or explicit start dates (which then win).
+CREATE TABLE billing_calendars (
+    tenant_id bigint PRIMARY KEY REFERENCES tenants ON DELETE CASCADE,
+    cycle_day smallint NOT NULL DEFAULT 1 CHECK (cycle_day BETWEEN 1 AND 28),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE billing_cycle_dates (
+    tenant_id bigint NOT NULL REFERENCES tenants ON DELETE CASCADE,
+    starts_on date NOT NULL,
+    PRIMARY KEY (tenant_id, starts_on)
+);
+
+-- Boundary reads as first published (served after their cycle ended, or by a cycle close),
+-- and every later revision: rebilling needs both the billed and the corrected value.
+CREATE TABLE published_boundary_reads (
+    meter_id     bigint NOT NULL REFERENCES meters ON DELETE CASCADE,
+    boundary_at  timestamptz NOT NULL,
+    revision     integer NOT NULL CHECK (revision >= 1),
+    register_ml  bigint,
+    method       text NOT NULL,
+    quality      smallint,
+    published_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (meter_id, boundary_at, revision)
+);
+
+-- The register of one meter at one instant, and how it was obtained. An inlinable SQL
+-- set-returning function (STABLE, one SELECT, not STRICT) so the planner folds it into the
+-- caller's query: bulk export stays one set-wise plan walking readings_meter_time.
+--
+-- edge: 'install' when `at` is the installation instant (the initial register wins),
+--       'remove' when it is the removal instant (the final register wins), else NULL.
+-- Readings are used only when read_at is within [installed, removed] and not dated after
+-- received_at + future_tolerance (a meter clock in the future is excluded, never used).
+-- method / basis / quality (ESPI QualityOfReading):
+--   actual        the nearest reading within +-actual_window (ties: the earlier)     0
+--                 (10 questionable when it carries tamper/meter-error/clock-missing)
+--   interpolated  linear between the readings around `at`, exact integer arithmetic,
+--                 rounded half up to the register's smallest unit (10^scale m3)      9
+--   estimated     no reading after `at`: reference_day = the same span one week
+--                 earlier (8); average_daily_use = the rate over the last <= 30 days
+--                 (12, projected); last_read = no history, the last register (10)
+--   installation / removal   the meter's initial / final register                     0
+--   missing       no usable reading at all                                           NULL
+-- A drop between the readings around `at` is a rollover at 10^digits units when the
+-- implied flow is at most max_flow_ml_h (millilitres per hour); otherwise it is interpolated as is (reverse).
+CREATE FUNCTION nbm_boundary_read(
+    p_meter bigint, p_at timestamptz, p_edge text,
+    p_installed timestamptz, p_removed timestamptz, p_initial_ml bigint, p_final_ml bigint,
+    p_scale integer, p_digits integer, p_max_flow_ml_h numeric,
+    p_actual_window interval, p_future_tolerance interval)
+RETURNS TABLE (
+    register_ml bigint, method text, basis text, quality smallint, basis_at timestamptz,
+    prev_at timestamptz, next_at timestamptz, rolled_over boolean, used_flags integer)
+LANGUAGE sql STABLE PARALLEL SAFE AS $fn$
+SELECT
+    CASE k.how
+        WHEN 'installation' THEN p_initial_ml
+        WHEN 'removal' THEN p_final_ml
+        WHEN 'actual_prev' THEN p.register_ml
+        WHEN 'actual_next' THEN n.register_ml
+        WHEN 'interpolated' THEN (mod(p.register_ml + c.unit * (
+                div(2 * w.dr * w.dt_at + w.dt * c.unit, 2 * w.dt * c.unit)
+                - (mod(2 * w.dr * w.dt_at + w.dt * c.unit, 2 * w.dt * c.unit) < 0)::int
+            ), c.modulus))::bigint
+        WHEN 'reference_day' THEN mod(p.register_ml + mod(ld.b_ml - ld.a_ml + c.modulus, c.modulus),
+                                      c.modulus)::bigint
+        WHEN 'average_daily_use' THEN (mod(p.register_ml + c.unit * (
+                div(2 * e.used * e.dt_at + e.dt * c.unit, 2 * e.dt * c.unit)), c.modulus))::bigint
+        WHEN 'last_read' THEN p.register_ml
+    END,
+    CASE
+        WHEN k.how IN ('actual_prev', 'actual_next') THEN 'actual'
+        WHEN k.how IN ('reference_day', 'average_daily_use', 'last_read') THEN 'estimated'
+        ELSE k.how
+    END,
+    CASE WHEN k.how IN ('reference_day', 'average_daily_use', 'last_read') THEN k.how END,
+    (CASE k.how
+        WHEN 'actual_prev' THEN CASE WHEN p.flags & 832 <> 0 THEN 10 ELSE 0 END
+        WHEN 'actual_next' THEN CASE WHEN n.flags & 832 <> 0 THEN 10 ELSE 0 END
+        WHEN 'installation' THEN 0 WHEN 'removal' THEN 0
+        WHEN 'interpolated' THEN 9 WHEN 'reference_day' THEN 8
+        WHEN 'average_daily_use' THEN 12 WHEN 'last_read' THEN 10
+    END)::smallint,
+    CASE k.how
+        WHEN 'actual_prev' THEN p.read_at WHEN 'actual_next' THEN n.read_at
+        WHEN 'installation' THEN p_installed WHEN 'removal' THEN p_removed
+        WHEN 'missing' THEN NULL ELSE p.read_at
+    END,
+    p.read_at, n.read_at,
+    k.how = 'interpolated' AND w.wrapped,
+    CASE k.how WHEN 'actual_prev' THEN p.flags WHEN 'actual_next' THEN n.flags END
+FROM (SELECT power(10::numeric, p_scale + 6) AS unit,
+             power(10::numeric, p_digits + p_scale + 6) AS modulus) c
+LEFT JOIN LATERAL (
+    SELECT r.read_at, r.register_ml, r.flags FROM readings r
+    WHERE r.meter_id = p_meter AND r.read_at <= p_at AND r.read_at >= p_installed
+      AND r.read_at <= coalesce(p_removed, 'infinity') AND r.read_at <= r.received_at + p_future_tolerance
+    ORDER BY r.read_at DESC LIMIT 1) p ON true
+LEFT JOIN LATERAL (
+    SELECT r.read_at, r.register_ml, r.flags FROM readings r
+    WHERE r.meter_id = p_meter AND r.read_at > p_at AND r.read_at >= p_installed
+      AND r.read_at <= coalesce(p_removed, 'infinity') AND r.read_at <= r.received_at + p_future_tolerance
+    ORDER BY r.read_at ASC LIMIT 1) n ON true
+CROSS JOIN LATERAL (
+    SELECT (n.register_ml - p.register_ml)::numeric AS raw,
+           (extract(epoch FROM n.read_at - p.read_at) * 1000000)::numeric AS dt,
+           (extract(epoch FROM p_at - p.read_at) * 1000000)::numeric AS dt_at) d
+CROSS JOIN LATERAL (
+    SELECT d.dt, d.dt_at,
+           d.raw < 0 AND (d.raw + c.modulus) * 3600000000 <= p_max_flow_ml_h * d.dt AS wrapped,
+           CASE WHEN d.raw < 0 AND (d.raw + c.modulus) * 3600000000 <= p_max_flow_ml_h * d.dt
+                THEN d.raw + c.modulus ELSE d.raw END AS dr) w
+-- estimation inputs, fetched only when there is no reading after `at` (one-time filters)
+LEFT JOIN LATERAL (
+    SELECT a.register_ml AS a_ml, b.register_ml AS b_ml FROM
+    (SELECT r.register_ml FROM readings r
+     WHERE n.read_at IS NULL AND p.read_at IS NOT NULL AND p_edge IS DISTINCT FROM 'remove'
+       AND r.meter_id = p_meter
+       AND r.read_at BETWEEN p.read_at - interval '7 days' - p_actual_window
+                         AND p.read_at - interval '7 days' + p_actual_window
+       AND r.read_at >= p_installed AND r.read_at <= r.received_at + p_future_tolerance
+     ORDER BY abs(extract(epoch FROM r.read_at - (p.read_at - interval '7 days'))), r.read_at
+     LIMIT 1) a,
+    (SELECT r.register_ml FROM readings r
+     WHERE n.read_at IS NULL AND p.read_at IS NOT NULL AND p_edge IS DISTINCT FROM 'remove'
+       AND r.meter_id = p_meter
+       AND r.read_at BETWEEN p_at - interval '7 days' - p_actual_window
+                         AND p_at - interval '7 days' + p_actual_window
+       AND r.read_at >= p_installed AND r.read_at <= r.received_at + p_future_tolerance
+     ORDER BY abs(extract(epoch FROM r.read_at - (p_at - interval '7 days'))), r.read_at
+     LIMIT 1) b) ld ON true
+LEFT JOIN LATERAL (
+    SELECT r.read_at, r.register_ml FROM readings r
+    WHERE n.read_at IS NULL AND p.read_at IS NOT NULL AND p_edge IS DISTINCT FROM 'remove'
+      AND r.meter_id = p_meter
+      AND r.read_at >= p.read_at - interval '30 days' AND r.read_at <= p.read_at - interval '1 day'
+      AND r.read_at >= p_installed AND r.read_at <= r.received_at + p_future_tolerance
+    ORDER BY r.read_at ASC LIMIT 1) base ON true
+CROSS JOIN LATERAL (
+    SELECT mod((p.register_ml - base.register_ml)::numeric + c.modulus, c.modulus) AS used,
+           (extract(epoch FROM p.read_at - base.read_at) * 1000000)::numeric AS dt,
+           (extract(epoch FROM p_at - p.read_at) * 1000000)::numeric AS dt_at) e
+CROSS JOIN LATERAL (
+    SELECT CASE
+        WHEN p_edge = 'install' AND p_initial_ml IS NOT NULL THEN 'installation'
+        WHEN p_edge = 'remove' AND p_final_ml IS NOT NULL THEN 'removal'
+        WHEN p.read_at IS NOT NULL AND p_at - p.read_at <= p_actual_window
+             AND (n.read_at IS NULL OR p_at - p.read_at <= n.read_at - p_at) THEN 'actual_prev'
+        WHEN n.read_at IS NOT NULL AND (n.read_at - p_at <= p_actual_window
+             OR (p.read_at IS NULL AND p_edge = 'install')) THEN 'actual_next'
+        WHEN p.read_at IS NOT NULL AND n.read_at IS NOT NULL THEN 'interpolated'
+        WHEN ld.b_ml IS NOT NULL AND ld.a_ml IS NOT NULL THEN 'reference_day'
+        WHEN base.read_at IS NOT NULL THEN 'average_daily_use'
+        WHEN p.read_at IS NOT NULL THEN 'last_read'
+        ELSE 'missing'
+    END AS how) k
+$fn$;
+
+-- Consumption between two registers of one meter over `seconds`: a drop is a rollover at
+-- 10^digits units when the wrapped volume is plausible at max_flow_ml_h, else negative.
+CREATE FUNCTION nbm_consumption(
+    p_open_ml bigint, p_close_ml bigint, p_seconds numeric,
+    p_scale integer, p_digits integer, p_max_flow_ml_h numeric)
+RETURNS bigint LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+SELECT CASE
+    WHEN p_close_ml >= p_open_ml THEN p_close_ml - p_open_ml
+    WHEN (p_close_ml - p_open_ml + power(10::numeric, p_digits + p_scale + 6)) * 3600
+         <= p_max_flow_ml_h * p_seconds
+        THEN (p_close_ml - p_open_ml + power(10::numeric, p_digits + p_scale + 6))::bigint
+    ELSE p_close_ml - p_open_ml
+END
+$fn$;

@@ -1,0 +1,213 @@
+"""Meter registry queries for the API, every one scoped to a tenant.
+
+A meter of another tenant is indistinguishable from a missing one: functions return None
+(the API answers 404). Registers cross this boundary as int millilitres.
+
+Errors (all `StorageError`):
+├── DuplicateAddressError  an active meter of the tenant already has this address
+└── ExchangeError          the meter cannot be exchanged (removed already, or bad times)
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from storage.errors import StorageError
+
+Conn = asyncpg.Connection | asyncpg.Pool
+
+METER_COLUMNS = (
+    "meter_id, address, service_point, kind, format, unit, register_scale, register_digits,"
+    " timezone, installed_at, removed_at, initial_register_ml, final_register_ml,"
+    " credentials_ref, created_at"
+)
+WRITABLE = frozenset(
+    {
+        "address", "service_point", "kind", "format", "register_scale", "register_digits",
+        "timezone", "installed_at", "initial_register_ml", "credentials_ref",
+    }
+)  # fmt: skip
+
+
+class DuplicateAddressError(StorageError):
+    """An active meter of this tenant already reports this address."""
+
+
+class ExchangeError(StorageError):
+    """The exchange is impossible: the meter is removed already, or the time is wrong."""
+
+
+def _translate(exc: asyncpg.PostgresError, address: object) -> StorageError:
+    if isinstance(exc, asyncpg.UniqueViolationError):
+        return DuplicateAddressError(f"an active meter with address {address!r} exists already")
+    return StorageError(f"meter rejected by the database: {exc}")
+
+
+async def insert_meter(
+    conn: asyncpg.Connection, tenant_id: int, fields: dict[str, Any]
+) -> asyncpg.Record:
+    """Insert a meter from `fields` (keys in WRITABLE); return its row."""
+    cols = [k for k in fields if k in WRITABLE]
+    placeholders = ", ".join(f"${i}" for i in range(2, len(cols) + 2))
+    sql = (
+        f"INSERT INTO meters (tenant_id{''.join(', ' + c for c in cols)})"
+        f" VALUES ($1{', ' if cols else ''}{placeholders}) RETURNING {METER_COLUMNS}"
+    )
+    try:
+        async with conn.transaction():
+            row: asyncpg.Record = await conn.fetchrow(sql, tenant_id, *(fields[c] for c in cols))
+    except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
+        raise _translate(exc, fields.get("address")) from exc
+    return row
+
+
+async def get_meter(conn: Conn, tenant_id: int, meter_id: int) -> asyncpg.Record | None:
+    """The tenant's meter `meter_id`, or None."""
+    return await conn.fetchrow(
+        f"SELECT {METER_COLUMNS} FROM meters WHERE tenant_id = $1 AND meter_id = $2",
+        tenant_id,
+        meter_id,
+    )
+
+
+async def list_meters(
+    conn: Conn,
+    tenant_id: int,
+    *,
+    after: int,
+    limit: int,
+    address: str | None = None,
+    service_point: str | None = None,
+    active: bool | None = None,
+) -> list[asyncpg.Record]:
+    """Up to `limit` meters with id > `after`, in id order, optionally filtered."""
+    return await conn.fetch(
+        f"SELECT {METER_COLUMNS} FROM meters WHERE tenant_id = $1 AND meter_id > $2"
+        " AND ($4::text IS NULL OR address = $4) AND ($5::text IS NULL OR service_point = $5)"
+        " AND ($6::boolean IS NULL OR (removed_at IS NULL) = $6)"
+        " ORDER BY meter_id LIMIT $3",
+        tenant_id,
+        after,
+        limit,
+        address,
+        service_point,
+        active,
+    )
+
+
+async def update_meter(
+    conn: asyncpg.Connection, tenant_id: int, meter_id: int, changes: dict[str, Any]
+) -> asyncpg.Record | None:
+    """Apply `changes` (keys in WRITABLE) to the tenant's meter; its new row, or None."""
+    cols = [k for k in changes if k in WRITABLE]
+    if not cols:
+        return await get_meter(conn, tenant_id, meter_id)
+    sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(cols, start=3))
+    sql = (
+        f"UPDATE meters SET {sets} WHERE tenant_id = $1 AND meter_id = $2 RETURNING {METER_COLUMNS}"
+    )
+    try:
+        async with conn.transaction():
+            return await conn.fetchrow(sql, tenant_id, meter_id, *(changes[c] for c in cols))
+    except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
+        raise _translate(exc, changes.get("address")) from exc
+
+
+async def exchange_meter(
+    conn: asyncpg.Connection,
+    tenant_id: int,
+    meter_id: int,
+    *,
+    exchanged_at: datetime,
+    final_register_ml: int,
+    new_meter: dict[str, Any],
+) -> tuple[asyncpg.Record, asyncpg.Record] | None:
+    """Remove the meter with its final read and install `new_meter` at its service point.
+
+    Both in one transaction; the new meter's `installed_at` is `exchanged_at` and it
+    inherits service point, kind and timezone unless given. None if no such meter.
+    """
+    async with conn.transaction():
+        old = await conn.fetchrow(
+            f"SELECT {METER_COLUMNS} FROM meters WHERE tenant_id = $1 AND meter_id = $2 FOR UPDATE",
+            tenant_id,
+            meter_id,
+        )
+        if old is None:
+            return None
+        if old["removed_at"] is not None:
+            msg = f"meter {meter_id} was removed at {old['removed_at'].isoformat()} already"
+            raise ExchangeError(msg)
+        if exchanged_at <= old["installed_at"]:
+            msg = "exchanged_at must be after the old meter's installed_at"
+            raise ExchangeError(msg)
+        removed = await conn.fetchrow(
+            "UPDATE meters SET removed_at = $3, final_register_ml = $4"
+            f" WHERE tenant_id = $1 AND meter_id = $2 RETURNING {METER_COLUMNS}",
+            tenant_id,
+            meter_id,
+            exchanged_at,
+            final_register_ml,
+        )
+        fields = {
+            "service_point": old["service_point"],
+            "kind": old["kind"],
+            "timezone": old["timezone"],
+            **new_meter,
+            "installed_at": exchanged_at,
+        }
+        installed = await insert_meter(conn, tenant_id, fields)
+    return removed, installed
+
+
+async def service_point_chain(
+    conn: Conn, tenant_id: int, meter: asyncpg.Record, start: datetime, end: datetime
+) -> list[int]:
+    """Ids of the meters at `meter`'s service point in service during [start, end)."""
+    if meter["service_point"] is None:
+        return [meter["meter_id"]]
+    rows = await conn.fetch(
+        "SELECT meter_id FROM meters WHERE tenant_id = $1 AND service_point = $2"
+        " AND installed_at < $4 AND (removed_at IS NULL OR removed_at > $3)"
+        " ORDER BY installed_at, meter_id",
+        tenant_id,
+        meter["service_point"],
+        start,
+        end,
+    )
+    ids = [r["meter_id"] for r in rows]
+    return ids or [meter["meter_id"]]
+
+
+async def device_health(conn: Conn, meter_id: int) -> tuple[asyncpg.Record | None, asyncpg.Record]:
+    """The meter's latest device_health row (or None) and its last reading's times."""
+    health = await conn.fetchrow(
+        "SELECT measured_at, battery_mv, rsrp_cdbm, sinr_cdb, ecl, received_at"
+        " FROM device_health WHERE meter_id = $1 ORDER BY measured_at DESC LIMIT 1",
+        meter_id,
+    )
+    seen = await conn.fetchrow(
+        "SELECT (SELECT max(received_at) FROM raw_uplinks WHERE meter_id = $1) AS last_uplink_at,"
+        " r.read_at AS last_read_at, r.received_at AS last_received_at, r.register_ml, r.flags"
+        " FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT read_at, received_at, register_ml, flags"
+        " FROM readings WHERE meter_id = $1 ORDER BY read_at DESC LIMIT 1) r ON true",
+        meter_id,
+    )
+    return health, seen
+
+
+async def open_alarms(conn: Conn, tenant_id: int, meter_id: int | None) -> list[asyncpg.Record]:
+    """Alarms still open: per (meter, kind) the latest event, where it is active."""
+    return await conn.fetch(
+        "SELECT meter_id, kind, occurred_at, detail FROM ("
+        " SELECT DISTINCT ON (e.meter_id, e.kind) e.meter_id, e.kind, e.occurred_at, e.active,"
+        " e.detail FROM meter_events e JOIN meters m ON m.meter_id = e.meter_id"
+        " WHERE m.tenant_id = $1 AND ($2::bigint IS NULL OR e.meter_id = $2)"
+        " ORDER BY e.meter_id, e.kind, e.occurred_at DESC) latest WHERE active"
+        " ORDER BY occurred_at DESC, meter_id, kind LIMIT 1000",
+        tenant_id,
+        meter_id,
+    )

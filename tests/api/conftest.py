@@ -1,0 +1,130 @@
+"""API test fixtures: the app on the session's database, tenants with keys, reading writers.
+
+`api` is an httpx.AsyncClient on create_app through ASGITransport (lifespan run by hand);
+`make_tenant` returns a Tenant with an admin key and a read-only key; `add_meter` and
+`add_readings` write rows with plain SQL/COPY (tests never depend on the ingest writer).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from api.app import create_app
+from api.settings import ApiSettings
+from storage.apikeys import create_api_key, create_tenant
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A test tenant and its keys."""
+
+    tenant_id: int
+    admin: dict[str, str]
+    reader: dict[str, str]
+    writer: dict[str, str]
+
+
+def bearer(key: str) -> dict[str, str]:
+    """Authorization header for `key`."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="session")
+def settings(db_url: str) -> ApiSettings:
+    """API settings on the session database (key cache off, so revocation is immediate)."""
+    return ApiSettings(database_url=db_url, key_cache_ttl_s=0, api_pool_max=8)
+
+
+@pytest.fixture(scope="session")
+async def app(settings: ApiSettings) -> AsyncIterator[FastAPI]:
+    """The app with its lifespan entered (pool open) for the whole session."""
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def api(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client talking to the app in-process."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        yield client
+
+
+MakeTenant = Callable[..., Awaitable[Tenant]]
+
+
+@pytest.fixture
+def make_tenant(pool: asyncpg.Pool) -> MakeTenant:
+    """Factory: a fresh tenant (timezone given or Asia/Shanghai) with three keys."""
+
+    async def make(timezone: str = "Asia/Shanghai") -> Tenant:
+        slug = f"t-{uuid.uuid4().hex[:12]}"
+        async with pool.acquire() as conn:
+            tid = await create_tenant(conn, slug, slug, timezone)
+            admin = await create_api_key(conn, tid, ["admin"])
+            reader = await create_api_key(conn, tid, ["readings:read"])
+            writer = await create_api_key(conn, tid, ["meters:write", "readings:read"])
+        return Tenant(tid, bearer(admin), bearer(reader), bearer(writer))
+
+    return make
+
+
+AddMeter = Callable[..., Awaitable[int]]
+
+
+@pytest.fixture
+def add_meter(pool: asyncpg.Pool) -> AddMeter:
+    """Factory: insert a meter row for a tenant; returns its id."""
+
+    async def add(tenant_id: int, **fields: Any) -> int:
+        row = {"address": uuid.uuid4().hex[:14], "kind": "water", "format": "cjt188"}
+        row.update(fields)
+        cols = ", ".join(row)
+        marks = ", ".join(f"${i}" for i in range(2, len(row) + 2))
+        meter_id: int = await pool.fetchval(
+            f"INSERT INTO meters (tenant_id, {cols}) VALUES ($1, {marks}) RETURNING meter_id",
+            tenant_id,
+            *row.values(),
+        )
+        return meter_id
+
+    return add
+
+
+AddReadings = Callable[..., Awaitable[None]]
+
+
+@pytest.fixture
+def add_readings(pool: asyncpg.Pool) -> AddReadings:
+    """Factory: COPY readings (read_at, register_ml[, flags[, received_at]]) of one meter."""
+
+    async def add(meter_id: int, rows: list[tuple[Any, ...]]) -> None:
+        records = []
+        for row in rows:
+            read_at, ml = row[0], row[1]
+            flags = row[2] if len(row) > 2 else 0
+            received = row[3] if len(row) > 3 else read_at + timedelta(minutes=2)
+            records.append((meter_id, read_at, ml, flags, 5, received))
+        async with pool.acquire() as conn:
+            await conn.copy_records_to_table(
+                "readings",
+                records=records,
+                columns=["meter_id", "read_at", "register_ml", "flags", "transport", "received_at"],
+            )
+
+    return add
+
+
+def utc(*args: int) -> datetime:
+    """A UTC datetime."""
+    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
