@@ -1,13 +1,13 @@
 """Encoders for OMS / M-Bus frames: the pure inverse of `decoder.mbus.decode` (simulator use).
 
 Frames carry a volume register (litres as int32 when exact, else mL as int64), an
-optional type F meter clock and an optional billing-date register (storage 1) with its
-type G date. Wireless frames are CRC-stripped, as the decoder expects.
+optional type I meter clock (to the second, UTC) and an optional billing-date register
+(storage 1) with its type G date. Wireless frames are CRC-stripped, as the decoder expects.
 """
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 
 from decoder import oms_crypto
 
@@ -40,14 +40,15 @@ def _volume_record(total_ml: int, storage: int) -> bytes:
     return bytes([0x07 | st, 0x10]) + total_ml.to_bytes(8, "little", signed=True)
 
 
-def _type_f(when: datetime) -> bytes:
-    """EN 13757-3 type F date+time (minute resolution), years 2000-2080."""
+def _type_i(when: datetime) -> bytes:
+    """EN 13757-3 type I date+time (second resolution, 6 bytes), years 2000-2080."""
+    if when.tzinfo is not None:  # the decoder reads meter time as UTC
+        when = when.astimezone(UTC)
     y = when.year - 2000
     if not 0 <= y <= 80:
-        raise ValueError("type F dates cover 2000-2080")
-    return bytes(
-        [when.minute, when.hour, ((y & 0x07) << 5) | when.day, ((y & 0x78) << 1) | when.month]
-    )
+        raise ValueError("type I dates cover 2000-2080")
+    day = ((y & 0x07) << 5) | when.day
+    return bytes([when.second, when.minute, when.hour, day, ((y & 0x78) << 1) | when.month, 0])
 
 
 def _type_g(day: date) -> bytes:
@@ -64,7 +65,7 @@ def records(
     """The data records: register, meter clock, billing register and its date."""
     out = _volume_record(total_ml, 0)
     if when is not None:
-        out += b"\x04\x6d" + _type_f(when)
+        out += b"\x06\x6d" + _type_i(when)  # meter clock, to the second
     if target_ml is not None:
         out += _volume_record(target_ml, 1)
         if target_date is not None:
