@@ -47,6 +47,7 @@ class ErrorCode(enum.IntEnum):
     NO_REGISTER = 14  # decoded fine but carries no volume register
     UNKNOWN_COMPACT = 15  # compact frame whose format signature was never learned
     TOO_LARGE = 16  # frame longer than any layout allows
+    INTERNAL = 17  # a format decoder raised (a bug): frame kept for re-decode, batch goes on
 
 
 class Flag(enum.IntFlag):

@@ -1,0 +1,267 @@
+"""SenML packs (RFC 8428), JSON and CBOR, -> Decoded; LwM2M water meter object 3424.
+
+A pack is resolved per RFC 8428 §4.6: name = bn + n, time = bt + t, value = bv + v,
+sum = bs + s, unit = u or bu; base fields apply from the record that carries them on.
+A resolved time below 2**28 is relative to "now" (§4.5.3): it is anchored to the receive
+time the caller passes. Numbers stay exact: JSON floats parse as Decimal from the literal,
+CBOR floats become Decimal(shortest repr), CBOR tag 4 decimal fractions are Decimal.
+
+Readings are the volume records: LwM2M `…/3424/<inst>/1` (cumulated water volume, m3) or
+any record with unit `m3` or `l`/`L`. `read_at_s` is the resolved time floored to whole
+seconds. Resources 9..13 of the same 3424 instance and time set LEAK / REVERSE_FLOW /
+METER_ERROR / TAMPER. `meter_id` is the name before `/3424/…` (or bn without its trailing
+separator); LwM2M paths (`/3424/0/1`) carry no identity, so it is "" and the collector
+attaches the endpoint name. All resolved records go to `extra["records"]`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+
+import cbor2
+import numpy as np
+
+from decoder import kernels as k
+from decoder.columns import Decoded, ErrorCode, Flag, empty
+from decoder.registry import Format, register
+
+REL_TIME_LIMIT = 2**28  # RFC 8428 §4.5.3
+MAX_VERSION = 10  # RFC 8428 §4.4 default bver
+CBOR_LABELS: Mapping[int, str] = {
+    -1: "bver", -2: "bn", -3: "bt", -4: "bu", -5: "bv", -6: "bs",
+    0: "n", 1: "u", 2: "v", 3: "vs", 4: "vb", 5: "s", 6: "t", 7: "ut", 8: "vd",
+}  # fmt: skip
+LABEL_OF = {name: label for label, name in CBOR_LABELS.items()}
+VOLUME_ML_PER_UNIT: Mapping[str, int] = {"m3": 1_000_000, "l": 1000, "L": 1000}
+WATER_VOLUME = re.compile(r"(?:^|/)3424/(\d+)/1$")  # OMA 3424 res 1: cumulated volume, m3
+WATER_ALARM = re.compile(r"(?:^|/)3424/(\d+)/(9|10|11|12|13)$")
+ALARM_FLAGS: Mapping[str, Flag] = {  # 3424: 9/10 leak suspected/detected, 11 back-flow,
+    "9": Flag.LEAK, "10": Flag.LEAK, "11": Flag.REVERSE_FLOW,  # 12 blocked, 13 fraud
+    "12": Flag.METER_ERROR, "13": Flag.TAMPER,
+}  # fmt: skip
+_VALUE_KEYS = ("v", "vs", "vb", "vd", "s")
+
+EXAMPLES: tuple[tuple[bytes, int, Mapping[str, object]], ...] = (
+    (  # LwM2M Send of a 3424 water meter: two hourly points, the second relative to bt
+        b'[{"bn":"urn:imei:861234567890123/3424/0/","bt":1700000000,"n":"1","u":"m3",'
+        b'"v":123.456},{"n":"1","t":3600,"v":123.789},{"n":"10","t":3600,"vb":true}]',
+        1700007200,
+        {"meter_id": "urn:imei:861234567890123", "register_ml": [123_456_000, 123_789_000],
+         "read_at_s": [1700000000, 1700003600], "flags": [Flag.NONE, Flag.LEAK]},
+    ),
+)  # fmt: skip
+
+
+class SenMLError(ValueError):
+    """One pack is unusable; carries the ErrorCode the frame gets."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _num(value: object, field: str) -> Decimal:
+    """A SenML number -> exact Decimal (bool is not a number; NaN/inf are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+        raise SenMLError(ErrorCode.BAD_RECORD, f"{field} must be a number, got {value!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise SenMLError(ErrorCode.BAD_RECORD, f"{field} is not finite")
+        return Decimal(repr(value))
+    out = Decimal(value)
+    if not out.is_finite():
+        raise SenMLError(ErrorCode.BAD_RECORD, f"{field} is not finite")
+    return out
+
+
+def _no_constant(name: str) -> object:
+    raise SenMLError(ErrorCode.BAD_RECORD, f"JSON constant {name} is not a SenML number")
+
+
+def parse(frame: bytes) -> tuple[list[dict[str, object]], str]:
+    """Raw pack -> (records with field names, "json" or "cbor"); raises SenMLError."""
+    head = frame.lstrip()[:1]
+    if head == b"[":
+        # Leshan accepts a trailing "]," (FORMATS §3); strip trailing commas only.
+        text = frame.decode("utf-8").rstrip().rstrip(",")
+        pack = json.loads(text, parse_float=Decimal, parse_constant=_no_constant)
+        encoding = "json"
+    else:
+        pack, encoding = cbor2.loads(frame), "cbor"
+    if not isinstance(pack, list):
+        raise SenMLError(ErrorCode.BAD_RECORD, "a SenML pack is an array of records")
+    records = []
+    for rec in pack:
+        if not isinstance(rec, dict):
+            raise SenMLError(ErrorCode.BAD_RECORD, "a SenML record is a map/object")
+        records.append({CBOR_LABELS.get(key, str(key)): val for key, val in rec.items()})
+    return records, encoding
+
+
+def resolve(records: Sequence[Mapping[str, object]], received_at_s: int) -> list[dict[str, object]]:
+    """Records -> resolved records (RFC 8428 §4.6) with absolute Decimal `t`; SenMLError."""
+    bn, bt, bu, bv, bs, bs_set = "", Decimal(0), None, Decimal(0), Decimal(0), False
+    out: list[dict[str, object]] = []
+    for rec in records:
+        if must := [key for key in rec if key.endswith("_")]:
+            raise SenMLError(ErrorCode.UNSUPPORTED, f"must-understand field(s) {must}")
+        if "bver" in rec and _num(rec["bver"], "bver") > MAX_VERSION:
+            raise SenMLError(ErrorCode.UNSUPPORTED, f"SenML version {rec['bver']} > 10")
+        if "bn" in rec:
+            bn = _text(rec["bn"], "bn")
+        if "bt" in rec:
+            bt = _num(rec["bt"], "bt")
+        if "bu" in rec:
+            bu = _text(rec["bu"], "bu")
+        if "bv" in rec:
+            bv = _num(rec["bv"], "bv")
+        if "bs" in rec:
+            bs, bs_set = _num(rec["bs"], "bs"), True
+        if not any(key in rec for key in _VALUE_KEYS):
+            continue  # a record of base fields only
+        name = bn + _text(rec.get("n", ""), "n")
+        if not name:
+            raise SenMLError(ErrorCode.BAD_RECORD, "record has no name (bn + n is empty)")
+        t = bt + _num(rec.get("t", 0), "t")
+        if t < REL_TIME_LIMIT:
+            t += received_at_s
+        res: dict[str, object] = {"n": name, "t": t}
+        unit = _text(rec["u"], "u") if "u" in rec else bu
+        if unit is not None:
+            res["u"] = unit
+        if "v" in rec:
+            res["v"] = bv + _num(rec["v"], "v")
+        if "s" in rec or bs_set:
+            res["s"] = bs + _num(rec.get("s", 0), "s")
+        for key in ("vs", "vd"):
+            if key in rec:
+                res[key] = _text(rec[key], key)
+        if "vb" in rec:
+            if not isinstance(rec["vb"], bool):
+                raise SenMLError(ErrorCode.BAD_RECORD, "vb must be a boolean")
+            res["vb"] = rec["vb"]
+        if "ut" in rec:
+            res["ut"] = _num(rec["ut"], "ut")
+        res.update({key: val for key, val in rec.items() if key not in LABEL_OF})
+        out.append(res)
+    return out
+
+
+def _text(value: object, field: str) -> str:
+    if not isinstance(value, str):
+        raise SenMLError(ErrorCode.BAD_RECORD, f"{field} must be a string, got {value!r}")
+    return value
+
+
+def _reading(rec: Mapping[str, object]) -> tuple[int, int, str, Decimal] | None:
+    """A resolved volume record -> (read_at_s, register_ml, instance key, m3); else None."""
+    name, unit = str(rec["n"]), rec.get("u")
+    lwm2m = WATER_VOLUME.search(name)
+    if not lwm2m and unit not in VOLUME_ML_PER_UNIT:
+        return None
+    unit = "m3" if unit is None else unit
+    if unit not in VOLUME_ML_PER_UNIT:
+        raise SenMLError(ErrorCode.BAD_UNIT, f"{name}: volume unit {unit!r} is not m3 or l")
+    raw = rec.get("v", rec.get("s"))
+    if not isinstance(raw, Decimal):
+        raise SenMLError(ErrorCode.BAD_RECORD, f"{name}: volume record has no numeric value")
+    ml = raw * VOLUME_ML_PER_UNIT[str(unit)]
+    if ml != ml.to_integral_value() or ml < 0 or ml >= 2**63:
+        raise SenMLError(ErrorCode.BAD_UNIT, f"{name}: {raw} {unit} is not a whole mL >= 0")
+    t = rec["t"]
+    if not isinstance(t, Decimal) or not 0 <= t < 2**40:
+        raise SenMLError(ErrorCode.BAD_TIME, f"{name}: time {t} is not a plausible epoch")
+    prefix = name[: lwm2m.end(1)] if lwm2m else name
+    m3 = raw if unit == "m3" else raw.scaleb(-3)
+    return _floor(t), int(ml), f"{prefix}|{_floor(t)}", m3
+
+
+def _floor(t: object) -> int:
+    """Resolved SenML time -> whole epoch seconds (floor: 76.999 s belongs to second 76)."""
+    assert isinstance(t, Decimal)
+    return int(t.to_integral_value("ROUND_FLOOR"))
+
+
+def _meter_id(name: str, base: str) -> str:
+    lwm2m = WATER_VOLUME.search(name)
+    if lwm2m:
+        return name[: lwm2m.start()].rstrip("/:")
+    return base.rstrip("/:") if base else name
+
+
+def decode_one(frame: bytes, received_at_s: int) -> tuple[list[tuple[int, int, int]], str, dict]:
+    """One pack -> ([(read_at_s, register_ml, flags)], meter_id, extra); raises SenMLError."""
+    records, encoding = parse(frame)
+    resolved = resolve(records, received_at_s)
+    alarms: dict[str, int] = {}
+    for rec in resolved:
+        hit = WATER_ALARM.search(str(rec["n"]))
+        if hit and (rec.get("vb") is True or rec.get("v", 0) != 0):
+            key = f"{str(rec['n'])[: hit.end(1)]}|{_floor(rec['t'])}"
+            alarms[key] = alarms.get(key, 0) | ALARM_FLAGS[hit.group(2)]
+    found = [(rec, got) for rec in resolved if (got := _reading(rec)) is not None]
+    extra: dict[str, object] = {"senml": encoding, "records": resolved}
+    if not found:
+        raise SenMLError(ErrorCode.NO_REGISTER, "pack has no water volume record (m3/l/3424)")
+    readings = [(t, ml, alarms.get(key, 0)) for _, (t, ml, key, _) in found]
+    last_rec, last = max(found, key=lambda item: item[1][0])
+    extra["total_m3"] = last[3]
+    bases = [str(r.get("bn", "")) for r in records if "bn" in r]
+    return readings, _meter_id(str(last_rec["n"]), bases[0] if bases else ""), extra
+
+
+def decode(
+    frames: Sequence[bytes],
+    received_at_s: object,
+    keys: Mapping[str, bytes] | None = None,
+    cache: object | None = None,
+) -> Decoded:
+    """SenML JSON/CBOR packs -> Decoded; a bad pack gets its code, the batch goes on."""
+    del keys, cache
+    n = len(frames)
+    rx = k.as_received(received_at_s, n)
+    out = empty(n)
+    out.format[:] = "senml"
+    rows: list[tuple[int, int, int, int, str]] = []
+    for i, frame in enumerate(frames):  # JSON/CBOR parsing is per pack by nature
+        try:
+            got, meter, extra = decode_one(bytes(frame), int(rx[i]))
+        except SenMLError as exc:
+            out.error_code[i], out.error_message[i] = exc.code, str(exc)
+            continue
+        except (ValueError, TypeError, ArithmeticError, RecursionError, LookupError) as exc:
+            out.error_code[i], out.error_message[i] = ErrorCode.BAD_RECORD, f"bad pack: {exc}"
+            continue
+        out.meter_of_frame[i], out.extra[i] = meter, extra
+        rows.extend((i, t, ml, fl, meter) for t, ml, fl in got)
+    return Decoded(
+        frame_index=np.array([r[0] for r in rows], np.int32),
+        meter_id=np.array([r[4] for r in rows] or [], object),
+        read_at_s=np.array([r[1] for r in rows], np.int64),
+        register_ml=np.array([r[2] for r in rows], np.int64),
+        flags=np.array([r[3] for r in rows], np.uint32),
+        format=out.format,
+        meter_of_frame=out.meter_of_frame,
+        error_code=out.error_code,
+        error_message=out.error_message,
+        extra=out.extra,
+    )
+
+
+def looks_like(frame: bytes) -> bool:
+    """A JSON array, or a CBOR array whose first item is a map (RFC 8428 §5/§6)."""
+    head = frame.lstrip()[:1]
+    if head == b"[":
+        return True
+    return (
+        len(frame) >= 2
+        and (0x81 <= frame[0] <= 0x99 or frame[0] == 0x9F)
+        and (0xA1 <= frame[1] <= 0xB9 or frame[1] == 0xBF)
+    )
+
+
+FORMAT = register(Format(key="senml", detect=looks_like, decode=decode))
