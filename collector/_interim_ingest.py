@@ -1,42 +1,14 @@
-"""TEMPORARY SQL for the collector's batch writes, until `storage/ingest.py` lands.
+"""TEMPORARY SQL for the collector's archive, event and health writes, until storage's
+archive writer (storage/archive.py) and event/health writers land. Readings already go
+through `storage.ingest.ReadingWriter`.
 
 Each function takes an open connection (inside the batch's transaction) and plain column
-lists. Readings are inserted idempotently (`ON CONFLICT DO NOTHING` on the
-(meter_id, read_at) key), in key order so that concurrent overlapping batches lock rows
-in the same order and cannot deadlock.
+lists; events and health rows are written in key order, idempotently.
 """
 
 from __future__ import annotations
 
 import asyncpg
-
-
-async def insert_readings(
-    conn: asyncpg.Connection,
-    meter_id: list[int],
-    read_at_s: list[int],
-    register_ml: list[int],
-    flags: list[int],
-    transport: list[int],
-    received_at_s: list[float],
-) -> set[tuple[int, int]]:
-    """Insert readings; return the (meter_id, read_at_s) keys that were new."""
-    if not meter_id:
-        return set()
-    rows = await conn.fetch(
-        "INSERT INTO readings (meter_id, read_at, register_ml, flags, transport, received_at)"
-        " SELECT m, to_timestamp(r), v, f, t, to_timestamp(rc)"
-        " FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::int[], $5::smallint[],"
-        " $6::float8[]) AS u(m, r, v, f, t, rc) ORDER BY m, r"
-        " ON CONFLICT DO NOTHING RETURNING meter_id, extract(epoch FROM read_at)::bigint",
-        meter_id,
-        read_at_s,
-        register_ml,
-        flags,
-        transport,
-        received_at_s,
-    )
-    return {(int(r[0]), int(r[1])) for r in rows}
 
 
 async def insert_raw(conn: asyncpg.Connection, rows: list[tuple[object, ...]]) -> None:

@@ -30,7 +30,8 @@ from collector import metrics
 from collector.pipeline import Device, Outcome, Uplink
 from decoder.columns import Decoded, ErrorCode, Flag
 from storage import credentials
-from storage.errors import StorageUnavailableError
+from storage.errors import StorageError, StorageUnavailableError
+from storage.ingest import ReadingBatch, ReadingWriter
 
 try:  # the real dispatcher, once decoder/registry.py lands
     from decoder import decode_batch as _decode_batch  # type: ignore[attr-defined]
@@ -70,7 +71,22 @@ def default_decode(frames: list[bytes], received_at_s: int) -> Decoded:
     return _decode_batch(frames, received_at_s)
 
 
+def _reading_batch(
+    cols: tuple[list[int], list[int], list[int], list[int], list[int], list[float]],
+) -> ReadingBatch:
+    return ReadingBatch(
+        meter_id=np.array(cols[0], np.int64),
+        read_at_s=np.array(cols[1], np.int64),
+        register_ml=np.array(cols[2], np.int64),
+        flags=np.array(cols[3], np.uint32),
+        transport=np.array(cols[4], np.int16),
+        received_at_us=(np.array(cols[5], np.float64) * 1e6).astype(np.int64),
+    )
+
+
 def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, StorageUnavailableError):
+        return True
     if isinstance(exc, TRANSIENT):
         return True
     return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
@@ -102,6 +118,7 @@ class BatchStore:
     ) -> None:
         """Store through `pool`, decoding with `decode`."""
         self._pool = pool
+        self._writer = ReadingWriter(pool)
         self._decode = decode
         self._acquire_timeout_s = acquire_timeout_s
 
@@ -109,17 +126,19 @@ class BatchStore:
         """Store `batch` in one transaction; return its outcomes (see the module docstring)."""
         try:
             return await self._commit(batch)
+        except StorageUnavailableError:
+            raise
         except Exception as exc:
             if _transient(exc):
                 raise StorageUnavailableError(str(exc) or type(exc).__name__) from exc
-            if not isinstance(exc, asyncpg.PostgresError):
+            if not isinstance(exc, asyncpg.PostgresError | StorageError):
                 raise
             log.error("batch.split", uplinks=len(batch), error=str(exc))
         outcomes: list[Outcome] = []
         for uplink in batch:  # find the poison uplink: commit one at a time
             try:
                 outcomes.extend(await self._commit([uplink]))
-            except asyncpg.PostgresError as exc:
+            except (asyncpg.PostgresError, StorageError) as exc:
                 if _transient(exc):
                     raise StorageUnavailableError(str(exc)) from exc
                 uplink.reject = ("store_failed", f"the database refused it: {exc}")
@@ -141,58 +160,65 @@ class BatchStore:
         r_flags: list[int] = dec.flags.tolist()
         codes: list[int] = dec.error_code.tolist()
 
-        async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
-            async with conn.transaction():
-                await self._resolve_topics(conn, batch)
-                plain = {
-                    (batch[i].tenant_id, r_meter[k])
-                    for j, i in enumerate(todo)
-                    if batch[i].device is None and batch[i].tenant_id is not None
-                    for k in range(starts[j], ends[j])
-                }
-                known = await credentials.meters_by_address(
-                    conn, [(t, a) for t, a in plain if t is not None]
+        async with (
+            self._pool.acquire(timeout=self._acquire_timeout_s) as conn,
+            conn.transaction(),
+        ):
+            await self._resolve_topics(conn, batch)
+            plain = {
+                (batch[i].tenant_id, r_meter[k])
+                for j, i in enumerate(todo)
+                if batch[i].device is None and batch[i].tenant_id is not None
+                for k in range(starts[j], ends[j])
+            }
+            known = await credentials.meters_by_address(
+                conn, [(t, a) for t, a in plain if t is not None]
+            )
+            decided: list[tuple[str, str] | None] = []
+            meter_of: list[int | None] = []
+            cols: tuple[list[int], list[int], list[int], list[int], list[int], list[float]]
+            cols = ([], [], [], [], [], [])
+            owner: list[int] = []  # uplink index of each reading row
+            for i, uplink in enumerate(batch):
+                j = int(frame_of[i])
+                verdict, meter_ids = self._check(
+                    uplink, j, dec, codes, starts, ends, r_meter, r_ml, known
                 )
-                decided: list[tuple[str, str] | None] = []
-                meter_of: list[int | None] = []
-                cols: tuple[list[int], list[int], list[int], list[int], list[int], list[float]]
-                cols = ([], [], [], [], [], [])
-                owner: list[int] = []  # uplink index of each reading row
-                for i, uplink in enumerate(batch):
-                    j = int(frame_of[i])
-                    verdict, meter_ids = self._check(
-                        uplink, j, dec, codes, starts, ends, r_meter, r_ml, known
-                    )
-                    decided.append(verdict)
-                    meter_of.append(
-                        meter_ids[0]
-                        if meter_ids
-                        else (uplink.device.meter_id if uplink.device else None)
-                    )
-                    if verdict is not None:
-                        continue
-                    for k, meter_id in zip(range(starts[j], ends[j]), meter_ids, strict=True):
-                        cols[0].append(meter_id)
-                        cols[1].append(r_at[k])
-                        cols[2].append(r_ml[k])
-                        cols[3].append(r_flags[k])
-                        cols[4].append(int(uplink.transport))
-                        cols[5].append(uplink.received_at)
-                        owner.append(i)
-                new = await ingest.insert_readings(conn, *cols)
-                n_new = [0] * len(batch)
-                n_read = [0] * len(batch)
-                for row, i in enumerate(owner):
-                    n_read[i] += 1
-                    key = (cols[0][row], cols[1][row])
-                    if key in new:
-                        n_new[i] += 1
-                        new.discard(key)  # credit a reading to the first uplink carrying it
-                outcomes = self._outcomes(batch, decided, n_read, n_new)
-                await self._archive(conn, batch, dec, frame_of, meter_of, outcomes, cols, owner)
-                await credentials.save_replay_windows(
-                    conn, [u.replay_window for u in batch if u.replay_window is not None]
+                decided.append(verdict)
+                meter_of.append(
+                    meter_ids[0]
+                    if meter_ids
+                    else (uplink.device.meter_id if uplink.device else None)
                 )
+                if verdict is not None:
+                    continue
+                for k, meter_id in zip(range(starts[j], ends[j]), meter_ids, strict=True):
+                    cols[0].append(meter_id)
+                    cols[1].append(r_at[k])
+                    cols[2].append(r_ml[k])
+                    cols[3].append(r_flags[k])
+                    cols[4].append(int(uplink.transport))
+                    cols[5].append(uplink.received_at)
+                    owner.append(i)
+            result = await self._writer.write(_reading_batch(cols), conn=conn)
+            new_rows: list[bool] = result.new_mask.tolist()
+            rejected = {r.index: r.reason.label for r in result.rejected}
+            n_new = [0] * len(batch)
+            n_read = [0] * len(batch)
+            n_bad: dict[int, tuple[str, int]] = {}
+            for row, i in enumerate(owner):
+                n_read[i] += 1
+                n_new[i] += new_rows[row]
+                if row in rejected:
+                    n_bad[i] = (rejected[row], n_bad.get(i, ("", 0))[1] + 1)
+            for i, (label, bad) in n_bad.items():
+                if bad == n_read[i]:  # nothing usable: the whole uplink is quarantined
+                    decided[i] = (label, f"all {bad} readings rejected: {label}")
+            outcomes = self._outcomes(batch, decided, n_read, n_new, n_bad)
+            await self._archive(conn, batch, dec, frame_of, meter_of, outcomes, cols, owner)
+            await credentials.save_replay_windows(
+                conn, [u.replay_window for u in batch if u.replay_window is not None]
+            )
         for uplink, outcome in zip(batch, outcomes, strict=True):
             if outcome.status == "quarantined":
                 metrics.QUARANTINED.labels(outcome.reason).inc()
@@ -267,16 +293,18 @@ class BatchStore:
         decided: list[tuple[str, str] | None],
         n_read: list[int],
         n_new: list[int],
+        n_bad: dict[int, tuple[str, int]],
     ) -> list[Outcome]:
         out = []
         for i in range(len(batch)):
             verdict = decided[i]
+            note = f"{n_bad[i][1]} readings rejected: {n_bad[i][0]}" if i in n_bad else ""
             if verdict is not None:
                 out.append(Outcome("quarantined", verdict[0], verdict[1]))
             elif n_read[i] and not n_new[i]:
-                out.append(Outcome("duplicate", n_readings=n_read[i]))
+                out.append(Outcome("duplicate", detail=note, n_readings=n_read[i]))
             else:
-                out.append(Outcome("stored", n_readings=n_read[i], n_new=n_new[i]))
+                out.append(Outcome("stored", "", note, n_read[i], n_new[i]))
         return out
 
     @staticmethod
