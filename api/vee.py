@@ -11,7 +11,8 @@ Thresholds (stated, and reported with each issue):
 - zero_consumption: an unchanged register over at least `zero_streak` days.
 - rollover: a drop whose wrap at 10^digits units is plausible at MAX_FLOW_ML_H (info);
   reverse_flow: any other drop (negative consumption), or the REVERSE_FLOW flag.
-- clock_future / before_installation / after_removal: readings excluded from billing.
+- clock_future / before_installation / after_removal: readings excluded from billing
+  (reported when dated in the cycle or the 7 days before it, or received in it).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _ALARM_FLAGS = {
 }  # fmt: skip
 _SEVERITY = {"error": 0, "warning": 1, "info": 2}
 DAY = timedelta(days=1)
+_NEAR = timedelta(days=7)  # excluded readings this close to the cycle could have been used
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def check_cycle(
             why = _valid(r, s, tolerance)
             if why is None:
                 good.append(r)
-            elif open_at <= r.read_at < close_at or open_at <= r.received_at < close_at:
+            elif open_at - _NEAR <= r.read_at < close_at or open_at <= r.received_at < close_at:
                 report.issues.append(Issue(why, "warning", s.meter_id, r.read_at, r.read_at,
                     f"reading dated {r.read_at.isoformat()} received {r.received_at.isoformat()}"
                     " excluded from billing"))  # fmt: skip
