@@ -26,7 +26,7 @@ def cjt188_frame(address: str, total_ml: int, read_at_s: int, status: int = 0) -
 
     `total_ml` must be a multiple of 10,000 mL (the register has 2 decimals of m3).
     """
-    tm = time.gmtime(read_at_s)
+    tm = time.gmtime(read_at_s + 8 * 3600)  # CJ/T 188 meters keep Beijing time (UTC+8)
     clock = bytes(
         int(f"{v:02d}", 16)
         for v in (
@@ -71,14 +71,22 @@ def _option_head(delta: int, length: int) -> bytes:
 
 
 def coap_post(
-    mid: int, token: bytes, payload: bytes, *, confirmable: bool = True, query: str | None = None
+    mid: int,
+    token: bytes,
+    payload: bytes,
+    *,
+    confirmable: bool = True,
+    query: str | None = None,
+    block1: int | None = None,
 ) -> bytes:
-    """Encode POST /u[?query] with `mid` and `token`."""
+    """Encode POST /u[?query] with `mid` and `token` (and a Block1 option value)."""
     head = bytes([0x40 | ((CON if confirmable else NON) << 4) | len(token), 0x02])
     out = head + struct.pack("!H", mid) + token
     options = [(11, b"u")]
     if query:
         options.append((15, query.encode()))
+    if block1 is not None:
+        options.append((27, block1.to_bytes((block1.bit_length() + 7) // 8 or 1, "big")))
     last = 0
     for number, value in options:
         delta, last = number - last, number
@@ -176,6 +184,24 @@ class RawCoap(asyncio.DatagramProtocol):
             except TimeoutError:
                 if time.monotonic() > deadline or not confirmable:
                     raise
+
+    async def post_blockwise(self, payload: bytes, query: str, szx: int = 0) -> CoapReply:
+        """POST /u in Block1 blocks of 2**(szx+4) bytes; return the final answer."""
+        size = 2 ** (szx + 4)
+        blocks = [payload[i : i + size] for i in range(0, len(payload), size)]
+        reply: CoapReply | None = None
+        for num, chunk in enumerate(blocks):
+            more = int(num < len(blocks) - 1)
+            token = secrets.token_bytes(4)
+            future: asyncio.Future[CoapReply] = asyncio.get_running_loop().create_future()
+            self.waiting[token] = future
+            mid = secrets.randbelow(65536)
+            self.send(
+                coap_post(mid, token, chunk, query=query, block1=(num << 4) | (more << 3) | szx)
+            )
+            reply = await asyncio.wait_for(future, 15)
+        assert reply is not None
+        return reply
 
     def close(self) -> None:
         """Close the socket."""

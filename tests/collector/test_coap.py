@@ -118,23 +118,15 @@ async def test_oversized_payload_is_refused_and_quarantined(
 
 
 async def test_blockwise_upload_is_assembled(
-    collector: RunningCollector, pool: asyncpg.Pool, lab_tenant: str
+    raw: RawCoap, pool: asyncpg.Pool, lab_tenant: str
 ) -> None:
-    """A payload larger than one block (Block1) is reassembled and stored."""
+    """An uplink sent in 16-byte Block1 blocks is reassembled, stored, then answered 2.04."""
     address = new_address()
     await add_meter(pool, lab_tenant, address)
-    payload = b"\xfe" * 1500 + cjt188_frame(address, 70_000, hour(5))
-    client = await aiocoap.Context.create_client_context()
-    try:
-        request = aiocoap.Message(
-            code=aiocoap.POST,
-            uri=f"coap://127.0.0.1:{collector.coap_port}/u?t={lab_tenant}",
-            payload=payload,
-        )
-        response = await client.request(request).response
-    finally:
-        await client.shutdown()
-    assert response.code == aiocoap.CHANGED
+    reply = await raw.post_blockwise(
+        cjt188_frame(address, 70_000, hour(5)), query=f"t={lab_tenant}"
+    )
+    assert reply.code_str == "2.04"
     assert await count(pool, READINGS, address) == 1
 
 
