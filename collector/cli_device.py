@@ -1,0 +1,66 @@
+"""`nbmeter device provision TENANT ADDRESS`: create/rotate a meter's transport credentials.
+
+Prints the secrets once, as JSON on stdout (the database keeps only sealed or hashed
+copies). Needs NBMETER_DATABASE_URL and NBMETER_CREDENTIALS_KEY; an MQTT account is
+created when NBMETER_MQTT_ADMIN_URL is set (or --no-mqtt is not given and it is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from dataclasses import asdict
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Attach `provision` to the `nbmeter device` subparser."""
+    sub = parser.add_subparsers(dest="device_action", required=True)
+    p = sub.add_parser("provision", help="create or rotate a meter's OSCORE and MQTT credentials")
+    p.add_argument("tenant", help="tenant slug")
+    p.add_argument("address", help="meter address exactly as the meter reports it")
+    p.add_argument("--kind", choices=["water", "gas"], default="water")
+    p.add_argument(
+        "--format",
+        dest="meter_format",
+        default="cjt188",
+        choices=["cjt188", "oms", "mbus", "senml", "interval"],
+    )
+    p.add_argument("--no-oscore", action="store_true", help="no OSCORE context")
+    p.add_argument("--no-mqtt", action="store_true", help="no broker account")
+    p.set_defaults(func=_provision)
+
+
+def _provision(args: argparse.Namespace) -> int:
+    from collector.provision import ProvisionError, provision_device
+
+    db = os.environ.get("NBMETER_DATABASE_URL")
+    key = os.environ.get("NBMETER_CREDENTIALS_KEY")
+    if not db or not key:
+        print(
+            "nbmeter: set NBMETER_DATABASE_URL and NBMETER_CREDENTIALS_KEY "
+            "(eval $(nbmeter stack env))",
+            file=sys.stderr,
+        )
+        return 1
+    admin = None if args.no_mqtt else os.environ.get("NBMETER_MQTT_ADMIN_URL")
+    try:
+        result = asyncio.run(
+            provision_device(
+                db,
+                args.tenant,
+                args.address,
+                credentials_key=key,
+                mqtt_admin_url=admin,
+                kind=args.kind,
+                meter_format=args.meter_format,
+                oscore=not args.no_oscore,
+            )
+        )
+    except ProvisionError as exc:
+        print(f"nbmeter: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(asdict(result), indent=2))
+    return 0
