@@ -9,6 +9,7 @@ identity and the plaintext application data. Per-frame failures come back as
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ class Envelope:
         return self.manufacturer, self.version, self.device_type
 
 
+@functools.lru_cache(maxsize=4096)
 def manufacturer_code(m_field: bytes) -> str:
     """EN 13757-4: three 5-bit letters (c - 64) packed little-endian, e.g. 2D2C -> KAM."""
     m = int.from_bytes(m_field, "little")
