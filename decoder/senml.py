@@ -59,9 +59,10 @@ EXAMPLES: tuple[tuple[bytes, int, Mapping[str, object]], ...] = (
 class SenMLError(ValueError):
     """One pack is unusable; carries the ErrorCode the frame gets."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, extra: dict | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.extra = extra or {}
 
 
 def _num(value: object, field: str) -> Decimal:
@@ -206,7 +207,8 @@ def decode_one(frame: bytes, received_at_s: int) -> tuple[list[tuple[int, int, i
     found = [(rec, got) for rec in resolved if (got := _reading(rec)) is not None]
     extra: dict[str, object] = {"senml": encoding, "records": resolved}
     if not found:
-        raise SenMLError(ErrorCode.NO_REGISTER, "pack has no water volume record (m3/l/3424)")
+        msg = "pack has no water volume record (unit m3/l or LwM2M /3424/x/1)"
+        raise SenMLError(ErrorCode.NO_REGISTER, msg, extra)
     readings = [(t, ml, alarms.get(key, 0)) for _, (t, ml, key, _) in found]
     last_rec, last = max(found, key=lambda item: item[1][0])
     extra["total_m3"] = last[3]
@@ -231,7 +233,7 @@ def decode(
         try:
             got, meter, extra = decode_one(bytes(frame), int(rx[i]))
         except SenMLError as exc:
-            out.error_code[i], out.error_message[i] = exc.code, str(exc)
+            out.error_code[i], out.error_message[i], out.extra[i] = exc.code, str(exc), exc.extra
             continue
         except (ValueError, TypeError, ArithmeticError, RecursionError, LookupError) as exc:
             out.error_code[i], out.error_message[i] = ErrorCode.BAD_RECORD, f"bad pack: {exc}"
