@@ -65,15 +65,16 @@ def _formats(*formats: Format) -> Callable[[Meter], bool]:
     return lambda m: m.format in formats
 
 
-def _with_id(m: Meter) -> bool:
-    # the interval (W1) payload carries no meter id: the transport identity is all there is
+def _rolls_over(m: Meter) -> bool:
+    # nbm1 sends whole-litre deltas >= 0 from a base register: a wrap inside a batch is
+    # not representable, and a uint32 litre register practically never wraps
     return m.format is not Format.INTERVAL
 
 
 # Status bits each format can carry (FORMATS.md §5 "Alarms and status bits").
 _LEAK_FORMATS = (Format.INTERVAL, Format.SENML)
 _BURST_FORMATS = (Format.INTERVAL,)
-_REVERSE_FORMATS = (Format.INTERVAL, Format.SENML)
+_REVERSE_FORMATS = (Format.SENML,)  # nbm1 deltas are >= 0
 _TAMPER_FORMATS = (Format.SENML,)
 _BATTERY_FORMATS = (Format.CJT188, Format.OMS, Format.INTERVAL)
 
@@ -95,7 +96,7 @@ CATALOGUE: tuple[FaultKind, ...] = (
               lambda m: m.kind is Kind.GAS and m.format is Format.CJT188,
               "prepaid gas: credit used up, valve closed, no flow from then on"),
     FaultKind("rollover", Scope.METER, 0.01, Outcome.CORRECTED, "rollover",
-              _any, "register starts just below 10^digits and wraps to 0 mid-run"),
+              _rolls_over, "register starts just below 10^digits and wraps to 0 mid-run"),
     FaultKind("exchange", Scope.METER, 0.01, Outcome.CORRECTED, "exchange",
               _any, "meter replaced mid-cycle: old meter removed, new one installed"),
     FaultKind("clock_drift", Scope.METER, 0.03, Outcome.CORRECTED, "clock_drift",
@@ -105,7 +106,7 @@ CATALOGUE: tuple[FaultKind, ...] = (
     FaultKind("missed_days", Scope.METER, 0.03, Outcome.STORED, "catch_up",
               _any, "no coverage (PSM) for 1-6 days, then a catch-up of the last 3 days"),
     FaultKind("identity", Scope.METER, 0.005, Outcome.QUARANTINED, "identity_mismatch",
-              _with_id, "the device sends one frame with another meter's address"),
+              _any, "the device sends one frame with another meter's address"),
     FaultKind("coap_retransmit", Scope.UPLINK, 0.02, Outcome.DUPLICATE, "coap_dedup",
               lambda m: m.transport is Transport.COAP_CON,
               "the ACK is lost, the CON is retransmitted with the same Message ID"),

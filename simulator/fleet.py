@@ -75,7 +75,7 @@ REGISTERS: dict[Format, RegisterSpec] = {
     Format.CJT188: RegisterSpec(scale=-2, digits=8),  # XXXXXX.XX m3, BCD
     Format.OMS: RegisterSpec(scale=-3, digits=8),  # VIF 0x13 litres, BCD8
     Format.SENML: RegisterSpec(scale=-3, digits=9),  # m3 with 3 decimals in JSON
-    Format.INTERVAL: RegisterSpec(scale=-3, digits=9),  # uint32 litres, kept decimal
+    Format.INTERVAL: RegisterSpec(scale=-3, digits=9),  # nbm1: uint32 litres
 }
 
 # Which formats each kind of meter comes in, and their shares (weights, normalised).
@@ -185,13 +185,13 @@ class Fleet:
 
 def address_for(fmt: Format, prefix: int, index: int) -> str:
     """The address a meter of `fmt` reports: CJ/T 188 14 digits, OMS 8 digits, else a name."""
-    if fmt is Format.CJT188:
+    if fmt in (Format.CJT188, Format.INTERVAL):
         return f"{prefix:07d}{index:07d}"
     if fmt is Format.OMS:
         return f"{prefix % 100:02d}{index:06d}"
     if fmt is Format.SENML:
         return f"urn:dev:nbm:{prefix:07d}-{index:06d}"
-    return f"w1-{prefix:07d}-{index:06d}"
+    raise ValueError(f"no address scheme for {fmt}")
 
 
 def _pick(rng: np.random.Generator, mix: dict[object, float], n: int) -> list[int]:

@@ -8,8 +8,10 @@
   that instant (Beijing local time, as the decoder reads it), ST valve/battery bits;
 - OMS: a mode 5 (AES-128-CBC) wM-Bus frame with the register, a type F clock and the STS
   battery bit, under the meter's own key;
-- SenML and interval: their encoders (`decoder.senml.encode_senml`,
-  `decoder.interval.encode_interval`) with every hour of the batch.
+- SenML: an LwM2M 3424 pack (`decoder.encode_senml`) with every hour of the batch and
+  resources 10/11/13 for leak, back-flow and tamper at the hours they are active;
+- interval: our `nbm1` layout (`decoder.interval.encode_interval`): base register and
+  hourly deltas in litres, the current status on the newest reading.
 
 Corruption (`uplink.corrupt`) cuts the frame in half: a truncated frame fails every
 format's length, checksum, JSON or ciphertext check, so it must be quarantined.
@@ -18,6 +20,7 @@ format's length, checksum, JSON or ciphertext check, so it must be quarantined.
 from __future__ import annotations
 
 import importlib
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -108,18 +111,37 @@ def _oms(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
     )
 
 
+# LwM2M 3424 resources that carry a status bit (decoder.senml): 10 leak detected,
+# 11 back-flow detected, 13 fraud detected
+SENML_FLAG_RESOURCES = ((Flag.LEAK, "10"), (Flag.REVERSE_FLOW, "11"), (Flag.TAMPER, "13"))
+
+
 def _senml(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
-    encode = _encoder("decoder.senml", "encode_senml")
-    return encode(
-        address=address,
-        readings=[(r.read_at_s, r.register_ml, r.flags) for r in rs],
+    pack = _encoder("decoder.encode_senml", "water_pack")
+    encode = _encoder("decoder.encode_senml", "encode_senml")
+    records: list[dict[str, object]] = list(
+        pack(address, [(r.read_at_s, r.register_ml) for r in rs])  # type: ignore[arg-type]
     )
+    t0 = rs[0].read_at_s
+    for r in rs:
+        for flag, resource in SENML_FLAG_RESOURCES:
+            if r.flags & flag:
+                records.append({"n": resource, "t": r.read_at_s - t0, "vb": True})
+    return encode(records)
 
 
 def _interval(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
+    # nbm1: base register + whole-litre hourly deltas; the status is the meter's current
+    # one (the decoder puts it on the newest reading)
+    # a drifting clock still freezes at its own whole hours: the base time is whole too
     encode = _encoder("decoder.interval", "encode_interval")
+    regs = [r.register_ml for r in rs]
     return encode(
-        readings=[(r.read_at_s, r.register_ml, r.flags) for r in rs],
+        address,
+        (rs[0].read_at_s + 1800) // 3600 * 3600,
+        regs[0],
+        [b - a for a, b in itertools.pairwise(regs)],
+        status=rs[-1].flags,
     )
 
 
@@ -147,7 +169,8 @@ def encode(truth: Truth, uplink: Uplink, registers: npt.NDArray[np.int64]) -> by
 def available(fmt: Format) -> bool:
     """True when the decoder package can encode `fmt` already."""
     try:
-        ENCODERS[fmt](_PROBE[fmt], _PROBE[fmt].address, [Reading(1_735_689_600, 0, 0)], 0)
+        probe = [Reading(1_735_689_600, 0, 0), Reading(1_735_693_200, 1000, 0)]
+        ENCODERS[fmt](_PROBE[fmt], _PROBE[fmt].address, probe, 0)
     except EncoderMissing:
         return False
     except (TypeError, ValueError):
@@ -158,7 +181,7 @@ def available(fmt: Format) -> bool:
 def _probe(fmt: Format) -> Meter:
     from simulator.fleet import REGISTERS, Transport
 
-    address = {Format.CJT188: "12345678901234", Format.OMS: "12345678"}.get(fmt, "probe")
+    address = "12345678" if fmt is Format.OMS else "12345678901234"
     return Meter(0, address, "sp", Kind.WATER, fmt, Transport.COAP_CON, REGISTERS[fmt], 0, 0,
                  0, 0, 1, oms_key=bytes(16))  # fmt: skip
 

@@ -25,30 +25,29 @@ CARRIED = {
     Format.CJT188: Flag.VALVE_CLOSED | Flag.LOW_BATTERY,
     Format.OMS: Flag.LOW_BATTERY,
     Format.SENML: Flag.LEAK | Flag.REVERSE_FLOW | Flag.TAMPER,
-    Format.INTERVAL: Flag.LEAK | Flag.BURST | Flag.REVERSE_FLOW | Flag.LOW_BATTERY,
+    Format.INTERVAL: Flag.LEAK | Flag.BURST | Flag.LOW_BATTERY,
 }
 
 
-def _decoder() -> Callable[..., Any]:
-    """`decoder.decode_batch` when it exists (the dispatcher the collector uses)."""
-    return importlib.import_module("decoder").decode_batch  # type: ignore[no-any-return]
+# The format's own module, used when `decoder` itself is shadowed: under pytest's default
+# rootdir sys.path, tests/decoder (no __init__.py) makes `decoder` a namespace package.
+FORMAT_MODULE = {
+    Format.CJT188: "decoder.cjt188",
+    Format.OMS: "decoder.mbus",
+    Format.SENML: "decoder.senml",
+    Format.INTERVAL: "decoder.interval",
+}
 
 
 def _decode(fmt: Format, payloads: list[bytes], received: np.ndarray) -> Any:
+    """Decode with `decoder.decode_batch`, or the format's own decoder when shadowed."""
     keys = {m.address: m.oms_key for m in TRUTH.meters if m.oms_key is not None}
-    try:
-        decode_batch = _decoder()
-    except AttributeError:
-        pass
-    else:
+    decode_batch: Callable[..., Any] | None = getattr(
+        importlib.import_module("decoder"), "decode_batch", None
+    )
+    if decode_batch is not None:
         return decode_batch(payloads, received, keys=keys)
-    # until the dispatcher lands: the format's own decoder
-    if fmt is Format.CJT188:
-        return importlib.import_module("decoder.cjt188").decode(payloads, received)
-    if fmt is Format.OMS:
-        return importlib.import_module("decoder.mbus").decode(payloads, received, keys)
-    pytest.skip(f"no decoder.decode_batch and no stand-in for {fmt}")
-    return None
+    return importlib.import_module(FORMAT_MODULE[fmt]).decode(payloads, received, keys)
 
 
 @pytest.mark.parametrize("fmt", list(Format))
@@ -79,7 +78,8 @@ def test_frames_decode_back_to_truth(fmt: Format) -> None:
         assert sorted(got) == want_hours
         for h in want_hours:
             assert got[h][0] == REGISTERS[u.meter, h]
-            assert got[h][1] & CARRIED[fmt] == TRUTH.flags[u.meter, h] & CARRIED[fmt]
+            if fmt is not Format.INTERVAL or h == u.last_h:  # nbm1: status on the newest
+                assert got[h][1] & CARRIED[fmt] == TRUTH.flags[u.meter, h] & CARRIED[fmt]
         assert {out.meter_id[j] for j in mine} <= {TRUTH.meters[u.claimed].address}
 
 

@@ -1,0 +1,208 @@
+"""`nbmeter sim run|device|verify|provision`: the fleet simulator for field engineers and CI.
+
+  sim run --meters N --days D --seed S [--faults all|leak=0.02,...] [--rate R]
+          build the fleet and its ground truth, provision it (first time), send every
+          uplink to the collector, save truth + results in --run-dir
+  sim provision ...      only register the fleet and its credentials (same model options)
+  sim device --meter A   send one meter's uplink now; show frame hex, the response and
+                         what the backend stored
+  sim verify             compare cycle reads with the ground truth; exit 1 on mismatch
+
+Connection settings default to the environment: NBMETER_API_URL, NBMETER_API_KEY,
+NBMETER_DATABASE_URL, NBMETER_CREDENTIALS_KEY, NBMETER_MQTT_URL, NBMETER_MQTT_ADMIN_URL,
+NBMETER_COAP_HOST/NBMETER_COAP_PORT. Exit codes: 0 ok, 1 failure explained, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from simulator import truthfile
+from simulator.faults import FaultSpecError, format_faults, parse_faults
+from simulator.fleet import SECONDS_PER_DAY, FleetSpec
+from simulator.network import NetworkModel
+from simulator.schedule import build_schedule
+from simulator.truth import build_truth
+
+DEFAULT_RUN_DIR = "out/sim"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name) or default
+
+
+def _fail(message: str) -> int:
+    print(f"nbmeter sim: {message}", file=sys.stderr)
+    return 1
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--meters", type=int, default=200, help="fleet size (default 200)")
+    p.add_argument("--days", type=int, default=40, help="simulated days (default 40)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--faults", default="", help="all, none, or name=rate,... (see docs)")
+    p.add_argument("--gas-share", type=float, default=0.3)
+    p.add_argument("--start", help="first simulated day, YYYY-MM-DD (default: DAYS ago)")
+    p.add_argument("--loss", type=float, default=0.0, help="emulated loss per transmission")
+    p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--jitter-ms", type=float, default=0.0)
+    p.add_argument("--time-scale", type=float, default=0.05,
+                   help="scales CoAP timeouts and latency (1 = RFC 7252 timing)")  # fmt: skip
+    p.add_argument("--cycle-days", type=int, default=10, help="billing cycle length")
+
+
+def _conn_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", type=Path, default=Path(DEFAULT_RUN_DIR))
+    p.add_argument("--tenant", default=_env("NBMETER_SIM_TENANT", "sim"))
+    p.add_argument("--api-url", default=_env("NBMETER_API_URL", "http://127.0.0.1:8080"))
+    p.add_argument("--api-key", default=_env("NBMETER_API_KEY"))
+    p.add_argument("--coap-host", default=_env("NBMETER_COAP_HOST", "127.0.0.1"))
+    p.add_argument("--coap-port", type=int, default=int(_env("NBMETER_COAP_PORT", "5683") or 0))
+    p.add_argument("--mqtt-url", default=_env("NBMETER_MQTT_URL", "mqtt://127.0.0.1:1883"))
+    p.add_argument("--plain-coap", action="store_true", help="no OSCORE (lab tenants only)")
+
+
+def _spec(args: argparse.Namespace) -> FleetSpec:
+    if args.start:
+        day = datetime.strptime(args.start, "%Y-%m-%d").replace(tzinfo=UTC)
+        start_s = int(day.timestamp())
+    else:  # the simulated period ends today, so no reading is in the future
+        start_s = (int(time.time()) // SECONDS_PER_DAY - args.days) * SECONDS_PER_DAY
+    return FleetSpec(meters=args.meters, days=args.days, seed=args.seed, start_s=start_s,
+                     gas_share=args.gas_share, tenant=args.tenant)  # fmt: skip
+
+
+def _network(args: argparse.Namespace) -> NetworkModel:
+    return NetworkModel(args.loss, args.latency_ms, args.jitter_ms, args.time_scale)
+
+
+async def _provision(args: argparse.Namespace, truth, uplinks):  # type: ignore[no-untyped-def]
+    from simulator.provision import Target, provision
+
+    if not args.api_key:
+        raise SystemExit(_fail("no API key: set NBMETER_API_KEY or pass --api-key"))
+    target = Target(
+        api_url=args.api_url, api_key=args.api_key, database_url=_env("NBMETER_DATABASE_URL"),
+        credentials_key=_env("NBMETER_CREDENTIALS_KEY"),
+        mqtt_admin_url=_env("NBMETER_MQTT_ADMIN_URL"), tenant=args.tenant,
+        plain_coap=args.plain_coap,
+    )  # fmt: skip
+    return await provision(truth, uplinks, target, args.run_dir, args.cycle_days)
+
+
+def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    truth = build_truth(_spec(args), parse_faults(args.faults))
+    uplinks = build_schedule(truth, _network(args))
+    print(
+        f"fleet: {len(truth.meters)} meters, {truth.fleet.spec.days} days, "
+        f"{len(truth.faults)} meter faults ({format_faults(truth.rates) or 'none'}), "
+        f"{len(uplinks)} uplinks",
+        file=sys.stderr,
+    )
+    return truth, uplinks
+
+
+def _cmd_provision(args: argparse.Namespace) -> int:
+    from simulator.backend import BackendError
+
+    try:
+        truth, uplinks = _build(args)
+        creds = asyncio.run(_provision(args, truth, uplinks))
+    except (FaultSpecError, ValueError, BackendError) as exc:
+        return _fail(str(exc))
+    print(f"provisioned {len(truth.meters)} meters ({len(creds)} with credentials) "
+          f"into {args.run_dir}", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from simulator.backend import BackendError, credentials_load
+    from simulator.provision import save_run
+    from simulator.runner import RunConfig, send_all
+
+    try:
+        truth, uplinks = _build(args)
+        if args.dry_run:
+            save_run(args.run_dir, truth, uplinks, {}, {"tenant": args.tenant, "dry_run": True})
+            print(f"dry run: ground truth saved in {args.run_dir}", file=sys.stderr)
+            return 0
+        creds_file = args.run_dir / "credentials.json"
+        if args.no_provision and creds_file.exists():
+            creds = credentials_load(json.loads(creds_file.read_text()))
+        else:
+            creds = asyncio.run(_provision(args, truth, uplinks))
+        config = RunConfig(
+            coap_host=args.coap_host, coap_port=args.coap_port, mqtt_url=args.mqtt_url,
+            tenant=args.tenant, plain_coap=args.plain_coap, concurrency=args.concurrency,
+            rate=args.rate, speed=args.speed, herd=args.herd, time_scale=args.time_scale,
+        )  # fmt: skip
+        summary = asyncio.run(send_all(truth, uplinks, creds, config, progress=not args.quiet))
+    except (FaultSpecError, ValueError, BackendError) as exc:
+        return _fail(str(exc))
+    (args.run_dir / "results.json").write_text(json.dumps(summary.results))
+    print("\n".join(summary.lines()))
+    return 0 if summary.timeouts == 0 else 1
+
+
+def _cmd_device(args: argparse.Namespace) -> int:
+    from simulator.device import run_device
+
+    return run_device(args)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from simulator.backend import BackendError
+    from simulator.fetch import fetch_and_check
+
+    if not args.api_key:
+        return _fail("no API key: set NBMETER_API_KEY or pass --api-key")
+    try:
+        truth, uplinks, extra = truthfile.load(args.run_dir)
+        report = asyncio.run(fetch_and_check(args, truth, uplinks, extra))
+    except (truthfile.TruthFileError, BackendError) as exc:
+        return _fail(str(exc))
+    print("\n".join(report.table()))
+    return 0 if report.ok else 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register `run`, `device`, `verify` and `provision` under the `sim` parser."""
+    sub = parser.add_subparsers(dest="sim_command", required=True, metavar="SIM_COMMAND")
+
+    p = sub.add_parser("run", help="simulate a fleet and send its uplinks")
+    _model_args(p)
+    _conn_args(p)
+    p.add_argument("--rate", type=float, help="load mode: uplinks per second")
+    p.add_argument("--speed", type=float, help="virtual seconds per real second")
+    p.add_argument("--herd", action="store_true", help="everyone at once (thundering herd)")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--no-provision", action="store_true",
+                   help="reuse credentials.json of --run-dir instead of provisioning")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="build and save truth, send nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("provision", help="register the fleet and its credentials")
+    _model_args(p)
+    _conn_args(p)
+    p.set_defaults(func=_cmd_provision)
+
+    p = sub.add_parser("device", help="one meter: send now, show frame, response, storage")
+    _conn_args(p)
+    p.add_argument("--meter", required=True, help="the meter's address")
+    p.add_argument("--day", type=int, help="which report day to send (default: the last)")
+    p.add_argument("--time-scale", type=float, default=0.05)
+    p.set_defaults(func=_cmd_device)
+
+    p = sub.add_parser("verify", help="compare cycle reads with the ground truth")
+    _conn_args(p)
+    p.add_argument("--plot", type=Path, help="write a PNG of one meter (see --meter)")
+    p.add_argument("--meter", help="meter address for --plot (default: a faulty one)")
+    p.set_defaults(func=_cmd_verify)
