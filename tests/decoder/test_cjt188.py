@@ -1,4 +1,4 @@
-"""CJ/T 188: golden examples, every vector of cjt188.jsonl/constructed.jsonl, rejects, round trip."""
+"""CJ/T 188: golden examples, cjt188.jsonl + constructed.jsonl vectors, rejects, round trip."""
 
 from __future__ import annotations
 
@@ -167,9 +167,11 @@ def test_status_map_is_configurable() -> None:
     """The sdqr model reads valve/battery from the reversed bit order (0xC0, 0x20)."""
     frame = encode_cjt188(address="00000000000001", total_ml=0, status=0x64)
     standard = decode_batch([frame], RX).flags[0]
-    assert standard & Flag.LOW_BATTERY and not standard & Flag.VALVE_CLOSED
+    assert standard & Flag.LOW_BATTERY
+    assert not standard & Flag.VALVE_CLOSED
     flags = decode_batch([frame], RX, hints=["cjt188:sdqr"]).flags[0]
-    assert flags & Flag.VALVE_CLOSED and flags & Flag.LOW_BATTERY
+    assert flags & Flag.VALVE_CLOSED
+    assert flags & Flag.LOW_BATTERY
 
 
 def test_platform_json_envelope() -> None:
