@@ -216,6 +216,17 @@ def decode_one(frame: bytes, received_at_s: int) -> tuple[list[tuple[int, int, i
     return readings, _meter_id(str(last_rec["n"]), bases[0] if bases else ""), extra
 
 
+# cbor2's CBORDecodeError is not a ValueError; deep nesting raises RecursionError.
+_PACK_ERRORS = (
+    cbor2.CBORError,
+    ValueError,
+    TypeError,
+    ArithmeticError,
+    RecursionError,
+    LookupError,
+)
+
+
 def decode(
     frames: Sequence[bytes],
     received_at_s: object,
@@ -235,7 +246,7 @@ def decode(
         except SenMLError as exc:
             out.error_code[i], out.error_message[i], out.extra[i] = exc.code, str(exc), exc.extra
             continue
-        except (ValueError, TypeError, ArithmeticError, RecursionError, LookupError) as exc:
+        except _PACK_ERRORS as exc:
             out.error_code[i], out.error_message[i] = ErrorCode.BAD_RECORD, f"bad pack: {exc}"
             continue
         out.meter_of_frame[i], out.extra[i] = meter, extra
