@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Literal
@@ -11,9 +12,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from api.auth import Admin, Pool, Reader
-from api.errors import ConflictError, NotFoundError
+from api.errors import ConflictError, NotFoundError, UnprocessableError
 from api.localtime import CalendarError, cycle_bounds, cycles_in, local_midnight
-from api.routes_meters import CONFLICT, PROBLEMS, decode_cursor, encode_cursor
+from api.routes_meters import CONFLICT, PROBLEMS
 from api.routes_reads import CycleId
 from api.schemas import Calendar, CloseResult, Cycle, CycleList, CyclePage
 from api.settings import ApiSettings
@@ -108,20 +109,47 @@ async def cycle_reads(
     settings: ApiSettings = request.app.state.settings
     start, end = await _bounds(pool, who.tenant_id, cycle)
     kind = _negotiate(fmt, request.headers.get("accept", ""))
+    zones = await billing.zones(pool, who.tenant_id)
+    queries = [billing.CycleQuery(who.tenant_id, start, end, z, settings.tuning()) for z in zones]
     if kind in ("ndjson", "csv"):
-        args = billing.cycle_args(who.tenant_id, start, end, settings.tuning())
         media = NDJSON if kind == "ndjson" else "text/csv; charset=utf-8"
-        body = stream_cycle(pool, args, "ndjson" if kind == "ndjson" else "csv")
-        return StreamingResponse(body, media_type=media)
-    after = decode_cursor(cursor)
-    args = billing.cycle_args(
-        who.tenant_id, start, end, settings.tuning(), after=after, limit=limit
-    )
-    lines = await billing.cycle_lines(pool, args)
-    more = len(lines) == limit
-    next_cursor = encode_cursor(json.loads(lines[-1])["meter_id"]) if more else None
+        stream = stream_cycle(
+            pool, [q.args() for q in queries], "csv" if kind == "csv" else "ndjson"
+        )
+        return StreamingResponse(stream, media_type=media)
+    zone, after = _decode_cursor(cursor, zones)
+    lines: list[str] = []
+    next_cursor = None
+    for q in queries[zones.index(zone) :]:
+        lines += await billing.cycle_lines(pool, q.args(after=after, limit=limit - len(lines)))
+        if len(lines) == limit:
+            next_cursor = _encode_cursor(q.zone, json.loads(lines[-1])["meter_id"])
+            break
+        after = 0
     text = '{"items":[' + ",".join(lines) + '],"next_cursor":' + json.dumps(next_cursor) + "}"
     return Response(text, media_type="application/json")
+
+
+def _encode_cursor(zone: str, after: int) -> str:
+    raw = f"{zone}|{after}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None, zones: list[str]) -> tuple[str, int]:
+    """(zone, after meter id) of a cursor; the first zone and 0 without one."""
+    if not cursor:
+        return zones[0], 0
+    try:
+        zone, after = (
+            base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("|")
+        )
+        value = int(after)
+    except (ValueError, UnicodeDecodeError):
+        zone, value = "", -1
+    if zone not in zones or not 0 <= value < 2**63:
+        msg = "invalid cursor: pass next_cursor from the previous page unchanged"
+        raise UnprocessableError(msg)
+    return zone, value
 
 
 @router.post("/cycles/{cycle}/close", responses=CONFLICT, summary="Close a cycle (publish reads)")
@@ -132,8 +160,11 @@ async def close_cycle(cycle: CycleId, who: Admin, pool: Pool, request: Request) 
     tz = ZoneInfo(await tenant_timezone(pool, who.tenant_id))
     if local_midnight(end, tz) > datetime.now(UTC):
         raise ConflictError(f"cycle {cycle} ends {end} and cannot be closed before then")
-    args = billing.cycle_args(who.tenant_id, start, end, settings.tuning())
+    totals = [0, 0, 0]
     async with pool.acquire() as conn:
-        row = await billing.publish(conn, args)
-    return CloseResult(cycle=cycle, boundaries=row["boundaries"], published=row["published"],
-                       revised=row["revised"])  # fmt: skip
+        for zone in await billing.zones(conn, who.tenant_id):
+            q = billing.CycleQuery(who.tenant_id, start, end, zone, settings.tuning())
+            row = await billing.publish(conn, q.args())
+            totals = [totals[0] + row["boundaries"], totals[1] + row["published"],
+                      totals[2] + row["revised"]]  # fmt: skip
+    return CloseResult(cycle=cycle, boundaries=totals[0], published=totals[1], revised=totals[2])

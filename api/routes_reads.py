@@ -127,13 +127,18 @@ async def cycle_read(
         tz = ZoneInfo(tz_name)
         open_at, close_at = local_midnight(start, tz), local_midnight(end, tz)
         ids = await registry.service_point_chain(conn, who.tenant_id, meter, open_at, close_at)
-        args = billing.cycle_args(who.tenant_id, start, end, settings.tuning(), meter_ids=ids)
+        lines: list[str] = []
+        for zone in await billing.zones(conn, who.tenant_id, ids):
+            args = billing.CycleQuery(who.tenant_id, start, end, zone, settings.tuning()).args(
+                meter_ids=ids
+            )
+            if close_at <= now:
+                await billing.publish(conn, args)
+            lines += await billing.cycle_lines(conn, args)
         closed = close_at <= now
-        if closed:
-            await billing.publish(conn, args)
-        rows = [
-            CycleRow.model_validate_json(line) for line in await billing.cycle_lines(conn, args)
-        ]
+        rows = sorted(
+            (CycleRow.model_validate_json(line) for line in lines), key=lambda r: r.opening.at
+        )
         if not rows:
             raise NotFoundError(f"meter {meter_id} was not in service during cycle {cycle}")
         metas = {r["meter_id"]: r for r in await _meters(conn, who.tenant_id, ids)}

@@ -9,8 +9,9 @@ own number of decimals (`round(ml / 1e6, -register_scale)`), never a float.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 
@@ -52,17 +53,19 @@ def _m3(ml: str, scale: str) -> str:
 
 
 # $1 tenant, $2 cycle start date, $3 cycle end date (local), $4 after meter_id, $5 limit
-# (NULL: all), $6 actual window, $7 future tolerance, $8 meter ids (NULL: all meters).
+# (NULL: all), $6 actual window, $7 future tolerance, $8 meter ids (NULL: all meters),
+# $9 / $10 the cycle's start / end instants in zone $11: one query per timezone, so the
+# boundaries are plan-time constants (see nbm_boundary_read on chunk exclusion).
 _CORE = f"""
 WITH m AS (
     SELECT m.meter_id, m.address, m.service_point, m.kind, m.register_scale AS scale,
            m.register_digits AS digits, m.installed_at, m.removed_at, m.initial_register_ml,
-           m.final_register_ml, {_max_flow_sql("m.kind")} AS max_flow, w.open_at, w.close_at
+           m.final_register_ml, {_max_flow_sql("m.kind")} AS max_flow, w.open_at, w.close_at,
+           $2::date AS cycle_start, $3::date AS cycle_end
     FROM meters m JOIN tenants t ON t.tenant_id = m.tenant_id
-    CROSS JOIN LATERAL (SELECT
-        ($2::date::timestamp AT TIME ZONE coalesce(m.timezone, t.timezone)) AS open_at,
-        ($3::date::timestamp AT TIME ZONE coalesce(m.timezone, t.timezone)) AS close_at) w
+    CROSS JOIN LATERAL (SELECT $9::timestamptz AS open_at, $10::timestamptz AS close_at) w
     WHERE m.tenant_id = $1 AND m.meter_id > $4 AND ($8::bigint[] IS NULL OR m.meter_id = ANY($8))
+      AND coalesce(m.timezone, t.timezone) = $11
       AND m.installed_at < w.close_at AND (m.removed_at IS NULL OR m.removed_at > w.open_at)
     ORDER BY m.meter_id LIMIT $5
 ), b AS (
@@ -74,9 +77,9 @@ WITH m AS (
 )
 SELECT {{columns}}
 FROM b
-CROSS JOIN LATERAL nbm_boundary_read(b.meter_id, b.o_at, b.o_edge, b.installed_at, b.removed_at,
+CROSS JOIN LATERAL nbm_boundary_read(b.meter_id, b.o_at, b.o_edge, $9, b.installed_at, b.removed_at,
     b.initial_register_ml, b.final_register_ml, b.scale, b.digits, b.max_flow, $6, $7) o
-CROSS JOIN LATERAL nbm_boundary_read(b.meter_id, b.c_at, b.c_edge, b.installed_at, b.removed_at,
+CROSS JOIN LATERAL nbm_boundary_read(b.meter_id, b.c_at, b.c_edge, $10, b.installed_at, b.removed_at,
     b.initial_register_ml, b.final_register_ml, b.scale, b.digits, b.max_flow, $6, $7) c
 CROSS JOIN LATERAL (SELECT nbm_consumption(o.register_ml, c.register_ml,
     extract(epoch FROM b.c_at - b.o_at), b.scale, b.digits, b.max_flow) AS ml) u
@@ -160,21 +163,40 @@ SELECT (SELECT count(*) FROM sides) AS boundaries,
 )
 
 
-def cycle_args(
-    tenant_id: int,
-    start: date,
-    end: date,
-    tuning: Tuning,
-    *,
-    after: int = 0,
-    limit: int | None = None,
-    meter_ids: list[int] | None = None,
-) -> tuple[Any, ...]:
-    """Positional arguments $1..$8 of CYCLE_JSON_SQL / CYCLE_CSV_SQL / PUBLISH_SQL."""
-    return (
-        tenant_id, start, end, after, limit, tuning.actual_window, tuning.future_tolerance,
+@dataclass(frozen=True)
+class CycleQuery:
+    """One cycle query: tenant, local cycle dates, and the zone whose meters it covers."""
+
+    tenant_id: int
+    start: date
+    end: date
+    zone: str
+    tuning: Tuning
+
+    def args(
+        self, *, after: int = 0, limit: int | None = None, meter_ids: list[int] | None = None
+    ) -> tuple[Any, ...]:
+        """Positional arguments $1..$11 of CYCLE_JSON_SQL / CYCLE_CSV_SQL / PUBLISH_SQL."""
+        tz = ZoneInfo(self.zone)
+        open_at = datetime.combine(self.start, time(), tzinfo=tz).astimezone(UTC)
+        close_at = datetime.combine(self.end, time(), tzinfo=tz).astimezone(UTC)
+        return (
+            self.tenant_id, self.start, self.end, after, limit, self.tuning.actual_window,
+            self.tuning.future_tolerance, meter_ids, open_at, close_at, self.zone,
+        )  # fmt: skip
+
+
+async def zones(conn: Conn, tenant_id: int, meter_ids: list[int] | None = None) -> list[str]:
+    """The timezones of the tenant's meters: the tenant's own first, then the others sorted."""
+    rows = await conn.fetch(
+        "SELECT z, z = t.timezone AS own FROM tenants t CROSS JOIN LATERAL ("
+        " SELECT DISTINCT m.timezone AS z FROM meters m WHERE m.tenant_id = t.tenant_id"
+        " AND m.timezone IS NOT NULL AND ($2::bigint[] IS NULL OR m.meter_id = ANY($2))"
+        " UNION SELECT t.timezone) zs WHERE t.tenant_id = $1 ORDER BY own DESC, z",
+        tenant_id,
         meter_ids,
-    )  # fmt: skip
+    )
+    return [r["z"] for r in rows]
 
 
 async def cycle_lines(conn: Conn, args: tuple[Any, ...]) -> list[str]:
@@ -211,7 +233,7 @@ async def interval_reads(
                 m.register_digits, {_max_flow_sql("m.kind")}) AS used_ml,
             lag(r.quality) OVER w AS prev_quality
         FROM meters m CROSS JOIN unnest($2::timestamptz[]) AS t(at)
-        LEFT JOIN LATERAL nbm_boundary_read(m.meter_id, t.at, NULL, m.installed_at,
+        LEFT JOIN LATERAL nbm_boundary_read(m.meter_id, t.at, NULL, t.at, m.installed_at,
             m.removed_at, NULL, NULL, m.register_scale, m.register_digits,
             {_max_flow_sql("m.kind")}, $3, $4) r
             ON t.at >= m.installed_at AND t.at <= coalesce(m.removed_at, 'infinity')

@@ -26,9 +26,12 @@ _DONE = b""
 
 
 async def stream_cycle(
-    pool: asyncpg.Pool, args: tuple[Any, ...], fmt: ExportFormat
+    pool: asyncpg.Pool, queries: list[tuple[Any, ...]], fmt: ExportFormat
 ) -> AsyncIterator[bytes]:
-    """Yield the export body in chunks; the COPY is cancelled if the consumer stops early."""
+    """Yield the export body of each query's rows in turn (one COPY per timezone).
+
+    The COPY is cancelled if the consumer stops early.
+    """
     queue: asyncio.Queue[bytes | BaseException] = asyncio.Queue(maxsize=_QUEUE_CHUNKS)
 
     async def sink(chunk: bytes) -> None:
@@ -38,19 +41,20 @@ async def stream_cycle(
     async def produce() -> None:
         try:
             async with pool.acquire() as conn:
-                if fmt == "ndjson":
-                    await conn.copy_from_query(
-                        CYCLE_JSON_SQL, *args, output=sink, format="csv",
-                        delimiter="\x02", quote="\x01",
-                    )  # fmt: skip
-                else:
-                    await conn.copy_from_query(
-                        CYCLE_CSV_SQL, *args, output=sink, format="csv", null=""
-                    )
+                for args in queries:
+                    await _copy(conn, args)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             await queue.put(exc)
             raise
         await queue.put(_DONE)
+
+    async def _copy(conn: asyncpg.Connection, args: tuple[Any, ...]) -> None:
+        if fmt == "ndjson":
+            await conn.copy_from_query(
+                CYCLE_JSON_SQL, *args, output=sink, format="csv", delimiter="\x02", quote="\x01"
+            )
+        else:
+            await conn.copy_from_query(CYCLE_CSV_SQL, *args, output=sink, format="csv", null="")
 
     task = asyncio.create_task(produce(), name="export.copy")
     try:

@@ -43,6 +43,7 @@ CREATE TABLE published_boundary_reads (
 -- set-returning function (STABLE, one SELECT, not STRICT) so the planner folds it into the
 -- caller's query: bulk export stays one set-wise plan walking readings_meter_time.
 --
+-- bound: the boundary as a query constant (equal to `at` when edge is NULL).
 -- edge: 'install' when `at` is the installation instant (the initial register wins),
 --       'remove' when it is the removal instant (the final register wins), else NULL.
 -- Readings are used only when read_at is within [installed, removed] and not dated after
@@ -60,7 +61,7 @@ CREATE TABLE published_boundary_reads (
 -- A drop between the readings around `at` is a rollover at 10^digits units when the
 -- implied flow is at most max_flow_ml_h (millilitres per hour); otherwise it is interpolated as is (reverse).
 CREATE FUNCTION nbm_boundary_read(
-    p_meter bigint, p_at timestamptz, p_edge text,
+    p_meter bigint, p_at timestamptz, p_edge text, p_bound timestamptz,
     p_installed timestamptz, p_removed timestamptz, p_initial_ml bigint, p_final_ml bigint,
     p_scale integer, p_digits integer, p_max_flow_ml_h numeric,
     p_actual_window interval, p_future_tolerance interval)
@@ -107,16 +108,39 @@ SELECT
     CASE k.how WHEN 'actual_prev' THEN p.flags WHEN 'actual_next' THEN n.flags END
 FROM (SELECT power(10::numeric, p_scale + 6) AS unit,
              power(10::numeric, p_digits + p_scale + 6) AS modulus) c
+-- The neighbours of `at`. When `at` is the caller's constant boundary (p_edge NULL) the
+-- index condition compares read_at with p_bound, a plan-time constant, so TimescaleDB
+-- excludes chunks once per query instead of once per meter; the installed/removed limits
+-- are written as interval filters on purpose (not index conditions, which would force
+-- per-meter runtime chunk exclusion).
 LEFT JOIN LATERAL (
-    SELECT r.read_at, r.register_ml, r.flags FROM readings r
-    WHERE r.meter_id = p_meter AND r.read_at <= p_at AND r.read_at >= p_installed
-      AND r.read_at <= coalesce(p_removed, 'infinity') AND r.read_at <= r.received_at + p_future_tolerance
-    ORDER BY r.read_at DESC LIMIT 1) p ON true
+    SELECT * FROM (
+        (SELECT r.read_at, r.register_ml, r.flags FROM readings r
+         WHERE p_edge IS NULL AND r.meter_id = p_meter AND r.read_at <= p_bound
+           AND r.read_at - p_installed >= interval '0'
+           AND coalesce(p_removed, 'infinity') - r.read_at >= interval '0'
+           AND r.read_at <= r.received_at + p_future_tolerance
+         ORDER BY r.read_at DESC LIMIT 1)
+        UNION ALL
+        (SELECT r.read_at, r.register_ml, r.flags FROM readings r
+         WHERE p_edge IS NOT NULL AND r.meter_id = p_meter AND r.read_at <= p_at
+           AND r.read_at >= p_installed AND r.read_at <= coalesce(p_removed, 'infinity')
+           AND r.read_at <= r.received_at + p_future_tolerance
+         ORDER BY r.read_at DESC LIMIT 1)) u LIMIT 1) p ON true
 LEFT JOIN LATERAL (
-    SELECT r.read_at, r.register_ml, r.flags FROM readings r
-    WHERE r.meter_id = p_meter AND r.read_at > p_at AND r.read_at >= p_installed
-      AND r.read_at <= coalesce(p_removed, 'infinity') AND r.read_at <= r.received_at + p_future_tolerance
-    ORDER BY r.read_at ASC LIMIT 1) n ON true
+    SELECT * FROM (
+        (SELECT r.read_at, r.register_ml, r.flags FROM readings r
+         WHERE p_edge IS NULL AND r.meter_id = p_meter AND r.read_at > p_bound
+           AND r.read_at - p_installed >= interval '0'
+           AND coalesce(p_removed, 'infinity') - r.read_at >= interval '0'
+           AND r.read_at <= r.received_at + p_future_tolerance
+         ORDER BY r.read_at ASC LIMIT 1)
+        UNION ALL
+        (SELECT r.read_at, r.register_ml, r.flags FROM readings r
+         WHERE p_edge IS NOT NULL AND r.meter_id = p_meter AND r.read_at > p_at
+           AND r.read_at >= p_installed AND r.read_at <= coalesce(p_removed, 'infinity')
+           AND r.read_at <= r.received_at + p_future_tolerance
+         ORDER BY r.read_at ASC LIMIT 1)) u LIMIT 1) n ON true
 CROSS JOIN LATERAL (
     SELECT (n.register_ml - p.register_ml)::numeric AS raw,
            (extract(epoch FROM n.read_at - p.read_at) * 1000000)::numeric AS dt,

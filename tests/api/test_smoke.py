@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 
 def utc(*a: int) -> datetime:

@@ -1,0 +1,251 @@
+"""Billing API benchmark (a script, not a test): whole-tenant export and single-meter latency.
+
+    NBMETER_DATABASE_URL=... .venv/bin/python bench/api.py [--meters 1000000] [--clients 50]
+
+Builds a scratch database with N meters x 2 billing cycles of daily readings (binary COPY,
+rows laid out by numpy), starts the API under uvicorn in a subprocess, then prints:
+- the time to stream the tenant's cycle reads as NDJSON through the API, against a raw
+  `COPY (SELECT meter, register ...) TO STDOUT` of the same boundary rows
+  (`ratio_vs_raw_copy`, target <= 3), and the API process's peak RSS;
+- single-meter cycle-read latency p50/p99 under `--clients` concurrent clients (target
+  p99 < 50 ms). The scratch database is dropped at the end, whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import socket
+import struct
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from storage.apikeys import create_api_key, create_tenant  # noqa: E402
+from storage.migrate import migrate  # noqa: E402
+
+PG_EPOCH_US = int(datetime(2000, 1, 1, tzinfo=UTC).timestamp()) * 1_000_000
+FIRST_DAY = datetime(2023, 12, 29, tzinfo=UTC)  # readings from here, daily
+DAYS = 66  # to 2024-03-04: covers cycles 2024-01-01 and 2024-02-01 (Asia/Shanghai) and margin
+CYCLE = "2024-02-01"
+ROW = np.dtype([
+    ("n", ">i2"), ("l1", ">i4"), ("meter", ">i8"), ("l2", ">i4"), ("t", ">i8"),
+    ("l3", ">i4"), ("reg", ">i8"), ("l4", ">i4"), ("flags", ">i4"),
+    ("l5", ">i4"), ("tr", ">i2"), ("l6", ">i4"), ("recv", ">i8"),
+])  # fmt: skip
+HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+TRAILER = struct.pack(">h", -1)
+
+
+def say(msg: str) -> None:
+    """Progress on stderr, figures on stdout."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def day_block(first_id: int, n: int, day: int) -> bytes:
+    """Binary COPY rows of one day's reading for n meters (time of day varies per meter)."""
+    rows = np.zeros(n, ROW)
+    ids = np.arange(first_id, first_id + n, dtype=np.int64)
+    rows["n"], rows["l1"], rows["l2"], rows["l3"] = 6, 8, 8, 8
+    rows["l4"], rows["l5"], rows["l6"] = 4, 2, 8
+    rows["meter"] = ids
+    day_us = (int(FIRST_DAY.timestamp()) + day * 86400) * 1_000_000 - PG_EPOCH_US
+    offset_us = (ids * 7919 % 86400) * 1_000_000  # spread over the day: mostly interpolated
+    rows["t"] = day_us + offset_us
+    rows["recv"] = rows["t"] + 60_000_000
+    per_day_ml = 100_000 + (ids % 400) * 1_000  # 100..499 L/day
+    rows["reg"] = (ids % 1000) * 1_000_000 + per_day_ml * day
+    rows["tr"] = 5
+    return rows.tobytes()
+
+
+async def build(dsn: str, meters: int) -> tuple[str, int]:
+    """Migrate, create the tenant and its meters, COPY the readings; return (key, first id)."""
+    await migrate(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        tenant = await create_tenant(conn, "bench", "bench")
+        key = await create_api_key(conn, tenant, ["admin"])
+        t0 = time.perf_counter()
+        await conn.execute(
+            "INSERT INTO meters (tenant_id, address, kind, format, service_point, installed_at)"
+            " SELECT $1, 'B' || g, 'water', 'cjt188', 'SP' || g, '2023-01-01'"
+            " FROM generate_series(1, $2) g",
+            tenant,
+            meters,
+        )
+        first = await conn.fetchval("SELECT min(meter_id) FROM meters")
+        say(f"{meters:,} meters in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        for day in range(DAYS):
+            data = HEADER + day_block(first, meters, day) + TRAILER
+            await conn.copy_to_table("readings", source=_chunks(data), format="binary")
+            if day % 10 == 9 or day == DAYS - 1:
+                done = meters * (day + 1)
+                rate = done / (time.perf_counter() - t0)
+                say(f"readings: {done:,} rows ({rate:,.0f} rows/s)")
+        await conn.execute("ANALYZE meters")
+        await conn.execute("ANALYZE readings")
+    finally:
+        await conn.close()
+    return key, first
+
+
+async def _chunks(data: bytes, size: int = 4 << 20):  # type: ignore[no-untyped-def]
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+RAW_SELECT = """SELECT m.meter_id, po.register_ml, no.register_ml, pc.register_ml, nc.register_ml
+FROM meters m
+CROSS JOIN LATERAL (SELECT ('2024-02-01'::timestamp AT TIME ZONE 'Asia/Shanghai') AS o,
+                           ('2024-03-01'::timestamp AT TIME ZONE 'Asia/Shanghai') AS c) b
+LEFT JOIN LATERAL (SELECT register_ml FROM readings r WHERE r.meter_id = m.meter_id
+    AND r.read_at <= b.o ORDER BY r.read_at DESC LIMIT 1) po ON true
+LEFT JOIN LATERAL (SELECT register_ml FROM readings r WHERE r.meter_id = m.meter_id
+    AND r.read_at > b.o ORDER BY r.read_at LIMIT 1) no ON true
+LEFT JOIN LATERAL (SELECT register_ml FROM readings r WHERE r.meter_id = m.meter_id
+    AND r.read_at <= b.c ORDER BY r.read_at DESC LIMIT 1) pc ON true
+LEFT JOIN LATERAL (SELECT register_ml FROM readings r WHERE r.meter_id = m.meter_id
+    AND r.read_at > b.c ORDER BY r.read_at LIMIT 1) nc ON true
+ORDER BY m.meter_id"""
+
+
+async def raw_copy(dsn: str) -> tuple[float, int]:
+    """Seconds and bytes of the raw boundary-row COPY."""
+    conn = await asyncpg.connect(dsn)
+    size = 0
+
+    async def sink(chunk: bytes) -> None:
+        nonlocal size
+        size += len(chunk)
+
+    try:
+        await conn.execute("SET jit = off")  # as the API's connections
+        t0 = time.perf_counter()
+        await conn.copy_from_query(RAW_SELECT, output=sink)
+        return time.perf_counter() - t0, size
+    finally:
+        await conn.close()
+
+
+def free_port() -> int:
+    """A free loopback TCP port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM of a process in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def export_via_api(base: str, key: str) -> tuple[float, int, int]:
+    """Seconds, bytes and lines of the NDJSON export through the API."""
+    headers = {"Authorization": f"Bearer {key}"}
+    size = lines = 0
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+        t0 = time.perf_counter()
+        async with client.stream("GET", f"/v1/cycles/{CYCLE}/reads?format=ndjson", headers=headers) as r:
+            r.raise_for_status()
+            async for chunk in r.aiter_bytes():
+                size += len(chunk)
+                lines += chunk.count(b"\n")
+        return time.perf_counter() - t0, size, lines
+
+
+async def latency(base: str, key: str, first: int, meters: int, clients: int, total: int) -> list[float]:
+    """Latencies (s) of `total` single-meter cycle reads by `clients` concurrent clients."""
+    headers = {"Authorization": f"Bearer {key}"}
+    rng = np.random.default_rng(7)
+    ids = (first + rng.integers(0, meters, total)).tolist()
+    out: list[float] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as client:
+
+        async def worker(mine: list[int]) -> None:
+            for mid in mine:
+                t0 = time.perf_counter()
+                r = await client.get(f"/v1/meters/{mid}/cycles/{CYCLE}", headers=headers)
+                out.append(time.perf_counter() - t0)
+                r.raise_for_status()
+
+        await asyncio.gather(*(worker(ids[i::clients]) for i in range(clients)))
+    return out
+
+
+async def main() -> int:
+    """Build, measure, print, drop."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--meters", type=int, default=1_000_000)
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--requests", type=int, default=3000)
+    args = ap.parse_args()
+    server = os.environ["NBMETER_DATABASE_URL"]
+    name = f"nbmeter_bench_{secrets.token_hex(4)}"
+    dsn = urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
+    admin = await asyncpg.connect(server)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    proc = None
+    try:
+        key, first = await build(dsn, args.meters)
+        port = free_port()
+        env = {**os.environ, "NBMETER_DATABASE_URL": dsn, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "api.serve", "--port", str(port), "--log-level", "warning"],
+            cwd=ROOT, env=env,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base) as c:
+            for _ in range(100):
+                try:
+                    if (await c.get("/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+        say("streaming the export through the API")
+        api_s, api_bytes, lines = await export_via_api(base, key)
+        say(f"API: {lines:,} lines, {api_bytes / 1e6:.0f} MB in {api_s:.1f} s; raw COPY next")
+        raw_s, raw_bytes = await raw_copy(dsn)
+        rss = peak_rss_mb(proc.pid)
+        say(f"latency: {args.requests} cycle reads, {args.clients} clients")
+        lat = sorted(await latency(base, key, first, args.meters, args.clients, args.requests))
+        p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99) - 1]
+        print(f"meters={args.meters} readings={args.meters * DAYS}")
+        print(f"export_ndjson_s={api_s:.2f} lines={lines} bytes={api_bytes}")
+        print(f"raw_copy_s={raw_s:.2f} bytes={raw_bytes}")
+        print(f"ratio_vs_raw_copy={api_s / raw_s:.2f}")
+        print(f"api_peak_rss_mb={rss:.0f}")
+        print(f"cycle_read_p50_ms={p50 * 1000:.1f} cycle_read_p99_ms={p99 * 1000:.1f} "
+              f"clients={args.clients} requests={len(lat)}")  # fmt: skip
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        admin = await asyncpg.connect(server)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+        say(f"dropped {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
