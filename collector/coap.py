@@ -337,11 +337,27 @@ class _ResponseView:
         return len(self._table)
 
 
+class _Site(resource.Site):
+    """aiocoap's Site, minus per-request work our resources never use.
+
+    Upstream builds the full request URI (eagerly: it is the default of a getattr) and
+    deep-copies the request to strip its path, for every request; profiling put that at
+    ~0.3 ms per uplink. Our resources read neither, so an exact-path hit hands the
+    request over as it is.
+    """
+
+    def _find_child_and_pathstripped_message(self, request: aiocoap.Message) -> Any:
+        child = self._resources.get(request.opt.uri_path)
+        if child is not None:
+            return child, request
+        return super()._find_child_and_pathstripped_message(request)
+
+
 def build_site(
     settings: CoapSettings, pipeline: Pipeline, pool: asyncpg.Pool, key: bytes | None
 ) -> Any:
     """The collector's one `Site`: /u behind the OSCORE wrapper."""
-    site = resource.Site()
+    site = _Site()
     site.add_resource(["u"], UplinkResource(settings, pipeline, TenantDirectory(pool)))
     return _OscoreSite(site, DeviceContexts(pool, key), settings.busy_max_age_s)
 
