@@ -224,14 +224,14 @@ async def _wait_up(port: int) -> None:
     del port
 
 
-async def main(args: argparse.Namespace) -> None:  # noqa: ASYNC220 (subprocess handles, no waiting in the loop)
+async def main(args: argparse.Namespace) -> None:
     """Run the three measurements (and the optional RSS run); print the figures."""
     server_url = os.environ["NBMETER_DATABASE_URL"]
     name, db_url, addresses = await _setup(server_url)
     try:
         gen = LoadGenerator("bench", addresses)
         port = _free_udp_port()
-        bare = subprocess.Popen([sys.executable, "-c", BARE, str(port)])
+        bare = subprocess.Popen([sys.executable, "-c", BARE, str(port)])  # noqa: ASYNC220
         await _wait_up(port)
         bare_rate = await gen.run(port, args.seconds, args.window, args.sockets)
         bare.terminate()
