@@ -28,15 +28,11 @@ import structlog
 from collector import _interim_ingest as ingest
 from collector import metrics
 from collector.pipeline import Device, Outcome, Uplink
+from decoder import decode_batch as _decode_batch
 from decoder.columns import Decoded, ErrorCode, Flag
 from storage import credentials
 from storage.errors import StorageError, StorageUnavailableError
 from storage.ingest import ReadingBatch, ReadingWriter
-
-try:  # the real dispatcher, once decoder/registry.py lands
-    from decoder import decode_batch as _decode_batch  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - TEMPORARY until the decoder lands
-    from collector._standin_decoder import decode_batch as _decode_batch
 
 log = structlog.get_logger("collector.store")
 
