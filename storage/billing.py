@@ -77,10 +77,14 @@ WITH m AS (
 )
 SELECT {{columns}}
 FROM b
-CROSS JOIN LATERAL nbm_boundary_read(b.meter_id, b.o_at, b.o_edge, $9, b.installed_at, b.removed_at,
-    b.initial_register_ml, b.final_register_ml, b.scale, b.digits, b.max_flow, $6, $7) o
-CROSS JOIN LATERAL nbm_boundary_read(b.meter_id, b.c_at, b.c_edge, $10, b.installed_at, b.removed_at,
-    b.initial_register_ml, b.final_register_ml, b.scale, b.digits, b.max_flow, $6, $7) c
+-- OFFSET 0 keeps each boundary read a computed row: flattened, every reference to one of its
+-- columns would re-evaluate the function's CASE arithmetic (3x slower export)
+CROSS JOIN LATERAL (SELECT * FROM nbm_boundary_read(b.meter_id, b.o_at, b.o_edge, $9,
+    b.installed_at, b.removed_at, b.initial_register_ml, b.final_register_ml, b.scale, b.digits,
+    b.max_flow, $6, $7) OFFSET 0) o
+CROSS JOIN LATERAL (SELECT * FROM nbm_boundary_read(b.meter_id, b.c_at, b.c_edge, $10,
+    b.installed_at, b.removed_at, b.initial_register_ml, b.final_register_ml, b.scale, b.digits,
+    b.max_flow, $6, $7) OFFSET 0) c
 CROSS JOIN LATERAL (SELECT nbm_consumption(o.register_ml, c.register_ml,
     extract(epoch FROM b.c_at - b.o_at), b.scale, b.digits, b.max_flow) AS ml) u
 {{published}}
