@@ -35,8 +35,6 @@ from decoder.columns import Decoded, ErrorCode, Flag, concat, empty
 from decoder.registry import Format, register
 
 MIN_FRAME = 13  # 68 T A(7) C L CS 16 with L = 0
-MAX_FRAME = 512
-SEARCH_WINDOW = 96  # FE preamble + ASCII DTU prefix (`CTRL:&2017...` is 22 bytes)
 BEIJING_UTC_OFFSET_S = 8 * 3600
 
 # CJ/T 188 §meter type (FORMATS §1.1); the high nibble is the family.

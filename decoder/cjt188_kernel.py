@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 Int64s = k.Int64s
 MIN_FRAME = 13
 MAX_FRAME = 512
-SEARCH_WINDOW = 96
+SEARCH_WINDOW = 96  # FE preamble + an ASCII DTU prefix (`CTRL:&2017...` is 22 bytes)
 L_901F = 0x16  # 22 data bytes (water/gas)
 L_HISTORY = 8  # DI SER BCD(4) unit
 DI_901F = 0x901F
@@ -46,6 +46,8 @@ def locate(a: k.Frames, t_ok: np.ndarray) -> tuple[Int64s, k.Bools]:
     if width < MIN_FRAME:
         return start, np.zeros(n, bool)
     window = min(width - MIN_FRAME + 1, SEARCH_WINDOW)
+    if n and (fast := _uniform_start(a, t_ok, window)) is not None:
+        return fast
     is68 = a[:, :window] == 0x68
     cols = np.arange(window)
     pending = np.arange(n)
@@ -61,6 +63,27 @@ def locate(a: k.Frames, t_ok: np.ndarray) -> tuple[Int64s, k.Bools]:
         first[pending[~ok]] = s[~ok] + 1
         pending = pending[~ok]
     return start, start >= 0
+
+
+def _uniform_start(a: k.Frames, t_ok: np.ndarray, window: int) -> tuple[Int64s, k.Bools] | None:
+    """Fast path: every row's first 0x68 sits at the same offset (one preamble length)."""
+    width = a.shape[1]
+    hits = np.flatnonzero(a[0, :window] == 0x68)
+    if not hits.size:
+        return None
+    s = int(hits[0])
+    if not (a[:, s] == 0x68).all() or (s and (a[:, :s] == 0x68).any()):
+        return None
+    stop = s + 12 + a[:, s + 10].astype(np.int64)
+    inside = stop < width
+    ok = t_ok[a[:, s + 1]] & inside
+    if ok.all() and (stop == stop[0]).all():
+        ok &= a[:, int(stop[0])] == 0x16
+    else:
+        ok &= a[np.arange(len(a)), np.minimum(stop, width - 1)] == 0x16
+    if not ok.all():
+        return None  # some rows need the general search
+    return np.full(len(a), s, np.int64), ok
 
 
 def decode_array(a: k.Frames, rx: Int64s, model: Model, t_ok: np.ndarray) -> Decoded:
@@ -128,21 +151,28 @@ class Columns(NamedTuple):
 
 
 def _clock(f: k.Frames, off: int, order: str) -> tuple[Int64s, np.ndarray]:
-    """7-byte BCD clock in either byte order -> (local epoch s, state 0 le/1 be/2..4 none)."""
-    v, bad = k.bcd_bytes(f[:, off : off + 7])
-    bad_any = bad.any(axis=1)
-    le, le_ok = k.civil_to_epoch(
-        v[:, 6] * 100 + v[:, 5], v[:, 4], v[:, 3], v[:, 2], v[:, 1], v[:, 0]
-    )
-    be, be_ok = k.civil_to_epoch(
-        v[:, 0] * 100 + v[:, 1], v[:, 2], v[:, 3], v[:, 4], v[:, 5], v[:, 6]
-    )
-    le_ok &= ~bad_any & (v[:, 6] >= 19) & (v[:, 6] <= 21) & (order != "be")
-    be_ok &= ~bad_any & (v[:, 0] >= 19) & (v[:, 0] <= 21) & (order != "le")
-    state = np.select(
-        [le_ok, be_ok, k.all_equal(f, off, 7, 0), k.all_equal(f, off, 7, 0xFF)], [0, 1, 2, 3], 4
-    )
-    return np.where(le_ok, le, be), state
+    """7-byte BCD clock in either byte order -> (local epoch s, state 0 le/1 be/2..4 none).
+
+    `ss mm hh DD MM YY CC` (standard, ng-gateway) is tried first; `CC YY MM DD hh mm ss`
+    (NB-IoT field devices) only for rows where that fails. Century 19..21 is required.
+    """
+    v = k.BCD_LUT[f[:, off : off + 7]]
+    ok_digits = (v >= 0).all(axis=1)
+    epoch = np.zeros(len(f), np.int64)
+    state = np.full(len(f), 4, np.int64)
+    if order != "be":
+        le, le_ok = k.civil_to_epoch(v[:, 6] * 100 + v[:, 5], *v[:, 4::-1].T)
+        le_ok &= ok_digits & (v[:, 6] >= 19) & (v[:, 6] <= 21)
+        epoch[le_ok], state[le_ok] = le[le_ok], 0
+    if order != "le" and (rest := np.flatnonzero(state == 4)).size:
+        w = v[rest]
+        be, be_ok = k.civil_to_epoch(w[:, 0] * 100 + w[:, 1], *w[:, 2:7].T)
+        be_ok &= ok_digits[rest] & (w[:, 0] >= 19) & (w[:, 0] <= 21)
+        epoch[rest[be_ok]], state[rest[be_ok]] = be[be_ok], 1
+    if (rest := np.flatnonzero(state == 4)).size:
+        state[rest[k.all_equal(f[rest], off, 7, 0)]] = 2
+        state[rest[k.all_equal(f[rest], off, 7, 0xFF)]] = 3
+    return epoch, state
 
 
 def read_901f(f: k.Frames, rx: Int64s, model: Model) -> Columns:
@@ -240,10 +270,22 @@ def _cs_msg(model: Model) -> str:
     return f"checksum mismatch (model {model.name}: sum of the DATA bytes only, mod 256)"
 
 
+HEX2 = np.array([f"{i:02X}" for i in range(256)], object)  # byte -> "2C" without f-strings
+_HEX4: list[np.ndarray] = []
+
+
+def _hex4(words: Int64s) -> list[str]:
+    """16-bit values -> 4-digit uppercase hex strings via a lazily built 65536-entry table."""
+    if not _HEX4:
+        _HEX4.append(np.array([f"{i:04X}" for i in range(1 << 16)], object))
+    return _HEX4[0][words].tolist()
+
+
 def _header_extras(t: Int64s, c: Int64s, di: Int64s, ser: np.ndarray) -> list[dict[str, object]]:
+    cols = (HEX2[t].tolist(), HEX2[c].tolist(), _hex4(di), ser.tolist())
     return [
-        {"meter_type": f"{ti:02X}", "control": f"{ci:02X}", "di": f"{d:04X}", "ser": s}
-        for ti, ci, d, s in zip(t.tolist(), c.tolist(), di.tolist(), ser.tolist(), strict=True)
+        {"meter_type": ti, "control": ci, "di": d, "ser": s}
+        for ti, ci, d, s in zip(*cols, strict=True)
     ]
 
 
@@ -256,20 +298,26 @@ def _with_readings(
 ) -> Decoded:
     ok = out.error_code == 0
     rows = np.flatnonzero(ok)
-    units, s_units = f[:, 18].tolist(), f[:, 23].tolist()
-    total, settle = cols.total.tolist(), cols.settlement.tolist()
-    st = (f[:, 31].astype(np.int64) << 8 | f[:, 32]).tolist()
-    clock, valve = cols.clock_state.tolist(), cols.valve.tolist()
-    s_ok = cols.settlement_ok.tolist()
-    for i in rows.tolist():
+    g = f[rows]
+    units, s_units = g[:, 18].tolist(), g[:, 23].tolist()
+    m3 = model.m3
+    st = (g[:, 31].astype(np.int64) << 8) | g[:, 32]
+    medium = np.where(g[:, 1] >> 4 == 3, "gas", "water").tolist()
+    valve = np.array(VALVE_STATES, object)[cols.valve[rows]].tolist()
+    clock = np.array(_CLOCK, object)[cols.clock_state[rows]].tolist()
+    full = zip(
+        rows.tolist(), medium, cols.total[rows].tolist(), units, cols.settlement[rows].tolist(),
+        s_units, cols.settlement_ok[rows].tolist(), _hex4(st), valve, clock, strict=True,
+    )  # fmt: skip
+    for i, med, total, unit, settle, s_unit, s_ok, sth, vs, ck in full:
         e = extras[i]
-        e["medium"] = "gas" if e["meter_type"][0] == "3" else "water"
-        e["total_m3"] = model.m3(total[i], units[i])
-        if s_ok[i]:
-            e["settlement_m3"] = model.m3(settle[i], s_units[i])
-        e["status_hex"] = f"{st[i]:04X}"
-        e["valve"] = VALVE_STATES[valve[i]]
-        e["clock"] = _CLOCK[clock[i]]
+        e["medium"] = med
+        e["total_m3"] = m3(total, unit)
+        if s_ok:
+            e["settlement_m3"] = m3(settle, s_unit)
+        e["status_hex"] = sth
+        e["valve"] = vs
+        e["clock"] = ck
     out.extra[:] = extras
     return Decoded(
         frame_index=rows.astype(np.int32),
