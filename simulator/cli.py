@@ -53,7 +53,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", type=float, default=0.0, help="emulated loss per transmission")
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--jitter-ms", type=float, default=0.0)
-    p.add_argument("--time-scale", type=float, default=0.05,
+    p.add_argument("--time-scale", type=float, default=0.5,
                    help="scales CoAP timeouts and latency (1 = RFC 7252 timing)")  # fmt: skip
     p.add_argument("--cycle-days", type=int, default=10, help="billing cycle length")
 
@@ -198,7 +198,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _conn_args(p)
     p.add_argument("--meter", required=True, help="the meter's address")
     p.add_argument("--day", type=int, help="which report day to send (default: the last)")
-    p.add_argument("--time-scale", type=float, default=0.05)
+    p.add_argument("--time-scale", type=float, default=0.5)
     p.set_defaults(func=_cmd_device)
 
     p = sub.add_parser("verify", help="compare cycle reads with the ground truth")

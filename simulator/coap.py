@@ -24,6 +24,7 @@ from aiocoap import oscore
 from simulator.network import MAX_RETRANSMIT, Delivery, backoff_s, initial_timeout_s
 
 NON_TIMEOUT_S = 4.0  # how long a NON sender waits for a NON response before giving up
+SEPARATE_TIMEOUT_S = 60.0  # how long to wait for a separate response after an empty ACK
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,9 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         """
         assert self._transport is not None, "endpoint not open"
         delivery = delivery or Delivery()
+        mtype = aiocoap.CON if confirmable else aiocoap.NON
         msg = aiocoap.Message(
-            mtype=aiocoap.CON if confirmable else aiocoap.NON,
+            mtype=mtype,
             code=aiocoap.POST,
             payload=payload,
             uri_path=("u",),
@@ -145,6 +147,7 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         request_id = None
         if context is not None:
             msg, request_id = context.protect(msg)
+            msg.mtype = mtype  # the outer message leaves the type to the sender
         msg.mid, msg.token = self._next_mid(), secrets.token_bytes(4)
         wire = msg.encode()
         replies: asyncio.Queue[Any] = asyncio.Queue()
@@ -196,9 +199,13 @@ class CoapEndpoint(asyncio.DatagramProtocol):
                 ignore_acks -= 1
                 await asyncio.sleep(timeout)  # the device never saw it: wait, then repeat
                 continue
-            if reply.mtype == aiocoap.ACK and reply.code == aiocoap.EMPTY:
-                # separate response follows (RFC 7252 §5.2.2); stop retransmitting
-                reply = await asyncio.wait_for(replies.get(), 60 * max(time_scale, 0.1))
+            while reply.mtype == aiocoap.ACK and reply.code == aiocoap.EMPTY:
+                # separate response follows (RFC 7252 §5.2.2); stop retransmitting (an
+                # earlier retransmission may have drawn a second empty ACK: skip it too)
+                try:
+                    reply = await asyncio.wait_for(replies.get(), SEPARATE_TIMEOUT_S)
+                except TimeoutError:
+                    return CoapResult("", b"", sent, answered=False)
             return self._result(reply, sent, context, request_id)
         return CoapResult("", b"", sent, answered=False)
 

@@ -53,7 +53,7 @@ class RunConfig:
     rate: float | None = None
     speed: float | None = None
     herd: bool = False
-    time_scale: float = 0.05
+    time_scale: float = 0.5
     sockets: int = 32
 
 
