@@ -92,9 +92,9 @@ def _decode(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from nbmeter.demo import run_demo
+    from nbmeter.demo import run_ingest_demo
 
-    return run_demo(args)
+    return run_ingest_demo(args)
 
 
 def _optional(module: str, attr: str) -> Any:

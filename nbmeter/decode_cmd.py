@@ -43,6 +43,7 @@ def run_decode(args: argparse.Namespace) -> int:
     lines = args.frames or [line for line in sys.stdin if line.strip()]
     received = args.received_at if args.received_at is not None else int(time.time())
     frames: list[bytes] = []
+    inline: dict[int, bytes] = {}  # a JSONL line's own `key`, for that frame only
     bad_input: dict[int, str] = {}
     for i, line in enumerate(lines):
         try:
@@ -52,9 +53,8 @@ def run_decode(args: argparse.Namespace) -> int:
             frame, key = b"", None
         frames.append(frame)
         if key is not None:
-            keys.setdefault(f"#frame{i}", key)
-    inline = {i: keys[f"#frame{i}"] for i in range(len(frames)) if f"#frame{i}" in keys}
-    records = frame_records(frames, received, keys={**keys}, frame_keys=inline)
+            inline[i] = key
+    records = frame_records(frames, received, keys=keys, frame_keys=inline)
     failed = 0
     for i, record in enumerate(records):
         if i in bad_input:
