@@ -1,0 +1,65 @@
+"""storage.archive.ArchiveWriter: raw uplinks and quarantine rows, atomically with readings."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import asyncpg
+import numpy as np
+import pytest
+
+from storage.archive import ArchiveWriter, QuarantineRow, RawUplink
+from storage.errors import StorageError
+from storage.ingest import ReadingBatch, ReadingWriter
+
+NOW = datetime(2026, 1, 31, 12, 0, tzinfo=UTC)
+
+
+async def test_archive_commits_with_the_readings(pool: asyncpg.Pool, tenant_id: int) -> None:
+    """Readings, raw uplink and quarantine rows written in one transaction all commit."""
+    meter_id = await pool.fetchval(
+        "INSERT INTO meters (tenant_id, address, kind, format) VALUES ($1, 'a1', 'water', 'cjt188')"
+        " RETURNING meter_id",
+        tenant_id,
+    )
+    batch = ReadingBatch(
+        meter_id=np.array([meter_id], np.int64),
+        read_at_s=np.array([int(NOW.timestamp()) - 60], np.int64),
+        register_ml=np.array([1_000], np.int64),
+        flags=np.zeros(1, np.uint32),
+        transport=3,
+        received_at_us=int(NOW.timestamp()) * 1_000_000,
+    )
+    payload = b"\x68\x10\x00\x16"
+    async with pool.acquire() as conn, conn.transaction():
+        result = await ReadingWriter(pool).write(batch, conn=conn)
+        uplink = RawUplink(
+            NOW,
+            tenant_id,
+            meter_id,
+            3,
+            "10.0.0.1:5683",
+            payload,
+            "cjt188",
+            "stored",
+            n_readings=1,
+            n_new=result.new,
+        )
+        bad = QuarantineRow(NOW, tenant_id, None, 3, "10.0.0.2", "undecodable", "bad CS", b"\x00")
+        assert await ArchiveWriter(pool).write_uplinks([uplink], conn=conn) == 1
+        assert await ArchiveWriter(pool).write_quarantine([bad], conn=conn) == 1
+    row = await pool.fetchrow(
+        "SELECT payload, outcome, n_new FROM raw_uplinks WHERE meter_id = $1", meter_id
+    )
+    assert (row["payload"], row["outcome"], row["n_new"]) == (payload, "stored", 1)
+    reason = await pool.fetchval(
+        "SELECT reason FROM quarantine WHERE tenant_id = $1 AND peer = '10.0.0.2'", tenant_id
+    )
+    assert reason == "undecodable"
+
+
+async def test_bad_archive_row_is_a_storage_error(pool: asyncpg.Pool, tenant_id: int) -> None:
+    """A row the schema refuses (unknown outcome) raises StorageError, not asyncpg's error."""
+    row = RawUplink(NOW, tenant_id, None, 1, None, b"x", None, "lost")  # type: ignore[arg-type]
+    with pytest.raises(StorageError, match="raw_uplinks"):
+        await ArchiveWriter(pool).write_uplinks([row])
