@@ -69,7 +69,7 @@ _MERGE = (
 )
 # after a merge, skip the copy attempt for this many batches (a failed copy costs a
 # whole batch of work; replays come in runs)
-_MERGE_RUN = 8
+MERGE_RUN_BATCHES = 8
 # known meter ids kept in memory; past this the cache is simply dropped and refilled
 _MAX_KNOWN_METERS = 4_000_000
 
@@ -187,9 +187,15 @@ class ReadingWriter:
         earliest_read_at_s: int = EARLIEST_READ_AT_S,
         max_clock_ahead_s: int = MAX_CLOCK_AHEAD_S,
         chunk_rows: int = 65_536,
+        copy_first: bool = True,
     ) -> None:
-        """Write through `pool`; rows outside [earliest, received + ahead] are rejected."""
+        """Write through `pool`; rows outside [earliest, received + ahead] are rejected.
+
+        `copy_first=False` always takes the merge path (for a feed known to be mostly
+        replays, such as a re-import, where a failed COPY attempt would be wasted work).
+        """
         self._pool = pool
+        self._copy_first = copy_first
         self._earliest_read_at_s = earliest_read_at_s
         self._max_clock_ahead_s = max_clock_ahead_s
         self._chunk_rows = chunk_rows
@@ -219,15 +225,16 @@ class ReadingWriter:
         new_mask = np.zeros(len(batch), np.bool_)
         path: Path = "none"
         if len(plan.write):
-            if self._merge_run > 0:
-                self._merge_run -= 1
-            elif await self._copy(batch, plan, conn):
+            try_copy = self._copy_first and self._merge_run == 0
+            self._merge_run = max(0, self._merge_run - 1)
+            if try_copy and await self._copy(batch, plan, conn):
                 new_mask[plan.write] = True
                 path = "copy"
-            if path == "none":
+            else:
+                if try_copy:  # the copy met a stored key: expect more overlap for a while
+                    self._merge_run = MERGE_RUN_BATCHES
                 new_mask[plan.write[await self._merge(batch, plan, conn)]] = True
                 path = "merge"
-                self._merge_run = _MERGE_RUN
         rejected_rows = np.flatnonzero(plan.reject_code)
         rejected = tuple(
             Rejection(int(i), RejectReason(int(plan.reject_code[i]))) for i in rejected_rows

@@ -9,7 +9,7 @@ import asyncpg
 import numpy as np
 import pytest
 
-from storage.ingest import ReadingBatch, ReadingWriter, RejectReason
+from storage.ingest import MERGE_RUN_BATCHES, ReadingBatch, ReadingWriter, RejectReason
 
 T0_S = 1_767_225_600  # 2026-01-01T00:00:00Z
 RECEIVED_US = (T0_S + 30 * 86_400) * 1_000_000
@@ -237,3 +237,24 @@ def test_mismatched_columns_are_a_programming_error() -> None:
             transport=5,
             received_at_us=0,
         )
+
+
+async def test_writer_returns_to_copy_after_a_run_of_merges(
+    pool: asyncpg.Pool, tenant_id: int
+) -> None:
+    """After a COPY meets a stored key, MERGE_RUN_BATCHES batches merge, then COPY is tried."""
+    meters = await make_meters(pool, tenant_id, 10)
+    writer = ReadingWriter(pool)
+    assert (await writer.write(hourly(meters, range(1)))).path == "copy"
+    assert (await writer.write(hourly(meters, range(1)))).path == "merge"
+    paths = [(await writer.write(hourly(meters, range(h, h + 1)))).path for h in range(1, 11)]
+    assert paths == ["merge"] * MERGE_RUN_BATCHES + ["copy"] * (10 - MERGE_RUN_BATCHES)
+    assert await stored(pool, meters) == 110
+
+
+async def test_copy_first_off_always_merges(pool: asyncpg.Pool, tenant_id: int) -> None:
+    """With copy_first=False even fresh data takes the merge path, with the same counts."""
+    meters = await make_meters(pool, tenant_id, 10)
+    result = await ReadingWriter(pool, copy_first=False).write(hourly(meters, range(3)))
+    assert (result.path, result.new, result.duplicate) == ("merge", 30, 0)
+    assert result.new_mask.all()
