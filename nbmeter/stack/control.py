@@ -81,14 +81,6 @@ def database_url(cfg: StackConfig) -> str:
     return f"postgresql://{DB_USER}:{password}@127.0.0.1:{cfg.pg_port}/{DB_NAME}"
 
 
-def mqtt_url(cfg: StackConfig) -> str:
-    """The URL the collector uses for the broker (or the external one)."""
-    if cfg.external_mqtt:
-        return cfg.external_mqtt
-    extra = mosquitto.prepare_credentials(cfg)
-    return extra.get("NBMETER_MQTT_URL", f"mqtt://127.0.0.1:{cfg.mqtt_port}")
-
-
 def up(cfg: StackConfig) -> str:
     """Bring the stack up (idempotent); return a one-line summary."""
     started = time.monotonic()
@@ -176,7 +168,14 @@ def status(cfg: StackConfig) -> tuple[bool, list[str]]:
 def env_lines(cfg: StackConfig, *, export: bool = False) -> list[str]:
     """`NAME='value'` lines (with `export ` when asked) for a shell to eval."""
     prefix = "export " if export else ""
-    values = {"NBMETER_DATABASE_URL": database_url(cfg), "NBMETER_MQTT_URL": mqtt_url(cfg)}
+    values = {"NBMETER_DATABASE_URL": database_url(cfg)}
+    if cfg.external_mqtt:
+        values["NBMETER_MQTT_URL"] = cfg.external_mqtt
+    else:
+        # the collector account's URL, the provisioning account's, and the key that seals
+        # device secrets at rest
+        values |= mosquitto.prepare_credentials(cfg)
+        values.setdefault("NBMETER_MQTT_URL", f"mqtt://127.0.0.1:{cfg.mqtt_port}")
     return [f"{prefix}{k}='{v}'" for k, v in values.items()]
 
 

@@ -55,7 +55,8 @@ def running(cfg: StackConfig) -> bool:
     return _pid(cfg) is not None and port_open(cfg.mqtt_port)
 
 
-def _render(cfg: StackConfig) -> Path:
+def _render(cfg: StackConfig) -> tuple[Path, bool]:
+    """Write the broker config; return its path and whether it changed."""
     template = resources.files("nbmeter.stack").joinpath("mosquitto.conf")
     text = template.read_text(encoding="utf-8") if template.is_file() else _FALLBACK
     directory = cfg.mosquitto_dir
@@ -66,7 +67,10 @@ def _render(cfg: StackConfig) -> Path:
         body += f"user {getpass.getuser()}\n"
     conf = directory / "mosquitto.conf"
     conf.write_text(body, encoding="utf-8")
-    return conf
+    # compare with the config the running broker was started with, not the last render
+    started = directory / "mosquitto.conf.started"
+    old = started.read_text(encoding="utf-8") if started.exists() else None
+    return conf, old != body
 
 
 def prepare_credentials(cfg: StackConfig) -> dict[str, str]:
@@ -75,16 +79,19 @@ def prepare_credentials(cfg: StackConfig) -> dict[str, str]:
         from collector.broker import prepare_broker_files
     except ImportError:
         return {}
-    return dict(prepare_broker_files(cfg.mosquitto_dir))
+    return dict(prepare_broker_files(cfg.mosquitto_dir, port=cfg.mqtt_port))
 
 
 def bring_up(cfg: StackConfig) -> str:
     """Start the broker unless it runs; return what was done."""
     cfg.mosquitto_dir.mkdir(parents=True, exist_ok=True)
     prepare_credentials(cfg)
-    conf = _render(cfg)
+    conf, changed = _render(cfg)
     if running(cfg):
-        return "already running"
+        if not changed:
+            return "already running"
+        say("the broker config changed: restarting Mosquitto ...")
+        stop(cfg)
     if port_open(cfg.mqtt_port):
         msg = (
             f"127.0.0.1:{cfg.mqtt_port} is taken by another program: stop it or choose "
@@ -97,6 +104,9 @@ def bring_up(cfg: StackConfig) -> str:
     say(f"starting Mosquitto on 127.0.0.1:{cfg.mqtt_port} ...")
     log = cfg.mosquitto_dir / "mosquitto.log"
     run([binary, "-c", str(conf), "-d"], what=f"starting Mosquitto (log: {log})")
+    (cfg.mosquitto_dir / "mosquitto.conf.started").write_text(
+        conf.read_text(encoding="utf-8"), encoding="utf-8"
+    )
     deadline = time.monotonic() + 15
     while not port_open(cfg.mqtt_port):
         if time.monotonic() > deadline:
