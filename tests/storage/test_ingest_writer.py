@@ -9,7 +9,9 @@ import asyncpg
 import numpy as np
 import pytest
 
+from decoder.columns import Decoded
 from storage.ingest import MERGE_RUN_BATCHES, ReadingBatch, ReadingWriter, RejectReason
+from storage.meters import MeterDirectory
 
 T0_S = 1_767_225_600  # 2026-01-01T00:00:00Z
 RECEIVED_US = (T0_S + 30 * 86_400) * 1_000_000
@@ -258,3 +260,58 @@ async def test_copy_first_off_always_merges(pool: asyncpg.Pool, tenant_id: int) 
     result = await ReadingWriter(pool, copy_first=False).write(hourly(meters, range(3)))
     assert (result.path, result.new, result.duplicate) == ("merge", 30, 0)
     assert result.new_mask.all()
+
+
+async def test_empty_batch_writes_nothing(pool: asyncpg.Pool) -> None:
+    """An empty batch returns zero counts and takes no write path."""
+    empty = np.zeros(0, np.int64)
+    batch = ReadingBatch(empty, empty, empty, np.zeros(0, np.uint32), 5, RECEIVED_US)
+    result = await ReadingWriter(pool).write(batch)
+    assert (result.rows, result.new, result.duplicate, result.path) == (0, 0, 0, "none")
+
+
+async def test_many_small_chunks_round_trip(pool: asyncpg.Pool, tenant_id: int) -> None:
+    """A COPY stream split into many chunks stores every row, on both paths."""
+    meters = await make_meters(pool, tenant_id, 13)
+    writer = ReadingWriter(pool, chunk_rows=7)
+    first = await writer.write(hourly(meters, range(4)))
+    second = await writer.write(hourly(meters, range(3, 8)))
+    assert (first.path, first.new, second.path, second.new, second.duplicate) == (
+        "copy",
+        52,
+        "merge",
+        52,
+        13,
+    )
+    total = await pool.fetchval(
+        "SELECT sum(register_ml) FROM readings WHERE meter_id = ANY($1::bigint[])",
+        meters.tolist(),
+    )
+    expected = sum(
+        int(b.register_ml.sum()) for b in (hourly(meters, range(4)), hourly(meters, range(4, 8)))
+    )
+    assert total == expected
+
+
+async def test_from_decoded_resolved_addresses(pool: asyncpg.Pool, tenant_id: int) -> None:
+    """A decoder result plus MeterDirectory ids becomes a batch; unresolved rows are rejected."""
+    meters = await make_meters(pool, tenant_id, 2)
+    decoded = Decoded(
+        frame_index=np.array([0, 1, 2], np.int32),
+        meter_id=np.array(["m1", "m2", "zz"], object),
+        read_at_s=np.full(3, T0_S, np.int64),
+        register_ml=np.array([1, 2, 3], np.int64),
+        flags=np.zeros(3, np.uint32),
+        format=np.array(["cjt188"] * 3, object),
+        meter_of_frame=np.array(["m1", "m2", "zz"], object),
+        error_code=np.zeros(3, np.uint16),
+        error_message=np.array([""] * 3, object),
+    )
+    ids = await MeterDirectory(pool).resolve(tenant_id, decoded.meter_id)
+    batch = ReadingBatch.from_decoded(decoded, ids, transport=3, received_at_us=RECEIVED_US)
+    result = await ReadingWriter(pool).write(batch)
+    assert ids[:2].tolist() == meters.tolist()
+    assert (result.new, [(r.index, r.reason.label) for r in result.rejected]) == (
+        2,
+        [(2, "unknown_meter")],
+    )
