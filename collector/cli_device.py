@@ -3,6 +3,8 @@
 Prints the secrets once, as JSON on stdout (the database keeps only sealed or hashed
 copies). Needs NBMETER_DATABASE_URL and NBMETER_CREDENTIALS_KEY; an MQTT account is
 created when NBMETER_MQTT_ADMIN_URL is set (or --no-mqtt is not given and it is).
+`--aes-key HEX` stores an OMS meter's AES-128 key (32 hex digits), sealed; it is not
+printed back.
 """
 
 from __future__ import annotations
@@ -30,7 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-oscore", action="store_true", help="no OSCORE context")
     p.add_argument("--no-mqtt", action="store_true", help="no broker account")
+    p.add_argument(
+        "--aes-key",
+        type=_aes_key,
+        metavar="HEX",
+        help="the meter's OMS/wM-Bus AES-128 key, 32 hex digits (stored sealed)",
+    )
     p.set_defaults(func=_provision)
+
+
+def _aes_key(text: str) -> bytes:
+    """32 hex digits -> 16 bytes; argparse reports the ValueError as a usage error."""
+    raw = bytes.fromhex(text.strip())
+    if len(raw) != 16:  # AES-128
+        msg = "an AES-128 key is 32 hex digits"
+        raise ValueError(msg)
+    return raw
 
 
 def _provision(args: argparse.Namespace) -> int:
@@ -57,6 +74,7 @@ def _provision(args: argparse.Namespace) -> int:
                 kind=args.kind,
                 meter_format=args.meter_format,
                 oscore=not args.no_oscore,
+                aes_key=args.aes_key,
             )
         )
     except ProvisionError as exc:

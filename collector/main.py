@@ -19,6 +19,7 @@ import structlog
 
 from collector import metrics
 from collector.coap import start_server
+from collector.keys import MeterKeys
 from collector.logs import configure_logging
 from collector.mqtt import MqttSubscriber
 from collector.pipeline import Pipeline
@@ -57,7 +58,7 @@ async def run(
     if settings.credentials_key is not None:
         key = parse_key(settings.credentials_key.get_secret_value())
     pool = await _create_pool(settings)
-    pipeline = Pipeline(settings.pipeline, BatchStore(pool).commit)
+    pipeline = Pipeline(settings.pipeline, BatchStore(pool, MeterKeys(key)).commit)
     http = metrics.serve(settings.metrics_host, settings.metrics_port)
     mqtt = MqttSubscriber(settings.mqtt_url, settings.mqtt, pipeline) if settings.mqtt_url else None
     try:

@@ -1,10 +1,12 @@
 """Provision one meter's transport credentials; the secrets are returned once, stored never.
 
 `provision_device(...)` creates the meter (if absent) in its tenant, a fresh OSCORE context
-(stored sealed under the credentials key) and a broker account whose ACL allows publishing
+(stored sealed under the credentials key), a broker account whose ACL allows publishing
 only to `nbmeter/<tenant-slug>/<address>/up` (created on the running broker over dynsec;
-the database keeps a hash). Calling it again rotates the credentials: the old ones stop
-working. Raises `ProvisionError` with a message for the operator.
+the database keeps a hash), and stores the meter's OMS/wM-Bus AES-128 key when given
+(sealed; it is the meter's factory key, so it is never generated or shown here). Calling
+it again rotates the credentials: the old ones stop working. Raises `ProvisionError` with
+a message for the operator.
 """
 
 from __future__ import annotations
@@ -79,16 +81,22 @@ async def provision_device(
     kind: str = "water",
     meter_format: str = "cjt188",
     oscore: bool = True,
+    aes_key: bytes | None = None,
 ) -> ProvisionedDevice:
     """Create or rotate the credentials of meter `address` of tenant `tenant_slug`.
 
     OSCORE when `oscore`; an MQTT account when `mqtt_admin_url` (the broker's admin URL,
-    NBMETER_MQTT_ADMIN_URL) is given. Returns the secrets to show once.
+    NBMETER_MQTT_ADMIN_URL) is given; the meter's AES-128 key (16 bytes, OMS security
+    mode 5 / ELL) is stored sealed when `aes_key` is given, and never returned. Returns
+    the secrets to show once.
     """
     try:
         key = credentials.parse_key(credentials_key)
     except ValueError as exc:
         raise ProvisionError(f"NBMETER_CREDENTIALS_KEY: {exc}") from exc
+    if aes_key is not None and len(aes_key) != credentials.AES_KEY_BYTES:
+        msg = f"the AES key must be {credentials.AES_KEY_BYTES} bytes (got {len(aes_key)})"
+        raise ProvisionError(msg)
     conn = await asyncpg.connect(database_url)
     try:
         async with conn.transaction():
@@ -99,6 +107,8 @@ async def provision_device(
                 conn, tenant[0], address, kind=kind, fmt=meter_format
             )
             meter = credentials.MeterRef(meter_id, tenant[0], address)
+            if aes_key is not None:
+                await credentials.store_aes_key(conn, key, meter, aes_key)
             oscore_out: dict[str, str] = {}
             if oscore:
                 oscore_out = await _new_oscore(conn, key, meter)

@@ -4,7 +4,9 @@
 transaction has committed; it raises `StorageUnavailableError` when the database cannot
 be reached (the pipeline retries the batch), never a raw asyncpg error. Per uplink:
 
-- decoded by `decoder.decode_batch`; an undecodable payload is quarantined;
+- decoded by `decoder.decode_batch`, with the AES keys of the batch's meters (OMS/wM-Bus,
+  `collector.keys`); an undecodable payload is quarantined (a wrong or missing key too:
+  `undecodable` with the decoder's decrypt_failed / no_key message);
 - identity: every meter a frame reports must be the authenticated device's meter
   (OSCORE context or MQTT account), else quarantine `identity_mismatch`; plain CoAP
   frames must name a meter of the tenant given in the query, else `unknown_meter`;
@@ -18,7 +20,7 @@ is quarantined as `store_failed` instead of blocking the others.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 
 import asyncpg
@@ -27,16 +29,17 @@ import structlog
 
 from collector import _interim_ingest as ingest
 from collector import metrics
+from collector.keys import KeyRing, MeterKeys, Pair
 from collector.pipeline import Device, Outcome, Uplink
 from decoder import decode_batch as _decode_batch
-from decoder.columns import Decoded, ErrorCode, Flag
+from decoder.columns import Decoded, ErrorCode, Flag, concat
 from storage import credentials
 from storage.errors import StorageError, StorageUnavailableError
 from storage.ingest import ReadingBatch, ReadingWriter
 
 log = structlog.get_logger("collector.store")
 
-Decode = Callable[[list[bytes], int], Decoded]
+Decode = Callable[[list[bytes], int, Mapping[str, bytes]], Decoded]
 
 _EVENT_FLAGS = (
     (Flag.LEAK, "leak"),
@@ -62,9 +65,21 @@ TRANSIENT = (
 )
 
 
-def default_decode(frames: list[bytes], received_at_s: int) -> Decoded:
-    """Decode with the project's decoder dispatcher."""
-    return _decode_batch(frames, received_at_s)
+def default_decode(frames: list[bytes], received_at_s: int, keys: Mapping[str, bytes]) -> Decoded:
+    """Decode with the project's decoder dispatcher; `keys`: meter id -> AES key."""
+    return _decode_batch(frames, received_at_s, keys=keys)
+
+
+class _Round:
+    """Frames decoded together: one key ring, consistent (an address maps to one key)."""
+
+    def __init__(self, keys: dict[str, bytes], plain_tenant: int | None) -> None:
+        self.rows: list[int] = []
+        self.keys = keys
+        self.plain_tenant = plain_tenant  # plain CoAP: the one tenant of this round
+
+    def admits(self, keys: dict[str, bytes]) -> bool:
+        return self.plain_tenant is None and all(self.keys.get(a, k) == k for a, k in keys.items())
 
 
 def _reading_batch(
@@ -110,11 +125,16 @@ class BatchStore:
     """Commits batches of uplinks to the database through `pool`."""
 
     def __init__(
-        self, pool: asyncpg.Pool, decode: Decode = default_decode, acquire_timeout_s: float = 5.0
+        self,
+        pool: asyncpg.Pool,
+        keys: MeterKeys,
+        decode: Decode = default_decode,
+        acquire_timeout_s: float = 5.0,
     ) -> None:
-        """Store through `pool`, decoding with `decode`."""
+        """Store through `pool`, decoding with `decode` and the AES keys from `keys`."""
         self._pool = pool
         self._writer = ReadingWriter(pool)
+        self._keys = keys
         self._decode = decode
         self._acquire_timeout_s = acquire_timeout_s
 
@@ -141,10 +161,105 @@ class BatchStore:
                 outcomes.extend(await self._commit([uplink]))
         return outcomes
 
+    async def _decode_keyed(
+        self, conn: asyncpg.Connection, uplinks: list[Uplink], received_at_s: int
+    ) -> Decoded:
+        """Decode `uplinks` with their meters' AES keys (see the module docstring).
+
+        An authenticated device reports its own meter, so its key is known before decoding
+        (cache, else one bulk query). A plain CoAP frame names its meter only inside the
+        frame: its tenant's frames are decoded on their own, and if a key was missing they
+        are decoded again with the keys of the meter ids the decoder asked for. Frames of
+        tenants whose keys disagree on an address (two tenants, one OMS id) never share a
+        decode call.
+        """
+        wanted = {(u.device.tenant_id, u.device.address) for u in uplinks if u.device}
+        known = await self._keys.get(conn, wanted) if wanted else {}
+        per_tenant: dict[int, dict[str, bytes]] = {}
+        for (tenant, address), aes in known.items():
+            if aes is not None:
+                per_tenant.setdefault(tenant, {})[address] = aes
+        rounds: list[_Round] = []
+        by_device_tenant: dict[int, _Round] = {}
+        by_plain_tenant: dict[int, _Round] = {}
+        for n, uplink in enumerate(uplinks):
+            if uplink.device is None:  # plain CoAP (tenant_id is set): a round per tenant
+                scope = uplink.tenant_id if uplink.tenant_id is not None else -1
+                rnd = by_plain_tenant.get(scope)
+                if rnd is None:
+                    rnd = by_plain_tenant[scope] = _Round({}, scope)
+                    rounds.append(rnd)
+            else:
+                tenant = uplink.device.tenant_id
+                rnd = by_device_tenant.get(tenant)
+                if rnd is None:
+                    mine = per_tenant.get(tenant, {})
+                    rnd = next((r for r in rounds if r.admits(mine)), None)
+                    if rnd is None:
+                        rnd = _Round({}, None)
+                        rounds.append(rnd)
+                    rnd.keys.update(mine)
+                    by_device_tenant[tenant] = rnd
+            rnd.rows.append(n)
+        if len(rounds) == 1:
+            return await self._decode_round(conn, uplinks, rounds[0], received_at_s)
+        parts = [
+            (
+                np.asarray(r.rows, np.int64),
+                await self._decode_round(conn, uplinks, r, received_at_s),
+            )
+            for r in rounds
+        ]
+        return concat(parts, len(uplinks))
+
+    async def _decode_round(
+        self, conn: asyncpg.Connection, uplinks: list[Uplink], rnd: _Round, received_at_s: int
+    ) -> Decoded:
+        frames = [uplinks[n].payload for n in rnd.rows]
+        ring = KeyRing(rnd.keys)
+        dec = self._decode(frames, received_at_s, ring)
+        if not ring.missed or not (dec.error_code == ErrorCode.NO_KEY).any():
+            return dec
+        # a key was missing: load the asked-for keys fresh (one provisioned since the
+        # cache said "none"), and decode the round again if that found any
+        if rnd.plain_tenant is not None:
+            pairs: set[Pair] = {(rnd.plain_tenant, m) for m in ring.missed}
+        else:
+            devices = (uplinks[n].device for n in rnd.rows)
+            pairs = {(d.tenant_id, d.address) for d in devices if d and d.address in ring.missed}
+        found = await self._keys.get(conn, pairs, fresh=True) if pairs else {}
+        more = {a: k for (_, a), k in found.items() if k is not None and a not in rnd.keys}
+        if not more:
+            return dec
+        return self._decode(frames, received_at_s, KeyRing({**rnd.keys, **more}))
+
     async def _commit(self, batch: list[Uplink]) -> list[Outcome]:
         now = time.time()
-        todo = [i for i, u in enumerate(batch) if u.reject is None]
-        dec = self._decode([batch[i].payload for i in todo], int(now))
+        async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+            await self._resolve_topics(conn, batch)
+            todo = [i for i, u in enumerate(batch) if u.reject is None]
+            dec = await self._decode_keyed(conn, [batch[i] for i in todo], int(now))
+            async with conn.transaction():
+                outcomes = await self._store(conn, batch, todo, dec)
+        n_new = 0
+        for uplink, outcome in zip(batch, outcomes, strict=True):
+            n_new += outcome.n_new
+            if outcome.status == "quarantined":
+                metrics.QUARANTINED.labels(outcome.reason).inc()
+                log.info(
+                    "uplink.quarantined",
+                    reason=outcome.reason,
+                    detail=outcome.detail,
+                    transport=int(uplink.transport),
+                    peer=uplink.peer,
+                )
+        metrics.READINGS_NEW.inc(n_new)
+        return outcomes
+
+    async def _store(
+        self, conn: asyncpg.Connection, batch: list[Uplink], todo: list[int], dec: Decoded
+    ) -> list[Outcome]:
+        """Check, write and archive one decoded batch on `conn` (inside its transaction)."""
         frame_of = np.full(len(batch), -1, np.int64)
         frame_of[todo] = np.arange(len(todo))
         fi = dec.frame_index
@@ -155,77 +270,58 @@ class BatchStore:
         r_ml: list[int] = dec.register_ml.tolist()
         r_flags: list[int] = dec.flags.tolist()
         codes: list[int] = dec.error_code.tolist()
-
-        async with (
-            self._pool.acquire(timeout=self._acquire_timeout_s) as conn,
-            conn.transaction(),
-        ):
-            await self._resolve_topics(conn, batch)
-            plain = {
-                (batch[i].tenant_id, r_meter[k])
-                for j, i in enumerate(todo)
-                if batch[i].device is None and batch[i].tenant_id is not None
-                for k in range(starts[j], ends[j])
-            }
-            known = await credentials.meters_by_address(
-                conn, [(t, a) for t, a in plain if t is not None]
+        plain = {
+            (batch[i].tenant_id, r_meter[k])
+            for j, i in enumerate(todo)
+            if batch[i].device is None and batch[i].tenant_id is not None
+            for k in range(starts[j], ends[j])
+        }
+        known = await credentials.meters_by_address(
+            conn, [(t, a) for t, a in plain if t is not None]
+        )
+        decided: list[tuple[str, str] | None] = []
+        meter_of: list[int | None] = []
+        cols: tuple[list[int], list[int], list[int], list[int], list[int], list[float]]
+        cols = ([], [], [], [], [], [])
+        owner: list[int] = []  # uplink index of each reading row
+        for i, uplink in enumerate(batch):
+            j = int(frame_of[i])
+            verdict, meter_ids = self._check(
+                uplink, j, dec, codes, starts, ends, r_meter, r_ml, known
             )
-            decided: list[tuple[str, str] | None] = []
-            meter_of: list[int | None] = []
-            cols: tuple[list[int], list[int], list[int], list[int], list[int], list[float]]
-            cols = ([], [], [], [], [], [])
-            owner: list[int] = []  # uplink index of each reading row
-            for i, uplink in enumerate(batch):
-                j = int(frame_of[i])
-                verdict, meter_ids = self._check(
-                    uplink, j, dec, codes, starts, ends, r_meter, r_ml, known
-                )
-                decided.append(verdict)
-                meter_of.append(
-                    meter_ids[0]
-                    if meter_ids
-                    else (uplink.device.meter_id if uplink.device else None)
-                )
-                if verdict is not None:
-                    continue
-                for k, meter_id in zip(range(starts[j], ends[j]), meter_ids, strict=True):
-                    cols[0].append(meter_id)
-                    cols[1].append(r_at[k])
-                    cols[2].append(r_ml[k])
-                    cols[3].append(r_flags[k])
-                    cols[4].append(int(uplink.transport))
-                    cols[5].append(uplink.received_at)
-                    owner.append(i)
-            result = await self._writer.write(_reading_batch(cols), conn=conn)
-            new_rows: list[bool] = result.new_mask.tolist()
-            rejected = {r.index: r.reason.label for r in result.rejected}
-            n_new = [0] * len(batch)
-            n_read = [0] * len(batch)
-            n_bad: dict[int, tuple[str, int]] = {}
-            for row, i in enumerate(owner):
-                n_read[i] += 1
-                n_new[i] += new_rows[row]
-                if row in rejected:
-                    n_bad[i] = (rejected[row], n_bad.get(i, ("", 0))[1] + 1)
-            for i, (label, bad) in n_bad.items():
-                if bad == n_read[i]:  # nothing usable: the whole uplink is quarantined
-                    decided[i] = (label, f"all {bad} readings rejected: {label}")
-            outcomes = self._outcomes(batch, decided, n_read, n_new, n_bad)
-            await self._archive(conn, batch, dec, frame_of, meter_of, outcomes, cols, owner)
-            await credentials.save_replay_windows(
-                conn, [u.replay_window for u in batch if u.replay_window is not None]
+            decided.append(verdict)
+            meter_of.append(
+                meter_ids[0] if meter_ids else (uplink.device.meter_id if uplink.device else None)
             )
-        for uplink, outcome in zip(batch, outcomes, strict=True):
-            if outcome.status == "quarantined":
-                metrics.QUARANTINED.labels(outcome.reason).inc()
-                log.info(
-                    "uplink.quarantined",
-                    reason=outcome.reason,
-                    detail=outcome.detail,
-                    transport=int(uplink.transport),
-                    peer=uplink.peer,
-                )
-        metrics.READINGS_NEW.inc(sum(n_new))
+            if verdict is not None:
+                continue
+            for k, meter_id in zip(range(starts[j], ends[j]), meter_ids, strict=True):
+                cols[0].append(meter_id)
+                cols[1].append(r_at[k])
+                cols[2].append(r_ml[k])
+                cols[3].append(r_flags[k])
+                cols[4].append(int(uplink.transport))
+                cols[5].append(uplink.received_at)
+                owner.append(i)
+        result = await self._writer.write(_reading_batch(cols), conn=conn)
+        new_rows: list[bool] = result.new_mask.tolist()
+        rejected = {r.index: r.reason.label for r in result.rejected}
+        n_new = [0] * len(batch)
+        n_read = [0] * len(batch)
+        n_bad: dict[int, tuple[str, int]] = {}
+        for row, i in enumerate(owner):
+            n_read[i] += 1
+            n_new[i] += new_rows[row]
+            if row in rejected:
+                n_bad[i] = (rejected[row], n_bad.get(i, ("", 0))[1] + 1)
+        for i, (label, bad) in n_bad.items():
+            if bad == n_read[i]:  # nothing usable: the whole uplink is quarantined
+                decided[i] = (label, f"all {bad} readings rejected: {label}")
+        outcomes = self._outcomes(batch, decided, n_read, n_new, n_bad)
+        await self._archive(conn, batch, dec, frame_of, meter_of, outcomes, cols, owner)
+        await credentials.save_replay_windows(
+            conn, [u.replay_window for u in batch if u.replay_window is not None]
+        )
         return outcomes
 
     @staticmethod

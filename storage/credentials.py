@@ -5,8 +5,9 @@ know which meter it is. This module is the SQL side of that: it creates meters a
 credential rows, looks them up by OSCORE key id, tenant slug or MQTT topic, and persists
 OSCORE replay windows. Secrets cross it only as arguments and return values:
 
-- OSCORE master secret and salt are sealed with AES-256-GCM under a 32-byte key-encryption
-  key (`NBMETER_CREDENTIALS_KEY`); the meter id is the associated data.
+- OSCORE master secret and salt, and OMS/wM-Bus AES-128 meter keys (migration 0011), are
+  sealed with AES-256-GCM under a 32-byte key-encryption key (`NBMETER_CREDENTIALS_KEY`);
+  the meter id (and, for AES keys, the purpose) is the associated data.
 - MQTT passwords are hashed (PBKDF2-SHA512, the broker's own format); only the broker
   verifies them.
 
@@ -30,7 +31,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from storage.errors import StorageError
 
 KEY_BYTES = 32
+AES_KEY_BYTES = 16  # OMS / EN 13757-7: AES-128
 _NONCE_BYTES = 12
+_AES_PURPOSE = "oms-aes"
 
 
 class CredentialsError(StorageError):
@@ -76,20 +79,26 @@ def new_key() -> str:
     return base64.urlsafe_b64encode(secrets.token_bytes(KEY_BYTES)).decode("ascii")
 
 
-def seal(key: bytes, plaintext: bytes, meter_id: int) -> bytes:
-    """Encrypt `plaintext` for `meter_id` under `key`: nonce || AES-256-GCM ciphertext."""
+def _aad(meter_id: int, purpose: str) -> bytes:
+    # the OSCORE blob (0010) binds the bare meter id; newer secrets add their purpose
+    return (str(meter_id) if not purpose else f"{meter_id}/{purpose}").encode()
+
+
+def seal(key: bytes, plaintext: bytes, meter_id: int, purpose: str = "") -> bytes:
+    """Encrypt `plaintext` for (`meter_id`, `purpose`) under `key`: nonce || AES-256-GCM."""
     nonce = secrets.token_bytes(_NONCE_BYTES)
-    return nonce + AESGCM(key).encrypt(nonce, plaintext, str(meter_id).encode())
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, _aad(meter_id, purpose))
 
 
-def unseal(key: bytes, sealed: bytes, meter_id: int) -> bytes:
-    """Decrypt what `seal` made for `meter_id`; raise CredentialsError when it does not open."""
+def unseal(key: bytes, sealed: bytes, meter_id: int, purpose: str = "") -> bytes:
+    """Decrypt what `seal` made for (`meter_id`, `purpose`); CredentialsError if it won't open."""
     try:
         return AESGCM(key).decrypt(
-            sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], str(meter_id).encode()
+            sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], _aad(meter_id, purpose)
         )
     except (InvalidTag, ValueError) as exc:
-        msg = f"the OSCORE secret of meter {meter_id} does not open with this credentials key"
+        what = "OSCORE secret" if not purpose else f"{purpose} key"
+        msg = f"the {what} of meter {meter_id} does not open with this credentials key"
         raise CredentialsError(msg) from exc
 
 
@@ -261,3 +270,48 @@ async def save_replay_windows(
         [r[1] for r in rows],
         [r[2] for r in rows],
     )
+
+
+async def store_aes_key(
+    conn: asyncpg.Connection, key: bytes, meter: MeterRef, aes_key: bytes
+) -> None:
+    """Store (or replace) `meter`'s OMS/wM-Bus AES-128 key, sealed; ValueError unless 16 B."""
+    if len(aes_key) != AES_KEY_BYTES:
+        msg = f"an OMS AES key is {AES_KEY_BYTES} bytes (got {len(aes_key)})"
+        raise ValueError(msg)
+    await conn.execute(
+        "INSERT INTO device_credentials (meter_id, tenant_id, aes_key_sealed)"
+        " VALUES ($1, $2, $3) ON CONFLICT (meter_id) DO UPDATE SET"
+        " aes_key_sealed = EXCLUDED.aes_key_sealed, rotated_at = now()",
+        meter.meter_id,
+        meter.tenant_id,
+        seal(key, aes_key, meter.meter_id, _AES_PURPOSE),
+    )
+
+
+def open_aes_key(key: bytes, meter_id: int, sealed: bytes) -> bytes:
+    """The AES key `store_aes_key` sealed for `meter_id`; CredentialsError if it won't open."""
+    return unseal(key, sealed, meter_id, _AES_PURPOSE)
+
+
+async def sealed_aes_keys(
+    conn: asyncpg.Connection, pairs: Iterable[tuple[int, str]]
+) -> dict[tuple[int, str], tuple[int, bytes]]:
+    """(meter_id, sealed AES key) of the active meters (tenant_id, address) in `pairs`.
+
+    One query; pairs whose meter is unknown or has no AES key are absent. Open each with
+    `open_aes_key` (kept apart so one unopenable row does not hide the others).
+    """
+    wanted = sorted(set(pairs))
+    if not wanted:
+        return {}
+    rows = await conn.fetch(
+        "SELECT m.tenant_id, m.address, m.meter_id, c.aes_key_sealed FROM meters m"
+        " JOIN unnest($1::bigint[], $2::text[]) AS w(tenant_id, address)"
+        " ON m.tenant_id = w.tenant_id AND m.address = w.address"
+        " JOIN device_credentials c ON c.meter_id = m.meter_id"
+        " WHERE m.removed_at IS NULL AND c.aes_key_sealed IS NOT NULL",
+        [t for t, _ in wanted],
+        [a for _, a in wanted],
+    )
+    return {(int(r[0]), str(r[1])): (int(r[2]), bytes(r[3])) for r in rows}

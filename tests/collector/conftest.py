@@ -103,7 +103,14 @@ def collector_settings(
         credentials_key=key,  # type: ignore[arg-type]
         metrics_port=0,
         coap=CoapSettings(host="127.0.0.1", port=free_port(socket.SOCK_DGRAM), ack_wait_s=10),
-        mqtt=MqttSettings(client_id=f"test-collector-{uuid.uuid4().hex[:8]}"),
+        # a share group of its own, and a short session expiry: the persistent sessions of
+        # earlier runs' collectors stay subscribed on the shared broker and would take
+        # their share of this run's messages
+        mqtt=MqttSettings(
+            client_id=f"test-collector-{uuid.uuid4().hex[:8]}",
+            share_group=f"test-{uuid.uuid4().hex[:8]}",
+            session_expiry_s=300,
+        ),
         pipeline=PipelineSettings(**pipeline),  # type: ignore[arg-type]
     )
 

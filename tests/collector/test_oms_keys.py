@@ -1,0 +1,169 @@
+"""OMS mode 5 (AES-128-CBC) uplinks: per-meter keys stored sealed, used by the collector."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from datetime import UTC, datetime
+
+import aiocoap
+import asyncpg
+import pytest
+from collector_testkit import RawCoap, hour, oscore_client
+from conftest import RunningCollector, count
+
+from collector.keys import KeyRing
+from collector.provision import ProvisionError, provision_device
+from decoder.mbus_encode import encode_oms_mode5
+from storage import credentials
+
+QUARANTINED = "SELECT detail FROM quarantine WHERE reason = $1 AND payload = $2"
+
+
+def oms_address() -> str:
+    """A fresh 8-digit M-Bus identification number."""
+    return f"{uuid.uuid4().int % 10**8:08d}"
+
+
+def oms_frame(address: str, key: bytes, total_ml: int, read_at_s: int) -> bytes:
+    """A water meter's OMS mode 5 frame with its register and a type F clock."""
+    when = datetime.fromtimestamp(read_at_s, UTC)
+    return encode_oms_mode5(address, "NBM", 1, 0x07, 0x21, total_ml, key, when)
+
+
+@pytest.fixture
+async def raw(collector: RunningCollector) -> RawCoap:
+    """A raw-UDP CoAP client pointed at the session's collector."""
+    client = await RawCoap.open(collector.coap_port)
+    yield client  # type: ignore[misc]
+    client.close()
+
+
+async def test_oms_uplink_over_oscore_is_decrypted_and_stored(
+    collector: RunningCollector,
+    pool: asyncpg.Pool,
+    db_url: str,
+    tenant_slug: str,
+    credentials_key: str,
+) -> None:
+    """An OSCORE device's OMS mode 5 frame decrypts with its provisioned key; 2.04, stored."""
+    address, aes = oms_address(), secrets.token_bytes(16)
+    device = await provision_device(
+        db_url, tenant_slug, address, credentials_key=credentials_key, meter_format="oms",
+        aes_key=aes,
+    )  # fmt: skip
+    client = await oscore_client(collector.coap_port, device.oscore)
+    try:
+        request = aiocoap.Message(
+            code=aiocoap.POST,
+            uri=f"coap://127.0.0.1:{collector.coap_port}/u",
+            payload=oms_frame(address, aes, 123_456_000, hour(30)),
+        )
+        response = await client.request(request).response
+    finally:
+        await client.shutdown()
+    assert response.code == aiocoap.CHANGED, response.payload
+    rows = await pool.fetch(
+        "SELECT register_ml, extract(epoch FROM read_at)::bigint AS at, transport"
+        " FROM readings WHERE meter_id = $1",
+        device.meter_id,
+    )
+    assert [(r["register_ml"], r["at"], r["transport"]) for r in rows] == [
+        (123_456_000, hour(30), 2)
+    ]
+
+
+async def test_oms_uplink_over_plain_coap_finds_the_key_by_reported_id(
+    raw: RawCoap, pool: asyncpg.Pool, db_url: str, lab_tenant: str, credentials_key: str
+) -> None:
+    """Plain CoAP names only the tenant; the key of the meter the frame reports is used."""
+    address, aes = oms_address(), secrets.token_bytes(16)
+    device = await provision_device(
+        db_url, lab_tenant, address, credentials_key=credentials_key, meter_format="oms",
+        oscore=False, aes_key=aes,
+    )  # fmt: skip
+    reply = await raw.post(oms_frame(address, aes, 7_000_000, hour(31)), query=f"t={lab_tenant}")
+    assert reply.code_str == "2.04", reply.payload
+    assert (
+        await pool.fetchval("SELECT register_ml FROM readings WHERE meter_id = $1", device.meter_id)
+        == 7_000_000
+    )
+
+
+async def test_oms_uplink_with_wrong_key_is_quarantined(
+    raw: RawCoap, pool: asyncpg.Pool, db_url: str, lab_tenant: str, credentials_key: str
+) -> None:
+    """A frame encrypted with another key is 4.00 and quarantined: wrong AES key, no reading."""
+    address = oms_address()
+    device = await provision_device(
+        db_url, lab_tenant, address, credentials_key=credentials_key, meter_format="oms",
+        oscore=False, aes_key=secrets.token_bytes(16),
+    )  # fmt: skip
+    frame = oms_frame(address, secrets.token_bytes(16), 1_000_000, hour(32))
+    reply = await raw.post(frame, query=f"t={lab_tenant}")
+    assert reply.code_str == "4.00"
+    detail = await pool.fetchval(QUARANTINED, "undecodable", frame)
+    assert detail.startswith("decrypt_failed:")
+    assert "wrong AES key" in detail
+    assert address in detail
+    assert (
+        await count(pool, "SELECT count(*) FROM readings WHERE meter_id = $1", device.meter_id) == 0
+    )
+
+
+async def test_oms_uplink_without_key_is_quarantined_as_no_key(
+    raw: RawCoap, pool: asyncpg.Pool, db_url: str, lab_tenant: str, credentials_key: str
+) -> None:
+    """A meter with no stored key: its encrypted frame is quarantined with no_key."""
+    address = oms_address()
+    await provision_device(
+        db_url, lab_tenant, address, credentials_key=credentials_key, meter_format="oms",
+        oscore=False,
+    )  # fmt: skip
+    frame = oms_frame(address, secrets.token_bytes(16), 2_000_000, hour(33))
+    reply = await raw.post(frame, query=f"t={lab_tenant}")
+    assert reply.code_str == "4.00"
+    assert (await pool.fetchval(QUARANTINED, "undecodable", frame)).startswith("no_key:")
+
+
+async def test_aes_key_is_stored_sealed_and_bound_to_its_meter(
+    pool: asyncpg.Pool, db_url: str, tenant_slug: str, credentials_key: str
+) -> None:
+    """The database holds no clear key; the sealed blob opens only for its own meter."""
+    aes = secrets.token_bytes(16)
+    device = await provision_device(
+        db_url, tenant_slug, oms_address(), credentials_key=credentials_key, oscore=False,
+        aes_key=aes,
+    )  # fmt: skip
+    sealed = bytes(
+        await pool.fetchval(
+            "SELECT aes_key_sealed FROM device_credentials WHERE meter_id = $1", device.meter_id
+        )
+    )
+    assert aes not in sealed
+    kek = credentials.parse_key(credentials_key)
+    assert credentials.open_aes_key(kek, device.meter_id, sealed) == aes
+    with pytest.raises(credentials.CredentialsError):
+        credentials.open_aes_key(kek, device.meter_id + 1, sealed)
+
+
+async def test_provisioning_refuses_a_key_that_is_not_aes_128(
+    db_url: str, tenant_slug: str, credentials_key: str
+) -> None:
+    """A 15-byte key is refused before anything is stored."""
+    with pytest.raises(ProvisionError, match="16 bytes"):
+        await provision_device(
+            db_url, tenant_slug, oms_address(), credentials_key=credentials_key,
+            aes_key=b"\x00" * 15,
+        )  # fmt: skip
+
+
+def test_key_ring_records_misses_and_never_shows_keys() -> None:
+    """The decoder's lookups of absent meters are recorded; the repr has ids, not bytes."""
+    ring = KeyRing({"12345678": b"\x01" * 16})
+    assert ring.get("12345678") == b"\x01" * 16
+    assert ring.get("87654321") is None
+    assert ring.get("*") is None
+    assert ring.missed == {"87654321"}
+    assert "01" not in repr(ring).replace("12345678", "")
+    assert KeyRing()  # an empty ring is still consulted (truthy)
