@@ -7,8 +7,8 @@ and meter lookup by address. Errors become `BackendError` with the API's problem
 ADAPTER (credentials): the API keeps only a reference to device credentials; the secrets
 are made by the collector (`collector.provision.provision_device`). Until an HTTP route
 for that exists, `provision_credentials` calls it in-process, which needs the database
-URL, NBMETER_CREDENTIALS_KEY and the broker's admin URL. OMS AES keys have no home in the
-backend yet, so OMS meters are registered but their frames will quarantine as "no key".
+URL, NBMETER_CREDENTIALS_KEY and the broker's admin URL. OMS meters' AES keys (from the
+truth file) go the same way, stored sealed by the collector (`aes_key=`).
 """
 
 from __future__ import annotations
@@ -140,10 +140,12 @@ async def provision_credentials(
     credentials_key: str,
     tenant: str,
     mqtt_admin_url: str | None,
+    aes_keys: dict[str, bytes] | None = None,
 ) -> dict[str, DeviceCredentials]:
     """ADAPTER: OSCORE/MQTT secrets per (address, kind, format, oscore, mqtt), in-process.
 
-    Calls `collector.provision.provision_device` for each meter (see the module docstring).
+    Calls `collector.provision.provision_device` for each meter (see the module docstring);
+    `aes_keys` (address -> OMS AES-128 key) are stored with their meters.
     """
     from collector.provision import ProvisionError, provision_device
 
@@ -153,7 +155,7 @@ async def provision_credentials(
             dev = await provision_device(
                 database_url, tenant, address, credentials_key=credentials_key,
                 mqtt_admin_url=mqtt_admin_url if want_mqtt else None, kind=kind,
-                meter_format=fmt, oscore=want_oscore,
+                meter_format=fmt, oscore=want_oscore, aes_key=(aes_keys or {}).get(address),
             )  # fmt: skip
         except ProvisionError as exc:
             raise BackendError(f"provision {address}: {exc}") from exc

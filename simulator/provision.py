@@ -112,6 +112,7 @@ async def provision(
         creds = await provision_credentials(
             wanted, database_url=target.database_url, credentials_key=target.credentials_key,
             tenant=target.tenant, mqtt_admin_url=target.mqtt_admin_url,
+            aes_keys={m.address: m.oms_key for m in truth.meters if m.oms_key},
         )  # fmt: skip
     save_run(run_dir, truth, uplinks, creds, {
         "tenant": target.tenant, "api_url": target.api_url, "meter_ids": ids,
