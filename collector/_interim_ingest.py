@@ -1,6 +1,6 @@
-"""TEMPORARY SQL for the collector's archive, event and health writes, until storage's
-archive writer (storage/archive.py) and event/health writers land. Readings already go
-through `storage.ingest.ReadingWriter`.
+"""TEMPORARY SQL for the collector's event and health writes, until storage has writers
+for meter_events and device_health. Readings go through `storage.ingest.ReadingWriter`,
+the raw archive and quarantine through `storage.archive.ArchiveWriter`.
 
 Each function takes an open connection (inside the batch's transaction) and plain column
 lists; events and health rows are written in key order, idempotently.
@@ -9,38 +9,6 @@ lists; events and health rows are written in key order, idempotently.
 from __future__ import annotations
 
 import asyncpg
-
-
-async def insert_raw(conn: asyncpg.Connection, rows: list[tuple[object, ...]]) -> None:
-    """Archive raw uplinks: (received_at_s, tenant_id, meter_id, transport, peer, payload,
-    format, outcome, n_readings, n_new, error_code, error_message) per row."""
-    if not rows:
-        return
-    cols = list(zip(*rows, strict=True))
-    await conn.execute(
-        "INSERT INTO raw_uplinks (received_at, tenant_id, meter_id, transport, peer, payload,"
-        " format, outcome, n_readings, n_new, error_code, error_message)"
-        " SELECT to_timestamp(a), b, c, d, e, f, g, h, i, j, k, l FROM unnest($1::float8[],"
-        " $2::bigint[], $3::bigint[], $4::smallint[], $5::text[], $6::bytea[], $7::text[],"
-        " $8::text[], $9::int[], $10::int[], $11::smallint[], $12::text[])"
-        " AS u(a, b, c, d, e, f, g, h, i, j, k, l)",
-        *(list(c) for c in cols),
-    )
-
-
-async def insert_quarantine(conn: asyncpg.Connection, rows: list[tuple[object, ...]]) -> None:
-    """Quarantine uplinks: (received_at_s, tenant_id, meter_id, transport, peer, reason,
-    detail, payload) per row."""
-    if not rows:
-        return
-    cols = list(zip(*rows, strict=True))
-    await conn.execute(
-        "INSERT INTO quarantine (received_at, tenant_id, meter_id, transport, peer, reason,"
-        " detail, payload) SELECT to_timestamp(a), b, c, d, e, f, g, h FROM unnest("
-        "$1::float8[], $2::bigint[], $3::bigint[], $4::smallint[], $5::text[], $6::text[],"
-        " $7::text[], $8::bytea[]) AS u(a, b, c, d, e, f, g, h)",
-        *(list(c) for c in cols),
-    )
 
 
 async def insert_events(conn: asyncpg.Connection, rows: list[tuple[int, int, str, float]]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import asyncpg
@@ -34,6 +35,7 @@ from collector.pipeline import Device, Outcome, Uplink
 from decoder import decode_batch as _decode_batch
 from decoder.columns import Decoded, ErrorCode, Flag, concat
 from storage import credentials
+from storage.archive import ArchiveWriter, QuarantineRow, RawUplink
 from storage.errors import StorageError, StorageUnavailableError
 from storage.ingest import ReadingBatch, ReadingWriter
 
@@ -80,6 +82,17 @@ class _Round:
 
     def admits(self, keys: dict[str, bytes]) -> bool:
         return self.plain_tenant is None and all(self.keys.get(a, k) == k for a, k in keys.items())
+
+
+_HEALTH_NAMES = ("battery_mv", "battery_v", "rsrp_cdbm", "rsrp_dbm", "sinr_cdb", "sinr_db", "ecl")
+
+
+def _health_fields(dec: Decoded, j: int) -> dict[str, object]:
+    """Frame j's modem-health fields (only those, when the decoder can build just those)."""
+    extra_of = getattr(dec, "extra_of", None)  # columnar Decoded: build only what we read
+    if extra_of is not None:
+        return extra_of(j, _HEALTH_NAMES)  # type: ignore[no-any-return]
+    return dec.extra[j]
 
 
 def _reading_batch(
@@ -134,6 +147,7 @@ class BatchStore:
         """Store through `pool`, decoding with `decode` and the AES keys from `keys`."""
         self._pool = pool
         self._writer = ReadingWriter(pool)
+        self._archive_writer = ArchiveWriter(pool)
         self._keys = keys
         self._decode = decode
         self._acquire_timeout_s = acquire_timeout_s
@@ -399,8 +413,8 @@ class BatchStore:
                 out.append(Outcome("stored", "", note, n_read[i], n_new[i]))
         return out
 
-    @staticmethod
     async def _archive(
+        self,
         conn: asyncpg.Connection,
         batch: list[Uplink],
         dec: Decoded,
@@ -410,32 +424,35 @@ class BatchStore:
         cols: tuple[list[int], list[int], list[int], list[int], list[int], list[float]],
         owner: list[int],
     ) -> None:
-        raw, quarantine, health = [], [], []
+        raw: list[RawUplink] = []
+        quarantine: list[QuarantineRow] = []
+        health = []
+        formats: list[str] = dec.format.tolist()
+        codes: list[int] = dec.error_code.tolist()
         for i, (uplink, outcome) in enumerate(zip(batch, outcomes, strict=True)):
             j = int(frame_of[i])
-            fmt = dec.format[j] or None if j >= 0 else None
-            code = int(dec.error_code[j]) if j >= 0 and dec.error_code[j] else None
+            received_at = datetime.fromtimestamp(uplink.received_at, UTC)
             tenant = uplink.device.tenant_id if uplink.device else uplink.tenant_id
             raw.append(
-                (
-                    uplink.received_at,
+                RawUplink(
+                    received_at,
                     tenant,
                     meter_of[i],
                     int(uplink.transport),
                     uplink.peer,
                     uplink.payload,
-                    fmt,
-                    outcome.status,
+                    (formats[j] or None) if j >= 0 else None,
+                    outcome.status,  # type: ignore[arg-type]
                     outcome.n_readings,
                     outcome.n_new,
-                    code,
+                    (codes[j] or None) if j >= 0 else None,
                     outcome.detail or None,
                 )
             )
             if outcome.status == "quarantined":
                 quarantine.append(
-                    (
-                        uplink.received_at,
+                    QuarantineRow(
+                        received_at,
                         tenant,
                         meter_of[i],
                         int(uplink.transport),
@@ -445,8 +462,8 @@ class BatchStore:
                         uplink.payload,
                     )
                 )
-            elif j >= 0 and dec.extra[j] and meter_of[i] is not None:
-                figures = health_of(dec.extra[j])
+            elif j >= 0 and meter_of[i] is not None:
+                figures = health_of(_health_fields(dec, j))
                 if any(v is not None for v in figures):
                     health.append(
                         (meter_of[i], int(uplink.received_at), *figures, uplink.received_at)
@@ -458,7 +475,7 @@ class BatchStore:
             for flag, kind in _EVENT_FLAGS
             if cols[3][row] & flag
         ]
-        await ingest.insert_raw(conn, raw)
-        await ingest.insert_quarantine(conn, quarantine)
+        await self._archive_writer.write_uplinks(raw, conn=conn)
+        await self._archive_writer.write_quarantine(quarantine, conn=conn)
         await ingest.insert_events(conn, events)
-        await ingest.insert_health(conn, health)  # type: ignore[arg-type]
+        await ingest.insert_health(conn, health)
