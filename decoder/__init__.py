@@ -6,13 +6,17 @@ the results back into input order (`decoder.columns.concat`). A frame no format 
 UNKNOWN_FORMAT; an empty one is EMPTY; a format decoder that raises (a bug) marks only its
 own frames INTERNAL, so one bad plug-in cannot sink the batch.
 
+The hot path has no per-frame Python except `len()`: frames are grouped by length and
+stacked once (`kernels.group_by_length`), array detectors classify whole groups, and a
+format with `decode_array` (CJ/T 188) decodes the very array detection looked at.
+
 Formats: `cjt188`, `interval`, `senml`, and `mbus` when `decoder.mbus` is importable.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -25,43 +29,13 @@ from decoder.registry import Format, formats, lookup, parse_hint, register
 with contextlib.suppress(ImportError):  # the M-Bus/OMS helper's module, when present
     from decoder import mbus as _mbus
 
-    register(Format(key="mbus", detect=_mbus.looks_like, decode=_mbus.decode))
+    register(
+        Format(key="mbus", detect=_mbus.looks_like, decode=_mbus.decode, takes_utc_offset=True)
+    )
 
-__all__ = ["decode_batch"]
+__all__ = ["Decoded", "decode_batch"]
 
-
-def _classify(
-    frames: Sequence[bytes], hints: Sequence[str | None] | None
-) -> tuple[list[tuple[str, str | None]], npt.NDArray[np.int64]]:
-    """Per frame: (format key, variant) or ("", None) for unclaimed; and the EMPTY rows."""
-    n = len(frames)
-    chosen: list[tuple[str, str | None]] = [("", None)] * n
-    todo = np.ones(n, bool)
-    if hints is not None:
-        for i, hint in enumerate(hints):
-            if hint:
-                chosen[i], todo[i] = parse_hint(hint), False
-    empties = np.flatnonzero(np.fromiter(map(len, frames), np.int64, n) == 0)
-    todo[empties] = False
-    pending = np.flatnonzero(todo)
-    if not pending.size:
-        return chosen, empties
-    for idx, a in k.group_by_length([frames[i] for i in pending]):
-        rows = pending[idx]
-        free = np.ones(len(rows), bool)
-        for fmt in formats():
-            if not free.any():
-                break
-            hit = np.zeros(len(rows), bool)
-            if fmt.detect_array is not None:
-                hit[free] = fmt.detect_array(a[free])
-            else:
-                for j in np.flatnonzero(free):
-                    hit[j] = _safe_detect(fmt, frames[rows[j]])
-            for j in np.flatnonzero(hit):
-                chosen[rows[j]] = (fmt.key, None)
-            free &= ~hit
-    return chosen, empties
+Offset = int | npt.NDArray[np.int64]
 
 
 def _safe_detect(fmt: Format, frame: bytes) -> bool:
@@ -71,24 +45,48 @@ def _safe_detect(fmt: Format, frame: bytes) -> bool:
         return False
 
 
-def _run(fmt: Format, variant: str | None, sub: list[bytes], rx: npt.NDArray[np.int64],
-         keys: Mapping[str, bytes] | None, cache: object | None) -> Decoded:  # fmt: skip
+def _run(
+    fmt: Format,
+    decode: Callable[..., Decoded],
+    sub: object,
+    n: int,
+    rx: npt.NDArray[np.int64],
+    ctx: tuple[Mapping[str, bytes] | None, object | None],
+    variant: str | None = None,
+    utc: Offset | None = None,
+) -> Decoded:
     """One group through its decoder; an exception marks the group INTERNAL, not the batch."""
     try:
         if variant is not None and not fmt.takes_variant:
-            out = empty(len(sub))
+            out = empty(n)
             out.error_code[:] = ErrorCode.UNSUPPORTED
             out.error_message[:] = f"format {fmt.key} has no variants (hint {variant!r})"
             return out
+        kwargs: dict[str, object] = {}
         if fmt.takes_variant:
-            return fmt.decode(sub, rx, keys, cache, variant=variant)
-        return fmt.decode(sub, rx, keys, cache)
+            kwargs["variant"] = variant
+        if fmt.takes_utc_offset and utc is not None:
+            kwargs["utc_offset_s"] = utc
+        return decode(sub, rx, *ctx, **kwargs)
     except Exception as exc:
-        out = empty(len(sub))
+        out = empty(n)
         out.format[:] = fmt.key
         out.error_code[:] = ErrorCode.INTERNAL
         out.error_message[:] = f"{fmt.key} decoder failed: {exc!r} (frame kept for re-decode)"
         return out
+
+
+def _offsets(meter_utc_offset_s: npt.ArrayLike | None, n: int) -> Offset | None:
+    """None, one int for the batch, or an int64 column of n; ValueError for a wrong length."""
+    if meter_utc_offset_s is None:
+        return None
+    off = np.asarray(meter_utc_offset_s, np.int64)
+    if off.ndim == 0:
+        return int(off)
+    if off.shape != (n,):
+        msg = f"{off.size} meter UTC offsets for {n} frames"
+        raise ValueError(msg)
+    return off
 
 
 def decode_batch(
@@ -98,13 +96,19 @@ def decode_batch(
     keys: Mapping[str, bytes] | None = None,
     compact_cache: object | None = None,
     hints: Sequence[str | None] | None = None,
+    meter_utc_offset_s: npt.ArrayLike | None = None,
 ) -> Decoded:
     """Frames + receive times (scalar or per frame) -> Decoded; bad frames get codes.
 
-    `keys` maps meter id -> AES key (M-Bus/OMS); `compact_cache` is the M-Bus format
-    signature cache (updated in place); `hints[i]` ("cjt188", "cjt188:mfunhcu",
-    "interval:w1t", "senml", "mbus") skips detection for frame i. Raises ValueError only
-    for an unusable batch (hints or receive times of the wrong length).
+    `keys` maps meter id -> AES key (M-Bus/OMS; `keys["*"]` is the key for any meter with
+    no key of its own); `compact_cache` is the M-Bus format signature cache (updated in
+    place); `hints[i]` ("cjt188", "cjt188:mfunhcu", "interval:w1t", "senml", "mbus") skips
+    detection for frame i. `meter_utc_offset_s` (seconds east of UTC, one int or one per
+    frame: the tenant's or meter's time zone) says how to read meter clocks that keep local
+    time; None keeps each format's default: CJ/T 188 +8 h (China Standard Time, or the
+    model's), M-Bus 0 (meter clock read as UTC). Formats whose times are UTC by definition
+    (SenML, nbm1 interval batches) ignore it. Raises ValueError only for an unusable batch
+    (hints, receive times or offsets of the wrong length).
     """
     n = len(frames)
     if hints is not None and len(hints) != n:
@@ -115,27 +119,78 @@ def decode_batch(
         msg = f"{len(rx)} receive times for {n} frames"
         raise ValueError(msg)
     rx = k.as_received(rx, n)
-    chosen, empties = _classify(frames, hints)
-    groups: dict[tuple[str, str | None], list[int]] = {}
-    for i, pick in enumerate(chosen):
-        if pick[0]:
-            groups.setdefault(pick, []).append(i)
+    utc = _offsets(meter_utc_offset_s, n)
+    per_row = utc is not None and not isinstance(utc, int)
+
+    def offset_of(rows: npt.NDArray[np.int64]) -> Offset | None:
+        return utc[rows] if per_row else utc  # type: ignore[index]
+
+    ctx = (keys, compact_cache)
+    lengths = k.lengths_of(frames)
+    is_hinted = np.zeros(n, bool)
+    hinted: dict[tuple[str, str | None], list[int]] = {}
+    if hints is not None:
+        for i, hint in enumerate(hints):
+            if hint:
+                hinted.setdefault(parse_hint(hint), []).append(i)
+                is_hinted[i] = True
+    todo = (lengths > 0) & ~is_hinted
     parts: list[tuple[npt.NDArray[np.int64], Decoded]] = []
-    if empties.size:
+    if (empties := np.flatnonzero((lengths == 0) & ~is_hinted)).size:
         out = empty(empties.size)
         out.error_code[:], out.error_message[:] = ErrorCode.EMPTY, "empty frame (no bytes)"
         parts.append((empties, out))
-    for (key, variant), rows in groups.items():
-        idx = np.asarray(rows, np.int64)
+    pending = np.flatnonzero(todo)
+    listed: dict[str, tuple[Format, list[npt.NDArray[np.int64]]]] = {}
+    if pending.size == n:
+        groups = k.group_by_length(frames, lengths)
+    elif pending.size:
+        groups = k.group_by_length([frames[i] for i in pending], lengths[pending])
+    else:
+        groups = []
+    for idx, a in groups:
+        rows = pending[idx] if pending.size != n else idx
+        free = np.ones(len(rows), bool)
+        for fmt in formats():
+            if not free.any():
+                break
+            hit = np.zeros(len(rows), bool)
+            if fmt.detect_array is not None:
+                hit[free] = fmt.detect_array(a if free.all() else a[free])
+            else:
+                for j in np.flatnonzero(free).tolist():
+                    hit[j] = _safe_detect(fmt, frames[rows[j]])
+            if not hit.any():
+                continue
+            free &= ~hit
+            if fmt.decode_array is not None:
+                if hit.all() and len(rows) == n:  # the whole batch: no copies
+                    got = _run(fmt, fmt.decode_array, a, n, rx, ctx, utc=utc)
+                    parts.append((rows, got))
+                    continue
+                mine = rows if hit.all() else rows[hit]
+                sub = a if hit.all() else a[hit]
+                got = _run(fmt, fmt.decode_array, sub, len(mine), rx[mine], ctx,
+                           utc=offset_of(mine))  # fmt: skip
+                parts.append((mine, got))
+            else:
+                listed.setdefault(fmt.key, (fmt, []))[1].append(rows[hit])
+    for fmt, chunks in listed.values():  # per-frame decoders get one call, in input order
+        rows = np.sort(np.concatenate(chunks))
+        sub = list(frames) if rows.size == n else [frames[i] for i in rows.tolist()]
+        got = _run(fmt, fmt.decode, sub, rows.size, rx[rows], ctx, utc=offset_of(rows))
+        parts.append((rows, got))
+    for (key, variant), hint_rows in hinted.items():
+        rows = np.asarray(hint_rows, np.int64)
         fmt = lookup(key)
         if fmt is None:
-            out = empty(idx.size)
+            out = empty(rows.size)
             out.error_code[:] = ErrorCode.UNKNOWN_FORMAT
             out.error_message[:] = f"hint names no registered format: {key!r}"
         else:
-            sub = [frames[i] for i in rows] if len(rows) < n else list(frames)
-            out = _run(fmt, variant, sub, rx[idx], keys, compact_cache)
-        parts.append((idx, out))
-    if len(parts) == 1 and len(parts[0][0]) == n:
+            sub = [frames[i] for i in hint_rows]
+            out = _run(fmt, fmt.decode, sub, rows.size, rx[rows], ctx, variant, offset_of(rows))
+        parts.append((rows, out))
+    if len(parts) == 1 and len(parts[0][0]) == n and (parts[0][0] == np.arange(n)).all():
         return parts[0][1]
     return concat(parts, n)

@@ -22,6 +22,7 @@ prefix); a hex string anywhere inside platform JSON (`unwrap_json`).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ class StatusMap:
     abnormal: tuple[int, ...]
     battery_mask: int
 
+    @functools.cache  # noqa: B019  (a handful of frozen module-level maps)
     def tables(self) -> tuple[np.ndarray, np.ndarray]:
         """256-entry lookups: status byte -> Flag bits, and -> valve state index (0/1/2)."""
         v = np.arange(256)
@@ -74,7 +76,7 @@ class StatusMap:
             valve == 2, Flag.VALVE_ABNORMAL, 0
         )
         flags |= np.where(v & self.battery_mask, Flag.LOW_BATTERY, 0)
-        return flags.astype(np.uint32), valve
+        return flags.astype(np.uint32), valve.astype(np.uint8)
 
 
 # ST byte0, ng-gateway di_types.rs: D1D0 valve 00 open / 01 closed / 11 abnormal, D2 battery.
@@ -88,6 +90,15 @@ STATUS_MAPS: Mapping[str, StatusMap] = {
     )
 }
 VALVE_STATES = ("open", "closed", "abnormal")
+
+
+@functools.cache
+def _unit_tables(decimals: int) -> tuple[np.ndarray, np.ndarray]:
+    mult, scale = np.zeros(256, np.int64), np.zeros(256, np.int8)
+    for code, (name, factor) in VOLUME_UNITS.items():
+        mult[code], scale[code] = factor, decimals + (3 if name == "L" else 0)
+    mult.flags.writeable = scale.flags.writeable = False
+    return mult, scale
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,10 @@ class Model:
         """Exact m3 at the meter's stated precision: 55667700 (2C) -> Decimal('556677.00')."""
         name, mult = VOLUME_UNITS[unit]
         return Decimal(count * mult).scaleb(-self.decimals - (3 if name == "L" else 0))
+
+    def unit_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """256-entry tables of `m3` in columns: unit code -> (multiplier, decimal scale)."""
+        return _unit_tables(self.decimals)
 
     def ml_per_count(self) -> np.ndarray:
         """256-entry table: unit code -> mL per BCD count (0 = not a volume / not exact)."""
@@ -193,6 +208,19 @@ def looks_like(frame: bytes) -> bool:
     return bool(frame) and bool(detect_array(k.stack([frame]))[0])
 
 
+def _model(variant: str | None) -> Model | str:
+    """The hinted model, or a message saying which models exist."""
+    model = MODELS.get(variant or "standard")
+    return model or f"unknown CJ/T 188 model {variant!r}; known: {sorted(MODELS)}"
+
+
+def _unsupported(n: int, message: str) -> Decoded:
+    out = empty(n)
+    out.error_code[:] = ErrorCode.UNSUPPORTED
+    out.error_message[:] = message
+    return out
+
+
 def decode(
     frames: Sequence[bytes],
     received_at_s: object,
@@ -200,39 +228,70 @@ def decode(
     cache: object | None = None,
     *,
     variant: str | None = None,
+    utc_offset_s: kernel.Offset | None = None,
 ) -> Decoded:
-    """Raw frames (any mix of lengths/envelopes) -> Decoded; per-frame codes, never raises."""
-    del keys, cache  # CJ/T 188-2018 security chapter has no public implementation
+    """Raw frames (any mix of lengths/envelopes) -> Decoded; per-frame codes, never raises.
+
+    `utc_offset_s` is the meter clocks' offset from UTC (int, or one per frame); None
+    means the model's (China Standard Time, +8 h)."""
     n = len(frames)
     rx = k.as_received(received_at_s, n)
-    model = MODELS.get(variant or "standard")
-    if model is None:
-        out = empty(n)
-        out.error_code[:] = ErrorCode.UNSUPPORTED
-        out.error_message[:] = f"unknown CJ/T 188 model {variant!r}; known: {sorted(MODELS)}"
-        return out
+    model = _model(variant)
+    if isinstance(model, str):
+        return _unsupported(n, model)
     parts: list[tuple[k.Int64s, Decoded]] = []
-    wrapped: list[int] = []
+    per_row = utc_offset_s is not None and np.ndim(utc_offset_s) > 0
     for idx, a in k.group_by_length(frames):
-        is_json = (a[:, 0] == 0x7B) if a.shape[1] else np.zeros(len(a), bool)
-        plain = np.flatnonzero(~is_json)
-        wrapped.extend(idx[is_json].tolist())
-        if plain.size:
-            parts.append((idx[plain], kernel.decode_array(a[plain], rx[idx[plain]], model, _T_OK)))
-    if wrapped:
-        inner = [unwrap_json(frames[i]) for i in wrapped]
-        got = np.array([i for i, raw in zip(wrapped, inner, strict=True) if raw is not None])
-        lost = np.array([i for i, raw in zip(wrapped, inner, strict=True) if raw is None])
-        if got.size:
-            sub = decode([raw for raw in inner if raw is not None], rx[got], variant=variant)
-            parts.append((got.astype(np.int64), sub))
-        if lost.size:
-            bad = empty(lost.size)
-            bad.error_code[:] = ErrorCode.BAD_RECORD
-            bad.error_message[:] = "platform JSON holds no hex string with a CJ/T 188 frame"
-            parts.append((lost.astype(np.int64), bad))
+        off = np.asarray(utc_offset_s, np.int64)[idx] if per_row else utc_offset_s
+        parts.append((idx, decode_array(a, rx[idx], variant=variant, utc_offset_s=off)))
     if len(parts) == 1 and len(parts[0][0]) == n and (parts[0][0] == np.arange(n)).all():
         return parts[0][1]
+    return concat(parts, n)
+
+
+def decode_array(
+    a: k.Frames,
+    received_at_s: k.Int64s,
+    keys: Mapping[str, bytes] | None = None,
+    cache: object | None = None,
+    *,
+    variant: str | None = None,
+    utc_offset_s: kernel.Offset | None = None,
+) -> Decoded:
+    """`(N, L)` equal-length raw frames -> Decoded (the registry's no-copy batch path).
+
+    Platform JSON rows (first byte `{`) are unwrapped and decoded one by one; the rest go
+    through the kernel at once. Same contract as `decode`."""
+    del keys, cache  # CJ/T 188-2018 security chapter has no public implementation
+    n = len(a)
+    rx = k.as_received(received_at_s, n)
+    model = _model(variant)
+    if isinstance(model, str):
+        return _unsupported(n, model)
+    offset = model.clock_utc_offset_s if utc_offset_s is None else utc_offset_s
+    offset = int(offset) if np.ndim(offset) == 0 else np.asarray(offset, np.int64)  # type: ignore[arg-type]
+    if not a.shape[1] or not (is_json := a[:, 0] == 0x7B).any():
+        return kernel.decode_array(a, rx, model, _T_OK, offset)
+    parts: list[tuple[k.Int64s, Decoded]] = []
+    plain, wrapped = np.flatnonzero(~is_json), np.flatnonzero(is_json)
+    per_row = not isinstance(offset, int)
+    if plain.size:
+        off = offset[plain] if per_row else offset
+        parts.append((plain, kernel.decode_array(a[plain], rx[plain], model, _T_OK, off)))
+    inner = [unwrap_json(a[i].tobytes()) for i in wrapped]
+    got = np.array([i for i, r in zip(wrapped, inner, strict=True) if r is not None], np.int64)
+    lost = np.array([i for i, r in zip(wrapped, inner, strict=True) if r is None], np.int64)
+    if got.size:
+        sub = decode(
+            [r for r in inner if r is not None], rx[got], variant=variant,
+            utc_offset_s=offset[got] if per_row else offset,
+        )  # fmt: skip
+        parts.append((got, sub))
+    if lost.size:
+        bad = empty(lost.size)
+        bad.error_code[:] = ErrorCode.BAD_RECORD
+        bad.error_message[:] = "platform JSON holds no hex string with a CJ/T 188 frame"
+        parts.append((lost, bad))
     return concat(parts, n)
 
 
@@ -242,7 +301,9 @@ FORMAT = register(
         detect=looks_like,
         detect_array=detect_array,
         decode=decode,
+        decode_array=decode_array,
         variants=frozenset(MODELS),
         takes_variant=True,
+        takes_utc_offset=True,
     )
 )

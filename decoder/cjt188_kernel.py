@@ -1,10 +1,13 @@
 """Numpy kernels for CJ/T 188: locate frames in `(N, W)` rows, decode `(N, 13+L)` frames.
 
 `decode_array` groups rows by (start offset, L) so every group is one fixed layout, then
-`decode_frames` decodes a group with column operations only: no Python loop over rows
-except to build the per-frame `extra` dicts at the very end. Offsets below are from the
-0x68 start byte (FORMATS §1.1/§1.2): DATA starts at 11; in a 901F reply DI 11-12, SER 13,
-total 14-17, unit 18, settlement 19-22, unit 23, clock 24-30, ST 31-32, CS 33, 16 at 34.
+`decode_frames` decodes a group with column operations only: no Python loop over rows,
+not even for the extra fields (they are `Column`s: raw integers, a per-frame decimal
+scale from the unit code, label indices; dicts are built only by `Decoded.extra_of`).
+Meter clocks are local time; `utc_offset_s` (int or per-row array) converts them to UTC.
+Offsets below are from the 0x68 start byte (FORMATS §1.1/§1.2): DATA starts at 11; in a
+901F reply DI 11-12, SER 13, total 14-17, unit 18, settlement 19-22, unit 23, clock 24-30,
+ST 31-32, CS 33, 16 at 34.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from decoder import kernels as k
-from decoder.columns import Decoded, ErrorCode, Flag, concat, empty
+from decoder.columns import Column, Decoded, ErrorCode, Flag, concat, empty
 
 if TYPE_CHECKING:
     from decoder.cjt188 import Model
 
 Int64s = k.Int64s
+Offset = int | Int64s  # meter clock UTC offset in s: one for all rows, or one per row
 MIN_FRAME = 13
 MAX_FRAME = 512
 SEARCH_WINDOW = 96  # FE preamble + an ASCII DTU prefix (`CTRL:&2017...` is 22 bytes)
@@ -66,28 +70,31 @@ def locate(a: k.Frames, t_ok: np.ndarray) -> tuple[Int64s, k.Bools]:
 
 
 def _uniform_start(a: k.Frames, t_ok: np.ndarray, window: int) -> tuple[Int64s, k.Bools] | None:
-    """Fast path: every row's first 0x68 sits at the same offset (one preamble length)."""
+    """Fast path: every row's first 0x68 sits at the same offset (one preamble length) and
+    every row has the same L (one layout): a handful of column compares, no search."""
     width = a.shape[1]
     hits = np.flatnonzero(a[0, :window] == 0x68)
     if not hits.size:
         return None
     s = int(hits[0])
-    if not (a[:, s] == 0x68).all() or (s and (a[:, :s] == 0x68).any()):
-        return None
-    stop = s + 12 + a[:, s + 10].astype(np.int64)
-    inside = stop < width
-    ok = t_ok[a[:, s + 1]] & inside
-    if ok.all() and (stop == stop[0]).all():
-        ok &= a[:, int(stop[0])] == 0x16
-    else:
-        ok &= a[np.arange(len(a)), np.minimum(stop, width - 1)] == 0x16
-    if not ok.all():
+    stop = s + 12 + int(a[0, s + 10])
+    if stop >= width or not (a[:, s] == 0x68).all() or not (a[:, s + 10] == a[0, s + 10]).all():
         return None  # some rows need the general search
-    return np.full(len(a), s, np.int64), ok
+    if not t_ok[a[:, s + 1]].all() or not (a[:, stop] == 0x16).all():
+        return None
+    if s and (a[:, :s] == 0x68).any():
+        return None
+    return np.full(len(a), s, np.int64), np.ones(len(a), bool)
 
 
-def decode_array(a: k.Frames, rx: Int64s, model: Model, t_ok: np.ndarray) -> Decoded:
-    """Equal-length raw rows (prefix, frame, trailing bytes) -> Decoded, in row order."""
+def decode_array(
+    a: k.Frames, rx: Int64s, model: Model, t_ok: np.ndarray, utc_offset_s: Offset | None = None
+) -> Decoded:
+    """Equal-length raw rows (prefix, frame, trailing bytes) -> Decoded, in row order.
+
+    `utc_offset_s` (default: the model's, China Standard Time) is added to UTC to get the
+    meter's clock, per call or per row."""
+    offset = model.clock_utc_offset_s if utc_offset_s is None else utc_offset_s
     n = len(a)
     start, found = locate(a, t_ok)
     parts: list[tuple[Int64s, Decoded]] = []
@@ -98,8 +105,10 @@ def decode_array(a: k.Frames, rx: Int64s, model: Model, t_ok: np.ndarray) -> Dec
         for u in np.unique(key) if (key != key[0]).any() else key[:1]:
             rows = good if len(parts) == 0 and (key == u).all() else good[key == u]
             s, length = divmod(int(u), 256)
-            f = a[:, s : s + 13 + length] if len(rows) == n else a[rows, s : s + 13 + length]
-            parts.append((rows, decode_frames(f, rx[rows], model)))
+            every = len(rows) == n
+            f = a[:, s : s + 13 + length] if every else a[rows, s : s + 13 + length]
+            off = offset if isinstance(offset, int) or every else offset[rows]
+            parts.append((rows, decode_frames(f, rx if every else rx[rows], model, off)))
     if len(parts) == 1 and len(parts[0][0]) == n:
         return parts[0][1]
     return concat(parts, n)
@@ -131,7 +140,7 @@ def _not_found(a: k.Frames) -> Decoded:
 
 def _blank(n: int) -> Decoded:
     out = empty(n)
-    out.format[:] = "cjt188"
+    out.format.fill("cjt188")
     return out
 
 
@@ -156,18 +165,16 @@ def _clock(f: k.Frames, off: int, order: str) -> tuple[Int64s, np.ndarray]:
     `ss mm hh DD MM YY CC` (standard, ng-gateway) is tried first; `CC YY MM DD hh mm ss`
     (NB-IoT field devices) only for rows where that fails. Century 19..21 is required.
     """
-    v = k.BCD_LUT[f[:, off : off + 7]]
-    ok_digits = (v >= 0).all(axis=1)
-    epoch = np.zeros(len(f), np.int64)
-    state = np.full(len(f), 4, np.int64)
+    n = len(f)
+    epoch = np.zeros(n, np.int64)
+    state = np.full(n, 4, np.int8)
     if order != "be":
-        le, le_ok = k.civil_to_epoch(v[:, 6] * 100 + v[:, 5], *v[:, 4::-1].T)
-        le_ok &= ok_digits & (v[:, 6] >= 19) & (v[:, 6] <= 21)
+        le, le_ok = k.bcd_clock(f[:, off : off + 7], big_endian=False)
+        if le_ok.all():
+            return le, np.zeros(n, np.int8)
         epoch[le_ok], state[le_ok] = le[le_ok], 0
     if order != "le" and (rest := np.flatnonzero(state == 4)).size:
-        w = v[rest]
-        be, be_ok = k.civil_to_epoch(w[:, 0] * 100 + w[:, 1], *w[:, 2:7].T)
-        be_ok &= ok_digits[rest] & (w[:, 0] >= 19) & (w[:, 0] <= 21)
+        be, be_ok = k.bcd_clock(f[rest, off : off + 7], big_endian=True)
         epoch[rest[be_ok]], state[rest[be_ok]] = be[be_ok], 1
     if (rest := np.flatnonzero(state == 4)).size:
         state[rest[k.all_equal(f[rest], off, 7, 0)]] = 2
@@ -175,7 +182,7 @@ def _clock(f: k.Frames, off: int, order: str) -> tuple[Int64s, np.ndarray]:
     return epoch, state
 
 
-def read_901f(f: k.Frames, rx: Int64s, model: Model) -> Columns:
+def read_901f(f: k.Frames, rx: Int64s, model: Model, utc_offset_s: Offset | None = None) -> Columns:
     """The hot kernel: `(N, 35)` 901F replies -> codes, mL registers, times, flags."""
     n = len(f)
     code = np.zeros(n, np.uint16)
@@ -184,19 +191,24 @@ def read_901f(f: k.Frames, rx: Int64s, model: Model) -> Columns:
     ml = table[f[:, 18]]
     settlement, s_bad = k.bcd_le(f, 19, 4)
     s_ff = k.all_equal(f, 19, 4, 0xFF)
-    for mask, c in (
+    checks = (
         (total_bad, ErrorCode.BAD_BCD),
         (ml == 0, ErrorCode.BAD_UNIT),
         (s_bad & ~s_ff, ErrorCode.BAD_BCD),
         (~s_ff & (table[f[:, 23]] == 0), ErrorCode.BAD_UNIT),
-    ):
-        code[mask & (code == 0)] = c
+    )
+    if any(mask.any() for mask, _ in checks):
+        for mask, c in checks:
+            code[mask & (code == 0)] = c
     local, state = _clock(f, 24, model.clock_order)
     flag_table, valve_table = model.status_map.tables()
     st = f[:, 31 + model.status_map.byte]
-    missing = state >= 2
-    flags = flag_table[st] | np.where(missing, np.uint32(Flag.CLOCK_MISSING), np.uint32(0))
-    read_at = np.where(missing, rx, local - model.clock_utc_offset_s)
+    offset = model.clock_utc_offset_s if utc_offset_s is None else utc_offset_s
+    flags = flag_table[st]
+    read_at = local - offset
+    if (missing := state >= 2).any():
+        flags = flags | np.where(missing, np.uint32(Flag.CLOCK_MISSING), np.uint32(0))
+        read_at = np.where(missing, rx, read_at)
     return Columns(
         code, code == 0, total * ml, read_at, flags, total, settlement, ~s_ff, state,
         valve_table[st],
@@ -206,58 +218,104 @@ def read_901f(f: k.Frames, rx: Int64s, model: Model) -> Columns:
 _DI_MSG = "read-data reply with a DI this decoder does not know (only 901F and D120..D12B)"
 
 
-def decode_frames(f: k.Frames, rx: Int64s, model: Model) -> Decoded:
+def decode_frames(
+    f: k.Frames, rx: Int64s, model: Model, utc_offset_s: Offset | None = None
+) -> Decoded:
     """`(N, 13+L)` located frames of one L -> Decoded (header for all, reading for 901F)."""
     n, width = f.shape
     length = width - 13
-    out = _blank(n)
-    code, msg = out.error_code, out.error_message
+    code = np.zeros(n, np.uint16)
+    msg = k.text_column(n, "")
+    checks: list[tuple[k.Bools, ErrorCode, str]] = []
 
     def fail(mask: k.Bools, c: ErrorCode, text: str) -> None:
-        sel = mask & (code == 0)
-        code[sel], msg[sel] = c, text
+        checks.append((mask, c, text))
 
     span = (0, 11 + length) if model.checksum == "frame" else (11, 11 + length)
     fail(k.sum8(f, *span) != f[:, 11 + length], ErrorCode.BAD_CHECKSUM, _cs_msg(model))
-    t, c = f[:, 1].astype(np.int64), f[:, 9].astype(np.int64)
+    t, c = f[:, 1], f[:, 9]
     fail((c & 0x80) == 0, ErrorCode.NO_REGISTER, "master->meter request: carries no register")
     fail((c & 0x40) != 0, ErrorCode.NO_REGISTER, "meter abnormal reply (C bit D6): no register")
     fail((c & 0x1F) == 3, ErrorCode.NO_REGISTER, "read-address reply: carries no register")
     fail((c & 0x1F) != 1, ErrorCode.NO_REGISTER, "not a read-data reply (C function != 01)")
-    di = np.zeros(n, np.int64)
-    if length >= 2:
-        be = f[:, 11].astype(np.int64) << 8 | f[:, 12]
-        le = f[:, 12].astype(np.int64) << 8 | f[:, 11]
-        di = np.where(KNOWN_DI[be] | ~KNOWN_DI[le], be, le)  # 0x1F90 is not a valid DI
-    water_gas = np.isin(t >> 4, (1, 3))
+    di = np.zeros(n, np.uint16)
+    if length >= 2:  # the DI as sent (big-endian), unless only the byte-swapped one is known
+        be = f[:, 11:13].view(">u2")[:, 0].astype(np.uint16)
+        known = KNOWN_DI[be]
+        di = be
+        if not known.all():
+            le = f[:, 11:13].view("<u2")[:, 0].astype(np.uint16)
+            di = np.where(known | ~KNOWN_DI[le], be, le)  # 0x1F90 is not a valid DI
+    family = t >> 4
     if length == L_901F:
-        fail((di == DI_901F) & (t >> 4 == 2), ErrorCode.UNSUPPORTED, "heat meter 901F: not decoded")
-        fail((di == DI_901F) & ~water_gas, ErrorCode.UNSUPPORTED, "custom/wildcard meter type")
-        fail(di != DI_901F, ErrorCode.UNSUPPORTED, _DI_MSG)
+        is_901f = di == DI_901F
+        fail(is_901f & (family == 2), ErrorCode.UNSUPPORTED, "heat meter 901F: not decoded")
+        other = is_901f & (family != 1) & (family != 3)
+        fail(other, ErrorCode.UNSUPPORTED, "custom/wildcard meter type")
+        fail(~is_901f, ErrorCode.UNSUPPORTED, _DI_MSG)
+        cols = read_901f(f, rx, model, utc_offset_s)
+        fail(cols.code == ErrorCode.BAD_BCD, ErrorCode.BAD_BCD, _BCD_MSG)
+        fail(cols.code == ErrorCode.BAD_UNIT, ErrorCode.BAD_UNIT, _UNIT_MSG)
     elif length == L_HISTORY:
         fail((di < 0xD120) | (di > 0xD12B), ErrorCode.UNSUPPORTED, _DI_MSG)
+        value, bad = k.bcd_le(f, 14, 4)
+        fail(bad, ErrorCode.BAD_BCD, "history total is not BCD")
+        no_volume = model.ml_per_count()[f[:, 18]] == 0
+        fail(no_volume, ErrorCode.BAD_UNIT, "history unit code is not a volume")
     else:
         bad_len = (di == DI_901F) | ((di >= 0xD120) & (di <= 0xD12B))
         fail(bad_len, ErrorCode.BAD_LENGTH, f"L={length} does not fit the DI's layout")
         fail(np.ones(n, bool), ErrorCode.UNSUPPORTED, _DI_MSG)
+    if any(mask.any() for mask, _, _ in checks):  # else every row is OK: nothing to set
+        for mask, c_, text in checks:
+            sel = mask & (code == 0)
+            code[sel], msg[sel] = c_, text
     meter = k.hex_digits(f, 2, 7, reverse=True)
-    out.meter_of_frame[:] = meter
-    extras = _header_extras(t, c, di, f[:, 13] if length >= 3 else np.zeros(n, np.uint8))
+    fields = {
+        "meter_type": Column(t.copy(), render="hex2"),
+        "control": Column(c.copy(), render="hex2"),
+        "di": Column(di, render="hex4"),
+        "ser": Column(f[:, 13].copy() if length >= 3 else np.zeros(n, np.uint8)),
+    }
+    out = Decoded(
+        frame_index=np.zeros(0, np.int32),
+        meter_id=meter[:0],
+        read_at_s=np.zeros(0, np.int64),
+        register_ml=np.zeros(0, np.int64),
+        flags=np.zeros(0, np.uint32),
+        format=k.text_column(n, "cjt188"),
+        meter_of_frame=meter,
+        error_code=code,
+        error_message=msg,
+        fields=fields,
+    )
     if length == L_901F:
-        cols = read_901f(f, rx, model)
-        fail(cols.code == ErrorCode.BAD_BCD, ErrorCode.BAD_BCD, _BCD_MSG)
-        fail(cols.code == ErrorCode.BAD_UNIT, ErrorCode.BAD_UNIT, _UNIT_MSG)
-        return _with_readings(out, cols, f, meter, extras, model)
+        return _with_readings(out, cols, f, meter, model)
     if length == L_HISTORY:
-        value, bad = k.bcd_le(f, 14, 4)
-        unit_ok = model.ml_per_count()[f[:, 18]] > 0
-        fail(bad, ErrorCode.BAD_BCD, "history total is not BCD")
-        fail(~unit_ok, ErrorCode.BAD_UNIT, "history unit code is not a volume")
-        for i in np.flatnonzero(code == 0).tolist():
-            extras[i]["settlement_m3"] = model.m3(int(value[i]), int(f[i, 18]))
-            extras[i]["history_months_back"] = int(di[i]) - 0xD11F
-    out.extra[:] = extras
+        ok = code == 0
+        m3, scale = _m3_column(value, f[:, 18], model, ok)
+        fields["settlement_m3"] = Column(m3, _mask(ok), "decimal", scale)
+        fields["history_months_back"] = Column(di.astype(np.int64) - 0xD11F, _mask(ok))
     return out
+
+
+def _mask(ok: k.Bools) -> k.Bools | None:
+    """A presence mask, or None when every row has the field."""
+    return None if ok.all() else ok
+
+
+def _m3_column(
+    count: Int64s, unit: np.ndarray, model: Model, ok: k.Bools
+) -> tuple[Int64s, int | np.ndarray]:
+    """BCD counts + unit codes -> (exact integer, decimal scale: one, or per row) of m3.
+
+    `Model.m3` in columns: Decimal(count * multiplier).scaleb(-scale), the scale being the
+    model's decimals (+3 for litre units), so the meter's own precision is kept.
+    """
+    mult, scale = model.unit_tables()
+    if len(unit) and (unit == unit[0]).all():  # one unit code for the batch (usual)
+        return count * int(mult[unit[0]]), int(scale[unit[0]])
+    return count * mult[unit], scale[unit] if ok.all() else np.where(ok, scale[unit], 0)
 
 
 _BCD_MSG = "total or settlement register is not packed BCD (and not FF fill)"
@@ -270,64 +328,45 @@ def _cs_msg(model: Model) -> str:
     return f"checksum mismatch (model {model.name}: sum of the DATA bytes only, mod 256)"
 
 
-HEX2 = np.array([f"{i:02X}" for i in range(256)], object)  # byte -> "2C" without f-strings
-_HEX4: list[np.ndarray] = []
-
-
-def _hex4(words: Int64s) -> list[str]:
-    """16-bit values -> 4-digit uppercase hex strings via a lazily built 65536-entry table."""
-    if not _HEX4:
-        _HEX4.append(np.array([f"{i:04X}" for i in range(1 << 16)], object))
-    return _HEX4[0][words].tolist()
-
-
-def _header_extras(t: Int64s, c: Int64s, di: Int64s, ser: np.ndarray) -> list[dict[str, object]]:
-    cols = (HEX2[t].tolist(), HEX2[c].tolist(), _hex4(di), ser.tolist())
-    return [
-        {"meter_type": ti, "control": ci, "di": d, "ser": s}
-        for ti, ci, d, s in zip(*cols, strict=True)
-    ]
-
-
 VALVE_STATES = ("open", "closed", "abnormal")
 _CLOCK = ("meter (ss..CC)", "meter (CC..ss)", "none (all zero)", "unsupported (FF)", "invalid")
+_MEDIUM = tuple("gas" if t >> 4 == 3 else "water" for t in range(256))  # by meter type T
 
 
 def _with_readings(
-    out: Decoded, cols: Columns, f: k.Frames, meter: np.ndarray, extras: list, model: Model
+    out: Decoded, cols: Columns, f: k.Frames, meter: np.ndarray, model: Model
 ) -> Decoded:
+    """Add the 901F fields (present for OK rows) and one reading per OK row."""
     ok = out.error_code == 0
-    rows = np.flatnonzero(ok)
-    g = f[rows]
-    units, s_units = g[:, 18].tolist(), g[:, 23].tolist()
-    m3 = model.m3
-    st = (g[:, 31].astype(np.int64) << 8) | g[:, 32]
-    medium = np.where(g[:, 1] >> 4 == 3, "gas", "water").tolist()
-    valve = np.array(VALVE_STATES, object)[cols.valve[rows]].tolist()
-    clock = np.array(_CLOCK, object)[cols.clock_state[rows]].tolist()
-    full = zip(
-        rows.tolist(), medium, cols.total[rows].tolist(), units, cols.settlement[rows].tolist(),
-        s_units, cols.settlement_ok[rows].tolist(), _hex4(st), valve, clock, strict=True,
-    )  # fmt: skip
-    for i, med, total, unit, settle, s_unit, s_ok, sth, vs, ck in full:
-        e = extras[i]
-        e["medium"] = med
-        e["total_m3"] = m3(total, unit)
-        if s_ok:
-            e["settlement_m3"] = m3(settle, s_unit)
-        e["status_hex"] = sth
-        e["valve"] = vs
-        e["clock"] = ck
-    out.extra[:] = extras
+    every = bool(ok.all())
+    present = None if every else ok
+    st = f[:, 31:33].view(">u2")[:, 0].copy()  # ST0 ST1 as sent, printed "2184"
+    total, total_scale = _m3_column(cols.total, f[:, 18], model, ok)
+    settle, settle_scale = _m3_column(cols.settlement, f[:, 23], model, ok & cols.settlement_ok)
+    out.fields.update(
+        medium=Column(out.fields["meter_type"].values, present, "label", labels=_MEDIUM),
+        total_m3=Column(total, present, "decimal", total_scale),
+        settlement_m3=Column(settle, _mask(ok & cols.settlement_ok), "decimal", settle_scale),
+        status_hex=Column(st, present, "hex4"),
+        valve=Column(cols.valve, present, "label", labels=VALVE_STATES),
+        clock=Column(cols.clock_state, present, "label", labels=_CLOCK),
+    )
+    if every:
+        rows = np.arange(len(ok), dtype=np.int32)
+        meter_id, read_at, reg, flags = meter, cols.read_at_s, cols.register_ml, cols.flags
+    else:
+        rows = np.flatnonzero(ok).astype(np.int32)
+        meter_id, read_at = meter[rows], cols.read_at_s[rows]
+        reg, flags = cols.register_ml[rows], cols.flags[rows]
     return Decoded(
-        frame_index=rows.astype(np.int32),
-        meter_id=meter[rows],
-        read_at_s=cols.read_at_s[rows],
-        register_ml=cols.register_ml[rows],
-        flags=cols.flags[rows],
+        frame_index=rows,
+        meter_id=meter_id,
+        read_at_s=read_at,
+        register_ml=reg,
+        flags=flags,
         format=out.format,
         meter_of_frame=out.meter_of_frame,
         error_code=out.error_code,
         error_message=out.error_message,
-        extra=out.extra,
+        fields=out.fields,
     )

@@ -8,12 +8,20 @@ billing quantity.
 
 Per-frame failure is a code, never an exception: `error_code[i] != 0` marks frame i as
 rejected, `error_message[i]` says why in words a field engineer can act on.
+
+Other decoded fields (battery, settlement total, valve state...) are columnar and lazy:
+`Decoded.fields[name]` is a `Column` (one array entry per frame, a presence mask, an exact
+integer scale or a label table), `Decoded.sparse[i]` holds the rare per-frame extras that
+have no column shape (a SenML pack's records). `Decoded.extra_of(i)` builds frame i's dict
+only when asked (the JSON view, tests); a hot path reads the arrays.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +31,7 @@ Int32s = npt.NDArray[np.int32]
 UInt32s = npt.NDArray[np.uint32]
 UInt16s = npt.NDArray[np.uint16]
 Objects = npt.NDArray[np.object_]
+Bools = npt.NDArray[np.bool_]
 
 ML_PER_M3 = 1_000_000
 
@@ -68,29 +77,102 @@ class Flag(enum.IntFlag):
     INTERVAL = 1 << 11  # expanded from an interval batch (not the head register)
 
 
+RENDERS = ("", "decimal", "hex2", "hex4", "label")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One extra field of every frame of a batch: `values[i]` is frame i's, if `present[i]`.
+
+    `values` has one entry per frame: an integer or bool array, a numpy str array, or an
+    object array (only where values have no array shape, e.g. M-Bus text records).
+    `present` is None when every frame has the field. `render` says what `value(i)` gives:
+    ""        the value itself (numpy scalars as Python int/bool/str);
+    "decimal" `Decimal(values[i]).scaleb(-scale)` - exact, at the meter's own precision;
+              `scale` is an int or a per-frame int array (CJ/T 188 unit codes vary it);
+    "hex2"    / "hex4": the integer as 2 / 4 uppercase hex digits ("2C", "901F");
+    "label"   `labels[values[i]]` ("open", "closed", ...).
+    """
+
+    values: np.ndarray
+    present: Bools | None = None
+    render: str = ""
+    scale: int | np.ndarray = 0
+    labels: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Refuse an unknown render (a typo would otherwise show raw integers)."""
+        if self.render not in RENDERS:
+            msg = f"unknown render {self.render!r}; one of {RENDERS}"
+            raise ValueError(msg)
+
+    def has(self, i: int) -> bool:
+        """Whether frame i carries this field."""
+        return self.present is None or bool(self.present[i])
+
+    def value(self, i: int) -> object:
+        """Frame i's value as a Python object (see the class docstring); no presence check."""
+        v = self.values[i]
+        if self.render == "decimal":
+            scale = self.scale if isinstance(self.scale, int) else int(self.scale[i])
+            return Decimal(int(v)).scaleb(-scale)
+        if self.render == "hex2":
+            return f"{int(v):02X}"
+        if self.render == "hex4":
+            return f"{int(v):04X}"
+        if self.render == "label":
+            return self.labels[int(v)]
+        return v.item() if isinstance(v, np.generic) else v
+
+    def scales(self) -> np.ndarray:
+        """The scale of every frame as an int8 array."""
+        if isinstance(self.scale, int):
+            return np.full(len(self.values), self.scale, np.int8)
+        return np.asarray(self.scale, np.int8)
+
+    def objects(self) -> Objects:
+        """Every frame's value as an object array, None where absent (per-frame Python)."""
+        out = np.full(len(self.values), None, object)
+        rows = range(len(self.values)) if self.present is None else np.flatnonzero(self.present)
+        for i in rows:
+            out[i] = self.value(int(i))
+        return out
+
+    @classmethod
+    def of_objects(cls, values: Sequence[object] | Objects) -> Column:
+        """An object column from per-frame Python values, None meaning absent."""
+        arr = np.empty(len(values), object)
+        arr[:] = values
+        present = ~np.equal(arr, None)
+        return cls(arr, None if present.all() else present)
+
+
 @dataclass(frozen=True)
 class Decoded:
     """Readings and per-frame outcomes of one decoded batch.
 
     Reading columns (length M): `frame_index` (which input frame), `meter_id` (address as
-    the meter reports it, str), `read_at_s` (UTC epoch seconds), `register_ml` (int64 mL),
-    `flags` (uint32 of `Flag`).
+    the meter reports it: a numpy str or object array, elements compare as str),
+    `read_at_s` (UTC epoch seconds), `register_ml` (int64 mL), `flags` (uint32 of `Flag`).
     Frame columns (length N): `format` (str key of the format that decoded it, or ""),
     `meter_of_frame` (str or ""), `error_code` (uint16 of `ErrorCode`), `error_message`
-    (str or ""), `extra` (dict of other decoded fields with units in their names, e.g.
-    `battery_v`, `rsrp_dbm`, `settlement_m3`; values are int, str, Decimal or bool).
+    (str or ""), `fields` (name -> `Column`, other decoded fields with units in their
+    names, e.g. `battery_v`, `rsrp_dbm`, `settlement_m3`) and `sparse` (frame -> dict of
+    rare fields). `extra_of(i)` / `extra[i]` merge both into one dict of int, str, Decimal
+    or bool values, built on demand.
     """
 
     frame_index: Int32s
-    meter_id: Objects
+    meter_id: np.ndarray
     read_at_s: Int64s
     register_ml: Int64s
     flags: UInt32s
     format: Objects
-    meter_of_frame: Objects
+    meter_of_frame: np.ndarray
     error_code: UInt16s
     error_message: Objects
-    extra: list[dict[str, object]] = field(default_factory=list)
+    fields: dict[str, Column] = field(default_factory=dict)
+    sparse: dict[int, Mapping[str, object]] = field(default_factory=dict)
 
     @property
     def n_frames(self) -> int:
@@ -107,6 +189,40 @@ class Decoded:
         """Per-frame success mask."""
         return self.error_code == ErrorCode.OK
 
+    def extra_of(self, i: int, names: Sequence[str] | None = None) -> dict[str, object]:
+        """Frame i's extra fields as one dict (columns, then sparse), only `names` if given."""
+        cols = self.fields
+        if names is not None:
+            cols = {n: self.fields[n] for n in names if n in self.fields}
+        out = {name: col.value(i) for name, col in cols.items() if col.has(i)}
+        if (rare := self.sparse.get(i)) is not None:
+            out.update(rare if names is None else {n: rare[n] for n in names if n in rare})
+        return out
+
+    @property
+    def extra(self) -> Sequence[dict[str, object]]:
+        """Lazy per-frame view: `extra[i]` is `extra_of(i)` (a new dict on every access)."""
+        return _ExtraView(self)
+
+
+class _ExtraView(Sequence[dict[str, object]]):
+    """`Decoded.extra`: a read-only sequence that builds each frame's dict on access."""
+
+    def __init__(self, decoded: Decoded) -> None:
+        self._decoded = decoded
+
+    def __len__(self) -> int:
+        return self._decoded.n_frames
+
+    def __getitem__(self, i: int) -> dict[str, object]:  # type: ignore[override]
+        n = self._decoded.n_frames
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self._decoded.extra_of(i % n)
+
+    def __iter__(self) -> Iterator[dict[str, object]]:
+        return (self._decoded.extra_of(i) for i in range(self._decoded.n_frames))
+
 
 def empty(n_frames: int = 0) -> Decoded:
     """A result with no readings and `n_frames` frames all marked OK (to be filled in)."""
@@ -120,12 +236,53 @@ def empty(n_frames: int = 0) -> Decoded:
         meter_of_frame=np.full(n_frames, "", object),
         error_code=np.zeros(n_frames, np.uint16),
         error_message=np.full(n_frames, "", object),
-        extra=[{} for _ in range(n_frames)],
     )
 
 
+def _category(values: np.ndarray) -> str:
+    """Category "O" object, "U" text or "n" numeric/bool: one category merges as arrays."""
+    kind = values.dtype.kind
+    return kind if kind in "OU" else ("U" if kind == "S" else "n")
+
+
+def _merge_fields(parts: list[tuple[Int64s, Decoded]], n_frames: int) -> dict[str, Column]:
+    """Scatter each part's columns to input order (a loop over fields, not frames).
+
+    Parts that agree on a field's representation are merged as arrays (differing decimal
+    scales become a per-frame scale); a field represented differently by two formats (say
+    an M-Bus object column and a CJ/T 188 integer one) falls back to an object column.
+    """
+    names: dict[str, list[tuple[Int64s, Column]]] = {}
+    for where, part in parts:
+        for name, col in part.fields.items():
+            names.setdefault(name, []).append((where, col))
+    out: dict[str, Column] = {}
+    for name, cols in names.items():
+        kinds = {(c.render, c.labels, _category(c.values)) for _, c in cols}
+        if len(kinds) > 1:
+            cols = [(w, Column.of_objects(c.objects())) for w, c in cols]
+        first = cols[0][1]
+        values = np.zeros(n_frames, np.result_type(*(c.values.dtype for _, c in cols)))
+        if values.dtype.kind == "O":
+            values[:] = None
+        present = np.zeros(n_frames, bool)
+        for where, col in cols:
+            values[where] = col.values
+            present[where] = True if col.present is None else col.present
+        scale: int | np.ndarray = first.scale
+        uniform = len({c.scale if isinstance(c.scale, int) else -1 for _, c in cols}) == 1
+        if first.render == "decimal" and not (uniform and isinstance(first.scale, int)):
+            scale = np.zeros(n_frames, np.int8)
+            for where, col in cols:
+                scale[where] = col.scales()
+        out[name] = Column(
+            values, None if present.all() else present, first.render, scale, first.labels
+        )
+    return out
+
+
 def concat(parts: list[tuple[npt.NDArray[np.int64], Decoded]], n_frames: int) -> Decoded:
-    """Merge per-group results back into input order.
+    """Merge per-group results back into input order (array scatters, no per-frame loop).
 
     `parts` holds (input frame indices of the group, the group's Decoded, whose frame
     indices are local to the group). Frames covered by no part are UNKNOWN_FORMAT.
@@ -134,7 +291,7 @@ def concat(parts: list[tuple[npt.NDArray[np.int64], Decoded]], n_frames: int) ->
     out_meter = np.full(n_frames, "", object)
     out_code = np.full(n_frames, ErrorCode.UNKNOWN_FORMAT, np.uint16)
     out_msg = np.full(n_frames, "no known meter format recognises this frame", object)
-    out_extra: list[dict[str, object]] = [{} for _ in range(n_frames)]
+    sparse: dict[int, Mapping[str, object]] = {}
     cols: dict[str, list[np.ndarray]] = {
         k: [] for k in ("frame_index", "meter_id", "read_at_s", "register_ml", "flags")
     }
@@ -143,8 +300,9 @@ def concat(parts: list[tuple[npt.NDArray[np.int64], Decoded]], n_frames: int) ->
         out_meter[where] = part.meter_of_frame
         out_code[where] = part.error_code
         out_msg[where] = part.error_message
-        for local, extra in enumerate(part.extra):
-            out_extra[int(where[local])] = extra
+        if part.sparse:
+            local = np.fromiter(part.sparse, np.int64, len(part.sparse))
+            sparse.update(zip(where[local].tolist(), part.sparse.values(), strict=True))
         cols["frame_index"].append(where[part.frame_index].astype(np.int32))
         cols["meter_id"].append(part.meter_id)
         cols["read_at_s"].append(part.read_at_s)
@@ -157,9 +315,7 @@ def concat(parts: list[tuple[npt.NDArray[np.int64], Decoded]], n_frames: int) ->
         "register_ml": np.int64,
         "flags": np.uint32,
     }
-    merged = {
-        k: (np.concatenate(v) if v else np.zeros(0, dtypes[k])) for k, v in cols.items()
-    }
+    merged = {k: (np.concatenate(v) if v else np.zeros(0, dtypes[k])) for k, v in cols.items()}
     order = np.argsort(merged["frame_index"], kind="stable")
     return Decoded(
         frame_index=merged["frame_index"][order],
@@ -171,5 +327,6 @@ def concat(parts: list[tuple[npt.NDArray[np.int64], Decoded]], n_frames: int) ->
         meter_of_frame=out_meter,
         error_code=out_code,
         error_message=out_msg,
-        extra=out_extra,
+        fields=_merge_fields(parts, n_frames),
+        sparse=sparse,
     )

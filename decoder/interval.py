@@ -31,12 +31,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 
 import numpy as np
 
 from decoder import kernels as k
-from decoder.columns import Decoded, ErrorCode, Flag, concat, empty
+from decoder.columns import Column, Decoded, ErrorCode, Flag, concat, empty
 from decoder.registry import Format, register
 
 MAGIC = b"NI"
@@ -116,14 +115,14 @@ def _assemble(
         meter_of_frame=out.meter_of_frame,
         error_code=out.error_code,
         error_message=out.error_message,
-        extra=out.extra,
+        fields=out.fields,
     )
 
 
 def _blank(n: int, layout: str) -> Decoded:
     out = empty(n)
-    out.format[:] = "interval"
-    out.extra[:] = [{"layout": layout} for _ in range(n)]
+    out.format.fill("interval")
+    out.fields["layout"] = Column(np.full(n, layout))
     return out
 
 
@@ -150,8 +149,7 @@ def decode_nbm1(a: k.Frames) -> Decoded:
     out.meter_of_frame[:] = meter
     times, ml, flags = _series(base_t, k.u_le(a, 15, 4), _deltas(a, 21, count, 16))
     flags[:, -1] |= k.u_le(a, 19, 2) & ~np.int64(Flag.INTERVAL)
-    for e, last in zip(out.extra, ml[:, -1].tolist(), strict=True):
-        e["total_m3"] = Decimal(last // ML_PER_L).scaleb(-3)
+    out.fields["total_m3"] = _litres_as_m3(ml[:, -1])
     return _assemble(out, times, ml, flags, meter)
 
 
@@ -176,11 +174,12 @@ def decode_qalcosonic(a: k.Frames, layout: Layout) -> Decoded:
         ml = np.concatenate([ml, k.u_le(a, layout.current, 4)[:, None] * ML_PER_L], axis=1)
         flags = np.concatenate([flags, np.zeros((n, 1), np.int64)], axis=1)
     flags[:, -1] |= QALCOSONIC_FLAGS[status]
-    temp = k.u_le(a, layout.temperature, 2).tolist() if layout.temperature else [None] * n
-    for e, st, last, t in zip(out.extra, status.tolist(), ml[:, -1].tolist(), temp, strict=True):
-        e.update({"status": st, "total_m3": Decimal(last // ML_PER_L).scaleb(-3)})
-        if t is not None:
-            e["temperature_c"] = Decimal(t).scaleb(-2)
+    out.fields["status"] = Column(status.copy())
+    out.fields["total_m3"] = _litres_as_m3(ml[:, -1])
+    if layout.temperature:
+        out.fields["temperature_c"] = Column(
+            k.u_le(a, layout.temperature, 2), render="decimal", scale=2
+        )
     return _assemble(out, times, ml, flags, np.full(n, "", object))
 
 
@@ -188,9 +187,14 @@ def decode_alarm(a: k.Frames) -> Decoded:
     """Qalcosonic 5-byte alarm packet (uint32 time + status): no register."""
     out = _blank(len(a), "alarm")
     out.error_code[:], out.error_message[:] = ErrorCode.NO_REGISTER, "alarm packet: no register"
-    for e, t, st in zip(out.extra, k.u_le(a, 0, 4).tolist(), a[:, 4].tolist(), strict=True):
-        e.update({"alarm_status": st, "alarm_at_s": t})
+    out.fields["alarm_status"] = Column(a[:, 4].copy())
+    out.fields["alarm_at_s"] = Column(k.u_le(a, 0, 4))
     return out
+
+
+def _litres_as_m3(ml: k.Int64s) -> Column:
+    """Whole litres of a mL column, rendered as m3 with 3 decimals (Decimal, exact)."""
+    return Column(ml // ML_PER_L, render="decimal", scale=3)
 
 
 def _pick(a: k.Frames, variant: str | None) -> np.ndarray:

@@ -9,6 +9,8 @@ Compact frames are expanded through a `SignatureCache` learned from full frames.
 Per reading: the current volume register (storage 0) read at the meter's own clock
 (else the receive time, flagged CLOCK_MISSING) and, when present, the billing-date
 register (lowest storage >= 1) read at its own date record, flagged BILLING_DATE.
+Meter clocks are read as UTC unless `utc_offset_s` says how far east of UTC they run.
+Other fields become per-frame object `Column`s (absent: None), filled group by group.
 A bad frame gets an `ErrorCode` and a message; nothing raises for bad input.
 """
 
@@ -19,8 +21,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from decoder import kernels as k
 from decoder import mbus_compact, mbus_fixed, mbus_kernels, mbus_link
-from decoder.columns import Decoded, ErrorCode, Flag
+from decoder.columns import Column, Decoded, ErrorCode, Flag
 from decoder.mbus_compact import SignatureCache
 from decoder.mbus_encode import encode_oms_mode5, encode_oms_plain, encode_wired
 from decoder.mbus_link import Envelope, looks_like
@@ -45,15 +48,39 @@ INT64_MAX = np.iinfo(np.int64).max
 class _Batch:
     """Per-frame outcome columns plus the readings collected group by group."""
 
-    def __init__(self, n: int, received_at_s: Ints) -> None:
+    def __init__(self, n: int, received_at_s: Ints, utc_offset_s: int | Ints = 0) -> None:
         self.received = np.asarray(received_at_s, np.int64)
+        self.utc_offset_s = utc_offset_s
         self.code = np.zeros(n, np.uint16)
-        self.message = np.full(n, "", object)
-        self.format = np.full(n, "", object)
-        self.meter = np.full(n, "", object)
+        self.message = k.text_column(n, "")
+        self.format = k.text_column(n, "")
+        self.meter = k.text_column(n, "")
         self.flags = np.zeros(n, np.uint32)
-        self.extra: list[dict[str, object]] = [{} for _ in range(n)]
+        self.columns: dict[str, npt.NDArray[np.object_]] = {}  # name -> value or None per frame
         self.readings: list[tuple[Ints, Ints, Ints, npt.NDArray[np.uint32]]] = []
+
+    def column(self, name: str) -> npt.NDArray[np.object_]:
+        """The object column `name` (all None until filled)."""
+        if (col := self.columns.get(name)) is None:
+            col = self.columns[name] = np.full(len(self.code), None, object)
+        return col
+
+    def put(self, name: str, rows: Ints, values: list[object] | object) -> None:
+        """Set field `name` of `rows` to `values` (one each, or one for all); None skips."""
+        arr = np.empty(len(rows), object)
+        arr[:] = values
+        keep = ~np.equal(arr, None)
+        self.column(name)[rows[keep]] = arr[keep]
+
+    def drop(self, name: str, rows: Ints) -> None:
+        """Remove field `name` from `rows`."""
+        if name in self.columns:
+            self.columns[name][rows] = None
+
+    def offset(self, rows: Ints) -> int | Ints:
+        """Meter clock UTC offset of `rows`."""
+        off = self.utc_offset_s
+        return off if isinstance(off, int) else off[rows]
 
     def fail(self, rows: Ints | list[int], code: ErrorCode, message: str) -> None:
         """Reject `rows` that are still OK with `code` and `message`."""
@@ -85,7 +112,7 @@ class _Batch:
             meter_of_frame=self.meter,
             error_code=self.code,
             error_message=self.message,
-            extra=self.extra,
+            fields={name: Column.of_objects(col) for name, col in self.columns.items()},
         )
 
 
@@ -94,18 +121,28 @@ def decode(
     received_at_s: npt.NDArray[np.int64],
     keys: Mapping[str, bytes] | None = None,
     cache: SignatureCache | None = None,
+    *,
+    utc_offset_s: int | Ints = 0,
 ) -> Decoded:
     """Decode a batch of wired long / wireless M-Bus frames; bad frames get error codes.
 
-    `keys` maps meter_id -> 16-byte AES key (security mode 5 / ELL CTR); `cache` learns
-    the format signatures of full frames (and is updated in place) so compact frames of
-    the same model decode. Raises ValueError only when the two inputs differ in length.
+    `keys` maps meter_id -> 16-byte AES key (security mode 5 / ELL CTR), `keys["*"]` is
+    the key for a meter with none of its own; `cache` learns the format signatures of full
+    frames (and is updated in place) so compact frames of the same model decode.
+    `utc_offset_s` (int or one per frame, default 0: UTC) is how far east of UTC the meter
+    clocks run. Raises ValueError only when the inputs differ in length.
     """
     if len(frames) != len(received_at_s):
         raise ValueError(f"{len(frames)} frames but {len(received_at_s)} receive times")
+    if np.ndim(utc_offset_s) == 0:
+        utc_offset_s = int(utc_offset_s)
+    elif len(utc_offset_s) != len(frames):
+        raise ValueError(f"{len(frames)} frames but {len(utc_offset_s)} UTC offsets")
+    else:
+        utc_offset_s = np.asarray(utc_offset_s, np.int64)
     keys = keys or {}
     cache = cache if cache is not None else SignatureCache()
-    out = _Batch(len(frames), received_at_s)
+    out = _Batch(len(frames), received_at_s, utc_offset_s)
     full: dict[tuple[object, ...], list[int]] = {}
     compact: dict[tuple[object, ...], list[int]] = {}
     fixed: list[int] = []
@@ -120,7 +157,8 @@ def decode(
         envs[i] = got
         out.meter[i] = got.meter_id
         out.flags[i] = got.flags
-        out.extra[i].update(got.extra)
+        for name, value in got.extra.items():  # link/TPL fields (access number, status)
+            out.column(name)[i] = value
         if got.fixed:
             fixed.append(i)
         elif got.compact:
@@ -217,11 +255,8 @@ def _decode_fixed(out: _Batch, rows: Ints, apps: list[bytes]) -> None:
     out.read(
         rows[hist], c["historic_ml"][hist], out.received[rows[hist]], base[hist] | Flag.BILLING_DATE
     )
-    for j, i in enumerate(rows.tolist()):
-        if ok[j]:
-            out.extra[i]["total_ml"] = int(c["total_ml"][j])
-        if hist[j]:
-            out.extra[i]["target_ml"] = int(c["historic_ml"][j])
+    out.put("total_ml", rows[ok], c["total_ml"][ok].tolist())
+    out.put("target_ml", rows[hist], c["historic_ml"][hist].tolist())
 
 
 def _plain(f: Field) -> bool:
@@ -282,9 +317,8 @@ def _register(
         ok &= fits
     for mask, code, message in bad:
         if billing:
-            for i in rows[mask].tolist():
-                out.extra[i].pop("target_m3", None)
-                out.extra[i]["target_m3_error"] = message
+            out.drop("target_m3", rows[mask])
+            out.put("target_m3_error", rows[mask], message)
         else:
             out.fail(rows[mask], code, message)
     return raw * np.int64(factor), ok
@@ -322,9 +356,7 @@ def _apply(out: _Batch, rows: Ints, a: npt.NDArray[np.uint8], layout: Layout) ->
         if f.record_error:
             flags |= int(Flag.METER_ERROR)
     for name, values in columns.items():
-        for i, v in zip(rows.tolist(), values, strict=True):
-            if v is not None:
-                out.extra[i][name] = v
+        out.put(name, rows, values)
     for reg, date, extra_flag in ((current, clock, Flag.NONE), (billing, when, Flag.BILLING_DATE)):
         if reg is None:
             continue
@@ -332,6 +364,6 @@ def _apply(out: _Batch, rows: Ints, a: npt.NDArray[np.uint8], layout: Layout) ->
         at, at_ok = out.received[rows], np.zeros(len(rows), bool)
         if date is not None:
             stamp, at_ok = mbus_kernels.read_field(a, date)
-            at = np.where(at_ok, stamp, at)
+            at = np.where(at_ok, stamp - out.offset(rows), at)
         row_flags = flags | int(extra_flag) | np.where(at_ok, 0, int(Flag.CLOCK_MISSING))
         out.read(rows[ok], ml[ok], at[ok], row_flags[ok])

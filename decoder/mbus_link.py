@@ -96,6 +96,16 @@ def looks_like(frame: bytes) -> bool:
     return n >= 12 and frame[0] == n - 1 and frame[1] in (0x44, 0x46, 0x08, 0x06)
 
 
+WILDCARD_KEY = "*"  # `keys["*"]`: the key for whichever meter is in the frame
+
+
+def key_for(keys: Mapping[str, bytes], meter: str) -> bytes | None:
+    """The meter's own AES key, else the wildcard `keys["*"]` (a one-frame CLI decode with
+    an inline key, before the meter id is known), else None."""
+    key = keys.get(meter)
+    return keys.get(WILDCARD_KEY) if key is None else key
+
+
 def parse(frame: bytes, keys: Mapping[str, bytes]) -> Envelope | Failure:
     """Link + transport layers of one frame -> Envelope, or (code, message)."""
     if not frame:
@@ -171,7 +181,7 @@ def _ell_ii(
     mid = meter_id(a[0:4])
     if encrypted != 1:
         return ErrorCode.BAD_CHECKSUM, "ELL payload CRC mismatch"
-    key = keys.get(mid)
+    key = key_for(keys, mid)
     if key is None:
         return ErrorCode.NO_KEY, f"no AES key for meter {mid} (ELL AES-CTR payload)"
     plain = oms_crypto.ell_ctr(key, m, a, frame[pos], sn, frame[crc_at:])
@@ -218,7 +228,7 @@ def _tpl(
             body = got
         elif mode == 7:  # OMS 4: a configuration field extension (KDF selection) follows CW
             body = body[1:]
-            if env.meter_id in keys or body[:2] != oms_crypto.MODE5_CHECK:
+            if key_for(keys, env.meter_id) or body[:2] != oms_crypto.MODE5_CHECK:
                 return ErrorCode.UNSUPPORTED, (
                     f"security mode 7 (AES-CBC, CMAC KDF) of meter {env.meter_id} is not decrypted"
                 )  # only a payload decrypted upstream (2F2F, no key given) is accepted
@@ -234,7 +244,7 @@ def _mode5(
     mid: str, m: bytes, a: bytes, acc: int, blocks: int, body: bytes, keys: Mapping[str, bytes]
 ) -> bytes | Failure:
     """OMS mode 5: AES-128-CBC over `blocks` 16-byte blocks; plaintext starts 2F 2F."""
-    key = keys.get(mid)
+    key = key_for(keys, mid)
     if key is None:
         if body[:2] == oms_crypto.MODE5_CHECK:
             return body  # decrypted upstream (receiver or wmbusmeters simulation convention)

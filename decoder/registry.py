@@ -8,7 +8,10 @@ first and the permissive ones (wireless M-Bus `L == len - 1`) last.
 A format's `decode` has the M-Bus helper's signature
 `decode(frames, received_at_s, keys, cache) -> Decoded`; formats that have per-model
 variants (CJ/T 188 models, Qalcosonic layouts) also take `variant=` as a keyword, chosen
-by a hint `"key:variant"` (e.g. `"cjt188:mfunhcu"`, `"interval:w1t"`).
+by a hint `"key:variant"` (e.g. `"cjt188:mfunhcu"`, `"interval:w1t"`); formats that read
+a meter clock in local time take `utc_offset_s=` (int or one per frame). A fixed-layout
+format may add `decode_array(a, received_at_s, keys, cache, **same keywords)` taking the
+`(N, L)` array `decode_batch` already stacked for detection, so no frame is copied twice.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from decoder.columns import Decoded
 Detect = Callable[[bytes], bool]
 DetectArray = Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.bool_]]
 Decode = Callable[..., Decoded]
+DecodeArray = Callable[..., Decoded]
 
 
 class DuplicateFormatError(ValueError):
@@ -36,15 +40,19 @@ class Format:
 
     `detect(frame)` is the per-frame classifier; `detect_array(a)` (optional) classifies an
     `(N, L)` array of equal-length frames at once and must agree with `detect`.
-    `variants` names the hint suffixes `decode(..., variant=...)` accepts.
+    `decode_array(a, ...)` (optional) decodes an `(N, L)` array of frames it detected.
+    `variants` names the hint suffixes `decode(..., variant=...)` accepts;
+    `takes_utc_offset`: the decoders accept `utc_offset_s=` for the meter clock.
     """
 
     key: str
     detect: Detect
     decode: Decode
     detect_array: DetectArray | None = None
+    decode_array: DecodeArray | None = None
     variants: frozenset[str] = frozenset()
     takes_variant: bool = False
+    takes_utc_offset: bool = False
 
 
 _FORMATS: dict[str, Format] = {}

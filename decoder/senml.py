@@ -238,18 +238,20 @@ def decode(
     n = len(frames)
     rx = k.as_received(received_at_s, n)
     out = empty(n)
-    out.format[:] = "senml"
+    out.format.fill("senml")
     rows: list[tuple[int, int, int, int, str]] = []
     for i, frame in enumerate(frames):  # JSON/CBOR parsing is per pack by nature
         try:
             got, meter, extra = decode_one(bytes(frame), int(rx[i]))
         except SenMLError as exc:
-            out.error_code[i], out.error_message[i], out.extra[i] = exc.code, str(exc), exc.extra
+            out.error_code[i], out.error_message[i] = exc.code, str(exc)
+            if exc.extra:
+                out.sparse[i] = exc.extra
             continue
         except _PACK_ERRORS as exc:
             out.error_code[i], out.error_message[i] = ErrorCode.BAD_RECORD, f"bad pack: {exc}"
             continue
-        out.meter_of_frame[i], out.extra[i] = meter, extra
+        out.meter_of_frame[i], out.sparse[i] = meter, extra  # a pack's fields: no columns
         rows.extend((i, t, ml, fl, meter) for t, ml, fl in got)
     return Decoded(
         frame_index=np.array([r[0] for r in rows], np.int32),
@@ -261,7 +263,7 @@ def decode(
         meter_of_frame=out.meter_of_frame,
         error_code=out.error_code,
         error_message=out.error_message,
-        extra=out.extra,
+        sparse=out.sparse,
     )
 
 
@@ -270,11 +272,11 @@ def looks_like(frame: bytes) -> bool:
     head = frame.lstrip()[:1]
     if head == b"[":
         return True
-    return (
-        len(frame) >= 2
-        and (0x81 <= frame[0] <= 0x99 or frame[0] == 0x9F)
-        and (0xA1 <= frame[1] <= 0xB9 or frame[1] == 0xBF)
-    )
+    if not frame or not (0x81 <= frame[0] <= 0x99 or frame[0] == 0x9F):
+        return False
+    # RFC 8949: array lengths >= 24 follow the head in 1 (0x98) or 2 (0x99) bytes
+    first = 1 + {0x98: 1, 0x99: 2}.get(frame[0], 0)
+    return len(frame) > first and (0xA1 <= frame[first] <= 0xB9 or frame[first] == 0xBF)
 
 
 FORMAT = register(Format(key="senml", detect=looks_like, decode=decode))

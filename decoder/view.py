@@ -2,7 +2,7 @@
 
 Shape: `ok`, `format`, `meter_id`, `total_m3` (a decimal string at the meter's own
 precision, "556677.00"; from `extra["total_m3"]`, else the newest register in mL), the
-format's other fields from `extra` (units in their names; Decimal -> string), and either
+format's other fields from `Decoded.extra_of` (units in their names; Decimal -> string), and either
 `read_at` / `flags` for a single reading or `readings` for several; a failed frame adds
 `error` (message) and `error_code` (the stable integer) with `error_name`.
 """
@@ -19,8 +19,9 @@ import numpy.typing as npt
 
 from decoder import decode_batch
 from decoder.columns import Decoded, ErrorCode, Flag
+from decoder.mbus_link import WILDCARD_KEY  # `keys["*"]`: the key for whichever meter
 
-WILDCARD_KEY = "*"  # `keys["*"]`: the key for whichever meter is in this (one-frame) call
+__all__ = ["WILDCARD_KEY", "frame_records", "parse_input_line", "records"]
 
 
 def _plain(value: object) -> object:
@@ -63,7 +64,7 @@ def records(decoded: Decoded) -> list[dict[str, object]]:
             "format": decoded.format[i] or None,
             "meter_id": decoded.meter_of_frame[i] or None,
         }
-        extra = dict(decoded.extra[i])
+        extra = decoded.extra_of(i)
         rows = by_frame.get(i, [])
         if "total_m3" in extra:
             rec["total_m3"] = _plain(extra.pop("total_m3"))

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from decoder import cjt188, decode_batch
+from decoder import kernels as k
 from decoder.columns import ErrorCode, Flag
 from decoder.encode_cjt188 import GAS, WATER, encode_cjt188
 
@@ -243,6 +244,10 @@ def test_round_trip(
         settlement_ml=None if settlement is None else settlement * int(per),
         clock=clock, status=status, di_order=di_order, clock_order=clock_order, preamble=preamble,
     )  # fmt: skip
+    clock_bytes = np.frombuffer(frame[preamble + 24 : preamble + 31], np.uint8)[None, :]
+    # A clock valid in both byte orders (CC YY MM DD hh mm ss with ss in 19..21 can also read
+    # as ss mm hh DD MM YY CC) is ambiguous: the "auto" model reads it as the standard order.
+    assume(not all(k.bcd_clock(clock_bytes, big_endian=be)[1][0] for be in (False, True)))
     d = decode_batch([frame], RX)
     assert d.error_code[0] == ErrorCode.OK, d.error_message[0]
     assert d.meter_id.tolist() == [address]
