@@ -77,7 +77,8 @@ async def interval_reads(
         bounds = step_boundaries(parse_instant(start, tz), parse_instant(end, tz), step, tz)
     except CalendarError as exc:
         raise UnprocessableError(str(exc)) from exc
-    rows = await billing.interval_reads(pool, meter_id, bounds, settings.tuning())
+    async with pool.acquire() as conn:
+        rows = await billing.interval_reads(conn, meter_id, bounds, settings.tuning())
     scale = meter["register_scale"]
     intervals = [
         Interval(
@@ -128,7 +129,9 @@ async def cycle_read(
         open_at, close_at = local_midnight(start, tz), local_midnight(end, tz)
         ids = await registry.service_point_chain(conn, who.tenant_id, meter, open_at, close_at)
         lines: list[str] = []
-        for zone in await billing.zones(conn, who.tenant_id, ids):
+        tenant_zone = await tenant_timezone(conn, who.tenant_id)
+        metas = {r["meter_id"]: r for r in await _meters(conn, who.tenant_id, ids)}
+        for zone in sorted({m["timezone"] or tenant_zone for m in metas.values()}):
             args = billing.CycleQuery(who.tenant_id, start, end, zone, settings.tuning()).args(
                 meter_ids=ids
             )
@@ -141,7 +144,6 @@ async def cycle_read(
         )
         if not rows:
             raise NotFoundError(f"meter {meter_id} was not in service during cycle {cycle}")
-        metas = {r["meter_id"]: r for r in await _meters(conn, who.tenant_id, ids)}
         ats = [t for r in rows for t in (r.opening.at, r.closing.at)]
         revs = await billing.revisions(conn, ids, ats) if closed else []
         readings = await billing.readings_between(conn, ids, open_at - _BASELINE, close_at)

@@ -64,7 +64,7 @@ WITH m AS (
            $2::date AS cycle_start, $3::date AS cycle_end
     FROM meters m JOIN tenants t ON t.tenant_id = m.tenant_id
     CROSS JOIN LATERAL (SELECT $9::timestamptz AS open_at, $10::timestamptz AS close_at) w
-    WHERE m.tenant_id = $1 AND m.meter_id > $4 AND ($8::bigint[] IS NULL OR m.meter_id = ANY($8))
+    WHERE m.tenant_id = $1 AND m.meter_id > $4 AND {{where}}
       AND coalesce(m.timezone, t.timezone) = $11
       AND m.installed_at < w.close_at AND (m.removed_at IS NULL OR m.removed_at > w.open_at)
     ORDER BY m.meter_id LIMIT $5
@@ -137,17 +137,25 @@ CSV_COLUMNS = f"""b.meter_id, b.address, b.service_point, b.kind, $2::date, 'm3'
     {_m3("u.ml", "b.scale")}, {_CONSUMPTION_QUALITY},
     coalesce(u.ml > c.register_ml - o.register_ml, false), coalesce(u.ml < 0, false), {_REVISED}"""
 
-CYCLE_JSON_SQL = _CORE.format(columns=JSON_COLUMNS, published=_PUBLISHED)
-CYCLE_CSV_SQL = _CORE.format(columns=CSV_COLUMNS, published=_PUBLISHED)
+# Two plans: the whole tenant (keyset on meters_tenant), or given meter ids (primary key).
+# One `OR` of both would leave a generic plan scanning every meter of the tenant.
+_ALL = "$8::bigint[] IS NULL"
+_IDS = "m.meter_id = ANY($8::bigint[])"
+CYCLE_JSON_SQL = _CORE.format(columns=JSON_COLUMNS, published=_PUBLISHED, where=_ALL)
+CYCLE_CSV_SQL = _CORE.format(columns=CSV_COLUMNS, published=_PUBLISHED, where=_ALL)
+CYCLE_JSON_IDS_SQL = _CORE.format(columns=JSON_COLUMNS, published=_PUBLISHED, where=_IDS)
 
-PUBLISH_SQL = (
-    "WITH src AS ("
-    + _CORE.format(
-        columns="b.meter_id, b.o_at, o.register_ml AS o_ml, o.method AS o_method, o.quality AS"
-        " o_quality, b.c_at, c.register_ml AS c_ml, c.method AS c_method, c.quality AS c_quality",
-        published="",
-    )
-    + """), sides AS (
+
+def _publish_sql(where: str) -> str:
+    return (
+        "WITH src AS ("
+        + _CORE.format(
+            columns="b.meter_id, b.o_at, o.register_ml AS o_ml, o.method AS o_method, o.quality AS"
+            " o_quality, b.c_at, c.register_ml AS c_ml, c.method AS c_method, c.quality AS c_quality",
+            published="",
+            where=where,
+        )
+        + """), sides AS (
     SELECT s.meter_id, v.at, v.ml, v.method, v.quality FROM src s
     CROSS JOIN LATERAL (VALUES (s.o_at, s.o_ml, s.o_method, s.o_quality),
                                (s.c_at, s.c_ml, s.c_method, s.c_quality)) v(at, ml, method, quality)
@@ -164,7 +172,11 @@ PUBLISH_SQL = (
 SELECT (SELECT count(*) FROM sides) AS boundaries,
        count(*) FILTER (WHERE revision = 1) AS published,
        count(*) FILTER (WHERE revision > 1) AS revised FROM ins"""
-)
+    )
+
+
+PUBLISH_SQL = _publish_sql(_ALL)
+PUBLISH_IDS_SQL = _publish_sql(_IDS)
 
 
 @dataclass(frozen=True)
@@ -190,28 +202,29 @@ class CycleQuery:
         )  # fmt: skip
 
 
-async def zones(conn: Conn, tenant_id: int, meter_ids: list[int] | None = None) -> list[str]:
+async def zones(conn: Conn, tenant_id: int) -> list[str]:
     """The timezones of the tenant's meters: the tenant's own first, then the others sorted."""
     rows = await conn.fetch(
         "SELECT z, z = t.timezone AS own FROM tenants t CROSS JOIN LATERAL ("
         " SELECT DISTINCT m.timezone AS z FROM meters m WHERE m.tenant_id = t.tenant_id"
-        " AND m.timezone IS NOT NULL AND ($2::bigint[] IS NULL OR m.meter_id = ANY($2))"
+        " AND m.timezone IS NOT NULL"  # the partial index meters_tenant_timezone
         " UNION SELECT t.timezone) zs WHERE t.tenant_id = $1 ORDER BY own DESC, z",
         tenant_id,
-        meter_ids,
     )
     return [r["z"] for r in rows]
 
 
 async def cycle_lines(conn: Conn, args: tuple[Any, ...]) -> list[str]:
     """The JSON text of each meter's cycle read (one page: give `limit` in args)."""
-    rows = await conn.fetch(CYCLE_JSON_SQL, *args)
+    rows = await conn.fetch(CYCLE_JSON_SQL if args[7] is None else CYCLE_JSON_IDS_SQL, *args)
     return [r["line"] for r in rows]
 
 
 async def publish(conn: Conn, args: tuple[Any, ...]) -> asyncpg.Record:
     """Publish boundary reads of ended boundaries: first ones, and changed ones as revisions."""
-    row: asyncpg.Record = await conn.fetchrow(PUBLISH_SQL, *args)
+    row: asyncpg.Record = await conn.fetchrow(
+        PUBLISH_SQL if args[7] is None else PUBLISH_IDS_SQL, *args
+    )
     return row
 
 
@@ -227,11 +240,17 @@ async def revisions(conn: Conn, meter_ids: list[int], at: list[datetime]) -> lis
 
 
 async def interval_reads(
-    conn: Conn, meter_id: int, boundaries: list[datetime], tuning: Tuning
+    conn: asyncpg.Connection, meter_id: int, boundaries: list[datetime], tuning: Tuning
 ) -> list[asyncpg.Record]:
-    """Boundary reads of one meter at each instant, with consumption since the previous one."""
-    return await conn.fetch(
-        f"""SELECT t.at, r.register_ml, r.method, r.basis, r.quality, m.register_scale AS scale,
+    """Boundary reads of one meter at each instant, with consumption since the previous one.
+
+    Here each boundary is a per-row value, so runtime chunk exclusion (off for the API's
+    sessions, see api.app) is switched on for this one transaction.
+    """
+    async with conn.transaction():
+        await conn.execute("SET LOCAL timescaledb.enable_runtime_exclusion = on")
+        return await conn.fetch(
+            f"""SELECT t.at, r.register_ml, r.method, r.basis, r.quality, m.register_scale AS scale,
             nbm_consumption(lag(r.register_ml) OVER w, r.register_ml,
                 extract(epoch FROM t.at - lag(t.at) OVER w), m.register_scale,
                 m.register_digits, {_max_flow_sql("m.kind")}) AS used_ml,
@@ -245,11 +264,11 @@ async def interval_reads(
         WHERE m.meter_id = $1
         WINDOW w AS (ORDER BY t.at)
         ORDER BY t.at""",
-        meter_id,
-        boundaries,
-        tuning.actual_window,
-        tuning.future_tolerance,
-    )
+            meter_id,
+            boundaries,
+            tuning.actual_window,
+            tuning.future_tolerance,
+        )
 
 
 async def readings_between(

@@ -26,6 +26,9 @@ CREATE TABLE billing_cycle_dates (
     PRIMARY KEY (tenant_id, starts_on)
 );
 
+-- The few meters with a timezone of their own: cycle queries run once per timezone.
+CREATE INDEX meters_tenant_timezone ON meters (tenant_id, timezone) WHERE timezone IS NOT NULL;
+
 -- Boundary reads as first published (served after their cycle ended, or by a cycle close),
 -- and every later revision: rebilling needs both the billed and the corrected value.
 CREATE TABLE published_boundary_reads (
@@ -54,8 +57,10 @@ CREATE TABLE published_boundary_reads (
 --   interpolated  linear between the readings around `at`, exact integer arithmetic,
 --                 rounded half up to the register's smallest unit (10^scale m3)      9
 --   estimated     no reading after `at`: reference_day = the same span one week
---                 earlier (8); average_daily_use = the rate over the last <= 30 days
---                 (12, projected); last_read = no history, the last register (10)
+--                 earlier, when the last reading is at most 7 days old (8);
+--                 average_daily_use = the rate over up to 30 days before the last reading,
+--                 within 45 days of the boundary (12, projected); last_read = no such
+--                 history, the last register as is (10)
 --   installation / removal   the meter's initial / final register                     0
 --   missing       no usable reading at all                                           NULL
 -- A drop between the readings around `at` is a rollover at 10^digits units when the
@@ -108,39 +113,30 @@ SELECT
     CASE k.how WHEN 'actual_prev' THEN p.flags WHEN 'actual_next' THEN n.flags END
 FROM (SELECT power(10::numeric, p_scale + 6) AS unit,
              power(10::numeric, p_digits + p_scale + 6) AS modulus) c
--- The neighbours of `at`. When `at` is the caller's constant boundary (p_edge NULL) the
--- index condition compares read_at with p_bound, a plan-time constant, so TimescaleDB
--- excludes chunks once per query instead of once per meter; the installed/removed limits
--- are written as interval filters on purpose (not index conditions, which would force
--- per-meter runtime chunk exclusion).
+-- The neighbours of `at`, looked for within 35 days of p_bound (a meter silent for longer
+-- than a cycle is 'missing': it needs a visit, not a bill from stale history). Index
+-- conditions compare read_at only with p_bound, a constant of the caller's query, so
+-- TimescaleDB prunes chunks once per query (startup exclusion) instead of once per meter;
+-- `at` itself (an installation or removal instant inside the cycle, p_edge set) and the
+-- installed/removed limits are interval filters on purpose. Scanning from p_bound loses
+-- nothing: readings between p_bound and an installation are invalid anyway, and so are
+-- readings after a removal.
 LEFT JOIN LATERAL (
-    SELECT * FROM (
-        (SELECT r.read_at, r.register_ml, r.flags FROM readings r
-         WHERE p_edge IS NULL AND r.meter_id = p_meter AND r.read_at <= p_bound
-           AND r.read_at - p_installed >= interval '0'
-           AND coalesce(p_removed, 'infinity') - r.read_at >= interval '0'
-           AND r.read_at <= r.received_at + p_future_tolerance
-         ORDER BY r.read_at DESC LIMIT 1)
-        UNION ALL
-        (SELECT r.read_at, r.register_ml, r.flags FROM readings r
-         WHERE p_edge IS NOT NULL AND r.meter_id = p_meter AND r.read_at <= p_at
-           AND r.read_at >= p_installed AND r.read_at <= coalesce(p_removed, 'infinity')
-           AND r.read_at <= r.received_at + p_future_tolerance
-         ORDER BY r.read_at DESC LIMIT 1)) u LIMIT 1) p ON true
+    SELECT r.read_at, r.register_ml, r.flags FROM readings r
+    WHERE r.meter_id = p_meter AND r.read_at <= p_bound
+      AND r.read_at > p_bound - interval '35 days' AND r.read_at - p_at <= interval '0'
+      AND r.read_at - p_installed >= interval '0'
+      AND coalesce(p_removed, 'infinity') - r.read_at >= interval '0'
+      AND r.read_at <= r.received_at + p_future_tolerance
+    ORDER BY r.read_at DESC LIMIT 1) p ON true
 LEFT JOIN LATERAL (
-    SELECT * FROM (
-        (SELECT r.read_at, r.register_ml, r.flags FROM readings r
-         WHERE p_edge IS NULL AND r.meter_id = p_meter AND r.read_at > p_bound
-           AND r.read_at - p_installed >= interval '0'
-           AND coalesce(p_removed, 'infinity') - r.read_at >= interval '0'
-           AND r.read_at <= r.received_at + p_future_tolerance
-         ORDER BY r.read_at ASC LIMIT 1)
-        UNION ALL
-        (SELECT r.read_at, r.register_ml, r.flags FROM readings r
-         WHERE p_edge IS NOT NULL AND r.meter_id = p_meter AND r.read_at > p_at
-           AND r.read_at >= p_installed AND r.read_at <= coalesce(p_removed, 'infinity')
-           AND r.read_at <= r.received_at + p_future_tolerance
-         ORDER BY r.read_at ASC LIMIT 1)) u LIMIT 1) n ON true
+    SELECT r.read_at, r.register_ml, r.flags FROM readings r
+    WHERE r.meter_id = p_meter AND r.read_at >= p_bound
+      AND r.read_at <= p_bound + interval '35 days' AND r.read_at - p_at > interval '0'
+      AND r.read_at - p_installed >= interval '0'
+      AND coalesce(p_removed, 'infinity') - r.read_at >= interval '0'
+      AND r.read_at <= r.received_at + p_future_tolerance
+    ORDER BY r.read_at ASC LIMIT 1) n ON true
 CROSS JOIN LATERAL (
     SELECT (n.register_ml - p.register_ml)::numeric AS raw,
            (extract(epoch FROM n.read_at - p.read_at) * 1000000)::numeric AS dt,
@@ -155,7 +151,8 @@ LEFT JOIN LATERAL (
     SELECT a.register_ml AS a_ml, b.register_ml AS b_ml FROM
     (SELECT r.register_ml FROM readings r
      WHERE n.read_at IS NULL AND p.read_at IS NOT NULL AND p_edge IS DISTINCT FROM 'remove'
-       AND r.meter_id = p_meter
+       AND p.read_at >= p_bound - interval '7 days'
+       AND r.meter_id = p_meter AND r.read_at BETWEEN p_bound - interval '15 days' AND p_bound
        AND r.read_at BETWEEN p.read_at - interval '7 days' - p_actual_window
                          AND p.read_at - interval '7 days' + p_actual_window
        AND r.read_at >= p_installed AND r.read_at <= r.received_at + p_future_tolerance
@@ -164,6 +161,7 @@ LEFT JOIN LATERAL (
     (SELECT r.register_ml FROM readings r
      WHERE n.read_at IS NULL AND p.read_at IS NOT NULL AND p_edge IS DISTINCT FROM 'remove'
        AND r.meter_id = p_meter
+       AND r.read_at BETWEEN p_bound - interval '8 days' AND p_bound - interval '6 days'
        AND r.read_at BETWEEN p_at - interval '7 days' - p_actual_window
                          AND p_at - interval '7 days' + p_actual_window
        AND r.read_at >= p_installed AND r.read_at <= r.received_at + p_future_tolerance
@@ -172,7 +170,7 @@ LEFT JOIN LATERAL (
 LEFT JOIN LATERAL (
     SELECT r.read_at, r.register_ml FROM readings r
     WHERE n.read_at IS NULL AND p.read_at IS NOT NULL AND p_edge IS DISTINCT FROM 'remove'
-      AND r.meter_id = p_meter
+      AND r.meter_id = p_meter AND r.read_at BETWEEN p_bound - interval '45 days' AND p_bound
       AND r.read_at >= p.read_at - interval '30 days' AND r.read_at <= p.read_at - interval '1 day'
       AND r.read_at >= p_installed AND r.read_at <= r.received_at + p_future_tolerance
     ORDER BY r.read_at ASC LIMIT 1) base ON true
