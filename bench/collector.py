@@ -1,6 +1,6 @@
 """Collector throughput: bare aiocoap vs the nbmeter collector (with storage), same load.
 
-    python bench/collector.py [--seconds 10] [--window 256] [--sockets 8] [--rss-seconds 0]
+    python bench/collector.py [--seconds 10] [--window 400] [--sockets 8] [--sustain-s 60]
 
 Needs NBMETER_DATABASE_URL (a TimescaleDB server; a scratch database is created and
 dropped). The load generator is a raw-UDP CoAP client keeping `window` CONs outstanding
@@ -8,9 +8,12 @@ over `sockets` source ports; every uplink is an interval-batch frame (`nbm1`: a 
 plus 23 hourly deltas = 24 readings) for a distinct (meter, day), so every reading is new.
 It measures, one after the other: a bare aiocoap server whose /u answers 2.04 at once;
 the collector in one process; the collector in two processes sharing the port
-(SO_REUSEPORT). With `--rss-seconds N` it then runs one collector at full rate for N
-seconds and prints its peak RSS every 10 s (to see it level off). Last line:
-`ratio_vs_bare_aiocoap=<collector 1 process / bare>`.
+(SO_REUSEPORT); then (`--sustain-s`, default 60) one collector at full rate, printing its
+RSS every 10 s to show it levels off (the CoAP dedup table is bounded by EXCHANGE_LIFETIME
+and `dedup_max_entries`). Each line has CPU time per uplink (server process; for the
+collector also its PostgreSQL backends, `db_cpu`), less noisy than rates on a shared
+2-core machine, and the collector's mean uplinks per committed batch (from /metrics).
+Last lines: `cpu_ratio_vs_bare_aiocoap=` and `ratio_vs_bare_aiocoap=<1 process / bare>`.
 """
 
 from __future__ import annotations
@@ -24,16 +27,20 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from decoder.interval import encode_interval  # noqa: E402
+from decoder import kernels  # noqa: E402
 from storage.migrate import migrate  # noqa: E402
 
 DAY = 86_400
@@ -98,7 +105,11 @@ class Loader(asyncio.DatagramProtocol):
 
 
 class LoadGenerator:
-    """Distinct interval-batch uplinks for `addresses`, a day each, going back in time."""
+    """Distinct interval-batch uplinks for `addresses`, a day each, going back in time.
+
+    Payloads are made in bulk with numpy (a chunk at a time), so the generator spends its
+    CPU on sockets, not on building frames: the machine has 2 cores for everything.
+    """
 
     def __init__(self, slug: str, addresses: list[str]) -> None:
         self.query = f"t={slug}".encode()
@@ -107,16 +118,35 @@ class LoadGenerator:
         self.answers: dict[int, int] = {}
         self.running = True
         self.base = (int(time.time()) // DAY - 2) * DAY
+        self._ready: list[bytes] = []
+        # nbm1 head per meter: magic, version 1, K=23, BCD address low byte first
+        self._heads = np.array(
+            [list(b"NI" + bytes([1, 23]) + bytes.fromhex(a)[::-1]) for a in addresses], np.uint8
+        )
 
     def next_payload(self) -> bytes:
         """The next uplink: meter n % M, day n // M before the base."""
-        m, day = self.n % len(self.addresses), self.n // len(self.addresses)
+        if not self._ready:
+            self._ready = self._chunk(self.n, 20_000)[::-1]
         self.n += 1
-        start = self.base - day * DAY
-        return encode_interval(self.addresses[m], start, 1_000_000 + day * 1000, [1000] * 23)
+        return self._ready.pop()
 
-    async def run(self, port: int, seconds: float, window: int, sockets: int) -> float:
-        """Drive the server at 127.0.0.1:`port` for `seconds`; return 2.04 answers per second."""
+    def _chunk(self, first: int, count: int) -> list[bytes]:
+        n = np.arange(first, first + count, dtype=np.int64)
+        m, day = n % len(self.addresses), n // len(self.addresses)
+        a = np.zeros((count, 69), np.uint8)
+        a[:, :11] = self._heads[m]
+        a[:, 11:15] = _le((self.base - day * DAY).astype("<u4"))
+        a[:, 15:19] = _le((1000 + day).astype("<u4"))  # litres (1,000,000 mL + 1 L/day)
+        a[:, 21:67] = np.tile(np.frombuffer((1).to_bytes(2, "little") * 23, np.uint8), (count, 1))
+        crc = kernels.crc16_ccitt(a, 67).astype(">u2")
+        a[:, 67:69] = crc.view(np.uint8).reshape(count, 2)
+        return [row.tobytes() for row in a]
+
+    async def run(
+        self, port: int, seconds: float, window: int, sockets: int, watch: Watch
+    ) -> Measured:
+        """Drive 127.0.0.1:`port` for `seconds`; 2.04s per second, CPU of the watched pids."""
         loop = asyncio.get_running_loop()
         protos = []
         self.answers, self.running = {}, True
@@ -126,18 +156,46 @@ class LoadGenerator:
             )
             protos.append(proto)
         await asyncio.sleep(min(2.0, seconds / 5))  # warm-up
+        pids = await watch()  # after the warm-up: the collector's pool connections exist
         start_ok, started = self.answers.get(0x44, 0), time.monotonic()
+        cpu0 = {pid: _cpu_s(pid) for group in pids.values() for pid in group}
         while time.monotonic() - started < seconds:
             await asyncio.sleep(0.5)
             for p in protos:
                 p.retransmit()
-        rate = (self.answers.get(0x44, 0) - start_ok) / (time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        done = self.answers.get(0x44, 0) - start_ok
+        cpu = {g: sum(_cpu_s(p) - cpu0[p] for p in group) for g, group in pids.items()}
         self.running = False
         await asyncio.sleep(1.0)
         for p in protos:
             assert p.transport is not None
             p.transport.close()
-        return rate
+        return Measured(done / elapsed, {g: c / max(done, 1) for g, c in cpu.items()})
+
+
+Watch = Callable[[], Awaitable[dict[str, list[int]]]]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Uplinks answered 2.04 per second; CPU seconds per uplink by process group."""
+
+    rate: float
+    cpu_per_uplink_s: dict[str, float]
+
+
+def _le(values: np.ndarray) -> np.ndarray:
+    return values.view(np.uint8).reshape(len(values), -1)
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of `pid` in seconds (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 BARE = """
@@ -162,11 +220,17 @@ def _free_udp_port() -> int:
 PROFILE = os.environ.get("NBMETER_BENCH_PROFILE")  # a path: cProfile the collector there
 
 
-def _start_collector(db_url: str, port: int) -> subprocess.Popen[bytes]:
+def _free_tcp_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_collector(db_url: str, port: int, metrics_port: int) -> subprocess.Popen[bytes]:
     env = dict(
         os.environ,
         NBMETER_DATABASE_URL=db_url,
-        NBMETER_METRICS_PORT="0",
+        NBMETER_METRICS_PORT=str(metrics_port),
         NBMETER_COAP__HOST="127.0.0.1",
         NBMETER_COAP__PORT=str(port),
         NBMETER_LOG_JSON="true",
@@ -182,11 +246,25 @@ def _start_collector(db_url: str, port: int) -> subprocess.Popen[bytes]:
     )
 
 
-def _peak_rss_mb(pid: int) -> float:
+def _rss_mb(pid: int, field: str = "VmHWM") -> float:
+    """VmHWM (peak RSS) or VmRSS of `pid`, MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _batch_stats(metrics_ports: list[int]) -> tuple[float, float]:
+    """(batches, uplinks) committed so far, summed over the collectors' /metrics."""
+    batches = uplinks = 0.0
+    for port in metrics_ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith("nbmeter_collector_batch_uplinks_count"):
+                    batches += float(line.split()[-1])
+                elif line.startswith("nbmeter_collector_batch_uplinks_sum"):
+                    uplinks += float(line.split()[-1])
+    return batches, uplinks
 
 
 async def _setup(server_url: str) -> tuple[str, str, list[str]]:
@@ -219,61 +297,107 @@ async def _drop(server_url: str, name: str) -> None:
     await admin.close()
 
 
-async def _wait_up(port: int) -> None:
-    await asyncio.sleep(1.5)
-    del port
+def _watcher(server_url: str, db_name: str | None, servers: list[int]) -> Watch:
+    """The server pids, and the PostgreSQL backends serving `db_name` (same host)."""
+
+    async def watch() -> dict[str, list[int]]:
+        groups = {"server": servers}
+        if db_name is not None:
+            conn = await asyncpg.connect(server_url)
+            try:
+                rows = await conn.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = $1", db_name
+                )
+            finally:
+                await conn.close()
+            groups["db"] = [int(r[0]) for r in rows if _cpu_s(int(r[0])) > 0]
+        return groups
+
+    return watch
+
+
+def _us(m: Measured, group: str) -> str:
+    return f"{m.cpu_per_uplink_s.get(group, 0.0) * 1e6:.0f}"
+
+
+async def _collectors(
+    args: argparse.Namespace, gen: LoadGenerator, server_url: str, name: str, db_url: str, n: int
+) -> Measured:
+    port = _free_udp_port()
+    metrics_ports = [_free_tcp_port() for _ in range(n)]
+    servers = [_start_collector(db_url, port, mp) for mp in metrics_ports]
+    await asyncio.sleep(2.0)
+    watch = _watcher(server_url, name, [s.pid for s in servers])
+    b0 = _batch_stats(metrics_ports)
+    got = await gen.run(port, args.seconds, args.window, args.sockets, watch)
+    b1 = _batch_stats(metrics_ports)
+    rss = max(_rss_mb(s.pid) for s in servers)
+    for s in servers:
+        s.terminate()
+    for s in servers:
+        s.wait()
+    batches = max(b1[0] - b0[0], 1)
+    print(
+        f"collector_{n}proc_uplinks_per_s={got.rate:.0f} readings_per_s={got.rate * 24:.0f}"
+        f" cpu_us_per_uplink={_us(got, 'server')} db_cpu_us_per_uplink={_us(got, 'db')}"
+        f" uplinks_per_batch={(b1[1] - b0[1]) / batches:.1f} peak_rss_mb={rss:.0f}",
+        flush=True,
+    )
+    return got
+
+
+async def _sustain(
+    args: argparse.Namespace, gen: LoadGenerator, server_url: str, name: str, db_url: str
+) -> None:
+    port = _free_udp_port()
+    server = _start_collector(db_url, port, 0)
+    await asyncio.sleep(2.0)
+    watch = _watcher(server_url, None, [server.pid])
+    run = asyncio.create_task(gen.run(port, args.sustain_s, args.window, args.sockets, watch))
+    started = time.monotonic()
+    while not run.done():
+        await asyncio.sleep(min(10.0, args.sustain_s / 6))
+        print(
+            f"sustain t={time.monotonic() - started:.0f}s rss_mb={_rss_mb(server.pid, 'VmRSS'):.0f}"
+            f" peak_rss_mb={_rss_mb(server.pid):.0f} uplinks_sent={gen.n}",
+            flush=True,
+        )
+    got = await run
+    print(
+        f"sustain_uplinks_per_s={got.rate:.0f} final_peak_rss_mb={_rss_mb(server.pid):.0f}",
+        flush=True,
+    )
+    server.terminate()
+    server.wait()
 
 
 async def main(args: argparse.Namespace) -> None:
-    """Run the three measurements (and the optional RSS run); print the figures."""
+    """Run the measurements; print the figures, last line the throughput ratio."""
     server_url = os.environ["NBMETER_DATABASE_URL"]
     name, db_url, addresses = await _setup(server_url)
     try:
         gen = LoadGenerator("bench", addresses)
         port = _free_udp_port()
         bare = subprocess.Popen([sys.executable, "-c", BARE, str(port)])  # noqa: ASYNC220
-        await _wait_up(port)
-        bare_rate = await gen.run(port, args.seconds, args.window, args.sockets)
+        await asyncio.sleep(1.5)
+        watch = _watcher(server_url, None, [bare.pid])
+        base = await gen.run(port, args.seconds, args.window, args.sockets, watch)
         bare.terminate()
         bare.wait()
-        print(f"bare_aiocoap_uplinks_per_s={bare_rate:.0f}", flush=True)
-
-        rates = {}
-        for procs in (1, 2):
-            port = _free_udp_port()
-            servers = [_start_collector(db_url, port) for _ in range(procs)]
-            await _wait_up(port)
-            rates[procs] = await gen.run(port, args.seconds, args.window, args.sockets)
-            rss = max(_peak_rss_mb(s.pid) for s in servers)
-            for s in servers:
-                s.terminate()
-            for s in servers:
-                s.wait()
-            print(
-                f"collector_{procs}proc_uplinks_per_s={rates[procs]:.0f}"
-                f" readings_per_s={rates[procs] * 24:.0f} peak_rss_mb={rss:.0f}",
-                flush=True,
-            )
-        if args.rss_seconds > 0:
-            port = _free_udp_port()
-            server = _start_collector(db_url, port)
-            await _wait_up(port)
-            task = asyncio.create_task(gen.run(port, args.rss_seconds, args.window, args.sockets))
-            while not task.done():
-                await asyncio.sleep(10)
-                print(
-                    f"rss_run t={time.monotonic():.0f} peak_rss_mb={_peak_rss_mb(server.pid):.0f}",
-                    flush=True,
-                )
-            rate = await task
-            print(
-                f"rss_run_uplinks_per_s={rate:.0f} final_peak_rss_mb="
-                f"{_peak_rss_mb(server.pid):.0f}",
-                flush=True,
-            )
-            server.terminate()
-            server.wait()
-        print(f"ratio_vs_bare_aiocoap={rates[1] / bare_rate:.2f}")
+        print(
+            f"bare_aiocoap_uplinks_per_s={base.rate:.0f} cpu_us_per_uplink={_us(base, 'server')}",
+            flush=True,
+        )
+        one = await _collectors(args, gen, server_url, name, db_url, 1)
+        if not args.one_process:
+            await _collectors(args, gen, server_url, name, db_url, 2)
+        if args.sustain_s > 0:
+            await _sustain(args, gen, server_url, name, db_url)
+        cpu_ratio = base.cpu_per_uplink_s["server"] / max(one.cpu_per_uplink_s["server"], 1e-9)
+        print(
+            f"cpu_ratio_vs_bare_aiocoap={cpu_ratio:.2f}  (bare CPU/uplink / collector CPU/uplink)"
+        )
+        print(f"ratio_vs_bare_aiocoap={one.rate / base.rate:.2f}")
     finally:
         await _drop(server_url, name)
 
@@ -281,7 +405,8 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--window", type=int, default=400, help="CONs kept outstanding")
     parser.add_argument("--sockets", type=int, default=8)
-    parser.add_argument("--rss-seconds", type=float, default=0.0)
+    parser.add_argument("--sustain-s", type=float, default=60.0, help="0: no sustained run")
+    parser.add_argument("--one-process", action="store_true", help="skip the 2-process run")
     asyncio.run(main(parser.parse_args()))

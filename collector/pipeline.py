@@ -2,9 +2,14 @@
 
 A transport handler calls `Pipeline.offer(uplink)`, which never blocks: it returns a
 future, or raises `PipelineFull` (answer "busy, retry later": CoAP 5.03 + Max-Age, MQTT
-stops reading) or `PipelineClosed` (shutting down). Worker tasks take batches (up to
-`batch_max` uplinks, or whatever arrived within `batch_wait_ms` of the first) and hand
-each to the `commit` callable, which decodes, stores and archives the whole batch in one
+stops reading) or `PipelineClosed` (shutting down). With `answer_within_s` the future
+resolves to `NOT_YET_DURABLE` once that time has passed (the uplink stays queued and
+will be stored; one sweep serves every uplink, no timer per request). Up to `workers`
+batches commit at once (double buffering: the next batch fills while one commits). A
+free worker takes what is queued at once when no other commit is in flight (low load:
+no added latency); while one is, it waits for `batch_max` uplinks or `batch_wait_ms`,
+whichever comes first, so batches grow with the load. Each batch goes to the `commit`
+callable, which decodes, stores and archives the whole batch in one
 transaction. Only when it returns are the futures resolved, so an answer to a device
 always means "durable". While the database is away, `commit` raises
 `StorageUnavailableError` and the batch is retried with backoff, never dropped; the
@@ -65,6 +70,9 @@ class Outcome:
     n_new: int = 0
 
 
+NOT_YET_DURABLE = Outcome("not_yet_durable")  # `answer_within_s` passed; still queued
+
+
 @dataclass(slots=True)
 class Uplink:
     """One received payload and what the transport knows about its sender."""
@@ -95,6 +103,8 @@ class Pipeline:
         self._pending = 0  # queued + being committed
         self._wakeup = asyncio.Event()
         self._closed = False
+        self._in_flight = 0  # batches being committed
+        self._deadlines: deque[tuple[float, asyncio.Future[Outcome]]] = deque()
 
     @property
     def pending(self) -> int:
@@ -106,17 +116,24 @@ class Pipeline:
         """True once `close()` was called."""
         return self._closed
 
-    def offer(self, uplink: Uplink, *, force: bool = False) -> asyncio.Future[Outcome]:
+    def offer(
+        self, uplink: Uplink, *, force: bool = False, answer_within_s: float | None = None
+    ) -> asyncio.Future[Outcome]:
         """Queue `uplink`; return the future of its outcome. Raise PipelineFull/Closed.
 
         `force` skips the `max_pending` bound, for a transport bounded by other means
-        (MQTT: the broker's Receive Maximum).
+        (MQTT: the broker's Receive Maximum). With `answer_within_s`, the future resolves
+        to `NOT_YET_DURABLE` if the uplink is not durable by then (give or take the
+        sweep period, 0.1 s).
         """
         if self._closed:
             raise PipelineClosed
         if not force and self._pending >= self._settings.max_pending:
             raise PipelineFull
-        uplink.future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        uplink.future = loop.create_future()
+        if answer_within_s is not None:  # same delay for a transport: deadlines stay sorted
+            self._deadlines.append((loop.time() + answer_within_s, uplink.future))
         self._queue.append(uplink)
         self._pending += 1
         metrics.QUEUE_DEPTH.set(self._pending)
@@ -131,8 +148,24 @@ class Pipeline:
     async def run(self) -> None:
         """Run the workers until `close()` and the queue is drained."""
         async with asyncio.TaskGroup() as group:
-            for n in range(self._settings.workers):
+            workers = [
                 group.create_task(self._worker(), name=f"pipeline-worker-{n}")
+                for n in range(self._settings.workers)
+            ]
+            group.create_task(self._sweep(workers), name="pipeline-deadlines")
+
+    async def _sweep(self, workers: list[asyncio.Task[None]]) -> None:
+        """Resolve to NOT_YET_DURABLE the futures whose `answer_within_s` has passed."""
+        loop = asyncio.get_running_loop()
+        while not all(w.done() for w in workers):
+            now = loop.time()
+            while self._deadlines and (
+                self._deadlines[0][0] <= now or self._deadlines[0][1].done()
+            ):
+                _, future = self._deadlines.popleft()
+                if not future.done():
+                    future.set_result(NOT_YET_DURABLE)
+            await asyncio.sleep(0.1)
 
     async def _next_batch(self) -> list[Uplink] | None:
         while not self._queue:
@@ -141,8 +174,13 @@ class Pipeline:
             self._wakeup.clear()
             await self._wakeup.wait()
         limit = self._settings.batch_max
-        if len(self._queue) < limit and not self._closed and self._settings.batch_wait_ms > 0:
-            # whichever comes first: a full batch, or batch_wait_ms after the first uplink
+        if (
+            len(self._queue) < limit
+            and self._in_flight  # nothing committing: take what is there, no added latency
+            and not self._closed
+            and self._settings.batch_wait_ms > 0
+        ):
+            # whichever comes first: a full batch, or batch_wait_ms from now
             deadline = time.monotonic() + self._settings.batch_wait_ms / 1000
             while len(self._queue) < limit and (left := deadline - time.monotonic()) > 0:
                 self._wakeup.clear()
@@ -160,7 +198,11 @@ class Pipeline:
     async def _worker(self) -> None:
         while (batch := await self._next_batch()) is not None:
             if batch:
-                await self._commit_with_retry(batch)
+                self._in_flight += 1
+                try:
+                    await self._commit_with_retry(batch)
+                finally:
+                    self._in_flight -= 1
 
     async def _commit_with_retry(self, batch: list[Uplink]) -> None:
         delay = self._settings.retry_initial_s
