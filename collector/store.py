@@ -38,6 +38,7 @@ from storage import credentials
 from storage.archive import ArchiveWriter, QuarantineRow, RawUplink
 from storage.errors import StorageError, StorageUnavailableError
 from storage.ingest import ReadingBatch, ReadingWriter
+from storage.meters import MeterDirectory
 
 log = structlog.get_logger("collector.store")
 
@@ -95,6 +96,14 @@ def _health_fields(dec: Decoded, j: int) -> dict[str, object]:
     return dec.extra[j]
 
 
+def _may_have_health(dec: Decoded) -> bool:
+    """False when no frame of `dec` can carry a health field (columnar Decoded only)."""
+    fields = getattr(dec, "fields", None)
+    if fields is None or getattr(dec, "sparse", None):
+        return True
+    return any(name in fields for name in _HEALTH_NAMES)
+
+
 def _reading_batch(
     cols: tuple[list[int], list[int], list[int], list[int], list[int], list[float]],
 ) -> ReadingBatch:
@@ -148,6 +157,9 @@ class BatchStore:
         self._pool = pool
         self._writer = ReadingWriter(pool)
         self._archive_writer = ArchiveWriter(pool)
+        # plain CoAP (lab tenants): reported address -> meter id; a meter exchange that
+        # reuses an address is seen within ttl_s
+        self._meters = MeterDirectory(pool, ttl_s=60.0)
         self._keys = keys
         self._decode = decode
         self._acquire_timeout_s = acquire_timeout_s
@@ -284,15 +296,7 @@ class BatchStore:
         r_ml: list[int] = dec.register_ml.tolist()
         r_flags: list[int] = dec.flags.tolist()
         codes: list[int] = dec.error_code.tolist()
-        plain = {
-            (batch[i].tenant_id, r_meter[k])
-            for j, i in enumerate(todo)
-            if batch[i].device is None and batch[i].tenant_id is not None
-            for k in range(starts[j], ends[j])
-        }
-        known = await credentials.meters_by_address(
-            conn, [(t, a) for t, a in plain if t is not None]
-        )
+        known = await self._plain_meters(conn, batch, todo, starts, ends, r_meter)
         decided: list[tuple[str, str] | None] = []
         meter_of: list[int | None] = []
         cols: tuple[list[int], list[int], list[int], list[int], list[int], list[float]]
@@ -413,6 +417,30 @@ class BatchStore:
                 out.append(Outcome("stored", "", note, n_read[i], n_new[i]))
         return out
 
+    async def _plain_meters(
+        self,
+        conn: asyncpg.Connection,
+        batch: list[Uplink],
+        todo: list[int],
+        starts: list[int],
+        ends: list[int],
+        r_meter: list[str],
+    ) -> dict[tuple[int, str], int]:
+        """Plain CoAP: (tenant, reported address) -> meter id, from the cached directory."""
+        wanted: dict[int, set[str]] = {}
+        for j, i in enumerate(todo):
+            tenant = batch[i].tenant_id
+            if batch[i].device is None and tenant is not None:
+                wanted.setdefault(tenant, set()).update(r_meter[starts[j] : ends[j]])
+        known: dict[tuple[int, str], int] = {}
+        for tenant, addresses in wanted.items():
+            ordered = sorted(addresses)
+            ids = await self._meters.resolve(tenant, ordered, conn=conn)
+            known.update(
+                ((tenant, a), m) for a, m in zip(ordered, ids.tolist(), strict=True) if m >= 0
+            )
+        return known
+
     async def _archive(
         self,
         conn: asyncpg.Connection,
@@ -429,6 +457,7 @@ class BatchStore:
         health = []
         formats: list[str] = dec.format.tolist()
         codes: list[int] = dec.error_code.tolist()
+        health_possible = _may_have_health(dec)
         for i, (uplink, outcome) in enumerate(zip(batch, outcomes, strict=True)):
             j = int(frame_of[i])
             received_at = datetime.fromtimestamp(uplink.received_at, UTC)
@@ -462,7 +491,7 @@ class BatchStore:
                         uplink.payload,
                     )
                 )
-            elif j >= 0 and meter_of[i] is not None:
+            elif health_possible and j >= 0 and meter_of[i] is not None:
                 figures = health_of(_health_fields(dec, j))
                 if any(v is not None for v in figures):
                     health.append(
