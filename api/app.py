@@ -40,10 +40,18 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("nbmeter_api_requests", "HTTP requests",
-                                ["method", "route", "status"], registry=self.registry)  # fmt: skip
-        self.latency = Histogram("nbmeter_api_request_seconds", "time to response start",
-                                 ["method", "route"], registry=self.registry)  # fmt: skip
+        self.requests = Counter(
+            "nbmeter_api_requests",
+            "HTTP requests",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "nbmeter_api_request_seconds",
+            "time to response start",
+            ["method", "route"],
+            registry=self.registry,
+        )
 
 
 class MetricsMiddleware:
@@ -98,9 +106,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             pool = await asyncpg.create_pool(
-                settings.database_url, min_size=settings.api_pool_min,
-                max_size=settings.api_pool_max, server_settings=SERVER_SETTINGS,
-            )  # fmt: skip
+                settings.database_url,
+                min_size=settings.api_pool_min,
+                max_size=settings.api_pool_max,
+                server_settings=SERVER_SETTINGS,
+            )
         except (OSError, asyncpg.PostgresError) as exc:
             msg = f"cannot connect to the database: {exc}"
             raise StorageUnavailableError(msg) from exc
@@ -111,9 +121,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await pool.close()
 
     app = FastAPI(
-        title="nbmeter billing API", version="1.0.0", description=DESCRIPTION,
+        title="nbmeter billing API",
+        version="1.0.0",
+        description=DESCRIPTION,
         lifespan=lifespan,
-    )  # fmt: skip
+    )
     app.state.settings = settings
     app.state.key_cache = KeyCache(settings.key_cache_ttl_s)
     metrics = Metrics()
@@ -133,8 +145,12 @@ def create_app(settings: ApiSettings) -> FastAPI:
             raise StorageUnavailableError(f"database unreachable: {exc}") from exc
         return Health(status="ok")
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics",
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})  # fmt: skip
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        summary="Prometheus metrics",
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def prometheus(request: Request) -> Response:
         """Request counters and latency histograms in Prometheus text format."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

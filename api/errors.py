@@ -63,10 +63,17 @@ _TABLE: tuple[tuple[type[Exception], int, str], ...] = (
     (StorageError, 500, "storage-error"),
 )
 _HTTP_SLUGS = {
-    401: "unauthorized", 403: "forbidden", 404: "not-found", 405: "method-not-allowed",
-    406: "not-acceptable", 409: "conflict", 413: "payload-too-large",
-    415: "unsupported-media-type", 422: "validation-error", 503: "service-unavailable",
-}  # fmt: skip
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not-found",
+    405: "method-not-allowed",
+    406: "not-acceptable",
+    409: "conflict",
+    413: "payload-too-large",
+    415: "unsupported-media-type",
+    422: "validation-error",
+    503: "service-unavailable",
+}
 
 
 def problem(request: Request, status: int, slug: str, detail: str, **extra: Any) -> JSONResponse:
@@ -109,10 +116,13 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
 def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [
-        {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")),
-         "type": str(e.get("type", ""))}
+        {
+            "loc": [str(p) for p in e.get("loc", ())],
+            "msg": str(e.get("msg", "")),
+            "type": str(e.get("type", "")),
+        }
         for e in exc.errors()
-    ]  # fmt: skip
+    ]
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     detail = f"{'.'.join(first['loc'])}: {first['msg']}" if first["loc"] else str(first["msg"])
     return problem(request, 422, "validation-error", detail, errors=errors)

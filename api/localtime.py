@@ -8,6 +8,7 @@ transition, which is also what PostgreSQL's `timestamp AT TIME ZONE` does.
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo
@@ -59,7 +60,7 @@ def cycles_in(
     """The (start, end) of every cycle starting within [first, last], at most 120."""
     if dates:
         starts = [d for d in dates if first <= d <= last]
-        return [(d, e) for d, e in zip(dates, dates[1:], strict=False) if d in starts][:120]
+        return [(d, e) for d, e in itertools.pairwise(dates) if d in starts][:120]
     out: list[tuple[date, date]] = []
     start = date(first.year, first.month, cycle_day)
     if start < first:

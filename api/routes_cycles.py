@@ -28,13 +28,17 @@ _EXPORT_RESPONSES = {
     200: {
         "description": "JSON page (default), NDJSON stream or CSV stream of cycle reads",
         "content": {
-            NDJSON: {"schema": {"type": "string"},
-                     "example": '{"meter_id": 1, "cycle": "2024-03-01", ...}\n'},
-            "text/csv": {"schema": {"type": "string"},
-                         "example": "meter_id,address,...\n1,12345678901234,...\n"},
+            NDJSON: {
+                "schema": {"type": "string"},
+                "example": '{"meter_id": 1, "cycle": "2024-03-01", ...}\n',
+            },
+            "text/csv": {
+                "schema": {"type": "string"},
+                "example": "meter_id,address,...\n1,12345678901234,...\n",
+            },
         },
     }
-}  # fmt: skip
+}
 
 
 @router.get("/billing-calendar", summary="The tenant's billing calendar")
@@ -89,8 +93,12 @@ def _negotiate(fmt: str | None, accept: str) -> str:
     return "json"
 
 
-@router.get("/cycles/{cycle}/reads", summary="Cycle reads of every meter (export)",
-            response_model=CyclePage, responses=_EXPORT_RESPONSES)  # fmt: skip
+@router.get(
+    "/cycles/{cycle}/reads",
+    summary="Cycle reads of every meter (export)",
+    response_model=CyclePage,
+    responses=_EXPORT_RESPONSES,
+)
 async def cycle_reads(
     cycle: CycleId,
     who: Reader,
@@ -165,6 +173,9 @@ async def close_cycle(cycle: CycleId, who: Admin, pool: Pool, request: Request) 
         for zone in await billing.zones(conn, who.tenant_id):
             q = billing.CycleQuery(who.tenant_id, start, end, zone, settings.tuning())
             row = await billing.publish(conn, q.args())
-            totals = [totals[0] + row["boundaries"], totals[1] + row["published"],
-                      totals[2] + row["revised"]]  # fmt: skip
+            totals = [
+                totals[0] + row["boundaries"],
+                totals[1] + row["published"],
+                totals[2] + row["revised"],
+            ]
     return CloseResult(cycle=cycle, boundaries=totals[0], published=totals[1], revised=totals[2])

@@ -15,7 +15,8 @@ from pydantic import ValidationError
 
 from api.auth import Pool, Reader, Writer
 from api.errors import PROBLEM_JSON, NotFoundError, UnprocessableError
-from api.schemas import (
+from api.schemas import Problem, to_m3, to_ml
+from api.schemas_meters import (
     DeviceHealth,
     ExchangeRequest,
     ExchangeResult,
@@ -26,10 +27,7 @@ from api.schemas import (
     MeterPage,
     MeterPatch,
     OpenAlarm,
-    Problem,
-    to_m3,
-    to_ml,
-)  # fmt: skip
+)
 from decoder.columns import Flag
 from storage import registry
 from storage.apikeys import check_timezone
@@ -41,9 +39,13 @@ _P = {
 }
 PROBLEMS: dict[int | str, dict[str, Any]] = {
     s: {**_P, "description": d}
-    for s, d in ((401, "no or invalid API key"), (403, "the key lacks the scope"),
-                 (404, "no such resource for this tenant"), (422, "invalid request"))
-}  # fmt: skip
+    for s, d in (
+        (401, "no or invalid API key"),
+        (403, "the key lacks the scope"),
+        (404, "no such resource for this tenant"),
+        (422, "invalid request"),
+    )
+}
 CONFLICT: dict[int | str, dict[str, Any]] = {409: {**_P, "description": "state conflict"}}
 router = APIRouter(prefix="/v1", tags=["meters"], responses=PROBLEMS)
 MeterId = Annotated[int, Path(ge=1, le=2**63 - 1, description="meter id", examples=[1])]
@@ -64,14 +66,27 @@ def meter_out(row: asyncpg.Record) -> Meter:
     """The API view of a meters row."""
     scale = row["register_scale"]
     return Meter(
-        **{k: row[k] for k in (
-            "meter_id", "address", "service_point", "kind", "format", "unit",
-            "register_scale", "register_digits", "timezone", "installed_at", "removed_at",
-            "created_at")},
+        **{
+            k: row[k]
+            for k in (
+                "meter_id",
+                "address",
+                "service_point",
+                "kind",
+                "format",
+                "unit",
+                "register_scale",
+                "register_digits",
+                "timezone",
+                "installed_at",
+                "removed_at",
+                "created_at",
+            )
+        },
         initial_register_m3=to_m3(row["initial_register_ml"], scale),
         final_register_m3=to_m3(row["final_register_ml"], scale),
         has_credentials=row["credentials_ref"] is not None,
-    )  # fmt: skip
+    )
 
 
 def _fields(body: MeterCreate | MeterPatch, scale: int) -> dict[str, Any]:
@@ -119,9 +134,14 @@ async def list_meters(
     """Meters in id order, `limit` per page; filter by address, service point, active."""
     after = decode_cursor(cursor)
     rows = await registry.list_meters(
-        pool, who.tenant_id, after=after, limit=limit, address=address,
-        service_point=service_point, active=active,
-    )  # fmt: skip
+        pool,
+        who.tenant_id,
+        after=after,
+        limit=limit,
+        address=address,
+        service_point=service_point,
+        active=active,
+    )
     more = len(rows) == limit
     return MeterPage(
         items=[meter_out(r) for r in rows],
@@ -173,8 +193,11 @@ _IMPORT_BODY = {
         "description": "a JSON array of meters, or CSV with a header row of MeterCreate fields",
         "content": {
             "application/json": {
-                "schema": {"type": "array", "maxItems": MAX_IMPORT_ROWS,
-                           "items": {"$ref": "#/components/schemas/MeterCreate"}},
+                "schema": {
+                    "type": "array",
+                    "maxItems": MAX_IMPORT_ROWS,
+                    "items": {"$ref": "#/components/schemas/MeterCreate"},
+                },
                 "example": [{"address": "10000001", "kind": "water", "format": "mbus"}],
             },
             "text/csv": {
@@ -183,7 +206,7 @@ _IMPORT_BODY = {
             },
         },
     }
-}  # fmt: skip
+}
 
 
 async def _import_rows(request: Request) -> list[Any]:
@@ -204,8 +227,9 @@ async def _import_rows(request: Request) -> list[Any]:
     return rows
 
 
-@router.post("/meters/import", summary="Bulk-import meters (JSON array or CSV)",
-             openapi_extra=_IMPORT_BODY)  # fmt: skip
+@router.post(
+    "/meters/import", summary="Bulk-import meters (JSON array or CSV)", openapi_extra=_IMPORT_BODY
+)
 async def import_meters(request: Request, who: Writer, pool: Pool) -> ImportResult:
     """Import up to 10,000 meters; each row is validated and inserted on its own."""
     rows = await _import_rows(request)
@@ -231,8 +255,12 @@ async def import_meters(request: Request, who: Writer, pool: Pool) -> ImportResu
     return ImportResult(created=len(created), meter_ids=created, errors=errors)
 
 
-@router.post("/meters/{meter_id}/exchange", status_code=201, responses=CONFLICT,
-             summary="Exchange a meter at its service point")  # fmt: skip
+@router.post(
+    "/meters/{meter_id}/exchange",
+    status_code=201,
+    responses=CONFLICT,
+    summary="Exchange a meter at its service point",
+)
 async def exchange_meter(
     meter_id: MeterId, body: ExchangeRequest, who: Writer, pool: Pool
 ) -> ExchangeResult:
@@ -241,17 +269,25 @@ async def exchange_meter(
         old = await get_or_404(conn, who.tenant_id, meter_id)
         new = body.new_meter
         fields = {
-            "address": new.address, "format": new.format, "register_scale": new.register_scale,
+            "address": new.address,
+            "format": new.format,
+            "register_scale": new.register_scale,
             "register_digits": new.register_digits,
-            "initial_register_ml": to_ml(new.initial_register_m3, new.register_scale, "initial_register_m3"),
-        }  # fmt: skip
+            "initial_register_ml": to_ml(
+                new.initial_register_m3, new.register_scale, "initial_register_m3"
+            ),
+        }
         if new.credentials is not None:
             fields["credentials_ref"] = credentials_ref(new.credentials.model_dump())
         final_ml = to_ml(body.final_register_m3, old["register_scale"], "final_register_m3")
         done = await registry.exchange_meter(
-            conn, who.tenant_id, meter_id, exchanged_at=body.exchanged_at,
-            final_register_ml=final_ml, new_meter=fields,
-        )  # fmt: skip
+            conn,
+            who.tenant_id,
+            meter_id,
+            exchanged_at=body.exchanged_at,
+            final_register_ml=final_ml,
+            new_meter=fields,
+        )
     if done is None:
         raise NotFoundError(f"no meter {meter_id}")
     return ExchangeResult(removed=meter_out(done[0]), installed=meter_out(done[1]))
@@ -270,9 +306,11 @@ async def meter_health(meter_id: MeterId, who: Reader, pool: Pool) -> DeviceHeal
         last_uplink_at=seen["last_uplink_at"],
         last_register_m3=to_m3(seen["register_ml"], meter["register_scale"]),
         last_flags=[f.name.lower() for f in Flag if f and flags & f and f.name],
-        **{k: (health[k] if health else None)
-           for k in ("measured_at", "battery_mv", "rsrp_cdbm", "sinr_cdb", "ecl")},
-    )  # fmt: skip
+        **{
+            k: (health[k] if health else None)
+            for k in ("measured_at", "battery_mv", "rsrp_cdbm", "sinr_cdb", "ecl")
+        },
+    )
 
 
 @router.get("/meters/{meter_id}/alarms", summary="Open alarms of a meter")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Literal
@@ -31,7 +32,7 @@ from api.schemas import (
     Revision,
     VeeIssue,
     to_m3,
-)  # fmt: skip
+)
 from api.settings import ApiSettings
 from storage import billing, registry
 from storage.apikeys import tenant_timezone
@@ -90,8 +91,8 @@ async def interval_reads(
             start_method=a["method"] or "missing",
             end_method=b["method"] or "missing",
             quality=_mixed(a["quality"], b["quality"]),
-        )  # fmt: skip
-        for a, b in zip(rows, rows[1:], strict=False)
+        )
+        for a, b in itertools.pairwise(rows)
     ]
     return IntervalReads(
         meter_id=meter_id, step=step, timezone=tz_name, unit="m3", intervals=intervals
@@ -149,33 +150,57 @@ async def cycle_read(
         readings = await billing.readings_between(conn, ids, open_at - _BASELINE, close_at)
         events = await billing.events_between(conn, ids, open_at, close_at)
     spans = [
-        vee.Span(m["meter_id"], m["kind"], m["register_digits"], m["register_scale"],
-                 m["installed_at"], m["removed_at"])
+        vee.Span(
+            m["meter_id"],
+            m["kind"],
+            m["register_digits"],
+            m["register_scale"],
+            m["installed_at"],
+            m["removed_at"],
+        )
         for m in (metas[r.meter_id] for r in rows)
-    ]  # fmt: skip
+    ]
     report = vee.check_cycle(
-        spans, readings, [tuple(e) for e in events],  # type: ignore[misc]
-        open_at=open_at, close_at=close_at, now=now,
+        spans,
+        readings,
+        [tuple(e) for e in events],  # type: ignore[misc]
+        open_at=open_at,
+        close_at=close_at,
+        now=now,
         tolerance=timedelta(seconds=settings.future_tolerance_s),
         max_gap=timedelta(hours=settings.max_gap_h),
         zero_streak=timedelta(days=settings.zero_streak_days),
-    )  # fmt: skip
+    )
     opening, closing = rows[0].opening, rows[-1].closing
     return CycleRead(
-        meter_id=meter_id, cycle=cycle, start=open_at, end=close_at, timezone=tz_name, unit="m3",
-        closed=closed, opening=opening, closing=closing,
+        meter_id=meter_id,
+        cycle=cycle,
+        start=open_at,
+        end=close_at,
+        timezone=tz_name,
+        unit="m3",
+        closed=closed,
+        opening=opening,
+        closing=closing,
         consumption_m3=_sum([r.consumption_m3 for r in rows]),
         consumption_quality=_segments_quality(rows),
-        revised=any(r.revised for r in rows), segments=rows,
+        revised=any(r.revised for r in rows),
+        segments=rows,
         issues=[VeeIssue(**i.__dict__) for i in report.issues],
         alarms=[CycleAlarm(**a.__dict__) for a in report.alarms],
         revisions=[
-            Revision(meter_id=v["meter_id"], at=v["boundary_at"], revision=v["revision"],
-                     register_m3=to_m3(v["register_ml"], metas[v["meter_id"]]["register_scale"]),
-                     method=v["method"], quality=v["quality"], published_at=v["published_at"])
+            Revision(
+                meter_id=v["meter_id"],
+                at=v["boundary_at"],
+                revision=v["revision"],
+                register_m3=to_m3(v["register_ml"], metas[v["meter_id"]]["register_scale"]),
+                method=v["method"],
+                quality=v["quality"],
+                published_at=v["published_at"],
+            )
             for v in revs
         ],
-    )  # fmt: skip
+    )
 
 
 def _segments_quality(rows: list[CycleRow]) -> int | None:

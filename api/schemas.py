@@ -10,7 +10,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from api.errors import UnprocessableError
 
@@ -55,164 +55,19 @@ class Problem(BaseModel):
     detail: str
     instance: str
     errors: list[dict[str, Any]] | None = None
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "type": "/problems/not-found", "title": "Not Found", "status": 404,
-        "detail": "no meter 42", "instance": "/v1/meters/42"}]})  # fmt: skip
-
-
-class Credentials(BaseModel):
-    """Device credentials for the collector; only a sha256 reference is kept here."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["psk", "oscore", "mqtt"]
-    identity: Text | None = None
-    secret: Annotated[str, StringConstraints(min_length=8, max_length=512)]
-
-
-_METER_EXAMPLE = {
-    "address": "12345678901234", "service_point": "SP-0001", "kind": "water", "format": "cjt188",
-    "register_scale": -3, "register_digits": 8, "timezone": None,
-    "installed_at": "2024-01-01T00:00:00Z", "initial_register_m3": "0.000",
-}  # fmt: skip
-
-
-class MeterCreate(BaseModel):
-    """A meter to register."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_METER_EXAMPLE]})
-    address: Address
-    service_point: Text | None = None
-    kind: Kind
-    format: Format
-    register_scale: int = Field(-3, ge=-6, le=0)
-    register_digits: int = Field(8, ge=4, le=14)
-    timezone: Zone | None = None
-    installed_at: AwareDatetime | None = None
-    initial_register_m3: M3 | None = None
-    credentials: Credentials | None = None
-
-
-class MeterPatch(BaseModel):
-    """Fields to change on a meter (absent fields are kept)."""
-
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"service_point": "SP-0002"}]}
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "/problems/not-found",
+                    "title": "Not Found",
+                    "status": 404,
+                    "detail": "no meter 42",
+                    "instance": "/v1/meters/42",
+                }
+            ]
+        }
     )
-    address: Address | None = None
-    service_point: Text | None = None
-    format: Format | None = None
-    register_scale: int | None = Field(None, ge=-6, le=0)
-    register_digits: int | None = Field(None, ge=4, le=14)
-    timezone: Zone | None = None
-    credentials: Credentials | None = None
-
-
-class Meter(BaseModel):
-    """A registered meter."""
-
-    model_config = ConfigDict(json_schema_extra={"examples": [{**_METER_EXAMPLE, "meter_id": 1,
-        "unit": "m3", "removed_at": None, "final_register_m3": None, "has_credentials": False,
-        "created_at": "2024-01-01T00:00:00Z"}]})  # fmt: skip
-    meter_id: int
-    address: str
-    service_point: str | None
-    kind: Kind
-    format: Format
-    unit: Literal["m3"]
-    register_scale: int
-    register_digits: int
-    timezone: str | None
-    installed_at: datetime
-    removed_at: datetime | None
-    initial_register_m3: str | None
-    final_register_m3: str | None
-    has_credentials: bool
-    created_at: datetime
-
-
-class MeterPage(BaseModel):
-    """A page of meters; pass `next_cursor` as `cursor` for the next one."""
-
-    items: list[Meter]
-    next_cursor: str | None
-
-
-class ImportRowError(BaseModel):
-    """Why one imported row was rejected (row numbers start at 1, after a CSV header)."""
-
-    row: int
-    detail: str
-
-
-class ImportResult(BaseModel):
-    """Outcome of a bulk import: valid rows are kept, invalid ones reported."""
-
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"created": 2, "meter_ids": [7, 8], "errors": [{"row": 3, "detail": "kind: ..."}]}]})  # fmt: skip
-    created: int
-    meter_ids: list[int]
-    errors: list[ImportRowError]
-
-
-class NewMeter(BaseModel):
-    """The meter installed by an exchange (service point, kind, timezone are inherited)."""
-
-    model_config = ConfigDict(extra="forbid")
-    address: Address
-    format: Format
-    register_scale: int = Field(-3, ge=-6, le=0)
-    register_digits: int = Field(8, ge=4, le=14)
-    initial_register_m3: M3 = "0"
-    credentials: Credentials | None = None
-
-
-class ExchangeRequest(BaseModel):
-    """Remove a meter with its final read; install the next one at the same service point."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "exchanged_at": "2024-03-15T08:30:00+08:00", "final_register_m3": "123.456",
-        "new_meter": {"address": "12345678909999", "format": "cjt188",
-                      "initial_register_m3": "0.000"}}]})  # fmt: skip
-    exchanged_at: AwareDatetime
-    final_register_m3: M3
-    new_meter: NewMeter
-
-
-class ExchangeResult(BaseModel):
-    """The removed and the installed meter."""
-
-    removed: Meter
-    installed: Meter
-
-
-class DeviceHealth(BaseModel):
-    """Last-seen times and the latest radio/battery measurements of a meter."""
-
-    model_config = ConfigDict(json_schema_extra={"examples": [{"meter_id": 1,
-        "last_read_at": "2024-03-01T00:00:00Z", "last_received_at": "2024-03-01T00:02:00Z",
-        "last_uplink_at": None, "last_register_m3": "12.345", "last_flags": ["low_battery"],
-        "measured_at": None, "battery_mv": None, "rsrp_cdbm": None, "sinr_cdb": None,
-        "ecl": None}]})  # fmt: skip
-    meter_id: int
-    last_read_at: datetime | None
-    last_received_at: datetime | None
-    last_uplink_at: datetime | None
-    last_register_m3: str | None
-    last_flags: list[str]
-    measured_at: datetime | None
-    battery_mv: int | None
-    rsrp_cdbm: int | None
-    sinr_cdb: int | None
-    ecl: int | None
-
-
-class OpenAlarm(BaseModel):
-    """An alarm whose latest event is still active."""
-
-    meter_id: int
-    kind: str
-    occurred_at: datetime
-    detail: str | None
 
 
 class Interval(BaseModel):
@@ -231,11 +86,30 @@ class Interval(BaseModel):
 class IntervalReads(BaseModel):
     """Interval reads of a meter, steps aligned to its local time."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"meter_id": 1, "step": "1d",
-        "timezone": "Asia/Shanghai", "unit": "m3", "intervals": [{
-            "start": "2024-02-29T16:00:00Z", "end": "2024-03-01T16:00:00Z",
-            "start_register_m3": "10.000", "end_register_m3": "10.350", "consumption_m3": "0.350",
-            "start_method": "actual", "end_method": "interpolated", "quality": 13}]}]})  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "meter_id": 1,
+                    "step": "1d",
+                    "timezone": "Asia/Shanghai",
+                    "unit": "m3",
+                    "intervals": [
+                        {
+                            "start": "2024-02-29T16:00:00Z",
+                            "end": "2024-03-01T16:00:00Z",
+                            "start_register_m3": "10.000",
+                            "end_register_m3": "10.350",
+                            "consumption_m3": "0.350",
+                            "start_method": "actual",
+                            "end_method": "interpolated",
+                            "quality": 13,
+                        }
+                    ],
+                }
+            ]
+        }
+    )
     meter_id: int
     step: Literal["1h", "1d", "1mo"]
     timezone: str
@@ -250,8 +124,10 @@ class BoundaryRead(BaseModel):
     register_m3: str | None
     method: Method
     basis: Basis | None
-    quality: int | None = Field(description="ESPI QualityOfReading: 0 valid, 8 reference "
-        "day, 9 interpolated, 10 questionable, 12 projected, 13 mixed")  # fmt: skip
+    quality: int | None = Field(
+        description="ESPI QualityOfReading: 0 valid, 8 reference "
+        "day, 9 interpolated, 10 questionable, 12 projected, 13 mixed"
+    )
     read_at: datetime | None
     revision: int | None
     published_register_m3: str | None
@@ -356,8 +232,15 @@ class CycleList(BaseModel):
 class Calendar(BaseModel):
     """The tenant's billing calendar: a cycle day, or explicit start dates (which win)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"cycle_day": 1, "dates": []}, {"cycle_day": 1, "dates": ["2024-01-05", "2024-02-06"]}]})  # fmt: skip
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"cycle_day": 1, "dates": []},
+                {"cycle_day": 1, "dates": ["2024-01-05", "2024-02-06"]},
+            ]
+        },
+    )
     cycle_day: int = Field(1, ge=1, le=28)
     dates: list[date] = Field(default_factory=list, max_length=1200)
 

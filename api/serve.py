@@ -11,9 +11,14 @@ from api.settings import ApiSettings
 def run(host: str, port: int, settings: ApiSettings, *, log_level: str = "info") -> None:
     """Serve create_app(settings) on host:port (one process; uvicorn handles signals)."""
     config = uvicorn.Config(
-        create_app(settings), host=host, port=port, log_level=log_level,
-        access_log=False, proxy_headers=False, lifespan="on",
-    )  # fmt: skip
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        proxy_headers=False,
+        lifespan="on",
+    )
     uvicorn.Server(config).run()
 
 

@@ -17,6 +17,7 @@ Thresholds (stated, and reported with each issue):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -24,10 +25,15 @@ from decoder.columns import Flag
 from storage.billing import MAX_FLOW_ML_H, Reading
 
 _ALARM_FLAGS = {
-    Flag.LEAK: "leak", Flag.BURST: "burst", Flag.TAMPER: "tamper",
-    Flag.REVERSE_FLOW: "reverse_flow", Flag.DRY: "dry", Flag.METER_ERROR: "meter_error",
-    Flag.LOW_BATTERY: "low_battery", Flag.VALVE_ABNORMAL: "valve_abnormal",
-}  # fmt: skip
+    Flag.LEAK: "leak",
+    Flag.BURST: "burst",
+    Flag.TAMPER: "tamper",
+    Flag.REVERSE_FLOW: "reverse_flow",
+    Flag.DRY: "dry",
+    Flag.METER_ERROR: "meter_error",
+    Flag.LOW_BATTERY: "low_battery",
+    Flag.VALVE_ABNORMAL: "valve_abnormal",
+}
 _SEVERITY = {"error": 0, "warning": 1, "info": 2}
 DAY = timedelta(days=1)
 _NEAR = timedelta(days=7)  # excluded readings this close to the cycle could have been used
@@ -107,11 +113,19 @@ def check_cycle(
     """Run every check over the cycle [open_at, close_at) and return the report."""
     report = Report()
     if len(spans) > 1:
-        for old, new in zip(spans, spans[1:], strict=False):
+        for old, new in itertools.pairwise(spans):
             at = new.installed_at
-            report.issues.append(Issue("meter_exchange", "info", new.meter_id, at, at,
-                f"meter {old.meter_id} exchanged for {new.meter_id}: cycle consumption is "
-                "the sum of both meters'"))  # fmt: skip
+            report.issues.append(
+                Issue(
+                    "meter_exchange",
+                    "info",
+                    new.meter_id,
+                    at,
+                    at,
+                    f"meter {old.meter_id} exchanged for {new.meter_id}: cycle consumption is "
+                    "the sum of both meters'",
+                )
+            )
     for s in spans:
         mine = [r for r in readings if r.meter_id == s.meter_id]
         good: list[Reading] = []
@@ -120,9 +134,18 @@ def check_cycle(
             if why is None:
                 good.append(r)
             elif open_at - _NEAR <= r.read_at < close_at or open_at <= r.received_at < close_at:
-                report.issues.append(Issue(why, "warning", s.meter_id, r.read_at, r.read_at,
-                    f"reading dated {r.read_at.isoformat()} received {r.received_at.isoformat()}"
-                    " excluded from billing"))  # fmt: skip
+                report.issues.append(
+                    Issue(
+                        why,
+                        "warning",
+                        s.meter_id,
+                        r.read_at,
+                        r.read_at,
+                        f"reading dated {r.read_at.isoformat()}"
+                        f" received {r.received_at.isoformat()}"
+                        " excluded from billing",
+                    )
+                )
         _check_series(report, s, good, open_at, close_at, now, max_gap, zero_streak)
         _flag_alarms(report, s, [r for r in good if open_at <= r.read_at < close_at])
     for meter_id, kind, at, active, _detail in events:
@@ -141,9 +164,15 @@ def _baseline_ml_day(good: list[Reading], open_at: datetime, modulus: int) -> in
 
 
 def _check_series(
-    report: Report, s: Span, good: list[Reading], open_at: datetime, close_at: datetime,
-    now: datetime, max_gap: timedelta, zero_streak: timedelta,
-) -> None:  # fmt: skip
+    report: Report,
+    s: Span,
+    good: list[Reading],
+    open_at: datetime,
+    close_at: datetime,
+    now: datetime,
+    max_gap: timedelta,
+    zero_streak: timedelta,
+) -> None:
     modulus = 10 ** (s.digits + s.scale + 6)
     max_ml_h = MAX_FLOW_ML_H[s.kind]
     baseline = _baseline_ml_day(good, open_at, modulus)
@@ -154,24 +183,48 @@ def _check_series(
     series = prior[-1:] + inside
     add = report.issues.append
     edges = [start, *(r.read_at for r in inside), stop]
-    for a, b in zip(edges, edges[1:], strict=False):
+    for a, b in itertools.pairwise(edges):
         if b - a > max_gap:
-            add(Issue("gap", "warning", s.meter_id, a, b,
-                f"no reading for {(b - a) / timedelta(hours=1):.0f} h (limit {max_gap})"))  # fmt: skip
+            add(
+                Issue(
+                    "gap",
+                    "warning",
+                    s.meter_id,
+                    a,
+                    b,
+                    f"no reading for {(b - a) / timedelta(hours=1):.0f} h (limit {max_gap})",
+                )
+            )
     zero_from: datetime | None = None
     win_start, win_used = None, 0
-    for a, b in zip(series, series[1:], strict=False):
+    for a, b in itertools.pairwise(series):
         seconds = int((b.read_at - a.read_at).total_seconds())
         used = b.register_ml - a.register_ml
         if used < 0:
             wrapped = used + modulus
             if wrapped * 3600 <= max_ml_h * seconds:
                 used = wrapped
-                add(Issue("rollover", "info", s.meter_id, a.read_at, b.read_at,
-                    f"register rolled over at 10^{s.digits} units: {_m3(wrapped)} m3 used"))  # fmt: skip
+                add(
+                    Issue(
+                        "rollover",
+                        "info",
+                        s.meter_id,
+                        a.read_at,
+                        b.read_at,
+                        f"register rolled over at 10^{s.digits} units: {_m3(wrapped)} m3 used",
+                    )
+                )
             else:
-                add(Issue("reverse_flow", "error", s.meter_id, a.read_at, b.read_at,
-                    f"negative consumption {_m3(used)} m3 (not a plausible rollover)"))  # fmt: skip
+                add(
+                    Issue(
+                        "reverse_flow",
+                        "error",
+                        s.meter_id,
+                        a.read_at,
+                        b.read_at,
+                        f"negative consumption {_m3(used)} m3 (not a plausible rollover)",
+                    )
+                )
         if used == 0:
             zero_from = zero_from or a.read_at
         else:
@@ -184,19 +237,41 @@ def _check_series(
             days = (b.read_at - win_start) / DAY
             rate = win_used / days
             if rate > 3 * baseline and rate - baseline > 100_000:
-                add(Issue("spike_high", "warning", s.meter_id, win_start, b.read_at,
-                    f"{_m3(int(rate))} m3/day vs baseline {_m3(baseline)} m3/day (> 3x)"))  # fmt: skip
+                add(
+                    Issue(
+                        "spike_high",
+                        "warning",
+                        s.meter_id,
+                        win_start,
+                        b.read_at,
+                        f"{_m3(int(rate))} m3/day vs baseline {_m3(baseline)} m3/day (> 3x)",
+                    )
+                )
             elif 0 < rate < baseline / 3 and baseline > 100_000:
-                add(Issue("spike_low", "warning", s.meter_id, win_start, b.read_at,
-                    f"{_m3(int(rate))} m3/day vs baseline {_m3(baseline)} m3/day (< 1/3)"))  # fmt: skip
+                add(
+                    Issue(
+                        "spike_low",
+                        "warning",
+                        s.meter_id,
+                        win_start,
+                        b.read_at,
+                        f"{_m3(int(rate))} m3/day vs baseline {_m3(baseline)} m3/day (< 1/3)",
+                    )
+                )
             win_start, win_used = None, 0
     if zero_from is not None and series and series[-1].read_at - zero_from >= zero_streak:
         add(_zero(s, zero_from, series[-1].read_at))
 
 
 def _zero(s: Span, start: datetime, end: datetime) -> Issue:
-    return Issue("zero_consumption", "warning", s.meter_id, start, end,
-        f"register unchanged for {(end - start) / DAY:.1f} days")  # fmt: skip
+    return Issue(
+        "zero_consumption",
+        "warning",
+        s.meter_id,
+        start,
+        end,
+        f"register unchanged for {(end - start) / DAY:.1f} days",
+    )
 
 
 def _flag_alarms(report: Report, s: Span, inside: list[Reading]) -> None:
@@ -210,8 +285,16 @@ def _flag_alarms(report: Report, s: Span, inside: list[Reading]) -> None:
                 else:
                     alarm.last_at, alarm.count = r.read_at, alarm.count + 1
         if r.flags & Flag.REVERSE_FLOW:
-            report.issues.append(Issue("reverse_flow", "warning", s.meter_id, r.read_at,
-                r.read_at, "the meter flags reverse flow"))  # fmt: skip
+            report.issues.append(
+                Issue(
+                    "reverse_flow",
+                    "warning",
+                    s.meter_id,
+                    r.read_at,
+                    r.read_at,
+                    "the meter flags reverse flow",
+                )
+            )
     if inside:
         last = inside[-1]
         for kind, alarm in seen.items():

@@ -102,7 +102,8 @@ LEFT JOIN LATERAL (SELECT p.register_ml, p.revision FROM published_boundary_read
 
 
 def _side_json(s: str, pub: str) -> str:
-    return f"""json_build_object('at', b.{s}_at, 'register_m3', {_m3(f"{s}.register_ml", "b.scale")},
+    register = _m3(f"{s}.register_ml", "b.scale")
+    return f"""json_build_object('at', b.{s}_at, 'register_m3', {register},
         'method', {s}.method, 'basis', {s}.basis, 'quality', {s}.quality,
         'read_at', {s}.basis_at, 'revision', {pub}.revision,
         'published_register_m3', {_m3(f"{pub}.register_ml", "b.scale")})"""
@@ -151,7 +152,8 @@ def _publish_sql(where: str) -> str:
         "WITH src AS ("
         + _CORE.format(
             columns="b.meter_id, b.o_at, o.register_ml AS o_ml, o.method AS o_method, o.quality AS"
-            " o_quality, b.c_at, c.register_ml AS c_ml, c.method AS c_method, c.quality AS c_quality",
+            " o_quality, b.c_at, c.register_ml AS c_ml, c.method AS c_method,"
+            " c.quality AS c_quality",
             published="",
             where=where,
         )
@@ -161,7 +163,8 @@ def _publish_sql(where: str) -> str:
                                (s.c_at, s.c_ml, s.c_method, s.c_quality)) v(at, ml, method, quality)
     WHERE v.at <= now()
 ), ins AS (
-    INSERT INTO published_boundary_reads (meter_id, boundary_at, revision, register_ml, method, quality)
+    INSERT INTO published_boundary_reads
+        (meter_id, boundary_at, revision, register_ml, method, quality)
     SELECT s.meter_id, s.at, coalesce(l.revision, 0) + 1, s.ml, s.method, s.quality FROM sides s
     LEFT JOIN LATERAL (SELECT p.revision, p.register_ml FROM published_boundary_reads p
         WHERE p.meter_id = s.meter_id AND p.boundary_at = s.at
@@ -197,9 +200,18 @@ class CycleQuery:
         open_at = datetime.combine(self.start, time(), tzinfo=tz).astimezone(UTC)
         close_at = datetime.combine(self.end, time(), tzinfo=tz).astimezone(UTC)
         return (
-            self.tenant_id, self.start, self.end, after, limit, self.tuning.actual_window,
-            self.tuning.future_tolerance, meter_ids, open_at, close_at, self.zone,
-        )  # fmt: skip
+            self.tenant_id,
+            self.start,
+            self.end,
+            after,
+            limit,
+            self.tuning.actual_window,
+            self.tuning.future_tolerance,
+            meter_ids,
+            open_at,
+            close_at,
+            self.zone,
+        )
 
 
 async def zones(conn: Conn, tenant_id: int) -> list[str]:

@@ -26,10 +26,18 @@ METER_COLUMNS = (
 )
 WRITABLE = frozenset(
     {
-        "address", "service_point", "kind", "format", "register_scale", "register_digits",
-        "timezone", "installed_at", "initial_register_ml", "credentials_ref",
+        "address",
+        "service_point",
+        "kind",
+        "format",
+        "register_scale",
+        "register_digits",
+        "timezone",
+        "installed_at",
+        "initial_register_ml",
+        "credentials_ref",
     }
-)  # fmt: skip
+)
 
 
 class DuplicateAddressError(StorageError):

@@ -9,15 +9,19 @@ def _problem(r, status):
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/problem+json"
     body = r.json()
-    assert set(body) >= PROBLEM_KEYS and body["status"] == status
+    assert set(body) >= PROBLEM_KEYS
+    assert body["status"] == status
     return body
 
 
 async def test_missing_and_bad_keys_are_401(api, make_tenant):
     """No key, a malformed key and an unknown key all get 401 with WWW-Authenticate."""
     await make_tenant()
-    for headers in ({}, {"Authorization": "Bearer nope"},
-                    {"Authorization": "Bearer nbm_0123456789ab_" + "A" * 43}):  # fmt: skip
+    for headers in (
+        {},
+        {"Authorization": "Bearer nope"},
+        {"Authorization": "Bearer nbm_0123456789ab_" + "A" * 43},
+    ):
         r = await api.get("/v1/meters", headers=headers)
         _problem(r, 401)
         assert r.headers["www-authenticate"].startswith("Bearer")
@@ -26,8 +30,9 @@ async def test_missing_and_bad_keys_are_401(api, make_tenant):
 async def test_scope_is_enforced_with_403(api, make_tenant):
     """A read-only key cannot write meters nor manage keys."""
     t = await make_tenant()
-    r = await api.post("/v1/meters", headers=t.reader,
-                       json={"address": "X", "kind": "water", "format": "oms"})  # fmt: skip
+    r = await api.post(
+        "/v1/meters", headers=t.reader, json={"address": "X", "kind": "water", "format": "oms"}
+    )
     assert _problem(r, 403)["type"] == "/problems/forbidden"
     _problem(await api.get("/v1/api-keys", headers=t.writer), 403)
 
@@ -39,8 +44,11 @@ async def test_key_lifecycle(api, make_tenant):
     assert r.status_code == 201
     key, key_id = r.json()["key"], r.json()["key_id"]
     listed = (await api.get("/v1/api-keys", headers=t.admin)).json()
-    assert key_id in {k["key_id"] for k in listed} and key not in str(listed)
-    assert (await api.get("/v1/meters", headers={"Authorization": f"Bearer {key}"})).status_code == 200
+    assert key_id in {k["key_id"] for k in listed}
+    assert key not in str(listed)
+    assert (
+        await api.get("/v1/meters", headers={"Authorization": f"Bearer {key}"})
+    ).status_code == 200
     assert (await api.delete(f"/v1/api-keys/{key_id}", headers=t.admin)).status_code == 204
     _problem(await api.get("/v1/meters", headers={"Authorization": f"Bearer {key}"}), 401)
 
@@ -49,7 +57,8 @@ async def test_validation_404_405_are_problems(api, make_tenant):
     """422 (with per-field errors), unknown route 404 and wrong method 405 are problem+json."""
     t = await make_tenant()
     body = _problem(await api.post("/v1/meters", headers=t.writer, json={"kind": "steam"}), 422)
-    assert body["errors"] and body["type"] == "/problems/validation-error"
+    assert body["errors"]
+    assert body["type"] == "/problems/validation-error"
     _problem(await api.get("/v1/nowhere", headers=t.reader), 404)
     _problem(await api.delete("/v1/meters", headers=t.reader), 405)
     _problem(await api.get("/v1/meters/abc", headers=t.reader), 422)

@@ -1,4 +1,4 @@
-"""Billing-cycle reads of one meter: methods, rounding, estimation, rollover, exchange, revisions."""
+"""Cycle reads of one meter: methods, rounding, estimation, rollover, exchange, revisions."""
 
 from __future__ import annotations
 
@@ -19,9 +19,15 @@ async def test_actual_reads_at_local_midnight(api, make_tenant, add_meter, add_r
     body = (await api.get(f"/v1/meters/{m}{FEB}", headers=t.reader)).json()
     assert body["start"] == "2024-01-31T16:00:00Z"
     assert body["opening"] | {"revision": None} == {
-        "at": "2024-01-31T16:00:00Z", "register_m3": "2.200", "method": "actual", "basis": None,
-        "quality": 0, "read_at": "2024-01-31T16:00:00Z", "revision": None,
-        "published_register_m3": "2.200"}  # fmt: skip
+        "at": "2024-01-31T16:00:00Z",
+        "register_m3": "2.200",
+        "method": "actual",
+        "basis": None,
+        "quality": 0,
+        "read_at": "2024-01-31T16:00:00Z",
+        "revision": None,
+        "published_register_m3": "2.200",
+    }
     assert body["closing"]["register_m3"] == "5.100"
     assert body["consumption_m3"] == "2.900"
     assert body["consumption_quality"] == 0
@@ -32,10 +38,15 @@ async def test_reading_within_window_is_actual(api, make_tenant, add_meter, add_
     """A reading 30 min after the boundary is its actual read; none within 1 h interpolates."""
     t = await make_tenant()
     m = await add_meter(t.tenant_id)
-    await add_readings(m, [(FEB_OPEN - timedelta(hours=5), 1_000_000),
-                           (FEB_OPEN + timedelta(minutes=30), 1_500_000),
-                           (FEB_CLOSE - timedelta(hours=2), 3_000_000),
-                           (FEB_CLOSE + timedelta(hours=2), 3_004_000)])  # fmt: skip
+    await add_readings(
+        m,
+        [
+            (FEB_OPEN - timedelta(hours=5), 1_000_000),
+            (FEB_OPEN + timedelta(minutes=30), 1_500_000),
+            (FEB_CLOSE - timedelta(hours=2), 3_000_000),
+            (FEB_CLOSE + timedelta(hours=2), 3_004_000),
+        ],
+    )
     body = (await api.get(f"/v1/meters/{m}{FEB}", headers=t.reader)).json()
     assert (body["opening"]["method"], body["opening"]["register_m3"]) == ("actual", "1.500")
     assert body["closing"]["method"] == "interpolated"
@@ -44,14 +55,21 @@ async def test_reading_within_window_is_actual(api, make_tenant, add_meter, add_
     assert body["consumption_quality"] == 13
 
 
-async def test_interpolation_rounds_half_up_to_register_unit(api, make_tenant, add_meter, add_readings):
+async def test_interpolation_rounds_half_up_to_register_unit(
+    api, make_tenant, add_meter, add_readings
+):
     """Interpolation is exact and rounds half up to the register's smallest unit (1 L)."""
     t = await make_tenant()
     m = await add_meter(t.tenant_id)
-    await add_readings(m, [(FEB_OPEN - timedelta(hours=6), 1_000_000),  # 0.75 L -> 1 L
-                           (FEB_OPEN + timedelta(hours=18), 1_003_000),
-                           (FEB_CLOSE - timedelta(hours=12), 2_000_000),  # 0.5 L -> 1 L
-                           (FEB_CLOSE + timedelta(hours=12), 2_001_000)])  # fmt: skip
+    await add_readings(
+        m,
+        [
+            (FEB_OPEN - timedelta(hours=6), 1_000_000),  # 0.75 L -> 1 L
+            (FEB_OPEN + timedelta(hours=18), 1_003_000),
+            (FEB_CLOSE - timedelta(hours=12), 2_000_000),  # 0.5 L -> 1 L
+            (FEB_CLOSE + timedelta(hours=12), 2_001_000),
+        ],
+    )
     body = (await api.get(f"/v1/meters/{m}{FEB}", headers=t.reader)).json()
     assert body["opening"]["register_m3"] == "1.001"
     assert body["closing"]["register_m3"] == "2.001"
@@ -66,7 +84,11 @@ async def test_estimated_from_average_daily_use(api, make_tenant, add_meter, add
     await add_readings(m, daily(local(SH, 2024, 1, 10, 10), 48, 5_000_000, 10_000))
     body = (await api.get(f"/v1/meters/{m}{FEB}", headers=t.reader)).json()
     close = body["closing"]
-    assert (close["method"], close["basis"], close["quality"]) == ("estimated", "average_daily_use", 12)
+    assert (close["method"], close["basis"], close["quality"]) == (
+        "estimated",
+        "average_daily_use",
+        12,
+    )
     # last 5.470 m3 + 10 L/day * (3 + 14/24) days = 35.833 L -> 36 L
     assert close["register_m3"] == "5.506"
 
@@ -91,8 +113,10 @@ async def test_rollover_plausible_flow(api, make_tenant, add_meter, add_readings
     """A register wrapping at 10^digits units is a rollover when the implied flow is plausible."""
     t = await make_tenant()
     m = await add_meter(t.tenant_id, register_digits=5)  # 99.999 m3 then 0.000
-    rows = [(FEB_OPEN + timedelta(days=d), (99_000_000 + d * 100_000) % 100_000_000)
-            for d in range(-3, 31)]  # fmt: skip
+    rows = [
+        (FEB_OPEN + timedelta(days=d), (99_000_000 + d * 100_000) % 100_000_000)
+        for d in range(-3, 31)
+    ]
     await add_readings(m, rows)
     body = (await api.get(f"/v1/meters/{m}{FEB}", headers=t.reader)).json()
     assert body["opening"]["register_m3"] == "99.000"
@@ -106,8 +130,14 @@ async def test_implausible_drop_is_reverse_flow(api, make_tenant, add_meter, add
     """A drop whose wrap would need an impossible flow is negative consumption, flagged."""
     t = await make_tenant()
     m = await add_meter(t.tenant_id)
-    await add_readings(m, [(FEB_OPEN, 50_000_000), (FEB_OPEN + timedelta(days=3), 49_000_000),
-                           (FEB_CLOSE, 49_500_000)])  # fmt: skip
+    await add_readings(
+        m,
+        [
+            (FEB_OPEN, 50_000_000),
+            (FEB_OPEN + timedelta(days=3), 49_000_000),
+            (FEB_CLOSE, 49_500_000),
+        ],
+    )
     body = (await api.get(f"/v1/meters/{m}{FEB}", headers=t.reader)).json()
     assert body["consumption_m3"] == "-0.500"
     assert body["segments"][0]["reverse"] is True
@@ -121,9 +151,15 @@ async def test_meter_exchange_sums_both_meters(api, make_tenant, add_meter, add_
     old = await add_meter(t.tenant_id, service_point="SP-X", installed_at=utc(2023, 1, 1))
     await add_readings(old, daily(FEB_OPEN - timedelta(days=5), 15, 10_000_000, 100_000))
     at = FEB_OPEN + timedelta(days=10, hours=3)
-    r = await api.post(f"/v1/meters/{old}/exchange", headers=t.writer, json={
-        "exchanged_at": at.isoformat(), "final_register_m3": "11.800",
-        "new_meter": {"address": "NEW-1", "format": "cjt188", "initial_register_m3": "0.005"}})  # fmt: skip
+    r = await api.post(
+        f"/v1/meters/{old}/exchange",
+        headers=t.writer,
+        json={
+            "exchanged_at": at.isoformat(),
+            "final_register_m3": "11.800",
+            "new_meter": {"address": "NEW-1", "format": "cjt188", "initial_register_m3": "0.005"},
+        },
+    )
     assert r.status_code == 201, r.text
     new = r.json()["installed"]["meter_id"]
     assert r.json()["installed"]["service_point"] == "SP-X"
@@ -132,25 +168,33 @@ async def test_meter_exchange_sums_both_meters(api, make_tenant, add_meter, add_
         body = (await api.get(f"/v1/meters/{mid}{FEB}", headers=t.reader)).json()
         segs = body["segments"]
         assert [s["meter_id"] for s in segs] == [old, new]
-        assert (segs[0]["closing"]["method"], segs[0]["closing"]["register_m3"]) == ("removal", "11.800")
-        assert (segs[1]["opening"]["method"], segs[1]["opening"]["register_m3"]) == ("installation", "0.005")
+        assert (segs[0]["closing"]["method"], segs[0]["closing"]["register_m3"]) == (
+            "removal",
+            "11.800",
+        )
+        assert (segs[1]["opening"]["method"], segs[1]["opening"]["register_m3"]) == (
+            "installation",
+            "0.005",
+        )
         # old: 11.800 - 10.500 = 1.300; new: closes at 0.100 + 18 * 0.2 = 3.700, minus 0.005
         assert body["consumption_m3"] == "4.995"
         assert "meter_exchange" in {i["code"] for i in body["issues"]}
 
 
 async def test_late_reading_revises_closed_cycle(api, make_tenant, add_meter, add_readings):
-    """A late reading changes a published close: revision 2, both values kept, next opening agrees."""
+    """A late reading changes a published close: revision 2, both kept, next opening agrees."""
     t = await make_tenant()
     m = await add_meter(t.tenant_id)
     await add_readings(m, daily(local(SH, 2024, 1, 1, 12), 58, 1_000_000, 10_000))  # to Feb 27
     first = (await api.get(f"/v1/meters/{m}{FEB}", headers=t.reader)).json()
     assert first["closing"]["method"] == "estimated"
-    assert first["revised"] is False and first["closing"]["revision"] == 1
+    assert first["revised"] is False
+    assert first["closing"]["revision"] == 1
     await add_readings(m, [(FEB_CLOSE + timedelta(hours=12), 2_000_000)])  # a burst of use, late
     again = (await api.get(f"/v1/meters/{m}{FEB}", headers=t.reader)).json()
     assert again["revised"] is True
-    assert again["closing"]["method"] == "interpolated" and again["closing"]["revision"] == 2
+    assert again["closing"]["method"] == "interpolated"
+    assert again["closing"]["revision"] == 2
     closes = [v for v in again["revisions"] if v["at"] == again["closing"]["at"]]
     assert [v["revision"] for v in closes] == [1, 2]
     assert closes[0]["register_m3"] == first["closing"]["register_m3"]
@@ -163,12 +207,21 @@ async def test_clock_sanity_excludes_readings(api, make_tenant, add_meter, add_r
     """Readings dated after their receipt, or before installation, are never used, and reported."""
     t = await make_tenant()
     m = await add_meter(t.tenant_id, installed_at=FEB_OPEN - timedelta(days=2))
-    await add_readings(m, [
-        (FEB_OPEN - timedelta(days=3), 9_000_000),  # before installation
-        (FEB_OPEN - timedelta(days=1), 1_000_000),
-        (FEB_OPEN + timedelta(days=1), 1_100_000),
-        (FEB_OPEN + timedelta(days=5), 7_000_000, 0, FEB_OPEN + timedelta(days=2)),  # future clock
-        (FEB_CLOSE, 3_000_000)])  # fmt: skip
+    await add_readings(
+        m,
+        [
+            (FEB_OPEN - timedelta(days=3), 9_000_000),  # before installation
+            (FEB_OPEN - timedelta(days=1), 1_000_000),
+            (FEB_OPEN + timedelta(days=1), 1_100_000),
+            (
+                FEB_OPEN + timedelta(days=5),
+                7_000_000,
+                0,
+                FEB_OPEN + timedelta(days=2),
+            ),  # future clock
+            (FEB_CLOSE, 3_000_000),
+        ],
+    )
     body = (await api.get(f"/v1/meters/{m}{FEB}", headers=t.reader)).json()
     assert body["opening"]["register_m3"] == "1.050"
     codes = {i["code"] for i in body["issues"]}
@@ -176,7 +229,9 @@ async def test_clock_sanity_excludes_readings(api, make_tenant, add_meter, add_r
     assert body["consumption_m3"] == "1.950"
 
 
-async def test_vee_spikes_zero_streak_gap_and_alarms(api, make_tenant, add_meter, add_readings, pool):
+async def test_vee_spikes_zero_streak_gap_and_alarms(
+    api, make_tenant, add_meter, add_readings, pool
+):
     """High use, an unchanged register, a gap, leak flags and a tamper event are all reported."""
     t = await make_tenant()
     m = await add_meter(t.tenant_id)
@@ -190,8 +245,11 @@ async def test_vee_spikes_zero_streak_gap_and_alarms(api, make_tenant, add_meter
         ml += use
     await add_readings(m, rows)
     await pool.execute(
-        "INSERT INTO meter_events (meter_id, occurred_at, kind, received_at) VALUES ($1, $2, 'tamper', $2)",
-        m, FEB_OPEN + timedelta(days=8))  # fmt: skip
+        "INSERT INTO meter_events (meter_id, occurred_at, kind, received_at)"
+        " VALUES ($1, $2, 'tamper', $2)",
+        m,
+        FEB_OPEN + timedelta(days=8),
+    )
     body = (await api.get(f"/v1/meters/{m}{FEB}", headers=t.reader)).json()
     codes = {i["code"] for i in body["issues"]}
     assert {"spike_high", "zero_consumption", "gap"} <= codes

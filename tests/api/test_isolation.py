@@ -10,8 +10,11 @@ async def test_every_meter_endpoint_hides_foreign_ids(api, make_tenant, add_mete
     a, b = await make_tenant(), await make_tenant()
     m = await add_meter(a.tenant_id, service_point="SP-A")
     await add_readings(m, daily(local("Asia/Shanghai", 2024, 1, 25), 40, 0, 10_000))
-    exchange = {"exchanged_at": "2024-02-10T00:00:00Z", "final_register_m3": "1.000",
-                "new_meter": {"address": "N1", "format": "oms"}}  # fmt: skip
+    exchange = {
+        "exchanged_at": "2024-02-10T00:00:00Z",
+        "final_register_m3": "1.000",
+        "new_meter": {"address": "N1", "format": "oms"},
+    }
     calls = [
         ("GET", f"/v1/meters/{m}", None),
         ("PATCH", f"/v1/meters/{m}", {"service_point": "stolen"}),
@@ -37,8 +40,11 @@ async def test_collections_and_keys_are_per_tenant(api, make_tenant, add_meter, 
     m = await add_meter(a.tenant_id, address="SHARED-ADDR")
     await add_readings(m, daily(local("Asia/Shanghai", 2024, 1, 25), 40, 0, 10_000))
     await pool.execute(
-        "INSERT INTO meter_events (meter_id, occurred_at, kind, received_at) VALUES ($1, $2, 'leak', $2)",
-        m, local("Asia/Shanghai", 2024, 2, 3))  # fmt: skip
+        "INSERT INTO meter_events (meter_id, occurred_at, kind, received_at)"
+        " VALUES ($1, $2, 'leak', $2)",
+        m,
+        local("Asia/Shanghai", 2024, 2, 3),
+    )
     assert (await api.get("/v1/meters", headers=b.reader)).json()["items"] == []
     assert (await api.get("/v1/meters?address=SHARED-ADDR", headers=b.reader)).json()["items"] == []
     assert (await api.get("/v1/alarms", headers=b.reader)).json() == []
@@ -50,8 +56,11 @@ async def test_collections_and_keys_are_per_tenant(api, make_tenant, add_meter, 
     closed = (await api.post("/v1/cycles/2024-02-01/close", headers=b.admin)).json()
     assert closed["boundaries"] == 0
     # the same address is free in tenant B: addresses are per tenant
-    r = await api.post("/v1/meters", headers=b.writer,
-                       json={"address": "SHARED-ADDR", "kind": "gas", "format": "mbus"})  # fmt: skip
+    r = await api.post(
+        "/v1/meters",
+        headers=b.writer,
+        json={"address": "SHARED-ADDR", "kind": "gas", "format": "mbus"},
+    )
     assert r.status_code == 201
     key_id = a.reader["Authorization"].split("_")[1]
     assert (await api.delete(f"/v1/api-keys/{key_id}", headers=b.admin)).status_code == 404
@@ -62,4 +71,5 @@ async def test_collections_and_keys_are_per_tenant(api, make_tenant, add_meter, 
     assert page["next_cursor"] is not None
     other = await api.get(f"/v1/meters?cursor={page['next_cursor']}", headers=b.reader)
     assert other.json()["items"] == [] or all(
-        i["address"] != "SHARED-ADDR" or i["kind"] == "gas" for i in other.json()["items"])
+        i["address"] != "SHARED-ADDR" or i["kind"] == "gas" for i in other.json()["items"]
+    )

@@ -1,4 +1,4 @@
-"""Through a real uvicorn on a loopback port: health, metrics, and schemathesis over /openapi.json."""
+"""Through a real uvicorn on a loopback port: health, metrics, schemathesis over /openapi.json."""
 
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def admin_key(db_url: str) -> str:
         try:
             tid = await create_tenant(conn, f"fuzz-{_free_port()}", "fuzz")
             await conn.execute(
-                "INSERT INTO meters (tenant_id, address, kind, format) VALUES ($1, 'F1', 'water', 'oms')",
+                "INSERT INTO meters (tenant_id, address, kind, format)"
+                " VALUES ($1, 'F1', 'water', 'oms')",
                 tid,
             )
             return await create_api_key(conn, tid, ["admin"])
@@ -79,7 +80,8 @@ def test_health_and_metrics_over_http(server: str) -> None:
         assert c.get("/healthz").json() == {"status": "ok"}
         assert c.get("/v1/meters").status_code == 401
         text = c.get("/metrics").text
-    assert "nbmeter_api_requests_total" in text and 'route="/v1/meters"' in text
+    assert "nbmeter_api_requests_total" in text
+    assert 'route="/v1/meters"' in text
 
 
 CHECKS = [
@@ -101,13 +103,17 @@ def test_openapi_fuzz(server: str, admin_key: str) -> None:
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=15, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @settings(
+            max_examples=15, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         def fuzz(case) -> None:  # type: ignore[no-untyped-def]
             response = case.call_and_validate(headers=auth, checks=CHECKS, timeout=30)
             if 400 <= response.status_code < 500:
                 content_type = response.headers["content-type"]  # schemathesis: a list
                 assert "application/problem+json" in content_type, (
-                    case.method, case.formatted_path, response.text)  # fmt: skip
+                    case.method,
+                    case.formatted_path,
+                    response.text,
+                )
 
         fuzz()
