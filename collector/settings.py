@@ -47,7 +47,9 @@ class PipelineSettings(_Section):
     batch_max: int = Field(512, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0)
     max_pending: int = Field(20_000, ge=1)  # uplinks offered but not yet committed
-    workers: int = Field(2, ge=1, le=32)  # batches committing concurrently
+    # batches committing at once: 1 = double buffering (the next batch fills while one
+    # commits), which makes batches grow with the load; more overlap DB round trips
+    workers: int = Field(1, ge=1, le=32)
     retry_initial_s: float = Field(0.2, gt=0)
     retry_max_s: float = Field(5.0, gt=0)
     pool_size: int = Field(4, ge=1)
