@@ -9,11 +9,13 @@ from datetime import UTC, datetime
 import aiocoap
 import asyncpg
 import pytest
-from collector_testkit import RawCoap, hour, oscore_client
-from conftest import RunningCollector, count
+from collector_testkit import RawCoap, cjt188_frame, hour, oscore_client
+from conftest import RunningCollector, count, new_address
 
-from collector.keys import KeyRing
+from collector.keys import KeyRing, MeterKeys
+from collector.pipeline import Device, Transport, Uplink
 from collector.provision import ProvisionError, provision_device
+from collector.store import BatchStore
 from decoder.mbus_encode import encode_oms_mode5
 from storage import credentials
 
@@ -167,3 +169,54 @@ def test_key_ring_records_misses_and_never_shows_keys() -> None:
     assert ring.missed == {"87654321"}
     assert "01" not in repr(ring).replace("12345678", "")
     assert KeyRing()  # an empty ring is still consulted (truthy)
+
+
+async def test_one_batch_mixes_tenants_transports_and_formats(
+    pool: asyncpg.Pool, db_url: str, tenant_slug: str, lab_tenant: str, credentials_key: str
+) -> None:
+    """One committed batch: two tenants' meters with the same OMS id and different keys
+    (device and plain CoAP) and a CJ/T 188 frame; every uplink decodes with its own key."""
+    address = oms_address()
+    key_a, key_b = secrets.token_bytes(16), secrets.token_bytes(16)
+    dev_a = await provision_device(
+        db_url, tenant_slug, address, credentials_key=credentials_key, aes_key=key_a
+    )
+    dev_b = await provision_device(
+        db_url, lab_tenant, address, credentials_key=credentials_key, oscore=False, aes_key=key_b
+    )
+    cjt = new_address()
+    dev_c = await provision_device(db_url, tenant_slug, cjt, credentials_key=credentials_key)
+    lab_id = await pool.fetchval("SELECT tenant_id FROM tenants WHERE slug = $1", lab_tenant)
+    tenant_id = await pool.fetchval("SELECT tenant_id FROM tenants WHERE slug = $1", tenant_slug)
+    batch = [
+        Uplink(
+            oms_frame(address, key_a, 1_000_000, hour(40)),
+            Transport.COAP_OSCORE,
+            "[::1]:1",
+            device=Device(dev_a.meter_id, tenant_id, address),
+        ),
+        Uplink(
+            oms_frame(address, key_b, 2_000_000, hour(40)),
+            Transport.COAP,
+            "[::1]:2",
+            tenant_id=lab_id,
+        ),
+        Uplink(
+            cjt188_frame(cjt, 30_000, hour(40)),
+            Transport.COAP_OSCORE,
+            "[::1]:3",
+            device=Device(dev_c.meter_id, tenant_id, cjt),
+        ),
+    ]
+    store = BatchStore(pool, MeterKeys(credentials.parse_key(credentials_key)))
+    outcomes = await store.commit(batch)
+    assert [o.status for o in outcomes] == ["stored"] * 3, outcomes
+    rows = await pool.fetch(
+        "SELECT meter_id, register_ml FROM readings WHERE meter_id = ANY($1::bigint[])",
+        [dev_a.meter_id, dev_b.meter_id, dev_c.meter_id],
+    )
+    assert {(r["meter_id"], r["register_ml"]) for r in rows} == {
+        (dev_a.meter_id, 1_000_000),
+        (dev_b.meter_id, 2_000_000),
+        (dev_c.meter_id, 30_000),
+    }
