@@ -1,6 +1,6 @@
 """Collector throughput: bare aiocoap vs the nbmeter collector (with storage), same load.
 
-    python bench/collector.py [--seconds 10] [--window 400] [--sockets 8] [--sustain-s 60]
+    python bench/collector.py [--seconds 10] [--window 400] [--sockets 16] [--sustain-s 60]
 
 Needs NBMETER_DATABASE_URL (a TimescaleDB server; a scratch database is created and
 dropped). The load generator is a raw-UDP CoAP client keeping `window` CONs outstanding
@@ -64,6 +64,10 @@ class Loader(asyncio.DatagramProtocol):
         self.gen, self.window = gen, window
         self.transport: asyncio.DatagramTransport | None = None
         self.outstanding: dict[bytes, tuple[float, bytes]] = {}
+        # RFC 7252 §4.4: a sender must not reuse a Message ID within EXCHANGE_LIFETIME
+        # (247 s), or the server answers it from its deduplication cache; random MIDs
+        # collide within seconds at this rate, sequential ones last 65536 / rate per socket
+        self.mid = secrets.randbelow(65536)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Fill the window."""
@@ -74,7 +78,8 @@ class Loader(asyncio.DatagramProtocol):
     def send_next(self) -> None:
         """Send a new uplink."""
         token = secrets.token_bytes(4)
-        datagram = _post(secrets.randbelow(65536), token, self.gen.next_payload(), self.gen.query)
+        self.mid = (self.mid + 1) & 0xFFFF
+        datagram = _post(self.mid, token, self.gen.next_payload(), self.gen.query)
         self.outstanding[token] = (time.monotonic(), datagram)
         assert self.transport is not None
         self.transport.sendto(datagram)
@@ -406,7 +411,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--window", type=int, default=400, help="CONs kept outstanding")
-    parser.add_argument("--sockets", type=int, default=8)
+    # 16 source ports: at ~2,000 uplinks/s each socket's MIDs wrap after ~500 s > 247 s
+    parser.add_argument("--sockets", type=int, default=16)
     parser.add_argument("--sustain-s", type=float, default=60.0, help="0: no sustained run")
     parser.add_argument("--one-process", action="store_true", help="skip the 2-process run")
     asyncio.run(main(parser.parse_args()))
