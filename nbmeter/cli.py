@@ -8,7 +8,7 @@
   nbmeter tenant create               a tenant and its first admin API key
   nbmeter device provision            per-meter transport credentials
   nbmeter sim ...                     the device-fleet simulator
-  nbmeter demo                        ingest a generated demo batch and summarise
+  nbmeter demo                        the whole system with a demo fleet, verified
 
 Every command exits 0 on success, 1 on a failure it explains, 2 on a usage error.
 """
@@ -92,9 +92,13 @@ def _decode(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from nbmeter.demo import run_ingest_demo
+    if args.ingest_only:
+        from nbmeter.demo import run_ingest_demo
 
-    return run_ingest_demo(args)
+        return run_ingest_demo(args)
+    from nbmeter.system_demo import run_system_demo
+
+    return run_system_demo(args)
 
 
 def _optional(module: str, attr: str) -> Any:
@@ -128,9 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--received-at", type=int, help="receive time, UTC epoch seconds (default now)")
     p.set_defaults(func=_decode)
 
-    p = sub.add_parser("demo", help="ingest a generated demo batch and print a summary")
-    p.add_argument("--meters", type=int, default=1000)
-    p.add_argument("--hours", type=int, default=24)
+    p = sub.add_parser(
+        "demo", help="the whole system with a demo fleet, verified against ground truth"
+    )
+    p.add_argument("--meters", type=int, default=1000, help="fleet size (default 1000)")
+    p.add_argument("--days", type=int, default=35, help="simulated days (default 35)")
+    p.add_argument("--hours", type=int, default=24, help="--ingest-only: hours of frames")
+    p.add_argument(
+        "--ingest-only",
+        action="store_true",
+        help="only decode and store a generated batch in-process (no collector, API, sim)",
+    )
+    p.add_argument("--stop", action="store_true", help="stop the collector and API a demo left")
     p.set_defaults(func=_demo)
 
     for name, module in (

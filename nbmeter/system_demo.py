@@ -1,0 +1,191 @@
+"""`nbmeter demo`: the whole system with a demo fleet, then the bills checked against truth.
+
+Starts the collector (CoAP + MQTT) and the billing API as background processes, creates a
+fresh demo tenant with an admin API key, runs the simulator's fleet (1,000 meters over one
+billing cycle, every fault class on) through the real transports, then `sim verify`
+compares the API's billing-cycle reads with the ground truth and plots one meter. The
+collector and the API stay up afterwards so the printed curl works; `nbmeter demo --stop`
+stops them. Exit status is verify's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from nbmeter.stack.config import load_config
+
+API_PORT = 8000
+COAP_PORT = 5683
+METRICS_PORT = 9464
+
+
+def _say(message: str) -> None:
+    print(f"demo: {message}", file=sys.stderr, flush=True)
+
+
+def _state_dir() -> Path:
+    path = load_config().home / "demo"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def stop_services() -> list[str]:
+    """Stop the collector and API a previous demo left running; name what was stopped."""
+    stopped = []
+    for name in ("collector", "api"):
+        pid_file = _state_dir() / f"{name}.pid"
+        try:
+            pid = int(pid_file.read_text(encoding="utf-8"))
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError):
+            continue
+        finally:
+            pid_file.unlink(missing_ok=True)
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                break
+            time.sleep(0.1)
+        stopped.append(name)
+    return stopped
+
+
+def _start(name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    log = _state_dir() / f"{name}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nbmeter.cli", *argv],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    (_state_dir() / f"{name}.pid").write_text(str(proc.pid), encoding="utf-8")
+    return proc
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str, *, udp: bool = False) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log = _state_dir() / f"{name}.log"
+            msg = f"the {name} exited with {proc.returncode}; see {log}"
+            raise SystemExit(f"nbmeter demo: {msg}")
+        if udp:
+            if not _free(port, socket.SOCK_DGRAM):
+                return
+        else:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+        time.sleep(0.2)
+    msg = f"the {name} did not open port {port} within 60 s; see {_state_dir() / name}.log"
+    raise SystemExit(f"nbmeter demo: {msg}")
+
+
+async def _tenant(dsn: str, slug: str) -> str:
+    from api.cli_tenant import create
+
+    _, key = await create(dsn, slug, "Demo water & gas utility", "Asia/Shanghai")
+    return key
+
+
+def _sim(argv: list[str], env: dict[str, str]) -> int:
+    return subprocess.call([sys.executable, "-m", "nbmeter.cli", "sim", *argv], env=env)
+
+
+def _example_read(api_url: str, api_key: str) -> str | None:
+    """A real `/v1/meters/{id}/cycles/{cycle}` path of the demo tenant, if the API answers."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"}
+    try:
+        with httpx.Client(base_url=api_url, headers=headers, timeout=10) as client:
+            meters = client.get("/v1/meters", params={"limit": 1}).json()
+            cycles = client.get("/v1/cycles").json()
+        meter_id = meters["items"][0]["meter_id"]
+        closed = [c for c in cycles["cycles"] if c["end_date"] <= time.strftime("%Y-%m-%d")]
+        cycle = (closed or cycles["cycles"])[-1]["cycle"]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError):
+        return None
+    return f"/v1/meters/{meter_id}/cycles/{cycle}"
+
+
+def run_system_demo(args: argparse.Namespace) -> int:
+    """Run the whole-system demo; return verify's exit status (1 on a setup failure)."""
+    if args.stop:
+        print("stopped: " + (", ".join(stop_services()) or "nothing was running"))
+        return 0
+    stop_services()
+    env = dict(os.environ)
+    for var in ("NBMETER_DATABASE_URL", "NBMETER_MQTT_URL", "NBMETER_CREDENTIALS_KEY"):
+        if not env.get(var):
+            msg = f'{var} is not set: run `make demo`, or eval "$(nbmeter stack env)" first'
+            raise SystemExit(f"nbmeter demo: {msg}")
+    for port, kind, what in ((API_PORT, socket.SOCK_STREAM, "API"),
+                             (COAP_PORT, socket.SOCK_DGRAM, "CoAP")):  # fmt: skip
+        if not _free(port, kind):
+            raise SystemExit(f"nbmeter demo: port {port} for the {what} is taken")
+    slug = f"demo-{uuid.uuid4().hex[:6]}"
+    api_key = asyncio.run(_tenant(env["NBMETER_DATABASE_URL"], slug))
+    _say(f"tenant {slug} created (timezone Asia/Shanghai) with an admin API key")
+    collector = _start(
+        "collector",
+        ["collector", "--coap-port", str(COAP_PORT), "--metrics-port", str(METRICS_PORT)],
+        {**env, "NBMETER_MQTT__CLIENT_ID": f"demo-collector-{slug}"},
+    )
+    api = _start("api", ["api", "--host", "127.0.0.1", "--port", str(API_PORT)], env)
+    _wait_port(COAP_PORT, collector, "collector", udp=True)
+    _wait_port(API_PORT, api, "api")
+    api_url = f"http://127.0.0.1:{API_PORT}"
+    _say(f"collector on udp/{COAP_PORT} + MQTT, API on {api_url}")
+    run_dir = _state_dir() / slug
+    common = ["--tenant", slug, "--api-url", api_url, "--api-key", api_key,
+              "--coap-port", str(COAP_PORT), "--mqtt-url", env["NBMETER_MQTT_URL"]]  # fmt: skip
+    sim_env = {**env, "NBMETER_API_KEY": api_key}
+    code = _sim(
+        ["run", "--meters", str(args.meters), "--days", str(args.days), "--seed", "1",
+         "--faults", "all", "--loss", "0.02", "--time-scale", "0.25",
+         "--run-dir", str(run_dir), *common],
+        sim_env,
+    )  # fmt: skip
+    if code != 0:
+        _say(f"sim run failed ({code}); collector log: {_state_dir() / 'collector.log'}")
+        return code
+    plot = run_dir / "meter.png"
+    code = _sim(["verify", "--run-dir", str(run_dir), "--plot", str(plot), *common], sim_env)
+    print()
+    auth = f"curl -H 'Authorization: Bearer {api_key}'"
+    print(f"billing API      {api_url}   (OpenAPI: {api_url}/docs)")
+    print(f"API key          {api_key}")
+    print(f"meters           {auth} '{api_url}/v1/meters?limit=3'")
+    print(f"billing cycles   {auth} '{api_url}/v1/cycles'")
+    example = _example_read(api_url, api_key)
+    if example:
+        print(f"one cycle read   {auth} '{api_url}{example}'")
+        cycle = example.rsplit("/", 1)[1]
+        print(f"billing export   {auth} '{api_url}/v1/cycles/{cycle}/reads?format=csv'")
+    print(f"metrics          http://127.0.0.1:{METRICS_PORT}/metrics   {api_url}/metrics")
+    print(f"plot             {plot}")
+    print(f"ground truth     {run_dir}")
+    print("stop             .venv/bin/nbmeter demo --stop")
+    return code
