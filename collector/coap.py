@@ -32,6 +32,7 @@ import aiocoap
 import asyncpg
 import structlog
 from aiocoap import error, oscore, resource
+from aiocoap.message import Direction
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 from aiocoap.pipe import error_to_message, run_driving_pipe
 from aiocoap.transports import udp6
@@ -302,20 +303,33 @@ def _response(outcome: Outcome) -> aiocoap.Message:
     return aiocoap.Message(code=code, payload=f"{outcome.reason}: {outcome.detail}".encode())
 
 
+def _dedup_key(remote: Any, mid: int) -> tuple[Any, ...]:
+    # (host, port, mid): not the remote object, which holds the whole endpoint (~1 KB)
+    sockaddr = getattr(remote, "sockaddr", None)
+    return (sockaddr[0], sockaddr[1], mid) if sockaddr is not None else (remote, mid)
+
+
 def _bound_dedup(mman: Any, lifetime_s: float, max_entries: int) -> None:
     """Replace aiocoap's deduplication (a dict plus one timer per message, ~247 s) by an
-    insertion-ordered table trimmed on insert: same answers, bounded memory, no timers."""
-    recent: OrderedDict[Any, list[Any]] = OrderedDict()  # key -> [expires_at, response]
+    insertion-ordered table trimmed on insert: same answers, bounded memory, no timers.
+
+    An entry is (host, port, MID) -> [expiry, encoded answer]: ~0.3 KB rather than the
+    answer `Message` and its endpoint (~2 KB), so `max_entries` (200,000) stay under
+    ~60 MB; a duplicate CON decodes the stored bytes and sends them again."""
+    recent: OrderedDict[Any, list[Any]] = OrderedDict()  # key -> [expires_at, bytes|None]
     mman._recent_messages = _ResponseView(recent)
     loop = asyncio.get_running_loop()
 
     def deduplicate(message: aiocoap.Message) -> bool:
-        key = (message.remote, message.mid)
+        key = _dedup_key(message.remote, message.mid)
         now = loop.time()
         entry = recent.get(key)
         if entry is not None and entry[0] > now:
             if message.mtype is aiocoap.CON and entry[1] is not None:
-                mman._send_initially(entry[1])  # the stored answer, same MID
+                # the stored answer, same MID and token, to the same peer
+                answer = aiocoap.Message.decode(entry[1], message.remote)
+                answer.direction = Direction.OUTGOING  # decode() marks it as received
+                mman._send_initially(answer)
             return True
         while recent:
             oldest = next(iter(recent.values()))
@@ -335,10 +349,12 @@ class _ResponseView:
         self._table = table
 
     def __contains__(self, key: object) -> bool:
-        return key in self._table
+        remote, mid = key  # type: ignore[misc]
+        return _dedup_key(remote, mid) in self._table
 
-    def __setitem__(self, key: object, response: object) -> None:
-        self._table[key][1] = response
+    def __setitem__(self, key: object, response: aiocoap.Message) -> None:
+        remote, mid = key  # type: ignore[misc]
+        self._table[_dedup_key(remote, mid)][1] = response.encode()
 
     def __len__(self) -> int:
         return len(self._table)
