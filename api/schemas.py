@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from api.errors import UnprocessableError
 
-M3 = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,14}(\.[0-9]{1,6})?$")]
+# at most 12 integer digits: 10^12 m3 in mL stays inside bigint (9.2e18)
+M3 = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,12}(\.[0-9]{1,6})?$")]
 Text = Annotated[
     str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]+$", min_length=1, max_length=64)
 ]
