@@ -83,8 +83,8 @@ def _network(args: argparse.Namespace) -> NetworkModel:
     return NetworkModel(args.loss, args.latency_ms, args.jitter_ms, args.time_scale)
 
 
-async def _provision(args: argparse.Namespace, truth, uplinks):  # type: ignore[no-untyped-def]
-    from simulator.provision import Target, provision
+def _provisioning(args: argparse.Namespace, truth, uplinks):  # type: ignore[no-untyped-def]
+    from simulator.provision import Provisioning, Target
 
     if not args.api_key:
         raise SystemExit(_fail("no API key: set NBMETER_API_KEY or pass --api-key"))
@@ -94,7 +94,11 @@ async def _provision(args: argparse.Namespace, truth, uplinks):  # type: ignore[
         mqtt_admin_url=_env("NBMETER_MQTT_ADMIN_URL"), tenant=args.tenant,
         plain_coap=args.plain_coap,
     )  # fmt: skip
-    return await provision(truth, uplinks, target, args.run_dir, args.cycle_days)
+    return Provisioning(truth, uplinks, target, args.run_dir, args.cycle_days)
+
+
+async def _provision(args: argparse.Namespace, truth, uplinks):  # type: ignore[no-untyped-def]
+    return await _provisioning(args, truth, uplinks).start(exchanges_now=True)
 
 
 def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -134,16 +138,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"dry run: ground truth saved in {args.run_dir}", file=sys.stderr)
             return 0
         creds_file = args.run_dir / "credentials.json"
+        prov = None
         if args.no_provision and creds_file.exists():
             creds = credentials_load(json.loads(creds_file.read_text()))
-        else:
-            creds = asyncio.run(_provision(args, truth, uplinks))
+        else:  # exchanges are registered during the run, at their virtual time
+            prov = _provisioning(args, truth, uplinks)
+            creds = asyncio.run(prov.start(exchanges_now=False))
         config = RunConfig(
             coap_host=args.coap_host, coap_port=args.coap_port, mqtt_url=args.mqtt_url,
             tenant=args.tenant, plain_coap=args.plain_coap, concurrency=args.concurrency,
             rate=args.rate, speed=args.speed, herd=args.herd, time_scale=args.time_scale,
         )  # fmt: skip
-        summary = asyncio.run(send_all(truth, uplinks, creds, config, progress=not args.quiet))
+        summary = asyncio.run(send_all(truth, uplinks, creds, config, progress=not args.quiet,
+                                       events=prov.events() if prov else None))  # fmt: skip
+        if prov is not None:
+            prov.save()  # with the exchanged-in meters' ids and credentials
     except (FaultSpecError, ValueError, BackendError) as exc:
         return _fail(str(exc))
     (args.run_dir / "results.json").write_text(json.dumps(summary.results))

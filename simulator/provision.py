@@ -2,7 +2,8 @@
 
 Through the billing API: every meter (register scale, digits, installed at the start of
 the simulation with its initial register), every exchange (final register of the old
-meter, the new meter and its initial register), and a billing calendar with a cycle every
+meter, the new meter and its initial register; `sim run` registers each at its virtual
+time, see `Provisioning`), and a billing calendar with a cycle every
 `cycle_days` days inside the simulated period. Then the devices' transport credentials
 (see the ADAPTER note in `simulator.backend`). The run directory gets the ground truth,
 `credentials.json` (mode 0600) and the meter ids.
@@ -10,8 +11,10 @@ meter, the new meter and its initial register), and a billing calendar with a cy
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -19,6 +22,8 @@ from typing import Any
 
 from simulator import truthfile
 from simulator.backend import Backend, credentials_json, iso, m3_text, provision_credentials
+from simulator.faults import Fault
+from simulator.fleet import Meter
 from simulator.runner import DeviceCredentials
 from simulator.schedule import Uplink
 from simulator.truth import Truth
@@ -64,61 +69,129 @@ def meter_rows(truth: Truth) -> list[dict[str, Any]]:
     ]
 
 
-async def register_fleet(truth: Truth, backend: Backend, cycle_days: int) -> dict[str, int]:
-    """Meters, exchanges and calendar through the API; returns address -> meter id."""
+async def import_fleet(truth: Truth, backend: Backend) -> dict[str, int]:
+    """The meters installed at the start, through the API; returns address -> meter id."""
     rows = meter_rows(truth)
-    ids = dict(zip((r["address"] for r in rows), await backend.import_meters(rows), strict=True))
+    return dict(zip((r["address"] for r in rows), await backend.import_meters(rows), strict=True))
+
+
+async def exchange_one(truth: Truth, backend: Backend, ids: dict[str, int], fault: Fault) -> int:
+    """Register one exchange through the API; returns the new meter's id (also in `ids`)."""
     registers = truth.register_ml()
     start = truth.fleet.spec.start_s
-    for f in truth.faults_of("exchange"):
-        old, new = truth.meters[f.meter], truth.meters[f.params["new_meter"]]
-        out = await backend.exchange(
-            ids[old.address],
-            {
-                "exchanged_at": iso(start + f.start_h * 3600),
-                "final_register_m3": m3_text(
-                    int(registers[old.index, f.start_h]), old.register.scale
-                ),
-                "new_meter": {
-                    "address": new.address,
-                    "format": str(new.format),
-                    "register_scale": new.register.scale,
-                    "register_digits": new.register.digits,
-                    "initial_register_m3": m3_text(new.initial_ml, new.register.scale),
-                },
+    old, new = truth.meters[fault.meter], truth.meters[fault.params["new_meter"]]
+    out = await backend.exchange(
+        ids[old.address],
+        {
+            "exchanged_at": iso(start + fault.start_h * 3600),
+            "final_register_m3": m3_text(
+                int(registers[old.index, fault.start_h]), old.register.scale
+            ),
+            "new_meter": {
+                "address": new.address,
+                "format": str(new.format),
+                "register_scale": new.register.scale,
+                "register_digits": new.register.digits,
+                "initial_register_m3": m3_text(new.initial_ml, new.register.scale),
             },
+        },
+    )
+    ids[new.address] = int(out["installed"]["meter_id"])
+    return ids[new.address]
+
+
+Event = tuple[int, Callable[[], Awaitable[None]]]
+
+
+class Provisioning:
+    """One run's registration: meter ids and device credentials, exchanges on cue.
+
+    The backend refuses the uplinks of a removed meter's device (its credentials resolve
+    to active meters only), so an exchange must be registered when the run reaches it in
+    virtual time, after the old meter's last uplink: `start(exchanges_now=False)` leaves
+    them to `events()`, which `runner.send_all` fires in schedule order. A device gets
+    its credentials while its meter is installed, as in the field: provisioning the
+    address of an already removed meter would create a new meter of that address (no
+    install date, no initial register) that every uplink of the old device lands on.
+    """
+
+    def __init__(
+        self, truth: Truth, uplinks: list[Uplink], target: Target, run_dir: Path,
+        cycle_days: int = 10,
+    ) -> None:  # fmt: skip
+        """Provision `truth`'s fleet into `target`; the run directory is `run_dir`."""
+        self.truth, self.uplinks, self.target = truth, uplinks, target
+        self.run_dir, self.cycle_days = run_dir, cycle_days
+        self.creds: dict[str, DeviceCredentials] = {}
+        self.ids: dict[str, int] = {}
+        self.pending = list(truth.faults_of("exchange"))
+
+    async def _credentials_of(self, meters: list[Meter]) -> None:
+        target = self.target
+        if not (target.database_url and target.credentials_key):
+            return
+        wanted = [
+            (m.address, str(m.kind), str(m.format),
+             m.transport.is_coap and not target.plain_coap, not m.transport.is_coap)
+            for m in meters
+        ]  # fmt: skip
+        self.creds.update(await provision_credentials(
+            wanted, database_url=target.database_url, credentials_key=target.credentials_key,
+            tenant=target.tenant, mqtt_admin_url=target.mqtt_admin_url,
+            aes_keys={m.address: m.oms_key for m in meters if m.oms_key},
+        ))  # fmt: skip
+
+    async def start(self, *, exchanges_now: bool) -> dict[str, DeviceCredentials]:
+        """Meters, calendar and credentials (and the exchanges if `exchanges_now`); saves."""
+        backend = Backend(self.target.api_url, self.target.api_key)
+        try:
+            self.ids = await import_fleet(self.truth, backend)
+            await backend.set_cycle_dates(cycle_starts(self.truth, self.cycle_days))
+        finally:
+            await backend.close()
+        await self._credentials_of([m for m in self.truth.meters if m.installed_h == 0])
+        if exchanges_now:
+            for fault in list(self.pending):
+                await self.exchange(fault)
+        self.save()
+        return self.creds
+
+    async def exchange(self, fault: Fault) -> None:
+        """Register `fault`'s exchange and provision the new meter's device."""
+        backend = Backend(self.target.api_url, self.target.api_key)
+        try:
+            await exchange_one(self.truth, backend, self.ids, fault)
+        finally:
+            await backend.close()
+        self.pending.remove(fault)
+        await self._credentials_of([self.truth.meters[fault.params["new_meter"]]])
+
+    def events(self) -> list[Event]:
+        """The exchanges still to register: (virtual instant, action), in time order."""
+        start = self.truth.fleet.spec.start_s
+        return sorted(
+            ((start + f.start_h * 3600, functools.partial(self.exchange, f)) for f in self.pending),
+            key=lambda e: e[0],
         )
-        ids[new.address] = int(out["installed"]["meter_id"])
-    await backend.set_cycle_dates(cycle_starts(truth, cycle_days))
-    return ids
+
+    def save(self) -> None:
+        """Write the run directory (ground truth, meter ids, credentials)."""
+        save_run(self.run_dir, self.truth, self.uplinks, self.creds, {
+            "tenant": self.target.tenant, "api_url": self.target.api_url, "meter_ids": self.ids,
+            "cycle_days": self.cycle_days, "plain_coap": self.target.plain_coap,
+        })  # fmt: skip
 
 
 async def provision(
     truth: Truth, uplinks: list[Uplink], target: Target, run_dir: Path, cycle_days: int = 10
 ) -> dict[str, DeviceCredentials]:
-    """Register everything, make credentials, write the run directory; returns credentials."""
-    backend = Backend(target.api_url, target.api_key)
-    try:
-        ids = await register_fleet(truth, backend, cycle_days)
-    finally:
-        await backend.close()
-    creds: dict[str, DeviceCredentials] = {}
-    if target.database_url and target.credentials_key:
-        wanted = [
-            (m.address, str(m.kind), str(m.format),
-             m.transport.is_coap and not target.plain_coap, not m.transport.is_coap)
-            for m in truth.meters
-        ]  # fmt: skip
-        creds = await provision_credentials(
-            wanted, database_url=target.database_url, credentials_key=target.credentials_key,
-            tenant=target.tenant, mqtt_admin_url=target.mqtt_admin_url,
-            aes_keys={m.address: m.oms_key for m in truth.meters if m.oms_key},
-        )  # fmt: skip
-    save_run(run_dir, truth, uplinks, creds, {
-        "tenant": target.tenant, "api_url": target.api_url, "meter_ids": ids,
-        "cycle_days": cycle_days, "plain_coap": target.plain_coap,
-    })  # fmt: skip
-    return creds
+    """Register everything, exchanges included, make credentials, write the run directory.
+
+    Returns the credentials. The old meters of the exchanges are removed at once, so the
+    backend refuses their devices' uplinks from then on: `sim run` (without
+    --no-provision) registers each exchange at its virtual time instead (`Provisioning`).
+    """
+    return await Provisioning(truth, uplinks, target, run_dir, cycle_days).start(exchanges_now=True)
 
 
 def save_run(

@@ -18,7 +18,7 @@ import asyncio
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from simulator import frames
@@ -253,9 +253,17 @@ async def send_all(
     config: RunConfig,
     *,
     progress: bool = True,
+    events: list[tuple[int, Callable[[], Awaitable[None]]]] | None = None,
 ) -> Summary:
-    """Send every uplink (in schedule order) and return the summary."""
+    """Send every uplink (in schedule order) and return the summary.
+
+    `events` are (virtual instant, action) pairs in time order, such as a meter exchange
+    registered with the backend: before the first uplink sent at or after an event's
+    instant, every earlier uplink is finished and then the action is awaited.
+    """
     sender = Sender(truth, creds, config)
+    todo = list(events or [])
+    running: set[asyncio.Task[None]] = set()
     await sender.open()
     bar = Progress(len(uplinks), progress)
     release = _release_at(uplinks, config)
@@ -278,8 +286,14 @@ async def send_all(
     try:
         async with asyncio.TaskGroup() as tg:
             for i, up in enumerate(uplinks):
+                while todo and todo[0][0] <= up.send_s:
+                    if running:
+                        await asyncio.wait(running)
+                    await todo.pop(0)[1]()
                 await slots.acquire()
-                tg.create_task(one(i, up), name=f"uplink-{up.seq}")
+                task = tg.create_task(one(i, up), name=f"uplink-{up.seq}")
+                running.add(task)
+                task.add_done_callback(running.discard)
     finally:
         sender.close()
     sender.summary.total = len(uplinks)
