@@ -4,7 +4,10 @@
 (NDJSON export objects), the alarm kinds seen per meter address, and the transport result
 of each uplink (`sim run`'s results.json), and returns a `Report`. Rules, per boundary:
 
-- actual, installation, removal: the register must equal the true register exactly;
+- installation, removal: the register must equal the true register exactly;
+- actual: the register must equal exactly the true register of the hour the reading the
+  API names (`read_at`) was taken in, and that reading must be within the API's actual
+  window of the boundary (see `ACTUAL_WINDOW_S`);
 - interpolated: within max(2 units, the true use over the 24 h either side);
 - estimated: within max(5 units, twice the true use over the 72 h either side);
 - missing: only acceptable when the truth says no reading of the meter ever arrived;
@@ -32,6 +35,14 @@ from simulator.schedule import Uplink, expected_readings
 from simulator.truth import Truth
 
 EXACT = {"actual", "installation", "removal"}
+# The API's boundary read is "actual" when a stored reading lies within +-1 h of the
+# boundary (api.settings.actual_window_s, migration 0020: the nearest one, ties: the
+# earlier), and it reports that reading's time as `read_at`. Where the boundary's own
+# hourly reading never arrived (a lost uplink), that is the next or previous hour's
+# reading: exact for the hour it was taken in, not for the boundary. Comparing it with the
+# boundary's register would call a true meter reading wrong, so it is compared with the
+# register of its own hour (a reading of a drifting clock maps back to its true hour).
+ACTUAL_WINDOW_S = 3600
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,19 @@ def _tolerance_ml(method: str, units: np.ndarray, h: int, unit_ml: int) -> int:
     return max(2 * unit_ml, used) if method == "interpolated" else max(5 * unit_ml, 2 * used)
 
 
+def _stamped_hours(truth: Truth, uplinks: list[Uplink]) -> list[dict[int, int]]:
+    """Per meter: the time a stored reading is stamped with -> the truth hour it holds."""
+    start = truth.fleet.spec.start_s
+    out: list[dict[int, int]] = [{} for _ in truth.meters]
+    for m in truth.meters:
+        for h in (m.installed_h, m.removed_h):
+            out[m.index][start + h * 3600] = h
+    for u in uplinks:
+        if u.outcome is Outcome.STORED and u.claimed == u.meter:
+            out[u.meter].update((start + h * 3600 + u.clock_offset_s, h) for h in u.hours)
+    return out
+
+
 def check(
     truth: Truth,
     uplinks: list[Uplink],
@@ -107,6 +131,7 @@ def check(
     by_address = {m.address: m for m in truth.meters}
     registers, units = truth.register_ml(), truth.units()
     held = expected_readings(truth, uplinks)
+    hour_of = _stamped_hours(truth, uplinks)
     bad_meters: set[int] = set()
     for row in rows:
         m = by_address.get(row["address"])
@@ -121,10 +146,15 @@ def check(
                 continue
             method, got = b["method"], ml_of(b.get("register_m3"))
             want = int(registers[m.index, h])
+            read_s = _epoch(b["read_at"]) if method == "actual" and b.get("read_at") else None
+            if read_s is not None:  # see ACTUAL_WINDOW_S
+                want = int(registers[m.index, hour_of[m.index].get(read_s, h)])
             if method == "missing":
                 good = not held[m.index].any()
             elif got is None:
                 good = False
+            elif read_s is not None and abs(read_s - _epoch(b["at"])) > ACTUAL_WINDOW_S:
+                good = False  # not an actual read of this boundary
             else:
                 err = (got - want) % (m.register.modulus_units * m.unit_ml)
                 err = min(err, m.register.modulus_units * m.unit_ml - err)
