@@ -11,7 +11,8 @@
 - SenML: an LwM2M 3424 pack (`decoder.encode_senml`) with every hour of the batch and
   resources 10/11/13 for leak, back-flow and tamper at the hours they are active;
 - interval: our `nbm1` layout (`decoder.interval.encode_interval`): base register and
-  hourly deltas in litres, the current status on the newest reading.
+  hourly deltas in litres, and one status: the alarms latched since the previous report
+  (the decoder puts it on the newest reading).
 
 Corruption (`uplink.corrupt`) cuts the frame in half: a truncated frame fails every
 format's length, checksum, JSON or ciphertext check, so it must be quarantined.
@@ -131,17 +132,23 @@ def _senml(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
 
 
 def _interval(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
-    # nbm1: base register + whole-litre hourly deltas; the status is the meter's current
-    # one (the decoder puts it on the newest reading)
+    # nbm1: base register + whole-litre hourly deltas and one status word (the decoder
+    # puts it on the newest reading). The meter latches an alarm until it has reported
+    # it, as Kamstrup and IZAR meters report current and previous alarms (FORMATS §5):
+    # with only the status of the newest hour, a burst of a few hours between two daily
+    # reports would never reach the backend.
     # a drifting clock still freezes at its own whole hours: the base time is whole too
     encode = _encoder("decoder.interval", "encode_interval")
     regs = [r.register_ml for r in rs]
+    latched = 0
+    for r in rs:
+        latched |= r.flags
     return encode(
         address,
         (rs[0].read_at_s + 1800) // 3600 * 3600,
         regs[0],
         [b - a for a, b in itertools.pairwise(regs)],
-        status=rs[-1].flags,
+        status=latched,
     )
 
 
