@@ -118,7 +118,7 @@ async def cycle_read(
     """
     settings: ApiSettings = request.app.state.settings
     now = datetime.now(UTC)
-    async with pool.acquire() as conn:
+    async with pool.acquire() as conn, billing.custom_plans(conn):
         meter = await get_or_404(conn, who.tenant_id, meter_id)
         tz_name = await meter_zone(conn, who.tenant_id, meter)
         cycle_day, dates = await billing.calendar(conn, who.tenant_id)
@@ -136,9 +136,7 @@ async def cycle_read(
             args = billing.CycleQuery(who.tenant_id, start, end, zone, settings.tuning()).args(
                 meter_ids=ids
             )
-            if close_at <= now:
-                await billing.publish(conn, args)
-            lines += await billing.cycle_lines(conn, args)
+            lines += await billing.meter_cycle_lines(conn, args, publish_ended=close_at <= now)
         closed = close_at <= now
         rows = sorted(
             (CycleRow.model_validate_json(line) for line in lines), key=lambda r: r.opening.at

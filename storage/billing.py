@@ -8,6 +8,8 @@ own number of decimals (`round(ml / 1e6, -register_scale)`), never a float.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -81,10 +83,10 @@ FROM b
 -- columns would re-evaluate the function's CASE arithmetic (3x slower export)
 CROSS JOIN LATERAL (SELECT * FROM nbm_boundary_read(b.meter_id, b.o_at, b.o_edge, $9,
     b.installed_at, b.removed_at, b.initial_register_ml, b.final_register_ml, b.scale, b.digits,
-    b.max_flow, $6, $7) OFFSET 0) o
+    b.max_flow, $6, $7, {{reach}}) OFFSET 0) o
 CROSS JOIN LATERAL (SELECT * FROM nbm_boundary_read(b.meter_id, b.c_at, b.c_edge, $10,
     b.installed_at, b.removed_at, b.initial_register_ml, b.final_register_ml, b.scale, b.digits,
-    b.max_flow, $6, $7) OFFSET 0) c
+    b.max_flow, $6, $7, {{reach}}) OFFSET 0) c
 CROSS JOIN LATERAL (SELECT nbm_consumption(o.register_ml, c.register_ml,
     extract(epoch FROM b.c_at - b.o_at), b.scale, b.digits, b.max_flow) AS ml) u
 {{published}}
@@ -142,25 +144,65 @@ CSV_COLUMNS = f"""b.meter_id, b.address, b.service_point, b.kind, $2::date, 'm3'
 # One `OR` of both would leave a generic plan scanning every meter of the tenant.
 _ALL = "$8::bigint[] IS NULL"
 _IDS = "m.meter_id = ANY($8::bigint[])"
-CYCLE_JSON_SQL = _CORE.format(columns=JSON_COLUMNS, published=_PUBLISHED, where=_ALL)
-CYCLE_CSV_SQL = _CORE.format(columns=CSV_COLUMNS, published=_PUBLISHED, where=_ALL)
-CYCLE_JSON_IDS_SQL = _CORE.format(columns=JSON_COLUMNS, published=_PUBLISHED, where=_IDS)
+
+# Reach of the boundary-read lookups (nbm_boundary_read, migration 0021). The whole tenant
+# looks as far as the function's default. Given meter ids look NEAR first ($12): that plan
+# initializes ~15 chunk scans instead of ~450, and its read is final when both neighbours
+# were found near the boundary (or an edge's register decides); the few others ask again
+# with FAR, the default, with the very same statement.
+NEAR = timedelta(days=2)
+FAR = timedelta(days=45)
+_DEFAULT_REACH = "interval '45 days'"
+_REACH = "$12::interval"
 
 
-def _publish_sql(where: str) -> str:
+def _final(side: str) -> str:
+    return (
+        f"({_REACH} >= {_DEFAULT_REACH} OR {side}.method IN ('installation', 'removal')"
+        f" OR ({side}.prev_at IS NOT NULL AND {side}.next_at IS NOT NULL))"
+    )
+
+
+def _stale(side: str, pub: str) -> str:
+    # the condition on which publish() would insert a revision for this side
+    return (
+        f"(b.{side}_at <= now() AND ({pub}.revision IS NULL"
+        f" OR {pub}.register_ml IS DISTINCT FROM {side}.register_ml))"
+    )
+
+
+_FINAL = f"{_final('o')} AND {_final('c')}"
+_STALE = f"{_stale('o', 'po')} OR {_stale('c', 'pc')}"
+CYCLE_JSON_SQL = _CORE.format(
+    columns=JSON_COLUMNS, published=_PUBLISHED, where=_ALL, reach=_DEFAULT_REACH
+)
+CYCLE_CSV_SQL = _CORE.format(
+    columns=CSV_COLUMNS, published=_PUBLISHED, where=_ALL, reach=_DEFAULT_REACH
+)
+CYCLE_JSON_IDS_SQL = _CORE.format(
+    columns=f"{JSON_COLUMNS}, {_FINAL} AS final, {_STALE} AS stale",
+    published=_PUBLISHED,
+    where=_IDS,
+    reach=_REACH,
+)
+
+
+def _publish_sql(where: str, reach: str, o_final: str, c_final: str) -> str:
     return (
         "WITH src AS ("
         + _CORE.format(
             columns="b.meter_id, b.o_at, o.register_ml AS o_ml, o.method AS o_method, o.quality AS"
             " o_quality, b.c_at, c.register_ml AS c_ml, c.method AS c_method,"
-            " c.quality AS c_quality",
+            f" c.quality AS c_quality, {o_final} AS o_final, {c_final} AS c_final",
             published="",
             where=where,
+            reach=reach,
         )
         + """), sides AS (
-    SELECT s.meter_id, v.at, v.ml, v.method, v.quality FROM src s
-    CROSS JOIN LATERAL (VALUES (s.o_at, s.o_ml, s.o_method, s.o_quality),
-                               (s.c_at, s.c_ml, s.c_method, s.c_quality)) v(at, ml, method, quality)
+    SELECT s.meter_id, v.at, v.ml, v.method, v.quality, v.final FROM src s
+    CROSS JOIN LATERAL (VALUES (s.o_at, s.o_ml, s.o_method, s.o_quality, s.o_final),
+                               (s.c_at, s.c_ml, s.c_method, s.c_quality, s.c_final))
+        v(at, ml, method, quality, final)
     WHERE v.at <= now()
 ), ins AS (
     INSERT INTO published_boundary_reads
@@ -169,17 +211,18 @@ def _publish_sql(where: str) -> str:
     LEFT JOIN LATERAL (SELECT p.revision, p.register_ml FROM published_boundary_reads p
         WHERE p.meter_id = s.meter_id AND p.boundary_at = s.at
         ORDER BY p.revision DESC LIMIT 1) l ON true
-    WHERE l.revision IS NULL OR l.register_ml IS DISTINCT FROM s.ml
+    WHERE s.final AND (l.revision IS NULL OR l.register_ml IS DISTINCT FROM s.ml)
     ON CONFLICT DO NOTHING RETURNING revision
 )
 SELECT (SELECT count(*) FROM sides) AS boundaries,
+       (SELECT count(*) FROM sides WHERE NOT final) AS deferred,
        count(*) FILTER (WHERE revision = 1) AS published,
        count(*) FILTER (WHERE revision > 1) AS revised FROM ins"""
     )
 
 
-PUBLISH_SQL = _publish_sql(_ALL)
-PUBLISH_IDS_SQL = _publish_sql(_IDS)
+PUBLISH_SQL = _publish_sql(_ALL, _DEFAULT_REACH, "true", "true")
+PUBLISH_IDS_SQL = _publish_sql(_IDS, _REACH, _final("o"), _final("c"))
 
 
 @dataclass(frozen=True)
@@ -228,16 +271,65 @@ async def zones(conn: Conn, tenant_id: int) -> list[str]:
 
 async def cycle_lines(conn: Conn, args: tuple[Any, ...]) -> list[str]:
     """The JSON text of each meter's cycle read (one page: give `limit` in args)."""
-    rows = await conn.fetch(CYCLE_JSON_SQL if args[7] is None else CYCLE_JSON_IDS_SQL, *args)
+    if args[7] is None:
+        rows = await conn.fetch(CYCLE_JSON_SQL, *args)
+    else:
+        rows = await conn.fetch(CYCLE_JSON_IDS_SQL, *args, NEAR)
+        if not all(r["final"] for r in rows):
+            rows = await conn.fetch(CYCLE_JSON_IDS_SQL, *args, FAR)
     return [r["line"] for r in rows]
 
 
-async def publish(conn: Conn, args: tuple[Any, ...]) -> asyncpg.Record:
-    """Publish boundary reads of ended boundaries: first ones, and changed ones as revisions."""
-    row: asyncpg.Record = await conn.fetchrow(
-        PUBLISH_SQL if args[7] is None else PUBLISH_IDS_SQL, *args
-    )
-    return row
+@contextlib.asynccontextmanager
+async def custom_plans(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """A transaction whose statements are planned for their arguments (single-meter reads).
+
+    The API's sessions force generic plans (api.app): right for tenant-wide queries, but
+    a generic plan holds every chunk of `readings` in each of the boundary read's lookups,
+    and checking ~700 chunk scans at executor startup costs ~13 ms a statement. Planned
+    for its arguments, a NEAR lookup expands only the 2-3 chunks around the boundary.
+    """
+    async with conn.transaction():
+        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        yield
+
+
+async def meter_cycle_lines(
+    conn: asyncpg.Connection, args: tuple[Any, ...], *, publish_ended: bool
+) -> list[str]:
+    """The cycle-read JSON of the given meters (args with meter ids), published if ended.
+
+    Publishes (as `publish`) only when a served boundary read is not published yet or
+    differs from its latest revision, so a read already published costs one statement.
+    """
+    reach = NEAR
+    rows = await conn.fetch(CYCLE_JSON_IDS_SQL, *args, reach)
+    if not all(r["final"] for r in rows):
+        reach = FAR
+        rows = await conn.fetch(CYCLE_JSON_IDS_SQL, *args, reach)
+    if publish_ended and any(r["stale"] for r in rows):
+        await publish(conn, args)
+        rows = await conn.fetch(CYCLE_JSON_IDS_SQL, *args, reach)
+    return [r["line"] for r in rows]
+
+
+async def publish(conn: Conn, args: tuple[Any, ...]) -> dict[str, int]:
+    """Publish boundary reads of ended boundaries: first ones, and changed ones as revisions.
+
+    Returns the counts `boundaries`, `published` (first revisions) and `revised`.
+    """
+    if args[7] is None:
+        row = await conn.fetchrow(PUBLISH_SQL, *args)
+        return {k: row[k] for k in ("boundaries", "published", "revised")}
+    near = await conn.fetchrow(PUBLISH_IDS_SQL, *args, NEAR)
+    if not near["deferred"]:
+        return {k: near[k] for k in ("boundaries", "published", "revised")}
+    far = await conn.fetchrow(PUBLISH_IDS_SQL, *args, FAR)  # publishes only what near deferred
+    return {
+        "boundaries": far["boundaries"],
+        "published": near["published"] + far["published"],
+        "revised": near["revised"] + far["revised"],
+    }
 
 
 async def revisions(conn: Conn, meter_ids: list[int], at: list[datetime]) -> list[asyncpg.Record]:
