@@ -118,7 +118,7 @@ async def cycle_read(
     """
     settings: ApiSettings = request.app.state.settings
     now = datetime.now(UTC)
-    async with pool.acquire() as conn, billing.custom_plans(conn):
+    async with pool.acquire() as conn, conn.transaction():
         meter = await get_or_404(conn, who.tenant_id, meter_id)
         tz_name = await meter_zone(conn, who.tenant_id, meter)
         cycle_day, dates = await billing.calendar(conn, who.tenant_id)

@@ -282,16 +282,20 @@ async def cycle_lines(conn: Conn, args: tuple[Any, ...]) -> list[str]:
 
 @contextlib.asynccontextmanager
 async def custom_plans(conn: asyncpg.Connection) -> AsyncIterator[None]:
-    """A transaction whose statements are planned for their arguments (single-meter reads).
+    """Plan the block's statements for their arguments (inside a transaction: SET LOCAL).
 
     The API's sessions force generic plans (api.app): right for tenant-wide queries, but
     a generic plan holds every chunk of `readings` in each of the boundary read's lookups,
     and checking ~700 chunk scans at executor startup costs ~13 ms a statement. Planned
     for its arguments, a NEAR lookup expands only the 2-3 chunks around the boundary.
+    Statements after the block get generic plans again (a custom plan of a query spanning
+    months of chunks costs more to plan than the generic plan to start).
     """
-    async with conn.transaction():
-        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+    await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+    try:
         yield
+    finally:
+        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
 
 
 async def meter_cycle_lines(
@@ -301,7 +305,15 @@ async def meter_cycle_lines(
 
     Publishes (as `publish`) only when a served boundary read is not published yet or
     differs from its latest revision, so a read already published costs one statement.
+    Run it inside a transaction.
     """
+    async with custom_plans(conn):
+        return await _meter_cycle_lines(conn, args, publish_ended=publish_ended)
+
+
+async def _meter_cycle_lines(
+    conn: asyncpg.Connection, args: tuple[Any, ...], *, publish_ended: bool
+) -> list[str]:
     reach = NEAR
     rows = await conn.fetch(CYCLE_JSON_IDS_SQL, *args, reach)
     if not all(r["final"] for r in rows):
