@@ -151,7 +151,13 @@ def run_system_demo(args: argparse.Namespace) -> int:
     collector = _start(
         "collector",
         ["collector", "--coap-port", str(COAP_PORT), "--metrics-port", str(METRICS_PORT)],
-        {**env, "NBMETER_MQTT__CLIENT_ID": f"demo-collector-{slug}"},
+        # a stable client id resumes its own persistent session on every demo run, and a
+        # share group of its own keeps other collectors' stale sessions from taking a share
+        {
+            **env,
+            "NBMETER_MQTT__CLIENT_ID": "nbmeter-demo-collector",
+            "NBMETER_MQTT__SHARE_GROUP": "nbmeter-demo",
+        },
     )
     api = _start("api", ["api", "--host", "127.0.0.1", "--port", str(API_PORT)], env)
     _wait_port(COAP_PORT, collector, "collector", udp=True)
