@@ -3,7 +3,9 @@
 `stream_cycle(pool, args, fmt)` yields bytes of NDJSON (one object per meter) or CSV (with
 header), computed set-wise by one query (storage.billing's cycle SQL) and copied out by the
 server. Memory stays flat whatever the fleet size: a bounded queue between the COPY and the
-consumer holds at most `_QUEUE_CHUNKS` chunks, so a slow client pauses the COPY.
+consumer holds at most `_QUEUE_CHUNKS` chunks, so a slow client pauses the COPY. The COPY's
+~9 KB pieces are coalesced into `_CHUNK_BYTES` chunks: each chunk costs a queue hand-off,
+an ASGI message and a socket write, ~0.25 ms for a 9 KB piece (a quarter of the export).
 
 NDJSON rides COPY's CSV mode with a quote and delimiter that JSON text never contains raw
 (0x01, 0x02: JSON escapes every control character), so each line is the JSON verbatim.
@@ -21,7 +23,8 @@ import asyncpg
 from storage.billing import CSV_HEADER, CYCLE_CSV_SQL, CYCLE_JSON_SQL
 
 ExportFormat = Literal["ndjson", "csv"]
-_QUEUE_CHUNKS = 16
+_QUEUE_CHUNKS = 8
+_CHUNK_BYTES = 1 << 20
 _DONE = b""
 
 
@@ -34,9 +37,13 @@ async def stream_cycle(
     """
     queue: asyncio.Queue[bytes | BaseException] = asyncio.Queue(maxsize=_QUEUE_CHUNKS)
 
+    pending = bytearray()
+
     async def sink(chunk: bytes) -> None:
-        if chunk:
-            await queue.put(bytes(chunk))
+        pending.extend(chunk)
+        if len(pending) >= _CHUNK_BYTES:
+            await queue.put(bytes(pending))
+            pending.clear()
 
     async def produce() -> None:
         try:
@@ -46,6 +53,8 @@ async def stream_cycle(
         except BaseException as exc:  # handed to the consumer, which re-raises it
             await queue.put(exc)
             raise
+        if pending:
+            await queue.put(bytes(pending))
         await queue.put(_DONE)
 
     async def _copy(conn: asyncpg.Connection, args: tuple[Any, ...]) -> None:
