@@ -248,7 +248,9 @@ async def main() -> int:
         raw_s, raw_bytes = await raw_copy(dsn)
         rss = peak_rss_mb(proc.pid)
         say(f"latency: {args.requests} cycle reads, {args.clients} clients")
+        t0 = time.perf_counter()
         lat = sorted(await latency(base, key, first, args.meters, args.clients, args.requests))
+        rps = len(lat) / (time.perf_counter() - t0)
         p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99) - 1]
         print(f"meters={args.meters} readings={args.meters * DAYS}")
         print(f"export_ndjson_s={api_s:.2f} lines={lines} bytes={api_bytes}")
@@ -257,7 +259,7 @@ async def main() -> int:
         print(f"api_peak_rss_mb={rss:.0f}")
         print(
             f"cycle_read_p50_ms={p50 * 1000:.1f} cycle_read_p99_ms={p99 * 1000:.1f} "
-            f"clients={args.clients} requests={len(lat)}"
+            f"clients={args.clients} requests={len(lat)} throughput_rps={rps:.0f}"
         )
     finally:
         if proc is not None:
