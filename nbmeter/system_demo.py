@@ -170,7 +170,7 @@ def run_system_demo(args: argparse.Namespace) -> int:
     sim_env = {**env, "NBMETER_API_KEY": api_key}
     code = _sim(
         ["run", "--meters", str(args.meters), "--days", str(args.days), "--seed", "1",
-         "--faults", "all", "--loss", "0.02", "--time-scale", "0.25",
+         "--faults", "all", "--loss", "0.02", "--time-scale", "1",
          "--run-dir", str(run_dir), *common],
         sim_env,
     )  # fmt: skip

@@ -148,7 +148,7 @@ async def test_simulated_fleet_verifies_against_ground_truth(stack: Stack, tmp_p
     run_dir = str(tmp_path / "run")
     code, out = await _sim(
         stack, "run", "--meters", str(METERS), "--days", str(DAYS), "--seed", "6",
-        "--faults", "all", "--loss", "0.05", "--time-scale", "0.25", "--run-dir", run_dir,
+        "--faults", "all", "--loss", "0.05", "--time-scale", "1", "--run-dir", run_dir,
         "--quiet",
     )  # fmt: skip
     print(out)  # the run summary, shown with the verify table when this test fails
