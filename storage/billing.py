@@ -280,6 +280,13 @@ async def cycle_lines(conn: Conn, args: tuple[Any, ...]) -> list[str]:
     return [r["line"] for r in rows]
 
 
+# whether any of the meters has a published boundary read in [open, close]: an index probe
+_ANY_PUBLISHED_SQL = (
+    "SELECT EXISTS (SELECT 1 FROM published_boundary_reads WHERE meter_id = ANY($1::bigint[])"
+    " AND boundary_at BETWEEN $2 AND $3)"
+)
+
+
 @contextlib.asynccontextmanager
 async def custom_plans(conn: asyncpg.Connection) -> AsyncIterator[None]:
     """Plan the block's statements for their arguments (inside a transaction: SET LOCAL).
@@ -303,8 +310,9 @@ async def meter_cycle_lines(
 ) -> list[str]:
     """The cycle-read JSON of the given meters (args with meter ids), published if ended.
 
-    Publishes (as `publish`) only when a served boundary read is not published yet or
-    differs from its latest revision, so a read already published costs one statement.
+    Publishes (as `publish`) first when none of the meters' reads of this cycle is
+    published yet; otherwise only when a served boundary read is unpublished or differs
+    from its latest revision, so a read already published costs one boundary statement.
     Run it inside a transaction.
     """
     async with custom_plans(conn):
@@ -314,6 +322,9 @@ async def meter_cycle_lines(
 async def _meter_cycle_lines(
     conn: asyncpg.Connection, args: tuple[Any, ...], *, publish_ended: bool
 ) -> list[str]:
+    if publish_ended and not await conn.fetchval(_ANY_PUBLISHED_SQL, args[7], args[8], args[9]):
+        # first service of an ended cycle: publish first, and serve in one more statement
+        await publish(conn, args)
     reach = NEAR
     rows = await conn.fetch(CYCLE_JSON_IDS_SQL, *args, reach)
     if not all(r["final"] for r in rows):
