@@ -9,7 +9,7 @@ own number of decimals (`round(ml / 1e6, -register_scale)`), never a float.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -288,7 +288,7 @@ _ANY_PUBLISHED_SQL = (
 
 
 @contextlib.asynccontextmanager
-async def custom_plans(conn: asyncpg.Connection) -> AsyncIterator[None]:
+async def custom_plans(conn: Conn) -> AsyncIterator[None]:
     """Plan the block's statements for their arguments (inside a transaction: SET LOCAL).
 
     The API's sessions force generic plans (api.app): right for tenant-wide queries, but
@@ -313,38 +313,43 @@ async def meter_cycle_lines(
     Publishes (as `publish`) first when none of the meters' reads of this cycle is
     published yet; otherwise only when a served boundary read is unpublished or differs
     from its latest revision, so a read already published costs one boundary statement.
-    Run it inside a transaction.
+    A cycle not ended yet asks FAR at once (its closing read has no next reading). Run it
+    inside a transaction.
     """
-    async with custom_plans(conn):
-        return await _meter_cycle_lines(conn, args, publish_ended=publish_ended)
-
-
-async def _meter_cycle_lines(
-    conn: asyncpg.Connection, args: tuple[Any, ...], *, publish_ended: bool
-) -> list[str]:
     if publish_ended and not await conn.fetchval(_ANY_PUBLISHED_SQL, args[7], args[8], args[9]):
         # first service of an ended cycle: publish first, and serve in one more statement
         await publish(conn, args)
-    reach = NEAR
-    rows = await conn.fetch(CYCLE_JSON_IDS_SQL, *args, reach)
-    if not all(r["final"] for r in rows):
+    reach = NEAR if args[9] <= datetime.now(UTC) else FAR
+    rows = await _with_reach(conn, conn.fetch, CYCLE_JSON_IDS_SQL, args, reach)
+    if reach is NEAR and not all(r["final"] for r in rows):
         reach = FAR
-        rows = await conn.fetch(CYCLE_JSON_IDS_SQL, *args, reach)
+        rows = await _with_reach(conn, conn.fetch, CYCLE_JSON_IDS_SQL, args, reach)
     if publish_ended and any(r["stale"] for r in rows):
         await publish(conn, args)
-        rows = await conn.fetch(CYCLE_JSON_IDS_SQL, *args, reach)
+        rows = await _with_reach(conn, conn.fetch, CYCLE_JSON_IDS_SQL, args, reach)
     return [r["line"] for r in rows]
+
+
+async def _with_reach(
+    conn: Conn, run: Callable[..., Awaitable[Any]], sql: str, args: tuple[Any, ...], reach: Any
+) -> Any:
+    """`run(sql, *args, reach)`: NEAR planned for its arguments, FAR with the generic plan."""
+    if reach is FAR:
+        return await run(sql, *args, FAR)
+    async with custom_plans(conn):
+        return await run(sql, *args, NEAR)
 
 
 async def publish(conn: Conn, args: tuple[Any, ...]) -> dict[str, int]:
     """Publish boundary reads of ended boundaries: first ones, and changed ones as revisions.
 
-    Returns the counts `boundaries`, `published` (first revisions) and `revised`.
+    Returns the counts `boundaries`, `published` (first revisions) and `revised`. Given
+    meter ids, run it inside a transaction (its NEAR statement gets a custom plan).
     """
     if args[7] is None:
         row = await conn.fetchrow(PUBLISH_SQL, *args)
         return {k: row[k] for k in ("boundaries", "published", "revised")}
-    near = await conn.fetchrow(PUBLISH_IDS_SQL, *args, NEAR)
+    near = await _with_reach(conn, conn.fetchrow, PUBLISH_IDS_SQL, args, NEAR)
     if not near["deferred"]:
         return {k: near[k] for k in ("boundaries", "published", "revised")}
     far = await conn.fetchrow(PUBLISH_IDS_SQL, *args, FAR)  # publishes only what near deferred
