@@ -31,6 +31,7 @@ import numpy as np
 
 from simulator.backend import ml_of
 from simulator.faults import CATALOGUE, Outcome
+from simulator.fleet import Format
 from simulator.schedule import Uplink, expected_readings
 from simulator.truth import Truth
 
@@ -114,7 +115,15 @@ def _stamped_hours(truth: Truth, uplinks: list[Uplink]) -> list[dict[int, int]]:
             out[m.index][start + h * 3600] = h
     for u in uplinks:
         if u.outcome is Outcome.STORED and u.claimed == u.meter:
-            out[u.meter].update((start + h * 3600 + u.clock_offset_s, h) for h in u.hours)
+            if truth.meters[u.meter].format is Format.INTERVAL:
+                # nbm1 carries a whole-hour base time: the encoder rounds the drifting
+                # clock to its nearest hour (simulator.frames._interval), so the stamp does
+                out[u.meter].update(
+                    ((start + h * 3600 + u.clock_offset_s + 1800) // 3600 * 3600, h)
+                    for h in u.hours
+                )
+            else:
+                out[u.meter].update((start + h * 3600 + u.clock_offset_s, h) for h in u.hours)
     return out
 
 
