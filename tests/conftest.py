@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 import secrets
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from brokerkit import Broker, free_port, start_broker
 from hypothesis import settings
 
+from collector.broker import prepare_broker_files
 from storage.migrate import migrate
 
 # CI replays the same examples on every run, so a landing gate is never a lottery; local
@@ -87,3 +89,19 @@ async def tenant_id(pool: asyncpg.Pool) -> int:
 def mqtt_url() -> str:
     """URL of the stack's Mosquitto broker."""
     return _env("NBMETER_MQTT_URL")
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """The stack's broker (NBMETER_MQTT_URL + NBMETER_MQTT_ADMIN_URL) or our own."""
+    url, admin = os.environ.get("NBMETER_MQTT_URL"), os.environ.get("NBMETER_MQTT_ADMIN_URL")
+    if url and admin:
+        yield Broker(url, admin, int(url.rsplit(":", 1)[1]))
+        return
+    state = tmp_path_factory.mktemp("mosquitto")
+    port = free_port()
+    env = prepare_broker_files(state, port)
+    proc = start_broker(state, port)
+    yield Broker(env["NBMETER_MQTT_URL"], env["NBMETER_MQTT_ADMIN_URL"], port)
+    proc.terminate()
+    proc.wait(10)

@@ -9,82 +9,24 @@ from `nbmeter/stack/mosquitto.conf` on a free loopback port in a temporary direc
 from __future__ import annotations
 
 import asyncio
-import getpass
 import os
-import shutil
 import socket
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 
 import asyncpg
 import pytest
+from brokerkit import Broker, free_port
 from collector_testkit import cjt188_frame
 
-from collector.broker import prepare_broker_files
 from collector.main import run
 from collector.provision import ProvisionedDevice, provision_device
 from collector.settings import CoapSettings, CollectorSettings, MqttSettings, PipelineSettings
 from storage.credentials import new_key
 
-__all__ = ["cjt188_frame"]
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A loopback port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class Broker:
-    """A running broker: the collector's URL and the provisioning (admin) URL."""
-
-    url: str
-    admin_url: str
-    port: int
-
-
-def start_broker(state_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    """Start Mosquitto from the project's template in `state_dir`; wait until it listens."""
-    template = resources.files("nbmeter.stack").joinpath("mosquitto.conf").read_text("utf-8")
-    body = template.format(port=port, state_dir=state_dir)
-    body += f"\nlog_dest file {state_dir}/mosquitto.log\n"
-    if os.geteuid() == 0:
-        body += f"user {getpass.getuser()}\n"
-    conf = state_dir / "mosquitto.conf"
-    conf.write_text(body, encoding="utf-8")
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    proc = subprocess.Popen([binary, "-c", str(conf)])
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return proc
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail(f"Mosquitto did not start; see {state_dir}/mosquitto.log")
-
-
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    """The stack's broker (NBMETER_MQTT_URL + NBMETER_MQTT_ADMIN_URL) or our own."""
-    url, admin = os.environ.get("NBMETER_MQTT_URL"), os.environ.get("NBMETER_MQTT_ADMIN_URL")
-    if url and admin:
-        yield Broker(url, admin, int(url.rsplit(":", 1)[1]))
-        return
-    state = tmp_path_factory.mktemp("mosquitto")
-    port = free_port()
-    env = prepare_broker_files(state, port)
-    proc = start_broker(state, port)
-    yield Broker(env["NBMETER_MQTT_URL"], env["NBMETER_MQTT_ADMIN_URL"], port)
-    proc.terminate()
-    proc.wait(10)
+__all__ = ["Broker", "cjt188_frame", "free_port"]
 
 
 @pytest.fixture(scope="session")

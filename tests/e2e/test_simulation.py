@@ -10,26 +10,21 @@ subprocesses of the real CLI, as a field engineer would run them.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import os
-import shutil
 import socket
-import subprocess
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import asyncpg
 import pytest
 import uvicorn
+from brokerkit import Broker, free_port
 
 from api.app import create_app
 from api.settings import ApiSettings
-from collector.broker import prepare_broker_files
 from collector.main import run as run_collector
 from collector.settings import CoapSettings, CollectorSettings, MqttSettings
 from storage.apikeys import create_api_key, create_tenant
@@ -37,47 +32,6 @@ from storage.credentials import new_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
 METERS, DAYS = 200, 40
-
-
-def _free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class Broker:
-    """The broker's URL and its dynsec admin URL."""
-
-    url: str
-    admin_url: str
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    """The stack's broker (NBMETER_MQTT_URL + NBMETER_MQTT_ADMIN_URL), else our own."""
-    url, admin = os.environ.get("NBMETER_MQTT_URL"), os.environ.get("NBMETER_MQTT_ADMIN_URL")
-    if url and admin:
-        yield Broker(url, admin)
-        return
-    state, port = tmp_path_factory.mktemp("mosquitto"), _free_port()
-    env = prepare_broker_files(state, port)
-    template = resources.files("nbmeter.stack").joinpath("mosquitto.conf").read_text("utf-8")
-    conf = state / "mosquitto.conf"
-    body = template.format(port=port, state_dir=state) + f"\nlog_dest file {state}/mosquitto.log\n"
-    if os.geteuid() == 0:  # mosquitto drops root; it must stay us to read its state dir
-        body += f"user {getpass.getuser()}\n"
-    conf.write_text(body, encoding="utf-8")
-    proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)])
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.05)
-    yield Broker(env["NBMETER_MQTT_URL"], env["NBMETER_MQTT_ADMIN_URL"])
-    proc.terminate()
-    proc.wait(10)
 
 
 @dataclass(frozen=True)
@@ -99,7 +53,7 @@ async def stack(db_url: str, broker: Broker) -> AsyncIterator[Stack]:
     finally:
         await conn.close()
     key = os.environ.get("NBMETER_CREDENTIALS_KEY") or new_key()
-    coap_port, api_port = _free_port(socket.SOCK_DGRAM), _free_port()
+    coap_port, api_port = free_port(socket.SOCK_DGRAM), free_port()
     settings = CollectorSettings(
         database_url=db_url, mqtt_url=broker.url, credentials_key=key,  # type: ignore[arg-type]
         metrics_port=0, coap=CoapSettings(host="127.0.0.1", port=coap_port),

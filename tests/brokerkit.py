@@ -1,0 +1,56 @@
+"""A real Mosquitto for tests: the stack's broker, or one started from the project's template.
+
+`free_port`, `Broker` and `start_broker` are shared by the collector tests and the
+end-to-end simulation; the `broker` fixture itself lives in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Broker:
+    """A running broker: the collector's URL and the provisioning (admin) URL."""
+
+    url: str
+    admin_url: str
+    port: int
+
+
+def start_broker(state_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    """Start Mosquitto from the project's template in `state_dir`; wait until it listens."""
+    template = resources.files("nbmeter.stack").joinpath("mosquitto.conf").read_text("utf-8")
+    body = template.format(port=port, state_dir=state_dir)
+    body += f"\nlog_dest file {state_dir}/mosquitto.log\n"
+    if os.geteuid() == 0:
+        body += f"user {getpass.getuser()}\n"
+    conf = state_dir / "mosquitto.conf"
+    conf.write_text(body, encoding="utf-8")
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    proc = subprocess.Popen([binary, "-c", str(conf)])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"Mosquitto did not start; see {state_dir}/mosquitto.log")
