@@ -48,8 +48,8 @@ class KeyCache:
             del self._entries[key]
 
 
-def get_pool(request: Request) -> asyncpg.Pool:
-    """The app's connection pool (owned by its lifespan)."""
+async def get_pool(request: Request) -> asyncpg.Pool:
+    """The app's connection pool (owned by its lifespan); async, so no threadpool hop."""
     pool: asyncpg.Pool = request.app.state.pool
     return pool
 

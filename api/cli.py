@@ -10,7 +10,8 @@ def _run(args: argparse.Namespace) -> int:
     from api.settings import ApiSettings
     from nbmeter.cli import database_url
 
-    run(args.host, args.port, ApiSettings(database_url=database_url()), log_level=args.log_level)
+    settings = ApiSettings(database_url=database_url())
+    run(args.host, args.port, settings, log_level=args.log_level, workers=args.workers)
     return 0
 
 
@@ -19,4 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the port (about one per core left after PostgreSQL's share)",
+    )
     parser.set_defaults(func=_run)

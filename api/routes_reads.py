@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import Response
 
 from api import vee
 from api.auth import Pool, Reader
@@ -34,7 +35,7 @@ from api.schemas import (
     to_m3,
 )
 from api.settings import ApiSettings
-from storage import billing, registry
+from storage import billing, meter_cycle
 from storage.apikeys import tenant_timezone
 
 router = APIRouter(prefix="/v1", tags=["reads"], responses=PROBLEMS)
@@ -107,10 +108,14 @@ def _sum(values: list[str | None]) -> str | None:
     return str(total.quantize(Decimal(1).scaleb(-places)))
 
 
-@router.get("/meters/{meter_id}/cycles/{cycle}", summary="Billing-cycle read of a meter")
+@router.get(
+    "/meters/{meter_id}/cycles/{cycle}",
+    summary="Billing-cycle read of a meter",
+    response_model=CycleRead,
+)
 async def cycle_read(
     meter_id: MeterId, cycle: CycleId, who: Reader, pool: Pool, request: Request
-) -> CycleRead:
+) -> Response:
     """Opening/closing reads, consumption (summed over an exchange), VEE issues and alarms.
 
     Reads of a cycle that has ended are published on first service; a later change (a
@@ -118,35 +123,35 @@ async def cycle_read(
     """
     settings: ApiSettings = request.app.state.settings
     now = datetime.now(UTC)
-    async with pool.acquire() as conn, conn.transaction():
-        meter = await get_or_404(conn, who.tenant_id, meter_id)
-        tz_name = await meter_zone(conn, who.tenant_id, meter)
-        cycle_day, dates = await billing.calendar(conn, who.tenant_id)
+    async with pool.acquire() as conn:
+        ctx = await meter_cycle.context(conn, who.tenant_id, meter_id)
+        if ctx is None:
+            raise NotFoundError(f"no meter {meter_id}")
         try:
-            start, end = cycle_bounds(cycle_day, dates, cycle)
+            start, end = cycle_bounds(ctx.cycle_day, ctx.dates, cycle)
         except CalendarError as exc:
             raise NotFoundError(str(exc)) from exc
-        tz = ZoneInfo(tz_name)
-        open_at, close_at = local_midnight(start, tz), local_midnight(end, tz)
-        ids = await registry.service_point_chain(conn, who.tenant_id, meter, open_at, close_at)
-        lines: list[str] = []
-        tenant_zone = await tenant_timezone(conn, who.tenant_id)
-        metas = {r["meter_id"]: r for r in await _meters(conn, who.tenant_id, ids)}
-        for zone in sorted({m["timezone"] or tenant_zone for m in metas.values()}):
-            args = billing.CycleQuery(who.tenant_id, start, end, zone, settings.tuning()).args(
-                meter_ids=ids
-            )
-            lines += await billing.meter_cycle_lines(conn, args, publish_ended=close_at <= now)
+        windows = {}
+        for zone in {ctx.zone_of(m) for m in ctx.meters}:
+            tz = ZoneInfo(zone)
+            windows[zone] = (local_midnight(start, tz), local_midnight(end, tz))
+        tz_name = ctx.zone_of(ctx.asked)
+        open_at, close_at = windows[tz_name]
         closed = close_at <= now
-        rows = sorted(
-            (CycleRow.model_validate_json(line) for line in lines), key=lambda r: r.opening.at
+        found = await meter_cycle.meter_cycle(
+            conn,
+            ctx,
+            cycle,
+            windows,
+            settings.tuning(),
+            now=now,
+            baseline=_BASELINE,
+            publish=closed,
         )
-        if not rows:
-            raise NotFoundError(f"meter {meter_id} was not in service during cycle {cycle}")
-        ats = [t for r in rows for t in (r.opening.at, r.closing.at)]
-        revs = await billing.revisions(conn, ids, ats) if closed else []
-        readings = await billing.readings_between(conn, ids, open_at - _BASELINE, close_at)
-        events = await billing.events_between(conn, ids, open_at, close_at)
+    if not found.rows:
+        raise NotFoundError(f"meter {meter_id} was not in service during cycle {cycle}")
+    rows = sorted((CycleRow.model_validate(r) for r in found.rows), key=lambda r: r.opening.at)
+    metas = found.meters
     spans = [
         vee.Span(
             m["meter_id"],
@@ -160,8 +165,8 @@ async def cycle_read(
     ]
     report = vee.check_cycle(
         spans,
-        readings,
-        [tuple(e) for e in events],  # type: ignore[misc]
+        found.readings,
+        [tuple(e) for e in found.events],  # type: ignore[misc]
         open_at=open_at,
         close_at=close_at,
         now=now,
@@ -170,7 +175,7 @@ async def cycle_read(
         zero_streak=timedelta(days=settings.zero_streak_days),
     )
     opening, closing = rows[0].opening, rows[-1].closing
-    return CycleRead(
+    body = CycleRead(
         meter_id=meter_id,
         cycle=cycle,
         start=open_at,
@@ -196,9 +201,11 @@ async def cycle_read(
                 quality=v["quality"],
                 published_at=v["published_at"],
             )
-            for v in revs
+            for v in (found.revisions if closed else [])
         ],
     )
+    # serialized here: returned as a model, FastAPI would validate it all over again
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def _segments_quality(rows: list[CycleRow]) -> int | None:
@@ -206,10 +213,6 @@ def _segments_quality(rows: list[CycleRow]) -> int | None:
     if None in codes:
         return None
     return codes.pop() if len(codes) == 1 else 13
-
-
-async def _meters(conn: asyncpg.Connection, tenant_id: int, ids: list[int]) -> list[asyncpg.Record]:
-    return [m for m in [await registry.get_meter(conn, tenant_id, i) for i in ids] if m is not None]
 
 
 __all__ = ["BoundaryRead", "router"]

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from api.errors import UnprocessableError
+from storage.boundary import m3_text
 
 # at most 12 integer digits: 10^12 m3 in mL stays inside bigint (9.2e18)
 M3 = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,12}(\.[0-9]{1,6})?$")]
@@ -41,10 +42,8 @@ def to_ml(value: str, scale: int, what: str) -> int:
 
 
 def to_m3(ml: int | None, scale: int) -> str | None:
-    """The m3 decimal string of `ml` with the register's number of decimals."""
-    if ml is None:
-        return None
-    return str((Decimal(ml) / 1_000_000).quantize(Decimal(1).scaleb(scale)))
+    """The m3 decimal string of `ml` with the register's number of decimals (as the SQL)."""
+    return m3_text(ml, scale)
 
 
 class Problem(BaseModel):

@@ -119,6 +119,18 @@ async def build(dsn: str, meters: int) -> tuple[str, int]:
     return key, first
 
 
+async def reuse(dsn: str) -> tuple[str, int, int]:
+    """A new key for the kept database's tenant; (key, first meter id, meters)."""
+    await migrate(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        tenant = await conn.fetchval("SELECT tenant_id FROM tenants WHERE slug = 'bench'")
+        first, count = await conn.fetchrow("SELECT min(meter_id), count(*) FROM meters")
+        return await create_api_key(conn, tenant, ["admin"]), first, count
+    finally:
+        await conn.close()
+
+
 async def _chunks(data: bytes, size: int = 4 << 20):  # type: ignore[no-untyped-def]
     for i in range(0, len(data), size):
         yield data[i : i + size]
@@ -165,11 +177,15 @@ def free_port() -> int:
 
 
 def peak_rss_mb(pid: int) -> float:
-    """VmHWM of a process in MiB."""
+    """The largest VmHWM (MiB) of a process and its children (the API's workers)."""
+    peak = float("nan")
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+            peak = int(line.split()[1]) / 1024
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            peak = max(peak, peak_rss_mb(int(child)))
+    return peak
 
 
 async def export_via_api(base: str, key: str) -> tuple[float, int, int]:
@@ -188,26 +204,80 @@ async def export_via_api(base: str, key: str) -> tuple[float, int, int]:
         return time.perf_counter() - t0, size, lines
 
 
+class Http:
+    """A minimal keep-alive HTTP/1.1 GET client on one connection.
+
+    The load generator shares the machine with the server and PostgreSQL: httpx spends
+    ~5 ms of CPU per request under concurrency, twice the server's own share, so it would
+    measure itself. This costs ~0.1 ms.
+    """
+
+    def __init__(self, host: str, port: int, key: str) -> None:
+        self.host, self.port = host, port
+        self.head = f"Host: {host}:{port}\r\nAuthorization: Bearer {key}\r\n\r\n".encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        """(status, body) of GET path; the server must answer with a Content-Length."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write(b"GET " + path.encode() + b" HTTP/1.1\r\n" + self.head)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        return status, await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        """Close the connection."""
+        if self.writer is not None:
+            self.writer.close()
+            await self.writer.wait_closed()
+
+
 async def latency(
-    base: str, key: str, first: int, meters: int, clients: int, total: int
-) -> list[float]:
-    """Latencies (s) of `total` single-meter cycle reads by `clients` concurrent clients."""
-    headers = {"Authorization": f"Bearer {key}"}
-    rng = np.random.default_rng(7)
-    ids = (first + rng.integers(0, meters, total)).tolist()
+    base: str, key: str, ids: list[int], clients: int, rate: float | None
+) -> tuple[list[float], float]:
+    """Latencies (s) of one cycle read per id by `clients` concurrent clients, and the rate.
+
+    rate None: closed loop, each client sends its next request when the last one is
+    answered (the server's saturation throughput; latency is then mostly queueing).
+    rate R: requests are due at a fixed R per second in all, each taken by the next free
+    client; a latency counts from when the request was due, so a server falling behind
+    is charged its queueing (no coordinated omission).
+    """
+    url = urlsplit(base)
+    conns = [Http(url.hostname or "127.0.0.1", url.port or 80, key) for _ in range(clients)]
     out: list[float] = []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as client:
+    queue = list(enumerate(ids))
+    queue.reverse()
+    t0 = time.perf_counter()
 
-        async def worker(mine: list[int]) -> None:
-            for mid in mine:
-                t0 = time.perf_counter()
-                r = await client.get(f"/v1/meters/{mid}/cycles/{CYCLE}", headers=headers)
-                out.append(time.perf_counter() - t0)
-                r.raise_for_status()
+    async def worker(http: Http) -> None:
+        while queue:
+            k, mid = queue.pop()
+            due = time.perf_counter() if rate is None else t0 + k / rate
+            if (wait := due - time.perf_counter()) > 0:
+                await asyncio.sleep(wait)
+            status, body = await http.get(f"/v1/meters/{mid}/cycles/{CYCLE}")
+            out.append(time.perf_counter() - due)
+            if status != 200:
+                raise RuntimeError(f"meter {mid}: HTTP {status}: {body[:300]!r}")
 
-        await asyncio.gather(*(worker(ids[i::clients]) for i in range(clients)))
-    return out
+    try:
+        await asyncio.gather(*(worker(c) for c in conns))
+    finally:
+        for c in conns:
+            await c.close()
+    return sorted(out), len(out) / (time.perf_counter() - t0)
+
+
+def _pct(lat: list[float], q: float) -> float:
+    return lat[min(len(lat) - 1, int(len(lat) * q))] * 1000
 
 
 async def main() -> int:
@@ -215,21 +285,49 @@ async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--meters", type=int, default=1_000_000)
     ap.add_argument("--clients", type=int, default=50)
-    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--requests", type=int, default=3000, help="cycle reads per latency phase")
+    ap.add_argument(
+        "--rates",
+        default="50,100,200",
+        help="fixed aggregate request rates (per second) of the fixed-rate phases",
+    )
+    ap.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes")
+    ap.add_argument("--skip-export", action="store_true", help="latency phases only")
+    ap.add_argument(
+        "--keep",
+        metavar="NAME",
+        help="build into database NAME and keep it; reuse it when it exists (for repeated runs)",
+    )
     args = ap.parse_args()
     server = os.environ["NBMETER_DATABASE_URL"]
-    name = f"nbmeter_bench_{secrets.token_hex(4)}"
+    name = args.keep or f"nbmeter_bench_{secrets.token_hex(4)}"
     dsn = urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
     admin = await asyncpg.connect(server)
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    exists = await admin.fetchval("SELECT true FROM pg_database WHERE datname = $1", name)
+    if not exists:
+        await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
     proc = None
     try:
-        key, first = await build(dsn, args.meters)
+        if exists:
+            key, first, args.meters = await reuse(dsn)
+            say(f"reusing {name}: {args.meters:,} meters")
+        else:
+            key, first = await build(dsn, args.meters)
         port = free_port()
         env = {**os.environ, "NBMETER_DATABASE_URL": dsn, "PYTHONPATH": str(ROOT)}
         proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any measurement
-            [sys.executable, "-m", "api.serve", "--port", str(port), "--log-level", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "api.serve",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--workers",
+                str(args.api_workers),
+            ],
             cwd=ROOT,
             env=env,
         )
@@ -242,33 +340,49 @@ async def main() -> int:
                 except httpx.TransportError:
                     pass
                 await asyncio.sleep(0.1)
-        say("streaming the export through the API")
-        api_s, api_bytes, lines = await export_via_api(base, key)
-        say(f"API: {lines:,} lines, {api_bytes / 1e6:.0f} MB in {api_s:.1f} s; raw COPY next")
-        raw_s, raw_bytes = await raw_copy(dsn)
-        rss = peak_rss_mb(proc.pid)
-        say(f"latency: {args.requests} cycle reads, {args.clients} clients")
-        t0 = time.perf_counter()
-        lat = sorted(await latency(base, key, first, args.meters, args.clients, args.requests))
-        rps = len(lat) / (time.perf_counter() - t0)
-        p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99) - 1]
         print(f"meters={args.meters} readings={args.meters * DAYS}")
-        print(f"export_ndjson_s={api_s:.2f} lines={lines} bytes={api_bytes}")
-        print(f"raw_copy_s={raw_s:.2f} bytes={raw_bytes}")
-        print(f"ratio_vs_raw_copy={api_s / raw_s:.2f}")
-        print(f"api_peak_rss_mb={rss:.0f}")
-        print(
-            f"cycle_read_p50_ms={p50 * 1000:.1f} cycle_read_p99_ms={p99 * 1000:.1f} "
-            f"clients={args.clients} requests={len(lat)} throughput_rps={rps:.0f}"
-        )
+        if not args.skip_export:
+            say("streaming the export through the API")
+            api_s, api_bytes, lines = await export_via_api(base, key)
+            say(f"API: {lines:,} lines, {api_bytes / 1e6:.0f} MB in {api_s:.1f} s; raw COPY next")
+            raw_s, raw_bytes = await raw_copy(dsn)
+            print(f"export_ndjson_s={api_s:.2f} lines={lines} bytes={api_bytes}")
+            print(f"raw_copy_s={raw_s:.2f} bytes={raw_bytes}")
+            print(f"ratio_vs_raw_copy={api_s / raw_s:.2f}")
+            print(f"api_peak_rss_mb={peak_rss_mb(proc.pid):.0f}")
+        # Random meters of the ended cycle: nearly every read is the meter's first service,
+        # which publishes its boundary reads (an insert and a commit): the dearer path.
+        rng = np.random.default_rng(7)
+        draw = (first + rng.permutation(args.meters)).tolist()
+        phases: list[tuple[str, float | None]] = [("warm-up", None), ("closed-loop", None)]
+        phases += [(f"fixed-rate {r} rps", float(r)) for r in args.rates.split(",")]
+        for label, rate in phases:
+            n = args.requests if label != "warm-up" else min(500, args.requests)
+            ids, draw = draw[:n], draw[n:]
+            if len(ids) < n:
+                raise SystemExit("not enough meters for every phase: lower --requests")
+            say(f"latency, {label}: {n} cycle reads by {args.clients} clients")
+            lat, rps = await latency(base, key, ids, args.clients, rate)
+            if label == "warm-up":
+                continue
+            tag = "closed_loop" if rate is None else f"rate_{rate:.0f}"
+            print(
+                f"cycle_read_{tag}: p50_ms={_pct(lat, 0.5):.1f} p99_ms={_pct(lat, 0.99):.1f}"
+                f" max_ms={lat[-1] * 1000:.1f} throughput_rps={rps:.0f}"
+                f" clients={args.clients} requests={len(lat)}"
+            )
+        print(f"api_peak_rss_mb={peak_rss_mb(proc.pid):.0f}")
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
-        admin = await asyncpg.connect(server)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-        say(f"dropped {name}")
+        if args.keep:
+            say(f'kept {name}; drop it with: DROP DATABASE "{name}" WITH (FORCE)')
+        else:
+            admin = await asyncpg.connect(server)
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await admin.close()
+            say(f"dropped {name}")
     return 0
 
 

@@ -1,15 +1,15 @@
 """Billing queries: cycle calendar, cycle boundary reads (set-wise), publication, interval reads.
 
-Every boundary read comes from the SQL function `nbm_boundary_read` (migration 0020), so a
-single meter, an interval series and a whole-tenant export agree to the millilitre.
+Set-wise boundary reads (export, cycle close, interval series) come from the SQL function
+`nbm_boundary_read` (migrations 0020/0021). A single meter's cycle read computes the same
+reads in Python from one range scan (storage.boundary, storage.meter_cycle), held equal to
+the SQL by tests/api/test_boundary_twin.py: every path agrees to the millilitre.
 Registers are int millilitres here; the SQL renders m3 decimal strings with the register's
 own number of decimals (`round(ml / 1e6, -register_scale)`), never a float.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -55,9 +55,9 @@ def _m3(ml: str, scale: str) -> str:
 
 
 # $1 tenant, $2 cycle start date, $3 cycle end date (local), $4 after meter_id, $5 limit
-# (NULL: all), $6 actual window, $7 future tolerance, $8 meter ids (NULL: all meters),
-# $9 / $10 the cycle's start / end instants in zone $11: one query per timezone, so the
-# boundaries are plan-time constants (see nbm_boundary_read on chunk exclusion).
+# (NULL: all), $6 actual window, $7 future tolerance, $8 / $9 the cycle's start / end
+# instants in zone $10: one query per timezone, so the boundaries are plan-time constants
+# (see nbm_boundary_read on chunk exclusion).
 _CORE = f"""
 WITH m AS (
     SELECT m.meter_id, m.address, m.service_point, m.kind, m.register_scale AS scale,
@@ -65,9 +65,9 @@ WITH m AS (
            m.final_register_ml, {_max_flow_sql("m.kind")} AS max_flow, w.open_at, w.close_at,
            $2::date AS cycle_start, $3::date AS cycle_end
     FROM meters m JOIN tenants t ON t.tenant_id = m.tenant_id
-    CROSS JOIN LATERAL (SELECT $9::timestamptz AS open_at, $10::timestamptz AS close_at) w
-    WHERE m.tenant_id = $1 AND m.meter_id > $4 AND {{where}}
-      AND coalesce(m.timezone, t.timezone) = $11
+    CROSS JOIN LATERAL (SELECT $8::timestamptz AS open_at, $9::timestamptz AS close_at) w
+    WHERE m.tenant_id = $1 AND m.meter_id > $4
+      AND coalesce(m.timezone, t.timezone) = $10
       AND m.installed_at < w.close_at AND (m.removed_at IS NULL OR m.removed_at > w.open_at)
     ORDER BY m.meter_id LIMIT $5
 ), b AS (
@@ -81,12 +81,12 @@ SELECT {{columns}}
 FROM b
 -- OFFSET 0 keeps each boundary read a computed row: flattened, every reference to one of its
 -- columns would re-evaluate the function's CASE arithmetic (3x slower export)
-CROSS JOIN LATERAL (SELECT * FROM nbm_boundary_read(b.meter_id, b.o_at, b.o_edge, $9,
+CROSS JOIN LATERAL (SELECT * FROM nbm_boundary_read(b.meter_id, b.o_at, b.o_edge, $8,
     b.installed_at, b.removed_at, b.initial_register_ml, b.final_register_ml, b.scale, b.digits,
-    b.max_flow, $6, $7, {{reach}}) OFFSET 0) o
-CROSS JOIN LATERAL (SELECT * FROM nbm_boundary_read(b.meter_id, b.c_at, b.c_edge, $10,
+    b.max_flow, $6, $7) OFFSET 0) o
+CROSS JOIN LATERAL (SELECT * FROM nbm_boundary_read(b.meter_id, b.c_at, b.c_edge, $9,
     b.installed_at, b.removed_at, b.initial_register_ml, b.final_register_ml, b.scale, b.digits,
-    b.max_flow, $6, $7, {{reach}}) OFFSET 0) c
+    b.max_flow, $6, $7) OFFSET 0) c
 CROSS JOIN LATERAL (SELECT nbm_consumption(o.register_ml, c.register_ml,
     extract(epoch FROM b.c_at - b.o_at), b.scale, b.digits, b.max_flow) AS ml) u
 {{published}}
@@ -140,69 +140,22 @@ CSV_COLUMNS = f"""b.meter_id, b.address, b.service_point, b.kind, $2::date, 'm3'
     {_m3("u.ml", "b.scale")}, {_CONSUMPTION_QUALITY},
     coalesce(u.ml > c.register_ml - o.register_ml, false), coalesce(u.ml < 0, false), {_REVISED}"""
 
-# Two plans: the whole tenant (keyset on meters_tenant), or given meter ids (primary key).
-# One `OR` of both would leave a generic plan scanning every meter of the tenant.
-_ALL = "$8::bigint[] IS NULL"
-_IDS = "m.meter_id = ANY($8::bigint[])"
-
-# Reach of the boundary-read lookups (nbm_boundary_read, migration 0021). The whole tenant
-# looks as far as the function's default. Given meter ids look NEAR first ($12): that plan
-# initializes ~15 chunk scans instead of ~450, and its read is final when both neighbours
-# were found near the boundary (or an edge's register decides); the few others ask again
-# with FAR, the default, with the very same statement.
-NEAR = timedelta(days=2)
-FAR = timedelta(days=45)
-_DEFAULT_REACH = "interval '45 days'"
-_REACH = "$12::interval"
+CYCLE_JSON_SQL = _CORE.format(columns=JSON_COLUMNS, published=_PUBLISHED)
+CYCLE_CSV_SQL = _CORE.format(columns=CSV_COLUMNS, published=_PUBLISHED)
 
 
-def _final(side: str) -> str:
-    return (
-        f"({_REACH} >= {_DEFAULT_REACH} OR {side}.method IN ('installation', 'removal')"
-        f" OR ({side}.prev_at IS NOT NULL AND {side}.next_at IS NOT NULL))"
+PUBLISH_SQL = (
+    "WITH src AS ("
+    + _CORE.format(
+        columns="b.meter_id, b.o_at, o.register_ml AS o_ml, o.method AS o_method, o.quality AS"
+        " o_quality, b.c_at, c.register_ml AS c_ml, c.method AS c_method, c.quality AS c_quality",
+        published="",
     )
-
-
-def _stale(side: str, pub: str) -> str:
-    # the condition on which publish() would insert a revision for this side
-    return (
-        f"(b.{side}_at <= now() AND ({pub}.revision IS NULL"
-        f" OR {pub}.register_ml IS DISTINCT FROM {side}.register_ml))"
-    )
-
-
-_FINAL = f"{_final('o')} AND {_final('c')}"
-_STALE = f"{_stale('o', 'po')} OR {_stale('c', 'pc')}"
-CYCLE_JSON_SQL = _CORE.format(
-    columns=JSON_COLUMNS, published=_PUBLISHED, where=_ALL, reach=_DEFAULT_REACH
-)
-CYCLE_CSV_SQL = _CORE.format(
-    columns=CSV_COLUMNS, published=_PUBLISHED, where=_ALL, reach=_DEFAULT_REACH
-)
-CYCLE_JSON_IDS_SQL = _CORE.format(
-    columns=f"{JSON_COLUMNS}, {_FINAL} AS final, {_STALE} AS stale",
-    published=_PUBLISHED,
-    where=_IDS,
-    reach=_REACH,
-)
-
-
-def _publish_sql(where: str, reach: str, o_final: str, c_final: str) -> str:
-    return (
-        "WITH src AS ("
-        + _CORE.format(
-            columns="b.meter_id, b.o_at, o.register_ml AS o_ml, o.method AS o_method, o.quality AS"
-            " o_quality, b.c_at, c.register_ml AS c_ml, c.method AS c_method,"
-            f" c.quality AS c_quality, {o_final} AS o_final, {c_final} AS c_final",
-            published="",
-            where=where,
-            reach=reach,
-        )
-        + """), sides AS (
-    SELECT s.meter_id, v.at, v.ml, v.method, v.quality, v.final FROM src s
-    CROSS JOIN LATERAL (VALUES (s.o_at, s.o_ml, s.o_method, s.o_quality, s.o_final),
-                               (s.c_at, s.c_ml, s.c_method, s.c_quality, s.c_final))
-        v(at, ml, method, quality, final)
+    + """), sides AS (
+    SELECT s.meter_id, v.at, v.ml, v.method, v.quality FROM src s
+    CROSS JOIN LATERAL (VALUES (s.o_at, s.o_ml, s.o_method, s.o_quality),
+                               (s.c_at, s.c_ml, s.c_method, s.c_quality))
+        v(at, ml, method, quality)
     WHERE v.at <= now()
 ), ins AS (
     INSERT INTO published_boundary_reads
@@ -211,18 +164,13 @@ def _publish_sql(where: str, reach: str, o_final: str, c_final: str) -> str:
     LEFT JOIN LATERAL (SELECT p.revision, p.register_ml FROM published_boundary_reads p
         WHERE p.meter_id = s.meter_id AND p.boundary_at = s.at
         ORDER BY p.revision DESC LIMIT 1) l ON true
-    WHERE s.final AND (l.revision IS NULL OR l.register_ml IS DISTINCT FROM s.ml)
+    WHERE l.revision IS NULL OR l.register_ml IS DISTINCT FROM s.ml
     ON CONFLICT DO NOTHING RETURNING revision
 )
 SELECT (SELECT count(*) FROM sides) AS boundaries,
-       (SELECT count(*) FROM sides WHERE NOT final) AS deferred,
        count(*) FILTER (WHERE revision = 1) AS published,
        count(*) FILTER (WHERE revision > 1) AS revised FROM ins"""
-    )
-
-
-PUBLISH_SQL = _publish_sql(_ALL, _DEFAULT_REACH, "true", "true")
-PUBLISH_IDS_SQL = _publish_sql(_IDS, _REACH, _final("o"), _final("c"))
+)
 
 
 @dataclass(frozen=True)
@@ -235,10 +183,8 @@ class CycleQuery:
     zone: str
     tuning: Tuning
 
-    def args(
-        self, *, after: int = 0, limit: int | None = None, meter_ids: list[int] | None = None
-    ) -> tuple[Any, ...]:
-        """Positional arguments $1..$11 of CYCLE_JSON_SQL / CYCLE_CSV_SQL / PUBLISH_SQL."""
+    def args(self, *, after: int = 0, limit: int | None = None) -> tuple[Any, ...]:
+        """Positional arguments $1..$10 of CYCLE_JSON_SQL / CYCLE_CSV_SQL / PUBLISH_SQL."""
         tz = ZoneInfo(self.zone)
         open_at = datetime.combine(self.start, time(), tzinfo=tz).astimezone(UTC)
         close_at = datetime.combine(self.end, time(), tzinfo=tz).astimezone(UTC)
@@ -250,7 +196,6 @@ class CycleQuery:
             limit,
             self.tuning.actual_window,
             self.tuning.future_tolerance,
-            meter_ids,
             open_at,
             close_at,
             self.zone,
@@ -271,93 +216,18 @@ async def zones(conn: Conn, tenant_id: int) -> list[str]:
 
 async def cycle_lines(conn: Conn, args: tuple[Any, ...]) -> list[str]:
     """The JSON text of each meter's cycle read (one page: give `limit` in args)."""
-    if args[7] is None:
-        rows = await conn.fetch(CYCLE_JSON_SQL, *args)
-    else:
-        rows = await conn.fetch(CYCLE_JSON_IDS_SQL, *args, NEAR)
-        if not all(r["final"] for r in rows):
-            rows = await conn.fetch(CYCLE_JSON_IDS_SQL, *args, FAR)
+    rows = await conn.fetch(CYCLE_JSON_SQL, *args)
     return [r["line"] for r in rows]
-
-
-# whether any of the meters has a published boundary read in [open, close]: an index probe
-_ANY_PUBLISHED_SQL = (
-    "SELECT EXISTS (SELECT 1 FROM published_boundary_reads WHERE meter_id = ANY($1::bigint[])"
-    " AND boundary_at BETWEEN $2 AND $3)"
-)
-
-
-@contextlib.asynccontextmanager
-async def custom_plans(conn: Conn) -> AsyncIterator[None]:
-    """Plan the block's statements for their arguments (inside a transaction: SET LOCAL).
-
-    The API's sessions force generic plans (api.app): right for tenant-wide queries, but
-    a generic plan holds every chunk of `readings` in each of the boundary read's lookups,
-    and checking ~700 chunk scans at executor startup costs ~13 ms a statement. Planned
-    for its arguments, a NEAR lookup expands only the 2-3 chunks around the boundary.
-    Statements after the block get generic plans again (a custom plan of a query spanning
-    months of chunks costs more to plan than the generic plan to start).
-    """
-    await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
-    try:
-        yield
-    finally:
-        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-
-
-async def meter_cycle_lines(
-    conn: asyncpg.Connection, args: tuple[Any, ...], *, publish_ended: bool
-) -> list[str]:
-    """The cycle-read JSON of the given meters (args with meter ids), published if ended.
-
-    Publishes (as `publish`) first when none of the meters' reads of this cycle is
-    published yet; otherwise only when a served boundary read is unpublished or differs
-    from its latest revision, so a read already published costs one boundary statement.
-    A cycle not ended yet asks FAR at once (its closing read has no next reading). Run it
-    inside a transaction.
-    """
-    if publish_ended and not await conn.fetchval(_ANY_PUBLISHED_SQL, args[7], args[8], args[9]):
-        # first service of an ended cycle: publish first, and serve in one more statement
-        await publish(conn, args)
-    reach = NEAR if args[9] <= datetime.now(UTC) else FAR
-    rows = await _with_reach(conn, conn.fetch, CYCLE_JSON_IDS_SQL, args, reach)
-    if reach is NEAR and not all(r["final"] for r in rows):
-        reach = FAR
-        rows = await _with_reach(conn, conn.fetch, CYCLE_JSON_IDS_SQL, args, reach)
-    if publish_ended and any(r["stale"] for r in rows):
-        await publish(conn, args)
-        rows = await _with_reach(conn, conn.fetch, CYCLE_JSON_IDS_SQL, args, reach)
-    return [r["line"] for r in rows]
-
-
-async def _with_reach(
-    conn: Conn, run: Callable[..., Awaitable[Any]], sql: str, args: tuple[Any, ...], reach: Any
-) -> Any:
-    """`run(sql, *args, reach)`: NEAR planned for its arguments, FAR with the generic plan."""
-    if reach is FAR:
-        return await run(sql, *args, FAR)
-    async with custom_plans(conn):
-        return await run(sql, *args, NEAR)
 
 
 async def publish(conn: Conn, args: tuple[Any, ...]) -> dict[str, int]:
     """Publish boundary reads of ended boundaries: first ones, and changed ones as revisions.
 
-    Returns the counts `boundaries`, `published` (first revisions) and `revised`. Given
-    meter ids, run it inside a transaction (its NEAR statement gets a custom plan).
+    Returns the counts `boundaries`, `published` (first revisions) and `revised`. (One
+    meter's reads publish through storage.meter_cycle, with the same rule.)
     """
-    if args[7] is None:
-        row = await conn.fetchrow(PUBLISH_SQL, *args)
-        return {k: row[k] for k in ("boundaries", "published", "revised")}
-    near = await _with_reach(conn, conn.fetchrow, PUBLISH_IDS_SQL, args, NEAR)
-    if not near["deferred"]:
-        return {k: near[k] for k in ("boundaries", "published", "revised")}
-    far = await conn.fetchrow(PUBLISH_IDS_SQL, *args, FAR)  # publishes only what near deferred
-    return {
-        "boundaries": far["boundaries"],
-        "published": near["published"] + far["published"],
-        "revised": near["revised"] + far["revised"],
-    }
+    row = await conn.fetchrow(PUBLISH_SQL, *args)
+    return {k: row[k] for k in ("boundaries", "published", "revised")}
 
 
 async def revisions(conn: Conn, meter_ids: list[int], at: list[datetime]) -> list[asyncpg.Record]:
