@@ -122,7 +122,10 @@ async def cycle_reads(
     if kind in ("ndjson", "csv"):
         media = NDJSON if kind == "ndjson" else "text/csv; charset=utf-8"
         stream = stream_cycle(
-            pool, [q.args() for q in queries], "csv" if kind == "csv" else "ndjson"
+            pool,
+            [q.args() for q in queries],
+            "csv" if kind == "csv" else "ndjson",
+            connections=min(settings.export_connections, settings.api_pool_max),
         )
         return StreamingResponse(stream, media_type=media)
     zone, after = _decode_cursor(cursor, zones)

@@ -24,6 +24,9 @@ class ApiSettings(BaseSettings):
     future_tolerance_s: int = Field(300, ge=0)
     # verified keys are cached this long (a revoked key may work this much longer)
     key_cache_ttl_s: float = Field(30.0, ge=0)
+    # a bulk export runs this many COPYs at once over successive segments of the fleet
+    # (each boundary read costs server CPU and one backend uses one core)
+    export_connections: int = Field(2, ge=1, le=16)
     # VEE: a gap between readings longer than this is reported
     max_gap_h: int = Field(48, ge=1)
     # VEE: equal registers spanning at least this many days are a zero-consumption streak

@@ -57,7 +57,7 @@ def _m3(ml: str, scale: str) -> str:
 # $1 tenant, $2 cycle start date, $3 cycle end date (local), $4 after meter_id, $5 limit
 # (NULL: all), $6 actual window, $7 future tolerance, $8 / $9 the cycle's start / end
 # instants in zone $10: one query per timezone, so the boundaries are plan-time constants
-# (see nbm_boundary_read on chunk exclusion).
+# (see nbm_boundary_read on chunk exclusion); $11 the last meter_id (a segment's end).
 _CORE = f"""
 WITH m AS (
     SELECT m.meter_id, m.address, m.service_point, m.kind, m.register_scale AS scale,
@@ -66,7 +66,7 @@ WITH m AS (
            $2::date AS cycle_start, $3::date AS cycle_end
     FROM meters m JOIN tenants t ON t.tenant_id = m.tenant_id
     CROSS JOIN LATERAL (SELECT $8::timestamptz AS open_at, $9::timestamptz AS close_at) w
-    WHERE m.tenant_id = $1 AND m.meter_id > $4
+    WHERE m.tenant_id = $1 AND m.meter_id > $4 AND m.meter_id <= $11
       AND coalesce(m.timezone, t.timezone) = $10
       AND m.installed_at < w.close_at AND (m.removed_at IS NULL OR m.removed_at > w.open_at)
     ORDER BY m.meter_id LIMIT $5
@@ -173,6 +173,9 @@ SELECT (SELECT count(*) FROM sides) AS boundaries,
 )
 
 
+LAST_ID = 2**63 - 1  # no upper meter_id bound
+
+
 @dataclass(frozen=True)
 class CycleQuery:
     """One cycle query: tenant, local cycle dates, and the zone whose meters it covers."""
@@ -183,8 +186,10 @@ class CycleQuery:
     zone: str
     tuning: Tuning
 
-    def args(self, *, after: int = 0, limit: int | None = None) -> tuple[Any, ...]:
-        """Positional arguments $1..$10 of CYCLE_JSON_SQL / CYCLE_CSV_SQL / PUBLISH_SQL."""
+    def args(
+        self, *, after: int = 0, limit: int | None = None, upto: int = LAST_ID
+    ) -> tuple[Any, ...]:
+        """Positional arguments $1..$11 of CYCLE_JSON_SQL / CYCLE_CSV_SQL / PUBLISH_SQL."""
         tz = ZoneInfo(self.zone)
         open_at = datetime.combine(self.start, time(), tzinfo=tz).astimezone(UTC)
         close_at = datetime.combine(self.end, time(), tzinfo=tz).astimezone(UTC)
@@ -199,6 +204,7 @@ class CycleQuery:
             open_at,
             close_at,
             self.zone,
+            upto,
         )
 
 
