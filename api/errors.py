@@ -12,6 +12,7 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -128,8 +129,15 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return problem(request, 422, "validation-error", detail, errors=errors)
 
 
+def _data_error(request: Request, exc: Exception) -> JSONResponse:
+    # SQLSTATE class 22 (a value out of range, an impossible date, ...) or an argument
+    # asyncpg cannot encode: the request carried a value the database cannot take
+    return problem(request, 422, "invalid-value", f"a value is out of range or invalid: {exc}")
+
+
 def install(app: FastAPI) -> None:
     """Register the problem+json handlers on `app`."""
+    app.add_exception_handler(asyncpg.DataError, _data_error)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StorageError, _storage_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

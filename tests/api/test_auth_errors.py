@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncpg
+import httpx
+from fastapi import FastAPI
+
+from api import errors
+
 PROBLEM_KEYS = {"type", "title", "status", "detail", "instance"}
 
 
@@ -76,3 +82,21 @@ async def test_openapi_documents_examples(api):
     schemas = spec["components"]["schemas"]
     for name in ("MeterCreate", "Meter", "ExchangeRequest", "Problem", "Calendar", "IntervalReads"):
         assert schemas[name].get("examples"), name
+
+
+async def test_a_value_the_database_refuses_is_422_problem():
+    """A data exception from PostgreSQL (SQLSTATE class 22) is the client's bad value: 422."""
+    app = FastAPI()
+    errors.install(app)
+
+    @app.get("/overflow")
+    async def overflow() -> None:
+        raise asyncpg.exceptions.NumericValueOutOfRangeError("numeric field overflow")
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        r = await client.get("/overflow")
+    assert r.status_code == 422
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["type"] == "/problems/invalid-value"
+    assert "numeric field overflow" in r.json()["detail"]
