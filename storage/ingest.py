@@ -88,6 +88,7 @@ class RejectReason(enum.IntEnum):
     NEGATIVE_REGISTER = 2  # a register is a count of millilitres, never negative
     CLOCK_PAST = 3  # read_at before 2015: the meter's clock was reset
     CLOCK_FUTURE = 4  # read_at more than a day after the collector received it
+    BEFORE_INSTALLATION = 5  # read_at before the meter's installation: not its reading here
 
     @property
     def label(self) -> str:
@@ -207,6 +208,7 @@ class ReadingWriter:
         self._max_clock_ahead_s = max_clock_ahead_s
         self._chunk_rows = chunk_rows
         self._known_meters: Int64s = np.zeros(0, np.int64)  # sorted, unique
+        self._installed_s: Int64s = np.zeros(0, np.int64)  # installed_at of each known meter
         self._merge_run = 0
 
     async def write(
@@ -269,10 +271,18 @@ class ReadingWriter:
         # np.lexsort: last key is primary; stable, so a repeated key keeps its first row
         order = candidates[np.lexsort((batch.read_at_s[candidates], batch.meter_id[candidates]))]
         meters = batch.meter_id[order]
-        known = await self._known(meters, conn)
+        known, installed = await self._known(meters, conn)
         code[order[~known]] = RejectReason.UNKNOWN_METER
-        order = order[known]
-        meters = meters[known]
+        order, meters, installed = order[known], meters[known], installed[known]
+        early = batch.read_at_s[order] < installed
+        if early.any():
+            # the cached installation time may be stale (moved earlier since): ask again
+            # for these meters before rejecting anything
+            await self._ask(np.unique(meters[early]), conn)
+            _, installed = await self._known(meters, conn)
+            early = batch.read_at_s[order] < installed
+            code[order[early]] = RejectReason.BEFORE_INSTALLATION
+            order, meters = order[~early], meters[~early]
         read_at = batch.read_at_s[order]
         repeat = np.zeros(len(order), np.bool_)
         repeat[1:] = (meters[1:] == meters[:-1]) & (read_at[1:] == read_at[:-1])
@@ -282,29 +292,51 @@ class ReadingWriter:
             reject_code=code,
         )
 
-    async def _known(self, sorted_meters: Int64s, conn: asyncpg.Connection) -> Bools:
-        """Per row of `sorted_meters` (ascending): does a meter with that id exist?"""
+    async def _known(self, sorted_meters: Int64s, conn: asyncpg.Connection) -> tuple[Bools, Int64s]:
+        """Per row of `sorted_meters` (ascending): does the meter exist, and its installed_at
+        (epoch seconds, rounded down; 0 for an unknown meter)."""
         if not len(sorted_meters):
-            return np.zeros(0, np.bool_)
+            return np.zeros(0, np.bool_), np.zeros(0, np.int64)
         starts = np.empty(len(sorted_meters), np.bool_)
         starts[0] = True
         starts[1:] = sorted_meters[1:] != sorted_meters[:-1]
         unique = sorted_meters[starts]
-        cached = np.isin(unique, self._known_meters, assume_unique=True)
+        cached, at = self._lookup(unique)
         ask = unique[~cached & (unique > 0)]
         if len(ask):
             # meters are never deleted while they have readings, so a found id stays
             # valid; an unknown id is asked again next time (it may be registered since)
-            rows = await conn.fetch(
-                "SELECT meter_id FROM meters WHERE meter_id = ANY($1::bigint[])", ask.tolist()
-            )
-            found = np.fromiter((r["meter_id"] for r in rows), np.int64, len(rows))
-            if len(self._known_meters) + len(found) > _MAX_KNOWN_METERS:
-                self._known_meters = np.zeros(0, np.int64)
-            self._known_meters = np.union1d(self._known_meters, found)
-            cached = np.isin(unique, self._known_meters, assume_unique=True)
+            await self._ask(ask, conn)
+            cached, at = self._lookup(unique)
         # expand the per-unique answer back to every row of its run
-        return cached[np.cumsum(starts) - 1]
+        run = np.cumsum(starts) - 1
+        return cached[run], at[run]
+
+    def _lookup(self, unique: Int64s) -> tuple[Bools, Int64s]:
+        known = self._known_meters
+        if not len(known):
+            return np.zeros(len(unique), np.bool_), np.zeros(len(unique), np.int64)
+        pos = np.minimum(np.searchsorted(known, unique), len(known) - 1)
+        hit = known[pos] == unique
+        return hit, np.where(hit, self._installed_s[pos], 0)
+
+    async def _ask(self, ids: Int64s, conn: asyncpg.Connection) -> None:
+        """Cache the existence and installation time of `ids` from the database."""
+        rows = await conn.fetch(
+            "SELECT meter_id, floor(extract(epoch FROM installed_at))::bigint AS installed_s"
+            " FROM meters WHERE meter_id = ANY($1::bigint[])",
+            ids.tolist(),
+        )
+        found = np.fromiter((r["meter_id"] for r in rows), np.int64, len(rows))
+        at = np.fromiter((r["installed_s"] for r in rows), np.int64, len(rows))
+        if len(self._known_meters) + len(found) > _MAX_KNOWN_METERS:
+            self._known_meters = np.zeros(0, np.int64)
+            self._installed_s = np.zeros(0, np.int64)
+        # fresh answers first: np.unique keeps the first occurrence of each id
+        ids_all = np.concatenate([found, self._known_meters])
+        at_all = np.concatenate([at, self._installed_s])
+        self._known_meters, first = np.unique(ids_all, return_index=True)
+        self._installed_s = at_all[first]
 
     def _payload(self, batch: ReadingBatch, plan: _Plan) -> AsyncIterator[memoryview | bytes]:
         """The binary COPY stream of the planned rows, encoded chunk by chunk as it is sent."""

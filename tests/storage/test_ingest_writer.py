@@ -168,6 +168,34 @@ async def test_absurd_values_are_rejected(pool: asyncpg.Pool, tenant_id: int) ->
     assert result.new_mask.tolist() == [True, False, False, False]
 
 
+async def test_readings_before_installation_are_rejected(
+    pool: asyncpg.Pool, tenant_id: int
+) -> None:
+    """Readings dated before the meter's installation are rejected, the rest written; a
+    writer that cached the old date accepts them once the installation is moved earlier."""
+    meters = await make_meters(pool, tenant_id, 2)
+    installed = datetime.fromtimestamp(T0_S + 10 * 3600, UTC)
+    await pool.execute(
+        "UPDATE meters SET installed_at = $1 WHERE meter_id = $2", installed, meters[0]
+    )
+    writer = ReadingWriter(pool)
+    result = await writer.write(hourly(meters, range(8, 12)))
+    # rows alternate meters[0], meters[1] by hour: hours 8 and 9 of meters[0] are early
+    assert [(r.index, r.reason.label) for r in result.rejected] == [
+        (0, "before_installation"),
+        (2, "before_installation"),
+    ]
+    assert result.new == 6
+    await pool.execute(
+        "UPDATE meters SET installed_at = $1 WHERE meter_id = $2",
+        installed - timedelta(hours=2),
+        meters[0],
+    )
+    again = await writer.write(hourly(meters[:1], range(7, 10)))
+    assert [(r.index, r.reason.label) for r in again.rejected] == [(0, "before_installation")]
+    assert again.new == 2
+
+
 async def test_repeat_within_a_batch_keeps_the_first(pool: asyncpg.Pool, tenant_id: int) -> None:
     """A key twice in one batch is stored once (first row wins) and counted as a duplicate."""
     meters = await make_meters(pool, tenant_id, 2)
