@@ -1,14 +1,21 @@
 """Billing API benchmark (a script, not a test): whole-tenant export and single-meter latency.
 
     NBMETER_DATABASE_URL=... .venv/bin/python bench/api.py [--meters 1000000] [--clients 50]
+        [--rates 50,100,200] [--api-workers 1] [--keep NAME]
 
 Builds a scratch database with N meters x 2 billing cycles of daily readings (binary COPY,
 rows laid out by numpy), starts the API under uvicorn in a subprocess, then prints:
 - the time to stream the tenant's cycle reads as NDJSON through the API, against a raw
-  `COPY (SELECT meter, register ...) TO STDOUT` of the same boundary rows
-  (`ratio_vs_raw_copy`, target <= 3), and the API process's peak RSS;
-- single-meter cycle-read latency p50/p99 under `--clients` concurrent clients (target
-  p99 < 50 ms). The scratch database is dropped at the end, whatever happens.
+  `COPY (SELECT meter, register ...) TO STDOUT` of the same boundary rows on one
+  connection (`ratio_vs_raw_copy`, target <= 3), and the API's peak RSS. The API runs
+  NBMETER_EXPORT_CONNECTIONS COPYs at once (default 2; set it to 1 to compare);
+- single-meter cycle-read latency p50/p99 (target p99 < 50 ms) with `--clients`
+  concurrent clients, in two ways. Closed loop: each client sends its next request as
+  soon as the last is answered, which finds the saturation throughput (latency there is
+  queueing: 50 clients / throughput). Fixed rate: requests fall due at each of `--rates`
+  per second in all, taken by the next free client, latency counted from when each fell
+  due. Nearly every read is a meter's first read of the ended cycle, which publishes it.
+The scratch database is dropped at the end, whatever happens, unless `--keep` names it.
 """
 
 from __future__ import annotations
@@ -291,6 +298,9 @@ async def main() -> int:
         default="50,100,200",
         help="fixed aggregate request rates (per second) of the fixed-rate phases",
     )
+    ap.add_argument(
+        "--seed", type=int, default=7, help="meter draw (change it to reuse a --keep database)"
+    )
     ap.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes")
     ap.add_argument("--skip-export", action="store_true", help="latency phases only")
     ap.add_argument(
@@ -352,7 +362,7 @@ async def main() -> int:
             print(f"api_peak_rss_mb={peak_rss_mb(proc.pid):.0f}")
         # Random meters of the ended cycle: nearly every read is the meter's first service,
         # which publishes its boundary reads (an insert and a commit): the dearer path.
-        rng = np.random.default_rng(7)
+        rng = np.random.default_rng(args.seed)
         draw = (first + rng.permutation(args.meters)).tolist()
         phases: list[tuple[str, float | None]] = [("warm-up", None), ("closed-loop", None)]
         phases += [(f"fixed-rate {r} rps", float(r)) for r in args.rates.split(",")]
