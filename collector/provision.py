@@ -103,9 +103,12 @@ async def provision_device(
             tenant = await credentials.tenant_by_slug(conn, tenant_slug)
             if tenant is None:
                 raise ProvisionError(f"no tenant {tenant_slug!r}: create it first")
-            meter_id = await credentials.ensure_meter(
-                conn, tenant[0], address, kind=kind, fmt=meter_format
-            )
+            try:
+                meter_id = await credentials.ensure_meter(
+                    conn, tenant[0], address, kind=kind, fmt=meter_format
+                )
+            except credentials.RemovedMeterError as exc:
+                raise ProvisionError(str(exc)) from exc
             meter = credentials.MeterRef(meter_id, tenant[0], address)
             if aes_key is not None:
                 await credentials.store_aes_key(conn, key, meter, aes_key)

@@ -129,15 +129,31 @@ async def tenant_slug(conn: asyncpg.Connection, tenant_id: int) -> str:
     return str(slug)
 
 
+class RemovedMeterError(ValueError):
+    """The address belongs to a removed meter and no active one: not created again."""
+
+
 async def ensure_meter(
     conn: asyncpg.Connection, tenant_id: int, address: str, *, kind: str, fmt: str
 ) -> int:
-    """The active meter `address` of `tenant_id`, created (kind, format) when absent."""
-    meter_id = await conn.fetchval(
-        "SELECT meter_id FROM meters WHERE tenant_id = $1 AND address = $2 AND removed_at IS NULL",
+    """The active meter `address` of `tenant_id`, created (kind, format) when absent.
+
+    RemovedMeterError if the address's meter was removed: a new row would claim the old
+    meter's history (installed since 1970); a reinstallation is registered with its date.
+    """
+    row = await conn.fetchrow(
+        "SELECT meter_id, removed_at FROM meters WHERE tenant_id = $1 AND address = $2"
+        " ORDER BY removed_at IS NULL DESC, removed_at DESC LIMIT 1",
         tenant_id,
         address,
     )
+    meter_id = row["meter_id"] if row is not None and row["removed_at"] is None else None
+    if row is not None and meter_id is None:
+        msg = (
+            f"meter {address} was removed at {row['removed_at'].isoformat()}; register its"
+            " reinstallation with its date first (POST /v1/meters with installed_at)"
+        )
+        raise RemovedMeterError(msg)
     if meter_id is None:
         meter_id = await conn.fetchval(
             "INSERT INTO meters (tenant_id, address, kind, format) VALUES ($1, $2, $3, $4)"

@@ -160,6 +160,28 @@ async def test_provisioning_refuses_a_key_that_is_not_aes_128(
         )  # fmt: skip
 
 
+async def test_a_removed_meter_is_not_provisioned_again(
+    db_url: str, tenant_slug: str, credentials_key: str, pool: asyncpg.Pool
+) -> None:
+    """Provisioning the address of a removed meter is refused: no phantom meter appears."""
+    address = oms_address()
+    device = await provision_device(
+        db_url, tenant_slug, address, credentials_key=credentials_key, oscore=False
+    )
+    await pool.execute("UPDATE meters SET removed_at = now() WHERE meter_id = $1", device.meter_id)
+    with pytest.raises(ProvisionError, match=r"was removed at .* reinstallation"):
+        await provision_device(
+            db_url, tenant_slug, address, credentials_key=credentials_key, oscore=False
+        )
+    count = await pool.fetchval(
+        "SELECT count(*) FROM meters m JOIN tenants t USING (tenant_id)"
+        " WHERE t.slug = $1 AND m.address = $2",
+        tenant_slug,
+        address,
+    )
+    assert count == 1
+
+
 def test_key_ring_records_misses_and_never_shows_keys() -> None:
     """The decoder's lookups of absent meters are recorded; the repr has ids, not bytes."""
     ring = KeyRing({"12345678": b"\x01" * 16})
