@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
+from storage.billing import Reading
+
 # Reach of the lookups (the SQL function's default p_reach): neighbours within 35 days of
 # the boundary, estimation history within 45 days.
 NEIGHBOUR_REACH = timedelta(days=35)
@@ -31,16 +33,6 @@ _WEEK = timedelta(days=7)
 _DAY = timedelta(days=1)
 # tamper | meter error | clock missing (decoder.columns.Flag): an actual read is questionable
 _QUESTIONABLE_FLAGS = 832
-
-
-@dataclass(frozen=True, slots=True)
-class Reading:
-    """A stored reading as the boundary lookups see it."""
-
-    read_at: datetime
-    register_ml: int
-    flags: int
-    received_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +89,8 @@ def _us(delta: timedelta) -> int:
 
 
 class History:
-    """One meter's readings, oldest first, with the lookups `nbm_boundary_read` makes."""
+    """One meter's readings (meter_id is not looked at), oldest first, with the lookups
+    `nbm_boundary_read` makes."""
 
     def __init__(self, readings: Sequence[Reading]) -> None:
         self.readings = sorted(readings, key=lambda r: r.read_at)

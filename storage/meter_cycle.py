@@ -12,6 +12,7 @@ reading) as the next revision; concurrent first services publish once (primary k
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -20,7 +21,14 @@ from typing import Any
 import asyncpg
 
 from storage import boundary
-from storage.billing import MAX_FLOW_ML_H, Reading, Tuning, events_between, revisions
+from storage.billing import (
+    MAX_FLOW_ML_H,
+    Reading,
+    Tuning,
+    events_between,
+    readings_between,
+    revisions,
+)
 from storage.registry import METER_COLUMNS
 
 _M_COLUMNS = ", ".join(f"m.{c.strip()}" for c in METER_COLUMNS.split(","))
@@ -38,17 +46,12 @@ WHERE t.tenant_id = $1
 ORDER BY m.installed_at, m.meter_id
 """
 
-_READINGS_SQL = (
-    "SELECT meter_id, read_at, register_ml, flags, received_at FROM readings"
-    " WHERE meter_id = ANY($1::bigint[]) AND read_at >= $2 AND read_at <= $3"
-    " ORDER BY meter_id, read_at"
-)
-
 _INSERT_SQL = """
 INSERT INTO published_boundary_reads (meter_id, boundary_at, revision, register_ml, method, quality)
 SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::int[], $4::bigint[], $5::text[],
                      $6::smallint[])
-ON CONFLICT DO NOTHING RETURNING meter_id"""
+ON CONFLICT DO NOTHING
+RETURNING meter_id, boundary_at, revision, register_ml, method, quality, published_at"""
 
 
 @dataclass(frozen=True)
@@ -137,16 +140,19 @@ async def meter_cycle(
     if not chain:
         return MeterCycle([], {}, [], [])
     ids = [m["meter_id"] for m in chain]
-    lo = min(windows[ctx.zone_of(m)][0] for m in chain) - max(baseline, boundary.BEFORE)
-    hi = max(windows[ctx.zone_of(m)][1] for m in chain) + boundary.AFTER
-    stored = [Reading(*r) for r in await conn.fetch(_READINGS_SQL, ids, lo, hi)]
+    open_min = min(windows[ctx.zone_of(m)][0] for m in chain)
+    close_max = max(windows[ctx.zone_of(m)][1] for m in chain)
+    # the boundary lookups reach AFTER past the closing, inclusive: end the scan just beyond
+    stored = await readings_between(
+        conn,
+        ids,
+        open_min - max(baseline, boundary.BEFORE),
+        close_max + boundary.AFTER + timedelta(microseconds=1),
+    )
     sides: list[_Side] = []  # opening and closing of each meter, in turn
     for m in chain:
         open_at, close_at = windows[ctx.zone_of(m)]
-        mine = [r for r in stored if r.meter_id == m["meter_id"]]
-        history = boundary.History(
-            [boundary.Reading(r.read_at, r.register_ml, r.flags, r.received_at) for r in mine]
-        )
+        history = boundary.History([r for r in stored if r.meter_id == m["meter_id"]])
         spec = _meter(m)
         removed = m["removed_at"]
         o_at = max(open_at, m["installed_at"])
@@ -161,14 +167,12 @@ async def meter_cycle(
             sides.append(_Side(m, at, read))
     ats = sorted({s.at for s in sides})
     published = await revisions(conn, ids, ats)
-    if publish and await _publish(conn, sides, published, now):
-        published = await revisions(conn, ids, ats)
+    if publish:
+        published = await _publish(conn, sides, published, now, ids, ats) or published
     latest: dict[tuple[int, datetime], asyncpg.Record] = {}
     for p in published:  # oldest first: the last one wins
         latest[(p["meter_id"], p["boundary_at"])] = p
     rows = [_row(cycle, o, c, latest) for o, c in zip(sides[::2], sides[1::2], strict=True)]
-    close_max = max(windows[ctx.zone_of(m)][1] for m in chain)
-    open_min = min(windows[ctx.zone_of(m)][0] for m in chain)
     return MeterCycle(
         rows=rows,
         meters={m["meter_id"]: m for m in chain},
@@ -183,8 +187,14 @@ async def _publish(
     sides: list[_Side],
     published: list[asyncpg.Record],
     now: datetime,
-) -> bool:
-    """Insert the revisions `storage.billing.publish` would; whether any was attempted."""
+    ids: list[int],
+    ats: list[datetime],
+) -> list[asyncpg.Record] | None:
+    """Insert the revisions `storage.billing.publish` would.
+
+    Returns every revision at the sides' boundaries afterwards (None if nothing was new):
+    `published` with the inserted ones, or read again when a concurrent publisher won.
+    """
     latest: dict[tuple[int, datetime], tuple[int, int | None]] = {}
     for p in published:
         latest[(p["meter_id"], p["boundary_at"])] = (p["revision"], p["register_ml"])
@@ -197,9 +207,12 @@ async def _publish(
         if revision == 0 or register != read.register_ml:
             new.append((meter_id, s.at, revision + 1, read.register_ml, read.method, read.quality))
     if not new:
-        return False
-    await conn.fetch(_INSERT_SQL, *(list(col) for col in zip(*new, strict=True)))
-    return True
+        return None
+    inserted = await conn.fetch(_INSERT_SQL, *(list(col) for col in zip(*new, strict=True)))
+    if len(inserted) < len(new):  # another request published some of them first
+        return await revisions(conn, ids, ats)
+    key = operator.itemgetter("meter_id", "boundary_at", "revision")
+    return sorted([*published, *inserted], key=key)
 
 
 def _side(s: _Side, pub: asyncpg.Record | None) -> dict[str, Any]:
