@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import asyncpg
 import pytest
 from brokerkit import Broker, free_port
-from collector_testkit import cjt188_frame
+from collector_testkit import RawCoap, cjt188_frame
 
 from collector.main import run
 from collector.provision import ProvisionedDevice, provision_device
@@ -83,6 +83,14 @@ async def collector(
     yield RunningCollector(settings, stop, task)
     stop.set()
     await asyncio.wait_for(task, 40)
+
+
+@pytest.fixture
+async def raw(collector: RunningCollector) -> RawCoap:
+    """A raw-UDP CoAP client pointed at the session's collector."""
+    client = await RawCoap.open(collector.coap_port)
+    yield client  # type: ignore[misc]
+    client.close()
 
 
 @pytest.fixture

@@ -17,14 +17,6 @@ RAW = "SELECT count(*) FROM raw_uplinks r JOIN meters m USING (meter_id) WHERE m
 QUARANTINED = "SELECT count(*) FROM quarantine WHERE reason = $1 AND payload = $2"
 
 
-@pytest.fixture
-async def raw(collector: RunningCollector) -> RawCoap:
-    """A raw-UDP CoAP client pointed at the session's collector."""
-    client = await RawCoap.open(collector.coap_port)
-    yield client  # type: ignore[misc]
-    client.close()
-
-
 async def test_plain_con_stores_the_reading(
     raw: RawCoap, pool: asyncpg.Pool, lab_tenant: str
 ) -> None:

@@ -33,14 +33,6 @@ def oms_frame(address: str, key: bytes, total_ml: int, read_at_s: int) -> bytes:
     return encode_oms_mode5(address, "NBM", 1, 0x07, 0x21, total_ml, key, when)
 
 
-@pytest.fixture
-async def raw(collector: RunningCollector) -> RawCoap:
-    """A raw-UDP CoAP client pointed at the session's collector."""
-    client = await RawCoap.open(collector.coap_port)
-    yield client  # type: ignore[misc]
-    client.close()
-
-
 async def test_oms_uplink_over_oscore_is_decrypted_and_stored(
     collector: RunningCollector,
     pool: asyncpg.Pool,
