@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from apihelpers import daily, local, utc
@@ -201,6 +202,42 @@ async def test_late_reading_revises_closed_cycle(api, make_tenant, add_meter, ad
     assert closes[1]["register_m3"] == again["closing"]["register_m3"] != closes[0]["register_m3"]
     march = (await api.get(f"/v1/meters/{m}/cycles/2024-03-01", headers=t.reader)).json()
     assert march["opening"] | {"read_at": None} == again["closing"] | {"read_at": None}
+
+
+async def test_a_read_published_meanwhile_is_not_published_again(
+    api, pool, make_tenant, add_meter, add_readings
+):
+    """Another request publishes the same reads while this one computes them: its insert
+    waits on the other's uncommitted rows, then does nothing, and it serves revision 1."""
+    t = await make_tenant()
+    m = await add_meter(t.tenant_id)
+    await add_readings(m, daily(local(SH, 2024, 1, 20), 50, 1_000_000, 100_000))
+    async with pool.acquire() as other, other.transaction():
+        await other.executemany(
+            "INSERT INTO published_boundary_reads"
+            " (meter_id, boundary_at, revision, register_ml, method, quality)"
+            " VALUES ($1, $2, 1, $3, 'actual', 0)",
+            [(m, FEB_OPEN, 2_200_000), (m, FEB_CLOSE, 5_100_000)],
+        )
+        read = asyncio.create_task(api.get(f"/v1/meters/{m}{FEB}", headers=t.reader))
+        for _ in range(100):  # until the read's insert waits on our rows
+            waiting = await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%INSERT INTO published_boundary_reads%'"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting == 1
+    body = (await read).json()
+    assert (body["opening"]["revision"], body["closing"]["revision"]) == (1, 1)
+    assert body["closing"]["published_register_m3"] == body["closing"]["register_m3"] == "5.100"
+    assert body["revised"] is False
+    assert [v["revision"] for v in body["revisions"]] == [1, 1]
+    stored = await pool.fetchval(
+        "SELECT count(*) FROM published_boundary_reads WHERE meter_id = $1", m
+    )
+    assert stored == 2
 
 
 async def test_clock_sanity_excludes_readings(api, make_tenant, add_meter, add_readings):
