@@ -29,6 +29,7 @@ from api.routes_meters import _P
 from api.schemas import Health
 from api.settings import ApiSettings
 from storage.errors import StorageUnavailableError
+from storage.pool import keep_session
 
 DESCRIPTION = """Billing API of nbmeter: meter registry, interval reads in local time,
 billing-cycle reads with VEE and ESPI quality codes, and bulk export for billing runs.
@@ -99,15 +100,6 @@ SERVER_SETTINGS = {
 }
 
 
-async def _keep_session(conn: asyncpg.Connection) -> None:
-    """Pool reset: asyncpg has already rolled back any open transaction.
-
-    The default reset (RESET ALL, CLOSE ALL, UNLISTEN *, advisory unlock) is a round trip
-    per request. The API holds no session state to undo: settings are startup parameters
-    or SET LOCAL, and it uses no cursors outside transactions, LISTEN or advisory locks.
-    """
-
-
 def create_app(settings: ApiSettings) -> FastAPI:
     """Build the API for `settings`; the pool is opened and closed by the app's lifespan."""
 
@@ -119,7 +111,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 min_size=settings.api_pool_min,
                 max_size=settings.api_pool_max,
                 server_settings=SERVER_SETTINGS,
-                reset=_keep_session,
+                reset=keep_session,
             )
         except (OSError, asyncpg.PostgresError) as exc:
             msg = f"cannot connect to the database: {exc}"

@@ -26,14 +26,9 @@ from collector.pipeline import Pipeline
 from collector.settings import CollectorSettings
 from collector.store import BatchStore
 from storage.credentials import parse_key
+from storage.pool import keep_session
 
 log = structlog.get_logger("collector.main")
-
-
-async def _keep_session(_conn: asyncpg.Connection) -> None:
-    """Pool release hook: nothing to reset. asyncpg still rolls back an open transaction
-    first; the collector sets no session state (no LISTEN, advisory locks, SET), so the
-    default reset query would be one more round trip per batch for nothing."""
 
 
 async def _create_pool(settings: CollectorSettings) -> asyncpg.Pool:
@@ -45,7 +40,7 @@ async def _create_pool(settings: CollectorSettings) -> asyncpg.Pool:
         timeout=5.0,  # connect timeout
         command_timeout=30.0,
         max_inactive_connection_lifetime=60.0,
-        reset=_keep_session,
+        reset=keep_session,
     )
 
 

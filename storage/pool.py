@@ -55,6 +55,16 @@ def translated(doing: str) -> Iterator[None]:
         raise StorageError(msg) from exc
 
 
+async def keep_session(_conn: asyncpg.Connection) -> None:
+    """A pool `reset` that sends nothing, for pools whose users keep no session state.
+
+    asyncpg rolls back an open transaction before calling it. The default reset (RESET ALL,
+    CLOSE ALL, UNLISTEN *, advisory unlock) is one more round trip per release; it undoes
+    nothing for a user whose settings are startup parameters or SET LOCAL and that uses no
+    LISTEN, advisory locks or cursors outside transactions (the collector, the API).
+    """
+
+
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
     """Open a pool on `dsn` whose schema is current; raises StorageUnavailable/SchemaError."""
     with translated("opening the database pool"):
