@@ -359,7 +359,6 @@ async def main() -> int:
             print(f"export_ndjson_s={api_s:.2f} lines={lines} bytes={api_bytes}")
             print(f"raw_copy_s={raw_s:.2f} bytes={raw_bytes}")
             print(f"ratio_vs_raw_copy={api_s / raw_s:.2f}")
-            print(f"api_peak_rss_mb={peak_rss_mb(proc.pid):.0f}")
         # Random meters of the ended cycle: nearly every read is the meter's first service,
         # which publishes its boundary reads (an insert and a commit): the dearer path.
         rng = np.random.default_rng(args.seed)
