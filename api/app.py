@@ -23,7 +23,15 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import errors, routes_admin, routes_cycles, routes_meters, routes_reads
+from api import (
+    errors,
+    routes_admin,
+    routes_cycles,
+    routes_meters,
+    routes_quarantine,
+    routes_reads,
+    routes_tenant,
+)
 from api.auth import KeyCache, Pool
 from api.routes_meters import _P
 from api.schemas import Health
@@ -135,6 +143,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
     errors.install(app)
     for module in (routes_meters, routes_reads, routes_cycles, routes_admin):
         app.include_router(module.router)
+    app.include_router(routes_quarantine.router)
+    app.include_router(routes_tenant.router)
 
     unavailable: dict[int | str, dict[str, Any]] = {503: {**_P, "description": "database down"}}
 

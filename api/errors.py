@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from storage.apikeys import DuplicateTenantError, InvalidTimezoneError
 from storage.errors import StorageError, StorageUnavailableError
+from storage.quarantine import AlreadyResolvedError, NothingToDecodeError, TooManyRowsError
 from storage.registry import DuplicateAddressError, ExchangeError
 
 PROBLEM_JSON = "application/problem+json"
@@ -60,6 +61,9 @@ _TABLE: tuple[tuple[type[Exception], int, str], ...] = (
     (DuplicateTenantError, 409, "duplicate-tenant"),
     (ExchangeError, 409, "exchange-impossible"),
     (InvalidTimezoneError, 422, "invalid-timezone"),
+    (AlreadyResolvedError, 409, "already-resolved"),
+    (NothingToDecodeError, 409, "nothing-to-decode"),
+    (TooManyRowsError, 422, "too-many-rows"),
     (StorageUnavailableError, 503, "database-unavailable"),
     (StorageError, 500, "storage-error"),
 )

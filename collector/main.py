@@ -23,6 +23,7 @@ from collector.keys import MeterKeys
 from collector.logs import configure_logging
 from collector.mqtt import MqttSubscriber
 from collector.pipeline import Pipeline
+from collector.redecode import Redecoder
 from collector.settings import CollectorSettings
 from collector.store import BatchStore
 from storage.credentials import parse_key
@@ -66,6 +67,8 @@ async def run(
     try:
         async with asyncio.TaskGroup() as group:
             drained = group.create_task(pipeline.run(), name="pipeline")
+            redecoder = Redecoder(pool, pipeline, settings.redecode, settings.database_url)
+            redecode = group.create_task(redecoder.run(stop), name="redecode")
             coap = await start_server(settings.coap, pipeline, pool, key)
             if mqtt is not None:
                 await mqtt.start()
@@ -81,6 +84,9 @@ async def run(
                 # the database stayed away: what is left was never acknowledged
                 log.warning("collector.drain_timed_out", pending=pipeline.pending)
                 drained.cancel()
+            # the re-decode batch under way records its outcomes, else it is re-queued
+            await asyncio.wait({redecode}, timeout=5.0)
+            redecode.cancel()
             if mqtt is not None:
                 await mqtt.drain_and_stop()
             await asyncio.sleep(0.05)  # let CoAP handlers send the answers just resolved

@@ -55,6 +55,15 @@ class PipelineSettings(_Section):
     pool_size: int = Field(4, ge=1)
 
 
+class RedecodeSettings(_Section):
+    """Re-decoding quarantined frames on request (collector.redecode)."""
+
+    enabled: bool = True
+    batch_max: int = Field(100, ge=1, le=5000)  # frames claimed and committed together
+    poll_s: float = Field(30.0, gt=0)  # also look for requests this often (missed NOTIFY)
+    yield_pending: int = Field(1000, ge=1)  # claim nothing while live uplinks queue this deep
+
+
 class CollectorSettings(BaseSettings):
     """Everything `collector.main.run` needs; read from the environment (prefix NBMETER_)."""
 
@@ -72,3 +81,4 @@ class CollectorSettings(BaseSettings):
     coap: CoapSettings = CoapSettings()
     mqtt: MqttSettings = MqttSettings()
     pipeline: PipelineSettings = PipelineSettings()
+    redecode: RedecodeSettings = RedecodeSettings()

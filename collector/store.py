@@ -42,7 +42,7 @@ from storage.meters import MeterDirectory
 
 log = structlog.get_logger("collector.store")
 
-Decode = Callable[[list[bytes], int, Mapping[str, bytes]], Decoded]
+Decode = Callable[[list[bytes], np.ndarray, Mapping[str, bytes]], Decoded]
 
 _EVENT_FLAGS = (
     (Flag.LEAK, "leak"),
@@ -68,7 +68,9 @@ TRANSIENT = (
 )
 
 
-def default_decode(frames: list[bytes], received_at_s: int, keys: Mapping[str, bytes]) -> Decoded:
+def default_decode(
+    frames: list[bytes], received_at_s: np.ndarray, keys: Mapping[str, bytes]
+) -> Decoded:
     """Decode with the project's decoder dispatcher; `keys`: meter id -> AES key."""
     return _decode_batch(frames, received_at_s, keys=keys)
 
@@ -242,8 +244,11 @@ class BatchStore:
         self, conn: asyncpg.Connection, uplinks: list[Uplink], rnd: _Round, received_at_s: int
     ) -> Decoded:
         frames = [uplinks[n].payload for n in rnd.rows]
+        # each frame's own receive time (a re-decoded frame keeps its original one): frames
+        # without a clock, or with relative times, are dated by it
+        rx = np.array([int(uplinks[n].received_at) for n in rnd.rows], np.int64)
         ring = KeyRing(rnd.keys)
-        dec = self._decode(frames, received_at_s, ring)
+        dec = self._decode(frames, rx, ring)
         if not ring.missed or not (dec.error_code == ErrorCode.NO_KEY).any():
             return dec
         # a key was missing: load the asked-for keys fresh (one provisioned since the
@@ -257,7 +262,7 @@ class BatchStore:
         more = {a: k for (_, a), k in found.items() if k is not None and a not in rnd.keys}
         if not more:
             return dec
-        return self._decode(frames, received_at_s, KeyRing({**rnd.keys, **more}))
+        return self._decode(frames, rx, KeyRing({**rnd.keys, **more}))
 
     async def _commit(self, batch: list[Uplink]) -> list[Outcome]:
         now = time.time()

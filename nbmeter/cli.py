@@ -6,6 +6,7 @@
   nbmeter collector                   CoAP + MQTT ingestion
   nbmeter api                         the billing API
   nbmeter tenant create               a tenant and its first admin API key
+  nbmeter quarantine list|show|redecode  quarantined uplinks; re-decode them
   nbmeter device provision            per-meter transport credentials
   nbmeter sim ...                     the device-fleet simulator
   nbmeter demo                        the whole system with a demo fleet, verified
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("collector", "collector.cli"),
         ("api", "api.cli"),
         ("tenant", "api.cli_tenant"),
+        ("quarantine", "api.cli_quarantine"),
         ("device", "collector.cli_device"),
         ("sim", "simulator.cli"),
     ):

@@ -1,0 +1,547 @@
+"""The quarantine for the billing office: list and detail, and re-decode requests as a queue.
+
+Reads are scoped to a tenant: another tenant's row, or one with no tenant (a frame whose
+sender was never identified), is indistinguishable from a missing one (None).
+
+Re-decode is a durable queue (migration 0032): a job is what a caller asked for (one row,
+or every open row matching a `Filter`), its items are the rows. `request_one` and
+`request_matching` enqueue in one transaction and NOTIFY `CHANNEL`; asking again for a
+row that has an open item joins that item's job, so nothing is queued twice. The
+collector `claim`s queued items in bounded batches (FOR UPDATE SKIP LOCKED) inside a
+transaction it keeps while their frames go through its live store path, then `record`s
+every outcome in that same transaction: the item's state, the quarantine row's
+resolution (with the new row when the frame was quarantined again), and the state of
+each job left with no queued item. States change only through `transition`, along the
+edges written in JOB_TRANSITIONS and ITEM_TRANSITIONS.
+
+Errors (all StorageError):
+├── AlreadyResolvedError    the row was re-decoded already; the message says with what result
+├── NothingToDecodeError    the row kept no payload
+├── TooManyRowsError        a bulk request matches more than MAX_JOB_ITEMS rows
+└── InvalidTransitionError  a state change the tables do not allow (a bug, never input)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import asyncpg
+
+from storage.errors import StorageError
+from storage.pool import translated
+
+Conn = asyncpg.Connection | asyncpg.Pool
+Pool = asyncpg.Pool
+CHANNEL: Final = "nbmeter_redecode"
+MAX_JOB_ITEMS: Final = 50_000
+_END: Final = datetime.max.replace(tzinfo=UTC)  # the keyset start: after every row
+
+# job: queued -> done | failed (failed: at least one of its items failed)
+JOB_TRANSITIONS: Final[Mapping[str, frozenset[str]]] = {
+    "queued": frozenset({"done", "failed"}),
+    "done": frozenset(),
+    "failed": frozenset(),
+}
+# item: queued -> what became of its frame (skipped: nothing was decoded, see its reason)
+ITEM_OUTCOMES: Final = ("stored", "duplicate", "quarantined", "skipped", "failed")
+ITEM_TRANSITIONS: Final[Mapping[str, frozenset[str]]] = {
+    "queued": frozenset(ITEM_OUTCOMES),
+    **{state: frozenset() for state in ITEM_OUTCOMES},
+}
+RESOLVING: Final = frozenset({"stored", "duplicate", "quarantined"})  # resolve the row
+
+_ROW = (
+    "q.quarantine_id, q.received_at, q.tenant_id, q.meter_id, q.transport, q.peer, q.reason,"
+    " q.detail, octet_length(q.payload) AS size_bytes, q.resolved_at, q.resolution,"
+    " q.resolved_by_job, q.superseded_by"
+)
+_JOB = (
+    "SELECT j.job_id, j.state, j.selection, j.requested_by, j.requested_at, j.finished_at,"
+    " j.n_items, count(i.state) FILTER (WHERE i.state = 'queued') AS queued,"
+    + ", ".join(f" count(i.state) FILTER (WHERE i.state = '{s}') AS {s}" for s in ITEM_OUTCOMES)
+    + ", coalesce(sum(i.n_new), 0)::bigint AS n_new"
+    " FROM redecode_jobs j LEFT JOIN redecode_items i ON i.job_id = j.job_id"
+    " WHERE j.job_id = $1 AND j.tenant_id = $2 GROUP BY j.job_id"
+)
+
+
+class AlreadyResolvedError(StorageError):
+    """The quarantine row was re-decoded already; re-decoding it again would change nothing."""
+
+
+class NothingToDecodeError(StorageError):
+    """The quarantine row kept no payload, so there is nothing to decode again."""
+
+
+class TooManyRowsError(StorageError):
+    """A bulk re-decode request matches more rows than one job may hold."""
+
+
+class InvalidTransitionError(StorageError):
+    """A state change the transition table does not allow."""
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which quarantine rows: every given condition must hold (None: any)."""
+
+    reason: str | None = None
+    error: str | None = None  # an undecodable row's decoder error code: no_key, crc, ...
+    meter_id: int | None = None
+    address: str | None = None  # rows of the tenant's meter(s) with this address
+    received_from: datetime | None = None  # inclusive
+    received_to: datetime | None = None  # exclusive
+    resolved: bool | None = None
+
+    def selection(self) -> dict[str, Any]:
+        """The given conditions as JSON-able values, recorded with a job."""
+        out = {k: v for k, v in vars(self).items() if v is not None}
+        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in out.items()}
+
+    def where(self, first: int) -> tuple[str, list[Any]]:
+        """SQL conditions on `q` (AND-joined, leading ' AND') and their args from `$first`."""
+        conds: list[str] = []
+        args: list[Any] = []
+
+        def add(sql: str, value: Any) -> None:
+            args.append(value)
+            conds.append(sql.replace("$?", f"${first + len(args) - 1}"))
+
+        if self.reason is not None:
+            add("q.reason = $?", self.reason)
+        if self.error is not None:  # the store writes '<error code>: <message>'
+            add("starts_with(q.detail, $? || ':')", self.error)
+        if self.meter_id is not None:
+            add("q.meter_id = $?", self.meter_id)
+        if self.address is not None:
+            add(
+                "q.meter_id IN (SELECT m.meter_id FROM meters m"
+                " WHERE m.tenant_id = q.tenant_id AND m.address = $?)",
+                self.address,
+            )
+        if self.received_from is not None:
+            add("q.received_at >= $?", self.received_from)
+        if self.received_to is not None:
+            add("q.received_at < $?", self.received_to)
+        if self.resolved is not None:
+            add("(q.resolved_at IS NOT NULL) = $?", self.resolved)
+        return "".join(f" AND {c}" for c in conds), args
+
+
+async def list_rows(
+    conn: Conn,
+    tenant_id: int,
+    flt: Filter,
+    *,
+    after: tuple[datetime, int] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Up to `limit` rows newest first, by (received_at, quarantine_id), after `after`."""
+    where, args = flt.where(4)
+    when, qid = after if after is not None else (_END, 2**63 - 1)
+    return await conn.fetch(
+        f"SELECT {_ROW} FROM quarantine q WHERE q.tenant_id = $1"
+        f" AND (q.received_at, q.quarantine_id) < ($2, $3){where}"
+        f" ORDER BY q.received_at DESC, q.quarantine_id DESC LIMIT {int(limit)}",
+        tenant_id,
+        when,
+        qid,
+        *args,
+    )
+
+
+async def get_row(conn: Conn, tenant_id: int, quarantine_id: int) -> asyncpg.Record | None:
+    """The tenant's row `quarantine_id` with its payload, or None."""
+    return await conn.fetchrow(
+        f"SELECT {_ROW}, q.payload FROM quarantine q"
+        " WHERE q.quarantine_id = $1 AND q.tenant_id = $2",
+        quarantine_id,
+        tenant_id,
+    )
+
+
+async def history(conn: Conn, tenant_id: int, quarantine_id: int) -> list[asyncpg.Record]:
+    """Re-decode attempts of a row, oldest first; the first may be the one it came from.
+
+    Each: job_id, requested_by, requested_at, quarantine_id (the row re-decoded), state,
+    reason, detail, n_readings, n_new, new_quarantine_id, done_at.
+    """
+    return await conn.fetch(
+        "SELECT i.job_id, j.requested_by, j.requested_at, i.quarantine_id, i.state, i.reason,"
+        " i.detail, i.n_readings, i.n_new, i.new_quarantine_id, i.done_at"
+        " FROM redecode_items i JOIN redecode_jobs j ON j.job_id = i.job_id"
+        " WHERE j.tenant_id = $2 AND (i.quarantine_id = $1 OR i.new_quarantine_id = $1)"
+        " ORDER BY i.job_id, i.quarantine_id",
+        quarantine_id,
+        tenant_id,
+    )
+
+
+async def get_job(conn: Conn, tenant_id: int, job_id: int) -> asyncpg.Record | None:
+    """The tenant's job with its item counts per state and readings stored (n_new), or None."""
+    return await conn.fetchrow(_JOB, job_id, tenant_id)
+
+
+async def job_items(
+    conn: Conn, tenant_id: int, job_id: int, *, after: int, limit: int
+) -> list[asyncpg.Record]:
+    """Up to `limit` items of the tenant's job with quarantine_id > `after`, in id order."""
+    return await conn.fetch(
+        "SELECT i.quarantine_id, i.state, i.reason, i.detail, i.n_readings, i.n_new,"
+        " i.new_quarantine_id, i.done_at FROM redecode_items i"
+        " JOIN redecode_jobs j ON j.job_id = i.job_id"
+        " WHERE i.job_id = $1 AND j.tenant_id = $2 AND i.quarantine_id > $3"
+        f" ORDER BY i.quarantine_id LIMIT {int(limit)}",
+        job_id,
+        tenant_id,
+        after,
+    )
+
+
+def _resolution(row: asyncpg.Record) -> str:
+    what = f"quarantine row {row['quarantine_id']} was re-decoded by job {row['resolved_by_job']}"
+    if row["resolution"] == "quarantined":
+        return (
+            f"{what} and quarantined again as row {row['superseded_by']}: re-decode that row "
+            "once its cause is fixed"
+        )
+    return f"{what} ({row['resolution']}); re-decoding it again would change nothing"
+
+
+async def request_one(
+    conn: asyncpg.Connection, tenant_id: int, quarantine_id: int, requested_by: str
+) -> asyncpg.Record | None:
+    """Queue a re-decode of one row; its job (the open one if it is queued already), or None.
+
+    Raises AlreadyResolvedError or NothingToDecodeError.
+    """
+    async with conn.transaction():
+        row = await conn.fetchrow(  # the lock serialises two requests for one row
+            "SELECT quarantine_id, received_at, resolved_at, resolution, resolved_by_job,"
+            " superseded_by, payload IS NOT NULL AS has_payload FROM quarantine"
+            " WHERE quarantine_id = $1 AND tenant_id = $2 FOR UPDATE",
+            quarantine_id,
+            tenant_id,
+        )
+        if row is None:
+            return None
+        if row["resolved_at"] is not None:
+            raise AlreadyResolvedError(_resolution(row))
+        if not row["has_payload"]:
+            msg = f"quarantine row {quarantine_id} kept no payload: there is nothing to decode"
+            raise NothingToDecodeError(msg)
+        open_job = await conn.fetchval(
+            "SELECT job_id FROM redecode_items WHERE quarantine_id = $1 AND state = 'queued'",
+            quarantine_id,
+        )
+        if open_job is None:
+            open_job = await _new_job(
+                conn, tenant_id, {"quarantine_id": quarantine_id}, requested_by
+            )
+            await conn.execute(
+                "INSERT INTO redecode_items (job_id, quarantine_id, received_at)"
+                " VALUES ($1, $2, $3)",
+                open_job,
+                quarantine_id,
+                row["received_at"],
+            )
+            await conn.execute("UPDATE redecode_jobs SET n_items = 1 WHERE job_id = $1", open_job)
+            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(open_job))
+        return await get_job(conn, tenant_id, open_job)
+
+
+async def request_matching(
+    conn: asyncpg.Connection, tenant_id: int, flt: Filter, requested_by: str
+) -> asyncpg.Record:
+    """Queue a re-decode of every open row matching `flt` that has a payload; its job.
+
+    Rows already queued in another job stay there (not counted here); a job of no rows
+    is done at once. Raises TooManyRowsError beyond MAX_JOB_ITEMS rows (nothing queued).
+    """
+    open_only = replace(flt, resolved=False)
+    where, args = open_only.where(3)
+    async with conn.transaction():
+        job_id = await _new_job(conn, tenant_id, flt.selection(), requested_by)
+        status = await conn.execute(
+            "INSERT INTO redecode_items (job_id, quarantine_id, received_at)"
+            " SELECT $1, q.quarantine_id, q.received_at FROM quarantine q"
+            f" WHERE q.tenant_id = $2 AND q.payload IS NOT NULL{where}"
+            " AND NOT EXISTS (SELECT 1 FROM redecode_items o"
+            "  WHERE o.quarantine_id = q.quarantine_id AND o.state = 'queued')"
+            f" ORDER BY q.received_at, q.quarantine_id LIMIT {MAX_JOB_ITEMS + 1}"
+            " ON CONFLICT DO NOTHING",
+            job_id,
+            tenant_id,
+            *args,
+        )
+        n = int(status.split()[-1])
+        if n > MAX_JOB_ITEMS:
+            msg = (
+                f"more than {MAX_JOB_ITEMS} quarantined rows match: narrow the filter "
+                "(a received_at range, a meter) and ask in several jobs"
+            )
+            raise TooManyRowsError(msg)
+        await conn.execute("UPDATE redecode_jobs SET n_items = $2 WHERE job_id = $1", job_id, n)
+        if n:
+            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(job_id))
+        else:
+            await transition(conn, JOBS, (job_id,), "done")
+        job = await get_job(conn, tenant_id, job_id)
+    assert job is not None
+    return job
+
+
+async def _new_job(
+    conn: asyncpg.Connection, tenant_id: int, selection: dict[str, Any], requested_by: str
+) -> int:
+    job_id: int = await conn.fetchval(
+        "INSERT INTO redecode_jobs (tenant_id, selection, requested_by, n_items)"
+        " VALUES ($1, $2::jsonb, $3, 0) RETURNING job_id",
+        tenant_id,
+        json.dumps(selection, sort_keys=True),
+        requested_by,
+    )
+    return job_id
+
+
+# --- the state machine, as data -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A table whose `state` column moves only along `transitions` (old -> allowed new)."""
+
+    table: str
+    keys: tuple[str, ...]
+    stamp: str  # set when the state leaves 'queued', cleared never
+    transitions: Mapping[str, frozenset[str]]
+    columns: frozenset[str] = field(default_factory=frozenset)  # settable with a transition
+
+    def sources(self, new: str) -> list[str]:
+        """The states from which `new` may be entered; InvalidTransitionError if none."""
+        found = sorted(old for old, nexts in self.transitions.items() if new in nexts)
+        if not found:
+            msg = f"{self.table}: no state may move to {new!r}"
+            raise InvalidTransitionError(msg)
+        return found
+
+
+JOBS: Final = Machine("redecode_jobs", ("job_id",), "finished_at", JOB_TRANSITIONS)
+ITEMS: Final = Machine(
+    "redecode_items",
+    ("job_id", "quarantine_id"),
+    "done_at",
+    ITEM_TRANSITIONS,
+    frozenset({"reason", "detail", "n_readings", "n_new", "new_quarantine_id"}),
+)
+
+
+async def transition(
+    conn: asyncpg.Connection,
+    machine: Machine,
+    key: Sequence[object],
+    new: str,
+    values: Mapping[str, object] | None = None,
+) -> None:
+    """Move the row `key` of `machine` to state `new`, setting `values` with it.
+
+    Raises InvalidTransitionError when the row is not in a state `new` may follow (or
+    does not exist), and leaves it unchanged.
+    """
+    values = dict(values or {})
+    unknown = sorted(set(values) - machine.columns)
+    if unknown:
+        msg = f"{machine.table}: {unknown} cannot be set with a transition"
+        raise InvalidTransitionError(msg)
+    names = list(values)
+    n = len(machine.keys)
+    sets = "".join(f", {c} = ${n + 3 + i}" for i, c in enumerate(names))
+    match = " AND ".join(f"{k} = ${i}" for i, k in enumerate(machine.keys, start=1))
+    done = await conn.fetchval(
+        f"UPDATE {machine.table} SET state = ${n + 1}, {machine.stamp} = now(){sets}"
+        f" WHERE {match} AND state = ANY(${n + 2}::text[]) RETURNING true",
+        *key,
+        new,
+        machine.sources(new),
+        *(values[c] for c in names),
+    )
+    if not done:
+        msg = f"{machine.table} {tuple(key)}: not in a state that may move to {new!r}"
+        raise InvalidTransitionError(msg)
+
+
+# --- the collector's side: claim, then record ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A queued item and what its frame needs to go through the store path again."""
+
+    job_id: int
+    quarantine_id: int
+    received_at: datetime
+    job_tenant_id: int
+    found: bool  # False: the row is gone (retention)
+    resolved: bool
+    tenant_id: int | None
+    meter_id: int | None
+    address: str | None  # the meter's, when meter_id is set
+    transport: int | None
+    peer: str | None
+    payload: bytes | None
+
+
+@dataclass(frozen=True)
+class Result:
+    """What became of a claimed item's frame (`state` one of ITEM_OUTCOMES)."""
+
+    item: Claimed
+    state: str
+    reason: str | None = None
+    detail: str | None = None
+    n_readings: int | None = None
+    n_new: int | None = None
+
+
+async def claim(conn: asyncpg.Connection, limit: int) -> list[Claimed]:
+    """Lock up to `limit` queued items (others' locked ones skipped), oldest job first.
+
+    Call inside a transaction and `record` the results before it commits; if it rolls
+    back (a crash), the items are queued again.
+    """
+    rows = await conn.fetch(
+        "SELECT i.job_id, i.quarantine_id, i.received_at, j.tenant_id AS job_tenant_id,"
+        " q.quarantine_id IS NOT NULL AS found, q.resolved_at IS NOT NULL AS resolved,"
+        " q.tenant_id, q.meter_id, m.address, q.transport, q.peer, q.payload"
+        " FROM redecode_items i JOIN redecode_jobs j ON j.job_id = i.job_id"
+        " LEFT JOIN quarantine q"
+        "  ON q.quarantine_id = i.quarantine_id AND q.received_at = i.received_at"
+        " LEFT JOIN meters m ON m.meter_id = q.meter_id"
+        " WHERE i.state = 'queued' ORDER BY i.job_id, i.quarantine_id LIMIT $1"
+        " FOR UPDATE OF i SKIP LOCKED",
+        limit,
+    )
+    return [
+        Claimed(**{k: (bytes(v) if k == "payload" and v is not None else v) for k, v in r.items()})
+        for r in rows
+    ]
+
+
+async def record(conn: asyncpg.Connection, results: Sequence[Result]) -> dict[int, str]:
+    """Record `results` (inside `claim`'s transaction); return {job_id: state} of jobs closed.
+
+    A stored, duplicate or quarantined frame resolves its quarantine row; quarantined
+    again, the row names the new row the store wrote (same frame, same receive time).
+    """
+    jobs: dict[int, bool] = {}  # job -> an item failed
+    for res in results:
+        item = res.item
+        new_row = None
+        if res.state == "quarantined":
+            new_row = await conn.fetchval(
+                "SELECT n.quarantine_id FROM quarantine n JOIN quarantine o"
+                " ON o.quarantine_id = $2 AND o.received_at = $1"
+                " WHERE n.received_at = $1 AND n.quarantine_id > $2"
+                " AND n.tenant_id IS NOT DISTINCT FROM o.tenant_id AND n.payload = o.payload"
+                " ORDER BY n.quarantine_id LIMIT 1",
+                item.received_at,
+                item.quarantine_id,
+            )
+        values = {
+            "reason": res.reason,
+            "detail": res.detail,
+            "n_readings": res.n_readings,
+            "n_new": res.n_new,
+            "new_quarantine_id": new_row,
+        }
+        await transition(conn, ITEMS, (item.job_id, item.quarantine_id), res.state, values)
+        if res.state in RESOLVING:
+            await conn.execute(
+                "UPDATE quarantine SET resolved_at = now(), resolution = $3,"
+                " resolved_by_job = $4, superseded_by = $5"
+                " WHERE quarantine_id = $1 AND received_at = $2 AND resolved_at IS NULL",
+                item.quarantine_id,
+                item.received_at,
+                res.state,
+                item.job_id,
+                new_row,
+            )
+        jobs[item.job_id] = jobs.get(item.job_id, False) or res.state == "failed"
+    closed: dict[int, str] = {}
+    for job_id in sorted(jobs):
+        left = await conn.fetchrow(
+            "SELECT count(*) FILTER (WHERE state = 'queued') AS queued,"
+            " count(*) FILTER (WHERE state = 'failed') AS failed"
+            " FROM redecode_items WHERE job_id = $1",
+            job_id,
+        )
+        if left["queued"] == 0:
+            state = "failed" if left["failed"] else "done"
+            await transition(conn, JOBS, (job_id,), state)
+            closed[job_id] = state
+    return closed
+
+
+@dataclass
+class Batch:
+    """Claimed items; put one Result per item in `results` before the block ends."""
+
+    items: list[Claimed]
+    results: list[Result] = field(default_factory=list)
+    closed: dict[int, str] = field(default_factory=dict)  # jobs finished by this batch
+
+
+@asynccontextmanager
+async def claimed(pool: Pool, limit: int) -> AsyncIterator[Batch]:
+    """Claim up to `limit` items for the block; record its results when it ends normally.
+
+    The claim's transaction spans the block: if the block raises (or the process dies),
+    nothing is recorded and the items are queued again. Database errors come out as
+    storage errors (StorageUnavailableError: retry later).
+    """
+    with translated("re-decoding quarantined frames"):
+        async with pool.acquire() as conn, conn.transaction():
+            batch = Batch(await claim(conn, limit))
+            yield batch
+            if batch.results:
+                batch.closed = await record(conn, batch.results)
+
+
+class Listener:
+    """A connection of its own that LISTENs on CHANNEL and calls `wake()` on each NOTIFY."""
+
+    def __init__(self, dsn: str, wake: Callable[[], None]) -> None:
+        """Listen on `dsn` once `open()` is awaited."""
+        self._dsn = dsn
+        self._wake = wake
+        self._conn: asyncpg.Connection | None = None
+
+    @property
+    def alive(self) -> bool:
+        """True while the connection is open."""
+        return self._conn is not None and not self._conn.is_closed()
+
+    async def open(self) -> None:
+        """Connect and LISTEN; StorageUnavailableError when the database is away."""
+        with translated("listening for re-decode requests"):
+            conn = await asyncpg.connect(self._dsn, timeout=5.0)
+            await conn.add_listener(CHANNEL, self._notified)
+        self._conn = conn
+
+    def _notified(self, *_args: object) -> None:
+        self._wake()
+
+    async def close(self) -> None:
+        """Close the connection (never raises)."""
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), 2.0)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                conn.terminate()
