@@ -1,0 +1,94 @@
+"""The re-decode queue's state machine: every edge of the transition tables, walked on the
+real database; claims that skip locked items; a crash (rollback) re-queues a batch."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from storage import quarantine
+from storage.archive import ArchiveWriter, QuarantineRow
+from storage.quarantine import ITEMS, JOBS, InvalidTransitionError, Machine
+
+
+async def a_row(pool: asyncpg.Pool, tenant_id: int, payload: bytes) -> int:
+    """One quarantine row of `tenant_id`; its id."""
+    at = datetime(2025, 5, 1, tzinfo=UTC)
+    await ArchiveWriter(pool).write_quarantine(
+        [QuarantineRow(at, tenant_id, None, 5, None, "undecodable", "crc: x", payload)]
+    )
+    return int(
+        await pool.fetchval("SELECT quarantine_id FROM quarantine WHERE payload = $1", payload)
+    )
+
+
+async def a_job(pool: asyncpg.Pool, tenant_id: int, payload: bytes) -> tuple[int, int]:
+    """A queued job of one item; (job_id, quarantine_id)."""
+    qid = await a_row(pool, tenant_id, payload)
+    async with pool.acquire() as conn:
+        job = await quarantine.request_one(conn, tenant_id, qid, "test")
+    assert job is not None
+    return job["job_id"], qid
+
+
+def edges(machine: Machine) -> list[tuple[str, str]]:
+    """Every (old, new) pair of the machine's states."""
+    return list(itertools.product(machine.transitions, repeat=2))
+
+
+@pytest.mark.parametrize(
+    ("machine", "old", "new"), [(m, o, n) for m in (JOBS, ITEMS) for o, n in edges(m)]
+)
+async def test_every_edge_is_allowed_exactly_when_the_table_says(
+    pool: asyncpg.Pool, tenant_id: int, machine: Machine, old: str, new: str
+) -> None:
+    """A row in state `old` moves to `new` iff the table lists that edge; else it is left
+    unchanged and InvalidTransitionError is raised."""
+    job_id, qid = await a_job(pool, tenant_id, f"edge-{machine.table}-{old}-{new}".encode())
+    key = (job_id,) if machine is JOBS else (job_id, qid)
+    match = " AND ".join(f"{k} = ${i}" for i, k in enumerate(machine.keys, start=1))
+    stamp = "NULL" if old == "queued" else "now()"
+    await pool.execute(
+        f"UPDATE {machine.table} SET state = '{old}', {machine.stamp} = {stamp} WHERE {match}",
+        *key,
+    )
+    async with pool.acquire() as conn:
+        if new in machine.transitions[old]:
+            await quarantine.transition(conn, machine, key, new)
+            want = new
+        else:
+            with pytest.raises(InvalidTransitionError):
+                await quarantine.transition(conn, machine, key, new)
+            want = old
+    assert await pool.fetchval(f"SELECT state FROM {machine.table} WHERE {match}", *key) == want
+
+
+async def test_claims_skip_locked_items_and_a_rollback_requeues(
+    pool: asyncpg.Pool, tenant_id: int
+) -> None:
+    """Two claimers never get the same item; a batch whose block raises is queued again,
+    and a recorded batch resolves its row and closes its job."""
+    job_id, qid = await a_job(pool, tenant_id, b"claim-me")
+    mine = lambda batch: [i for i in batch.items if i.job_id == job_id]  # noqa: E731
+    async with quarantine.claimed(pool, 1000) as first, quarantine.claimed(pool, 1000) as second:
+        assert len(mine(first)) + len(mine(second)) == 1
+
+    async def crash() -> None:
+        async with quarantine.claimed(pool, 1000) as batch:
+            assert len(mine(batch)) == 1
+            raise RuntimeError("crash before recording")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        await crash()
+    async with quarantine.claimed(pool, 1000) as batch:
+        [item] = mine(batch)
+        # other tests' items, if any, get no result: they stay queued
+        batch.results.append(quarantine.Result(item, "duplicate", n_readings=1, n_new=0))
+    assert batch.closed == {job_id: "done"}
+    row = await pool.fetchrow(
+        "SELECT resolution, resolved_by_job FROM quarantine WHERE quarantine_id = $1", qid
+    )
+    assert tuple(row) == ("duplicate", job_id)
