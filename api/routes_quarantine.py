@@ -11,10 +11,10 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-import asyncpg
 from fastapi import APIRouter, Path, Query
 from pydantic import AwareDatetime
 
@@ -51,7 +51,7 @@ def requested_by(key_id: str) -> str:
     return f"api-key:{key_id}"
 
 
-def row_out(row: asyncpg.Record, model: type[QuarantineRow] = QuarantineRow, **more: Any) -> Any:
+def row_out(row: Mapping[str, Any], model: type[QuarantineRow] = QuarantineRow, **more: Any) -> Any:
     """The API view of a quarantine row (`model` with `more` fields for the detail)."""
     match = _ERROR_CODE.match(row["detail"]) if row["reason"] == "undecodable" else None
     return model(
@@ -77,7 +77,7 @@ def row_out(row: asyncpg.Record, model: type[QuarantineRow] = QuarantineRow, **m
     )
 
 
-def job_out(row: asyncpg.Record) -> RedecodeJob:
+def job_out(row: Mapping[str, Any]) -> RedecodeJob:
     """The API view of a job row with its counts."""
     return RedecodeJob(
         **{k: row[k] for k in ("job_id", "state", "requested_by", "requested_at", "finished_at")},
