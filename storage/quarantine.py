@@ -105,33 +105,29 @@ class Filter:
         return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in out.items()}
 
     def where(self, first: int) -> tuple[str, list[Any]]:
-        """SQL conditions on `q` (AND-joined, leading ' AND') and their args from `$first`."""
-        conds: list[str] = []
-        args: list[Any] = []
+        """SQL conditions on `q` (each with a leading ' AND') and their args from `$first`."""
+        given = [(sql, getattr(self, name)) for name, sql in _CONDITIONS]
+        given = [(sql, value) for sql, value in given if value is not None]
+        conds = "".join(
+            f" AND {sql.replace('$?', f'${first + n}')}" for n, (sql, _) in enumerate(given)
+        )
+        return conds, [value for _, value in given]
 
-        def add(sql: str, value: Any) -> None:
-            args.append(value)
-            conds.append(sql.replace("$?", f"${first + len(args) - 1}"))
 
-        if self.reason is not None:
-            add("q.reason = $?", self.reason)
-        if self.error is not None:  # the store writes '<error code>: <message>'
-            add("starts_with(q.detail, $? || ':')", self.error)
-        if self.meter_id is not None:
-            add("q.meter_id = $?", self.meter_id)
-        if self.address is not None:
-            add(
-                "q.meter_id IN (SELECT m.meter_id FROM meters m"
-                " WHERE m.tenant_id = q.tenant_id AND m.address = $?)",
-                self.address,
-            )
-        if self.received_from is not None:
-            add("q.received_at >= $?", self.received_from)
-        if self.received_to is not None:
-            add("q.received_at < $?", self.received_to)
-        if self.resolved is not None:
-            add("(q.resolved_at IS NOT NULL) = $?", self.resolved)
-        return "".join(f" AND {c}" for c in conds), args
+# Filter field -> its condition on quarantine q ($? is the value)
+_CONDITIONS: Final = (
+    ("reason", "q.reason = $?"),
+    ("error", "starts_with(q.detail, $? || ':')"),  # the store writes '<code>: <message>'
+    ("meter_id", "q.meter_id = $?"),
+    (
+        "address",
+        "q.meter_id IN (SELECT m.meter_id FROM meters m"
+        " WHERE m.tenant_id = q.tenant_id AND m.address = $?)",
+    ),
+    ("received_from", "q.received_at >= $?"),
+    ("received_to", "q.received_at < $?"),
+    ("resolved", "(q.resolved_at IS NOT NULL) = $?"),
+)
 
 
 async def list_rows(
@@ -291,7 +287,7 @@ async def request_matching(
         if n:
             await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(job_id))
         else:
-            await transition(conn, JOBS, (job_id,), "done")
+            await transition(conn, JOBS, [Move((job_id,), "done")])
         job = await get_job(conn, tenant_id, job_id)
     assert job is not None
     return job
@@ -318,10 +314,10 @@ class Machine:
     """A table whose `state` column moves only along `transitions` (old -> allowed new)."""
 
     table: str
-    keys: tuple[str, ...]
-    stamp: str  # set when the state leaves 'queued', cleared never
+    keys: tuple[str, ...]  # bigint columns
+    stamp: str  # set when a row leaves 'queued'
     transitions: Mapping[str, frozenset[str]]
-    columns: frozenset[str] = field(default_factory=frozenset)  # settable with a transition
+    columns: Mapping[str, str] = field(default_factory=dict)  # settable with a move: SQL type
 
     def sources(self, new: str) -> list[str]:
         """The states from which `new` may be entered; InvalidTransitionError if none."""
@@ -338,42 +334,59 @@ ITEMS: Final = Machine(
     ("job_id", "quarantine_id"),
     "done_at",
     ITEM_TRANSITIONS,
-    frozenset({"reason", "detail", "n_readings", "n_new", "new_quarantine_id"}),
+    {
+        "reason": "text",
+        "detail": "text",
+        "n_readings": "integer",
+        "n_new": "integer",
+        "new_quarantine_id": "bigint",
+    },
 )
 
 
-async def transition(
-    conn: asyncpg.Connection,
-    machine: Machine,
-    key: Sequence[object],
-    new: str,
-    values: Mapping[str, object] | None = None,
-) -> None:
-    """Move the row `key` of `machine` to state `new`, setting `values` with it.
+@dataclass(frozen=True)
+class Move:
+    """Row `key` of a machine to state `new`, setting `values` (columns of the machine)."""
 
-    Raises InvalidTransitionError when the row is not in a state `new` may follow (or
-    does not exist), and leaves it unchanged.
+    key: tuple[int, ...]
+    new: str
+    values: Mapping[str, object] = field(default_factory=dict)
+
+
+async def transition(conn: asyncpg.Connection, machine: Machine, moves: Sequence[Move]) -> None:
+    """Apply `moves` (distinct rows, all setting the same columns) in one statement.
+
+    Each row must be in a state its new state may follow. Otherwise InvalidTransitionError
+    names the rows that were not, and no row of the call changes.
     """
-    values = dict(values or {})
-    unknown = sorted(set(values) - machine.columns)
-    if unknown:
-        msg = f"{machine.table}: {unknown} cannot be set with a transition"
+    if not moves:
+        return
+    names = sorted(moves[0].values)
+    unknown = sorted(set(names) - set(machine.columns))
+    if unknown or any(sorted(m.values) != names for m in moves):
+        msg = f"{machine.table}: moves must set the same columns, among {sorted(machine.columns)}"
         raise InvalidTransitionError(msg)
-    names = list(values)
-    n = len(machine.keys)
-    sets = "".join(f", {c} = ${n + 3 + i}" for i, c in enumerate(names))
-    match = " AND ".join(f"{k} = ${i}" for i, k in enumerate(machine.keys, start=1))
-    done = await conn.fetchval(
-        f"UPDATE {machine.table} SET state = ${n + 1}, {machine.stamp} = now(){sets}"
-        f" WHERE {match} AND state = ANY(${n + 2}::text[]) RETURNING true",
-        *key,
-        new,
-        machine.sources(new),
-        *(values[c] for c in names),
-    )
-    if not done:
-        msg = f"{machine.table} {tuple(key)}: not in a state that may move to {new!r}"
-        raise InvalidTransitionError(msg)
+    aliases = [*machine.keys, "new", "sources", *names]
+    types = ["bigint"] * len(machine.keys) + ["text", "text"] + [machine.columns[c] for c in names]
+    arrays: list[list[object]] = [[m.key[i] for m in moves] for i in range(len(machine.keys))]
+    arrays += [[m.new for m in moves], [" ".join(machine.sources(m.new)) for m in moves]]
+    arrays += [[m.values[c] for m in moves] for c in names]
+    unnest = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, start=1))
+    sets = "".join(f", {c} = v.{c}" for c in names)
+    match = " AND ".join(f"t.{k} = v.{k}" for k in machine.keys)
+    async with conn.transaction():  # a savepoint inside the caller's transaction
+        moved = await conn.fetch(
+            f"UPDATE {machine.table} t SET state = v.new, {machine.stamp} = now(){sets}"
+            f" FROM unnest({unnest}) AS v({', '.join(aliases)})"
+            f" WHERE {match} AND t.state = ANY(string_to_array(v.sources, ' '))"
+            f" RETURNING {', '.join(f't.{k}' for k in machine.keys)}",
+            *arrays,
+        )
+        if len(moved) != len(moves):
+            done = {tuple(r) for r in moved}
+            stuck = [(m.key, m.new) for m in moves if tuple(m.key) not in done]
+            msg = f"{machine.table}: rows not in a state that may move so: {stuck[:5]}"
+            raise InvalidTransitionError(msg)
 
 
 # --- the collector's side: claim, then record ---------------------------------------------
@@ -423,7 +436,8 @@ async def claim(conn: asyncpg.Connection, limit: int) -> list[Claimed]:
         " LEFT JOIN quarantine q"
         "  ON q.quarantine_id = i.quarantine_id AND q.received_at = i.received_at"
         " LEFT JOIN meters m ON m.meter_id = q.meter_id"
-        " WHERE i.state = 'queued' ORDER BY i.job_id, i.quarantine_id LIMIT $1"
+        " WHERE i.state = 'queued' AND j.state = 'queued'"
+        " ORDER BY i.job_id, i.quarantine_id LIMIT $1"
         " FOR UPDATE OF i SKIP LOCKED",
         limit,
     )
@@ -439,52 +453,57 @@ async def record(conn: asyncpg.Connection, results: Sequence[Result]) -> dict[in
     A stored, duplicate or quarantined frame resolves its quarantine row; quarantined
     again, the row names the new row the store wrote (same frame, same receive time).
     """
-    jobs: dict[int, bool] = {}  # job -> an item failed
-    for res in results:
-        item = res.item
-        new_row = None
-        if res.state == "quarantined":
-            new_row = await conn.fetchval(
-                "SELECT n.quarantine_id FROM quarantine n JOIN quarantine o"
-                " ON o.quarantine_id = $2 AND o.received_at = $1"
-                " WHERE n.received_at = $1 AND n.quarantine_id > $2"
-                " AND n.tenant_id IS NOT DISTINCT FROM o.tenant_id AND n.payload = o.payload"
-                " ORDER BY n.quarantine_id LIMIT 1",
-                item.received_at,
-                item.quarantine_id,
-            )
-        values = {
-            "reason": res.reason,
-            "detail": res.detail,
-            "n_readings": res.n_readings,
-            "n_new": res.n_new,
-            "new_quarantine_id": new_row,
-        }
-        await transition(conn, ITEMS, (item.job_id, item.quarantine_id), res.state, values)
-        if res.state in RESOLVING:
-            await conn.execute(
-                "UPDATE quarantine SET resolved_at = now(), resolution = $3,"
-                " resolved_by_job = $4, superseded_by = $5"
-                " WHERE quarantine_id = $1 AND received_at = $2 AND resolved_at IS NULL",
-                item.quarantine_id,
-                item.received_at,
-                res.state,
-                item.job_id,
-                new_row,
-            )
-        jobs[item.job_id] = jobs.get(item.job_id, False) or res.state == "failed"
-    closed: dict[int, str] = {}
-    for job_id in sorted(jobs):
-        left = await conn.fetchrow(
-            "SELECT count(*) FILTER (WHERE state = 'queued') AS queued,"
-            " count(*) FILTER (WHERE state = 'failed') AS failed"
-            " FROM redecode_items WHERE job_id = $1",
-            job_id,
+    if not results:
+        return {}
+    again = [r.item for r in results if r.state == "quarantined"]
+    found = await conn.fetch(
+        "SELECT v.qid, (SELECT n.quarantine_id FROM quarantine n JOIN quarantine o"
+        "  ON o.quarantine_id = v.qid AND o.received_at = v.at"
+        "  WHERE n.received_at = v.at AND n.quarantine_id > v.qid"
+        "  AND n.tenant_id IS NOT DISTINCT FROM o.tenant_id AND n.payload = o.payload"
+        "  ORDER BY n.quarantine_id LIMIT 1) AS new_row"
+        " FROM unnest($1::bigint[], $2::timestamptz[]) AS v(qid, at)",
+        [i.quarantine_id for i in again],
+        [i.received_at for i in again],
+    )
+    new_row = {r["qid"]: r["new_row"] for r in found}
+    moves = [
+        Move(
+            (r.item.job_id, r.item.quarantine_id),
+            r.state,
+            {
+                "reason": r.reason,
+                "detail": r.detail,
+                "n_readings": r.n_readings,
+                "n_new": r.n_new,
+                "new_quarantine_id": new_row.get(r.item.quarantine_id),
+            },
         )
-        if left["queued"] == 0:
-            state = "failed" if left["failed"] else "done"
-            await transition(conn, JOBS, (job_id,), state)
-            closed[job_id] = state
+        for r in results
+    ]
+    await transition(conn, ITEMS, moves)
+    resolving = [r for r in results if r.state in RESOLVING]
+    await conn.execute(
+        "UPDATE quarantine q SET resolved_at = now(), resolution = v.resolution,"
+        " resolved_by_job = v.job_id, superseded_by = v.new_row"
+        " FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::bigint[], $5::bigint[])"
+        "  AS v(qid, at, resolution, job_id, new_row)"
+        " WHERE q.quarantine_id = v.qid AND q.received_at = v.at AND q.resolved_at IS NULL",
+        [r.item.quarantine_id for r in resolving],
+        [r.item.received_at for r in resolving],
+        [r.state for r in resolving],
+        [r.item.job_id for r in resolving],
+        [new_row.get(r.item.quarantine_id) for r in resolving],
+    )
+    left = await conn.fetch(
+        "SELECT i.job_id, count(*) FILTER (WHERE i.state = 'failed') AS failed"
+        " FROM redecode_items i JOIN redecode_jobs j ON j.job_id = i.job_id"
+        " WHERE i.job_id = ANY($1::bigint[]) AND j.state = 'queued' GROUP BY i.job_id"
+        " HAVING count(*) FILTER (WHERE i.state = 'queued') = 0 ORDER BY i.job_id",
+        sorted({r.item.job_id for r in results}),
+    )
+    closed = {r["job_id"]: "failed" if r["failed"] else "done" for r in left}
+    await transition(conn, JOBS, [Move((job,), state) for job, state in closed.items()])
     return closed
 
 

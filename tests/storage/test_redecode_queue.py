@@ -57,13 +57,37 @@ async def test_every_edge_is_allowed_exactly_when_the_table_says(
     )
     async with pool.acquire() as conn:
         if new in machine.transitions[old]:
-            await quarantine.transition(conn, machine, key, new)
+            await quarantine.transition(conn, machine, [quarantine.Move(key, new)])
             want = new
         else:
             with pytest.raises(InvalidTransitionError):
-                await quarantine.transition(conn, machine, key, new)
+                await quarantine.transition(conn, machine, [quarantine.Move(key, new)])
             want = old
     assert await pool.fetchval(f"SELECT state FROM {machine.table} WHERE {match}", *key) == want
+
+
+async def test_a_call_with_one_refused_move_changes_nothing(
+    pool: asyncpg.Pool, tenant_id: int
+) -> None:
+    """Moves apply together: one refused move (a done item) leaves the other queued."""
+    job_a, qid_a = await a_job(pool, tenant_id, b"together-a")
+    job_b, qid_b = await a_job(pool, tenant_id, b"together-b")
+    await pool.execute(
+        "UPDATE redecode_items SET state = 'stored', done_at = now() WHERE job_id = $1", job_b
+    )
+    values = dict.fromkeys(ITEMS.columns)
+    moves = [
+        quarantine.Move((job_a, qid_a), "skipped", values),
+        quarantine.Move((job_b, qid_b), "skipped", values),
+    ]
+    async with pool.acquire() as conn:
+        with pytest.raises(InvalidTransitionError, match=str(job_b)):
+            await quarantine.transition(conn, ITEMS, moves)
+    states = await pool.fetch(
+        "SELECT state FROM redecode_items WHERE job_id = ANY($1::bigint[]) ORDER BY job_id",
+        [job_a, job_b],
+    )
+    assert [r["state"] for r in states] == ["queued", "stored"]
 
 
 async def test_claims_skip_locked_items_and_a_rollback_requeues(
