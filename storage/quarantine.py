@@ -232,23 +232,28 @@ async def request_one(
         if not row["has_payload"]:
             msg = f"quarantine row {quarantine_id} kept no payload: there is nothing to decode"
             raise NothingToDecodeError(msg)
-        open_job = await conn.fetchval(
-            "SELECT job_id FROM redecode_items WHERE quarantine_id = $1 AND state = 'queued'",
-            quarantine_id,
+        open_item = (
+            "SELECT job_id FROM redecode_items WHERE quarantine_id = $1 AND state = 'queued'"
         )
+        open_job = await conn.fetchval(open_item, quarantine_id)
         if open_job is None:
-            open_job = await _new_job(
-                conn, tenant_id, {"quarantine_id": quarantine_id}, requested_by
-            )
-            await conn.execute(
+            job_id = await _new_job(conn, tenant_id, {"quarantine_id": quarantine_id}, requested_by)
+            open_job = await conn.fetchval(
                 "INSERT INTO redecode_items (job_id, quarantine_id, received_at)"
-                " VALUES ($1, $2, $3)",
-                open_job,
+                " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING job_id",
+                job_id,
                 quarantine_id,
                 row["received_at"],
             )
-            await conn.execute("UPDATE redecode_jobs SET n_items = 1 WHERE job_id = $1", open_job)
-            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(open_job))
+            if open_job is None:  # a bulk request queued the row meanwhile: join its job
+                await conn.execute("DELETE FROM redecode_jobs WHERE job_id = $1", job_id)
+                open_job = await conn.fetchval(open_item, quarantine_id)
+                if open_job is None:  # ... and a collector has taken it already
+                    msg = f"quarantine row {quarantine_id} was re-decoded just now: see its detail"
+                    raise AlreadyResolvedError(msg)
+            else:
+                await conn.execute("UPDATE redecode_jobs SET n_items = 1 WHERE job_id = $1", job_id)
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(job_id))
         return await get_job(conn, tenant_id, open_job)
 
 
