@@ -35,7 +35,8 @@ from api.schemas_quarantine import (
     RedecodeJob,
 )
 from storage import quarantine
-from storage.quarantine import ITEM_OUTCOMES, Filter
+from storage.quarantine import Filter
+from storage.redecode_queue import ITEM_OUTCOMES
 
 router = APIRouter(prefix="/v1", tags=["quarantine"], responses=PROBLEMS)
 Id = Annotated[int, Path(ge=1, le=2**63 - 1, description="quarantine row id", examples=[1])]

@@ -1,6 +1,6 @@
 """Re-decode requests from the billing office: quarantined frames through the live store path.
 
-`Redecoder.run(stop)` drains the queue of storage.quarantine in batches of `batch_max`
+`Redecoder.run(stop)` drains the queue of storage.redecode_queue in batches of `batch_max`
 items, claimed FOR UPDATE SKIP LOCKED (several collectors share the work), woken by
 NOTIFY on a connection of its own and, in case a notification was missed while that
 connection was down, by a poll every `poll_s`. Each claimed frame is offered to the
@@ -25,13 +25,13 @@ import structlog
 
 from collector.pipeline import Device, Outcome, Pipeline, PipelineClosed, Transport, Uplink
 from collector.settings import RedecodeSettings
-from storage import quarantine
+from storage import redecode_queue as queue
 from storage.errors import StorageError
 
 log = structlog.get_logger("collector.redecode")
 
 
-def uplink_of(item: quarantine.Claimed) -> Uplink | tuple[str, str]:
+def uplink_of(item: queue.Claimed) -> Uplink | tuple[str, str]:
     """The uplink a claimed row's frame was, or (reason, detail) why it cannot be re-decoded."""
     if not item.found:
         return ("row_gone", "the quarantine row no longer exists (retention)")
@@ -57,19 +57,17 @@ def uplink_of(item: quarantine.Claimed) -> Uplink | tuple[str, str]:
     return Uplink(item.payload, transport, peer, device=device, received_at=received_at)
 
 
-def result_of(item: quarantine.Claimed, outcome: Outcome | BaseException) -> quarantine.Result:
+def result_of(item: queue.Claimed, outcome: Outcome | BaseException) -> queue.Result:
     """The item's recorded result from the pipeline's outcome (or its exception)."""
     if isinstance(outcome, BaseException):
         detail = f"{type(outcome).__name__}: {outcome}"
-        return quarantine.Result(item, "failed", "store_failed", detail)
+        return queue.Result(item, "failed", "store_failed", detail)
     if outcome.status == "quarantined":
-        return quarantine.Result(item, "quarantined", outcome.reason, outcome.detail)
+        return queue.Result(item, "quarantined", outcome.reason, outcome.detail)
     if outcome.status in ("stored", "duplicate"):
         detail = outcome.detail or None
-        return quarantine.Result(
-            item, outcome.status, None, detail, outcome.n_readings, outcome.n_new
-        )
-    return quarantine.Result(item, "failed", "no_outcome", f"pipeline answered {outcome.status}")
+        return queue.Result(item, outcome.status, None, detail, outcome.n_readings, outcome.n_new)
+    return queue.Result(item, "failed", "no_outcome", f"pipeline answered {outcome.status}")
 
 
 class Redecoder:
@@ -77,7 +75,7 @@ class Redecoder:
 
     def __init__(
         self,
-        pool: quarantine.Pool,
+        pool: queue.Pool,
         pipeline: Pipeline,
         settings: RedecodeSettings,
         database_url: str,
@@ -87,7 +85,7 @@ class Redecoder:
         self._pipeline = pipeline
         self._settings = settings
         self._wakeup = asyncio.Event()
-        self._listener = quarantine.Listener(database_url, self._wakeup.set)
+        self._listener = queue.Listener(database_url, self._wakeup.set)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Carry out requests until `stop` is set (the batch under way is finished first)."""
@@ -131,7 +129,7 @@ class Redecoder:
         return total
 
     async def _one_batch(self) -> int:
-        async with quarantine.claimed(self._pool, self._settings.batch_max) as batch:
+        async with queue.claimed(self._pool, self._settings.batch_max) as batch:
             if not batch.items:
                 return 0
             uplinks = [uplink_of(item) for item in batch.items]
@@ -145,7 +143,7 @@ class Redecoder:
             for item, uplink, future in zip(batch.items, uplinks, futures, strict=True):
                 if future is None:
                     assert isinstance(uplink, tuple)
-                    batch.results.append(quarantine.Result(item, "skipped", *uplink))
+                    batch.results.append(queue.Result(item, "skipped", *uplink))
                 else:
                     batch.results.append(result_of(item, next(outcomes)))
         counts: dict[str, int] = {}

@@ -1,60 +1,36 @@
-"""The quarantine for the billing office: list and detail, and re-decode requests as a queue.
+"""The quarantine for the billing office: list and detail, and re-decode requests.
 
 Reads are scoped to a tenant: another tenant's row, or one with no tenant (a frame whose
 sender was never identified), is indistinguishable from a missing one (None).
 
-Re-decode is a durable queue (migration 0032): a job is what a caller asked for (one row,
-or every open row matching a `Filter`), its items are the rows. `request_one` and
-`request_matching` enqueue in one transaction and NOTIFY `CHANNEL`; asking again for a
-row that has an open item joins that item's job, so nothing is queued twice. The
-collector `claim`s queued items in bounded batches (FOR UPDATE SKIP LOCKED) inside a
-transaction it keeps while their frames go through its live store path, then `record`s
-every outcome in that same transaction: the item's state, the quarantine row's
-resolution (with the new row when the frame was quarantined again), and the state of
-each job left with no queued item. States change only through `transition`, along the
-edges written in JOB_TRANSITIONS and ITEM_TRANSITIONS.
+A re-decode request is a job of the durable queue in storage.redecode_queue (migration
+0032): what a caller asked for (one row, or every open row matching a `Filter`), with one
+item per row. `request_one` and `request_matching` enqueue in one transaction and NOTIFY
+the collectors; asking again for a row that has an open item joins that item's job, so
+nothing is queued twice; a row already re-decoded (resolved) is refused.
 
 Errors (all StorageError):
 ├── AlreadyResolvedError    the row was re-decoded already; the message says with what result
 ├── NothingToDecodeError    the row kept no payload
-├── TooManyRowsError        a bulk request matches more than MAX_JOB_ITEMS rows
-└── InvalidTransitionError  a state change the tables do not allow (a bug, never input)
+└── TooManyRowsError        a bulk request matches more than MAX_JOB_ITEMS rows
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import asyncpg
 
 from storage.errors import StorageError
-from storage.pool import translated
+from storage.redecode_queue import CHANNEL, ITEM_OUTCOMES, JOBS, Move, transition
 
 Conn = asyncpg.Connection | asyncpg.Pool
-Pool = asyncpg.Pool
-CHANNEL: Final = "nbmeter_redecode"
 MAX_JOB_ITEMS: Final = 50_000
 _END: Final = datetime.max.replace(tzinfo=UTC)  # the keyset start: after every row
 
-# job: queued -> done | failed (failed: at least one of its items failed)
-JOB_TRANSITIONS: Final[Mapping[str, frozenset[str]]] = {
-    "queued": frozenset({"done", "failed"}),
-    "done": frozenset(),
-    "failed": frozenset(),
-}
-# item: queued -> what became of its frame (skipped: nothing was decoded, see its reason)
-ITEM_OUTCOMES: Final = ("stored", "duplicate", "quarantined", "skipped", "failed")
-ITEM_TRANSITIONS: Final[Mapping[str, frozenset[str]]] = {
-    "queued": frozenset(ITEM_OUTCOMES),
-    **{state: frozenset() for state in ITEM_OUTCOMES},
-}
-RESOLVING: Final = frozenset({"stored", "duplicate", "quarantined"})  # resolve the row
 
 _ROW = (
     "q.quarantine_id, q.received_at, q.tenant_id, q.meter_id, q.transport, q.peer, q.reason,"
@@ -81,10 +57,6 @@ class NothingToDecodeError(StorageError):
 
 class TooManyRowsError(StorageError):
     """A bulk re-decode request matches more rows than one job may hold."""
-
-
-class InvalidTransitionError(StorageError):
-    """A state change the transition table does not allow."""
 
 
 @dataclass(frozen=True)
@@ -309,263 +281,3 @@ async def _new_job(
         requested_by,
     )
     return job_id
-
-
-# --- the state machine, as data -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Machine:
-    """A table whose `state` column moves only along `transitions` (old -> allowed new)."""
-
-    table: str
-    keys: tuple[str, ...]  # bigint columns
-    stamp: str  # set when a row leaves 'queued'
-    transitions: Mapping[str, frozenset[str]]
-    columns: Mapping[str, str] = field(default_factory=dict)  # settable with a move: SQL type
-
-    def sources(self, new: str) -> list[str]:
-        """The states from which `new` may be entered; InvalidTransitionError if none."""
-        found = sorted(old for old, nexts in self.transitions.items() if new in nexts)
-        if not found:
-            msg = f"{self.table}: no state may move to {new!r}"
-            raise InvalidTransitionError(msg)
-        return found
-
-
-JOBS: Final = Machine("redecode_jobs", ("job_id",), "finished_at", JOB_TRANSITIONS)
-ITEMS: Final = Machine(
-    "redecode_items",
-    ("job_id", "quarantine_id"),
-    "done_at",
-    ITEM_TRANSITIONS,
-    {
-        "reason": "text",
-        "detail": "text",
-        "n_readings": "integer",
-        "n_new": "integer",
-        "new_quarantine_id": "bigint",
-    },
-)
-
-
-@dataclass(frozen=True)
-class Move:
-    """Row `key` of a machine to state `new`, setting `values` (columns of the machine)."""
-
-    key: tuple[int, ...]
-    new: str
-    values: Mapping[str, object] = field(default_factory=dict)
-
-
-async def transition(conn: asyncpg.Connection, machine: Machine, moves: Sequence[Move]) -> None:
-    """Apply `moves` (distinct rows, all setting the same columns) in one statement.
-
-    Each row must be in a state its new state may follow. Otherwise InvalidTransitionError
-    names the rows that were not, and no row of the call changes.
-    """
-    if not moves:
-        return
-    names = sorted(moves[0].values)
-    unknown = sorted(set(names) - set(machine.columns))
-    if unknown or any(sorted(m.values) != names for m in moves):
-        msg = f"{machine.table}: moves must set the same columns, among {sorted(machine.columns)}"
-        raise InvalidTransitionError(msg)
-    aliases = [*machine.keys, "new", "sources", *names]
-    types = ["bigint"] * len(machine.keys) + ["text", "text"] + [machine.columns[c] for c in names]
-    arrays: list[list[object]] = [[m.key[i] for m in moves] for i in range(len(machine.keys))]
-    arrays += [[m.new for m in moves], [" ".join(machine.sources(m.new)) for m in moves]]
-    arrays += [[m.values[c] for m in moves] for c in names]
-    unnest = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, start=1))
-    sets = "".join(f", {c} = v.{c}" for c in names)
-    match = " AND ".join(f"t.{k} = v.{k}" for k in machine.keys)
-    async with conn.transaction():  # a savepoint inside the caller's transaction
-        moved = await conn.fetch(
-            f"UPDATE {machine.table} t SET state = v.new, {machine.stamp} = now(){sets}"
-            f" FROM unnest({unnest}) AS v({', '.join(aliases)})"
-            f" WHERE {match} AND t.state = ANY(string_to_array(v.sources, ' '))"
-            f" RETURNING {', '.join(f't.{k}' for k in machine.keys)}",
-            *arrays,
-        )
-        if len(moved) != len(moves):
-            done = {tuple(r) for r in moved}
-            stuck = [(m.key, m.new) for m in moves if tuple(m.key) not in done]
-            msg = f"{machine.table}: rows not in a state that may move so: {stuck[:5]}"
-            raise InvalidTransitionError(msg)
-
-
-# --- the collector's side: claim, then record ---------------------------------------------
-
-
-@dataclass(frozen=True)
-class Claimed:
-    """A queued item and what its frame needs to go through the store path again."""
-
-    job_id: int
-    quarantine_id: int
-    received_at: datetime
-    job_tenant_id: int
-    found: bool  # False: the row is gone (retention)
-    resolved: bool
-    tenant_id: int | None
-    meter_id: int | None
-    address: str | None  # the meter's, when meter_id is set
-    transport: int | None
-    peer: str | None
-    payload: bytes | None
-
-
-@dataclass(frozen=True)
-class Result:
-    """What became of a claimed item's frame (`state` one of ITEM_OUTCOMES)."""
-
-    item: Claimed
-    state: str
-    reason: str | None = None
-    detail: str | None = None
-    n_readings: int | None = None
-    n_new: int | None = None
-
-
-async def claim(conn: asyncpg.Connection, limit: int) -> list[Claimed]:
-    """Lock up to `limit` queued items (others' locked ones skipped), oldest job first.
-
-    Call inside a transaction and `record` the results before it commits; if it rolls
-    back (a crash), the items are queued again.
-    """
-    rows = await conn.fetch(
-        "SELECT i.job_id, i.quarantine_id, i.received_at, j.tenant_id AS job_tenant_id,"
-        " q.quarantine_id IS NOT NULL AS found, q.resolved_at IS NOT NULL AS resolved,"
-        " q.tenant_id, q.meter_id, m.address, q.transport, q.peer, q.payload"
-        " FROM redecode_items i JOIN redecode_jobs j ON j.job_id = i.job_id"
-        " LEFT JOIN quarantine q"
-        "  ON q.quarantine_id = i.quarantine_id AND q.received_at = i.received_at"
-        " LEFT JOIN meters m ON m.meter_id = q.meter_id"
-        " WHERE i.state = 'queued' AND j.state = 'queued'"
-        " ORDER BY i.job_id, i.quarantine_id LIMIT $1"
-        " FOR UPDATE OF i SKIP LOCKED",
-        limit,
-    )
-    return [
-        Claimed(**{k: (bytes(v) if k == "payload" and v is not None else v) for k, v in r.items()})
-        for r in rows
-    ]
-
-
-async def record(conn: asyncpg.Connection, results: Sequence[Result]) -> dict[int, str]:
-    """Record `results` (inside `claim`'s transaction); return {job_id: state} of jobs closed.
-
-    A stored, duplicate or quarantined frame resolves its quarantine row; quarantined
-    again, the row names the new row the store wrote (same frame, same receive time).
-    """
-    if not results:
-        return {}
-    again = [r.item for r in results if r.state == "quarantined"]
-    found = await conn.fetch(
-        "SELECT v.qid, (SELECT n.quarantine_id FROM quarantine n JOIN quarantine o"
-        "  ON o.quarantine_id = v.qid AND o.received_at = v.at"
-        "  WHERE n.received_at = v.at AND n.quarantine_id > v.qid"
-        "  AND n.tenant_id IS NOT DISTINCT FROM o.tenant_id AND n.payload = o.payload"
-        "  ORDER BY n.quarantine_id LIMIT 1) AS new_row"
-        " FROM unnest($1::bigint[], $2::timestamptz[]) AS v(qid, at)",
-        [i.quarantine_id for i in again],
-        [i.received_at for i in again],
-    )
-    new_row = {r["qid"]: r["new_row"] for r in found}
-    moves = [
-        Move(
-            (r.item.job_id, r.item.quarantine_id),
-            r.state,
-            {
-                "reason": r.reason,
-                "detail": r.detail,
-                "n_readings": r.n_readings,
-                "n_new": r.n_new,
-                "new_quarantine_id": new_row.get(r.item.quarantine_id),
-            },
-        )
-        for r in results
-    ]
-    await transition(conn, ITEMS, moves)
-    resolving = [r for r in results if r.state in RESOLVING]
-    await conn.execute(
-        "UPDATE quarantine q SET resolved_at = now(), resolution = v.resolution,"
-        " resolved_by_job = v.job_id, superseded_by = v.new_row"
-        " FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::bigint[], $5::bigint[])"
-        "  AS v(qid, at, resolution, job_id, new_row)"
-        " WHERE q.quarantine_id = v.qid AND q.received_at = v.at AND q.resolved_at IS NULL",
-        [r.item.quarantine_id for r in resolving],
-        [r.item.received_at for r in resolving],
-        [r.state for r in resolving],
-        [r.item.job_id for r in resolving],
-        [new_row.get(r.item.quarantine_id) for r in resolving],
-    )
-    left = await conn.fetch(
-        "SELECT i.job_id, count(*) FILTER (WHERE i.state = 'failed') AS failed"
-        " FROM redecode_items i JOIN redecode_jobs j ON j.job_id = i.job_id"
-        " WHERE i.job_id = ANY($1::bigint[]) AND j.state = 'queued' GROUP BY i.job_id"
-        " HAVING count(*) FILTER (WHERE i.state = 'queued') = 0 ORDER BY i.job_id",
-        sorted({r.item.job_id for r in results}),
-    )
-    closed = {r["job_id"]: "failed" if r["failed"] else "done" for r in left}
-    await transition(conn, JOBS, [Move((job,), state) for job, state in closed.items()])
-    return closed
-
-
-@dataclass
-class Batch:
-    """Claimed items; put one Result per item in `results` before the block ends."""
-
-    items: list[Claimed]
-    results: list[Result] = field(default_factory=list)
-    closed: dict[int, str] = field(default_factory=dict)  # jobs finished by this batch
-
-
-@asynccontextmanager
-async def claimed(pool: Pool, limit: int) -> AsyncIterator[Batch]:
-    """Claim up to `limit` items for the block; record its results when it ends normally.
-
-    The claim's transaction spans the block: if the block raises (or the process dies),
-    nothing is recorded and the items are queued again. Database errors come out as
-    storage errors (StorageUnavailableError: retry later).
-    """
-    with translated("re-decoding quarantined frames"):
-        async with pool.acquire() as conn, conn.transaction():
-            batch = Batch(await claim(conn, limit))
-            yield batch
-            if batch.results:
-                batch.closed = await record(conn, batch.results)
-
-
-class Listener:
-    """A connection of its own that LISTENs on CHANNEL and calls `wake()` on each NOTIFY."""
-
-    def __init__(self, dsn: str, wake: Callable[[], None]) -> None:
-        """Listen on `dsn` once `open()` is awaited."""
-        self._dsn = dsn
-        self._wake = wake
-        self._conn: asyncpg.Connection | None = None
-
-    @property
-    def alive(self) -> bool:
-        """True while the connection is open."""
-        return self._conn is not None and not self._conn.is_closed()
-
-    async def open(self) -> None:
-        """Connect and LISTEN; StorageUnavailableError when the database is away."""
-        with translated("listening for re-decode requests"):
-            conn = await asyncpg.connect(self._dsn, timeout=5.0)
-            await conn.add_listener(CHANNEL, self._notified)
-        self._conn = conn
-
-    def _notified(self, *_args: object) -> None:
-        self._wake()
-
-    async def close(self) -> None:
-        """Close the connection (never raises)."""
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), 2.0)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                conn.terminate()

@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from storage import quarantine
+from storage import quarantine, redecode_queue
 from storage.archive import ArchiveWriter, QuarantineRow
-from storage.quarantine import ITEMS, JOBS, InvalidTransitionError, Machine
+from storage.redecode_queue import ITEMS, JOBS, InvalidTransitionError, Machine
 
 
 async def a_row(pool: asyncpg.Pool, tenant_id: int, payload: bytes) -> int:
@@ -57,11 +57,11 @@ async def test_every_edge_is_allowed_exactly_when_the_table_says(
     )
     async with pool.acquire() as conn:
         if new in machine.transitions[old]:
-            await quarantine.transition(conn, machine, [quarantine.Move(key, new)])
+            await redecode_queue.transition(conn, machine, [redecode_queue.Move(key, new)])
             want = new
         else:
             with pytest.raises(InvalidTransitionError):
-                await quarantine.transition(conn, machine, [quarantine.Move(key, new)])
+                await redecode_queue.transition(conn, machine, [redecode_queue.Move(key, new)])
             want = old
     assert await pool.fetchval(f"SELECT state FROM {machine.table} WHERE {match}", *key) == want
 
@@ -77,12 +77,12 @@ async def test_a_call_with_one_refused_move_changes_nothing(
     )
     values = dict.fromkeys(ITEMS.columns)
     moves = [
-        quarantine.Move((job_a, qid_a), "skipped", values),
-        quarantine.Move((job_b, qid_b), "skipped", values),
+        redecode_queue.Move((job_a, qid_a), "skipped", values),
+        redecode_queue.Move((job_b, qid_b), "skipped", values),
     ]
     async with pool.acquire() as conn:
         with pytest.raises(InvalidTransitionError, match=str(job_b)):
-            await quarantine.transition(conn, ITEMS, moves)
+            await redecode_queue.transition(conn, ITEMS, moves)
     states = await pool.fetch(
         "SELECT state FROM redecode_items WHERE job_id = ANY($1::bigint[]) ORDER BY job_id",
         [job_a, job_b],
@@ -97,20 +97,23 @@ async def test_claims_skip_locked_items_and_a_rollback_requeues(
     and a recorded batch resolves its row and closes its job."""
     job_id, qid = await a_job(pool, tenant_id, b"claim-me")
     mine = lambda batch: [i for i in batch.items if i.job_id == job_id]  # noqa: E731
-    async with quarantine.claimed(pool, 1000) as first, quarantine.claimed(pool, 1000) as second:
+    async with (
+        redecode_queue.claimed(pool, 1000) as first,
+        redecode_queue.claimed(pool, 1000) as second,
+    ):
         assert len(mine(first)) + len(mine(second)) == 1
 
     async def crash() -> None:
-        async with quarantine.claimed(pool, 1000) as batch:
+        async with redecode_queue.claimed(pool, 1000) as batch:
             assert len(mine(batch)) == 1
             raise RuntimeError("crash before recording")
 
     with pytest.raises(RuntimeError, match="crash"):
         await crash()
-    async with quarantine.claimed(pool, 1000) as batch:
+    async with redecode_queue.claimed(pool, 1000) as batch:
         [item] = mine(batch)
         # other tests' items, if any, get no result: they stay queued
-        batch.results.append(quarantine.Result(item, "duplicate", n_readings=1, n_new=0))
+        batch.results.append(redecode_queue.Result(item, "duplicate", n_readings=1, n_new=0))
     assert batch.closed == {job_id: "done"}
     row = await pool.fetchrow(
         "SELECT resolution, resolved_by_job FROM quarantine WHERE quarantine_id = $1", qid
