@@ -173,6 +173,7 @@ async def cycle_read(
         tolerance=timedelta(seconds=settings.future_tolerance_s),
         max_gap=timedelta(hours=settings.max_gap_h),
         zero_streak=timedelta(days=settings.zero_streak_days),
+        boundary_gaps=found.gaps,
     )
     opening, closing = rows[0].opening, rows[-1].closing
     body = CycleRead(

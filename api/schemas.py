@@ -125,10 +125,16 @@ class BoundaryRead(BaseModel):
     method: Method
     basis: Basis | None
     quality: int | None = Field(
-        description="ESPI QualityOfReading: 0 valid, 8 reference "
-        "day, 9 interpolated, 10 questionable, 12 projected, 13 mixed"
+        description="ESPI QualityOfReading: 0 valid, 7 manually entered, 8 reference "
+        "day, 9 interpolated, 10 questionable, 12 projected, 13 mixed (an imported read "
+        "keeps the code it was imported with)"
     )
     read_at: datetime | None
+    gap: bool = Field(
+        False,
+        description="interpolated across an outage longer than the VEE gap limit, measured "
+        "between the readings around the boundary (not cut at the cycle edge)",
+    )
     revision: int | None
     published_register_m3: str | None
 

@@ -37,4 +37,5 @@ class ApiSettings(BaseSettings):
         return Tuning(
             actual_window=timedelta(seconds=self.actual_window_s),
             future_tolerance=timedelta(seconds=self.future_tolerance_s),
+            max_gap=timedelta(hours=self.max_gap_h),
         )

@@ -7,7 +7,11 @@ Thresholds (stated, and reported with each issue):
 - spike_high: a >= 1-day window uses > 3x the baseline daily use and > 100 L/day more;
   spike_low: a >= 1-day window uses > 0 and < baseline / 3, baseline > 100 L/day;
   baseline = average daily use over the (up to) 90 days before the cycle, at least 7 days.
-- gap: readings (or cycle edges) further apart than `max_gap`.
+- gap: readings (or cycle edges) further apart than `max_gap`; and an outage across a
+  cycle boundary whose boundary read was interpolated across it, measured between the
+  readings around the boundary (40 h before + 44 h after is an 84 h gap, reported once with
+  its whole span in each cycle that boundary read serves, instead of the cut pieces). The
+  boundary reads say which were (storage.boundary.gap_across; SQL twin in storage.billing).
 - zero_consumption: an unchanged register over at least `zero_streak` days.
 - rollover: a drop whose wrap at 10^digits units is plausible at MAX_FLOW_ML_H (info);
   reverse_flow: any other drop (negative consumption), or the REVERSE_FLOW flag.
@@ -18,11 +22,13 @@ Thresholds (stated, and reported with each issue):
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from decoder.columns import Flag
 from storage.billing import MAX_FLOW_ML_H, Reading
+from storage.meter_cycle import BoundaryGap
 
 # plain ints: IntFlag arithmetic costs ~1 us an operation, and a cycle has hundreds
 _ALARM_FLAGS = {
@@ -112,8 +118,13 @@ def check_cycle(
     tolerance: timedelta,
     max_gap: timedelta,
     zero_streak: timedelta,
+    boundary_gaps: Sequence[BoundaryGap] = (),
 ) -> Report:
-    """Run every check over the cycle [open_at, close_at) and return the report."""
+    """Run every check over the cycle [open_at, close_at) and return the report.
+
+    `boundary_gaps`: the cycle's boundary reads interpolated across an outage longer than
+    `max_gap` (storage.meter_cycle.MeterCycle.gaps).
+    """
     report = Report()
     if len(spans) > 1:
         for old, new in itertools.pairwise(spans):
@@ -149,7 +160,9 @@ def check_cycle(
                         " excluded from billing",
                     )
                 )
-        _check_series(report, s, good, open_at, close_at, now, max_gap, zero_streak)
+        mine_gaps = [g for g in boundary_gaps if g.meter_id == s.meter_id]
+        _check_gaps(report, s, good, open_at, close_at, now, max_gap, mine_gaps)
+        _check_series(report, s, good, open_at, close_at, now, zero_streak)
         _flag_alarms(report, s, [r for r in good if open_at <= r.read_at < close_at])
     for meter_id, kind, at, active, _detail in events:
         report.alarms.append(Alarm(kind, "event", meter_id, at, at, 1, active))
@@ -166,7 +179,11 @@ def _baseline_ml_day(good: list[Reading], open_at: datetime, modulus: int) -> in
     return used * 86400 // int((before[-1].read_at - before[0].read_at).total_seconds())
 
 
-def _check_series(
+def _hours(span: timedelta) -> str:
+    return f"{span / timedelta(hours=1):.0f}"
+
+
+def _check_gaps(
     report: Report,
     s: Span,
     good: list[Reading],
@@ -174,6 +191,53 @@ def _check_series(
     close_at: datetime,
     now: datetime,
     max_gap: timedelta,
+    across: list[BoundaryGap],
+) -> None:
+    """Gaps inside the cycle, cut at its edges; a boundary read interpolated across a longer
+    outage replaces the cut piece at its edge by the whole outage."""
+    start = max(open_at, s.installed_at)
+    stop = min(close_at, now, s.removed_at or close_at)
+    edges = [start, *(r.read_at for r in good if start <= r.read_at < stop), stop]
+    pairs = list(itertools.pairwise(edges))
+    sides = {g.side for g in across}
+    for i, (a, b) in enumerate(pairs):
+        at_edge = (i == 0 and "opening" in sides) or (i == len(pairs) - 1 and "closing" in sides)
+        if b - a > max_gap and not at_edge:
+            report.issues.append(
+                Issue(
+                    "gap",
+                    "warning",
+                    s.meter_id,
+                    a,
+                    b,
+                    f"no reading for {_hours(b - a)} h (limit {max_gap})",
+                )
+            )
+    seen: dict[tuple[datetime, datetime], list[str]] = {}
+    for g in across:
+        seen.setdefault((g.prev_at, g.next_at), []).append(g.side)
+    for (a, b), names in seen.items():
+        reads = " and ".join(f"{n} read" for n in names)
+        report.issues.append(
+            Issue(
+                "gap",
+                "warning",
+                s.meter_id,
+                a,
+                b,
+                f"no reading for {_hours(b - a)} h across the cycle boundary (limit {max_gap}):"
+                f" the {reads} {'was' if len(names) == 1 else 'were'} interpolated across it",
+            )
+        )
+
+
+def _check_series(
+    report: Report,
+    s: Span,
+    good: list[Reading],
+    open_at: datetime,
+    close_at: datetime,
+    now: datetime,
     zero_streak: timedelta,
 ) -> None:
     modulus = 10 ** (s.digits + s.scale + 6)
@@ -185,19 +249,6 @@ def _check_series(
     prior = [r for r in good if r.read_at < start]
     series = prior[-1:] + inside
     add = report.issues.append
-    edges = [start, *(r.read_at for r in inside), stop]
-    for a, b in itertools.pairwise(edges):
-        if b - a > max_gap:
-            add(
-                Issue(
-                    "gap",
-                    "warning",
-                    s.meter_id,
-                    a,
-                    b,
-                    f"no reading for {(b - a) / timedelta(hours=1):.0f} h (limit {max_gap})",
-                )
-            )
     zero_from: datetime | None = None
     win_start, win_used = None, 0
     for a, b in itertools.pairwise(series):

@@ -35,14 +35,18 @@ class Reading:
     register_ml: int
     flags: int
     received_at: datetime
+    # ESPI quality it was entered with (manual read, import); None for a device reading
+    quality: int | None = None
 
 
 @dataclass(frozen=True)
 class Tuning:
-    """Boundary-read tuning: the actual-read window and the future-clock tolerance."""
+    """Boundary-read tuning: the actual-read window, the future-clock tolerance, and the
+    VEE gap limit (a boundary read interpolated across a longer outage is flagged `gap`)."""
 
     actual_window: timedelta
     future_tolerance: timedelta
+    max_gap: timedelta = timedelta(hours=48)
 
 
 def _max_flow_sql(kind: str) -> str:
@@ -57,13 +61,14 @@ def _m3(ml: str, scale: str) -> str:
 # $1 tenant, $2 cycle start date, $3 cycle end date (local), $4 after meter_id, $5 limit
 # (NULL: all), $6 actual window, $7 future tolerance, $8 / $9 the cycle's start / end
 # instants in zone $10: one query per timezone, so the boundaries are plan-time constants
-# (see nbm_boundary_read on chunk exclusion); $11 the last meter_id (a segment's end).
+# (see nbm_boundary_read on chunk exclusion); $11 the last meter_id (a segment's end);
+# $12 the VEE gap limit (every statement names it, so each takes the same arguments).
 _CORE = f"""
 WITH m AS (
     SELECT m.meter_id, m.address, m.service_point, m.kind, m.register_scale AS scale,
            m.register_digits AS digits, m.installed_at, m.removed_at, m.initial_register_ml,
            m.final_register_ml, {_max_flow_sql("m.kind")} AS max_flow, w.open_at, w.close_at,
-           $2::date AS cycle_start, $3::date AS cycle_end
+           $2::date AS cycle_start, $3::date AS cycle_end, $12::interval AS max_gap
     FROM meters m JOIN tenants t ON t.tenant_id = m.tenant_id
     CROSS JOIN LATERAL (SELECT $8::timestamptz AS open_at, $9::timestamptz AS close_at) w
     WHERE m.tenant_id = $1 AND m.meter_id > $4 AND m.meter_id <= $11
@@ -103,11 +108,18 @@ LEFT JOIN LATERAL (SELECT p.register_ml, p.revision FROM published_boundary_read
 """
 
 
+def _gap(s: str) -> str:
+    """A boundary read interpolated across an outage longer than the gap limit: the gap
+    measured between the readings around the boundary, not cut at the cycle edge.
+    Twin: storage.boundary.gap_across."""
+    return f"({s}.method = 'interpolated' AND {s}.next_at - {s}.prev_at > b.max_gap)"
+
+
 def _side_json(s: str, pub: str) -> str:
     register = _m3(f"{s}.register_ml", "b.scale")
     return f"""json_build_object('at', b.{s}_at, 'register_m3', {register},
         'method', {s}.method, 'basis', {s}.basis, 'quality', {s}.quality,
-        'read_at', {s}.basis_at, 'revision', {pub}.revision,
+        'read_at', {s}.basis_at, 'gap', {_gap(s)}, 'revision', {pub}.revision,
         'published_register_m3', {_m3(f"{pub}.register_ml", "b.scale")})"""
 
 
@@ -132,13 +144,14 @@ JSON_COLUMNS = f"""json_build_object('meter_id', b.meter_id, 'address', b.addres
 CSV_HEADER = (
     "meter_id,address,service_point,kind,cycle,unit,opening_at,opening_register_m3,opening_method,"
     "opening_quality,closing_at,closing_register_m3,closing_method,closing_quality,consumption_m3,"
-    "consumption_quality,rolled_over,reverse,revised"
+    "consumption_quality,rolled_over,reverse,revised,opening_gap,closing_gap"
 )
 CSV_COLUMNS = f"""b.meter_id, b.address, b.service_point, b.kind, $2::date, 'm3',
     b.o_at, {_m3("o.register_ml", "b.scale")}, o.method, o.quality,
     b.c_at, {_m3("c.register_ml", "b.scale")}, c.method, c.quality,
     {_m3("u.ml", "b.scale")}, {_CONSUMPTION_QUALITY},
-    coalesce(u.ml > c.register_ml - o.register_ml, false), coalesce(u.ml < 0, false), {_REVISED}"""
+    coalesce(u.ml > c.register_ml - o.register_ml, false), coalesce(u.ml < 0, false), {_REVISED},
+    {_gap("o")}, {_gap("c")}"""
 
 CYCLE_JSON_SQL = _CORE.format(columns=JSON_COLUMNS, published=_PUBLISHED)
 CYCLE_CSV_SQL = _CORE.format(columns=CSV_COLUMNS, published=_PUBLISHED)
@@ -189,7 +202,7 @@ class CycleQuery:
     def args(
         self, *, after: int = 0, limit: int | None = None, upto: int = LAST_ID
     ) -> tuple[Any, ...]:
-        """Positional arguments $1..$11 of CYCLE_JSON_SQL / CYCLE_CSV_SQL / PUBLISH_SQL."""
+        """Positional arguments $1..$12 of CYCLE_JSON_SQL / CYCLE_CSV_SQL / PUBLISH_SQL."""
         tz = ZoneInfo(self.zone)
         open_at = datetime.combine(self.start, time(), tzinfo=tz).astimezone(UTC)
         close_at = datetime.combine(self.end, time(), tzinfo=tz).astimezone(UTC)
@@ -205,6 +218,7 @@ class CycleQuery:
             close_at,
             self.zone,
             upto,
+            self.tuning.max_gap,
         )
 
 
@@ -284,7 +298,7 @@ async def readings_between(
 ) -> list[Reading]:
     """All stored readings (valid or not) of the meters in [start, end), by meter and time."""
     rows = await conn.fetch(
-        "SELECT meter_id, read_at, register_ml, flags, received_at FROM readings"
+        "SELECT meter_id, read_at, register_ml, flags, received_at, quality FROM readings"
         " WHERE meter_id = ANY($1) AND read_at >= $2 AND read_at < $3 ORDER BY meter_id, read_at",
         meter_ids,
         start,

@@ -267,7 +267,9 @@ def _read(
         r = p if how == "actual_prev" else n
         assert r is not None
         register, basis_at, used_flags = r.register_ml, r.read_at, r.flags
-        quality = 10 if r.flags & _QUESTIONABLE_FLAGS else 0
+        quality = r.quality  # entered with one (manual read, import: 0033)
+        if quality is None:
+            quality = 10 if r.flags & _QUESTIONABLE_FLAGS else 0
     elif how == "interpolated":
         assert p is not None
         assert n is not None
@@ -306,6 +308,17 @@ def _read(
         rolled_over=how == "interpolated" and wrapped,
         used_flags=used_flags,
     )
+
+
+def gap_across(read: BoundaryRead, max_gap: timedelta) -> bool:
+    """True when `read` was interpolated across an outage longer than `max_gap`.
+
+    The outage is measured between the readings around the boundary, not cut at the cycle
+    edge: 40 h + 44 h on either side is an 84 h gap. SQL twin: storage.billing._gap.
+    """
+    if read.method != "interpolated" or read.prev_at is None or read.next_at is None:
+        return False
+    return read.next_at - read.prev_at > max_gap
 
 
 def consumption(open_ml: int | None, close_ml: int | None, seconds_us: int, m: Meter) -> int | None:

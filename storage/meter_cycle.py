@@ -94,6 +94,19 @@ class MeterCycle:
     readings: list[Reading]
     events: list[asyncpg.Record]
     revisions: list[asyncpg.Record] = field(default_factory=list)
+    # boundary reads interpolated across an outage longer than the gap limit (VEE)
+    gaps: list[BoundaryGap] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BoundaryGap:
+    """A boundary read interpolated across an outage: the readings before and after it."""
+
+    meter_id: int
+    side: str  # "opening" or "closing"
+    at: datetime
+    prev_at: datetime
+    next_at: datetime
 
 
 @dataclass(frozen=True)
@@ -172,13 +185,23 @@ async def meter_cycle(
     latest: dict[tuple[int, datetime], asyncpg.Record] = {}
     for p in published:  # oldest first: the last one wins
         latest[(p["meter_id"], p["boundary_at"])] = p
-    rows = [_row(cycle, o, c, latest) for o, c in zip(sides[::2], sides[1::2], strict=True)]
+    rows = [
+        _row(cycle, o, c, latest, tuning.max_gap)
+        for o, c in zip(sides[::2], sides[1::2], strict=True)
+    ]
+    gaps = []
+    for i, s in enumerate(sides):  # opening, closing, opening, ...
+        prev_at, next_at = s.read.prev_at, s.read.next_at
+        if boundary.gap_across(s.read, tuning.max_gap) and prev_at and next_at:
+            side = "closing" if i % 2 else "opening"
+            gaps.append(BoundaryGap(s.meter["meter_id"], side, s.at, prev_at, next_at))
     return MeterCycle(
         rows=rows,
         meters={m["meter_id"]: m for m in chain},
         readings=[r for r in stored if r.read_at < close_max],
         events=await events_between(conn, ids, open_min, close_max),
         revisions=published,
+        gaps=gaps,
     )
 
 
@@ -215,7 +238,7 @@ async def _publish(
     return sorted([*published, *inserted], key=key)
 
 
-def _side(s: _Side, pub: asyncpg.Record | None) -> dict[str, Any]:
+def _side(s: _Side, pub: asyncpg.Record | None, max_gap: timedelta) -> dict[str, Any]:
     scale = s.meter["register_scale"]
     return {
         "at": s.at,
@@ -224,6 +247,7 @@ def _side(s: _Side, pub: asyncpg.Record | None) -> dict[str, Any]:
         "basis": s.read.basis,
         "quality": s.read.quality,
         "read_at": s.read.basis_at,
+        "gap": boundary.gap_across(s.read, max_gap),
         "revision": pub["revision"] if pub is not None else None,
         "published_register_m3": None
         if pub is None
@@ -238,7 +262,11 @@ def _revised(pub: asyncpg.Record | None, read: boundary.BoundaryRead) -> bool:
 
 
 def _row(
-    cycle: date, o: _Side, c: _Side, latest: Mapping[tuple[int, datetime], asyncpg.Record]
+    cycle: date,
+    o: _Side,
+    c: _Side,
+    latest: Mapping[tuple[int, datetime], asyncpg.Record],
+    max_gap: timedelta,
 ) -> dict[str, Any]:
     """One meter's cycle row, as the export's JSON_COLUMNS builds it."""
     m = o.meter
@@ -258,8 +286,8 @@ def _row(
         "kind": m["kind"],
         "cycle": cycle,
         "unit": "m3",
-        "opening": _side(o, po),
-        "closing": _side(c, pc),
+        "opening": _side(o, po, max_gap),
+        "closing": _side(c, pc, max_gap),
         "consumption_m3": boundary.m3_text(used, m["register_scale"]),
         "consumption_quality": quality,
         "rolled_over": both and used > c_ml - o_ml,  # type: ignore[operator]

@@ -4,7 +4,9 @@ A seeded fleet of meters with adversarial histories (sparse and dense readings, 
 on and near the boundaries, rollovers on small registers, reverse flow, clocks in the
 future, readings before installation, meters installed or removed inside the cycle with
 and without their registers, questionable flags, silent meters for every estimation
-path, a second timezone) goes through both: every row must be identical.
+path, a second timezone, outages straddling a boundary on either side of the gap limit,
+manual reads with their own quality) goes through both: every row must be identical,
+the `gap` flag of each boundary read included.
 """
 
 from __future__ import annotations
@@ -89,6 +91,14 @@ def _history(rng: np.random.Generator, fields: dict, open_at: datetime, close_at
         if t not in seen:
             seen.add(t)
             rows.append((t, register % modulus, flags, received))
+    if rows and rng.random() < 0.3:  # an outage straddling a boundary: 20..80 h, cut anywhere
+        edge = open_at if rng.random() < 0.5 else close_at
+        hours = int(rng.integers(20, 81))
+        before = timedelta(minutes=int(rng.integers(61, hours * 60 - 61)))
+        lo, hi = edge - before, edge - before + timedelta(hours=hours)
+        rows = [r for r in rows if not lo < r[0] < hi]
+        if not any(r[0] == lo for r in rows):
+            rows.append((lo, rows[-1][1], 0, lo + timedelta(minutes=2)))
     return rows
 
 
@@ -108,6 +118,14 @@ async def test_single_meter_reads_equal_the_export(
         rows = _history(rng, fields, *zone_window)
         if rows:
             await add_readings(meter_id, rows)
+        if rng.random() < 0.2:  # entered by hand near the boundaries: quality 7 (manual read)
+            await pool.execute(
+                "UPDATE readings SET quality = 7 WHERE meter_id = $1"
+                " AND (abs(extract(epoch FROM read_at - $2)) < 7200"
+                "   OR abs(extract(epoch FROM read_at - $3)) < 7200)",
+                meter_id,
+                *zone_window,
+            )
         meters.append(meter_id)
     tuning = ApiSettings(database_url="unused").tuning()
     expected = {}
@@ -128,11 +146,18 @@ async def test_single_meter_reads_equal_the_export(
                 got[r["meter_id"]] = CycleRow.model_validate(r).model_dump(mode="json")
     assert len(expected) > 100
     assert set(got) == set(expected)
-    methods = set()
+    methods, gaps, qualities = set(), set(), set()
     for meter_id, row in expected.items():
         assert got[meter_id] == row, f"meter {meter_id}"
         methods |= {row["opening"]["method"], row["closing"]["method"]}
         methods |= {row["opening"]["basis"], row["closing"]["basis"]}
+        for side in ("opening", "closing"):
+            gaps.add((side, row[side]["method"], row[side]["gap"]))
+            qualities.add(row[side]["quality"])
+    # straddling outages over and under the limit, at both boundaries; manual reads used
+    assert {("opening", "interpolated", True), ("closing", "interpolated", True)} <= gaps
+    assert {("opening", "interpolated", False), ("closing", "interpolated", False)} <= gaps
+    assert 7 in qualities
     # the fleet reaches every way a boundary read is obtained
     assert methods >= {
         "actual",

@@ -26,6 +26,7 @@ async def test_actual_reads_at_local_midnight(api, make_tenant, add_meter, add_r
         "basis": None,
         "quality": 0,
         "read_at": "2024-01-31T16:00:00Z",
+        "gap": False,
         "revision": None,
         "published_register_m3": "2.200",
     }
