@@ -27,6 +27,7 @@ from api import (
     errors,
     routes_admin,
     routes_cycles,
+    routes_manual,
     routes_meters,
     routes_quarantine,
     routes_reads,
@@ -145,6 +146,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.include_router(module.router)
     app.include_router(routes_quarantine.router)
     app.include_router(routes_tenant.router)
+    app.include_router(routes_manual.router)
 
     unavailable: dict[int | str, dict[str, Any]] = {503: {**_P, "description": "database down"}}
 

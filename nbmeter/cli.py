@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("api", "api.cli"),
         ("tenant", "api.cli_tenant"),
         ("quarantine", "api.cli_quarantine"),
+        ("reads", "api.cli_reads"),
         ("device", "collector.cli_device"),
         ("sim", "simulator.cli"),
     ):
