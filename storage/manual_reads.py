@@ -301,6 +301,8 @@ async def _store(
         first_line[key] = read.line
         good.append((read, meter["meter_id"]))
     if bad:
+        # refused anyway: list the rows that conflict with stored readings too
+        bad += await _conflicts(conn, good, source) if good else []
         kind = UnknownMeterError if unknown == len(bad) == len(reads) == 1 else EnteredReadError
         raise kind(bad)
     ids = [m for _, m in good]
@@ -316,7 +318,10 @@ async def _store(
     )
     new = {(r["meter_id"], r["read_at"]) for r in inserted}
     if len(new) < len(good):
-        await _check_existing(conn, [(r, m) for r, m in good if (m, r.read_at) not in new], source)
+        taken = [(r, m) for r, m in good if (m, r.read_at) not in new]
+        conflicts = await _conflicts(conn, taken, source)
+        if conflicts:
+            raise ReadConflictError(conflicts)
     if import_id is not None:
         await conn.execute(
             "UPDATE read_imports SET n_stored = $2 WHERE import_id = $1", import_id, len(new)
@@ -336,11 +341,11 @@ async def _store(
     return ImportResult(import_id or 0, len(reads), len(new), len(good) - len(new), replayed=False)
 
 
-async def _check_existing(
+async def _conflicts(
     conn: asyncpg.Connection, taken: list[tuple[EnteredRead, int]], source: Source
-) -> None:
-    """Raise ReadConflictError unless each reading already stored at a taken instant is the
-    same reading: equal register, and for a single manual read an entered one too."""
+) -> list[tuple[int, str]]:
+    """(line, reason) of each read whose instant holds a reading that is not the same one:
+    equal register, and for a manual read an entered one too."""
     # one index probe per instant: runtime chunk exclusion on (off for the API's sessions)
     await conn.execute("SET LOCAL timescaledb.enable_runtime_exclusion = on")
     rows = await conn.fetch(_EXISTING_SQL, [m for _, m in taken], [r.read_at for r, _ in taken])
@@ -348,7 +353,7 @@ async def _check_existing(
     conflicts = []
     for read, meter_id in taken:
         there = found.get((meter_id, read.read_at))
-        if there is None:  # pragma: no cover - the conflicting row is visible to us
+        if there is None:
             continue
         what = "a manual read" if there["source"] is not None else "a meter reading"
         same = there["register_ml"] == read.register_ml
@@ -362,8 +367,7 @@ async def _check_existing(
                 " reading (give another instant, e.g. the minute it was read)",
             )
         )
-    if conflicts:
-        raise ReadConflictError(conflicts)
+    return conflicts
 
 
 async def manual_reads(
