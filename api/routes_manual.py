@@ -140,8 +140,9 @@ async def list_manual_reads(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[ManualRead]:
     """Manual and imported reads of the meter, newest first, with who entered them."""
-    await get_or_404(pool, who.tenant_id, meter_id)
-    rows = await manual_reads.manual_reads(pool, who.tenant_id, meter_id, limit=limit)
+    async with pool.acquire() as conn:
+        await get_or_404(conn, who.tenant_id, meter_id)
+        rows = await manual_reads.manual_reads(conn, who.tenant_id, meter_id, limit=limit)
     return [_out(r) for r in rows]
 
 

@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Literal, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from api.schemas import M3, Address
 
+_EARLIEST, _LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)
+
+
+def _plausible(at: datetime) -> datetime:
+    """`at` in UTC if within 1970..2199 (the database and any meter's service fit there)."""
+    try:
+        utc = at.astimezone(UTC)
+    except OverflowError:
+        utc = _LATEST
+    if not _EARLIEST <= utc < _LATEST:
+        msg = "a time between 1970 and 2199, with its UTC offset"
+        raise ValueError(msg)
+    return utc
+
+
+ReadAt = Annotated[AwareDatetime, AfterValidator(_plausible)]
 MAX_ML = 10**18  # 10^12 m3: the M3 type's bound, inside bigint
 Note = Annotated[
     str, StringConstraints(pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$", min_length=1, max_length=500)
@@ -63,7 +87,7 @@ class ManualReadCreate(_Register):
             ]
         },
     )
-    read_at: AwareDatetime = Field(description="when it was read (with a UTC offset)")
+    read_at: ReadAt = Field(description="when it was read (with a UTC offset)")
     source: Literal["visit", "customer_photo", "other"]
     note: Note | None = None
 
@@ -74,7 +98,7 @@ class ImportRow(_Register):
     model_config = ConfigDict(extra="forbid")
     meter_id: MeterIdValue | None = None
     address: Address | None = None
-    read_at: AwareDatetime
+    read_at: ReadAt
     quality: Quality = 7
     note: Note | None = None
 

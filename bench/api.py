@@ -110,7 +110,12 @@ async def build(dsn: str, meters: int) -> tuple[str, int]:
         t0 = time.perf_counter()
         for day in range(DAYS):
             data = HEADER + day_block(first, meters, day) + TRAILER
-            await conn.copy_to_table("readings", source=_chunks(data), format="binary")
+            await conn.copy_to_table(
+                "readings",
+                source=_chunks(data),
+                format="binary",
+                columns=["meter_id", "read_at", "register_ml", "flags", "transport", "received_at"],
+            )
             if day % 10 == 9 or day == DAYS - 1:
                 done = meters * (day + 1)
                 rate = done / (time.perf_counter() - t0)

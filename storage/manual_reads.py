@@ -371,7 +371,7 @@ async def _conflicts(
 
 
 async def manual_reads(
-    conn: asyncpg.Connection | asyncpg.Pool,
+    conn: asyncpg.Connection,
     tenant_id: int,
     meter_id: int,
     *,
@@ -379,7 +379,11 @@ async def manual_reads(
     limit: int = 100,
 ) -> list[Stored]:
     """The meter's entered reads, newest first (empty for another tenant's meter)."""
-    rows = await conn.fetch(_LIST_SQL, tenant_id, meter_id, read_at, limit)
+    with translated("listing entered reads"):
+        async with conn.transaction():
+            # each read's register is one probe of readings: runtime chunk exclusion on
+            await conn.execute("SET LOCAL timescaledb.enable_runtime_exclusion = on")
+            rows = await conn.fetch(_LIST_SQL, tenant_id, meter_id, read_at, limit)
     return [Stored(**dict(r)) for r in rows]
 
 

@@ -126,8 +126,8 @@ async def test_manual_read_never_overwrites_a_stored_reading(
 
 async def test_bad_manual_reads_are_refused(api, pool, make_tenant, add_meter):
     """Future time, before installation, after removal, negative, finer or larger than the
-    register, no offset, two registers → 422; unknown or another tenant's meter → 404;
-    a read-only key → 403; nothing is stored."""
+    register, no offset or out of any calendar, two registers → 422; unknown or another
+    tenant's meter → 404; a read-only key → 403; nothing is stored."""
     t = await make_tenant()
     other = await make_tenant()
     m = await add_meter(
@@ -152,6 +152,8 @@ async def test_bad_manual_reads_are_refused(api, pool, make_tenant, add_meter):
         (m, {**ok, "register_m3": "1.0005"}, 422, "finer than"),
         (m, {**ok, "register_m3": "100.000"}, 422, "exceeds the register's range"),
         (m, {**ok, "read_at": "2024-02-01T09:00:00"}, 422, "read_at"),
+        (m, {**ok, "read_at": "0001-01-01T00:00:00+14:00"}, 422, "between 1970 and 2199"),
+        (m, {**ok, "read_at": "9999-12-31T23:59:59-14:00"}, 422, "between 1970 and 2199"),
         (m, {**ok, "register_ml": 1_000_000}, 422, "not both"),
         (m, {**ok, "source": "guess"}, 422, "source"),
         (999_999_999, ok, 404, "no meter"),
