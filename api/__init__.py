@@ -12,6 +12,8 @@ Endpoints (all under Bearer API keys, scopes readings:read / meters:write / admi
   GET       /v1/meters/{id}/alarms         open alarms; /v1/alarms for the tenant
   GET       /v1/meters/{id}/readings       interval reads, local-time steps 1h|1d|1mo
   GET       /v1/meters/{id}/cycles/{date}  cycle read with VEE issues, alarms, revisions
+  POST/GET  /v1/meters/{id}/manual-reads   enter (quality 7) / list reads entered by people
+  POST      /v1/reads/import               historical reads, CSV or JSON, all or nothing
   GET/PUT   /v1/billing-calendar           cycle day or explicit cycle start dates
   GET       /v1/cycles                     cycles in a range
   GET       /v1/cycles/{date}/reads        all meters: JSON page | NDJSON | CSV stream

@@ -83,6 +83,7 @@ def _out(s: manual_reads.Stored) -> ManualRead:
 @router.post(
     "/meters/{meter_id}/manual-reads",
     status_code=201,
+    response_model=ManualRead,
     responses={**CONFLICT, 200: {"model": ManualRead, "description": "the same read again"}},
     summary="Enter a manual read (visit, customer photo)",
 )
@@ -173,6 +174,7 @@ def _kind(request: Request) -> Kind:
     "/reads/import",
     summary="Import historical reads (CSV or JSON), all or nothing",
     openapi_extra=_IMPORT_BODY,
+    response_model=ImportAccepted,
     responses={**_TOO_LARGE},
 )
 async def import_reads(request: Request, who: Writer, pool: Pool) -> Response:
