@@ -3,6 +3,7 @@ import refused with every bad row listed; re-posting stores nothing twice; size 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -175,3 +176,20 @@ async def test_unreadable_bodies_are_refused_not_500(api, pool, make_tenant):
     r = await api.post("/v1/reads/import", headers={**t.reader, **CSV}, content=b"meter_id\n")
     assert r.status_code == 403
     assert json.loads(r.text)["status"] == 403
+
+
+async def test_the_same_file_posted_twice_at_once_is_stored_once(api, pool, make_tenant, add_meter):
+    """Two concurrent posts of one body: one imports, the other waits and is a replay."""
+    t = await make_tenant()
+    m = await add_meter(t.tenant_id, installed_at=local(SH, 2023, 1, 1))
+    body = "meter_id,read_at,register_ml\n" + "".join(
+        f"{m},2023-03-{d:02d}T00:00:00Z,{d * 1000}\n" for d in range(1, 29)
+    )
+    posts = [
+        api.post("/v1/reads/import", headers={**t.writer, **CSV}, content=body.encode())
+        for _ in range(2)
+    ]
+    results = [r.json() for r in await asyncio.gather(*posts)]
+    assert sorted((r["stored"], r["replayed"]) for r in results) == [(0, True), (28, False)]
+    assert results[0]["import_id"] == results[1]["import_id"]
+    assert await count(pool, [m]) == 28
