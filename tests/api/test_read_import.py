@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from apihelpers import local
 
@@ -193,3 +196,41 @@ async def test_the_same_file_posted_twice_at_once_is_stored_once(api, pool, make
     assert sorted((r["stored"], r["replayed"]) for r in results) == [(0, True), (28, False)]
     assert results[0]["import_id"] == results[1]["import_id"]
     assert await count(pool, [m]) == 28
+
+
+async def test_cli_imports_a_file(pool, db_url, make_tenant, add_meter, tmp_path):
+    """`nbmeter reads import --file` stores the file's rows entered by cli:<name>, and
+    lists the bad rows of a refused file by line, storing nothing."""
+    t = await make_tenant()
+    slug = await pool.fetchval("SELECT slug FROM tenants WHERE tenant_id = $1", t.tenant_id)
+    m = await add_meter(t.tenant_id, address="CLI-1", installed_at=local(SH, 2023, 1, 1))
+    good, bad = tmp_path / "good.csv", tmp_path / "bad.json"
+    good.write_text("address,read_at,register_m3\nCLI-1,2023-04-01T00:00:00+08:00,3.250\n")
+    bad.write_text('[{"address": "CLI-1", "read_at": "2022-01-01T00:00:00Z", "register_ml": 1}]')
+    env = {**os.environ, "NBMETER_DATABASE_URL": db_url}
+    nbmeter = str(Path(sys.executable).with_name("nbmeter"))
+
+    async def run(path: Path) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *[nbmeter, "reads", "import", f"--tenant={slug}", f"--file={path}", "--by=migration"],
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    code, out, err = await run(good)
+    assert (code, "1 rows, 1 stored" in out) == (0, True), err
+    row = await pool.fetchrow(
+        "SELECT r.register_ml, r.quality, mr.entered_by FROM readings r"
+        " JOIN manual_reads mr USING (meter_id, read_at) WHERE r.meter_id = $1",
+        m,
+    )
+    assert tuple(row) == (3_250_000, 7, "cli:migration")
+    code, out, err = await run(bad)
+    assert code == 1
+    assert "line 1: read_at" in err
+    assert "before meter" in err
+    assert await count(pool, [m]) == 1
