@@ -94,6 +94,16 @@ BATCH_CAPACITY: dict[Format, int] = {
     Format.INTERVAL: 24,
 }
 
+# The earliest instant each format's clock field can show: a reset real-time clock restarts
+# there. EN 13757-3 type F/G/I dates count years from 2000 (OMS); CJ/T 188 writes a
+# four-digit BCD year and SenML and nbm1 carry Unix time, so their clocks restart at 1970.
+CLOCK_EPOCH_S: dict[Format, int] = {
+    Format.CJT188: 0,
+    Format.OMS: 946_684_800,  # 2000-01-01T00:00:00Z
+    Format.SENML: 0,
+    Format.INTERVAL: 0,
+}
+
 TRANSPORT_MIX: dict[Transport, float] = {
     Transport.COAP_CON: 0.4,
     Transport.COAP_NON: 0.15,

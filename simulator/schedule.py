@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from simulator import faults
 from simulator.faults import Outcome
-from simulator.fleet import BATCH_CAPACITY, SECONDS_PER_DAY, Meter
+from simulator.fleet import BATCH_CAPACITY, CLOCK_EPOCH_S, SECONDS_PER_DAY, Meter
 from simulator.network import NetworkModel, draw
 from simulator.truth import Truth
 
@@ -94,7 +94,10 @@ def _base_uplinks(truth: Truth) -> list[Uplink]:
             reset = resets.get(m.index)
             if reset and reset.start_h < send_h <= reset.end_h:
                 future = reset.params["future"] == 1
-                offset = FUTURE_CLOCK_S if future else -(send_s - 3 * SECONDS_PER_DAY)
+                # a past reset shows the format's clock epoch plus the 3 days since: an OMS
+                # clock cannot show 1970 (its years count from 2000), its RTC restarts there
+                epoch = CLOCK_EPOCH_S[m.format]
+                offset = FUTURE_CLOCK_S if future else epoch - (send_s - 3 * SECONDS_PER_DAY)
                 up = dataclasses.replace(
                     up, outcome=Outcome.QUARANTINED, expect="clock_invalid",
                     clock_offset_s=offset, fault="clock_reset",

@@ -15,6 +15,7 @@ from simulator.faults import Outcome, parse_faults
 from simulator.fleet import FleetSpec, Format
 from simulator.schedule import build_schedule
 from simulator.truth import build_truth
+from storage.ingest import EARLIEST_READ_AT_S, MAX_CLOCK_AHEAD_S
 
 SPEC = FleetSpec(meters=120, days=6, seed=21)
 TRUTH = build_truth(SPEC, parse_faults("all,low_battery=0.3,valve_closed=0.3,corrupt=0.05"))
@@ -112,3 +113,21 @@ def test_identity_frame_carries_the_victims_address() -> None:
         victim = TRUTH.meters[u.claimed].address
         if fmt is Format.CJT188 or fmt is Format.OMS:
             assert bytes.fromhex(victim)[::-1] in payload
+
+
+def test_reset_clocks_encode_and_decode_as_past_or_future() -> None:
+    """Every clock-reset uplink encodes (an OMS clock restarts in 2000: its years cannot
+    show 1970) and decodes to readings storage refuses as clock_past or clock_future."""
+    truth = build_truth(FleetSpec(meters=160, days=8, seed=3), {"clock_reset": 1.0})
+    registers = truth.register_ml()
+    reset = [u for u in build_schedule(truth) if u.fault == "clock_reset"]
+    assert {truth.meters[u.meter].format for u in reset} == set(Format)
+    payloads = [frames.encode(truth, u, registers) for u in reset]
+    keys = {m.address: m.oms_key for m in truth.meters if m.oms_key is not None}
+    received = np.array([u.send_s for u in reset], np.int64)
+    out = importlib.import_module("decoder").decode_batch(payloads, received, keys=keys)
+    assert list(out.error_code) == [ErrorCode.OK] * len(reset)
+    assert out.n_readings > 0
+    for j in range(out.n_readings):
+        read_at, got = int(out.read_at_s[j]), int(received[out.frame_index[j]])
+        assert read_at < EARLIEST_READ_AT_S or read_at > got + MAX_CLOCK_AHEAD_S

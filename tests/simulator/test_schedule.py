@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 
 from simulator.faults import Outcome, parse_faults
-from simulator.fleet import BATCH_CAPACITY, FleetSpec, Transport
+from simulator.fleet import BATCH_CAPACITY, CLOCK_EPOCH_S, FleetSpec, Transport
 from simulator.network import MAX_RETRANSMIT, NetworkModel
 from simulator.schedule import build_schedule, expected_readings
 from simulator.truth import build_truth
@@ -80,13 +80,16 @@ def test_identity_misuse_is_an_extra_quarantined_uplink() -> None:
 
 
 def test_clock_reset_uplinks_are_quarantined_with_absurd_clock() -> None:
-    """Uplinks sent while the clock is reset carry 1970 or a far-future time."""
+    """Uplinks sent while the clock is reset carry the format's clock epoch or a far future."""
     truth = build_truth(SPEC, {"clock_reset": 0.1})
     bad = [u for u in build_schedule(truth) if u.fault == "clock_reset"]
     assert bad
     for u in bad:
         device_now = u.send_s + u.clock_offset_s
-        assert device_now < 365 * 86_400 or device_now > u.send_s + 20 * 365 * 86_400
+        epoch = CLOCK_EPOCH_S[truth.meters[u.meter].format]
+        assert epoch <= device_now < epoch + 365 * 86_400 or (
+            device_now > u.send_s + 20 * 365 * 86_400
+        )
         assert u.outcome is Outcome.QUARANTINED
 
 
