@@ -111,7 +111,7 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         except Exception:
             return
         if msg.mtype == aiocoap.CON and self._transport is not None:
-            ack = aiocoap.Message(mtype=aiocoap.ACK, code=aiocoap.EMPTY, mid=msg.mid)
+            ack = aiocoap.Message(_mtype=aiocoap.ACK, code=aiocoap.EMPTY, _mid=msg.mid)
             self._transport.sendto(ack.encode())
         if msg.mtype in (aiocoap.ACK, aiocoap.RST) and msg.mid in self._by_mid:
             self._by_mid[msg.mid].put_nowait(msg)
@@ -140,8 +140,10 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         assert self._transport is not None, "endpoint not open"
         delivery = delivery or Delivery()
         mtype = aiocoap.CON if confirmable else aiocoap.NON
+        # the underscore arguments: this module drives the exchange itself (type, Message
+        # ID, token), which aiocoap's public arguments deprecate for applications
         msg = aiocoap.Message(
-            mtype=mtype,
+            _mtype=mtype,
             code=aiocoap.POST,
             payload=payload,
             uri_path=("u",),

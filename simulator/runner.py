@@ -2,7 +2,15 @@
 
 `send_all(truth, uplinks, creds, config)` acts out every uplink on the real transports
 (CoAP via `simulator.coap`, MQTT via `simulator.mqtt`) and returns a `Summary`: sent,
-acknowledged, retried, lost by the emulated network, timed out, and rejected by reason.
+acknowledged, retried, lost by the emulated network, timed out, resent, and refused by
+reason. A meter keeps what was not acknowledged and sends it again on its next wake-up
+(`simulator.backlog`); after the last scheduled uplink every meter still installed wakes
+up once more to empty its log. What is still unacknowledged then is counted by category.
+
+Each uplink's result is one word (`backlog.category`), optionally followed by ": detail":
+`acked`; `timeout`, `lost`, `busy`, `server_error`, `unreachable` (the meter keeps the
+report); anything else is the collector's refusal reason (final). An exception inside the
+simulator is a bug: it is not counted as a result but ends the run with its traceback.
 
 Pacing, in order of precedence:
 - `herd`: every uplink of one virtual day is released at once (thundering herd);
@@ -15,17 +23,20 @@ One device never has two uplinks in flight (a meter sends one at a time).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from simulator import frames
+from simulator import backlog, frames
+from simulator.backlog import ACKED, DeviceLog
 from simulator.coap import CoapEndpoint, CoapResult, DeviceContext, OscoreCredentials
+from simulator.faults import Outcome
 from simulator.fleet import SECONDS_PER_DAY, Transport
-from simulator.mqtt import MqttCredentials, publish
-from simulator.network import Delivery
+from simulator.mqtt import MqttCredentials, MqttResult, publish
+from simulator.network import Delivery, NetworkModel
 from simulator.schedule import Uplink
 from simulator.truth import Truth
 
@@ -55,11 +66,18 @@ class RunConfig:
     herd: bool = False
     time_scale: float = 0.5
     sockets: int = 32
+    network: NetworkModel | None = None  # the emulated network resends go through
 
 
 @dataclass
 class Summary:
-    """Counts of what happened on the wire, and per-uplink results by `seq`."""
+    """Counts of what happened on the wire, and per-uplink results by `seq`.
+
+    `sent_as` holds the scheduled uplinks that were sent widened over a backlog, and
+    `resends` the uplinks added for backlogs: `uplinks(scheduled)` is what was sent.
+    `unacked` counts by category the reports still unacknowledged at the end (the last
+    result of each); `refused_good` lists refusals of readings the truth expects stored.
+    """
 
     total: int = 0
     sent: int = 0
@@ -72,25 +90,55 @@ class Summary:
     rejected: Counter[str] = field(default_factory=Counter)
     results: dict[int, str] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    sent_as: dict[int, Uplink] = field(default_factory=dict)
+    resends: list[Uplink] = field(default_factory=list)
+    unacked: Counter[str] = field(default_factory=Counter)
+    refused_good: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
         """Uplinks handled per real second."""
         return self.total / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
+    @property
+    def ok(self) -> bool:
+        """True when the collector refused no reading the truth expects it to store.
+
+        A timeout, a 5.03 or a 5.00 is not a failure of the run: the meter resends, and
+        `sim verify` judges what was stored. Whatever stayed unacknowledged is reported.
+        """
+        return not self.refused_good
+
+    def uplinks(self, scheduled: list[Uplink]) -> list[Uplink]:
+        """What was sent: the schedule (widened where a backlog rode along), then resends."""
+        return [self.sent_as.get(u.seq, u) for u in scheduled] + sorted(
+            self.resends, key=lambda u: u.seq
+        )
+
     def lines(self) -> list[str]:
         """A human summary, one fact per line."""
         rejected = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "none"
-        return [
+        unacked = ", ".join(f"{k} {v}" for k, v in sorted(self.unacked.items())) or "none"
+        widened = len({u.seq for u in self.sent_as.values()})
+        out = [
             f"uplinks       {self.total} in {self.elapsed_s:.1f} s ({self.rate:.0f}/s)",
             f"sent          {self.sent} ({self.transmissions} transmissions)",
             f"acknowledged  {self.acknowledged}",
             f"retried       {self.retried} (CoAP retransmissions, MQTT re-deliveries)",
             f"lost          {self.lost} (emulated network)",
-            f"timed out     {self.timeouts}",
+            f"timed out     {self.timeouts} (no answer; the meter keeps the report)",
             f"busy retries  {self.busy}",
+            f"resent        {len(self.resends)} frames of their own, {widened} reports "
+            "widened over a backlog (next wake-up)",
+            f"unacknowledged {sum(self.unacked.values())} reports at the end: {unacked}",
             f"rejected      {sum(self.rejected.values())}: {rejected}",
         ]
+        if self.refused_good:
+            out.append(
+                f"REFUSED       {len(self.refused_good)} uplinks of good readings: "
+                + ", ".join(f"#{seq} {why}" for seq, why in self.refused_good[:10])
+            )
+        return out
 
 
 class Progress:
@@ -134,17 +182,34 @@ def _reason(result: CoapResult) -> str:
     return head if head and " " not in head else f"coap {result.code}"
 
 
+def _mqtt_result(res: MqttResult) -> str:
+    """The result word of a publish (see the module docstring)."""
+    if res.acked:  # the broker holds a copy (QoS 1 PUBACK, or QoS 0 written)
+        return ACKED
+    if res.error.startswith("TimeoutError"):
+        return f"timeout: {res.error}"
+    if res.error.startswith("connect refused (3)"):  # MQTT 3.1.1: server unavailable
+        return f"unreachable: {res.error}"
+    if res.error.startswith("connect refused"):  # bad credentials, not authorised
+        return f"mqtt_refused: {res.error}"
+    return f"unreachable: {res.error}"
+
+
 class Sender:
-    """Holds the sockets, OSCORE contexts and device locks of one run."""
+    """Holds the sockets, OSCORE contexts, device locks and device logs of one run."""
 
     def __init__(
-        self, truth: Truth, creds: dict[str, DeviceCredentials], config: RunConfig
-    ) -> None:
+        self, truth: Truth, creds: dict[str, DeviceCredentials], config: RunConfig,
+        first_resend_seq: int = 1 << 40,
+    ) -> None:  # fmt: skip
         self.truth, self.creds, self.config = truth, creds, config
         self.registers = truth.register_ml()
         self.endpoints: list[CoapEndpoint] = []
         self.contexts: dict[int, DeviceContext] = {}
         self.locks: dict[int, asyncio.Lock] = {}
+        self.logs: dict[int, DeviceLog] = {}
+        self.seqs_start = first_resend_seq  # resends are numbered from here on
+        self.seqs = itertools.count(first_resend_seq)
         self.summary = Summary()
 
     async def open(self) -> None:
@@ -170,10 +235,47 @@ class Sender:
         return self.contexts[meter]
 
     async def send(self, up: Uplink) -> str:
-        """Act out one uplink; returns its result word (acked, lost, timeout, reason)."""
-        lock = self.locks.setdefault(up.meter, asyncio.Lock())
-        async with lock:
-            return await self._send(up)
+        """One wake-up of `up`'s meter: its backlog, then `up`; returns `up`'s result."""
+        async with self.locks.setdefault(up.meter, asyncio.Lock()):
+            log = self.logs.setdefault(up.meter, DeviceLog())
+            plan = backlog.plan_wake_up(
+                self.truth, log.take(), up, self.seqs, network=self.config.network
+            )
+            result = ""
+            for item in plan:
+                result = await self._one(item, log)
+            return result
+
+    async def flush(self, meter: int) -> None:
+        """The meter's wake-up after the run: send its log, keep what fails again."""
+        async with self.locks.setdefault(meter, asyncio.Lock()):
+            log = self.logs.setdefault(meter, DeviceLog())
+            plan = backlog.plan_wake_up(
+                self.truth, log.take(), None, self.seqs,
+                send_s=backlog.flush_s(self.truth, meter), network=self.config.network,
+            )  # fmt: skip
+            for item in plan:
+                await self._one(item, log)
+
+    async def _one(self, up: Uplink, log: DeviceLog) -> str:
+        """Send one planned uplink, record its result and log it again if not acked."""
+        s = self.summary
+        if up.resend_of >= 0:
+            if up.seq >= self.seqs_start:
+                s.resends.append(up)
+            else:
+                s.sent_as[up.seq] = up
+        result = await self._send(up)
+        s.results[up.seq] = result
+        word = backlog.category(result)
+        transport = self.truth.meters[up.meter].transport
+        if backlog.keeps(transport, result):
+            log.keep(up)
+        elif word != ACKED and word not in backlog.KEPT:
+            s.rejected[word] += 1
+            if up.outcome is Outcome.STORED and up.claimed == up.meter and not up.corrupt:
+                s.refused_good.append((up.seq, result))
+        return result
 
     async def _send(self, up: Uplink) -> str:
         s, meter = self.summary, self.truth.meters[up.meter]
@@ -202,32 +304,36 @@ class Sender:
                 await asyncio.sleep((result.max_age_s or 1) * self.config.time_scale)
                 delivery, extra = Delivery(latency_ms=up.latency_ms), 0
             if not result.answered:
-                s.lost += 1 if up.outcome == "lost" else 0
-                s.timeouts += 0 if up.outcome == "lost" else 1
-                return "lost" if up.outcome == "lost" else "timeout"
+                if up.outcome == "lost":
+                    s.lost += 1
+                    return "lost"
+                s.timeouts += 1
+                return "timeout"
             if result.code.startswith("2."):
                 s.acknowledged += 1
-                return "acked"
-            reason = _reason(result)
-            s.rejected[reason] += 1
-            return reason
+                return ACKED
+            if result.code == "5.03":
+                return f"busy: {_reason(result)}"
+            if result.code.startswith("5."):
+                return f"server_error: {result.code} {_reason(result)}"
+            return _reason(result)
         if up.outcome == "lost":  # MQTT QoS 0 dropped by the emulated network
             s.lost += 1
             return "lost"
         cred = self.creds.get(meter.address)
         if cred is None or cred.mqtt is None:
-            s.rejected["no_mqtt_credentials"] += 1
             return "no_mqtt_credentials"
         qos = 1 if meter.transport is Transport.MQTT_QOS1 else 0
         res = await publish(self.config.mqtt_url, cred.mqtt, payload, qos=qos, copies=up.copies)
         s.sent += 1 if res.sent else 0
         s.transmissions += res.sent
         s.retried += max(0, res.sent - 1)
-        if res.error:
-            s.rejected[res.error.split(" ")[0]] += 1
-            return res.error
-        s.acknowledged += 1
-        return "acked"
+        result = _mqtt_result(res)
+        if result == ACKED:
+            s.acknowledged += 1
+        elif backlog.category(result) == "timeout":
+            s.timeouts += 1
+        return result
 
 
 def _release_at(ups: list[Uplink], config: RunConfig) -> Callable[[int], float]:
@@ -261,7 +367,7 @@ async def send_all(
     registered with the backend: before the first uplink sent at or after an event's
     instant, every earlier uplink is finished and then the action is awaited.
     """
-    sender = Sender(truth, creds, config)
+    sender = Sender(truth, creds, config, first_resend_seq=len(uplinks))
     todo = list(events or [])
     running: set[asyncio.Task[None]] = set()
     await sender.open()
@@ -274,14 +380,17 @@ async def send_all(
         delay = started + release(i) - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        try:
-            sender.summary.results[up.seq] = await sender.send(up)
-        except Exception as exc:
-            sender.summary.rejected[type(exc).__name__] += 1
-            sender.summary.results[up.seq] = f"error: {exc}"
+        try:  # an exception is the simulator's own bug: the task group ends the run with it
+            await sender.send(up)
         finally:
             slots.release()
             bar.step(sender.summary)
+
+    async def flush(meter: int) -> None:
+        try:
+            await sender.flush(meter)
+        finally:
+            slots.release()
 
     try:
         async with asyncio.TaskGroup() as tg:
@@ -294,8 +403,27 @@ async def send_all(
                 task = tg.create_task(one(i, up), name=f"uplink-{up.seq}")
                 running.add(task)
                 task.add_done_callback(running.discard)
+        # the wake-up after the period, for the meters still installed (a removed meter
+        # is in the workshop: its log is never sent)
+        end_h = truth.fleet.spec.hours
+        async with asyncio.TaskGroup() as tg:
+            for meter, log in sorted(sender.logs.items()):
+                if log.pending and truth.meters[meter].removed_h >= end_h:
+                    await slots.acquire()
+                    tg.create_task(flush(meter), name=f"flush-{meter}")
+    except BaseExceptionGroup as group:
+        # a task group wraps what it ends with: show the simulator's own error as it is
+        raise (group.exceptions[0] if len(group.exceptions) == 1 else group) from None
     finally:
         sender.close()
-    sender.summary.total = len(uplinks)
-    sender.summary.elapsed_s = time.monotonic() - started
-    return sender.summary
+    summary = sender.summary
+    for meter, log in sender.logs.items():
+        removed = truth.meters[meter].removed_h < truth.fleet.spec.hours
+        for up in log.pending:
+            word = backlog.category(summary.results.get(up.seq, ""))
+            summary.unacked["removed" if removed else word] += 1
+        summary.unacked["log_full"] += len(log.dropped)
+    summary.unacked = +summary.unacked  # drop zero counts
+    summary.total = len(uplinks)
+    summary.elapsed_s = time.monotonic() - started
+    return summary

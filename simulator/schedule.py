@@ -38,6 +38,8 @@ class Uplink:
     `meter` sends it (its credentials); `claimed` is the meter whose address the frame
     carries. `first_h`..`last_h` are the truth hours it carries (inclusive). `clock_offset_s`
     is the device clock minus true time. `expect` names the quarantine reason or handling.
+    `resend_of` is the `seq` of the oldest unacknowledged report whose readings this uplink
+    carries again (`simulator.backlog`; -1: none).
     """
 
     send_s: int
@@ -55,6 +57,7 @@ class Uplink:
     latency_ms: int = 0
     fault: str = ""
     seq: int = -1
+    resend_of: int = -1
 
     @property
     def hours(self) -> range:
@@ -198,11 +201,16 @@ def build_schedule(truth: Truth, network: NetworkModel | None = None) -> list[Up
     return [dataclasses.replace(u, seq=i) for i, u in enumerate(out)]
 
 
-def expected_readings(truth: Truth, uplinks: list[Uplink]) -> npt.NDArray[np.bool_]:
+def expected_readings(
+    truth: Truth, uplinks: list[Uplink], results: dict[int, str] | None = None
+) -> npt.NDArray[np.bool_]:
     """(N, H+1) mask of the registers the backend must hold as actual readings.
 
     Column `installed_h` of every meter is its provisioned initial register; the rest come
-    from uplinks whose outcome stores readings.
+    from uplinks whose outcome stores readings. With the run's `results` (seq -> result
+    word) only acknowledged uplinks count: a reading the collector never acknowledged
+    (timeout, 5.03, 5.00, resent in vain) may or may not be stored, so it is not required;
+    one that a resend got acknowledged later is.
     """
     held = np.zeros((len(truth.meters), truth.fleet.spec.hours + 1), np.bool_)
     for m in truth.meters:
@@ -210,6 +218,8 @@ def expected_readings(truth: Truth, uplinks: list[Uplink]) -> npt.NDArray[np.boo
         if m.removed_h < truth.fleet.spec.hours:
             held[m.index, m.removed_h] = True  # the final register read at removal
     for u in uplinks:
+        if results is not None and results.get(u.seq) != "acked":
+            continue
         if u.outcome is Outcome.STORED and u.claimed == u.meter:
             held[u.meter, u.first_h : u.last_h + 1] = True
     return held

@@ -24,7 +24,7 @@ from simulator.truth import Truth
 VERSION = 1
 _UPLINK_INT_FIELDS = (
     "send_s", "meter", "claimed", "day", "first_h", "last_h", "clock_offset_s", "copies",
-    "lost_transmissions", "latency_ms", "seq",
+    "lost_transmissions", "latency_ms", "seq", "resend_of",
 )  # fmt: skip
 
 
@@ -80,6 +80,17 @@ def save(
     (directory / "truth.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 
+def load_extra(directory: Path) -> dict[str, Any]:
+    """The manifest's `extra` in `directory` ({} when there is no manifest yet)."""
+    try:
+        manifest = json.loads((directory / "truth.json").read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise TruthFileError(f"cannot read ground truth in {directory}: {exc}") from exc
+    return dict(manifest.get("extra") or {})
+
+
 def load(directory: Path) -> tuple[Truth, list[Uplink], dict[str, Any]]:
     """(truth, uplinks, extra) saved in `directory`; raises TruthFileError."""
     try:
@@ -100,16 +111,18 @@ def load(directory: Path) -> tuple[Truth, list[Uplink], dict[str, Any]]:
         flags=arrays["flags"],
         faults=tuple(Fault.from_json(f) for f in manifest["faults"]),
     )
-    uplinks = []
-    for i, (outcome, expect, fault) in enumerate(manifest["uplink_text"]):
-        ints = {f: int(arrays[f"up_{f}"][i]) for f in _UPLINK_INT_FIELDS}
-        uplinks.append(
-            Uplink(
-                **ints,
-                outcome=Outcome(outcome),
-                expect=expect,
-                fault=fault,
-                corrupt=bool(arrays["up_corrupt"][i]),
-            )
+    # each NpzFile item access reads and inflates the array again: take the columns once;
+    # files written before resends were recorded have no resend_of column (all -1)
+    columns = {f: arrays[f"up_{f}"].tolist() for f in _UPLINK_INT_FIELDS if f"up_{f}" in arrays}
+    corrupt = arrays["up_corrupt"].tolist()
+    uplinks = [
+        Uplink(
+            **{f: int(col[i]) for f, col in columns.items()},
+            outcome=Outcome(outcome),
+            expect=expect,
+            fault=fault,
+            corrupt=bool(corrupt[i]),
         )
+        for i, (outcome, expect, fault) in enumerate(manifest["uplink_text"])
+    ]
     return truth, uplinks, dict(manifest.get("extra") or {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 from simulator import truthfile
 from simulator.backend import m3_text, ml_of
 from simulator.faults import parse_faults
-from simulator.fleet import FleetSpec
+from simulator.fleet import FleetSpec, Format
 from simulator.schedule import build_schedule, expected_readings
 from simulator.truth import build_truth
 from simulator.verify import check
@@ -95,3 +96,62 @@ def test_check_wants_quarantine_of_corrupt_coap_uplinks() -> None:
     assert bad
     assert check(truth, ups, rows, {}, {u.seq: "undecodable" for u in bad}).ok
     assert not check(truth, ups, rows, {}, {bad[0].seq: "acked"}).ok
+
+
+def _boundary_reports(truth: Any, ups: list[Any]) -> list[Any]:
+    """Clean own reports of CJ/T 188 meters that carry a cycle boundary (hour 240)."""
+    return [
+        u
+        for u in ups
+        if u.last_h == 240 and u.fault == "" and u.claimed == u.meter
+        and truth.meters[u.meter].format is Format.CJT188
+    ]  # fmt: skip
+
+
+def test_check_requires_only_acknowledged_readings() -> None:
+    """A boundary reading never acknowledged may be estimated (counted by its last result);
+    one a resend got acknowledged must be actual; one acknowledged and lost fails."""
+    truth = build_truth(SPEC)
+    ups = build_schedule(truth)
+    timed_out, resent, lost = _boundary_reports(truth, ups)[:3]
+    again = dataclasses.replace(resent, seq=len(ups), resend_of=resent.seq)
+    sent = [*ups, again]
+    results = {u.seq: "acked" for u in sent}
+    results[timed_out.seq] = "timeout"
+    results[resent.seq] = "busy: overloaded"
+    # the API as it would answer if the collector stored what it acknowledged
+    rows = _rows(truth, sent)
+    for row in rows:
+        if row["address"] == truth.meters[timed_out.meter].address:
+            for b in (row["opening"], row["closing"]):
+                if b["at"].startswith(_day(240)):
+                    b["method"] = "interpolated"
+    report = check(truth, sent, rows, {}, results)
+    assert report.ok, report.table()
+    assert report.unacked == {"timeout": 1}
+    assert report.resent_acked == 1
+    assert any("never acked" in line and "timeout 1" in line for line in report.table())
+    # acknowledged, but the API has no actual read there: the collector lost it
+    for row in rows:
+        if row["address"] == truth.meters[lost.meter].address:
+            for b in (row["opening"], row["closing"]):
+                if b["at"].startswith(_day(240)):
+                    b["method"] = "interpolated"
+    report = check(truth, sent, rows, {}, results)
+    assert not report.ok
+    assert {m.meter for m in report.mismatches} == {truth.meters[lost.meter].address}
+
+
+def _day(h: int) -> str:
+    return datetime.fromtimestamp(SPEC.start_s + h * 3600, UTC).isoformat()[:13]
+
+
+def test_truthfile_keeps_resends(tmp_path: Path) -> None:
+    """A resend's link to its first report survives the ground-truth files."""
+    truth = build_truth(SPEC)
+    ups = build_schedule(truth)
+    again = dataclasses.replace(ups[5], seq=len(ups), resend_of=ups[5].seq)
+    truthfile.save(tmp_path, truth, [*ups, again])
+    _, loaded, _ = truthfile.load(tmp_path)
+    assert loaded[-1] == again
+    assert all(u.resend_of == -1 for u in loaded[:-1])
