@@ -168,6 +168,7 @@ def run_system_demo(args: argparse.Namespace) -> int:
     common = ["--tenant", slug, "--api-url", api_url, "--api-key", api_key,
               "--coap-port", str(COAP_PORT), "--mqtt-url", env["NBMETER_MQTT_URL"]]  # fmt: skip
     sim_env = {**env, "NBMETER_API_KEY": api_key}
+    started = time.monotonic()
     code = _sim(
         ["run", "--meters", str(args.meters), "--days", str(args.days), "--seed", "1",
          "--faults", "all", "--loss", "0.02", "--time-scale", "1",
@@ -177,8 +178,11 @@ def run_system_demo(args: argparse.Namespace) -> int:
     if code != 0:
         _say(f"sim run failed ({code}); collector log: {_state_dir() / 'collector.log'}")
         return code
+    ran = time.monotonic()
+    _say(f"sim run took {ran - started:.0f} s")
     plot = run_dir / "meter.png"
     code = _sim(["verify", "--run-dir", str(run_dir), "--plot", str(plot), *common], sim_env)
+    _say(f"sim verify took {time.monotonic() - ran:.0f} s")
     print()
     auth = f"curl -H 'Authorization: Bearer {api_key}'"
     print(f"billing API      {api_url}   (OpenAPI: {api_url}/docs)")
