@@ -28,8 +28,10 @@ async def _device(args: argparse.Namespace) -> int:
     if not mine:
         print("nbmeter sim: that meter has no such uplink in the schedule", file=sys.stderr)
         return 1
-    # a clean copy: one transmission, no emulated loss, no fault
-    up = dataclasses.replace(mine[-1], outcome=Outcome.STORED, copies=1, corrupt=False,
+    # the newest hours (a resend of an older report comes later in the file), sent as a
+    # clean copy: one transmission, no emulated loss, no fault
+    newest = max(mine, key=lambda u: (u.last_h, u.seq))
+    up = dataclasses.replace(newest, outcome=Outcome.STORED, copies=1, corrupt=False,
                              lost_transmissions=0, latency_ms=0, fault="")  # fmt: skip
     payload = frames.encode(truth, up, truth.register_ml())
     print(f"meter     {meter.address} ({meter.kind}, {meter.format}, {meter.transport})")
