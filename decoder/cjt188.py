@@ -23,7 +23,6 @@ prefix); a hex string anywhere inside platform JSON (`unwrap_json`).
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -32,6 +31,7 @@ import numpy as np
 
 from decoder import cjt188_kernel as kernel
 from decoder import kernels as k
+from decoder import limits
 from decoder.columns import Decoded, ErrorCode, Flag, concat, empty
 from decoder.registry import Format, register
 
@@ -168,10 +168,12 @@ EXAMPLES: tuple[tuple[str, Mapping[str, object]], ...] = (
 
 
 def unwrap_json(frame: bytes) -> bytes | None:
-    """Platform JSON (e.g. OceanConnect `services[0].data...`) -> the CJ/T 188 bytes in it."""
+    """Platform JSON (e.g. OceanConnect `services[0].data...`) -> the CJ/T 188 bytes in it.
+
+    None when there are none, or the JSON is malformed or past `decoder.limits`."""
     try:
-        doc = json.loads(frame)
-    except ValueError:
+        doc = limits.load_json(frame)
+    except ValueError:  # LimitError, JSONDecodeError, UnicodeDecodeError
         return None
     stack: list[object] = [doc]
     while stack:

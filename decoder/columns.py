@@ -57,6 +57,7 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_COMPACT = 15  # compact frame whose format signature was never learned
     TOO_LARGE = 16  # frame longer than any layout allows
     INTERNAL = 17  # a format decoder raised (a bug): frame kept for re-decode, batch goes on
+    MALFORMED = 18  # past a parsing limit (JSON/CBOR nesting depth, size, a refused CBOR tag)
 
 
 class Flag(enum.IntFlag):

@@ -16,7 +16,6 @@ attaches the endpoint name. All resolved records go to `extra["records"]`.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ import cbor2
 import numpy as np
 
 from decoder import kernels as k
+from decoder import limits
 from decoder.columns import Decoded, ErrorCode, Flag, empty
 from decoder.registry import Format, register
 
@@ -84,15 +84,21 @@ def _no_constant(name: str) -> object:
 
 
 def parse(frame: bytes) -> tuple[list[dict[str, object]], str]:
-    """Raw pack -> (records with field names, "json" or "cbor"); raises SenMLError."""
+    """Raw pack -> (records with field names, "json" or "cbor"); raises SenMLError.
+
+    Parsed within `decoder.limits` (size, nesting depth, CBOR number tags only): a pack
+    past a limit is MALFORMED."""
     head = frame.lstrip()[:1]
-    if head == b"[":
-        # Leshan accepts a trailing "]," (FORMATS §3); strip trailing commas only.
-        text = frame.decode("utf-8").rstrip().rstrip(",")
-        pack = json.loads(text, parse_float=Decimal, parse_constant=_no_constant)
-        encoding = "json"
-    else:
-        pack, encoding = cbor2.loads(frame), "cbor"
+    try:
+        if head == b"[":
+            # Leshan accepts a trailing "]," (FORMATS §3); strip trailing commas only.
+            text = frame.rstrip().rstrip(b",")
+            pack = limits.load_json(text, parse_float=Decimal, parse_constant=_no_constant)
+            encoding = "json"
+        else:
+            pack, encoding = limits.load_cbor(frame), "cbor"
+    except limits.LimitError as exc:
+        raise SenMLError(ErrorCode.MALFORMED, str(exc)) from exc
     if not isinstance(pack, list):
         raise SenMLError(ErrorCode.BAD_RECORD, "a SenML pack is an array of records")
     records = []
@@ -216,7 +222,8 @@ def decode_one(frame: bytes, received_at_s: int) -> tuple[list[tuple[int, int, i
     return readings, _meter_id(str(last_rec["n"]), bases[0] if bases else ""), extra
 
 
-# cbor2's CBORDecodeError is not a ValueError; deep nesting raises RecursionError.
+# cbor2's CBORDecodeError is not a ValueError; RecursionError cannot pass `decoder.limits`
+# but one pack must never sink the batch
 _PACK_ERRORS = (
     cbor2.CBORError,
     ValueError,

@@ -1,0 +1,132 @@
+"""Bounded parsing of untrusted JSON and CBOR: size, nesting depth and tags checked first.
+
+A payload is attacker-controlled bytes. `json.loads` recurses once per nesting level and
+raises RecursionError near the interpreter's limit (`b'{"a":' + b'[' * 1000` is 1 KB),
+and cbor2 builds whatever its semantic tags describe (shared references make a
+structure that contains itself, tag 35 compiles a regular expression). Every JSON or CBOR
+document a decoder reads goes through `load_json` / `load_cbor`:
+
+- size: at most `MAX_DOCUMENT_BYTES` (the broker's largest packet, 64 KiB);
+- depth: at most `MAX_DEPTH` nested arrays/objects. JSON is pre-scanned on the bytes
+  (numpy, no per-byte Python): brackets inside strings do not count. CBOR uses cbor2's
+  own `max_depth`, which refuses before descending;
+- CBOR tags: only numbers (RFC 8949 §3.4.3 bignums 2/3, §3.4.4 decimal fraction 4 and
+  bigfloat 5) and the self-describe tag 55799; any other tag is refused.
+
+Each refusal raises `LimitError` (a ValueError) saying which limit was passed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import cbor2
+import numpy as np
+
+MAX_DOCUMENT_BYTES = 65_536  # Mosquitto's max_packet_size in the stack's broker
+# SenML packs are 2 deep (array of maps), 3 with a decimal fraction; platform JSON
+# envelopes (OceanConnect `services[0].data`) about 5: 32 leaves room, far from recursion
+MAX_DEPTH = 32
+
+_BACKSLASH, _QUOTE = ord("\\"), ord('"')
+_STEP = np.zeros(256, np.int8)  # JSON: +1 opens a level, -1 closes one
+_STEP[[ord("["), ord("{")]] = 1
+_STEP[[ord("]"), ord("}")]] = -1
+_ALLOWED_TAGS = frozenset({2, 3, 4, 5, 55799})
+# cbor2's built-in semantic tags that are not numbers (cbor2 6.3 decoder table)
+_REFUSED_TAGS = (0, 1, 25, 28, 29, 30, 35, 36, 37, 52, 54, 256, 258, 260, 261)
+
+
+class LimitError(ValueError):
+    """A document passes a parsing limit (size, depth or a CBOR tag); says which."""
+
+
+def _check_size(doc: bytes) -> None:
+    if len(doc) > MAX_DOCUMENT_BYTES:
+        msg = f"document of {len(doc)} bytes is over the {MAX_DOCUMENT_BYTES}-byte limit"
+        raise LimitError(msg)
+
+
+def json_depth(doc: bytes) -> int:
+    """Deepest nesting of arrays/objects in `doc` (brackets inside strings ignored).
+
+    An upper bound for malformed input (e.g. an unterminated string), never an
+    underestimate of what `json.loads` would descend into. Vectorized: O(len) numpy.
+    """
+    opened = doc.count(b"[") + doc.count(b"{")
+    if opened <= MAX_DEPTH:
+        return opened  # cheap bound: most documents never need the scan below
+    a = np.frombuffer(doc, np.uint8)
+    # a quote is escaped when an odd run of backslashes precedes it (RFC 8259 §7)
+    slash = a == _BACKSLASH
+    run = np.cumsum(slash, dtype=np.int64)
+    run -= np.maximum.accumulate(np.where(slash, 0, run))
+    quote = a == _QUOTE
+    quote[1:] &= (run[:-1] & 1) == 0
+    # inside a string: after an odd number of unescaped quotes (the quote itself counts
+    # as outside on both ends, which is fine: it is not a bracket)
+    inside = (np.cumsum(quote, dtype=np.int64) & 1).astype(bool)
+    step = np.where(inside, 0, _STEP[a])
+    depth = np.cumsum(step, dtype=np.int64)
+    return int(depth.max()) if depth.size else 0
+
+
+def load_json(doc: bytes, **kwargs: Any) -> Any:
+    """`json.loads(doc, **kwargs)` within the size and depth limits; LimitError else.
+
+    `doc` must be UTF-8 (RFC 8259 §8.1; no guessing of UTF-16/32 from NUL bytes). Other
+    malformed input raises what decoding and `json.loads` raise (ValueError subclasses).
+    """
+    _check_size(doc)
+    depth = json_depth(doc)
+    if depth > MAX_DEPTH:
+        msg = f"JSON nested {depth} levels deep; at most {MAX_DEPTH} are read"
+        raise LimitError(msg)
+    text = doc.decode("utf-8")
+    try:
+        return json.loads(text, **kwargs)
+    except RecursionError as exc:  # cannot happen within MAX_DEPTH; never escape anyway
+        msg = f"JSON nesting exhausted the parser: {exc}"
+        raise LimitError(msg) from exc
+
+
+def _refused(tag: int) -> LimitError:
+    return LimitError(f"CBOR tag {tag} is not read (only number tags {sorted(_ALLOWED_TAGS)})")
+
+
+def _refuse(tag: int) -> Callable[..., object]:
+    def refuse(*_: object) -> object:  # cbor2 6.3 passes (value, immutable)
+        raise _refused(tag)
+
+    return refuse
+
+
+def _unknown_tag(tag: cbor2.CBORTag, *_: object) -> object:
+    raise _refused(tag.tag)
+
+
+_SEMANTIC = {tag: _refuse(tag) for tag in _REFUSED_TAGS}
+
+
+def load_cbor(doc: bytes) -> Any:
+    """`cbor2.loads(doc)` within the size, depth and tag limits; LimitError else.
+
+    Other malformed input raises cbor2's errors (`cbor2.CBORError`).
+    """
+    _check_size(doc)
+    try:
+        return cbor2.loads(
+            doc, max_depth=MAX_DEPTH, semantic_decoders=_SEMANTIC, tag_hook=_unknown_tag
+        )
+    except cbor2.CBORDecodeError as exc:
+        if isinstance(exc.__cause__, LimitError):  # cbor2 wraps what a tag decoder raises
+            raise exc.__cause__ from None
+        if "nesting depth" in str(exc):  # cbor2's max_depth refusal
+            msg = f"CBOR nested over {MAX_DEPTH} levels deep ({exc})"
+            raise LimitError(msg) from exc
+        raise
+    except RecursionError as exc:  # cannot happen within MAX_DEPTH; never escape anyway
+        msg = f"CBOR nesting exhausted the parser: {exc}"
+        raise LimitError(msg) from exc
