@@ -38,42 +38,135 @@ __all__ = ["Decoded", "decode_batch"]
 Offset = int | npt.NDArray[np.int64]
 
 
-def _safe_detect(fmt: Format, frame: bytes) -> bool:
+_MAX_REASON = 300  # characters of an exception's repr kept in an error message
+
+
+def _internal(n: int, key: str, message: str) -> Decoded:
+    """n frames marked INTERNAL (a decoder or detector raised) with `message`."""
+    out = empty(n)
+    out.format[:] = key
+    out.error_code[:] = ErrorCode.INTERNAL
+    out.error_message[:] = message
+    return out
+
+
+def _why(exc: BaseException) -> str:
+    text = repr(exc)
+    return text if len(text) <= _MAX_REASON else text[:_MAX_REASON] + "..."
+
+
+def _check_shape(got: object, n: int) -> Decoded:
+    """`got` if it is a well-formed Decoded of n frames; ValueError (a decoder bug) else.
+
+    O(1) length checks and one min/max: a result that would misattribute readings to
+    frames is never merged.
+    """
+    if not isinstance(got, Decoded) or got.n_frames != n:
+        msg = f"decoder returned {type(got).__name__} for {n} frames"
+        raise ValueError(msg)
+    m = got.n_readings
+    columns = (got.frame_index, got.meter_id, got.read_at_s, got.flags)
+    if any(len(c) != m for c in columns) or any(
+        len(c) != n for c in (got.format, got.meter_of_frame, got.error_message)
+    ):
+        msg = "decoder returned columns of different lengths"
+        raise ValueError(msg)
+    if m and (got.frame_index.min() < 0 or got.frame_index.max() >= n):
+        msg = "decoder returned readings of frames it was not given"
+        raise ValueError(msg)
+    return got
+
+
+def _detect(
+    fmt: Format,
+    a: npt.NDArray[np.uint8],
+    free: npt.NDArray[np.bool_],
+    rows: npt.NDArray[np.int64],
+    frames: Sequence[bytes],
+    suspects: dict[int, str],
+) -> npt.NDArray[np.bool_]:
+    """Which rows of the group (among `free`) `fmt` claims; detection never raises.
+
+    A `detect_array` that raises (or answers in the wrong shape) is retried frame by
+    frame with `detect`; a frame whose `detect` raises is not claimed by this format and
+    is noted in `suspects` (input index -> why), so it is INTERNAL rather than
+    UNKNOWN_FORMAT if no other format claims it.
+    """
+    hit = np.zeros(len(rows), bool)
+    if fmt.detect_array is not None:
+        try:
+            got = np.asarray(fmt.detect_array(a if free.all() else a[free]), bool)
+        except Exception:
+            got = None
+        if got is not None and got.shape == (int(free.sum()),):
+            hit[free] = got
+            return hit
+    for j in np.flatnonzero(free).tolist():
+        try:
+            hit[j] = bool(fmt.detect(frames[rows[j]]))
+        except Exception as exc:
+            suspects.setdefault(int(rows[j]), f"{fmt.key} detector failed: {_why(exc)}")
+    return hit
+
+
+def _attempt(
+    decode: Callable[..., Decoded],
+    sub: object,
+    rx: npt.NDArray[np.int64],
+    ctx: tuple[Mapping[str, bytes] | None, object | None],
+    kwargs: dict[str, object],
+    n: int,
+) -> Decoded | Exception:
+    """One decoder call, checked; its exception returned instead of raised."""
     try:
-        return bool(fmt.detect(frame))
-    except Exception:
-        return False
+        return _check_shape(decode(sub, rx, *ctx, **kwargs), n)
+    except Exception as exc:
+        return exc
 
 
 def _run(
     fmt: Format,
     decode: Callable[..., Decoded],
-    sub: object,
+    sub: Sequence[bytes] | npt.NDArray[np.uint8],
     n: int,
     rx: npt.NDArray[np.int64],
     ctx: tuple[Mapping[str, bytes] | None, object | None],
     variant: str | None = None,
     utc: Offset | None = None,
 ) -> Decoded:
-    """One group through its decoder; an exception marks the group INTERNAL, not the batch."""
-    try:
-        if variant is not None and not fmt.takes_variant:
-            out = empty(n)
-            out.error_code[:] = ErrorCode.UNSUPPORTED
-            out.error_message[:] = f"format {fmt.key} has no variants (hint {variant!r})"
-            return out
-        kwargs: dict[str, object] = {}
-        if fmt.takes_variant:
-            kwargs["variant"] = variant
-        if fmt.takes_utc_offset and utc is not None:
-            kwargs["utc_offset_s"] = utc
-        return decode(sub, rx, *ctx, **kwargs)
-    except Exception as exc:
+    """One group through its decoder; never raises.
+
+    If the vectorized call raises (or returns a malformed result), each frame is decoded
+    again on its own: the frames that decode alone keep their results, the culprit gets
+    INTERNAL with the exception, and the rest of the group never notices.
+    """
+    if variant is not None and not fmt.takes_variant:
         out = empty(n)
-        out.format[:] = fmt.key
-        out.error_code[:] = ErrorCode.INTERNAL
-        out.error_message[:] = f"{fmt.key} decoder failed: {exc!r} (frame kept for re-decode)"
+        out.error_code[:] = ErrorCode.UNSUPPORTED
+        out.error_message[:] = f"format {fmt.key} has no variants (hint {variant!r})"
         return out
+    kwargs: dict[str, object] = {}
+    if fmt.takes_variant:
+        kwargs["variant"] = variant
+    if fmt.takes_utc_offset and utc is not None:
+        kwargs["utc_offset_s"] = utc
+    got = _attempt(decode, sub, rx, ctx, kwargs, n)
+    if isinstance(got, Decoded):
+        return got
+    failed = f"{fmt.key} decoder failed on this frame: {{}} (frame kept for re-decode)"
+    if n == 1:
+        return _internal(1, fmt.key, failed.format(_why(got)))
+    per_row = not isinstance(utc, int | None)
+    parts: list[tuple[npt.NDArray[np.int64], Decoded]] = []
+    for i in range(n):  # find the culprit(s): the slow path, only after a decoder bug
+        one = dict(kwargs)
+        if per_row and "utc_offset_s" in one:
+            one["utc_offset_s"] = utc[i : i + 1]  # type: ignore[index]
+        alone = _attempt(decode, sub[i : i + 1], rx[i : i + 1], ctx, one, 1)
+        if not isinstance(alone, Decoded):
+            alone = _internal(1, fmt.key, failed.format(_why(alone)))
+        parts.append((np.array([i], np.int64), alone))
+    return concat(parts, n)
 
 
 def _offsets(meter_utc_offset_s: npt.ArrayLike | None, n: int) -> Offset | None:
@@ -108,7 +201,9 @@ def decode_batch(
     time; None keeps each format's default: CJ/T 188 +8 h (China Standard Time, or the
     model's), M-Bus 0 (meter clock read as UTC). Formats whose times are UTC by definition
     (SenML, nbm1 interval batches) ignore it. Raises ValueError only for an unusable batch
-    (hints, receive times or offsets of the wrong length).
+    (hints, receive times or offsets of the wrong length); never for a bad frame: an
+    exception of any detector or decoder becomes that frame's INTERNAL code (see `_run`),
+    and one raised outside them (a bug here) makes the batch be decoded frame by frame.
     """
     n = len(frames)
     if hints is not None and len(hints) != n:
@@ -120,12 +215,37 @@ def decode_batch(
         raise ValueError(msg)
     rx = k.as_received(rx, n)
     utc = _offsets(meter_utc_offset_s, n)
+    ctx = (keys, compact_cache)
+    try:
+        return _dispatch(frames, rx, ctx, hints, utc)
+    except Exception:
+        parts: list[tuple[npt.NDArray[np.int64], Decoded]] = []
+        per_row = utc is not None and not isinstance(utc, int)
+        for i in range(n):
+            one = [hints[i]] if hints is not None else None
+            off = utc[i : i + 1] if per_row else utc  # type: ignore[index]
+            try:
+                got = _check_shape(_dispatch(frames[i : i + 1], rx[i : i + 1], ctx, one, off), 1)
+            except Exception as exc:
+                got = _internal(1, "", f"decoding failed on this frame: {_why(exc)}")
+            parts.append((np.array([i], np.int64), got))
+        return concat(parts, n)
+
+
+def _dispatch(
+    frames: Sequence[bytes],
+    rx: npt.NDArray[np.int64],
+    ctx: tuple[Mapping[str, bytes] | None, object | None],
+    hints: Sequence[str | None] | None,
+    utc: Offset | None,
+) -> Decoded:
+    """`decode_batch` once its arguments are checked: detect, group, decode, merge."""
+    n = len(frames)
     per_row = utc is not None and not isinstance(utc, int)
 
     def offset_of(rows: npt.NDArray[np.int64]) -> Offset | None:
         return utc[rows] if per_row else utc  # type: ignore[index]
 
-    ctx = (keys, compact_cache)
     lengths = k.lengths_of(frames)
     is_hinted = np.zeros(n, bool)
     hinted: dict[tuple[str, str | None], list[int]] = {}
@@ -142,6 +262,7 @@ def decode_batch(
         parts.append((empties, out))
     pending = np.flatnonzero(todo)
     listed: dict[str, tuple[Format, list[npt.NDArray[np.int64]]]] = {}
+    suspects: dict[int, str] = {}  # input index -> which detector raised on it
     if pending.size == n:
         groups = k.group_by_length(frames, lengths)
     elif pending.size:
@@ -154,12 +275,7 @@ def decode_batch(
         for fmt in formats():
             if not free.any():
                 break
-            hit = np.zeros(len(rows), bool)
-            if fmt.detect_array is not None:
-                hit[free] = fmt.detect_array(a if free.all() else a[free])
-            else:
-                for j in np.flatnonzero(free).tolist():
-                    hit[j] = _safe_detect(fmt, frames[rows[j]])
+            hit = _detect(fmt, a, free, rows, frames, suspects)
             if not hit.any():
                 continue
             free &= ~hit
@@ -175,6 +291,10 @@ def decode_batch(
                 parts.append((mine, got))
             else:
                 listed.setdefault(fmt.key, (fmt, []))[1].append(rows[hit])
+        if suspects and (lost := [int(r) for r in rows[free] if int(r) in suspects]):
+            out = _internal(len(lost), "", "")
+            out.error_message[:] = [suspects[r] for r in lost]
+            parts.append((np.asarray(lost, np.int64), out))
     for fmt, chunks in listed.values():  # per-frame decoders get one call, in input order
         rows = np.sort(np.concatenate(chunks))
         sub = list(frames) if rows.size == n else [frames[i] for i in rows.tolist()]
