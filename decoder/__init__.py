@@ -3,8 +3,10 @@
 `decode_batch(frames, received_at_s)` classifies every frame (a hint, else the registered
 detectors in order), groups frames by format, runs each format's batch decoder and merges
 the results back into input order (`decoder.columns.concat`). A frame no format claims is
-UNKNOWN_FORMAT; an empty one is EMPTY; a format decoder that raises (a bug) marks only its
-own frames INTERNAL, so one bad plug-in cannot sink the batch.
+UNKNOWN_FORMAT; an empty one is EMPTY. Untrusted bytes never sink a batch: a detector
+that raises is retried frame by frame, a format's batch decode that raises is re-run frame
+by frame so that only the culprit is INTERNAL (with the exception), and JSON/CBOR are read
+within `decoder.limits` (MALFORMED past them).
 
 The hot path has no per-frame Python except `len()`: frames are grouped by length and
 stacked once (`kernels.group_by_length`), array detectors classify whole groups, and a
