@@ -9,7 +9,10 @@ wrote the uplink's readings, so that the archive and the readings commit togethe
         await archive.write_uplinks(uplinks, conn=conn)
 
 These tables have no unique key (an uplink received twice is two receptions), so the
-rows are simply appended. Errors: StorageUnavailableError (retry), SchemaError,
+rows are simply appended. Their text columns (peer, format, messages, reason, detail)
+often quote what a device sent: they pass through `pg_text` first, because PostgreSQL
+text refuses NUL and asyncpg cannot encode an unpaired surrogate, and one such address
+must not fail a batch. Errors: StorageUnavailableError (retry), SchemaError,
 StorageError, via `storage.pool.translated`.
 """
 
@@ -59,6 +62,30 @@ class QuarantineRow:
     payload: bytes | None = None
 
 
+def is_pg_text(value: str) -> bool:
+    """True if PostgreSQL can store `value` as text as it is (no NUL, valid UTF-8)."""
+    if value.isascii():
+        return "\x00" not in value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # an unpaired surrogate (JSON "\ud800" decodes to one)
+        return False
+    return "\x00" not in value
+
+
+def pg_text(value: str | None) -> str | None:
+    """`value` as PostgreSQL text can hold it: NUL becomes the four characters `\\x00`, an
+    unpaired surrogate `\\udXXX`; any other text is returned unchanged (and fast)."""
+    if value is None or is_pg_text(value):
+        return value
+    escaped = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return escaped.replace("\x00", "\\x00")
+
+
+def _storable(value: object) -> object:
+    return pg_text(value) if isinstance(value, str) else value
+
+
 _UPLINK_COLUMNS = tuple(f.name for f in fields(RawUplink))
 _QUARANTINE_COLUMNS = tuple(f.name for f in fields(QuarantineRow))
 
@@ -93,7 +120,7 @@ class ArchiveWriter:
             return 0
         # variable-width bytea/text columns: asyncpg's record encoder is the right tool
         # here (archive rows are per uplink, a small fraction of the reading volume)
-        records = [tuple(getattr(row, c) for c in columns) for row in rows]
+        records = [tuple(_storable(getattr(row, c)) for c in columns) for row in rows]
         with translated(f"archiving to {table}"):
             if conn is None:
                 async with self._pool.acquire() as pooled:
