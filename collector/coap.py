@@ -9,7 +9,8 @@ assembled up to `max_payload_bytes`). Authentication:
   database on first use and cached; the device's meter comes with the context.
 - plain CoAP: only for tenants with `allow_plain_coap`, named by `?t=<tenant-slug>`.
 
-Answers: 2.04 stored or duplicate; 4.00 undecodable; 4.01 unauthenticated; 4.03 the frame
+Answers: 2.04 stored or duplicate; 4.00 undecodable, or quarantined because decoding or
+storing it failed (decode_failed / store_failed); 4.01 unauthenticated; 4.03 the frame
 reports another meter than the authenticated device; 4.04 unknown meter (plain CoAP);
 4.13 too large (with Size1); 5.03 + Max-Age when the pipeline is full, the database is
 away longer than `ack_wait_s`, or the collector is stopping. Retransmitted CONs are
@@ -58,7 +59,6 @@ _CODES = {
     "identity_mismatch": aiocoap.FORBIDDEN,
     "unknown_meter": aiocoap.NOT_FOUND,
     "too_large": aiocoap.REQUEST_ENTITY_TOO_LARGE,
-    "store_failed": aiocoap.INTERNAL_SERVER_ERROR,
 }
 _CACHE_TTL_S = 300.0
 _CACHE_MAX = 100_000

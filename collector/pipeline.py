@@ -13,7 +13,11 @@ callable, which decodes, stores and archives the whole batch in one
 transaction. Only when it returns are the futures resolved, so an answer to a device
 always means "durable". While the database is away, `commit` raises
 `StorageUnavailableError` and the batch is retried with backoff, never dropped; the
-queue fills, and new offers are refused, which is the backpressure.
+queue fills, and new offers are refused, which is the backpressure. Nothing else is
+retried: `commit` isolates a poison uplink itself (quarantined, an answer like any
+other); an outcome `failed` (not even its quarantine row could be written) and any other
+exception of `commit` (a bug; the batch is then committed again one uplink at a time,
+so the bug stays with the uplinks it concerns) resolve the future with `UplinkFailed`.
 """
 
 from __future__ import annotations
@@ -50,6 +54,11 @@ class PipelineClosed(Exception):
     """The collector is shutting down and accepts nothing new."""
 
 
+class UplinkFailed(Exception):
+    """This uplink could not be made durable, not even as a quarantine row (CoAP 5.00, MQTT
+    no ack: the broker redelivers it after a reconnect)."""
+
+
 @dataclass(slots=True, frozen=True)
 class Device:
     """The authenticated sender of an uplink: the one meter it may report for."""
@@ -61,7 +70,8 @@ class Device:
 
 @dataclass(slots=True, frozen=True)
 class Outcome:
-    """What became of one uplink. `status`: stored, duplicate or quarantined."""
+    """What became of one uplink. `status`: stored, duplicate, quarantined, or failed (not
+    durable at all: the pipeline turns it into `UplinkFailed`)."""
 
     status: str
     reason: str = ""  # quarantine reason (machine-readable)
@@ -216,15 +226,23 @@ class Pipeline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.retry_max_s)
                 continue
-            except Exception as exc:  # a bug or a poison batch: fail it, keep running
+            except Exception as exc:  # a bug in commit: keep it to the uplinks it concerns
                 log.exception("batch.failed", uplinks=len(batch))
-                self._finish(batch, exc)
+                if len(batch) == 1:
+                    self._finish(batch, UplinkFailed(f"{type(exc).__name__}: {exc}"))
+                    return
+                for uplink in batch:  # each finishes on its own (pending -1 each)
+                    await self._commit_with_retry([uplink])
                 return
             break
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.BATCH_SECONDS.observe(time.monotonic() - started)
         for uplink, outcome in zip(batch, outcomes, strict=True):
-            if uplink.future is not None and not uplink.future.done():
+            if uplink.future is None or uplink.future.done():
+                continue
+            if outcome.status == "failed":
+                uplink.future.set_exception(UplinkFailed(f"{outcome.reason}: {outcome.detail}"))
+            else:
                 uplink.future.set_result(outcome)
         self._finish(batch, None)
 

@@ -11,15 +11,33 @@ be reached (the pipeline retries the batch), never a raw asyncpg error. Per upli
   (OSCORE context or MQTT account), else quarantine `identity_mismatch`; plain CoAP
   frames must name a meter of the tenant given in the query, else `unknown_meter`;
 - readings go in idempotently: a replayed uplink stores nothing twice (`duplicate`);
-- every uplink is archived in raw_uplinks; alarms from reading flags go to meter_events,
-  modem figures to device_health; OSCORE replay windows are persisted with the batch.
-A batch that fails for a non-transient database reason is split, so one poison uplink
-is quarantined as `store_failed` instead of blocking the others.
+- a reading the writer rejects (clock_future, clock_past, before_installation,
+  negative_register, unknown_meter) is not stored; if every reading of an uplink is
+  rejected the uplink is quarantined with that reason, else its good readings are stored
+  (2.04) and one quarantine row `readings_rejected` lists which readings were not, and why;
+- every uplink is archived in raw_uplinks; alarms from stored or duplicate readings go to
+  meter_events, modem figures to device_health; OSCORE replay windows are persisted with
+  the batch.
+
+Isolation: only a transient database condition (`StorageUnavailableError`) makes the
+pipeline retry a batch. Any other exception fails nothing but its own uplink: the batch
+is committed again in halves, down to the one uplink that fails, which is quarantined as
+`decode_failed` (the decoder raised) or `store_failed` (the database refused it), with a
+detail saying what; it is answered like any quarantined uplink (CoAP 4.00, MQTT acked)
+once that row is durable. If even that quarantine fails, a minimal row (ids, reason,
+raw bytes; then without the bytes) is written on its own; only if that fails too is the
+outcome `failed` (not durable, not acknowledged). Text that PostgreSQL cannot hold (NUL,
+unpaired surrogates) in a reported address is never looked up: for an authenticated
+device it is an identity mismatch, for plain CoAP an unknown meter; archived text is
+escaped by `storage.archive.pg_text`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -35,8 +53,8 @@ from collector.pipeline import Device, Outcome, Uplink
 from decoder import decode_batch as _decode_batch
 from decoder.columns import Decoded, ErrorCode, Flag, concat
 from storage import credentials
-from storage.archive import ArchiveWriter, QuarantineRow, RawUplink
-from storage.errors import StorageError, StorageUnavailableError
+from storage.archive import ArchiveWriter, QuarantineRow, RawUplink, is_pg_text, pg_text
+from storage.errors import StorageUnavailableError
 from storage.ingest import ReadingBatch, ReadingWriter
 from storage.meters import MeterDirectory
 
@@ -56,6 +74,9 @@ _EVENT_FLAGS = (
     (Flag.METER_ERROR, "meter_error"),
 )
 _EVENT_MASK = int(sum(int(f) for f, _ in _EVENT_FLAGS))
+_MAX_ERROR = 500  # characters of an exception kept in a quarantine detail
+_MAX_LISTED = 24  # rejected readings listed one by one in a quarantine detail (a day)
+READINGS_REJECTED = "readings_rejected"  # quarantine reason: some readings of a stored uplink
 
 TRANSIENT = (
     OSError,
@@ -66,6 +87,22 @@ TRANSIENT = (
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.TransactionRollbackError,
 )
+
+
+class DecodeFailed(Exception):
+    """The decode callable raised (a decoder bug): the frames' uplinks are `decode_failed`."""
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= _MAX_ERROR else text[:_MAX_ERROR] + "..."
+
+
+def _iso(epoch_s: int) -> str:
+    try:
+        return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):  # past datetime's years 1..9999
+        return f"epoch {epoch_s}"
 
 
 def default_decode(
@@ -135,14 +172,39 @@ def _scaled(extra: dict[str, object], names: tuple[tuple[str, int], ...]) -> int
     return None
 
 
+def _within(value: int | None, low: int, high: int) -> int | None:
+    return value if value is not None and low <= value <= high else None
+
+
+_INT4 = (-(2**31), 2**31 - 1)
+
+
 def health_of(extra: dict[str, object]) -> tuple[int | None, int | None, int | None, int | None]:
-    """(battery_mv, rsrp_cdbm, sinr_cdb, ecl) from a frame's extra fields, None if absent."""
+    """(battery_mv, rsrp_cdbm, sinr_cdb, ecl) from a frame's extra fields, None if absent
+    or outside what the device_health column holds (an implausible figure is no figure)."""
     return (
-        _scaled(extra, (("battery_mv", 1), ("battery_v", 1000))),
-        _scaled(extra, (("rsrp_cdbm", 1), ("rsrp_dbm", 100))),
-        _scaled(extra, (("sinr_cdb", 1), ("sinr_db", 100))),
-        _scaled(extra, (("ecl", 1),)),
+        _within(_scaled(extra, (("battery_mv", 1), ("battery_v", 1000))), *_INT4),
+        _within(_scaled(extra, (("rsrp_cdbm", 1), ("rsrp_dbm", 100))), *_INT4),
+        _within(_scaled(extra, (("sinr_cdb", 1), ("sinr_db", 100))), *_INT4),
+        _within(_scaled(extra, (("ecl", 1),)), 0, 2),  # 3GPP TS 36.331: CE level 0..2
     )
+
+
+def _rejections(
+    rows: list[int],
+    rejected: dict[int, str],
+    cols: tuple[list[int], list[int], list[int], list[int], list[int], list[float]],
+    total: int,
+    labels: Counter[str],
+) -> str:
+    """`3 of 24 readings rejected (clock_future 3): 2027-01-01T00:00:00Z 1234000 mL
+    clock_future; ...`: which readings of an uplink were not stored, and why."""
+    why = ", ".join(f"{label} {count}" for label, count in labels.most_common())
+    listed = "; ".join(
+        f"{_iso(cols[1][row])} {cols[2][row]} mL {rejected[row]}" for row in rows[:_MAX_LISTED]
+    )
+    more = f"; and {len(rows) - _MAX_LISTED} more" if len(rows) > _MAX_LISTED else ""
+    return f"{len(rows)} of {total} readings rejected ({why}): {listed}{more}"
 
 
 class BatchStore:
@@ -167,27 +229,78 @@ class BatchStore:
         self._acquire_timeout_s = acquire_timeout_s
 
     async def commit(self, batch: list[Uplink]) -> list[Outcome]:
-        """Store `batch` in one transaction; return its outcomes (see the module docstring)."""
+        """Store `batch` in one transaction; return its outcomes (see the module docstring).
+
+        Raises only StorageUnavailableError (the pipeline retries the batch)."""
         try:
             return await self._commit(batch)
-        except StorageUnavailableError:
-            raise
         except Exception as exc:
             if _transient(exc):
                 raise StorageUnavailableError(str(exc) or type(exc).__name__) from exc
-            if not isinstance(exc, asyncpg.PostgresError | StorageError):
-                raise
-            log.error("batch.split", uplinks=len(batch), error=str(exc))
-        outcomes: list[Outcome] = []
-        for uplink in batch:  # find the poison uplink: commit one at a time
+            if len(batch) == 1:
+                return [await self._quarantine_failed(batch[0], exc)]
+            log.warning("batch.split", uplinks=len(batch), error=_short(exc))
+        half = len(batch) // 2  # the poison is in one half (or both): O(log n) commits
+        return [*await self.commit(batch[:half]), *await self.commit(batch[half:])]
+
+    async def _quarantine_failed(self, uplink: Uplink, exc: Exception) -> Outcome:
+        """Quarantine the one uplink whose commit raised `exc` (not transient)."""
+        if isinstance(exc, DecodeFailed):
+            reason, detail = (
+                "decode_failed",
+                f"the decoder failed on it: {_short(exc.__cause__ or exc)}",
+            )
+        else:
+            reason, detail = "store_failed", f"the database refused it: {_short(exc)}"
+        log.error("uplink.isolated", reason=reason, error=_short(exc), peer=uplink.peer)
+        detail = pg_text(detail) or ""
+        uplink.reject = (reason, detail)
+        try:
+            return (await self._commit([uplink]))[0]
+        except Exception as again:
+            if _transient(again):
+                raise StorageUnavailableError(str(again) or type(again).__name__) from again
+            same = _short(again) == _short(exc)
+            also = "; archiving it failed again" if same else f"; then {_short(again)}"
+            also = pg_text(also) or ""
+            return await self._last_resort(uplink, reason, detail + also)
+
+    async def _last_resort(self, uplink: Uplink, reason: str, detail: str) -> Outcome:
+        """A minimal quarantine row on its own (ids, reason, raw bytes; then without them)."""
+        tenant = uplink.device.tenant_id if uplink.device else uplink.tenant_id
+        meter = uplink.device.meter_id if uplink.device else None
+        at = datetime.fromtimestamp(uplink.received_at, UTC)
+        digest = hashlib.sha256(uplink.payload).hexdigest()
+        row = QuarantineRow(
+            at, tenant, meter, int(uplink.transport), None, reason, detail, uplink.payload
+        )
+        error: Exception | None = None
+        for attempt in range(2):
+            if attempt:  # the row with the bytes was refused: keep their hash instead
+                gone = f"; payload not kept ({len(uplink.payload)} bytes, sha256 {digest})"
+                why = pg_text(f" because: {_short(error or Exception())}") or ""
+                row = dataclasses.replace(row, detail=detail + gone + why, payload=None)
             try:
-                outcomes.extend(await self._commit([uplink]))
-            except (asyncpg.PostgresError, StorageError) as exc:
+                await self._archive_writer.write_quarantine([row])
+            except Exception as exc:
                 if _transient(exc):
-                    raise StorageUnavailableError(str(exc)) from exc
-                uplink.reject = ("store_failed", f"the database refused it: {exc}")
-                outcomes.extend(await self._commit([uplink]))
-        return outcomes
+                    raise StorageUnavailableError(str(exc) or type(exc).__name__) from exc
+                error = exc
+                continue
+            metrics.QUARANTINED.labels(reason).inc()
+            log.warning(
+                "uplink.quarantined",
+                reason=reason,
+                detail=row.detail,
+                minimal=True,
+                transport=int(uplink.transport),
+                peer=uplink.peer,
+            )
+            return Outcome("quarantined", reason, row.detail)
+        log.error(
+            "uplink.unstorable", reason=reason, error=_short(error or Exception()), peer=uplink.peer
+        )
+        return Outcome("failed", reason, f"{detail}; not even a quarantine row could be written")
 
     async def _decode_keyed(
         self, conn: asyncpg.Connection, uplinks: list[Uplink], received_at_s: int
@@ -248,7 +361,7 @@ class BatchStore:
         # without a clock, or with relative times, are dated by it
         rx = np.array([int(uplinks[n].received_at) for n in rnd.rows], np.int64)
         ring = KeyRing(rnd.keys)
-        dec = self._decode(frames, rx, ring)
+        dec = self._decoded(frames, rx, ring)
         if not ring.missed or not (dec.error_code == ErrorCode.NO_KEY).any():
             return dec
         # a key was missing: load the asked-for keys fresh (one provisioned since the
@@ -258,11 +371,19 @@ class BatchStore:
         else:
             devices = (uplinks[n].device for n in rnd.rows)
             pairs = {(d.tenant_id, d.address) for d in devices if d and d.address in ring.missed}
+        pairs = {p for p in pairs if is_pg_text(p[1])}  # a NUL "meter id" is no meter
         found = await self._keys.get(conn, pairs, fresh=True) if pairs else {}
         more = {a: k for (_, a), k in found.items() if k is not None and a not in rnd.keys}
         if not more:
             return dec
-        return self._decode(frames, rx, KeyRing({**rnd.keys, **more}))
+        return self._decoded(frames, rx, KeyRing({**rnd.keys, **more}))
+
+    def _decoded(self, frames: list[bytes], rx: np.ndarray, ring: KeyRing) -> Decoded:
+        """`self._decode`, its exception (a decoder bug) raised as DecodeFailed."""
+        try:
+            return self._decode(frames, rx, ring)
+        except Exception as exc:
+            raise DecodeFailed(_short(exc)) from exc
 
     async def _commit(self, batch: list[Uplink]) -> list[Outcome]:
         now = time.time()
@@ -331,17 +452,24 @@ class BatchStore:
         rejected = {r.index: r.reason.label for r in result.rejected}
         n_new = [0] * len(batch)
         n_read = [0] * len(batch)
-        n_bad: dict[int, tuple[str, int]] = {}
+        bad: dict[int, list[int]] = {}  # uplink -> its rejected reading rows
         for row, i in enumerate(owner):
             n_read[i] += 1
             n_new[i] += new_rows[row]
             if row in rejected:
-                n_bad[i] = (rejected[row], n_bad.get(i, ("", 0))[1] + 1)
-        for i, (label, bad) in n_bad.items():
-            if bad == n_read[i]:  # nothing usable: the whole uplink is quarantined
-                decided[i] = (label, f"all {bad} readings rejected: {label}")
-        outcomes = self._outcomes(batch, decided, n_read, n_new, n_bad)
-        await self._archive(conn, batch, dec, frame_of, meter_of, outcomes, cols, owner)
+                bad.setdefault(i, []).append(row)
+        partial: dict[int, str] = {}  # uplink with good readings -> what was rejected, why
+        for i, rows in bad.items():
+            labels = Counter(rejected[row] for row in rows)
+            detail = _rejections(rows, rejected, cols, n_read[i], labels)
+            if len(rows) == n_read[i]:  # nothing usable: the whole uplink is quarantined
+                decided[i] = (labels.most_common(1)[0][0], detail)
+            else:
+                partial[i] = detail
+        outcomes = self._outcomes(batch, decided, n_read, n_new, partial)
+        await self._archive(
+            conn, batch, dec, frame_of, meter_of, outcomes, cols, owner, set(rejected)
+        )
         await credentials.save_replay_windows(
             conn, [u.replay_window for u in batch if u.replay_window is not None]
         )
@@ -353,7 +481,8 @@ class BatchStore:
         topics = [u.topic for u in batch if u.topic is not None and u.device is None]
         if not topics:
             return
-        found = await credentials.meters_by_topic(conn, topics)
+        topics = [t for t in topics if is_pg_text(t[0]) and is_pg_text(t[1])]
+        found = await credentials.meters_by_topic(conn, topics) if topics else {}
         for uplink in batch:
             if uplink.topic is None or uplink.device is not None:
                 continue
@@ -380,11 +509,12 @@ class BatchStore:
         if uplink.reject is not None:
             return uplink.reject, []
         if codes[j] != ErrorCode.OK:
-            name = ErrorCode(codes[j]).name.lower()
-            return ("undecodable", f"{name}: {dec.error_message[j]}"), []
+            code = ErrorCode._value2member_map_.get(codes[j])
+            name = code.name.lower() if isinstance(code, ErrorCode) else f"code {codes[j]}"
+            # INTERNAL: the decoder raised on this frame (a bug); kept to decode again
+            reason = "decode_failed" if code == ErrorCode.INTERNAL else "undecodable"
+            return (reason, f"{name}: {dec.error_message[j]}"), []
         addresses = r_meter[starts[j] : ends[j]]
-        if any(v < 0 for v in r_ml[starts[j] : ends[j]]):
-            return ("bad_value", "a register value is negative"), []
         if uplink.device is not None:
             claimed = {a for a in addresses} | {dec.meter_of_frame[j]} - {""}
             foreign = sorted(a for a in claimed if a != uplink.device.address)
@@ -408,14 +538,14 @@ class BatchStore:
         decided: list[tuple[str, str] | None],
         n_read: list[int],
         n_new: list[int],
-        n_bad: dict[int, tuple[str, int]],
+        partial: dict[int, str],
     ) -> list[Outcome]:
         out = []
         for i in range(len(batch)):
             verdict = decided[i]
-            note = f"{n_bad[i][1]} readings rejected: {n_bad[i][0]}" if i in n_bad else ""
-            if verdict is not None:
-                out.append(Outcome("quarantined", verdict[0], verdict[1]))
+            note = partial.get(i, "")
+            if verdict is not None:  # a detail may quote a reported address: NUL, surrogates
+                out.append(Outcome("quarantined", verdict[0], pg_text(verdict[1]) or ""))
             elif n_read[i] and not n_new[i]:
                 out.append(Outcome("duplicate", detail=note, n_readings=n_read[i]))
             else:
@@ -436,7 +566,9 @@ class BatchStore:
         for j, i in enumerate(todo):
             tenant = batch[i].tenant_id
             if batch[i].device is None and tenant is not None:
-                wanted.setdefault(tenant, set()).update(r_meter[starts[j] : ends[j]])
+                # text PostgreSQL cannot hold (NUL...) names no meter: never looked up
+                reported = (a for a in r_meter[starts[j] : ends[j]] if is_pg_text(a))
+                wanted.setdefault(tenant, set()).update(reported)
         known: dict[tuple[int, str], int] = {}
         for tenant, addresses in wanted.items():
             ordered = sorted(addresses)
@@ -456,7 +588,10 @@ class BatchStore:
         outcomes: list[Outcome],
         cols: tuple[list[int], list[int], list[int], list[int], list[int], list[float]],
         owner: list[int],
+        rejected: set[int],
     ) -> None:
+        """Archive every uplink, quarantine the refused ones (and the rejected readings of
+        stored ones), record alarms of readings that were not rejected and modem health."""
         raw: list[RawUplink] = []
         quarantine: list[QuarantineRow] = []
         health = []
@@ -483,7 +618,9 @@ class BatchStore:
                     outcome.detail or None,
                 )
             )
-            if outcome.status == "quarantined":
+            quarantined = outcome.status == "quarantined"
+            # a stored uplink's detail lists its rejected readings: they are quarantined
+            if quarantined or (outcome.status == "stored" and outcome.detail):
                 quarantine.append(
                     QuarantineRow(
                         received_at,
@@ -491,12 +628,12 @@ class BatchStore:
                         meter_of[i],
                         int(uplink.transport),
                         uplink.peer,
-                        outcome.reason,
+                        outcome.reason or READINGS_REJECTED,
                         outcome.detail,
                         uplink.payload,
                     )
                 )
-            elif health_possible and j >= 0 and meter_of[i] is not None:
+            if not quarantined and health_possible and j >= 0 and meter_of[i] is not None:
                 figures = health_of(_health_fields(dec, j))
                 if any(v is not None for v in figures):
                     health.append(
@@ -505,7 +642,7 @@ class BatchStore:
         events = [
             (cols[0][row], cols[1][row], kind, cols[5][row])
             for row in range(len(owner))
-            if cols[3][row] & _EVENT_MASK
+            if cols[3][row] & _EVENT_MASK and row not in rejected
             for flag, kind in _EVENT_FLAGS
             if cols[3][row] & flag
         ]
