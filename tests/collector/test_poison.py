@@ -44,76 +44,39 @@ from collector.main import run
 from collector.pipeline import Transport, Uplink
 from collector.provision import ProvisionedDevice, provision_device
 from collector.store import BatchStore, default_decode
-from decoder import registry
 from decoder.columns import Decoded
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "decoder"))
-from poison_corpus import DEEP, corpus
+from poison_corpus import (
+    CRASH,
+    DETECT,
+    REFUSALS_SQL,
+    REFUSED,
+    REFUSED_TWICE,
+    UNDO_REFUSALS_SQL,
+    poison_uplink,
+    register_crashing_formats,
+    senml_pack,
+)
 
-CRASH, DETECT = b"\xfeCRASH-", b"\xfeDETECT-"  # claimed by the test formats below
-REFUSED = b"\xfePOISON-"  # the database refuses to archive it in raw_uplinks
-REFUSED_TWICE = b"\xfePOISON-TWICE-"  # ... and in quarantine while it carries a payload
 SECONDS = 60
-
-
-def _crash_detect(frame: bytes) -> bool:
-    return frame.startswith(CRASH)
-
-
-def _crash_decode(*_: object, **__: object) -> Decoded:
-    raise RecursionError("maximum recursion depth exceeded (test format)")
-
-
-def _detect_raises(frame: bytes) -> bool:
-    if frame.startswith(DETECT):
-        raise RecursionError("detector bug (test format)")
-    return False
 
 
 @pytest.fixture(scope="module", autouse=True)
 def crashing_formats() -> Iterator[None]:
     """Two formats whose decoder / detector raise on their frames (stand-ins for bugs)."""
-    registry.register(registry.Format("test-crash", _crash_detect, _crash_decode))
-    registry.register(registry.Format("test-detect", _detect_raises, _crash_decode))
+    undo = register_crashing_formats()
     yield
-    for key in ("test-crash", "test-detect"):
-        registry._FORMATS.pop(key, None)
-
-
-_REFUSALS = r"""
-CREATE TABLE IF NOT EXISTS test_refused_tenants (tenant_id bigint PRIMARY KEY);
-CREATE OR REPLACE FUNCTION test_refuse_archive() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF position('\xfe504f49534f4e2d'::bytea IN NEW.payload) = 1 THEN
-        RAISE EXCEPTION 'test trigger: this payload is refused' USING ERRCODE = 'check_violation';
-    END IF;
-    RETURN NEW;
-END $$;
-CREATE OR REPLACE FUNCTION test_refuse_quarantine() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF position('\xfe504f49534f4e2d54574943452d'::bytea IN NEW.payload) = 1
-       OR NEW.tenant_id IN (SELECT tenant_id FROM test_refused_tenants) THEN
-        RAISE EXCEPTION 'test trigger: quarantine refused' USING ERRCODE = 'check_violation';
-    END IF;
-    RETURN NEW;
-END $$;
-CREATE TRIGGER test_refuse_archive BEFORE INSERT ON raw_uplinks
-    FOR EACH ROW EXECUTE FUNCTION test_refuse_archive();
-CREATE TRIGGER test_refuse_quarantine BEFORE INSERT ON quarantine
-    FOR EACH ROW EXECUTE FUNCTION test_refuse_quarantine();
-"""
+    undo()
 
 
 @pytest.fixture(scope="module", autouse=True)
 async def refusals(pool: asyncpg.Pool) -> AsyncIterator[None]:
     """Triggers making the database refuse REFUSED payloads (and quarantine rows of
     REFUSED_TWICE payloads, or of tenants listed in test_refused_tenants)."""
-    await pool.execute(_REFUSALS)
+    await pool.execute(REFUSALS_SQL)
     yield
-    await pool.execute(
-        "DROP TRIGGER test_refuse_archive ON raw_uplinks;"
-        " DROP TRIGGER test_refuse_quarantine ON quarantine"
-    )
+    await pool.execute(UNDO_REFUSALS_SQL)
 
 
 @pytest.fixture(scope="module")
@@ -127,36 +90,6 @@ def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     yield Broker(env["NBMETER_MQTT_URL"], env["NBMETER_MQTT_ADMIN_URL"], port)
     proc.terminate()
     proc.wait(10)
-
-
-def senml(address: str, value: str = "1.5", t: int | None = None) -> bytes:
-    """A SenML JSON pack of one water volume record reported by `address` (any text)."""
-    record: dict[str, object] = {"bn": f"{address}/3424/0/", "n": "1", "u": "m3"}
-    if t is not None:
-        record["t"] = t
-    text = json.dumps([record])  # escapes NUL and surrogates as \u0000 / \ud800
-    return text.replace('"u": "m3"', f'"u": "m3", "v": {value}').encode()
-
-
-def poison(i: int, max_bytes: int = 60_000) -> bytes:
-    """The i-th poison payload: a rotation over every kind, each one unique; cut to
-    `max_bytes` (a CoAP datagram without Block1 stays under 1 KB; all kinds still poison).
-
-    Bytes the database refuses are 1 in 20 (each costs its batch a split)."""
-    tag = f"{i:06d}".encode()
-    kinds = (
-        lambda: DEEP[i % len(DEEP)] + b" #" + tag,
-        lambda: senml(f"urn:dev:\x00{i}"),
-        lambda: senml(f"urn:dev:\ud800{i}"),
-        lambda: CRASH + tag,
-        lambda: DETECT + tag,
-        lambda: list(corpus(2, seed=i))[1],  # a mutated frame of any format
-    )
-    if i % 20 in (3, 13):
-        payload = (REFUSED if i % 20 == 3 else REFUSED_TWICE) + tag
-    else:
-        payload = kinds[i % len(kinds)]()
-    return payload if len(payload) <= max_bytes else payload[: max_bytes - 8] + b" #" + tag
 
 
 async def lab(pool: asyncpg.Pool) -> tuple[str, int]:
@@ -234,7 +167,7 @@ async def test_nul_address_over_oscore_is_an_identity_mismatch(
             request = aiocoap.Message(
                 code=aiocoap.POST,
                 uri=f"coap://127.0.0.1:{collector.coap_port}/u",
-                payload=senml(address),
+                payload=senml_pack(address),
             )
             codes.append((await client.request(request).response).code)
     finally:
@@ -262,7 +195,7 @@ async def test_nul_address_over_plain_coap_is_an_unknown_meter(
     slug, tenant = await lab(pool)
     await add_meter(pool, slug, "urn:dev:1")
     replies = [
-        await raw.post(senml(address), query=f"t={slug}")
+        await raw.post(senml_pack(address), query=f"t={slug}")
         for address in ("urn:dev:1\x00", "urn:dev:\udfff1")
     ]
     assert [r.code_str for r in replies] == ["4.04", "4.04"]
@@ -448,13 +381,13 @@ async def test_poison_flood_with_good_traffic(
             codes[kind][code] += 1
             posts[kind] += tries
 
-    coap = [send("poison", i, poison(i, 1000), bad_slug) for i in range(1200)]
+    coap = [send("poison", i, poison_uplink(i, 1000), bad_slug) for i in range(1200)]
     coap += [
         send("good", n, cjt188_frame(meters[n % 40], 10_000 * n, hour(n // 40)), good_slug)
         for n in range(600)
     ]
     order = np.random.default_rng(5).permutation(len(coap)).tolist()
-    mqtt_poison = [[poison(10_000 + 2 * i + d) for i in range(500)] for d in range(2)]
+    mqtt_poison = [[poison_uplink(10_000 + 2 * i + d) for i in range(500)] for d in range(2)]
     mqtt_good = [
         [cjt188_frame(dev.address, 10_000 * h, hour(h)) for h in range(75)] for dev in good_devices
     ]
@@ -470,7 +403,7 @@ async def test_poison_flood_with_good_traffic(
                 aiocoap.Message(
                     code=aiocoap.POST,
                     uri=f"coap://127.0.0.1:{settings.coap.port}/u",
-                    payload=senml(f"{bad_devices[0].address}\x00{i}"),
+                    payload=senml_pack(f"{bad_devices[0].address}\x00{i}"),
                 )
             ).response
             for i in range(40)

@@ -8,15 +8,22 @@ Kinds of poison: bit flips and byte substitutions, truncations, inserted runs, J
 CBOR nested far past any parser's recursion limit (the `{"a":[[[...` of issue 10 among
 them), CBOR heads and M-Bus/CJ/T 188 length fields that declare huge sizes, documents
 over the size limit, and CBOR tags that build cycles or regular expressions.
+
+For whole uplinks (`poison_uplink`) also: a NUL or an unpaired surrogate in the address a
+SenML pack reports, bytes the database refuses to archive (`REFUSALS_SQL` installs test
+triggers standing for any such refusal), and frames on which a decoder or a detector
+raises (`register_crashing_formats` adds two test formats standing for decoder bugs).
 """
 
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
-from decoder import cjt188, interval, mbus_encode
+from decoder import cjt188, interval, mbus_encode, registry
+from decoder.columns import Decoded
 from decoder.encode_cjt188 import encode_cjt188
 from decoder.encode_senml import encode_senml, water_pack
 
@@ -137,3 +144,92 @@ def corpus(count: int, seed: int = 1, fmt: str | None = None) -> Iterator[bytes]
             yield fixed[(n // 25) % len(fixed)]
         else:
             yield mutate(rng.choice(frames), rng)
+
+
+# --- whole uplinks ------------------------------------------------------------------------
+
+CRASH, DETECT = b"\xfeCRASH-", b"\xfeDETECT-"  # claimed by the crashing test formats
+REFUSED = b"\xfePOISON-"  # refused by the database in raw_uplinks (REFUSALS_SQL)
+REFUSED_TWICE = b"\xfePOISON-TWICE-"  # ... and in quarantine while it carries a payload
+
+REFUSALS_SQL = r"""
+CREATE TABLE IF NOT EXISTS test_refused_tenants (tenant_id bigint PRIMARY KEY);
+CREATE OR REPLACE FUNCTION test_refuse_archive() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF position('\xfe504f49534f4e2d'::bytea IN NEW.payload) = 1 THEN
+        RAISE EXCEPTION 'test trigger: this payload is refused' USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE FUNCTION test_refuse_quarantine() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF position('\xfe504f49534f4e2d54574943452d'::bytea IN NEW.payload) = 1
+       OR NEW.tenant_id IN (SELECT tenant_id FROM test_refused_tenants) THEN
+        RAISE EXCEPTION 'test trigger: quarantine refused' USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER test_refuse_archive BEFORE INSERT ON raw_uplinks
+    FOR EACH ROW EXECUTE FUNCTION test_refuse_archive();
+CREATE TRIGGER test_refuse_quarantine BEFORE INSERT ON quarantine
+    FOR EACH ROW EXECUTE FUNCTION test_refuse_quarantine();
+"""
+UNDO_REFUSALS_SQL = (
+    "DROP TRIGGER test_refuse_archive ON raw_uplinks;"
+    " DROP TRIGGER test_refuse_quarantine ON quarantine"
+)
+
+
+def _crash_detect(frame: bytes) -> bool:
+    return frame.startswith(CRASH)
+
+
+def _crash_decode(*_: object, **__: object) -> Decoded:
+    raise RecursionError("maximum recursion depth exceeded (test format)")
+
+
+def _detect_raises(frame: bytes) -> bool:
+    if frame.startswith(DETECT):
+        raise RecursionError("detector bug (test format)")
+    return False
+
+
+def register_crashing_formats() -> Callable[[], None]:
+    """Register two formats whose decoder / detector raise on their frames (stand-ins for
+    decoder bugs); return the function that removes them again."""
+    registry.register(registry.Format("test-crash", _crash_detect, _crash_decode))
+    registry.register(registry.Format("test-detect", _detect_raises, _crash_decode))
+
+    def undo() -> None:
+        for key in ("test-crash", "test-detect"):
+            registry._FORMATS.pop(key, None)
+
+    return undo
+
+
+def senml_pack(address: str, value: str = "1.5") -> bytes:
+    """A SenML JSON pack of one water volume record reported by `address` (any text)."""
+    record: dict[str, object] = {"bn": f"{address}/3424/0/", "n": "1", "u": "m3"}
+    text = json.dumps([record])  # escapes NUL and surrogates as \u0000 / \ud800
+    return text.replace('"u": "m3"', f'"u": "m3", "v": {value}').encode()
+
+
+def poison_uplink(i: int, max_bytes: int = 60_000) -> bytes:
+    """The i-th poison payload: a rotation over every kind, each one unique; cut to
+    `max_bytes` (a CoAP datagram without Block1 stays under 1 KB; all kinds stay poison).
+
+    Bytes the database refuses are 1 in 10 (each costs its batch a split)."""
+    tag = f"{i:06d}".encode()
+    kinds = (
+        lambda: DEEP[i % len(DEEP)] + b" #" + tag,
+        lambda: senml_pack(f"urn:dev:\x00{i}"),
+        lambda: senml_pack(f"urn:dev:\ud800{i}"),
+        lambda: CRASH + tag,
+        lambda: DETECT + tag,
+        lambda: list(corpus(2, seed=i))[1],  # a mutated frame of any format
+    )
+    if i % 20 in (3, 13):
+        payload = (REFUSED if i % 20 == 3 else REFUSED_TWICE) + tag
+    else:
+        payload = kinds[i % len(kinds)]()
+    return payload if len(payload) <= max_bytes else payload[: max_bytes - 8] + b" #" + tag
