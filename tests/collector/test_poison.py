@@ -41,8 +41,9 @@ from conftest import (
 from collector.broker import prepare_broker_files
 from collector.keys import MeterKeys
 from collector.main import run
-from collector.pipeline import Transport, Uplink
+from collector.pipeline import Outcome, Pipeline, Transport, Uplink
 from collector.provision import ProvisionedDevice, provision_device
+from collector.settings import PipelineSettings
 from collector.store import BatchStore, default_decode
 from decoder.columns import Decoded
 
@@ -452,3 +453,29 @@ async def test_poison_flood_with_good_traffic(
     stop.set()
     await asyncio.wait_for(task, 40)
     assert (after, quarantined) == (before, 1040)
+
+
+async def test_pipeline_keeps_a_commit_bug_to_its_uplink() -> None:
+    """A commit callable that raises (a bug) for one uplink, or reports it `failed`: only
+    that uplink's future fails (UplinkFailed); the others of its batch get their outcome."""
+    seen: list[int] = []
+
+    async def commit(batch: list[Uplink]) -> list[Outcome]:
+        seen.append(len(batch))
+        if any(u.payload == b"bug" for u in batch):
+            raise ZeroDivisionError("commit bug")
+        return [Outcome("failed" if u.payload == b"lost" else "stored") for u in batch]
+
+    pipeline = Pipeline(PipelineSettings(batch_max=64, batch_wait_ms=50), commit)
+    runner = asyncio.create_task(pipeline.run())
+    payloads = [b"ok"] * 10 + [b"bug"] + [b"ok"] * 10 + [b"lost"]
+    futures = [pipeline.offer(Uplink(p, Transport.MQTT, "test")) for p in payloads]
+    done = await asyncio.gather(*futures, return_exceptions=True)
+    pipeline.close()
+    await asyncio.wait_for(runner, 10)
+    assert [type(d).__name__ for d in done] == ["Outcome"] * 10 + ["UplinkFailed"] + [
+        "Outcome"
+    ] * 10 + ["UplinkFailed"]
+    assert all(d.status == "stored" for d in done if isinstance(d, Outcome))
+    assert seen[0] == len(payloads)  # one batch, then each uplink on its own
+    assert pipeline.pending == 0
