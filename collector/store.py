@@ -14,7 +14,8 @@ be reached (the pipeline retries the batch), never a raw asyncpg error. Per upli
 - a reading the writer rejects (clock_future, clock_past, before_installation,
   negative_register, unknown_meter) is not stored; if every reading of an uplink is
   rejected the uplink is quarantined with that reason, else its good readings are stored
-  (2.04) and one quarantine row `readings_rejected` lists which readings were not, and why;
+  (2.04) and one quarantine row `readings_rejected` lists which readings were not, and why
+  (not again for a repeat of the uplink that stores nothing new: a `duplicate`);
 - every uplink is archived in raw_uplinks; alarms from stored or duplicate readings go to
   meter_events, modem figures to device_health; OSCORE replay windows are persisted with
   the batch.
