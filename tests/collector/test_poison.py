@@ -317,7 +317,7 @@ async def test_batch_store_isolates_a_raising_decode_and_an_unstorable_uplink(
     meter = await add_meter(pool, slug, address)
     marker = b"\xfeRAISE"
 
-    def decode(frames: list[bytes], rx: int, keys: object) -> Decoded:
+    def decode(frames: list[bytes], rx: np.ndarray, keys: object) -> Decoded:
         if any(f.startswith(marker) for f in frames):
             raise MemoryError("decoder bug")
         return default_decode(frames, rx, keys)  # type: ignore[arg-type]
