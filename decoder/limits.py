@@ -34,6 +34,9 @@ _BACKSLASH, _QUOTE = ord("\\"), ord('"')
 _STEP = np.zeros(256, np.int8)  # JSON: +1 opens a level, -1 closes one
 _STEP[[ord("["), ord("{")]] = 1
 _STEP[[ord("]"), ord("}")]] = -1
+_NOT_SKELETON = bytes(sorted(set(range(256)) - set(b'[]{}"\\')))  # bytes translate drops
+_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_PASSES_UP_TO = 2048  # brackets; past this many, one numpy scan beats 33 replace passes
 _ALLOWED_TAGS = frozenset({2, 3, 4, 5, 55799})
 # cbor2's built-in semantic tags that are not numbers (cbor2 6.3 decoder table)
 _REFUSED_TAGS = (0, 1, 25, 28, 29, 30, 35, 36, 37, 52, 54, 256, 258, 260, 261)
@@ -53,12 +56,17 @@ def json_depth(doc: bytes) -> int:
     """Deepest nesting of arrays/objects in `doc` (brackets inside strings ignored).
 
     An upper bound for malformed input (e.g. an unterminated string), never an
-    underestimate of what `json.loads` would descend into. Vectorized: O(len) numpy.
+    underestimate of what `json.loads` would descend into. C-speed passes and numpy over
+    the document's skeleton (its brackets, quotes and backslashes): no per-byte Python.
     """
     opened = doc.count(b"[") + doc.count(b"{")
     if opened <= MAX_DEPTH:
         return opened  # cheap bound: most documents never need the scan below
-    a = np.frombuffer(doc, np.uint8)
+    skeleton = doc.translate(None, _NOT_SKELETON)
+    if b"\\" not in skeleton:  # no escapes: a string is quote to quote (an unterminated
+        # one runs to the end: json.loads stops there, so its brackets are never nesting)
+        return _max_depth(b"".join(skeleton.split(b'"')[::2]))
+    a = np.frombuffer(skeleton, np.uint8)
     # a quote is escaped when an odd run of backslashes precedes it (RFC 8259 §7)
     slash = a == _BACKSLASH
     run = np.cumsum(slash, dtype=np.int64)
@@ -68,9 +76,31 @@ def json_depth(doc: bytes) -> int:
     # inside a string: after an odd number of unescaped quotes (the quote itself counts
     # as outside on both ends, which is fine: it is not a bracket)
     inside = (np.cumsum(quote, dtype=np.int64) & 1).astype(bool)
-    step = np.where(inside, 0, _STEP[a])
-    depth = np.cumsum(step, dtype=np.int64)
-    return int(depth.max()) if depth.size else 0
+    return _max_depth(a[~inside].tobytes())
+
+
+def _max_depth(brackets: bytes) -> int:
+    """Deepest level the brackets in `brackets` reach (other bytes are ignored), stopping
+    once past MAX_DEPTH.
+
+    Each pass removes every innermost pair (`[]`, `{}`) present at its start, i.e. one
+    level of every nesting: the number of passes is the depth of what is well formed,
+    and every opener left unmatched may add one more level. Three C-speed replaces per
+    level, so a SenML pack (`[{}{}...]`) costs two passes; a long run of brackets is
+    scanned once with numpy instead.
+    """
+    rest = brackets.translate(None, _NOT_BRACKET)
+    if len(rest) > _PASSES_UP_TO:  # long (an attack, not a pack): one numpy scan instead
+        depth = np.cumsum(_STEP[np.frombuffer(rest, np.uint8)], dtype=np.int64)
+        return int(depth.max())
+    passes = 0
+    while passes <= MAX_DEPTH:
+        # "\x00" keeps a pair removed in this pass from completing another one
+        shorter = rest.replace(b"[]", b"\x00").replace(b"{}", b"\x00").replace(b"\x00", b"")
+        if len(shorter) == len(rest):
+            break
+        rest, passes = shorter, passes + 1
+    return passes + rest.count(b"[") + rest.count(b"{")
 
 
 def load_json(doc: bytes, **kwargs: Any) -> Any:

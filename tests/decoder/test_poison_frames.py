@@ -3,6 +3,7 @@ values change because of the frames around it (issue 10, finding 1)."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -90,6 +91,61 @@ def test_json_depth_ignores_brackets_inside_strings() -> None:
     assert limits.json_depth(escaped_slash) == 41
     with pytest.raises(limits.LimitError, match="41 levels"):
         limits.load_json(escaped_slash)
+
+
+def _walk_depth(doc: bytes) -> int:
+    """The reference: a byte-by-byte JSON walk (strings and escapes), deepest level."""
+    level = deepest = 0
+    in_string = escaped = False
+    for byte in doc:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == ord("\\"):
+                escaped = True
+            elif byte == ord('"'):
+                in_string = False
+        elif byte == ord('"'):
+            in_string = True
+        elif byte in b"[{":
+            level += 1
+            deepest = max(deepest, level)
+        elif byte in b"]}":
+            level -= 1
+    return deepest
+
+
+JSONISH = st.lists(st.sampled_from([b"[", b"]", b"{", b"}", b'"', b"\\", b"a", b","]), max_size=300)
+NESTED = st.recursive(
+    st.one_of(st.integers(), st.text(alphabet='[]{}"\\ab', max_size=6)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=JSONISH)
+def test_json_depth_never_underestimates(parts: list[bytes]) -> None:
+    """On any bytes, json_depth is at least what a byte-by-byte JSON walk finds."""
+    doc = b"".join(parts)
+    assert limits.json_depth(doc) >= min(_walk_depth(doc), limits.MAX_DEPTH + 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=NESTED)
+def test_json_depth_is_exact_on_json(value: object) -> None:
+    """On real JSON (brackets and escapes inside strings too), json_depth is exact once it
+    scans, and refuses exactly the documents nested past MAX_DEPTH."""
+    doc = json.dumps(value).encode()
+    want, got = _walk_depth(doc), limits.json_depth(doc)
+    if want > limits.MAX_DEPTH:
+        assert got > limits.MAX_DEPTH  # refused, whatever the exact figure
+    elif doc.count(b"[") + doc.count(b"{") > limits.MAX_DEPTH:
+        assert got == want  # scanned: exact
+    else:
+        assert want <= got <= limits.MAX_DEPTH  # the cheap bound: never refuses good JSON
 
 
 def test_json_must_be_utf8() -> None:
