@@ -17,7 +17,7 @@ from decimal import Decimal
 import numpy as np
 import numpy.typing as npt
 
-from decoder import decode_batch
+from decoder import decode_batch, limits
 from decoder.columns import Decoded, ErrorCode, Flag
 from decoder.mbus_link import WILDCARD_KEY  # `keys["*"]`: the key for whichever meter
 
@@ -134,8 +134,8 @@ def parse_input_line(line: str) -> tuple[bytes, bytes | None]:
             msg = "not a hex string (0-9, A-F, spaces) nor a JSON object"
             raise ValueError(msg) from None
     try:
-        obj = json.loads(text)
-    except ValueError as exc:
+        obj = limits.load_json(text.encode("utf-8", "surrogatepass"))
+    except ValueError as exc:  # LimitError (nesting, size) included
         msg = f"invalid JSON: {exc}"
         raise ValueError(msg) from None
     if not isinstance(obj, dict):
