@@ -431,9 +431,7 @@ class BatchStore:
         owner: list[int] = []  # uplink index of each reading row
         for i, uplink in enumerate(batch):
             j = int(frame_of[i])
-            verdict, meter_ids = self._check(
-                uplink, j, dec, codes, starts, ends, r_meter, r_ml, known
-            )
+            verdict, meter_ids = self._check(uplink, j, dec, codes, starts, ends, r_meter, known)
             decided.append(verdict)
             meter_of.append(
                 meter_ids[0] if meter_ids else (uplink.device.meter_id if uplink.device else None)
@@ -503,7 +501,6 @@ class BatchStore:
         starts: list[int],
         ends: list[int],
         r_meter: list[str],
-        r_ml: list[int],
         known: dict[tuple[int, str], int],
     ) -> tuple[tuple[str, str] | None, list[int]]:
         """(quarantine verdict or None, meter id of each of the frame's readings)."""
