@@ -1,47 +1,60 @@
-"""CoAP shell (aiocoap): POST /u → pipeline → 2.04 once durable. The only aiocoap module.
+"""CoAP shell (aiocoap): POST /u → pipeline → 2.04 once durable.
 
-`start_server(settings, pipeline, pool, credentials_key)` binds UDP (SO_REUSEPORT, so
-several collector processes may share the port) and serves one `Site` built by
-`build_site`. Uplinks are POSTs to `/u`, CON or NON, optionally block-wise (Block1,
-assembled up to `max_payload_bytes`). Authentication:
+`start_server(settings, pipeline, pool, credentials_key, database_url=...)` joins the
+CoAP port's registry (refusing to start when a live process on the port runs other
+settings), binds UDP (SO_REUSEPORT, so several collector processes may share the port)
+and serves one site built by `build_site`; it returns a `CoapServer` (`.shutdown()`).
+Uplinks are POSTs to `/u`, CON or NON, optionally block-wise (Block1, assembled up to
+`max_payload_bytes` within a bounded budget, `collector.coap_guard`). Authentication:
 
-- OSCORE (RFC 8613): the request's kid selects a per-device context, loaded from the
-  database on first use and cached; the device's meter comes with the context.
-- plain CoAP: only for tenants with `allow_plain_coap`, named by `?t=<tenant-slug>`.
+- OSCORE (RFC 8613), verified before anything else (`collector.coap_oscore`): the
+  request's kid selects a per-device context, loaded from the database in batches and
+  cached; the device's meter comes with the context.
+- plain CoAP: only for tenants with `allow_plain_coap`, named by `?t=<tenant-slug>`,
+  checked before any Block1 state is kept.
 
-Answers: 2.04 stored or duplicate; 4.00 undecodable, or quarantined because decoding or
-storing it failed (decode_failed / store_failed); 4.01 unauthenticated; 4.03 the frame
-reports another meter than the authenticated device; 4.04 unknown meter (plain CoAP);
-4.13 too large (with Size1); 5.03 + Max-Age when the pipeline is full, the database is
-away longer than `ack_wait_s`, or the collector is stopping. Retransmitted CONs are
-answered from aiocoap's deduplication cache, bounded here to `dedup_max_entries`.
+Credential changes take effect at once: the server LISTENs on nbmeter_credentials
+(`storage.notify`) and drops the changed contexts as soon as the provisioning, rotation
+or revocation commits. If that connection is lost, every cached context is dropped and
+contexts live `context_fallback_ttl_s` until it is back; a silent loss is noticed within
+the listener's check (1 s + 2 s timeout). So a rotated or revoked credential is refused
+within `context_fallback_ttl_s` (5 s) in the worst case, and within the NOTIFY delivery
+(milliseconds) normally.
+
+Answers: 2.04 stored or duplicate; 4.00 undecodable, quarantined because decoding or
+storing it failed (decode_failed / store_failed), or OSCORE decryption failed; 4.01
+unauthenticated; 4.02 OSCORE option that does not decode; 4.03 the frame reports another
+meter than the authenticated device; 4.04 unknown meter (plain CoAP); 4.08 a Block1 block
+of a transfer not held; 4.13 too large (with Size1); 5.03 + Max-Age when the pipeline is
+full, the database is away longer than `ack_wait_s`, or the collector is stopping.
+Retransmitted CONs are answered from the deduplication table (`coap_patches.bound_dedup`);
+after a restart, or in another process, from the answer recorded with the uplink.
 """
-# aiocoap is untyped; this module is the one place that touches it.
+# aiocoap is untyped; this module, coap_oscore, coap_guard and coap_patches touch it.
 # mypy: disable-error-code="no-untyped-call,misc,no-any-return"
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import ipaddress
-import secrets
+import contextlib
+import hashlib
+import logging
+import socket
 import time
-from collections import OrderedDict
+import uuid
 from typing import Any
 
 import aiocoap
 import asyncpg
 import structlog
-from aiocoap import error, oscore, resource
-from aiocoap.message import Direction
-from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
-from aiocoap.pipe import error_to_message, run_driving_pipe
-from aiocoap.transports import udp6
+from aiocoap import error, resource
 
 from collector import metrics
+from collector.coap_guard import Block1Budget, EventLimiter, LogRateFilter, source_of
+from collector.coap_oscore import Busy, DeviceContext, DeviceContexts, OscoreSite
+from collector.coap_patches import Context, Site, bound_dedup, patch_udp6_addresses
 from collector.pipeline import (
     NOT_YET_DURABLE,
-    Device,
     Outcome,
     Pipeline,
     PipelineClosed,
@@ -50,162 +63,52 @@ from collector.pipeline import (
     Uplink,
 )
 from collector.settings import CoapSettings
-from storage import credentials
+from storage import coap_peers, credentials, notify
 from storage.errors import StorageError
 
 log = structlog.get_logger("collector.coap")
+
+__all__ = ["Busy", "CoapServer", "build_site", "fingerprint", "start_server"]
 
 _CODES = {
     "identity_mismatch": aiocoap.FORBIDDEN,
     "unknown_meter": aiocoap.NOT_FOUND,
     "too_large": aiocoap.REQUEST_ENTITY_TOO_LARGE,
 }
-_CACHE_TTL_S = 300.0
-_CACHE_MAX = 100_000
-
-
-class Busy(error.ConstructionRenderableError):
-    """5.03 Service Unavailable with a Max-Age telling the device when to retry."""
-
-    code = aiocoap.SERVICE_UNAVAILABLE
-
-    def __init__(self, max_age_s: int, message: str = "busy, retry after Max-Age") -> None:
-        super().__init__(message)
-        self.max_age_s = max_age_s
-
-    def to_message(self) -> aiocoap.Message:
-        """The 5.03 response with its Max-Age option."""
-        msg = super().to_message()
-        msg.opt.max_age = self.max_age_s
-        return msg
-
-
-class DeviceContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityContextUtils):
-    """Server side of one device's OSCORE context, rebuilt from its stored secrets.
-
-    The replay window starts from the one persisted with the last committed uplink.
-    Responses reuse the request's nonce (RFC 8613 §8.3), so the server never needs a
-    sequence number of its own; asking for one fails rather than risk nonce reuse after a
-    restart.
-    """
-
-    def __init__(self, secret: credentials.OscoreSecret) -> None:
-        self.alg_aead = oscore.algorithms[oscore.DEFAULT_ALGORITHM]
-        self.hashfun = oscore.hashfunctions[oscore.DEFAULT_HASHFUNCTION]
-        self.sender_id = secret.sender_id
-        self.recipient_id = secret.kid
-        self.id_context = None
-        self.derive_keys(secret.master_salt, secret.master_secret)
-        self.sender_sequence_number = 0
-        self.echo_recovery = secrets.token_bytes(8)
-        self.recipient_replay_window = oscore.ReplayWindow(oscore.DEFAULT_WINDOWSIZE, _noop)
-        if secret.replay_index is None:
-            self.recipient_replay_window.initialize_empty()
-        else:
-            self.recipient_replay_window.initialize_from_persisted(
-                {"index": secret.replay_index, "bitfield": secret.replay_bits or 0}
-            )
-        self.device = Device(secret.meter_id, secret.tenant_id, secret.address)
-        self.loaded_at = time.monotonic()
-
-    def new_sequence_number(self) -> int:
-        """Refuse: the server answers with the request's nonce only."""
-        raise oscore.ContextUnavailable("server contexts send no requests or notifications")
-
-    def post_seqnoincrease(self) -> None:
-        """Nothing to persist (see `new_sequence_number`)."""
-
-    def replay_state(self) -> tuple[int, int, int]:
-        """(meter_id, index, bits) of the replay window, to persist with the uplink."""
-        state = self.recipient_replay_window.persist()
-        return self.device.meter_id, int(state["index"]), int(state["bitfield"])
-
-
-def _noop() -> None:
-    return None
-
-
-class DeviceContexts:
-    """OSCORE contexts by kid, loaded from the database on demand (an aiocoap credentials map)."""
-
-    def __init__(self, pool: asyncpg.Pool, key: bytes | None) -> None:
-        self._pool = pool
-        self._key = key
-        self._cache: OrderedDict[bytes, DeviceContext | None] = OrderedDict()
-        self._expires: dict[bytes, float] = {}
-
-    async def load(self, kid: bytes | None) -> None:
-        """Make sure the context of `kid` is cached (or cached as absent)."""
-        if kid is None or self._key is None:
-            return
-        if kid in self._cache and self._expires[kid] > time.monotonic():
-            self._cache.move_to_end(kid)
-            return
-        async with self._pool.acquire(timeout=5.0) as conn:
-            secret = await credentials.load_oscore(conn, self._key, kid)
-        self._cache[kid] = None if secret is None else DeviceContext(secret)
-        # unknown kids are remembered briefly, so a stranger cannot make us query per packet
-        self._expires[kid] = time.monotonic() + (_CACHE_TTL_S if secret else 10.0)
-        while len(self._cache) > _CACHE_MAX:
-            old, _ = self._cache.popitem(last=False)
-            self._expires.pop(old, None)
-
-    def find_oscore(self, unprotected: dict[int, Any]) -> DeviceContext:
-        """The cached context for the request's kid; KeyError when there is none."""
-        ctx = self._cache.get(unprotected.get(oscore.COSE_KID, b""))
-        if ctx is None:
-            raise KeyError
-        return ctx
-
-    def find_all_used_contextless_oscore_kid(self) -> set[bytes]:
-        """Key ids in use (asked by aiocoap's EDHOC support, which we do not offer)."""
-        return {k for k, v in self._cache.items() if v is not None}
-
-    def get(self, _key: str) -> None:
-        """No EDHOC credentials."""
-        return
-
-
-class _OscoreSite(OscoreSiteWrapper):
-    """aiocoap's OSCORE server wrapper, with contexts fetched from the database first."""
-
-    def __init__(self, inner: resource.Site, contexts: DeviceContexts, busy_s: int) -> None:
-        super().__init__(inner, contexts)
-        self._contexts = contexts
-        self._busy_s = busy_s
-
-    async def render_to_pipe(self, pipe: Any) -> None:
-        try:
-            unprotected = oscore.verify_start(pipe.request)
-        except oscore.NotAProtectedMessage:
-            pass
-        else:
-            try:
-                await self._contexts.load(unprotected.get(oscore.COSE_KID))
-            except (OSError, TimeoutError, asyncpg.PostgresError, StorageError) as exc:
-                log.warning("oscore_context.unavailable", error=str(exc))
-                raise Busy(self._busy_s, "credentials store unavailable") from exc
-        await super().render_to_pipe(pipe)
+_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, StorageError)
 
 
 class TenantDirectory:
-    """Tenant slug → (tenant_id, allow_plain_coap), cached for a short while."""
+    """Tenants that allow plain CoAP (a handful of lab tenants), held whole in memory.
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    Reloaded every `ttl_s`; a slug not found waits for the next reload that starts after
+    it arrived, and misses start at most one reload per `miss_reload_s`: a tenant just
+    made a lab tenant is found at once, a flood of made-up slugs costs at most one query
+    per `miss_reload_s`.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, ttl_s: float = 30.0, miss_reload_s: float = 0.05):
         self._pool = pool
-        self._cache: dict[str, tuple[float, tuple[int, bool] | None]] = {}
+        self._ttl_s = ttl_s
+        self._miss_reload_s = miss_reload_s
+        self._tenants: dict[str, int] = {}
+        self._started_at = -1e9  # when the last reload started
+        self._lock = asyncio.Lock()
 
-    async def lookup(self, slug: str) -> tuple[int, bool] | None:
-        """The tenant named `slug`, or None."""
-        hit = self._cache.get(slug)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
-        async with self._pool.acquire(timeout=5.0) as conn:
-            found = await credentials.tenant_by_slug(conn, slug)
-        if len(self._cache) > _CACHE_MAX:
-            self._cache.clear()
-        self._cache[slug] = (time.monotonic() + 30.0, found)
-        return found
+    async def lookup(self, slug: str) -> int | None:
+        """The tenant id of lab tenant `slug`; None if no such tenant allows plain CoAP."""
+        arrived = time.monotonic()
+        if slug in self._tenants and arrived - self._started_at < self._ttl_s:
+            return self._tenants[slug]
+        async with self._lock:
+            if self._started_at < arrived:  # no reload began since we arrived
+                wait_s = self._started_at + self._miss_reload_s - time.monotonic()
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)
+                self._started_at = time.monotonic()
+                async with self._pool.acquire(timeout=5.0) as conn:
+                    self._tenants = await credentials.plain_coap_tenants(conn)
+        return self._tenants.get(slug)
 
 
 def _peer(remote: Any) -> str:
@@ -216,20 +119,43 @@ def _peer(remote: Any) -> str:
     return str(getattr(inner, "hostinfo", "?"))
 
 
+def _slug(request: aiocoap.Message) -> str:
+    query = dict(q.partition("=")[::2] for q in request.opt.uri_query)
+    return query.get("t", "")
+
+
 class UplinkResource(resource.Resource):
     """POST /u: one uplink payload, answered when its batch is durable."""
 
-    def __init__(self, settings: CoapSettings, pipeline: Pipeline, tenants: TenantDirectory):
+    def __init__(
+        self,
+        settings: CoapSettings,
+        pipeline: Pipeline,
+        tenants: TenantDirectory,
+        events: EventLimiter,
+    ) -> None:
         super().__init__()
         self._settings = settings
         self._pipeline = pipeline
         self._tenants = tenants
+        self._events = events
+        self._block1 = Block1Budget(
+            max_transfers=settings.block1_max_transfers,
+            per_source=settings.block1_max_per_source,
+            max_bytes=settings.block1_max_bytes,
+            lifetime_s=settings.block1_lifetime_s,
+        )
 
     async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
-        """Assemble Block1 uploads, refusing (4.13) any that would exceed the limit."""
+        """Assemble Block1 uploads of authenticated senders only, refusing (4.13) any
+        that would exceed the limit."""
         block1 = request.opt.block1
+        if block1 is None:
+            return True
+        if not isinstance(getattr(request.remote, "security_context", None), DeviceContext):
+            await self._plain_tenant(request)  # 4.01 before any state is kept
         limit = self._settings.max_payload_bytes
-        if block1 is not None and (block1.block_number + 1) * block1.size > limit:
+        if (block1.block_number + 1) * block1.size > limit:
             await self.render_post(request, too_large=True)
         return True
 
@@ -242,7 +168,7 @@ class UplinkResource(resource.Resource):
             size = len(uplink.payload) if not too_large else request.opt.block1.size
             uplink.payload = uplink.payload[: self._settings.max_payload_bytes]
             uplink.reject = ("too_large", f"payload over {self._settings.max_payload_bytes} B")
-            outcome = await self._durable(uplink, kind)
+            await self._durable(uplink, kind)
             msg = aiocoap.Message(code=aiocoap.REQUEST_ENTITY_TOO_LARGE, payload=b"too large")
             msg.opt.size1 = self._settings.max_payload_bytes
             if too_large:  # raised from block-wise assembly: aiocoap renders it
@@ -250,29 +176,35 @@ class UplinkResource(resource.Resource):
             return msg
         outcome = await self._durable(uplink, kind)
         metrics.ACK_SECONDS.observe(time.monotonic() - started)
-        return _response(outcome)
+        return response(outcome)
+
+    async def _plain_tenant(self, request: aiocoap.Message) -> int:
+        slug = _slug(request)
+        try:
+            tenant = await self._tenants.lookup(slug) if slug else None
+        except _DB_ERRORS as exc:
+            raise Busy(self._settings.busy_max_age_s, "tenant directory unavailable") from exc
+        if tenant is None:
+            metrics.UPLINKS.labels("coap", "unauthenticated").inc()
+            self._events.note("coap.unauthenticated", peer=source_of(request.remote))
+            raise error.Unauthorized("use OSCORE (plain CoAP only for lab tenants, ?t=<slug>)")
+        return tenant
 
     async def _uplink(self, request: aiocoap.Message) -> Uplink:
         ctx = getattr(request.remote, "security_context", None)
         peer = _peer(request.remote)
         if isinstance(ctx, DeviceContext):
+            piv = getattr(request, "nbm_piv", None)
+            meter_id, index, bits = ctx.replay_state()
             return Uplink(
                 bytes(request.payload),
                 Transport.COAP_OSCORE,
                 peer,
                 device=ctx.device,
-                replay_window=ctx.replay_state(),
+                replay_window=None if piv is None else (meter_id, index, bits, piv),
             )
-        query = dict(q.partition("=")[::2] for q in request.opt.uri_query)
-        slug = query.get("t", "")
-        try:
-            tenant = await self._tenants.lookup(slug) if slug else None
-        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-            raise Busy(self._settings.busy_max_age_s, "tenant directory unavailable") from exc
-        if tenant is None or not tenant[1]:
-            metrics.UPLINKS.labels("coap", "unauthenticated").inc()
-            raise error.Unauthorized("use OSCORE (plain CoAP only for lab tenants, ?t=<slug>)")
-        return Uplink(bytes(request.payload), Transport.COAP, peer, tenant_id=tenant[0])
+        tenant = await self._plain_tenant(request)
+        return Uplink(bytes(request.payload), Transport.COAP, peer, tenant_id=tenant)
 
     async def _durable(self, uplink: Uplink, kind: str) -> Outcome:
         busy = self._settings.busy_max_age_s
@@ -296,149 +228,196 @@ class UplinkResource(resource.Resource):
         return outcome
 
 
-def _response(outcome: Outcome) -> aiocoap.Message:
+def response(outcome: Outcome) -> aiocoap.Message:
+    """The CoAP answer to an uplink's outcome (2.04, or the quarantine reason's 4.xx)."""
     if outcome.status != "quarantined":
         return aiocoap.Message(code=aiocoap.CHANGED)
     code = _CODES.get(outcome.reason, aiocoap.BAD_REQUEST)
     return aiocoap.Message(code=code, payload=f"{outcome.reason}: {outcome.detail}".encode())
 
 
-def _dedup_key(remote: Any, mid: int) -> tuple[Any, ...]:
-    # (host, port, mid): not the remote object, which holds the whole endpoint (~1 KB)
-    sockaddr = getattr(remote, "sockaddr", None)
-    return (sockaddr[0], sockaddr[1], mid) if sockaddr is not None else (remote, mid)
+def _recorded_response(status: str, reason: str, detail: str) -> aiocoap.Message:
+    return response(Outcome(status, reason, detail))
 
 
-def _bound_dedup(mman: Any, lifetime_s: float, max_entries: int) -> None:
-    """Replace aiocoap's deduplication (a dict plus one timer per message, ~247 s) by an
-    insertion-ordered table trimmed on insert: same answers, bounded memory, no timers.
+def fingerprint(settings: CoapSettings, key: bytes | None) -> tuple[str, dict[str, object]]:
+    """(hash, settings) of what must be equal in every process sharing a CoAP port.
 
-    An entry is (host, port, MID) -> [expiry, encoded answer]: ~0.3 KB rather than the
-    answer `Message` and its endpoint (~2 KB), so `max_entries` (200,000) stay under
-    ~60 MB; a duplicate CON decodes the stored bytes and sends them again."""
-    recent: OrderedDict[Any, list[Any]] = OrderedDict()  # key -> [expires_at, bytes|None]
-    mman._recent_messages = _ResponseView(recent)
-    loop = asyncio.get_running_loop()
-
-    def deduplicate(message: aiocoap.Message) -> bool:
-        key = _dedup_key(message.remote, message.mid)
-        now = loop.time()
-        entry = recent.get(key)
-        if entry is not None and entry[0] > now:
-            if message.mtype is aiocoap.CON and entry[1] is not None:
-                # the stored answer, same MID and token, to the same peer
-                answer = aiocoap.Message.decode(entry[1], message.remote)
-                answer.direction = Direction.OUTGOING  # decode() marks it as received
-                mman._send_initially(answer)
-            return True
-        while recent:
-            oldest = next(iter(recent.values()))
-            if oldest[0] > now and len(recent) < max_entries:
-                break
-            recent.popitem(last=False)
-        recent[key] = [now + lifetime_s, None]
-        return False
-
-    mman._deduplicate_message = deduplicate
-
-
-class _ResponseView:
-    """What aiocoap's `_store_response_for_duplicates` sees as `_recent_messages`."""
-
-    def __init__(self, table: OrderedDict[Any, list[Any]]) -> None:
-        self._table = table
-
-    def __contains__(self, key: object) -> bool:
-        remote, mid = key  # type: ignore[misc]
-        return _dedup_key(remote, mid) in self._table
-
-    def __setitem__(self, key: object, response: aiocoap.Message) -> None:
-        remote, mid = key  # type: ignore[misc]
-        self._table[_dedup_key(remote, mid)][1] = response.encode()
-
-    def __len__(self) -> int:
-        return len(self._table)
-
-
-class _Site(resource.Site):
-    """aiocoap's Site, minus per-request work our resources never use.
-
-    Upstream builds the full request URI (eagerly: it is the default of a getattr) and
-    deep-copies the request to strip its path, for every request; profiling put that at
-    ~0.3 ms per uplink. Our resources read neither, so an exact-path hit hands the
-    request over as it is.
+    Every CoAP setting, and the credentials key's own hash (another key opens no context).
     """
-
-    def _find_child_and_pathstripped_message(self, request: aiocoap.Message) -> Any:
-        child = self._resources.get(request.opt.uri_path)
-        if child is not None:
-            return child, request
-        return super()._find_child_and_pathstripped_message(request)
-
-
-class _Context(aiocoap.Context):
-    """aiocoap's Context, minus a per-request `repr` of the request.
-
-    Upstream names each rendering task "Rendering for %r" % request, formatting the
-    message and its remote (ipaddress parsing included) for every request; profiling put
-    that at ~8% of the collector's CPU. Nothing reads task names, so ours is constant.
-    """
-
-    def render_to_pipe(self, pipe: Any) -> None:
-        """Run the site for `pipe` (upstream's, with a constant task name)."""
-        run_driving_pipe(
-            error_to_message(pipe, self.log), self._render_to_pipe(pipe), name="coap-render"
-        )
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_multicast_host(host: str) -> bool:
-    return ipaddress.ip_address(host.split("%", 1)[0]).is_multicast
-
-
-@functools.lru_cache(maxsize=256)
-def _is_multicast_pktinfo(pktinfo: bytes) -> bool:
-    # struct in6_pktinfo: 16-byte address first; v4-mapped ::ffff:a.b.c.d keeps a in byte 12
-    addr = pktinfo[:16]
-    if addr[:12] == b"\0" * 10 + b"\xff\xff":
-        return 224 <= addr[12] <= 239  # 224.0.0.0/4
-    return addr[0] == 0xFF  # ff00::/8
-
-
-def _patch_udp6_addresses() -> None:
-    """Answer aiocoap's per-message multicast checks from caches.
-
-    `UDP6EndpointAddress.is_multicast` / `is_multicast_locally` parse the peer's and the
-    local address with `ipaddress` for every request and response (RFC 7252 §8: no
-    piggybacked answers to multicast); peers and our own addresses repeat, so the answer
-    is cached per address. Same results, no per-message parsing.
-    """
-    cls = udp6.UDP6EndpointAddress
-    cls.is_multicast = property(lambda self: _is_multicast_host(str(self.sockaddr[0])))
-    cls.is_multicast_locally = property(
-        lambda self: self.pktinfo is not None and _is_multicast_pktinfo(bytes(self.pktinfo))
+    shown: dict[str, object] = dict(settings.model_dump(mode="json"))
+    shown["credentials_key_sha256"] = (
+        hashlib.sha256(key).hexdigest()[:16] if key is not None else None
     )
+    text = repr(sorted(shown.items())).encode()
+    return hashlib.sha256(text).hexdigest(), shown
 
 
 def build_site(
-    settings: CoapSettings, pipeline: Pipeline, pool: asyncpg.Pool, key: bytes | None
-) -> Any:
-    """The collector's one `Site`: /u behind the OSCORE wrapper."""
-    site = _Site()
-    site.add_resource(["u"], UplinkResource(settings, pipeline, TenantDirectory(pool)))
-    return _OscoreSite(site, DeviceContexts(pool, key), settings.busy_max_age_s)
+    settings: CoapSettings,
+    pipeline: Pipeline,
+    pool: asyncpg.Pool,
+    key: bytes | None,
+    events: EventLimiter | None = None,
+) -> OscoreSite:
+    """The collector's one site: /u behind the OSCORE verifier."""
+    events = events or EventLimiter(settings.log_window_s, settings.log_per_window)
+    site = Site()
+    site.add_resource(["u"], UplinkResource(settings, pipeline, TenantDirectory(pool), events))
+    contexts = DeviceContexts(pool, key, settings)
+    return OscoreSite(site, contexts, settings, events, _recorded_response)
+
+
+class CoapServer:
+    """A running CoAP server with its background tasks (LISTEN, port registry, pruning)."""
+
+    def __init__(
+        self,
+        settings: CoapSettings,
+        pool: asyncpg.Pool,
+        site: OscoreSite,
+        key: bytes | None,
+        database_url: str | None,
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self.site = site
+        self.contexts: DeviceContexts = site.contexts
+        self._database_url = database_url
+        self._fingerprint = fingerprint(settings, key)
+        self.instance_id = uuid.uuid4().hex
+        self._hostname = socket.gethostname()
+        self._joined = False
+        self._peers: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ctx: Any = None
+        self._log_filter = LogRateFilter("coap", settings.log_window_s, settings.log_per_window)
+
+    async def start(self) -> None:
+        """Join the port registry (PeerMismatchError: refused), bind, start the tasks."""
+        try:
+            await self._join()
+        except coap_peers.PeerMismatchError:
+            raise
+        except _DB_ERRORS as exc:  # the database may be away at start: join later
+            log.warning("coap.registry_unavailable", error=str(exc))
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self._log_filter)
+        patch_udp6_addresses()
+        self._ctx = await Context.create_server_context(
+            self.site, bind=(self._settings.host, self._settings.port), transports=["udp6"]
+        )
+        for tman in self._ctx.request_interfaces:
+            bound_dedup(
+                tman.token_interface,
+                self._settings.exchange_lifetime_s,
+                self._settings.dedup_max_entries,
+            )
+        if self._database_url is not None:
+            self._tasks.append(asyncio.create_task(self._listen(), name="coap-credentials"))
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="coap-registry"))
+        log.info("coap.started", host=self._settings.host, port=self._settings.port)
+
+    async def _join(self) -> None:
+        digest, shown = self._fingerprint
+        async with self._pool.acquire(timeout=5.0) as conn:
+            peers = await coap_peers.join(
+                conn,
+                instance_id=self.instance_id,
+                hostname=self._hostname,
+                port=self._settings.port,
+                fingerprint=digest,
+                settings=shown,
+                live_s=self._settings.peer_live_s,
+            )
+        self._joined = True
+        self._announce({p.instance_id for p in peers})
+
+    def _announce(self, peers: set[str]) -> None:
+        metrics.COAP_PEERS.set(len(peers))
+        for joined in sorted(peers - self._peers):
+            log.warning(
+                "coap.port_shared", port=self._settings.port, peer=joined, processes=len(peers) + 1
+            )
+        for left in sorted(self._peers - peers):
+            log.info("coap.peer_left", port=self._settings.port, peer=left)
+        self._peers = peers
+
+    async def _listen(self) -> None:
+        assert self._database_url is not None
+
+        def lost(reason: str) -> None:
+            if self.contexts.listening:
+                log.warning("credentials.listener_lost", error=reason)
+            self.contexts.set_listening(False, "listener_lost")
+
+        def ready() -> None:
+            log.info("credentials.listening", channel=notify.CHANNEL)
+            self.contexts.set_listening(True, "listener_ready")
+
+        await notify.listen_credentials(self._database_url, self.contexts.invalidate, lost, ready)
+
+    async def _housekeeping(self) -> None:
+        """Heartbeat in the port registry (join late if the database was away); prune answers."""
+        every_s = self._settings.peer_live_s / 3
+        pruned_at = 0.0
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                if not self._joined:
+                    await self._join()
+                async with self._pool.acquire(timeout=5.0) as conn:
+                    peers = await coap_peers.heartbeat(
+                        conn,
+                        instance_id=self.instance_id,
+                        hostname=self._hostname,
+                        port=self._settings.port,
+                        live_s=self._settings.peer_live_s,
+                    )
+                    if time.monotonic() - pruned_at > 600:
+                        await credentials.prune_oscore_answers(conn, self._settings.answers_keep_s)
+                        pruned_at = time.monotonic()
+                self._announce({p.instance_id for p in peers})
+            except coap_peers.PeerMismatchError as exc:
+                # joined late (database was away at start): we already serve; say it loudly
+                log.error("coap.peer_mismatch", error=str(exc))
+                self._joined = True
+            except _DB_ERRORS as exc:
+                log.warning("coap.registry_unavailable", error=str(exc))
+
+    async def shutdown(self) -> None:
+        """Stop the background tasks, leave the registry, close the socket."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.contexts.close()
+        with contextlib.suppress(*_DB_ERRORS):
+            async with self._pool.acquire(timeout=2.0) as conn:
+                await coap_peers.leave(conn, self.instance_id)
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self._log_filter)
+        if self._ctx is not None:
+            await self._ctx.shutdown()
 
 
 async def start_server(
-    settings: CoapSettings, pipeline: Pipeline, pool: asyncpg.Pool, key: bytes | None
-) -> Any:
-    """Bind the CoAP server; return its aiocoap context (call `.shutdown()` to stop)."""
-    site = build_site(settings, pipeline, pool, key)
-    _patch_udp6_addresses()
-    ctx = await _Context.create_server_context(
-        site, bind=(settings.host, settings.port), transports=["udp6"]
+    settings: CoapSettings,
+    pipeline: Pipeline,
+    pool: asyncpg.Pool,
+    key: bytes | None,
+    *,
+    database_url: str | None = None,
+) -> CoapServer:
+    """Start the CoAP server (see the module docstring); call `.shutdown()` to stop.
+
+    Raises `storage.coap_peers.PeerMismatchError` when a live process on the same port
+    runs with other settings. Without `database_url` nothing LISTENs: contexts then
+    live `context_fallback_ttl_s`.
+    """
+    server = CoapServer(
+        settings, pool, build_site(settings, pipeline, pool, key), key, database_url
     )
-    for tman in ctx.request_interfaces:
-        _bound_dedup(tman.token_interface, settings.exchange_lifetime_s, settings.dedup_max_entries)
-    log.info("coap.started", host=settings.host, port=settings.port)
-    return ctx
+    await server.start()
+    return server

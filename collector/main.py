@@ -26,6 +26,7 @@ from collector.pipeline import Pipeline
 from collector.redecode import Redecoder
 from collector.settings import CollectorSettings
 from collector.store import BatchStore
+from storage.coap_peers import PeerMismatchError
 from storage.credentials import parse_key
 from storage.pool import keep_session
 
@@ -69,7 +70,9 @@ async def run(
             drained = group.create_task(pipeline.run(), name="pipeline")
             redecoder = Redecoder(pool, pipeline, settings.redecode, settings.database_url)
             redecode = group.create_task(redecoder.run(stop), name="redecode")
-            coap = await start_server(settings.coap, pipeline, pool, key)
+            coap = await start_server(
+                settings.coap, pipeline, pool, key, database_url=settings.database_url
+            )
             if mqtt is not None:
                 await mqtt.start()
             log.info("collector.started", coap_port=settings.coap.port, mqtt=mqtt is not None)
@@ -107,6 +110,9 @@ def main() -> int:
         asyncio.run(run(settings))
     except KeyboardInterrupt:
         return 130
+    except PeerMismatchError as exc:
+        log.error("collector.refused", error=str(exc))
+        return 2
     return 0
 
 

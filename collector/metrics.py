@@ -41,6 +41,50 @@ DB_FAILURES = Counter(
     "nbmeter_collector_commit_failures_total", "Batch commits that failed and were retried."
 )
 
+# CoAP under attack: what unauthenticated senders cost, and how much was refused or held back
+COAP_REJECTED = Counter(
+    "nbmeter_collector_coap_rejected_total",
+    "CoAP requests refused before the pipeline, by kind (the event name logged for it).",
+    ["kind"],
+)
+LOGS_SUPPRESSED = Counter(
+    "nbmeter_collector_logs_suppressed_total",
+    "Log lines held back by rate limiting, by kind ('library' for aiocoap's own).",
+    ["kind"],
+)
+BLOCK1_TRANSFERS = Gauge(
+    "nbmeter_collector_block1_transfers", "Block1 transfers being assembled (bounded)."
+)
+BLOCK1_EVICTED = Counter(
+    "nbmeter_collector_block1_evicted_total",
+    "Block1 transfers dropped to stay within the budget (their next block gets 4.08).",
+)
+OSCORE_LOOKUPS = Counter(
+    "nbmeter_collector_oscore_lookups_total",
+    "Database queries for OSCORE contexts (each loads every key id waiting at the time).",
+)
+OSCORE_LOOKUP_KIDS = Counter(
+    "nbmeter_collector_oscore_lookup_kids_total", "OSCORE key ids looked up in the database."
+)
+OSCORE_INVALIDATIONS = Counter(
+    "nbmeter_collector_oscore_invalidations_total",
+    "Cached OSCORE contexts dropped, by cause (notify, listener_lost, listener_ready).",
+    ["cause"],
+)
+CREDENTIALS_LISTENING = Gauge(
+    "nbmeter_collector_credentials_listening",
+    "1 while credential changes arrive by LISTEN (contexts cached long), 0 on the short TTL.",
+)
+REPLAY_ANSWERS = Counter(
+    "nbmeter_collector_oscore_replay_answers_total",
+    "Retransmissions whose sequence number was already used, by answer (recorded, busy).",
+    ["answer"],
+)
+COAP_PEERS = Gauge(
+    "nbmeter_collector_coap_port_peers",
+    "Other live collector processes sharing this process's CoAP port.",
+)
+
 
 def serve(host: str, port: int) -> object | None:
     """Start the /metrics HTTP server on host:port in a thread; None when port is 0."""

@@ -94,7 +94,8 @@ class Uplink:
     tenant_id: int | None = None  # plain CoAP: the tenant named in the query
     topic: tuple[str, str] | None = None  # MQTT: (tenant slug, meter address) of the topic
     reject: tuple[str, str] | None = None  # decided before decoding: (reason, detail)
-    replay_window: tuple[int, int, int] | None = None  # OSCORE (meter_id, index, bits)
+    # OSCORE: (meter_id, replay index, replay bits, this request's partial IV)
+    replay_window: tuple[int, int, int, int] | None = None
     received_at: float = field(default_factory=time.time)
     future: asyncio.Future[Outcome] | None = None
 

@@ -28,6 +28,26 @@ class CoapSettings(_Section):
     busy_max_age_s: int = Field(30, ge=0)  # Max-Age of a 5.03: when the device may retry
     exchange_lifetime_s: float = Field(247.0, gt=0)  # RFC 7252 deduplication window
     dedup_max_entries: int = Field(200_000, ge=1000)  # bounds the dedup cache's memory
+    # OSCORE contexts: cached this long while credential changes arrive by LISTEN, and
+    # only context_fallback_ttl_s while that connection is down (the worst-case delay
+    # before a rotated or revoked credential is refused)
+    context_ttl_s: float = Field(300.0, gt=0)
+    context_fallback_ttl_s: float = Field(5.0, gt=0)
+    context_cache_max: int = Field(100_000, ge=100)
+    unknown_kid_ttl_s: float = Field(30.0, gt=0)  # negative cache of unknown key ids
+    unknown_kid_max: int = Field(100_000, ge=100)
+    lookup_batch_max: int = Field(512, ge=1)  # key ids loaded per database query
+    lookup_max_pending: int = Field(4096, ge=1)  # more waiting: 5.03
+    # Block1 state of senders not yet authenticated by a whole request (RFC 7959)
+    block1_max_transfers: int = Field(1024, ge=1)
+    block1_max_per_source: int = Field(4, ge=1)
+    block1_max_bytes: int = Field(2 * 1024 * 1024, ge=1024)
+    block1_lifetime_s: float = Field(30.0, gt=0)
+    # rejected requests: at most log_per_window log lines per kind per log_window_s
+    log_window_s: float = Field(10.0, gt=0)
+    log_per_window: int = Field(5, ge=0)
+    answers_keep_s: float = Field(86_400.0, ge=600)  # recorded answers to OSCORE uplinks
+    peer_live_s: float = Field(15.0, ge=3)  # a process on the port not seen since: dead
 
 
 class MqttSettings(_Section):

@@ -470,7 +470,12 @@ class BatchStore:
             conn, batch, dec, frame_of, meter_of, outcomes, cols, owner, set(rejected)
         )
         await credentials.save_replay_windows(
-            conn, [u.replay_window for u in batch if u.replay_window is not None]
+            conn,
+            [
+                (*u.replay_window, o.status, o.reason, o.detail)
+                for u, o in zip(batch, outcomes, strict=True)
+                if u.replay_window is not None
+            ],
         )
         return outcomes
 

@@ -3,7 +3,10 @@
 The collector authenticates a device (OSCORE context, MQTT broker account) and must then
 know which meter it is. This module is the SQL side of that: it creates meters and their
 credential rows, looks them up by OSCORE key id, tenant slug or MQTT topic, and persists
-OSCORE replay windows. Secrets cross it only as arguments and return values:
+OSCORE replay windows with the answer given to each OSCORE uplink (migration 0030: a
+retransmission after a crash gets that answer again). Changes to a context are announced
+by a trigger (NOTIFY nbmeter_credentials, see `storage.notify`). Secrets cross it only
+as arguments and return values:
 
 - OSCORE master secret and salt, and OMS/wM-Bus AES-128 meter keys (migration 0011), are
   sealed with AES-256-GCM under a 32-byte key-encryption key (`NBMETER_CREDENTIALS_KEY`);
@@ -120,6 +123,12 @@ async def tenant_by_slug(conn: asyncpg.Connection, slug: str) -> tuple[int, bool
     return None if row is None else (int(row[0]), bool(row[1]))
 
 
+async def plain_coap_tenants(conn: asyncpg.Connection) -> dict[str, int]:
+    """Slug -> tenant_id of every tenant that allows plain CoAP (lab tenants: a few)."""
+    rows = await conn.fetch("SELECT slug, tenant_id FROM tenants WHERE allow_plain_coap")
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
 async def tenant_slug(conn: asyncpg.Connection, tenant_id: int) -> str:
     """The slug of tenant `tenant_id` (raise LookupError when it does not exist)."""
     slug = await conn.fetchval("SELECT slug FROM tenants WHERE tenant_id = $1", tenant_id)
@@ -217,13 +226,15 @@ async def store_oscore(
         " oscore_sealed) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (meter_id) DO UPDATE SET"
         " oscore_kid = EXCLUDED.oscore_kid, oscore_sender_id = EXCLUDED.oscore_sender_id,"
         " oscore_sealed = EXCLUDED.oscore_sealed, oscore_replay_index = NULL,"
-        " oscore_replay_bits = NULL, rotated_at = now()",
+        " oscore_replay_bits = NULL, oscore_server_seq = 0, rotated_at = now()",
         meter.meter_id,
         meter.tenant_id,
         kid,
         sender_id,
         seal(key, blob, meter.meter_id),
     )
+    # the new context counts its sequence numbers from 0 again: forget the old answers
+    await conn.execute("DELETE FROM oscore_answers WHERE meter_id = $1", meter.meter_id)
 
 
 async def store_mqtt(
@@ -266,26 +277,162 @@ async def load_oscore(conn: asyncpg.Connection, key: bytes, kid: bytes) -> Oscor
     )
 
 
-async def save_replay_windows(
-    conn: asyncpg.Connection, windows: Iterable[tuple[int, int, int]]
-) -> None:
-    """Persist (meter_id, index, bits) replay windows; a window never moves backwards."""
-    latest: dict[int, tuple[int, int, int]] = {}
-    for window in windows:  # in arrival order: the last window of a meter is its newest
-        if window[0] not in latest or latest[window[0]][1] <= window[1]:
-            latest[window[0]] = window
-    rows = list(latest.values())
+async def load_oscore_many(
+    conn: asyncpg.Connection, key: bytes, kids: Iterable[bytes]
+) -> tuple[dict[bytes, OscoreSecret], list[int]]:
+    """The OSCORE contexts of `kids` in one query: (kid -> opened secret, unopenable meters).
+
+    Unknown kids are absent. A row whose secret does not open with `key` is left out and
+    its meter id listed, so one bad row does not hide the others.
+    """
+    wanted = sorted(set(kids))
+    if not wanted:
+        return {}, []
+    rows = await conn.fetch(
+        "SELECT c.oscore_kid, c.meter_id, c.tenant_id, m.address, c.oscore_sender_id,"
+        " c.oscore_sealed, c.oscore_replay_index, c.oscore_replay_bits"
+        " FROM device_credentials c JOIN meters m USING (meter_id)"
+        " WHERE c.oscore_kid = ANY($1::bytea[]) AND m.removed_at IS NULL",
+        wanted,
+    )
+    found: dict[bytes, OscoreSecret] = {}
+    unopenable: list[int] = []
+    for row in rows:
+        try:
+            opened = json.loads(unseal(key, bytes(row[5]), int(row[1])))
+        except CredentialsError:
+            unopenable.append(int(row[1]))
+            continue
+        kid = bytes(row[0])
+        found[kid] = OscoreSecret(
+            meter_id=int(row[1]),
+            tenant_id=int(row[2]),
+            address=str(row[3]),
+            kid=kid,
+            sender_id=bytes(row[4]),
+            master_secret=bytes.fromhex(opened["secret"]),
+            master_salt=bytes.fromhex(opened["salt"]),
+            replay_index=row[6],
+            replay_bits=row[7],
+        )
+    return found, unopenable
+
+
+async def revoke_oscore(conn: asyncpg.Connection, meter_id: int) -> bool:
+    """Delete `meter_id`'s OSCORE context (its requests get 4.01); False if it had none."""
+    kid = await conn.fetchval(
+        "UPDATE device_credentials SET oscore_kid = NULL, oscore_sender_id = NULL,"
+        " oscore_sealed = NULL, oscore_replay_index = NULL, oscore_replay_bits = NULL,"
+        " rotated_at = now() WHERE meter_id = $1 AND oscore_kid IS NOT NULL"
+        " RETURNING meter_id",
+        meter_id,
+    )
+    await conn.execute("DELETE FROM oscore_answers WHERE meter_id = $1", meter_id)
+    return kid is not None
+
+
+async def revoke_mqtt(conn: asyncpg.Connection, meter_id: int) -> str | None:
+    """Forget `meter_id`'s broker account; return its username (None if it had none)."""
+    username = await conn.fetchval(
+        "UPDATE device_credentials c SET mqtt_username = NULL, mqtt_password_hash = NULL,"
+        " rotated_at = now() FROM device_credentials o WHERE c.meter_id = o.meter_id"
+        " AND c.meter_id = $1 AND o.mqtt_username IS NOT NULL RETURNING o.mqtt_username",
+        meter_id,
+    )
+    return None if username is None else str(username)
+
+
+async def active_meter(conn: asyncpg.Connection, tenant_id: int, address: str) -> int | None:
+    """The active meter `address` of `tenant_id`, or None."""
+    found = await conn.fetchval(
+        "SELECT meter_id FROM meters WHERE tenant_id = $1 AND address = $2 AND removed_at IS NULL",
+        tenant_id,
+        address,
+    )
+    return None if found is None else int(found)
+
+
+# One OSCORE uplink as committed: (meter_id, replay index, replay bits, its partial IV,
+# outcome status, quarantine reason, detail)
+OscoreCommit = tuple[int, int, int, int, str, str, str]
+
+
+async def save_replay_windows(conn: asyncpg.Connection, commits: Iterable[OscoreCommit]) -> None:
+    """Persist the replay windows and record each uplink's answer, in the caller's transaction.
+
+    A window never moves backwards, and windows of several processes merge (bitwise OR
+    at the newer index), so a sequence number one process admitted stays seen. Each
+    (meter_id, partial IV) is recorded once with its outcome, for `oscore_answer`.
+    """
+    rows = list(commits)
     if not rows:
         return
+    latest: dict[int, tuple[int, int]] = {}
+    for meter_id, index, bits, *_ in rows:  # in arrival order: the newest window last
+        if meter_id not in latest or latest[meter_id][0] <= index:
+            latest[meter_id] = (index, bits)
+    # RFC 8613 §7.4 window of 32: bits fit a bigint; merge old bits shifted to the new index
     await conn.execute(
-        "UPDATE device_credentials c SET oscore_replay_index = w.idx, oscore_replay_bits = w.bits"
+        "UPDATE device_credentials c SET oscore_replay_index = w.idx,"
+        " oscore_replay_bits = CASE WHEN c.oscore_replay_index IS NULL"
+        " OR w.idx - c.oscore_replay_index >= 62 THEN w.bits"
+        " ELSE w.bits | (c.oscore_replay_bits >> (w.idx - c.oscore_replay_index)::int) END"
         " FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS w(meter_id, idx, bits)"
         " WHERE c.meter_id = w.meter_id"
         " AND (c.oscore_replay_index IS NULL OR c.oscore_replay_index <= w.idx)",
-        [r[0] for r in rows],
-        [r[1] for r in rows],
-        [r[2] for r in rows],
+        list(latest),
+        [v[0] for v in latest.values()],
+        [v[1] for v in latest.values()],
     )
+    await conn.execute(
+        "INSERT INTO oscore_answers (meter_id, piv, status, reason, detail)"
+        " SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[])"
+        " ON CONFLICT (meter_id, piv) DO NOTHING",
+        [r[0] for r in rows],
+        [r[3] for r in rows],
+        [r[4] for r in rows],
+        [r[5] for r in rows],
+        [r[6] for r in rows],
+    )
+
+
+async def oscore_answer(
+    conn: asyncpg.Connection, meter_id: int, piv: int
+) -> tuple[str, str, str] | None:
+    """(status, reason, detail) recorded for `meter_id`'s uplink with partial IV `piv`."""
+    row = await conn.fetchrow(
+        "SELECT status, reason, detail FROM oscore_answers WHERE meter_id = $1 AND piv = $2",
+        meter_id,
+        piv,
+    )
+    return None if row is None else (str(row[0]), str(row[1]), str(row[2]))
+
+
+async def next_server_seqno(
+    conn: asyncpg.Connection, meter_id: int, kid: bytes, count: int = 1
+) -> int | None:
+    """Reserve `count` server OSCORE sequence numbers of context `kid`; return the last.
+
+    The numbers last-count+1 .. last are the caller's alone, across processes and
+    restarts. None when the context is gone (revoked or rotated meanwhile).
+    """
+    seqno = await conn.fetchval(
+        "UPDATE device_credentials SET oscore_server_seq = oscore_server_seq + $3"
+        " WHERE meter_id = $1 AND oscore_kid = $2 RETURNING oscore_server_seq",
+        meter_id,
+        kid,
+        count,
+    )
+    return None if seqno is None else int(seqno)
+
+
+async def prune_oscore_answers(conn: asyncpg.Connection, older_than_s: float) -> int:
+    """Delete answers recorded more than `older_than_s` ago; return how many."""
+    done = await conn.execute(
+        "DELETE FROM oscore_answers WHERE answered_at < now() - make_interval(secs => $1)",
+        older_than_s,
+    )
+    return int(done.split()[-1])
 
 
 async def store_aes_key(

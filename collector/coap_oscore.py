@@ -1,0 +1,437 @@
+"""OSCORE (RFC 8613) on the collector's side: device contexts, their cache, the site wrapper.
+
+`DeviceContexts` maps a request's kid to its device's context. Contexts come from the
+database and are cached; key ids nobody has are cached too (negative cache, bounded,
+`unknown_kid_ttl_s`). Lookups are batched: one loader task takes every key id waiting
+and loads them in one query, so a flood of unknown key ids costs a query per batch,
+not per datagram, and holds at most one pooled connection. Cached entries are dropped
+at once when the database announces a change (`invalidate`, from LISTEN
+nbmeter_credentials); while that listener is down every entry lives only
+`fallback_ttl_s` (see `collector.coap` for the bound this gives).
+
+`OscoreSite` verifies before anything else runs (RFC 8613 §8.2): an OSCORE option that
+does not decode → 4.02 Bad Option; no context for the kid → 4.01; a failed decryption
+→ 4.00 (§8.2 step 6); a reused sequence number → the answer recorded for that uplink
+(`storage.credentials.oscore_answer`), protected with a fresh server sequence number,
+or 5.03 + Max-Age if none was recorded yet (the device sends it again as a new
+request). NON requests get no error answers. None of these logs a traceback: each is a
+counted, rate-limited event (`collector.coap_guard.EventLimiter`).
+"""
+# mypy: disable-error-code="no-untyped-call,misc,no-any-return,attr-defined"
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import OrderedDict
+from typing import Any
+
+import aiocoap
+import asyncpg
+import structlog
+from aiocoap import error, oscore
+from aiocoap.message import Direction
+from aiocoap.numbers.codes import FETCH, POST
+from aiocoap.pipe import IterablePipe, error_to_message, run_driving_pipe
+from aiocoap.transports.oscore import OSCOREAddress
+
+from collector import metrics
+from collector.coap_guard import EventLimiter, source_of
+from collector.pipeline import Device
+from collector.settings import CoapSettings
+from storage import credentials
+from storage.errors import StorageError
+from storage.notify import CredentialChange
+
+log = structlog.get_logger("collector.coap")
+
+_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, StorageError)
+_SEQNO_BLOCK = 16  # server sequence numbers taken per database round trip
+
+
+class ContextsUnavailable(Exception):
+    """The credentials store cannot be asked right now (or too many lookups wait)."""
+
+
+class DeviceContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityContextUtils):
+    """Server side of one device's OSCORE context, rebuilt from its stored secrets.
+
+    The replay window starts from the one persisted with the last committed uplink.
+    First answers reuse the request's nonce (RFC 8613 §8.3); a second answer to the same
+    request (a retransmission after a crash) needs a sequence number of our own, which
+    comes from the database (`grant`), never from memory, so no nonce is used twice.
+    """
+
+    def __init__(self, secret: credentials.OscoreSecret) -> None:
+        self.alg_aead = oscore.algorithms[oscore.DEFAULT_ALGORITHM]
+        self.hashfun = oscore.hashfunctions[oscore.DEFAULT_HASHFUNCTION]
+        self.sender_id = secret.sender_id
+        self.recipient_id = secret.kid
+        self.id_context = None
+        self.derive_keys(secret.master_salt, secret.master_secret)
+        self.sender_sequence_number = 0
+        self.echo_recovery = secrets.token_bytes(8)
+        self.recipient_replay_window = oscore.ReplayWindow(oscore.DEFAULT_WINDOWSIZE, _noop)
+        if secret.replay_index is None:
+            self.recipient_replay_window.initialize_empty()
+        else:
+            self.recipient_replay_window.initialize_from_persisted(
+                {"index": secret.replay_index, "bitfield": secret.replay_bits or 0}
+            )
+        self.device = Device(secret.meter_id, secret.tenant_id, secret.address)
+        self._granted: list[int] = []  # server sequence numbers reserved in the database
+
+    def grant(self, last: int, count: int) -> None:
+        """Sequence numbers last-count+1 .. last were reserved for us in the database."""
+        self._granted = list(range(last - count + 1, last + 1))
+
+    def has_grant(self) -> bool:
+        """True when a reserved sequence number is left."""
+        return bool(self._granted)
+
+    def new_sequence_number(self) -> int:
+        """A reserved sequence number; refuse when none is left (never invent one)."""
+        if not self._granted:
+            raise oscore.ContextUnavailable("no server sequence number reserved")
+        return self._granted.pop(0)
+
+    def post_seqnoincrease(self) -> None:
+        """Nothing to persist: numbers are reserved in the database before use."""
+
+    def replay_state(self) -> tuple[int, int, int]:
+        """(meter_id, index, bits) of the replay window, to persist with the uplink."""
+        state = self.recipient_replay_window.persist()
+        return self.device.meter_id, int(state["index"]), int(state["bitfield"])
+
+
+def _noop() -> None:
+    return None
+
+
+class DeviceContexts:
+    """OSCORE contexts by kid: cached, negatively cached, loaded in batches, invalidated."""
+
+    def __init__(self, pool: asyncpg.Pool, key: bytes | None, settings: CoapSettings) -> None:
+        self._pool = pool
+        self._key = key
+        self._s = settings
+        self._cache: OrderedDict[bytes, tuple[DeviceContext, float]] = OrderedDict()
+        self._unknown: OrderedDict[bytes, float] = OrderedDict()
+        self._waiting: dict[bytes, asyncio.Future[None]] = {}
+        self._wakeup = asyncio.Event()
+        self._loader: asyncio.Task[None] | None = None
+        self._generation = 0  # bumped by every invalidation
+        self.listening = False
+        self._answers: OrderedDict[tuple[int, int], tuple[str, str, str]] = OrderedDict()
+
+    @property
+    def ttl_s(self) -> float:
+        """How long a loaded context is used: long while changes arrive by LISTEN."""
+        return self._s.context_ttl_s if self.listening else self._s.context_fallback_ttl_s
+
+    async def load(self, kid: bytes | None) -> None:
+        """Make sure `kid` is cached (or known unknown); ContextsUnavailable if we can't ask."""
+        if kid is None or self._key is None:
+            return
+        now = time.monotonic()
+        hit = self._cache.get(kid)
+        if hit is not None and hit[1] > now:
+            return
+        gone = self._unknown.get(kid)
+        if gone is not None and gone > now:
+            return
+        future = self._waiting.get(kid)
+        if future is None:
+            if len(self._waiting) >= self._s.lookup_max_pending:
+                raise ContextsUnavailable("too many key ids waiting for the database")
+            future = asyncio.get_running_loop().create_future()
+            self._waiting[kid] = future
+            self._wakeup.set()
+            if self._loader is None or self._loader.done():
+                self._loader = asyncio.create_task(self._load_batches(), name="oscore-loader")
+        await asyncio.shield(future)
+
+    async def _load_batches(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._waiting:
+                kids = list(self._waiting)[: self._s.lookup_batch_max]
+                generation = self._generation
+                try:
+                    async with self._pool.acquire(timeout=5.0) as conn:
+                        found, bad = await credentials.load_oscore_many(conn, self._key, kids)
+                except _DB_ERRORS as exc:
+                    log.warning("oscore_context.unavailable", error=str(exc), kids=len(kids))
+                    for kid in kids:
+                        future = self._waiting.pop(kid)
+                        if not future.done():
+                            future.set_exception(ContextsUnavailable(str(exc)))
+                            future.exception()  # retrieved: nobody may be awaiting it
+                    continue
+                metrics.OSCORE_LOOKUPS.inc()
+                metrics.OSCORE_LOOKUP_KIDS.inc(len(kids))
+                for meter_id in bad:
+                    log.error("oscore_context.unopenable", meter_id=meter_id)
+                if generation != self._generation:
+                    continue  # a change was announced meanwhile: what we read may be old
+                self._store(kids, found)
+
+    def _store(self, kids: list[bytes], found: dict[bytes, credentials.OscoreSecret]) -> None:
+        now = time.monotonic()
+        for kid in kids:
+            secret = found.get(kid)
+            if secret is None:
+                self._unknown[kid] = now + self._s.unknown_kid_ttl_s
+                self._unknown.move_to_end(kid)
+                while len(self._unknown) > self._s.unknown_kid_max:
+                    self._unknown.popitem(last=False)
+            else:
+                self._cache[kid] = (DeviceContext(secret), now + self.ttl_s)
+                self._cache.move_to_end(kid)
+                while len(self._cache) > self._s.context_cache_max:
+                    self._cache.popitem(last=False)
+            future = self._waiting.pop(kid, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    def find_oscore(self, unprotected: dict[int, Any]) -> DeviceContext:
+        """The cached context for the request's kid; KeyError when there is none."""
+        hit = self._cache.get(unprotected.get(oscore.COSE_KID, b""))
+        if hit is None:
+            raise KeyError
+        return hit[0]
+
+    def invalidate(self, change: CredentialChange | None, cause: str = "notify") -> None:
+        """Drop what `change` names (None: everything) from both caches."""
+        self._generation += 1
+        if change is None:
+            dropped = len(self._cache) + len(self._unknown)
+            self._cache.clear()
+            self._unknown.clear()
+            self._answers.clear()
+        else:
+            gone = set(change.kids)
+            gone.update(
+                k for k, (c, _) in self._cache.items() if c.device.meter_id == change.meter_id
+            )
+            dropped = 0
+            for kid in gone:
+                dropped += (self._cache.pop(kid, None) is not None) + (
+                    self._unknown.pop(kid, None) is not None
+                )
+            for key in [k for k in self._answers if k[0] == change.meter_id]:
+                del self._answers[key]
+        metrics.OSCORE_INVALIDATIONS.labels(cause).inc(dropped)
+
+    def set_listening(self, listening: bool, cause: str) -> None:
+        """Switch between the long and the short TTL; drop everything either way."""
+        self.listening = listening
+        metrics.CREDENTIALS_LISTENING.set(int(listening))
+        self.invalidate(None, cause)
+
+    async def recorded_answer(self, ctx: DeviceContext, piv: int) -> tuple[str, str, str] | None:
+        """The outcome recorded for `ctx`'s uplink with sequence number `piv` (cached)."""
+        key = (ctx.device.meter_id, piv)
+        hit = self._answers.get(key)
+        if hit is None:
+            async with self._pool.acquire(timeout=5.0) as conn:
+                hit = await credentials.oscore_answer(conn, *key)
+            if hit is None:
+                return None
+            self._answers[key] = hit
+            while len(self._answers) > 10_000:
+                self._answers.popitem(last=False)
+        return hit
+
+    async def reserve_seqno(self, ctx: DeviceContext) -> bool:
+        """Make sure `ctx` holds a server sequence number; False if its context is gone."""
+        if ctx.has_grant():
+            return True
+        async with self._pool.acquire(timeout=5.0) as conn:
+            last = await credentials.next_server_seqno(
+                conn, ctx.device.meter_id, ctx.recipient_id, _SEQNO_BLOCK
+            )
+        if last is None:
+            return False
+        ctx.grant(last, _SEQNO_BLOCK)
+        return True
+
+    def close(self) -> None:
+        """Stop the loader task."""
+        if self._loader is not None:
+            self._loader.cancel()
+
+
+class Busy(error.ConstructionRenderableError):
+    """5.03 Service Unavailable with a Max-Age telling the device when to retry."""
+
+    code = aiocoap.SERVICE_UNAVAILABLE
+
+    def __init__(self, max_age_s: int, message: str = "busy, retry after Max-Age") -> None:
+        super().__init__(message)
+        self.max_age_s = max_age_s
+
+    def to_message(self) -> aiocoap.Message:
+        """The 5.03 response with its Max-Age option."""
+        msg = super().to_message()
+        msg.opt.max_age = self.max_age_s
+        return msg
+
+
+class OscoreSite:
+    """The outermost resource: OSCORE verified first, then the inner site (see module doc)."""
+
+    def __init__(
+        self,
+        inner: Any,
+        contexts: DeviceContexts,
+        settings: CoapSettings,
+        events: EventLimiter,
+        answer: Any,
+    ) -> None:
+        self._inner = inner
+        self.contexts = contexts
+        self._busy_s = settings.busy_max_age_s
+        self._events = events
+        self._answer = answer  # (status, reason, detail) -> the plain answer message
+
+    def get_resources_as_linkheader(self) -> Any:
+        """The inner site's resources (for /.well-known/core)."""
+        return self._inner.get_resources_as_linkheader()
+
+    async def render(self, request: aiocoap.Message) -> Any:
+        """Unused: aiocoap calls `render_to_pipe`."""
+        raise error.MethodNotAllowed
+
+    async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
+        """Unused: aiocoap calls `render_to_pipe`."""
+        return False
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        """Answer one request; an unexpected error is a 5.00 for it alone, logged rarely."""
+        try:
+            await self._render(pipe)
+        except error.RenderableError:
+            raise
+        except Exception as exc:  # a bug: this request only; never a traceback per datagram
+            self._events.note(
+                "coap.render_failed", exc_info=exc, peer=source_of(pipe.request.remote)
+            )
+            raise error.InternalServerError("internal error") from None
+
+    async def _render(self, pipe: Any) -> None:
+        request = pipe.request
+        con = request.mtype == aiocoap.CON
+        try:
+            unprotected = oscore.verify_start(request)
+        except oscore.NotAProtectedMessage:
+            await self._inner.render_to_pipe(pipe)
+            return
+        except Exception:  # DecodeError, or an index past a truncated option
+            self._events.note("oscore.option_malformed", peer=source_of(request.remote))
+            if con:
+                raise error.BadOption("the OSCORE option does not decode") from None
+            return
+        if request.code not in (FETCH, POST):
+            raise error.MethodNotAllowed
+        try:
+            await self.contexts.load(unprotected.get(oscore.COSE_KID))
+        except ContextsUnavailable:
+            raise Busy(self._busy_s, "credentials store unavailable") from None
+        try:
+            sc = self.contexts.find_oscore(unprotected)
+        except KeyError:
+            self._events.note("oscore.unknown_kid", peer=source_of(request.remote))
+            if con:
+                raise error.Unauthorized("security context not found") from None
+            return
+        try:
+            inner_request, request_id = sc.unprotect(request)
+        except oscore.ReplayError:
+            # decrypted first (echo_recovery is set), so this is the device's own message
+            if con:
+                await self._answer_replay(pipe, sc, request, unprotected)
+            return
+        except oscore.DecodeError:
+            self._events.note("oscore.option_malformed", peer=source_of(request.remote))
+            if con:
+                raise error.BadOption("the OSCORE message does not decode") from None
+            return
+        except (oscore.ProtectionInvalid, error.UnparsableMessage, ValueError):
+            self._events.note("oscore.decrypt_failed", peer=source_of(request.remote))
+            if con:
+                raise error.BadRequest("decryption failed") from None
+            return
+        inner_request.remote = OSCOREAddress(sc, request.remote)
+        inner_request.nbm_piv = int.from_bytes(unprotected[oscore.COSE_PIV], "big")
+        await self._render_inner(pipe, sc, inner_request, request_id)
+
+    async def _render_inner(
+        self, pipe: Any, sc: DeviceContext, inner_request: aiocoap.Message, request_id: Any
+    ) -> None:
+        inner_pipe = IterablePipe(inner_request)
+        run_driving_pipe(
+            error_to_message(inner_pipe, _AiocoapLog(self._events)),
+            self._inner.render_to_pipe(inner_pipe),
+            name="oscore-render",
+        )
+        async for event in inner_pipe:
+            if event.exception is not None:
+                self._events.note("coap.render_failed", exc_info=event.exception)
+                message, is_last = aiocoap.Message(code=aiocoap.INTERNAL_SERVER_ERROR), True
+            else:
+                message, is_last = event.message, event.is_last
+            if not is_last:
+                message.opt.observe = 0
+            protected, _ = sc.protect(message, request_id)
+            pipe.add_response(protected, is_last=is_last)
+            if is_last:
+                break
+
+    async def _answer_replay(
+        self, pipe: Any, sc: DeviceContext, request: aiocoap.Message, unprotected: dict[int, Any]
+    ) -> None:
+        """A reused sequence number: the recorded answer again, or 5.03 (see module doc)."""
+        piv_bytes = unprotected[oscore.COSE_PIV]
+        piv = int.from_bytes(piv_bytes, "big")
+        try:
+            recorded = await self.contexts.recorded_answer(sc, piv)
+            if recorded is not None and not await self.contexts.reserve_seqno(sc):
+                recorded = None
+        except _DB_ERRORS as exc:
+            raise Busy(self._busy_s, "credentials store unavailable") from exc
+        if recorded is None:
+            metrics.REPLAY_ANSWERS.labels("busy").inc()
+            self._events.note("oscore.replay_unrecorded", peer=source_of(request.remote))
+            raise Busy(self._busy_s, "sequence number in use; send it again as a new request")
+        metrics.REPLAY_ANSWERS.labels("recorded").inc()
+        message = self._answer(*recorded)
+        message.direction = Direction.OUTGOING
+        # can_reuse_nonce=False: this is a second answer, so a fresh sequence number of ours
+        request_id = oscore.RequestIdentifiers(sc.recipient_id, piv_bytes, False, request.code)
+        protected, _ = sc.protect(message, request_id)
+        pipe.add_response(protected, is_last=True)
+
+
+class _AiocoapLog:
+    """The logger aiocoap's error_to_message gets: renderable errors are normal answers
+    (not logged), anything else is a counted, rate-limited `coap.render_failed`."""
+
+    def __init__(self, events: EventLimiter) -> None:
+        self._events = events
+
+    def info(self, *args: Any, **kwargs: Any) -> None:
+        """Ignored (a renderable error is the normal answer path)."""
+
+    debug = info
+
+    def error(self, *args: Any, **kwargs: Any) -> None:
+        """An exception rendered as 5.00: count it, log it rarely."""
+        exc = kwargs.get("exc_info")
+        self._events.note(
+            "coap.render_failed", exc_info=exc if isinstance(exc, BaseException) else None
+        )
+
+    warning = warn = error
