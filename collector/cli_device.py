@@ -1,10 +1,12 @@
-"""`nbmeter device provision TENANT ADDRESS`: create/rotate a meter's transport credentials.
+"""`nbmeter device provision|revoke TENANT ADDRESS`: create/rotate or delete a meter's
+transport credentials.
 
 Prints the secrets once, as JSON on stdout (the database keeps only sealed or hashed
 copies). Needs NBMETER_DATABASE_URL and NBMETER_CREDENTIALS_KEY; an MQTT account is
 created when NBMETER_MQTT_ADMIN_URL is set (or --no-mqtt is not given and it is).
 `--aes-key HEX` stores an OMS meter's AES-128 key (32 hex digits), sealed; it is not
-printed back.
+printed back. `revoke` deletes the OSCORE context and broker account (the meter and its
+readings stay); running collectors refuse the device as soon as it commits.
 """
 
 from __future__ import annotations
@@ -39,6 +41,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the meter's OMS/wM-Bus AES-128 key, 32 hex digits (stored sealed)",
     )
     p.set_defaults(func=_provision)
+    r = sub.add_parser("revoke", help="delete a meter's OSCORE context and broker account")
+    r.add_argument("tenant", help="tenant slug")
+    r.add_argument("address", help="meter address exactly as the meter reports it")
+    r.set_defaults(func=_revoke)
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from collector.provision import ProvisionError, revoke_device
+
+    db = os.environ.get("NBMETER_DATABASE_URL")
+    if not db:
+        print("nbmeter: set NBMETER_DATABASE_URL (eval $(nbmeter stack env))", file=sys.stderr)
+        return 1
+    admin = os.environ.get("NBMETER_MQTT_ADMIN_URL")
+    try:
+        result = asyncio.run(revoke_device(db, args.tenant, args.address, mqtt_admin_url=admin))
+    except ProvisionError as exc:
+        print(f"nbmeter: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(asdict(result), indent=2))
+    return 0
 
 
 def _aes_key(text: str) -> bytes:

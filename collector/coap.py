@@ -201,7 +201,9 @@ class UplinkResource(resource.Resource):
                 Transport.COAP_OSCORE,
                 peer,
                 device=ctx.device,
-                replay_window=None if piv is None else (meter_id, index, bits, piv),
+                replay_window=None
+                if piv is None
+                else (meter_id, index, bits, piv, ctx.recipient_id),
             )
         tenant = await self._plain_tenant(request)
         return Uplink(bytes(request.payload), Transport.COAP, peer, tenant_id=tenant)

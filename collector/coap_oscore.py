@@ -123,7 +123,7 @@ class DeviceContexts:
         self._loader: asyncio.Task[None] | None = None
         self._generation = 0  # bumped by every invalidation
         self.listening = False
-        self._answers: OrderedDict[tuple[int, int], tuple[str, str, str]] = OrderedDict()
+        self._answers: OrderedDict[tuple[bytes, int], tuple[str, str, str]] = OrderedDict()
 
     @property
     def ttl_s(self) -> float:
@@ -157,6 +157,9 @@ class DeviceContexts:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._waiting:
+                if len(self._waiting) < self._s.lookup_batch_max:
+                    # a few ms for more key ids to arrive: one query serves them all
+                    await asyncio.sleep(self._s.lookup_gather_s)
                 kids = list(self._waiting)[: self._s.lookup_batch_max]
                 generation = self._generation
                 try:
@@ -221,7 +224,7 @@ class DeviceContexts:
                 dropped += (self._cache.pop(kid, None) is not None) + (
                     self._unknown.pop(kid, None) is not None
                 )
-            for key in [k for k in self._answers if k[0] == change.meter_id]:
+            for key in [k for k in self._answers if k[0] in gone]:
                 del self._answers[key]
         metrics.OSCORE_INVALIDATIONS.labels(cause).inc(dropped)
 
@@ -233,11 +236,11 @@ class DeviceContexts:
 
     async def recorded_answer(self, ctx: DeviceContext, piv: int) -> tuple[str, str, str] | None:
         """The outcome recorded for `ctx`'s uplink with sequence number `piv` (cached)."""
-        key = (ctx.device.meter_id, piv)
+        key = (ctx.recipient_id, piv)
         hit = self._answers.get(key)
         if hit is None:
             async with self._pool.acquire(timeout=5.0) as conn:
-                hit = await credentials.oscore_answer(conn, *key)
+                hit = await credentials.oscore_answer(conn, ctx.recipient_id, piv)
             if hit is None:
                 return None
             self._answers[key] = hit

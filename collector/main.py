@@ -110,10 +110,25 @@ def main() -> int:
         asyncio.run(run(settings))
     except KeyboardInterrupt:
         return 130
-    except PeerMismatchError as exc:
-        log.error("collector.refused", error=str(exc))
+    except (PeerMismatchError, BaseExceptionGroup) as exc:
+        refused = _refusal(exc)
+        if refused is None:
+            raise
+        # another process on the CoAP port runs other settings: say which, no traceback
+        log.error("collector.refused", error=str(refused))
         return 2
     return 0
+
+
+def _refusal(exc: BaseException) -> PeerMismatchError | None:
+    """The PeerMismatchError inside `exc` (the TaskGroup wraps it), if there is one."""
+    if isinstance(exc, PeerMismatchError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _refusal(inner)) is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

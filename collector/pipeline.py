@@ -94,8 +94,8 @@ class Uplink:
     tenant_id: int | None = None  # plain CoAP: the tenant named in the query
     topic: tuple[str, str] | None = None  # MQTT: (tenant slug, meter address) of the topic
     reject: tuple[str, str] | None = None  # decided before decoding: (reason, detail)
-    # OSCORE: (meter_id, replay index, replay bits, this request's partial IV)
-    replay_window: tuple[int, int, int, int] | None = None
+    # OSCORE: (meter_id, replay index, replay bits, this request's partial IV, context kid)
+    replay_window: tuple[int, int, int, int, bytes] | None = None
     received_at: float = field(default_factory=time.time)
     future: asyncio.Future[Outcome] | None = None
 

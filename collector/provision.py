@@ -5,8 +5,10 @@
 only to `nbmeter/<tenant-slug>/<address>/up` (created on the running broker over dynsec;
 the database keeps a hash), and stores the meter's OMS/wM-Bus AES-128 key when given
 (sealed; it is the meter's factory key, so it is never generated or shown here). Calling
-it again rotates the credentials: the old ones stop working. Raises `ProvisionError` with
-a message for the operator.
+it again rotates the credentials: the old ones stop working. `revoke_device(...)` deletes
+a meter's OSCORE context and broker account (its readings and meter stay). Either change
+reaches running collectors when its transaction commits (NOTIFY, migration 0030). Both
+raise `ProvisionError` with a message for the operator.
 """
 
 from __future__ import annotations
@@ -133,6 +135,65 @@ async def provision_device(
     finally:
         await conn.close()
     return ProvisionedDevice(meter_id, tenant_slug, address, oscore_out, mqtt_out)
+
+
+@dataclass(frozen=True)
+class RevokedDevice:
+    """What `revoke_device` removed."""
+
+    meter_id: int
+    tenant: str
+    address: str
+    oscore: bool  # an OSCORE context was deleted
+    mqtt: str | None  # the broker account deleted, if there was one
+
+
+async def revoke_device(
+    database_url: str, tenant_slug: str, address: str, *, mqtt_admin_url: str | None = None
+) -> RevokedDevice:
+    """Delete the OSCORE context and broker account of meter `address` of `tenant_slug`.
+
+    Its CoAP requests get 4.01 as soon as this commits; its broker account is deleted on
+    the broker when `mqtt_admin_url` is given (else the operator is told to). The meter
+    and its readings stay.
+    """
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            tenant = await credentials.tenant_by_slug(conn, tenant_slug)
+            if tenant is None:
+                raise ProvisionError(f"no tenant {tenant_slug!r}")
+            meter_id = await credentials.active_meter(conn, tenant[0], address)
+            if meter_id is None:
+                raise ProvisionError(f"no active meter {address!r} in tenant {tenant_slug!r}")
+            had_oscore = await credentials.revoke_oscore(conn, meter_id)
+            username = await credentials.revoke_mqtt(conn, meter_id)
+            if username is not None:
+                if mqtt_admin_url is None:
+                    msg = (
+                        f"meter {address} has the broker account {username!r}: set"
+                        " NBMETER_MQTT_ADMIN_URL so it is deleted on the broker too"
+                    )
+                    raise ProvisionError(msg)
+                # broker last, inside the transaction: a failure leaves the account in both
+                await _delete_on_broker(mqtt_admin_url, username)
+    finally:
+        await conn.close()
+    return RevokedDevice(meter_id, tenant_slug, address, had_oscore, username)
+
+
+async def _delete_on_broker(admin_url: str, username: str) -> None:
+    commands: list[dict[str, object]] = [
+        {"command": "deleteClient", "username": username},
+        {"command": "deleteRole", "rolename": f"device:{username}"},
+    ]
+    try:
+        responses = await asyncio.to_thread(dynsec, admin_url, commands)
+    except BrokerError as exc:
+        raise ProvisionError(f"broker: {exc}") from exc
+    failed = [r for r in responses[:1] if r.get("error")]
+    if failed:
+        raise ProvisionError(f"broker refused deleteClient: {failed[0]['error']}")
 
 
 async def _new_oscore(

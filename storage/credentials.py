@@ -233,8 +233,6 @@ async def store_oscore(
         sender_id,
         seal(key, blob, meter.meter_id),
     )
-    # the new context counts its sequence numbers from 0 again: forget the old answers
-    await conn.execute("DELETE FROM oscore_answers WHERE meter_id = $1", meter.meter_id)
 
 
 async def store_mqtt(
@@ -327,7 +325,6 @@ async def revoke_oscore(conn: asyncpg.Connection, meter_id: int) -> bool:
         " RETURNING meter_id",
         meter_id,
     )
-    await conn.execute("DELETE FROM oscore_answers WHERE meter_id = $1", meter_id)
     return kid is not None
 
 
@@ -353,56 +350,60 @@ async def active_meter(conn: asyncpg.Connection, tenant_id: int, address: str) -
 
 
 # One OSCORE uplink as committed: (meter_id, replay index, replay bits, its partial IV,
-# outcome status, quarantine reason, detail)
-OscoreCommit = tuple[int, int, int, int, str, str, str]
+# the context's kid, outcome status, quarantine reason, detail)
+OscoreCommit = tuple[int, int, int, int, bytes, str, str, str]
 
 
 async def save_replay_windows(conn: asyncpg.Connection, commits: Iterable[OscoreCommit]) -> None:
     """Persist the replay windows and record each uplink's answer, in the caller's transaction.
 
-    A window never moves backwards, and windows of several processes merge (bitwise OR
-    at the newer index), so a sequence number one process admitted stays seen. Each
-    (meter_id, partial IV) is recorded once with its outcome, for `oscore_answer`.
+    A window is the context's (meter and kid: an uplink of a rotated-out context moves
+    nothing); it never moves backwards, and windows of several processes merge (bitwise
+    OR at the newer index), so a sequence number one process admitted stays seen. Each
+    (kid, partial IV) is recorded once with its outcome, for `oscore_answer`.
     """
     rows = list(commits)
     if not rows:
         return
-    latest: dict[int, tuple[int, int]] = {}
-    for meter_id, index, bits, *_ in rows:  # in arrival order: the newest window last
-        if meter_id not in latest or latest[meter_id][0] <= index:
-            latest[meter_id] = (index, bits)
+    latest: dict[tuple[int, bytes], tuple[int, int]] = {}
+    for meter_id, index, bits, _piv, kid, *_ in rows:  # arrival order: the newest last
+        if (meter_id, kid) not in latest or latest[meter_id, kid][0] <= index:
+            latest[meter_id, kid] = (index, bits)
     # RFC 8613 §7.4 window of 32: bits fit a bigint; merge old bits shifted to the new index
     await conn.execute(
         "UPDATE device_credentials c SET oscore_replay_index = w.idx,"
         " oscore_replay_bits = CASE WHEN c.oscore_replay_index IS NULL"
         " OR w.idx - c.oscore_replay_index >= 62 THEN w.bits"
         " ELSE w.bits | (c.oscore_replay_bits >> (w.idx - c.oscore_replay_index)::int) END"
-        " FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS w(meter_id, idx, bits)"
-        " WHERE c.meter_id = w.meter_id"
+        " FROM unnest($1::bigint[], $2::bytea[], $3::bigint[], $4::bigint[])"
+        " AS w(meter_id, kid, idx, bits)"
+        " WHERE c.meter_id = w.meter_id AND c.oscore_kid = w.kid"
         " AND (c.oscore_replay_index IS NULL OR c.oscore_replay_index <= w.idx)",
-        list(latest),
+        [k[0] for k in latest],
+        [k[1] for k in latest],
         [v[0] for v in latest.values()],
         [v[1] for v in latest.values()],
     )
     await conn.execute(
-        "INSERT INTO oscore_answers (meter_id, piv, status, reason, detail)"
-        " SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[])"
-        " ON CONFLICT (meter_id, piv) DO NOTHING",
+        "INSERT INTO oscore_answers (meter_id, piv, kid, status, reason, detail)"
+        " SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::text[],"
+        " $5::text[], $6::text[]) ON CONFLICT (kid, piv) DO NOTHING",
         [r[0] for r in rows],
         [r[3] for r in rows],
         [r[4] for r in rows],
         [r[5] for r in rows],
         [r[6] for r in rows],
+        [r[7] for r in rows],
     )
 
 
 async def oscore_answer(
-    conn: asyncpg.Connection, meter_id: int, piv: int
+    conn: asyncpg.Connection, kid: bytes, piv: int
 ) -> tuple[str, str, str] | None:
-    """(status, reason, detail) recorded for `meter_id`'s uplink with partial IV `piv`."""
+    """(status, reason, detail) recorded for context `kid`'s uplink with partial IV `piv`."""
     row = await conn.fetchrow(
-        "SELECT status, reason, detail FROM oscore_answers WHERE meter_id = $1 AND piv = $2",
-        meter_id,
+        "SELECT status, reason, detail FROM oscore_answers WHERE kid = $1 AND piv = $2",
+        kid,
         piv,
     )
     return None if row is None else (str(row[0]), str(row[1]), str(row[2]))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import asyncpg
 
 CHANNEL = "nbmeter_credentials"
+APP_NAME = "nbmeter-credentials"  # the listening connection's name in pg_stat_activity
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +64,9 @@ async def listen_credentials(
         conn: asyncpg.Connection | None = None
         lost = asyncio.Event()
         try:
-            conn = await asyncpg.connect(dsn, timeout=check_timeout_s)
+            conn = await asyncpg.connect(
+                dsn, timeout=check_timeout_s, server_settings={"application_name": APP_NAME}
+            )
             conn.add_termination_listener(lambda _c, ev=lost: ev.set())
             await conn.add_listener(
                 CHANNEL, lambda _c, _p, _ch, payload: on_change(parse_change(payload))

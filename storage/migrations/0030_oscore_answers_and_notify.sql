@@ -9,12 +9,14 @@
 --    Payload: JSON {"meter_id": n, "kids": ["hex", ...]} (old and new key id).
 --
 -- 2. The answer to each OSCORE uplink is recorded with the uplink, in the transaction
---    that commits it: (meter_id, partial IV) -> outcome. After a crash, or in another
+--    that commits it: (kid, partial IV) -> outcome. After a crash, or in another
 --    process sharing the port, a retransmission whose sequence number the replay window
 --    has seen gets the recorded answer, protected with a fresh server sequence number
 --    (RFC 8613 §7.5.1: a server must not reuse the request's nonce for a second
 --    answer), instead of 4.01 "Replay detected". The primary key also makes a sequence
---    number count once: a second commit of the same (meter, partial IV) inserts nothing.
+--    number count once: a second commit of the same (kid, partial IV) inserts nothing.
+--    Replay windows are persisted per context (meter and kid), so an uplink of the old
+--    context committed after a rotation does not move the new context's window.
 --    Rows are kept a day (a CoAP retransmission comes within EXCHANGE_LIFETIME, 247 s).
 --
 -- 3. The server's own OSCORE sequence number per context (oscore_server_seq), taken
@@ -26,13 +28,14 @@
 --    from the live ones on its host and port refuses to start.
 
 CREATE TABLE oscore_answers (
-    meter_id    bigint NOT NULL,
+    kid         bytea NOT NULL,           -- the context (a rotation draws a new kid)
     piv         bigint NOT NULL,          -- the request's Partial IV (sequence number)
+    meter_id    bigint NOT NULL,
     status      text NOT NULL,            -- stored, duplicate, quarantined
     reason      text NOT NULL DEFAULT '', -- quarantine reason
     detail      text NOT NULL DEFAULT '',
     answered_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (meter_id, piv)
+    PRIMARY KEY (kid, piv)
 );
 CREATE INDEX oscore_answers_age ON oscore_answers (answered_at);
 

@@ -1,0 +1,506 @@
+"""CoAP security under attack, on the real stack: credential changes take effect at once,
+unauthenticated senders cost little, malformed OSCORE gets 4.02 without a traceback,
+answers survive kill -9, and a process with other settings cannot join the port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import secrets
+import struct
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiocoap
+import asyncpg
+import pytest
+from collector_testkit import DeviceOscore, RawCoap, cjt188_frame, coap_post, free_udp_port, hour
+from conftest import Broker, RunningCollector, count, new_address
+
+from collector import metrics
+from collector.coap import start_server
+from collector.pipeline import Pipeline
+from collector.provision import ProvisionedDevice, provision_device, revoke_device
+from collector.settings import PipelineSettings
+from storage.coap_peers import PeerMismatchError
+from storage.credentials import parse_key
+
+# while the collector LISTENs, a rotation or revocation reaches it with the commit's NOTIFY
+LISTENING_BOUND_S = 1.0
+# README: the worst case, while the LISTEN connection is down (context_fallback_ttl_s)
+FALLBACK_BOUND_S = 5.0
+
+READINGS = "SELECT count(*) FROM readings WHERE meter_id = $1"
+RAW = "SELECT count(*) FROM raw_uplinks WHERE meter_id = $1"
+
+
+@dataclass
+class Answer:
+    """A raw answer: outer code, and the inner (decrypted) code when it was protected."""
+
+    outer: int
+    inner: int | None
+
+    @property
+    def code(self) -> str:
+        """The code the device acts on, dotted (inner when protected)."""
+        code = self.inner if self.inner is not None else self.outer
+        return f"{code >> 5}.{code & 0x1F:02d}"
+
+
+class Udp(asyncio.DatagramProtocol):
+    """A raw UDP socket that keeps every datagram received, by CoAP token."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.by_token: dict[bytes, asyncio.Future[bytes]] = {}
+        self.received: list[bytes] = []
+
+    @classmethod
+    async def open(cls, port: int, local: str = "127.0.0.1") -> Udp:
+        """A socket from `local` to 127.0.0.1:`port`."""
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.create_datagram_endpoint(
+            cls, local_addr=(local, 0), remote_addr=("127.0.0.1", port)
+        )
+        return proto
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        if len(data) < 4 or data[1] == 0:  # an empty ACK: the answer comes separately
+            return
+        if (data[0] >> 4) & 3 == 0 and self.transport is not None:  # CON answer: ACK it
+            self.transport.sendto(bytes([0x60, 0]) + data[2:4])
+        self.received.append(data)
+        future = self.by_token.get(data[4 : 4 + (data[0] & 0x0F)])
+        if future is not None and not future.done():
+            future.set_result(data)
+
+    async def exchange(self, datagram: bytes, token: bytes, timeout_s: float = 10) -> bytes:
+        """Send `datagram` (again every 2 s) until the answer with `token` arrives."""
+        assert self.transport is not None
+        future = self.by_token[token] = asyncio.get_running_loop().create_future()
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                self.transport.sendto(datagram)
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(asyncio.shield(future), 2.0)
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+        finally:
+            self.by_token.pop(token, None)
+
+    def send(self, datagram: bytes) -> None:
+        """Send one datagram, expecting nothing."""
+        assert self.transport is not None
+        self.transport.sendto(datagram)
+
+    def close(self) -> None:
+        """Close the socket."""
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Device:
+    """A meter's side of OSCORE over raw UDP: protect, send, decrypt the answer."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.ctx = DeviceOscore(values)
+
+    def request(self, payload: bytes) -> tuple[bytes, bytes, object]:
+        """(datagram, token, request id) of a protected CON POST /u with a new sequence number."""
+        msg = aiocoap.Message(code=aiocoap.POST, uri_path=("u",), payload=payload)
+        protected, request_id = self.ctx.protect(msg)
+        protected.mtype = aiocoap.CON
+        protected.mid = next(_MIDS) % 65536
+        protected.token = secrets.token_bytes(4)
+        return protected.encode(), protected.token, request_id
+
+    def answer(self, data: bytes, request_id: object) -> Answer:
+        """The answer's codes, decrypting it when it is protected."""
+        msg = aiocoap.Message.decode(data)
+        if msg.opt.oscore is None:
+            return Answer(int(msg.code), None)
+        inner, _ = self.ctx.unprotect(msg, request_id)
+        return Answer(int(msg.code), int(inner.code))
+
+    async def post(self, udp: Udp, payload: bytes) -> Answer:
+        """Send one protected uplink and return its answer."""
+        datagram, token, request_id = self.request(payload)
+        return self.answer(await udp.exchange(datagram, token), request_id)
+
+
+_MIDS = itertools.count(secrets.randbelow(65536))  # distinct message ids (no dedup hits)
+
+
+def _oscore_datagram(option: bytes, payload: bytes = b"\x00" * 12) -> tuple[bytes, bytes]:
+    """A CON POST /u carrying `option` as its OSCORE option (9); (datagram, token)."""
+    token = secrets.token_bytes(4)
+    head = bytes([0x44, 0x02]) + struct.pack("!H", next(_MIDS) % 65536) + token
+    # option 9 (OSCORE) then 11 (Uri-Path "u"); lengths < 13 here
+    assert len(option) < 13
+    out = head + bytes([(9 << 4) | len(option)]) + option + bytes([(2 << 4) | 1]) + b"u"
+    return out + b"\xff" + payload, token
+
+
+async def _post_until(
+    device: Device, udp: Udp, payload_of: object, want: str, within_s: float
+) -> float:
+    """Post new uplinks until one is answered `want`; return the seconds it took."""
+    started = time.monotonic()
+    n = 0
+    while True:
+        n += 1
+        answer = await device.post(udp, payload_of(n))  # type: ignore[operator]
+        if answer.code == want:
+            return time.monotonic() - started
+        if time.monotonic() - started > within_s:
+            pytest.fail(f"still {answer.code} after {within_s} s (wanted {want})")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def udp(collector: RunningCollector) -> AsyncIterator[Udp]:
+    """A raw UDP socket to the session's collector."""
+    sock = await Udp.open(collector.coap_port)
+    yield sock
+    sock.close()
+
+
+async def test_rotated_oscore_context_is_refused_within_the_bound(
+    collector: RunningCollector,
+    udp: Udp,
+    pool: asyncpg.Pool,
+    db_url: str,
+    device: ProvisionedDevice,
+    credentials_key: str,
+) -> None:
+    """After `device provision` rotates a device, its old context gets 4.01 within 1 s and
+    the new one is stored."""
+    old = Device(device.oscore)
+    assert (await old.post(udp, cjt188_frame(device.address, 10_000, hour(1)))).code == "2.04"
+    rotated = await provision_device(
+        db_url, device.tenant, device.address, credentials_key=credentials_key
+    )
+    took = await _post_until(
+        old,
+        udp,
+        lambda n: cjt188_frame(device.address, 10_000 * (n + 1), hour(1 + n)),
+        "4.01",
+        LISTENING_BOUND_S,
+    )
+    assert took < LISTENING_BOUND_S
+    new = Device(rotated.oscore)
+    assert (await new.post(udp, cjt188_frame(device.address, 990_000, hour(99)))).code == "2.04"
+    stored = await pool.fetch(
+        "SELECT register_ml FROM readings WHERE meter_id = $1 ORDER BY read_at", device.meter_id
+    )
+    assert [r[0] for r in stored] == [10_000, 990_000]
+
+
+async def test_revoked_device_is_refused_within_the_bound(
+    collector: RunningCollector, udp: Udp, db_url: str, device: ProvisionedDevice, broker: Broker
+) -> None:
+    """`device revoke` makes the device's next OSCORE request a 4.01 within 1 s."""
+    dev = Device(device.oscore)
+    assert (await dev.post(udp, cjt188_frame(device.address, 10_000, hour(1)))).code == "2.04"
+    revoked = await revoke_device(
+        db_url, device.tenant, device.address, mqtt_admin_url=broker.admin_url
+    )
+    assert revoked.oscore
+    assert revoked.mqtt is not None
+    took = await _post_until(
+        dev,
+        udp,
+        lambda n: cjt188_frame(device.address, 10_000 * (n + 1), hour(1 + n)),
+        "4.01",
+        LISTENING_BOUND_S,
+    )
+    assert took < LISTENING_BOUND_S
+
+
+async def test_rotation_while_the_listener_is_down_is_refused_within_the_fallback_ttl(
+    collector: RunningCollector,
+    udp: Udp,
+    pool: asyncpg.Pool,
+    db_url: str,
+    device: ProvisionedDevice,
+    credentials_key: str,
+) -> None:
+    """With its LISTEN connection killed, the collector drops its contexts and a rotated
+    credential is still refused within the stated worst case (5 s)."""
+    old = Device(device.oscore)
+    assert (await old.post(udp, cjt188_frame(device.address, 10_000, hour(1)))).code == "2.04"
+    killed = await pool.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE application_name = 'nbmeter-credentials' AND datname = current_database()"
+    )
+    assert killed >= 1
+    await provision_device(db_url, device.tenant, device.address, credentials_key=credentials_key)
+    took = await _post_until(
+        old,
+        udp,
+        lambda n: cjt188_frame(device.address, 10_000 * (n + 1), hour(1 + n)),
+        "4.01",
+        FALLBACK_BOUND_S,
+    )
+    assert took < FALLBACK_BOUND_S
+    # and the listener comes back by itself
+    deadline = time.monotonic() + 10
+    while metrics.CREDENTIALS_LISTENING._value.get() != 1 and time.monotonic() < deadline:  # noqa: ASYNC110 (a gauge, no event to wait on)
+        await asyncio.sleep(0.1)
+    assert metrics.CREDENTIALS_LISTENING._value.get() == 1
+
+
+async def test_unknown_kid_flood_costs_a_query_per_batch_not_per_datagram(
+    collector: RunningCollector, udp: Udp
+) -> None:
+    """3,000 requests with made-up key ids all get 4.01, from a tenth as many queries or less;
+    sent again, they are answered from the negative cache with no query at all."""
+    kids = [secrets.token_bytes(6) for _ in range(3000)]
+    # flags: k (0x08) + 1-byte partial IV; then the piv, then the kid
+    datagrams = [_oscore_datagram(bytes([0x09, 0x01]) + kid) for kid in kids]
+    before = metrics.OSCORE_LOOKUPS._value.get()
+
+    gate = asyncio.Semaphore(100)  # 100 in flight: a flood, without overflowing our socket
+
+    async def one(datagram: bytes, token: bytes) -> bytes:
+        async with gate:
+            return await udp.exchange(datagram, token, timeout_s=20)
+
+    async def send_all() -> list[bytes]:
+        return list(await asyncio.gather(*(one(d, t) for d, t in datagrams)))
+
+    answers = await send_all()
+    queries = metrics.OSCORE_LOOKUPS._value.get() - before
+    assert {aiocoap.Message.decode(a).code for a in answers} == {aiocoap.UNAUTHORIZED}
+    assert 1 <= queries <= len(kids) / 10
+    datagrams = [_oscore_datagram(bytes([0x09, 0x02]) + kid) for kid in kids]  # new requests
+    again = await send_all()
+    assert {aiocoap.Message.decode(a).code for a in again} == {aiocoap.UNAUTHORIZED}
+    assert metrics.OSCORE_LOOKUPS._value.get() - before == queries
+
+
+async def test_unknown_kid_negative_cache_is_cleared_by_provisioning(
+    collector: RunningCollector, udp: Udp, db_url: str, tenant_slug: str, credentials_key: str
+) -> None:
+    """A key id first seen unknown works as soon as a device is provisioned with it."""
+    # provision, revoke (kid known-unknown after a request), provision again: the new kid
+    # is unknown first, then known; the NOTIFY of the provisioning clears the negative entry
+    address = new_address()
+    first = await provision_device(db_url, tenant_slug, address, credentials_key=credentials_key)
+    dev = Device(first.oscore)
+    assert (await dev.post(udp, cjt188_frame(address, 10_000, hour(1)))).code == "2.04"
+    await revoke_device(db_url, tenant_slug, address)
+    await _post_until(dev, udp, lambda n: cjt188_frame(address, 10_000, hour(1 + n)), "4.01", 1.0)
+    again = await provision_device(db_url, tenant_slug, address, credentials_key=credentials_key)
+    new = Device(again.oscore)
+    took = await _post_until(
+        new, udp, lambda n: cjt188_frame(address, 10_000 * n, hour(10 + n)), "2.04", 1.0
+    )
+    assert took < LISTENING_BOUND_S
+
+
+async def test_malformed_oscore_options_get_4_02_without_a_traceback(
+    collector: RunningCollector, udp: Udp, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Undecodable OSCORE options are answered 4.02 Bad Option (RFC 8613 §8.2), never 5.00;
+    nothing is logged with a traceback and at most a few lines per 10 s window."""
+    capsys.readouterr()
+    bad = [
+        bytes([0xE0]),  # reserved flag bits
+        bytes([0x05, 0x01]),  # a 5-byte partial IV announced, one byte present
+        bytes([0x10]),  # kid context announced (h), nothing follows
+        bytes([0x19, 0x01, 0x09]),  # kid context of 9 bytes announced, none present
+    ]
+    before = metrics.COAP_REJECTED.labels("oscore.option_malformed")._value.get()
+    n = 400
+    datagrams = [_oscore_datagram(bad[i % len(bad)]) for i in range(n)]
+    answers = await asyncio.gather(*(udp.exchange(d, t) for d, t in datagrams))
+    codes = [aiocoap.Message.decode(a).code for a in answers]
+    assert set(codes) == {aiocoap.BAD_OPTION}
+    counted = metrics.COAP_REJECTED.labels("oscore.option_malformed")._value.get() - before
+    assert counted == n
+    out = capsys.readouterr()
+    logged = out.out + out.err
+    assert "Traceback" not in logged
+    assert logged.count("oscore.option_malformed") <= 2 * collector.settings.coap.log_per_window
+
+
+async def test_unauthenticated_block1_starts_keep_bounded_state(
+    collector: RunningCollector, udp: Udp, lab_tenant: str
+) -> None:
+    """Block1 starts without a lab tenant are refused (4.01) before any state is kept; a
+    lab tenant's source holds at most `block1_max_per_source` transfers, the older ones
+    evicted (their next block gets 4.08)."""
+    limit = collector.settings.coap.block1_max_per_source
+    base = metrics.BLOCK1_TRANSFERS._value.get()
+    refused = []
+    for _ in range(50):
+        token = secrets.token_bytes(4)
+        dgram = coap_post(next(_MIDS) % 65536, token, b"x" * 16, block1=(0 << 4) | 8 | 0)
+        refused.append(await udp.exchange(dgram, token))
+    assert {aiocoap.Message.decode(a).code for a in refused} == {aiocoap.UNAUTHORIZED}
+    assert metrics.BLOCK1_TRANSFERS._value.get() == base
+    # a transfer is its endpoint plus its options (RFC 7959 §2.4), so one socket each
+    senders = [await Udp.open(collector.coap_port) for _ in range(20)]
+    try:
+        for n, sender in enumerate(senders):
+            token = secrets.token_bytes(4)
+            dgram = coap_post(
+                next(_MIDS) % 65536, token, b"x" * 16, query=f"t={lab_tenant}", block1=8
+            )
+            reply = aiocoap.Message.decode(await sender.exchange(dgram, token))
+            assert reply.code == aiocoap.CONTINUE, n
+        assert metrics.BLOCK1_TRANSFERS._value.get() - base <= limit
+        # the oldest transfer was evicted: its last block is 4.08 Request Entity Incomplete
+        token = secrets.token_bytes(4)
+        dgram = coap_post(
+            next(_MIDS) % 65536, token, b"y" * 16, query=f"t={lab_tenant}", block1=(1 << 4)
+        )
+        reply = aiocoap.Message.decode(await senders[0].exchange(dgram, token))
+        assert reply.code == aiocoap.REQUEST_ENTITY_INCOMPLETE
+        # the newest is still held: its last block completes the upload (undecodable: 4.00)
+        token = secrets.token_bytes(4)
+        dgram = coap_post(
+            next(_MIDS) % 65536, token, b"y" * 16, query=f"t={lab_tenant}", block1=(1 << 4)
+        )
+        reply = aiocoap.Message.decode(await senders[-1].exchange(dgram, token))
+        assert reply.code == aiocoap.BAD_REQUEST
+    finally:
+        for sender in senders:
+            sender.close()
+
+
+class CollectorProcess:
+    """`python -m collector.main` on a given CoAP port, for kill -9."""
+
+    def __init__(self, db_url: str, key: str, port: int) -> None:
+        self.db_url, self.key, self.port = db_url, key, port
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, **extra: str) -> None:
+        """Start it and wait until it answers CoAP."""
+        env = dict(
+            os.environ,
+            NBMETER_DATABASE_URL=self.db_url,
+            NBMETER_CREDENTIALS_KEY=self.key,
+            NBMETER_METRICS_PORT="0",
+            NBMETER_COAP__HOST="127.0.0.1",
+            NBMETER_COAP__PORT=str(self.port),
+            NBMETER_LOG_JSON="true",
+            **extra,
+        )
+        env.pop("NBMETER_MQTT_URL", None)
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "collector.main", env=env, stderr=asyncio.subprocess.PIPE
+        )
+        client = await RawCoap.open(self.port)
+        try:
+            for _ in range(150):
+                with contextlib.suppress(TimeoutError):
+                    await client.post(b"ping", query="t=-", confirmable=False, timeout_s=0.2)
+                    return
+                if self.proc.returncode is not None:
+                    break
+        finally:
+            client.close()
+        pytest.fail("the collector did not start")
+
+    def kill(self) -> None:
+        """kill -9."""
+        assert self.proc is not None
+        self.proc.kill()
+
+    async def wait(self) -> int:
+        """Its exit code."""
+        assert self.proc is not None
+        return await asyncio.wait_for(self.proc.wait(), 30)
+
+
+async def test_retransmission_after_kill_9_gets_the_stored_answer(
+    pool: asyncpg.Pool, db_url: str, device: ProvisionedDevice, credentials_key: str
+) -> None:
+    """A CON stored just before kill -9, sent again to the restarted collector, gets 2.04
+    protected with a fresh server sequence number (not 4.01 "Replay detected"), and
+    nothing is stored twice."""
+    proc = CollectorProcess(db_url, credentials_key, free_udp_port())
+    await proc.start()
+    udp = await Udp.open(proc.port)
+    try:
+        dev = Device(device.oscore)
+        datagram, token, request_id = dev.request(cjt188_frame(device.address, 70_000, hour(7)))
+        first = dev.answer(await udp.exchange(datagram, token), request_id)
+        assert first.code == "2.04"
+        proc.kill()
+        await proc.wait()
+        await proc.start()
+        again_raw = await udp.exchange(datagram, token)
+        again = dev.answer(again_raw, request_id)
+        assert (again.outer, again.code) == (aiocoap.CHANGED, "2.04")
+        # RFC 8613 §7.5.1: a second answer carries a partial IV of its own
+        assert aiocoap.Message.decode(again_raw).opt.oscore not in (None, b"")
+        # a new uplink after the restart is stored as usual
+        assert (await dev.post(udp, cjt188_frame(device.address, 80_000, hour(8)))).code == "2.04"
+    finally:
+        udp.close()
+        if proc.proc is not None and proc.proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert await count(pool, READINGS, device.meter_id) == 2
+    assert await count(pool, RAW, device.meter_id) == 2
+
+
+async def test_second_process_with_other_settings_is_refused(
+    collector: RunningCollector, pool: asyncpg.Pool, credentials_key: str
+) -> None:
+    """A second server on the port with another max_payload_bytes refuses to start, naming
+    the setting; one with the same settings joins and is announced."""
+    settings = collector.settings.coap
+    pipeline = Pipeline(PipelineSettings(), _never_commit)
+    key = parse_key(credentials_key)
+    other = settings.model_copy(update={"max_payload_bytes": settings.max_payload_bytes * 2})
+    with pytest.raises(PeerMismatchError, match="max_payload_bytes"):
+        await start_server(other, pipeline, pool, key)
+    same = await start_server(settings, pipeline, pool, key)
+    try:
+        assert metrics.COAP_PEERS._value.get() >= 1
+    finally:
+        await same.shutdown()
+
+
+async def test_second_collector_process_with_other_settings_exits(
+    collector: RunningCollector, db_url: str, credentials_key: str
+) -> None:
+    """`python -m collector.main` on a busy port with other settings exits 2, saying which
+    setting differs."""
+    proc = CollectorProcess(db_url, credentials_key, collector.coap_port)
+    env = dict(
+        os.environ,
+        NBMETER_DATABASE_URL=db_url,
+        NBMETER_CREDENTIALS_KEY=credentials_key,
+        NBMETER_METRICS_PORT="0",
+        NBMETER_COAP__HOST="127.0.0.1",
+        NBMETER_COAP__PORT=str(proc.port),
+        NBMETER_COAP__ACK_WAIT_S="3",
+        NBMETER_LOG_JSON="true",
+    )
+    env.pop("NBMETER_MQTT_URL", None)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "collector.main", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(child.communicate(), 60)
+    assert child.returncode == 2, err.decode()[-3000:]
+    assert b"ack_wait_s" in err
+    assert b"Traceback" not in err
+
+
+async def _never_commit(batch: list[object]) -> list[object]:
+    raise AssertionError("nothing is offered in this test")
