@@ -52,7 +52,13 @@ from aiocoap import error, resource
 from collector import metrics
 from collector.coap_guard import Block1Budget, EventLimiter, LogRateFilter, source_of
 from collector.coap_oscore import Busy, DeviceContext, DeviceContexts, OscoreSite
-from collector.coap_patches import Context, Site, bound_dedup, patch_udp6_addresses
+from collector.coap_patches import (
+    Context,
+    Site,
+    bound_dedup,
+    patch_message_decode,
+    patch_udp6_addresses,
+)
 from collector.pipeline import (
     NOT_YET_DURABLE,
     Outcome,
@@ -293,7 +299,8 @@ class CoapServer:
         self._peers: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._ctx: Any = None
-        self._log_filter = LogRateFilter("coap", settings.log_window_s, settings.log_per_window)
+        # every library record (aiocoap, asyncio, paho): ours go through structlog
+        self._log_filter = LogRateFilter("", settings.log_window_s, settings.log_per_window)
 
     async def start(self) -> None:
         """Join the port registry (PeerMismatchError: refused), bind, start the tasks."""
@@ -306,6 +313,7 @@ class CoapServer:
         for handler in logging.getLogger().handlers:
             handler.addFilter(self._log_filter)
         patch_udp6_addresses()
+        patch_message_decode()
         self._ctx = await Context.create_server_context(
             self.site, bind=(self._settings.host, self._settings.port), transports=["udp6"]
         )

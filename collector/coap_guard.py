@@ -177,7 +177,7 @@ class EventLimiter:
 class LogRateFilter(logging.Filter):
     """A stdlib log filter: at most `per_window` records per (logger, message) per window."""
 
-    def __init__(self, prefix: str = "coap", window_s: float = 10.0, per_window: int = 5):
+    def __init__(self, prefix: str = "", window_s: float = 10.0, per_window: int = 5):
         """Limit records of loggers named `prefix`*; others pass untouched."""
         super().__init__()
         self._prefix = prefix

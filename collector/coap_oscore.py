@@ -153,6 +153,17 @@ class DeviceContexts:
         await asyncio.shield(future)
 
     async def _load_batches(self) -> None:
+        try:
+            await self._load_forever()
+        except Exception as exc:  # a bug: fail the waiting requests (5.03), never hang them
+            log.exception("oscore_context.loader_failed")
+            for future in self._waiting.values():
+                if not future.done():
+                    future.set_exception(ContextsUnavailable(str(exc)))
+                    future.exception()
+            self._waiting.clear()
+
+    async def _load_forever(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()

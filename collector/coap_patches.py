@@ -3,7 +3,10 @@
 Each patch keeps aiocoap's behaviour and removes a cost that profiling or an attack
 found: `bound_dedup` (memory of the RFC 7252 deduplication table), `Site` and `Context`
 (per-request work our resources never use), `patch_udp6_addresses` (per-message address
-parsing). aiocoap is untyped; this module and `collector.coap*` are the places that touch it.
+parsing), `patch_message_decode` (a datagram that fails to decode in an unexpected way,
+e.g. an invalid UTF-8 Uri-Path, is "unparsable" like any other instead of a traceback in
+the transport's callback). aiocoap is untyped; this module and `collector.coap*` are
+the places that touch it.
 """
 # mypy: disable-error-code="no-untyped-call,misc,no-any-return"
 
@@ -16,7 +19,7 @@ from collections import OrderedDict
 from typing import Any
 
 import aiocoap
-from aiocoap import resource
+from aiocoap import error, resource
 from aiocoap.message import Direction
 from aiocoap.pipe import error_to_message, run_driving_pipe
 from aiocoap.transports import udp6
@@ -137,3 +140,29 @@ def patch_udp6_addresses() -> None:
     cls.is_multicast_locally = property(
         lambda self: self.pktinfo is not None and _is_multicast_pktinfo(bytes(self.pktinfo))
     )
+
+
+def patch_message_decode() -> None:
+    """Make every failure to decode a datagram an `UnparsableMessage` (idempotent).
+
+    aiocoap's UDP transport catches only `UnparsableMessage` and ignores the datagram
+    (RFC 7252 §4.2: silently ignore a message format error); an undecodable option value
+    (a string option that is not UTF-8, say) raised `UnicodeDecodeError` instead, which
+    escaped into asyncio's callback handler and logged a traceback per datagram.
+    """
+    message_cls = aiocoap.message.Message
+    if getattr(message_cls.decode, "nbm_patched", False):
+        return
+    original = message_cls.decode.__func__
+
+    def decode(cls: Any, rawdata: bytes, remote: Any = None) -> Any:
+        try:
+            return original(cls, rawdata, remote)
+        except error.UnparsableMessage:
+            raise
+        except Exception as exc:  # any other decoding failure is a format error too
+            msg = f"undecodable message: {type(exc).__name__}"
+            raise error.UnparsableMessage(msg) from None
+
+    decode.nbm_patched = True  # type: ignore[attr-defined]
+    message_cls.decode = classmethod(decode)
