@@ -192,7 +192,7 @@ class UplinkResource(resource.Resource):
             raise Busy(self._settings.busy_max_age_s, "tenant directory unavailable") from exc
         if tenant is None:
             metrics.UPLINKS.labels("coap", "unauthenticated").inc()
-            self._events.note("coap.unauthenticated", peer=source_of(request.remote))
+            self._events.note("plain_coap.refused", peer=source_of(request.remote))
             raise error.Unauthorized("use OSCORE (plain CoAP only for lab tenants, ?t=<slug>)")
         return tenant
 
@@ -309,7 +309,7 @@ class CoapServer:
         except coap_peers.PeerMismatchError:
             raise
         except _DB_ERRORS as exc:  # the database may be away at start: join later
-            log.warning("coap.registry_unavailable", error=str(exc))
+            log.warning("coap_registry.unreached", error=str(exc))
         for handler in logging.getLogger().handlers:
             handler.addFilter(self._log_filter)
         patch_udp6_addresses()
@@ -362,7 +362,7 @@ class CoapServer:
             self.contexts.set_listening(False, "listener_lost")
 
         def ready() -> None:
-            log.info("credentials.listening", channel=notify.CHANNEL)
+            log.info("credentials.subscribed", channel=notify.CHANNEL)
             self.contexts.set_listening(True, "listener_ready")
 
         await notify.listen_credentials(self._database_url, self.contexts.invalidate, lost, ready)
@@ -390,10 +390,10 @@ class CoapServer:
                 self._announce({p.instance_id for p in peers})
             except coap_peers.PeerMismatchError as exc:
                 # joined late (database was away at start): we already serve; say it loudly
-                log.error("coap.peer_mismatch", error=str(exc))
+                log.error("coap_peer.mismatched", error=str(exc))
                 self._joined = True
             except _DB_ERRORS as exc:
-                log.warning("coap.registry_unavailable", error=str(exc))
+                log.warning("coap_registry.unreached", error=str(exc))
 
     async def shutdown(self) -> None:
         """Stop the background tasks, leave the registry, close the socket."""

@@ -344,7 +344,7 @@ class OscoreSite:
             await self._inner.render_to_pipe(pipe)
             return
         except Exception:  # DecodeError, or an index past a truncated option
-            self._events.note("oscore.option_malformed", peer=source_of(request.remote))
+            self._events.note("oscore_option.rejected", peer=source_of(request.remote))
             if con:
                 raise error.BadOption("the OSCORE option does not decode") from None
             return
@@ -357,7 +357,7 @@ class OscoreSite:
         try:
             sc = self.contexts.find_oscore(unprotected)
         except KeyError:
-            self._events.note("oscore.unknown_kid", peer=source_of(request.remote))
+            self._events.note("oscore_kid.refused", peer=source_of(request.remote))
             if con:
                 raise error.Unauthorized("security context not found") from None
             return
@@ -369,12 +369,12 @@ class OscoreSite:
                 await self._answer_replay(pipe, sc, request, unprotected)
             return
         except oscore.DecodeError:
-            self._events.note("oscore.option_malformed", peer=source_of(request.remote))
+            self._events.note("oscore_option.rejected", peer=source_of(request.remote))
             if con:
                 raise error.BadOption("the OSCORE message does not decode") from None
             return
         except (oscore.ProtectionInvalid, error.UnparsableMessage, ValueError):
-            self._events.note("oscore.decrypt_failed", peer=source_of(request.remote))
+            self._events.note("oscore_decrypt.failed", peer=source_of(request.remote))
             if con:
                 raise error.BadRequest("decryption failed") from None
             return
@@ -418,7 +418,7 @@ class OscoreSite:
             raise Busy(self._busy_s, "credentials store unavailable") from exc
         if recorded is None:
             metrics.REPLAY_ANSWERS.labels("busy").inc()
-            self._events.note("oscore.replay_unrecorded", peer=source_of(request.remote))
+            self._events.note("oscore_replay.deferred", peer=source_of(request.remote))
             raise Busy(self._busy_s, "sequence number in use; send it again as a new request")
         metrics.REPLAY_ANSWERS.labels("recorded").inc()
         message = self._answer(*recorded)

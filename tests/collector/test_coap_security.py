@@ -320,18 +320,18 @@ async def test_malformed_oscore_options_get_4_02_without_a_traceback(
         bytes([0x10]),  # kid context announced (h), nothing follows
         bytes([0x19, 0x01, 0x09]),  # kid context of 9 bytes announced, none present
     ]
-    before = metrics.COAP_REJECTED.labels("oscore.option_malformed")._value.get()
+    before = metrics.COAP_REJECTED.labels("oscore_option.rejected")._value.get()
     n = 400
     datagrams = [_oscore_datagram(bad[i % len(bad)]) for i in range(n)]
     answers = await asyncio.gather(*(udp.exchange(d, t) for d, t in datagrams))
     codes = [aiocoap.Message.decode(a).code for a in answers]
     assert set(codes) == {aiocoap.BAD_OPTION}
-    counted = metrics.COAP_REJECTED.labels("oscore.option_malformed")._value.get() - before
+    counted = metrics.COAP_REJECTED.labels("oscore_option.rejected")._value.get() - before
     assert counted == n
     out = capsys.readouterr()
     logged = out.out + out.err
     assert "Traceback" not in logged
-    assert logged.count("oscore.option_malformed") <= 2 * collector.settings.coap.log_per_window
+    assert logged.count("oscore_option.rejected") <= 2 * collector.settings.coap.log_per_window
 
 
 async def test_unauthenticated_block1_starts_keep_bounded_state(
