@@ -237,13 +237,14 @@ class Collector:
 
 async def phase_malformed(args: argparse.Namespace, col: Collector) -> dict[str, object]:
     codes: Counter[str] = Counter()
-    socks = await _sockets(col.port, 8, codes)
+    # 64 source ports: a socket's MIDs repeat only after 64 x 65,536 datagrams, so each
+    # datagram is a new message to the server (not a duplicate answered from its table)
+    socks = await _sockets(col.port, 64, codes)
     rng = random.Random(7)
     log0, tb0 = col.log_bytes(), col.tracebacks()
-    mids = itertools.count(1)
 
     def send(i: int) -> None:
-        socks[i % len(socks)].sendto(malformed(next(mids), rng))
+        socks[i % len(socks)].sendto(malformed(i // len(socks), rng))
 
     seconds = await _paced(send, args.malformed, args.rate)
     await asyncio.sleep(3)  # stragglers
