@@ -299,6 +299,7 @@ class CoapServer:
         self._peers: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._ctx: Any = None
+        self._subscribed = asyncio.Event()
         # every library record (aiocoap, asyncio, paho): ours go through structlog
         self._log_filter = LogRateFilter("", settings.log_window_s, settings.log_per_window)
 
@@ -310,21 +311,29 @@ class CoapServer:
             raise
         except _DB_ERRORS as exc:  # the database may be away at start: join later
             log.warning("coap_registry.unreached", error=str(exc))
+        if self._database_url is not None:
+            self._tasks.append(asyncio.create_task(self._listen(), name="coap-credentials"))
+            # bind once changes arrive (a database that is away delays us only this long;
+            # until LISTEN works, contexts live context_fallback_ttl_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._subscribed.wait(), 2.0)
         for handler in logging.getLogger().handlers:
             handler.addFilter(self._log_filter)
         patch_udp6_addresses()
         patch_message_decode()
-        self._ctx = await Context.create_server_context(
-            self.site, bind=(self._settings.host, self._settings.port), transports=["udp6"]
-        )
+        try:
+            self._ctx = await Context.create_server_context(
+                self.site, bind=(self._settings.host, self._settings.port), transports=["udp6"]
+            )
+        except BaseException:
+            await self.shutdown()  # the listener and our registry row go too
+            raise
         for tman in self._ctx.request_interfaces:
             bound_dedup(
                 tman.token_interface,
                 self._settings.exchange_lifetime_s,
                 self._settings.dedup_max_entries,
             )
-        if self._database_url is not None:
-            self._tasks.append(asyncio.create_task(self._listen(), name="coap-credentials"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="coap-registry"))
         log.info("coap.started", host=self._settings.host, port=self._settings.port)
 
@@ -364,6 +373,7 @@ class CoapServer:
         def ready() -> None:
             log.info("credentials.subscribed", channel=notify.CHANNEL)
             self.contexts.set_listening(True, "listener_ready")
+            self._subscribed.set()
 
         await notify.listen_credentials(self._database_url, self.contexts.invalidate, lost, ready)
 

@@ -504,3 +504,34 @@ async def test_second_collector_process_with_other_settings_exits(
 
 async def _never_commit(batch: list[object]) -> list[object]:
     raise AssertionError("nothing is offered in this test")
+
+
+async def test_retransmission_to_another_process_gets_the_recorded_answer(
+    collector: RunningCollector,
+    udp: Udp,
+    pool: asyncpg.Pool,
+    device: ProvisionedDevice,
+    credentials_key: str,
+) -> None:
+    """A CON stored through one collector, sent again to another process of the same
+    database (as after a NAT rebinding between processes sharing a port), gets 2.04 there
+    too, from the recorded answer; nothing is stored twice."""
+    dev = Device(device.oscore)
+    datagram, token, request_id = dev.request(cjt188_frame(device.address, 60_000, hour(6)))
+    assert dev.answer(await udp.exchange(datagram, token), request_id).code == "2.04"
+    other_settings = collector.settings.coap.model_copy(update={"port": free_udp_port()})
+    other = await start_server(
+        other_settings,
+        Pipeline(PipelineSettings(), _never_commit),
+        pool,
+        parse_key(credentials_key),
+    )
+    sock = await Udp.open(other_settings.port)
+    try:
+        again = dev.answer(await sock.exchange(datagram, token), request_id)
+    finally:
+        sock.close()
+        await other.shutdown()
+    assert (again.outer, again.code) == (aiocoap.CHANGED, "2.04")
+    assert await count(pool, READINGS, device.meter_id) == 1
+    assert await count(pool, RAW, device.meter_id) == 1
