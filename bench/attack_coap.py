@@ -5,7 +5,8 @@
 
 Needs NBMETER_DATABASE_URL (a scratch database is created and dropped) and uses
 NBMETER_CREDENTIALS_KEY (or a fresh key). Starts `python -m collector.main` on free
-ports with its log in a temporary file, then, one after the other:
+ports with its log in a temporary file (`--collector-root`: another checkout's collector,
+for a before/after comparison), then, one after the other:
 
 1. malformed: `--malformed` datagrams at `--rate`/s, mixed: undecodable OSCORE options,
    random OSCORE options, truncated or invalid CoAP headers, bad options, bad Block1
@@ -185,7 +186,7 @@ def _metric(port: int, name: str) -> float:
 class Collector:
     """`python -m collector.main`, log to a file."""
 
-    def __init__(self, db_url: str, key: str) -> None:
+    def __init__(self, db_url: str, key: str, root: Path = ROOT) -> None:
         self.port = _free_port(socket.SOCK_DGRAM)
         self.metrics_port = _free_port(socket.SOCK_STREAM)
         self.log = Path(tempfile.mkstemp(prefix="attack-coap-", suffix=".log")[1])
@@ -197,12 +198,12 @@ class Collector:
             NBMETER_COAP__HOST="127.0.0.1",
             NBMETER_COAP__PORT=str(self.port),
             NBMETER_LOG_JSON="true",
-            PYTHONPATH=str(ROOT),
+            PYTHONPATH=str(root),
         )
         env.pop("NBMETER_MQTT_URL", None)
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "collector.main"], env=env, stderr=out, cwd=ROOT
+                [sys.executable, "-m", "collector.main"], env=env, stderr=out, cwd=root
             )
 
     async def ready(self) -> None:
@@ -466,7 +467,7 @@ async def main(args: argparse.Namespace) -> None:
         raise SystemExit("set NBMETER_DATABASE_URL (eval $(nbmeter stack env))")
     key = os.environ.get("NBMETER_CREDENTIALS_KEY") or new_key()
     name, db_url, devices = await _setup(server_url, key, args.devices)
-    col = Collector(db_url, key)
+    col = Collector(db_url, key, Path(args.collector_root) if args.collector_root else ROOT)
     try:
         await col.ready()
         print("machine before:", _load(), flush=True)
@@ -501,4 +502,8 @@ if __name__ == "__main__":
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--phase-s", type=float, default=10.0)
     parser.add_argument("--keep", action="store_true", help="keep the database and the log")
+    parser.add_argument(
+        "--collector-root",
+        help="run the collector of another checkout (e.g. the previous release), same load",
+    )
     asyncio.run(main(parser.parse_args()))
