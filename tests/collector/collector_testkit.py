@@ -133,6 +133,10 @@ class RawCoap(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.waiting: dict[bytes, asyncio.Future[CoapReply]] = {}
         self.replies: list[CoapReply] = []
+        # message IDs in sequence from a random start, as RFC 7252 §4.4 asks: random ones
+        # collide within EXCHANGE_LIFETIME after a few hundred posts, and the collector
+        # then (rightly) answers the older exchange again
+        self._mid = secrets.randbelow(65536)
 
     @classmethod
     async def open(cls, port: int) -> RawCoap:
@@ -155,6 +159,11 @@ class RawCoap(asyncio.DatagramProtocol):
         if future is not None and not future.done():
             future.set_result(reply)
 
+    def next_mid(self) -> int:
+        """The next message ID of this endpoint."""
+        self._mid = (self._mid + 1) & 0xFFFF
+        return self._mid
+
     def send(self, datagram: bytes) -> None:
         """Send one datagram."""
         assert self.transport is not None
@@ -171,7 +180,7 @@ class RawCoap(asyncio.DatagramProtocol):
         timeout_s: float = 15,
     ) -> CoapReply:
         """POST /u and wait for the answer (retransmitting a CON every 2 s meanwhile)."""
-        mid = secrets.randbelow(65536) if mid is None else mid
+        mid = self.next_mid() if mid is None else mid
         token = secrets.token_bytes(4) if token is None else token
         future: asyncio.Future[CoapReply] = asyncio.get_running_loop().create_future()
         self.waiting[token] = future
@@ -195,7 +204,7 @@ class RawCoap(asyncio.DatagramProtocol):
             token = secrets.token_bytes(4)
             future: asyncio.Future[CoapReply] = asyncio.get_running_loop().create_future()
             self.waiting[token] = future
-            mid = secrets.randbelow(65536)
+            mid = self.next_mid()
             self.send(
                 coap_post(mid, token, chunk, query=query, block1=(num << 4) | (more << 3) | szx)
             )
