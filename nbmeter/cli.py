@@ -6,8 +6,10 @@
   nbmeter collector                   CoAP + MQTT ingestion
   nbmeter api                         the billing API
   nbmeter tenant create               a tenant and its first admin API key
+  nbmeter tenant key create|list|revoke  API keys (with expiry)
   nbmeter quarantine list|show|redecode  quarantined uplinks; re-decode them
-  nbmeter device provision            per-meter transport credentials
+  nbmeter reads manual|import         manual reads and historical imports
+  nbmeter device provision|revoke     per-meter transport credentials
   nbmeter sim ...                     the device-fleet simulator
   nbmeter demo                        the whole system with a demo fleet, verified
 
