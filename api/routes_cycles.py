@@ -13,11 +13,11 @@ from fastapi.responses import Response, StreamingResponse
 
 from api.auth import Admin, Pool, Reader
 from api.errors import ConflictError, NotFoundError, UnprocessableError
-from api.localtime import CalendarError, cycle_bounds, cycles_in, local_midnight
 from api.routes_meters import CONFLICT, PROBLEMS
 from api.routes_reads import CycleId
 from api.schemas import Calendar, CloseResult, Cycle, CycleList, CyclePage
 from api.settings import ApiSettings
+from billing.localtime import CalendarError, cycle_bounds, cycles_in, local_midnight
 from storage import billing
 from storage.apikeys import tenant_timezone
 from storage.export import stream_cycle

@@ -12,16 +12,8 @@ import asyncpg
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
-from api import vee
 from api.auth import Pool, Reader
 from api.errors import NotFoundError, UnprocessableError
-from api.localtime import (
-    CalendarError,
-    cycle_bounds,
-    local_midnight,
-    parse_instant,
-    step_boundaries,
-)
 from api.routes_meters import PROBLEMS, MeterId, get_or_404
 from api.schemas import (
     BoundaryRead,
@@ -35,6 +27,15 @@ from api.schemas import (
     to_m3,
 )
 from api.settings import ApiSettings
+from billing import cycle as cycles
+from billing import quality, units, vee
+from billing.localtime import (
+    CalendarError,
+    cycle_bounds,
+    local_midnight,
+    parse_instant,
+    step_boundaries,
+)
 from storage import billing, meter_cycle
 from storage.apikeys import tenant_timezone
 
@@ -43,13 +44,6 @@ CycleId = Annotated[
     date, Path(description="local date the cycle starts on", examples=["2024-03-01"])
 ]
 _BASELINE = timedelta(days=90)
-
-
-def _mixed(a: int | None, b: int | None) -> int | None:
-    """ESPI quality of a quantity derived from two reads: equal codes stay, else 13 mixed."""
-    if a is None or b is None:
-        return None
-    return a if a == b else 13
 
 
 async def meter_zone(
@@ -84,14 +78,14 @@ async def interval_reads(
     scale = meter["register_scale"]
     intervals = [
         Interval(
-            start=a["at"],
-            end=b["at"],
-            start_register_m3=to_m3(a["register_ml"], scale),
-            end_register_m3=to_m3(b["register_ml"], scale),
-            consumption_m3=to_m3(b["used_ml"], scale),
-            start_method=a["method"] or "missing",
-            end_method=b["method"] or "missing",
-            quality=_mixed(a["quality"], b["quality"]),
+            start=a.at,
+            end=b.at,
+            start_register_m3=to_m3(a.register_ml, scale),
+            end_register_m3=to_m3(b.register_ml, scale),
+            consumption_m3=to_m3(b.used_ml, scale),
+            start_method=a.method or "missing",
+            end_method=b.method or "missing",
+            quality=quality.mixed((a.quality, b.quality)),
         )
         for a, b in itertools.pairwise(rows)
     ]
@@ -100,12 +94,39 @@ async def interval_reads(
     )
 
 
-def _sum(values: list[str | None]) -> str | None:
-    if not values or any(v is None for v in values):
-        return None
-    total = sum((Decimal(v) for v in values if v is not None), Decimal(0))
-    places = max(-Decimal(v).as_tuple().exponent for v in values if v is not None)  # type: ignore[operator]
-    return str(total.quantize(Decimal(1).scaleb(-places)))
+def _side(s: cycles.Side, scale: int) -> BoundaryRead:
+    pub = s.published
+    return BoundaryRead(
+        at=s.at,
+        register_m3=to_m3(s.read.register_ml, scale),
+        method=s.read.method,  # type: ignore[arg-type]  # one of Method: billing.boundary
+        basis=s.read.basis,  # type: ignore[arg-type]  # one of Basis: billing.boundary
+        quality=s.read.quality,
+        read_at=s.read.basis_at,
+        gap=s.gap,
+        revision=None if pub is None else pub.revision,
+        published_register_m3=None if pub is None else to_m3(pub.register_ml, scale),
+    )
+
+
+def cycle_row(row: cycles.CycleRow) -> CycleRow:
+    """The response body of a billing core cycle row: its volumes in m3, rendered once."""
+    m, scale = row.meter, row.meter.spec.scale
+    return CycleRow(
+        meter_id=m.meter_id,
+        address=m.address,
+        service_point=m.service_point,
+        kind=m.kind,  # type: ignore[arg-type]  # the meters table holds water or gas
+        cycle=row.cycle,
+        unit="m3",
+        opening=_side(row.opening, scale),
+        closing=_side(row.closing, scale),
+        consumption_m3=to_m3(row.consumption_ml, scale),
+        consumption_quality=row.consumption_quality,
+        rolled_over=row.rolled_over,
+        reverse=row.reverse,
+        revised=row.revised,
+    )
 
 
 @router.get(
@@ -150,23 +171,24 @@ async def cycle_read(
         )
     if not found.rows:
         raise NotFoundError(f"meter {meter_id} was not in service during cycle {cycle}")
-    rows = sorted((CycleRow.model_validate(r) for r in found.rows), key=lambda r: r.opening.at)
+    segments = sorted(found.rows, key=lambda r: r.opening.at)
+    rows = [cycle_row(r) for r in segments]
     metas = found.meters
     spans = [
         vee.Span(
-            m["meter_id"],
-            m["kind"],
-            m["register_digits"],
-            m["register_scale"],
-            m["installed_at"],
-            m["removed_at"],
+            r.meter.meter_id,
+            r.meter.kind,
+            r.meter.spec.digits,
+            r.meter.spec.scale,
+            r.meter.spec.installed_at,
+            r.meter.spec.removed_at,
         )
-        for m in (metas[r.meter_id] for r in rows)
+        for r in segments
     ]
     report = vee.check_cycle(
         spans,
         found.readings,
-        [tuple(e) for e in found.events],  # type: ignore[misc]
+        found.events,
         open_at=open_at,
         close_at=close_at,
         now=now,
@@ -186,21 +208,23 @@ async def cycle_read(
         closed=closed,
         opening=opening,
         closing=closing,
-        consumption_m3=_sum([r.consumption_m3 for r in rows]),
-        consumption_quality=_segments_quality(rows),
+        consumption_m3=_m3_text(
+            units.total_m3([(r.consumption_ml, r.meter.spec.scale) for r in segments])
+        ),
+        consumption_quality=quality.mixed(r.consumption_quality for r in segments),
         revised=any(r.revised for r in rows),
         segments=rows,
         issues=[VeeIssue(**i.__dict__) for i in report.issues],
         alarms=[CycleAlarm(**a.__dict__) for a in report.alarms],
         revisions=[
             Revision(
-                meter_id=v["meter_id"],
-                at=v["boundary_at"],
-                revision=v["revision"],
-                register_m3=to_m3(v["register_ml"], metas[v["meter_id"]]["register_scale"]),
-                method=v["method"],
-                quality=v["quality"],
-                published_at=v["published_at"],
+                meter_id=v.meter_id,
+                at=v.boundary_at,
+                revision=v.revision,
+                register_m3=to_m3(v.register_ml, metas[v.meter_id].spec.scale),
+                method=v.method,
+                quality=v.quality,
+                published_at=v.published_at,
             )
             for v in (found.revisions if closed else [])
         ],
@@ -209,11 +233,8 @@ async def cycle_read(
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def _segments_quality(rows: list[CycleRow]) -> int | None:
-    codes = {r.consumption_quality for r in rows}
-    if None in codes:
-        return None
-    return codes.pop() if len(codes) == 1 else 13
+def _m3_text(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
 
 
 __all__ = ["BoundaryRead", "router"]

@@ -1,19 +1,19 @@
 """Request and response bodies. Billing quantities are decimal strings of m3, never floats.
 
 `M3` is such a string ("123.456"); `to_ml` / `to_m3` convert exactly between it and the
-int millilitres storage speaks, checking the value fits the register's resolution.
+int millilitres storage speaks (billing.units, the one conversion), checking the value
+fits the register's resolution.
 """
 
 from __future__ import annotations
 
 from datetime import date, datetime
-from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from api.errors import UnprocessableError
-from storage.boundary import m3_text
+from billing import units
 
 # at most 12 integer digits: 10^12 m3 in mL stays inside bigint (9.2e18)
 M3 = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,12}(\.[0-9]{1,6})?$")]
@@ -33,17 +33,15 @@ Basis = Literal["reference_day", "average_daily_use", "last_read"]
 
 def to_ml(value: str, scale: int, what: str) -> int:
     """Exact mL of an m3 decimal string; UnprocessableError if finer than 10^scale m3."""
-    ml = Decimal(value) * 1_000_000
-    unit = 10 ** (scale + 6)
-    if ml != ml.to_integral_value() or int(ml) % unit:
-        msg = f"{what} {value} m3 is finer than the register's resolution (10^{scale} m3)"
-        raise UnprocessableError(msg)
-    return int(ml)
+    try:
+        return units.register_ml(value, scale)
+    except units.ResolutionError as exc:
+        raise UnprocessableError(f"{what} {exc}") from exc
 
 
 def to_m3(ml: int | None, scale: int) -> str | None:
     """The m3 decimal string of `ml` with the register's number of decimals (as the SQL)."""
-    return m3_text(ml, scale)
+    return None if ml is None else str(units.m3(ml, scale))
 
 
 class Problem(BaseModel):

@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
-from decimal import Decimal
 from typing import Any
 
 import httpx
 
+from billing import units
 from simulator.coap import OscoreCredentials
 from simulator.mqtt import MqttCredentials
 from simulator.runner import DeviceCredentials
@@ -34,14 +34,12 @@ class BackendError(Exception):
 
 def m3_text(ml: int, scale: int) -> str:
     """Exact decimal m3 text of `ml` with the register's decimals (scale -3: 3 places)."""
-    places = -scale
-    value = Decimal(ml) / Decimal(1_000_000)
-    return f"{value:.{places}f}" if places else str(int(value))
+    return str(units.m3(ml, scale))
 
 
 def ml_of(text: str | None) -> int | None:
     """Millilitres of an exact decimal m3 text; None stays None."""
-    return None if text is None else int(Decimal(text) * 1_000_000)
+    return None if text is None else units.ml(text)
 
 
 def iso(epoch_s: int) -> str:

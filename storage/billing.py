@@ -1,61 +1,46 @@
 """Billing queries: cycle calendar, cycle boundary reads (set-wise), publication, interval reads.
 
 Set-wise boundary reads (export, cycle close, interval series) come from the SQL function
-`nbm_boundary_read` (migrations 0020/0021). A single meter's cycle read computes the same
-reads in Python from one range scan (storage.boundary, storage.meter_cycle), held equal to
-the SQL by tests/api/test_boundary_twin.py: every path agrees to the millilitre.
-Registers are int millilitres here; the SQL renders m3 decimal strings with the register's
-own number of decimals (`round(ml / 1e6, -register_scale)`), never a float.
+`nbm_boundary_read` (migrations 0020/0021/0033). A single meter's cycle read computes the
+same reads in Python from one range scan (billing.boundary, storage.meter_cycle), held
+equal to the SQL by tests/api/test_boundary_twin.py: every path agrees to the millilitre.
+The SQL here is the set-wise twin of the billing core, kept for the export's speed:
+`_m3` of billing.units.m3, `nbm_consumption` of billing.consumption.consumption, `_gap`
+of billing.boundary.gap_across, `_CONSUMPTION_QUALITY` of billing.quality.mixed,
+`_REVISED` of billing.cycle.Side.revised, PUBLISH_SQL of billing.cycle.to_publish.
+Registers are int millilitres here; the export's SQL renders m3 decimal strings with the
+register's own number of decimals (`round(ml / 1e6, -register_scale)`), never a float.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import asyncpg
 
+from billing import quality
+from billing.boundary import Reading, Tuning
+from billing.consumption import MAX_FLOW_ML_H
+from billing.cycle import Published
+from billing.units import ML_PER_M3
+from billing.vee import Event
+
 Conn = asyncpg.Connection | asyncpg.Pool
-
-# Maximum physically plausible flow per meter kind, in mL per hour. A register drop is a
-# rollover only if the wrapped volume fits this flow over the time between the readings.
-# water: 10 m3/h, above the overload flow Q4 of residential meters (DN25: Q4 = 7.875 m3/h,
-# ISO 4064 / OIML R49); gas: 10 m3/h, the Qmax of a G6 diaphragm meter (EN 1359).
-MAX_FLOW_ML_H = {"water": 10_000_000, "gas": 10_000_000}
-
-
-@dataclass(frozen=True)
-class Reading:
-    """One stored reading as the VEE checks see it."""
-
-    meter_id: int
-    read_at: datetime
-    register_ml: int
-    flags: int
-    received_at: datetime
-    # ESPI quality it was entered with (manual read, import); None for a device reading
-    quality: int | None = None
-
-
-@dataclass(frozen=True)
-class Tuning:
-    """Boundary-read tuning: the actual-read window, the future-clock tolerance, and the
-    VEE gap limit (a boundary read interpolated across a longer outage is flagged `gap`)."""
-
-    actual_window: timedelta
-    future_tolerance: timedelta
-    max_gap: timedelta = timedelta(hours=48)
 
 
 def _max_flow_sql(kind: str) -> str:
+    """billing.consumption.MAX_FLOW_ML_H as an SQL CASE on the meter kind."""
     cases = " ".join(f"WHEN '{k}' THEN {v}" for k, v in MAX_FLOW_ML_H.items())
     return f"(CASE {kind} {cases} END)::numeric"
 
 
 def _m3(ml: str, scale: str) -> str:
-    return f"round(({ml})::numeric / 1000000, -({scale}))::text"
+    """m3 text of `ml` with the register's decimals. Python twin: billing.units.m3 (numeric
+    round() is half away from zero, and never gives -0)."""
+    return f"round(({ml})::numeric / {ML_PER_M3}, -({scale}))::text"
 
 
 # $1 tenant, $2 cycle start date, $3 cycle end date (local), $4 after meter_id, $5 limit
@@ -111,7 +96,7 @@ LEFT JOIN LATERAL (SELECT p.register_ml, p.revision FROM published_boundary_read
 def _gap(s: str) -> str:
     """A boundary read interpolated across an outage longer than the gap limit: the gap
     measured between the readings around the boundary, not cut at the cycle edge.
-    Twin: storage.boundary.gap_across."""
+    Python twin: billing.boundary.gap_across."""
     return f"({s}.method = 'interpolated' AND {s}.next_at - {s}.prev_at > b.max_gap)"
 
 
@@ -123,10 +108,12 @@ def _side_json(s: str, pub: str) -> str:
         'published_register_m3', {_m3(f"{pub}.register_ml", "b.scale")})"""
 
 
+# Python twin: billing.quality.mixed
 _CONSUMPTION_QUALITY = (
     "CASE WHEN o.quality IS NULL OR c.quality IS NULL THEN NULL"
-    " WHEN o.quality = c.quality THEN o.quality ELSE 13 END"
+    f" WHEN o.quality = c.quality THEN o.quality ELSE {quality.MIXED} END"
 )
+# Python twin: billing.cycle.Side.revised
 _REVISED = (
     "(coalesce(po.revision, 0) > 1 OR coalesce(pc.revision, 0) > 1"
     " OR (po.revision IS NOT NULL AND po.register_ml IS DISTINCT FROM o.register_ml)"
@@ -153,10 +140,13 @@ CSV_COLUMNS = f"""b.meter_id, b.address, b.service_point, b.kind, $2::date, 'm3'
     coalesce(u.ml > c.register_ml - o.register_ml, false), coalesce(u.ml < 0, false), {_REVISED},
     {_gap("o")}, {_gap("c")}"""
 
+# nbm_consumption: Python twin billing.consumption.consumption; rolled_over and reverse as
+# billing.cycle.cycle_row has them
 CYCLE_JSON_SQL = _CORE.format(columns=JSON_COLUMNS, published=_PUBLISHED)
 CYCLE_CSV_SQL = _CORE.format(columns=CSV_COLUMNS, published=_PUBLISHED)
 
 
+# Python twin: billing.cycle.to_publish (one meter's reads, storage.meter_cycle)
 PUBLISH_SQL = (
     "WITH src AS ("
     + _CORE.format(
@@ -250,20 +240,32 @@ async def publish(conn: Conn, args: tuple[Any, ...]) -> dict[str, int]:
     return {k: row[k] for k in ("boundaries", "published", "revised")}
 
 
-async def revisions(conn: Conn, meter_ids: list[int], at: list[datetime]) -> list[asyncpg.Record]:
+async def revisions(conn: Conn, meter_ids: list[int], at: list[datetime]) -> list[Published]:
     """Every published revision of the given meters at the given boundaries, oldest first."""
-    return await conn.fetch(
+    rows = await conn.fetch(
         "SELECT meter_id, boundary_at, revision, register_ml, method, quality, published_at"
         " FROM published_boundary_reads WHERE meter_id = ANY($1) AND boundary_at = ANY($2)"
         " ORDER BY meter_id, boundary_at, revision",
         meter_ids,
         at,
     )
+    return [Published(*r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class StepRead:
+    """A boundary read at one step instant and the consumption since the previous step."""
+
+    at: datetime
+    register_ml: int | None
+    method: str | None  # None: outside the meter's service, or in the future
+    quality: int | None
+    used_ml: int | None
 
 
 async def interval_reads(
     conn: asyncpg.Connection, meter_id: int, boundaries: list[datetime], tuning: Tuning
-) -> list[asyncpg.Record]:
+) -> list[StepRead]:
     """Boundary reads of one meter at each instant, with consumption since the previous one.
 
     Here each boundary is a per-row value, so runtime chunk exclusion (off for the API's
@@ -271,7 +273,7 @@ async def interval_reads(
     """
     async with conn.transaction():
         await conn.execute("SET LOCAL timescaledb.enable_runtime_exclusion = on")
-        return await conn.fetch(
+        rows = await conn.fetch(
             f"""SELECT t.at, r.register_ml, r.method, r.basis, r.quality, m.register_scale AS scale,
             nbm_consumption(lag(r.register_ml) OVER w, r.register_ml,
                 extract(epoch FROM t.at - lag(t.at) OVER w), m.register_scale,
@@ -291,6 +293,9 @@ async def interval_reads(
             tuning.actual_window,
             tuning.future_tolerance,
         )
+    return [
+        StepRead(r["at"], r["register_ml"], r["method"], r["quality"], r["used_ml"]) for r in rows
+    ]
 
 
 async def readings_between(
@@ -309,9 +314,9 @@ async def readings_between(
 
 async def events_between(
     conn: Conn, meter_ids: list[int], start: datetime, end: datetime
-) -> list[asyncpg.Record]:
+) -> list[Event]:
     """Meter events (alarms) of the meters in [start, end), oldest first."""
-    return await conn.fetch(
+    rows = await conn.fetch(
         "SELECT meter_id, kind, occurred_at, active, detail FROM meter_events"
         " WHERE meter_id = ANY($1) AND occurred_at >= $2 AND occurred_at < $3"
         " ORDER BY occurred_at, meter_id, kind",
@@ -319,6 +324,7 @@ async def events_between(
         start,
         end,
     )
+    return [Event(*r) for r in rows]
 
 
 async def calendar(conn: Conn, tenant_id: int) -> tuple[int, list[date]]:

@@ -1,4 +1,4 @@
-"""The single-meter cycle read (Python, storage.boundary) equals the export's (SQL).
+"""The single-meter cycle read (Python, billing.boundary) equals the export's (SQL).
 
 A seeded fleet of meters with adversarial histories (sparse and dense readings, readings
 on and near the boundaries, rollovers on small registers, reverse flow, clocks in the
@@ -6,7 +6,8 @@ future, readings before installation, meters installed or removed inside the cyc
 and without their registers, questionable flags, silent meters for every estimation
 path, a second timezone, outages straddling a boundary on either side of the gap limit,
 manual reads with their own quality) goes through both: every row must be identical,
-the `gap` flag of each boundary read included.
+the `gap` flag of each boundary read included. The Python rows are rendered as the API
+renders them (api.routes_reads.cycle_row); the SQL rows are the export's JSON text.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pytest
 
-from api.localtime import local_midnight
+from api.routes_reads import cycle_row
 from api.schemas import CycleRow
 from api.settings import ApiSettings
+from billing.localtime import local_midnight
 from storage import billing, meter_cycle
 
 CYCLE, END = date(2024, 2, 1), date(2024, 3, 1)
@@ -143,7 +145,7 @@ async def test_single_meter_reads_equal_the_export(
                 conn, ctx, CYCLE, windows, tuning, now=now, baseline=timedelta(0), publish=False
             )
             for r in found.rows:
-                got[r["meter_id"]] = CycleRow.model_validate(r).model_dump(mode="json")
+                got[r.meter.meter_id] = cycle_row(r).model_dump(mode="json")
     assert len(expected) > 100
     assert set(got) == set(expected)
     methods, gaps, qualities = set(), set(), set()

@@ -1,10 +1,11 @@
-"""Boundary reads of one meter in Python: the twin of SQL `nbm_boundary_read` (0020/0021).
+"""Boundary reads of one meter: the register at an instant, and how it was obtained.
 
-The whole-tenant export computes boundary reads set-wise in SQL. A single-meter cycle
-read would pay ~8 ms of planning for that statement (a dozen lookups on the `readings`
-hypertable, each expanded into its chunks), so it fetches the meter's readings around the
-cycle once (a plain range scan, well under 1 ms) and computes the same reads here.
-`tests/storage/test_boundary_twin.py` holds both to the same result on random histories;
+Python twin of SQL `nbm_boundary_read` (migrations 0020/0021/0033). The whole-tenant
+export computes boundary reads set-wise in SQL. A single-meter cycle read would pay ~8 ms
+of planning for that statement (a dozen lookups on the `readings` hypertable, each
+expanded into its chunks), so storage fetches the meter's readings around the cycle once
+(a plain range scan, well under 1 ms) and the reads are computed here.
+`tests/api/test_boundary_twin.py` holds both to the same result on random histories;
 change one, change the other.
 
 Exact integer arithmetic throughout: millilitres and microseconds. PostgreSQL's numeric
@@ -17,9 +18,11 @@ import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
 
-from storage.billing import Reading
+from billing import quality
+from billing.consumption import rolled_over, span_us
+from billing.units import modulus_ml, unit_ml
+from decoder.columns import Flag
 
 # Reach of the lookups (the SQL function's default p_reach): neighbours within 35 days of
 # the boundary, estimation history within 45 days.
@@ -28,11 +31,34 @@ HISTORY_REACH = timedelta(days=45)
 # readings a cycle's boundary reads can use lie in [open - BEFORE, close + AFTER]
 BEFORE = HISTORY_REACH
 AFTER = NEIGHBOUR_REACH
-_US = timedelta(microseconds=1)
 _WEEK = timedelta(days=7)
 _DAY = timedelta(days=1)
-# tamper | meter error | clock missing (decoder.columns.Flag): an actual read is questionable
-_QUESTIONABLE_FLAGS = 832
+# an actual read is questionable (quality 10) when its meter flags any of these (832, as
+# the SQL function has it)
+_QUESTIONABLE_FLAGS = int(Flag.TAMPER | Flag.METER_ERROR | Flag.CLOCK_MISSING)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One stored reading as boundary reads and VEE checks see it."""
+
+    meter_id: int
+    read_at: datetime
+    register_ml: int
+    flags: int
+    received_at: datetime
+    # ESPI quality it was entered with (manual read, import); None for a device reading
+    quality: int | None = None
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Boundary-read tuning: the actual-read window, the future-clock tolerance, and the
+    VEE gap limit (a boundary read interpolated across a longer outage is flagged `gap`)."""
+
+    actual_window: timedelta
+    future_tolerance: timedelta
+    max_gap: timedelta = timedelta(hours=48)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +76,12 @@ class Meter:
     @property
     def unit(self) -> int:
         """The register's smallest unit in mL."""
-        return 10 ** (self.scale + 6)
+        return unit_ml(self.scale)
 
     @property
     def modulus(self) -> int:
         """The register's range in mL (it rolls over to 0 here)."""
-        return 10 ** (self.digits + self.scale + 6)
+        return modulus_ml(self.digits, self.scale)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +108,6 @@ def _div(a: int, b: int) -> int:
 def _mod(a: int, b: int) -> int:
     """Remainder with the dividend's sign (PostgreSQL numeric `mod`)."""
     return a - b * _div(a, b)
-
-
-def _us(delta: timedelta) -> int:
-    return delta // _US
 
 
 class History:
@@ -234,12 +256,12 @@ _METHOD = {
     "last_read": "estimated",
 }
 _QUALITY = {
-    "installation": 0,
-    "removal": 0,
-    "interpolated": 9,
-    "reference_day": 8,
-    "average_daily_use": 12,
-    "last_read": 10,
+    "installation": quality.VALID,
+    "removal": quality.VALID,
+    "interpolated": quality.INTERPOLATED,
+    "reference_day": quality.REFERENCE_DAY,
+    "average_daily_use": quality.PROJECTED,
+    "last_read": quality.QUESTIONABLE,
 }
 
 
@@ -256,7 +278,7 @@ def _read(
     unit, modulus = m.unit, m.modulus
     register: int | None = None
     wrapped = False
-    quality: int | None = _QUALITY.get(how)
+    code: int | None = _QUALITY.get(how)
     used_flags = None
     basis_at = p.read_at if p is not None else None
     if how == "installation":
@@ -267,15 +289,15 @@ def _read(
         r = p if how == "actual_prev" else n
         assert r is not None
         register, basis_at, used_flags = r.register_ml, r.read_at, r.flags
-        quality = r.quality  # entered with one (manual read, import: 0033)
-        if quality is None:
-            quality = 10 if r.flags & _QUESTIONABLE_FLAGS else 0
+        code = r.quality  # entered with one (manual read, import: 0033)
+        if code is None:
+            code = quality.QUESTIONABLE if r.flags & _QUESTIONABLE_FLAGS else quality.VALID
     elif how == "interpolated":
         assert p is not None
         assert n is not None
         raw = n.register_ml - p.register_ml
-        dt, dt_at = _us(n.read_at - p.read_at), _us(at - p.read_at)
-        wrapped = raw < 0 and (raw + modulus) * 3_600_000_000 <= m.max_flow_ml_h * dt
+        dt, dt_at = span_us(p.read_at, n.read_at), span_us(p.read_at, at)
+        wrapped = rolled_over(raw, modulus, dt, m.max_flow_ml_h)
         dr = raw + modulus if wrapped else raw
         num, den = 2 * dr * dt_at + dt * unit, 2 * dt * unit
         steps = _div(num, den) - (1 if _mod(num, den) < 0 else 0)
@@ -289,7 +311,7 @@ def _read(
         assert p is not None
         assert base is not None
         used = _mod(p.register_ml - base.register_ml + modulus, modulus)
-        dt, dt_at = _us(p.read_at - base.read_at), _us(at - p.read_at)
+        dt, dt_at = span_us(base.read_at, p.read_at), span_us(p.read_at, at)
         steps = _div(2 * used * dt_at + dt * unit, 2 * dt * unit)
         register = _mod(p.register_ml + unit * steps, modulus)
     elif how == "last_read":
@@ -301,7 +323,7 @@ def _read(
         register_ml=register,
         method=_METHOD.get(how, how),
         basis=how if how in ("reference_day", "average_daily_use", "last_read") else None,
-        quality=quality,
+        quality=code,
         basis_at=basis_at,
         prev_at=p.read_at if p is not None else None,
         next_at=n.read_at if n is not None else None,
@@ -319,31 +341,3 @@ def gap_across(read: BoundaryRead, max_gap: timedelta) -> bool:
     if read.method != "interpolated" or read.prev_at is None or read.next_at is None:
         return False
     return read.next_at - read.prev_at > max_gap
-
-
-def consumption(open_ml: int | None, close_ml: int | None, seconds_us: int, m: Meter) -> int | None:
-    """Consumption between two registers over `seconds_us` µs: SQL `nbm_consumption`."""
-    if open_ml is None or close_ml is None:
-        return None
-    if close_ml >= open_ml:
-        return close_ml - open_ml
-    wrapped = close_ml - open_ml + m.modulus
-    if wrapped * 3600 * 1_000_000 <= m.max_flow_ml_h * seconds_us:
-        return wrapped
-    return close_ml - open_ml
-
-
-def span_us(start: datetime, end: datetime) -> int:
-    """Microseconds from start to end (exact, as SQL's extract(epoch ...))."""
-    return _us(end - start)
-
-
-def m3_text(ml: int | None, scale: int) -> str | None:
-    """`ml` as an m3 decimal string with the register's decimals, as the SQL renders it.
-
-    round(ml / 10^6, -scale) half away from zero, and never "-0".
-    """
-    if ml is None:
-        return None
-    value = (Decimal(ml).scaleb(-6)).quantize(Decimal(1).scaleb(scale), rounding=ROUND_HALF_UP)
-    return str(abs(value) if value.is_zero() else value)

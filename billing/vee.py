@@ -11,9 +11,10 @@ Thresholds (stated, and reported with each issue):
   cycle boundary whose boundary read was interpolated across it, measured between the
   readings around the boundary (40 h before + 44 h after is an 84 h gap, reported once with
   its whole span in each cycle that boundary read serves, instead of the cut pieces). The
-  boundary reads say which were (storage.boundary.gap_across; SQL twin in storage.billing).
+  boundary reads say which were (billing.boundary.gap_across; SQL twin in storage.billing).
 - zero_consumption: an unchanged register over at least `zero_streak` days.
-- rollover: a drop whose wrap at 10^digits units is plausible at MAX_FLOW_ML_H (info);
+- rollover: a drop whose wrap at 10^digits units is plausible at MAX_FLOW_ML_H (info;
+  billing.consumption.rolled_over, the rule every consumption uses);
   reverse_flow: any other drop (negative consumption), or the REVERSE_FLOW flag.
 - clock_future / before_installation / after_removal: readings excluded from billing
   (reported when dated in the cycle or the 7 days before it, or received in it).
@@ -26,9 +27,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from billing import units
+from billing.boundary import Reading
+from billing.consumption import MAX_FLOW_ML_H, rolled_over
+from billing.cycle import BoundaryGap
 from decoder.columns import Flag
-from storage.billing import MAX_FLOW_ML_H, Reading
-from storage.meter_cycle import BoundaryGap
 
 # plain ints: IntFlag arithmetic costs ~1 us an operation, and a cycle has hundreds
 _ALARM_FLAGS = {
@@ -45,6 +48,7 @@ _ANY_ALARM = sum(_ALARM_FLAGS)
 _REVERSE_FLOW = int(Flag.REVERSE_FLOW)
 _SEVERITY = {"error": 0, "warning": 1, "info": 2}
 DAY = timedelta(days=1)
+_SECOND = timedelta(seconds=1)
 _NEAR = timedelta(days=7)  # excluded readings this close to the cycle could have been used
 
 
@@ -58,6 +62,17 @@ class Span:
     scale: int
     installed_at: datetime
     removed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A meter event (an alarm the meter reported) as stored."""
+
+    meter_id: int
+    kind: str
+    occurred_at: datetime
+    active: bool
+    detail: str | None
 
 
 @dataclass(frozen=True)
@@ -94,7 +109,7 @@ class Report:
 
 
 def _m3(ml: int) -> str:
-    return f"{ml / 1_000_000:.3f}"  # detail text only, never a billed quantity
+    return str(units.m3(ml, -3))  # detail text: litres, exact
 
 
 def _valid(r: Reading, s: Span, tolerance: timedelta) -> str | None:
@@ -110,7 +125,7 @@ def _valid(r: Reading, s: Span, tolerance: timedelta) -> str | None:
 def check_cycle(
     spans: list[Span],
     readings: list[Reading],
-    events: list[tuple[int, str, datetime, bool, str | None]],
+    events: Sequence[Event],
     *,
     open_at: datetime,
     close_at: datetime,
@@ -123,7 +138,7 @@ def check_cycle(
     """Run every check over the cycle [open_at, close_at) and return the report.
 
     `boundary_gaps`: the cycle's boundary reads interpolated across an outage longer than
-    `max_gap` (storage.meter_cycle.MeterCycle.gaps).
+    `max_gap` (billing.cycle.boundary_gaps).
     """
     report = Report()
     if len(spans) > 1:
@@ -164,8 +179,10 @@ def check_cycle(
         _check_gaps(report, s, good, open_at, close_at, now, max_gap, mine_gaps)
         _check_series(report, s, good, open_at, close_at, now, zero_streak)
         _flag_alarms(report, s, [r for r in good if open_at <= r.read_at < close_at])
-    for meter_id, kind, at, active, _detail in events:
-        report.alarms.append(Alarm(kind, "event", meter_id, at, at, 1, active))
+    for e in events:
+        report.alarms.append(
+            Alarm(e.kind, "event", e.meter_id, e.occurred_at, e.occurred_at, 1, e.active)
+        )
     report.issues.sort(key=lambda i: (_SEVERITY[i.severity], i.start, i.code))
     report.alarms.sort(key=lambda a: (a.first_at, a.kind))
     return report
@@ -176,7 +193,7 @@ def _baseline_ml_day(good: list[Reading], open_at: datetime, modulus: int) -> in
     if len(before) < 2 or before[-1].read_at - before[0].read_at < timedelta(days=7):
         return None
     used = (before[-1].register_ml - before[0].register_ml) % modulus
-    return used * 86400 // int((before[-1].read_at - before[0].read_at).total_seconds())
+    return used * 86400 // ((before[-1].read_at - before[0].read_at) // _SECOND)
 
 
 def _hours(span: timedelta) -> str:
@@ -240,7 +257,7 @@ def _check_series(
     now: datetime,
     zero_streak: timedelta,
 ) -> None:
-    modulus = 10 ** (s.digits + s.scale + 6)
+    modulus = units.modulus_ml(s.digits, s.scale)
     max_ml_h = MAX_FLOW_ML_H[s.kind]
     baseline = _baseline_ml_day(good, open_at, modulus)
     start = max(open_at, s.installed_at)
@@ -252,11 +269,12 @@ def _check_series(
     zero_from: datetime | None = None
     win_start, win_used = None, 0
     for a, b in itertools.pairwise(series):
-        seconds = int((b.read_at - a.read_at).total_seconds())
+        # whole seconds between the readings, as this check has always counted them
+        over_us = (b.read_at - a.read_at) // _SECOND * 1_000_000
         used = b.register_ml - a.register_ml
         if used < 0:
             wrapped = used + modulus
-            if wrapped * 3600 <= max_ml_h * seconds:
+            if rolled_over(used, modulus, over_us, max_ml_h):
                 used = wrapped
                 add(
                     Issue(
