@@ -48,6 +48,7 @@ import asyncpg
 import numpy as np
 import numpy.typing as npt
 
+from billing import units
 from decoder.columns import Decoded
 from storage import copybin
 from storage.pool import translated
@@ -266,7 +267,7 @@ class ReadingWriter:
         received_s = np.asarray(batch.received_at_us, np.int64) // copybin.US_PER_S
         code[batch.read_at_s > received_s + self._max_clock_ahead_s] = RejectReason.CLOCK_FUTURE
         code[batch.read_at_s < self._earliest_read_at_s] = RejectReason.CLOCK_PAST
-        code[batch.register_ml < 0] = RejectReason.NEGATIVE_REGISTER
+        code[units.negative(batch.register_ml)] = RejectReason.NEGATIVE_REGISTER
         candidates = np.flatnonzero(code == 0)
         # np.lexsort: last key is primary; stable, so a repeated key keeps its first row
         order = candidates[np.lexsort((batch.read_at_s[candidates], batch.meter_id[candidates]))]

@@ -24,26 +24,14 @@ from typing import Literal
 
 import asyncpg
 
+from billing import quality, units
 from storage.errors import StorageError
 from storage.pool import translated
 
-# ESPI QualityOfReading (NAESB REQ.21) codes an entered register reading may carry; 13
-# (mixed) and 15 (normalized for weather) describe derived quantities, not a register.
-QUALITIES = {
-    0: "valid",
-    7: "manually edited",
-    8: "estimated using reference day",
-    9: "estimated using linear interpolation",
-    10: "questionable",
-    11: "derived",
-    12: "projected (forecast)",
-    14: "raw",
-    16: "other",
-    17: "validated",
-    18: "verified",
-    19: "revenue-quality",
-}
-MANUAL_QUALITY = 7  # a reading a person entered: the quality of every manual read
+# the ESPI codes an entered register reading may carry (billing.quality: 13 mixed and 15
+# normalized describe derived quantities, not a register)
+QUALITIES = quality.OF_READING
+MANUAL_QUALITY = quality.MANUALLY_EDITED  # a reading a person entered: every manual read
 Source = Literal["visit", "customer_photo", "other", "import"]
 TRANSPORT_ENTERED = 4  # readings.transport: import/api (0001)
 _MAX_INT64 = 2**63 - 1
@@ -152,8 +140,8 @@ def _check(
     read: EnteredRead, meter: asyncpg.Record, now: datetime, tolerance: timedelta
 ) -> str | None:
     """Why `read` cannot be a reading of `meter`, or None."""
-    unit = 10 ** (meter["register_scale"] + 6)
-    modulus = 10 ** (meter["register_digits"] + meter["register_scale"] + 6)
+    unit = units.unit_ml(meter["register_scale"])
+    modulus = units.modulus_ml(meter["register_digits"], meter["register_scale"])
     at = read.read_at.isoformat()
     if read.read_at > now + tolerance:
         return f"read_at {at} is in the future (now {now.isoformat()}): give the time it was read"
