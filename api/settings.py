@@ -7,7 +7,7 @@ from datetime import timedelta
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from storage.billing import Tuning
+from billing.boundary import Tuning
 
 
 class ApiSettings(BaseSettings):
