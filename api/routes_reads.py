@@ -99,8 +99,8 @@ def _side(s: cycles.Side, scale: int) -> BoundaryRead:
     return BoundaryRead(
         at=s.at,
         register_m3=to_m3(s.read.register_ml, scale),
-        method=s.read.method,  # type: ignore[arg-type]  # one of Method: billing.boundary
-        basis=s.read.basis,  # type: ignore[arg-type]  # one of Basis: billing.boundary
+        method=s.read.method,
+        basis=s.read.basis,
         quality=s.read.quality,
         read_at=s.read.basis_at,
         gap=s.gap,

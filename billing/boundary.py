@@ -18,6 +18,7 @@ import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Literal
 
 from billing import quality
 from billing.consumption import rolled_over, span_us
@@ -36,6 +37,11 @@ _DAY = timedelta(days=1)
 # an actual read is questionable (quality 10) when its meter flags any of these (832, as
 # the SQL function has it)
 _QUESTIONABLE_FLAGS = int(Flag.TAMPER | Flag.METER_ERROR | Flag.CLOCK_MISSING)
+
+
+# how a read was obtained, and the basis of an estimated one
+Method = Literal["actual", "interpolated", "estimated", "installation", "removal", "missing"]
+Basis = Literal["reference_day", "average_daily_use", "last_read"]
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,8 @@ class BoundaryRead:
     """The register at one instant and how it was obtained (`nbm_boundary_read`'s row)."""
 
     register_ml: int | None
-    method: str
-    basis: str | None
+    method: Method
+    basis: Basis | None
     quality: int | None
     basis_at: datetime | None
     prev_at: datetime | None
@@ -248,12 +254,21 @@ def _how(
     return "missing"
 
 
-_METHOD = {
+_METHOD: dict[str, Method] = {
+    "installation": "installation",
+    "removal": "removal",
     "actual_prev": "actual",
     "actual_next": "actual",
+    "interpolated": "interpolated",
     "reference_day": "estimated",
     "average_daily_use": "estimated",
     "last_read": "estimated",
+    "missing": "missing",
+}
+_BASIS: dict[str, Basis] = {
+    "reference_day": "reference_day",
+    "average_daily_use": "average_daily_use",
+    "last_read": "last_read",
 }
 _QUALITY = {
     "installation": quality.VALID,
@@ -321,8 +336,8 @@ def _read(
         basis_at = None
     return BoundaryRead(
         register_ml=register,
-        method=_METHOD.get(how, how),
-        basis=how if how in ("reference_day", "average_daily_use", "last_read") else None,
+        method=_METHOD[how],
+        basis=_BASIS.get(how),
         quality=code,
         basis_at=basis_at,
         prev_at=p.read_at if p is not None else None,

@@ -34,8 +34,8 @@ class CycleMeter:
 
 
 @dataclass(frozen=True, slots=True)
-class Published:
-    """One published revision of a boundary read."""
+class Publication:
+    """A revision of a boundary read to publish."""
 
     meter_id: int
     boundary_at: datetime
@@ -43,7 +43,13 @@ class Published:
     register_ml: int | None
     method: str
     quality: int | None
-    published_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Published(Publication):
+    """A published revision of a boundary read."""
+
+    published_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +145,7 @@ def to_publish(
     reads: Iterable[tuple[int, datetime, BoundaryRead]],
     published: Iterable[Published],
     now: datetime,
-) -> list[Published]:
+) -> list[Publication]:
     """The revisions to publish for these (meter_id, boundary instant, read): a boundary at
     or before `now` with no publication yet, or whose newest one has another register.
     `published` is every revision so far, oldest first."""
@@ -154,6 +160,6 @@ def to_publish(
         revision = 0 if last is None else last.revision
         if last is None or last.register_ml != read.register_ml:
             new.append(
-                Published(meter_id, at, revision + 1, read.register_ml, read.method, read.quality)
+                Publication(meter_id, at, revision + 1, read.register_ml, read.method, read.quality)
             )
     return new

@@ -27,12 +27,12 @@ class ResolutionError(ValueError):
 
 def unit_ml(scale: int) -> int:
     """The register's smallest unit in mL (scale -3: 1,000 mL)."""
-    return 10 ** (scale - _ML_EXPONENT)
+    return int(10 ** (scale - _ML_EXPONENT))  # int(): mypy types int ** int as Any
 
 
 def modulus_ml(digits: int, scale: int) -> int:
     """The register's range in mL: it rolls over to 0 here."""
-    return 10**digits * unit_ml(scale)
+    return int(10**digits) * unit_ml(scale)
 
 
 def m3(ml: int, scale: int) -> Decimal:

@@ -16,19 +16,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
-from typing import Any
+from typing import Any, TypeAlias
 from zoneinfo import ZoneInfo
 
 import asyncpg
 
 from billing import quality
-from billing.boundary import Reading, Tuning
+from billing.boundary import Method, Reading, Tuning
 from billing.consumption import MAX_FLOW_ML_H
 from billing.cycle import Published
 from billing.units import ML_PER_M3
 from billing.vee import Event
 
-Conn = asyncpg.Connection | asyncpg.Pool
+Conn: TypeAlias = asyncpg.Connection | asyncpg.Pool
 
 
 def _max_flow_sql(kind: str) -> str:
@@ -258,7 +258,7 @@ class StepRead:
 
     at: datetime
     register_ml: int | None
-    method: str | None  # None: outside the meter's service, or in the future
+    method: Method | None  # None: outside the meter's service, or in the future
     quality: int | None
     used_ml: int | None
 

@@ -29,6 +29,7 @@ from billing.cycle import (
     BoundaryGap,
     CycleMeter,
     CycleRow,
+    Publication,
     Published,
     boundary_gaps,
     cycle_row,
@@ -202,7 +203,7 @@ async def meter_cycle(
 
 async def _publish(
     conn: asyncpg.Connection,
-    new: list[Published],
+    new: list[Publication],
     published: list[Published],
     ids: list[int],
     ats: list[datetime],

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 
-from billing.boundary import BoundaryRead, Meter
-from billing.cycle import CycleMeter, Published, boundary_gaps, cycle_row, to_publish
+from billing.boundary import BoundaryRead, Meter, Method
+from billing.cycle import CycleMeter, CycleRow, Published, boundary_gaps, cycle_row, to_publish
 
 OPEN = datetime(2024, 2, 1, tzinfo=UTC)
 CLOSE = datetime(2024, 3, 1, tzinfo=UTC)
@@ -14,12 +14,14 @@ METER = CycleMeter(1, "A-1", None, "water", None, SPEC)
 MAX_GAP = timedelta(hours=48)
 
 
-def b(ml: int | None, quality: int | None = 0, method: str = "actual") -> BoundaryRead:
+def b(ml: int | None, quality: int | None = 0, method: Method = "actual") -> BoundaryRead:
     """A boundary read with just a register, method and quality."""
     return BoundaryRead(ml, method, None, quality, None, None, None, False, None)
 
 
-def row(o: BoundaryRead, c: BoundaryRead, latest: dict | None = None):
+def row(
+    o: BoundaryRead, c: BoundaryRead, latest: dict[tuple[int, datetime], Published] | None = None
+) -> CycleRow:
     """The row of METER from `o` at OPEN to `c` at CLOSE."""
     return cycle_row(METER, date(2024, 2, 1), ((OPEN, o), (CLOSE, c)), latest or {}, MAX_GAP)
 
@@ -39,10 +41,10 @@ def test_consumption_quality_and_flags() -> None:
 
 def test_revised_when_the_published_register_differs() -> None:
     """A side is revised after a second revision or a published register unlike today's."""
-    pub = Published(1, CLOSE, 1, 3_000_000, "actual", 0)
+    pub = Published(1, CLOSE, 1, 3_000_000, "actual", 0, CLOSE)
     assert not row(b(1_000_000), b(3_000_000), {(1, CLOSE): pub}).revised
     assert row(b(1_000_000), b(3_100_000), {(1, CLOSE): pub}).revised
-    pub2 = Published(1, OPEN, 2, 1_000_000, "actual", 0)
+    pub2 = Published(1, OPEN, 2, 1_000_000, "actual", 0, CLOSE)
     assert row(b(1_000_000), b(3_000_000), {(1, OPEN): pub2}).revised
 
 
@@ -70,7 +72,10 @@ def test_to_publish_first_and_changed_reads_of_passed_boundaries() -> None:
     now = CLOSE
     reads = [(1, OPEN, b(1_000_000)), (1, CLOSE, b(3_000_000)), (2, OPEN, b(5))]
     later = [(1, CLOSE + timedelta(days=1), b(4_000_000))]
-    published = [Published(1, OPEN, 1, 999_000, "actual", 0), Published(2, OPEN, 1, 5, "x", 0)]
+    published = [
+        Published(1, OPEN, 1, 999_000, "actual", 0, OPEN),
+        Published(2, OPEN, 1, 5, "actual", 0, OPEN),
+    ]
     got = to_publish(reads + later, published, now)
     assert [(p.meter_id, p.boundary_at, p.revision, p.register_ml) for p in got] == [
         (1, OPEN, 2, 1_000_000),

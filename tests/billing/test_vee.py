@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from billing.boundary import Reading
-from billing.vee import Event, Span, check_cycle
+from billing.vee import Event, Report, Span, check_cycle
 
 OPEN = datetime(2024, 2, 1, tzinfo=UTC)
 CLOSE = datetime(2024, 3, 1, tzinfo=UTC)
@@ -21,7 +22,9 @@ def daily(registers: list[int], start: datetime = OPEN, flags: int = 0) -> list[
     ]
 
 
-def check(readings: list[Reading], spans: list[Span] | None = None, events=()):
+def check(
+    readings: list[Reading], spans: list[Span] | None = None, events: Sequence[Event] = ()
+) -> Report:
     """The report over the February cycle, checked long after it ended."""
     return check_cycle(
         spans or [SPAN],
@@ -36,7 +39,7 @@ def check(readings: list[Reading], spans: list[Span] | None = None, events=()):
     )
 
 
-def codes(report) -> list[str]:
+def codes(report: Report) -> list[str]:
     """The report's issue codes, in order."""
     return [i.code for i in report.issues]
 
