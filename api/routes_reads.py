@@ -28,7 +28,7 @@ from api.schemas import (
 )
 from api.settings import ApiSettings
 from billing import cycle as cycles
-from billing import quality, units, vee
+from billing import quality, vee
 from billing.localtime import (
     CalendarError,
     cycle_bounds,
@@ -208,10 +208,8 @@ async def cycle_read(
         closed=closed,
         opening=opening,
         closing=closing,
-        consumption_m3=_m3_text(
-            units.total_m3([(r.consumption_ml, r.meter.spec.scale) for r in segments])
-        ),
-        consumption_quality=quality.mixed(r.consumption_quality for r in segments),
+        consumption_m3=_m3_text(cycles.total_m3(segments)),
+        consumption_quality=cycles.total_quality(segments),
         revised=any(r.revised for r in rows),
         segments=rows,
         issues=[VeeIssue(**i.__dict__) for i in report.issues],
@@ -237,4 +235,4 @@ def _m3_text(value: Decimal | None) -> str | None:
     return None if value is None else str(value)
 
 
-__all__ = ["BoundaryRead", "router"]
+__all__ = ["BoundaryRead", "cycle_row", "router"]

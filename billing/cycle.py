@@ -12,11 +12,12 @@ revision.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from decimal import Decimal
 
-from billing import quality
+from billing import quality, units
 from billing.boundary import BoundaryRead, Meter, gap_across
 from billing.consumption import consumption, span_us
 
@@ -128,6 +129,18 @@ def cycle_row(
         and used > c_ml - o_ml,
         reverse=used is not None and used < 0,
     )
+
+
+def total_m3(rows: Sequence[CycleRow]) -> Decimal | None:
+    """A service point's cycle consumption in m3 when its meter was exchanged: the sum of
+    each meter's consumption as its row shows it (rounded to its register), with the most
+    decimals any has; None when one is unknown."""
+    return units.total_m3([(r.consumption_ml, r.meter.spec.scale) for r in rows])
+
+
+def total_quality(rows: Iterable[CycleRow]) -> int | None:
+    """The quality of that sum: the rows' consumption quality when all agree, else 13."""
+    return quality.mixed(r.consumption_quality for r in rows)
 
 
 def boundary_gaps(rows: Iterable[CycleRow]) -> list[BoundaryGap]:

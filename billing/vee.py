@@ -269,11 +269,11 @@ def _check_series(
     zero_from: datetime | None = None
     win_start, win_used = None, 0
     for a, b in itertools.pairwise(series):
-        # whole seconds between the readings, as this check has always counted them
-        over_us = (b.read_at - a.read_at) // _SECOND * 1_000_000
         used = b.register_ml - a.register_ml
         if used < 0:
             wrapped = used + modulus
+            # whole seconds between the readings, as this check has always counted them
+            over_us = (b.read_at - a.read_at) // _SECOND * 1_000_000
             if rolled_over(used, modulus, over_us, max_ml_h):
                 used = wrapped
                 add(

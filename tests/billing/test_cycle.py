@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 
 from billing.boundary import BoundaryRead, Meter, Method
-from billing.cycle import CycleMeter, CycleRow, Published, boundary_gaps, cycle_row, to_publish
+from billing.cycle import (
+    CycleMeter,
+    CycleRow,
+    Published,
+    boundary_gaps,
+    cycle_row,
+    to_publish,
+    total_m3,
+    total_quality,
+)
 
 OPEN = datetime(2024, 2, 1, tzinfo=UTC)
 CLOSE = datetime(2024, 3, 1, tzinfo=UTC)
@@ -81,3 +90,16 @@ def test_to_publish_first_and_changed_reads_of_passed_boundaries() -> None:
         (1, OPEN, 2, 1_000_000),
         (1, CLOSE, 1, 3_000_000),
     ]
+
+
+def test_exchange_totals_sum_the_rows_as_shown() -> None:
+    """An exchange's consumption sums each meter's rounded m3; qualities mix to 13."""
+    new_meter = CycleMeter(2, "A-2", None, "water", None, Meter(OPEN, None, 0, None, -2, 5, 1))
+    old = row(b(1_000_000), b(2_504_000))  # 1.504 m3 on a litre register
+    new = cycle_row(
+        new_meter, date(2024, 2, 1), ((OPEN, b(0, 7)), (CLOSE, b(10_000, 7))), {}, MAX_GAP
+    )
+    assert str(total_m3([old, new])) == "1.514"
+    assert total_quality([old, new]) == 13
+    assert total_quality([old]) == 0
+    assert total_m3([old, row(b(1), b(None))]) is None
