@@ -116,7 +116,7 @@ def cycle_row(row: cycles.CycleRow) -> CycleRow:
         meter_id=m.meter_id,
         address=m.address,
         service_point=m.service_point,
-        kind=m.kind,  # type: ignore[arg-type]  # the meters table holds water or gas
+        kind=m.kind,
         cycle=row.cycle,
         unit="m3",
         opening=_side(row.opening, scale),

@@ -14,12 +14,15 @@ same rule (billing.boundary). tests/api/test_boundary_twin.py holds them equal.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Literal
+
+Kind = Literal["water", "gas"]
 
 # Maximum physically plausible flow per meter kind, in mL per hour. A register drop is a
 # rollover only if the wrapped volume fits this flow over the time between the readings.
 # water: 10 m3/h, above the overload flow Q4 of residential meters (DN25: Q4 = 7.875 m3/h,
 # ISO 4064 / OIML R49); gas: 10 m3/h, the Qmax of a G6 diaphragm meter (EN 1359).
-MAX_FLOW_ML_H = {"water": 10_000_000, "gas": 10_000_000}
+MAX_FLOW_ML_H: dict[Kind, int] = {"water": 10_000_000, "gas": 10_000_000}
 US_PER_H = 3_600_000_000
 _US = timedelta(microseconds=1)
 

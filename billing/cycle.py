@@ -19,7 +19,7 @@ from decimal import Decimal
 
 from billing import quality, units
 from billing.boundary import BoundaryRead, Meter, gap_across
-from billing.consumption import consumption, span_us
+from billing.consumption import Kind, consumption, span_us
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +29,7 @@ class CycleMeter:
     meter_id: int
     address: str
     service_point: str | None
-    kind: str
+    kind: Kind
     timezone: str | None
     spec: Meter
 

@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 
 from billing import units
 from billing.boundary import Reading
-from billing.consumption import MAX_FLOW_ML_H, rolled_over
+from billing.consumption import MAX_FLOW_ML_H, Kind, rolled_over
 from billing.cycle import BoundaryGap
 from decoder.columns import Flag
 
@@ -57,7 +57,7 @@ class Span:
     """One meter's part in the cycle."""
 
     meter_id: int
-    kind: str
+    kind: Kind
     digits: int
     scale: int
     installed_at: datetime
