@@ -34,6 +34,7 @@ from api import (
     routes_tenant,
 )
 from api.auth import KeyCache, Pool
+from api.bodies import BodyLimits
 from api.routes_meters import _P
 from api.schemas import Health
 from api.settings import ApiSettings
@@ -141,6 +142,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.state.key_cache = KeyCache(settings.key_cache_ttl_s)
     metrics = Metrics()
     app.state.metrics = metrics
+    app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes)
     errors.install(app)
     for module in (routes_meters, routes_reads, routes_cycles, routes_admin):
         app.include_router(module.router)

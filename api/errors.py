@@ -3,20 +3,27 @@
 ApiError                  raised by routes on purpose
 ├── NotFoundError    404  unknown id, or another tenant's (never 403: ids do not leak)
 ├── ConflictError    409  the request contradicts the current state
-└── UnprocessableError 422  well-formed but semantically invalid
+├── UnprocessableError 422  well-formed but semantically invalid
+└── KeyRefusedError  401  the key is known and its secret right, but it expired or was revoked
 Storage errors are translated in `_TABLE`; HTTP and validation errors by their handlers.
+
+Anything else is a bug: `ErrorBoundary` answers 500 with an `error_id` only, and logs the
+traceback under that id. A 500 never carries an exception's text (it may hold a row).
 """
 
 from __future__ import annotations
 
+import secrets
 from http import HTTPStatus
 from typing import Any
 
 import asyncpg
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from storage.apikeys import DuplicateTenantError, InvalidTimezoneError
 from storage.errors import StorageError, StorageUnavailableError
@@ -24,6 +31,7 @@ from storage.quarantine import AlreadyResolvedError, NothingToDecodeError, TooMa
 from storage.registry import DuplicateAddressError, ExchangeError
 
 PROBLEM_JSON = "application/problem+json"
+log = structlog.get_logger("api")
 
 
 class ApiError(Exception):
@@ -55,7 +63,18 @@ class UnprocessableError(ApiError):
     status, slug = 422, "unprocessable"
 
 
-# exception class -> (status, problem type slug); the first matching class wins
+class KeyRefusedError(ApiError):
+    """The key's secret is right but the key expired or was revoked: ask for a new one."""
+
+    status = 401
+
+    def __init__(self, slug: str, detail: str) -> None:
+        super().__init__(detail)
+        self.slug = slug
+
+
+# exception class -> (status, problem type slug); the first matching class wins. A status
+# of 500 is a bug: answered by `internal_error` with an error id, never the message.
 _TABLE: tuple[tuple[type[Exception], int, str], ...] = (
     (DuplicateAddressError, 409, "duplicate-address"),
     (DuplicateTenantError, 409, "duplicate-tenant"),
@@ -65,7 +84,7 @@ _TABLE: tuple[tuple[type[Exception], int, str], ...] = (
     (NothingToDecodeError, 409, "nothing-to-decode"),
     (TooManyRowsError, 422, "too-many-rows"),
     (StorageUnavailableError, 503, "database-unavailable"),
-    (StorageError, 500, "storage-error"),
+    (StorageError, 500, "internal-error"),
 )
 _HTTP_SLUGS = {
     401: "unauthorized",
@@ -100,11 +119,36 @@ def _api_error(request: Request, exc: Exception) -> JSONResponse:
     return problem(request, exc.status, exc.slug, exc.detail)
 
 
+def internal_error(request: Request, exc: BaseException) -> JSONResponse:
+    """500 with only a fresh error id; the traceback is logged under that id."""
+    error_id = secrets.token_hex(8)
+    log.error(
+        "request.failed",
+        error_id=error_id,
+        method=request.method,
+        path=request.url.path,
+        exc_info=exc,
+    )
+    detail = f"internal error {error_id}: report this id to the operator"
+    return problem(request, 500, "internal-error", detail, error_id=error_id)
+
+
+def public_detail(exc: StorageError) -> str:
+    """What a client may read of a storage error: its message if `_TABLE` answers it with
+    a 4xx/503, else an error id (the message, which may quote a row, is only logged)."""
+    for cls, status, _slug in _TABLE:
+        if isinstance(exc, cls) and status != 500:
+            return str(exc)
+    error_id = secrets.token_hex(8)
+    log.error("storage.refused", error_id=error_id, exc_info=exc)
+    return f"refused by the database (error {error_id}): report this id to the operator"
+
+
 def _storage_error(request: Request, exc: Exception) -> JSONResponse:
     for cls, status, slug in _TABLE:
-        if isinstance(exc, cls):
+        if isinstance(exc, cls) and status != 500:
             return problem(request, status, slug, str(exc))
-    return problem(request, 500, "internal-error", "internal error")  # pragma: no cover
+    return internal_error(request, exc)
 
 
 def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -139,8 +183,43 @@ def _data_error(request: Request, exc: Exception) -> JSONResponse:
     return problem(request, 422, "invalid-value", f"a value is out of range or invalid: {exc}")
 
 
+class ErrorBoundary:
+    """ASGI middleware: an exception no handler took becomes `internal_error`'s 500.
+
+    Once a response has started (a stream) nothing can be answered any more: the error is
+    logged and re-raised, so the server breaks the connection and the client sees a
+    truncated response rather than a complete-looking one.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app; answer its stray exception with a bare 500 problem."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tap(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tap)
+        except Exception as exc:
+            request = Request(scope)
+            if started:
+                log.error("response.broken", path=request.url.path, exc_info=exc)
+                raise
+            await internal_error(request, exc)(scope, receive, send)
+
+
 def install(app: FastAPI) -> None:
-    """Register the problem+json handlers on `app`."""
+    """Register the problem+json handlers and the error boundary on `app`."""
+    app.add_middleware(ErrorBoundary)
     app.add_exception_handler(asyncpg.DataError, _data_error)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StorageError, _storage_error)

@@ -15,7 +15,7 @@ from api.auth import Admin, Pool, Reader
 from api.errors import ConflictError, NotFoundError, UnprocessableError
 from api.routes_meters import CONFLICT, PROBLEMS
 from api.routes_reads import CycleId
-from api.schemas import Calendar, CloseResult, Cycle, CycleList, CyclePage
+from api.schemas import Calendar, CloseResult, Cycle, CycleList, CyclePage, Day
 from api.settings import ApiSettings
 from billing.localtime import CalendarError, cycle_bounds, cycles_in, local_midnight
 from storage import billing
@@ -60,8 +60,10 @@ async def put_calendar(body: Calendar, who: Admin, pool: Pool) -> Calendar:
 async def list_cycles(
     who: Reader,
     pool: Pool,
-    start: Annotated[date | None, Query(alias="from")] = None,
-    end: Annotated[date | None, Query(alias="to")] = None,
+    start: Annotated[
+        Day | None, Query(alias="from", description="1970-01-01 to 2199-12-31")
+    ] = None,
+    end: Annotated[Day | None, Query(alias="to", description="1970-01-01 to 2199-12-31")] = None,
 ) -> CycleList:
     """Cycles starting within [from, to] (default: the last 365 days), at most 120."""
     today = datetime.now(UTC).date()

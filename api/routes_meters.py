@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import base64
-import csv
 import hashlib
-import io
 import json
 from typing import Annotated, Any
 
@@ -14,7 +12,8 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import ValidationError
 
 from api.auth import Pool, Reader, Writer
-from api.errors import PROBLEM_JSON, NotFoundError, UnprocessableError
+from api.bodies import load_json, read_csv
+from api.errors import PROBLEM_JSON, NotFoundError, UnprocessableError, public_detail
 from api.schemas import Problem, to_m3, to_ml
 from api.schemas_meters import (
     DeviceHealth,
@@ -31,7 +30,7 @@ from api.schemas_meters import (
 from decoder.columns import Flag
 from storage import registry
 from storage.apikeys import check_timezone
-from storage.errors import StorageError
+from storage.errors import StorageError, StorageUnavailableError
 
 _P = {
     "model": Problem,
@@ -180,7 +179,11 @@ async def update_meter(meter_id: MeterId, body: MeterPatch, who: Writer, pool: P
     """Change the given fields of a meter; registers keep their millilitre values."""
     async with pool.acquire() as conn:
         old = await get_or_404(conn, who.tenant_id, meter_id)
-        scale = body.register_scale if body.register_scale is not None else old["register_scale"]
+        scale = (
+            body.register_scale
+            if "register_scale" in body.model_fields_set
+            else old["register_scale"]
+        )
         row = await registry.update_meter(conn, who.tenant_id, meter_id, _fields(body, scale))
     if row is None:
         raise NotFoundError(f"no meter {meter_id}")
@@ -212,16 +215,8 @@ _IMPORT_BODY = {
 async def _import_rows(request: Request) -> list[Any]:
     raw = await request.body()
     if request.headers.get("content-type", "").startswith("text/csv"):
-        text = raw.decode("utf-8", errors="replace").replace("\x00", "")
-        return [
-            {k: v for k, v in r.items() if k and v not in (None, "")}
-            for r in csv.DictReader(io.StringIO(text))
-        ]
-    try:
-        rows = json.loads(raw)
-    except ValueError as exc:
-        msg = "send a JSON array of meters (application/json) or CSV (text/csv)"
-        raise UnprocessableError(msg) from exc
+        return list(read_csv(raw))
+    rows = load_json(raw)
     if not isinstance(rows, list):
         raise UnprocessableError("the JSON body must be an array of meters")
     return rows
@@ -248,8 +243,12 @@ async def import_meters(request: Request, who: Writer, pool: Pool) -> ImportResu
                 first = exc.errors()[0]
                 where = ".".join(str(p) for p in first["loc"])
                 errors.append(ImportRowError(row=number, detail=f"{where}: {first['msg']}"))
-            except (StorageError, UnprocessableError) as exc:
+            except UnprocessableError as exc:
                 errors.append(ImportRowError(row=number, detail=str(exc)))
+            except StorageUnavailableError:
+                raise
+            except StorageError as exc:
+                errors.append(ImportRowError(row=number, detail=public_detail(exc)))
             else:
                 created.append(row["meter_id"])
     return ImportResult(created=len(created), meter_ids=created, errors=errors)

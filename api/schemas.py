@@ -7,10 +7,10 @@ fits the register's resolution.
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from api.errors import UnprocessableError
 from billing import units
@@ -24,6 +24,28 @@ Address = Annotated[str, StringConstraints(pattern=r"^[!-~]{1,64}$")]
 Zone = Annotated[
     str, StringConstraints(pattern=r"^[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+){0,2}$", max_length=64)
 ]
+# the calendar the API computes in (api.localtime): PostgreSQL and datetime both go further,
+# but local-time arithmetic near year 1 or 9999 overflows, and no meter reads that far
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2200, 1, 1, tzinfo=UTC)
+
+
+def _instant_in_range(value: datetime) -> datetime:
+    if not EARLIEST <= value < LATEST:
+        msg = "must lie between 1970-01-01 and 2200-01-01 UTC"
+        raise ValueError(msg)
+    return value
+
+
+def _day_in_range(value: date) -> date:
+    if not EARLIEST.date() <= value < LATEST.date():
+        msg = "must lie between 1970-01-01 and 2199-12-31"
+        raise ValueError(msg)
+    return value
+
+
+Instant = Annotated[AwareDatetime, AfterValidator(_instant_in_range)]
+Day = Annotated[date, AfterValidator(_day_in_range)]
 Kind = Literal["water", "gas"]
 Format = Literal["cjt188", "oms", "mbus", "senml", "interval"]
 Scope = Literal["readings:read", "meters:write", "admin"]
@@ -53,6 +75,7 @@ class Problem(BaseModel):
     detail: str
     instance: str
     errors: list[dict[str, Any]] | None = None
+    error_id: str | None = Field(None, description="500 only: quote it to the operator")
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -246,7 +269,7 @@ class Calendar(BaseModel):
         },
     )
     cycle_day: int = Field(1, ge=1, le=28)
-    dates: list[date] = Field(default_factory=list, max_length=1200)
+    dates: list[Day] = Field(default_factory=list, max_length=1200)
 
 
 class CloseResult(BaseModel):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from api.schemas import M3, Address, Format, Kind, Text, Zone
+from api.schemas import M3, Address, Format, Instant, Kind, Text, Zone
 
 
 class Credentials(BaseModel):
@@ -43,22 +43,39 @@ class MeterCreate(BaseModel):
     register_scale: int = Field(-3, ge=-6, le=0)
     register_digits: int = Field(8, ge=4, le=14)
     timezone: Zone | None = None
-    installed_at: AwareDatetime | None = None
+    installed_at: Instant | None = None
     initial_register_m3: M3 | None = None
     credentials: Credentials | None = None
 
 
+_KEEP = "absent: unchanged (null is refused: the meter must have one)"
+
+
+def _absent_only(schema: dict[str, Any]) -> None:
+    """Document no default: the field is either sent with a value or absent."""
+    schema.pop("default", None)
+
+
 class MeterPatch(BaseModel):
-    """Fields to change on a meter (absent fields are kept)."""
+    """Fields to change on a meter: absent ones are kept; null clears a nullable one.
+
+    address, format, register_scale and register_digits cannot be cleared: their schema
+    has no null, and an explicit null is a 422 naming the field (their `None` default only
+    stands for "absent", never validated; read them after checking `model_fields_set`).
+    """
 
     model_config = ConfigDict(
         extra="forbid", json_schema_extra={"examples": [{"service_point": "SP-0002"}]}
     )
-    address: Address | None = None
+    address: Address = Field(None, description=_KEEP, json_schema_extra=_absent_only)  # type: ignore[assignment]
     service_point: Text | None = None
-    format: Format | None = None
-    register_scale: int | None = Field(None, ge=-6, le=0)
-    register_digits: int | None = Field(None, ge=4, le=14)
+    format: Format = Field(None, description=_KEEP, json_schema_extra=_absent_only)  # type: ignore[assignment]
+    register_scale: int = Field(
+        None, ge=-6, le=0, description=_KEEP, json_schema_extra=_absent_only
+    )  # type: ignore[assignment]
+    register_digits: int = Field(
+        None, ge=4, le=14, description=_KEEP, json_schema_extra=_absent_only
+    )  # type: ignore[assignment]
     timezone: Zone | None = None
     credentials: Credentials | None = None
 
@@ -158,7 +175,7 @@ class ExchangeRequest(BaseModel):
             ]
         },
     )
-    exchanged_at: AwareDatetime
+    exchanged_at: Instant
     final_register_m3: M3
     new_meter: NewMeter
 

@@ -27,6 +27,8 @@ class ApiSettings(BaseSettings):
     # a bulk export runs this many COPYs at once over successive segments of the fleet
     # (each boundary read costs server CPU and one backend uses one core)
     export_connections: int = Field(2, ge=1, le=16)
+    # a request body larger than this is refused (413): a 10,000-meter import is ~3 MB
+    max_body_bytes: int = Field(16 << 20, ge=1024)
     # VEE: a gap between readings longer than this is reported
     max_gap_h: int = Field(48, ge=1)
     # VEE: equal registers spanning at least this many days are a zero-consumption streak

@@ -1,0 +1,199 @@
+"""Request bodies within bounds: size and JSON nesting for every route, CSV read strictly.
+
+`BodyLimits` (ASGI middleware) answers 413 to a body over `max_bytes` and 422 to a JSON
+body nested deeper than `MAX_DEPTH`, before any route parses it: Python's json recurses
+once per level, and a few thousand `[` would end in RecursionError. `load_json` and
+`read_csv` are the parsers of the routes that read their body themselves (bulk import);
+each raises `BodyError` with a detail that says which line and why.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import UnprocessableError, problem
+
+MAX_DEPTH = 32  # a meter is 3 levels deep; nothing the API takes needs more
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # JSON strings, escapes included
+_CHUNK = 1 << 20
+_OPEN = np.frombuffer(b"[{", np.uint8)
+_CLOSE = np.frombuffer(b"]}", np.uint8)
+
+
+class BodyError(UnprocessableError):
+    """A body the API cannot read: 422, the detail says where and why."""
+
+
+def json_depth_exceeds(raw: bytes, max_depth: int = MAX_DEPTH) -> bool:
+    """True when the JSON text `raw` nests arrays/objects deeper than `max_depth`.
+
+    Brackets inside strings do not count. Vectorized over 1 MiB chunks, so a body of
+    brackets costs milliseconds, not a Python loop per byte.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return False
+    text = _STRING.sub(b'""', raw)
+    depth = 0
+    for at in range(0, len(text), _CHUNK):
+        chunk = np.frombuffer(text[at : at + _CHUNK], np.uint8)
+        step = np.isin(chunk, _OPEN).astype(np.int64) - np.isin(chunk, _CLOSE)
+        levels = depth + np.cumsum(step)
+        if levels.size and int(levels.max()) > max_depth:
+            return True
+        depth = int(levels[-1]) if levels.size else depth
+    return False
+
+
+def _depth_detail(max_depth: int) -> str:
+    return f"the JSON body nests deeper than {max_depth} levels; no request needs that many"
+
+
+def load_json(raw: bytes, max_depth: int = MAX_DEPTH) -> Any:
+    """The value of the UTF-8 JSON text `raw`; BodyError if it is not that or too deep."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        msg = f"the JSON body is not UTF-8 (byte {exc.start}); send UTF-8 JSON"
+        raise BodyError(msg) from exc
+    if json_depth_exceeds(raw, max_depth):
+        raise BodyError(_depth_detail(max_depth))
+    try:
+        return json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, or an integer of more than 4,300 digits
+        msg = f"the body is not valid JSON: {exc}"
+        raise BodyError(msg) from exc
+
+
+def _line_of(raw: bytes | str, offset: int) -> int:
+    """1-based line of `offset`, counting LF, CRLF and a bare CR as line ends."""
+    head = raw[:offset]
+    if isinstance(head, bytes):
+        return head.replace(b"\r\n", b"\n").replace(b"\r", b"\n").count(b"\n") + 1
+    return head.replace("\r\n", "\n").replace("\r", "\n").count("\n") + 1
+
+
+def read_csv(raw: bytes) -> list[dict[str, str]]:
+    """Records of a UTF-8 CSV with a header row, as {column: value} without empty values.
+
+    Lines may end in LF, CRLF or a bare CR. BodyError (which line, and why) for text that
+    is not UTF-8, a NUL byte, a quote left open or stray, a field over 128 KiB, a missing,
+    blank or repeated column name, or a record with more fields than the header.
+    """
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = _line_of(raw, exc.start)
+        msg = f"line {line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"
+        raise BodyError(msg) from exc
+    if "\x00" in text:
+        msg = f"line {_line_of(text, text.index(chr(0)))}: a NUL byte; no field may hold one"
+        raise BodyError(msg)
+    # newline="" lets the csv module see each line end as written (as csv's docs require);
+    # strict refuses what lenient parsing would silently reshape (a quote inside a field)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    records: list[dict[str, str]] = []
+    try:
+        header = next(reader, None)
+        if header is None:
+            msg = "line 1: the CSV is empty; send a header row of meter fields first"
+            raise BodyError(msg)
+        names = [h.strip() for h in header]
+        if any(not n for n in names) or len(set(names)) != len(names):
+            msg = f"line 1: column names must be present and distinct, got {names}"
+            raise BodyError(msg)
+        for fields in reader:
+            if not any(f.strip() for f in fields):
+                continue  # a blank line
+            if len(fields) > len(names):
+                msg = (
+                    f"line {reader.line_num}: {len(fields)} fields but the header has"
+                    f" {len(names)}; quote values that contain a comma"
+                )
+                raise BodyError(msg)
+            records.append({n: v for n, v in zip(names, fields, strict=False) if v != ""})
+    except csv.Error as exc:
+        msg = f"line {reader.line_num}: unreadable CSV ({exc})"
+        raise BodyError(msg) from exc
+    return records
+
+
+class BodyLimits:
+    """ASGI middleware: 413 over `max_bytes`, 422 for JSON nested deeper than `max_depth`."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_depth: int = MAX_DEPTH) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.max_depth = max_depth
+
+    def _too_large(self) -> str:
+        return f"the body is larger than {self.max_bytes} bytes; send it in parts"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check the body's size (and a JSON body's depth) before the route sees it."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await problem(Request(scope), 413, "payload-too-large", self._too_large())(
+                scope, receive, send
+            )
+            return
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if content_type == b"application/json" or content_type.endswith(b"+json"):
+            await self._json(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise HTTPException(413, self._too_large())
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def _json(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Buffer the JSON body (the route would anyway), check it, then replay it."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.max_bytes:
+                await problem(Request(scope), 413, "payload-too-large", self._too_large())(
+                    scope, receive, send
+                )
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(parts)
+        if json_depth_exceeds(body, self.max_depth):
+            detail = _depth_detail(self.max_depth)
+            await problem(Request(scope), 422, "validation-error", detail)(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
