@@ -18,6 +18,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -33,7 +34,7 @@ from api import (
     routes_reads,
     routes_tenant,
 )
-from api.auth import KeyCache, Pool
+from api.auth import KeyCache, Pool, listening
 from api.bodies import BodyLimits
 from api.routes_meters import _P
 from api.schemas import Health
@@ -61,6 +62,11 @@ class Metrics:
             "nbmeter_api_request_seconds",
             "time to response start",
             ["method", "route"],
+            registry=self.registry,
+        )
+        self.key_listener_up = Gauge(
+            "nbmeter_api_key_listener_up",
+            "1 while key revocations arrive by NOTIFY; 0: keys re-checked every fallback TTL",
             registry=self.registry,
         )
 
@@ -128,7 +134,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
             raise StorageUnavailableError(msg) from exc
         app.state.pool = pool
         try:
-            yield
+            async with listening(app.state.key_cache, settings):
+                yield
         finally:
             await pool.close()
 
@@ -139,7 +146,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.key_cache = KeyCache(settings.key_cache_ttl_s)
+    app.state.key_cache = KeyCache(settings.key_cache_ttl_s, settings.key_cache_fallback_ttl_s)
     metrics = Metrics()
     app.state.metrics = metrics
     app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes)
@@ -169,6 +176,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     )
     async def prometheus(request: Request) -> Response:
         """Request counters and latency histograms in Prometheus text format."""
+        metrics.key_listener_up.set(int(app.state.key_cache.listening))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(MetricsMiddleware, metrics=metrics)

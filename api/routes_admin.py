@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
 
 from api.auth import Admin, KeyCache, Pool
-from api.errors import NotFoundError
+from api.errors import NotFoundError, UnprocessableError
 from api.routes_meters import PROBLEMS
 from api.schemas import ApiKey, ApiKeyCreate, ApiKeyCreated
 from storage import apikeys
@@ -24,15 +25,24 @@ async def list_keys(who: Admin, pool: Pool) -> list[ApiKey]:
 
 @router.post("/api-keys", status_code=201, summary="Create an API key")
 async def create_key(body: ApiKeyCreate, who: Admin, pool: Pool) -> ApiKeyCreated:
-    """A new key for this tenant; the plaintext `key` is returned only in this response."""
+    """A new key for this tenant, valid until `expires_at` if given (401 "expired" after);
+    the plaintext `key` is returned only in this response."""
+    if body.expires_at is not None and body.expires_at <= datetime.now(UTC):
+        raise UnprocessableError(f"expires_at {body.expires_at.isoformat()} is not in the future")
     async with pool.acquire() as conn:
-        key = await apikeys.create_api_key(conn, who.tenant_id, body.scopes)
-    return ApiKeyCreated(key_id=key.split("_")[1], key=key, scopes=sorted(set(body.scopes)))
+        key = await apikeys.create_api_key(conn, who.tenant_id, body.scopes, body.expires_at)
+    return ApiKeyCreated(
+        key_id=key.split("_")[1],
+        key=key,
+        scopes=sorted(set(body.scopes)),
+        expires_at=body.expires_at,
+    )
 
 
 @router.delete("/api-keys/{key_id}", status_code=204, summary="Revoke an API key")
 async def revoke_key(key_id: KeyId, who: Admin, pool: Pool, request: Request) -> Response:
-    """Revoke a key of this tenant (404 for an unknown or another tenant's key)."""
+    """Revoke a key of this tenant at once, in every API process (404 for an unknown,
+    revoked or another tenant's key)."""
     if not await apikeys.revoke_api_key(pool, who.tenant_id, key_id):
         raise NotFoundError(f"no live API key {key_id}")
     cache: KeyCache = request.app.state.key_cache

@@ -282,12 +282,19 @@ class CloseResult(BaseModel):
 
 
 class ApiKeyCreate(BaseModel):
-    """Scopes of a new API key."""
+    """Scopes of a new API key, and when it expires (absent or null: never)."""
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"scopes": ["readings:read"]}]}
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"scopes": ["readings:read"]},
+                {"scopes": ["meters:write"], "expires_at": "2030-01-01T00:00:00Z"},
+            ]
+        },
     )
     scopes: list[Scope] = Field(min_length=1, max_length=3)
+    expires_at: Instant | None = Field(None, description="must lie in the future")
 
 
 class ApiKeyCreated(BaseModel):
@@ -296,6 +303,7 @@ class ApiKeyCreated(BaseModel):
     key_id: str
     key: str
     scopes: list[Scope]
+    expires_at: datetime | None
 
 
 class ApiKey(BaseModel):
@@ -305,6 +313,7 @@ class ApiKey(BaseModel):
     scopes: list[Scope]
     created_at: datetime
     revoked_at: datetime | None
+    expires_at: datetime | None
 
 
 class Health(BaseModel):

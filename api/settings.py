@@ -22,8 +22,12 @@ class ApiSettings(BaseSettings):
     actual_window_s: int = Field(3600, ge=0, le=86400)
     # readings dated more than this after their received_at are a wrong clock: excluded
     future_tolerance_s: int = Field(300, ge=0)
-    # verified keys are cached this long (a revoked key may work this much longer)
+    # verified keys are cached this long; a revocation still takes effect at once (NOTIFY)
     key_cache_ttl_s: float = Field(30.0, ge=0)
+    # ... and only this long while the NOTIFY listener is disconnected
+    key_cache_fallback_ttl_s: float = Field(1.0, ge=0)
+    # the listener's connection is checked this often (a silent loss is found within 2x)
+    key_listen_check_s: float = Field(2.0, gt=0, le=60)
     # a bulk export runs this many COPYs at once over successive segments of the fleet
     # (each boundary read costs server CPU and one backend uses one core)
     export_connections: int = Field(2, ge=1, le=16)

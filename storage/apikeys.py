@@ -1,18 +1,26 @@
-"""Tenants and their API keys: create, verify, revoke. Only a key's sha256 is stored.
+"""Tenants and their API keys: create, verify, revoke, expire. Only a key's sha256 is stored.
 
 A key reads `nbm_<key_id>_<secret>`: `key_id` (12 hex) finds the row, `secret` (32 random
 bytes, base64url) is checked against `secret_sha256` in constant time. A sha256 of a
 256-bit random secret needs no salt or slow hash: there is nothing to brute-force.
+
+Every change to a key row notifies `KEY_CHANNEL` (migration 0031's trigger);
+`listen_key_changes` keeps a connection listening to it, so API processes can cache
+verified keys and still drop a revoked one at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
@@ -21,6 +29,8 @@ from storage.errors import StorageError
 
 SCOPES = ("readings:read", "meters:write", "admin")
 _KEY = re.compile(r"^nbm_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
+KEY_CHANNEL = "nbmeter_api_keys"  # payload: a key_id, or '*' for every key
+ALL_KEYS = "*"
 
 
 class DuplicateTenantError(StorageError):
@@ -31,6 +41,10 @@ class InvalidTimezoneError(StorageError):
     """The timezone is not an IANA zone name this host knows."""
 
 
+class UnknownTenantError(StorageError):
+    """No tenant has this slug."""
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who a verified key speaks for: its tenant, key id and scopes (`admin` implies all)."""
@@ -38,10 +52,24 @@ class Principal:
     tenant_id: int
     key_id: str
     scopes: frozenset[str]
+    expires_at: datetime | None = None
 
     def allows(self, scope: str) -> bool:
         """True when the key holds `scope` or `admin`."""
         return scope in self.scopes or "admin" in self.scopes
+
+    def expired(self, now: datetime) -> bool:
+        """True from the key's expiry instant on."""
+        return self.expires_at is not None and now >= self.expires_at
+
+
+@dataclass(frozen=True)
+class KeyRefusal:
+    """A key whose secret is right but that may no longer be used: revoked or expired, when."""
+
+    key_id: str
+    reason: Literal["revoked", "expired"]
+    at: datetime
 
 
 def check_timezone(name: str) -> str:
@@ -80,39 +108,61 @@ def _digest(secret: str) -> bytes:
 
 
 async def create_api_key(
-    conn: asyncpg.Connection, tenant_id: int, scopes: list[str] | tuple[str, ...]
+    conn: asyncpg.Connection,
+    tenant_id: int,
+    scopes: list[str] | tuple[str, ...],
+    expires_at: datetime | None = None,
 ) -> str:
-    """Create a key for `tenant_id` with `scopes`; return the plaintext key (shown once)."""
+    """Create a key for `tenant_id` with `scopes`, valid until `expires_at` (None: no end);
+    return the plaintext key (shown once). ValueError for bad scopes or a past expiry."""
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown or not scopes:
         msg = f"scopes must be a non-empty subset of {SCOPES}, got {list(scopes)}"
         raise ValueError(msg)
+    if expires_at is not None and (expires_at.tzinfo is None or expires_at <= datetime.now(UTC)):
+        msg = f"a key must expire in the future (an aware time), got {expires_at}"
+        raise ValueError(msg)
     key_id = secrets.token_hex(6)
     secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode("ascii")
     await conn.execute(
-        "INSERT INTO api_keys (key_id, tenant_id, secret_sha256, scopes) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO api_keys (key_id, tenant_id, secret_sha256, scopes, expires_at)"
+        " VALUES ($1, $2, $3, $4, $5)",
         key_id,
         tenant_id,
         _digest(secret),
         sorted(set(scopes)),
+        expires_at,
     )
     return f"nbm_{key_id}_{secret}"
 
 
-async def verify_api_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> Principal | None:
-    """The Principal of an unrevoked, well-formed `key`, or None (never says which failed)."""
+async def check_api_key(
+    conn: asyncpg.Connection | asyncpg.Pool, key: str
+) -> Principal | KeyRefusal | None:
+    """The Principal of a live `key`; a KeyRefusal when its secret is right but the key is
+    revoked or expired; None for anything else (malformed, unknown id, wrong secret)."""
     match = _KEY.match(key)
     if match is None:
         return None
     key_id, secret = match.groups()
     row = await conn.fetchrow(
-        "SELECT tenant_id, secret_sha256, scopes FROM api_keys"
-        " WHERE key_id = $1 AND revoked_at IS NULL",
+        "SELECT tenant_id, secret_sha256, scopes, revoked_at, expires_at,"
+        " expires_at <= now() AS expired FROM api_keys WHERE key_id = $1",
         key_id,
     )
     if row is None or not hmac.compare_digest(bytes(row["secret_sha256"]), _digest(secret)):
         return None
-    return Principal(row["tenant_id"], key_id, frozenset(row["scopes"]))
+    if row["revoked_at"] is not None:
+        return KeyRefusal(key_id, "revoked", row["revoked_at"])
+    if row["expired"]:
+        return KeyRefusal(key_id, "expired", row["expires_at"])
+    return Principal(row["tenant_id"], key_id, frozenset(row["scopes"]), row["expires_at"])
+
+
+async def verify_api_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> Principal | None:
+    """The Principal of a live, well-formed `key`, or None (never says which failed)."""
+    found = await check_api_key(conn, key)
+    return found if isinstance(found, Principal) else None
 
 
 async def revoke_api_key(
@@ -131,12 +181,80 @@ async def revoke_api_key(
 async def list_api_keys(
     conn: asyncpg.Connection | asyncpg.Pool, tenant_id: int
 ) -> list[asyncpg.Record]:
-    """The tenant's keys (id, scopes, created_at, revoked_at), never their secrets."""
+    """The tenant's keys (id, scopes, created_at, revoked_at, expires_at), never secrets."""
     return await conn.fetch(
-        "SELECT key_id, scopes, created_at, revoked_at FROM api_keys WHERE tenant_id = $1"
-        " ORDER BY created_at, key_id",
+        "SELECT key_id, scopes, created_at, revoked_at, expires_at FROM api_keys"
+        " WHERE tenant_id = $1 ORDER BY created_at, key_id",
         tenant_id,
     )
+
+
+async def tenant_id_of(conn: asyncpg.Connection | asyncpg.Pool, slug: str) -> int:
+    """The id of the tenant `slug`; UnknownTenantError if there is none."""
+    tenant_id: int | None = await conn.fetchval(
+        "SELECT tenant_id FROM tenants WHERE slug = $1", slug
+    )
+    if tenant_id is None:
+        msg = f"no tenant {slug!r}: `nbmeter tenant create {slug}` makes one"
+        raise UnknownTenantError(msg)
+    return tenant_id
+
+
+async def listen_key_changes(
+    dsn: str,
+    on_change: Callable[[str], None],
+    on_state: Callable[[bool, str | None], None],
+    *,
+    check_every_s: float = 2.0,
+    retry_s: float = 1.0,
+) -> None:
+    """Forever: LISTEN on KEY_CHANNEL over a connection of its own; cancel to stop.
+
+    `on_change(key_id)` runs for each changed key (`ALL_KEYS` after a TRUNCATE).
+    `on_state(True, None)` runs once listening, `on_state(False, why)` when the connection
+    is lost or cannot be opened (then it retries every `retry_s`): notifications sent
+    meanwhile are lost, so a cache must distrust itself until the next `on_state(True)`.
+    A connection that dies silently (no FIN, a hung server) is found by a `SELECT 1` every
+    `check_every_s` that must answer within `check_every_s`: lost within twice that.
+    """
+    while True:
+        why = await _listen_once(dsn, on_change, on_state, check_every_s)
+        on_state(False, why)
+        await asyncio.sleep(retry_s)
+
+
+async def _listen_once(
+    dsn: str,
+    on_change: Callable[[str], None],
+    on_state: Callable[[bool, str | None], None],
+    check_every_s: float,
+) -> str:
+    """Listen on one connection until it is lost; return why it was."""
+    conn: asyncpg.Connection | None = None
+    lost = asyncio.Event()
+    try:
+        conn = await asyncpg.connect(
+            dsn,
+            timeout=check_every_s * 2,
+            server_settings={"application_name": "nbmeter-api-keys"},
+        )
+        conn.add_termination_listener(lambda _conn: lost.set())
+        await conn.add_listener(KEY_CHANNEL, lambda _c, _pid, _ch, key_id: on_change(key_id))
+        on_state(True, None)
+        while not lost.is_set():
+            try:
+                await asyncio.wait_for(lost.wait(), check_every_s)
+            except TimeoutError:
+                await conn.fetchval("SELECT 1", timeout=check_every_s)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    except BaseException:
+        on_state(False, "stopped")
+        raise
+    finally:
+        if conn is not None:
+            conn.terminate()
+    return "connection closed"
 
 
 async def tenant_timezone(conn: asyncpg.Connection | asyncpg.Pool, tenant_id: int) -> str:
