@@ -1,8 +1,8 @@
 """Request bodies within bounds: size and JSON nesting for every route, CSV read strictly.
 
-`BodyLimits` (ASGI middleware) answers 413 to a body over `max_bytes` and 422 to a JSON
-body nested deeper than `MAX_DEPTH`, before any route parses it: Python's json recurses
-once per level, and a few thousand `[` would end in RecursionError. `load_json` and
+`BodyLimits` (ASGI middleware) answers 413 to a body over `max_bytes`, and 422 to a JSON
+body that is not UTF-8 JSON or nests deeper than `MAX_DEPTH`, before any route parses it:
+Python's json recurses once per level, and a few thousand `[` end in RecursionError. `load_json` and
 `read_csv` are the parsers of the routes that read their body themselves (bulk import);
 each raises `BodyError` with a detail that says which line and why.
 """
@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import re
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -81,12 +82,13 @@ def _line_of(raw: bytes | str, offset: int) -> int:
     return head.replace("\r\n", "\n").replace("\r", "\n").count("\n") + 1
 
 
-def read_csv(raw: bytes) -> list[dict[str, str]]:
+def read_csv(raw: bytes, columns: Collection[str]) -> list[dict[str, str]]:
     """Records of a UTF-8 CSV with a header row, as {column: value} without empty values.
 
     Lines may end in LF, CRLF or a bare CR. BodyError (which line, and why) for text that
     is not UTF-8, a NUL byte, a quote left open or stray, a field over 128 KiB, a missing,
-    blank or repeated column name, or a record with more fields than the header.
+    blank, repeated or unknown column name (not in `columns`), or a record with more
+    fields than the header.
     """
     try:
         text = raw.decode("utf-8-sig")
@@ -109,6 +111,10 @@ def read_csv(raw: bytes) -> list[dict[str, str]]:
         names = [h.strip() for h in header]
         if any(not n for n in names) or len(set(names)) != len(names):
             msg = f"line 1: column names must be present and distinct, got {names}"
+            raise BodyError(msg)
+        unknown = [n for n in names if n not in columns]
+        if unknown:
+            msg = f"line 1: unknown columns {unknown}; the header names fields of {sorted(columns)}"
             raise BodyError(msg)
         for fields in reader:
             if not any(f.strip() for f in fields):
@@ -183,10 +189,16 @@ class BodyLimits:
             if not message.get("more_body", False):
                 break
         body = b"".join(parts)
-        if json_depth_exceeds(body, self.max_depth):
-            detail = _depth_detail(self.max_depth)
-            await problem(Request(scope), 422, "validation-error", detail)(scope, receive, send)
-            return
+        if body:
+            # parsed here once more, so that what FastAPI would answer 400 for (not UTF-8,
+            # an integer over 4,300 digits) is a 422 like any other unreadable body
+            try:
+                load_json(body, self.max_depth)
+            except BodyError as exc:
+                await problem(Request(scope), 422, "validation-error", exc.detail)(
+                    scope, receive, send
+                )
+                return
         replayed = False
 
         async def replay() -> Message:

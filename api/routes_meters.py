@@ -215,7 +215,7 @@ _IMPORT_BODY = {
 async def _import_rows(request: Request) -> list[Any]:
     raw = await request.body()
     if request.headers.get("content-type", "").startswith("text/csv"):
-        return list(read_csv(raw))
+        return list(read_csv(raw, MeterCreate.model_fields))
     rows = load_json(raw)
     if not isinstance(rows, list):
         raise UnprocessableError("the JSON body must be an array of meters")

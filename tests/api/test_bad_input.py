@@ -133,6 +133,8 @@ async def test_csv_with_bare_cr_line_ends_is_read(api, make_tenant):
         (b"address,kind,format\nA1,water,mbus,extra\n", 2, "4 fields but the header has 3"),
         (b"address,kind,address\nA1,water,A2\n", 1, "distinct"),
         (b"", 1, "empty"),
+        (b"-5085\n", 1, "unknown columns ['-5085']"),
+        (b"address,kind,colour\nA1,water,red\n", 1, "unknown columns ['colour']"),
         (b"address,kind,format\n" + b"a" * 200_000 + b",water,mbus\n", 2, "field limit"),
     ],
 )
