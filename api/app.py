@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -35,7 +35,7 @@ from api import (
     routes_tenant,
 )
 from api.auth import KeyCache, Pool, listening
-from api.bodies import BodyLimits
+from api.bodies import BodyLimits, known_query
 from api.routes_meters import _P
 from api.schemas import Health
 from api.settings import ApiSettings
@@ -144,6 +144,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         version="1.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        dependencies=[Depends(known_query)],
     )
     app.state.settings = settings
     app.state.key_cache = KeyCache(settings.key_cache_ttl_s, settings.key_cache_fallback_ttl_s)

@@ -1,10 +1,12 @@
-"""Request bodies within bounds: size and JSON nesting for every route, CSV read strictly.
+"""Request input within bounds: body size and JSON nesting, CSV read strictly, known query.
 
 `BodyLimits` (ASGI middleware) answers 413 to a body over `max_bytes`, and 422 to a JSON
 body that is not UTF-8 JSON or nests deeper than `MAX_DEPTH`, before any route parses it:
 Python's json recurses once per level, and a few thousand `[` end in RecursionError. `load_json` and
 `read_csv` are the parsers of the routes that read their body themselves (bulk import);
-each raises `BodyError` with a detail that says which line and why.
+each raises `BodyError` with a detail that says which line and why. `known_query`, an
+app-wide dependency, refuses query parameters the operation does not declare: a typo
+(`?form=` for `?from=`) would otherwise be ignored and answer with the defaults.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -209,3 +212,43 @@ class BodyLimits:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def _query_names(request: Request) -> dict[tuple[str, str], frozenset[str]]:
+    """(METHOD, path) -> the query parameters its OpenAPI operation declares (built once)."""
+    names: dict[tuple[str, str], frozenset[str]] | None = getattr(
+        request.app.state, "query_names", None
+    )
+    if names is None:
+        names = {
+            (method.upper(), path): frozenset(
+                p["name"] for p in op.get("parameters", ()) if p.get("in") == "query"
+            )
+            for path, ops in request.app.openapi()["paths"].items()
+            for method, op in ops.items()
+        }
+        request.app.state.query_names = names
+    return names
+
+
+async def known_query(request: Request) -> None:
+    """422 naming each query parameter the operation does not declare."""
+    if not request.query_params:
+        return
+    route = request.scope.get("route")
+    allowed = _query_names(request).get((request.method, getattr(route, "path", "")))
+    if allowed is None:
+        return  # not a documented operation (/docs, /openapi.json)
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        takes = ", ".join(sorted(allowed)) or "none"
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("query", name),
+                    "msg": f"unknown query parameter; this operation takes: {takes}",
+                    "type": "extra_forbidden",
+                }
+                for name in unknown
+            ]
+        )

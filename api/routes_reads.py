@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo
@@ -22,6 +22,8 @@ from api.schemas import (
     CycleRow,
     Interval,
     IntervalReads,
+    IsoDay,
+    IsoTime,
     Revision,
     VeeIssue,
     to_m3,
@@ -41,7 +43,7 @@ from storage.apikeys import tenant_timezone
 
 router = APIRouter(prefix="/v1", tags=["reads"], responses=PROBLEMS)
 CycleId = Annotated[
-    date, Path(description="local date the cycle starts on", examples=["2024-03-01"])
+    IsoDay, Path(description="local date the cycle starts on", examples=["2024-03-01"])
 ]
 _BASELINE = timedelta(days=90)
 
@@ -60,8 +62,8 @@ async def interval_reads(
     who: Reader,
     pool: Pool,
     request: Request,
-    start: Annotated[datetime, Query(alias="from", description="ISO time; naive = local")],
-    end: Annotated[datetime, Query(alias="to", description="ISO time; naive = local")],
+    start: Annotated[IsoTime, Query(alias="from", description="ISO time; naive = local")],
+    end: Annotated[IsoTime, Query(alias="to", description="ISO time; naive = local")],
     step: Literal["1h", "1d", "1mo"] = "1d",
 ) -> IntervalReads:
     """Registers at each local step boundary covering [from, to) and consumption per step."""

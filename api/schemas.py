@@ -7,10 +7,21 @@ fits the register's resolution.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+)
 
 from api.errors import UnprocessableError
 from billing import units
@@ -44,8 +55,45 @@ def _day_in_range(value: date) -> date:
     return value
 
 
-Instant = Annotated[AwareDatetime, AfterValidator(_instant_in_range)]
-Day = Annotated[date, AfterValidator(_day_in_range)]
+_ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_ISO_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}.*")
+_ISO_DAY_OR_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}([Tt ][0-9]{2}:[0-9]{2}.*)?")
+
+
+def _written_as(pattern: re.Pattern[str], example: str) -> Callable[[object], object]:
+    """A before-validator: the value must be text in ISO 8601 form (pydantic alone would
+    also take a number of seconds since 1970, or a date-time for a date)."""
+
+    def check(value: object) -> object:
+        if isinstance(value, str) and pattern.fullmatch(value):
+            return value
+        if isinstance(value, date):
+            return value  # built in Python, not parsed
+        msg = f"write it in ISO 8601 form, e.g. {example}"
+        raise ValueError(msg)
+
+    return check
+
+
+IsoDay = Annotated[date, BeforeValidator(_written_as(_ISO_DAY, "2024-03-01"))]
+# a query's time: ISO 8601 with or without a time of day and an offset (naive = local)
+IsoTime = Annotated[
+    datetime,
+    BeforeValidator(_written_as(_ISO_DAY_OR_TIME, "2024-03-01T00:00:00+08:00")),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": f"^{_ISO_DAY_OR_TIME.pattern}$",
+            "examples": ["2024-03-01", "2024-03-01T08:00:00", "2024-03-01T00:00:00+08:00"],
+        }
+    ),
+]
+Instant = Annotated[
+    AwareDatetime,
+    BeforeValidator(_written_as(_ISO_TIME, "2024-03-01T00:00:00+08:00")),
+    AfterValidator(_instant_in_range),
+]
+Day = Annotated[IsoDay, AfterValidator(_day_in_range)]
 Kind = Literal["water", "gas"]
 Format = Literal["cjt188", "oms", "mbus", "senml", "interval"]
 Scope = Literal["readings:read", "meters:write", "admin"]
