@@ -7,6 +7,7 @@ and the NOTIFY listener can explain a 401 that comes sooner.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -22,7 +24,7 @@ from brokerkit import free_port
 
 from api.app import create_app
 from api.settings import ApiSettings
-from storage.apikeys import create_api_key, create_tenant
+from storage.apikeys import create_api_key, create_tenant, listen_key_changes
 
 CACHE_TTL_S = 600
 # the README's bound: a revocation is refused by every process within this (listener up)
@@ -294,3 +296,93 @@ async def test_a_lost_listener_empties_the_cache_and_reconnects(api_processes, p
             await client.aclose()
     print(f"listener lost: refused after {lost:.3f} s; back: {back:.3f} s")
     assert back < REVOKE_BOUND_S
+
+
+class StallingProxy:
+    """A loopback TCP relay to PostgreSQL that can stall: bytes stop, nothing is closed
+    (what a dead peer or a cut cable looks like to the client)."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Listen on a free loopback port."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                await self.flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        for task in (self._pipe(reader, up_writer), self._pipe(up_reader, writer)):
+            t = asyncio.create_task(task)
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stop listening and drop every relay."""
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+
+async def test_a_silently_dead_listener_is_noticed_within_two_checks(db_url):
+    """The listener's connection stalls (no FIN): reported lost within 2 x check interval."""
+    parts = urlsplit(db_url)
+    proxy = StallingProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    await proxy.start()
+    netloc = f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}"
+    states: list[tuple[float, bool]] = []
+    listening = asyncio.Event()
+
+    def on_state(up: bool, _why: str | None) -> None:
+        states.append((time.perf_counter(), up))
+        if up:
+            listening.set()
+
+    check_s = 0.5
+    task = asyncio.create_task(
+        listen_key_changes(
+            urlunsplit(parts._replace(netloc=netloc)),
+            lambda _key_id: None,
+            on_state,
+            check_every_s=check_s,
+            retry_s=0.2,
+        )
+    )
+    try:
+        await asyncio.wait_for(listening.wait(), 15)
+        await asyncio.sleep(check_s * 1.5)  # a few healthy checks first
+        assert all(up for _, up in states)
+        proxy.flowing.clear()
+        stalled = time.perf_counter()
+        while not any(not up for at, up in states if at > stalled):
+            assert time.perf_counter() - stalled < check_s * 4, "stall not noticed"
+            await asyncio.sleep(0.01)
+        noticed = next(at for at, up in states if at > stalled and not up) - stalled
+        proxy.flowing.set()
+        while not states[-1][1]:  # reconnects once bytes flow again
+            assert time.perf_counter() - stalled < 15, "did not reconnect"
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await proxy.close()
+    print(f"silent loss noticed after {noticed:.3f} s (check every {check_s} s)")
+    assert noticed <= 2 * check_s + 0.2
