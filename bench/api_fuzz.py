@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -216,6 +217,9 @@ def main() -> int:
     name = f"nbmeter_fuzz_{secrets.token_hex(4)}"
     dsn = urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
     asyncio.run(_admin(server, f'CREATE DATABASE "{name}"'))
+    say(f"scratch database {name}")
+    # SIGTERM unwinds like an exception, so the API is stopped and the database dropped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     proc = None
     try:
         key = asyncio.run(build(dsn))
