@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import re
+from collections import Counter
 from collections.abc import Collection
 from typing import Any
 
@@ -214,16 +215,18 @@ class BodyLimits:
         await self.app(scope, replay, send)
 
 
-def _query_names(request: Request) -> dict[tuple[str, str], frozenset[str]]:
-    """(METHOD, path) -> the query parameters its OpenAPI operation declares (built once)."""
-    names: dict[tuple[str, str], frozenset[str]] | None = getattr(
+def _query_names(request: Request) -> dict[tuple[str, str], dict[str, bool]]:
+    """(METHOD, path) -> {query parameter: whether it may repeat} of its OpenAPI operation."""
+    names: dict[tuple[str, str], dict[str, bool]] | None = getattr(
         request.app.state, "query_names", None
     )
     if names is None:
         names = {
-            (method.upper(), path): frozenset(
-                p["name"] for p in op.get("parameters", ()) if p.get("in") == "query"
-            )
+            (method.upper(), path): {
+                p["name"]: "array" in json.dumps(p.get("schema", {}))
+                for p in op.get("parameters", ())
+                if p.get("in") == "query"
+            }
             for path, ops in request.app.openapi()["paths"].items()
             for method, op in ops.items()
         }
@@ -232,23 +235,31 @@ def _query_names(request: Request) -> dict[tuple[str, str], frozenset[str]]:
 
 
 async def known_query(request: Request) -> None:
-    """422 naming each query parameter the operation does not declare."""
+    """422 naming each query parameter the operation does not declare, or that is given
+    twice without being a list (FastAPI would silently keep the last)."""
     if not request.query_params:
         return
     route = request.scope.get("route")
-    allowed = _query_names(request).get((request.method, getattr(route, "path", "")))
-    if allowed is None:
+    declared = _query_names(request).get((request.method, getattr(route, "path", "")))
+    if declared is None:
         return  # not a documented operation (/docs, /openapi.json)
-    unknown = sorted(set(request.query_params) - allowed)
-    if unknown:
-        takes = ", ".join(sorted(allowed)) or "none"
-        raise RequestValidationError(
-            [
-                {
-                    "loc": ("query", name),
-                    "msg": f"unknown query parameter; this operation takes: {takes}",
-                    "type": "extra_forbidden",
-                }
-                for name in unknown
-            ]
-        )
+    takes = ", ".join(sorted(declared)) or "none"
+    given = Counter(name for name, _ in request.query_params.multi_items())
+    errors = [
+        {
+            "loc": ("query", name),
+            "msg": f"unknown query parameter; this operation takes: {takes}",
+            "type": "extra_forbidden",
+        }
+        for name in sorted(set(given) - set(declared))
+    ] + [
+        {
+            "loc": ("query", name),
+            "msg": f"given {count} times; give it once",
+            "type": "repeated",
+        }
+        for name, count in sorted(given.items())
+        if count > 1 and name in declared and not declared[name]
+    ]
+    if errors:
+        raise RequestValidationError(errors)

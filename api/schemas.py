@@ -94,6 +94,16 @@ Instant = Annotated[
     AfterValidator(_instant_in_range),
 ]
 Day = Annotated[IsoDay, AfterValidator(_day_in_range)]
+
+
+def _not_bool(value: object) -> object:
+    if isinstance(value, bool):
+        msg = "a number is expected, not true/false"
+        raise ValueError(msg)  # pydantic's lax mode would read them as 1 and 0
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_not_bool)]
 Kind = Literal["water", "gas"]
 Format = Literal["cjt188", "oms", "mbus", "senml", "interval"]
 Scope = Literal["readings:read", "meters:write", "admin"]
@@ -316,7 +326,7 @@ class Calendar(BaseModel):
             ]
         },
     )
-    cycle_day: int = Field(1, ge=1, le=28)
+    cycle_day: Integer = Field(1, ge=1, le=28)
     dates: list[Day] = Field(default_factory=list, max_length=1200)
 
 

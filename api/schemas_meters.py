@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from api.schemas import M3, Address, Format, Instant, Kind, Text, Zone
+from api.schemas import M3, Address, Format, Instant, Integer, Kind, Text, Zone
 
 
 class Credentials(BaseModel):
@@ -40,8 +40,8 @@ class MeterCreate(BaseModel):
     service_point: Text | None = None
     kind: Kind
     format: Format
-    register_scale: int = Field(-3, ge=-6, le=0)
-    register_digits: int = Field(8, ge=4, le=14)
+    register_scale: Integer = Field(-3, ge=-6, le=0)
+    register_digits: Integer = Field(8, ge=4, le=14)
     timezone: Zone | None = None
     installed_at: Instant | None = None
     initial_register_m3: M3 | None = None
@@ -70,10 +70,10 @@ class MeterPatch(BaseModel):
     address: Address = Field(None, description=_KEEP, json_schema_extra=_absent_only)  # type: ignore[assignment]
     service_point: Text | None = None
     format: Format = Field(None, description=_KEEP, json_schema_extra=_absent_only)  # type: ignore[assignment]
-    register_scale: int = Field(
+    register_scale: Integer = Field(
         None, ge=-6, le=0, description=_KEEP, json_schema_extra=_absent_only
     )  # type: ignore[assignment]
-    register_digits: int = Field(
+    register_digits: Integer = Field(
         None, ge=4, le=14, description=_KEEP, json_schema_extra=_absent_only
     )  # type: ignore[assignment]
     timezone: Zone | None = None
@@ -150,8 +150,8 @@ class NewMeter(BaseModel):
     model_config = ConfigDict(extra="forbid")
     address: Address
     format: Format
-    register_scale: int = Field(-3, ge=-6, le=0)
-    register_digits: int = Field(8, ge=4, le=14)
+    register_scale: Integer = Field(-3, ge=-6, le=0)
+    register_digits: Integer = Field(8, ge=4, le=14)
     initial_register_m3: M3 = "0"
     credentials: Credentials | None = None
 

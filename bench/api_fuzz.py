@@ -147,7 +147,10 @@ def fuzz_operation(
             for failure in getattr(exc, "exceptions", [exc]):
                 kind = type(failure).__name__
                 tally.kinds[kind] += 1
-                tally.examples.setdefault(f"{kind} {endpoint[0]} {endpoint[1]}", str(failure)[:600])
+                tally.examples.setdefault(
+                    f"{kind} {endpoint[0]} {endpoint[1]}",
+                    f"{str(failure)[:500]}\n    {case.as_curl_command(headers=auth)[:300]}",
+                )
 
     run()
 

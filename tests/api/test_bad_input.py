@@ -241,7 +241,8 @@ async def test_nul_and_control_characters_in_strings_are_422(api, make_tenant):
 
 
 async def test_huge_integers_limits_and_tampered_cursors_are_422(api, make_tenant):
-    """Ids beyond bigint, limits <= 0 or huge, and cursors we did not issue: 422, no 500."""
+    """Ids beyond bigint, limits <= 0 or huge, booleans for numbers, cursors we did not
+    issue, unknown or repeated query parameters: 422, no 500."""
     t = await make_tenant()
     await _meter(api, t.writer)
     paths = [
@@ -259,6 +260,7 @@ async def test_huge_integers_limits_and_tampered_cursors_are_422(api, make_tenan
     for cursor in ("Asia/Shanghai|-1", f"Asia/Shanghai|{2**64}", "Nowhere|1", "a|b|c"):
         token = base64.urlsafe_b64encode(cursor.encode()).decode().rstrip("=")
         paths.append(f"/v1/cycles/2024-01-01/reads?cursor={token}")
+    paths += ["/v1/meters?limit=5&limit=6", "/v1/meters?form=1", "/v1/cycles?from=2024-01-01&x="]
     for path in paths:
         _problem(await api.get(path, headers=t.reader), 422)
     r = await api.post(
@@ -267,6 +269,13 @@ async def test_huge_integers_limits_and_tampered_cursors_are_422(api, make_tenan
         json={"address": "H1", "kind": "water", "format": "oms", "register_scale": 10**30},
     )
     _problem(r, 422)
+    for scale in (True, False, "x", 1.5):
+        r = await api.post(
+            "/v1/meters",
+            headers=t.writer,
+            json={"address": "H1", "kind": "water", "format": "oms", "register_scale": scale},
+        )
+        _problem(r, 422)
     r = await api.post(
         "/v1/meters",
         headers=t.writer,
