@@ -218,7 +218,10 @@ async def listen_key_changes(
     `check_every_s` that must answer within `check_every_s`: lost within twice that.
     """
     while True:
-        why = await _listen_once(dsn, on_change, on_state, check_every_s)
+        try:
+            why = await _listen_once(dsn, on_change, on_state, check_every_s)
+        except Exception as exc:  # the task's top level: a bug must not end the listening
+            why = f"unexpected {type(exc).__name__}: {exc}"
         on_state(False, why)
         await asyncio.sleep(retry_s)
 
@@ -248,7 +251,7 @@ async def _listen_once(
                 await conn.fetchval("SELECT 1", timeout=check_every_s)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         return f"{type(exc).__name__}: {exc}"
-    except BaseException:
+    except asyncio.CancelledError:
         on_state(False, "stopped")
         raise
     finally:
