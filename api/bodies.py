@@ -35,31 +35,39 @@ _CLOSE = np.frombuffer(b"]}", np.uint8)
 
 
 class BodyError(UnprocessableError):
-    """A body the API cannot read: 422, the detail says where and why."""
+    """A body the API cannot read: 422; the detail says which line and why."""
+
+    def __init__(self, line: int, why: str) -> None:
+        super().__init__(f"line {line}: {why}")
+        self.line = line
+        self.why = why
+
+    def errors(self) -> list[dict[str, Any]] | None:
+        """The problem's `errors` member: where in the body, and why."""
+        return [{"loc": ["body"], "line": self.line, "msg": self.why, "type": "body_unreadable"}]
 
 
-def json_depth_exceeds(raw: bytes, max_depth: int = MAX_DEPTH) -> bool:
-    """True when the JSON text `raw` nests arrays/objects deeper than `max_depth`.
+def json_too_deep_at(raw: bytes, max_depth: int = MAX_DEPTH) -> int | None:
+    """The line where the JSON text `raw` first nests arrays/objects deeper than
+    `max_depth`, or None when it never does.
 
-    Brackets inside strings do not count. Vectorized over 1 MiB chunks, so a body of
-    brackets costs milliseconds, not a Python loop per byte.
+    Brackets inside strings do not count (a JSON string holds no raw line break, so lines
+    survive blanking them). Vectorized over 1 MiB chunks, so a body of brackets costs
+    milliseconds, not a Python loop per byte.
     """
     if raw.count(b"[") + raw.count(b"{") <= max_depth:
-        return False
+        return None
     text = _STRING.sub(b'""', raw)
     depth = 0
     for at in range(0, len(text), _CHUNK):
         chunk = np.frombuffer(text[at : at + _CHUNK], np.uint8)
         step = np.isin(chunk, _OPEN).astype(np.int64) - np.isin(chunk, _CLOSE)
         levels = depth + np.cumsum(step)
-        if levels.size and int(levels.max()) > max_depth:
-            return True
+        deep = np.flatnonzero(levels > max_depth)
+        if deep.size:
+            return text.count(b"\n", 0, at + int(deep[0])) + 1
         depth = int(levels[-1]) if levels.size else depth
-    return False
-
-
-def _depth_detail(max_depth: int) -> str:
-    return f"the JSON body nests deeper than {max_depth} levels; no request needs that many"
+    return None
 
 
 def load_json(raw: bytes, max_depth: int = MAX_DEPTH) -> Any:
@@ -67,15 +75,18 @@ def load_json(raw: bytes, max_depth: int = MAX_DEPTH) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        msg = f"the JSON body is not UTF-8 (byte {exc.start}); send UTF-8 JSON"
-        raise BodyError(msg) from exc
-    if json_depth_exceeds(raw, max_depth):
-        raise BodyError(_depth_detail(max_depth))
+        why = f"not UTF-8 (byte 0x{raw[exc.start]:02x}); send UTF-8 JSON"
+        raise BodyError(_line_of(raw, exc.start), why) from exc
+    deep_line = json_too_deep_at(raw, max_depth)
+    if deep_line is not None:
+        why = f"the JSON nests deeper than {max_depth} levels; no request needs that many"
+        raise BodyError(deep_line, why)
     try:
         return json.loads(text)
-    except ValueError as exc:  # JSONDecodeError, or an integer of more than 4,300 digits
-        msg = f"the body is not valid JSON: {exc}"
-        raise BodyError(msg) from exc
+    except json.JSONDecodeError as exc:
+        raise BodyError(exc.lineno, f"not valid JSON: {exc.msg} (column {exc.colno})") from exc
+    except ValueError as exc:  # an integer of more than 4,300 digits
+        raise BodyError(1, f"not valid JSON: {exc}") from exc
 
 
 def _line_of(raw: bytes | str, offset: int) -> int:
@@ -97,12 +108,10 @@ def read_csv(raw: bytes, columns: Collection[str]) -> list[dict[str, str]]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = _line_of(raw, exc.start)
-        msg = f"line {line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"
-        raise BodyError(msg) from exc
+        why = f"not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"
+        raise BodyError(_line_of(raw, exc.start), why) from exc
     if "\x00" in text:
-        msg = f"line {_line_of(text, text.index(chr(0)))}: a NUL byte; no field may hold one"
-        raise BodyError(msg)
+        raise BodyError(_line_of(text, text.index("\x00")), "a NUL byte; no field may hold one")
     # newline="" lets the csv module see each line end as written (as csv's docs require);
     # strict refuses what lenient parsing would silently reshape (a quote inside a field)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
@@ -110,29 +119,26 @@ def read_csv(raw: bytes, columns: Collection[str]) -> list[dict[str, str]]:
     try:
         header = next(reader, None)
         if header is None:
-            msg = "line 1: the CSV is empty; send a header row of meter fields first"
-            raise BodyError(msg)
+            raise BodyError(1, "the CSV is empty; send a header row of meter fields first")
         names = [h.strip() for h in header]
         if any(not n for n in names) or len(set(names)) != len(names):
-            msg = f"line 1: column names must be present and distinct, got {names}"
-            raise BodyError(msg)
+            raise BodyError(1, f"column names must be present and distinct, got {names}")
         unknown = [n for n in names if n not in columns]
         if unknown:
-            msg = f"line 1: unknown columns {unknown}; the header names fields of {sorted(columns)}"
-            raise BodyError(msg)
+            why = f"unknown columns {unknown}; the header names fields of {sorted(columns)}"
+            raise BodyError(1, why)
         for fields in reader:
             if not any(f.strip() for f in fields):
                 continue  # a blank line
             if len(fields) > len(names):
-                msg = (
-                    f"line {reader.line_num}: {len(fields)} fields but the header has"
-                    f" {len(names)}; quote values that contain a comma"
+                why = (
+                    f"{len(fields)} fields but the header has {len(names)};"
+                    " quote values that contain a comma"
                 )
-                raise BodyError(msg)
+                raise BodyError(reader.line_num, why)
             records.append({n: v for n, v in zip(names, fields, strict=False) if v != ""})
     except csv.Error as exc:
-        msg = f"line {reader.line_num}: unreadable CSV ({exc})"
-        raise BodyError(msg) from exc
+        raise BodyError(reader.line_num, f"unreadable CSV ({exc})") from exc
     return records
 
 
@@ -199,9 +205,10 @@ class BodyLimits:
             try:
                 load_json(body, self.max_depth)
             except BodyError as exc:
-                await problem(Request(scope), 422, "validation-error", exc.detail)(
-                    scope, receive, send
+                answer = problem(
+                    Request(scope), 422, "validation-error", exc.detail, errors=exc.errors()
                 )
+                await answer(scope, receive, send)
                 return
         replayed = False
 

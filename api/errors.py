@@ -44,6 +44,10 @@ class ApiError(Exception):
         super().__init__(detail)
         self.detail = detail
 
+    def errors(self) -> list[dict[str, Any]] | None:
+        """The problem's `errors` member, when there is more to say than the detail."""
+        return None
+
 
 class NotFoundError(ApiError):
     """The resource does not exist for this tenant."""
@@ -116,7 +120,9 @@ def problem(request: Request, status: int, slug: str, detail: str, **extra: Any)
 
 def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return problem(request, exc.status, exc.slug, exc.detail)
+    errors = exc.errors()
+    extra = {} if errors is None else {"errors": errors}
+    return problem(request, exc.status, exc.slug, exc.detail, **extra)
 
 
 def internal_error(request: Request, exc: BaseException) -> JSONResponse:

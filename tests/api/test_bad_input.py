@@ -350,3 +350,24 @@ async def test_an_unexpected_exception_is_a_bare_500_with_an_error_id(db_url):
             assert logged[0]["event"] == "request.failed"
             assert logged[0]["log_level"] == "error"
             assert secret_row in str(logged[0]["exc_info"])
+
+
+async def test_unreadable_json_names_its_line(api, make_tenant):
+    """Too deep, broken or not UTF-8: the 422 names the line in its detail and `errors`."""
+    t = await make_tenant()
+    for raw, line, why in (
+        (b'{\n "address": "x",\n "kind": ' + b"[" * 40 + b"\n}", 3, "deeper than 32"),
+        (
+            b'{\n "address": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",\n "kind": }',
+            3,
+            "not valid JSON",
+        ),
+        (b'{\n\n "address": "\xff"}', 3, "not UTF-8"),
+    ):
+        r = await api.post(
+            "/v1/meters", headers={**t.writer, "content-type": "application/json"}, content=raw
+        )
+        body = _problem(r, 422)
+        assert body["detail"].startswith(f"line {line}: "), body["detail"]
+        assert why in body["detail"]
+        assert body["errors"][0]["line"] == line
