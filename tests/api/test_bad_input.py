@@ -8,6 +8,8 @@ tampered cursors, oversized bodies, unreadable CSV.
 from __future__ import annotations
 
 import base64
+import functools
+import json
 import uuid
 from collections.abc import AsyncIterator
 
@@ -17,7 +19,9 @@ from fastapi import FastAPI
 from structlog.testing import capture_logs
 
 from api.app import create_app
+from api.bodies import json_too_deep_at
 from api.settings import ApiSettings
+from decoder.limits import MAX_DEPTH, json_depth
 from storage.errors import StorageError
 
 PROBLEM = "application/problem+json"
@@ -371,3 +375,21 @@ async def test_unreadable_json_names_its_line(api, make_tenant):
         assert body["detail"].startswith(f"line {line}: "), body["detail"]
         assert why in body["detail"]
         assert body["errors"][0]["line"] == line
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        b"[" + b"[]," * 50 + b"[]]",
+        b"[" * 32 + b"]" * 32,
+        b"[" * 33 + b"]" * 33,
+        b'{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[", "b": [[[1]]]}',
+        json.dumps(["\\", '\\"' + "[" * 40, {"x": [{}]}]).encode(),
+        json.dumps([[[{"k": [[["a]]]]"]]]}]]] * 20).encode(),
+        json.dumps(functools.reduce(lambda inner, _: [1, {"x": inner}], range(40), 0)).encode(),
+    ],
+)
+def test_json_depth_rule_is_the_decoders(doc):
+    """The API's chunked depth scan and decoder.limits.json_depth agree on real JSON."""
+    json.loads(doc)
+    assert (json_too_deep_at(doc) is None) == (json_depth(doc) <= MAX_DEPTH)
