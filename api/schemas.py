@@ -35,7 +35,7 @@ Address = Annotated[str, StringConstraints(pattern=r"^[!-~]{1,64}$")]
 Zone = Annotated[
     str, StringConstraints(pattern=r"^[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+){0,2}$", max_length=64)
 ]
-# the calendar the API computes in (api.localtime): PostgreSQL and datetime both go further,
+# the calendar the API computes in (billing.localtime): PostgreSQL and datetime both go further,
 # but local-time arithmetic near year 1 or 9999 overflows, and no meter reads that far
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(2200, 1, 1, tzinfo=UTC)
