@@ -16,12 +16,11 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
-from pydantic import AwareDatetime
 
 from api.auth import Pool, Reader, Writer
 from api.errors import NotFoundError, UnprocessableError
 from api.routes_meters import CONFLICT, PROBLEMS, decode_cursor, encode_cursor
-from api.schemas import Address
+from api.schemas import Address, Instant
 from api.schemas_quarantine import (
     TRANSPORTS,
     QuarantineDetail,
@@ -119,8 +118,8 @@ async def list_quarantine(
     error: Annotated[Reason | None, Query(description="decoder error: no_key, ...")] = None,
     meter_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
     address: Annotated[Address | None, Query(description="the tenant's meter address")] = None,
-    received_from: Annotated[AwareDatetime | None, Query(description="inclusive")] = None,
-    received_to: Annotated[AwareDatetime | None, Query(description="exclusive")] = None,
+    received_from: Annotated[Instant | None, Query(description="inclusive")] = None,
+    received_to: Annotated[Instant | None, Query(description="exclusive")] = None,
     resolved: bool | None = None,
     cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,

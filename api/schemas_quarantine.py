@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from api.schemas import Address
+from api.schemas import Address, Instant, Integer
 
 # transports as stored (migration 0001); the collector owns the numbers
 TRANSPORTS: dict[int, str] = {1: "coap", 2: "coap+oscore", 3: "mqtt", 4: "import", 5: "test"}
@@ -80,10 +80,10 @@ class RedecodeFilter(BaseModel):
     )
     reason: Reason | None = None
     error: Reason | None = Field(None, description="decoder error code of undecodable rows")
-    meter_id: int | None = Field(None, ge=1, le=2**63 - 1)
+    meter_id: Integer | None = Field(None, ge=1, le=2**63 - 1)
     address: Address | None = None
-    received_from: AwareDatetime | None = None
-    received_to: AwareDatetime | None = None
+    received_from: Instant | None = None
+    received_to: Instant | None = None
 
 
 class RedecodeJob(BaseModel):

@@ -239,6 +239,9 @@ async def test_cross_tenant_access_is_refused(api, make_tenant, pool):
         {"meter_id": 0},
         {"received_from": "2025-01-01T00:00:00"},  # no UTC offset
         {"address": "a b"},
+        {"meter_id": True},  # not read as 1
+        {"received_from": 0},  # not read as 1970
+        {"received_to": "9999-12-31T00:00:00Z"},  # outside the supported years
     ],
 )
 async def test_bulk_filter_is_validated(api, make_tenant, body):
