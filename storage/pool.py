@@ -1,36 +1,43 @@
 """The connection pool (created once per process, then passed in) and the error boundary.
 
-`create_pool(dsn)` opens the pool and checks that every shipped migration is applied;
-`translated()` is the one place asyncpg's exceptions become `storage.errors`:
-
-StorageError                 any other database error (a bug or a constraint we broke)
-├── StorageUnavailableError  connection lost/refused, pool closing, server shutting down,
-│                            deadlock or serialization failure: retry the same batch
-└── SchemaError              a table or column is missing: run `nbmeter db migrate`
+`create_pool(dsn, ...)` is the one way the project opens a pool; `connection(pool)` lends
+one of its connections; `ping(pool)` asks the database whether it answers. `translated()`
+is the one place asyncpg's (and the socket's) exceptions become `storage.errors`, whose
+tree is drawn in that module: every storage function that talks to the database runs
+inside it, so no caller ever sees a driver exception.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from typing import TypeAlias
 
 import asyncpg
 
-from storage.errors import SchemaError, StorageError, StorageUnavailableError
-from storage.migrate import available
+from storage.errors import RowRefusedError, SchemaError, StorageError, StorageUnavailableError
 
-# errors after which the same call may succeed: the server or the network was the cause
+Pool: TypeAlias = asyncpg.Pool
+Connection: TypeAlias = asyncpg.Connection
+Record: TypeAlias = asyncpg.Record
+ConnectionHook: TypeAlias = Callable[[asyncpg.Connection], Awaitable[None]]
+
+# errors after which the same call may succeed: the server, the network or the load was
+# the cause (SQLSTATE classes 08, 40, 53, 57; OSError includes ConnectionRefusedError)
 _TRANSIENT: tuple[type[BaseException], ...] = (
-    OSError,  # includes ConnectionRefusedError; asyncio's TimeoutError is an OSError too
+    OSError,
     TimeoutError,
-    asyncpg.InterfaceError,  # pool closing / connection released under us
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
+    asyncpg.PostgresConnectionError,  # 08: includes ConnectionDoesNotExistError
+    asyncpg.TransactionRollbackError,  # 40: deadlock, serialization failure
+    asyncpg.InsufficientResourcesError,  # 53: too many connections, disk full, memory
+    asyncpg.OperatorInterventionError,  # 57: shutdown, cannot connect now, query canceled
+)
+# the data as sent cannot be stored (SQLSTATE classes 22 and 23; asyncpg's own DataError
+# is an argument it cannot encode)
+_REFUSED: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.exceptions._base.DataError,  # asyncpg exports it under no other name
 )
 _SCHEMA: tuple[type[BaseException], ...] = (
     asyncpg.UndefinedTableError,
@@ -39,19 +46,36 @@ _SCHEMA: tuple[type[BaseException], ...] = (
 )
 
 
+def _closing(exc: BaseException) -> bool:
+    """An asyncpg InterfaceError saying the pool or the connection is closing or closed."""
+    return isinstance(exc, asyncpg.InterfaceError) and "clos" in str(exc)
+
+
 @contextmanager
 def translated(doing: str) -> Iterator[None]:
-    """Run the block, re-raising asyncpg/OS errors as `storage.errors` (`doing` names the task)."""
+    """Run the block, re-raising asyncpg/OS errors as `storage.errors` (`doing` names the task).
+
+    Transient conditions raise StorageUnavailableError, refused data RowRefusedError, a
+    missing table or column SchemaError, any other database error StorageError. Other
+    exceptions (the caller's own) pass through unchanged.
+    """
     try:
         yield
+    except StorageError:
+        raise
     except _SCHEMA as exc:
         msg = f"{doing}: the database schema is missing something ({exc}); run `nbmeter db migrate`"
         raise SchemaError(msg) from exc
+    except _REFUSED as exc:
+        msg = f"{doing}: the database refused the data ({type(exc).__name__}: {exc})"
+        raise RowRefusedError(msg) from exc
     except _TRANSIENT as exc:
         msg = f"{doing}: database unavailable ({type(exc).__name__}: {exc})"
         raise StorageUnavailableError(msg) from exc
-    except asyncpg.PostgresError as exc:
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         msg = f"{doing}: {type(exc).__name__}: {exc}"
+        if _closing(exc):
+            raise StorageUnavailableError(f"{doing}: database unavailable ({msg})") from exc
         raise StorageError(msg) from exc
 
 
@@ -65,28 +89,61 @@ async def keep_session(_conn: asyncpg.Connection) -> None:
     """
 
 
-async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
-    """Open a pool on `dsn` whose schema is current; raises StorageUnavailable/SchemaError."""
+async def create_pool(
+    dsn: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 10,
+    connect_timeout_s: float = 60.0,
+    command_timeout_s: float | None = None,
+    max_inactive_connection_lifetime_s: float = 300.0,
+    server_settings: Mapping[str, str] | None = None,
+    init: ConnectionHook | None = None,
+    setup: ConnectionHook | None = None,
+    reset: ConnectionHook | None = None,
+) -> asyncpg.Pool:
+    """Open a pool on `dsn` with `min_size` connections ready; raises storage errors.
+
+    The hooks and timeouts are asyncpg's (`init` per new connection, `setup` per acquire,
+    `reset` per release; None keeps asyncpg's default). With `min_size=0` nothing is
+    connected yet, so a process can start while the database is away.
+    """
     with translated("opening the database pool"):
-        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
-    try:
-        await require_current_schema(pool)
-    except BaseException:
-        await pool.close()
-        raise
-    return pool
-
-
-async def require_current_schema(pool: asyncpg.Pool) -> None:
-    """Return if every shipped migration is recorded in the database, else raise SchemaError."""
-    with translated("checking the schema version"):
-        exists = await pool.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
-        done = (
-            {r["number"] for r in await pool.fetch("SELECT number FROM schema_migrations")}
-            if exists
-            else set()
+        return await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=connect_timeout_s,
+            command_timeout=command_timeout_s,
+            max_inactive_connection_lifetime=max_inactive_connection_lifetime_s,
+            server_settings=dict(server_settings) if server_settings else None,
+            init=init,
+            setup=setup,
+            reset=reset,
         )
-    missing = [m.name for m in available() if m.number not in done]
-    if missing:
-        msg = f"the database lacks migrations {missing}: run `nbmeter db migrate`"
-        raise SchemaError(msg)
+
+
+@asynccontextmanager
+async def connection(
+    pool: asyncpg.Pool, doing: str, *, timeout_s: float | None = None
+) -> AsyncIterator[asyncpg.Connection]:
+    """Lend a connection of `pool` for the block (waiting at most `timeout_s` for one).
+
+    Database errors raised in the block, or while acquiring and releasing, become storage
+    errors (see `translated`, `doing` names the task); the block's own exceptions pass.
+    """
+    with translated(doing):
+        async with pool.acquire(timeout=timeout_s) as conn:
+            yield conn
+
+
+async def ping(pool: asyncpg.Pool, *, timeout_s: float = 2.0) -> None:
+    """Return if the database answers a query within `timeout_s`; else StorageUnavailableError."""
+    try:
+        with translated("checking the database"):
+            await pool.fetchval("SELECT 1", timeout=timeout_s)
+    except StorageUnavailableError:
+        raise
+    except StorageError as exc:  # the database answered with an error: not usable either
+        msg = f"database unreachable: {exc}"
+        raise StorageUnavailableError(msg) from exc
