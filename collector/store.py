@@ -43,11 +43,9 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 
-import asyncpg
 import numpy as np
 import structlog
 
-from collector import _interim_ingest as ingest
 from collector import metrics
 from collector.keys import KeyRing, MeterKeys, Pair
 from collector.pipeline import Device, Outcome, Uplink
@@ -56,8 +54,11 @@ from decoder.columns import Decoded, ErrorCode, Flag, concat
 from storage import credentials
 from storage.archive import ArchiveWriter, QuarantineRow, RawUplink, is_pg_text, pg_text
 from storage.errors import StorageUnavailableError
+from storage.events import EventRow, write_events
+from storage.health import HealthRow, write_health
 from storage.ingest import ReadingBatch, ReadingWriter
 from storage.meters import MeterDirectory
+from storage.pool import Connection, Pool, connection
 
 log = structlog.get_logger("collector.store")
 
@@ -79,16 +80,6 @@ _MAX_ERROR = 500  # characters of an exception kept in a quarantine detail
 _MAX_LISTED = 24  # rejected readings listed one by one in a quarantine detail (a day)
 READINGS_REJECTED = "readings_rejected"  # quarantine reason: some readings of a stored uplink
 
-TRANSIENT = (
-    OSError,
-    TimeoutError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-    asyncpg.exceptions.TransactionRollbackError,
-)
-
 
 class DecodeFailed(Exception):
     """The decode callable raised (a decoder bug): the frames' uplinks are `decode_failed`."""
@@ -97,6 +88,10 @@ class DecodeFailed(Exception):
 def _short(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= _MAX_ERROR else text[:_MAX_ERROR] + "..."
+
+
+def _utc(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC)
 
 
 def _iso(epoch_s: int) -> str:
@@ -157,14 +152,6 @@ def _reading_batch(
     )
 
 
-def _transient(exc: BaseException) -> bool:
-    if isinstance(exc, StorageUnavailableError):
-        return True
-    if isinstance(exc, TRANSIENT):
-        return True
-    return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
-
-
 def _scaled(extra: dict[str, object], names: tuple[tuple[str, int], ...]) -> int | None:
     for name, factor in names:
         value = extra.get(name)
@@ -213,7 +200,7 @@ class BatchStore:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        pool: Pool,
         keys: MeterKeys,
         decode: Decode = default_decode,
         acquire_timeout_s: float = 5.0,
@@ -235,9 +222,9 @@ class BatchStore:
         Raises only StorageUnavailableError (the pipeline retries the batch)."""
         try:
             return await self._commit(batch)
+        except StorageUnavailableError:
+            raise
         except Exception as exc:
-            if _transient(exc):
-                raise StorageUnavailableError(str(exc) or type(exc).__name__) from exc
             if len(batch) == 1:
                 return [await self._quarantine_failed(batch[0], exc)]
             log.warning("batch.split", uplinks=len(batch), error=_short(exc))
@@ -258,9 +245,9 @@ class BatchStore:
         uplink.reject = (reason, detail)
         try:
             return (await self._commit([uplink]))[0]
+        except StorageUnavailableError:
+            raise
         except Exception as again:
-            if _transient(again):
-                raise StorageUnavailableError(str(again) or type(again).__name__) from again
             same = _short(again) == _short(exc)
             also = "; archiving it failed again" if same else f"; then {_short(again)}"
             also = pg_text(also) or ""
@@ -283,9 +270,9 @@ class BatchStore:
                 row = dataclasses.replace(row, detail=detail + gone + why, payload=None)
             try:
                 await self._archive_writer.write_quarantine([row])
+            except StorageUnavailableError:
+                raise
             except Exception as exc:
-                if _transient(exc):
-                    raise StorageUnavailableError(str(exc) or type(exc).__name__) from exc
                 error = exc
                 continue
             metrics.QUARANTINED.labels(reason).inc()
@@ -304,7 +291,7 @@ class BatchStore:
         return Outcome("failed", reason, f"{detail}; not even a quarantine row could be written")
 
     async def _decode_keyed(
-        self, conn: asyncpg.Connection, uplinks: list[Uplink], received_at_s: int
+        self, conn: Connection, uplinks: list[Uplink], received_at_s: int
     ) -> Decoded:
         """Decode `uplinks` with their meters' AES keys (see the module docstring).
 
@@ -355,7 +342,7 @@ class BatchStore:
         return concat(parts, len(uplinks))
 
     async def _decode_round(
-        self, conn: asyncpg.Connection, uplinks: list[Uplink], rnd: _Round, received_at_s: int
+        self, conn: Connection, uplinks: list[Uplink], rnd: _Round, received_at_s: int
     ) -> Decoded:
         frames = [uplinks[n].payload for n in rnd.rows]
         # each frame's own receive time (a re-decoded frame keeps its original one): frames
@@ -388,7 +375,8 @@ class BatchStore:
 
     async def _commit(self, batch: list[Uplink]) -> list[Outcome]:
         now = time.time()
-        async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+        timeout_s = self._acquire_timeout_s
+        async with connection(self._pool, "storing a batch", timeout_s=timeout_s) as conn:
             await self._resolve_topics(conn, batch)
             todo = [i for i, u in enumerate(batch) if u.reject is None]
             dec = await self._decode_keyed(conn, [batch[i] for i in todo], int(now))
@@ -410,7 +398,7 @@ class BatchStore:
         return outcomes
 
     async def _store(
-        self, conn: asyncpg.Connection, batch: list[Uplink], todo: list[int], dec: Decoded
+        self, conn: Connection, batch: list[Uplink], todo: list[int], dec: Decoded
     ) -> list[Outcome]:
         """Check, write and archive one decoded batch on `conn` (inside its transaction)."""
         frame_of = np.full(len(batch), -1, np.int64)
@@ -480,7 +468,7 @@ class BatchStore:
         return outcomes
 
     @staticmethod
-    async def _resolve_topics(conn: asyncpg.Connection, batch: list[Uplink]) -> None:
+    async def _resolve_topics(conn: Connection, batch: list[Uplink]) -> None:
         """MQTT: the topic names the broker-authenticated device; find its meter."""
         topics = [u.topic for u in batch if u.topic is not None and u.device is None]
         if not topics:
@@ -557,7 +545,7 @@ class BatchStore:
 
     async def _plain_meters(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         batch: list[Uplink],
         todo: list[int],
         starts: list[int],
@@ -583,7 +571,7 @@ class BatchStore:
 
     async def _archive(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         batch: list[Uplink],
         dec: Decoded,
         frame_of: np.ndarray,
@@ -597,7 +585,7 @@ class BatchStore:
         stored ones), record alarms of readings that were not rejected and modem health."""
         raw: list[RawUplink] = []
         quarantine: list[QuarantineRow] = []
-        health = []
+        health: list[HealthRow] = []
         formats: list[str] = dec.format.tolist()
         codes: list[int] = dec.error_code.tolist()
         health_possible = _may_have_health(dec)
@@ -640,10 +628,10 @@ class BatchStore:
                 figures = health_of(_health_fields(dec, j))
                 if any(v is not None for v in figures):
                     health.append(
-                        (meter_of[i], int(uplink.received_at), *figures, uplink.received_at)
+                        HealthRow(meter_of[i], _utc(int(uplink.received_at)), *figures, received_at)
                     )
         events = [
-            (cols[0][row], cols[1][row], kind, cols[5][row])
+            EventRow(cols[0][row], _utc(cols[1][row]), kind, _utc(cols[5][row]))
             for row in range(len(owner))
             if cols[3][row] & _EVENT_MASK and row not in rejected
             for flag, kind in _EVENT_FLAGS
@@ -651,5 +639,5 @@ class BatchStore:
         ]
         await self._archive_writer.write_uplinks(raw, conn=conn)
         await self._archive_writer.write_quarantine(quarantine, conn=conn)
-        await ingest.insert_events(conn, events)
-        await ingest.insert_health(conn, health)
+        await write_events(conn, events)
+        await write_health(conn, health)

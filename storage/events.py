@@ -1,0 +1,47 @@
+"""Meter alarms (`meter_events`): one row per (meter, kind, time), written idempotently.
+
+`write_events(conn, rows)` appends `EventRow`s with binary COPY through a stage
+(`storage.staged`), normally on the connection and inside the transaction that stores
+the readings the alarms came from. An alarm already recorded (a replayed uplink) is
+skipped: the second write of a batch inserts nothing. A row the table refuses (a kind
+outside its list) raises RowRefusedError and writes nothing of the call; other errors are
+`storage.errors` too (see `storage.pool.translated`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass, fields
+from datetime import datetime
+
+import asyncpg
+
+from storage.staged import merge_records
+
+
+@dataclass(frozen=True)
+class EventRow:
+    """One alarm a meter reported; times timezone-aware UTC.
+
+    `kind` is one of the names the table's CHECK lists (migration 0001): leak, burst, ...
+    """
+
+    meter_id: int
+    occurred_at: datetime
+    kind: str
+    received_at: datetime
+
+
+_COLUMNS = tuple(f.name for f in fields(EventRow))
+
+
+async def write_events(conn: asyncpg.Connection, rows: Sequence[EventRow]) -> int:
+    """Record the alarms not yet recorded; return how many were new. Raises storage errors."""
+    return await merge_records(
+        conn,
+        "meter_events",
+        _COLUMNS,
+        [astuple(row) for row in rows],
+        ("meter_id", "kind", "occurred_at"),
+        "recording meter events",
+    )
