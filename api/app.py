@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import asyncpg
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import (
@@ -39,8 +38,8 @@ from api.bodies import BodyLimits, known_query
 from api.routes_meters import _P
 from api.schemas import Health
 from api.settings import ApiSettings
-from storage.errors import StorageUnavailableError
-from storage.pool import keep_session
+from storage.errors import StorageError, StorageUnavailableError
+from storage.pool import create_pool, keep_session, ping
 
 DESCRIPTION = """Billing API of nbmeter: meter registry, interval reads in local time,
 billing-cycle reads with VEE and ESPI quality codes, and bulk export for billing runs.
@@ -122,14 +121,14 @@ def create_app(settings: ApiSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            pool = await asyncpg.create_pool(
+            pool = await create_pool(
                 settings.database_url,
                 min_size=settings.api_pool_min,
                 max_size=settings.api_pool_max,
                 server_settings=SERVER_SETTINGS,
                 reset=keep_session,
             )
-        except (OSError, asyncpg.PostgresError) as exc:
+        except StorageError as exc:
             msg = f"cannot connect to the database: {exc}"
             raise StorageUnavailableError(msg) from exc
         app.state.pool = pool
@@ -163,10 +162,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     @app.get("/healthz", tags=["ops"], responses=unavailable, summary="Liveness")
     async def healthz(pool: Pool) -> Health:
         """200 when the database answers a query, else 503 problem+json."""
-        try:
-            await pool.fetchval("SELECT 1", timeout=2)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise StorageUnavailableError(f"database unreachable: {exc}") from exc
+        await ping(pool, timeout_s=2.0)
         return Health(status="ok")
 
     @app.get(

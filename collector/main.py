@@ -14,7 +14,6 @@ import contextlib
 import signal
 import sys
 
-import asyncpg
 import structlog
 
 from collector import metrics
@@ -28,20 +27,20 @@ from collector.settings import CollectorSettings
 from collector.store import BatchStore
 from storage.coap_peers import PeerMismatchError
 from storage.credentials import parse_key
-from storage.pool import keep_session
+from storage.pool import Pool, create_pool, keep_session
 
 log = structlog.get_logger("collector.main")
 
 
-async def _create_pool(settings: CollectorSettings) -> asyncpg.Pool:
+async def _create_pool(settings: CollectorSettings) -> Pool:
     # min_size 0: the collector starts (and keeps running) while the database is away
-    return await asyncpg.create_pool(
+    return await create_pool(
         settings.database_url,
         min_size=0,
         max_size=settings.pipeline.pool_size + 2,
-        timeout=5.0,  # connect timeout
-        command_timeout=30.0,
-        max_inactive_connection_lifetime=60.0,
+        connect_timeout_s=5.0,
+        command_timeout_s=30.0,
+        max_inactive_connection_lifetime_s=60.0,
         reset=keep_session,
     )
 

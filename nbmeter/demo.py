@@ -14,15 +14,16 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
 import numpy as np
 
 from decoder import decode_batch
 from decoder.encode_cjt188 import encode_cjt188
 from nbmeter.cli import database_url
+from storage.demo_fleet import count_tenant_readings, ensure_demo_fleet
 from storage.errors import StorageError
 from storage.ingest import ReadingBatch, ReadingWriter
 from storage.meters import MeterDirectory
+from storage.pool import create_pool
 
 DEMO_TENANT = "demo"
 _TRANSPORT_IMPORT = 4
@@ -30,24 +31,6 @@ _TRANSPORT_IMPORT = 4
 
 def _say(message: str) -> None:
     print(f"demo: {message}", file=sys.stderr, flush=True)
-
-
-async def _ensure_fleet(pool: asyncpg.Pool, meters: int) -> tuple[int, list[str]]:
-    tenant_id: int = await pool.fetchval(
-        "INSERT INTO tenants (slug, name) VALUES ($1, 'Demo water utility')"
-        " ON CONFLICT (slug) DO UPDATE SET name = EXCLUDED.name RETURNING tenant_id",
-        DEMO_TENANT,
-    )
-    addresses = [f"{20260000000000 + i:014d}" for i in range(meters)]
-    await pool.execute(
-        "INSERT INTO meters (tenant_id, address, service_point, kind, format, register_scale,"
-        " register_digits)"
-        " SELECT $1, a, 'SP-' || a, 'water', 'cjt188', -2, 8 FROM unnest($2::text[]) a"
-        " ON CONFLICT (tenant_id, address) WHERE removed_at IS NULL DO NOTHING",
-        tenant_id,
-        addresses,
-    )
-    return tenant_id, addresses
 
 
 def _frames(addresses: list[str], hours: int, start: datetime) -> tuple[list[bytes], int]:
@@ -68,8 +51,10 @@ def _frames(addresses: list[str], hours: int, start: datetime) -> tuple[list[byt
 
 
 async def _run(meters: int, hours: int) -> int:
-    async with asyncpg.create_pool(database_url(), min_size=1, max_size=4) as pool:
-        tenant_id, addresses = await _ensure_fleet(pool, meters)
+    pool = await create_pool(database_url(), min_size=1, max_size=4)
+    async with pool:
+        addresses = [f"{20260000000000 + i:014d}" for i in range(meters)]
+        tenant_id = await ensure_demo_fleet(pool, DEMO_TENANT, "Demo water utility", addresses)
         _say(f"tenant '{DEMO_TENANT}' with {meters} water meters (CJ/T 188)")
         start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(
             hours=hours
@@ -91,10 +76,7 @@ async def _run(meters: int, hours: int) -> int:
         first = await writer.write(batch)
         t3 = time.perf_counter()
         again = await writer.write(batch)
-        stored = await pool.fetchval(
-            "SELECT count(*) FROM readings r JOIN meters m USING (meter_id) WHERE m.tenant_id = $1",
-            tenant_id,
-        )
+        stored = await count_tenant_readings(pool, tenant_id)
     _say(f"wrote {first.new} new readings in {t3 - t2:.2f} s ({first.duplicate} already stored)")
     _say(f"replayed the same batch: {again.new} new, {again.duplicate} duplicates")
     print(
