@@ -175,23 +175,6 @@ async def ensure_meter(
     return int(meter_id)
 
 
-async def meters_by_address(
-    conn: asyncpg.Connection, pairs: Iterable[tuple[int, str]]
-) -> dict[tuple[int, str], int]:
-    """Map (tenant_id, address) pairs to their active meter ids; unknown pairs are absent."""
-    wanted = sorted(set(pairs))
-    if not wanted:
-        return {}
-    rows = await conn.fetch(
-        "SELECT m.tenant_id, m.address, m.meter_id FROM meters m"
-        " JOIN unnest($1::bigint[], $2::text[]) AS w(tenant_id, address)"
-        " ON m.tenant_id = w.tenant_id AND m.address = w.address WHERE m.removed_at IS NULL",
-        [t for t, _ in wanted],
-        [a for _, a in wanted],
-    )
-    return {(int(r[0]), str(r[1])): int(r[2]) for r in rows}
-
-
 async def meters_by_topic(
     conn: asyncpg.Connection, pairs: Iterable[tuple[str, str]]
 ) -> dict[tuple[str, str], MeterRef]:

@@ -171,25 +171,6 @@ async def exchange_meter(
     return removed, installed
 
 
-async def service_point_chain(
-    conn: Conn, tenant_id: int, meter: asyncpg.Record, start: datetime, end: datetime
-) -> list[int]:
-    """Ids of the meters at `meter`'s service point in service during [start, end)."""
-    if meter["service_point"] is None:
-        return [meter["meter_id"]]
-    rows = await conn.fetch(
-        "SELECT meter_id FROM meters WHERE tenant_id = $1 AND service_point = $2"
-        " AND installed_at < $4 AND (removed_at IS NULL OR removed_at > $3)"
-        " ORDER BY installed_at, meter_id",
-        tenant_id,
-        meter["service_point"],
-        start,
-        end,
-    )
-    ids = [r["meter_id"] for r in rows]
-    return ids or [meter["meter_id"]]
-
-
 async def device_health(conn: Conn, meter_id: int) -> tuple[asyncpg.Record | None, asyncpg.Record]:
     """The meter's latest device_health row (or None) and its last reading's times."""
     health = await conn.fetchrow(
