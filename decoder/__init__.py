@@ -12,28 +12,22 @@ The hot path has no per-frame Python except `len()`: frames are grouped by lengt
 stacked once (`kernels.group_by_length`), array detectors classify whole groups, and a
 format with `decode_array` (CJ/T 188) decodes the very array detection looked at.
 
-Formats: `cjt188`, `interval`, `senml`, and `mbus` when `decoder.mbus` is importable.
+Formats: `cjt188`, `interval`, `senml`, `mbus` (M-Bus/OMS).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
-from decoder import cjt188, interval, senml  # noqa: F401  (importing registers them)
+from decoder import cjt188, interval, mbus, senml  # noqa: F401  (importing registers them)
 from decoder import kernels as k
 from decoder.columns import Decoded, ErrorCode, concat, empty
 from decoder.registry import Format, formats, lookup, parse_hint, register
 
-with contextlib.suppress(ImportError):  # the M-Bus/OMS helper's module, when present
-    from decoder import mbus as _mbus
-
-    register(
-        Format(key="mbus", detect=_mbus.looks_like, decode=_mbus.decode, takes_utc_offset=True)
-    )
+register(Format(key="mbus", detect=mbus.looks_like, decode=mbus.decode, takes_utc_offset=True))
 
 __all__ = ["Decoded", "decode_batch"]
 

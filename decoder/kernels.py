@@ -138,12 +138,6 @@ def _bcd4(pairs: npt.NDArray[np.uint16]) -> tuple[Int64s, Bools]:
     return lo + hi.astype(np.int64) * 10_000, (lo | hi) < 0
 
 
-def bcd_bytes(raw: Frames) -> tuple[Int64s, Bools]:
-    """Element-wise value of single packed-BCD bytes -> (0..99 values, bad mask)."""
-    values = BCD_LUT[raw]
-    return values, values < 0
-
-
 def all_equal(a: Frames, offset: int, width: int, value: int) -> Bools:
     """Rows whose `width` bytes at `offset` all equal `value` (e.g. FF fill, all-zero clock)."""
     if width in (2, 4, 8) and a.strides[-1] == 1:  # one word compare instead of a row reduce
@@ -264,14 +258,3 @@ def bcd_clock(block: Frames, *, big_endian: bool) -> tuple[Int64s, Bools]:
     valid = (packed >= 0) & (day >= 1) & (day <= (packed & 31)) & (sod >= 0) & (sec < 60)
     days = (packed >> 5) + day - (1 + _DAY_BIAS)
     return days.astype(np.int64) * 86400 + (sod + sec), valid
-
-
-def civil_to_epoch(
-    year: Int64s, month: Int64s, day: Int64s, hour: Int64s, minute: Int64s, second: Int64s
-) -> tuple[Int64s, Bools]:
-    """Civil date-time columns (years 1900..2199) -> (epoch s as if UTC, valid mask)."""
-    ym = np.clip(year - _Y0, 0, _NY - 1) * 16 + np.clip(month, 0, 15)
-    mdays = _MDAYS[ym]
-    valid = (year >= _Y0) & (year < _Y0 + _NY) & (month <= 15) & (day >= 1) & (day <= mdays)
-    valid &= (hour < 24) & (minute < 60) & (second < 60)
-    return (_FIRST[ym] + day - 1) * 86400 + hour * 3600 + minute * 60 + second, valid

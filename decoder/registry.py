@@ -16,7 +16,7 @@ format may add `decode_array(a, received_at_s, keys, cache, **same keywords)` ta
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,8 +84,3 @@ def parse_hint(hint: str) -> tuple[str, str | None]:
     """`"cjt188:mfunhcu"` -> ("cjt188", "mfunhcu"); `"senml"` -> ("senml", None)."""
     key, _, variant = hint.partition(":")
     return key.strip(), (variant.strip() or None)
-
-
-def snapshot() -> Mapping[str, Format]:
-    """A read-only copy of the registry (for tests and the CLI's `formats` listing)."""
-    return dict(_FORMATS)
