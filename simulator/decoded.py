@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 
+from decoder import decode_batch
 from simulator.fleet import Meter
 
 
 def describe(fmt: object, payload: bytes, received_at_s: int, meter: Meter) -> list[str]:
     """One line per decoded reading (or the decoder's error), via `decoder.decode_batch`."""
-    decoder = importlib.import_module("decoder")
-    decode_batch = getattr(decoder, "decode_batch", None)
-    if decode_batch is None:
-        return ["(decoder.decode_batch not available yet)"]
     keys = {meter.address: meter.oms_key} if meter.oms_key else {}
     out = decode_batch([payload], np.array([received_at_s], np.int64), keys=keys)
     if out.error_code[0]:

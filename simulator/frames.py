@@ -20,17 +20,19 @@ format's length, checksum, JSON or ciphertext check, so it must be quarantined.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from decoder.columns import Flag
+from decoder.encode_cjt188 import encode_cjt188
+from decoder.encode_senml import encode_senml, water_pack
+from decoder.interval import encode_interval
+from decoder.mbus_encode import encode_oms_mode5
 from simulator.fleet import Format, Kind, Meter
 from simulator.schedule import Uplink
 from simulator.truth import Truth
@@ -42,10 +44,6 @@ CJT188_TYPE = {Kind.WATER: 0x10, Kind.GAS: 0x30}
 CJT188_ST_VALVE_CLOSED = 0x01  # ST byte0 D1D0 = 01 (ng-gateway di_types.rs)
 CJT188_ST_BATTERY_LOW = 0x04  # ST byte0 D2
 OMS_STS_POWER_LOW = 0x04  # EN 13757-7 status byte
-
-
-class EncoderMissing(RuntimeError):
-    """The decoder package has no encoder for this format yet."""
 
 
 @dataclass(frozen=True)
@@ -72,20 +70,11 @@ def _when(epoch_s: int) -> datetime:
     return datetime.fromtimestamp(epoch_s, UTC)
 
 
-def _encoder(module: str, name: str) -> Callable[..., bytes]:
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise EncoderMissing(f"{module}.{name} is not available yet") from exc
-    return fn  # type: ignore[no-any-return]
-
-
 def _cjt188(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
     last = rs[-1]
     status = CJT188_ST_VALVE_CLOSED if last.flags & Flag.VALVE_CLOSED else 0
     status |= CJT188_ST_BATTERY_LOW if last.flags & Flag.LOW_BATTERY else 0
-    encode = _encoder("decoder.encode_cjt188", "encode_cjt188")
-    return encode(
+    return encode_cjt188(
         address=address,
         total_ml=last.register_ml,
         meter_type=CJT188_TYPE[m.kind],
@@ -98,8 +87,7 @@ def _cjt188(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
 def _oms(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
     last = rs[-1]
     assert m.oms_key is not None, "OMS meters always have a key"
-    encode = _encoder("decoder.mbus_encode", "encode_oms_mode5")
-    return encode(
+    return encode_oms_mode5(
         address,
         OMS_MANUFACTURER,
         OMS_VERSION,
@@ -118,17 +106,15 @@ SENML_FLAG_RESOURCES = ((Flag.LEAK, "10"), (Flag.REVERSE_FLOW, "11"), (Flag.TAMP
 
 
 def _senml(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
-    pack = _encoder("decoder.encode_senml", "water_pack")
-    encode = _encoder("decoder.encode_senml", "encode_senml")
     records: list[dict[str, object]] = list(
-        pack(address, [(r.read_at_s, r.register_ml) for r in rs])  # type: ignore[arg-type]
+        water_pack(address, [(r.read_at_s, r.register_ml) for r in rs])  # type: ignore[arg-type]
     )
     t0 = rs[0].read_at_s
     for r in rs:
         for flag, resource in SENML_FLAG_RESOURCES:
             if r.flags & flag:
                 records.append({"n": resource, "t": r.read_at_s - t0, "vb": True})
-    return encode(records)
+    return encode_senml(records)
 
 
 def _interval(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
@@ -138,12 +124,11 @@ def _interval(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
     # with only the status of the newest hour, a burst of a few hours between two daily
     # reports would never reach the backend.
     # a drifting clock still freezes at its own whole hours: the base time is whole too
-    encode = _encoder("decoder.interval", "encode_interval")
     regs = [r.register_ml for r in rs]
     latched = 0
     for r in rs:
         latched |= r.flags
-    return encode(
+    return encode_interval(
         address,
         (rs[0].read_at_s + 1800) // 3600 * 3600,
         regs[0],
@@ -161,7 +146,7 @@ ENCODERS: dict[Format, Callable[[Meter, str, list[Reading], int], bytes]] = {
 
 
 def encode(truth: Truth, uplink: Uplink, registers: npt.NDArray[np.int64]) -> bytes:
-    """The payload of `uplink`; raises EncoderMissing when its format has no encoder yet.
+    """The payload of `uplink`, as its sender's format puts it on the wire.
 
     `registers` is `truth.register_ml()` (passed in so a run computes it once).
     """
@@ -171,26 +156,3 @@ def encode(truth: Truth, uplink: Uplink, registers: npt.NDArray[np.int64]) -> by
         sender, claimed.address, readings(truth, uplink, registers), uplink.seq
     )
     return payload[: len(payload) // 2] if uplink.corrupt else payload
-
-
-def available(fmt: Format) -> bool:
-    """True when the decoder package can encode `fmt` already."""
-    try:
-        probe = [Reading(1_735_689_600, 0, 0), Reading(1_735_693_200, 1000, 0)]
-        ENCODERS[fmt](_PROBE[fmt], _PROBE[fmt].address, probe, 0)
-    except EncoderMissing:
-        return False
-    except (TypeError, ValueError):
-        return True  # present, but the probe's arguments do not suit it
-    return True
-
-
-def _probe(fmt: Format) -> Meter:
-    from simulator.fleet import REGISTERS, Transport
-
-    address = "12345678" if fmt is Format.OMS else "12345678901234"
-    return Meter(0, address, "sp", Kind.WATER, fmt, Transport.COAP_CON, REGISTERS[fmt], 0, 0,
-                 0, 0, 1, oms_key=bytes(16))  # fmt: skip
-
-
-_PROBE: dict[Format, Any] = {f: _probe(f) for f in Format}
