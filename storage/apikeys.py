@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import asyncpg
 
 from storage.errors import StorageError
+from storage.pool import translating
 
 SCOPES = ("readings:read", "meters:write", "admin")
 _KEY = re.compile(r"^nbm_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
@@ -82,6 +83,7 @@ def check_timezone(name: str) -> str:
     return name
 
 
+@translating("creating a tenant")
 async def create_tenant(
     conn: asyncpg.Connection, slug: str, name: str, timezone: str = "Asia/Shanghai"
 ) -> int:
@@ -107,6 +109,7 @@ def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("ascii")).digest()
 
 
+@translating("creating an API key")
 async def create_api_key(
     conn: asyncpg.Connection,
     tenant_id: int,
@@ -136,6 +139,7 @@ async def create_api_key(
     return f"nbm_{key_id}_{secret}"
 
 
+@translating("checking an API key")
 async def check_api_key(
     conn: asyncpg.Connection | asyncpg.Pool, key: str
 ) -> Principal | KeyRefusal | None:
@@ -159,12 +163,14 @@ async def check_api_key(
     return Principal(row["tenant_id"], key_id, frozenset(row["scopes"]), row["expires_at"])
 
 
+@translating("verifying an API key")
 async def verify_api_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> Principal | None:
     """The Principal of a live, well-formed `key`, or None (never says which failed)."""
     found = await check_api_key(conn, key)
     return found if isinstance(found, Principal) else None
 
 
+@translating("revoking an API key")
 async def revoke_api_key(
     conn: asyncpg.Connection | asyncpg.Pool, tenant_id: int, key_id: str
 ) -> bool:
@@ -178,6 +184,7 @@ async def revoke_api_key(
     return bool(done)
 
 
+@translating("listing API keys")
 async def list_api_keys(
     conn: asyncpg.Connection | asyncpg.Pool, tenant_id: int
 ) -> list[asyncpg.Record]:
@@ -189,6 +196,7 @@ async def list_api_keys(
     )
 
 
+@translating("looking up the tenant")
 async def tenant_id_of(conn: asyncpg.Connection | asyncpg.Pool, slug: str) -> int:
     """The id of the tenant `slug`; UnknownTenantError if there is none."""
     tenant_id: int | None = await conn.fetchval(
@@ -260,6 +268,7 @@ async def _listen_once(
     return "connection closed"
 
 
+@translating("reading the tenant's timezone")
 async def tenant_timezone(conn: asyncpg.Connection | asyncpg.Pool, tenant_id: int) -> str:
     """The tenant's IANA timezone name."""
     tz: str = await conn.fetchval("SELECT timezone FROM tenants WHERE tenant_id = $1", tenant_id)

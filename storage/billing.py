@@ -27,6 +27,7 @@ from billing.consumption import MAX_FLOW_ML_H
 from billing.cycle import Published
 from billing.units import ML_PER_M3
 from billing.vee import Event
+from storage.pool import translating
 
 Conn: TypeAlias = asyncpg.Connection | asyncpg.Pool
 
@@ -212,6 +213,7 @@ class CycleQuery:
         )
 
 
+@translating("listing the tenant's timezones")
 async def zones(conn: Conn, tenant_id: int) -> list[str]:
     """The timezones of the tenant's meters: the tenant's own first, then the others sorted."""
     rows = await conn.fetch(
@@ -224,12 +226,14 @@ async def zones(conn: Conn, tenant_id: int) -> list[str]:
     return [r["z"] for r in rows]
 
 
+@translating("reading billing-cycle lines")
 async def cycle_lines(conn: Conn, args: tuple[Any, ...]) -> list[str]:
     """The JSON text of each meter's cycle read (one page: give `limit` in args)."""
     rows = await conn.fetch(CYCLE_JSON_SQL, *args)
     return [r["line"] for r in rows]
 
 
+@translating("publishing billing-cycle reads")
 async def publish(conn: Conn, args: tuple[Any, ...]) -> dict[str, int]:
     """Publish boundary reads of ended boundaries: first ones, and changed ones as revisions.
 
@@ -240,6 +244,7 @@ async def publish(conn: Conn, args: tuple[Any, ...]) -> dict[str, int]:
     return {k: row[k] for k in ("boundaries", "published", "revised")}
 
 
+@translating("reading published revisions")
 async def revisions(conn: Conn, meter_ids: list[int], at: list[datetime]) -> list[Published]:
     """Every published revision of the given meters at the given boundaries, oldest first."""
     rows = await conn.fetch(
@@ -263,6 +268,7 @@ class StepRead:
     used_ml: int | None
 
 
+@translating("reading interval reads")
 async def interval_reads(
     conn: asyncpg.Connection, meter_id: int, boundaries: list[datetime], tuning: Tuning
 ) -> list[StepRead]:
@@ -298,6 +304,7 @@ async def interval_reads(
     ]
 
 
+@translating("reading readings")
 async def readings_between(
     conn: Conn, meter_ids: list[int], start: datetime, end: datetime
 ) -> list[Reading]:
@@ -312,6 +319,7 @@ async def readings_between(
     return [Reading(*r) for r in rows]
 
 
+@translating("reading meter events")
 async def events_between(
     conn: Conn, meter_ids: list[int], start: datetime, end: datetime
 ) -> list[Event]:
@@ -327,6 +335,7 @@ async def events_between(
     return [Event(*r) for r in rows]
 
 
+@translating("reading the billing calendar")
 async def calendar(conn: Conn, tenant_id: int) -> tuple[int, list[date]]:
     """The tenant's cycle day (default 1) and explicit cycle start dates (may be empty)."""
     day = await conn.fetchval(
@@ -339,6 +348,7 @@ async def calendar(conn: Conn, tenant_id: int) -> tuple[int, list[date]]:
     return (day or 1), [r["starts_on"] for r in rows]
 
 
+@translating("setting the billing calendar")
 async def set_calendar(
     conn: asyncpg.Connection, tenant_id: int, cycle_day: int, dates: list[date]
 ) -> None:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import asyncpg
 
 from storage.billing import CSV_HEADER, CYCLE_CSV_SQL, CYCLE_JSON_SQL, LAST_ID
+from storage.pool import connection
 
 ExportFormat = Literal["ndjson", "csv"]
 _QUEUE_CHUNKS = 4
@@ -131,10 +132,12 @@ async def stream_cycle(
     async def work() -> None:
         seg = None
         try:
-            async with pool.acquire() as conn:
+            async with connection(pool, "exporting cycle reads") as conn:
                 while (seg := await plan.take(conn)) is not None:
                     await copy(conn, seg)
-        except Exception as exc:  # handed to the consumer, which re-raises it
+        except (
+            Exception
+        ) as exc:  # a storage error (or a bug)  # handed to the consumer, which re-raises it
             if seg is None:  # failed between segments: the error takes the next place
                 seg = _Segment(())
                 async with plan.ready:

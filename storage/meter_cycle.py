@@ -37,6 +37,7 @@ from billing.cycle import (
 )
 from billing.vee import Event
 from storage.billing import events_between, readings_between, revisions
+from storage.pool import translating
 from storage.registry import METER_COLUMNS
 
 _M_COLUMNS = ", ".join(f"m.{c.strip()}" for c in METER_COLUMNS.split(","))
@@ -96,6 +97,7 @@ def _meter(m: asyncpg.Record) -> CycleMeter:
     )
 
 
+@translating("loading the meter's cycle context")
 async def context(conn: asyncpg.Connection, tenant_id: int, meter_id: int) -> Context | None:
     """The meter's context in one statement; None if the tenant has no such meter."""
     rows = await conn.fetch(_CONTEXT_SQL, tenant_id, meter_id)
@@ -125,6 +127,7 @@ class MeterCycle:
     gaps: list[BoundaryGap] = field(default_factory=list)
 
 
+@translating("reading the meter's billing cycle")
 async def meter_cycle(
     conn: asyncpg.Connection,
     ctx: Context,

@@ -16,7 +16,8 @@ from importlib import resources
 
 import asyncpg
 
-from storage.errors import SchemaError, StorageUnavailableError
+from storage.errors import SchemaError
+from storage.pool import translated
 
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _LOCK_KEY = 0x6E626D6574657200  # "nbmeter\0": one advisory lock for all migrators
@@ -70,18 +71,16 @@ async def _require_timescaledb(conn: asyncpg.Connection) -> None:
 
 async def migrate(dsn: str) -> list[str]:
     """Apply pending migrations to the database at `dsn`; return the names applied."""
-    try:
+    with translated("connecting to the database to migrate it"):
         conn = await asyncpg.connect(dsn)
-    except (OSError, asyncpg.PostgresError) as exc:
-        msg = f"cannot connect to the database to migrate it: {exc}"
-        raise StorageUnavailableError(msg) from exc
     try:
-        await _require_timescaledb(conn)
-        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
-        try:
-            return await _apply_pending(conn)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+        with translated("migrating the database"):
+            await _require_timescaledb(conn)
+            await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+            try:
+                return await _apply_pending(conn)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     finally:
         await conn.close()
 
@@ -123,12 +122,13 @@ async def _apply_pending(conn: asyncpg.Connection) -> list[str]:
 
 async def current(dsn: str) -> list[str]:
     """Names of the migrations recorded in the database at `dsn` (empty if none)."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
-        if not exists:
-            return []
-        rows = await conn.fetch("SELECT name FROM schema_migrations ORDER BY number")
-        return [r["name"] for r in rows]
-    finally:
-        await conn.close()
+    with translated("reading the applied migrations"):
+        conn = await asyncpg.connect(dsn)
+        try:
+            exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+            if not exists:
+                return []
+            rows = await conn.fetch("SELECT name FROM schema_migrations ORDER BY number")
+            return [r["name"] for r in rows]
+        finally:
+            await conn.close()

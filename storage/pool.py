@@ -4,14 +4,16 @@
 one of its connections; `ping(pool)` asks the database whether it answers. `translated()`
 is the one place asyncpg's (and the socket's) exceptions become `storage.errors`, whose
 tree is drawn in that module: every storage function that talks to the database runs
-inside it, so no caller ever sees a driver exception.
+inside it (a block `with translated(...)`, or the whole function `@translating(...)`), so
+no caller ever sees a driver exception.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import TypeAlias
+from typing import Any, ParamSpec, TypeAlias, TypeVar
 
 import asyncpg
 
@@ -21,6 +23,8 @@ Pool: TypeAlias = asyncpg.Pool
 Connection: TypeAlias = asyncpg.Connection
 Record: TypeAlias = asyncpg.Record
 ConnectionHook: TypeAlias = Callable[[asyncpg.Connection], Awaitable[None]]
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 # errors after which the same call may succeed: the server, the network or the load was
 # the cause (SQLSTATE classes 08, 40, 53, 57; OSError includes ConnectionRefusedError)
@@ -77,6 +81,22 @@ def translated(doing: str) -> Iterator[None]:
         if _closing(exc):
             raise StorageUnavailableError(f"{doing}: database unavailable ({msg})") from exc
         raise StorageError(msg) from exc
+
+
+def translating(
+    doing: str,
+) -> Callable[[Callable[_P, Awaitable[_R]]], Callable[_P, Coroutine[Any, Any, _R]]]:
+    """Decorate a storage coroutine function so that its whole call runs in `translated`."""
+
+    def decorate(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Coroutine[Any, Any, _R]]:
+        @functools.wraps(fn)
+        async def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            with translated(doing):
+                return await fn(*args, **kwargs)
+
+        return call
+
+    return decorate
 
 
 async def keep_session(_conn: asyncpg.Connection) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Final
 import asyncpg
 
 from storage.errors import StorageError
+from storage.pool import translating
 from storage.redecode_queue import CHANNEL, ITEM_OUTCOMES, JOBS, Move, transition
 
 Conn = asyncpg.Connection | asyncpg.Pool
@@ -102,6 +103,7 @@ _CONDITIONS: Final = (
 )
 
 
+@translating("listing quarantined uplinks")
 async def list_rows(
     conn: Conn,
     tenant_id: int,
@@ -124,6 +126,7 @@ async def list_rows(
     )
 
 
+@translating("reading a quarantined uplink")
 async def get_row(conn: Conn, tenant_id: int, quarantine_id: int) -> asyncpg.Record | None:
     """The tenant's row `quarantine_id` with its payload, or None."""
     return await conn.fetchrow(
@@ -134,6 +137,7 @@ async def get_row(conn: Conn, tenant_id: int, quarantine_id: int) -> asyncpg.Rec
     )
 
 
+@translating("reading a quarantined uplink's history")
 async def history(conn: Conn, tenant_id: int, quarantine_id: int) -> list[asyncpg.Record]:
     """Re-decode attempts of a row, oldest first; the first may be the one it came from.
 
@@ -151,11 +155,13 @@ async def history(conn: Conn, tenant_id: int, quarantine_id: int) -> list[asyncp
     )
 
 
+@translating("reading a re-decode job")
 async def get_job(conn: Conn, tenant_id: int, job_id: int) -> asyncpg.Record | None:
     """The tenant's job with its item counts per state and readings stored (n_new), or None."""
     return await conn.fetchrow(_JOB, job_id, tenant_id)
 
 
+@translating("listing a re-decode job's items")
 async def job_items(
     conn: Conn, tenant_id: int, job_id: int, *, after: int, limit: int
 ) -> list[asyncpg.Record]:
@@ -182,6 +188,7 @@ def _resolution(row: asyncpg.Record) -> str:
     return f"{what} ({row['resolution']}); re-decoding it again would change nothing"
 
 
+@translating("requesting a re-decode")
 async def request_one(
     conn: asyncpg.Connection, tenant_id: int, quarantine_id: int, requested_by: str
 ) -> asyncpg.Record | None:
@@ -229,6 +236,7 @@ async def request_one(
         return await get_job(conn, tenant_id, open_job)
 
 
+@translating("requesting re-decodes")
 async def request_matching(
     conn: asyncpg.Connection, tenant_id: int, flt: Filter, requested_by: str
 ) -> asyncpg.Record:

@@ -15,7 +15,8 @@ from typing import Any
 
 import asyncpg
 
-from storage.errors import StorageError
+from storage.errors import RowRefusedError, StorageError
+from storage.pool import translating
 
 Conn = asyncpg.Connection | asyncpg.Pool
 
@@ -51,9 +52,10 @@ class ExchangeError(StorageError):
 def _translate(exc: asyncpg.PostgresError, address: object) -> StorageError:
     if isinstance(exc, asyncpg.UniqueViolationError):
         return DuplicateAddressError(f"an active meter with address {address!r} exists already")
-    return StorageError(f"meter rejected by the database: {exc}")
+    return RowRefusedError(f"meter rejected by the database: {exc}")
 
 
+@translating("registering a meter")
 async def insert_meter(
     conn: asyncpg.Connection, tenant_id: int, fields: dict[str, Any]
 ) -> asyncpg.Record:
@@ -72,6 +74,7 @@ async def insert_meter(
     return row
 
 
+@translating("reading a meter")
 async def get_meter(conn: Conn, tenant_id: int, meter_id: int) -> asyncpg.Record | None:
     """The tenant's meter `meter_id`, or None."""
     return await conn.fetchrow(
@@ -81,6 +84,7 @@ async def get_meter(conn: Conn, tenant_id: int, meter_id: int) -> asyncpg.Record
     )
 
 
+@translating("listing meters")
 async def list_meters(
     conn: Conn,
     tenant_id: int,
@@ -106,6 +110,7 @@ async def list_meters(
     )
 
 
+@translating("updating a meter")
 async def update_meter(
     conn: asyncpg.Connection, tenant_id: int, meter_id: int, changes: dict[str, Any]
 ) -> asyncpg.Record | None:
@@ -124,6 +129,7 @@ async def update_meter(
         raise _translate(exc, changes.get("address")) from exc
 
 
+@translating("exchanging a meter")
 async def exchange_meter(
     conn: asyncpg.Connection,
     tenant_id: int,
@@ -171,6 +177,7 @@ async def exchange_meter(
     return removed, installed
 
 
+@translating("reading the meter's device health")
 async def device_health(conn: Conn, meter_id: int) -> tuple[asyncpg.Record | None, asyncpg.Record]:
     """The meter's latest device_health row (or None) and its last reading's times."""
     health = await conn.fetchrow(
@@ -188,6 +195,7 @@ async def device_health(conn: Conn, meter_id: int) -> tuple[asyncpg.Record | Non
     return health, seen
 
 
+@translating("listing open alarms")
 async def open_alarms(conn: Conn, tenant_id: int, meter_id: int | None) -> list[asyncpg.Record]:
     """Alarms still open: per (meter, kind) the latest event, where it is active."""
     return await conn.fetch(

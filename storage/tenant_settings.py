@@ -16,6 +16,7 @@ from typing import Any, Final
 import asyncpg
 
 from storage.apikeys import check_timezone
+from storage.pool import translating
 
 Conn = asyncpg.Connection | asyncpg.Pool
 
@@ -26,11 +27,13 @@ SETTINGS: Final = ("name", "timezone", "allow_plain_coap")
 _COLUMNS = "tenant_id, slug, name, timezone, allow_plain_coap, created_at"
 
 
+@translating("reading the tenant's settings")
 async def get(conn: Conn, tenant_id: int) -> asyncpg.Record | None:
     """The tenant's row (tenant_id, slug, settings, created_at), or None."""
     return await conn.fetchrow(f"SELECT {_COLUMNS} FROM tenants WHERE tenant_id = $1", tenant_id)
 
 
+@translating("updating the tenant's settings")
 async def update(
     conn: asyncpg.Connection, tenant_id: int, values: Mapping[str, Any], changed_by: str
 ) -> asyncpg.Record | None:
@@ -65,6 +68,7 @@ async def update(
     return new
 
 
+@translating("listing the tenant's settings changes")
 async def changes(conn: Conn, tenant_id: int, *, limit: int = 100) -> list[asyncpg.Record]:
     """The tenant's latest setting changes, newest first (old and new values as JSON text)."""
     return await conn.fetch(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from datetime import date, timedelta
 
-import asyncpg
 import pytest
 from apihelpers import daily, local
 
 from api.settings import ApiSettings
 from storage import billing
+from storage.errors import RowRefusedError
 from storage.export import stream_cycle
 
 SH, BERLIN = "Asia/Shanghai", "Europe/Berlin"
@@ -66,5 +66,5 @@ async def test_an_error_in_a_segment_reaches_the_consumer(
     """A failing COPY (here: an argument asyncpg cannot encode) raises in the stream."""
     queries = await _fleet(pool, make_tenant, add_meter, add_readings, n=6)
     broken = [*queries[0][:5], "no interval", *queries[0][6:]]
-    with pytest.raises(asyncpg.DataError, match=r"\$6"):
+    with pytest.raises(RowRefusedError, match=r"\$6"):
         await _body(pool, [queries[0], tuple(broken)], "ndjson", connections=2, segment=2)
