@@ -11,8 +11,9 @@ outside its list) raises RowRefusedError and writes nothing of the call; other e
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime
+from operator import attrgetter
 
 import asyncpg
 
@@ -33,6 +34,7 @@ class EventRow:
 
 
 _COLUMNS = tuple(f.name for f in fields(EventRow))
+_RECORD = attrgetter(*_COLUMNS)  # a row as a tuple (dataclasses.astuple deep-copies)
 
 
 async def write_events(conn: asyncpg.Connection, rows: Sequence[EventRow]) -> int:
@@ -41,7 +43,7 @@ async def write_events(conn: asyncpg.Connection, rows: Sequence[EventRow]) -> in
         conn,
         "meter_events",
         _COLUMNS,
-        [astuple(row) for row in rows],
+        [_RECORD(row) for row in rows],
         ("meter_id", "kind", "occurred_at"),
         "recording meter events",
     )

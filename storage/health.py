@@ -11,8 +11,9 @@ other errors are `storage.errors` too (see `storage.pool.translated`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime
+from operator import attrgetter
 
 import asyncpg
 
@@ -37,6 +38,7 @@ class HealthRow:
 
 
 _COLUMNS = tuple(f.name for f in fields(HealthRow))
+_RECORD = attrgetter(*_COLUMNS)  # a row as a tuple (dataclasses.astuple deep-copies)
 
 
 async def write_health(conn: asyncpg.Connection, rows: Sequence[HealthRow]) -> int:
@@ -45,7 +47,7 @@ async def write_health(conn: asyncpg.Connection, rows: Sequence[HealthRow]) -> i
         conn,
         "device_health",
         _COLUMNS,
-        [astuple(row) for row in rows],
+        [_RECORD(row) for row in rows],
         ("meter_id", "measured_at"),
         "recording device health",
     )
