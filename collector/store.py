@@ -624,12 +624,12 @@ class BatchStore:
                         uplink.payload,
                     )
                 )
-            if not quarantined and health_possible and j >= 0 and meter_of[i] is not None:
+            meter = meter_of[i]
+            if not quarantined and health_possible and j >= 0 and meter is not None:
                 figures = health_of(_health_fields(dec, j))
                 if any(v is not None for v in figures):
-                    health.append(
-                        HealthRow(meter_of[i], _utc(int(uplink.received_at)), *figures, received_at)
-                    )
+                    measured_at = _utc(int(uplink.received_at))
+                    health.append(HealthRow(meter, measured_at, *figures, received_at))
         events = [
             EventRow(cols[0][row], _utc(cols[1][row]), kind, _utc(cols[5][row]))
             for row in range(len(owner))

@@ -107,7 +107,7 @@ SENML_FLAG_RESOURCES = ((Flag.LEAK, "10"), (Flag.REVERSE_FLOW, "11"), (Flag.TAMP
 
 def _senml(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
     records: list[dict[str, object]] = list(
-        water_pack(address, [(r.read_at_s, r.register_ml) for r in rs])  # type: ignore[arg-type]
+        water_pack(address, [(r.read_at_s, r.register_ml) for r in rs])
     )
     t0 = rs[0].read_at_s
     for r in rs:

@@ -13,16 +13,22 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, ParamSpec, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeAlias, TypeVar, cast
 
 import asyncpg
 
 from storage.errors import RowRefusedError, SchemaError, StorageError, StorageUnavailableError
 
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
 Pool: TypeAlias = asyncpg.Pool
 Connection: TypeAlias = asyncpg.Connection
 Record: TypeAlias = asyncpg.Record
-ConnectionHook: TypeAlias = Callable[[asyncpg.Connection], Awaitable[None]]
+ConnectionHook: TypeAlias = Callable[[asyncpg.Connection], Coroutine[Any, Any, None]]
+"""An `init` or `reset` hook: called with the connection opened or released."""
+SetupHook: TypeAlias = Callable[["PoolConnectionProxy[Record]"], Coroutine[Any, Any, None]]
+"""A `setup` hook: called with the connection a caller is about to acquire."""
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -119,7 +125,7 @@ async def create_pool(
     max_inactive_connection_lifetime_s: float = 300.0,
     server_settings: Mapping[str, str] | None = None,
     init: ConnectionHook | None = None,
-    setup: ConnectionHook | None = None,
+    setup: SetupHook | None = None,
     reset: ConnectionHook | None = None,
 ) -> asyncpg.Pool:
     """Open a pool on `dsn` with `min_size` connections ready; raises storage errors.
@@ -153,8 +159,9 @@ async def connection(
     errors (see `translated`, `doing` names the task); the block's own exceptions pass.
     """
     with translated(doing):
-        async with pool.acquire(timeout=timeout_s) as conn:
-            yield conn
+        async with pool.acquire(timeout=timeout_s) as proxy:
+            # the pool's proxy forwards every Connection method: it is one, for callers
+            yield cast("asyncpg.Connection", proxy)
 
 
 async def ping(pool: asyncpg.Pool, *, timeout_s: float = 2.0) -> None:
