@@ -17,7 +17,6 @@ import secrets
 from http import HTTPStatus
 from typing import Any
 
-import asyncpg
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from storage.apikeys import DuplicateTenantError, InvalidTimezoneError
-from storage.errors import StorageError, StorageUnavailableError
+from storage.errors import RowRefusedError, StorageError, StorageUnavailableError
 from storage.quarantine import AlreadyResolvedError, NothingToDecodeError, TooManyRowsError
 from storage.registry import DuplicateAddressError, ExchangeError
 
@@ -87,6 +86,9 @@ _TABLE: tuple[tuple[type[Exception], int, str], ...] = (
     (AlreadyResolvedError, 409, "already-resolved"),
     (NothingToDecodeError, 409, "nothing-to-decode"),
     (TooManyRowsError, 422, "too-many-rows"),
+    # a value the database cannot take (SQLSTATE class 22: out of range, an impossible date;
+    # class 23: a constraint; an argument asyncpg cannot encode): the request carried it
+    (RowRefusedError, 422, "invalid-value"),
     (StorageUnavailableError, 503, "database-unavailable"),
     (StorageError, 500, "internal-error"),
 )
@@ -183,12 +185,6 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return problem(request, 422, "validation-error", detail, errors=errors)
 
 
-def _data_error(request: Request, exc: Exception) -> JSONResponse:
-    # SQLSTATE class 22 (a value out of range, an impossible date, ...) or an argument
-    # asyncpg cannot encode: the request carried a value the database cannot take
-    return problem(request, 422, "invalid-value", f"a value is out of range or invalid: {exc}")
-
-
 class ErrorBoundary:
     """ASGI middleware: an exception no handler took becomes `internal_error`'s 500.
 
@@ -226,7 +222,6 @@ class ErrorBoundary:
 def install(app: FastAPI) -> None:
     """Register the problem+json handlers and the error boundary on `app`."""
     app.add_middleware(ErrorBoundary)
-    app.add_exception_handler(asyncpg.DataError, _data_error)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StorageError, _storage_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -7,6 +7,7 @@ import httpx
 from fastapi import FastAPI
 
 from api import errors
+from storage.pool import translated
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "instance"}
 
@@ -85,13 +86,15 @@ async def test_openapi_documents_examples(api):
 
 
 async def test_a_value_the_database_refuses_is_422_problem():
-    """A data exception from PostgreSQL (SQLSTATE class 22) is the client's bad value: 422."""
+    """A data exception from PostgreSQL (SQLSTATE class 22), which storage raises as
+    RowRefusedError, is the client's bad value: 422."""
     app = FastAPI()
     errors.install(app)
 
     @app.get("/overflow")
     async def overflow() -> None:
-        raise asyncpg.exceptions.NumericValueOutOfRangeError("numeric field overflow")
+        with translated("storing a value"):  # as every storage function does
+            raise asyncpg.exceptions.NumericValueOutOfRangeError("numeric field overflow")
 
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
