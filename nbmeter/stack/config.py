@@ -98,13 +98,6 @@ def stack_secrets(cfg: StackConfig) -> dict[str, str]:
     return data
 
 
-def save_secret(cfg: StackConfig, key: str, value: str) -> None:
-    """Store one more generated secret beside the others."""
-    data = stack_secrets(cfg)
-    data[key] = value
-    cfg.secrets_file.write_text(json.dumps(data, indent=2), encoding="utf-8")
-
-
 def say(message: str) -> None:
     """Progress for a person: one line on stderr (stdout stays for `stack env`)."""
     print(f"nbmeter stack: {message}", file=sys.stderr, flush=True)

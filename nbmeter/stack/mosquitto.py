@@ -127,13 +127,6 @@ def stop(cfg: StackConfig) -> None:
         time.sleep(0.1)
 
 
-def reload(cfg: StackConfig) -> None:
-    """Ask the running broker to re-read its password and ACL files (SIGHUP)."""
-    pid = _pid(cfg)
-    if pid is not None:
-        os.kill(pid, signal.SIGHUP)
-
-
 def _binary() -> str:
     # Debian installs it in /usr/sbin, which a non-root PATH often lacks
     return shutil.which("mosquitto") or "/usr/sbin/mosquitto"
