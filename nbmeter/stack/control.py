@@ -198,10 +198,14 @@ def env_lines(cfg: StackConfig, *, export: bool = False) -> list[str]:
 def _compose(args: list[str], cfg: StackConfig | None = None) -> str:
     env = dict(os.environ)
     if cfg is not None:
+        collector_url = urlsplit(mosquitto.prepare_credentials(cfg).get("NBMETER_MQTT_URL", ""))
         env |= {
             "NBMETER_DB_PASSWORD": stack_secrets(cfg)["db_password"],
             "NBMETER_PG_PORT": str(cfg.pg_port),
             "NBMETER_MQTT_PORT": str(cfg.mqtt_port),
+            "NBMETER_MQTT_TLS_PORT": str(cfg.mqtt_tls_port),
+            "NBMETER_MQTT_TLS_BIND": cfg.mqtt_tls_bind,
+            "NBMETER_MQTT_COLLECTOR_PASSWORD": quote(collector_url.password or "", safe=""),
             "NBMETER_MOSQUITTO_DIR": str(cfg.mosquitto_dir),
         }
     return run(
@@ -226,6 +230,8 @@ def _compose_up(cfg: StackConfig, *, need_db: bool, need_mqtt: bool) -> None:
     say(f"docker compose up {' '.join(services)} ...")
     cfg.mosquitto_dir.mkdir(parents=True, exist_ok=True)
     mosquitto.prepare_credentials(cfg)
+    mosquitto.prepare_tls(cfg)
+    mosquitto.render_docker(cfg)
     _compose(["up", "-d", "--wait", *services], cfg)
 
 

@@ -80,6 +80,25 @@ def _render(cfg: StackConfig) -> tuple[Path, bool]:
     return conf, old != body
 
 
+def render_docker(cfg: StackConfig) -> Path:
+    """The same config for docker-compose.yml's broker (best effort: paths inside the
+    image, plain 1883 and TLS 8883 in the container; compose publishes them on the host)."""
+    template = resources.files("nbmeter.stack").joinpath("mosquitto.conf").read_text("utf-8")
+    inside = "/mosquitto/config"
+    body = template.format(port=1883, tls_port=8883, tls_bind="0.0.0.0", state_dir=inside)
+    # the collector container reaches the broker over the compose network (as mqtts://);
+    # compose publishes the plain port on the host's loopback only
+    body = body.replace("listener 1883 127.0.0.1", "listener 1883")
+    body = body.replace(
+        f"plugin {inside}/mosquitto_dynamic_security.so",
+        "plugin /usr/lib/mosquitto_dynamic_security.so",
+    )
+    body = body.replace(f"persistence_location {inside}/", "persistence_location /mosquitto/data/")
+    path = cfg.mosquitto_dir / "mosquitto-docker.conf"
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
 def prepare_credentials(cfg: StackConfig) -> dict[str, str]:
     """Let the collector create the broker's credential files; return its env additions."""
     try:

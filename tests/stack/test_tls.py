@@ -16,6 +16,7 @@ from cryptography import x509
 
 from nbmeter.stack.config import StackError, load_config
 from nbmeter.stack.control import env_lines
+from nbmeter.stack.mosquitto import render_docker
 from nbmeter.stack.tls import ensure_certificates
 
 NBMETER = [sys.executable, "-m", "nbmeter.cli"]
@@ -98,3 +99,17 @@ def test_tls_port_defaults_to_the_next_one_and_must_differ(
     )
     assert proc.returncode == 1
     assert "NBMETER_MQTT_TLS_PORT" in proc.stderr
+
+
+def test_compose_broker_config_has_the_tls_listener(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config rendered for docker-compose.yml's broker listens with TLS on 8883 with
+    the stack's certificate, at the paths inside the image."""
+    monkeypatch.setenv("NBMETER_HOME", str(tmp_path))
+    cfg = load_config()
+    cfg.mosquitto_dir.mkdir(parents=True)
+    conf = render_docker(cfg).read_text(encoding="utf-8").splitlines()
+    assert "listener 8883 0.0.0.0" in conf
+    assert "certfile /mosquitto/config/tls/server.crt" in conf
+    assert "plugin /usr/lib/mosquitto_dynamic_security.so" in conf
