@@ -147,6 +147,7 @@ class Session:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_unsubscribe = self._on_unsubscribe
+        client.on_subscribe = self._on_subscribe
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         self._client = client
 
@@ -295,6 +296,18 @@ class Session:
                 )
         log.info("broker.disconnected", client_id=self.client_id, reason=str(reason))
         self._call(self._connected.clear)
+
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, reasons: Any, _p: Any) -> None:
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:
+            log.error(
+                "broker.subscription_refused",
+                client_id=self.client_id,
+                role=self.role,
+                reasons=refused,
+                hint="the broker's collector role lacks an ACL: run `nbmeter stack up` "
+                "(it adds them to a running broker), or see collector/broker.py",
+            )
 
     def _on_unsubscribe(self, _c: Any, _u: Any, mid: int, _r: Any, _p: Any) -> None:
         self._call(self._unsubscribed, mid)

@@ -8,17 +8,19 @@ within the will delay, and that a restart under the same client id resumes the s
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
 
 import asyncpg
 import pytest
-from brokerkit import Broker
+from brokerkit import Broker, free_port, start_broker
 from collector_testkit import cjt188_frame, hour
 from conftest import new_address, wait_count
 from mqtt_testkit import CollectorProcess, Streamer, session_present
 
+from collector.broker import ensure_collector_acls, prepare_broker_files
 from collector.provision import ProvisionedDevice, provision_device
 
 MINE = "SELECT count(*) FROM readings WHERE meter_id = $1"
@@ -173,3 +175,22 @@ async def test_restart_under_the_same_client_id_resumes_the_session(
         assert await wait_count(pool, n, MINE, streamed_device.meter_id, within_s=20) == n
     finally:
         second.close()
+
+
+def test_an_older_broker_state_gets_the_control_acls_live(tmp_path: Path) -> None:
+    """A broker whose dynamic-security.json predates the control topics gets their ACLs
+    while running; a second call adds nothing."""
+    port = free_port()
+    env = prepare_broker_files(tmp_path, port)
+    dynsec_file = tmp_path / "dynamic-security.json"
+    config = json.loads(dynsec_file.read_text(encoding="utf-8"))
+    for role in config["roles"]:
+        role["acls"] = [a for a in role["acls"] if not a["topic"].endswith("nbmeter-collector/#")]
+    dynsec_file.write_text(json.dumps(config), encoding="utf-8")
+    proc = start_broker(tmp_path, port)
+    try:
+        assert ensure_collector_acls(env["NBMETER_MQTT_ADMIN_URL"]) == 4
+        assert ensure_collector_acls(env["NBMETER_MQTT_ADMIN_URL"]) == 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
