@@ -125,6 +125,7 @@ class Session:
         self.taken_in = 0  # uplinks handed to the pipeline
         self._marker: str | None = None
         self._marker_seen = asyncio.Event()
+        self._lost = asyncio.Event()  # an adopter's connection ended (it never comes back)
         self._unsubacks: dict[int, asyncio.Future[None]] = {}
         self._inflight: set[asyncio.Future[Outcome]] = set()
         client = paho.Client(
@@ -192,7 +193,13 @@ class Session:
                 await unsuback
                 self._marker = secrets.token_hex(8)
                 self._client.publish(self._drain_topic, self._marker, qos=1)
-                await self._marker_seen.wait()
+                # an adopter whose connection is gone (the peer came back) waits no more
+                waits = [asyncio.ensure_future(e.wait()) for e in (self._marker_seen, self._lost)]
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
         except TimeoutError:
             limit = self._settings.leave_timeout_s
             self._unclean.append(f"the broker did not hand over the session within {limit} s")
@@ -207,7 +214,9 @@ class Session:
         """
         self._leaving = True
         if self._inflight:
-            await asyncio.wait(self._inflight)
+            _, pending = await asyncio.wait(self._inflight, timeout=self._settings.leave_timeout_s)
+            if pending:
+                self._unclean.append(f"{len(pending)} message(s) still not committed")
         if self._generation in self._unacked_in:
             self._unclean.append("a message was not committed")
         ended = False
@@ -296,6 +305,8 @@ class Session:
                 )
         log.info("broker.disconnected", client_id=self.client_id, reason=str(reason))
         self._call(self._connected.clear)
+        if self.role == "adopter":
+            self._call(self._lost.set)
 
     def _on_subscribe(self, _c: Any, _u: Any, _mid: int, reasons: Any, _p: Any) -> None:
         refused = [str(r) for r in reasons if r.is_failure]

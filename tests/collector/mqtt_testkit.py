@@ -46,6 +46,7 @@ class CollectorProcess:
     ) -> None:
         """Start the collector (not waiting for it: see `wait_log`)."""
         self.client_id = client_id
+        self.group = group
         self.log_path = log_dir / f"{client_id}-{uuid.uuid4().hex[:6]}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("NBMETER_")}
         env |= {

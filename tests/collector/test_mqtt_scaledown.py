@@ -8,6 +8,7 @@ within the will delay, and that a restart under the same client id resumes the s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -194,3 +195,43 @@ def test_an_older_broker_state_gets_the_control_acls_live(tmp_path: Path) -> Non
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_share_of_a_collector_that_died_while_none_was_alive_is_taken_over_later(
+    tmp_path: Path,
+    db_url: str,
+    own_broker: Broker,
+    credentials_key: str,
+    pool: asyncpg.Pool,
+    streamed_device: ProvisionedDevice,
+) -> None:
+    """Both collectors killed, uplinks keep coming: the first one back resumes its own
+    session and takes the other's over from its retained will; every uplink is stored."""
+    a, b = _pair(tmp_path, db_url, own_broker, credentials_key, will_delay_s=1)
+    a.kill()
+    b.kill()
+    a.close()
+    b.close()
+    n = 300
+    streamer = Streamer(
+        own_broker.url, own_broker.port, streamed_device.mqtt, _frames(streamed_device, n)
+    )
+    streamer.start(RATE_PER_S)
+    assert streamer.finish() == [0] * n
+    await asyncio.sleep(2)  # both wills are published (retained) while no collector is alive
+    assert await wait_count(pool, 1, MINE, streamed_device.meter_id, within_s=0.2) == 0
+    back = CollectorProcess(
+        tmp_path,
+        db_url=db_url,
+        mqtt_url=own_broker.url,
+        key=credentials_key,
+        client_id=a.client_id,
+        group=a.group,
+        will_delay_s=1,
+    )
+    try:
+        assert await wait_count(pool, n, MINE, streamed_device.meter_id, within_s=20) == n
+        adopted = back.wait_log("broker.session_adopted", peer=b.client_id)
+        assert adopted["messages"] > 0
+    finally:
+        back.close()
