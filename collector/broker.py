@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 import paho.mqtt.client as paho
 
-from collector.mqtt import BrokerAddress, tls_context
+from collector.mqtt import BrokerAddress, MqttError, tls_context
 from collector.mqtt_session import CONTROL_ROOT
 from storage.credentials import hash_password, new_key
 
@@ -171,7 +171,10 @@ def dynsec(
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
     if address.username:
         client.username_pw_set(address.username, address.password)
-    context = tls_context(address)
+    try:
+        context = tls_context(address)
+    except MqttError as exc:
+        raise BrokerError(str(exc)) from exc
     if context is not None:
         client.tls_set_context(context)
 
