@@ -171,11 +171,14 @@ def bring_up(cfg: StackConfig) -> str:
     (cfg.mosquitto_dir / "mosquitto.conf.started").write_text(
         conf.read_text(encoding="utf-8"), encoding="utf-8"
     )
-    deadline = time.monotonic() + 15
+    started = time.monotonic()
     for port in (cfg.mqtt_port, cfg.mqtt_tls_port):
         while not port_open(port):
-            if time.monotonic() > deadline:
-                msg = f"Mosquitto did not open port {port}; see {log}"
+            waited = time.monotonic() - started
+            if waited > 15 or (waited > 2 and _pid(cfg) is None):
+                lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+                last = lines[-1].split(": ", 1)[-1] if lines else "no log"
+                msg = f"Mosquitto did not open port {port} ({last}); see {log}"
                 raise StackError(msg)
             time.sleep(0.1)
     _ensure_acls(cfg, env)

@@ -7,6 +7,7 @@ the TLS listener and a CA of its own whatever state the shared stack is in.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 import uuid
@@ -21,7 +22,7 @@ from conftest import collector_settings, new_address, wait_count
 from mqtt_testkit import session_present
 
 from collector.main import run
-from collector.mqtt import MqttError, MqttSubscriber
+from collector.mqtt import BrokerAddress, MqttError, MqttSubscriber
 from collector.pipeline import Pipeline
 from collector.provision import ProvisionedDevice, provision_device
 from collector.settings import MqttSettings, PipelineSettings
@@ -166,3 +167,32 @@ async def test_missing_ca_file_is_a_clear_error(own_broker: Broker, tmp_path: Pa
     settings = MqttSettings(ca_file=tmp_path / "nope.crt")
     with pytest.raises(MqttError, match=r"nope\.crt does not exist"):
         MqttSubscriber(own_broker.tls_url(), settings, await _pipeline_that_never_commits())
+
+
+@pytest.mark.parametrize(
+    ("url", "tls", "port", "ca"),
+    [
+        ("mqtt://u:p@broker:1884", False, 1884, None),
+        ("mqtt://broker", False, 1883, None),
+        ("mqtts://broker", True, 8883, None),
+        ("mqtts://u:p%40x@broker:51884?ca=/etc/nbmeter/ca.crt", True, 51884, "/etc/nbmeter/ca.crt"),
+    ],
+)
+def test_broker_url_names_tls_port_and_ca(url: str, tls: bool, port: int, ca: str | None) -> None:
+    """mqtt:// is plain (1883), mqtts:// is TLS (8883) with an optional ?ca= file."""
+    address = BrokerAddress.parse(url)
+    assert (address.tls, address.port, address.ca_file) == (tls, port, Path(ca) if ca else None)
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://broker", "mqtt:// or mqtts://"),
+        ("mqtt://broker?ca=/x.crt", "needs mqtts://"),
+        ("mqtts://broker?cafile=/x.crt", "unknown parameter"),
+    ],
+)
+def test_bad_broker_url_says_what_is_wrong(url: str, says: str) -> None:
+    """A broker URL the collector cannot use is refused with what to change."""
+    with pytest.raises(ValueError, match=re.escape(says)):
+        BrokerAddress.parse(url)
