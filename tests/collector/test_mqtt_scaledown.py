@@ -127,6 +127,10 @@ async def test_killed_collectors_share_is_stored_within_the_will_delay(
         adopted = a.wait_log("broker.session_adopted", peer=b.client_id)
         assert adopted["ended"] is True
         assert adopted["messages"] > 0, "nothing was waiting in the killed collector's session"
+        # Mosquitto 2.0.11 now and then drops the adopter's connection at its DISCONNECT
+        # ("out of memory" in its log): the session then stays, empty, its will is
+        # published again and it is taken over a second time
+        await asyncio.sleep(will_delay_s + 3)
         assert not session_present(own_broker.url, b.client_id)
         print(
             f"kill -9 under {RATE_PER_S:.0f}/s: all {N} stored {all_stored_s:.2f} s after the "
