@@ -7,6 +7,9 @@ roles), a symlink to the host's dynamic-security plugin, and `nbmeter-broker.jso
 additions for the collector and the CLI. It is idempotent: later calls return the same
 values and never overwrite a file the running broker maintains.
 
+`ensure_collector_acls(admin_url)` adds, live, the collector ACLs an older broker state
+lacks.
+
 `dynsec(admin_url, commands)` sends dynamic-security commands to the running broker
 over `$CONTROL/dynamic-security/v1` and returns the responses: device accounts are
 created, changed and removed without a restart. Raises `BrokerError`.
@@ -24,7 +27,8 @@ from urllib.parse import quote
 
 import paho.mqtt.client as paho
 
-from collector.mqtt import BrokerAddress
+from collector.mqtt import BrokerAddress, MqttError, tls_context
+from collector.mqtt_session import CONTROL_ROOT
 from storage.credentials import hash_password, new_key
 
 COLLECTOR_USER = "nbmeter-collector"
@@ -45,6 +49,19 @@ class BrokerError(Exception):
 
 def _acl(acltype: str, topic: str, *, allow: bool = True) -> dict[str, Any]:
     return {"acltype": acltype, "topic": topic, "allow": allow}
+
+
+# the collector's uplink subscription, and its control topics (wills and drain markers,
+# see collector/mqtt_session.py)
+_COLLECTOR_ACLS = (
+    _acl("subscribePattern", UPLINK_FILTER),
+    _acl("subscribePattern", f"$share/+/{UPLINK_FILTER}"),
+    _acl("publishClientReceive", UPLINK_FILTER),
+    _acl("publishClientSend", f"{CONTROL_ROOT}/#"),
+    _acl("publishClientReceive", f"{CONTROL_ROOT}/#"),
+    _acl("subscribePattern", f"{CONTROL_ROOT}/#"),
+    _acl("subscribePattern", f"$share/+/{CONTROL_ROOT}/#"),
+)
 
 
 def _client(username: str, password: str, role: str) -> dict[str, Any]:
@@ -74,15 +91,7 @@ def _initial_config(collector_pw: str, admin_pw: str) -> dict[str, Any]:
                     _acl("unsubscribePattern", "#"),
                 ],
             },
-            {
-                "rolename": "collector",
-                "acls": [
-                    _acl("subscribePattern", UPLINK_FILTER),
-                    _acl("subscribePattern", f"$share/+/{UPLINK_FILTER}"),
-                    _acl("publishClientReceive", UPLINK_FILTER),
-                    _acl("unsubscribePattern", "#"),
-                ],
-            },
+            {"rolename": "collector", "acls": [*_COLLECTOR_ACLS, _acl("unsubscribePattern", "#")]},
         ],
         "defaultACLAccess": {
             "publishClientSend": False,
@@ -162,6 +171,12 @@ def dynsec(
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
     if address.username:
         client.username_pw_set(address.username, address.password)
+    try:
+        context = tls_context(address)
+    except MqttError as exc:
+        raise BrokerError(str(exc)) from exc
+    if context is not None:
+        client.tls_set_context(context)
 
     def on_connect(c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
@@ -180,7 +195,7 @@ def dynsec(
     client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
     try:
         client.connect(address.host, address.port, keepalive=30)
-    except OSError as exc:
+    except OSError as exc:  # ssl.SSLError included
         msg = f"cannot reach the broker at {address.host}:{address.port}: {exc}"
         raise BrokerError(msg) from exc
     client.loop_start()
@@ -200,3 +215,23 @@ def dynsec(
         raise BrokerError(str(answer["error"]))
     responses: list[dict[str, Any]] = answer.get("responses", [])
     return responses
+
+
+def ensure_collector_acls(admin_url: str) -> int:
+    """Give the running broker's collector role every ACL it needs; return how many it lacked.
+
+    A broker whose dynamic-security.json predates an ACL (the file is written once, then
+    the broker owns it) gets it here, live. Raises BrokerError.
+    """
+    commands = [
+        {"command": "addRoleACL", "rolename": "collector", **acl} for acl in _COLLECTOR_ACLS
+    ]
+    added = 0
+    for response in dynsec(admin_url, commands):
+        error = str(response.get("error", ""))
+        if not error:
+            added += 1
+        elif "already exists" not in error:
+            msg = f"the broker refused to add a collector ACL: {error}"
+            raise BrokerError(msg)
+    return added

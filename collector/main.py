@@ -2,8 +2,9 @@
 
 `run(settings)` starts the pipeline workers, the CoAP server, the MQTT subscriber and the
 /metrics endpoint, and on SIGTERM/SIGINT (or when `stop` is set) shuts down in order:
-refuse new uplinks (CoAP 5.03, MQTT messages left unacked for redelivery), commit
-everything already accepted, answer and PUBACK it, then close the sockets. The database
+leave the MQTT share group (taking in what the broker still holds for this collector),
+refuse new uplinks (CoAP 5.03), commit everything already accepted, answer and PUBACK
+it, end the MQTT session, then close the sockets. The database
 may be down at start or at any time: batches wait and retry, nothing accepted is lost.
 """
 
@@ -79,6 +80,8 @@ async def run(
                 started.set()
             await stop.wait()
             log.info("collector.stopping", pending=pipeline.pending)
+            if mqtt is not None:
+                await mqtt.leave()  # leave the share group while the pipeline still takes
             pipeline.close()
             try:
                 await asyncio.wait_for(asyncio.shield(drained), settings.shutdown_grace_s)

@@ -4,14 +4,22 @@ Devices publish to `nbmeter/<tenant-slug>/<meter-address>/up`; the broker's ACL 
 device publish only to its own topic, so the topic names the authenticated device. The
 collector subscribes to `$share/<group>/nbmeter/+/+/up` (MQTT 5 shared subscription: the
 broker splits messages among collector processes) with a persistent session
-(clean_start False, session expiry), and `manual_ack=True`: a PUBACK goes out only when
-the message's batch has committed. Until then the broker keeps the message, and
-redelivers it after a reconnect or a collector restart; a redelivery is stored as a
-duplicate, never twice.
+(clean_start False, session expiry) under a client id that stays the same across
+restarts, and `manual_ack=True`: a PUBACK goes out only when the message's batch has
+committed. Until then the broker keeps the message, and redelivers it after a reconnect
+or a collector restart; a redelivery is stored as a duplicate, never twice.
+
+Scale-down (collector/mqtt_session.py has the details): a graceful stop leaves the share
+group (unsubscribe, take in what the session still holds, commit and ack it) and ends the
+session, so nothing waits for a collector that is gone; a crashed collector's session is
+taken over by a surviving one after the will delay (`will_delay_s`).
 
 Backpressure is the broker's flow control: the CONNECT carries Receive Maximum
 (`receive_maximum`), so the broker never has more than that many unacknowledged messages
 in flight to this process, however long the database is away.
+
+TLS: an `mqtts://` URL connects with TLS 1.2+, checks the broker's certificate against
+`ca_file` (or `?ca=` in the URL, or the system's CAs) and its host name.
 
 Threading: paho's network loop runs in its own thread; its callbacks only hand work to
 the event loop with `loop.call_soon_threadsafe`. PUBACKs for messages of an earlier
@@ -21,54 +29,115 @@ connection are never sent (message ids are per connection); those messages come 
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import unquote, urlsplit
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
 
-import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from collector import metrics
-from collector.pipeline import Outcome, Pipeline, PipelineClosed, Transport, Uplink
+from collector.mqtt_session import Role, Session, parse_topic
+from collector.pipeline import Pipeline
 from collector.settings import MqttSettings
 
+__all__ = ["BrokerAddress", "MqttError", "MqttSubscriber", "parse_topic", "tls_context"]
+
 log = structlog.get_logger("collector.mqtt")
+
+_SCHEMES = {"mqtt": (False, 1883), "tcp": (False, 1883), "mqtts": (True, 8883), "ssl": (True, 8883)}
+
+
+class MqttError(Exception):
+    """The broker settings cannot work (URL, CA, TLS); the message says what to change."""
 
 
 @dataclass(frozen=True)
 class BrokerAddress:
-    """Where the broker is and how to log in, from an `mqtt://user:pw@host:port` URL."""
+    """Where the broker is and how to log in, from an `mqtt[s]://user:pw@host:port` URL."""
 
     host: str
     port: int
     username: str | None
     password: str | None
+    tls: bool = False
+    ca_file: Path | None = None
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
-        """Parse `mqtt://[user[:password]@]host[:port]` (default port 1883)."""
+        """Parse `mqtt://[user[:password]@]host[:port]` (default port 1883) or `mqtts://...`
+        (TLS, default port 8883, optional `?ca=/path/ca.crt`). Raises ValueError."""
         parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "tcp"):
-            msg = f"broker URL must start with mqtt:// (got {parts.scheme!r})"
+        if parts.scheme not in _SCHEMES:
+            msg = f"broker URL must start with mqtt:// or mqtts:// (got {parts.scheme!r})"
+            raise ValueError(msg)
+        tls, default_port = _SCHEMES[parts.scheme]
+        query = parse_qs(parts.query, keep_blank_values=True)
+        unknown = set(query) - {"ca"}
+        if unknown:
+            msg = f"broker URL: unknown parameter(s) {sorted(unknown)}; only ?ca= is known"
+            raise ValueError(msg)
+        ca = query.get("ca", [""])[-1]
+        if ca and not tls:
+            msg = "broker URL: ?ca= needs mqtts:// (the plain listener has no certificate)"
             raise ValueError(msg)
         return cls(
             host=parts.hostname or "127.0.0.1",
-            port=parts.port or 1883,
+            port=parts.port or default_port,
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
+            tls=tls,
+            ca_file=Path(ca) if ca else None,
         )
 
 
-def parse_topic(topic: str) -> tuple[str, str] | None:
-    """(tenant slug, meter address) of an uplink topic, or None when it is not one."""
-    parts = topic.split("/")
-    if len(parts) != 4 or parts[0] != "nbmeter" or parts[3] != "up":
+def tls_context(address: BrokerAddress, ca_file: Path | None = None) -> ssl.SSLContext | None:
+    """The client TLS context for `address` (None for plain MQTT): TLS 1.2+, certificate
+    verified against `ca_file`, else the URL's `?ca=`, else the system's CAs, and the host
+    name checked. Raises MqttError when the CA file is missing."""
+    if not address.tls:
         return None
-    if not parts[1] or not parts[2]:
-        return None
-    return parts[1], parts[2]
+    ca = ca_file or address.ca_file
+    if ca is not None and not ca.is_file():
+        msg = (
+            f"the CA file {ca} does not exist: set NBMETER_MQTT__CA_FILE (or ?ca= in the "
+            "broker URL) to the CA that signed the broker's certificate (`nbmeter stack env` "
+            "prints the local stack's)"
+        )
+        raise MqttError(msg)
+    context = ssl.create_default_context(cafile=str(ca) if ca else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def check_tls(address: BrokerAddress, context: ssl.SSLContext, ca_file: Path | None) -> None:
+    """One TLS handshake with the broker, so a wrong CA or port fails at start with a clear
+    MqttError instead of endless silent reconnects. An unreachable broker passes (it is
+    retried in the background). Blocking."""
+    try:
+        sock = socket.create_connection((address.host, address.port), timeout=5)
+    except OSError:
+        return
+    where = f"{address.host}:{address.port}"
+    with sock:
+        try:
+            with context.wrap_socket(sock, server_hostname=address.host):
+                pass
+        except ssl.SSLCertVerificationError as exc:
+            ca = ca_file or address.ca_file or "the system's CA store"
+            msg = (
+                f"the broker at {where} presented a certificate that {ca} does not verify "
+                f"({exc.verify_message}): set NBMETER_MQTT__CA_FILE (or ?ca= in the URL) to "
+                "the CA that signed it, and use the host name its certificate names"
+            )
+            raise MqttError(msg) from exc
+        except (ssl.SSLError, OSError) as exc:
+            msg = (
+                f"{where} did not complete a TLS handshake ({exc}): is it the broker's TLS "
+                "port? (mqtts:// needs the TLS listener; mqtt:// the plain one)"
+            )
+            raise MqttError(msg) from exc
 
 
 class MqttSubscriber:
@@ -79,99 +148,100 @@ class MqttSubscriber:
         self._address = BrokerAddress.parse(url)
         self._settings = settings
         self._pipeline = pipeline
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._generation = 0  # bumped on every (dis)connect: mids are per connection
-        self._accepting = True
-        self._connected = asyncio.Event()
-        self._inflight: set[asyncio.Future[Outcome]] = set()
-        client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2,
-            client_id=settings.client_id,
-            protocol=paho.MQTTv5,
-            manual_ack=True,
+        self._tls = tls_context(self._address, settings.ca_file)
+        self._own = self._session(settings.client_id, "member")
+        self._watcher = self._session(f"{settings.client_id}.watch", "watcher")
+        self._adoptions: dict[str, asyncio.Task[None]] = {}
+        self._will_acks: dict[str, list[Callable[[], None]]] = {}
+
+    def _session(self, client_id: str, role: Role) -> Session:
+        address = self._address
+        return Session(
+            host=address.host,
+            port=address.port,
+            credentials=(address.username, address.password) if address.username else None,
+            tls=self._tls,
+            settings=self._settings,
+            pipeline=self._pipeline,
+            client_id=client_id,
+            role=role,
+            adopt=self._adopt,
         )
-        if self._address.username:
-            client.username_pw_set(self._address.username, self._address.password)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.reconnect_delay_set(min_delay=1, max_delay=10)
-        self._client = client
 
     async def start(self) -> None:
-        """Connect (in the background: an absent broker is retried) and start paho's thread."""
-        self._loop = asyncio.get_running_loop()
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self._settings.session_expiry_s
-        props.ReceiveMaximum = self._settings.receive_maximum
-        self._client.connect_async(
-            self._address.host,
-            self._address.port,
-            keepalive=self._settings.keepalive_s,
-            clean_start=False,
-            properties=props,
-        )
-        self._client.loop_start()
+        """Connect (in the background: an absent broker is retried) and start paho's thread.
+
+        Raises MqttError when the broker answers but its TLS does not verify."""
+        if self._tls is not None:
+            await asyncio.to_thread(check_tls, self._address, self._tls, self._settings.ca_file)
+        self._own.start()
+        self._watcher.start()
 
     async def wait_connected(self, timeout_s: float) -> None:
         """Wait until subscribed (raise TimeoutError after `timeout_s`)."""
-        await asyncio.wait_for(self._connected.wait(), timeout_s)
+        await self._own.wait_connected(timeout_s)
+
+    async def leave(self) -> None:
+        """Leave the share group: take in what our session holds, finish running adoptions.
+
+        Call it while the pipeline still accepts; then close the pipeline, drain it and
+        call `drain_and_stop`."""
+        await self._own.leave()
+        try:
+            async with asyncio.timeout(self._settings.leave_timeout_s):
+                while self._adoptions:
+                    await asyncio.wait(list(self._adoptions.values()))
+        except TimeoutError:
+            log.warning("broker.adoption_unfinished", peers=sorted(self._adoptions))
+        await self._watcher.finish(end_session=False)  # its session (and wills) end with it
 
     async def drain_and_stop(self) -> None:
-        """Stop taking messages, wait for the in-flight ones to be acked, disconnect."""
-        self._accepting = False
-        if self._inflight:
-            await asyncio.wait(self._inflight)
-        self._client.disconnect()
-        await asyncio.to_thread(self._client.loop_stop)
+        """Wait for the in-flight messages to be acked, then end (or keep) the session."""
+        for task in list(self._adoptions.values()):
+            task.cancel()  # the adopter leaves the peer's session with its will published
+        await self._own.finish(end_session=True)
 
-    # -- paho's thread: hand everything to the event loop ---------------------------------
+    # -- taking over a crashed collector's session ------------------------------------------
 
-    def _on_connect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        self._generation += 1
-        if reason.is_failure:
-            log.warning("broker.refused", reason=str(reason))
-            return
-        topic = f"$share/{self._settings.share_group}/{self._settings.topic}"
-        client.subscribe(topic, qos=1)
-        log.info("broker.connected", topic=topic, client_id=self._settings.client_id)
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._connected.set)
-
-    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        self._generation += 1
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._connected.clear)
-        log.info("broker.disconnected", reason=str(reason))
-
-    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(
-                self._accept, self._generation, msg.topic, bytes(msg.payload), msg.mid, msg.qos
+    def _adopt(self, peer: str, ack: Callable[[], None]) -> None:
+        """A peer's will came: take its session over (once), then acknowledge the will."""
+        self._will_acks.setdefault(peer, []).append(ack)
+        if peer not in self._adoptions:
+            task = asyncio.get_running_loop().create_task(
+                self._adoption(peer), name=f"adopt:{peer}"
             )
+            self._adoptions[peer] = task
+            task.add_done_callback(lambda _t: self._adoptions.pop(peer, None))
 
-    # -- event loop ------------------------------------------------------------------------
-
-    def _accept(self, generation: int, topic: str, payload: bytes, mid: int, qos: int) -> None:
-        if not self._accepting:
-            return  # not acked: the broker redelivers it to our session later
-        claimed = parse_topic(topic)
-        uplink = Uplink(payload, Transport.MQTT, peer=f"mqtt:{topic}", topic=claimed)
-        if claimed is None:
-            uplink.reject = ("bad_topic", f"not an uplink topic: {topic[:200]}")
-        try:
-            # bounded by the broker's Receive Maximum, not by max_pending
-            future = self._pipeline.offer(uplink, force=True)
-        except PipelineClosed:
+    async def _adoption(self, peer: str) -> None:
+        timeout_s = self._settings.leave_timeout_s
+        while True:
+            session = self._session(peer, "adopter")
+            session.start()
+            try:
+                await session.wait_connected(timeout_s)
+            except TimeoutError:
+                await session.finish(end_session=False)
+                log.warning("broker.adoption_retried", peer=peer, why="could not connect")
+                await asyncio.sleep(5)
+                continue
+            try:
+                await session.leave()
+                session.clear_will()
+                ended = await session.finish(end_session=True)
+            except asyncio.CancelledError:
+                await session.abandon()
+                raise
+            # ended, taken over by the peer itself, or kept with its will published again:
+            # in every case someone owns what is left, so this will is done
+            log.info(
+                "broker.session_adopted",
+                peer=peer,
+                ended=ended,
+                taken_over=session.taken_over,
+                session_present=session.session_present,
+                messages=session.taken_in,
+            )
+            for ack in self._will_acks.pop(peer, []):
+                ack()
             return
-        self._inflight.add(future)
-        future.add_done_callback(lambda f: self._done(f, generation, mid, qos))
-
-    def _done(self, future: asyncio.Future[Outcome], generation: int, mid: int, qos: int) -> None:
-        self._inflight.discard(future)
-        if future.cancelled() or future.exception() is not None:
-            metrics.UPLINKS.labels("mqtt", "failed").inc()
-            return  # not acked: redelivered after the next reconnect
-        metrics.UPLINKS.labels("mqtt", future.result().status).inc()
-        if qos > 0 and generation == self._generation:
-            self._client.ack(mid, qos)

@@ -9,6 +9,7 @@ NBMETER_MQTT__CLIENT_ID=collector-b. A misspelt key inside a section fails at st
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -52,14 +53,35 @@ class CoapSettings(_Section):
 
 
 class MqttSettings(_Section):
-    """The MQTT 5 subscription (shared, persistent, manual acknowledgement)."""
+    """The MQTT 5 subscription (shared, persistent, manual acknowledgement).
 
-    client_id: str = Field(default_factory=lambda: f"nbmeter-collector-{socket.gethostname()}")
-    share_group: str = "nbmeter"
+    `client_id` names this collector's broker session: keep it stable per collector
+    instance (one per process; default: the host name), so a restart resumes the session
+    and what waited in it. A crashed collector's session is taken over by a surviving
+    member of the share group `will_delay_s` after the broker lost the connection (see
+    collector/mqtt.py); `session_expiry_s` is only the safety net for the case where no
+    collector is left to do so: Mosquitto 2.0 discards what an expired session holds.
+    """
+
+    client_id: str = Field(
+        default_factory=lambda: f"nbmeter-collector-{socket.gethostname()}",
+        pattern=r"^[A-Za-z0-9._:-]{1,100}$",  # also a topic level: no '/', '+' or '#'
+    )
+    share_group: str = Field("nbmeter", pattern=r"^[A-Za-z0-9._:-]{1,100}$")
     topic: str = "nbmeter/+/+/up"
-    session_expiry_s: int = Field(7 * 24 * 3600, ge=0)  # broker keeps our queue this long
+    # how long the broker keeps an offline session (and the messages in it) when no
+    # collector is left to take it over: longer than any outage of every collector
+    session_expiry_s: int = Field(24 * 3600, ge=60)
+    # a crashed collector's share waits this long for it to come back before a surviving
+    # collector takes its session over (the will delay of its MQTT 5 will message)
+    will_delay_s: int = Field(10, ge=1, le=3600)
+    # graceful stop: longest wait for the broker to hand over what the session still holds
+    leave_timeout_s: float = Field(30.0, gt=0)
     receive_maximum: int = Field(1000, ge=1, le=65535)  # unacked messages the broker sends
     keepalive_s: int = Field(30, ge=5)
+    # CA certificate(s) that signed the broker's certificate, for an mqtts:// URL (unset:
+    # the system's CAs); the URL may name it too, as `?ca=/path/ca.crt`
+    ca_file: Path | None = None
 
 
 class PipelineSettings(_Section):

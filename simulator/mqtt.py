@@ -5,15 +5,20 @@ own thread (`loop_start`); its callbacks only resolve asyncio futures with
 `loop.call_soon_threadsafe`. QoS 1 waits for the broker's PUBACK; QoS 0 only for the
 write. A re-delivery (`copies` > 1) publishes the same payload again on the same
 connection, as a broker or platform re-delivery would present it to the collector.
+
+`mqtts://host:port?ca=/path/ca.crt` connects over TLS (1.2+), verifying the broker's
+certificate against that CA (without `?ca=`: the system's CAs) and its host name, as a
+meter does; `nbmeter stack env` prints the stack's URL as NBMETER_MQTTS_URL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import ssl
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import paho.mqtt.client as paho
 
@@ -41,9 +46,25 @@ class MqttResult:
 
 
 def broker_address(url: str) -> tuple[str, int]:
-    """(host, port) of an `mqtt://host:port` URL (credentials in it are ignored)."""
+    """(host, port) of an `mqtt[s]://host:port` URL (credentials in it are ignored)."""
     parts = urlsplit(url)
-    return parts.hostname or "127.0.0.1", parts.port or 1883
+    default = 8883 if parts.scheme in ("mqtts", "ssl") else 1883
+    return parts.hostname or "127.0.0.1", parts.port or default
+
+
+def tls_context(url: str) -> ssl.SSLContext | None:
+    """The TLS context for an `mqtts://` URL (its `?ca=` CA, else the system's), or None
+    for plain `mqtt://`. Raises ValueError for another scheme."""
+    parts = urlsplit(url)
+    if parts.scheme in ("mqtt", "tcp"):
+        return None
+    if parts.scheme not in ("mqtts", "ssl"):
+        msg = f"broker URL must start with mqtt:// or mqtts:// (got {parts.scheme!r})"
+        raise ValueError(msg)
+    ca = parse_qs(parts.query).get("ca", [None])[-1]
+    context = ssl.create_default_context(cafile=ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 async def publish(
@@ -52,6 +73,7 @@ async def publish(
     """Connect as `creds`, publish `payload` `copies` times at `qos`, then disconnect."""
     loop = asyncio.get_running_loop()
     host, port = broker_address(broker_url)
+    context = tls_context(broker_url)
     connected: asyncio.Future[int] = loop.create_future()
     acks: asyncio.Queue[int] = asyncio.Queue()
 
@@ -71,6 +93,8 @@ async def publish(
         protocol=paho.MQTTv311,
     )
     client.username_pw_set(creds.username, creds.password)
+    if context is not None:
+        client.tls_set_context(context)
     client.on_connect = on_connect
     client.on_publish = on_publish
     sent = acked = 0
@@ -87,7 +111,9 @@ async def publish(
             sent += 1
             await asyncio.wait_for(acks.get(), PUBLISH_TIMEOUT_S)
             acked += 1
-    except (OSError, TimeoutError) as exc:
+    except ssl.SSLCertVerificationError as exc:
+        return MqttResult(acked, sent, f"TLS: the broker's certificate: {exc.verify_message}")
+    except (OSError, TimeoutError) as exc:  # ssl.SSLError included
         return MqttResult(acked, sent, f"{type(exc).__name__}: {exc}")
     finally:
         client.disconnect()

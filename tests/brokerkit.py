@@ -1,7 +1,9 @@
 """A real Mosquitto for tests: the stack's broker, or one started from the project's template.
 
 `free_port`, `Broker` and `start_broker` are shared by the collector tests and the
-end-to-end simulation; the `broker` fixture itself lives in tests/conftest.py.
+end-to-end simulation; the `broker` and `own_broker` fixtures live in tests/conftest.py.
+A broker started here has both listeners of the template: plain MQTT on `port` and TLS
+on `tls_port`, with a CA of its own in `state_dir/tls`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+
+from nbmeter.stack.tls import ensure_certificates
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -33,12 +38,30 @@ class Broker:
     url: str
     admin_url: str
     port: int
+    tls_port: int | None = None
+    ca_file: Path | None = None
+
+    def tls_url(self, url: str | None = None) -> str:
+        """`url` (default: the collector's) on the TLS listener: mqtts://, same account,
+        `?ca=` the broker's CA."""
+        if self.tls_port is None:
+            pytest.skip("this broker has no TLS listener (run `nbmeter stack up` again)")
+        parts = urlsplit(url or self.url)
+        netloc = parts.netloc.rsplit(":", 1)[0] + f":{self.tls_port}"
+        query = f"ca={self.ca_file}" if self.ca_file else ""
+        return urlunsplit(parts._replace(scheme="mqtts", netloc=netloc, query=query))
 
 
-def start_broker(state_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    """Start Mosquitto from the project's template in `state_dir`; wait until it listens."""
+def start_broker(
+    state_dir: Path, port: int, tls_port: int | None = None
+) -> subprocess.Popen[bytes]:
+    """Start Mosquitto from the project's template in `state_dir` (TLS on `tls_port`, or a
+    free port); wait until it listens."""
+    ensure_certificates(state_dir / "tls", ["localhost", "127.0.0.1"])
     template = resources.files("nbmeter.stack").joinpath("mosquitto.conf").read_text("utf-8")
-    body = template.format(port=port, state_dir=state_dir)
+    body = template.format(
+        port=port, tls_port=tls_port or free_port(), tls_bind="127.0.0.1", state_dir=state_dir
+    )
     body += f"\nlog_dest file {state_dir}/mosquitto.log\n"
     if os.geteuid() == 0:
         body += f"user {getpass.getuser()}\n"

@@ -12,6 +12,7 @@ import os
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -19,7 +20,7 @@ import pytest
 from brokerkit import Broker, free_port, start_broker
 from hypothesis import settings
 
-from collector.broker import prepare_broker_files
+from collector.broker import ensure_collector_acls, prepare_broker_files
 from storage.migrate import migrate
 
 # CI replays the same examples on every run, so a landing gate is never a lottery; local
@@ -91,17 +92,35 @@ def mqtt_url() -> str:
     return _env("NBMETER_MQTT_URL")
 
 
+def _own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    state = tmp_path_factory.mktemp("mosquitto")
+    port, tls_port = free_port(), free_port()
+    env = prepare_broker_files(state, port)
+    proc = start_broker(state, port, tls_port)
+    yield Broker(
+        env["NBMETER_MQTT_URL"], env["NBMETER_MQTT_ADMIN_URL"], port, tls_port, state / "tls/ca.crt"
+    )
+    proc.terminate()
+    proc.wait(10)
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """The stack's broker (NBMETER_MQTT_URL + NBMETER_MQTT_ADMIN_URL) or our own."""
     url, admin = os.environ.get("NBMETER_MQTT_URL"), os.environ.get("NBMETER_MQTT_ADMIN_URL")
     if url and admin:
-        yield Broker(url, admin, int(url.rsplit(":", 1)[1]))
+        # a broker state from before the collector's control topics gets their ACLs, live
+        ensure_collector_acls(admin)
+        tls_url, ca = os.environ.get("NBMETER_MQTTS_URL"), os.environ.get("NBMETER_MQTT__CA_FILE")
+        tls_port = urlsplit(tls_url).port if tls_url else None
+        yield Broker(url, admin, int(url.rsplit(":", 1)[1]), tls_port, Path(ca) if ca else None)
         return
-    state = tmp_path_factory.mktemp("mosquitto")
-    port = free_port()
-    env = prepare_broker_files(state, port)
-    proc = start_broker(state, port)
-    yield Broker(env["NBMETER_MQTT_URL"], env["NBMETER_MQTT_ADMIN_URL"], port)
-    proc.terminate()
-    proc.wait(10)
+    yield from _own_broker(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A Mosquitto of this session's own (plain and TLS listeners, its own CA), from the
+    project's template: for tests that stop collectors or need a listener the stack's
+    broker may not have yet."""
+    yield from _own_broker(tmp_path_factory)

@@ -3,7 +3,11 @@
 Environment (all optional):
   NBMETER_HOME          state directory (default ~/.local/share/nbmeter)
   NBMETER_PG_PORT       loopback port of the project's PostgreSQL (default 55432)
-  NBMETER_MQTT_PORT     loopback port of the project's Mosquitto (default 51883)
+  NBMETER_MQTT_PORT     loopback port of the project's Mosquitto, plain MQTT (default 51883)
+  NBMETER_MQTT_TLS_PORT its TLS listener for devices and collectors (default plain + 1)
+  NBMETER_MQTT_TLS_BIND address the TLS listener binds (default 127.0.0.1; 0.0.0.0 or the
+                        host's address where meters must reach it)
+  NBMETER_MQTT_TLS_HOSTS extra names/addresses, comma-separated, in the broker certificate
   NBMETER_STACK         force a way: docker, native or chroot (default: detect)
   NBMETER_DATABASE_URL  use this database; start none
   NBMETER_MQTT_URL      use this broker; start none
@@ -34,6 +38,9 @@ class StackConfig:
     home: Path
     pg_port: int
     mqtt_port: int
+    mqtt_tls_port: int
+    mqtt_tls_bind: str
+    mqtt_tls_hosts: tuple[str, ...]
     forced_way: str | None
     external_db: str | None
     external_mqtt: str | None
@@ -47,6 +54,11 @@ class StackConfig:
     def mosquitto_dir(self) -> Path:
         """Mosquitto's config, persistence and credential files."""
         return self.home / "mosquitto"
+
+    @property
+    def tls_dir(self) -> Path:
+        """The stack's CA and the broker's certificate (see nbmeter/stack/tls.py)."""
+        return self.mosquitto_dir / "tls"
 
     @property
     def secrets_file(self) -> Path:
@@ -74,10 +86,19 @@ def load_config() -> StackConfig:
     if way not in (None, "docker", "native", "chroot"):
         msg = f"NBMETER_STACK={way!r}: use docker, native or chroot (or leave it unset)"
         raise StackError(msg)
+    mqtt_port = _port("NBMETER_MQTT_PORT", 51883)
+    tls_port = _port("NBMETER_MQTT_TLS_PORT", mqtt_port + 1)
+    if tls_port == mqtt_port:
+        msg = f"NBMETER_MQTT_TLS_PORT={tls_port} is the plain MQTT port: choose another"
+        raise StackError(msg)
+    extra = os.environ.get("NBMETER_MQTT_TLS_HOSTS", "")
     return StackConfig(
         home=home.expanduser().resolve(),
         pg_port=_port("NBMETER_PG_PORT", 55432),
-        mqtt_port=_port("NBMETER_MQTT_PORT", 51883),
+        mqtt_port=mqtt_port,
+        mqtt_tls_port=tls_port,
+        mqtt_tls_bind=os.environ.get("NBMETER_MQTT_TLS_BIND") or "127.0.0.1",
+        mqtt_tls_hosts=tuple(h.strip() for h in extra.split(",") if h.strip()),
         forced_way=way,
         external_db=os.environ.get("NBMETER_DATABASE_URL") or None,
         external_mqtt=os.environ.get("NBMETER_MQTT_URL") or None,

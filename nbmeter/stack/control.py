@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from nbmeter.stack import mosquitto, postgres
 from nbmeter.stack.config import (
@@ -104,7 +104,10 @@ def up(cfg: StackConfig) -> str:
             parts.append(f"TimescaleDB ({way}) {done} on 127.0.0.1:{cfg.pg_port}")
         if need_mqtt:
             done = mosquitto.bring_up(cfg)
-            parts.append(f"Mosquitto {done} on 127.0.0.1:{cfg.mqtt_port}")
+            parts.append(
+                f"Mosquitto {done} on 127.0.0.1:{cfg.mqtt_port}, TLS on "
+                f"{cfg.mqtt_tls_bind}:{cfg.mqtt_tls_port}"
+            )
     if not need_db:
         parts.append(f"database external ({_host_of(cfg.external_db)})")
     if not need_mqtt:
@@ -157,7 +160,10 @@ def status(cfg: StackConfig) -> tuple[bool, list[str]]:
     if cfg.external_mqtt:
         lines.append(f"broker: external {_host_of(cfg.external_mqtt)}")
     elif mosquitto.running(cfg) or (mosquitto.port_open(cfg.mqtt_port) and _compose_running()):
-        lines.append(f"broker: running on 127.0.0.1:{cfg.mqtt_port}, {mosquitto.version()}")
+        lines.append(
+            f"broker: running on 127.0.0.1:{cfg.mqtt_port}, TLS on "
+            f"{cfg.mqtt_tls_bind}:{cfg.mqtt_tls_port}, {mosquitto.version()}"
+        )
     else:
         ok = False
         lines.append("broker: stopped (run `nbmeter stack up`)")
@@ -176,16 +182,30 @@ def env_lines(cfg: StackConfig, *, export: bool = False) -> list[str]:
         # device secrets at rest
         values |= mosquitto.prepare_credentials(cfg)
         values.setdefault("NBMETER_MQTT_URL", f"mqtt://127.0.0.1:{cfg.mqtt_port}")
+        # the same collector account over TLS, and the CA that verifies the broker
+        ca = mosquitto.prepare_tls(cfg).ca_cert
+        plain = urlsplit(values["NBMETER_MQTT_URL"])
+        tls = plain._replace(
+            scheme="mqtts",
+            netloc=plain.netloc.rsplit(":", 1)[0] + f":{cfg.mqtt_tls_port}",
+            query=f"ca={quote(str(ca), safe='/')}",
+        )
+        values["NBMETER_MQTTS_URL"] = urlunsplit(tls)
+        values["NBMETER_MQTT__CA_FILE"] = str(ca)
     return [f"{prefix}{k}='{v}'" for k, v in values.items()]
 
 
 def _compose(args: list[str], cfg: StackConfig | None = None) -> str:
     env = dict(os.environ)
     if cfg is not None:
+        collector_url = urlsplit(mosquitto.prepare_credentials(cfg).get("NBMETER_MQTT_URL", ""))
         env |= {
             "NBMETER_DB_PASSWORD": stack_secrets(cfg)["db_password"],
             "NBMETER_PG_PORT": str(cfg.pg_port),
             "NBMETER_MQTT_PORT": str(cfg.mqtt_port),
+            "NBMETER_MQTT_TLS_PORT": str(cfg.mqtt_tls_port),
+            "NBMETER_MQTT_TLS_BIND": cfg.mqtt_tls_bind,
+            "NBMETER_MQTT_COLLECTOR_PASSWORD": quote(collector_url.password or "", safe=""),
             "NBMETER_MOSQUITTO_DIR": str(cfg.mosquitto_dir),
         }
     return run(
@@ -210,6 +230,8 @@ def _compose_up(cfg: StackConfig, *, need_db: bool, need_mqtt: bool) -> None:
     say(f"docker compose up {' '.join(services)} ...")
     cfg.mosquitto_dir.mkdir(parents=True, exist_ok=True)
     mosquitto.prepare_credentials(cfg)
+    mosquitto.prepare_tls(cfg)
+    mosquitto.render_docker(cfg)
     _compose(["up", "-d", "--wait", *services], cfg)
 
 

@@ -1,9 +1,10 @@
-"""The project's Mosquitto broker: host package, project config, own port and state.
+"""The project's Mosquitto broker: host package, project config, own ports and state.
 
 The config template `mosquitto.conf` beside this file belongs to the collector (it
 decides authentication and ACLs); this module renders it into the state directory,
-lets the collector prepare the credential files the template names, and runs the
-broker as a daemon with a pid file.
+lets the collector prepare the credential files the template names, makes the stack's
+CA and the broker's certificate (nbmeter/stack/tls.py), and runs the broker as a daemon
+with a pid file: plain MQTT on loopback, MQTT over TLS on its own port.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from nbmeter.stack.config import StackConfig, StackError, say
 from nbmeter.stack.debian import apt_install, run
+from nbmeter.stack.tls import TlsFiles, ensure_certificates
 
 _FALLBACK = """\
 # no collector broker config shipped: anonymous loopback broker for development only
@@ -60,7 +62,12 @@ def _render(cfg: StackConfig) -> tuple[Path, bool]:
     template = resources.files("nbmeter.stack").joinpath("mosquitto.conf")
     text = template.read_text(encoding="utf-8") if template.is_file() else _FALLBACK
     directory = cfg.mosquitto_dir
-    body = text.format(port=cfg.mqtt_port, state_dir=directory)
+    body = text.format(
+        port=cfg.mqtt_port,
+        tls_port=cfg.mqtt_tls_port,
+        tls_bind=cfg.mqtt_tls_bind,
+        state_dir=directory,
+    )
     body += f"\npid_file {directory}/mosquitto.pid\nlog_dest file {directory}/mosquitto.log\n"
     if os.geteuid() == 0:
         # as root, mosquitto would switch to the `mosquitto` user, who cannot read our state
@@ -73,6 +80,25 @@ def _render(cfg: StackConfig) -> tuple[Path, bool]:
     return conf, old != body
 
 
+def render_docker(cfg: StackConfig) -> Path:
+    """The same config for docker-compose.yml's broker (best effort: paths inside the
+    image, plain 1883 and TLS 8883 in the container; compose publishes them on the host)."""
+    template = resources.files("nbmeter.stack").joinpath("mosquitto.conf").read_text("utf-8")
+    inside = "/mosquitto/config"
+    body = template.format(port=1883, tls_port=8883, tls_bind="0.0.0.0", state_dir=inside)
+    # the collector container reaches the broker over the compose network (as mqtts://);
+    # compose publishes the plain port on the host's loopback only
+    body = body.replace("listener 1883 127.0.0.1", "listener 1883")
+    body = body.replace(
+        f"plugin {inside}/mosquitto_dynamic_security.so",
+        "plugin /usr/lib/mosquitto_dynamic_security.so",
+    )
+    body = body.replace(f"persistence_location {inside}/", "persistence_location /mosquitto/data/")
+    path = cfg.mosquitto_dir / "mosquitto-docker.conf"
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
 def prepare_credentials(cfg: StackConfig) -> dict[str, str]:
     """Let the collector create the broker's credential files; return its env additions."""
     try:
@@ -82,37 +108,80 @@ def prepare_credentials(cfg: StackConfig) -> dict[str, str]:
     return dict(prepare_broker_files(cfg.mosquitto_dir, port=cfg.mqtt_port))
 
 
+def tls_hosts(cfg: StackConfig) -> list[str]:
+    """The names and addresses the broker certificate is issued for."""
+    hosts = ["localhost", "127.0.0.1", "::1", socket.gethostname(), "mosquitto"]
+    if cfg.mqtt_tls_bind not in ("0.0.0.0", "::"):
+        hosts.append(cfg.mqtt_tls_bind)
+    return [*hosts, *cfg.mqtt_tls_hosts]
+
+
+def prepare_tls(cfg: StackConfig) -> TlsFiles:
+    """The stack's CA and the broker certificate, made once (renewed when due)."""
+    return ensure_certificates(cfg.tls_dir, tls_hosts(cfg))
+
+
+def _ensure_acls(cfg: StackConfig, env: dict[str, str]) -> None:
+    """Add live the collector ACLs a broker state from an older version lacks."""
+    admin = env.get("NBMETER_MQTT_ADMIN_URL")
+    if not admin:
+        return
+    from collector.broker import BrokerError, ensure_collector_acls
+
+    try:
+        added = ensure_collector_acls(admin)
+    except BrokerError as exc:
+        msg = f"could not update the collector's broker ACLs: {exc}"
+        raise StackError(msg) from exc
+    if added:
+        say(f"added {added} collector ACL(s) to the broker on 127.0.0.1:{cfg.mqtt_port}")
+
+
 def bring_up(cfg: StackConfig) -> str:
     """Start the broker unless it runs; return what was done."""
     cfg.mosquitto_dir.mkdir(parents=True, exist_ok=True)
-    prepare_credentials(cfg)
+    env = prepare_credentials(cfg)
+    prepare_tls(cfg)
     conf, changed = _render(cfg)
     if running(cfg):
         if not changed:
+            _ensure_acls(cfg, env)
             return "already running"
         say("the broker config changed: restarting Mosquitto ...")
         stop(cfg)
-    if port_open(cfg.mqtt_port):
-        msg = (
-            f"127.0.0.1:{cfg.mqtt_port} is taken by another program: stop it or choose "
-            "another port with NBMETER_MQTT_PORT"
-        )
-        raise StackError(msg)
+    for port, name in (
+        (cfg.mqtt_port, "NBMETER_MQTT_PORT"),
+        (cfg.mqtt_tls_port, "NBMETER_MQTT_TLS_PORT"),
+    ):
+        if port_open(port):
+            msg = (
+                f"127.0.0.1:{port} is taken by another program: stop it or choose "
+                f"another port with {name}"
+            )
+            raise StackError(msg)
     binary = _binary()
     if not Path(binary).exists():
         apt_install(["mosquitto"])
-    say(f"starting Mosquitto on 127.0.0.1:{cfg.mqtt_port} ...")
+    say(
+        f"starting Mosquitto on 127.0.0.1:{cfg.mqtt_port} (plain) and "
+        f"{cfg.mqtt_tls_bind}:{cfg.mqtt_tls_port} (TLS) ..."
+    )
     log = cfg.mosquitto_dir / "mosquitto.log"
     run([binary, "-c", str(conf), "-d"], what=f"starting Mosquitto (log: {log})")
     (cfg.mosquitto_dir / "mosquitto.conf.started").write_text(
         conf.read_text(encoding="utf-8"), encoding="utf-8"
     )
-    deadline = time.monotonic() + 15
-    while not port_open(cfg.mqtt_port):
-        if time.monotonic() > deadline:
-            msg = f"Mosquitto did not open port {cfg.mqtt_port}; see {log}"
-            raise StackError(msg)
-        time.sleep(0.1)
+    started = time.monotonic()
+    for port in (cfg.mqtt_port, cfg.mqtt_tls_port):
+        while not port_open(port):
+            waited = time.monotonic() - started
+            if waited > 15 or (waited > 2 and _pid(cfg) is None):
+                lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+                last = lines[-1].split(": ", 1)[-1] if lines else "no log"
+                msg = f"Mosquitto did not open port {port} ({last}); see {log}"
+                raise StackError(msg)
+            time.sleep(0.1)
+    _ensure_acls(cfg, env)
     return "started"
 
 
