@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import os
+from pydantic import ValidationError
+
+from storage.settings import DatabaseSettings
 
 
 def database_url() -> str:
-    """NBMETER_DATABASE_URL, or the local stack's URL when it is not set."""
-    url = os.environ.get("NBMETER_DATABASE_URL")
-    if url:
-        return url
+    """NBMETER_DATABASE_URL (storage.settings), or the local stack's URL when it is not set."""
+    try:
+        return DatabaseSettings().database_url
+    except ValidationError:
+        pass
     from nbmeter.stack.config import load_config
     from nbmeter.stack.control import database_url as stack_url
 
