@@ -33,9 +33,9 @@ from api import (
     routes_reads,
     routes_tenant,
 )
-from api.auth import KeyCache, Pool, listening
+from api.auth import KeyCache, listening
 from api.bodies import BodyLimits, known_query
-from api.routes_meters import _P
+from api.deps import PROBLEM_RESPONSE, Pool
 from api.schemas import Health
 from api.settings import ApiSettings
 from storage.errors import StorageError, StorageUnavailableError
@@ -157,7 +157,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(routes_tenant.router)
     app.include_router(routes_manual.router)
 
-    unavailable: dict[int | str, dict[str, Any]] = {503: {**_P, "description": "database down"}}
+    unavailable: dict[int | str, dict[str, Any]] = {
+        503: {**PROBLEM_RESPONSE, "description": "database down"}
+    }
 
     @app.get("/healthz", tags=["ops"], responses=unavailable, summary="Liveness")
     async def healthz(pool: Pool) -> Health:

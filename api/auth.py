@@ -1,8 +1,9 @@
 """Bearer API-key authentication and scope checks, as FastAPI dependencies.
 
-`Reader`, `Writer` and `Admin` are the `Annotated` aliases routes take: each resolves to
-the key's Principal or answers 401 (no/unknown key; "expired" or "revoked" for a key whose
-secret is right) or 403 (key lacks the scope).
+`require(scope)` is the dependency behind `Reader`, `Writer` and `Admin` (api.deps), the
+`Annotated` aliases routes take: each resolves to the key's Principal or answers 401
+(no/unknown key; "expired" or "revoked" for a key whose secret is right) or 403 (key
+lacks the scope).
 
 Verified keys are cached per process (`KeyCache`). Expiry is checked against the clock
 on every request, cached or not. Revocation reaches every process through PostgreSQL
@@ -114,13 +115,14 @@ async def get_pool(request: Request) -> asyncpg.Pool:
     return pool
 
 
-Pool = Annotated[asyncpg.Pool, Depends(get_pool)]
-
-
 def require(scope: str) -> Callable[..., Awaitable[Principal]]:
     """A dependency resolving the caller's Principal if its key holds `scope`."""
 
-    async def dependency(request: Request, credentials: Credentials, pool: Pool) -> Principal:
+    async def dependency(
+        request: Request,
+        credentials: Credentials,
+        pool: Annotated[asyncpg.Pool, Depends(get_pool)],
+    ) -> Principal:
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise HTTPException(401, _UNAUTHORIZED)
         cache: KeyCache = request.app.state.key_cache
@@ -138,8 +140,3 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
         return principal
 
     return dependency
-
-
-Reader = Annotated[Principal, Depends(require("readings:read"))]
-Writer = Annotated[Principal, Depends(require("meters:write"))]
-Admin = Annotated[Principal, Depends(require("admin"))]

@@ -7,9 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
 
-from api.auth import Admin, KeyCache, Pool
+from api.auth import KeyCache
+from api.deps import PROBLEMS, Admin, Pool
 from api.errors import NotFoundError, UnprocessableError
-from api.routes_meters import PROBLEMS
 from api.schemas import ApiKey, ApiKeyCreate, ApiKeyCreated
 from storage import apikeys
 

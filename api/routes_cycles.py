@@ -11,10 +11,8 @@ from zoneinfo import ZoneInfo
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
-from api.auth import Admin, Pool, Reader
+from api.deps import CONFLICT, PROBLEMS, Admin, CycleId, Pool, Reader
 from api.errors import ConflictError, NotFoundError, UnprocessableError
-from api.routes_meters import CONFLICT, PROBLEMS
-from api.routes_reads import CycleId
 from api.schemas import Calendar, CloseResult, Cycle, CycleList, CyclePage, Day
 from api.settings import ApiSettings
 from billing.localtime import CalendarError, cycle_bounds, cycles_in, local_midnight

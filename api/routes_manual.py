@@ -17,10 +17,18 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from api.auth import Pool, Reader, Writer
+from api.deps import (
+    CONFLICT,
+    PROBLEM_RESPONSE,
+    PROBLEMS,
+    MeterId,
+    Pool,
+    Reader,
+    Writer,
+    get_or_404,
+)
 from api.errors import ConflictError, UnprocessableError, problem
 from api.read_import import MAX_ROWS, BodyError, Kind, TooManyRowsError, parse
-from api.routes_meters import _P, CONFLICT, PROBLEMS, MeterId, get_or_404
 from api.schemas import to_m3
 from api.schemas_manual import ImportAccepted, ManualRead, ManualReadCreate
 from api.settings import ApiSettings
@@ -31,8 +39,8 @@ from storage.manual_reads import EnteredRead, EnteredReadError, ReadConflictErro
 router = APIRouter(prefix="/v1", tags=["manual reads"], responses=PROBLEMS)
 MAX_IMPORT_BYTES = 16 << 20  # ~150k CSV rows; larger migrations go in several files
 _TOO_LARGE: dict[int | str, dict[str, Any]] = {
-    413: {**_P, "description": "body over 16 MiB or over 100,000 rows"},
-    415: {**_P, "description": "neither text/csv nor application/json"},
+    413: {**PROBLEM_RESPONSE, "description": "body over 16 MiB or over 100,000 rows"},
+    415: {**PROBLEM_RESPONSE, "description": "neither text/csv nor application/json"},
 }
 _IMPORT_BODY = {
     "requestBody": {

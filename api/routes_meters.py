@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 
-from api.auth import Pool, Reader, Writer
 from api.bodies import load_json, read_csv
-from api.errors import PROBLEM_JSON, NotFoundError, UnprocessableError, public_detail
-from api.schemas import Problem, to_m3, to_ml
+from api.deps import (
+    CONFLICT,
+    PROBLEMS,
+    MeterId,
+    Pool,
+    Reader,
+    Writer,
+    decode_cursor,
+    encode_cursor,
+    get_or_404,
+)
+from api.errors import NotFoundError, UnprocessableError, public_detail
+from api.schemas import to_m3, to_ml
 from api.schemas_meters import (
     DeviceHealth,
     ExchangeRequest,
@@ -32,22 +41,7 @@ from storage import registry
 from storage.apikeys import check_timezone
 from storage.errors import StorageError, StorageUnavailableError
 
-_P = {
-    "model": Problem,
-    "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
-}
-PROBLEMS: dict[int | str, dict[str, Any]] = {
-    s: {**_P, "description": d}
-    for s, d in (
-        (401, "no or invalid API key"),
-        (403, "the key lacks the scope"),
-        (404, "no such resource for this tenant"),
-        (422, "invalid request"),
-    )
-}
-CONFLICT: dict[int | str, dict[str, Any]] = {409: {**_P, "description": "state conflict"}}
 router = APIRouter(prefix="/v1", tags=["meters"], responses=PROBLEMS)
-MeterId = Annotated[int, Path(ge=1, le=2**63 - 1, description="meter id", examples=[1])]
 MAX_IMPORT_ROWS = 10_000
 
 
@@ -102,14 +96,6 @@ def _fields(body: MeterCreate | MeterPatch, scale: int) -> dict[str, Any]:
     return data
 
 
-async def get_or_404(pool: asyncpg.Pool, tenant_id: int, meter_id: int) -> asyncpg.Record:
-    """The tenant's meter row, or NotFoundError."""
-    row = await registry.get_meter(pool, tenant_id, meter_id)
-    if row is None:
-        raise NotFoundError(f"no meter {meter_id}")
-    return row
-
-
 @router.post("/meters", status_code=201, responses=CONFLICT, summary="Register a meter")
 async def create_meter(body: MeterCreate, who: Writer, pool: Pool) -> Meter:
     """Register a meter; 409 if an active meter of the tenant has the same address."""
@@ -146,26 +132,6 @@ async def list_meters(
         items=[meter_out(r) for r in rows],
         next_cursor=encode_cursor(rows[-1]["meter_id"]) if more else None,
     )
-
-
-def encode_cursor(after: int) -> str:
-    """An opaque cursor for 'after this id'."""
-    return base64.urlsafe_b64encode(f"m{after}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str | None) -> int:
-    """The id a cursor points after (0 for none); UnprocessableError if it is not ours."""
-    if not cursor:
-        return 0
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        value = int(raw[1:]) if raw.startswith("m") else -1
-    except (ValueError, UnicodeDecodeError):
-        value = -1
-    if not 0 <= value < 2**63:
-        msg = "invalid cursor: pass next_cursor from the previous page unchanged"
-        raise UnprocessableError(msg)
-    return value
 
 
 @router.get("/meters/{meter_id}", summary="Get a meter")

@@ -17,9 +17,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 
-from api.auth import Pool, Reader, Writer
+from api.deps import CONFLICT, PROBLEMS, Pool, Reader, Writer, decode_cursor, encode_cursor
 from api.errors import NotFoundError, UnprocessableError
-from api.routes_meters import CONFLICT, PROBLEMS, decode_cursor, encode_cursor
 from api.schemas import Address, Instant
 from api.schemas_quarantine import (
     TRANSPORTS,

@@ -9,12 +9,11 @@ from typing import Annotated, Literal
 from zoneinfo import ZoneInfo
 
 import asyncpg
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from api.auth import Pool, Reader
+from api.deps import PROBLEMS, CycleId, MeterId, Pool, Reader, get_or_404
 from api.errors import NotFoundError, UnprocessableError
-from api.routes_meters import PROBLEMS, MeterId, get_or_404
 from api.schemas import (
     BoundaryRead,
     CycleAlarm,
@@ -22,7 +21,6 @@ from api.schemas import (
     CycleRow,
     Interval,
     IntervalReads,
-    IsoDay,
     IsoTime,
     Revision,
     VeeIssue,
@@ -42,9 +40,6 @@ from storage import billing, meter_cycle
 from storage.apikeys import tenant_timezone
 
 router = APIRouter(prefix="/v1", tags=["reads"], responses=PROBLEMS)
-CycleId = Annotated[
-    IsoDay, Path(description="local date the cycle starts on", examples=["2024-03-01"])
-]
 _BASELINE = timedelta(days=90)
 
 

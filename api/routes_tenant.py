@@ -7,9 +7,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.auth import Admin, Pool, Reader
+from api.deps import PROBLEMS, Admin, Pool, Reader
 from api.errors import NotFoundError, UnprocessableError
-from api.routes_meters import PROBLEMS
 from api.schemas_tenant import SettingsChange, TenantSettings, TenantSettingsPatch
 from storage import tenant_settings
 

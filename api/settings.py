@@ -5,17 +5,17 @@ from __future__ import annotations
 from datetime import timedelta
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from billing.boundary import Tuning
+from storage.settings import DatabaseSettings
 
 
-class ApiSettings(BaseSettings):
-    """Settings of the billing API. Other components' NBMETER_ variables are ignored."""
+class ApiSettings(DatabaseSettings):
+    """Settings of the billing API, database_url included; other NBMETER_ variables are ignored."""
 
     model_config = SettingsConfigDict(env_prefix="NBMETER_", extra="ignore")
 
-    database_url: str = Field(description="PostgreSQL/TimescaleDB DSN (NBMETER_DATABASE_URL)")
     api_pool_min: int = Field(2, ge=1)
     api_pool_max: int = Field(10, ge=1)
     # a reading within this many seconds of a boundary is the boundary's actual read

@@ -1,7 +1,8 @@
 """Collector configuration: environment variables with the NBMETER_ prefix.
 
-Top level: NBMETER_DATABASE_URL, NBMETER_MQTT_URL (unset: no MQTT), NBMETER_CREDENTIALS_KEY
-(base64 32 bytes; opens the sealed OSCORE secrets), NBMETER_METRICS_PORT (0: off).
+Top level: NBMETER_DATABASE_URL (required, from storage.settings), NBMETER_MQTT_URL (unset:
+no MQTT), NBMETER_CREDENTIALS_KEY (base64 32 bytes; opens the sealed OSCORE secrets),
+NBMETER_METRICS_PORT (0: off).
 Sections use a double underscore: NBMETER_COAP__PORT=5684, NBMETER_PIPELINE__BATCH_MAX=256,
 NBMETER_MQTT__CLIENT_ID=collector-b. A misspelt key inside a section fails at startup.
 """
@@ -12,7 +13,9 @@ import socket
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from storage.settings import DatabaseSettings
 
 
 class _Section(BaseModel):
@@ -107,14 +110,13 @@ class RedecodeSettings(_Section):
     yield_pending: int = Field(1000, ge=1)  # claim nothing while live uplinks queue this deep
 
 
-class CollectorSettings(BaseSettings):
+class CollectorSettings(DatabaseSettings):
     """Everything `collector.main.run` needs; read from the environment (prefix NBMETER_)."""
 
     model_config = SettingsConfigDict(
         env_prefix="NBMETER_", env_nested_delimiter="__", extra="ignore", frozen=True
     )
 
-    database_url: str = "postgresql://nbmeter@127.0.0.1:55432/nbmeter"
     mqtt_url: str | None = None
     credentials_key: SecretStr | None = None
     metrics_host: str = "127.0.0.1"

@@ -18,7 +18,7 @@ import numpy as np
 
 from decoder import decode_batch
 from decoder.encode_cjt188 import encode_cjt188
-from nbmeter.cli import database_url
+from nbmeter.commands._env import database_url
 from storage.demo_fleet import count_tenant_readings, ensure_demo_fleet
 from storage.errors import StorageError
 from storage.ingest import ReadingBatch, ReadingWriter

@@ -62,3 +62,15 @@ def run_decode(args: argparse.Namespace) -> int:
         failed += not record.get("ok", False)
         print(json.dumps(record, ensure_ascii=False, default=str))
     return 1 if failed else 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `nbmeter decode`."""
+    parser.add_argument(
+        "frames", nargs="*", help="hex frames; none: read lines (hex or JSONL) from stdin"
+    )
+    parser.add_argument("--keys", help="JSON file mapping meter id to AES-128 key (hex)")
+    parser.add_argument(
+        "--received-at", type=int, help="receive time, UTC epoch seconds (default now)"
+    )
+    parser.set_defaults(func=run_decode)

@@ -2,8 +2,9 @@
 transport credentials.
 
 Prints the secrets once, as JSON on stdout (the database keeps only sealed or hashed
-copies). Needs NBMETER_DATABASE_URL and NBMETER_CREDENTIALS_KEY; an MQTT account is
-created when NBMETER_MQTT_ADMIN_URL is set (or --no-mqtt is not given and it is).
+copies). Needs NBMETER_CREDENTIALS_KEY and the database (NBMETER_DATABASE_URL, or the local
+stack's); an MQTT account is created when NBMETER_MQTT_ADMIN_URL is set and --no-mqtt is
+not given.
 `--aes-key HEX` stores an OMS meter's AES-128 key (32 hex digits), sealed; it is not
 printed back. `revoke` deletes the OSCORE context and broker account (the meter and its
 readings stay); running collectors refuse the device as soon as it commits.
@@ -17,6 +18,8 @@ import json
 import os
 import sys
 from dataclasses import asdict
+
+from nbmeter.commands._env import database_url
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,10 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _revoke(args: argparse.Namespace) -> int:
     from collector.provision import ProvisionError, revoke_device
 
-    db = os.environ.get("NBMETER_DATABASE_URL")
-    if not db:
-        print("nbmeter: set NBMETER_DATABASE_URL (eval $(nbmeter stack env))", file=sys.stderr)
-        return 1
+    db = database_url()
     admin = os.environ.get("NBMETER_MQTT_ADMIN_URL")
     try:
         result = asyncio.run(revoke_device(db, args.tenant, args.address, mqtt_admin_url=admin))
@@ -76,14 +76,10 @@ def _aes_key(text: str) -> bytes:
 def _provision(args: argparse.Namespace) -> int:
     from collector.provision import ProvisionError, provision_device
 
-    db = os.environ.get("NBMETER_DATABASE_URL")
+    db = database_url()
     key = os.environ.get("NBMETER_CREDENTIALS_KEY")
-    if not db or not key:
-        print(
-            "nbmeter: set NBMETER_DATABASE_URL and NBMETER_CREDENTIALS_KEY "
-            "(eval $(nbmeter stack env))",
-            file=sys.stderr,
-        )
+    if not key:
+        print("nbmeter: set NBMETER_CREDENTIALS_KEY (eval $(nbmeter stack env))", file=sys.stderr)
         return 1
     admin = None if args.no_mqtt else os.environ.get("NBMETER_MQTT_ADMIN_URL")
     try:

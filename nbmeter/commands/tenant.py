@@ -123,7 +123,7 @@ async def _key_revoke(dsn: str, args: argparse.Namespace) -> None:
 
 def _runner(action: Callable[[str, argparse.Namespace], Awaitable[None]]) -> Any:
     def run(args: argparse.Namespace) -> int:
-        from nbmeter.cli import database_url
+        from nbmeter.commands._env import database_url
         from storage.errors import StorageError
 
         try:

@@ -62,7 +62,7 @@ async def _enter(
 
 
 def _run(args: argparse.Namespace) -> int:
-    from nbmeter.cli import database_url
+    from nbmeter.commands._env import database_url
 
     dsn = database_url()
     settings = ApiSettings(database_url=dsn)

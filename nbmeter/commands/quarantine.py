@@ -103,7 +103,7 @@ async def _run_async(args: argparse.Namespace, dsn: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from nbmeter.cli import database_url
+    from nbmeter.commands._env import database_url
 
     try:
         return asyncio.run(_run_async(args, database_url()))

@@ -7,6 +7,8 @@ import asyncio
 
 from pydantic import ValidationError
 
+from nbmeter.commands._env import database_url
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Attach the collector's options to its `nbmeter collector` subparser."""
@@ -20,7 +22,7 @@ def _run(args: argparse.Namespace) -> int:
     from collector.main import run
     from collector.settings import CollectorSettings
 
-    overrides: dict[str, object] = {}
+    overrides: dict[str, object] = {"database_url": database_url()}
     if args.metrics_port is not None:
         overrides["metrics_port"] = args.metrics_port
     try:

@@ -21,6 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
+from nbmeter.commands.demo_ingest import run_ingest_demo
 from nbmeter.stack.config import load_config
 
 API_PORT = 8000
@@ -103,7 +104,7 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str, *, udp: bool
 
 
 async def _tenant(dsn: str, slug: str) -> str:
-    from api.cli_tenant import create
+    from nbmeter.commands.tenant import create
 
     _, key = await create(dsn, slug, "Demo water & gas utility", "Asia/Shanghai")
     return key
@@ -130,8 +131,10 @@ def _example_read(api_url: str, api_key: str) -> str | None:
     return f"/v1/meters/{meter_id}/cycles/{cycle}"
 
 
-def run_system_demo(args: argparse.Namespace) -> int:
-    """Run the whole-system demo; return verify's exit status (1 on a setup failure)."""
+def _run(args: argparse.Namespace) -> int:
+    """Run the whole-system demo (or the ingest-only one); return verify's exit status."""
+    if args.ingest_only:
+        return run_ingest_demo(args)
     if args.stop:
         print("stopped: " + (", ".join(stop_services()) or "nothing was running"))
         return 0
@@ -199,3 +202,19 @@ def run_system_demo(args: argparse.Namespace) -> int:
     print(f"ground truth     {run_dir}")
     print("stop             .venv/bin/nbmeter demo --stop")
     return code
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `nbmeter demo` (and of its lesser `--ingest-only` form)."""
+    parser.add_argument("--meters", type=int, default=1000, help="fleet size (default 1000)")
+    parser.add_argument("--days", type=int, default=35, help="simulated days (default 35)")
+    parser.add_argument("--hours", type=int, default=24, help="--ingest-only: hours of frames")
+    parser.add_argument(
+        "--ingest-only",
+        action="store_true",
+        help="only decode and store a generated batch in-process (no collector, API, sim)",
+    )
+    parser.add_argument(
+        "--stop", action="store_true", help="stop the collector and API a demo left"
+    )
+    parser.set_defaults(func=_run)

@@ -1,4 +1,4 @@
-"""`nbmeter api`: serve the billing API (wired by nbmeter.cli through `add_arguments`)."""
+"""`nbmeter api`: serve the billing API."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import argparse
 def _run(args: argparse.Namespace) -> int:
     from api.serve import run
     from api.settings import ApiSettings
-    from nbmeter.cli import database_url
+    from nbmeter.commands._env import database_url
 
     settings = ApiSettings(database_url=database_url())
     run(args.host, args.port, settings, log_level=args.log_level, workers=args.workers)
