@@ -18,8 +18,7 @@ test: setup test-tools
 	@$(WITH_ENV) $(BIN)/pytest $(PYTEST_ARGS)
 
 check: venv
-	$(BIN)/ruff format --check .
-	$(BIN)/ruff check .
+	@scripts/check
 
 venv: $(STAMP)
 
