@@ -262,7 +262,7 @@ def _dispatch(
     if pending.size == n:
         groups = k.group_by_length(frames, lengths)
     elif pending.size:
-        groups = k.group_by_length([frames[i] for i in pending], lengths[pending])
+        groups = k.group_by_length([frames[i] for i in pending.tolist()], lengths[pending])
     else:
         groups = []
     for idx, a in groups:
@@ -293,19 +293,20 @@ def _dispatch(
             parts.append((np.asarray(lost, np.int64), out))
     for fmt, chunks in listed.values():  # per-frame decoders get one call, in input order
         rows = np.sort(np.concatenate(chunks))
-        sub = list(frames) if rows.size == n else [frames[i] for i in rows.tolist()]
-        got = _run(fmt, fmt.decode, sub, rows.size, rx[rows], ctx, utc=offset_of(rows))
+        per_frame = list(frames) if rows.size == n else [frames[i] for i in rows.tolist()]
+        got = _run(fmt, fmt.decode, per_frame, rows.size, rx[rows], ctx, utc=offset_of(rows))
         parts.append((rows, got))
     for (key, variant), hint_rows in hinted.items():
         rows = np.asarray(hint_rows, np.int64)
-        fmt = lookup(key)
-        if fmt is None:
+        named = lookup(key)
+        if named is None:
             out = empty(rows.size)
             out.error_code[:] = ErrorCode.UNKNOWN_FORMAT
             out.error_message[:] = f"hint names no registered format: {key!r}"
         else:
-            sub = [frames[i] for i in hint_rows]
-            out = _run(fmt, fmt.decode, sub, rows.size, rx[rows], ctx, variant, offset_of(rows))
+            hinted_frames = [frames[i] for i in hint_rows]
+            out = _run(named, named.decode, hinted_frames, rows.size, rx[rows], ctx, variant,
+                       offset_of(rows))  # fmt: skip
         parts.append((rows, out))
     if len(parts) == 1 and len(parts[0][0]) == n and (parts[0][0] == np.arange(n)).all():
         return parts[0][1]

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import numpy as np
+import numpy.typing as npt
 
 from decoder import cjt188_kernel as kernel
 from decoder import kernels as k
@@ -225,7 +226,7 @@ def _unsupported(n: int, message: str) -> Decoded:
 
 def decode(
     frames: Sequence[bytes],
-    received_at_s: object,
+    received_at_s: npt.ArrayLike,
     keys: Mapping[str, bytes] | None = None,
     cache: object | None = None,
     *,
@@ -271,14 +272,13 @@ def decode_array(
     if isinstance(model, str):
         return _unsupported(n, model)
     offset = model.clock_utc_offset_s if utc_offset_s is None else utc_offset_s
-    offset = int(offset) if np.ndim(offset) == 0 else np.asarray(offset, np.int64)  # type: ignore[arg-type]
+    offset = int(offset) if np.ndim(offset) == 0 else np.asarray(offset, np.int64)
     if not a.shape[1] or not (is_json := a[:, 0] == 0x7B).any():
         return kernel.decode_array(a, rx, model, _T_OK, offset)
     parts: list[tuple[k.Int64s, Decoded]] = []
     plain, wrapped = np.flatnonzero(~is_json), np.flatnonzero(is_json)
-    per_row = not isinstance(offset, int)
     if plain.size:
-        off = offset[plain] if per_row else offset
+        off = offset[plain] if isinstance(offset, np.ndarray) else offset
         parts.append((plain, kernel.decode_array(a[plain], rx[plain], model, _T_OK, off)))
     inner = [unwrap_json(a[i].tobytes()) for i in wrapped]
     got = np.array([i for i, r in zip(wrapped, inner, strict=True) if r is not None], np.int64)
@@ -286,7 +286,7 @@ def decode_array(
     if got.size:
         sub = decode(
             [r for r in inner if r is not None], rx[got], variant=variant,
-            utc_offset_s=offset[got] if per_row else offset,
+            utc_offset_s=offset[got] if isinstance(offset, np.ndarray) else offset,
         )  # fmt: skip
         parts.append((got, sub))
     if lost.size:

@@ -144,7 +144,7 @@ class Column:
         """An object column from per-frame Python values, None meaning absent."""
         arr = np.empty(len(values), object)
         arr[:] = values
-        present = ~np.equal(arr, None)
+        present = arr != None  # noqa: E711 (elementwise: numpy compares each cell with None)
         return cls(arr, None if present.all() else present)
 
 
@@ -188,7 +188,8 @@ class Decoded:
     @property
     def ok(self) -> npt.NDArray[np.bool_]:
         """Per-frame success mask."""
-        return self.error_code == ErrorCode.OK
+        ok: npt.NDArray[np.bool_] = self.error_code == ErrorCode.OK
+        return ok
 
     def extra_of(self, i: int, names: Sequence[str] | None = None) -> dict[str, object]:
         """Frame i's extra fields as one dict (columns, then sparse), only `names` if given."""

@@ -23,7 +23,7 @@ def _counts(ml: int, unit: int, decimals: int) -> int:
     if ml % per_count:
         msg = f"{ml} mL is not a whole number of {per_count} mL counts (unit {unit:02X})"
         raise ValueError(msg)
-    return ml // per_count
+    return int(ml // per_count)
 
 
 def _clock(clock: datetime | None, order: str, utc_offset_s: int) -> bytes:

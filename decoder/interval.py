@@ -267,7 +267,8 @@ def detect_array(a: k.Frames) -> k.Bools:
     if width < 25 or width % 2 == 0:
         return np.zeros(n, bool)
     head = (a[:, 0] == MAGIC[0]) & (a[:, 1] == MAGIC[1]) & (a[:, 2] == 1)
-    return head & (a[:, 3] == (width - 23) // 2)
+    looks: k.Bools = head & (a[:, 3] == (width - 23) // 2)
+    return looks
 
 
 def encode_interval(

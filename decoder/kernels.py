@@ -141,16 +141,19 @@ def _bcd4(pairs: npt.NDArray[np.uint16]) -> tuple[Int64s, Bools]:
 def all_equal(a: Frames, offset: int, width: int, value: int) -> Bools:
     """Rows whose `width` bytes at `offset` all equal `value` (e.g. FF fill, all-zero clock)."""
     if width in (2, 4, 8) and a.strides[-1] == 1:  # one word compare instead of a row reduce
-        return a[:, offset : offset + width].view(f"<u{width}")[:, 0] == int.from_bytes(
+        word: Bools = a[:, offset : offset + width].view(f"<u{width}")[:, 0] == int.from_bytes(
             bytes([value]) * width, "little"
         )
-    return np.all(a[:, offset : offset + width] == value, axis=1)
+        return word
+    rows: Bools = np.all(a[:, offset : offset + width] == value, axis=1)
+    return rows
 
 
 def sum8(a: Frames, start: int, stop: int) -> npt.NDArray[np.uint8]:
     """Low byte of the sum of bytes [start, stop) per row (CJ/T 188 CS, M-Bus CS)."""
     # a uint8 accumulator wraps mod 256; einsum's row sums are 3x faster than .sum(axis=1)
-    return np.einsum("ij->i", a[:, start:stop], dtype=np.uint8)
+    low: npt.NDArray[np.uint8] = np.einsum("ij->i", a[:, start:stop], dtype=np.uint8)
+    return low
 
 
 def hex_digits(a: Frames, offset: int, width: int, *, reverse: bool) -> npt.NDArray[np.str_]:
@@ -159,7 +162,8 @@ def hex_digits(a: Frames, offset: int, width: int, *, reverse: bool) -> npt.NDAr
     raw = a[:, offset : offset + width]
     if reverse:
         raw = raw[:, ::-1]
-    return _HEX_UTF32[raw].view(f"U{2 * width}")[:, 0]
+    text: npt.NDArray[np.str_] = _HEX_UTF32[raw].view(f"U{2 * width}")[:, 0]
+    return text
 
 
 def _crc16_ccitt_table() -> npt.NDArray[np.uint16]:
@@ -192,7 +196,7 @@ def crc16_ccitt_bytes(data: bytes) -> int:
     return crc
 
 
-def days_from_civil(year: Int64s, month: Int64s, day: Int64s) -> Int64s:
+def days_from_civil(year: Int64s, month: Int64s, day: Int64s | int) -> Int64s:
     """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm)."""
     y = year - (month <= 2)
     era = np.floor_divide(y, 400)
@@ -200,7 +204,8 @@ def days_from_civil(year: Int64s, month: Int64s, day: Int64s) -> Int64s:
     mp = (month + 9) % 12
     doy = (153 * mp + 2) // 5 + day - 1
     doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-    return era * 146097 + doe - 719468
+    days: Int64s = era * 146097 + doe - 719468
+    return days
 
 
 # (year - 1900) * 16 + month -> days since 1970-01-01 of the 1st / days in that month; the

@@ -69,7 +69,7 @@ class _Batch:
         """Set field `name` of `rows` to `values` (one each, or one for all); None skips."""
         arr = np.empty(len(rows), object)
         arr[:] = values
-        keep = ~np.equal(arr, None)
+        keep = arr != None  # noqa: E711 (elementwise: numpy compares each cell with None)
         self.column(name)[rows[keep]] = arr[keep]
 
     def drop(self, name: str, rows: Ints) -> None:
@@ -136,15 +136,16 @@ def decode(
         raise ValueError(f"{len(frames)} frames but {len(received_at_s)} receive times")
     if np.ndim(utc_offset_s) == 0:
         utc_offset_s = int(utc_offset_s)
-    elif len(utc_offset_s) != len(frames):
-        raise ValueError(f"{len(frames)} frames but {len(utc_offset_s)} UTC offsets")
     else:
-        utc_offset_s = np.asarray(utc_offset_s, np.int64)
+        offsets = np.asarray(utc_offset_s, np.int64)
+        if len(offsets) != len(frames):
+            raise ValueError(f"{len(frames)} frames but {len(offsets)} UTC offsets")
+        utc_offset_s = offsets
     keys = keys or {}
     cache = cache if cache is not None else SignatureCache()
     out = _Batch(len(frames), received_at_s, utc_offset_s)
-    full: dict[tuple[object, ...], list[int]] = {}
-    compact: dict[tuple[object, ...], list[int]] = {}
+    full: dict[tuple[tuple[str, int, int], int], list[int]] = {}
+    compact: dict[tuple[tuple[str, int, int], bytes, int], list[int]] = {}
     fixed: list[int] = []
     envs: dict[int, Envelope] = {}
     for i, raw in enumerate(frames):  # per-frame Python: headers and AES only

@@ -7,6 +7,7 @@ columns plus a per-row validity mask; nothing loops over rows.
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -26,7 +27,8 @@ def int_le(a: Frames, at: int, width: int) -> Int64s:
     if width < 8:  # sign-extend from the top bit of the last byte
         sign = np.uint64(1 << (8 * width - 1))
         value = (value ^ sign) - sign
-    return value.view(np.int64)
+    signed: Int64s = value.view(np.int64)
+    return signed
 
 
 def bcd(a: Frames, at: int, width: int) -> tuple[Int64s, Bools]:
@@ -48,7 +50,8 @@ def days_from_civil(y: Int64s, m: Int64s, d: Int64s) -> Int64s:
     yoe = y - era * 400
     doy = (153 * (m + np.where(m > 2, -3, 9)) + 2) // 5 + d - 1
     doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-    return era * 146097 + doe - 719468
+    days: Int64s = era * 146097 + doe - 719468
+    return days
 
 
 _MONTH_DAYS = np.array([0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], np.int64)
@@ -119,7 +122,9 @@ def scaled(values: Int64s, ok: Bools, f: Field) -> list[object]:
 
 def as_text(values: Int64s, ok: Bools, f: Field) -> list[object]:
     """Date columns as 'YYYY-MM-DD' (type G) or 'YYYY-MM-DD HH:MM[:SS]' strings."""
-    unit = {Kind.DATE_G: "D", Kind.DATETIME_F: "m"}.get(f.kind, "s")
+    unit: Literal["D", "m", "s"] = (
+        "D" if f.kind is Kind.DATE_G else "m" if f.kind is Kind.DATETIME_F else "s"
+    )
     text = np.datetime_as_string(values.astype("datetime64[s]"), unit=unit)
     return [
         t.replace("T", " ") if good else None for t, good in zip(text, ok.tolist(), strict=True)

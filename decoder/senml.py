@@ -23,6 +23,7 @@ from decimal import Decimal
 
 import cbor2
 import numpy as np
+import numpy.typing as npt
 
 from decoder import kernels as k
 from decoder import limits
@@ -59,7 +60,9 @@ EXAMPLES: tuple[tuple[bytes, int, Mapping[str, object]], ...] = (
 class SenMLError(ValueError):
     """One pack is unusable; carries the ErrorCode the frame gets."""
 
-    def __init__(self, code: ErrorCode, message: str, extra: dict | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, extra: dict[str, object] | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.extra = extra or {}
@@ -200,7 +203,9 @@ def _meter_id(name: str, base: str) -> str:
     return base.rstrip("/:") if base else name
 
 
-def decode_one(frame: bytes, received_at_s: int) -> tuple[list[tuple[int, int, int]], str, dict]:
+def decode_one(
+    frame: bytes, received_at_s: int
+) -> tuple[list[tuple[int, int, int]], str, dict[str, object]]:
     """One pack -> ([(read_at_s, register_ml, flags)], meter_id, extra); raises SenMLError."""
     records, encoding = parse(frame)
     resolved = resolve(records, received_at_s)
@@ -236,7 +241,7 @@ _PACK_ERRORS = (
 
 def decode(
     frames: Sequence[bytes],
-    received_at_s: object,
+    received_at_s: npt.ArrayLike,
     keys: Mapping[str, bytes] | None = None,
     cache: object | None = None,
 ) -> Decoded:
