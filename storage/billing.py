@@ -241,6 +241,7 @@ async def publish(conn: Conn, args: tuple[Any, ...]) -> dict[str, int]:
     meter's reads publish through storage.meter_cycle, with the same rule.)
     """
     row = await conn.fetchrow(PUBLISH_SQL, *args)
+    assert row is not None  # PUBLISH_SQL aggregates: always exactly one row
     return {k: row[k] for k in ("boundaries", "published", "revised")}
 
 

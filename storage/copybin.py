@@ -92,7 +92,7 @@ def encode_chunks(
             for name, _, values in columns:
                 if isinstance(values, np.ndarray):
                     part[name] = values[rows]
-            yield memoryview(part.view(np.uint8))
+            yield part.view(np.uint8).data
     yield TRAILER
 
 

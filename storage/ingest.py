@@ -51,7 +51,7 @@ import numpy.typing as npt
 from billing import units
 from decoder.columns import Decoded
 from storage import copybin
-from storage.pool import translated
+from storage.pool import connection, translated
 
 Int64s = npt.NDArray[np.int64]
 Bools = npt.NDArray[np.bool_]
@@ -222,10 +222,10 @@ class ReadingWriter:
         readings); otherwise a pooled connection and a transaction of its own are used.
         """
         started = time.perf_counter()
+        if conn is None:
+            async with connection(self._pool, "writing readings") as pooled:
+                return await self._write(batch, pooled, started)
         with translated("writing readings"):
-            if conn is None:
-                async with self._pool.acquire() as pooled:
-                    return await self._write(batch, pooled, started)
             return await self._write(batch, conn, started)
 
     async def _write(
@@ -362,7 +362,8 @@ class ReadingWriter:
             async with conn.transaction():
                 await conn.copy_to_table(
                     "readings",
-                    source=self._payload(batch, plan),
+                    # asyncpg sends any bytes-like chunk; its stubs accept bytes only
+                    source=self._payload(batch, plan),  # type: ignore[arg-type]
                     columns=_COLUMNS,
                     format="binary",
                 )
@@ -384,7 +385,11 @@ class ReadingWriter:
             # the caller's transaction may already have used the stage table
             await conn.execute(f"TRUNCATE pg_temp.{_STAGE}")
             await conn.copy_to_table(
-                _STAGE, source=self._payload(batch, plan), columns=_COLUMNS, format="binary"
+                _STAGE,
+                # bytes-like chunks, as in _copy: the stubs accept bytes only
+                source=self._payload(batch, plan),  # type: ignore[arg-type]
+                columns=_COLUMNS,
+                format="binary",
             )
             await conn.copy_from_query(_MERGE, output=collect, format="binary")
         inserted = copybin.decode_int8(b"".join(chunks), 2)

@@ -254,6 +254,7 @@ async def _imported(conn: asyncpg.Connection, tenant_id: int, sha: bytes) -> Imp
         tenant_id,
         sha,
     )
+    assert row is not None  # called only after the import's unique key was found taken
     return ImportResult(row["import_id"], row["n_rows"], 0, row["n_rows"], replayed=True)
 
 

@@ -22,14 +22,24 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 
 from storage.errors import StorageError
-from storage.pool import translated
+from storage.pool import connection, translated
 
 Pool = asyncpg.Pool
+
+
+def _claimed(row: asyncpg.Record) -> Claimed:
+    """A claimed row as its dataclass (the payload as bytes, not the driver's buffer)."""
+    fields: dict[str, Any] = dict(row.items())
+    if fields["payload"] is not None:
+        fields["payload"] = bytes(fields["payload"])
+    return Claimed(**fields)
+
+
 CHANNEL: Final = "nbmeter_redecode"
 
 # job: queued -> done | failed (failed: at least one of its items failed)
@@ -183,10 +193,7 @@ async def claim(conn: asyncpg.Connection, limit: int) -> list[Claimed]:
         " FOR UPDATE OF i SKIP LOCKED",
         limit,
     )
-    return [
-        Claimed(**{k: (bytes(v) if k == "payload" and v is not None else v) for k, v in r.items()})
-        for r in rows
-    ]
+    return [_claimed(r) for r in rows]
 
 
 async def record(conn: asyncpg.Connection, results: Sequence[Result]) -> dict[int, str]:
@@ -266,12 +273,11 @@ async def claimed(pool: Pool, limit: int) -> AsyncIterator[Batch]:
     nothing is recorded and the items are queued again. Database errors come out as
     storage errors (StorageUnavailableError: retry later).
     """
-    with translated("re-decoding quarantined frames"):
-        async with pool.acquire() as conn, conn.transaction():
-            batch = Batch(await claim(conn, limit))
-            yield batch
-            if batch.results:
-                batch.closed = await record(conn, batch.results)
+    async with connection(pool, "re-decoding quarantined frames") as conn, conn.transaction():
+        batch = Batch(await claim(conn, limit))
+        yield batch
+        if batch.results:
+            batch.closed = await record(conn, batch.results)
 
 
 class Listener:

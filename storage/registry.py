@@ -68,9 +68,10 @@ async def insert_meter(
     )
     try:
         async with conn.transaction():
-            row: asyncpg.Record = await conn.fetchrow(sql, tenant_id, *(fields[c] for c in cols))
+            row = await conn.fetchrow(sql, tenant_id, *(fields[c] for c in cols))
     except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
         raise _translate(exc, fields.get("address")) from exc
+    assert row is not None  # INSERT ... RETURNING returns the row it inserted
     return row
 
 
@@ -166,6 +167,7 @@ async def exchange_meter(
             exchanged_at,
             final_register_ml,
         )
+        assert removed is not None  # the row was locked above (FOR UPDATE): UPDATE finds it
         fields = {
             "service_point": old["service_point"],
             "kind": old["kind"],
@@ -192,6 +194,7 @@ async def device_health(conn: Conn, meter_id: int) -> tuple[asyncpg.Record | Non
         " FROM readings WHERE meter_id = $1 ORDER BY read_at DESC LIMIT 1) r ON true",
         meter_id,
     )
+    assert seen is not None  # FROM (SELECT 1) LEFT JOIN: always exactly one row
     return health, seen
 
 

@@ -60,6 +60,7 @@ async def update(
             tenant_id,
             *(changed[k] for k in names),
         )
+        assert new is not None  # the row was read above in this transaction: UPDATE finds it
         await conn.executemany(
             "INSERT INTO tenant_settings_changes (tenant_id, changed_by, field, old_value,"
             " new_value) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb)",
