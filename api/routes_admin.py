@@ -12,6 +12,7 @@ from api.deps import PROBLEMS, Admin, Pool
 from api.errors import NotFoundError, UnprocessableError
 from api.schemas import ApiKey, ApiKeyCreate, ApiKeyCreated
 from storage import apikeys
+from storage.pool import connection
 
 router = APIRouter(prefix="/v1", tags=["admin"], responses=PROBLEMS)
 KeyId = Annotated[str, Path(pattern=r"^[0-9a-f]{12}$", examples=["0123456789ab"])]
@@ -29,7 +30,7 @@ async def create_key(body: ApiKeyCreate, who: Admin, pool: Pool) -> ApiKeyCreate
     the plaintext `key` is returned only in this response."""
     if body.expires_at is not None and body.expires_at <= datetime.now(UTC):
         raise UnprocessableError(f"expires_at {body.expires_at.isoformat()} is not in the future")
-    async with pool.acquire() as conn:
+    async with connection(pool, "creating an API key") as conn:
         key = await apikeys.create_api_key(conn, who.tenant_id, body.scopes, body.expires_at)
     return ApiKeyCreated(
         key_id=key.split("_")[1],

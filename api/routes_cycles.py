@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from datetime import UTC, date, datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Query, Request
@@ -19,10 +19,11 @@ from billing.localtime import CalendarError, cycle_bounds, cycles_in, local_midn
 from storage import billing
 from storage.apikeys import tenant_timezone
 from storage.export import stream_cycle
+from storage.pool import connection
 
 router = APIRouter(prefix="/v1", tags=["cycles"], responses=PROBLEMS)
 NDJSON = "application/x-ndjson"
-_EXPORT_RESPONSES = {
+_EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "JSON page (default), NDJSON stream or CSV stream of cycle reads",
         "content": {
@@ -49,7 +50,7 @@ async def get_calendar(who: Reader, pool: Pool) -> Calendar:
 @router.put("/billing-calendar", summary="Replace the tenant's billing calendar")
 async def put_calendar(body: Calendar, who: Admin, pool: Pool) -> Calendar:
     """Set the cycle day, or explicit start dates (then the cycle day is not used)."""
-    async with pool.acquire() as conn:
+    async with connection(pool, "setting the billing calendar") as conn:
         await billing.set_calendar(conn, who.tenant_id, body.cycle_day, body.dates)
     return body
 
@@ -172,7 +173,7 @@ async def close_cycle(cycle: CycleId, who: Admin, pool: Pool, request: Request) 
     if local_midnight(end, tz) > datetime.now(UTC):
         raise ConflictError(f"cycle {cycle} ends {end} and cannot be closed before then")
     totals = [0, 0, 0]
-    async with pool.acquire() as conn:
+    async with connection(pool, "closing a billing cycle") as conn:
         for zone in await billing.zones(conn, who.tenant_id):
             q = billing.CycleQuery(who.tenant_id, start, end, zone, settings.tuning())
             row = await billing.publish(conn, q.args())

@@ -35,6 +35,7 @@ from api.settings import ApiSettings
 from storage import manual_reads
 from storage.apikeys import Principal
 from storage.manual_reads import EnteredRead, EnteredReadError, ReadConflictError
+from storage.pool import connection
 
 router = APIRouter(prefix="/v1", tags=["manual reads"], responses=PROBLEMS)
 MAX_IMPORT_BYTES = 16 << 20  # ~150k CSV rows; larger migrations go in several files
@@ -114,7 +115,7 @@ async def create_manual_read(
         quality=manual_reads.MANUAL_QUALITY,
         note=body.note,
     )
-    async with pool.acquire() as conn:
+    async with connection(pool, "storing a manual read") as conn:
         await get_or_404(conn, who.tenant_id, meter_id)
         try:
             done = await manual_reads.store(
@@ -149,7 +150,7 @@ async def list_manual_reads(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[ManualRead]:
     """Manual and imported reads of the meter, newest first, with who entered them."""
-    async with pool.acquire() as conn:
+    async with connection(pool, "listing manual reads") as conn:
         await get_or_404(conn, who.tenant_id, meter_id)
         rows = await manual_reads.manual_reads(conn, who.tenant_id, meter_id, limit=limit)
     return [_out(r) for r in rows]
@@ -204,7 +205,7 @@ async def import_reads(request: Request, who: Writer, pool: Pool) -> Response:
     except BodyError as exc:
         return _refused(request, [(exc.line, exc.reason)])
     try:
-        async with pool.acquire() as conn:
+        async with connection(pool, "importing reads") as conn:
             done = await manual_reads.store(
                 conn,
                 who.tenant_id,

@@ -40,6 +40,7 @@ from decoder.columns import Flag
 from storage import registry
 from storage.apikeys import check_timezone
 from storage.errors import StorageError, StorageUnavailableError
+from storage.pool import connection
 
 router = APIRouter(prefix="/v1", tags=["meters"], responses=PROBLEMS)
 MAX_IMPORT_ROWS = 10_000
@@ -99,7 +100,7 @@ def _fields(body: MeterCreate | MeterPatch, scale: int) -> dict[str, Any]:
 @router.post("/meters", status_code=201, responses=CONFLICT, summary="Register a meter")
 async def create_meter(body: MeterCreate, who: Writer, pool: Pool) -> Meter:
     """Register a meter; 409 if an active meter of the tenant has the same address."""
-    async with pool.acquire() as conn:
+    async with connection(pool, "creating a meter") as conn:
         row = await registry.insert_meter(conn, who.tenant_id, _fields(body, body.register_scale))
     return meter_out(row)
 
@@ -143,7 +144,7 @@ async def get_meter(meter_id: MeterId, who: Reader, pool: Pool) -> Meter:
 @router.patch("/meters/{meter_id}", responses=CONFLICT, summary="Update a meter")
 async def update_meter(meter_id: MeterId, body: MeterPatch, who: Writer, pool: Pool) -> Meter:
     """Change the given fields of a meter; registers keep their millilitre values."""
-    async with pool.acquire() as conn:
+    async with connection(pool, "updating a meter") as conn:
         old = await get_or_404(conn, who.tenant_id, meter_id)
         scale = (
             body.register_scale
@@ -201,7 +202,7 @@ async def import_meters(request: Request, who: Writer, pool: Pool) -> ImportResu
         raise UnprocessableError(f"at most {MAX_IMPORT_ROWS} rows per import")
     created: list[int] = []
     errors: list[ImportRowError] = []
-    async with pool.acquire() as conn:
+    async with connection(pool, "importing meters") as conn:
         for number, raw in enumerate(rows, start=1):
             try:
                 meter = MeterCreate.model_validate(raw)
@@ -233,7 +234,7 @@ async def exchange_meter(
     meter_id: MeterId, body: ExchangeRequest, who: Writer, pool: Pool
 ) -> ExchangeResult:
     """Remove the meter with its final read, install the new one with its initial read."""
-    async with pool.acquire() as conn:
+    async with connection(pool, "exchanging a meter") as conn:
         old = await get_or_404(conn, who.tenant_id, meter_id)
         new = body.new_meter
         fields = {

@@ -33,6 +33,7 @@ from api.schemas_quarantine import (
     RedecodeJob,
 )
 from storage import quarantine
+from storage.pool import Record, connection
 from storage.quarantine import Filter
 from storage.redecode_queue import ITEM_OUTCOMES
 
@@ -50,7 +51,9 @@ def requested_by(key_id: str) -> str:
     return f"api-key:{key_id}"
 
 
-def row_out(row: Mapping[str, Any], model: type[QuarantineRow] = QuarantineRow, **more: Any) -> Any:
+def row_out(
+    row: Mapping[str, Any] | Record, model: type[QuarantineRow] = QuarantineRow, **more: Any
+) -> Any:
     """The API view of a quarantine row (`model` with `more` fields for the detail)."""
     match = _ERROR_CODE.match(row["detail"]) if row["reason"] == "undecodable" else None
     return model(
@@ -76,7 +79,7 @@ def row_out(row: Mapping[str, Any], model: type[QuarantineRow] = QuarantineRow, 
     )
 
 
-def job_out(row: Mapping[str, Any]) -> RedecodeJob:
+def job_out(row: Mapping[str, Any] | Record) -> RedecodeJob:
     """The API view of a job row with its counts."""
     return RedecodeJob(
         **{k: row[k] for k in ("job_id", "state", "requested_by", "requested_at", "finished_at")},
@@ -166,7 +169,7 @@ async def redecode_one(quarantine_id: Id, who: Writer, pool: Pool) -> RedecodeJo
 
     409 when the row was re-decoded already (the detail says with what result).
     """
-    async with pool.acquire() as conn:
+    async with connection(pool, "requesting a re-decode") as conn:
         job = await quarantine.request_one(
             conn, who.tenant_id, quarantine_id, requested_by(who.key_id)
         )
@@ -183,7 +186,7 @@ async def redecode_matching(body: RedecodeFilter, who: Writer, pool: Pool) -> Re
     beyond: narrow the filter).
     """
     flt = Filter(**body.model_dump())
-    async with pool.acquire() as conn:
+    async with connection(pool, "requesting re-decodes") as conn:
         job = await quarantine.request_matching(conn, who.tenant_id, flt, requested_by(who.key_id))
     return job_out(job)
 

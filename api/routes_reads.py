@@ -38,6 +38,7 @@ from billing.localtime import (
 )
 from storage import billing, meter_cycle
 from storage.apikeys import tenant_timezone
+from storage.pool import connection
 
 router = APIRouter(prefix="/v1", tags=["reads"], responses=PROBLEMS)
 _BASELINE = timedelta(days=90)
@@ -70,7 +71,7 @@ async def interval_reads(
         bounds = step_boundaries(parse_instant(start, tz), parse_instant(end, tz), step, tz)
     except CalendarError as exc:
         raise UnprocessableError(str(exc)) from exc
-    async with pool.acquire() as conn:
+    async with connection(pool, "reading interval reads") as conn:
         rows = await billing.interval_reads(conn, meter_id, bounds, settings.tuning())
     scale = meter["register_scale"]
     intervals = [
@@ -141,7 +142,7 @@ async def cycle_read(
     """
     settings: ApiSettings = request.app.state.settings
     now = datetime.now(UTC)
-    async with pool.acquire() as conn:
+    async with connection(pool, "reading a billing-cycle read") as conn:
         ctx = await meter_cycle.context(conn, who.tenant_id, meter_id)
         if ctx is None:
             raise NotFoundError(f"no meter {meter_id}")

@@ -11,6 +11,7 @@ from api.deps import PROBLEMS, Admin, Pool, Reader
 from api.errors import NotFoundError, UnprocessableError
 from api.schemas_tenant import SettingsChange, TenantSettings, TenantSettingsPatch
 from storage import tenant_settings
+from storage.pool import connection
 
 router = APIRouter(prefix="/v1", tags=["tenant"], responses=PROBLEMS)
 
@@ -32,7 +33,7 @@ async def patch_settings(body: TenantSettingsPatch, who: Admin, pool: Pool) -> T
     if nulls:
         msg = f"{', '.join(nulls)}: null is not a value; leave a setting out to keep it"
         raise UnprocessableError(msg)
-    async with pool.acquire() as conn:
+    async with connection(pool, "updating tenant settings") as conn:
         row = await tenant_settings.update(conn, who.tenant_id, values, f"api-key:{who.key_id}")
     if row is None:
         raise NotFoundError("this API key's tenant no longer exists")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 
 from api.schemas import M3, Address, Format, Instant, Integer, Kind, Text, Zone
 
@@ -19,7 +19,7 @@ class Credentials(BaseModel):
     secret: Annotated[str, StringConstraints(min_length=8, max_length=512)]
 
 
-_METER_EXAMPLE = {
+_METER_EXAMPLE: dict[str, JsonValue] = {
     "address": "12345678901234",
     "service_point": "SP-0001",
     "kind": "water",
@@ -69,7 +69,8 @@ class MeterPatch(BaseModel):
     )
     address: Address = Field(None, description=_KEEP, json_schema_extra=_absent_only)  # type: ignore[assignment]
     service_point: Text | None = None
-    format: Format = Field(None, description=_KEEP, json_schema_extra=_absent_only)  # type: ignore[assignment]
+    # None stands for "absent" only (see above), never validated: not a Format value
+    format: Format = Field(None, description=_KEEP, json_schema_extra=_absent_only)  # type: ignore[arg-type]
     register_scale: Integer = Field(
         None, ge=-6, le=0, description=_KEEP, json_schema_extra=_absent_only
     )  # type: ignore[assignment]

@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -113,7 +113,7 @@ def _digest(secret: str) -> bytes:
 async def create_api_key(
     conn: asyncpg.Connection,
     tenant_id: int,
-    scopes: list[str] | tuple[str, ...],
+    scopes: Sequence[str],
     expires_at: datetime | None = None,
 ) -> str:
     """Create a key for `tenant_id` with `scopes`, valid until `expires_at` (None: no end);
