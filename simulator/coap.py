@@ -97,7 +97,8 @@ class CoapEndpoint(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Keep the socket."""
-        self._transport = transport  # type: ignore[assignment] (a datagram transport)
+        # a datagram endpoint's transport, though the protocol's signature says BaseTransport
+        self._transport = transport  # type: ignore[assignment]
 
     def close(self) -> None:
         """Close the socket."""

@@ -11,7 +11,9 @@ at `10 ** digits` units (CJ/T 188: 999999.99 m3; OMS BCD8 in litres: 99999.999 m
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -62,12 +64,12 @@ class RegisterSpec:
     @property
     def unit_ml(self) -> int:
         """Millilitres per smallest register step (scale -3 gives 1000 mL = 1 L)."""
-        return 10 ** (self.scale + 6)
+        return int(10 ** (self.scale + 6))  # scale >= -6: an int (int ** int is typed Any)
 
     @property
     def modulus_units(self) -> int:
         """The register rolls over to 0 when it reaches this many units."""
-        return 10**self.digits
+        return int(10**self.digits)
 
 
 # What each format's register looks like on the wire (FORMATS.md §1.2, §2.3, §5).
@@ -204,7 +206,7 @@ def address_for(fmt: Format, prefix: int, index: int) -> str:
     raise ValueError(f"no address scheme for {fmt}")
 
 
-def _pick(rng: np.random.Generator, mix: dict[object, float], n: int) -> list[int]:
+def _pick(rng: np.random.Generator, mix: Mapping[Any, float], n: int) -> list[int]:
     weights = np.array(list(mix.values()), dtype=np.float64)
     return [int(i) for i in rng.choice(len(mix), size=n, p=weights / weights.sum())]
 

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 CONNECT_TIMEOUT_S = 10.0
 PUBLISH_TIMEOUT_S = 20.0
@@ -88,7 +89,7 @@ async def publish(
         loop.call_soon_threadsafe(acks.put_nowait, mid)
 
     client = paho.Client(
-        paho.CallbackAPIVersion.VERSION2,
+        CallbackAPIVersion.VERSION2,
         client_id=f"sim-{secrets.token_hex(6)}",
         protocol=paho.MQTTv311,
     )

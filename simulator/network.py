@@ -62,7 +62,7 @@ def initial_timeout_s(rng: np.random.Generator, scale: float = 1.0) -> float:
 
 def backoff_s(first_timeout_s: float, retransmission: int) -> float:
     """Wait before retransmission number `retransmission` (1-based): the timeout doubles."""
-    return first_timeout_s * 2 ** (retransmission - 1)
+    return first_timeout_s * 2.0 ** (retransmission - 1)
 
 
 def draw(model: NetworkModel, transport: Transport, rng: np.random.Generator) -> Delivery:

@@ -328,12 +328,12 @@ class Sender:
         s.sent += 1 if res.sent else 0
         s.transmissions += res.sent
         s.retried += max(0, res.sent - 1)
-        result = _mqtt_result(res)
-        if result == ACKED:
+        word = _mqtt_result(res)
+        if word == ACKED:
             s.acknowledged += 1
-        elif backlog.category(result) == "timeout":
+        elif backlog.category(word) == "timeout":
             s.timeouts += 1
-        return result
+        return word
 
 
 def _release_at(ups: list[Uplink], config: RunConfig) -> Callable[[int], float]:

@@ -125,10 +125,10 @@ def _identity_uplinks(truth: Truth) -> list[Uplink]:
     out = []
     for f in truth.faults_of("identity"):
         m = truth.meters[f.meter]
-        window = _window(m, f.day) or (f.start_h, f.start_h)
+        first_h, last_h = _window(m, f.day) or (f.start_h, f.start_h)
         send_s = _send_s(truth, m, f.day) + 7
         out.append(
-            Uplink(send_s, m.index, f.params["victim"], f.day, *window, Outcome.QUARANTINED,
+            Uplink(send_s, m.index, f.params["victim"], f.day, first_h, last_h, Outcome.QUARANTINED,
                    "identity_mismatch", fault="identity")
         )  # fmt: skip
     return out

@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from decoder.columns import Flag
 from simulator import consumption, faults
+from simulator.faults import Fault  # in Truth's body `faults` is the field, not the module
 from simulator.fleet import Fleet, FleetSpec, Meter, address_for, build_fleet, meter_prefix
 
 Int64s = npt.NDArray[np.int64]
@@ -58,7 +59,7 @@ class Truth:
         wrapped: Int64s = (self.units() % modulus[:, None]) * unit[:, None]
         return wrapped
 
-    def faults_of(self, kind: str) -> list[faults.Fault]:
+    def faults_of(self, kind: str) -> list[Fault]:
         """Faults of one kind, in meter order."""
         return [f for f in self.faults if f.kind == kind]
 
