@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import quote
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 from collector.mqtt import BrokerAddress, MqttError, tls_context
 from collector.mqtt_session import CONTROL_ROOT
@@ -168,7 +169,7 @@ def dynsec(
     done = threading.Event()
     ready = threading.Event()
     answer: dict[str, Any] = {}
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
     if address.username:
         client.username_pw_set(address.username, address.password)
     try:

@@ -70,17 +70,17 @@ class _ResponseView:
     def __init__(self, table: OrderedDict[Any, list[Any]]) -> None:
         self._table = table
 
-    def __contains__(self, key: object) -> bool:
-        remote, mid = key  # type: ignore[misc]
+    def __contains__(self, key: tuple[Any, int]) -> bool:
+        remote, mid = key
         return _dedup_key(remote, mid) in self._table
 
-    def __setitem__(self, key: object, response: aiocoap.Message) -> None:
+    def __setitem__(self, key: tuple[Any, int], response: aiocoap.Message) -> None:
         # only an ACK (or RST) carries the request's MID: a separate CON or NON answer has
         # a MID of ours, which may equal another request's of the same peer, and resending
         # a CON outside aiocoap's exchange bookkeeping fails
         if response.mtype not in (aiocoap.ACK, aiocoap.RST):
             return
-        remote, mid = key  # type: ignore[misc]
+        remote, mid = key
         self._table[_dedup_key(remote, mid)][1] = response.encode()
 
     def __len__(self) -> int:

@@ -42,8 +42,10 @@ def uplink_of(item: queue.Claimed) -> Uplink | tuple[str, str]:
     if item.tenant_id != item.job_tenant_id:  # request_* never queues such a row
         return ("foreign_row", "the row is not of the job's tenant")
     try:
-        transport = Transport(item.transport)
+        transport = None if item.transport is None else Transport(item.transport)
     except ValueError:
+        transport = None
+    if transport is None:
         return ("not_a_device_frame", f"transport {item.transport} is no device transport")
     received_at = item.received_at.timestamp()
     peer = item.peer or ""
@@ -65,8 +67,8 @@ def result_of(item: queue.Claimed, outcome: Outcome | BaseException) -> queue.Re
     if outcome.status == "quarantined":
         return queue.Result(item, "quarantined", outcome.reason, outcome.detail)
     if outcome.status in ("stored", "duplicate"):
-        detail = outcome.detail or None
-        return queue.Result(item, outcome.status, None, detail, outcome.n_readings, outcome.n_new)
+        note = outcome.detail or None
+        return queue.Result(item, outcome.status, None, note, outcome.n_readings, outcome.n_new)
     return queue.Result(item, "failed", "no_outcome", f"pipeline answered {outcome.status}")
 
 
