@@ -81,6 +81,7 @@ def _out(s: manual_reads.Stored) -> ManualRead:
         read_at=s.read_at,
         register_m3=to_m3(s.register_ml, s.register_scale),
         quality=s.quality,
+        # storage returns the column's text; its CHECK holds it to the schema's literals
         source=s.source,  # type: ignore[arg-type]
         note=s.note,
         entered_by=s.entered_by,

@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Path, Query
 
@@ -51,9 +51,10 @@ def requested_by(key_id: str) -> str:
     return f"api-key:{key_id}"
 
 
-def row_out(
-    row: Mapping[str, Any] | Record, model: type[QuarantineRow] = QuarantineRow, **more: Any
-) -> Any:
+_Row = TypeVar("_Row", bound=QuarantineRow)
+
+
+def row_out(row: Mapping[str, Any] | Record, model: type[_Row], **more: Any) -> _Row:
     """The API view of a quarantine row (`model` with `more` fields for the detail)."""
     match = _ERROR_CODE.match(row["detail"]) if row["reason"] == "undecodable" else None
     return model(
@@ -134,7 +135,7 @@ async def list_quarantine(
     more = len(rows) == limit
     last = rows[-1] if rows else None
     return QuarantinePage(
-        items=[row_out(r) for r in rows],
+        items=[row_out(r, QuarantineRow) for r in rows],
         next_cursor=(
             encode_row_cursor(last["received_at"], last["quarantine_id"]) if more and last else None
         ),
@@ -149,7 +150,7 @@ async def get_quarantine(quarantine_id: Id, who: Reader, pool: Pool) -> Quaranti
         raise NotFoundError(f"no quarantine row {quarantine_id}")
     payload = bytes(row["payload"]) if row["payload"] is not None else None
     attempts = await quarantine.history(pool, who.tenant_id, quarantine_id)
-    return row_out(  # type: ignore[no-any-return]
+    return row_out(
         row,
         QuarantineDetail,
         payload_hex=payload.hex() if payload is not None else None,

@@ -67,9 +67,10 @@ class MeterPatch(BaseModel):
     model_config = ConfigDict(
         extra="forbid", json_schema_extra={"examples": [{"service_point": "SP-0002"}]}
     )
+    # the `None` defaults of address, format, register_scale and register_digits stand for
+    # "absent" only and are never validated (see above): not values of their types
     address: Address = Field(None, description=_KEEP, json_schema_extra=_absent_only)  # type: ignore[assignment]
     service_point: Text | None = None
-    # None stands for "absent" only (see above), never validated: not a Format value
     format: Format = Field(None, description=_KEEP, json_schema_extra=_absent_only)  # type: ignore[arg-type]
     register_scale: Integer = Field(
         None, ge=-6, le=0, description=_KEEP, json_schema_extra=_absent_only

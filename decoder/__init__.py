@@ -152,12 +152,11 @@ def _run(
     failed = f"{fmt.key} decoder failed on this frame: {{}} (frame kept for re-decode)"
     if n == 1:
         return _internal(1, fmt.key, failed.format(_why(got)))
-    per_row = not isinstance(utc, int | None)
     parts: list[tuple[npt.NDArray[np.int64], Decoded]] = []
     for i in range(n):  # find the culprit(s): the slow path, only after a decoder bug
         one = dict(kwargs)
-        if per_row and "utc_offset_s" in one:
-            one["utc_offset_s"] = utc[i : i + 1]  # type: ignore[index]
+        if isinstance(utc, np.ndarray) and "utc_offset_s" in one:  # one offset per row
+            one["utc_offset_s"] = utc[i : i + 1]
         alone = _attempt(decode, sub[i : i + 1], rx[i : i + 1], ctx, one, 1)
         if not isinstance(alone, Decoded):
             alone = _internal(1, fmt.key, failed.format(_why(alone)))
@@ -216,10 +215,9 @@ def decode_batch(
         return _dispatch(frames, rx, ctx, hints, utc)
     except Exception:
         parts: list[tuple[npt.NDArray[np.int64], Decoded]] = []
-        per_row = utc is not None and not isinstance(utc, int)
         for i in range(n):
             one = [hints[i]] if hints is not None else None
-            off = utc[i : i + 1] if per_row else utc  # type: ignore[index]
+            off = utc[i : i + 1] if isinstance(utc, np.ndarray) else utc
             try:
                 got = _check_shape(_dispatch(frames[i : i + 1], rx[i : i + 1], ctx, one, off), 1)
             except Exception as exc:
@@ -237,10 +235,9 @@ def _dispatch(
 ) -> Decoded:
     """`decode_batch` once its arguments are checked: detect, group, decode, merge."""
     n = len(frames)
-    per_row = utc is not None and not isinstance(utc, int)
 
     def offset_of(rows: npt.NDArray[np.int64]) -> Offset | None:
-        return utc[rows] if per_row else utc  # type: ignore[index]
+        return utc[rows] if isinstance(utc, np.ndarray) else utc
 
     lengths = k.lengths_of(frames)
     is_hinted = np.zeros(n, bool)
