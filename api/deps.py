@@ -45,9 +45,11 @@ CycleId = Annotated[
 ]
 
 
-async def get_or_404(pool: asyncpg.Pool, tenant_id: int, meter_id: int) -> asyncpg.Record:
+async def get_or_404(
+    conn: asyncpg.Connection | asyncpg.Pool, tenant_id: int, meter_id: int
+) -> asyncpg.Record:
     """The tenant's meter row, or NotFoundError."""
-    row = await registry.get_meter(pool, tenant_id, meter_id)
+    row = await registry.get_meter(conn, tenant_id, meter_id)
     if row is None:
         raise NotFoundError(f"no meter {meter_id}")
     return row

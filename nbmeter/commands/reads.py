@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncpg
 from pydantic import ValidationError
 
-from api.read_import import BodyError, parse
+from api.read_import import BodyError, Kind, parse
 from api.schemas_manual import ManualReadCreate
 from api.settings import ApiSettings
 from storage import manual_reads
@@ -99,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.file is None:
             return _fail("import needs --file (CSV, or JSON when it ends in .json)")
         data = Path(args.file).read_bytes()
-        kind = "json" if args.file.endswith(".json") else "csv"
+        kind: Kind = "json" if args.file.endswith(".json") else "csv"
         try:
             reads, problems = parse(data, kind)
         except BodyError as exc:

@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import re
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -121,7 +121,7 @@ async def _key_revoke(dsn: str, args: argparse.Namespace) -> None:
     print(f"API key {args.key_id} revoked", file=sys.stderr)
 
 
-def _runner(action: Callable[[str, argparse.Namespace], Awaitable[None]]) -> Any:
+def _runner(action: Callable[[str, argparse.Namespace], Coroutine[Any, Any, None]]) -> Any:
     def run(args: argparse.Namespace) -> int:
         from nbmeter.commands._env import database_url
         from storage.errors import StorageError
