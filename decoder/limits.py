@@ -66,7 +66,9 @@ def json_depth(doc: bytes) -> int:
     if b"\\" not in skeleton:  # no escapes: a string is quote to quote (an unterminated
         # one runs to the end: json.loads stops there, so its brackets are never nesting)
         return _max_depth(b"".join(skeleton.split(b'"')[::2]))
-    a = np.frombuffer(skeleton, np.uint8)
+    # escapes are read on the whole document: in the skeleton an escape such as `\n` or
+    # `\u0041` would lose its letter, and its backslash would seem to escape the next quote
+    a = np.frombuffer(doc, np.uint8)
     # a quote is escaped when an odd run of backslashes precedes it (RFC 8259 §7)
     slash = a == _BACKSLASH
     run = np.cumsum(slash, dtype=np.int64)

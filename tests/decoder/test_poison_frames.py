@@ -93,6 +93,13 @@ def test_json_depth_ignores_brackets_inside_strings() -> None:
         limits.load_json(escaped_slash)
 
 
+def test_json_depth_reads_letter_escapes_before_a_quote() -> None:
+    """An escape such as `\\n` or `\\u0041` just before a string's closing quote does not
+    escape that quote (its letter is part of the escape)."""
+    doc = json.dumps(["x\n", "y\u0001", [[[[1]]]], "[" * 40]).encode()
+    assert limits.json_depth(doc) == 5
+
+
 def _walk_depth(doc: bytes) -> int:
     """The reference: a byte-by-byte JSON walk (strings and escapes), deepest level."""
     level = deepest = 0
