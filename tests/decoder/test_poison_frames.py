@@ -96,8 +96,9 @@ def test_json_depth_ignores_brackets_inside_strings() -> None:
 def test_json_depth_reads_letter_escapes_before_a_quote() -> None:
     """An escape such as `\\n` or `\\u0041` just before a string's closing quote does not
     escape that quote (its letter is part of the escape)."""
-    doc = json.dumps(["x\n", "y\u0001", [[[[1]]]], "[" * 40]).encode()
-    assert limits.json_depth(doc) == 5
+    for escape in ("\n", "\u0001", "\t"):
+        doc = json.dumps(["x" + escape, [[[[1]]]], "[" * 40]).encode()
+        assert limits.json_depth(doc) == 5, doc
 
 
 def _walk_depth(doc: bytes) -> int:
