@@ -142,6 +142,20 @@ async def device(
     )
 
 
+@pytest.fixture
+async def own_broker_device(
+    db_url: str, tenant_slug: str, own_broker: Broker, credentials_key: str
+) -> ProvisionedDevice:
+    """A provisioned meter whose MQTT account is on the session's own broker (`own_broker`)."""
+    return await provision_device(
+        db_url,
+        tenant_slug,
+        new_address(),
+        credentials_key=credentials_key,
+        mqtt_admin_url=own_broker.admin_url,
+    )
+
+
 async def count(pool: asyncpg.Pool, sql: str, *args: object) -> int:
     """SELECT count(*) helper."""
     return int(await pool.fetchval(sql, *args))

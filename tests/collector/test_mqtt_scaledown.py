@@ -15,32 +15,17 @@ import uuid
 from pathlib import Path
 
 import asyncpg
-import pytest
 from brokerkit import Broker, free_port, start_broker
 from collector_testkit import cjt188_frame, hour
-from conftest import new_address, wait_count
+from conftest import wait_count
 from mqtt_testkit import CollectorProcess, Streamer, session_present
 
 from collector.broker import ensure_collector_acls, prepare_broker_files
-from collector.provision import ProvisionedDevice, provision_device
+from collector.provision import ProvisionedDevice
 
 MINE = "SELECT count(*) FROM readings WHERE meter_id = $1"
 N = 900
 RATE_PER_S = 300.0
-
-
-@pytest.fixture
-async def streamed_device(
-    db_url: str, tenant_slug: str, own_broker: Broker, credentials_key: str
-) -> ProvisionedDevice:
-    """A meter with an MQTT account on this session's own broker."""
-    return await provision_device(
-        db_url,
-        tenant_slug,
-        new_address(),
-        credentials_key=credentials_key,
-        mqtt_admin_url=own_broker.admin_url,
-    )
 
 
 def _frames(device: ProvisionedDevice, n: int) -> list[bytes]:
@@ -74,13 +59,13 @@ async def test_sigterm_leaves_the_share_group_with_nothing_waiting(
     own_broker: Broker,
     credentials_key: str,
     pool: asyncpg.Pool,
-    streamed_device: ProvisionedDevice,
+    own_broker_device: ProvisionedDevice,
 ) -> None:
     """A collector stopped with SIGTERM mid-stream ends its session: every message stored."""
     a, b = _pair(tmp_path, db_url, own_broker, credentials_key, will_delay_s=60)
     try:
         streamer = Streamer(
-            own_broker.url, own_broker.port, streamed_device.mqtt, _frames(streamed_device, N)
+            own_broker.url, own_broker.port, own_broker_device.mqtt, _frames(own_broker_device, N)
         )
         streamer.start(RATE_PER_S)
         streamer.wait_sent(N // 3)
@@ -88,7 +73,7 @@ async def test_sigterm_leaves_the_share_group_with_nothing_waiting(
         assert a.terminate() == 0
         stop_s = time.monotonic() - stopping
         assert streamer.finish() == [0] * N
-        assert await wait_count(pool, N, MINE, streamed_device.meter_id, within_s=30) == N
+        assert await wait_count(pool, N, MINE, own_broker_device.meter_id, within_s=30) == N
         assert a.events("broker.session_ended"), "the stopped collector kept its session"
         assert not a.events("broker.session_kept")
         assert not session_present(own_broker.url, a.client_id)
@@ -104,7 +89,7 @@ async def test_killed_collectors_share_is_stored_within_the_will_delay(
     own_broker: Broker,
     credentials_key: str,
     pool: asyncpg.Pool,
-    streamed_device: ProvisionedDevice,
+    own_broker_device: ProvisionedDevice,
 ) -> None:
     """A collector killed with -9 mid-stream: a survivor takes its session over and stores
     its share within the will delay plus the takeover time."""
@@ -112,7 +97,7 @@ async def test_killed_collectors_share_is_stored_within_the_will_delay(
     a, b = _pair(tmp_path, db_url, own_broker, credentials_key, will_delay_s=will_delay_s)
     try:
         streamer = Streamer(
-            own_broker.url, own_broker.port, streamed_device.mqtt, _frames(streamed_device, N)
+            own_broker.url, own_broker.port, own_broker_device.mqtt, _frames(own_broker_device, N)
         )
         streamer.start(RATE_PER_S)
         streamer.wait_sent(N // 3)
@@ -120,7 +105,7 @@ async def test_killed_collectors_share_is_stored_within_the_will_delay(
         killed = time.monotonic()
         assert streamer.finish() == [0] * N
         bound_s = will_delay_s + 10
-        got = await wait_count(pool, N, MINE, streamed_device.meter_id, within_s=bound_s + 5)
+        got = await wait_count(pool, N, MINE, own_broker_device.meter_id, within_s=bound_s + 5)
         all_stored_s = time.monotonic() - killed
         assert got == N
         assert all_stored_s <= bound_s
@@ -147,7 +132,7 @@ async def test_restart_under_the_same_client_id_resumes_the_session(
     own_broker: Broker,
     credentials_key: str,
     pool: asyncpg.Pool,
-    streamed_device: ProvisionedDevice,
+    own_broker_device: ProvisionedDevice,
 ) -> None:
     """Messages that came while the only collector was dead are stored after its restart."""
     group, client_id = f"g-{uuid.uuid4().hex[:8]}", f"solo-{uuid.uuid4().hex[:8]}"
@@ -169,18 +154,18 @@ async def test_restart_under_the_same_client_id_resumes_the_session(
     first.close()
     n = 200
     streamer = Streamer(
-        own_broker.url, own_broker.port, streamed_device.mqtt, _frames(streamed_device, n)
+        own_broker.url, own_broker.port, own_broker_device.mqtt, _frames(own_broker_device, n)
     )
     streamer.start(RATE_PER_S)
     assert streamer.finish() == [0] * n
-    assert await wait_count(pool, 1, MINE, streamed_device.meter_id, within_s=0.5) == 0
+    assert await wait_count(pool, 1, MINE, own_broker_device.meter_id, within_s=0.5) == 0
     second = start()
     try:
         # the member's connection, not the watcher's (which always starts clean and may
         # connect first)
         member = [e for e in second.events("broker.connected") if e.get("role") == "member"]
         assert member[0]["session_present"] is True
-        assert await wait_count(pool, n, MINE, streamed_device.meter_id, within_s=20) == n
+        assert await wait_count(pool, n, MINE, own_broker_device.meter_id, within_s=20) == n
     finally:
         second.close()
 
@@ -210,7 +195,7 @@ async def test_share_of_a_collector_that_died_while_none_was_alive_is_taken_over
     own_broker: Broker,
     credentials_key: str,
     pool: asyncpg.Pool,
-    streamed_device: ProvisionedDevice,
+    own_broker_device: ProvisionedDevice,
 ) -> None:
     """Both collectors killed, uplinks keep coming: the first one back resumes its own
     session and takes the other's over from its retained will; every uplink is stored."""
@@ -221,12 +206,12 @@ async def test_share_of_a_collector_that_died_while_none_was_alive_is_taken_over
     b.close()
     n = 300
     streamer = Streamer(
-        own_broker.url, own_broker.port, streamed_device.mqtt, _frames(streamed_device, n)
+        own_broker.url, own_broker.port, own_broker_device.mqtt, _frames(own_broker_device, n)
     )
     streamer.start(RATE_PER_S)
     assert streamer.finish() == [0] * n
     await asyncio.sleep(2)  # both wills are published (retained) while no collector is alive
-    assert await wait_count(pool, 1, MINE, streamed_device.meter_id, within_s=0.2) == 0
+    assert await wait_count(pool, 1, MINE, own_broker_device.meter_id, within_s=0.2) == 0
     back = CollectorProcess(
         tmp_path,
         db_url=db_url,
@@ -237,7 +222,7 @@ async def test_share_of_a_collector_that_died_while_none_was_alive_is_taken_over
         will_delay_s=1,
     )
     try:
-        assert await wait_count(pool, n, MINE, streamed_device.meter_id, within_s=20) == n
+        assert await wait_count(pool, n, MINE, own_broker_device.meter_id, within_s=20) == n
         adopted = back.wait_log("broker.session_adopted", peer=b.client_id)
         assert adopted["messages"] > 0
     finally:

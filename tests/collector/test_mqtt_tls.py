@@ -18,32 +18,18 @@ import paho.mqtt.client as paho
 import pytest
 from brokerkit import Broker
 from collector_testkit import cjt188_frame, hour
-from conftest import collector_settings, new_address, wait_count
+from conftest import collector_settings, wait_count
 from mqtt_testkit import session_present
 
 from collector.main import run
 from collector.mqtt import BrokerAddress, MqttError, MqttSubscriber
 from collector.pipeline import Pipeline
-from collector.provision import ProvisionedDevice, provision_device
+from collector.provision import ProvisionedDevice
 from collector.settings import MqttSettings, PipelineSettings
 from nbmeter.stack.tls import ensure_certificates
 from simulator.mqtt import MqttCredentials, publish
 
 MINE = "SELECT count(*) FROM readings WHERE meter_id = $1"
-
-
-@pytest.fixture
-async def tls_device(
-    db_url: str, tenant_slug: str, own_broker: Broker, credentials_key: str
-) -> ProvisionedDevice:
-    """A meter with an MQTT account on this session's own broker."""
-    return await provision_device(
-        db_url,
-        tenant_slug,
-        new_address(),
-        credentials_key=credentials_key,
-        mqtt_admin_url=own_broker.admin_url,
-    )
 
 
 def _creds(device: ProvisionedDevice) -> MqttCredentials:
@@ -67,7 +53,7 @@ async def test_collector_over_mqtts_stores_and_acks(
     own_broker: Broker,
     credentials_key: str,
     pool: asyncpg.Pool,
-    tls_device: ProvisionedDevice,
+    own_broker_device: ProvisionedDevice,
 ) -> None:
     """A collector on mqtts:// (the stack's CA) stores TLS uplinks and acks every one."""
     base = collector_settings(db_url, own_broker, credentials_key)
@@ -81,11 +67,11 @@ async def test_collector_over_mqtts_stores_and_acks(
     task = asyncio.create_task(run(settings, stop=stop, started=started))
     await asyncio.wait_for(started.wait(), 20)
     await asyncio.sleep(0.5)  # subscribed: the connection is made in the background
-    frames = [cjt188_frame(tls_device.address, 10_000 * (h + 1), hour(h)) for h in range(5)]
+    frames = [cjt188_frame(own_broker_device.address, 10_000 * (h + 1), hour(h)) for h in range(5)]
     url = _sim_url(own_broker, own_broker.ca_file)
-    results = [await publish(url, _creds(tls_device), f, qos=1) for f in frames]
+    results = [await publish(url, _creds(own_broker_device), f, qos=1) for f in frames]
     assert [(r.acked, r.error) for r in results] == [(1, "")] * 5
-    assert await wait_count(pool, 5, MINE, tls_device.meter_id) == 5
+    assert await wait_count(pool, 5, MINE, own_broker_device.meter_id) == 5
     stop.set()
     await asyncio.wait_for(task, 40)
     # acked: the graceful stop could end the session, nothing was left in it
@@ -93,16 +79,16 @@ async def test_collector_over_mqtts_stores_and_acks(
 
 
 async def test_plain_mqtt_on_the_tls_port_is_refused(
-    own_broker: Broker, tls_device: ProvisionedDevice
+    own_broker: Broker, own_broker_device: ProvisionedDevice
 ) -> None:
     """A device speaking plain MQTT to the TLS port gets no session and publishes nothing."""
     result = await publish(
-        f"mqtt://127.0.0.1:{own_broker.tls_port}", _creds(tls_device), b"x", qos=1
+        f"mqtt://127.0.0.1:{own_broker.tls_port}", _creds(own_broker_device), b"x", qos=1
     )
     assert result.acked == 0
     assert result.error
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-    client.username_pw_set(tls_device.mqtt["username"], tls_device.mqtt["password"])
+    client.username_pw_set(own_broker_device.mqtt["username"], own_broker_device.mqtt["password"])
     client.connect("127.0.0.1", own_broker.tls_port)
     codes = set()
     for _ in range(30):  # the broker closes the socket on the unencrypted CONNECT
@@ -124,7 +110,7 @@ def test_plain_listener_is_loopback_only(own_broker: Broker) -> None:
 
 
 async def test_wrong_ca_fails_with_a_clear_error(
-    tmp_path: Path, own_broker: Broker, tls_device: ProvisionedDevice
+    tmp_path: Path, own_broker: Broker, own_broker_device: ProvisionedDevice
 ) -> None:
     """A CA that did not sign the broker's certificate: the collector refuses to start and
     says which setting to fix; the simulated meter reports the verification failure."""
@@ -137,12 +123,14 @@ async def test_wrong_ca_fails_with_a_clear_error(
         await subscriber.start()
     assert "NBMETER_MQTT__CA_FILE" in str(caught.value)
     assert str(other) in str(caught.value)
-    result = await publish(_sim_url(own_broker, other), _creds(tls_device), b"x", qos=1)
+    result = await publish(_sim_url(own_broker, other), _creds(own_broker_device), b"x", qos=1)
     assert result.acked == 0
     assert result.error.startswith("TLS: the broker's certificate")
 
 
-async def test_host_name_is_checked(own_broker: Broker, tls_device: ProvisionedDevice) -> None:
+async def test_host_name_is_checked(
+    own_broker: Broker, own_broker_device: ProvisionedDevice
+) -> None:
     """The broker's certificate names localhost and 127.0.0.1; another name is refused."""
     assert own_broker.ca_file is not None
     name = socket.gethostname()
