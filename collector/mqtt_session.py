@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 import paho.mqtt.client as paho
 import structlog
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -55,6 +56,12 @@ from paho.mqtt.reasoncodes import ReasonCode
 from collector import metrics
 from collector.pipeline import Outcome, Pipeline, PipelineClosed, Transport, Uplink
 from collector.settings import MqttSettings
+
+
+def _properties(packet_type: int) -> Properties:
+    """MQTT 5 properties for one packet type (paho's constructor carries no annotations)."""
+    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho: untyped __init__
+
 
 log = structlog.get_logger("collector.mqtt")
 
@@ -129,7 +136,7 @@ class Session:
         self._unsubacks: dict[int, asyncio.Future[None]] = {}
         self._inflight: set[asyncio.Future[Outcome]] = set()
         client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5,
             manual_ack=True,
@@ -140,7 +147,7 @@ class Session:
         if tls is not None:
             client.tls_set_context(tls)
         if role != "watcher":
-            will = Properties(PacketTypes.WILLMESSAGE)
+            will = _properties(PacketTypes.WILLMESSAGE)
             will.WillDelayInterval = settings.will_delay_s
             client.will_set(self._gone_topic, client_id, qos=1, retain=True, properties=will)
         client.on_connect = self._on_connect
@@ -158,7 +165,7 @@ class Session:
         """Connect in the background (an absent broker is retried) with paho's thread."""
         self._loop = asyncio.get_running_loop()
         watcher = self.role == "watcher"
-        props = Properties(PacketTypes.CONNECT)
+        props = _properties(PacketTypes.CONNECT)
         # a watcher's session ends with its connection: no will waits in a dead one
         props.SessionExpiryInterval = 0 if watcher else self._settings.session_expiry_s
         props.ReceiveMaximum = self._settings.receive_maximum
@@ -225,7 +232,7 @@ class Session:
         elif self.role == "watcher":
             self._client.disconnect()
         elif end_session and not self._unclean and self._marker_seen.is_set():
-            props = Properties(PacketTypes.DISCONNECT)
+            props = _properties(PacketTypes.DISCONNECT)
             props.SessionExpiryInterval = 0
             self._client.disconnect(properties=props)
             ended = True
@@ -272,7 +279,7 @@ class Session:
             wills = control_topic(self._settings.share_group, "+", "gone")
             for sub_id, topic in ((_LIVE_WILLS, f"$share/{self._settings.share_group}/{wills}"),
                                   (_RETAINED_WILLS, wills)):  # fmt: skip
-                props = Properties(PacketTypes.SUBSCRIBE)
+                props = _properties(PacketTypes.SUBSCRIBE)
                 props.SubscriptionIdentifier = sub_id
                 client.subscribe(topic, qos=1, properties=props)
         else:

@@ -243,13 +243,13 @@ def compose_command(cfg: StackConfig) -> list[str] | None:
             return ["docker", "compose"]
     for path in (shutil.which("docker-compose"), cfg.root / "usr/bin/docker-compose"):
         if path and Path(path).exists():
-            proc = subprocess.run(
+            version = subprocess.run(
                 [str(path), "version"], capture_output=True, text=True, check=False
             )
             if (
-                proc.returncode == 0
-                and " v1." not in proc.stdout
-                and "version 1." not in proc.stdout
+                version.returncode == 0
+                and " v1." not in version.stdout
+                and "version 1." not in version.stdout
             ):
                 return [str(path)]
     return None
