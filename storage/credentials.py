@@ -234,30 +234,6 @@ async def store_mqtt(
     )
 
 
-async def load_oscore(conn: asyncpg.Connection, key: bytes, kid: bytes) -> OscoreSecret | None:
-    """The OSCORE context whose device Sender ID is `kid`, opened; None when there is none."""
-    row = await conn.fetchrow(
-        "SELECT c.meter_id, c.tenant_id, m.address, c.oscore_sender_id, c.oscore_sealed,"
-        " c.oscore_replay_index, c.oscore_replay_bits FROM device_credentials c"
-        " JOIN meters m USING (meter_id) WHERE c.oscore_kid = $1 AND m.removed_at IS NULL",
-        kid,
-    )
-    if row is None:
-        return None
-    opened = json.loads(unseal(key, bytes(row[4]), int(row[0])))
-    return OscoreSecret(
-        meter_id=int(row[0]),
-        tenant_id=int(row[1]),
-        address=str(row[2]),
-        kid=kid,
-        sender_id=bytes(row[3]),
-        master_secret=bytes.fromhex(opened["secret"]),
-        master_salt=bytes.fromhex(opened["salt"]),
-        replay_index=row[5],
-        replay_bits=row[6],
-    )
-
-
 async def load_oscore_many(
     conn: asyncpg.Connection, key: bytes, kids: Iterable[bytes]
 ) -> tuple[dict[bytes, OscoreSecret], list[int]]:
