@@ -9,19 +9,18 @@ never see each other's rows. Tests that need the stack request `db_url`, `pool` 
 from __future__ import annotations
 
 import os
-import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 from brokerkit import Broker, free_port, start_broker
+from dbkit import migrated_database
 from hypothesis import settings
 
 from collector.broker import ensure_collector_acls, prepare_broker_files
-from storage.migrate import migrate
 
 # CI replays the same examples on every run, so a landing gate is never a lottery; local
 # runs keep exploring new examples (and keep what they find in .hypothesis/)
@@ -39,11 +38,6 @@ def _env(name: str) -> str:
     return value
 
 
-def _with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{database}"))
-
-
 @pytest.fixture(scope="session")
 def server_url() -> str:
     """URL of the stack's TimescaleDB server (its default database)."""
@@ -53,20 +47,8 @@ def server_url() -> str:
 @pytest.fixture(scope="session")
 async def db_url(server_url: str) -> AsyncIterator[str]:
     """A fresh database on the stack's server with every migration applied."""
-    name = f"nbmeter_test_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = _with_database(server_url, name)
-    await migrate(url)
-    yield url
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with migrated_database(server_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -4,17 +4,15 @@ real database; claims that skip locked items; a crash (rollback) re-queues a bat
 from __future__ import annotations
 
 import itertools
-import secrets
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from dbkit import migrated_database
 
 from storage import quarantine, redecode_queue
 from storage.archive import ArchiveWriter, QuarantineRow
-from storage.migrate import migrate
 from storage.redecode_queue import ITEMS, JOBS, InvalidTransitionError, Machine
 
 
@@ -22,21 +20,11 @@ from storage.redecode_queue import ITEMS, JOBS, InvalidTransitionError, Machine
 async def pool(server_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A database of this module's own: the test session's collector (tests/collector)
     drains the session database's re-decode queue, and would move these tests' rows."""
-    name = f"nbmeter_test_queue_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
-    await migrate(url)
-    async with asyncpg.create_pool(url, min_size=1, max_size=4) as p:
+    async with (
+        migrated_database(server_url, "nbmeter_test_queue") as url,
+        asyncpg.create_pool(url, min_size=1, max_size=4) as p,
+    ):
         yield p
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def a_row(pool: asyncpg.Pool, tenant_id: int, payload: bytes) -> int:
