@@ -376,15 +376,6 @@ async def manual_reads(
     return [Stored(**dict(r)) for r in rows]
 
 
-async def tenant_of(conn: asyncpg.Connection, slug: str) -> int | None:
-    """The id of the tenant with this slug, or None."""
-    with translated("looking up the tenant"):
-        tenant_id: int | None = await conn.fetchval(
-            "SELECT tenant_id FROM tenants WHERE slug = $1", slug
-        )
-    return tenant_id
-
-
 def body_digest(body: bytes) -> bytes:
     """The sha256 that identifies an import body (re-posting it imports nothing)."""
     return hashlib.sha256(body).digest()

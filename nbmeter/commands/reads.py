@@ -21,6 +21,7 @@ from api.read_import import BodyError, Kind, parse
 from api.schemas_manual import ManualReadCreate
 from api.settings import ApiSettings
 from storage import manual_reads
+from storage.apikeys import UnknownTenantError, tenant_id_of
 from storage.errors import StorageError
 from storage.manual_reads import EnteredRead, EnteredReadError
 
@@ -42,10 +43,11 @@ async def _enter(
 ) -> manual_reads.ImportResult:
     conn = await asyncpg.connect(dsn)
     try:
-        tenant_id = await manual_reads.tenant_of(conn, slug)
-        if tenant_id is None:
+        try:
+            tenant_id = await tenant_id_of(conn, slug)
+        except UnknownTenantError:
             msg = f"no tenant {slug!r}: see `nbmeter tenant create`"
-            raise EnteredReadError([(0, msg)])
+            raise EnteredReadError([(0, msg)]) from None
         return await manual_reads.store(
             conn,
             tenant_id,
