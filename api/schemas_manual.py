@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Annotated, Literal, Self
 
 from pydantic import (
@@ -17,6 +16,7 @@ from pydantic import (
 )
 
 from api.schemas import M3, Address
+from billing import units
 
 _EARLIEST, _LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)
 
@@ -68,7 +68,7 @@ class _Register(BaseModel):
         """The register in exact mL."""
         if self.register_ml is not None:
             return self.register_ml
-        return int(Decimal(str(self.register_m3)).scaleb(6))
+        return units.ml(str(self.register_m3))  # M3 has at most 6 decimals: exact
 
 
 class ManualReadCreate(_Register):

@@ -257,7 +257,7 @@ class BatchStore:
         """A minimal quarantine row on its own (ids, reason, raw bytes; then without them)."""
         tenant = uplink.device.tenant_id if uplink.device else uplink.tenant_id
         meter = uplink.device.meter_id if uplink.device else None
-        at = datetime.fromtimestamp(uplink.received_at, UTC)
+        at = _utc(uplink.received_at)
         digest = hashlib.sha256(uplink.payload).hexdigest()
         row = QuarantineRow(
             at, tenant, meter, int(uplink.transport), None, reason, detail, uplink.payload
