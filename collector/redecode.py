@@ -2,8 +2,9 @@
 
 `Redecoder.run(stop)` drains the queue of storage.redecode_queue in batches of `batch_max`
 items, claimed FOR UPDATE SKIP LOCKED (several collectors share the work), woken by
-NOTIFY on a connection of its own and, in case a notification was missed while that
-connection was down, by a poll every `poll_s`. Each claimed frame is offered to the
+NOTIFY on a connection of its own (storage.notify's loop: heartbeat, reconnect; each
+reconnect wakes it too, since a request may have been notified while the connection was
+down) and, as a last resort, by a poll every `poll_s`. Each claimed frame is offered to the
 pipeline as the uplink it was: its payload, transport, peer and original receive time,
 with the device the row recorded (meter and tenant; MQTT and OSCORE) or, for plain CoAP,
 its tenant. The pipeline's store path (collector.store.BatchStore) applies the same
@@ -27,6 +28,7 @@ from collector.pipeline import Device, Outcome, Pipeline, PipelineClosed, Transp
 from collector.settings import RedecodeSettings
 from storage import redecode_queue as queue
 from storage.errors import StorageError
+from storage.notify import STOPPED
 
 log = structlog.get_logger("collector.redecode")
 
@@ -86,19 +88,22 @@ class Redecoder:
         self._pool = pool
         self._pipeline = pipeline
         self._settings = settings
+        self._database_url = database_url
         self._wakeup = asyncio.Event()
-        self._listener = queue.Listener(database_url, self._wakeup.set)
+        self.listening = False  # True while requests arrive by NOTIFY (else: the poll only)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Carry out requests until `stop` is set (the batch under way is finished first)."""
         if not self._settings.enabled:
             return
+        listener = asyncio.create_task(
+            queue.listen(self._database_url, self._wakeup.set, self._listener_state),
+            name="redecode-listener",
+        )
         delay = self._settings.poll_s
         try:
             while not stop.is_set():
                 try:
-                    if not self._listener.alive:
-                        await self._listener.open()
                     self._wakeup.clear()  # a request notified from now on wakes the sleep
                     done = await self.drain(stop)
                     delay = self._settings.poll_s
@@ -106,7 +111,6 @@ class Redecoder:
                     return
                 except StorageError as exc:
                     log.warning("redecode.retried", error=str(exc), wait_s=delay)
-                    await self._listener.close()
                     done = 0
                     delay = min(delay * 2, 60.0)
                 except Exception:  # a bug: log it and keep the collector running
@@ -115,7 +119,16 @@ class Redecoder:
                 if not done:
                     await self._sleep(stop, delay)
         finally:
-            await self._listener.close()
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    def _listener_state(self, up: bool, why: str | None) -> None:
+        if up and not self.listening:
+            log.info("redecode_listener.connected", channel=queue.CHANNEL)
+        elif not up and self.listening and why != STOPPED:
+            log.warning("redecode_listener.lost", reason=why)
+        self.listening = up
 
     async def drain(self, stop: asyncio.Event | None = None) -> int:
         """Carry out queued items batch by batch until none is left; how many were done."""

@@ -11,7 +11,6 @@ verified keys and still drop a revoked one at once.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -25,6 +24,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 
+from storage import notify
 from storage.errors import StorageError
 from storage.pool import translating
 
@@ -214,61 +214,27 @@ async def listen_key_changes(
     *,
     check_every_s: float = 2.0,
     retry_s: float = 1.0,
+    retry_max_s: float = 5.0,
 ) -> None:
     """Forever: LISTEN on KEY_CHANNEL over a connection of its own; cancel to stop.
 
     `on_change(key_id)` runs for each changed key (`ALL_KEYS` after a TRUNCATE).
     `on_state(True, None)` runs once listening, `on_state(False, why)` when the connection
-    is lost or cannot be opened (then it retries every `retry_s`): notifications sent
+    is lost or cannot be opened (then it retries after `retry_s`, doubling up to
+    `retry_max_s`), `on_state(False, "stopped")` when cancelled: notifications sent
     meanwhile are lost, so a cache must distrust itself until the next `on_state(True)`.
     A connection that dies silently (no FIN, a hung server) is found by a `SELECT 1` every
     `check_every_s` that must answer within `check_every_s`: lost within twice that.
+    The loop is `storage.notify.listen`'s.
     """
-    while True:
-        try:
-            why = await _listen_once(dsn, on_change, on_state, check_every_s)
-        except Exception as exc:  # the task's top level: a bug must not end the listening
-            why = f"unexpected {type(exc).__name__}: {exc}"
-        on_state(False, why)
-        await asyncio.sleep(retry_s)
-
-
-async def _listen_once(
-    dsn: str,
-    on_change: Callable[[str], None],
-    on_state: Callable[[bool, str | None], None],
-    check_every_s: float,
-) -> str:
-    """Listen on one connection until it is lost; return why it was."""
-    conn: asyncpg.Connection | None = None
-    lost = asyncio.Event()
-    try:
-        conn = await asyncpg.connect(
-            dsn,
-            timeout=check_every_s * 2,
-            server_settings={"application_name": "nbmeter-api-keys"},
-        )
-        conn.add_termination_listener(lambda _conn: lost.set())
-        await conn.add_listener(KEY_CHANNEL, lambda _c, _pid, _ch, key_id: on_change(key_id))
-        on_state(True, None)
-        while not lost.is_set():
-            try:
-                await asyncio.wait_for(lost.wait(), check_every_s)
-            except TimeoutError:
-                await conn.fetchval("SELECT 1", timeout=check_every_s)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    except asyncio.CancelledError:
-        on_state(False, "stopped")
-        raise
-    finally:
-        if conn is not None:
-            conn.terminate()
-    return "connection closed"
-
-
-@translating("reading the tenant's timezone")
-async def tenant_timezone(conn: asyncpg.Connection | asyncpg.Pool, tenant_id: int) -> str:
-    """The tenant's IANA timezone name."""
-    tz: str = await conn.fetchval("SELECT timezone FROM tenants WHERE tenant_id = $1", tenant_id)
-    return tz
+    await notify.listen(
+        dsn,
+        KEY_CHANNEL,
+        on_change,
+        on_state,
+        app_name="nbmeter-api-keys",
+        check_every_s=check_every_s,
+        check_timeout_s=check_every_s,
+        retry_min_s=retry_s,
+        retry_max_s=max(retry_s, retry_max_s),
+    )

@@ -8,8 +8,8 @@ collectors share the work) inside a transaction it keeps while their frames go t
 its live store path, then records every outcome in that same transaction (`record`):
 the item's state, the quarantine row's resolution (with the new row when the frame was
 quarantined again), and the state of each job left with no queued item. If the
-transaction rolls back (a crash), the items are queued again. `Listener` wakes a
-collector on NOTIFY CHANNEL.
+transaction rolls back (a crash), the items are queued again. `listen` wakes a
+collector on NOTIFY CHANNEL (storage.notify's loop).
 
 Errors: InvalidTransitionError (a StorageError) for a state change the tables do not
 allow (a bug, never input); database errors as storage errors (storage.pool.translated).
@@ -17,7 +17,6 @@ allow (a bug, never input); database errors as storage errors (storage.pool.tran
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,8 +25,9 @@ from typing import Any, Final
 
 import asyncpg
 
+from storage import notify
 from storage.errors import StorageError
-from storage.pool import connection, translated
+from storage.pool import connection
 
 Pool = asyncpg.Pool
 
@@ -280,35 +280,33 @@ async def claimed(pool: Pool, limit: int) -> AsyncIterator[Batch]:
             batch.closed = await record(conn, batch.results)
 
 
-class Listener:
-    """A connection of its own that LISTENs on CHANNEL and calls `wake()` on each NOTIFY."""
+async def listen(
+    dsn: str,
+    wake: Callable[[], None],
+    on_state: Callable[[bool, str | None], None],
+    *,
+    check_every_s: float = 2.0,
+    retry_max_s: float = 30.0,
+) -> None:
+    """Forever: call `wake()` on each NOTIFY CHANNEL and each time listening (re)starts.
 
-    def __init__(self, dsn: str, wake: Callable[[], None]) -> None:
-        """Listen on `dsn` once `open()` is awaited."""
-        self._dsn = dsn
-        self._wake = wake
-        self._conn: asyncpg.Connection | None = None
+    A request notified while the connection was down was missed, so (re)connecting wakes
+    the caller to look. `on_state` is `storage.notify.listen`'s, whose loop this is
+    (heartbeat every `check_every_s`, reconnect with backoff up to `retry_max_s`).
+    """
 
-    @property
-    def alive(self) -> bool:
-        """True while the connection is open."""
-        return self._conn is not None and not self._conn.is_closed()
+    def state(up: bool, why: str | None) -> None:
+        on_state(up, why)
+        if up:
+            wake()
 
-    async def open(self) -> None:
-        """Connect and LISTEN; StorageUnavailableError when the database is away."""
-        with translated("listening for re-decode requests"):
-            conn = await asyncpg.connect(self._dsn, timeout=5.0)
-            await conn.add_listener(CHANNEL, self._notified)
-        self._conn = conn
-
-    def _notified(self, *_args: object) -> None:
-        self._wake()
-
-    async def close(self) -> None:
-        """Close the connection (never raises)."""
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), 2.0)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                conn.terminate()
+    await notify.listen(
+        dsn,
+        CHANNEL,
+        lambda _payload: wake(),
+        state,
+        app_name="nbmeter-redecode",
+        check_every_s=check_every_s,
+        check_timeout_s=check_every_s,
+        retry_max_s=retry_max_s,
+    )
