@@ -238,3 +238,10 @@ async def listen_key_changes(
         retry_min_s=retry_s,
         retry_max_s=max(retry_s, retry_max_s),
     )
+
+
+@translating("reading the tenant's timezone")
+async def tenant_timezone(conn: asyncpg.Connection | asyncpg.Pool, tenant_id: int) -> str:
+    """The tenant's IANA timezone name."""
+    tz: str = await conn.fetchval("SELECT timezone FROM tenants WHERE tenant_id = $1", tenant_id)
+    return tz

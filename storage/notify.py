@@ -26,6 +26,7 @@ Users: the OSCORE credentials (`listen_credentials`, CHANNEL, migration 0030),
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,13 +89,13 @@ async def listen(
                 )
             except _LOST as exc:
                 why = f"{type(exc).__name__}: {exc}"
-            _call("on_state", channel, lambda why=why: on_state(False, why))
+            _call("on_state", channel, functools.partial(on_state, False, why))
             if listened:  # it listened: this loss is a fresh start, not one more failure
                 delay, listened = retry_min_s, False
             await asyncio.sleep(delay)
             delay = min(delay * 2, retry_max_s)
     except asyncio.CancelledError:
-        _call("on_state", channel, lambda: on_state(False, STOPPED))
+        _call("on_state", channel, functools.partial(on_state, False, STOPPED))
         raise
 
 
@@ -112,7 +113,7 @@ async def _listen_once(
     lost = asyncio.Event()
 
     def notified(_conn: object, _pid: int, _channel: str, payload: object) -> None:
-        _call("on_notify", channel, lambda: on_notify(str(payload)))
+        _call("on_notify", channel, functools.partial(on_notify, str(payload)))
 
     try:
         conn = await asyncpg.connect(
@@ -120,7 +121,7 @@ async def _listen_once(
         )
         conn.add_termination_listener(lambda _conn: lost.set())
         await conn.add_listener(channel, notified)
-        _call("on_state", channel, lambda: on_state(True, None))
+        _call("on_state", channel, functools.partial(on_state, True, None))
         while not lost.is_set():
             try:
                 await asyncio.wait_for(lost.wait(), check_every_s)
