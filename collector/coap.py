@@ -30,8 +30,8 @@ full, the database is away longer than `ack_wait_s`, or the collector is stoppin
 Retransmitted CONs are answered from the deduplication table (`coap_patches.bound_dedup`);
 after a restart, or in another process, from the answer recorded with the uplink.
 """
-# aiocoap is untyped; this module, coap_oscore, coap_guard and coap_patches touch it.
-# mypy: disable-error-code="no-untyped-call,misc,no-any-return"
+# aiocoap is untyped (mypy sees its names as Any); this module, coap_oscore, coap_guard
+# and coap_patches touch it: each place that must subclass or read it says so.
 
 from __future__ import annotations
 
@@ -45,7 +45,6 @@ import uuid
 from typing import Any
 
 import aiocoap
-import asyncpg
 import structlog
 from aiocoap import error, resource
 
@@ -71,6 +70,7 @@ from collector.pipeline import (
 from collector.settings import CoapSettings
 from storage import coap_peers, credentials, notify
 from storage.errors import StorageError
+from storage.pool import Pool, connection
 
 log = structlog.get_logger("collector.coap")
 
@@ -81,7 +81,6 @@ _CODES = {
     "unknown_meter": aiocoap.NOT_FOUND,
     "too_large": aiocoap.REQUEST_ENTITY_TOO_LARGE,
 }
-_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, StorageError)
 
 
 class TenantDirectory:
@@ -93,7 +92,7 @@ class TenantDirectory:
     per `miss_reload_s`.
     """
 
-    def __init__(self, pool: asyncpg.Pool, ttl_s: float = 30.0, miss_reload_s: float = 0.05):
+    def __init__(self, pool: Pool, ttl_s: float = 30.0, miss_reload_s: float = 0.05):
         self._pool = pool
         self._ttl_s = ttl_s
         self._miss_reload_s = miss_reload_s
@@ -112,7 +111,7 @@ class TenantDirectory:
                 if wait_s > 0:
                     await asyncio.sleep(wait_s)
                 self._started_at = time.monotonic()
-                async with self._pool.acquire(timeout=5.0) as conn:
+                async with connection(self._pool, "loading lab tenants", timeout_s=5.0) as conn:
                     self._tenants = await credentials.plain_coap_tenants(conn)
         return self._tenants.get(slug)
 
@@ -126,11 +125,11 @@ def _peer(remote: Any) -> str:
 
 
 def _slug(request: aiocoap.Message) -> str:
-    query = dict(q.partition("=")[::2] for q in request.opt.uri_query)
+    query: dict[str, str] = dict(q.partition("=")[::2] for q in request.opt.uri_query)
     return query.get("t", "")
 
 
-class UplinkResource(resource.Resource):
+class UplinkResource(resource.Resource):  # type: ignore[misc]  # aiocoap is untyped: Any base
     """POST /u: one uplink payload, answered when its batch is durable."""
 
     def __init__(
@@ -188,7 +187,7 @@ class UplinkResource(resource.Resource):
         slug = _slug(request)
         try:
             tenant = await self._tenants.lookup(slug) if slug else None
-        except _DB_ERRORS as exc:
+        except StorageError as exc:
             raise Busy(self._settings.busy_max_age_s, "tenant directory unavailable") from exc
         if tenant is None:
             metrics.UPLINKS.labels("coap", "unauthenticated").inc()
@@ -264,7 +263,7 @@ def fingerprint(settings: CoapSettings, key: bytes | None) -> tuple[str, dict[st
 def build_site(
     settings: CoapSettings,
     pipeline: Pipeline,
-    pool: asyncpg.Pool,
+    pool: Pool,
     key: bytes | None,
     events: EventLimiter | None = None,
 ) -> OscoreSite:
@@ -282,7 +281,7 @@ class CoapServer:
     def __init__(
         self,
         settings: CoapSettings,
-        pool: asyncpg.Pool,
+        pool: Pool,
         site: OscoreSite,
         key: bytes | None,
         database_url: str | None,
@@ -309,7 +308,7 @@ class CoapServer:
             await self._join()
         except coap_peers.PeerMismatchError:
             raise
-        except _DB_ERRORS as exc:  # the database may be away at start: join later
+        except StorageError as exc:  # the database may be away at start: join later
             log.warning("coap_registry.unreached", error=str(exc))
         if self._database_url is not None:
             self._tasks.append(asyncio.create_task(self._listen(), name="coap-credentials"))
@@ -339,7 +338,7 @@ class CoapServer:
 
     async def _join(self) -> None:
         digest, shown = self._fingerprint
-        async with self._pool.acquire(timeout=5.0) as conn:
+        async with connection(self._pool, "joining the CoAP port registry", timeout_s=5.0) as conn:
             peers = await coap_peers.join(
                 conn,
                 instance_id=self.instance_id,
@@ -386,7 +385,7 @@ class CoapServer:
             try:
                 if not self._joined:
                     await self._join()
-                async with self._pool.acquire(timeout=5.0) as conn:
+                async with connection(self._pool, "CoAP registry heartbeat", timeout_s=5.0) as conn:
                     peers = await coap_peers.heartbeat(
                         conn,
                         instance_id=self.instance_id,
@@ -402,7 +401,7 @@ class CoapServer:
                 # joined late (database was away at start): we already serve; say it loudly
                 log.error("coap_peer.mismatched", error=str(exc))
                 self._joined = True
-            except _DB_ERRORS as exc:
+            except StorageError as exc:
                 log.warning("coap_registry.unreached", error=str(exc))
 
     async def shutdown(self) -> None:
@@ -413,8 +412,8 @@ class CoapServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.contexts.close()
-        with contextlib.suppress(*_DB_ERRORS):
-            async with self._pool.acquire(timeout=2.0) as conn:
+        with contextlib.suppress(StorageError):
+            async with connection(self._pool, "leaving the CoAP registry", timeout_s=2.0) as conn:
                 await coap_peers.leave(conn, self.instance_id)
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self._log_filter)
@@ -425,7 +424,7 @@ class CoapServer:
 async def start_server(
     settings: CoapSettings,
     pipeline: Pipeline,
-    pool: asyncpg.Pool,
+    pool: Pool,
     key: bytes | None,
     *,
     database_url: str | None = None,

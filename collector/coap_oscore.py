@@ -17,7 +17,8 @@ or 5.03 + Max-Age if none was recorded yet (the device sends it again as a new
 request). NON requests get no error answers. None of these logs a traceback: each is a
 counted, rate-limited event (`collector.coap_guard.EventLimiter`).
 """
-# mypy: disable-error-code="no-untyped-call,misc,no-any-return,attr-defined"
+# aiocoap is untyped (mypy sees its names as Any): the two classes that must subclass
+# its bases say so.
 
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ from collections import OrderedDict
 from typing import Any
 
 import aiocoap
-import asyncpg
 import structlog
 from aiocoap import error, oscore
 from aiocoap.message import Direction
@@ -43,10 +43,10 @@ from collector.settings import CoapSettings
 from storage import credentials
 from storage.errors import StorageError
 from storage.notify import CredentialChange
+from storage.pool import Pool, connection
 
 log = structlog.get_logger("collector.coap")
 
-_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, StorageError)
 _SEQNO_BLOCK = 16  # server sequence numbers taken per database round trip
 
 
@@ -54,7 +54,10 @@ class ContextsUnavailable(Exception):
     """The credentials store cannot be asked right now (or too many lookups wait)."""
 
 
-class DeviceContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityContextUtils):
+_ContextBases = (oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityContextUtils)
+
+
+class DeviceContext(*_ContextBases):  # type: ignore[misc]  # aiocoap is untyped: Any bases
     """Server side of one device's OSCORE context, rebuilt from its stored secrets.
 
     The replay window starts from the one persisted with the last committed uplink.
@@ -112,7 +115,7 @@ def _noop() -> None:
 class DeviceContexts:
     """OSCORE contexts by kid: cached, negatively cached, loaded in batches, invalidated."""
 
-    def __init__(self, pool: asyncpg.Pool, key: bytes | None, settings: CoapSettings) -> None:
+    def __init__(self, pool: Pool, key: bytes | None, settings: CoapSettings) -> None:
         self._pool = pool
         self._key = key
         self._s = settings
@@ -164,6 +167,9 @@ class DeviceContexts:
             self._waiting.clear()
 
     async def _load_forever(self) -> None:
+        key = self._key
+        if key is None:  # load() queues no key id without a credentials key
+            return
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -174,9 +180,11 @@ class DeviceContexts:
                 kids = list(self._waiting)[: self._s.lookup_batch_max]
                 generation = self._generation
                 try:
-                    async with self._pool.acquire(timeout=5.0) as conn:
-                        found, bad = await credentials.load_oscore_many(conn, self._key, kids)
-                except _DB_ERRORS as exc:
+                    async with connection(
+                        self._pool, "loading OSCORE contexts", timeout_s=5.0
+                    ) as conn:
+                        found, bad = await credentials.load_oscore_many(conn, key, kids)
+                except StorageError as exc:
                     log.warning("oscore_context.unavailable", error=str(exc), kids=len(kids))
                     for kid in kids:
                         future = self._waiting.pop(kid)
@@ -250,7 +258,7 @@ class DeviceContexts:
         key = (ctx.recipient_id, piv)
         hit = self._answers.get(key)
         if hit is None:
-            async with self._pool.acquire(timeout=5.0) as conn:
+            async with connection(self._pool, "reading a recorded answer", timeout_s=5.0) as conn:
                 hit = await credentials.oscore_answer(conn, ctx.recipient_id, piv)
             if hit is None:
                 return None
@@ -263,7 +271,7 @@ class DeviceContexts:
         """Make sure `ctx` holds a server sequence number; False if its context is gone."""
         if ctx.has_grant():
             return True
-        async with self._pool.acquire(timeout=5.0) as conn:
+        async with connection(self._pool, "reserving sequence numbers", timeout_s=5.0) as conn:
             last = await credentials.next_server_seqno(
                 conn, ctx.device.meter_id, ctx.recipient_id, _SEQNO_BLOCK
             )
@@ -278,7 +286,7 @@ class DeviceContexts:
             self._loader.cancel()
 
 
-class Busy(error.ConstructionRenderableError):
+class Busy(error.ConstructionRenderableError):  # type: ignore[misc]  # aiocoap untyped: Any base
     """5.03 Service Unavailable with a Max-Age telling the device when to retry."""
 
     code = aiocoap.SERVICE_UNAVAILABLE
@@ -414,7 +422,7 @@ class OscoreSite:
             recorded = await self.contexts.recorded_answer(sc, piv)
             if recorded is not None and not await self.contexts.reserve_seqno(sc):
                 recorded = None
-        except _DB_ERRORS as exc:
+        except StorageError as exc:
             raise Busy(self._busy_s, "credentials store unavailable") from exc
         if recorded is None:
             metrics.REPLAY_ANSWERS.labels("busy").inc()
