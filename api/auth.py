@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated
 
-import asyncpg
 import structlog
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -30,6 +29,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from api.errors import KeyRefusedError
 from api.settings import ApiSettings
 from storage.apikeys import ALL_KEYS, KeyRefusal, Principal, check_api_key, listen_key_changes
+from storage.pool import Pool
 
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer nbm_<id>_<secret>`")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -51,7 +51,7 @@ class KeyCache:
         # cache what it read (it may predate the revocation the notification announced)
         self._epoch = 0
 
-    async def lookup(self, pool: asyncpg.Pool, key: str) -> Principal | KeyRefusal | None:
+    async def lookup(self, pool: Pool, key: str) -> Principal | KeyRefusal | None:
         """The key's Principal from cache or database, its refusal, or None (invalid)."""
         now = time.monotonic()
         hit = self._entries.get(key)
@@ -109,9 +109,9 @@ async def listening(cache: KeyCache, settings: ApiSettings) -> AsyncIterator[Non
             await task
 
 
-async def get_pool(request: Request) -> asyncpg.Pool:
+async def get_pool(request: Request) -> Pool:
     """The app's connection pool (owned by its lifespan); async, so no threadpool hop."""
-    pool: asyncpg.Pool = request.app.state.pool
+    pool: Pool = request.app.state.pool
     return pool
 
 
@@ -121,7 +121,7 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
     async def dependency(
         request: Request,
         credentials: Credentials,
-        pool: Annotated[asyncpg.Pool, Depends(get_pool)],
+        pool: Annotated[Pool, Depends(get_pool)],
     ) -> Principal:
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise HTTPException(401, _UNAUTHORIZED)

@@ -8,16 +8,17 @@ from __future__ import annotations
 import base64
 from typing import Annotated, Any
 
-import asyncpg
 from fastapi import Depends, Path
 
 from api.auth import get_pool, require
 from api.errors import PROBLEM_JSON, NotFoundError, UnprocessableError
 from api.schemas import IsoDay, Problem
+from storage import pool as storage_pool
 from storage import registry
 from storage.apikeys import Principal
+from storage.pool import Executor, Record
 
-Pool = Annotated[asyncpg.Pool, Depends(get_pool)]
+Pool = Annotated[storage_pool.Pool, Depends(get_pool)]
 Reader = Annotated[Principal, Depends(require("readings:read"))]
 Writer = Annotated[Principal, Depends(require("meters:write"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
@@ -45,9 +46,7 @@ CycleId = Annotated[
 ]
 
 
-async def get_or_404(
-    conn: asyncpg.Connection | asyncpg.Pool, tenant_id: int, meter_id: int
-) -> asyncpg.Record:
+async def get_or_404(conn: Executor, tenant_id: int, meter_id: int) -> Record:
     """The tenant's meter row, or NotFoundError."""
     row = await registry.get_meter(conn, tenant_id, meter_id)
     if row is None:

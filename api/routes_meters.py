@@ -6,7 +6,6 @@ import hashlib
 import json
 from typing import Annotated, Any
 
-import asyncpg
 from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 
@@ -40,7 +39,7 @@ from decoder.columns import Flag
 from storage import registry
 from storage.apikeys import check_timezone
 from storage.errors import StorageError, StorageUnavailableError
-from storage.pool import connection
+from storage.pool import Record, connection
 
 router = APIRouter(prefix="/v1", tags=["meters"], responses=PROBLEMS)
 MAX_IMPORT_ROWS = 10_000
@@ -56,7 +55,7 @@ def credentials_ref(creds: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
 
-def meter_out(row: asyncpg.Record) -> Meter:
+def meter_out(row: Record) -> Meter:
     """The API view of a meters row."""
     scale = row["register_scale"]
     return Meter(

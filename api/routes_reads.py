@@ -8,7 +8,6 @@ from decimal import Decimal
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo
 
-import asyncpg
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
@@ -38,15 +37,13 @@ from billing.localtime import (
 )
 from storage import billing, meter_cycle
 from storage.apikeys import tenant_timezone
-from storage.pool import connection
+from storage.pool import Executor, Record, connection
 
 router = APIRouter(prefix="/v1", tags=["reads"], responses=PROBLEMS)
 _BASELINE = timedelta(days=90)
 
 
-async def meter_zone(
-    conn: asyncpg.Connection | asyncpg.Pool, tenant_id: int, meter: asyncpg.Record
-) -> str:
+async def meter_zone(conn: Executor, tenant_id: int, meter: Record) -> str:
     """The meter's timezone, else its tenant's."""
     tz: str = meter["timezone"] or await tenant_timezone(conn, tenant_id)
     return tz

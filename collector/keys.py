@@ -18,10 +18,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-import asyncpg
 import structlog
 
 from storage import credentials
+from storage.pool import Connection
 
 log = structlog.get_logger("collector.keys")
 
@@ -67,7 +67,7 @@ class MeterKeys:
         self._cache: dict[Pair, tuple[bytes | None, float]] = {}
 
     async def get(
-        self, conn: asyncpg.Connection, pairs: Iterable[Pair], *, fresh: bool = False
+        self, conn: Connection, pairs: Iterable[Pair], *, fresh: bool = False
     ) -> dict[Pair, bytes | None]:
         """Key (or None) of every pair; uncached ones (all, if `fresh`) in one query."""
         out: dict[Pair, bytes | None] = {}

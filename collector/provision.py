@@ -8,7 +8,8 @@ the database keeps a hash), and stores the meter's OMS/wM-Bus AES-128 key when g
 it again rotates the credentials: the old ones stop working. `revoke_device(...)` deletes
 a meter's OSCORE context and broker account (its readings and meter stay). Either change
 reaches running collectors when its transaction commits (NOTIFY, migration 0030). Both
-raise `ProvisionError` with a message for the operator.
+raise `ProvisionError` with a message for the operator, and storage errors
+(`storage.errors`) when the database fails.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import asyncio
 import secrets
 from dataclasses import dataclass, field
 
-import asyncpg
-
 from collector.broker import BrokerError, dynsec
 from storage import credentials
+from storage.pool import Connection, connected
 
 OSCORE_ALGORITHM = "AES-CCM-16-64-128"  # RFC 8613 default; HKDF SHA-256
 SERVER_SENDER_ID = b"\x00"  # our Sender ID: unique per context, so one value serves all
@@ -99,41 +99,37 @@ async def provision_device(
     if aes_key is not None and len(aes_key) != credentials.AES_KEY_BYTES:
         msg = f"the AES key must be {credentials.AES_KEY_BYTES} bytes (got {len(aes_key)})"
         raise ProvisionError(msg)
-    conn = await asyncpg.connect(database_url)
-    try:
-        async with conn.transaction():
-            tenant = await credentials.tenant_by_slug(conn, tenant_slug)
-            if tenant is None:
-                raise ProvisionError(f"no tenant {tenant_slug!r}: create it first")
-            try:
-                meter_id = await credentials.ensure_meter(
-                    conn, tenant[0], address, kind=kind, fmt=meter_format
-                )
-            except credentials.RemovedMeterError as exc:
-                raise ProvisionError(str(exc)) from exc
-            meter = credentials.MeterRef(meter_id, tenant[0], address)
-            if aes_key is not None:
-                await credentials.store_aes_key(conn, key, meter, aes_key)
-            oscore_out: dict[str, str] = {}
-            if oscore:
-                oscore_out = await _new_oscore(conn, key, meter)
-            mqtt_out: dict[str, str] = {}
-            if mqtt_admin_url:
-                username = device_username(tenant_slug, address)
-                password = secrets.token_urlsafe(18)
-                digest, salt, iterations = credentials.hash_password(password, iterations=10_000)
-                await credentials.store_mqtt(
-                    conn,
-                    meter,
-                    username=username,
-                    password_hash=f"pbkdf2-sha512${iterations}${salt}${digest}",
-                )
-                topic = uplink_topic(tenant_slug, address)
-                # broker last, inside the transaction: a failure leaves no half-made row
-                await _apply_on_broker(mqtt_admin_url, username, password, topic)
-                mqtt_out = {"username": username, "password": password, "topic": topic}
-    finally:
-        await conn.close()
+    async with connected(database_url, "provisioning a device") as conn, conn.transaction():
+        tenant = await credentials.tenant_by_slug(conn, tenant_slug)
+        if tenant is None:
+            raise ProvisionError(f"no tenant {tenant_slug!r}: create it first")
+        try:
+            meter_id = await credentials.ensure_meter(
+                conn, tenant[0], address, kind=kind, fmt=meter_format
+            )
+        except credentials.RemovedMeterError as exc:
+            raise ProvisionError(str(exc)) from exc
+        meter = credentials.MeterRef(meter_id, tenant[0], address)
+        if aes_key is not None:
+            await credentials.store_aes_key(conn, key, meter, aes_key)
+        oscore_out: dict[str, str] = {}
+        if oscore:
+            oscore_out = await _new_oscore(conn, key, meter)
+        mqtt_out: dict[str, str] = {}
+        if mqtt_admin_url:
+            username = device_username(tenant_slug, address)
+            password = secrets.token_urlsafe(18)
+            digest, salt, iterations = credentials.hash_password(password, iterations=10_000)
+            await credentials.store_mqtt(
+                conn,
+                meter,
+                username=username,
+                password_hash=f"pbkdf2-sha512${iterations}${salt}${digest}",
+            )
+            topic = uplink_topic(tenant_slug, address)
+            # broker last, inside the transaction: a failure leaves no half-made row
+            await _apply_on_broker(mqtt_admin_url, username, password, topic)
+            mqtt_out = {"username": username, "password": password, "topic": topic}
     return ProvisionedDevice(meter_id, tenant_slug, address, oscore_out, mqtt_out)
 
 
@@ -157,28 +153,24 @@ async def revoke_device(
     the broker when `mqtt_admin_url` is given (else the operator is told to). The meter
     and its readings stay.
     """
-    conn = await asyncpg.connect(database_url)
-    try:
-        async with conn.transaction():
-            tenant = await credentials.tenant_by_slug(conn, tenant_slug)
-            if tenant is None:
-                raise ProvisionError(f"no tenant {tenant_slug!r}")
-            meter_id = await credentials.active_meter(conn, tenant[0], address)
-            if meter_id is None:
-                raise ProvisionError(f"no active meter {address!r} in tenant {tenant_slug!r}")
-            had_oscore = await credentials.revoke_oscore(conn, meter_id)
-            username = await credentials.revoke_mqtt(conn, meter_id)
-            if username is not None:
-                if mqtt_admin_url is None:
-                    msg = (
-                        f"meter {address} has the broker account {username!r}: set"
-                        " NBMETER_MQTT_ADMIN_URL so it is deleted on the broker too"
-                    )
-                    raise ProvisionError(msg)
-                # broker last, inside the transaction: a failure leaves the account in both
-                await _delete_on_broker(mqtt_admin_url, username)
-    finally:
-        await conn.close()
+    async with connected(database_url, "revoking a device") as conn, conn.transaction():
+        tenant = await credentials.tenant_by_slug(conn, tenant_slug)
+        if tenant is None:
+            raise ProvisionError(f"no tenant {tenant_slug!r}")
+        meter_id = await credentials.active_meter(conn, tenant[0], address)
+        if meter_id is None:
+            raise ProvisionError(f"no active meter {address!r} in tenant {tenant_slug!r}")
+        had_oscore = await credentials.revoke_oscore(conn, meter_id)
+        username = await credentials.revoke_mqtt(conn, meter_id)
+        if username is not None:
+            if mqtt_admin_url is None:
+                msg = (
+                    f"meter {address} has the broker account {username!r}: set"
+                    " NBMETER_MQTT_ADMIN_URL so it is deleted on the broker too"
+                )
+                raise ProvisionError(msg)
+            # broker last, inside the transaction: a failure leaves the account in both
+            await _delete_on_broker(mqtt_admin_url, username)
     return RevokedDevice(meter_id, tenant_slug, address, had_oscore, username)
 
 
@@ -196,17 +188,10 @@ async def _delete_on_broker(admin_url: str, username: str) -> None:
         raise ProvisionError(f"broker refused deleteClient: {failed[0]['error']}")
 
 
-async def _new_oscore(
-    conn: asyncpg.Connection, key: bytes, meter: credentials.MeterRef
-) -> dict[str, str]:
+async def _new_oscore(conn: Connection, key: bytes, meter: credentials.MeterRef) -> dict[str, str]:
     for _ in range(5):  # a random 6-byte kid collides with odds ~n/2^48; retry anyway
         kid = secrets.token_bytes(6)
-        exists = await conn.fetchval(
-            "SELECT 1 FROM device_credentials WHERE oscore_kid = $1 AND meter_id <> $2",
-            kid,
-            meter.meter_id,
-        )
-        if not exists:
+        if not await credentials.oscore_kid_taken(conn, kid, meter.meter_id):
             break
     else:  # pragma: no cover
         raise ProvisionError("could not draw a unique OSCORE key id; try again")

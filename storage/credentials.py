@@ -275,6 +275,16 @@ async def load_oscore_many(
     return found, unopenable
 
 
+async def oscore_kid_taken(conn: asyncpg.Connection, kid: bytes, meter_id: int) -> bool:
+    """True when another meter than `meter_id` holds the OSCORE key id `kid`."""
+    taken = await conn.fetchval(
+        "SELECT 1 FROM device_credentials WHERE oscore_kid = $1 AND meter_id <> $2",
+        kid,
+        meter_id,
+    )
+    return taken is not None
+
+
 async def revoke_oscore(conn: asyncpg.Connection, meter_id: int) -> bool:
     """Delete `meter_id`'s OSCORE context (its requests get 4.01); False if it had none."""
     kid = await conn.fetchval(

@@ -1,11 +1,12 @@
 """The connection pool (created once per process, then passed in) and the error boundary.
 
 `create_pool(dsn, ...)` is the one way the project opens a pool; `connection(pool)` lends
-one of its connections; `ping(pool)` asks the database whether it answers. `translated()`
-is the one place asyncpg's (and the socket's) exceptions become `storage.errors`, whose
-tree is drawn in that module: every storage function that talks to the database runs
-inside it (a block `with translated(...)`, or the whole function `@translating(...)`), so
-no caller ever sees a driver exception.
+one of its connections; `connected(dsn)` opens one of its own for a short job;
+`ping(pool)` asks the database whether it answers. `translated()` is the one place
+asyncpg's (and the socket's) exceptions become `storage.errors`, whose tree is drawn in
+that module: every storage function that talks to the database runs inside it (a block
+`with translated(...)`, or the whole function `@translating(...)`), so no caller ever
+sees a driver exception.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 Pool: TypeAlias = asyncpg.Pool
 Connection: TypeAlias = asyncpg.Connection
 Record: TypeAlias = asyncpg.Record
+Executor: TypeAlias = asyncpg.Connection | asyncpg.Pool
+"""Anything a query runs on: a connection (inside its transaction), or the pool."""
 ConnectionHook: TypeAlias = Callable[[asyncpg.Connection], Coroutine[Any, Any, None]]
 """An `init` or `reset` hook: called with the connection opened or released."""
 SetupHook: TypeAlias = Callable[["PoolConnectionProxy[Record]"], Coroutine[Any, Any, None]]
@@ -162,6 +165,24 @@ async def connection(
         async with pool.acquire(timeout=timeout_s) as proxy:
             # the pool's proxy forwards every Connection method: it is one, for callers
             yield cast("asyncpg.Connection", proxy)
+
+
+@asynccontextmanager
+async def connected(
+    dsn: str, doing: str, *, timeout_s: float = 60.0
+) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of its own on `dsn` for the block (a command, a one-off job), then closed.
+
+    For a process that needs one connection briefly, not a pool. Database errors raised
+    while connecting, in the block or while closing become storage errors (`translated`,
+    `doing` names the task); the block's own exceptions pass.
+    """
+    with translated(doing):
+        conn = await asyncpg.connect(dsn, timeout=timeout_s)
+        try:
+            yield conn
+        finally:
+            await conn.close()
 
 
 async def ping(pool: asyncpg.Pool, *, timeout_s: float = 2.0) -> None:

@@ -52,12 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _revoke(args: argparse.Namespace) -> int:
     from collector.provision import ProvisionError, revoke_device
+    from storage.errors import StorageError
 
     db = database_url()
     admin = os.environ.get("NBMETER_MQTT_ADMIN_URL")
     try:
         result = asyncio.run(revoke_device(db, args.tenant, args.address, mqtt_admin_url=admin))
-    except ProvisionError as exc:
+    except (ProvisionError, StorageError) as exc:
         print(f"nbmeter: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(asdict(result), indent=2))
@@ -75,6 +76,7 @@ def _aes_key(text: str) -> bytes:
 
 def _provision(args: argparse.Namespace) -> int:
     from collector.provision import ProvisionError, provision_device
+    from storage.errors import StorageError
 
     db = database_url()
     key = os.environ.get("NBMETER_CREDENTIALS_KEY")
@@ -96,7 +98,7 @@ def _provision(args: argparse.Namespace) -> int:
                 aes_key=args.aes_key,
             )
         )
-    except ProvisionError as exc:
+    except (ProvisionError, StorageError) as exc:
         print(f"nbmeter: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(asdict(result), indent=2))

@@ -17,11 +17,10 @@ import time
 from datetime import datetime
 from typing import Any
 
-import asyncpg
-
 from storage import quarantine
 from storage.credentials import tenant_by_slug
 from storage.errors import StorageError
+from storage.pool import Record, connected
 
 
 def _plain(value: Any) -> Any:
@@ -32,7 +31,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _record(row: asyncpg.Record) -> dict[str, Any]:
+def _record(row: Record) -> dict[str, Any]:
     out = {k: _plain(v) for k, v in row.items()}
     if isinstance(out.get("selection"), str):
         out["selection"] = json.loads(out["selection"])
@@ -55,8 +54,7 @@ async def _run_async(args: argparse.Namespace, dsn: str) -> int:
     if args.action == "show" and args.id is None:
         print("nbmeter: quarantine show needs the row id", file=sys.stderr)
         return 2
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn, "reading the quarantine") as conn:
         tenant = await tenant_by_slug(conn, args.tenant)
         if tenant is None:
             print(f"nbmeter: no tenant {args.tenant!r}", file=sys.stderr)
@@ -98,8 +96,6 @@ async def _run_async(args: argparse.Namespace, dsn: str) -> int:
             assert job is not None
         print(json.dumps(_record(job), indent=2))
         return 0 if job["state"] == "done" or not args.wait else 1
-    finally:
-        await conn.close()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -107,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(_run_async(args, database_url()))
-    except (StorageError, OSError, asyncpg.PostgresError) as exc:
+    except StorageError as exc:
         print(f"nbmeter: {exc}", file=sys.stderr)
         return 1
 

@@ -14,7 +14,6 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import asyncpg
 from pydantic import ValidationError
 
 from api.read_import import BodyError, Kind, parse
@@ -24,6 +23,7 @@ from storage import manual_reads
 from storage.apikeys import UnknownTenantError, tenant_id_of
 from storage.errors import StorageError
 from storage.manual_reads import EnteredRead, EnteredReadError
+from storage.pool import connected
 
 
 def _fail(message: str) -> int:
@@ -41,8 +41,7 @@ async def _enter(
     tolerance: timedelta,
     body_sha256: bytes | None = None,
 ) -> manual_reads.ImportResult:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn, "entering reads") as conn:
         try:
             tenant_id = await tenant_id_of(conn, slug)
         except UnknownTenantError:
@@ -59,8 +58,6 @@ async def _enter(
             problems=problems,
             body_sha256=body_sha256,
         )
-    finally:
-        await conn.close()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -122,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
         for line, reason in exc.problems:
             print(f"line {line}: {reason}", file=sys.stderr)
         return _fail("refused, nothing stored")
-    except (StorageError, OSError, asyncpg.PostgresError) as exc:
+    except StorageError as exc:
         return _fail(str(exc))
     state = "replayed (imported before)" if done.replayed else "imported"
     print(

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
+from storage.pool import Connection, Record, connected
 
 _DURATION = re.compile(r"^([1-9][0-9]{0,5})([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -39,13 +39,9 @@ def _expiry(expires_in: timedelta | None) -> datetime | None:
     return None if expires_in is None else datetime.now(UTC) + expires_in
 
 
-async def _with_conn(dsn: str, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
-    conn = await asyncpg.connect(dsn)
-    try:
-        async with conn.transaction():
-            return await work(conn)
-    finally:
-        await conn.close()
+async def _with_conn(dsn: str, work: Callable[[Connection], Awaitable[Any]]) -> Any:
+    async with connected(dsn, "managing tenants and keys") as conn, conn.transaction():
+        return await work(conn)
 
 
 async def create(
@@ -54,7 +50,7 @@ async def create(
     """Create the tenant and an admin key in one transaction; (tenant_id, plaintext key)."""
     from storage.apikeys import create_api_key, create_tenant
 
-    async def work(conn: asyncpg.Connection) -> tuple[int, str]:
+    async def work(conn: Connection) -> tuple[int, str]:
         tenant_id = await create_tenant(conn, slug, name, timezone)
         return tenant_id, await create_api_key(conn, tenant_id, ["admin"], _expiry(expires_in))
 
@@ -83,7 +79,7 @@ async def _key_create(dsn: str, args: argparse.Namespace) -> None:
 
     scopes = sorted(set(args.scope or ["admin"]))
 
-    async def work(conn: asyncpg.Connection) -> str:
+    async def work(conn: Connection) -> str:
         tenant_id = await tenant_id_of(conn, args.slug)
         return await create_api_key(conn, tenant_id, scopes, _expiry(args.expires_in))
 
@@ -93,7 +89,7 @@ async def _key_create(dsn: str, args: argparse.Namespace) -> None:
 async def _key_list(dsn: str, args: argparse.Namespace) -> None:
     from storage.apikeys import list_api_keys, tenant_id_of
 
-    async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    async def work(conn: Connection) -> list[Record]:
         return await list_api_keys(conn, await tenant_id_of(conn, args.slug))
 
     now = datetime.now(UTC)
@@ -112,7 +108,7 @@ async def _key_revoke(dsn: str, args: argparse.Namespace) -> None:
     from storage.apikeys import revoke_api_key, tenant_id_of
     from storage.errors import StorageError
 
-    async def work(conn: asyncpg.Connection) -> bool:
+    async def work(conn: Connection) -> bool:
         return await revoke_api_key(conn, await tenant_id_of(conn, args.slug), args.key_id)
 
     if not await _with_conn(dsn, work):
@@ -128,7 +124,7 @@ def _runner(action: Callable[[str, argparse.Namespace], Coroutine[Any, Any, None
 
         try:
             asyncio.run(action(database_url(), args))
-        except (StorageError, ValueError, OSError, asyncpg.PostgresError) as exc:
+        except (StorageError, ValueError) as exc:
             print(f"nbmeter: {exc}", file=sys.stderr)
             return 1
         return 0
