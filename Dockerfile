@@ -4,6 +4,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY nbmeter nbmeter
 COPY collector collector
+COPY devices devices
 COPY decoder decoder
 COPY storage storage
 COPY api api

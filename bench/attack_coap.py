@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT / "tests" / "collector"))
 
 from collector_testkit import DeviceOscore, cjt188_frame, hour  # noqa: E402
 
-from collector.provision import provision_device  # noqa: E402
+from devices.provision import provision_device  # noqa: E402
 from storage.credentials import new_key  # noqa: E402
 from storage.migrate import migrate  # noqa: E402
 

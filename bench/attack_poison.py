@@ -57,10 +57,8 @@ from poison_corpus import (  # noqa: E402
     register_crashing_formats,
 )
 
-from collector.broker import prepare_broker_files  # noqa: E402
 from collector.logs import configure_logging  # noqa: E402
 from collector.main import run  # noqa: E402
-from collector.provision import ProvisionedDevice, provision_device  # noqa: E402
 from collector.settings import (  # noqa: E402
     CoapSettings,
     CollectorSettings,
@@ -68,6 +66,8 @@ from collector.settings import (  # noqa: E402
     PipelineSettings,
 )
 from decoder import decode_batch  # noqa: E402
+from devices.broker import prepare_broker_files  # noqa: E402
+from devices.provision import ProvisionedDevice, provision_device  # noqa: E402
 from storage.migrate import migrate  # noqa: E402
 
 WAIT_S = 120

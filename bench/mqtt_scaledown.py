@@ -36,8 +36,8 @@ from brokerkit import free_port, start_broker  # noqa: E402
 from collector_testkit import cjt188_frame, hour  # noqa: E402
 from mqtt_testkit import CollectorProcess, Streamer  # noqa: E402
 
-from collector.broker import prepare_broker_files  # noqa: E402
-from collector.provision import provision_device  # noqa: E402
+from devices.broker import prepare_broker_files  # noqa: E402
+from devices.provision import provision_device  # noqa: E402
 from storage.credentials import new_key  # noqa: E402
 from storage.migrate import migrate  # noqa: E402
 

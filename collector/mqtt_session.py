@@ -56,6 +56,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from collector import metrics
 from collector.pipeline import Outcome, Pipeline, PipelineClosed, Transport, Uplink
 from collector.settings import MqttSettings
+from devices.topics import CONTROL_ROOT
 
 
 def _properties(packet_type: int) -> Properties:
@@ -65,7 +66,6 @@ def _properties(packet_type: int) -> Properties:
 
 log = structlog.get_logger("collector.mqtt")
 
-CONTROL_ROOT = "nbmeter-collector"
 _TAKEN_OVER = 0x8E  # MQTT 5 reason: another connection with this client id took over
 _DISCONNECT_WITH_WILL = 0x04
 
@@ -324,7 +324,7 @@ class Session:
                 role=self.role,
                 reasons=refused,
                 hint="the broker's collector role lacks an ACL: run `nbmeter stack up` "
-                "(it adds them to a running broker), or see collector/broker.py",
+                "(it adds them to a running broker), or see devices/broker.py",
             )
 
     def _on_unsubscribe(self, _c: Any, _u: Any, mid: int, _r: Any, _p: Any) -> None:

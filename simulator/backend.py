@@ -5,10 +5,10 @@ the billing calendar, cycle reads (NDJSON export), a meter's cycle read with its
 and meter lookup by address. Errors become `BackendError` with the API's problem detail.
 
 ADAPTER (credentials): the API keeps only a reference to device credentials; the secrets
-are made by the collector (`collector.provision.provision_device`). Until an HTTP route
-for that exists, `provision_credentials` calls it in-process, which needs the database
-URL, NBMETER_CREDENTIALS_KEY and the broker's admin URL. OMS meters' AES keys (from the
-truth file) go the same way, stored sealed by the collector (`aes_key=`).
+are made by `devices.provision.provision_device`. Until an HTTP route for that exists,
+`provision_credentials` calls it in-process, which needs the database URL,
+NBMETER_CREDENTIALS_KEY and the broker's admin URL. OMS meters' AES keys (from the truth
+file) go the same way, stored sealed (`aes_key=`).
 """
 
 from __future__ import annotations
@@ -142,10 +142,10 @@ async def provision_credentials(
 ) -> dict[str, DeviceCredentials]:
     """ADAPTER: OSCORE/MQTT secrets per (address, kind, format, oscore, mqtt), in-process.
 
-    Calls `collector.provision.provision_device` for each meter (see the module docstring);
+    Calls `devices.provision.provision_device` for each meter (see the module docstring);
     `aes_keys` (address -> OMS AES-128 key) are stored with their meters.
     """
-    from collector.provision import ProvisionError, provision_device
+    from devices.provision import ProvisionError, provision_device
 
     out: dict[str, DeviceCredentials] = {}
     for address, kind, fmt, want_oscore, want_mqtt in addresses:

@@ -20,7 +20,7 @@ from brokerkit import Broker, free_port, start_broker
 from dbkit import migrated_database
 from hypothesis import settings
 
-from collector.broker import ensure_collector_acls, prepare_broker_files
+from devices.broker import ensure_collector_acls, prepare_broker_files
 
 # CI replays the same examples on every run, so a landing gate is never a lottery; local
 # runs keep exploring new examples (and keep what they find in .hypothesis/)

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    from collector.provision import ProvisionError, revoke_device
+    from devices.provision import ProvisionError, revoke_device
     from storage.errors import StorageError
 
     db = database_url()
@@ -75,7 +75,7 @@ def _aes_key(text: str) -> bytes:
 
 
 def _provision(args: argparse.Namespace) -> int:
-    from collector.provision import ProvisionError, provision_device
+    from devices.provision import ProvisionError, provision_device
     from storage.errors import StorageError
 
     db = database_url()

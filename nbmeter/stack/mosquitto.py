@@ -100,9 +100,9 @@ def render_docker(cfg: StackConfig) -> Path:
 
 
 def prepare_credentials(cfg: StackConfig) -> dict[str, str]:
-    """Let the collector create the broker's credential files; return its env additions."""
+    """Create the broker's credential files (`devices.broker`); return their env additions."""
     try:
-        from collector.broker import prepare_broker_files
+        from devices.broker import prepare_broker_files
     except ImportError:
         return {}
     return dict(prepare_broker_files(cfg.mosquitto_dir, port=cfg.mqtt_port))
@@ -126,7 +126,7 @@ def _ensure_acls(cfg: StackConfig, env: dict[str, str]) -> None:
     admin = env.get("NBMETER_MQTT_ADMIN_URL")
     if not admin:
         return
-    from collector.broker import BrokerError, ensure_collector_acls
+    from devices.broker import BrokerError, ensure_collector_acls
 
     try:
         added = ensure_collector_acls(admin)

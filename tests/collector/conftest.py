@@ -22,8 +22,8 @@ from brokerkit import Broker, free_port
 from collector_testkit import RawCoap, cjt188_frame
 
 from collector.main import run
-from collector.provision import ProvisionedDevice, provision_device
 from collector.settings import CoapSettings, CollectorSettings, MqttSettings, PipelineSettings
+from devices.provision import ProvisionedDevice, provision_device
 from storage.credentials import new_key
 
 __all__ = ["Broker", "cjt188_frame", "free_port"]

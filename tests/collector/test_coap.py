@@ -10,7 +10,7 @@ import pytest
 from collector_testkit import RawCoap, cjt188_frame, hour, oscore_client
 from conftest import RunningCollector, add_meter, count, new_address
 
-from collector.provision import ProvisionedDevice
+from devices.provision import ProvisionedDevice
 
 READINGS = "SELECT count(*) FROM readings r JOIN meters m USING (meter_id) WHERE m.address = $1"
 RAW = "SELECT count(*) FROM raw_uplinks r JOIN meters m USING (meter_id) WHERE m.address = $1"

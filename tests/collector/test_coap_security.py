@@ -24,8 +24,8 @@ from conftest import Broker, RunningCollector, count, new_address
 from collector import metrics
 from collector.coap import start_server
 from collector.pipeline import Pipeline
-from collector.provision import ProvisionedDevice, provision_device, revoke_device
 from collector.settings import PipelineSettings
+from devices.provision import ProvisionedDevice, provision_device, revoke_device
 from storage.coap_peers import PeerMismatchError
 from storage.credentials import parse_key
 

@@ -11,7 +11,7 @@ import pytest
 from collector_testkit import cjt188_frame, hour
 from conftest import Broker, count, wait_count
 
-from collector.provision import ProvisionedDevice
+from devices.provision import ProvisionedDevice
 
 MINE = "SELECT count(*) FROM readings WHERE meter_id = $1"
 

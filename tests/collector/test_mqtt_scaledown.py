@@ -20,8 +20,8 @@ from collector_testkit import cjt188_frame, hour
 from conftest import wait_count
 from mqtt_testkit import CollectorProcess, Streamer, session_present
 
-from collector.broker import ensure_collector_acls, prepare_broker_files
-from collector.provision import ProvisionedDevice
+from devices.broker import ensure_collector_acls, prepare_broker_files
+from devices.provision import ProvisionedDevice
 
 MINE = "SELECT count(*) FROM readings WHERE meter_id = $1"
 N = 900

@@ -24,8 +24,8 @@ from mqtt_testkit import session_present
 from collector.main import run
 from collector.mqtt import BrokerAddress, MqttError, MqttSubscriber
 from collector.pipeline import Pipeline
-from collector.provision import ProvisionedDevice
 from collector.settings import MqttSettings, PipelineSettings
+from devices.provision import ProvisionedDevice
 from nbmeter.stack.tls import ensure_certificates
 from simulator.mqtt import MqttCredentials, publish
 

@@ -14,9 +14,9 @@ from conftest import RunningCollector, count, new_address
 
 from collector.keys import KeyRing, MeterKeys
 from collector.pipeline import Device, Transport, Uplink
-from collector.provision import ProvisionError, provision_device
 from collector.store import BatchStore
 from decoder.mbus_encode import encode_oms_mode5
+from devices.provision import ProvisionError, provision_device
 from storage import credentials
 
 QUARANTINED = "SELECT detail FROM quarantine WHERE reason = $1 AND payload = $2"

@@ -38,14 +38,14 @@ from conftest import (
     wait_count,
 )
 
-from collector.broker import prepare_broker_files
 from collector.keys import MeterKeys
 from collector.main import run
 from collector.pipeline import Outcome, Pipeline, Transport, Uplink
-from collector.provision import ProvisionedDevice, provision_device
 from collector.settings import PipelineSettings
 from collector.store import BatchStore, default_decode
 from decoder.columns import Decoded
+from devices.broker import prepare_broker_files
+from devices.provision import ProvisionedDevice, provision_device
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "decoder"))
 from poison_corpus import (

@@ -15,8 +15,8 @@ import pytest
 from collector_testkit import RawCoap, cjt188_frame, hour, oscore_client
 from conftest import RunningCollector, count, new_address
 
-from collector.provision import provision_device
 from decoder.mbus_encode import encode_oms_mode5
+from devices.provision import provision_device
 from storage import quarantine
 
 ROW = "SELECT * FROM quarantine WHERE payload = $1 ORDER BY quarantine_id"

@@ -18,7 +18,8 @@ import asyncio
 import secrets
 from dataclasses import dataclass, field
 
-from collector.broker import BrokerError, dynsec
+from devices.broker import BrokerError, dynsec
+from devices.topics import device_username, uplink_topic
 from storage import credentials
 from storage.pool import Connection, connected
 
@@ -39,16 +40,6 @@ class ProvisionedDevice:
     address: str
     oscore: dict[str, str] = field(default_factory=dict)  # hex; the device's point of view
     mqtt: dict[str, str] = field(default_factory=dict)  # username, password, topic
-
-
-def device_username(tenant_slug: str, address: str) -> str:
-    """The broker username of a meter: `<tenant-slug>/<address>`."""
-    return f"{tenant_slug}/{address}"
-
-
-def uplink_topic(tenant_slug: str, address: str) -> str:
-    """The one topic a meter may publish to."""
-    return f"nbmeter/{tenant_slug}/{address}/up"
 
 
 def _broker_commands(username: str, password: str, topic: str) -> list[dict[str, object]]:

@@ -28,13 +28,12 @@ from urllib.parse import quote
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from collector.mqtt import BrokerAddress, MqttError, tls_context
-from collector.mqtt_session import CONTROL_ROOT
+from devices.address import BrokerAddress, MqttError, tls_context
+from devices.topics import CONTROL_ROOT, UPLINK_FILTER
 from storage.credentials import hash_password, new_key
 
 COLLECTOR_USER = "nbmeter-collector"
 ADMIN_USER = "nbmeter-admin"
-UPLINK_FILTER = "nbmeter/+/+/up"
 _PLUGIN_PATHS = (
     "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
     "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
