@@ -3,8 +3,10 @@ real database; claims that skip locked items; a crash (rollback) re-queues a bat
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import asyncpg
@@ -17,13 +19,17 @@ from storage.redecode_queue import ITEMS, JOBS, InvalidTransitionError, Machine
 
 
 @pytest.fixture(scope="module")
-async def pool(server_url: str) -> AsyncIterator[asyncpg.Pool]:
+async def queue_url(server_url: str) -> AsyncIterator[str]:
     """A database of this module's own: the test session's collector (tests/collector)
     drains the session database's re-decode queue, and would move these tests' rows."""
-    async with (
-        migrated_database(server_url, "nbmeter_test_queue") as url,
-        asyncpg.create_pool(url, min_size=1, max_size=4) as p,
-    ):
+    async with migrated_database(server_url, "nbmeter_test_queue") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+async def pool(queue_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on the module's own database."""
+    async with asyncpg.create_pool(queue_url, min_size=1, max_size=4) as p:
         yield p
 
 
@@ -132,3 +138,46 @@ async def test_claims_skip_locked_items_and_a_rollback_requeues(
         "SELECT resolution, resolved_by_job FROM quarantine WHERE quarantine_id = $1", qid
     )
     assert tuple(row) == ("duplicate", job_id)
+
+
+async def test_listen_wakes_on_notify_and_on_every_reconnect(queue_url: str) -> None:
+    """redecode_queue.listen: a wake when listening starts, per NOTIFY, and after a lost
+    connection comes back (a request may have been notified while it was down)."""
+    wakes: list[str] = []
+    states: list[bool] = []
+    changed = asyncio.Event()
+
+    def wake() -> None:
+        wakes.append("wake")
+        changed.set()
+
+    def on_state(up: bool, _why: str | None) -> None:
+        states.append(up)
+        changed.set()
+
+    async def until(done: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not done():
+                changed.clear()
+                await changed.wait()
+
+    task = asyncio.create_task(
+        redecode_queue.listen(queue_url, wake, on_state, check_every_s=0.3, retry_max_s=0.2)
+    )
+    conn = await asyncpg.connect(queue_url)
+    try:
+        await until(lambda: states == [True] and len(wakes) == 1)
+        await conn.execute("SELECT pg_notify($1, '')", redecode_queue.CHANNEL)
+        await until(lambda: len(wakes) == 2)
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = 'nbmeter-redecode' AND datname = current_database()"
+        )
+        assert killed == 1
+        await until(lambda: states == [True, False, True])
+        assert len(wakes) == 3  # the reconnect woke the caller
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await conn.close()
