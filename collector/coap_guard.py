@@ -13,7 +13,6 @@ and logs at most `per_window` events of a kind per `window_s`, then one
 logs faster than a few lines per kind and window. `LogRateFilter` does the same for
 library log records (aiocoap logs each unparsable datagram).
 """
-# mypy: disable-error-code="no-untyped-call,misc,no-any-return"
 
 from __future__ import annotations
 

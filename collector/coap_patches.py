@@ -8,7 +8,6 @@ e.g. an invalid UTF-8 Uri-Path, is "unparsable" like any other instead of a trac
 the transport's callback). aiocoap is untyped; this module and `collector.coap*` are
 the places that touch it.
 """
-# mypy: disable-error-code="no-untyped-call,misc,no-any-return"
 
 from __future__ import annotations
 
@@ -87,7 +86,7 @@ class _ResponseView:
         return len(self._table)
 
 
-class Site(resource.Site):
+class Site(resource.Site):  # type: ignore[misc]  # aiocoap is untyped: Any base
     """aiocoap's Site, minus per-request work our resources never use.
 
     Upstream builds the full request URI (eagerly: it is the default of a getattr) and
@@ -120,7 +119,7 @@ class _RenderLog:
         return getattr(self._log, name)
 
 
-class Context(aiocoap.Context):
+class Context(aiocoap.Context):  # type: ignore[misc]  # aiocoap is untyped: Any base
     """aiocoap's Context, minus per-request formatting nobody reads.
 
     Upstream names each rendering task "Rendering for %r" % request, formatting the
