@@ -71,7 +71,8 @@ async def listen(
     """LISTEN on `channel` until cancelled (see the module docstring); never returns.
 
     `app_name` names the connection in pg_stat_activity (so an operator, or a test, can
-    find it). Raises nothing but CancelledError.
+    find it). Raises nothing but CancelledError: any other error is a lost connection
+    (an unexpected one is logged too) and is retried.
     """
     delay = retry_min_s
     listened = False
@@ -89,6 +90,9 @@ async def listen(
                 )
             except _LOST as exc:
                 why = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # the task's top level: a bug must not end listening
+                log.exception("notify_listener.failed", channel=channel)
+                why = f"unexpected {type(exc).__name__}: {exc}"
             _call("on_state", channel, functools.partial(on_state, False, why))
             if listened:  # it listened: this loss is a fresh start, not one more failure
                 delay, listened = retry_min_s, False
