@@ -12,7 +12,8 @@ The hot path has no per-frame Python except `len()`: frames are grouped by lengt
 stacked once (`kernels.group_by_length`), array detectors classify whole groups, and a
 format with `decode_array` (CJ/T 188) decodes the very array detection looked at.
 
-Formats: `cjt188`, `interval`, `senml`, `mbus` (M-Bus/OMS).
+Formats: `cjt188`, `interval`, `senml`, `driver` (vendor payloads described by driver
+files, `decoder.drivers`), `mbus` (M-Bus/OMS; wM-Bus models with a driver file go through it).
 """
 
 from __future__ import annotations
@@ -22,11 +23,21 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from decoder import cjt188, interval, mbus, senml  # noqa: F401  (importing registers them)
+from decoder import cjt188, drivers, interval, mbus, senml  # noqa: F401  (importing registers them)
 from decoder import kernels as k
 from decoder.columns import Decoded, ErrorCode, concat, empty
 from decoder.registry import Format, formats, lookup, parse_hint, register
 
+register(
+    Format(
+        key="driver",  # raw vendor payloads of installed driver files (decoder.drivers)
+        detect=drivers.detect_raw,
+        detect_array=drivers.detect_raw_array,
+        decode=drivers.decode_raw,
+        decode_array=drivers.decode_raw_array,
+        takes_variant=True,  # hint "driver:<name>" picks one driver
+    )
+)
 register(Format(key="mbus", detect=mbus.looks_like, decode=mbus.decode, takes_utc_offset=True))
 
 __all__ = ["Decoded", "decode_batch"]

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from decoder import drivers
 from decoder import kernels as k
 from decoder import mbus_compact, mbus_fixed, mbus_kernels, mbus_link
 from decoder.columns import Column, Decoded, ErrorCode, Flag
@@ -143,6 +144,9 @@ def decode(
         utc_offset_s = offsets
     keys = keys or {}
     cache = cache if cache is not None else SignatureCache()
+    # vendor driver files (decoder.drivers): frames a driver claims skip the standard path
+    if (got := drivers.route_mbus(frames, received_at_s, keys, cache, utc_offset_s, decode)) is not None:
+        return got
     out = _Batch(len(frames), received_at_s, utc_offset_s)
     full: dict[tuple[tuple[str, int, int], int], list[int]] = {}
     compact: dict[tuple[tuple[str, int, int], bytes, int], list[int]] = {}
@@ -231,6 +235,7 @@ def _decode_compact(
         out.fail(rows, *compiled)
         return
     layout, skeleton = compiled
+    apps = [mbus_compact.drop_fill(p, 4 + layout.end) for p in apps]  # mode 5 block filler
     if len(apps[0]) - 4 != layout.end:
         out.fail(
             rows,

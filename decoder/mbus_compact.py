@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from decoder.columns import ErrorCode
 from decoder.mbus_link import crc16_en13757
 from decoder.mbus_records import Layout, Skeleton, compile_layout, walk_format
+from decoder.vendors.compact_formats import known_format
 
 Model = tuple[str, int, int]  # (manufacturer, version, device type)
 
@@ -33,8 +34,10 @@ class SignatureCache:
         return sig
 
     def lookup(self, model: Model, signature: int) -> bytes | None:
-        """The format bytes learned for `model` under `signature`, or None."""
-        return self._formats.get((*model, signature))
+        """The format bytes learned for `model` under `signature`, else a format the
+        manufacturer's models are known to use (`decoder.vendors.compact_formats`), or None."""
+        learned = self._formats.get((*model, signature))
+        return learned if learned is not None else known_format(model[0], signature)
 
     def __len__(self) -> int:
         """Number of learned formats."""
@@ -91,3 +94,11 @@ def data_crc_ok(skeleton: Skeleton, values: bytes, stored: int) -> bool:
         r.dib + r.vib + values[r.data_at : r.data_at + r.width] for r in skeleton.records
     )
     return crc16_en13757(full) == stored
+
+
+def drop_fill(app: bytes, end: int) -> bytes:
+    """`app` cut to `end` bytes when everything past `end` is 2F idle filler (EN 13757-3:
+    an encrypted compact payload is filled up to whole AES blocks with 2F); else as is."""
+    if len(app) > end and app[end:].count(0x2F) == len(app) - end:
+        return app[:end]
+    return app
