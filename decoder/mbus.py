@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from decoder import drivers
 from decoder import kernels as k
 from decoder import mbus_compact, mbus_fixed, mbus_kernels, mbus_link
 from decoder.columns import Column, Decoded, ErrorCode, Flag
+from decoder.drivers import route_mbus
 from decoder.mbus_compact import SignatureCache
 from decoder.mbus_encode import encode_oms_mode5, encode_oms_plain, encode_wired
 from decoder.mbus_link import Envelope, looks_like
@@ -145,8 +145,9 @@ def decode(
     keys = keys or {}
     cache = cache if cache is not None else SignatureCache()
     # vendor driver files (decoder.drivers): frames a driver claims skip the standard path
-    if (got := drivers.route_mbus(frames, received_at_s, keys, cache, utc_offset_s, decode)) is not None:
-        return got
+    routed = route_mbus(frames, received_at_s, keys, cache, utc_offset_s, decode)
+    if routed is not None:
+        return routed
     out = _Batch(len(frames), received_at_s, utc_offset_s)
     full: dict[tuple[tuple[str, int, int], int], list[int]] = {}
     compact: dict[tuple[tuple[str, int, int], bytes, int], list[int]] = {}

@@ -232,7 +232,7 @@ def route_mbus(
     if rest.size:
         off = utc_offset_s if isinstance(utc_offset_s, int) else utc_offset_s[rest]
         decode = standard  # the standard path: it calls route_mbus again, which claims none
-        got = decode([frames[i] for i in rest.tolist()], rx[rest], keys, cache,  # type: ignore[operator]  # noqa: E501 (a callable passed in to avoid an import cycle)
+        got = decode([frames[i] for i in rest.tolist()], rx[rest], keys, cache,  # type: ignore[operator]
                      utc_offset_s=off)  # fmt: skip
         parts.append((rest, got))
     return concat(parts, n)

@@ -54,9 +54,11 @@ def checksum_ok(a: Frames, c: Checksum) -> Bools:
     at = c.at % width if c.at < 0 else c.at
     span = a[:, start:stop]
     if c.kind == "sum8":
-        return k.sum8(a, start, stop) == a[:, at]
+        same: Bools = k.sum8(a, start, stop) == a[:, at]
+        return same
     if c.kind == "xor8":
-        return np.bitwise_xor.reduce(span, axis=1) == a[:, at]
+        xor: Bools = np.bitwise_xor.reduce(span, axis=1) == a[:, at]
+        return xor
     cols = np.ascontiguousarray(span.T)
     if c.kind == "crc16_modbus":
         crc = np.full(n, 0xFFFF, np.uint16)
@@ -68,7 +70,8 @@ def checksum_ok(a: Frames, c: Checksum) -> Bools:
             crc = (crc << 8) ^ _EN13757[(crc >> 8) ^ col]
         crc = crc ^ np.uint16(0xFFFF)
     stored = _uint(a, at, 2, c.order)
-    return crc.astype(np.int64) == stored
+    match: Bools = crc.astype(np.int64) == stored
+    return match
 
 
 def _uint(a: Frames, at: int, width: int, order: str) -> Ints:
@@ -166,9 +169,9 @@ def decode_rows(
     utc_offset_s: int | Ints = 0,
 ) -> Decoded:
     """`(N, L)` frames of one length through `driver` -> Decoded (one reading per register)."""
-    from decoder.vendors import TRANSFORMS  # noqa: PLC0415 (vendors imports the spec module)
+    from decoder.vendors import TRANSFORMS
 
-    n, length = frames.shape
+    n = len(frames)
     out = _Out(n)
     rx = np.asarray(received_at_s, np.int64)
     if driver.checksum is not None:
@@ -200,9 +203,9 @@ def decode_rows(
         value, ok = read(payload, f)
         values[f.name] = (value, ok)
         if f.expect is not None:
-            out.fail(value != f.expect, ErrorCode.DECRYPT_FAILED if driver.transform else
-                     ErrorCode.BAD_RECORD, f"field {f.name!r} is not {f.expect:#x} as the "
-                     f"{driver.name} layout requires (another model, or still encrypted)")  # fmt: skip
+            refuse = ErrorCode.DECRYPT_FAILED if driver.transform else ErrorCode.BAD_RECORD
+            why = f"field {f.name!r} is not {f.expect:#x} as the {driver.name} layout requires"
+            out.fail(value != f.expect, refuse, why + " (another model, or still encrypted)")
     flags = np.zeros(n, np.int64)
     for alarm in driver.alarms:
         if alarm.field in values:

@@ -206,7 +206,7 @@ def _ints(value: Any) -> tuple[int, ...] | None:
 
 def _fraction(value: Any) -> Fraction | None:
     """A positive exact scale: an int, a decimal string "0.001" or a fraction "1/3"."""
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, (bool, float)):
         return None  # a float scale would make the register inexact: write it as a string
     try:
         got = Fraction(value) if isinstance(value, (int, str)) else None
@@ -267,7 +267,9 @@ def _known(table: dict[str, Any], allowed: set[str], name: str, i: int, where: _
     """Refuse a key the schema does not have (a typo must not pass silently)."""
     for key in table:
         if key not in allowed:
-            raise where.error(name, i, key, f"[{name}] has no key {key!r}; one of {sorted(allowed)}")
+            raise where.error(
+                name, i, key, f"[{name}] has no key {key!r}; one of {sorted(allowed)}"
+            )
 
 
 def _match(t: dict[str, Any], where: _Lines) -> Match:
@@ -291,14 +293,14 @@ def _match(t: dict[str, Any], where: _Lines) -> Match:
         raise where.error("match", 0, "magic", "magic is a hex string, magic_at a byte offset")
     if transport == "raw":
         if not magic:
-            raise where.error("match", 0, "magic", "a raw driver needs magic = \"hex bytes\"")
+            raise where.error("match", 0, "magic", 'a raw driver needs magic = "hex bytes"')
         return Match("raw", lo, hi, magic=magic, magic_at=at)
     mans = t.get("manufacturer")
     mans = [mans] if isinstance(mans, str) else mans
     if not isinstance(mans, list) or not all(
         isinstance(m, str) and re.fullmatch(r"[A-Z@]{3}", m) for m in mans
     ):
-        raise where.error("match", 0, "manufacturer", "manufacturer: 3-letter code(s), e.g. \"APT\"")
+        raise where.error("match", 0, "manufacturer", 'manufacturer: 3-letter code(s), e.g. "APT"')
     lists: dict[str, tuple[int, ...]] = {}
     for key in ("version", "device_type", "ci"):
         got = _ints(t.get(key, []))
@@ -332,12 +334,16 @@ def _fields(raw: Any, match: Match, where: _Lines) -> tuple[FieldSpec, ...]:
             raise where.error("field", i, "name", f"field {name!r} is defined twice")
         kind = t.get("kind")
         if kind not in KINDS:
-            raise where.error("field", i, "kind", f"field {name!r}: unknown kind {kind!r}; one of {KINDS}")
+            raise where.error(
+                "field", i, "kind", f"field {name!r}: unknown kind {kind!r}; one of {KINDS}"
+            )
         at, width = _int(t.get("at")), _int(t.get("width", WIDTHS.get(kind, (0,))[0]))
         if at is None or at < 0:
             raise where.error("field", i, "at", f"field {name!r}: at must be a byte offset >= 0")
         if width is None or not 1 <= width <= 8 or width not in WIDTHS.get(kind, (width,)):
-            raise where.error("field", i, "width", f"field {name!r}: width {width!r} for kind {kind}")
+            raise where.error(
+                "field", i, "width", f"field {name!r}: width {width!r} for kind {kind}"
+            )
         if kind in ("uint", "int") and width not in (1, 2, 3, 4, 5, 6, 7, 8):
             raise where.error("field", i, "width", f"field {name!r}: width 1..8")
         if kind == "bcd" and width > 8:
@@ -349,7 +355,9 @@ def _fields(raw: Any, match: Match, where: _Lines) -> tuple[FieldSpec, ...]:
         if "unit" in t or "scale" in t:
             unit = t.get("unit")
             if unit not in UNITS_ML:
-                raise where.error("field", i, "unit", f"field {name!r}: unit one of {sorted(UNITS_ML)}")
+                raise where.error(
+                    "field", i, "unit", f"field {name!r}: unit one of {sorted(UNITS_ML)}"
+                )
             scale = _fraction(t.get("scale", 1))
             if scale is None:
                 raise where.error(
@@ -357,7 +365,9 @@ def _fields(raw: Any, match: Match, where: _Lines) -> tuple[FieldSpec, ...]:
                     f"field {name!r}: scale must be exact: an int, \"0.001\" or \"1/3\" (no float)",
                 )  # fmt: skip
             if kind not in ("uint", "int", "bcd", "packed_na1"):
-                raise where.error("field", i, "kind", f"field {name!r}: a volume is an integer kind")
+                raise where.error(
+                    "field", i, "kind", f"field {name!r}: a volume is an integer kind"
+                )
             ml = UNITS_ML[unit] * scale
         decimals = _int(t.get("decimals", 0))
         if decimals is None or not 0 <= decimals <= 12:
@@ -370,9 +380,7 @@ def _fields(raw: Any, match: Match, where: _Lines) -> tuple[FieldSpec, ...]:
             raise where.error("field", i, "optional", f"field {name!r}: optional is true/false")
         if not optional and at + width > match.max_length:
             raise where.error("field", i, "at", f"field {name!r} ends past max_length")
-        out.append(
-            FieldSpec(name, at, width, kind, order, ml, decimals, _int(expect), optional)
-        )
+        out.append(FieldSpec(name, at, width, kind, order, ml, decimals, _int(expect), optional))
     return tuple(out)
 
 
@@ -422,12 +430,14 @@ def _transform(t: Any, where: _Lines) -> str | None:
     """The optional [transform] table (a name; `decoder.vendors.TRANSFORMS` holds the code)."""
     if t is None:
         return None
-    from decoder.vendors import TRANSFORMS  # noqa: PLC0415 (vendors imports this module)
+    from decoder.vendors import TRANSFORMS
 
     _known(t, {"name"}, "transform", 0, where)
     name = t.get("name")
     if name not in TRANSFORMS:
-        raise where.error("transform", 0, "name", f"transform {name!r}; one of {sorted(TRANSFORMS)}")
+        raise where.error(
+            "transform", 0, "name", f"transform {name!r}; one of {sorted(TRANSFORMS)}"
+        )
     return str(name)
 
 
@@ -462,7 +472,10 @@ def _alarms(
     for i, t in enumerate(raw or []):
         _known(t, {"field", "mask", "flag"}, "alarm", i, where)
         name, mask, flag = t.get("field"), _int(t.get("mask")), t.get("flag")
-        if name not in names or next(f for f in fields if f.name == name).kind not in ("uint", "int"):
+        if name not in names or next(f for f in fields if f.name == name).kind not in (
+            "uint",
+            "int",
+        ):
             raise where.error("alarm", i, "field", f"alarm field {name!r} is not an integer field")
         if mask is None or mask <= 0:
             raise where.error("alarm", i, "mask", "mask is a positive bit mask")
@@ -515,8 +528,14 @@ def _examples(raw: Any, where: _Lines) -> tuple[Example, ...]:
             flags |= FLAGS[name]
         out.append(
             Example(
-                frame.hex(), where.of("example", i), t.get("meter_id"), total, target,
-                ErrorCode[reject] if reject else None, flags, t.get("key"),
-            )  # fmt: skip
+                frame.hex(),
+                where.of("example", i),
+                t.get("meter_id"),
+                total,
+                target,
+                ErrorCode[reject] if reject else None,
+                flags,
+                t.get("key"),
+            )
         )
     return tuple(out)

@@ -41,10 +41,10 @@ def keystream(seed: npt.NDArray[np.uint32], n: int) -> Frames:
     """`(N, n)` keystream bytes from per-row 32-bit seeds (8 LFSR steps per byte)."""
     k = seed.astype(np.uint32).copy()
     out = np.empty((len(k), n), np.uint8)
-    one = np.uint32(1)
+    one, two, eleven, top = np.uint32(1), np.uint32(2), np.uint32(11), np.uint32(31)
     for i in range(n):
         for _ in range(8):
-            bit = ((k >> 1) ^ (k >> 2) ^ (k >> 11) ^ (k >> 31)) & one
+            bit = ((k >> one) ^ (k >> two) ^ (k >> eleven) ^ (k >> top)) & one
             k = (k << one) | bit
         out[:, i] = (k & np.uint32(0xFF)).astype(np.uint8)
     return out
@@ -58,7 +58,7 @@ def descramble(
     Tries the meter's own key (8 bytes, or 16 whose halves are equal), then both default
     keys; a row no key opens (first plain byte not 0x4B) gets DECRYPT_FAILED.
     """
-    n, length = frames.shape
+    n = len(frames)
     body = frames[:, 11 + HEADER :]
     base = _be32(frames, 2) ^ _be32(frames, 6) ^ _be32(frames, 10)
     plain = np.zeros_like(body)
@@ -66,9 +66,11 @@ def descramble(
     own = np.zeros(n, np.uint32)
     has_own = np.zeros(n, bool)
     for i, mid in enumerate(meter_ids.tolist()):  # per-frame only where a key table is given
-        key = keys.get(str(mid)) if keys else None
-        if key is not None and (len(key) == 8 or (len(key) == 16 and key[:8] == key[8:])):
-            own[i], has_own[i] = key32(key[:8]), True
+        own_key = keys.get(str(mid)) if keys else None
+        if own_key is not None and (
+            len(own_key) == 8 or (len(own_key) == 16 and own_key[:8] == own_key[8:])
+        ):
+            own[i], has_own[i] = key32(own_key[:8]), True
     candidates = [(own, has_own)] if has_own.any() else []
     for hex_key in DEFAULT_KEYS:
         candidates.append((np.full(n, key32(bytes.fromhex(hex_key)), np.uint32), np.ones(n, bool)))
@@ -76,7 +78,8 @@ def descramble(
         todo = usable & ~done
         if not todo.any() or body.shape[1] == 0:
             continue
-        stream = keystream(base[todo] ^ key[todo], body.shape[1])
+        seeds: npt.NDArray[np.uint32] = (base[todo] ^ key[todo]).astype(np.uint32)
+        stream = keystream(seeds, body.shape[1])
         got = body[todo] ^ stream
         fits = got[:, 0] == CHECK_BYTE
         rows = np.flatnonzero(todo)[fits]
@@ -84,5 +87,4 @@ def descramble(
         done[rows] = True
     payload = np.concatenate([frames[:, 11 : 11 + HEADER], plain], axis=1)
     code = np.where(done, 0, int(ErrorCode.DECRYPT_FAILED)).astype(np.uint16)
-    del length
     return payload, code, "PRIOS payload: neither the meter's key nor a default key gives 0x4B"
