@@ -19,6 +19,7 @@ import structlog
 
 from collector import metrics
 from collector.coap import start_server
+from collector.drivers import install_directory
 from collector.keys import MeterKeys
 from collector.logs import configure_logging
 from collector.mqtt import MqttSubscriber
@@ -26,6 +27,7 @@ from collector.pipeline import Pipeline
 from collector.redecode import Redecoder
 from collector.settings import CollectorSettings
 from collector.store import BatchStore
+from decoder.drivers import DriverError
 from storage.coap_peers import PeerMismatchError
 from storage.credentials import parse_key
 from storage.pool import Pool, create_pool, keep_session
@@ -58,6 +60,9 @@ async def run(
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+    if settings.drivers_dir is not None:  # a bad driver file stops the start (DriverError)
+        for driver in install_directory(settings.drivers_dir):
+            log.info("driver.installed", driver=driver.name, source=driver.source)
     key = None
     if settings.credentials_key is not None:
         key = parse_key(settings.credentials_key.get_secret_value())
@@ -112,6 +117,9 @@ def main() -> int:
         asyncio.run(run(settings))
     except KeyboardInterrupt:
         return 130
+    except DriverError as exc:
+        log.error("collector.refused", error=str(exc))
+        return 2
     except (PeerMismatchError, BaseExceptionGroup) as exc:
         refused = _refusal(exc)
         if refused is None:

@@ -123,6 +123,8 @@ class CollectorSettings(DatabaseSettings):
     metrics_port: int = Field(9464, ge=0, le=65535)
     log_json: bool | None = None  # None: JSON unless stderr is a terminal
     shutdown_grace_s: float = Field(30.0, gt=0)
+    # driver files (*.toml) of the tenants' meter models, installed at start (all or none)
+    drivers_dir: Path | None = None
     coap: CoapSettings = CoapSettings()
     mqtt: MqttSettings = MqttSettings()
     pipeline: PipelineSettings = PipelineSettings()

@@ -60,7 +60,10 @@ def installed() -> tuple[Driver, ...]:
 
 
 def install(driver: Driver) -> Driver:
-    """Make `driver` decode frames from now on; DriverError if its name is taken."""
+    """Make `driver` decode frames from now on; DriverError if its name is taken by
+    another driver (installing the very same driver again is a no-op)."""
+    if _DRIVERS.get(driver.name) == driver:
+        return driver
     if driver.name in _DRIVERS:
         msg = f"{driver.source}: driver name {driver.name!r} already installed"
         msg += f" (from {_DRIVERS[driver.name].source})"

@@ -224,7 +224,9 @@ def parse_driver(text: str, source: str = "<driver>") -> Driver:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise DriverError(f"{source}: not valid TOML: {exc}") from exc
+        at = re.search(r"at line (\d+)", str(exc))
+        line = f" line {at.group(1)}" if at else ""
+        raise DriverError(f"{source}{line}: not valid TOML: {exc}") from exc
     for key in doc:
         if key not in _TOP:
             raise where.error(key, 0, None, f"unknown table [{key}]; one of {sorted(_TOP)}")

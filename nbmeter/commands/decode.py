@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from collector.drivers import install_files
+from decoder.drivers import DriverError
 from decoder.view import frame_records, parse_input_line
 
 
@@ -37,8 +39,19 @@ def _load_keys(path: str | None) -> dict[str, bytes]:
     return keys
 
 
+def _install_drivers(paths: list[str] | None) -> None:
+    """`--driver FILE`: install driver files (each may replace a shipped one of its name)."""
+    if not paths:
+        return
+    try:
+        install_files([Path(p) for p in paths], replace=True)
+    except DriverError as exc:
+        raise SystemExit(f"nbmeter decode: {exc}") from exc
+
+
 def run_decode(args: argparse.Namespace) -> int:
     """Decode the frames named by `args`, print JSON lines; 1 if any frame failed."""
+    _install_drivers(args.driver)
     keys = _load_keys(args.keys)
     lines = args.frames or [line for line in sys.stdin if line.strip()]
     received = args.received_at if args.received_at is not None else int(time.time())
@@ -70,6 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "frames", nargs="*", help="hex frames; none: read lines (hex or JSONL) from stdin"
     )
     parser.add_argument("--keys", help="JSON file mapping meter id to AES-128 key (hex)")
+    parser.add_argument(
+        "--driver",
+        action="append",
+        metavar="FILE",
+        help="driver file (TOML) to try; validated and golden-checked first (repeatable)",
+    )
     parser.add_argument(
         "--received-at", type=int, help="receive time, UTC epoch seconds (default now)"
     )
