@@ -23,21 +23,15 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from decoder import cjt188, drivers, interval, mbus, senml  # noqa: F401  (importing registers them)
+# isort: off
+from decoder import drivers  # noqa: F401  (first: its `driver` format, by magic, is tried first)
+from decoder import cjt188, interval, mbus, senml  # noqa: F401  (importing registers them)
+
+# isort: on
 from decoder import kernels as k
 from decoder.columns import Decoded, ErrorCode, concat, empty
 from decoder.registry import Format, formats, lookup, parse_hint, register
 
-register(
-    Format(
-        key="driver",  # raw vendor payloads of installed driver files (decoder.drivers)
-        detect=drivers.detect_raw,
-        detect_array=drivers.detect_raw_array,
-        decode=drivers.decode_raw,
-        decode_array=drivers.decode_raw_array,
-        takes_variant=True,  # hint "driver:<name>" picks one driver
-    )
-)
 register(Format(key="mbus", detect=mbus.looks_like, decode=mbus.decode, takes_utc_offset=True))
 
 __all__ = ["Decoded", "decode_batch"]

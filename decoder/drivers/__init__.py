@@ -33,6 +33,7 @@ from decoder.columns import Decoded, ErrorCode, concat, empty
 from decoder.drivers.kernel import decode_rows
 from decoder.drivers.spec import Driver, DriverError, parse_driver
 from decoder.mbus_link import manufacturer_code
+from decoder.registry import Format, register
 
 __all__ = [
     "Driver",
@@ -331,3 +332,16 @@ def _install_builtin() -> None:
 
 
 _install_builtin()
+
+# raw vendor payloads: tried before every other format (a driver's magic of 2 or more bytes
+# at a fixed offset, and its length range, are a stronger signature than any detector's)
+FORMAT = register(
+    Format(
+        key="driver",
+        detect=detect_raw,
+        detect_array=detect_raw_array,
+        decode=decode_raw,
+        decode_array=decode_raw_array,
+        takes_variant=True,  # hint "driver:<name>" picks one driver
+    )
+)

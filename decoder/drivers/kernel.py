@@ -46,6 +46,19 @@ def _modbus_table() -> npt.NDArray[np.uint16]:
 _MODBUS = _modbus_table()
 
 
+def _modbus_table16() -> npt.NDArray[np.uint16]:
+    """CRC-16/MODBUS over two bytes at once: for a reflected CRC, xoring a little-endian
+    byte pair into the register and running 16 bit steps consumes it entirely, so one
+    65,536-entry table maps (crc ^ pair) to the next crc."""
+    v = np.arange(1 << 16, dtype=np.uint32)
+    for _ in range(2):
+        v = (v >> 8) ^ _MODBUS[v & 0xFF].astype(np.uint32)
+    return v.astype(np.uint16)
+
+
+_MODBUS16 = _modbus_table16()
+
+
 def checksum_ok(a: Frames, c: Checksum) -> Bools:
     """Whether each row's stored checksum matches the one computed over its span."""
     n, width = a.shape
@@ -59,14 +72,20 @@ def checksum_ok(a: Frames, c: Checksum) -> Bools:
     if c.kind == "xor8":
         xor: Bools = np.bitwise_xor.reduce(span, axis=1) == a[:, at]
         return xor
-    cols = np.ascontiguousarray(span.T)
     if c.kind == "crc16_modbus":
         crc = np.full(n, 0xFFFF, np.uint16)
-        for col in cols:
-            crc = (crc >> 8) ^ _MODBUS[(crc ^ col) & 0xFF]
+        even = (stop - start) // 2 * 2
+        if even and a.strides[-1] == 1 and start % 2 == 0:  # two bytes per table gather
+            words = a[:, start : start + even].view("<u2")
+            for j in range(even // 2):
+                crc = _MODBUS16[crc ^ words[:, j]]
+        else:
+            even = 0
+        for j in range(start + even, stop):
+            crc = (crc >> 8) ^ _MODBUS[(crc ^ a[:, j]) & 0xFF]
     else:  # crc16_en13757: poly 0x3D65, init 0, inverted
         crc = np.zeros(n, np.uint16)
-        for col in cols:
+        for col in np.ascontiguousarray(span.T):
             crc = (crc << 8) ^ _EN13757[(crc >> 8) ^ col]
         crc = crc ^ np.uint16(0xFFFF)
     stored = _uint(a, at, 2, c.order)
@@ -206,10 +225,7 @@ def decode_rows(
             refuse = ErrorCode.DECRYPT_FAILED if driver.transform else ErrorCode.BAD_RECORD
             why = f"field {f.name!r} is not {f.expect:#x} as the {driver.name} layout requires"
             out.fail(value != f.expect, refuse, why + " (another model, or still encrypted)")
-    flags = np.zeros(n, np.int64)
-    for alarm in driver.alarms:
-        if alarm.field in values:
-            flags |= np.where(values[alarm.field][0] & alarm.mask, int(alarm.flag), 0)
+    flags = _alarm_flags(driver, values, n)
     current, cur_ok, cur_scale = _register(driver, driver.current, values, out, billing=False)
     billing = driver.billing if driver.billing in values else None
     if billing is not None:
@@ -254,6 +270,39 @@ def decode_rows(
         b_flags = flags | int(Flag.BILLING_DATE) | np.where(b_at_ok, 0, int(Flag.CLOCK_MISSING))
         reads.append((np.flatnonzero(has), bill, b_at, b_flags))
     return _result(driver, out, ids, fields, reads)
+
+
+def _alarm_flags(driver: Driver, values: dict[str, tuple[Ints, Bools]], n: int) -> Ints:
+    """Reading flags from the alarm bits: one table gather per field of 1-2 bytes."""
+    flags = np.zeros(n, np.int64)
+    for name in dict.fromkeys(a.field for a in driver.alarms):
+        if name not in values:
+            continue
+        value = values[name][0]
+        alarms = [a for a in driver.alarms if a.field == name]
+        width = driver.field(name).width
+        if width <= 2 and driver.field(name).kind == "uint":
+            flags |= _alarm_table(driver, name, width)[value]
+            continue
+        for alarm in alarms:
+            flags |= np.where(value & alarm.mask, int(alarm.flag), 0)
+    return flags
+
+
+_TABLES: dict[tuple[int, str], Ints] = {}
+
+
+def _alarm_table(driver: Driver, name: str, width: int) -> Ints:
+    """Raw value -> flags of one alarm field (built once per driver and field)."""
+    key = (id(driver), name)
+    if (table := _TABLES.get(key)) is None:
+        raw = np.arange(1 << (8 * width), dtype=np.int64)
+        table = np.zeros(len(raw), np.int64)
+        for alarm in driver.alarms:
+            if alarm.field == name:
+                table |= np.where(raw & alarm.mask, int(alarm.flag), 0)
+        _TABLES[key] = table
+    return table
 
 
 def _register(
@@ -313,10 +362,13 @@ def _result(
 ) -> Decoded:  # fmt: skip
     """Assemble the Decoded: readings ordered by frame, current before billing."""
     n = len(out.code)
-    if len(reads) == 1 and len(reads[0][0]) == n:  # every frame one reading: no gathers
-        _, value, at, flags = reads[0]
-        rows, reg, read_at = np.arange(n), value, at
-        fl = flags.astype(np.uint32)
+    m = len(reads)
+    if all(len(r) == n for r, _, _, _ in reads):  # every frame every reading: interleave
+        rows = np.repeat(np.arange(n), m) if m > 1 else np.arange(n)
+        reg = np.stack([v for _, v, _, _ in reads], axis=1).ravel()
+        read_at = np.stack([at for _, _, at, _ in reads], axis=1).ravel()
+        fl = np.stack([f for _, _, _, f in reads], axis=1).ravel().astype(np.uint32)
+        meter = np.repeat(ids, m) if m > 1 else ids
     else:
         rows = np.concatenate([r for r, _, _, _ in reads])
         order = np.argsort(rows, kind="stable")
@@ -324,9 +376,10 @@ def _result(
         read_at = np.concatenate([at[r] for r, _, at, _ in reads])[order]
         reg = np.concatenate([v[r] for r, v, _, _ in reads])[order]
         fl = np.concatenate([f[r] for r, _, _, f in reads])[order].astype(np.uint32)
+        meter = ids[rows]
     return Decoded(
         frame_index=rows.astype(np.int32),
-        meter_id=ids if len(rows) == n else ids[rows],
+        meter_id=meter,
         read_at_s=read_at,
         register_ml=reg,
         flags=fl,

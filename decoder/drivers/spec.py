@@ -294,8 +294,8 @@ def _match(t: dict[str, Any], where: _Lines) -> Match:
     if magic is None or at is None:
         raise where.error("match", 0, "magic", "magic is a hex string, magic_at a byte offset")
     if transport == "raw":
-        if not magic:
-            raise where.error("match", 0, "magic", 'a raw driver needs magic = "hex bytes"')
+        if len(magic) < 2:  # raw drivers are detected first: a 1-byte magic would steal frames
+            raise where.error("match", 0, "magic", "a raw driver needs a magic of 2+ bytes (hex)")
         return Match("raw", lo, hi, magic=magic, magic_at=at)
     mans = t.get("manufacturer")
     mans = [mans] if isinstance(mans, str) else mans
