@@ -356,6 +356,15 @@ def _raw_ids(
     return value.astype("U20")
 
 
+def _interleave(columns: list[np.ndarray], dtype: npt.DTypeLike) -> np.ndarray:
+    """Columns of n values -> one of n*m: frame 0's m values, then frame 1's..."""
+    m = len(columns)
+    out = np.empty(len(columns[0]) * m, dtype)
+    for j, col in enumerate(columns):
+        out[j::m] = col
+    return out
+
+
 def _result(
     driver: Driver, out: _Out, ids: np.ndarray, fields: dict[str, Column],
     reads: list[tuple[Ints, Ints, Ints, Ints]],
@@ -364,11 +373,11 @@ def _result(
     n = len(out.code)
     m = len(reads)
     if all(len(r) == n for r, _, _, _ in reads):  # every frame every reading: interleave
-        rows = np.repeat(np.arange(n), m) if m > 1 else np.arange(n)
-        reg = np.stack([v for _, v, _, _ in reads], axis=1).ravel()
-        read_at = np.stack([at for _, _, at, _ in reads], axis=1).ravel()
-        fl = np.stack([f for _, _, _, f in reads], axis=1).ravel().astype(np.uint32)
-        meter = np.repeat(ids, m) if m > 1 else ids
+        rows = np.arange(n * m) // m
+        reg = _interleave([v for _, v, _, _ in reads], np.int64)
+        read_at = _interleave([at for _, _, at, _ in reads], np.int64)
+        fl = _interleave([f for _, _, _, f in reads], np.uint32)
+        meter = _interleave([ids] * m, ids.dtype) if m > 1 else ids
     else:
         rows = np.concatenate([r for r, _, _, _ in reads])
         order = np.argsort(rows, kind="stable")

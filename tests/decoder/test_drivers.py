@@ -112,8 +112,8 @@ def test_raw_driver_through_decode_batch() -> None:
     assert res.error_code.tolist() == [0, 0]
     assert res.format.tolist() == ["driver", "driver"]
     assert res.meter_of_frame.tolist() == ["860012345678", "860012345679"]
-    current = res.register_ml[(res.flags & Flag.BILLING_DATE) == 0]
-    assert current.tolist() == [123_456_700, 5_000]
+    assert res.register_ml.tolist() == [123_456_700, 5_000]
+    assert res.extra[0]["billing_day_m3"] == Decimal("120")
     assert res.read_at_s[0] == 1_796_112_000  # 2026-12-01T08:00Z from the frame
     assert res.extra[0]["battery_v"] == Decimal("3.612")
     assert res.extra[0]["rsrp_dbm"] == -95
@@ -162,10 +162,9 @@ def test_acme_encode_decode_round_trip(total: int, billing: int, when: int, stat
     frame = body + _crc_modbus(body).to_bytes(2, "little")
     res = decode_batch([frame], RX)
     assert res.error_code[0] == ErrorCode.OK
-    current = res.flags & Flag.BILLING_DATE == 0
-    assert res.register_ml[current].tolist() == [total * 100]
-    assert res.register_ml[~current].tolist() == [billing * 100]
-    assert res.read_at_s[current].tolist() == [when]
+    assert res.register_ml.tolist() == [total * 100]
+    assert res.read_at_s.tolist() == [when]
+    assert res.extra[0]["billing_day_m3"] * 1_000_000 == billing * 100
 
 
 def test_mbus_batch_mixes_driver_and_standard_frames_in_order() -> None:
