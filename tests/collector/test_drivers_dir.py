@@ -1,0 +1,102 @@
+"""The collector installs a tenant's driver files at start (NBMETER_DRIVERS_DIR)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from importlib import resources
+from pathlib import Path
+
+import asyncpg
+import pytest
+from brokerkit import Broker
+from collector_testkit import RawCoap
+from conftest import add_meter, collector_settings
+
+from collector.main import run
+from decoder import drivers
+from decoder.drivers import DriverError
+
+
+def _crc_modbus(data: bytes) -> int:
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return crc
+
+
+def _tenant_driver() -> str:
+    """The shipped ACME NB-1 driver as a tenant's own model: another name and magic."""
+    text = resources.files("decoder.drivers").joinpath("builtin/acme_nb1.toml").read_text()
+    text = text.replace('name = "acme_nb1"', 'name = "acme_tenant_test"')
+    text = text.replace('magic = "AC4E01"', 'magic = "AC4E7F"')
+    head, _, _ = text.partition("[[example]]")
+    golden = _frame("860000000001", 123, int(time.time())).hex()
+    return head + f'[[example]]\nhex = "{golden}"\ntotal_m3 = "0.0123"\n'
+
+
+def _frame(address: str, total_dl: int, when: int) -> bytes:
+    body = (
+        bytes.fromhex("AC4E7F" + address)
+        + total_dl.to_bytes(4, "little")
+        + bytes(4)
+        + when.to_bytes(4, "little")
+        + bytes(2)
+        + (3600).to_bytes(2, "little")
+        + b"\xa0"
+    )
+    return body + _crc_modbus(body).to_bytes(2, "little")
+
+
+async def test_collector_stores_a_frame_of_a_tenant_driver(
+    tmp_path: Path, db_url: str, broker: Broker, credentials_key: str, pool: asyncpg.Pool,
+    lab_tenant: str,
+) -> None:  # fmt: skip
+    """A model known only from a driver file in the drivers directory is decoded and
+    stored by a collector started with that directory (real stack, plain CoAP)."""
+    (tmp_path / "acme_tenant.toml").write_text(_tenant_driver())
+    settings = collector_settings(db_url, broker, credentials_key).model_copy(
+        update={"drivers_dir": tmp_path}
+    )
+    address = "860000000042"
+    meter_id = await add_meter(pool, lab_tenant, address)
+    when = int(time.time()) - 60
+    stop, started = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run(settings, stop=stop, started=started))
+    try:
+        await asyncio.wait_for(started.wait(), 20)
+        assert "acme_tenant_test" in {d.name for d in drivers.installed()}
+        client = await RawCoap.open(settings.coap.port)
+        try:
+            reply = await client.post(_frame(address, 987_654, when), query=f"t={lab_tenant}")
+        finally:
+            client.close()
+        assert reply.code_str == "2.04", reply.payload
+        rows = await pool.fetch(
+            "SELECT register_ml, extract(epoch FROM read_at)::bigint AS at FROM readings"
+            " WHERE meter_id = $1",
+            meter_id,
+        )
+        assert [(r["register_ml"], r["at"]) for r in rows] == [(98_765_400, when)]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 40)
+        drivers.uninstall("acme_tenant_test")
+
+
+async def test_collector_refuses_to_start_with_a_malformed_driver(
+    tmp_path: Path, db_url: str, broker: Broker, credentials_key: str
+) -> None:
+    """One bad file in the directory stops the start, naming the file and line; none of
+    the directory's drivers is installed."""
+    (tmp_path / "a_good.toml").write_text(_tenant_driver())
+    bad = _tenant_driver().replace('kind = "unix32"', 'kind = "unix64"')
+    (tmp_path / "b_bad.toml").write_text(bad)
+    settings = collector_settings(db_url, broker, credentials_key).model_copy(
+        update={"drivers_dir": tmp_path}
+    )
+    with pytest.raises(DriverError, match=r"b_bad\.toml line \d+: field 'read_time'"):
+        await run(settings, stop=asyncio.Event())
+    assert "acme_tenant_test" not in {d.name for d in drivers.installed()}
