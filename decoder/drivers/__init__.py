@@ -12,11 +12,13 @@ Two kinds of driver:
   payload signature) and decodes them through the driver; all others take the standard
   EN 13757-3 path.
 - `transport = "raw"`: an NB-IoT vendor payload recognised by its magic bytes, length and
-  checksum; registered as the top-level format `driver` (tried before M-Bus).
+  checksum; registered as the top-level format `driver`, detected before every other
+  format (a magic of 2+ bytes at a fixed offset and a length range is the strongest
+  signature we have).
 
 The shipped drivers (`builtin/*.toml`: Diehl IZAR, Apator 08 / 172 / NA-1, Techem
-MK Radio 3 / 4, Qundis walk-by CI 78, Zenner 0B, and the made-up ACME NB-1 example) are
-installed at import. `install(driver)` adds one (a duplicate name raises, as a format
+MK Radio 3 / 4, Qundis walk-by CI 78, Zenner 0B, BMT RFM-TX1, and the made-up ACME NB-1
+example) are installed at import. `install(driver)` adds one (a duplicate name raises, as a format
 key does); the collector installs a tenant's driver directory at start.
 """
 

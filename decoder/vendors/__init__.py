@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import numpy.typing as npt
 
-from decoder.vendors import apator_na1, prios
+from decoder.vendors import apator_na1, bmt, prios
 
 Transform = Callable[
     [npt.NDArray[np.uint8], npt.NDArray[np.object_], Mapping[str, bytes]],
@@ -30,4 +30,5 @@ Transform = Callable[
 TRANSFORMS: dict[str, Transform] = {
     "diehl_prios": prios.descramble,
     "apator_na1_aes": apator_na1.decrypt,
+    "bmt_rfmtx1": bmt.unmask,
 }

@@ -2,7 +2,7 @@
 
 Of the wmbusmeters telegrams that state a `total_m3`, the standard EN 13757-3 path alone
 (before vendor drivers) read 63 right; with the driver files and known compact formats,
-102. Each remaining one is listed in `NOT_YET` with the reason; the synthetic flowIQ 2200
+103. Each remaining one is listed in `NOT_YET` with the reason; the synthetic flowIQ 2200
 compact frame must stay refused (its data CRC does not match its values: the vector is
 wrong, not the decoder).
 """
@@ -31,7 +31,6 @@ SYNTHETIC_BAD_CRC = "3244372C763081233C168D2057D2ED11205A8179"  # flowiq2200 com
 # telegrams whose total is not read yet, and who reads it (issue 12 item 1, or no codec)
 NOT_YET = {
     "actislink": "DES security mode 2 (obsolete cipher, not decoded)",
-    "rfmtx1": "manufacturer security mode 16 (no driver yet)",
     "unismart": "2 stray bytes after the records (per-record robustness, issue 12 item 1)",
     "qwaterv2": "trailing FED0 after the records (per-record robustness, issue 12 item 1)",
 }
@@ -62,7 +61,7 @@ def _want(v: dict[str, Any]) -> int:
 
 
 def test_right_current_totals_count() -> None:
-    """102 of the 107 telegrams with a total read right; the rest are the known NOT_YET."""
+    """103 of the 107 telegrams with a total read right; the rest are the known NOT_YET."""
     lines, res = _decoded()
     with_total = [i for i, v in enumerate(lines) if "total_m3" in v["expected"]]
     right = [
@@ -73,7 +72,7 @@ def test_right_current_totals_count() -> None:
         f"\nright current totals: {len(right)}/{len(with_total)} (before drivers {BEFORE_DRIVERS})"
     )
     assert len(with_total) == 107
-    assert len(right) >= 102
+    assert len(right) >= 103
     assert missed <= {*NOT_YET, "flowiq2200"}, missed
 
 
@@ -100,7 +99,7 @@ def test_synthetic_flowiq2200_compact_frame_stays_refused() -> None:
 @pytest.mark.parametrize(
     "driver",
     ["izar", "izarv2", "apator08", "apator172", "apatorna1", "mkradio3", "mkradio4",
-     "zenner0b", "kamwater", "engelmann-faw"],
+     "zenner0b", "kamwater", "engelmann-faw", "rfmtx1"],
 )  # fmt: skip
 def test_vendor_vectors_read_right(driver: str) -> None:
     """Every telegram of a vendor model with a driver file reads its stated total."""
