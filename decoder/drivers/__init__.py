@@ -54,6 +54,7 @@ __all__ = [
 Ints = npt.NDArray[np.int64]
 _DRIVERS: dict[str, Driver] = {}
 _WMBUS: dict[tuple[str, int], list[Driver]] = {}  # (manufacturer, CI) -> drivers
+_BY_HEADER: dict[bytes, list[Driver]] = {}  # frame bytes 2, 3 and 10 (M field, CI) -> drivers
 _RAW: list[Driver] = []
 
 
@@ -78,7 +79,15 @@ def install(driver: Driver) -> Driver:
         for man in driver.match.manufacturers:
             for ci in driver.match.ci:
                 _WMBUS.setdefault((man, ci), []).append(driver)
+                for key in _header_keys(man, ci):
+                    _BY_HEADER.setdefault(key, []).append(driver)
     return driver
+
+
+def _header_keys(man: str, ci: int) -> tuple[bytes, ...]:
+    """M field (both values of its top bit, which some meters set) + CI, as frame bytes."""
+    code = sum((ord(c) - 64) << s for c, s in zip(man, (10, 5, 0), strict=True))
+    return tuple((m.to_bytes(2, "little") + bytes([ci])) for m in (code, code | 0x8000))
 
 
 def uninstall(name: str) -> None:
@@ -88,7 +97,7 @@ def uninstall(name: str) -> None:
         return
     if driver in _RAW:
         _RAW.remove(driver)
-    for group in _WMBUS.values():
+    for group in (*_WMBUS.values(), *_BY_HEADER.values()):
         if driver in group:
             group.remove(driver)
 
@@ -178,10 +187,10 @@ def _header_ok(d: Driver, frame: bytes) -> bool:
 
 def _claim(frame: bytes) -> Driver | None:
     """The installed wmbus driver that claims a CRC-stripped frame, or None."""
-    if not _link_ok(frame):
+    group = _BY_HEADER.get(frame[2:4] + frame[10:11])  # one slice and lookup per frame
+    if not group:
         return None
-    group = _WMBUS.get((manufacturer_code(frame[2:4]), frame[10]))
-    return next((d for d in group if _header_ok(d, frame)), None) if group else None
+    return next((d for d in group if _header_ok(d, frame)), None)
 
 
 def claims(frame: bytes) -> str | None:
@@ -214,8 +223,8 @@ def route_mbus(
         return None
     claimed: dict[tuple[str, int], list[int]] = {}
     by_name: dict[str, Driver] = {}
-    for i, raw in enumerate(frames):  # per frame: 3 byte reads and one dict lookup
-        frame = bytes(raw)
+    for i, raw in enumerate(frames):  # per frame: one 3-byte key and one dict lookup
+        frame = raw if isinstance(raw, bytes) else bytes(raw)
         driver = _claim(frame)
         if driver is not None:
             claimed.setdefault((driver.name, len(frame)), []).append(i)
