@@ -10,6 +10,9 @@ in the same run, two ways each:
               CJ/T 188: `cjt188.decode_array`), readings and columns included;
   end-to-end  `decoder.decode_batch(list[bytes])`: lengths, stacking, detection, kernel.
 and prints frames/s and the driver/CJ/T 188 ratio of each (the issue's goal: >= 0.5).
+Then wireless M-Bus throughput (`decoder.mbus.decode`, `--wmbus` frames) of standard
+OMS frames alone, of vendor frames alone (the golden frames of the shipped wM-Bus driver
+files: IZAR, Apator, Techem, Qundis, Zenner, BMT) and of a half-and-half mix.
 Wall-clock, best of `--rounds` interleaved rounds; the machine is shared, so quote the
 range of 2-3 runs.
 """
@@ -29,9 +32,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.decode import make_frames
-from decoder import cjt188, decode_batch, drivers
+from decoder import cjt188, decode_batch, drivers, mbus
 from decoder import kernels as k
 from decoder.drivers.kernel import decode_rows
+from decoder.mbus_encode import encode_oms_plain
 
 RX = 1_800_000_000
 
@@ -65,6 +69,24 @@ def acme_frames(n: int, distinct: int = 20_000) -> list[bytes]:
     return [base[i % distinct] for i in range(n)]
 
 
+def wmbus_frames(n: int) -> tuple[list[bytes], list[bytes]]:
+    """`n` standard OMS frames (varying ids and registers) and `n` vendor frames."""
+    standard = [
+        encode_oms_plain(f"{i % 50_000:08d}", "NBM", 1, 0x07, i & 0xFF, 1000 * i)
+        for i in range(min(n, 50_000))
+    ]
+    vendor = [
+        bytes.fromhex(e.hex)
+        for d in drivers.installed()
+        if d.match.transport == "wmbus"
+        for e in d.examples
+        if e.reject is None and e.key is None
+    ]
+    return [standard[i % len(standard)] for i in range(n)], [
+        vendor[i % len(vendor)] for i in range(n)
+    ]
+
+
 def best_of(fns: Sequence[Callable[[], object]], rounds: int) -> list[float]:
     """Best wall-clock seconds of each of `fns` over interleaved rounds."""
     best = [float("inf")] * len(fns)
@@ -82,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--wmbus", type=int, default=100_000)
     args = parser.parse_args(argv)
     n = args.frames
     driver = next(d for d in drivers.installed() if d.name == "acme_nb1")
@@ -109,6 +132,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{name:<11} driver {n / t_driver / 1e6:6.3f} M frames/s   "
             f"cjt188 {n / t_cjt / 1e6:6.3f} M frames/s   ratio={t_cjt / t_driver:.2f}"
         )
+    m = args.wmbus
+    standard, vendor = wmbus_frames(m)
+    mixed = [f for pair in zip(standard[: m // 2], vendor[: m // 2], strict=True) for f in pair]
+    rx_m = np.full(m, RX, np.int64)
+    assert (mbus.decode(vendor[:500], rx_m[:500]).error_code == 0).all()
+    times = best_of([lambda b=b: mbus.decode(b, rx_m[: len(b)]) for b in (standard, vendor, mixed)],
+                    args.rounds)  # fmt: skip
+    for name, t in zip(("standard OMS", "vendor drivers", "50/50 mix"), times, strict=True):
+        print(f"wmbus {name:<15} {m / t / 1e3:8.1f} k frames/s  (mbus.decode, {m} frames)")
 
 
 if __name__ == "__main__":
