@@ -289,12 +289,12 @@ def _alarm_flags(driver: Driver, values: dict[str, tuple[Ints, Bools]], n: int) 
     return flags
 
 
-_TABLES: dict[tuple[int, str], Ints] = {}
+_TABLES: dict[tuple[Driver, str], Ints] = {}  # keyed by the driver itself, never by id()
 
 
 def _alarm_table(driver: Driver, name: str, width: int) -> Ints:
     """Raw value -> flags of one alarm field (built once per driver and field)."""
-    key = (id(driver), name)
+    key = (driver, name)
     if (table := _TABLES.get(key)) is None:
         raw = np.arange(1 << (8 * width), dtype=np.int64)
         table = np.zeros(len(raw), np.int64)
