@@ -226,6 +226,11 @@ def _tpl(
             if isinstance(got, tuple):
                 return got
             body = got
+        elif mode == 2:  # EN 13757-7 mode 2 (deprecated): DES-CBC, zero IV, check 2F2F
+            got = _mode2(env.meter_id, body, keys)
+            if isinstance(got, tuple):
+                return got
+            body = got
         elif mode == 7:  # OMS 4: a configuration field extension (KDF selection) follows CW
             body = body[1:]
             if key_for(keys, env.meter_id) or body[:2] != oms_crypto.MODE5_CHECK:
@@ -257,4 +262,21 @@ def _mode5(
     plain = oms_crypto.cbc_decrypt(key, oms_crypto.mode5_iv(m, a, acc), body[:size])
     if plain[:2] != oms_crypto.MODE5_CHECK:
         return ErrorCode.DECRYPT_FAILED, f"wrong AES key for meter {mid} (no 2F2F after decrypt)"
+    return plain + body[size:]
+
+
+def _mode2(mid: str, body: bytes, keys: Mapping[str, bytes]) -> bytes | Failure:
+    """EN 13757-7 mode 2: DES-CBC with a zero IV over the whole 8-byte blocks, keyed by the
+    first 8 bytes of the meter's key; the plaintext starts 2F 2F (else: wrong key)."""
+    key = key_for(keys, mid)
+    if key is None:
+        if body[:2] == oms_crypto.MODE5_CHECK:
+            return body  # decrypted upstream
+        return ErrorCode.NO_KEY, f"no DES key for meter {mid} (security mode 2)"
+    size = len(body) - len(body) % 8
+    if size == 0 or len(key) < 8:
+        return ErrorCode.TRUNCATED, f"mode 2 frame of meter {mid} has no whole DES block"
+    plain = oms_crypto.des_cbc_decrypt(key[:8], body[:size])
+    if plain[:2] != oms_crypto.MODE5_CHECK:
+        return ErrorCode.DECRYPT_FAILED, f"wrong DES key for meter {mid} (no 2F2F after decrypt)"
     return plain + body[size:]

@@ -7,6 +7,7 @@ ELL payload CRC), so nothing here raises for a wrong key.
 
 from __future__ import annotations
 
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 BLOCK = 16
@@ -40,3 +41,10 @@ def ell_ctr(key: bytes, m_field: bytes, a_field: bytes, cc: int, sn: bytes, data
 def pad_blocks(plain: bytes) -> bytes:
     """`plain` filled up to whole AES blocks with 2F idle fillers (EN 13757-3)."""
     return plain + b"\x2f" * (-len(plain) % BLOCK)
+
+
+def des_cbc_decrypt(key8: bytes, data: bytes) -> bytes:
+    """EN 13757-7 security mode 2 (deprecated): single DES-CBC, zero IV, whole 8-byte
+    blocks. Single DES is 3DES with the same 8-byte key three times (K1 = K2 = K3)."""
+    dec = Cipher(TripleDES(key8 * 3), modes.CBC(bytes(8))).decryptor()
+    return dec.update(data) + dec.finalize()

@@ -68,7 +68,7 @@ def skip_reason(v: dict[str, Any]) -> str | None:
     check = v.get("generic_decoder_check", {})
     if ci and 0xA0 <= int(ci, 16) <= 0xB7:
         return f"{drv}: proprietary CI {ci} needs the {drv} vendor codec"
-    if mode in (2, 3):
+    if mode == 3:
         return f"{drv}: DES security mode {mode} (obsolete, not decoded)"
     if mode is not None and mode >= 16:
         return f"{drv}: manufacturer security mode {mode} needs the {drv} codec"

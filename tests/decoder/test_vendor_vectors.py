@@ -2,7 +2,7 @@
 
 Of the wmbusmeters telegrams that state a `total_m3`, the standard EN 13757-3 path alone
 (before vendor drivers) read 63 right; with the driver files and known compact formats,
-103. Each remaining one is listed in `NOT_YET` with the reason; the synthetic flowIQ 2200
+104. Each remaining one is listed in `NOT_YET` with the reason; the synthetic flowIQ 2200
 compact frame must stay refused (its data CRC does not match its values: the vector is
 wrong, not the decoder).
 """
@@ -30,7 +30,6 @@ BEFORE_DRIVERS = 63  # right totals of the standard path alone (measured on main
 SYNTHETIC_BAD_CRC = "3244372C763081233C168D2057D2ED11205A8179"  # flowiq2200 compact frame
 # telegrams whose total is not read yet, and who reads it (issue 12 item 1, or no codec)
 NOT_YET = {
-    "actislink": "DES security mode 2 (obsolete cipher, not decoded)",
     "unismart": "2 stray bytes after the records (per-record robustness, issue 12 item 1)",
     "qwaterv2": "trailing FED0 after the records (per-record robustness, issue 12 item 1)",
 }
@@ -61,7 +60,7 @@ def _want(v: dict[str, Any]) -> int:
 
 
 def test_right_current_totals_count() -> None:
-    """103 of the 107 telegrams with a total read right; the rest are the known NOT_YET."""
+    """104 of the 107 telegrams with a total read right; the rest are the known NOT_YET."""
     lines, res = _decoded()
     with_total = [i for i, v in enumerate(lines) if "total_m3" in v["expected"]]
     right = [
@@ -72,7 +71,7 @@ def test_right_current_totals_count() -> None:
         f"\nright current totals: {len(right)}/{len(with_total)} (before drivers {BEFORE_DRIVERS})"
     )
     assert len(with_total) == 107
-    assert len(right) >= 103
+    assert len(right) >= 104
     assert missed <= {*NOT_YET, "flowiq2200"}, missed
 
 
@@ -99,7 +98,7 @@ def test_synthetic_flowiq2200_compact_frame_stays_refused() -> None:
 @pytest.mark.parametrize(
     "driver",
     ["izar", "izarv2", "apator08", "apator172", "apatorna1", "mkradio3", "mkradio4",
-     "zenner0b", "kamwater", "engelmann-faw", "rfmtx1"],
+     "zenner0b", "kamwater", "engelmann-faw", "rfmtx1", "actislink"],
 )  # fmt: skip
 def test_vendor_vectors_read_right(driver: str) -> None:
     """Every telegram of a vendor model with a driver file reads its stated total."""
@@ -109,3 +108,13 @@ def test_vendor_vectors_read_right(driver: str) -> None:
     for i in rows:
         assert res.error_code[i] == 0, res.error_message[i]
         assert _current(res, i) == [_want(lines[i])]
+
+
+def test_des_mode2_wrong_key_is_refused() -> None:
+    """Security mode 2 (DES-CBC) with a wrong key: DECRYPT_FAILED, no reading."""
+    lines, _ = _decoded()
+    v = next(v for v in lines if v["driver"] == "actislink")
+    frame = bytes.fromhex(v["hex"])
+    res = mbus.decode([frame], np.array([1_900_000_000]), {v["expected"]["id"]: b"\x01" * 16})
+    assert res.error_code[0] == ErrorCode.DECRYPT_FAILED
+    assert res.n_readings == 0
