@@ -1,10 +1,10 @@
 """Right current totals over the shared wM-Bus vectors: the count, and no wrong total.
 
 Of the wmbusmeters telegrams that state a `total_m3`, the standard EN 13757-3 path alone
-(before vendor drivers) read 63 right; with the driver files and known compact formats,
-104. Each remaining one is listed in `NOT_YET` with the reason; the synthetic flowIQ 2200
-compact frame must stay refused (its data CRC does not match its values: the vector is
-wrong, not the decoder).
+(before vendor drivers) read 63 right; with the driver files, the known compact formats
+and DES mode 2, 104. Each remaining one is listed in `NOT_YET` with the reason; the
+synthetic flowIQ 2200 compact frame must stay refused (its data CRC does not match its
+values: the vector is wrong, not the decoder).
 """
 
 from __future__ import annotations
