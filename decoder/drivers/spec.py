@@ -405,6 +405,8 @@ def _register(
             f = by_name.get(n)
             if f is None or f.ml_per_count is None:
                 raise where.error("register", 0, key, f"{key}: {n!r} is not a field with a unit")
+            if key == "current" and f.optional:
+                raise where.error("register", 0, key, f"current register {n!r} cannot be optional")
     for key in ("current_time", "billing_time"):
         n = t.get(key)
         if n is not None and (n not in by_name or by_name[n].kind not in DATE_KINDS):

@@ -219,3 +219,39 @@ def test_units_not_whole_ml_round_half_up(count: int, ml_per_count: str, ml: int
     got, fits = to_ml(np.array([count], np.int64), Fraction(ml_per_count))
     assert got.tolist() == [ml]
     assert fits.all()
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.booleans()),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_izar_batch_of_random_registers_decodes_exactly(
+    rows: list[tuple[int, int, bool]],
+) -> None:
+    """A batch of PRIOS frames (either default key, random registers) decodes in one call
+    to exactly its totals; a last month above the total is refused, never reported."""
+    frames, want = [], []
+    for i, (total, last, second_key) in enumerate(rows):
+        head = bytes.fromhex("44304C") + (10_000_000 + i).to_bytes(4, "little") + b"\xd4\x01\xa2"
+        head += bytes.fromhex("011D0013")
+        plain = b"\x4b" + total.to_bytes(4, "little") + last.to_bytes(4, "little") + b"\x5e\x39"
+        frame = bytearray([len(head) + len(plain)]) + head + bytes(len(plain))
+        a = np.frombuffer(bytes(frame), np.uint8)[None, :]
+        seed = prios._be32(a, 2) ^ prios._be32(a, 6) ^ prios._be32(a, 10)
+        key = prios.key32(bytes.fromhex(prios.DEFAULT_KEYS[second_key]))
+        stream = prios.keystream(seed ^ np.uint32(key), len(plain))[0]
+        frame[15:] = bytes(p ^ int(k) for p, k in zip(plain, stream, strict=True))
+        frames.append(bytes(frame))
+        want.append(None if last > total else (total * 1000, last * 1000))
+    res = mbus.decode(frames, np.full(len(frames), RX, np.int64))
+    for i, expected in enumerate(want):
+        got = res.register_ml[res.frame_index == i].tolist()
+        if expected is None:
+            assert res.error_code[i] == ErrorCode.BAD_RECORD
+            assert got == []
+        else:
+            assert res.error_code[i] == 0
+            assert got == list(expected)
