@@ -67,6 +67,7 @@ from collector.pipeline import (
     Transport,
     Uplink,
 )
+from collector.reasons import Reason, coap_code
 from collector.settings import CoapSettings
 from storage import coap_peers, credentials, notify
 from storage.errors import StorageError
@@ -75,12 +76,6 @@ from storage.pool import Pool, connection
 log = structlog.get_logger("collector.coap")
 
 __all__ = ["Busy", "CoapServer", "build_site", "fingerprint", "start_server"]
-
-_CODES = {
-    "identity_mismatch": aiocoap.FORBIDDEN,
-    "unknown_meter": aiocoap.NOT_FOUND,
-    "too_large": aiocoap.REQUEST_ENTITY_TOO_LARGE,
-}
 
 
 class TenantDirectory:
@@ -172,7 +167,7 @@ class UplinkResource(resource.Resource):  # type: ignore[misc]  # aiocoap is unt
         if too_large or len(uplink.payload) > self._settings.max_payload_bytes:
             size = len(uplink.payload) if not too_large else request.opt.block1.size
             uplink.payload = uplink.payload[: self._settings.max_payload_bytes]
-            uplink.reject = ("too_large", f"payload over {self._settings.max_payload_bytes} B")
+            uplink.reject = (Reason.TOO_LARGE, f"payload over {self._settings.max_payload_bytes} B")
             await self._durable(uplink, kind)
             msg = aiocoap.Message(code=aiocoap.REQUEST_ENTITY_TOO_LARGE, payload=b"too large")
             msg.opt.size1 = self._settings.max_payload_bytes
@@ -237,9 +232,9 @@ class UplinkResource(resource.Resource):  # type: ignore[misc]  # aiocoap is unt
 
 def response(outcome: Outcome) -> aiocoap.Message:
     """The CoAP answer to an uplink's outcome (2.04, or the quarantine reason's 4.xx)."""
+    code = aiocoap.Code(coap_code(outcome))  # collector.reasons: the one answer table
     if outcome.status != "quarantined":
-        return aiocoap.Message(code=aiocoap.CHANGED)
-    code = _CODES.get(outcome.reason, aiocoap.BAD_REQUEST)
+        return aiocoap.Message(code=code)
     return aiocoap.Message(code=code, payload=f"{outcome.reason}: {outcome.detail}".encode())
 
 

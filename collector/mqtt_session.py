@@ -55,6 +55,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from collector import metrics
 from collector.pipeline import Outcome, Pipeline, PipelineClosed, Transport, Uplink
+from collector.reasons import Reason, mqtt_acks
 from collector.settings import MqttSettings
 from devices.topics import CONTROL_ROOT
 
@@ -365,7 +366,7 @@ class Session:
         claimed = parse_topic(topic)
         uplink = Uplink(payload, Transport.MQTT, peer=f"mqtt:{topic}", topic=claimed)
         if claimed is None:
-            uplink.reject = ("bad_topic", f"not an uplink topic: {topic[:200]}")
+            uplink.reject = (Reason.BAD_TOPIC, f"not an uplink topic: {topic[:200]}")
         try:
             # bounded by the broker's Receive Maximum, not by max_pending
             future = self._pipeline.offer(uplink, force=True)
@@ -392,5 +393,9 @@ class Session:
             metrics.UPLINKS.labels("mqtt", "failed").inc()
             self._unacked_in.add(generation)
             return  # not acked: redelivered after the next reconnect
-        metrics.UPLINKS.labels("mqtt", future.result().status).inc()
+        outcome = future.result()
+        metrics.UPLINKS.labels("mqtt", outcome.status).inc()
+        if not mqtt_acks(outcome):  # collector.reasons: every durable outcome is acked
+            self._unacked_in.add(generation)
+            return
         self._ack(generation, mid, qos)

@@ -14,10 +14,11 @@ transaction. Only when it returns are the futures resolved, so an answer to a de
 always means "durable". While the database is away, `commit` raises
 `StorageUnavailableError` and the batch is retried with backoff, never dropped; the
 queue fills, and new offers are refused, which is the backpressure. Nothing else is
-retried: `commit` isolates a poison uplink itself (quarantined, an answer like any
-other); an outcome `failed` (not even its quarantine row could be written) and any other
-exception of `commit` (a bug; the batch is then committed again one uplink at a time,
-so the bug stays with the uplinks it concerns) resolve the future with `UplinkFailed`.
+retried: `commit` isolates a poison uplink itself (`collector.store` commits the batch
+again in halves down to that uplink, which is quarantined: an answer like any other). An
+outcome `failed` (not even its quarantine row could be written) resolves that uplink's
+future with `UplinkFailed`; any other exception of `commit` (a bug in that isolation)
+resolves every future of the batch with it, and the next batch goes on.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from collector import metrics
+from collector.reasons import Reason
 from collector.settings import PipelineSettings
 from storage.errors import StorageUnavailableError
 
@@ -93,7 +95,7 @@ class Uplink:
     device: Device | None = None  # OSCORE / MQTT: who authenticated
     tenant_id: int | None = None  # plain CoAP: the tenant named in the query
     topic: tuple[str, str] | None = None  # MQTT: (tenant slug, meter address) of the topic
-    reject: tuple[str, str] | None = None  # decided before decoding: (reason, detail)
+    reject: tuple[Reason, str] | None = None  # decided before decoding: (reason, detail)
     # OSCORE: (meter_id, replay index, replay bits, this request's partial IV, context kid)
     replay_window: tuple[int, int, int, int, bytes] | None = None
     received_at: float = field(default_factory=time.time)
@@ -227,13 +229,9 @@ class Pipeline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.retry_max_s)
                 continue
-            except Exception as exc:  # a bug in commit: keep it to the uplinks it concerns
+            except Exception as exc:  # a bug in commit's own isolation: this batch fails
                 log.exception("batch.failed", uplinks=len(batch))
-                if len(batch) == 1:
-                    self._finish(batch, UplinkFailed(f"{type(exc).__name__}: {exc}"))
-                    return
-                for uplink in batch:  # each finishes on its own (pending -1 each)
-                    await self._commit_with_retry([uplink])
+                self._finish(batch, UplinkFailed(f"{type(exc).__name__}: {exc}"))
                 return
             break
         metrics.BATCH_SIZE.observe(len(batch))

@@ -25,6 +25,7 @@ import contextlib
 import structlog
 
 from collector.pipeline import Device, Outcome, Pipeline, PipelineClosed, Transport, Uplink
+from collector.reasons import Reason
 from collector.settings import RedecodeSettings
 from storage import redecode_queue as queue
 from storage.errors import StorageError
@@ -65,7 +66,7 @@ def result_of(item: queue.Claimed, outcome: Outcome | BaseException) -> queue.Re
     """The item's recorded result from the pipeline's outcome (or its exception)."""
     if isinstance(outcome, BaseException):
         detail = f"{type(outcome).__name__}: {outcome}"
-        return queue.Result(item, "failed", "store_failed", detail)
+        return queue.Result(item, "failed", Reason.STORE_FAILED, detail)
     if outcome.status == "quarantined":
         return queue.Result(item, "quarantined", outcome.reason, outcome.detail)
     if outcome.status in ("stored", "duplicate"):

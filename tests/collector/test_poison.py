@@ -455,9 +455,10 @@ async def test_poison_flood_with_good_traffic(
     assert (after, quarantined) == (before, 1040)
 
 
-async def test_pipeline_keeps_a_commit_bug_to_its_uplink() -> None:
-    """A commit callable that raises (a bug) for one uplink, or reports it `failed`: only
-    that uplink's future fails (UplinkFailed); the others of its batch get their outcome."""
+async def test_pipeline_fails_only_the_batch_a_commit_bug_hits() -> None:
+    """A commit callable that raises (a bug: BatchStore isolates poison itself) fails the
+    futures of that batch only (UplinkFailed, never retried); an outcome `failed` fails
+    its own uplink; the next batches get their outcomes and nothing stays pending."""
     seen: list[int] = []
 
     async def commit(batch: list[Uplink]) -> list[Outcome]:
@@ -466,16 +467,16 @@ async def test_pipeline_keeps_a_commit_bug_to_its_uplink() -> None:
             raise ZeroDivisionError("commit bug")
         return [Outcome("failed" if u.payload == b"lost" else "stored") for u in batch]
 
-    pipeline = Pipeline(PipelineSettings(batch_max=64, batch_wait_ms=50), commit)
+    pipeline = Pipeline(PipelineSettings(batch_max=4, batch_wait_ms=50, workers=1), commit)
     runner = asyncio.create_task(pipeline.run())
-    payloads = [b"ok"] * 10 + [b"bug"] + [b"ok"] * 10 + [b"lost"]
+    payloads = [b"ok"] * 3 + [b"bug"] + [b"ok"] * 3 + [b"lost"]
     futures = [pipeline.offer(Uplink(p, Transport.MQTT, "test")) for p in payloads]
     done = await asyncio.gather(*futures, return_exceptions=True)
     pipeline.close()
     await asyncio.wait_for(runner, 10)
-    assert [type(d).__name__ for d in done] == ["Outcome"] * 10 + ["UplinkFailed"] + [
-        "Outcome"
-    ] * 10 + ["UplinkFailed"]
+    kinds = [type(d).__name__ for d in done]
+    assert kinds == ["UplinkFailed"] * 4 + ["Outcome"] * 3 + ["UplinkFailed"]
+    assert "ZeroDivisionError: commit bug" in str(done[0])
     assert all(d.status == "stored" for d in done if isinstance(d, Outcome))
-    assert seen[0] == len(payloads)  # one batch, then each uplink on its own
+    assert seen == [4, 4]  # each batch committed once: no second isolation path
     assert pipeline.pending == 0

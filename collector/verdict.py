@@ -1,0 +1,417 @@
+"""The verdict on one decoded batch: which readings to write, what becomes of each uplink.
+
+Pure: no I/O, no asyncio (it builds `storage`'s row dataclasses, it never writes them). The
+store shell (`collector.store`) decodes, resolves addresses and writes; this module
+decides, in three steps over numpy columns, with Python loops over uplinks only (their
+details are text), never over readings:
+
+- `layout(n, todo, dec)`: which frame and readings of `dec` belong to which uplink;
+- `plain_lookups(batch, lay, dec)`: the addresses of plain CoAP uplinks the shell resolves
+  (text PostgreSQL cannot hold, NUL or an unpaired surrogate, names no meter: never asked);
+- `check(batch, lay, dec, plain_meter)` → `Checked`: per uplink its quarantine verdict or
+  None, and its meter; the `ReadingBatch` of the uplinks that passed, by array masks.
+  Identity: every meter an authenticated device's frame reports (each reading's address,
+  and the frame's own meter if it names one) must be the device's, else
+  `identity_mismatch`; a plain CoAP reading must name a meter of the uplink's tenant,
+  else `unknown_meter`; a frame the decoder refused is `undecodable` (`decode_failed`
+  for the decoder's INTERNAL code, it raised on that frame);
+- `settle(batch, dec, checked, written)` → `Verdict`: with the writer's result, one
+  `Outcome` per uplink and the rows to archive (raw uplinks, quarantine, meter events,
+  modem health). If every reading of an uplink was rejected by the writer, the uplink is
+  quarantined with the commonest reason; else it is stored and one `readings_rejected`
+  row lists the rejected readings and why. Alarms of readings not rejected become events.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from collector.pipeline import Outcome, Uplink
+from collector.reasons import Reason
+from decoder.columns import Decoded, ErrorCode, Flag
+from storage.archive import QuarantineRow, RawUplink, is_pg_text, pg_text
+from storage.events import EventRow
+from storage.health import HealthRow
+from storage.ingest import IngestResult, ReadingBatch
+
+Int64s = npt.NDArray[np.int64]
+Verdicts = list[tuple[Reason, str] | None]
+
+EVENT_FLAGS: Final = (
+    (Flag.LEAK, "leak"),
+    (Flag.BURST, "burst"),
+    (Flag.REVERSE_FLOW, "reverse_flow"),
+    (Flag.TAMPER, "tamper"),
+    (Flag.LOW_BATTERY, "low_battery"),
+    (Flag.VALVE_CLOSED, "valve_closed"),
+    (Flag.VALVE_ABNORMAL, "valve_abnormal"),
+    (Flag.DRY, "dry"),
+    (Flag.METER_ERROR, "meter_error"),
+)
+_EVENT_MASK: Final = np.uint32(sum(int(f) for f, _ in EVENT_FLAGS))
+_MAX_LISTED = 24  # rejected readings listed one by one in a quarantine detail (a day)
+HEALTH_NAMES: Final = (
+    "battery_mv",
+    "battery_v",
+    "rsrp_cdbm",
+    "rsrp_dbm",
+    "sinr_cdb",
+    "sinr_db",
+    "ecl",
+)
+_INT4 = (-(2**31), 2**31 - 1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each uplink's frame and readings are in a Decoded of the batch's `todo` frames.
+
+    `frame_of[i]`: uplink i's frame (-1: not decoded, decided before); `owner[k]`: the
+    uplink of reading k; `starts[j]:ends[j]`: frame j's readings (frame_index is sorted).
+    """
+
+    frame_of: Int64s
+    owner: Int64s
+    starts: Int64s
+    ends: Int64s
+
+
+def layout(n_uplinks: int, todo: list[int], dec: Decoded) -> Layout:
+    """The Layout of `dec`, the decode of the uplinks `todo` (in that order) of a batch."""
+    frames = np.asarray(todo, np.int64)
+    frame_of = np.full(n_uplinks, -1, np.int64)
+    frame_of[frames] = np.arange(len(frames))
+    fi = dec.frame_index
+    js = np.arange(len(frames))
+    return Layout(
+        frame_of=frame_of,
+        owner=frames[fi],
+        starts=np.searchsorted(fi, js, "left").astype(np.int64),
+        ends=np.searchsorted(fi, js, "right").astype(np.int64),
+    )
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Addresses one tenant's plain CoAP readings report: `rows[k]` reports
+    `addresses[index[k]]` (sorted, distinct, storable text)."""
+
+    tenant_id: int
+    addresses: list[str]
+    rows: Int64s
+    index: Int64s
+
+
+def _plain_tenant(uplink: Uplink) -> int:
+    return uplink.tenant_id if uplink.device is None and uplink.tenant_id is not None else -1
+
+
+def plain_lookups(batch: list[Uplink], lay: Layout, dec: Decoded) -> list[Lookup]:
+    """The plain CoAP addresses to resolve, one Lookup per tenant."""
+    tenant_u = np.fromiter((_plain_tenant(u) for u in batch), np.int64, len(batch))
+    row_tenant = tenant_u[lay.owner]
+    out = []
+    for tenant in np.unique(row_tenant[row_tenant >= 0]).tolist():
+        rows = np.flatnonzero(row_tenant == tenant)
+        distinct, index = np.unique(dec.meter_id[rows].astype(object), return_inverse=True)
+        storable = np.fromiter((is_pg_text(a) for a in distinct), bool, len(distinct))
+        keep = storable[index]
+        renumber = np.cumsum(storable) - 1
+        out.append(
+            Lookup(
+                tenant,
+                distinct[storable].tolist(),
+                rows[keep],
+                renumber[index[keep]].astype(np.int64),
+            )
+        )
+    return out
+
+
+def place(n_readings: int, lookups: list[Lookup], found: list[Int64s]) -> Int64s:
+    """The meter id of each reading (-1: not a plain reading, or no such meter) from the
+    ids `found[n]` of `lookups[n].addresses`."""
+    meter = np.full(n_readings, -1, np.int64)
+    for lookup, ids in zip(lookups, found, strict=True):
+        meter[lookup.rows] = ids[lookup.index]
+    return meter
+
+
+@dataclass(frozen=True)
+class Checked:
+    """The identity verdicts and the readings to write (see `check`)."""
+
+    verdicts: Verdicts  # per uplink: (reason, detail) or None (passed)
+    meter_of: list[int | None]  # per uplink: the meter it concerns, if known
+    readings: ReadingBatch  # the readings of the uplinks that passed
+    owner: Int64s  # per row of `readings`: its uplink
+    layout: Layout
+
+
+def _undecodable(code: int, message: str) -> tuple[Reason, str]:
+    known = ErrorCode._value2member_map_.get(code)
+    name = known.name.lower() if isinstance(known, ErrorCode) else f"code {code}"
+    # INTERNAL: the decoder raised on this frame (a bug); kept to decode again
+    reason = Reason.DECODE_FAILED if known == ErrorCode.INTERNAL else Reason.UNDECODABLE
+    return reason, f"{name}: {message}"
+
+
+def check(batch: list[Uplink], lay: Layout, dec: Decoded, plain_meter: Int64s) -> Checked:
+    """Verdicts and readings of a decoded batch; `plain_meter` from `place` (see module)."""
+    n = len(batch)
+    dev_meter = np.fromiter((u.device.meter_id if u.device else -1 for u in batch), np.int64, n)
+    dev_address = np.array([u.device.address if u.device else "" for u in batch], object)
+    owner = lay.owner
+    address = dec.meter_id.astype(object, copy=False)
+    row_device = dev_meter[owner] >= 0
+    row_meter = np.where(row_device, dev_meter[owner], plain_meter)
+    bad_row = np.where(row_device, address != dev_address[owner], plain_meter < 0)
+    bad = np.bincount(owner[bad_row], minlength=n) > 0
+    codes = dec.error_code
+    verdicts: Verdicts = []
+    meter_of: list[int | None] = []
+    for i, uplink in enumerate(batch):
+        j = int(lay.frame_of[i])
+        verdict = uplink.reject
+        if verdict is None and codes[j] != ErrorCode.OK:
+            verdict = _undecodable(int(codes[j]), str(dec.error_message[j]))
+        rows = slice(int(lay.starts[j]), int(lay.ends[j])) if j >= 0 else slice(0, 0)
+        if uplink.device is not None:
+            meter_of.append(uplink.device.meter_id)
+            claim = str(dec.meter_of_frame[j]) if j >= 0 else ""
+            if verdict is None and (bad[i] or claim not in ("", uplink.device.address)):
+                claimed = set(address[rows].tolist()) | ({claim} - {""})
+                foreign = sorted(a for a in claimed if a != uplink.device.address)
+                detail = (
+                    f"frame reports meter {', '.join(foreign)}; the device is "
+                    f"authenticated as meter {uplink.device.address}"
+                )
+                verdict = (Reason.IDENTITY_MISMATCH, detail)
+        else:
+            if verdict is None and (bad[i] or uplink.tenant_id is None):
+                unknown = address[rows][plain_meter[rows] < 0].tolist()
+                missing = ", ".join(sorted(set(unknown)))
+                verdict = (Reason.UNKNOWN_METER, f"no meter {missing} in this tenant")
+            first = rows.start < rows.stop and verdict is None
+            meter_of.append(int(row_meter[rows.start]) if first else None)
+        verdicts.append(verdict)
+    passed = np.fromiter((v is None for v in verdicts), bool, n)
+    keep = passed[owner]
+    transport = np.fromiter((int(u.transport) for u in batch), np.int16, n)
+    # the receive time as float seconds (time.time()) to µs, once per uplink
+    received_us = (np.fromiter((u.received_at for u in batch), np.float64, n) * 1e6).astype(
+        np.int64
+    )
+    kept_owner = owner[keep]
+    readings = ReadingBatch(
+        meter_id=row_meter[keep],
+        read_at_s=dec.read_at_s[keep],
+        register_ml=dec.register_ml[keep],
+        flags=dec.flags[keep],
+        transport=transport[kept_owner],
+        received_at_us=received_us[kept_owner],
+    )
+    return Checked(verdicts, meter_of, readings, kept_owner, lay)
+
+
+def _scaled(extra: dict[str, object], names: tuple[tuple[str, int], ...]) -> int | None:
+    for name, factor in names:
+        value = extra.get(name)
+        if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+            return int(Decimal(str(value)) * factor)
+    return None
+
+
+def _within(value: int | None, low: int, high: int) -> int | None:
+    return value if value is not None and low <= value <= high else None
+
+
+def health_of(extra: dict[str, object]) -> tuple[int | None, int | None, int | None, int | None]:
+    """(battery_mv, rsrp_cdbm, sinr_cdb, ecl) from a frame's extra fields, None if absent
+    or outside what the device_health column holds (an implausible figure is no figure)."""
+    return (
+        _within(_scaled(extra, (("battery_mv", 1), ("battery_v", 1000))), *_INT4),
+        _within(_scaled(extra, (("rsrp_cdbm", 1), ("rsrp_dbm", 100))), *_INT4),
+        _within(_scaled(extra, (("sinr_cdb", 1), ("sinr_db", 100))), *_INT4),
+        _within(_scaled(extra, (("ecl", 1),)), 0, 2),  # 3GPP TS 36.331: CE level 0..2
+    )
+
+
+def _health_frames(dec: Decoded) -> npt.NDArray[np.bool_]:
+    """Per frame: whether it may carry a modem-health field (its columns, or sparse)."""
+    may = np.zeros(dec.n_frames, bool)
+    for name in HEALTH_NAMES:
+        column = dec.fields.get(name)
+        if column is not None and column.present is None:
+            return np.ones(dec.n_frames, bool)
+        if column is not None and column.present is not None:
+            may |= column.present
+    if dec.sparse:
+        may[list(dec.sparse)] = True
+    return may
+
+
+def _utc(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC)
+
+
+def _iso(epoch_s: int) -> str:
+    try:
+        return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):  # past datetime's years 1..9999
+        return f"epoch {epoch_s}"
+
+
+def _rejections(readings: ReadingBatch, rows: list[int], labels: list[str], total: int) -> str:
+    """`3 of 24 readings rejected (clock_future 3): 2027-01-01T00:00:00Z 1234000 mL
+    clock_future; ...`: which readings of an uplink were not stored, and why."""
+    why = ", ".join(f"{label} {count}" for label, count in Counter(labels).most_common())
+    listed = "; ".join(
+        f"{_iso(int(readings.read_at_s[row]))} {int(readings.register_ml[row])} mL {label}"
+        for row, label in zip(rows[:_MAX_LISTED], labels, strict=False)
+    )
+    more = f"; and {len(rows) - _MAX_LISTED} more" if len(rows) > _MAX_LISTED else ""
+    return f"{len(rows)} of {total} readings rejected ({why}): {listed}{more}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One outcome per uplink and the rows that record them."""
+
+    outcomes: list[Outcome]
+    raw: list[RawUplink]
+    quarantine: list[QuarantineRow]
+    events: list[EventRow]
+    health: list[HealthRow]
+    n_new: int
+
+
+def _rejected_per_uplink(
+    checked: Checked, written: IngestResult
+) -> dict[int, tuple[list[int], list[str]]]:
+    """uplink -> (its rejected reading rows, their reasons), rows in order."""
+    rows = np.fromiter((r.index for r in written.rejected), np.int64, len(written.rejected))
+    order = np.lexsort((rows, checked.owner[rows]))
+    out: dict[int, tuple[list[int], list[str]]] = {}
+    for k in order.tolist():
+        mine = out.setdefault(int(checked.owner[rows[k]]), ([], []))
+        mine[0].append(int(rows[k]))
+        mine[1].append(written.rejected[k].reason.label)
+    return out
+
+
+def settle(batch: list[Uplink], dec: Decoded, checked: Checked, written: IngestResult) -> Verdict:
+    """Outcomes and archive rows of a checked batch whose readings `written` reports on."""
+    n = len(batch)
+    owner = checked.owner
+    n_read = np.bincount(owner, minlength=n).tolist()
+    n_new = np.bincount(owner[written.new_mask], minlength=n).tolist()
+    verdicts = list(checked.verdicts)
+    partial: dict[int, str] = {}  # uplink with good readings -> what was rejected, why
+    for i, (rows, labels) in _rejected_per_uplink(checked, written).items():
+        detail = _rejections(checked.readings, rows, labels, n_read[i])
+        if len(rows) == n_read[i]:  # nothing usable: the whole uplink is quarantined
+            verdicts[i] = (Reason(Counter(labels).most_common(1)[0][0]), detail)
+        else:
+            partial[i] = detail
+    outcomes = []
+    for i, verdict in enumerate(verdicts):
+        note = partial.get(i, "")
+        if verdict is not None:  # a detail may quote a reported address: NUL, surrogates
+            outcomes.append(Outcome("quarantined", verdict[0], pg_text(verdict[1]) or ""))
+        elif n_read[i] and not n_new[i]:
+            outcomes.append(Outcome("duplicate", detail=note, n_readings=n_read[i]))
+        else:
+            outcomes.append(Outcome("stored", "", note, n_read[i], n_new[i]))
+    raw, quarantine, health, received = _archive(batch, dec, checked, outcomes)
+    return Verdict(
+        outcomes,
+        raw,
+        quarantine,
+        _events(checked.readings, owner, written, received),
+        health,
+        int(written.new_mask.sum()),
+    )
+
+
+def _archive(
+    batch: list[Uplink], dec: Decoded, checked: Checked, outcomes: list[Outcome]
+) -> tuple[list[RawUplink], list[QuarantineRow], list[HealthRow], list[datetime]]:
+    """Every uplink's raw row, the quarantine rows (refused uplinks, and the rejected
+    readings of stored ones), modem health of the not quarantined; receive times."""
+    raw: list[RawUplink] = []
+    quarantine: list[QuarantineRow] = []
+    health: list[HealthRow] = []
+    received: list[datetime] = []
+    may_health = _health_frames(dec)
+    for i, (uplink, outcome) in enumerate(zip(batch, outcomes, strict=True)):
+        j = int(checked.layout.frame_of[i])
+        meter = checked.meter_of[i]
+        received_at = _utc(uplink.received_at)
+        received.append(received_at)
+        tenant = uplink.device.tenant_id if uplink.device else uplink.tenant_id
+        transport = int(uplink.transport)
+        raw.append(
+            RawUplink(
+                received_at,
+                tenant,
+                meter,
+                transport,
+                uplink.peer,
+                uplink.payload,
+                (str(dec.format[j]) or None) if j >= 0 else None,
+                outcome.status,  # type: ignore[arg-type]  # stored/duplicate/quarantined here
+                outcome.n_readings,
+                outcome.n_new,
+                (int(dec.error_code[j]) or None) if j >= 0 else None,
+                outcome.detail or None,
+            )
+        )
+        quarantined = outcome.status == "quarantined"
+        # a stored uplink's detail lists its rejected readings: they are quarantined
+        if quarantined or (outcome.status == "stored" and outcome.detail):
+            reason = outcome.reason or Reason.READINGS_REJECTED
+            quarantine.append(
+                QuarantineRow(
+                    received_at,
+                    tenant,
+                    meter,
+                    transport,
+                    uplink.peer,
+                    reason,
+                    outcome.detail,
+                    uplink.payload,
+                )
+            )
+        if not quarantined and j >= 0 and meter is not None and may_health[j]:
+            figures = health_of(dec.extra_of(j, HEALTH_NAMES))
+            if any(v is not None for v in figures):
+                measured_at = _utc(int(uplink.received_at))
+                health.append(HealthRow(meter, measured_at, *figures, received_at))
+    return raw, quarantine, health, received
+
+
+def _events(
+    readings: ReadingBatch, owner: Int64s, written: IngestResult, received: list[datetime]
+) -> list[EventRow]:
+    """The alarms (flag bits) of the written readings that were not rejected."""
+    alarmed = (readings.flags & _EVENT_MASK) != 0
+    for rejection in written.rejected:
+        alarmed[rejection.index] = False
+    events: list[EventRow] = []
+    for row in np.flatnonzero(alarmed).tolist():  # alarms are rare: a loop over those only
+        meter, flags = int(readings.meter_id[row]), int(readings.flags[row])
+        occurred_at, received_at = _utc(int(readings.read_at_s[row])), received[int(owner[row])]
+        events.extend(
+            EventRow(meter, occurred_at, kind, received_at)
+            for flag, kind in EVENT_FLAGS
+            if flags & flag
+        )
+    return events
