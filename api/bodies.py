@@ -1,12 +1,15 @@
 """Request input within bounds: body size and JSON nesting, CSV read strictly, known query.
 
 `BodyLimits` (ASGI middleware) answers 413 to a body over `max_bytes`, and 422 to a JSON
-body that is not UTF-8 JSON or nests deeper than `MAX_DEPTH`, before any route parses it:
-Python's json recurses once per level, and a few thousand `[` end in RecursionError. `load_json` and
-`read_csv` are the parsers of the routes that read their body themselves (bulk import);
-each raises `BodyError` with a detail that says which line and why. `known_query`, an
-app-wide dependency, refuses query parameters the operation does not declare: a typo
-(`?form=` for `?from=`) would otherwise be ignored and answer with the defaults.
+body that is not UTF-8 or nests deeper than `MAX_DEPTH`, before any route parses it:
+Python's json recurses once per level, and a few thousand `[` end in RecursionError. It
+does not parse the body (the route does, once); what FastAPI's parse would still answer
+400 for (an integer of over 4,300 digits) is mapped to 422 in `api.errors`. `load_json`,
+`read_csv` and `csv_rows` are the parsers of the routes that read their body themselves
+(bulk imports); each raises `BodyError` with a detail that says which line and why.
+`known_query`, an app-wide dependency, refuses query parameters the operation does not
+declare: a typo (`?form=` for `?from=`) would otherwise be ignored and answer with the
+defaults.
 """
 
 from __future__ import annotations
@@ -14,81 +17,59 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
 
-import numpy as np
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import UnprocessableError, problem
-from decoder.limits import MAX_DEPTH  # 32 levels, as for uplinks: no request needs more
-
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # JSON strings, escapes included
-_CHUNK = 1 << 20
-_STEP = np.zeros(256, np.int8)  # +1 opens a level, -1 closes one
-_STEP[list(b"[{")] = 1
-_STEP[list(b"]}")] = -1
+from decoder.limits import MAX_DEPTH, json_nesting  # 32 levels as for uplinks: enough
 
 
 class BodyError(UnprocessableError):
     """A body the API cannot read: 422; the detail says which line and why."""
 
-    def __init__(self, line: int, why: str) -> None:
-        super().__init__(f"line {line}: {why}")
+    def __init__(self, line: int, reason: str) -> None:
+        super().__init__(f"line {line}: {reason}")
         self.line = line
-        self.why = why
+        self.reason = reason
 
     def errors(self) -> list[dict[str, Any]] | None:
         """The problem's `errors` member: where in the body, and why."""
-        return [{"loc": ["body"], "line": self.line, "msg": self.why, "type": "body_unreadable"}]
+        return [{"loc": ["body"], "line": self.line, "msg": self.reason, "type": "body_unreadable"}]
 
 
-def json_too_deep_at(raw: bytes, max_depth: int = MAX_DEPTH) -> int | None:
-    """The line where the JSON text `raw` first nests arrays/objects deeper than
-    `max_depth`, or None when it never does.
+def check_json(raw: bytes, max_depth: int = MAX_DEPTH) -> str:
+    """The text of `raw` if it is UTF-8 nested at most `max_depth` deep; BodyError else.
 
-    Brackets inside strings do not count (a JSON string holds no raw line break, so lines
-    survive blanking them). The same rule as decoder.limits.json_depth, which is tuned for
-    64 KiB uplinks (one int64 per bracket at once: 1.4 s and 128 MB for 16 MiB of `[]`);
-    a body of up to 16 MiB, read before its key is checked, is scanned here in 1 MiB
-    chunks instead (0.2 s, 8 MB). tests/api/test_bad_input.py holds the two equal.
+    The depth rule is the decoder's (`decoder.limits.json_nesting`): brackets inside
+    strings do not count; the line named is the one where nesting first passes the limit.
     """
-    if raw.count(b"[") + raw.count(b"{") <= max_depth:
-        return None
-    text = _STRING.sub(b'""', raw)
-    depth = 0
-    for at in range(0, len(text), _CHUNK):
-        levels = depth + np.cumsum(
-            _STEP[np.frombuffer(text, np.uint8, min(_CHUNK, len(text) - at), at)], dtype=np.int64
-        )
-        deep = np.flatnonzero(levels > max_depth)
-        if deep.size:
-            return text.count(b"\n", 0, at + int(deep[0])) + 1
-        depth = int(levels[-1])
-    return None
-
-
-def load_json(raw: bytes, max_depth: int = MAX_DEPTH) -> Any:
-    """The value of the UTF-8 JSON text `raw`; BodyError if it is not that or too deep."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         why = f"not UTF-8 (byte 0x{raw[exc.start]:02x}); send UTF-8 JSON"
         raise BodyError(_line_of(raw, exc.start), why) from exc
-    deep_line = json_too_deep_at(raw, max_depth)
-    if deep_line is not None:
+    past_at = json_nesting(raw, max_depth).past_at
+    if past_at is not None:
         why = f"the JSON nests deeper than {max_depth} levels; no request needs that many"
-        raise BodyError(deep_line, why)
+        raise BodyError(_line_of(raw, past_at), why)
+    return text
+
+
+def load_json(raw: bytes, max_depth: int = MAX_DEPTH, **loads: Any) -> Any:
+    """The value of the UTF-8 JSON text `raw` (`json.loads` with `loads`, e.g.
+    parse_float=Decimal); BodyError if it is not that, or too deep."""
+    text = check_json(raw, max_depth)
     try:
-        return json.loads(text)
+        return json.loads(text, **loads)
     except json.JSONDecodeError as exc:
         raise BodyError(exc.lineno, f"not valid JSON: {exc.msg} (column {exc.colno})") from exc
-    except ValueError as exc:  # an integer of more than 4,300 digits
+    except ValueError as exc:  # an integer of more than 4,300 digits, a refused constant
         raise BodyError(1, f"not valid JSON: {exc}") from exc
 
 
@@ -100,13 +81,16 @@ def _line_of(raw: bytes | str, offset: int) -> int:
     return head.replace("\r\n", "\n").replace("\r", "\n").count("\n") + 1
 
 
-def read_csv(raw: bytes, columns: Collection[str]) -> list[dict[str, str]]:
-    """Records of a UTF-8 CSV with a header row, as {column: value} without empty values.
+def csv_rows(
+    raw: bytes, columns: Collection[str], *, fold_case: bool = False
+) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    """The header names of a UTF-8 CSV and its records as (line, fields), blank lines
+    skipped; names lower-cased with `fold_case`.
 
     Lines may end in LF, CRLF or a bare CR. BodyError (which line, and why) for text that
-    is not UTF-8, a NUL byte, a quote left open or stray, a field over 128 KiB, a missing,
-    blank, repeated or unknown column name (not in `columns`), or a record with more
-    fields than the header.
+    is not UTF-8, a NUL byte, a missing, blank, repeated or unknown column name (not in
+    `columns`), and, while the records are read, a quote left open or stray or a field
+    over 128 KiB. A record's width is the caller's to check.
     """
     try:
         text = raw.decode("utf-8-sig")
@@ -118,30 +102,46 @@ def read_csv(raw: bytes, columns: Collection[str]) -> list[dict[str, str]]:
     # newline="" lets the csv module see each line end as written (as csv's docs require);
     # strict refuses what lenient parsing would silently reshape (a quote inside a field)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    records: list[dict[str, str]] = []
     try:
         header = next(reader, None)
-        if header is None:
-            raise BodyError(1, "the CSV is empty; send a header row of meter fields first")
-        names = [h.strip() for h in header]
-        if any(not n for n in names) or len(set(names)) != len(names):
-            raise BodyError(1, f"column names must be present and distinct, got {names}")
-        unknown = [n for n in names if n not in columns]
-        if unknown:
-            why = f"unknown columns {unknown}; the header names fields of {sorted(columns)}"
-            raise BodyError(1, why)
-        for fields in reader:
-            if not any(f.strip() for f in fields):
-                continue  # a blank line
-            if len(fields) > len(names):
-                why = (
-                    f"{len(fields)} fields but the header has {len(names)};"
-                    " quote values that contain a comma"
-                )
-                raise BodyError(reader.line_num, why)
-            records.append({n: v for n, v in zip(names, fields, strict=False) if v != ""})
     except csv.Error as exc:
         raise BodyError(reader.line_num, f"unreadable CSV ({exc})") from exc
+    if header is None:
+        raise BodyError(1, "the CSV is empty; send a header row of its column names first")
+    names = [h.strip().lower() if fold_case else h.strip() for h in header]
+    if any(not n for n in names) or len(set(names)) != len(names):
+        raise BodyError(1, f"column names must be present and distinct, got {names}")
+    unknown = [n for n in names if n not in columns]
+    if unknown:
+        why = f"unknown columns {unknown}; the header names fields of {sorted(columns)}"
+        raise BodyError(1, why)
+
+    def records() -> Iterator[tuple[int, list[str]]]:
+        try:
+            for fields in reader:
+                if any(f.strip() for f in fields):  # else a blank line
+                    yield reader.line_num, fields
+        except csv.Error as exc:
+            raise BodyError(reader.line_num, f"unreadable CSV ({exc})") from exc
+
+    return names, records()
+
+
+def read_csv(raw: bytes, columns: Collection[str]) -> list[dict[str, str]]:
+    """Records of a UTF-8 CSV with a header row, as {column: value} without empty values.
+
+    BodyError as `csv_rows`, and for a record with more fields than the header.
+    """
+    names, rows = csv_rows(raw, columns)
+    records: list[dict[str, str]] = []
+    for line, fields in rows:
+        if len(fields) > len(names):
+            why = (
+                f"{len(fields)} fields but the header has {len(names)};"
+                " quote values that contain a comma"
+            )
+            raise BodyError(line, why)
+        records.append({n: v for n, v in zip(names, fields, strict=False) if v != ""})
     return records
 
 
@@ -203,10 +203,10 @@ class BodyLimits:
                 break
         body = b"".join(parts)
         if body:
-            # parsed here once more, so that what FastAPI would answer 400 for (not UTF-8,
-            # an integer over 4,300 digits) is a 422 like any other unreadable body
+            # UTF-8 and depth only: the route parses it (FastAPI answers broken JSON 422
+            # itself; a non-UTF-8 body would be its 400)
             try:
-                load_json(body, self.max_depth)
+                check_json(body, self.max_depth)
             except BodyError as exc:
                 answer = problem(
                     Request(scope), 422, "validation-error", exc.detail, errors=exc.errors()

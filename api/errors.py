@@ -5,7 +5,8 @@ ApiError                  raised by routes on purpose
 ├── ConflictError    409  the request contradicts the current state
 ├── UnprocessableError 422  well-formed but semantically invalid
 └── KeyRefusedError  401  the key is known and its secret right, but it expired or was revoked
-Storage errors are translated in `_TABLE`; HTTP and validation errors by their handlers.
+Storage errors are translated in `_TABLE`; HTTP and validation errors by their handlers
+(a JSON body FastAPI cannot parse is a 422 naming its line, never FastAPI's 400).
 
 Anything else is a bug: `ErrorBoundary` answers 500 with an `error_id` only, and logs the
 traceback under that id. A 500 never carries an exception's text (it may hold a row).
@@ -159,9 +160,19 @@ def _storage_error(request: Request, exc: Exception) -> JSONResponse:
     return internal_error(request, exc)
 
 
+def _body_unreadable(request: Request, line: int, reason: str) -> JSONResponse:
+    """422 for a JSON body FastAPI could not parse, as `api.bodies.BodyError` answers."""
+    errors = [{"loc": ["body"], "line": line, "msg": reason, "type": "body_unreadable"}]
+    return problem(request, 422, "validation-error", f"line {line}: {reason}", errors=errors)
+
+
 def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
+    if status == 400 and isinstance(exc.__cause__, ValueError):
+        # FastAPI's "error parsing the body": json.loads refused a value that is valid
+        # JSON syntax (an integer of over 4,300 digits; BodyLimits checked UTF-8 and depth)
+        return _body_unreadable(request, 1, f"not valid JSON: {exc.__cause__}")
     slug = _HTTP_SLUGS.get(status, "http-error")
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(status).phrase
     response = problem(request, status, slug, detail)
@@ -172,6 +183,14 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    found = exc.errors()
+    if found and found[0].get("type") == "json_invalid" and isinstance(exc.body, str):
+        # FastAPI's JSONDecodeError (loc: body, offset): name the line, as a route's own
+        # `api.bodies.load_json` does
+        doc, at = exc.body, int(found[0]["loc"][-1])
+        line, column = doc.count("\n", 0, at) + 1, at - doc.rfind("\n", 0, at)
+        msg = found[0].get("ctx", {}).get("error", "")
+        return _body_unreadable(request, line, f"not valid JSON: {msg} (column {column})")
     errors = [
         {
             "loc": [str(p) for p in e.get("loc", ())],

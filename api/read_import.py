@@ -6,25 +6,28 @@ when there is any. Pure: bytes in, rows out. Bounds: `MAX_ROWS` rows, JSON nesti
 never followed (an array of flat objects), CSV fields at most `_MAX_FIELD` characters.
 
 CSV: UTF-8, a header row naming the columns (meter_id or address, read_at, register_m3 or
-register_ml, optionally quality and note), an empty cell is an absent value; `line` is the
-row's line in the file (the header is line 1). JSON: an array of objects with the same
-keys; `line` is the object's position in the array (from 1). Numbers in JSON are kept
-exact (Decimal), never floats.
+register_ml, optionally quality and note; any case), an empty cell is an absent value;
+`line` is the row's line in the file (the header is line 1; LF, CRLF or CR end a line).
+JSON: an array of objects with the same keys; `line` is the object's position in the
+array (from 1). Numbers in JSON are kept exact (Decimal), never floats. The body is read
+by `api.bodies`' strict CSV reader and bounded JSON loader; an unreadable body raises its
+`BodyError` (which line, and why).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import codecs
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from api.bodies import BodyError, csv_rows, load_json
 from api.schemas_manual import ImportRow
 from storage.manual_reads import EnteredRead
+
+__all__ = ["MAX_ROWS", "BodyError", "Kind", "Problem", "TooManyRowsError", "parse"]
 
 Kind = Literal["csv", "json"]
 MAX_ROWS = 100_000
@@ -33,27 +36,13 @@ _COLUMNS = frozenset(ImportRow.model_fields)
 Problem = tuple[int, str]
 
 
-class BodyError(ValueError):
-    """The body cannot be read as rows at all (encoding, syntax, header); `line` says where."""
-
-    def __init__(self, line: int, reason: str) -> None:
-        super().__init__(reason)
-        self.line = line
-        self.reason = reason
-
-
 class TooManyRowsError(BodyError):
     """The body holds more than MAX_ROWS rows."""
 
 
 def parse(body: bytes, kind: Kind) -> tuple[list[EnteredRead], list[Problem]]:
     """The body's well-formed rows and the problems of the others; BodyError if unreadable."""
-    try:
-        text = body.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = body[: exc.start].count(b"\n") + 1
-        raise BodyError(line, f"not UTF-8 at byte {exc.start}: {exc.reason}") from exc
-    raws = _csv_rows(text) if kind == "csv" else _json_rows(text)
+    raws = _csv_rows(body) if kind == "csv" else _json_rows(body)
     rows: list[EnteredRead] = []
     problems: list[Problem] = []
     for line, raw in raws:
@@ -86,35 +75,15 @@ def parse(body: bytes, kind: Kind) -> tuple[list[EnteredRead], list[Problem]]:
     return rows, problems
 
 
-def _csv_rows(text: str) -> Iterable[tuple[int, dict[str, str] | str]]:
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    try:
-        header = next(reader, None)
-        if header is None:
-            raise BodyError(1, "empty CSV: the first line names the columns")
-        names = [h.strip().lower() for h in header]
-        unknown = [n for n in names if n not in _COLUMNS]
-        if unknown or len(set(names)) < len(names):
-            msg = (
-                f"header: unknown or repeated columns {unknown or names}: use"
-                f" {', '.join(sorted(_COLUMNS))}"
-            )
-            raise BodyError(1, msg)
-        for cells in reader:
-            if not cells or all(not c.strip() for c in cells):
-                continue  # blank line
-            if len(cells) != len(names):
-                yield reader.line_num, f"{len(cells)} cells, the header has {len(names)}"
-                continue
-            if any(len(c) > _MAX_FIELD for c in cells):
-                yield reader.line_num, f"a cell is longer than {_MAX_FIELD} characters"
-                continue
-            yield (
-                reader.line_num,
-                {n: c.strip() for n, c in zip(names, cells, strict=True) if c.strip()},
-            )
-    except csv.Error as exc:
-        raise BodyError(reader.line_num + 1, f"unreadable CSV: {exc}") from exc
+def _csv_rows(body: bytes) -> Iterable[tuple[int, dict[str, str] | str]]:
+    names, records = csv_rows(body, _COLUMNS, fold_case=True)
+    for line, cells in records:
+        if len(cells) != len(names):
+            yield line, f"{len(cells)} cells, the header has {len(names)}"
+        elif any(len(c) > _MAX_FIELD for c in cells):
+            yield line, f"a cell is longer than {_MAX_FIELD} characters"
+        else:
+            yield line, {n: c.strip() for n, c in zip(names, cells, strict=True) if c.strip()}
 
 
 def _no_constant(name: str) -> Any:
@@ -122,13 +91,10 @@ def _no_constant(name: str) -> Any:
     raise ValueError(msg)
 
 
-def _json_rows(text: str) -> Iterable[tuple[int, dict[str, Any] | str]]:
-    try:
-        data = json.loads(text, parse_float=Decimal, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc) or "too deep"
-        line = exc.lineno if isinstance(exc, json.JSONDecodeError) else 1
-        raise BodyError(line, f"not JSON: {reason}") from exc
+def _json_rows(body: bytes) -> Iterable[tuple[int, dict[str, Any] | str]]:
+    # a byte-order mark is tolerated as in a CSV (spreadsheet exports write one)
+    body = body.removeprefix(codecs.BOM_UTF8)
+    data = load_json(body, parse_float=Decimal, parse_constant=_no_constant)
     if not isinstance(data, list):
         raise BodyError(1, "the JSON body must be an array of objects, one per reading")
     out: list[tuple[int, dict[str, Any] | str]] = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import cbor2
@@ -37,6 +38,7 @@ _STEP[[ord("]"), ord("}")]] = -1
 _NOT_SKELETON = bytes(sorted(set(range(256)) - set(b'[]{}"\\')))  # bytes translate drops
 _NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
 _PASSES_UP_TO = 2048  # brackets; past this many, one numpy scan beats 33 replace passes
+_CHUNK = 1 << 20  # bytes per numpy scan step: 8 MB of int64 levels at most
 _ALLOWED_TAGS = frozenset({2, 3, 4, 5, 55799})
 # cbor2's built-in semantic tags that are not numbers (cbor2 6.3 decoder table)
 _REFUSED_TAGS = (0, 1, 25, 28, 29, 30, 35, 36, 37, 52, 54, 256, 258, 260, 261)
@@ -52,51 +54,92 @@ def _check_size(doc: bytes) -> None:
         raise LimitError(msg)
 
 
-def json_depth(doc: bytes) -> int:
-    """Deepest nesting of arrays/objects in `doc` (brackets inside strings ignored).
+@dataclass(frozen=True)
+class Nesting:
+    """How deep a JSON text nests: `depth` its deepest level (see `json_nesting`), and
+    `past_at` the byte offset of the first bracket that opens a level past the limit, or
+    None when no level is past it."""
 
-    An upper bound for malformed input (e.g. an unterminated string), never an
-    underestimate of what `json.loads` would descend into. C-speed passes and numpy over
-    the document's skeleton (its brackets, quotes and backslashes): no per-byte Python.
+    depth: int
+    past_at: int | None
+
+
+def json_nesting(doc: bytes, limit: int = MAX_DEPTH) -> Nesting:
+    """How deep `doc` nests arrays/objects (brackets inside strings ignored), checked
+    against `limit` levels. The one depth rule of uplinks (`load_json`) and API bodies.
+
+    `depth` is exact on JSON once past the cheap bound (at most `limit` brackets: their
+    count is returned), an upper bound for malformed input (an unterminated string),
+    never an underestimate of what `json.loads` would descend into; past `limit` it is
+    exact as well, and `past_at` says where. C-speed passes over the document's skeleton
+    (its brackets and quotes) for the common case; otherwise one numpy scan in chunks of
+    `_CHUNK` bytes (a 16 MiB body of `[` costs 8 MB, not one int64 per byte at once),
+    carrying the escape parity, the in-string parity and the level across chunk ends.
     """
     opened = doc.count(b"[") + doc.count(b"{")
-    if opened <= MAX_DEPTH:
-        return opened  # cheap bound: most documents never need the scan below
-    skeleton = doc.translate(None, _NOT_SKELETON)
-    if b"\\" not in skeleton:  # no escapes: a string is quote to quote (an unterminated
-        # one runs to the end: json.loads stops there, so its brackets are never nesting)
-        return _max_depth(b"".join(skeleton.split(b'"')[::2]))
-    # escapes are read on the whole document: in the skeleton an escape such as `\n` or
-    # `\u0041` would lose its letter, and its backslash would seem to escape the next quote
-    a = np.frombuffer(doc, np.uint8)
-    # a quote is escaped when an odd run of backslashes precedes it (RFC 8259 §7)
-    slash = a == _BACKSLASH
-    run = np.cumsum(slash, dtype=np.int64)
-    run -= np.maximum.accumulate(np.where(slash, 0, run))
-    quote = a == _QUOTE
-    quote[1:] &= (run[:-1] & 1) == 0
-    # inside a string: after an odd number of unescaped quotes (the quote itself counts
-    # as outside on both ends, which is fine: it is not a bracket)
-    inside = (np.cumsum(quote, dtype=np.int64) & 1).astype(bool)
-    return _max_depth(a[~inside].tobytes())
+    if opened <= limit:
+        return Nesting(opened, None)  # cheap bound: most documents never need a scan
+    if b"\\" not in doc:  # no escapes: a string is quote to quote (an unterminated one
+        # runs to the end: json.loads stops there, so its brackets are never nesting)
+        outside = b"".join(doc.translate(None, _NOT_SKELETON).split(b'"')[::2])
+        brackets = outside.translate(None, _NOT_BRACKET)
+        if len(brackets) <= _PASSES_UP_TO:
+            depth = _paired_depth(brackets, limit)
+            if depth <= limit:
+                return Nesting(depth, None)
+    return _scan(doc, limit)
 
 
-def _max_depth(brackets: bytes) -> int:
-    """Deepest level the brackets in `brackets` reach (other bytes are ignored), stopping
-    once past MAX_DEPTH.
+def json_depth(doc: bytes) -> int:
+    """Deepest nesting of arrays/objects in `doc`: `json_nesting(doc).depth`."""
+    return json_nesting(doc).depth
+
+
+def _scan(doc: bytes, limit: int) -> Nesting:
+    """`json_nesting` by one numpy pass over `doc`, chunk by chunk (see there)."""
+    depth = deepest = 0
+    inside = 0  # 1 while in a string at the end of the previous chunk
+    slashes = 0  # backslashes that ended the previous chunk
+    past_at: int | None = None
+    for at in range(0, len(doc), _CHUNK):
+        a = np.frombuffer(doc, np.uint8, min(_CHUNK, len(doc) - at), at)
+        slash = a == _BACKSLASH
+        # the length of the backslash run ending at each byte (0 off a run), the run the
+        # previous chunk ended in continuing into this one
+        run = np.cumsum(slash, dtype=np.int64)
+        run -= np.maximum.accumulate(np.where(slash, 0, run))
+        lead = int(np.argmin(slash)) if not slash.all() else len(a)
+        run[:lead] += slashes
+        # a quote is escaped when an odd run of backslashes precedes it (RFC 8259 §7); an
+        # escape's letter (`\n`, `\u0041`) ends the run, so it never escapes a quote
+        quote = a == _QUOTE
+        quote[0] &= (slashes & 1) == 0
+        quote[1:] &= (run[:-1] & 1) == 0
+        # inside a string: after an odd number of unescaped quotes (the quote itself
+        # counts as outside on one end, which is fine: it is not a bracket)
+        in_string = ((np.cumsum(quote, dtype=np.int64) + inside) & 1).astype(bool)
+        step = np.where(in_string, 0, _STEP[a])
+        levels = depth + np.cumsum(step, dtype=np.int64)
+        if past_at is None:
+            past = np.flatnonzero(levels > limit)
+            if past.size:
+                past_at = at + int(past[0])
+        deepest = max(deepest, int(levels.max()))
+        depth, inside, slashes = int(levels[-1]), int(in_string[-1]), int(run[-1])
+    return Nesting(deepest, past_at)
+
+
+def _paired_depth(brackets: bytes, limit: int) -> int:
+    """Deepest level the brackets reach, stopping once past `limit` (then an upper bound).
 
     Each pass removes every innermost pair (`[]`, `{}`) present at its start, i.e. one
     level of every nesting: the number of passes is the depth of what is well formed,
     and every opener left unmatched may add one more level. Three C-speed replaces per
-    level, so a SenML pack (`[{}{}...]`) costs two passes; a long run of brackets is
-    scanned once with numpy instead.
+    level, so a SenML pack (`[{}{}...]`) costs two passes.
     """
-    rest = brackets.translate(None, _NOT_BRACKET)
-    if len(rest) > _PASSES_UP_TO:  # long (an attack, not a pack): one numpy scan instead
-        depth = np.cumsum(_STEP[np.frombuffer(rest, np.uint8)], dtype=np.int64)
-        return int(depth.max())
+    rest = brackets
     passes = 0
-    while passes <= MAX_DEPTH:
+    while passes <= limit:
         # "\x00" keeps a pair removed in this pass from completing another one
         shorter = rest.replace(b"[]", b"\x00").replace(b"{}", b"\x00").replace(b"\x00", b"")
         if len(shorter) == len(rest):
@@ -112,7 +155,7 @@ def load_json(doc: bytes, **kwargs: Any) -> Any:
     malformed input raises what decoding and `json.loads` raise (ValueError subclasses).
     """
     _check_size(doc)
-    depth = json_depth(doc)
+    depth = json_nesting(doc).depth
     if depth > MAX_DEPTH:
         msg = f"JSON nested {depth} levels deep; at most {MAX_DEPTH} are read"
         raise LimitError(msg)

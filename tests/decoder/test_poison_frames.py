@@ -309,3 +309,31 @@ def test_bug_outside_the_guards_decodes_frame_by_frame(monkeypatch: pytest.Monke
     d = decode_batch(frames, RX)
     monkeypatch.setattr(kernels, "lengths_of", real)
     assert [frame_of(d, i) for i in range(len(frames))] == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=JSONISH, chunk=st.integers(1, 40))
+def test_json_scan_does_not_depend_on_its_chunks(parts: list[bytes], chunk: int) -> None:
+    """The chunked scan carries backslash runs, strings and the level across chunk ends:
+    any chunk size finds the same depth and the same first offset past the limit."""
+    doc = b"".join(parts)
+    whole = limits._scan(doc, 3)
+    saved, limits._CHUNK = limits._CHUNK, chunk
+    try:
+        assert limits._scan(doc, 3) == whole
+    finally:
+        limits._CHUNK = saved
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=NESTED)
+def test_json_scan_is_exact_on_json(value: object) -> None:
+    """The scan (the path of escaped or long documents) finds a JSON text's exact depth,
+    and its offset past the limit is the first bracket that opens a level past it."""
+    doc = json.dumps(value).encode()
+    found = limits._scan(doc, 3)
+    assert found.depth == _walk_depth(doc)
+    assert (found.past_at is None) == (found.depth <= 3)
+    if found.past_at is not None:
+        assert doc[found.past_at] in b"[{"
+        assert _walk_depth(doc[: found.past_at]) == 3
