@@ -1,17 +1,16 @@
-"""What the routers share: auth aliases, the pool, path types, cursors, problem responses.
+"""What the routers share: auth aliases, the pool, path types, problem responses.
 
 Routers import this module and never each other; it imports no router.
 """
 
 from __future__ import annotations
 
-import base64
 from typing import Annotated, Any
 
 from fastapi import Depends, Path
 
 from api.auth import get_pool, require
-from api.errors import PROBLEM_JSON, NotFoundError, UnprocessableError
+from api.errors import PROBLEM_JSON, NotFoundError
 from api.schemas import IsoDay, Problem
 from storage import pool as storage_pool
 from storage import registry
@@ -52,23 +51,3 @@ async def get_or_404(conn: Executor, tenant_id: int, meter_id: int) -> Record:
     if row is None:
         raise NotFoundError(f"no meter {meter_id}")
     return row
-
-
-def encode_cursor(after: int) -> str:
-    """An opaque cursor for 'after this id'."""
-    return base64.urlsafe_b64encode(f"m{after}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str | None) -> int:
-    """The id a cursor points after (0 for none); UnprocessableError if it is not ours."""
-    if not cursor:
-        return 0
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        value = int(raw[1:]) if raw.startswith("m") else -1
-    except (ValueError, UnicodeDecodeError):
-        value = -1
-    if not 0 <= value < 2**63:
-        msg = "invalid cursor: pass next_cursor from the previous page unchanged"
-        raise UnprocessableError(msg)
-    return value

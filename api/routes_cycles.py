@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -11,8 +10,9 @@ from zoneinfo import ZoneInfo
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
+from api import cursors
 from api.deps import CONFLICT, PROBLEMS, Admin, CycleId, Pool, Reader
-from api.errors import ConflictError, NotFoundError, UnprocessableError
+from api.errors import ConflictError, NotFoundError
 from api.schemas import Calendar, CloseResult, Cycle, CycleList, CyclePage, Day
 from api.settings import ApiSettings
 from billing.localtime import CalendarError, cycle_bounds, cycles_in, local_midnight
@@ -143,25 +143,17 @@ async def cycle_reads(
 
 
 def _encode_cursor(zone: str, after: int) -> str:
-    raw = f"{zone}|{after}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return cursors.encode("z", zone, after)
 
 
 def _decode_cursor(cursor: str | None, zones: list[str]) -> tuple[str, int]:
     """(zone, after meter id) of a cursor; the first zone and 0 without one."""
     if not cursor:
         return zones[0], 0
-    try:
-        zone, after = (
-            base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("|")
-        )
-        value = int(after)
-    except (ValueError, UnicodeDecodeError):
-        zone, value = "", -1
-    if zone not in zones or not 0 <= value < 2**63:
-        msg = "invalid cursor: pass next_cursor from the previous page unchanged"
-        raise UnprocessableError(msg)
-    return zone, value
+    zone, after = cursors.decode(cursor, "z", 2)
+    if zone not in zones:
+        raise cursors.invalid()
+    return zone, cursors.bigint(after)
 
 
 @router.post("/cycles/{cycle}/close", responses=CONFLICT, summary="Close a cycle (publish reads)")

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 
 from api.bodies import load_json, read_csv
+from api.cursors import decode_cursor, encode_cursor
 from api.deps import (
     CONFLICT,
     PROBLEMS,
@@ -17,8 +18,6 @@ from api.deps import (
     Pool,
     Reader,
     Writer,
-    decode_cursor,
-    encode_cursor,
     get_or_404,
 )
 from api.errors import NotFoundError, UnprocessableError, public_detail

@@ -17,8 +17,10 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Path, Query
 
-from api.deps import CONFLICT, PROBLEMS, Pool, Reader, Writer, decode_cursor, encode_cursor
-from api.errors import NotFoundError, UnprocessableError
+from api import cursors
+from api.cursors import decode_cursor, encode_cursor
+from api.deps import CONFLICT, PROBLEMS, Pool, Reader, Writer
+from api.errors import NotFoundError
 from api.schemas import Address, Instant
 from api.schemas_quarantine import (
     TRANSPORTS,
@@ -92,25 +94,20 @@ def job_out(row: Mapping[str, Any] | Record) -> RedecodeJob:
 
 
 def encode_row_cursor(received_at: datetime, quarantine_id: int) -> str:
-    """An opaque cursor for 'after this row' in the list's order."""
-    micros = (received_at - _EPOCH) // _MICROSECOND
-    return base64.urlsafe_b64encode(f"q{micros}.{quarantine_id}".encode()).decode().rstrip("=")
+    """An opaque cursor for 'after this row' in the list's order (received_at in µs)."""
+    return cursors.encode("q", (received_at - _EPOCH) // _MICROSECOND, quarantine_id)
 
 
 def decode_row_cursor(cursor: str | None) -> tuple[datetime, int] | None:
     """The (received_at, quarantine_id) a cursor points after; UnprocessableError if not ours."""
     if not cursor:
         return None
+    micros, qid = cursors.decode(cursor, "q", 2)
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        micros, qid = raw[1:].split(".") if raw.startswith("q") else ("", "")
-        after = (_EPOCH + int(micros) * _MICROSECOND, int(qid))
-    except (ValueError, UnicodeDecodeError, OverflowError):
-        after = None
-    if after is None or not 0 <= after[1] < 2**63:
-        msg = "invalid cursor: pass next_cursor from the previous page unchanged"
-        raise UnprocessableError(msg)
-    return after
+        at = _EPOCH + int(micros) * _MICROSECOND
+    except (ValueError, OverflowError) as exc:
+        raise cursors.invalid() from exc
+    return at, cursors.bigint(qid)
 
 
 @router.get("/quarantine", summary="List quarantined uplinks")
