@@ -113,6 +113,18 @@ def _plain_tenant(uplink: Uplink) -> int:
     return uplink.tenant_id if uplink.device is None and uplink.tenant_id is not None else -1
 
 
+def _factorize(values: np.ndarray) -> tuple[np.ndarray, npt.NDArray[np.intp]]:
+    """(sorted distinct values, index of each value in them). A frame's readings mostly
+    repeat one address: only the first of each run is sorted (a sort of Python strings
+    costs per comparison), the runs take their head's index."""
+    if not len(values):
+        return np.zeros(0, object), np.zeros(0, np.intp)
+    starts = np.ones(len(values), bool)
+    starts[1:] = values[1:] != values[:-1]
+    distinct, head_index = np.unique(values[starts].astype(object), return_inverse=True)
+    return distinct, head_index.reshape(-1)[np.cumsum(starts) - 1]
+
+
 def plain_lookups(batch: list[Uplink], lay: Layout, dec: Decoded) -> list[Lookup]:
     """The plain CoAP addresses to resolve, one Lookup per tenant."""
     tenant_u = np.fromiter((_plain_tenant(u) for u in batch), np.int64, len(batch))
@@ -120,7 +132,7 @@ def plain_lookups(batch: list[Uplink], lay: Layout, dec: Decoded) -> list[Lookup
     out = []
     for tenant in np.unique(row_tenant[row_tenant >= 0]).tolist():
         rows = np.flatnonzero(row_tenant == tenant)
-        distinct, index = np.unique(dec.meter_id[rows].astype(object), return_inverse=True)
+        distinct, index = _factorize(dec.meter_id[rows])
         storable = np.fromiter((is_pg_text(a) for a in distinct), bool, len(distinct))
         keep = storable[index]
         renumber = np.cumsum(storable) - 1
@@ -163,52 +175,80 @@ def _undecodable(code: int, message: str) -> tuple[Reason, str]:
     return reason, f"{name}: {message}"
 
 
+def _per_uplink(lay: Layout, column: np.ndarray, absent: object) -> np.ndarray:
+    """`column` (one value per decoded frame) per uplink, `absent` where not decoded."""
+    out = np.full(len(lay.frame_of), absent, column.dtype)
+    decoded = lay.frame_of >= 0
+    out[decoded] = column[lay.frame_of[decoded]]
+    return out
+
+
+def _verdict(
+    uplink: Uplink, code: int, message: str, claim: str, addresses: np.ndarray, unknown: list[str]
+) -> tuple[Reason, str]:
+    """The verdict on an uplink `check` found wanting: decided before, a decoder code, an
+    identity mismatch, or an unknown meter (`unknown`: its addresses that resolved to none)."""
+    if uplink.reject is not None:
+        return uplink.reject
+    if code != 0:
+        return _undecodable(code, message)
+    if uplink.device is not None:
+        claimed = set(addresses.tolist()) | ({claim} - {""})
+        foreign = sorted(a for a in claimed if a != uplink.device.address)
+        detail = (
+            f"frame reports meter {', '.join(foreign)}; the device is "
+            f"authenticated as meter {uplink.device.address}"
+        )
+        return Reason.IDENTITY_MISMATCH, detail
+    missing = ", ".join(sorted(set(unknown)))
+    return Reason.UNKNOWN_METER, f"no meter {missing} in this tenant"
+
+
 def check(batch: list[Uplink], lay: Layout, dec: Decoded, plain_meter: Int64s) -> Checked:
-    """Verdicts and readings of a decoded batch; `plain_meter` from `place` (see module)."""
+    """Verdicts and readings of a decoded batch; `plain_meter` from `place` (see module).
+
+    Array work over uplinks and readings; a Python step only for an uplink that fails.
+    """
     n = len(batch)
+    is_device = np.fromiter((u.device is not None for u in batch), bool, n)
     dev_meter = np.fromiter((u.device.meter_id if u.device else -1 for u in batch), np.int64, n)
     dev_address = np.array([u.device.address if u.device else "" for u in batch], object)
     owner = lay.owner
     address = dec.meter_id.astype(object, copy=False)
-    row_device = dev_meter[owner] >= 0
+    row_device = is_device[owner]
     row_meter = np.where(row_device, dev_meter[owner], plain_meter)
     bad_row = np.where(row_device, address != dev_address[owner], plain_meter < 0)
-    bad = np.bincount(owner[bad_row], minlength=n) > 0
-    codes = dec.error_code
-    verdicts: Verdicts = []
-    meter_of: list[int | None] = []
-    for i, uplink in enumerate(batch):
+    code = _per_uplink(lay, dec.error_code, 0)
+    claim = _per_uplink(lay, dec.meter_of_frame.astype(object, copy=False), "")
+    failed = np.bincount(owner[bad_row], minlength=n) > 0
+    failed |= code != 0
+    failed |= is_device & (claim != "") & (claim != dev_address)
+    failed |= np.fromiter(
+        (u.reject is not None or (u.device is None and u.tenant_id is None) for u in batch),
+        bool,
+        n,
+    )
+    verdicts: Verdicts = [None] * n
+    for i in np.flatnonzero(failed).tolist():  # the few that fail: their details are text
         j = int(lay.frame_of[i])
-        verdict = uplink.reject
-        if verdict is None and codes[j] != ErrorCode.OK:
-            verdict = _undecodable(int(codes[j]), str(dec.error_message[j]))
         rows = slice(int(lay.starts[j]), int(lay.ends[j])) if j >= 0 else slice(0, 0)
-        if uplink.device is not None:
-            meter_of.append(uplink.device.meter_id)
-            claim = str(dec.meter_of_frame[j]) if j >= 0 else ""
-            if verdict is None and (bad[i] or claim not in ("", uplink.device.address)):
-                claimed = set(address[rows].tolist()) | ({claim} - {""})
-                foreign = sorted(a for a in claimed if a != uplink.device.address)
-                detail = (
-                    f"frame reports meter {', '.join(foreign)}; the device is "
-                    f"authenticated as meter {uplink.device.address}"
-                )
-                verdict = (Reason.IDENTITY_MISMATCH, detail)
-        else:
-            if verdict is None and (bad[i] or uplink.tenant_id is None):
-                unknown = address[rows][plain_meter[rows] < 0].tolist()
-                missing = ", ".join(sorted(set(unknown)))
-                verdict = (Reason.UNKNOWN_METER, f"no meter {missing} in this tenant")
-            first = rows.start < rows.stop and verdict is None
-            meter_of.append(int(row_meter[rows.start]) if first else None)
-        verdicts.append(verdict)
-    passed = np.fromiter((v is None for v in verdicts), bool, n)
+        unknown = address[rows][plain_meter[rows] < 0].tolist()
+        message = str(dec.error_message[j]) if j >= 0 else ""
+        verdicts[i] = _verdict(
+            batch[i], int(code[i]), message, str(claim[i]), address[rows], unknown
+        )
+    passed = ~failed
+    # the meter of each uplink: the device's; for plain CoAP that of its first reading
+    first = _per_uplink(lay, lay.starts, 0)
+    has_rows = passed & (first < _per_uplink(lay, lay.ends, 0))
+    plain_first = np.full(n, -1, np.int64)
+    plain_first[has_rows] = row_meter[first[has_rows]]
+    meter_of = np.where(is_device, dev_meter, plain_first).tolist()
     keep = passed[owner]
     transport = np.fromiter((int(u.transport) for u in batch), np.int16, n)
     # the receive time as float seconds (time.time()) to µs, once per uplink
-    received_us = (np.fromiter((u.received_at for u in batch), np.float64, n) * 1e6).astype(
-        np.int64
-    )
+    received_s = np.fromiter((u.received_at for u in batch), np.float64, n)
+    received_us = (received_s * 1e6).astype(np.int64)
     kept_owner = owner[keep]
     readings = ReadingBatch(
         meter_id=row_meter[keep],
@@ -218,7 +258,8 @@ def check(batch: list[Uplink], lay: Layout, dec: Decoded, plain_meter: Int64s) -
         transport=transport[kept_owner],
         received_at_us=received_us[kept_owner],
     )
-    return Checked(verdicts, meter_of, readings, kept_owner, lay)
+    meters = [m if m >= 0 else None for m in meter_of]
+    return Checked(verdicts, meters, readings, kept_owner, lay)
 
 
 def _scaled(extra: dict[str, object], names: tuple[tuple[str, int], ...]) -> int | None:
@@ -350,9 +391,13 @@ def _archive(
     quarantine: list[QuarantineRow] = []
     health: list[HealthRow] = []
     received: list[datetime] = []
-    may_health = _health_frames(dec)
+    lay = checked.layout
+    # per uplink, as Python values once (the loop below builds one row object each)
+    fmt = _per_uplink(lay, dec.format.astype(object, copy=False), "").tolist()
+    code = _per_uplink(lay, dec.error_code, 0).tolist()
+    may_health = _per_uplink(lay, _health_frames(dec), False).tolist()
+    frame_of = lay.frame_of.tolist()
     for i, (uplink, outcome) in enumerate(zip(batch, outcomes, strict=True)):
-        j = int(checked.layout.frame_of[i])
         meter = checked.meter_of[i]
         received_at = _utc(uplink.received_at)
         received.append(received_at)
@@ -366,11 +411,11 @@ def _archive(
                 transport,
                 uplink.peer,
                 uplink.payload,
-                (str(dec.format[j]) or None) if j >= 0 else None,
+                fmt[i] or None,
                 outcome.status,  # type: ignore[arg-type]  # stored/duplicate/quarantined here
                 outcome.n_readings,
                 outcome.n_new,
-                (int(dec.error_code[j]) or None) if j >= 0 else None,
+                code[i] or None,
                 outcome.detail or None,
             )
         )
@@ -390,8 +435,8 @@ def _archive(
                     uplink.payload,
                 )
             )
-        if not quarantined and j >= 0 and meter is not None and may_health[j]:
-            figures = health_of(dec.extra_of(j, HEALTH_NAMES))
+        if not quarantined and meter is not None and may_health[i]:
+            figures = health_of(dec.extra_of(frame_of[i], HEALTH_NAMES))
             if any(v is not None for v in figures):
                 measured_at = _utc(int(uplink.received_at))
                 health.append(HealthRow(meter, measured_at, *figures, received_at))

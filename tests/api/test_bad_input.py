@@ -19,9 +19,8 @@ from fastapi import FastAPI
 from structlog.testing import capture_logs
 
 from api.app import create_app
-from api.bodies import json_too_deep_at
 from api.settings import ApiSettings
-from decoder.limits import MAX_DEPTH, json_depth
+from decoder.limits import MAX_DEPTH, json_depth, json_nesting
 from storage.errors import StorageError
 
 PROBLEM = "application/problem+json"
@@ -377,6 +376,23 @@ async def test_unreadable_json_names_its_line(api, make_tenant):
         assert body["errors"][0]["line"] == line
 
 
+async def test_json_fastapi_cannot_parse_is_422_not_400(api, make_tenant):
+    """The middleware does not parse JSON bodies: an integer of over 4,300 digits (FastAPI's
+    parse answers 400) and broken JSON reach FastAPI and come back as 422 problems."""
+    t = await make_tenant()
+    for raw, why in (
+        (b'{"address": "x", "kind": ' + b"9" * 5000 + b"}", "4300 digits"),
+        (b'{"address": "x",\n "kind": }', "not valid JSON: Expecting value (column 10)"),
+    ):
+        r = await api.post(
+            "/v1/meters", headers={**t.writer, "content-type": "application/json"}, content=raw
+        )
+        body = _problem(r, 422)
+        assert why in body["detail"], body["detail"]
+        assert body["type"] == "/problems/validation-error"
+        assert body["errors"][0]["loc"] == ["body"]
+
+
 @pytest.mark.parametrize(
     "doc",
     [
@@ -390,6 +406,7 @@ async def test_unreadable_json_names_its_line(api, make_tenant):
     ],
 )
 def test_json_depth_rule_is_the_decoders(doc):
-    """The API's chunked depth scan and decoder.limits.json_depth agree on real JSON."""
+    """The API's refusal (json_nesting's offset past the limit) and decoder.limits'
+    json_depth agree on real JSON: one rule."""
     json.loads(doc)
-    assert (json_too_deep_at(doc) is None) == (json_depth(doc) <= MAX_DEPTH)
+    assert (json_nesting(doc).past_at is None) == (json_depth(doc) <= MAX_DEPTH)
