@@ -326,13 +326,27 @@ def _us(m: Measured, group: str) -> str:
     return f"{m.cpu_per_uplink_s.get(group, 0.0) * 1e6:.0f}"
 
 
+async def _started(metrics_ports: list[int], within_s: float = 60.0) -> None:
+    """Wait until every collector answers /metrics (a loaded machine starts one in more
+    than the 2 s this bench used to sleep)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            _batch_stats(metrics_ports)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
 async def _collectors(
     args: argparse.Namespace, gen: LoadGenerator, server_url: str, name: str, db_url: str, n: int
 ) -> Measured:
     port = _free_udp_port()
     metrics_ports = [_free_tcp_port() for _ in range(n)]
     servers = [_start_collector(db_url, port, mp) for mp in metrics_ports]
-    await asyncio.sleep(2.0)
+    await _started(metrics_ports)
     watch = _watcher(server_url, name, [s.pid for s in servers])
     b0 = _batch_stats(metrics_ports)
     got = await gen.run(port, args.seconds, args.window, args.sockets, watch)
