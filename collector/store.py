@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
@@ -194,9 +193,7 @@ class BatchStore:
         )
         return Outcome("failed", reason, f"{detail}; not even a quarantine row could be written")
 
-    async def _decode_keyed(
-        self, conn: Connection, uplinks: list[Uplink], received_at_s: int
-    ) -> Decoded:
+    async def _decode_keyed(self, conn: Connection, uplinks: list[Uplink]) -> Decoded:
         """Decode `uplinks` with their meters' AES keys (see the module docstring).
 
         An authenticated device reports its own meter, so its key is known before decoding
@@ -235,23 +232,21 @@ class BatchStore:
                     by_device_tenant[tenant] = rnd
             rnd.rows.append(n)
         if len(rounds) == 1:
-            return await self._decode_round(conn, uplinks, rounds[0], received_at_s)
+            return await self._decode_round(conn, uplinks, rounds[0])
         parts = [
             (
                 np.asarray(r.rows, np.int64),
-                await self._decode_round(conn, uplinks, r, received_at_s),
+                await self._decode_round(conn, uplinks, r),
             )
             for r in rounds
         ]
         return concat(parts, len(uplinks))
 
-    async def _decode_round(
-        self, conn: Connection, uplinks: list[Uplink], rnd: _Round, received_at_s: int
-    ) -> Decoded:
+    async def _decode_round(self, conn: Connection, uplinks: list[Uplink], rnd: _Round) -> Decoded:
         frames = [uplinks[n].payload for n in rnd.rows]
         # each frame's own receive time (a re-decoded frame keeps its original one): frames
         # without a clock, or with relative times, are dated by it
-        rx = np.array([int(uplinks[n].received_at) for n in rnd.rows], np.int64)
+        rx = np.fromiter((int(uplinks[n].received_at) for n in rnd.rows), np.int64, len(rnd.rows))
         ring = KeyRing(rnd.keys)
         dec = self._decoded(frames, rx, ring)
         if not ring.missed or not (dec.error_code == ErrorCode.NO_KEY).any():
@@ -278,12 +273,11 @@ class BatchStore:
             raise DecodeFailed(_short(exc)) from exc
 
     async def _commit(self, batch: list[Uplink]) -> list[Outcome]:
-        now = time.time()
         timeout_s = self._acquire_timeout_s
         async with connection(self._pool, "storing a batch", timeout_s=timeout_s) as conn:
             await self._resolve_topics(conn, batch)
             todo = [i for i, u in enumerate(batch) if u.reject is None]
-            dec = await self._decode_keyed(conn, [batch[i] for i in todo], int(now))
+            dec = await self._decode_keyed(conn, [batch[i] for i in todo])
             async with conn.transaction():
                 outcomes = await self._store(conn, batch, todo, dec)
         n_new = 0
