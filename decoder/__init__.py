@@ -67,9 +67,8 @@ def _check_shape(got: object, n: int) -> Decoded:
         raise ValueError(msg)
     m = got.n_readings
     columns = (got.frame_index, got.meter_id, got.read_at_s, got.flags)
-    if any(len(c) != m for c in columns) or any(
-        len(c) != n for c in (got.format, got.meter_of_frame, got.error_message)
-    ):
+    per_frame = (got.format, got.meter_of_frame, got.error_message, got.frame_flags_or_zero)
+    if any(len(c) != m for c in columns) or any(len(c) != n for c in per_frame):
         msg = "decoder returned columns of different lengths"
         raise ValueError(msg)
     if m and (got.frame_index.min() < 0 or got.frame_index.max() >= n):

@@ -78,6 +78,33 @@ class Flag(enum.IntFlag):
     INTERVAL = 1 << 11  # expanded from an interval batch (not the head register)
 
 
+class FrameFlag(enum.IntFlag):
+    """Per-frame decode notes: what a decoder tolerated or left out of an accepted frame.
+
+    A frame with a readable current register is accepted; whatever else was odd about it
+    is one of these bits (`Decoded.frame_flags`), shown by `nbmeter decode` and stored
+    with the raw uplink, never a reason to drop the register. Values are stable (stored).
+    """
+
+    NONE = 0
+    RECORD_DROPPED = 1 << 0  # a secondary record was unreadable (bad digits, unit): left out
+    NO_DATA = 1 << 1  # a record carried a "no data" marker (0x80.., all ones, date FFFF)
+    TRAILING_JUNK = 1 << 2  # bytes after the last valid record ignored (FED0, FFFF, ...)
+    CUT_RECORD = 1 << 3  # the last record was cut short: ignored
+    LENGTH_MISMATCH = 1 << 4  # L field disagrees with the frame length: read as received
+    CLEAR_PAYLOAD = 1 << 5  # a security mode is declared, the payload is in clear (2F2F)
+    LINK_FIELD_KEPT = 1 << 6  # a data record named like a link-layer field was renamed
+    BILLING_UNDATED = 1 << 7  # the billing register's date is invalid: no billing reading
+
+
+def frame_flag_names(bits: int) -> list[str]:
+    """The lowercase names of the `FrameFlag` bits set in `bits` (unknown bits as bitN)."""
+    names = [f.name.lower() for f in FrameFlag if f and bits & f and f.name]
+    known = sum(int(f) for f in FrameFlag)
+    names.extend(f"bit{b}" for b in range(32) if bits & ~known & (1 << b))
+    return names
+
+
 RENDERS = ("", "decimal", "hex2", "hex4", "label")
 
 
@@ -158,8 +185,9 @@ class Decoded:
     Frame columns (length N): `format` (str key of the format that decoded it, or ""),
     `meter_of_frame` (str or ""), `error_code` (uint16 of `ErrorCode`), `error_message`
     (str or ""), `fields` (name -> `Column`, other decoded fields with units in their
-    names, e.g. `battery_v`, `rsrp_dbm`, `settlement_m3`) and `sparse` (frame -> dict of
-    rare fields). `extra_of(i)` / `extra[i]` merge both into one dict of int, str, Decimal
+    names, e.g. `battery_v`, `rsrp_dbm`, `settlement_m3`), `sparse` (frame -> dict of
+    rare fields) and `frame_flags` (uint32 of `FrameFlag`, or None: no notes; read it
+    through `frame_flags_or_zero`). `extra_of(i)` / `extra[i]` merge both into one dict of int, str, Decimal
     or bool values, built on demand.
     """
 
@@ -174,6 +202,14 @@ class Decoded:
     error_message: Objects
     fields: dict[str, Column] = field(default_factory=dict)
     sparse: dict[int, Mapping[str, object]] = field(default_factory=dict)
+    frame_flags: UInt32s | None = None
+
+    @property
+    def frame_flags_or_zero(self) -> UInt32s:
+        """`frame_flags`, or zeros (one per frame) when the decoder noted nothing."""
+        if self.frame_flags is None:
+            return np.zeros(self.n_frames, np.uint32)
+        return self.frame_flags
 
     @property
     def n_frames(self) -> int:
@@ -295,6 +331,7 @@ def concat(parts: list[tuple[npt.NDArray[np.int64], Decoded]], n_frames: int) ->
     out_code = np.full(n_frames, ErrorCode.UNKNOWN_FORMAT, np.uint16)
     out_msg = np.full(n_frames, "no known meter format recognises this frame", object)
     sparse: dict[int, Mapping[str, object]] = {}
+    frame_flags = np.zeros(n_frames, np.uint32)
     cols: dict[str, list[np.ndarray]] = {
         k: [] for k in ("frame_index", "meter_id", "read_at_s", "register_ml", "flags")
     }
@@ -303,6 +340,8 @@ def concat(parts: list[tuple[npt.NDArray[np.int64], Decoded]], n_frames: int) ->
         out_meter[where] = part.meter_of_frame
         out_code[where] = part.error_code
         out_msg[where] = part.error_message
+        if part.frame_flags is not None:
+            frame_flags[where] = part.frame_flags
         if part.sparse:
             local = np.fromiter(part.sparse, np.int64, len(part.sparse))
             sparse.update(zip(where[local].tolist(), part.sparse.values(), strict=True))
@@ -332,4 +371,5 @@ def concat(parts: list[tuple[npt.NDArray[np.int64], Decoded]], n_frames: int) ->
         error_message=out_msg,
         fields=_merge_fields(parts, n_frames),
         sparse=sparse,
+        frame_flags=frame_flags if frame_flags.any() else None,
     )

@@ -12,6 +12,14 @@ register (lowest storage >= 1) read at its own date record, flagged BILLING_DATE
 Meter clocks are read as UTC unless `utc_offset_s` says how far east of UTC they run.
 Other fields become per-frame object `Column`s (absent: None), filled group by group.
 A bad frame gets an `ErrorCode` and a message; nothing raises for bad input.
+
+Per record, not per frame: a frame whose current register reads is accepted with it.
+What else is wrong is a `FrameFlag` of the frame (`Decoded.frame_flags`), never a reason
+to drop the register: a secondary record with bad digits or a "no data" marker (0x80..,
+all ones, date FFFF) is left out, junk or a cut-short record after the last sound one is
+ignored, an L field off by a few bytes or a declared security mode on a payload in clear
+(2F2F) is read as received. A data record never overwrites a link-layer field: `01FD08`
+becomes `access_number_record`.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import numpy.typing as npt
 
 from decoder import kernels as k
 from decoder import mbus_compact, mbus_fixed, mbus_kernels, mbus_link
-from decoder.columns import Column, Decoded, ErrorCode, Flag
+from decoder.columns import Column, Decoded, ErrorCode, Flag, FrameFlag
 from decoder.drivers import route_mbus
 from decoder.mbus_compact import SignatureCache
 from decoder.mbus_encode import encode_oms_mode5, encode_oms_plain, encode_wired
@@ -57,6 +65,7 @@ class _Batch:
         self.format = k.text_column(n, "")
         self.meter = k.text_column(n, "")
         self.flags = np.zeros(n, np.uint32)
+        self.notes = np.zeros(n, np.uint32)  # FrameFlag bits per frame
         self.columns: dict[str, npt.NDArray[np.object_]] = {}  # name -> value or None per frame
         self.readings: list[tuple[Ints, Ints, Ints, npt.NDArray[np.uint32]]] = []
 
@@ -90,6 +99,10 @@ class _Batch:
         self.code[rows] = code
         self.message[rows] = message
 
+    def note(self, rows: Ints, flag: int, where: npt.NDArray[np.bool_] | None = None) -> None:
+        """Add FrameFlag `flag` to `rows` (those of them `where` is True, if given)."""
+        self.notes[rows if where is None else rows[where]] |= np.uint32(flag)
+
     def read(self, rows: Ints, register_ml: Ints, read_at_s: Ints, flags: Ints) -> None:
         """Add one reading for each of `rows`."""
         self.readings.append((rows, register_ml, read_at_s, flags.astype(np.uint32)))
@@ -114,6 +127,7 @@ class _Batch:
             error_code=self.code,
             error_message=self.message,
             fields={name: Column.of_objects(col) for name, col in self.columns.items()},
+            frame_flags=self.notes if self.notes.any() else None,
         )
 
 
@@ -163,6 +177,7 @@ def decode(
         envs[i] = got
         out.meter[i] = got.meter_id
         out.flags[i] = got.flags
+        out.notes[i] = got.notes
         for name, value in got.extra.items():  # link/TPL fields (access number, status)
             out.column(name)[i] = value
         if got.fixed:
@@ -208,7 +223,8 @@ def _decode_full(
         layout = compile_layout(skeleton)
         same = np.all(a[pending][:, layout.header_at] == layout.header_bytes, axis=1)
         members = pending[same]
-        cache.learn(model, layout.format_bytes)
+        if layout.stop < 0:  # a cut-short walk is not the model's format
+            cache.learn(model, layout.format_bytes)
         _apply(out, rows[members], a[members], layout)
         pending = pending[~same]
 
@@ -277,15 +293,28 @@ def _plain(f: Field) -> bool:
     )
 
 
+def _uncorrected(f: Field) -> bool:
+    """An uncorrected (meter-side, EN 13757-3 VIFE 3A) volume of tariff 0, subunit 0: the
+    register of a gas meter that sends no volume at base conditions."""
+    return (
+        f.volume
+        and f.function == 0
+        and f.tariff == 0
+        and f.subunit == 0
+        and f.qualifiers == ("uncorrected",)
+    )
+
+
 def _pick(layout: Layout) -> tuple[Field | None, Field | None, Field | None, Field | None]:
     """(current register, billing register, meter clock, billing date) fields of a layout."""
     fields = layout.fields
-    current = next((f for f in fields if _plain(f) and f.storage == 0), None)
-    billing_storages = [f.storage for f in fields if _plain(f) and f.storage > 0]
+    kind = _plain if any(_plain(f) for f in fields) else _uncorrected
+    current = next((f for f in fields if kind(f) and f.storage == 0), None)
+    billing_storages = [f.storage for f in fields if kind(f) and f.storage > 0]
     billing = None
     if billing_storages:
         s = min(billing_storages)
-        billing = next(f for f in fields if _plain(f) and f.storage == s)
+        billing = next(f for f in fields if kind(f) and f.storage == s)
     dates = [
         f
         for f in fields
@@ -300,15 +329,22 @@ def _pick(layout: Layout) -> tuple[Field | None, Field | None, Field | None, Fie
     return current, billing, clock, when
 
 
+LINK_FIELDS = frozenset({"access_number", "status", "ell_access_number"})
+
+
 def _register(
     out: _Batch, rows: Ints, a: npt.NDArray[np.uint8], f: Field, *, billing: bool
 ) -> tuple[Ints, npt.NDArray[np.bool_]]:
     """A volume field as int64 mL and a usable mask.
 
     A current register with bad digits, a sub-mL scale or an int64 overflow rejects its
-    frame; a bad billing register only loses that reading (noted in `target_m3_error`).
+    frame; a "no data" marker leaves the frame without a current reading (rejected only
+    if it has no other reading: see `_apply`). A bad billing register only loses that
+    reading (noted in `target_m3_error` and RECORD_DROPPED); a billing register holding
+    "no data" is absent (NO_DATA).
     """
     ml_exp = f.exponent + 6  # volume_m3 exponent -> mL (EN 13757-3 VIF 10..17 = 1e(n-6) m3)
+    gone = mbus_kernels.no_data(a, f)
     bad: list[tuple[npt.NDArray[np.bool_], ErrorCode, str]] = []
     if f.kind not in (Kind.INT, Kind.BCD) or ml_exp < 0:
         why = "a float" if f.kind == Kind.REAL else f"scale 1e{f.exponent} m3 (finer than 1 mL)"
@@ -317,24 +353,51 @@ def _register(
         factor = 1
     else:
         raw, ok = mbus_kernels.read_field(a, f)
-        bad.append((~ok, ErrorCode.BAD_BCD, f"volume register {f.name} has a non-decimal digit"))
+        ok &= ~gone
+        bad.append((~ok & ~gone, ErrorCode.BAD_BCD, f"volume register {f.name} has a non-decimal digit"))
         factor = 10**ml_exp * f.multiplier
         fits = np.abs(raw) <= INT64_MAX // factor
-        bad.append((~fits, ErrorCode.BAD_UNIT, f"volume register {f.name} overflows int64 mL"))
+        bad.append((~fits & ok, ErrorCode.BAD_UNIT, f"volume register {f.name} overflows int64 mL"))
         ok &= fits
+    out.note(rows, FrameFlag.NO_DATA, gone)
+    if billing:
+        out.drop("target_m3", rows[~ok])
     for mask, code, message in bad:
         if billing:
-            out.drop("target_m3", rows[mask])
             out.put("target_m3_error", rows[mask], message)
+            out.note(rows, FrameFlag.RECORD_DROPPED, mask)
         else:
             out.fail(rows[mask], code, message)
     return raw * np.int64(factor), ok
 
 
+def _values(out: _Batch, rows: Ints, a: npt.NDArray[np.uint8], f: Field) -> list[object]:
+    """Field `f` of `rows` as Python values (None: absent), noting absent ones."""
+    if f.kind == Kind.TEXT:
+        return mbus_kernels.ascii_text(a, f)
+    if f.kind == Kind.BYTES:
+        return mbus_kernels.hex_bytes(a, f)
+    if f.kind == Kind.REAL:
+        return mbus_kernels.real32(a, f)
+    raw, ok = mbus_kernels.read_field(a, f)
+    gone = mbus_kernels.no_data(a, f)
+    out.note(rows, FrameFlag.NO_DATA, gone)
+    out.note(rows, FrameFlag.RECORD_DROPPED, ~ok & ~gone)
+    ok &= ~gone
+    if f.is_date:
+        return mbus_kernels.as_text(raw, ok, f)
+    return mbus_kernels.scaled(raw, ok, f)
+
+
 def _apply(out: _Batch, rows: Ints, a: npt.NDArray[np.uint8], layout: Layout) -> None:
     """Decode all `rows` (frames of one layout, stacked in `a`) into readings and extras."""
     current, billing, clock, when = _pick(layout)
+    if layout.stop >= 0:  # the records ended early: the rest is junk or a cut record
+        cut = layout.stop_code == ErrorCode.TRUNCATED
+        out.note(rows, FrameFlag.CUT_RECORD if cut else FrameFlag.TRAILING_JUNK)
     if current is None and billing is None:
+        if layout.stop >= 0:
+            out.fail(rows, ErrorCode(layout.stop_code), layout.stop_message)
         out.fail(rows, ErrorCode.NO_REGISTER, "frame carries no volume register record")
     aliases = {
         id(current): "total_m3",
@@ -346,24 +409,19 @@ def _apply(out: _Batch, rows: Ints, a: npt.NDArray[np.uint8], layout: Layout) ->
     flags = out.flags[rows].astype(np.int64)
     for f in layout.fields:
         name = aliases.get(id(f), f.name)
-        if f.kind == Kind.TEXT:
-            columns[name] = mbus_kernels.ascii_text(a, f)
-        elif f.kind == Kind.BYTES:
-            columns[name] = mbus_kernels.hex_bytes(a, f)
-        elif f.kind == Kind.REAL:
-            columns[name] = mbus_kernels.real32(a, f)
-        elif f.kind != Kind.NONE:
-            raw, ok = mbus_kernels.read_field(a, f)
-            if f.is_date:
-                columns[name] = mbus_kernels.as_text(raw, ok, f)
-            else:
-                columns[name] = mbus_kernels.scaled(raw, ok, f)
-                if f.name.startswith("error_flags"):  # FD 17: manufacturer error bits
-                    flags |= np.where(raw != 0, int(Flag.METER_ERROR), 0)
+        if name in LINK_FIELDS:  # a data record never overwrites the link layer's field
+            name += "_record"
+            out.note(rows, FrameFlag.LINK_FIELD_KEPT)
+        if f.kind != Kind.NONE:
+            columns[name] = _values(out, rows, a, f)
+            if f.name.startswith("error_flags") and f.kind in (Kind.INT, Kind.BCD):
+                raw, _ = mbus_kernels.read_field(a, f)  # FD 17: manufacturer error bits
+                flags |= np.where(raw != 0, int(Flag.METER_ERROR), 0)
         if f.record_error:
             flags |= int(Flag.METER_ERROR)
     for name, values in columns.items():
         out.put(name, rows, values)
+    got: list[tuple[Ints, Ints, Ints, npt.NDArray[np.bool_]]] = []
     for reg, date, extra_flag in ((current, clock, Flag.NONE), (billing, when, Flag.BILLING_DATE)):
         if reg is None:
             continue
@@ -372,5 +430,15 @@ def _apply(out: _Batch, rows: Ints, a: npt.NDArray[np.uint8], layout: Layout) ->
         if date is not None:
             stamp, at_ok = mbus_kernels.read_field(a, date)
             at = np.where(at_ok, stamp - out.offset(rows), at)
+            if reg is billing:  # a billing value is only a reading at its own date
+                out.note(rows, FrameFlag.BILLING_UNDATED, ok & ~at_ok)
+                ok &= at_ok
         row_flags = flags | int(extra_flag) | np.where(at_ok, 0, int(Flag.CLOCK_MISSING))
+        got.append((ml, at, row_flags, ok))
+    usable = np.zeros(len(rows), bool)
+    for _, _, _, ok in got:
+        usable |= ok
+    if current is not None or billing is not None:  # e.g. a current "no data", no billing
+        out.fail(rows[~usable], ErrorCode.NO_REGISTER, "no volume register holds a value")
+    for ml, at, row_flags, ok in got:
         out.read(rows[ok], ml[ok], at[ok], row_flags[ok])

@@ -93,10 +93,36 @@ def datetime_i(a: Frames, at: int) -> tuple[Int64s, Bools]:
     return value, ok & ((b[1] & 0x80) == 0)
 
 
+def no_data(a: Frames, f: Field) -> Bools:
+    """Rows whose field `f` holds an EN 13757-3 "no value" encoding rather than a value.
+
+    Type B: the sign bit alone (0x80 00.., the most negative number, which no meter
+    counts to), and for a volume all ones too (a -1 volume is no volume); an unsigned
+    field (an identifier, bit field) has no marker; type A: all ones (every nibble F);
+    dates: all ones or all zeros (day 0, month 0).
+    """
+    raw = a[:, f.data_at : f.data_at + f.width]
+    if f.width == 0 or f.kind in (Kind.NONE, Kind.TEXT, Kind.BYTES, Kind.REAL):
+        return np.zeros(len(a), bool)
+    ones: Bools = np.all(raw == 0xFF, axis=1)
+    if f.kind == Kind.INT:
+        if f.unsigned:
+            return np.zeros(len(a), bool)
+        sign_only: Bools = (raw[:, -1] == 0x80) & ~np.any(raw[:, :-1], axis=1)
+        return sign_only | ones if f.volume else sign_only
+    if f.kind == Kind.BCD:
+        return ones
+    zeros: Bools = ~np.any(raw, axis=1)
+    return ones | zeros  # dates
+
+
 def read_field(a: Frames, f: Field) -> tuple[Int64s, Bools]:
     """Raw integer (or epoch seconds for dates) of field `f` for all rows, and a valid mask."""
     if f.kind == Kind.INT:
-        return int_le(a, f.data_at, f.width), np.ones(len(a), bool)
+        value = int_le(a, f.data_at, f.width)
+        if f.unsigned and f.width < 8:
+            value &= np.int64((1 << (8 * f.width)) - 1)
+        return value, np.ones(len(a), bool)
     if f.kind == Kind.BCD:
         return bcd(a, f.data_at, f.width)
     if f.kind == Kind.DATE_G:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from decoder import oms_crypto
-from decoder.columns import ErrorCode, Flag
+from decoder.columns import ErrorCode, Flag, FrameFlag
 
 WIRED_START, WIRED_STOP = 0x68, 0x16
 ELL_I, ELL_II, AFL = 0x8C, 0x8D, 0x90
@@ -39,6 +40,7 @@ class Envelope:
     fixed: bool = False
     flags: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+    notes: int = 0  # FrameFlag bits: what the link/transport layer tolerated
 
     @property
     def model(self) -> tuple[str, int, int]:
@@ -88,12 +90,22 @@ def crc16_en13757(data: bytes) -> int:
     return crc ^ 0xFFFF
 
 
+C_FIELDS = (0x44, 0x46, 0x08, 0x06)  # SND-NR, SND-IR, RSP-UD (EN 13757-4 table 3)
+KNOWN_CI = frozenset((ELL_I, ELL_II, AFL, *FULL, *COMPACT, *MFCT_CI))
+# EN 13757-4 allows no slack, but receivers append RSSI/CRC bytes or drop a tail; a frame
+# whose L is off by at most this much (and whose header is sound) is read as received
+L_SLACK = 16
+
+
 def looks_like(frame: bytes) -> bool:
-    """Cheap detection: a wired long frame (68 L L 68 … 16) or a wM-Bus frame (L = len-1)."""
+    """Cheap detection: a wired long frame (68 L L 68 … 16) or a wM-Bus frame (L = len-1,
+    or an L off by at most `L_SLACK` when the C field and the CI are M-Bus ones)."""
     n = len(frame)
     if n >= 9 and frame[0] == WIRED_START and frame[3] == WIRED_START:
         return frame[1] == frame[2] and frame[-1] == WIRED_STOP and n == frame[1] + 6
-    return n >= 12 and frame[0] == n - 1 and frame[1] in (0x44, 0x46, 0x08, 0x06)
+    if n < 12 or frame[1] not in C_FIELDS:
+        return False
+    return frame[0] == n - 1 or (abs(frame[0] - (n - 1)) <= L_SLACK and frame[10] in KNOWN_CI)
 
 
 WILDCARD_KEY = "*"  # `keys["*"]`: the key for whichever meter is in the frame
@@ -143,8 +155,11 @@ def _wireless(frame: bytes, keys: Mapping[str, bytes]) -> Envelope | Failure:
     """EN 13757-4 frame with CRCs removed: L C M(2) A(6) CI …."""
     if len(frame) < 12:
         return ErrorCode.TRUNCATED, f"wireless frame of {len(frame)} bytes is shorter than 12"
-    if frame[0] != len(frame) - 1:
-        return ErrorCode.BAD_LENGTH, f"L field {frame[0]} but {len(frame) - 1} bytes follow"
+    notes = 0
+    if frame[0] != len(frame) - 1:  # read as received: junk or a cut record is noted later
+        if abs(frame[0] - (len(frame) - 1)) > L_SLACK or frame[10] not in KNOWN_CI:
+            return ErrorCode.BAD_LENGTH, f"L field {frame[0]} but {len(frame) - 1} bytes follow"
+        notes = FrameFlag.LENGTH_MISMATCH
     m_field, a_field = frame[2:4], frame[4:10]
     pos, ci = 11, frame[10]
     extra: dict[str, object] = {}
@@ -164,6 +179,7 @@ def _wireless(frame: bytes, keys: Mapping[str, bytes]) -> Envelope | Failure:
     env = _tpl(frame, pos, ci, m_field, a_field, keys)
     if isinstance(env, Envelope):
         env.extra.update(extra)
+        env.notes |= notes
     return env
 
 
@@ -221,23 +237,29 @@ def _tpl(
         env.flags = status_flags(sts)
         env.extra.update(access_number=acc, status=sts)
         mode = (cw >> 8) & 0x1F  # OMS: CW bits 8-12 = security mode
+        key = key_for(keys, env.meter_id)
         if mode == 5:
-            got = _mode5(env.meter_id, m, a, acc, (cw >> 4) & 0x0F, body, keys)
-            if isinstance(got, tuple):
+            got = _mode5(env.meter_id, m, a, acc, (cw >> 4) & 0x0F, body, key)
+            if not isinstance(got, _Plain):
                 return got
-            body = got
+            body = got.data
+            env.notes |= FrameFlag.CLEAR_PAYLOAD if got.clear else 0
         elif mode == 2:  # EN 13757-7 mode 2 (deprecated): DES-CBC, zero IV, check 2F2F
-            got = _mode2(env.meter_id, body, keys)
-            if isinstance(got, tuple):
-                return got
-            body = got
+            got2 = _mode2(env.meter_id, body, keys)
+            if isinstance(got2, tuple):
+                return got2
+            body = got2
+            env.notes |= FrameFlag.CLEAR_PAYLOAD if key is None else 0  # decrypted upstream
         elif mode == 7:  # OMS 4: a configuration field extension (KDF selection) follows CW
             body = body[1:]
-            if key_for(keys, env.meter_id) or body[:2] != oms_crypto.MODE5_CHECK:
+            if key or body[:2] != oms_crypto.MODE5_CHECK:
                 return ErrorCode.UNSUPPORTED, (
                     f"security mode 7 (AES-CBC, CMAC KDF) of meter {env.meter_id} is not decrypted"
                 )  # only a payload decrypted upstream (2F2F, no key given) is accepted
-        elif mode:
+            env.notes |= FrameFlag.CLEAR_PAYLOAD
+        elif mode and mode < 16 and key is None and body[:2] == oms_crypto.MODE5_CHECK:
+            env.notes |= FrameFlag.CLEAR_PAYLOAD  # declared, but sent (or delivered) in clear
+        elif mode:  # modes 16-31 are manufacturer-specific: a vendor codec's business
             return ErrorCode.UNSUPPORTED, f"security mode {mode} not supported"
         if env.compact and body[:2] == oms_crypto.MODE5_CHECK:
             body = body[2:]  # the decrypt check bytes precede the compact signature
@@ -245,24 +267,35 @@ def _tpl(
     return env
 
 
+class _Plain(NamedTuple):
+    """A mode 5 payload as plaintext, and whether it came in clear (no decryption)."""
+
+    data: bytes
+    clear: bool
+
+
 def _mode5(
-    mid: str, m: bytes, a: bytes, acc: int, blocks: int, body: bytes, keys: Mapping[str, bytes]
-) -> bytes | Failure:
+    mid: str, m: bytes, a: bytes, acc: int, blocks: int, body: bytes, key: bytes | None
+) -> _Plain | Failure:
     """OMS mode 5: AES-128-CBC over `blocks` 16-byte blocks; plaintext starts 2F 2F."""
-    key = key_for(keys, mid)
+    clear = body[:2] == oms_crypto.MODE5_CHECK
     if key is None:
-        if body[:2] == oms_crypto.MODE5_CHECK:
-            return body  # decrypted upstream (receiver or wmbusmeters simulation convention)
+        if clear:
+            return _Plain(body, clear=True)  # decrypted upstream (receiver, wmbusmeters simulation)
         return ErrorCode.NO_KEY, f"no AES key for meter {mid} (security mode 5)"
     size = blocks * oms_crypto.BLOCK or len(body) - len(body) % oms_crypto.BLOCK
     if size == 0 or size > len(body):
+        if clear:
+            return _Plain(body, clear=True)
         return ErrorCode.TRUNCATED, f"mode 5 frame of meter {mid} is shorter than {size} bytes"
     if len(key) != oms_crypto.BLOCK:
         return ErrorCode.DECRYPT_FAILED, f"AES key for meter {mid} is not 16 bytes"
     plain = oms_crypto.cbc_decrypt(key, oms_crypto.mode5_iv(m, a, acc), body[:size])
     if plain[:2] != oms_crypto.MODE5_CHECK:
+        if clear:  # the meter declares mode 5 but sends in clear (decrypting breaks 2F2F)
+            return _Plain(body, clear=True)
         return ErrorCode.DECRYPT_FAILED, f"wrong AES key for meter {mid} (no 2F2F after decrypt)"
-    return plain + body[size:]
+    return _Plain(plain + body[size:], clear=False)
 
 
 def _mode2(mid: str, body: bytes, keys: Mapping[str, bytes]) -> bytes | Failure:

@@ -89,6 +89,15 @@ VIFE_SUFFIX: dict[int, str] = {
     0x48: "upper_limit", 0x7E: "future", 0x7F: "mfct",
 }  # fmt: skip
 RECORD_ERROR_VIFES = range(0x15, 0x1D)  # record error codes, meter -> controller
+# Type B records that are identifiers, counters or bit fields: read without a sign
+# (`01FD08 80` is access number 128, not -128).
+UNSIGNED_NAMES = frozenset({
+    "access_number", "medium", "manufacturer", "parameter_set_id", "model_version",
+    "hardware_version", "firmware_version", "software_version", "customer_location",
+    "customer", "password", "error_flags", "error_mask", "digital_output", "digital_input",
+    "baud_rate", "reset_counter", "cumulation_counter", "special_supplier_info",
+    "fabrication_no", "enhanced_id", "bus_address",
+})  # fmt: skip
 # A register total may carry only these qualifiers (gas at base conditions, forward flow).
 REGISTER_QUALIFIERS = frozenset({"base_conditions", "forward"})
 FUNCTION_SUFFIX = ("", "_max", "_min", "_at_error")  # DIF bits 4-5
@@ -116,6 +125,10 @@ class Skeleton:
     mfct_at: int  # offset of manufacturer data after 0F/1F, or -1
     end: int
     mfct_dif: int = -1  # the 0F/1F DIF that closed the records
+    stop: int = -1  # offset where a malformed record ended the walk (junk to `end`), or -1
+    stop_code: int = 0  # the ErrorCode of what was wrong at `stop`
+    stop_message: str = ""
+    junk: bytes = b""  # the bytes from `stop` on (frames share a layout only if equal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +149,7 @@ class Field:
     record_error: bool  # a record-error VIFE is present
     volume: bool
     is_date: bool
+    unsigned: bool = False  # an identifier or bit field: type B read without sign
 
 
 @dataclass(frozen=True)
@@ -148,10 +162,23 @@ class Layout:
     format_bytes: bytes  # DIF/VIF bytes without fillers: the compact-frame signature input
     mfct_at: int
     end: int
+    stop: int = -1  # where the records ended early (junk or a cut-short record), or -1
+    stop_code: int = 0  # the ErrorCode of what was wrong there
+    stop_message: str = ""
 
 
 def walk(data: bytes, start: int) -> Skeleton | tuple[ErrorCode, str]:
-    """Walk the records of `data[start:]`; a malformed record yields (code, message)."""
+    """Walk the records of `data[start:]`; a malformed record ends the walk there.
+
+    Records before a malformed or cut-short one are kept and the rest of the payload is
+    noted as junk (`Skeleton.stop`, with the code and message of what was wrong there):
+    real meters append FED0 / FFFF, stray bytes after the encryption padding, or cut the
+    last record short, and the records before it are sound. Bytes after the closing 2F
+    fillers are junk too (OMS pads the last block with 2F; nothing follows but noise).
+    Returns (code, message) only when `start` is past the end of `data`.
+    """
+    if start > len(data):
+        return ErrorCode.TRUNCATED, f"records start at offset {start}, past the payload"
     records: list[RawRecord] = []
     fillers: list[int] = []
     pos, end = start, len(data)
@@ -161,45 +188,71 @@ def walk(data: bytes, start: int) -> Skeleton | tuple[ErrorCode, str]:
             fillers.append(pos)
             pos += 1
             continue
+        if records and fillers and fillers[-1] == pos - 1 and fillers[-1] > records[-1].dif_at:
+            failure = ErrorCode.BAD_RECORD, f"bytes after the closing 2F fillers at offset {pos}"
+            return _stopped(records, fillers, data, pos, failure)
         if dif in (0x0F, 0x1F):  # manufacturer-specific data to the end
             return Skeleton(tuple(records), tuple(fillers), pos + 1, end, dif)
-        if dif & 0x0F == 0x0F:
-            return ErrorCode.BAD_RECORD, f"special DIF 0x{dif:02X} at offset {pos}"
-        head = _extensions(data, pos)
-        if head is None or head >= end:
-            return ErrorCode.BAD_RECORD, f"record at offset {pos} ends inside its DIB/VIF"
-        vif_at = head
-        if data[vif_at] & 0x7F == 0x7C:  # plain-text unit: length then ASCII (libmbus order)
-            if vif_at + 1 >= end:
-                return ErrorCode.BAD_RECORD, f"plain-text VIF at offset {vif_at} is cut off"
-            head = vif_at + 2 + data[vif_at + 1]
-            more = bool(data[vif_at] & 0x80)
-            while more:  # VIFEs follow the text
-                if head >= end:
-                    return ErrorCode.BAD_RECORD, f"VIFE chain at offset {vif_at} is cut off"
-                more = bool(data[head] & 0x80)
-                head += 1
-        else:
-            head = _extensions(data, vif_at)
-            if head is None:
-                return ErrorCode.BAD_RECORD, f"VIFE chain at offset {vif_at} is cut off"
-        nibble, lvar = dif & 0x0F, -1
-        if nibble == 0xD:  # EN 13757-3 LVAR: the length byte comes with the data
-            if head >= end:
-                return ErrorCode.TRUNCATED, f"variable record at offset {pos} has no length"
-            lvar = data[head]
-            width = _lvar_width(lvar)
-            if width < 0:
-                return ErrorCode.BAD_RECORD, f"LVAR 0x{lvar:02X} at offset {head}"
-            head += 1
-        else:
-            width = DATA_FIELD[nibble][1]
-        if head + width > end:
-            return ErrorCode.TRUNCATED, f"record at offset {pos} needs {width} data bytes"
-        records.append(RawRecord(pos, data[pos:vif_at], data[vif_at : head - (lvar >= 0)],
-                                 lvar, head, width))  # fmt: skip
-        pos = head + width
+        rec = _record(data, pos, end)
+        if not isinstance(rec, RawRecord):
+            return _stopped(records, fillers, data, pos, rec)
+        records.append(rec)
+        pos = rec.data_at + rec.width
     return Skeleton(tuple(records), tuple(fillers), -1, end)
+
+
+def _stopped(
+    records: list[RawRecord],
+    fillers: list[int],
+    data: bytes,
+    pos: int,
+    failure: tuple[ErrorCode, str],
+) -> Skeleton:
+    """A skeleton whose records end at `pos`: the bytes from there on are junk."""
+    return Skeleton(
+        tuple(records), tuple(fillers), -1, len(data), stop=pos, stop_code=failure[0],
+        stop_message=failure[1], junk=data[pos:],
+    )  # fmt: skip
+
+
+def _record(data: bytes, pos: int, end: int) -> RawRecord | tuple[ErrorCode, str]:
+    """The record whose DIF is at `pos`, or (code, message) if it is malformed."""
+    dif = data[pos]
+    if dif & 0x0F == 0x0F:
+        return ErrorCode.BAD_RECORD, f"special DIF 0x{dif:02X} at offset {pos}"
+    head = _extensions(data, pos)
+    if head is None or head >= end:
+        return ErrorCode.BAD_RECORD, f"record at offset {pos} ends inside its DIB/VIF"
+    vif_at = head
+    if data[vif_at] & 0x7F == 0x7C:  # plain-text unit: length then ASCII (libmbus order)
+        if vif_at + 1 >= end:
+            return ErrorCode.BAD_RECORD, f"plain-text VIF at offset {vif_at} is cut off"
+        head = vif_at + 2 + data[vif_at + 1]
+        more = bool(data[vif_at] & 0x80)
+        while more:  # VIFEs follow the text
+            if head >= end:
+                return ErrorCode.BAD_RECORD, f"VIFE chain at offset {vif_at} is cut off"
+            more = bool(data[head] & 0x80)
+            head += 1
+    else:
+        head = _extensions(data, vif_at)
+        if head is None:
+            return ErrorCode.BAD_RECORD, f"VIFE chain at offset {vif_at} is cut off"
+    nibble, lvar = dif & 0x0F, -1
+    if nibble == 0xD:  # EN 13757-3 LVAR: the length byte comes with the data
+        if head >= end:
+            return ErrorCode.TRUNCATED, f"variable record at offset {pos} has no length"
+        lvar = data[head]
+        width = _lvar_width(lvar)
+        if width < 0:
+            return ErrorCode.BAD_RECORD, f"LVAR 0x{lvar:02X} at offset {head}"
+        head += 1
+    else:
+        width = DATA_FIELD[nibble][1]
+    if head + width > end:
+        return ErrorCode.TRUNCATED, f"record at offset {pos} needs {width} data bytes"
+    vib = data[vif_at : head - (lvar >= 0)]
+    return RawRecord(pos, data[pos:vif_at], vib, lvar, head, width)
 
 
 def walk_format(fmt: bytes) -> Skeleton | tuple[ErrorCode, str]:
@@ -253,6 +306,9 @@ def compile_layout(skeleton: Skeleton) -> Layout:
     if skeleton.mfct_at > 0:  # the closing 0F/1F DIF must match too
         header_at.append(skeleton.mfct_at - 1)
         header_bytes.append(skeleton.mfct_dif)
+    if skeleton.stop >= 0:  # the junk too: a frame with other bytes there may have records
+        header_at.extend(range(skeleton.stop, skeleton.end))
+        header_bytes.extend(skeleton.junk)
     fmt = bytearray()
     for rec in skeleton.records:
         head = rec.dib + rec.vib
@@ -279,6 +335,9 @@ def compile_layout(skeleton: Skeleton) -> Layout:
         format_bytes=bytes(fmt),
         mfct_at=skeleton.mfct_at,
         end=skeleton.end,
+        stop=skeleton.stop,
+        stop_code=skeleton.stop_code,
+        stop_message=skeleton.stop_message,
     )
 
 
@@ -338,6 +397,7 @@ def _compile_record(rec: RawRecord) -> Field | None:
     return Field(
         full, kind, rec.data_at, rec.width, exponent, multiplier, storage, tariff, subunit,
         (dif >> 4) & 0x03, tuple(qualifiers), record_error, name == "volume_m3", is_date,
+        name in UNSIGNED_NAMES and kind == Kind.INT,
     )  # fmt: skip
 
 

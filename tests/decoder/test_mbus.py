@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from decoder import mbus
-from decoder.columns import Decoded, ErrorCode, Flag
+from decoder.columns import Decoded, ErrorCode, Flag, FrameFlag
 from decoder.mbus_encode import id_field, manufacturer_field
 from decoder.mbus_link import crc16_en13757
 
@@ -154,10 +154,11 @@ def test_reject_bad_checksum() -> None:
 
 
 def test_reject_bad_length() -> None:
-    """A wireless frame whose L disagrees with its size is BAD_LENGTH."""
-    assert (
-        _code(mbus.encode_oms_plain("00000001", "ABC", 1, 7, 1, 1000)[:-1]) == ErrorCode.BAD_LENGTH
-    )
+    """A wireless frame whose L is far off its size is BAD_LENGTH; one cut into its
+    register is refused (the register's record is TRUNCATED)."""
+    frame = mbus.encode_oms_plain("00000001", "ABC", 1, 7, 1, 1000)
+    assert _code(frame + bytes(20)) == ErrorCode.BAD_LENGTH
+    assert _code(frame[:-1]) == ErrorCode.TRUNCATED
 
 
 def test_reject_bad_bcd() -> None:
@@ -196,8 +197,8 @@ def test_reject_wrong_key() -> None:
 
 
 def test_reject_bad_record() -> None:
-    """A record whose VIFE chain runs off the end is BAD_RECORD."""
-    assert _code(_wm(bytes.fromhex("0413E80300000493"))) == ErrorCode.BAD_RECORD
+    """A frame whose first record's VIFE chain runs off the end is BAD_RECORD."""
+    assert _code(_wm(bytes.fromhex("0493"))) == ErrorCode.BAD_RECORD
 
 
 def test_reject_bad_unit() -> None:
@@ -285,11 +286,15 @@ def test_fuzz_mutated_wired_frames(pos: int, xor: int) -> None:
 @settings(max_examples=100, deadline=None)
 @given(st.integers(1, 40), st.binary(min_size=1, max_size=4))
 def test_fuzz_truncated_and_padded_wireless(cut: int, tail: bytes) -> None:
-    """A wireless frame cut short or padded (L no longer matching) is rejected."""
+    """A wireless frame cut short or padded (L no longer matching) is rejected or read
+    with its true register and the LENGTH_MISMATCH frame flag, never another value."""
     frame = mbus.encode_oms_mode5("12345678", "KAM", 1, 7, 1, 1000, KEY, WHEN)
     keys = {"12345678": KEY}
-    assert _code(frame[: len(frame) - cut], keys=keys) != ErrorCode.OK
-    assert _code(frame + tail, keys=keys) != ErrorCode.OK
+    for mutated in (frame[: len(frame) - cut], frame + tail):
+        res = _decode(mutated, keys=keys)
+        if res.error_code[0] == ErrorCode.OK:
+            assert res.register_ml.tolist() == [1000]
+            assert res.frame_flags_or_zero[0] & FrameFlag.LENGTH_MISMATCH
 
 
 def test_decode_rejects_mismatched_inputs() -> None:
