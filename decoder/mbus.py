@@ -308,7 +308,10 @@ def _uncorrected(f: Field) -> bool:
 def _pick(layout: Layout) -> tuple[Field | None, Field | None, Field | None, Field | None]:
     """(current register, billing register, meter clock, billing date) fields of a layout."""
     fields = layout.fields
-    kind = _plain if any(_plain(f) for f in fields) else _uncorrected
+    # the first register candidate in frame order decides the kind: what follows it may
+    # be junk, and junk must never displace a sound register
+    first = next((f for f in fields if _plain(f) or _uncorrected(f)), None)
+    kind = _uncorrected if first is not None and _uncorrected(first) else _plain
     current = next((f for f in fields if kind(f) and f.storage == 0), None)
     billing_storages = [f.storage for f in fields if kind(f) and f.storage > 0]
     billing = None
@@ -381,6 +384,8 @@ def _values(out: _Batch, rows: Ints, a: npt.NDArray[np.uint8], f: Field) -> list
         return mbus_kernels.real32(a, f)
     raw, ok = mbus_kernels.read_field(a, f)
     gone = mbus_kernels.no_data(a, f)
+    if f.volume and f.function:  # a max / min / at-error volume below zero is junk
+        ok &= raw >= 0  # (itron `7413 FEFEFEFE`, a "volume_m3_max -0.0053" after the data)
     out.note(rows, FrameFlag.NO_DATA, gone)
     out.note(rows, FrameFlag.RECORD_DROPPED, ~ok & ~gone)
     ok &= ~gone

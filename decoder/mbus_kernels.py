@@ -98,8 +98,9 @@ def no_data(a: Frames, f: Field) -> Bools:
 
     Type B: the sign bit alone (0x80 00.., the most negative number, which no meter
     counts to), and for a volume all ones too (a -1 volume is no volume); an unsigned
-    field (an identifier, bit field) has no marker; type A: all ones (every nibble F);
-    dates: all ones or all zeros (day 0, month 0).
+    field (an identifier, bit field) has no marker; type A: all ones (every nibble F) and,
+    from two bytes up, 0x80 00.. as type B (Zenner minomess: billing `8C04 13 00000080`
+    beside a total of 0.057 m3); dates: all ones or all zeros (day 0, month 0).
     """
     raw = a[:, f.data_at : f.data_at + f.width]
     if f.width == 0 or f.kind in (Kind.NONE, Kind.TEXT, Kind.BYTES, Kind.REAL):
@@ -110,8 +111,9 @@ def no_data(a: Frames, f: Field) -> Bools:
             return np.zeros(len(a), bool)
         sign_only: Bools = (raw[:, -1] == 0x80) & ~np.any(raw[:, :-1], axis=1)
         return sign_only | ones if f.volume else sign_only
-    if f.kind == Kind.BCD:
-        return ones
+    if f.kind == Kind.BCD:  # Zenner sends 00..0080 for "no value" (its profiles too)
+        sign_like: Bools = (raw[:, -1] == 0x80) & ~np.any(raw[:, :-1], axis=1)
+        return ones | sign_like if f.width >= 2 else ones
     zeros: Bools = ~np.any(raw, axis=1)
     return ones | zeros  # dates
 

@@ -3,8 +3,10 @@
 Shape: `ok`, `format`, `meter_id`, `total_m3` (a decimal string at the meter's own
 precision, "556677.00"; from `extra["total_m3"]`, else the newest register in mL), the
 format's other fields from `Decoded.extra_of` (units in their names; Decimal -> string), and either
-`read_at` / `flags` for a single reading or `readings` for several; a failed frame adds
-`error` (message) and `error_code` (the stable integer) with `error_name`.
+`read_at` / `flags` for a single reading or `readings` for several, `decode_flags` (the
+names of the frame's `FrameFlag` bits: what the decoder tolerated or left out) when any
+is set; a failed frame adds `error` (message) and `error_code` (the stable integer) with
+`error_name`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from decoder import decode_batch, limits
-from decoder.columns import Decoded, ErrorCode, Flag
+from decoder.columns import Decoded, ErrorCode, Flag, frame_flag_names
 from decoder.mbus_link import WILDCARD_KEY  # `keys["*"]`: the key for whichever meter
 
 __all__ = ["WILDCARD_KEY", "frame_records", "parse_input_line", "records"]
@@ -56,6 +58,7 @@ def records(decoded: Decoded) -> list[dict[str, object]]:
     by_frame: dict[int, list[int]] = {}
     for j, i in enumerate(decoded.frame_index.tolist()):
         by_frame.setdefault(i, []).append(j)
+    notes = decoded.frame_flags_or_zero
     out = []
     for i in range(decoded.n_frames):
         code = int(decoded.error_code[i])
@@ -72,6 +75,8 @@ def records(decoded: Decoded) -> list[dict[str, object]]:
             newest = max(rows, key=lambda j: int(decoded.read_at_s[j]))
             rec["total_m3"] = _m3(int(decoded.register_ml[newest]))
         rec.update({key: _plain(val) for key, val in extra.items() if key not in rec})
+        if notes[i]:
+            rec["decode_flags"] = frame_flag_names(int(notes[i]))
         readings = [
             {
                 "read_at": _iso(int(decoded.read_at_s[j])),

@@ -34,8 +34,9 @@ TARGET_ELSEWHERE = {
 
 
 # wmbusmeters prints M-Bus "no data" markers as numbers: 4413 00000080 as -2147483.648 m3,
-# 4413 FFFFFFFF as -0.001 m3; for us they are absent (FrameFlag.NO_DATA), never readings
-NO_DATA_M3 = frozenset({Decimal("-2147483.648"), Decimal("-0.001")})
+# 4413 FFFFFFFF as -0.001 m3, Zenner's BCD 8C0413 00000080 as 80000 m3; for us they are
+# absent (FrameFlag.NO_DATA), never readings
+NO_DATA_M3 = frozenset({Decimal("-2147483.648"), Decimal("-0.001"), Decimal(80000)})
 UNDATED = (None, "2000-00-00")  # a billing date of FFFF / 0000: no billing reading
 
 
