@@ -187,8 +187,8 @@ class Decoded:
     (str or ""), `fields` (name -> `Column`, other decoded fields with units in their
     names, e.g. `battery_v`, `rsrp_dbm`, `settlement_m3`), `sparse` (frame -> dict of
     rare fields) and `frame_flags` (uint32 of `FrameFlag`, or None: no notes; read it
-    through `frame_flags_or_zero`). `extra_of(i)` / `extra[i]` merge both into one dict of int, str, Decimal
-    or bool values, built on demand.
+    through `frame_flags_or_zero`). `extra_of(i)` / `extra[i]` merge `fields` and `sparse`
+    into one dict of int, str, Decimal or bool values, built on demand.
     """
 
     frame_index: Int32s

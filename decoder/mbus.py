@@ -357,7 +357,8 @@ def _register(
     else:
         raw, ok = mbus_kernels.read_field(a, f)
         ok &= ~gone
-        bad.append((~ok & ~gone, ErrorCode.BAD_BCD, f"volume register {f.name} has a non-decimal digit"))
+        digits = f"volume register {f.name} has a non-decimal digit"
+        bad.append((~ok & ~gone, ErrorCode.BAD_BCD, digits))
         factor = 10**ml_exp * f.multiplier
         fits = np.abs(raw) <= INT64_MAX // factor
         bad.append((~fits & ok, ErrorCode.BAD_UNIT, f"volume register {f.name} overflows int64 mL"))
