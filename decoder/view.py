@@ -20,10 +20,10 @@ import numpy as np
 import numpy.typing as npt
 
 from decoder import decode_batch, limits
-from decoder.columns import Decoded, ErrorCode, Flag, frame_flag_names
+from decoder.columns import Decoded, ErrorCode, Flag, concat, frame_flag_names
 from decoder.mbus_link import WILDCARD_KEY  # `keys["*"]`: the key for whichever meter
 
-__all__ = ["WILDCARD_KEY", "frame_records", "parse_input_line", "records"]
+__all__ = ["WILDCARD_KEY", "decode_frames", "frame_records", "parse_input_line", "records"]
 
 
 def _plain(value: object) -> object:
@@ -99,30 +99,44 @@ def records(decoded: Decoded) -> list[dict[str, object]]:
     return out
 
 
+def decode_frames(
+    frames: Sequence[bytes],
+    received_at_s: npt.ArrayLike,
+    keys: Mapping[str, bytes] | None = None,
+    frame_keys: Mapping[int, bytes] | None = None,
+) -> Decoded:
+    """Frames -> one Decoded batch in input order (never raises per frame).
+
+    `frame_keys[i]` is an inline key for frame i (the vector files' `key`): its meter id
+    is not known before decoding, so the frames that share an inline key are decoded as
+    one batch with `keys["*"]` set to it (a meter's own key in `keys` still wins); the
+    frames without one are one batch with `keys`. The batches merge back in input order.
+    """
+    n = len(frames)
+    rx = np.broadcast_to(np.asarray(received_at_s, np.int64), (n,))
+    groups: dict[bytes | None, list[int]] = {}
+    inline = frame_keys or {}
+    for i in range(n):
+        groups.setdefault(inline.get(i), []).append(i)
+    parts: list[tuple[npt.NDArray[np.int64], Decoded]] = []
+    for key, rows in groups.items():
+        batch_keys = dict(keys or {}) if key is None else {**(keys or {}), WILDCARD_KEY: key}
+        where = np.asarray(rows, np.int64)
+        picked = frames if len(rows) == n else [frames[i] for i in rows]
+        parts.append((where, decode_batch(picked, rx[where], keys=batch_keys)))
+    if len(parts) == 1:
+        return parts[0][1]
+    return concat(parts, n)
+
+
 def frame_records(
     frames: Sequence[bytes],
     received_at_s: npt.ArrayLike,
     keys: Mapping[str, bytes] | None = None,
     frame_keys: Mapping[int, bytes] | None = None,
 ) -> list[dict[str, object]]:
-    """Frames -> one JSON-serialisable dict per frame, in order (never raises per frame).
-
-    `frame_keys[i]` is an inline key for frame i (the vector files' `key`): that frame is
-    decoded on its own with `keys["*"]` set to it, since its meter id is not known yet.
-    """
-    n = len(frames)
-    rx = np.broadcast_to(np.asarray(received_at_s, np.int64), (n,))
-    inline = dict(frame_keys or {})
-    rest = [i for i in range(n) if i not in inline]
-    result: list[dict[str, object]] = [{} for _ in range(n)]
-    if rest:
-        batch = decode_batch([frames[i] for i in rest], rx[rest], keys=keys)
-        for i, rec in zip(rest, records(batch), strict=True):
-            result[i] = rec
-    for i, key in inline.items():
-        one = decode_batch([frames[i]], rx[i : i + 1], keys={**(keys or {}), WILDCARD_KEY: key})
-        result[i] = records(one)[0]
-    return result
+    """Frames -> one JSON-serialisable dict per frame, in order (see `decode_frames`)."""
+    return records(decode_frames(frames, received_at_s, keys, frame_keys))
 
 
 def parse_input_line(line: str) -> tuple[bytes, bytes | None]:

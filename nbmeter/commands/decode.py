@@ -15,7 +15,8 @@ from pathlib import Path
 
 from collector.drivers import install_files
 from decoder.drivers import DriverError
-from decoder.view import frame_records, parse_input_line
+from decoder.jsonl import json_lines
+from decoder.view import decode_frames, parse_input_line
 
 
 def _load_keys(path: str | None) -> dict[str, bytes]:
@@ -67,13 +68,13 @@ def run_decode(args: argparse.Namespace) -> int:
         frames.append(frame)
         if key is not None:
             inline[i] = key
-    records = frame_records(frames, received, keys=keys, frame_keys=inline)
-    failed = 0
-    for i, record in enumerate(records):
-        if i in bad_input:
-            record = {"ok": False, "error": f"input line {i + 1}: {bad_input[i]}"}
-        failed += not record.get("ok", False)
-        print(json.dumps(record, ensure_ascii=False, default=str))
+    decoded = decode_frames(frames, received, keys=keys, frame_keys=inline)
+    lines_out = json_lines(decoded)  # built column by column, no per-frame dict
+    for i, message in bad_input.items():
+        record = {"ok": False, "error": f"input line {i + 1}: {message}"}
+        lines_out[i] = json.dumps(record, ensure_ascii=False, default=str)
+    failed = bool(bad_input) or not bool(decoded.ok.all())
+    sys.stdout.write("".join(line + "\n" for line in lines_out))
     return 1 if failed else 0
 
 
