@@ -46,6 +46,7 @@ class RawUplink:
     n_new: int = 0
     error_code: int | None = None
     error_message: str | None = None
+    decode_flags: int | None = None  # decoder.columns.FrameFlag bits; None: not decoded
 
 
 @dataclass(frozen=True)

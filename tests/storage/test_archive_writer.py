@@ -44,14 +44,17 @@ async def test_archive_commits_with_the_readings(pool: asyncpg.Pool, tenant_id: 
             "stored",
             n_readings=1,
             n_new=result.new,
+            decode_flags=4 | 2,  # FrameFlag TRAILING_JUNK | NO_DATA, archived as they are
         )
         bad = QuarantineRow(NOW, tenant_id, None, 3, "10.0.0.2", "undecodable", "bad CS", b"\x00")
         assert await ArchiveWriter(pool).write_uplinks([uplink], conn=conn) == 1
         assert await ArchiveWriter(pool).write_quarantine([bad], conn=conn) == 1
     row = await pool.fetchrow(
-        "SELECT payload, outcome, n_new FROM raw_uplinks WHERE meter_id = $1", meter_id
+        "SELECT payload, outcome, n_new, decode_flags FROM raw_uplinks WHERE meter_id = $1",
+        meter_id,
     )
     assert (row["payload"], row["outcome"], row["n_new"]) == (payload, "stored", 1)
+    assert row["decode_flags"] == 6
     reason = await pool.fetchval(
         "SELECT reason FROM quarantine WHERE tenant_id = $1 AND peer = '10.0.0.2'", tenant_id
     )
