@@ -395,6 +395,7 @@ def _archive(
     # per uplink, as Python values once (the loop below builds one row object each)
     fmt = _per_uplink(lay, dec.format.astype(object, copy=False), "").tolist()
     code = _per_uplink(lay, dec.error_code, 0).tolist()
+    notes = _per_uplink(lay, dec.frame_flags_or_zero.astype(np.int64), -1).tolist()  # FrameFlag
     may_health = _per_uplink(lay, _health_frames(dec), False).tolist()
     frame_of = lay.frame_of.tolist()
     for i, (uplink, outcome) in enumerate(zip(batch, outcomes, strict=True)):
@@ -417,6 +418,7 @@ def _archive(
                 outcome.n_new,
                 code[i] or None,
                 outcome.detail or None,
+                notes[i] if notes[i] >= 0 else None,  # -1: not decoded
             )
         )
         quarantined = outcome.status == "quarantined"
