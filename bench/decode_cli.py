@@ -4,8 +4,10 @@ One input of `n` lines (default 20,000): AES mode 5 OMS frames of 200 meters, ea
 carrying its meter's key inline (`{"hex": ..., "key": ...}`, the vector files' shape),
 mixed with keyless plain OMS, wired M-Bus and CJ/T 188 frames. The same frames are run
 twice through the command in this process: once with the inline keys, once as bare hex
-lines with the keys in a `--keys` file. Output goes to a null sink; the figures are whole
-command runs (parse, decode, JSON out). Run:
+lines with the keys in a `--keys` file; and once more the way the command worked before
+it grouped inline keys (each inline-keyed frame decoded in a batch of its own, output
+built from per-frame dicts), as the same-run baseline. Output goes to a string buffer;
+the figures are whole runs (parse, decode, JSON out). Run:
 
     .venv/bin/python bench/decode_cli.py [n_lines]
 """
@@ -23,8 +25,9 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from decoder import mbus
+from decoder import decode_batch, mbus
 from decoder.encode_cjt188 import encode_cjt188
+from decoder.view import WILDCARD_KEY, parse_input_line, records
 from nbmeter.commands.decode import run_decode
 
 METERS = 200
@@ -75,23 +78,53 @@ def run(lines: list[str], keys_file: str | None) -> tuple[float, str]:
     return elapsed, sink.getvalue()
 
 
+def run_one_by_one(lines: list[str]) -> tuple[float, str]:
+    """Seconds for the command's former path over `lines`: keyless frames in one batch,
+    each inline-keyed frame in a batch of its own, one dict per frame, json.dumps each."""
+    start = time.perf_counter()
+    frames: list[bytes] = []
+    inline: dict[int, bytes] = {}
+    for i, line in enumerate(lines):
+        frame, key = parse_input_line(line)
+        frames.append(frame)
+        if key is not None:
+            inline[i] = key
+    rest = [i for i in range(len(frames)) if i not in inline]
+    out: list[dict[str, object]] = [{} for _ in frames]
+    batch = decode_batch([frames[i] for i in rest], 1_700_000_000)
+    for i, rec in zip(rest, records(batch), strict=True):
+        out[i] = rec
+    for i, key in inline.items():
+        one = decode_batch([frames[i]], 1_700_000_000, keys={WILDCARD_KEY: key})
+        out[i] = records(one)[0]
+    text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in out)
+    return time.perf_counter() - start, text
+
+
 def main() -> None:
-    """Build the input, time both runs, print lines/s and the ratio."""
+    """Build the input, time the three runs, print lines/s and the ratios."""
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
     inline, bare, keys = build(n, random.Random(42))
     with tempfile.TemporaryDirectory() as tmp:
         keys_file = Path(tmp, "keys.json")
         keys_file.write_text(json.dumps(keys))
         run(inline[:200], None)  # warm-up: imports, layout caches
+        before_s, before_out = run_one_by_one(inline)
         inline_s, inline_out = run(inline, None)
         keys_s, keys_out = run(bare, str(keys_file))
-    same = inline_out.splitlines() == keys_out.splitlines()
-    print(
-        f"input: {n} lines, {sum('key' in x for x in inline)} with an inline key ({METERS} meters)"
+    same = before_out == inline_out and inline_out.splitlines() == keys_out.splitlines()
+    keyed = sum('"key"' in x for x in inline)
+    rows = (
+        ("inline keys, one batch per frame (before)", before_s),
+        ("nbmeter decode, inline keys", inline_s),
+        ("nbmeter decode, --keys file", keys_s),
     )
-    print(f"nbmeter decode, inline keys : {n / inline_s:10,.0f} lines/s ({inline_s:.2f} s)")
-    print(f"nbmeter decode, --keys file : {n / keys_s:10,.0f} lines/s ({keys_s:.2f} s)")
-    print(f"inline / --keys             : {keys_s / inline_s:10.2f} x  (same output: {same})")
+    print(f"input: {n} lines, {keyed} with an inline key ({METERS} meters)")
+    for label, seconds in rows:
+        print(f"{label:<42}: {n / seconds:9,.0f} lines/s ({seconds:.2f} s)")
+    print(f"{'inline keys, now / before':<42}: {before_s / inline_s:9.1f} x")
+    print(f"{'inline keys / --keys':<42}: {keys_s / inline_s:9.2f} x")
+    print(f"{'same output in all three runs':<42}: {same}")
 
 
 if __name__ == "__main__":
