@@ -16,7 +16,7 @@ from decoder.mbus_encode import encode_oms_plain
 
 # EN 13757-3 records after the total: the billing register (storage 1) holds the "no
 # data" marker 0x80000000 at a valid date, storage 2 has a hex digit in its BCD value
-BAD_BILLING = bytes.fromhex("4413" "00000080" "426C1F0C" "8C0113" "AA000000")
+BAD_BILLING = bytes.fromhex("441300000080426C1F0C8C0113AA000000")
 
 
 async def test_valid_total_is_stored_and_bad_billing_record_flagged(

@@ -282,7 +282,10 @@ def _shortest(frame: bytes, want: int, keys: dict[str, bytes]) -> int:
 def _mutate(frame: bytes, start: int, data: st.DataObject) -> bytes:
     """One structural mutation of `frame` that leaves its body before `start` alone."""
     wired, body = frame[:1] == b"\x68", bytearray(_body(frame))
-    kind = data.draw(st.sampled_from(["flip", "cut", "append", "marker", "length"]))
+    kind = data.draw(st.sampled_from(["flip", "cut", "append", "marker", "length", "mode"]))
+    if kind == "mode" and not wired and body[10] == 0x7A and len(body) > 15:
+        # a short TPL's CW: the security mode sits in bits 0-4 of its second byte
+        body[14] = (body[14] & 0xE0) | data.draw(st.integers(0, 31))
     if kind == "flip" and start < len(body):
         at = data.draw(st.integers(start, len(body) - 1))
         body[at] = data.draw(st.integers(0, 255))
@@ -306,7 +309,8 @@ def _mutate(frame: bytes, start: int, data: st.DataObject) -> bytes:
 @given(st.data())
 def test_mutated_vectors_never_yield_a_wrong_total(data: st.DataObject) -> None:
     """Any damage after a vector's current total (flipped bytes, a cut, junk appended,
-    no-data markers, a wrong L field) leaves that total right or absent/refused."""
+    no-data markers), a wrong L field or another declared security mode leaves that total
+    right or absent/refused."""
     corpus = _corpus()
     assert len(corpus) >= 65
     frame, want, keys, start = data.draw(st.sampled_from(corpus))
