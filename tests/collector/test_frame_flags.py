@@ -10,9 +10,9 @@ import asyncpg
 from collector_testkit import RawCoap, hour
 from conftest import count
 
-from collector.provision import provision_device
 from decoder.columns import FrameFlag
 from decoder.mbus_encode import encode_oms_plain
+from devices.provision import provision_device
 
 # EN 13757-3 records after the total: the billing register (storage 1) holds the "no
 # data" marker 0x80000000 at a valid date, storage 2 has a hex digit in its BCD value
