@@ -318,3 +318,15 @@ def test_mutated_vectors_never_yield_a_wrong_total(data: st.DataObject) -> None:
     res = decode_batch([mutated], T0, keys=keys, compact_cache=_cache())
     assert set(_current(res)) <= {want}, (mutated.hex(), res.error_message[0])
     assert not set(res.register_ml.tolist()) & {-2_147_483_648_000, 80_000_000_000}
+
+
+def test_wired_frame_with_trailing_junk_keeps_its_total() -> None:
+    """A wired long frame (checksum right) with FED0 after its records reads the total."""
+    frame = mbus.encode_wired("87654321", "ACW", 0x14, 0x07, 3, 54_321_000)
+    body = frame[4:-2] + bytes.fromhex("FED0")
+    n = len(body)
+    wired = bytes([0x68, n, n, 0x68]) + body + bytes([sum(body) & 0xFF, 0x16])
+    res = _one(wired)
+    assert res.format.tolist() == ["mbus_wired"]
+    assert _current(res) == [54_321_000]
+    assert _notes(res) == FrameFlag.TRAILING_JUNK
