@@ -17,30 +17,16 @@ from json.encoder import encode_basestring  # the C speedup json.dumps itself us
 
 import numpy as np
 
-from decoder.columns import Column, Decoded, ErrorCode, Flag, frame_flag_names
+from decoder.columns import Column, Decoded, ErrorCode, frame_flag_names
+from decoder.view import flag_names, json_value, m3_text
 
 __all__ = ["json_lines"]
 
 _ERROR_NAMES = {int(code): code.name for code in ErrorCode}
 
 
-def _plain(value: object) -> object:
-    """Decoded values -> JSON types (as `view._plain`): Decimal -> string, bytes -> hex."""
-    if isinstance(value, Decimal):
-        return format(value, "f")
-    if isinstance(value, bytes | bytearray):
-        return value.hex().upper()
-    if isinstance(value, Mapping):
-        return {str(key): _plain(val) for key, val in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(val) for val in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def _encode(value: object) -> str:
-    """One value as `json.dumps(_plain(value), ensure_ascii=False, default=str)` writes it."""
+    """One value as `json.dumps(json_value(value), ensure_ascii=False, default=str)` writes it."""
     kind = type(value)  # exact types: subclasses (IntEnum, np.str_) take json.dumps' path
     if kind is str and isinstance(value, str):
         return encode_basestring(value)
@@ -52,7 +38,7 @@ def _encode(value: object) -> str:
         return int.__repr__(value)
     if value is None:
         return "null"
-    return json.dumps(_plain(value), ensure_ascii=False, default=str)
+    return json.dumps(json_value(value), ensure_ascii=False, default=str)
 
 
 def _cells(name: str, col: Column) -> list[tuple[int, str]]:
@@ -66,17 +52,6 @@ def _cells(name: str, col: Column) -> list[tuple[int, str]]:
     return [(i, head + _encode(col.value(i))) for i in rows]
 
 
-def _m3(ml: int) -> str:
-    """mL as an m3 string (as `view._m3`)."""
-    return format(Decimal(ml).scaleb(-6).normalize(), "f") if ml else "0"
-
-
-def _flag_list(bits: int) -> str:
-    """The JSON list of a reading's `Flag` names."""
-    names = [f.name.lower() for f in Flag if f and bits & f and f.name]
-    return json.dumps(names, ensure_ascii=False)
-
-
 def _readings(decoded: Decoded) -> tuple[dict[int, list[int]], list[str], list[str]]:
     """(frame -> its reading rows, each reading's `"read_at": …, "flags": …` pair, each
     reading's `{"read_at": …, "register_m3": …, "flags": …}` object)."""
@@ -87,12 +62,12 @@ def _readings(decoded: Decoded) -> tuple[dict[int, list[int]], list[str], list[s
     stamps = decoded.read_at_s.astype("datetime64[s]")
     iso = [f'"{t}Z"' for t in np.datetime_as_string(stamps, unit="s").tolist()]
     flag_text: dict[int, str] = {}
-    for bits in set(decoded.flags.tolist()):
-        flag_text[bits] = _flag_list(bits)
+    for bits in set(decoded.flags.tolist()):  # a few distinct flag sets per batch
+        flag_text[bits] = json.dumps(flag_names(bits), ensure_ascii=False)
     flags = [flag_text[b] for b in decoded.flags.tolist()]
     pairs = [f'"read_at": {t}, "flags": {f}' for t, f in zip(iso, flags, strict=True)]
     objects = [
-        f'{{"read_at": {t}, "register_m3": "{_m3(ml)}", "flags": {f}}}'
+        f'{{"read_at": {t}, "register_m3": "{m3_text(ml)}", "flags": {f}}}'
         for t, ml, f in zip(iso, decoded.register_ml.tolist(), flags, strict=True)
     ]
     return by_frame, pairs, objects
@@ -115,7 +90,7 @@ def json_lines(decoded: Decoded) -> list[str]:
     for i, rows in by_frame.items():
         if total[i] is None:
             newest = max(rows, key=read_at.__getitem__)
-            total[i] = f'"total_m3": "{_m3(register[newest])}"'
+            total[i] = f'"total_m3": "{m3_text(register[newest])}"'
     # the other extras, column by column, in `extra_of`'s order (a sparse value replaces
     # its column's in place; new sparse keys follow)
     skip = {"ok", "format", "meter_id", "total_m3"}

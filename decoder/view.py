@@ -23,19 +23,28 @@ from decoder import decode_batch, limits
 from decoder.columns import Decoded, ErrorCode, Flag, concat, frame_flag_names
 from decoder.mbus_link import WILDCARD_KEY  # `keys["*"]`: the key for whichever meter
 
-__all__ = ["WILDCARD_KEY", "decode_frames", "frame_records", "parse_input_line", "records"]
+__all__ = [
+    "WILDCARD_KEY",
+    "decode_frames",
+    "flag_names",
+    "frame_records",
+    "json_value",
+    "m3_text",
+    "parse_input_line",
+    "records",
+]
 
 
-def _plain(value: object) -> object:
+def json_value(value: object) -> object:
     """Decoded values -> JSON types: Decimal -> exact string, bytes -> hex, containers."""
     if isinstance(value, Decimal):
         return format(value, "f")
     if isinstance(value, bytes | bytearray):
         return value.hex().upper()
     if isinstance(value, Mapping):
-        return {str(key): _plain(val) for key, val in value.items()}
+        return {str(key): json_value(val) for key, val in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(val) for val in value]
+        return [json_value(val) for val in value]
     if isinstance(value, np.generic):
         return value.item()
     return value
@@ -45,11 +54,13 @@ def _iso(epoch_s: int) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).isoformat().replace("+00:00", "Z")
 
 
-def _flag_names(bits: int) -> list[str]:
+def flag_names(bits: int) -> list[str]:
+    """The lowercase names of the reading `Flag` bits set in `bits`."""
     return [f.name.lower() for f in Flag if f and bits & f and f.name]
 
 
-def _m3(ml: int) -> str:
+def m3_text(ml: int) -> str:
+    """mL as an exact m3 string without trailing zeros ("0" for 0)."""
     return format(Decimal(ml).scaleb(-6).normalize(), "f") if ml else "0"
 
 
@@ -70,18 +81,18 @@ def records(decoded: Decoded) -> list[dict[str, object]]:
         extra = decoded.extra_of(i)
         rows = by_frame.get(i, [])
         if "total_m3" in extra:
-            rec["total_m3"] = _plain(extra.pop("total_m3"))
+            rec["total_m3"] = json_value(extra.pop("total_m3"))
         elif rows:
             newest = max(rows, key=lambda j: int(decoded.read_at_s[j]))
-            rec["total_m3"] = _m3(int(decoded.register_ml[newest]))
-        rec.update({key: _plain(val) for key, val in extra.items() if key not in rec})
+            rec["total_m3"] = m3_text(int(decoded.register_ml[newest]))
+        rec.update({key: json_value(val) for key, val in extra.items() if key not in rec})
         if notes[i]:
             rec["decode_flags"] = frame_flag_names(int(notes[i]))
         readings = [
             {
                 "read_at": _iso(int(decoded.read_at_s[j])),
-                "register_m3": _m3(int(decoded.register_ml[j])),
-                "flags": _flag_names(int(decoded.flags[j])),
+                "register_m3": m3_text(int(decoded.register_ml[j])),
+                "flags": flag_names(int(decoded.flags[j])),
             }
             for j in rows
         ]
