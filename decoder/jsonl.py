@@ -4,7 +4,7 @@
 ensure_ascii=False, default=str)`: the same keys in the same order, the same values. It
 is built without a per-frame dict: each extra column is encoded once for all the frames
 that carry it (`"name": value` cells), flag names and reading times are encoded once per
-distinct value, and each line is one join of its cells. `tests/decoder/test_view_speed.py`
+distinct value, and each line is one join of its cells. `tests/decoder/test_jsonl.py`
 holds the two equal on the shared vectors and a mixed batch.
 """
 
