@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from decoder import oms_crypto
 from decoder.columns import ErrorCode, Flag, FrameFlag
+from decoder.mbus_records import walk
 
 WIRED_START, WIRED_STOP = 0x68, 0x16
 ELL_I, ELL_II, AFL = 0x8C, 0x8D, 0x90
@@ -257,7 +258,7 @@ def _tpl(
                     f"security mode 7 (AES-CBC, CMAC KDF) of meter {env.meter_id} is not decrypted"
                 )  # only a payload decrypted upstream (2F2F, no key given) is accepted
             env.notes |= FrameFlag.CLEAR_PAYLOAD
-        elif mode and mode < 16 and key is None and body[:2] == oms_crypto.MODE5_CHECK:
+        elif mode and mode < 16 and key is None and _in_clear(body):
             env.notes |= FrameFlag.CLEAR_PAYLOAD  # declared, but sent (or delivered) in clear
         elif mode:  # modes 16-31 are manufacturer-specific: a vendor codec's business
             return ErrorCode.UNSUPPORTED, f"security mode {mode} not supported"
@@ -265,6 +266,17 @@ def _tpl(
             body = body[2:]  # the decrypt check bytes precede the compact signature
     env.app = body
     return env
+
+
+def _in_clear(body: bytes) -> bool:
+    """Whether a payload that should be encrypted is verifiably in clear: it starts with
+    the 2F2F check and its records walk soundly to the end. One ciphertext in 65,536
+    starts 2F2F by chance; its bytes then walking as records to the last byte, with a
+    register among them, is what a wrong value would take, so both are required."""
+    if body[:2] != oms_crypto.MODE5_CHECK:
+        return False
+    skeleton = walk(body, 0)
+    return not isinstance(skeleton, tuple) and skeleton.stop < 0 and bool(skeleton.records)
 
 
 class _Plain(NamedTuple):
@@ -285,14 +297,14 @@ def _mode5(
         return ErrorCode.NO_KEY, f"no AES key for meter {mid} (security mode 5)"
     size = blocks * oms_crypto.BLOCK or len(body) - len(body) % oms_crypto.BLOCK
     if size == 0 or size > len(body):
-        if clear:
+        if _in_clear(body):
             return _Plain(body, clear=True)
         return ErrorCode.TRUNCATED, f"mode 5 frame of meter {mid} is shorter than {size} bytes"
     if len(key) != oms_crypto.BLOCK:
         return ErrorCode.DECRYPT_FAILED, f"AES key for meter {mid} is not 16 bytes"
     plain = oms_crypto.cbc_decrypt(key, oms_crypto.mode5_iv(m, a, acc), body[:size])
     if plain[:2] != oms_crypto.MODE5_CHECK:
-        if clear:  # the meter declares mode 5 but sends in clear (decrypting breaks 2F2F)
+        if _in_clear(body):  # the meter declares mode 5 but sends in clear
             return _Plain(body, clear=True)
         return ErrorCode.DECRYPT_FAILED, f"wrong AES key for meter {mid} (no 2F2F after decrypt)"
     return _Plain(plain + body[size:], clear=False)

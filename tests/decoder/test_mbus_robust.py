@@ -120,6 +120,11 @@ def test_clear_payload_despite_a_key() -> None:
     res = _one(frame, keys={"12345678": bytes(16)})
     assert _current(res) == [TOTAL_ML]
     assert _notes(res) == FrameFlag.CLEAR_PAYLOAD
+    # 2F2F alone is not proof: records that do not walk to the end are a wrong key's noise
+    noisy = _wm("2F2F" + TOTAL + "FFFF" + "00" * 8, ci=0x7A, tpl=bytes([1, 0, 0x10, 5]))
+    assert _one(noisy, keys={"12345678": bytes(16)}).error_code.tolist() == [
+        ErrorCode.DECRYPT_FAILED
+    ]
 
 
 @pytest.mark.parametrize(
