@@ -64,7 +64,7 @@ def build(n: int, rng: random.Random) -> tuple[list[str], list[str], dict[str, s
 
 def run(lines: list[str], keys_file: str | None) -> tuple[float, str]:
     """Seconds for one `nbmeter decode` over `lines` on stdin, and its output."""
-    args = argparse.Namespace(frames=[], keys=keys_file, received_at=1_700_000_000)
+    args = argparse.Namespace(frames=[], keys=keys_file, received_at=1_700_000_000, driver=None)
     sink = io.StringIO()
     stdin, sys.stdin = sys.stdin, io.StringIO("\n".join(lines) + "\n")
     try:

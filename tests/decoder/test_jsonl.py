@@ -148,7 +148,7 @@ def test_command_output_and_exit_code(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
     out = io.StringIO()
     with redirect_stdout(out):
-        code = run_decode(argparse.Namespace(frames=[], keys=None, received_at=RX))
+        code = run_decode(argparse.Namespace(frames=[], keys=None, received_at=RX, driver=None))
     printed = out.getvalue().splitlines()
     frames, inline = _parse(lines)
     want = _one_by_one(frames, inline)

@@ -104,14 +104,16 @@ def test_l_field_off_by_a_few_bytes_is_read_as_received(extra: int) -> None:
 
 
 def test_declared_security_on_clear_payload() -> None:
-    """Mode 5 (no key) or mode 2 declared on a 2F2F payload: read in clear, flagged."""
-    for mode in (5, 2):
+    """Mode 5 or 2 (no key) or mode 3 declared on a 2F2F payload: read in clear, flagged;
+    an encrypted one without its key is refused (NO_KEY; mode 3 is not decrypted)."""
+    for mode in (5, 2, 3):
         tpl = bytes([0x01, 0x00, 0x00, mode])  # ACC, STS, CW (mode in CW bits 8-12)
         res = _one(_wm("2F2F" + TOTAL, ci=0x7A, tpl=tpl))
         assert _current(res) == [TOTAL_ML]
         assert _notes(res) == FrameFlag.CLEAR_PAYLOAD
-    encrypted = _one(_wm("1234" + TOTAL, ci=0x7A, tpl=bytes([1, 0, 0, 2])))
-    assert encrypted.error_code.tolist() == [ErrorCode.UNSUPPORTED]
+    for mode, code in ((2, ErrorCode.NO_KEY), (3, ErrorCode.UNSUPPORTED)):
+        encrypted = _one(_wm("1234" + TOTAL, ci=0x7A, tpl=bytes([1, 0, 0, mode])))
+        assert encrypted.error_code.tolist() == [code]
 
 
 def test_clear_payload_despite_a_key() -> None:

@@ -2,9 +2,9 @@
 
 Of the wmbusmeters telegrams that state a `total_m3`, the standard EN 13757-3 path alone
 (before vendor drivers) read 63 right; with the driver files, the known compact formats
-and DES mode 2, 104. Each remaining one is listed in `NOT_YET` with the reason; the
-synthetic flowIQ 2200 compact frame must stay refused (its data CRC does not match its
-values: the vector is wrong, not the decoder).
+and DES mode 2, 104; with per-record robustness (trailing FED0, stray bytes after the
+records), 106: all of them but the synthetic flowIQ 2200 compact frame, which must stay
+refused (its data CRC does not match its values: the vector is wrong, not the decoder).
 """
 
 from __future__ import annotations
@@ -28,11 +28,8 @@ pytestmark = pytest.mark.skipif(
 )
 BEFORE_DRIVERS = 63  # right totals of the standard path alone (measured on main)
 SYNTHETIC_BAD_CRC = "3244372C763081233C168D2057D2ED11205A8179"  # flowiq2200 compact frame
-# telegrams whose total is not read yet, and who reads it (issue 12 item 1, or no codec)
-NOT_YET = {
-    "unismart": "2 stray bytes after the records (per-record robustness, issue 12 item 1)",
-    "qwaterv2": "trailing FED0 after the records (per-record robustness, issue 12 item 1)",
-}
+# telegrams whose total is not read yet, and why (none left but the synthetic one)
+NOT_YET: dict[str, str] = {}
 
 
 @cache
@@ -60,7 +57,7 @@ def _want(v: dict[str, Any]) -> int:
 
 
 def test_right_current_totals_count() -> None:
-    """104 of the 107 telegrams with a total read right; the rest are the known NOT_YET."""
+    """106 of the 107 telegrams with a total read right; the other is the synthetic one."""
     lines, res = _decoded()
     with_total = [i for i, v in enumerate(lines) if "total_m3" in v["expected"]]
     right = [
@@ -71,7 +68,7 @@ def test_right_current_totals_count() -> None:
         f"\nright current totals: {len(right)}/{len(with_total)} (before drivers {BEFORE_DRIVERS})"
     )
     assert len(with_total) == 107
-    assert len(right) >= 104
+    assert len(right) >= 106
     assert missed <= {*NOT_YET, "flowiq2200"}, missed
 
 
