@@ -28,7 +28,10 @@ from pathlib import Path
 from decoder import decode_batch, mbus
 from decoder.encode_cjt188 import encode_cjt188
 from decoder.view import WILDCARD_KEY, parse_input_line, records
-from nbmeter.commands.decode import run_decode
+
+if sys.path[:1] == [str(Path(__file__).resolve().parent)]:
+    sys.path.pop(0)  # run as a script: bench/collector.py would shadow the collector package
+from nbmeter.commands.decode import run_decode  # after the path fix above
 
 METERS = 200
 
