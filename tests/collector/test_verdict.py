@@ -3,6 +3,8 @@ database: decoded columns and writer results are built by hand."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import aiocoap
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from collector import verdict
 from collector.pipeline import Device, Outcome, Transport, Uplink
 from collector.reasons import ANSWERS, Reason, coap_code, mqtt_acks
-from decoder.columns import Column, Decoded, ErrorCode, Flag
+from decoder.columns import Column, Decoded, ErrorCode, Flag, FrameFlag
 from storage.ingest import IngestResult, Rejection, RejectReason
 
 RX = 1_767_225_600.25  # received 2026-01-01T00:00:00.25Z
@@ -195,6 +197,21 @@ def test_settle_partial_total_and_duplicate_rejections() -> None:
     assert sorted(e.kind for e in settled.events) == ["leak", "tamper"]
     assert {e.received_at.timestamp() for e in settled.events} == {RX}
     assert settled.n_new == 1
+
+
+def test_frame_flags_go_to_the_raw_uplink_rows() -> None:
+    """Each decoded uplink's raw row carries its frame's FrameFlag bits (0 when none); an
+    uplink refused before decoding has None (nothing was decoded)."""
+    early = device_uplink()
+    early.reject = (Reason.TOO_LARGE, "payload over 1 B")
+    batch = [device_uplink(), early, device_uplink()]
+    dec = dataclasses.replace(
+        decoded([[("A", 1, 1, 0)], [("A", 2, 2, 0)]]),
+        frame_flags=np.array([FrameFlag.NO_DATA | FrameFlag.TRAILING_JUNK, 0], np.uint32),
+    )
+    checked = run(batch, dec, todo=[0, 2])
+    settled = verdict.settle(batch, dec, checked, written(len(checked.readings)))
+    assert [r.decode_flags for r in settled.raw] == [6, None, 0]
 
 
 def test_health_comes_from_frames_that_carry_it() -> None:
