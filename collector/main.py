@@ -1,7 +1,8 @@
 """The collector process: CoAP and MQTT into one group-commit pipeline, until SIGTERM.
 
-`run(settings)` starts the pipeline workers, the CoAP server, the MQTT subscriber and the
-/metrics endpoint, and on SIGTERM/SIGINT (or when `stop` is set) shuts down in order:
+`run(settings)` starts the pipeline workers, the CoAP server, the MQTT subscriber, the
+alert dispatcher (`collector.webhooks`) and the /metrics endpoint, and on SIGTERM/SIGINT
+(or when `stop` is set) shuts down in order:
 leave the MQTT share group (taking in what the broker still holds for this collector),
 refuse new uplinks (CoAP 5.03), commit everything already accepted, answer and PUBACK
 it, end the MQTT session, then close the sockets. The database
@@ -27,6 +28,7 @@ from collector.pipeline import Pipeline
 from collector.redecode import Redecoder
 from collector.settings import CollectorSettings
 from collector.store import BatchStore
+from collector.webhooks import Dispatcher
 from decoder.drivers import DriverError
 from storage.coap_peers import PeerMismatchError
 from storage.credentials import parse_key
@@ -68,6 +70,12 @@ async def run(
         key = parse_key(settings.credentials_key.get_secret_value())
     pool = await _create_pool(settings)
     pipeline = Pipeline(settings.pipeline, BatchStore(pool, MeterKeys(key)).commit)
+    hooks_pool = None  # the alert dispatcher's own small pool: never the pipeline's
+    if settings.webhooks.enabled:
+        hooks_pool = await create_pool(
+            settings.database_url, min_size=0, max_size=settings.webhooks.pool_size,
+            connect_timeout_s=5.0, command_timeout_s=30.0, reset=keep_session,
+        )  # fmt: skip
     http = metrics.serve(settings.metrics_host, settings.metrics_port)
     mqtt = MqttSubscriber(settings.mqtt_url, settings.mqtt, pipeline) if settings.mqtt_url else None
     try:
@@ -75,6 +83,9 @@ async def run(
             drained = group.create_task(pipeline.run(), name="pipeline")
             redecoder = Redecoder(pool, pipeline, settings.redecode, settings.database_url)
             redecode = group.create_task(redecoder.run(stop), name="redecode")
+            if hooks_pool is not None:
+                hooks = Dispatcher(hooks_pool, settings.webhooks, settings.database_url)
+                group.create_task(hooks.run(stop), name="webhooks")
             coap = await start_server(
                 settings.coap, pipeline, pool, key, database_url=settings.database_url
             )
@@ -106,6 +117,8 @@ async def run(
             with contextlib.suppress(Exception):
                 http.shutdown()  # type: ignore[attr-defined]
         await pool.close()
+        if hooks_pool is not None:
+            await hooks_pool.close()
     log.info("collector.stopped")
 
 

@@ -110,6 +110,23 @@ class RedecodeSettings(_Section):
     yield_pending: int = Field(1000, ge=1)  # claim nothing while live uplinks queue this deep
 
 
+class WebhookSettings(_Section):
+    """Delivery: NBMETER_WEBHOOKS__TIMEOUT_S=5, NBMETER_WEBHOOKS__ENABLED=false, ..."""
+
+    enabled: bool = True
+    timeout_s: float = Field(5.0, gt=0)  # per request
+    batch_max: int = Field(100, ge=1)  # rows leased per claim
+    lease_s: float = Field(30.0, gt=0)  # a dead dispatcher's rows are due again after this
+    poll_s: float = Field(2.0, gt=0)  # look for due retries this often
+    backoff_base_s: float = Field(1.0, gt=0)
+    backoff_max_s: float = Field(3600.0, gt=0)
+    max_attempts: int = Field(30, ge=1)  # then the row is dead (replay revives it)
+    disable_after_failures: int = Field(10, ge=1)  # consecutive failures ...
+    disable_after_s: float = Field(3600.0, ge=0)  # ... over at least this long
+    sweep_every_s: float = Field(60.0, gt=0)  # alarm auto-close
+    pool_size: int = Field(3, ge=2)
+
+
 class CollectorSettings(DatabaseSettings):
     """Everything `collector.main.run` needs; read from the environment (prefix NBMETER_)."""
 
@@ -129,3 +146,4 @@ class CollectorSettings(DatabaseSettings):
     mqtt: MqttSettings = MqttSettings()
     pipeline: PipelineSettings = PipelineSettings()
     redecode: RedecodeSettings = RedecodeSettings()
+    webhooks: WebhookSettings = WebhookSettings()  # the alert dispatcher (collector.webhooks)

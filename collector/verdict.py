@@ -27,12 +27,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
+from collector.health import HEALTH_NAMES, health_of
 from collector.pipeline import Outcome, Uplink
 from collector.reasons import Reason
 from decoder.columns import Decoded, ErrorCode, Flag
@@ -57,16 +57,6 @@ EVENT_FLAGS: Final = (
 )
 _EVENT_MASK: Final = np.uint32(sum(int(f) for f, _ in EVENT_FLAGS))
 _MAX_LISTED = 24  # rejected readings listed one by one in a quarantine detail (a day)
-HEALTH_NAMES: Final = (
-    "battery_mv",
-    "battery_v",
-    "rsrp_cdbm",
-    "rsrp_dbm",
-    "sinr_cdb",
-    "sinr_db",
-    "ecl",
-)
-_INT4 = (-(2**31), 2**31 - 1)
 
 
 @dataclass(frozen=True)
@@ -262,29 +252,6 @@ def check(batch: list[Uplink], lay: Layout, dec: Decoded, plain_meter: Int64s) -
     return Checked(verdicts, meters, readings, kept_owner, lay)
 
 
-def _scaled(extra: dict[str, object], names: tuple[tuple[str, int], ...]) -> int | None:
-    for name, factor in names:
-        value = extra.get(name)
-        if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
-            return int(Decimal(str(value)) * factor)
-    return None
-
-
-def _within(value: int | None, low: int, high: int) -> int | None:
-    return value if value is not None and low <= value <= high else None
-
-
-def health_of(extra: dict[str, object]) -> tuple[int | None, int | None, int | None, int | None]:
-    """(battery_mv, rsrp_cdbm, sinr_cdb, ecl) from a frame's extra fields, None if absent
-    or outside what the device_health column holds (an implausible figure is no figure)."""
-    return (
-        _within(_scaled(extra, (("battery_mv", 1), ("battery_v", 1000))), *_INT4),
-        _within(_scaled(extra, (("rsrp_cdbm", 1), ("rsrp_dbm", 100))), *_INT4),
-        _within(_scaled(extra, (("sinr_cdb", 1), ("sinr_db", 100))), *_INT4),
-        _within(_scaled(extra, (("ecl", 1),)), 0, 2),  # 3GPP TS 36.331: CE level 0..2
-    )
-
-
 def _health_frames(dec: Decoded) -> npt.NDArray[np.bool_]:
     """Per frame: whether it may carry a modem-health field (its columns, or sparse)."""
     may = np.zeros(dec.n_frames, bool)
@@ -438,10 +405,10 @@ def _archive(
                 )
             )
         if not quarantined and meter is not None and may_health[i]:
-            figures = health_of(dec.extra_of(frame_of[i], HEALTH_NAMES))
-            if any(v is not None for v in figures):
+            figures = health_of(dec.extra_of(frame_of[i], HEALTH_NAMES))  # collector.health
+            if any(v is not None for v in figures.values()):
                 measured_at = _utc(int(uplink.received_at))
-                health.append(HealthRow(meter, measured_at, *figures, received_at))
+                health.append(HealthRow(meter, measured_at, received_at=received_at, **figures))
     return raw, quarantine, health, received
 
 

@@ -14,6 +14,8 @@ format with `decode_array` (CJ/T 188) decodes the very array detection looked at
 
 Formats: `cjt188`, `interval`, `senml`, `driver` (vendor payloads described by driver
 files, `decoder.drivers`), `mbus` (M-Bus/OMS; wM-Bus models with a driver file go through it).
+Every result then gets the health columns its formats' status bits carry
+(`decoder.health.annotate`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from decoder import drivers  # noqa: F401  (first: its `driver` format, by magic
 from decoder import cjt188, interval, mbus, senml  # noqa: F401  (importing registers them)
 
 # isort: on
+from decoder import health
 from decoder import kernels as k
 from decoder.columns import Decoded, ErrorCode, concat, empty
 from decoder.registry import Format, formats, lookup, parse_hint, register
@@ -216,7 +219,7 @@ def decode_batch(
     utc = _offsets(meter_utc_offset_s, n)
     ctx = (keys, compact_cache)
     try:
-        return _dispatch(frames, rx, ctx, hints, utc)
+        return health.annotate(_dispatch(frames, rx, ctx, hints, utc))
     except Exception:
         parts: list[tuple[npt.NDArray[np.int64], Decoded]] = []
         for i in range(n):
@@ -227,7 +230,7 @@ def decode_batch(
             except Exception as exc:
                 got = _internal(1, "", f"decoding failed on this frame: {_why(exc)}")
             parts.append((np.array([i], np.int64), got))
-        return concat(parts, n)
+        return health.annotate(concat(parts, n))
 
 
 def _dispatch(

@@ -14,6 +14,18 @@ Our own NB-IoT layout, `nbm1` (what the simulator sends; all integers little-end
 | 21 | 2K | deltas, litres per hour (reading i = base + sum of the first i deltas) |
 | 21+2K | 2 | CRC-16/CCITT-FALSE over bytes 0..20+2K, big-endian |
 
+Version 2 (length 34 + 2K) adds the modem's health between the deltas and the CRC (which
+then covers bytes 0..31+2K); a figure the modem did not measure is sent as its "absent"
+value (all ones; 0x7FFF for the signed ones):
+
+| offset | size | field |
+|---|---|---|
+| 21+2K | 2 | battery, mV (uint16; FFFF absent) |
+| 23+2K | 2 | RSRP, centi-dBm (int16; 7FFF absent) |
+| 25+2K | 2 | SINR, centi-dB (int16; 7FFF absent) |
+| 27+2K | 1 | ECL, NB-IoT coverage enhancement level 0..2 (3GPP TS 36.331; FF absent) |
+| 28+2K | 4 | E-UTRAN cell id, 28 bits (uint32; FFFFFFFF absent) |
+
 Axioma Qalcosonic W1 layouts (FORMATS §5, vectors/interval_batch.jsonl; LoRaWAN, so only
 decoded on a hint `interval` / `interval:<layout>`, never detected): `w1t` (47 B: time,
 status, current, temperature, log time, log volume, 14 uint16 deltas), `w1e` (47 B, no
@@ -131,15 +143,41 @@ def _fail(out: Decoded, mask: k.Bools, code: ErrorCode, text: str) -> None:
     out.error_code[sel], out.error_message[sel] = code, text
 
 
+# nbm1 v2 health block (offsets after the deltas): name -> (offset, width, signed, absent)
+NBM1_HEALTH: Mapping[str, tuple[int, int, bool, int]] = {
+    "battery_mv": (0, 2, False, 0xFFFF),
+    "rsrp_cdbm": (2, 2, True, 0x7FFF),
+    "sinr_cdb": (4, 2, True, 0x7FFF),
+    "ecl": (6, 1, False, 0xFF),
+    "cell_id": (7, 4, False, 0xFFFFFFFF),
+}
+NBM1_HEALTH_BYTES = 11
+
+
+def _nbm1_health(out: Decoded, a: k.Frames, at: int) -> None:
+    """nbm1 v2: the health block at `at` -> columns, present where sent and plausible."""
+    ok = out.error_code == 0
+    for name, (off, width, signed, absent) in NBM1_HEALTH.items():
+        raw = k.u_le(a, at + off, width)
+        sent = ok & (raw != absent)
+        if signed:
+            raw = np.where(raw >= 1 << (8 * width - 1), raw - (1 << (8 * width)), raw)
+        if name == "ecl":
+            sent &= raw <= 2  # 3GPP TS 36.331: CE level 0..2; anything else is no figure
+        if sent.any():
+            out.fields[name] = Column(raw, None if sent.all() else sent)
+
+
 def decode_nbm1(a: k.Frames) -> Decoded:
-    """Our `nbm1` layout, `(N, 23+2K)` rows of one K -> Decoded."""
+    """Our `nbm1` layout, `(N, 23+2K)` (v1) or `(N, 34+2K)` (v2) rows of one K -> Decoded."""
     n, width = a.shape
     out = _blank(n, "nbm1")
-    count = (width - 23) // 2
+    tail = NBM1_HEALTH_BYTES if width % 2 == 0 else 0  # v1 is odd, v2 even
+    count = (width - 23 - tail) // 2
     bad_magic = (a[:, 0] != MAGIC[0]) | (a[:, 1] != MAGIC[1])
     _fail(out, bad_magic, ErrorCode.BAD_START_STOP, "no NI magic")
-    _fail(out, a[:, 2] != 1, ErrorCode.UNSUPPORTED, "nbm1 version is not 1")
-    bad_k = (a[:, 3] != count) | (count < 1) | (width % 2 == 0)
+    _fail(out, (a[:, 2] != 1) & (a[:, 2] != 2), ErrorCode.UNSUPPORTED, "nbm1 version not 1 or 2")
+    bad_k = (a[:, 3] != count) | (count < 1) | (a[:, 2] != (2 if tail else 1))
     _fail(out, bad_k, ErrorCode.BAD_LENGTH, "K does not match the frame length")
     crc = (a[:, width - 2].astype(np.int64) << 8) | a[:, width - 1]
     _fail(out, k.crc16_ccitt(a, width - 2) != crc, ErrorCode.BAD_CHECKSUM, "CRC-16 mismatch")
@@ -150,6 +188,8 @@ def decode_nbm1(a: k.Frames) -> Decoded:
     times, ml, flags = _series(base_t, k.u_le(a, 15, 4), _deltas(a, 21, count, 16))
     flags[:, -1] |= k.u_le(a, 19, 2) & ~np.int64(Flag.INTERVAL)
     out.fields["total_m3"] = _litres_as_m3(ml[:, -1])
+    if tail:
+        _nbm1_health(out, a, 21 + 2 * count)
     return _assemble(out, times, ml, flags, meter)
 
 
@@ -252,39 +292,75 @@ def decode(
 
 
 def looks_like(frame: bytes) -> bool:
-    """Only our own `nbm1` is detected: magic, version 1, length 23 + 2K (Qalcosonic: hint)."""
+    """Only our own `nbm1` is detected: magic, version 1 (length 23 + 2K) or 2 (34 + 2K);
+    Qalcosonic needs a hint."""
     return (
         len(frame) >= 25
         and frame[:2] == MAGIC
-        and frame[2] == 1
-        and len(frame) == 23 + 2 * frame[3]
+        and frame[2] in (1, 2)
+        and len(frame) == 23 + 2 * frame[3] + (NBM1_HEALTH_BYTES if frame[2] == 2 else 0)
     )
 
 
 def detect_array(a: k.Frames) -> k.Bools:
     """Vectorized `looks_like` over equal-length rows."""
     n, width = a.shape
-    if width < 25 or width % 2 == 0:
+    if width < 25:
         return np.zeros(n, bool)
-    head = (a[:, 0] == MAGIC[0]) & (a[:, 1] == MAGIC[1]) & (a[:, 2] == 1)
-    looks: k.Bools = head & (a[:, 3] == (width - 23) // 2)
+    version, tail = (1, 0) if width % 2 else (2, NBM1_HEALTH_BYTES)
+    head = (a[:, 0] == MAGIC[0]) & (a[:, 1] == MAGIC[1]) & (a[:, 2] == version)
+    looks: k.Bools = head & (a[:, 3] == (width - 23 - tail) // 2)
     return looks
 
 
+@dataclass(frozen=True)
+class ModemHealth:
+    """The nbm1 v2 health block; None is a figure the modem did not measure."""
+
+    battery_mv: int | None = None
+    rsrp_cdbm: int | None = None
+    sinr_cdb: int | None = None
+    ecl: int | None = None
+    cell_id: int | None = None
+
+    def encode(self) -> bytes:
+        """The 11-byte block; ValueError for a figure the block cannot carry."""
+        out = b""
+        for name, (_, width, signed, absent) in NBM1_HEALTH.items():
+            value = getattr(self, name)
+            if value is None:
+                out += absent.to_bytes(width, "little")
+            elif value == absent or (name == "ecl" and not 0 <= value <= 2):
+                msg = f"{name} {value} cannot be sent in nbm1 v2"
+                raise ValueError(msg)
+            else:
+                out += int(value).to_bytes(width, "little", signed=signed)
+        return out
+
+
 def encode_interval(
-    address: str, base_time_s: int, base_ml: int, deltas_ml: Sequence[int], status: int = 0
+    address: str,
+    base_time_s: int,
+    base_ml: int,
+    deltas_ml: Sequence[int],
+    status: int = 0,
+    health: ModemHealth | None = None,
 ) -> bytes:
-    """Build an `nbm1` frame; raises ValueError for values the layout cannot carry exactly."""
+    """Build an `nbm1` frame (version 2 when `health` is given); raises ValueError for
+    values the layout cannot carry exactly."""
     if len(address) != 14 or not 1 <= len(deltas_ml) <= 24 or base_time_s % HOUR:
         msg = "need a 14-digit address, 1..24 deltas and a whole-hour base time"
         raise ValueError(msg)
     if base_ml % ML_PER_L or any(d % ML_PER_L or d < 0 for d in deltas_ml):
         msg = "nbm1 carries whole litres (>= 0) only"
         raise ValueError(msg)
-    head = MAGIC + bytes([1, len(deltas_ml)]) + bytes.fromhex(address)[::-1]
+    head = MAGIC + bytes([1 if health is None else 2, len(deltas_ml)])
+    head += bytes.fromhex(address)[::-1]
     body = head + base_time_s.to_bytes(4, "little") + (base_ml // ML_PER_L).to_bytes(4, "little")
     body += status.to_bytes(2, "little")
     body += b"".join((d // ML_PER_L).to_bytes(2, "little") for d in deltas_ml)
+    if health is not None:
+        body += health.encode()
     return body + k.crc16_ccitt_bytes(body).to_bytes(2, "big")
 
 

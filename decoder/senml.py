@@ -11,7 +11,9 @@ any record with unit `m3` or `l`/`L`. `read_at_s` is the resolved time floored t
 seconds. Resources 9..13 of the same 3424 instance and time set LEAK / REVERSE_FLOW /
 METER_ERROR / TAMPER. `meter_id` is the name before `/3424/…` (or bn without its trailing
 separator); LwM2M paths (`/3424/0/1`) carry no identity, so it is "" and the collector
-attaches the endpoint name. All resolved records go to `extra["records"]`.
+attaches the endpoint name. All resolved records go to `extra["records"]`. Device health
+from LwM2M objects 3 and 4 (battery mV/%, RSRP, SINR, cell id, coverage level) goes to
+extra fields named with their units (`HEALTH_FIELDS`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,18 @@ ALARM_FLAGS: Mapping[str, Flag] = {  # 3424: 9/10 leak suspected/detected, 11 ba
     "12": Flag.METER_ERROR, "13": Flag.TAMPER,
 }  # fmt: skip
 _VALUE_KEYS = ("v", "vs", "vb", "vd", "s")
+# LwM2M device health (OMA objects 3 Device and 4 Connectivity Monitoring): path -> the
+# extra field it fills. 3/7 is a multiple-instance resource (/3/0/7/0 in LwM2M 1.1 paths).
+HEALTH_RESOURCE = re.compile(r"(?:^|/)(3|4)/\d+/(\d+)(?:/\d+)?$")
+HEALTH_FIELDS: Mapping[tuple[str, str], str] = {
+    ("3", "7"): "battery_mv",  # Power Source Voltage, mV
+    ("3", "9"): "battery_pct",  # Battery Level, %
+    ("4", "2"): "rsrp_dbm",  # Radio Signal Strength, dBm (RSRP on LTE/NB-IoT)
+    ("4", "8"): "cell_id",  # Cell ID
+    ("4", "11"): "sinr_db",  # SignalSNR, dB (object 4 v1.1+)
+    ("4", "13"): "ecl",  # Coverage Enhancement Level (object 4 v1.3: NB-IoT CE 0..2)
+}
+_WHOLE = frozenset({"battery_mv", "battery_pct", "cell_id", "ecl"})
 
 EXAMPLES: tuple[tuple[bytes, int, Mapping[str, object]], ...] = (
     (  # LwM2M Send of a 3424 water meter: two hourly points, the second relative to bt
@@ -203,6 +217,23 @@ def _meter_id(name: str, base: str) -> str:
     return base.rstrip("/:") if base else name
 
 
+def health_of(resolved: Sequence[Mapping[str, object]]) -> dict[str, object]:
+    """LwM2M objects 3/4 records -> health extra fields (the newest of each; a non-numeric
+    or fractional value where a whole number is due is no figure)."""
+    found: dict[str, tuple[Decimal, Decimal]] = {}  # field -> (time, value)
+    for rec in resolved:
+        hit = HEALTH_RESOURCE.search(str(rec["n"]))
+        name = HEALTH_FIELDS.get((hit.group(1), hit.group(2))) if hit else None
+        value, t = rec.get("v"), rec.get("t")
+        if name is None or not isinstance(value, Decimal) or not isinstance(t, Decimal):
+            continue
+        if name in _WHOLE and value != value.to_integral_value():
+            continue
+        if name not in found or t >= found[name][0]:
+            found[name] = (t, value)
+    return {name: int(v) if name in _WHOLE else v for name, (_, v) in found.items()}
+
+
 def decode_one(
     frame: bytes, received_at_s: int
 ) -> tuple[list[tuple[int, int, int]], str, dict[str, object]]:
@@ -223,6 +254,7 @@ def decode_one(
     readings = [(t, ml, alarms.get(key, 0)) for _, (t, ml, key, _) in found]
     last_rec, last = max(found, key=lambda item: item[1][0])
     extra["total_m3"] = last[3]
+    extra.update(health_of(resolved))
     bases = [str(r.get("bn", "")) for r in records if "bn" in r]
     return readings, _meter_id(str(last_rec["n"]), bases[0] if bases else ""), extra
 

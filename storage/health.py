@@ -24,8 +24,8 @@ from storage.staged import merge_records
 class HealthRow:
     """What a modem reported about itself; None is a figure it did not report.
 
-    Units are in the names: millivolts, centi-dBm (-10550 = -105.5 dBm), centi-dB; `ecl`
-    is the NB-IoT coverage enhancement level 0..2 (3GPP TS 36.331). Times are aware UTC.
+    Units are in the names: millivolts, centi-dBm (-10550 = -105.5 dBm), centi-dB, percent;
+    `ecl` is the NB-IoT coverage enhancement level 0..2 (3GPP TS 36.331). Times are aware UTC.
     """
 
     meter_id: int
@@ -35,6 +35,10 @@ class HealthRow:
     sinr_cdb: int | None
     ecl: int | None
     received_at: datetime
+    battery_pct: int | None = None
+    battery_low: bool | None = None  # the meter's own low-battery status bit
+    meter_error: bool | None = None
+    cell_id: int | None = None  # E-UTRAN cell identity
 
 
 _COLUMNS = tuple(f.name for f in fields(HealthRow))

@@ -120,7 +120,8 @@ def _flip(frame: bytes, pos: int, value: int) -> bytes:
 
 REJECTS = [
     ("crc", GOOD[:-1] + bytes([GOOD[-1] ^ 1]), "interval", ErrorCode.BAD_CHECKSUM),
-    ("version", _flip(GOOD, 2, 2), "interval", ErrorCode.UNSUPPORTED),
+    ("version", _flip(GOOD, 2, 3), "interval", ErrorCode.UNSUPPORTED),
+    ("v2-odd-length", _flip(GOOD, 2, 2), "interval", ErrorCode.BAD_LENGTH),
     ("k-mismatch", _flip(GOOD, 3, 5), "interval", ErrorCode.BAD_LENGTH),
     ("not-hour", _flip(GOOD, 11, 1), "interval", ErrorCode.BAD_TIME),
     ("no-magic", _flip(GOOD, 0, 0x4F), "interval:nbm1", ErrorCode.BAD_START_STOP),

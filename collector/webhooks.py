@@ -1,0 +1,217 @@
+"""The alert dispatcher: the webhook outbox to HTTP, alarm events to MQTT, the alarm sweep.
+
+It runs in the collector process (`collector.main` starts it as a named task of its task
+group; `python -m collector.webhooks` runs it alone). The collector is the long-running
+daemon that already survives database outages and owns the broker connection; the API may
+run as many workers, restarted for each deploy. Several dispatchers are still safe: rows
+are leased with FOR UPDATE SKIP LOCKED (`storage.webhooks.claim`). It has its own small
+pool, so a slow receiver never takes a connection from the ingest pipeline.
+
+Wake-up: LISTEN nbmeter_alarms (sent by `nbm_alarm_event` at commit), plus a poll every
+`poll_s` for retries whose time has come and notifications missed while disconnected.
+
+A request: POST the event's JSON (the same bytes on every attempt) with headers
+`Nbmeter-Event-Id` (stable: receivers de-duplicate on it; delivery is at least once),
+`Nbmeter-Timestamp` (unix seconds of this attempt) and `Nbmeter-Signature`
+`v1=<hex HMAC-SHA256(secret, "<timestamp>." + body)>` (`sign`, `verify`). A 2xx answer
+is delivered; anything else, or no answer within `timeout_s`, is retried after
+`backoff(attempt)`: exponential, capped, with full jitter in its upper half.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import random
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import structlog
+
+from collector.logs import configure_logging
+from collector.settings import CollectorSettings, WebhookSettings
+from storage import alarms as alarm_store
+from storage import webhooks as store
+from storage.errors import StorageError
+from storage.pool import Pool, create_pool, keep_session
+
+log = structlog.get_logger("collector.webhooks")
+
+SIGNATURE_HEADER = "Nbmeter-Signature"
+TIMESTAMP_HEADER = "Nbmeter-Timestamp"
+EVENT_HEADER = "Nbmeter-Event-Id"
+_MAX_ERROR = 300
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """The signature header value: `v1=` + hex HMAC-SHA256 over `"<timestamp>." + body`."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return "v1=" + mac.hexdigest()
+
+
+def verify(
+    secret: str,
+    timestamp: str,
+    body: bytes,
+    signature: str,
+    *,
+    now: float,
+    tolerance_s: float = 300,
+) -> bool:
+    """A receiver's check: the signature matches and the timestamp is within tolerance."""
+    try:
+        ts = int(timestamp)
+    except ValueError:
+        return False
+    if abs(now - ts) > tolerance_s:
+        return False
+    return hmac.compare_digest(sign(secret, ts, body), signature)
+
+
+def backoff(
+    attempt: int, base_s: float, max_s: float, rand: Callable[[], float] = random.random
+) -> float:
+    """Seconds before attempt `attempt + 1`: base * 2**(attempt-1), capped at `max_s`, then
+    a uniform draw in its upper half (jitter, so failed receivers are not hit in step)."""
+    ceiling = min(max_s, base_s * 2.0 ** min(attempt - 1, 62))
+    return float(ceiling / 2 + rand() * ceiling / 2)
+
+
+class Dispatcher:
+    """Delivers the outbox until stopped; see the module docstring."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        settings: WebhookSettings,
+        database_url: str,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._dsn = database_url
+        self._client = client
+        self._wake = asyncio.Event()
+        self.delivered = 0  # attempts answered 2xx (tests and the bench read it)
+
+    def wake(self) -> None:
+        """Look at the outbox now (a NOTIFY arrived)."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until `stop` is set; database outages are waited out."""
+        client = self._client or httpx.AsyncClient(timeout=self._settings.timeout_s)
+        listener = asyncio.create_task(
+            store.listen_alarms(self._dsn, self.wake), name="webhooks-listen"
+        )
+        next_sweep = 0.0
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                try:
+                    busy = await self.step(client)
+                    if time.monotonic() >= next_sweep:
+                        next_sweep = time.monotonic() + self._settings.sweep_every_s
+                        await alarm_store.sweep(self._pool)
+                except StorageError as exc:
+                    log.warning("webhooks.storage_failed", error=str(exc))
+                    busy = False
+                if busy:
+                    continue
+                waits = {asyncio.ensure_future(self._wake.wait()),
+                         asyncio.ensure_future(stop.wait())}  # fmt: skip
+                _, pending = await asyncio.wait(
+                    waits, timeout=self._settings.poll_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                for w in pending:
+                    w.cancel()
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+            if self._client is None:
+                await client.aclose()
+
+    async def step(self, client: httpx.AsyncClient) -> bool:
+        """Claim one batch and deliver it; True when a full batch was claimed (more due)."""
+        s = self._settings
+        claimed = await store.claim(self._pool, s.batch_max, s.lease_s)
+        if not claimed:
+            return False
+        attempts = await asyncio.gather(*(self._send(client, c) for c in claimed))
+        self.delivered += sum(a.ok for a in attempts)
+        off = await store.record(
+            self._pool,
+            attempts,
+            max_attempts=s.max_attempts,
+            disable_after_failures=s.disable_after_failures,
+            disable_after_s=s.disable_after_s,
+        )
+        for endpoint_id in off:
+            log.warning("webhook.endpoint_disabled", endpoint_id=endpoint_id)
+        return len(claimed) >= s.batch_max
+
+    async def _send(self, client: httpx.AsyncClient, c: store.Claimed) -> store.Attempt:
+        at = datetime.now(UTC)
+        ts = int(at.timestamp())
+        headers = {
+            "Content-Type": "application/json",
+            EVENT_HEADER: c.event_id,
+            TIMESTAMP_HEADER: str(ts),
+            SIGNATURE_HEADER: sign(c.secret, ts, c.body),
+            "User-Agent": "nbmeter-webhooks/1",
+        }
+        started = time.perf_counter()
+        status: int | None = None
+        error: str | None = None
+        try:
+            response = await client.post(c.url, content=c.body, headers=headers)
+            status = response.status_code
+            if not 200 <= status < 300:
+                error = f"HTTP {status}"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR]
+        ms = int((time.perf_counter() - started) * 1000)
+        ok = error is None
+        retry_at = None
+        if not ok:
+            delay = backoff(c.attempt, self._settings.backoff_base_s, self._settings.backoff_max_s)
+            retry_at = at + timedelta(seconds=delay)
+            log.info("webhook.failed", event_id=c.event_id, endpoint_id=c.endpoint_id,
+                     attempt=c.attempt, error=error)  # fmt: skip
+        return store.Attempt(c.event_id, c.endpoint_id, c.attempt, at, ok, status, error, ms,
+                             retry_at)  # fmt: skip
+
+
+async def run_alone(database_url: str, settings: WebhookSettings) -> None:
+    """Run only the dispatcher (its own pool) until cancelled or SIGTERM."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    pool = await create_pool(
+        database_url, min_size=0, max_size=settings.pool_size, reset=keep_session
+    )
+    try:
+        await Dispatcher(pool, settings, database_url).run(stop)
+    finally:
+        await pool.close()
+
+
+def main() -> int:
+    """`python -m collector.webhooks`: the collector's settings, only the dispatcher."""
+    settings = CollectorSettings()
+    configure_logging(settings.log_json)
+    asyncio.run(run_alone(settings.database_url, settings.webhooks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
