@@ -9,10 +9,11 @@
 - OMS: a mode 5 (AES-128-CBC) wM-Bus frame with the register, a type F clock and the STS
   battery bit, under the meter's own key;
 - SenML: an LwM2M 3424 pack (`decoder.encode_senml`) with every hour of the batch and
-  resources 10/11/13 for leak, back-flow and tamper at the hours they are active;
-- interval: our `nbm1` layout (`decoder.interval.encode_interval`): base register and
-  hourly deltas in litres, and one status: the alarms latched since the previous report
-  (the decoder puts it on the newest reading).
+  resources 10/11/13 for leak, back-flow and tamper at the hours they are active, and the
+  modem's health (`simulator.modem`) as LwM2M objects 3 and 4;
+- interval: our `nbm1` v2 layout (`decoder.interval.encode_interval`): base register and
+  hourly deltas in litres, one status: the alarms latched since the previous report
+  (the decoder puts it on the newest reading), and the modem's health block.
 
 Corruption (`uplink.corrupt`) cuts the frame in half: a truncated frame fails every
 format's length, checksum, JSON or ciphertext check, so it must be quarantined.
@@ -24,6 +25,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +35,7 @@ from decoder.encode_cjt188 import encode_cjt188
 from decoder.encode_senml import encode_senml, water_pack
 from decoder.interval import encode_interval
 from decoder.mbus_encode import encode_oms_mode5
+from simulator import modem
 from simulator.fleet import Format, Kind, Meter
 from simulator.schedule import Uplink
 from simulator.truth import Truth
@@ -114,7 +117,23 @@ def _senml(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
         for flag, resource in SENML_FLAG_RESOURCES:
             if r.flags & flag:
                 records.append({"n": resource, "t": r.read_at_s - t0, "vb": True})
+    records.extend(_lwm2m_health(m, address, rs[-1], rs[-1].read_at_s - t0))
     return encode_senml(records)
+
+
+def _lwm2m_health(m: Meter, address: str, last: Reading, t: int) -> list[dict[str, object]]:
+    """LwM2M objects 3 (battery mV, %) and 4 (RSRP dBm, SINR dB, cell id, CE level)."""
+    h = modem.health(m, last.read_at_s // 3600, last.flags)
+    assert h.battery_mv is not None and h.rsrp_cdbm is not None and h.sinr_cdb is not None
+    pct = max(0, min(100, (h.battery_mv - 3000) * 100 // (modem.FRESH_MV - 3000)))
+    return [
+        {"bn": f"{address}/", "n": "3/0/7", "t": t, "v": h.battery_mv},
+        {"n": "3/0/9", "t": t, "v": pct},
+        {"n": "4/0/2", "t": t, "v": Decimal(h.rsrp_cdbm).scaleb(-2)},
+        {"n": "4/0/11", "t": t, "v": Decimal(h.sinr_cdb).scaleb(-2)},
+        {"n": "4/0/8", "t": t, "v": h.cell_id},
+        {"n": "4/0/13", "t": t, "v": h.ecl},
+    ]
 
 
 def _interval(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
@@ -134,6 +153,7 @@ def _interval(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
         regs[0],
         [b - a for a, b in itertools.pairwise(regs)],
         status=latched,
+        health=modem.health(m, rs[-1].read_at_s // 3600, latched),  # nbm1 v2
     )
 
 
