@@ -44,11 +44,11 @@ _COLUMNS = (
     " occurrences, cleared_at, acked_at, acked_by, ack_note, closed_at, closed_by,"
     " close_reason, close_note"
 )
-# what each action writes besides the state ($3 key id, $4 note, $5 now)
-_SETS: Mapping[Action, str] = {
+# what each action by a person writes besides the state ($3 key id, $4 note, $5 now);
+# `clear` is the sweep's own
+_SETS: Mapping[str, str] = {
     "acknowledge": "acked_at = $5, acked_by = $3, ack_note = $4",
     "close": "closed_at = $5, closed_by = $3, close_reason = 'manual', close_note = $4",
-    "clear": "closed_at = $5, close_reason = 'cleared'",
 }
 
 
@@ -110,7 +110,7 @@ async def transition(
     pool: asyncpg.Pool,
     tenant_id: int,
     alarm_id: int,
-    action: Action,
+    action: Literal["acknowledge", "close"],
     *,
     key_id: str | None,
     note: str | None = None,
@@ -152,13 +152,14 @@ async def sweep(pool: asyncpg.Pool, now: datetime | None = None) -> tuple[int, i
     async with pool.acquire() as conn, conn.transaction():
         at = now or await conn.fetchval("SELECT now()")
         cleared = await conn.fetchval(
-            "WITH c AS (UPDATE alarms a SET cleared_at = r.read_at FROM alarm_kinds k,"
-            " LATERAL (SELECT min(read_at) AS read_at FROM readings r WHERE r.meter_id ="
-            " a.meter_id AND r.read_at > a.last_seen_at AND r.read_at <= $1"
-            " AND r.flags & (k.flag_bit | 3072) = 0) r"
-            " WHERE a.state <> 'closed' AND a.cleared_at IS NULL AND k.kind = a.kind"
-            " AND k.flag_bit <> 0 AND r.read_at IS NOT NULL RETURNING 1)"
-            " SELECT count(*) FROM c",
+            "WITH c AS (SELECT a.alarm_id, (SELECT min(r.read_at) FROM readings r"
+            " WHERE r.meter_id = a.meter_id AND r.read_at > a.last_seen_at AND r.read_at <= $1"
+            " AND r.flags & (k.flag_bit | 3072) = 0) AS read_at"
+            " FROM alarms a JOIN alarm_kinds k ON k.kind = a.kind"
+            " WHERE a.state <> 'closed' AND a.cleared_at IS NULL AND k.flag_bit <> 0),"
+            " u AS (UPDATE alarms SET cleared_at = c.read_at FROM c"
+            " WHERE alarms.alarm_id = c.alarm_id AND c.read_at IS NOT NULL RETURNING 1)"
+            " SELECT count(*) FROM u",
             at,
         )
         due = await conn.fetch(
@@ -174,11 +175,10 @@ async def sweep(pool: asyncpg.Pool, now: datetime | None = None) -> tuple[int, i
         for row in due:
             new, event = next_state(row["state"], "clear")
             await conn.execute(
-                f"UPDATE alarms SET state = $2, {_SETS['clear']} WHERE alarm_id = $1",
+                "UPDATE alarms SET state = $2, closed_at = $3, close_reason = 'cleared'"
+                " WHERE alarm_id = $1",
                 row["alarm_id"],
                 new,
-                None,
-                None,
                 at,
             )
             await conn.execute("SELECT nbm_alarm_event($1, $2)", row["alarm_id"], event)
