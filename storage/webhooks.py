@@ -290,8 +290,8 @@ async def record(
             state = OUTBOX_TRANSITIONS[("pending", outcome)]
             await conn.execute(
                 "UPDATE webhook_outbox SET state = $3, lease_until = NULL, last_error = $4,"
-                " delivered_at = CASE WHEN $5 THEN $6 END,"
-                " next_attempt_at = coalesce($7, next_attempt_at)"
+                " delivered_at = CASE WHEN $5::boolean THEN $6::timestamptz END,"
+                " next_attempt_at = coalesce($7::timestamptz, next_attempt_at)"
                 " WHERE event_id = $1 AND endpoint_id = $2 AND state = 'pending'",
                 a.event_id, a.endpoint_id, state, a.error, a.ok, a.attempted_at, a.retry_at,
             )  # fmt: skip
@@ -309,10 +309,11 @@ async def record(
             first = min(a.attempted_at for a in mine if not a.ok)
             why = f"HTTP {last.status_code}" if last.status_code else (last.error or "failed")
             off = await conn.fetchval(
-                "UPDATE webhook_endpoints SET failures = failures + $2,"
-                " failing_since = coalesce(failing_since, $3),"
-                " enabled = CASE WHEN failures + $2 >= $4 AND coalesce(failing_since, $3)"
-                " <= $5 - make_interval(secs => $6) THEN false ELSE enabled END"
+                "UPDATE webhook_endpoints SET failures = failures + $2::integer,"
+                " failing_since = coalesce(failing_since, $3::timestamptz),"
+                " enabled = CASE WHEN failures + $2 >= $4::integer AND coalesce(failing_since, $3)"
+                " <= $5::timestamptz - make_interval(secs => $6::double precision)"
+                " THEN false ELSE enabled END"
                 " WHERE endpoint_id = $1 RETURNING NOT enabled AND disabled_at IS NULL",
                 endpoint_id, failed, first, disable_after_failures, last.attempted_at,
                 disable_after_s,
