@@ -26,7 +26,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import (
     errors,
     routes_admin,
+    routes_alarms,
     routes_cycles,
+    routes_health,
     routes_manual,
     routes_meters,
     routes_quarantine,
@@ -156,6 +158,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(routes_quarantine.router)
     app.include_router(routes_tenant.router)
     app.include_router(routes_manual.router)
+    app.include_router(routes_alarms.router)
+    app.include_router(routes_health.router)
 
     unavailable: dict[int | str, dict[str, Any]] = {
         503: {**PROBLEM_RESPONSE, "description": "database down"}

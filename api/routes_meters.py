@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
@@ -35,7 +35,7 @@ from api.schemas_meters import (
     OpenAlarm,
 )
 from decoder.columns import Flag
-from storage import registry
+from storage import alarms, registry
 from storage.apikeys import check_timezone
 from storage.errors import StorageError, StorageUnavailableError
 from storage.pool import Record, connection
@@ -275,7 +275,17 @@ async def meter_health(meter_id: MeterId, who: Reader, pool: Pool) -> DeviceHeal
         last_flags=[f.name.lower() for f in Flag if f and flags & f and f.name],
         **{
             k: (health[k] if health else None)
-            for k in ("measured_at", "battery_mv", "rsrp_cdbm", "sinr_cdb", "ecl")
+            for k in (
+                "measured_at",
+                "battery_mv",
+                "rsrp_cdbm",
+                "sinr_cdb",
+                "ecl",
+                "battery_pct",
+                "battery_low",
+                "meter_error",
+                "cell_id",
+            )
         },
     )
 
@@ -289,7 +299,15 @@ async def meter_alarms(meter_id: MeterId, who: Reader, pool: Pool) -> list[OpenA
 
 
 @router.get("/alarms", summary="Open alarms of every meter")
-async def tenant_alarms(who: Reader, pool: Pool) -> list[OpenAlarm]:
-    """The tenant's open alarms, newest first (at most 1,000)."""
+async def tenant_alarms(
+    who: Reader,
+    pool: Pool,
+    state: Annotated[list[Literal["open", "acknowledged", "closed"]] | None, Query()] = None,
+) -> list[OpenAlarm]:
+    """The tenant's open alarms, newest first (at most 1,000). With `state` (repeatable):
+    the lifecycle alarms in those states (acknowledge and close: /v1/alarms/{id}/...)."""
+    if state:
+        rows = await alarms.list_alarms(pool, who.tenant_id, states=state)
+        return [OpenAlarm(**dict(r), occurred_at=r["last_seen_at"], detail=None) for r in rows]
     rows = await registry.open_alarms(pool, who.tenant_id, None)
     return [OpenAlarm(**dict(r)) for r in rows]

@@ -207,6 +207,10 @@ class DeviceHealth(BaseModel):
                     "rsrp_cdbm": None,
                     "sinr_cdb": None,
                     "ecl": None,
+                    "battery_pct": None,
+                    "battery_low": False,
+                    "meter_error": None,
+                    "cell_id": None,
                 }
             ]
         }
@@ -222,12 +226,23 @@ class DeviceHealth(BaseModel):
     rsrp_cdbm: int | None
     sinr_cdb: int | None
     ecl: int | None
+    battery_pct: int | None = None
+    battery_low: bool | None = None
+    meter_error: bool | None = None
+    cell_id: int | None = None
 
 
 class OpenAlarm(BaseModel):
-    """An alarm whose latest event is still active."""
+    """An alarm whose latest event is still active, with its lifecycle alarm (null when it
+    has none, or with `state` given: one of the lifecycle alarms, occurred_at its last event)."""
 
     meter_id: int
     kind: str
     occurred_at: datetime
     detail: str | None
+    alarm_id: int | None = None
+    severity: str | None = None
+    state: str | None = None
+    acked_at: datetime | None = None
+    acked_by: str | None = None
+    ack_note: str | None = None

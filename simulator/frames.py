@@ -124,7 +124,9 @@ def _senml(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
 def _lwm2m_health(m: Meter, address: str, last: Reading, t: int) -> list[dict[str, object]]:
     """LwM2M objects 3 (battery mV, %) and 4 (RSRP dBm, SINR dB, cell id, CE level)."""
     h = modem.health(m, last.read_at_s // 3600, last.flags)
-    assert h.battery_mv is not None and h.rsrp_cdbm is not None and h.sinr_cdb is not None
+    assert h.battery_mv is not None, "simulator.modem always reports a battery"
+    assert h.rsrp_cdbm is not None, "and radio figures"
+    assert h.sinr_cdb is not None, "and radio figures"
     pct = max(0, min(100, (h.battery_mv - 3000) * 100 // (modem.FRESH_MV - 3000)))
     return [
         {"bn": f"{address}/", "n": "3/0/7", "t": t, "v": h.battery_mv},

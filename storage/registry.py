@@ -183,7 +183,8 @@ async def exchange_meter(
 async def device_health(conn: Conn, meter_id: int) -> tuple[asyncpg.Record | None, asyncpg.Record]:
     """The meter's latest device_health row (or None) and its last reading's times."""
     health = await conn.fetchrow(
-        "SELECT measured_at, battery_mv, rsrp_cdbm, sinr_cdb, ecl, received_at"
+        "SELECT measured_at, battery_mv, rsrp_cdbm, sinr_cdb, ecl, battery_pct, battery_low,"
+        " meter_error, cell_id, received_at"
         " FROM device_health WHERE meter_id = $1 ORDER BY measured_at DESC LIMIT 1",
         meter_id,
     )
@@ -201,13 +202,17 @@ async def device_health(conn: Conn, meter_id: int) -> tuple[asyncpg.Record | Non
 @translating("listing open alarms")
 async def open_alarms(conn: Conn, tenant_id: int, meter_id: int | None) -> list[asyncpg.Record]:
     """Alarms still open: per (meter, kind) the latest event, where it is active."""
+    # with the lifecycle alarm (migration 0039) of the (meter, kind) that is not closed
     return await conn.fetch(
-        "SELECT meter_id, kind, occurred_at, detail FROM ("
+        "SELECT latest.meter_id, latest.kind, latest.occurred_at, latest.detail, a.alarm_id,"
+        " a.severity, a.state, a.acked_at, a.acked_by, a.ack_note FROM ("
         " SELECT DISTINCT ON (e.meter_id, e.kind) e.meter_id, e.kind, e.occurred_at, e.active,"
         " e.detail FROM meter_events e JOIN meters m ON m.meter_id = e.meter_id"
         " WHERE m.tenant_id = $1 AND ($2::bigint IS NULL OR e.meter_id = $2)"
-        " ORDER BY e.meter_id, e.kind, e.occurred_at DESC) latest WHERE active"
-        " ORDER BY occurred_at DESC, meter_id, kind LIMIT 1000",
+        " ORDER BY e.meter_id, e.kind, e.occurred_at DESC) latest"
+        " LEFT JOIN alarms a ON a.meter_id = latest.meter_id AND a.kind = latest.kind"
+        " AND a.state <> 'closed' WHERE latest.active"
+        " ORDER BY latest.occurred_at DESC, latest.meter_id, latest.kind LIMIT 1000",
         tenant_id,
         meter_id,
     )

@@ -178,8 +178,8 @@ async def test_kill_9_of_the_dispatcher_loses_no_event(
         "NBMETER_WEBHOOKS__POLL_S": "0.1",
         "NBMETER_LOG_JSON": "true",
     }
-    first = subprocess.Popen(  # noqa: S603 (our own module, fixed arguments)
-        [sys.executable, "-m", "collector.webhooks"], cwd=REPO, env=env,
+    first = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "collector.webhooks", cwd=REPO, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -194,9 +194,9 @@ async def test_kill_9_of_the_dispatcher_loses_no_event(
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)  # its requests are in flight at the receiver
         first.send_signal(signal.SIGKILL)
-        first.wait(10)
+        assert await asyncio.wait_for(first.wait(), 10) == -signal.SIGKILL
     finally:
-        if first.poll() is None:
+        if first.returncode is None:
             first.kill()
     assert receiver.delivered() == []  # nothing was answered before the kill
     receiver.hang_s = 0.0
@@ -240,7 +240,9 @@ async def test_sustained_failure_disables_then_enable_and_replay(
         first = await receiver.wait_for(1)
         assert len(first) == 1
         # replay since the start: both events (the one raised while off too)
-        assert await hooks.replay(pool, tenant, eid, since=datetime.now(UTC) - timedelta(hours=1)) == 2
+        assert (
+            await hooks.replay(pool, tenant, eid, since=datetime.now(UTC) - timedelta(hours=1)) == 2
+        )
         again = await receiver.wait_for(3)
     assert set(again) == await _events_of(pool, tenant)
     assert Counter(again)[first[0]] == 2  # replayed: the same stable event id

@@ -66,7 +66,7 @@ def start_receiver(**script: Any) -> Receiver:
     holder: list[Receiver] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        def do_POST(self) -> None:
             me = holder[0]
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
             if me.hang_s:

@@ -47,7 +47,12 @@ def test_annotate_examples(key: str, flags: int, want: dict[str, bool]) -> None:
 
 @pytest.mark.parametrize(
     ("status", "battery_low", "valve"),
-    [(0x00, False, "open"), (0x04, True, "open"), (0x05, True, "closed"), (0x03, False, "abnormal")],
+    [
+        (0x00, False, "open"),
+        (0x04, True, "open"),
+        (0x05, True, "closed"),
+        (0x03, False, "abnormal"),
+    ],
 )
 def test_cjt188_status_bits(status: int, battery_low: bool, valve: str) -> None:
     """CJ/T 188 ST byte0: D2 battery low, D1D0 valve (FORMATS §1.2) reach the health columns."""

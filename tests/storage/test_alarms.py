@@ -164,7 +164,9 @@ async def test_rules_disable_severity_and_battery_threshold(
     await _events(pool, [EventRow(m, T0, "dry", T0), EventRow(m, T0, "leak", T0)])
     async with pool.acquire() as conn:
         await write_health(conn, [HealthRow(m, T0, 3200, None, None, None, T0)])
-        await write_health(conn, [HealthRow(m, T0 + timedelta(hours=1), 3050, None, None, None, T0)])
+        await write_health(
+            conn, [HealthRow(m, T0 + timedelta(hours=1), 3050, None, None, None, T0)]
+        )
     got = {a["kind"]: a["severity"] for a in await alarms.list_alarms(pool, tenant_id, meter_id=m)}
     assert got == {"leak": "critical", "low_battery": "warning"}
     effective = {r["kind"]: r for r in await alarms.rules(pool, tenant_id)}
