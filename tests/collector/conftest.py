@@ -22,7 +22,13 @@ from brokerkit import Broker, free_port
 from collector_testkit import RawCoap, cjt188_frame
 
 from collector.main import run
-from collector.settings import CoapSettings, CollectorSettings, MqttSettings, PipelineSettings
+from collector.settings import (
+    CoapSettings,
+    CollectorSettings,
+    MqttSettings,
+    PipelineSettings,
+    WebhookSettings,
+)
 from devices.provision import ProvisionedDevice, provision_device
 from storage.credentials import new_key
 
@@ -54,6 +60,8 @@ def collector_settings(
             session_expiry_s=300,
         ),
         pipeline=PipelineSettings(**pipeline),  # type: ignore[arg-type]
+        # the webhook tests run dispatchers of their own, whose timing they control
+        webhooks=WebhookSettings(enabled=False),
     )
 
 
