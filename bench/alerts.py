@@ -39,7 +39,8 @@ from decoder.interval import encode_interval  # noqa: E402
 from storage import webhooks  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_collector", ROOT / "bench" / "collector.py")
-assert _spec is not None and _spec.loader is not None
+assert _spec is not None
+assert _spec.loader is not None
 bc = importlib.util.module_from_spec(_spec)
 sys.modules["bench_collector"] = bc  # its dataclasses look their module up
 _spec.loader.exec_module(bc)

@@ -19,6 +19,7 @@ import sys
 import structlog
 
 from collector import metrics
+from collector.alerts_mqtt import AlertPublisher
 from collector.coap import start_server
 from collector.drivers import install_directory
 from collector.keys import MeterKeys
@@ -84,7 +85,12 @@ async def run(
             redecoder = Redecoder(pool, pipeline, settings.redecode, settings.database_url)
             redecode = group.create_task(redecoder.run(stop), name="redecode")
             if hooks_pool is not None:
-                hooks = Dispatcher(hooks_pool, settings.webhooks, settings.database_url)
+                alerts = (
+                    AlertPublisher(settings.mqtt_url, hooks_pool) if settings.mqtt_url else None
+                )
+                hooks = Dispatcher(
+                    hooks_pool, settings.webhooks, settings.database_url, publisher=alerts
+                )
                 group.create_task(hooks.run(stop), name="webhooks")
             coap = await start_server(
                 settings.coap, pipeline, pool, key, database_url=settings.database_url

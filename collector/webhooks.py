@@ -7,6 +7,9 @@ run as many workers, restarted for each deploy. Several dispatchers are still sa
 are leased with FOR UPDATE SKIP LOCKED (`storage.webhooks.claim`). It has its own small
 pool, so a slow receiver never takes a connection from the ingest pipeline.
 
+With a broker URL it also publishes every alarm event on the tenant's MQTT alert topic
+(`collector.alerts_mqtt`).
+
 Wake-up: LISTEN nbmeter_alarms (sent by `nbm_alarm_event` at commit), plus a poll every
 `poll_s` for retries whose time has come and notifications missed while disconnected.
 
@@ -33,6 +36,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import structlog
 
+from collector.alerts_mqtt import AlertPublisher
 from collector.logs import configure_logging
 from collector.settings import CollectorSettings, WebhookSettings
 from storage import alarms as alarm_store
@@ -91,8 +95,10 @@ class Dispatcher:
         settings: WebhookSettings,
         database_url: str,
         client: httpx.AsyncClient | None = None,
+        publisher: AlertPublisher | None = None,
     ) -> None:
         self._pool = pool
+        self._publisher = publisher
         self._settings = settings
         self._dsn = database_url
         self._client = client
@@ -109,12 +115,16 @@ class Dispatcher:
         listener = asyncio.create_task(
             store.listen_alarms(self._dsn, self.wake), name="webhooks-listen"
         )
+        if self._publisher is not None:
+            self._publisher.start()
         next_sweep = 0.0
         try:
             while not stop.is_set():
                 self._wake.clear()
                 try:
                     busy = await self.step(client)
+                    if self._publisher is not None:
+                        busy |= await self._publisher.step() >= self._settings.batch_max
                     if time.monotonic() >= next_sweep:
                         next_sweep = time.monotonic() + self._settings.sweep_every_s
                         await alarm_store.sweep(self._pool)
@@ -131,6 +141,8 @@ class Dispatcher:
                 for w in pending:
                     w.cancel()
         finally:
+            if self._publisher is not None:
+                self._publisher.stop()
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
@@ -188,7 +200,9 @@ class Dispatcher:
                              retry_at)  # fmt: skip
 
 
-async def run_alone(database_url: str, settings: WebhookSettings) -> None:
+async def run_alone(
+    database_url: str, settings: WebhookSettings, mqtt_url: str | None = None
+) -> None:
     """Run only the dispatcher (its own pool) until cancelled or SIGTERM."""
     import signal
 
@@ -200,7 +214,8 @@ async def run_alone(database_url: str, settings: WebhookSettings) -> None:
         database_url, min_size=0, max_size=settings.pool_size, reset=keep_session
     )
     try:
-        await Dispatcher(pool, settings, database_url).run(stop)
+        publisher = AlertPublisher(mqtt_url, pool) if mqtt_url else None
+        await Dispatcher(pool, settings, database_url, publisher=publisher).run(stop)
     finally:
         await pool.close()
 
@@ -209,7 +224,7 @@ def main() -> int:
     """`python -m collector.webhooks`: the collector's settings, only the dispatcher."""
     settings = CollectorSettings()
     configure_logging(settings.log_json)
-    asyncio.run(run_alone(settings.database_url, settings.webhooks))
+    asyncio.run(run_alone(settings.database_url, settings.webhooks, settings.mqtt_url))
     return 0
 
 

@@ -51,9 +51,10 @@ def _acl(acltype: str, topic: str, *, allow: bool = True) -> dict[str, Any]:
     return {"acltype": acltype, "topic": topic, "allow": allow}
 
 
-# the collector's uplink subscription, and its control topics (wills and drain markers,
-# see collector/mqtt_session.py)
+# the collector's uplink subscription, its control topics (wills and drain markers,
+# see collector/mqtt_session.py) and the tenants' alert topics (collector/alerts_mqtt.py)
 _COLLECTOR_ACLS = (
+    _acl("publishClientSend", "nbmeter/+/alerts"),
     _acl("subscribePattern", UPLINK_FILTER),
     _acl("subscribePattern", f"$share/+/{UPLINK_FILTER}"),
     _acl("publishClientReceive", UPLINK_FILTER),
