@@ -116,3 +116,32 @@ async def test_simulated_fleet_verifies_against_ground_truth(stack: Stack, tmp_p
     resent = re.search(r"^resends acknowledged\s+(\d+)$", out, re.MULTILINE)
     assert resent is not None, out
     assert int(resent.group(1)) > 0, out
+
+
+@pytest.mark.timeout(600)
+async def test_simulated_fleet_fills_device_health(stack: Stack, tmp_path: Path) -> None:
+    """After a small simulated run every meter that stored readings has device_health rows,
+    with the figures its format carries (radio and battery for SenML and nbm1 v2)."""
+    code, out = await _sim(
+        stack, "run", "--meters", "24", "--days", "2", "--seed", "3", "--faults", "none",
+        "--time-scale", "1", "--run-dir", str(tmp_path / "run"), "--quiet",
+    )  # fmt: skip
+    assert code == 0, out
+    slug = stack.args[stack.args.index("--tenant") + 1]
+    conn = await asyncpg.connect(stack.env["NBMETER_DATABASE_URL"])
+    try:
+        rows = await conn.fetch(
+            "SELECT m.meter_id, m.format, count(h.*) AS n, bool_and(h.battery_low IS NOT NULL"
+            " OR h.battery_mv IS NOT NULL) AS battery, count(h.rsrp_cdbm) AS radio"
+            " FROM meters m JOIN tenants t USING (tenant_id)"
+            " LEFT JOIN device_health h ON h.meter_id = m.meter_id"
+            " WHERE t.slug = $1 AND EXISTS (SELECT 1 FROM readings r WHERE r.meter_id = m.meter_id)"
+            " GROUP BY m.meter_id, m.format",
+            slug,
+        )
+    finally:
+        await conn.close()
+    assert rows, "the run stored no readings"
+    assert [r["meter_id"] for r in rows if r["n"] == 0] == []
+    assert all(r["battery"] for r in rows)
+    assert all(r["radio"] > 0 for r in rows if r["format"] in ("senml", "interval"))
