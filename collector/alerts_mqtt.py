@@ -20,6 +20,7 @@ import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 
+from collector import metrics
 from collector.mqtt import BrokerAddress, tls_context
 from storage import webhooks as store
 from storage.pool import Pool
@@ -114,6 +115,7 @@ class AlertPublisher:
         self._refused.difference_update(info.mid for _, info in infos)
         if done:
             await store.mark_alerts_sent(self._pool, done)
+            metrics.ALERTS_MQTT.inc(len(done))
         if len(done) < len(rows):
             log.warning("alerts.unacknowledged", published=len(rows), acknowledged=len(done))
         return len(done)

@@ -92,3 +92,21 @@ def serve(host: str, port: int) -> object | None:
         return None
     server, _thread = start_http_server(port, addr=host)
     return server
+
+
+# the alert dispatcher (collector.webhooks, collector.alerts_mqtt)
+WEBHOOK_ATTEMPTS = Counter(
+    "nbmeter_webhook_attempts_total", "Webhook delivery attempts, by outcome (ok, failed).",
+    ["outcome"],
+)  # fmt: skip
+WEBHOOK_LATENCY = Histogram(
+    "nbmeter_webhook_event_to_delivery_seconds",
+    "From an alarm event's row (in the uplink's transaction) to its first accepted delivery.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+WEBHOOK_DISABLED = Counter(
+    "nbmeter_webhook_endpoints_disabled_total", "Endpoints disabled after sustained failure."
+)
+ALERTS_MQTT = Counter(
+    "nbmeter_alerts_mqtt_published_total", "Alarm events acknowledged by the broker."
+)

@@ -36,6 +36,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import structlog
 
+from collector import metrics
 from collector.alerts_mqtt import AlertPublisher
 from collector.logs import configure_logging
 from collector.settings import CollectorSettings, WebhookSettings
@@ -157,6 +158,10 @@ class Dispatcher:
             return False
         attempts = await asyncio.gather(*(self._send(client, c) for c in claimed))
         self.delivered += sum(a.ok for a in attempts)
+        for c, a in zip(claimed, attempts, strict=True):
+            metrics.WEBHOOK_ATTEMPTS.labels("ok" if a.ok else "failed").inc()
+            if a.ok and c.attempt == 1:
+                metrics.WEBHOOK_LATENCY.observe((a.attempted_at - c.created_at).total_seconds())
         off = await store.record(
             self._pool,
             attempts,
@@ -165,6 +170,7 @@ class Dispatcher:
             disable_after_s=s.disable_after_s,
         )
         for endpoint_id in off:
+            metrics.WEBHOOK_DISABLED.inc()
             log.warning("webhook.endpoint_disabled", endpoint_id=endpoint_id)
         return len(claimed) >= s.batch_max
 

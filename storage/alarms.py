@@ -28,6 +28,7 @@ from storage.pool import translating
 State = Literal["open", "acknowledged", "closed"]
 Action = Literal["acknowledge", "close", "clear"]
 STATES: tuple[State, ...] = ("open", "acknowledged", "closed")
+SWEEP_LOCK = 0x6E626D_616C726D  # advisory lock key of `sweep` ("nbm" "alrm")
 SEVERITIES = ("info", "warning", "major", "critical")
 
 # (state, action) -> (next state, the alarm event it logs)
@@ -144,12 +145,16 @@ async def transition(
 async def sweep(pool: asyncpg.Pool, now: datetime | None = None) -> tuple[int, int]:
     """Mark cleared the alarms whose meter sent a reading without the flag since the alarm
     was last seen, then close (`clear`) those cleared for their rule's auto_close_after_s
-    by `now` (default: the database's now). Returns (newly cleared, closed).
+    by `now` (default: the database's now). Returns (newly cleared, closed); (0, 0) when
+    another process is sweeping.
 
     Readings expanded from an interval batch or a billing-date register (Flag INTERVAL,
     BILLING_DATE) carry no status of their own and are not evidence of a clear condition.
     """
     async with pool.acquire() as conn, conn.transaction():
+        # one sweeper at a time across collector processes (the others skip this round)
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SWEEP_LOCK):
+            return 0, 0
         at = now or await conn.fetchval("SELECT now()")
         cleared = await conn.fetchval(
             "WITH c AS (SELECT a.alarm_id, (SELECT min(r.read_at) FROM readings r"

@@ -62,6 +62,7 @@ class Claimed:
     url: str
     secret: str
     body: bytes
+    created_at: datetime  # the event row's time, in the transaction that raised it
 
 
 @dataclass(frozen=True)
@@ -189,9 +190,9 @@ async def replay(
     since: datetime | None = None,
     event_ids: Sequence[str] | None = None,
 ) -> int:
-    """Queue again for the endpoint every tenant event since `since` (or those of
-    `event_ids`), delivered or not, also ones logged while it was disabled or filtered
-    by nothing but its being off. Returns how many rows are due now."""
+    """Queue again for the endpoint the tenant's events since `since` (or those of
+    `event_ids`) that its filter takes: delivered or not, and also those logged while it
+    was disabled. They keep their event ids. Returns how many rows are due now."""
     await get_endpoint(conn, tenant_id, endpoint_id)
     n = await conn.fetchval(
         "WITH q AS (INSERT INTO webhook_outbox (event_id, endpoint_id)"
@@ -253,13 +254,14 @@ async def claim(pool: asyncpg.Pool, limit: int, lease_s: float) -> list[Claimed]
         " FROM due, webhook_endpoints e, alarm_events ev"
         " WHERE o.event_id = due.event_id AND o.endpoint_id = due.endpoint_id"
         " AND e.endpoint_id = o.endpoint_id AND ev.event_id = o.event_id"
-        f" RETURNING o.event_id::text, o.endpoint_id, o.attempts, e.url, e.secret, {_BODY} AS body",
+        " RETURNING o.event_id::text, o.endpoint_id, o.attempts, e.url, e.secret,"
+        f" ev.created_at, {_BODY} AS body",
         limit,
         lease_s,
     )
     return [
         Claimed(r["event_id"], r["endpoint_id"], r["attempts"], r["url"], r["secret"],
-                r["body"].encode())
+                r["body"].encode(), r["created_at"])
         for r in rows
     ]  # fmt: skip
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +150,30 @@ def test_nbm1_v2_round_trip(battery: int | None, rsrp: int | None, ecl: int | No
     extra = _one(encode_interval(ADDRESS, BASE_T, 0, DELTAS, 0, figures))
     sent = {"battery_mv": battery, "rsrp_cdbm": rsrp, "ecl": ecl, "cell_id": cell}
     assert {k: extra.get(k) for k in sent} == sent
+
+
+VECTORS = Path(__file__).parents[2] / ".." / "shared" / "vectors"
+
+
+def _status_vectors() -> list[object]:
+    path = VECTORS / "wmbus_wmbusmeters.jsonl"
+    if not path.is_file():
+        reason = f"{path} absent: shared vector tests skipped (golden frames above still run)"
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
+    out = []
+    for n, line in enumerate(path.read_text().splitlines()):
+        v = json.loads(line)
+        if isinstance((v.get("expected") or {}).get("status"), str):
+            out.append(pytest.param(v, id=f"wmbus:{n}"))
+    return out
+
+
+@pytest.mark.parametrize("vector", _status_vectors())
+def test_wmbusmeters_power_low_is_battery_low(vector: dict) -> None:
+    """Real telegrams: battery_low is true exactly where wmbusmeters reports POWER_LOW."""
+    keys = {"*": bytes.fromhex(vector["key"])} if vector.get("key") else None
+    dec = decode_batch([bytes.fromhex(vector["hex"])], RX, keys=keys)
+    if dec.error_code[0] != ErrorCode.OK:
+        pytest.skip(f"not decoded here: {dec.error_message[0]}")
+    extra = dec.extra_of(0)
+    assert extra["battery_low"] is ("POWER_LOW" in vector["expected"]["status"])
