@@ -12,6 +12,10 @@ from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import TypedDict, cast
 
+import numpy as np
+
+from decoder.columns import Column, Decoded
+
 # what `_health_fields` asks the decoded columns for
 HEALTH_NAMES = (
     "battery_mv", "battery_v", "battery_pct", "battery_low", "meter_error",
@@ -65,3 +69,89 @@ def health_of(extra: Mapping[str, object]) -> Figures:
         flag = extra.get(name)
         out[name] = bool(flag) if isinstance(flag, bool | int) else None
     return cast("Figures", out)
+
+
+class HealthColumns:
+    """A decoded batch's health figures as per-frame arrays, built once per batch.
+
+    `figures(j)` is frame j's `Figures` (None when it reports none) and equals
+    `health_of(dec.extra_of(j, HEALTH_NAMES))`: the same names, precedence, units and
+    ranges, read column-wise (tests/collector/test_health_columns.py holds the two equal).
+    Frames with sparse fields (SenML packs) and columns of Python objects take the
+    per-frame path.
+    """
+
+    def __init__(self, dec: Decoded) -> None:
+        self._dec = dec
+        n = dec.n_frames
+        fields: Mapping[str, Column] = getattr(dec, "fields", None) or {}
+        self._columnar = hasattr(dec, "fields")
+        self._per_frame: set[int] = set(getattr(dec, "sparse", {}) or {})
+        self._values: dict[str, np.ndarray] = {}
+        self._present: dict[str, np.ndarray] = {}
+        for column, (names, (low, high)) in _SCALED.items():
+            value, present = np.zeros(n, np.int64), np.zeros(n, bool)
+            for name, factor in names:
+                col = fields.get(name)
+                if col is None:
+                    continue
+                got = _scaled_column(col, factor)
+                if got is None:  # objects: the per-frame path for the frames that have it
+                    self._per_frame.update(np.flatnonzero(_has(col, n)).tolist())
+                    continue
+                v, ok = got
+                take = ok & ~present
+                value[take], present[take] = v[take], True
+            self._values[column] = value
+            self._present[column] = present & (value >= low) & (value <= high)
+        for name in _FLAGS:
+            col = fields.get(name)
+            if col is None or col.values.dtype.kind not in "biu":
+                if col is not None:
+                    self._per_frame.update(np.flatnonzero(_has(col, n)).tolist())
+                self._present[name] = np.zeros(n, bool)
+                self._values[name] = np.zeros(n, bool)
+                continue
+            self._present[name] = _has(col, n)
+            self._values[name] = col.values.astype(bool)
+        self._any: list[bool] = np.logical_or.reduce(list(self._present.values())).tolist()
+        # Python lists: indexing them per frame is several times cheaper than numpy scalars
+        self._lists = [
+            (name, self._values[name].tolist(), present.tolist())
+            for name, present in self._present.items()
+            if present.any()
+        ]
+        self._absent: dict[str, None] = dict.fromkeys(self._present)
+
+    def figures(self, j: int) -> Figures | None:
+        """Frame j's figures, or None when it reports no health figure."""
+        if not self._columnar:
+            got = health_of(self._dec.extra[j])
+        elif j in self._per_frame:
+            got = health_of(self._dec.extra_of(j, HEALTH_NAMES))
+        elif not self._any[j]:
+            return None
+        else:
+            out: dict[str, int | bool | None] = dict(self._absent)
+            for name, values, present in self._lists:
+                if present[j]:
+                    out[name] = values[j]
+            got = cast("Figures", out)
+        return got if any(v is not None for v in got.values()) else None
+
+
+def _has(col: Column, n: int) -> np.ndarray:
+    return np.ones(n, bool) if col.present is None else np.asarray(col.present, bool)
+
+
+def _scaled_column(col: Column, factor: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(int64 values in the column's unit x factor, truncated as `health_of` does; present)
+    or None for a column of Python objects (or text)."""
+    if col.values.dtype.kind not in "iu" or col.render not in ("", "decimal"):
+        return None
+    n = len(col.values)
+    num = col.values.astype(np.int64) * factor
+    if col.render == "decimal":
+        div = np.int64(10) ** col.scales().astype(np.int64)
+        num = np.sign(num) * (np.abs(num) // div)  # int(Decimal): toward zero
+    return num, _has(col, n)

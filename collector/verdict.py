@@ -32,7 +32,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from collector.health import HEALTH_NAMES, health_of
+from collector.health import HealthColumns
 from collector.pipeline import Outcome, Uplink
 from collector.reasons import Reason
 from decoder.columns import Decoded, ErrorCode, Flag
@@ -252,20 +252,6 @@ def check(batch: list[Uplink], lay: Layout, dec: Decoded, plain_meter: Int64s) -
     return Checked(verdicts, meters, readings, kept_owner, lay)
 
 
-def _health_frames(dec: Decoded) -> npt.NDArray[np.bool_]:
-    """Per frame: whether it may carry a modem-health field (its columns, or sparse)."""
-    may = np.zeros(dec.n_frames, bool)
-    for name in HEALTH_NAMES:
-        column = dec.fields.get(name)
-        if column is not None and column.present is None:
-            return np.ones(dec.n_frames, bool)
-        if column is not None and column.present is not None:
-            may |= column.present
-    if dec.sparse:
-        may[list(dec.sparse)] = True
-    return may
-
-
 def _utc(epoch_s: float) -> datetime:
     return datetime.fromtimestamp(epoch_s, UTC)
 
@@ -363,7 +349,7 @@ def _archive(
     fmt = _per_uplink(lay, dec.format.astype(object, copy=False), "").tolist()
     code = _per_uplink(lay, dec.error_code, 0).tolist()
     notes = _per_uplink(lay, dec.frame_flags_or_zero.astype(np.int64), -1).tolist()  # FrameFlag
-    may_health = _per_uplink(lay, _health_frames(dec), False).tolist()
+    health_of_frame = HealthColumns(dec)  # collector.health: arrays, built once
     frame_of = lay.frame_of.tolist()
     for i, (uplink, outcome) in enumerate(zip(batch, outcomes, strict=True)):
         meter = checked.meter_of[i]
@@ -404,11 +390,11 @@ def _archive(
                     uplink.payload,
                 )
             )
-        if not quarantined and meter is not None and may_health[i]:
-            figures = health_of(dec.extra_of(frame_of[i], HEALTH_NAMES))  # collector.health
-            if any(v is not None for v in figures.values()):
-                measured_at = _utc(int(uplink.received_at))
-                health.append(HealthRow(meter, measured_at, received_at=received_at, **figures))
+        j = frame_of[i]
+        figures = health_of_frame.figures(j) if not quarantined and j >= 0 else None
+        if figures is not None and meter is not None:
+            measured_at = _utc(int(uplink.received_at))
+            health.append(HealthRow(meter, measured_at, received_at=received_at, **figures))
     return raw, quarantine, health, received
 
 
