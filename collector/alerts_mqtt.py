@@ -4,7 +4,7 @@ Every alarm event (`alarm_events`, the same JSON body and event id as its webhoo
 published once the broker acknowledges it (PUBACK), then marked `mqtt_sent_at`; until then
 it is published again after a restart (at least once: consumers de-duplicate on `id`).
 Publishing uses the collector's broker account, whose role is allowed to send on
-`nbmeter/+/alerts` (`collector.broker`); a tenant's consumer needs an account allowed to
+`nbmeter/+/alerts` (`devices.broker`); a tenant's consumer needs an account allowed to
 subscribe to its own topic.
 
 paho's network loop runs in its own thread; `publish` waits for the PUBACK off the event
@@ -37,7 +37,7 @@ def topic_of(slug: str) -> str:
 
 
 def consumer_commands(slug: str, username: str, password: str) -> list[dict[str, object]]:
-    """Dynamic-security commands (`collector.broker.dynsec`) for an account that may only
+    """Dynamic-security commands (`devices.broker.dynsec`) for an account that may only
     subscribe to tenant `slug`'s alert topic (replacing one of that name)."""
     role = f"alerts:{username}"
     acls: list[dict[str, object]] = [

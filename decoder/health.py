@@ -14,7 +14,10 @@ nbm1 v2 radio block or LwM2M objects 3/4, are decoded by that format, not here):
 - `meter_error` (bool): OMS STS application error / permanent / temporary error bits and
   `FD 17` error-flag records, Qalcosonic 0x08/0x10, CJ/T 188 valve abnormal, nbm1 status.
 
-A frame that failed to decode has no health.
+A frame decoded by a driver file (`decoder.drivers`: a raw `driver` payload, or a wM-Bus
+model whose payload is the vendor's, with no OMS status byte) carries a status bit only
+if its driver declares an `[[alarm]]` with that flag; its figures (`battery_v`,
+`rsrp_dbm`, ...) are its own fields. A frame that failed to decode has no health.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from decoder import drivers
 from decoder.columns import Column, Decoded, Flag
 
 # format key -> (Flag bit, column name) pairs its status carries. The decoders map each
@@ -55,6 +59,26 @@ def frame_flags(dec: Decoded) -> np.ndarray:
     return out
 
 
+def _driver_rows(dec: Decoded) -> np.ndarray:
+    """Per frame: the index of its driver in the `driver` label column, -1 for none."""
+    out = np.full(dec.n_frames, -1, np.int64)
+    col = dec.fields.get("driver")
+    if col is not None and col.render == "label" and col.values.dtype.kind in "iu":
+        has = np.ones(dec.n_frames, bool) if col.present is None else col.present
+        out[has] = col.values[has]
+    return out
+
+
+def _declared_flags(name: str) -> Flag:
+    """The flags driver `name` declares alarms for (none if it is not installed)."""
+    found = Flag.NONE
+    for d in drivers.installed():
+        if d.name == name:
+            for alarm in d.alarms:
+                found |= alarm.flag
+    return found
+
+
 def annotate(dec: Decoded) -> Decoded:
     """`dec` with the health columns of the module docstring added (in place; returned)."""
     n = dec.n_frames
@@ -65,13 +89,23 @@ def annotate(dec: Decoded) -> Decoded:
     flags = frame_flags(dec)
     values: dict[str, np.ndarray] = {name: np.zeros(n, bool) for name in HEALTH_COLUMNS}
     present: dict[str, np.ndarray] = {name: np.zeros(n, bool) for name in HEALTH_COLUMNS}
+    by_driver = _driver_rows(dec)
     for key, carried in _CARRIED.items():  # a loop over formats, not frames
-        rows = ok & (formats == key)
+        rows = ok & (formats == key) & (by_driver < 0)
         if not rows.any():
             continue
         for flag, name in carried:
             values[name] |= rows & ((flags & np.uint32(flag)) != 0)
             present[name] |= rows
+    driver_col = dec.fields.get("driver")
+    for d in np.unique(by_driver[ok & (by_driver >= 0)]).tolist():  # a loop over drivers
+        assert driver_col is not None  # by_driver >= 0 only where the column is
+        declared = _declared_flags(driver_col.labels[d])
+        rows = ok & (by_driver == d)
+        for flag, name in ((Flag.LOW_BATTERY, "battery_low"), (Flag.METER_ERROR, "meter_error")):
+            if flag in declared:
+                values[name] |= rows & ((flags & np.uint32(flag)) != 0)
+                present[name] |= rows
     for name in HEALTH_COLUMNS:
         if present[name].any() and name not in dec.fields:
             every = bool(present[name].all())

@@ -18,16 +18,19 @@ Errors: `EndpointNotFoundError`, other `storage.errors`.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+import structlog
 
+from storage import notify
 from storage.errors import StorageError
 from storage.pool import translating
+
+log = structlog.get_logger("storage.webhooks")
 
 CHANNEL = "nbmeter_alarms"  # NOTIFY payload: the tenant id (nbm_alarm_event)
 APP_NAME = "nbmeter-alarms"
@@ -351,32 +354,18 @@ async def mark_alerts_sent(pool: asyncpg.Pool, event_ids: Sequence[str]) -> None
     )
 
 
-async def listen_alarms(
-    dsn: str, on_notify: Callable[[], None], *, retry_max_s: float = 5.0, check_every_s: float = 5.0
-) -> None:
-    """LISTEN on `CHANNEL` until cancelled, calling `on_notify()` for each notification and
-    once after each (re)connect (anything committed while away is then looked for)."""
-    delay = 0.2
-    while True:
-        conn: asyncpg.Connection | None = None
-        lost = asyncio.Event()
-        try:
-            conn = await asyncpg.connect(
-                dsn, timeout=5.0, server_settings={"application_name": APP_NAME}
-            )
-            conn.add_termination_listener(lambda _c, ev=lost: ev.set())
-            await conn.add_listener(CHANNEL, lambda *_: on_notify())
-            on_notify()
-            delay = 0.2
-            while not lost.is_set():
-                try:
-                    await asyncio.wait_for(lost.wait(), check_every_s)
-                except TimeoutError:
-                    await conn.fetchval("SELECT 1", timeout=check_every_s)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            pass
-        finally:
-            if conn is not None and not conn.is_closed():
-                conn.terminate()
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, retry_max_s)
+async def listen_alarms(dsn: str, wake: Callable[[], None], *, check_every_s: float = 5.0) -> None:
+    """Forever: call `wake()` on each NOTIFY `CHANNEL` and each time listening (re)starts
+    (an event committed while the connection was down was missed: look). The loop is
+    `storage.notify.listen`'s."""
+
+    def state(up: bool, why: str | None) -> None:
+        if up:
+            wake()
+        else:
+            log.info("alarms_listener.lost", why=why)
+
+    await notify.listen(
+        dsn, CHANNEL, lambda _payload: wake(), state, app_name=APP_NAME,
+        check_every_s=check_every_s, check_timeout_s=check_every_s,
+    )  # fmt: skip

@@ -7,15 +7,14 @@ import json
 import time
 
 import asyncpg
+from collector_testkit import RawCoap, cjt188_frame, hour
+from conftest import add_meter, new_address
+from webhook_receiver import FAST, dispatching, start_receiver
 
 from collector.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from decoder.columns import Flag
 from decoder.interval import ModemHealth, encode_interval
 from storage import webhooks as hooks
-from tests.collector.collector_testkit import RawCoap, cjt188_frame, hour
-from tests.collector.conftest import add_meter, new_address
-from tests.collector.test_webhooks import FAST, _dispatching
-from tests.collector.webhook_receiver import start_receiver
 
 
 async def test_uplink_to_health_alarm_and_webhook(
@@ -33,7 +32,7 @@ async def test_uplink_to_health_alarm_and_webhook(
             await add_meter(pool, lab_tenant, cjt),
             await add_meter(pool, lab_tenant, nbm),
         )
-        async with _dispatching(pool, db_url, FAST):
+        async with dispatching(pool, db_url, FAST):
             reply = await raw.post(
                 cjt188_frame(cjt, 1_230_000, hour(5), status=0x04), query=f"t={lab_tenant}"
             )

@@ -12,13 +12,13 @@ from datetime import UTC, datetime
 
 import asyncpg
 import paho.mqtt.client as paho
+from brokerkit import Broker
 from paho.mqtt.enums import CallbackAPIVersion
 
 from collector.alerts_mqtt import AlertPublisher, consumer_commands, topic_of
-from collector.broker import dynsec
 from collector.mqtt import BrokerAddress
+from devices.broker import dynsec
 from storage.events import EventRow, write_events
-from tests.brokerkit import Broker
 
 
 def _subscriber(

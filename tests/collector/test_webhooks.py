@@ -13,19 +13,17 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 import pytest
+from webhook_receiver import FAST, Receiver, dispatching, start_receiver
 
-from collector.settings import WebhookSettings
 from collector.webhooks import (
     EVENT_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
-    Dispatcher,
     backoff,
     sign,
     verify,
@@ -33,12 +31,7 @@ from collector.webhooks import (
 from storage import alarms
 from storage import webhooks as hooks
 from storage.events import EventRow, write_events
-from tests.collector.webhook_receiver import Receiver, start_receiver
 
-FAST = WebhookSettings(
-    timeout_s=2.0, lease_s=2.0, poll_s=0.1, backoff_base_s=0.05, backoff_max_s=0.2,
-    disable_after_failures=1000, disable_after_s=3600.0,
-)  # fmt: skip
 REPO = Path(__file__).parents[2]
 
 
@@ -77,20 +70,6 @@ async def _raise(pool: asyncpg.Pool, tenant: int, n: int, kind: str = "leak") ->
     return meters
 
 
-@asynccontextmanager
-async def _dispatching(
-    pool: asyncpg.Pool, db_url: str, settings: WebhookSettings = FAST
-) -> AsyncIterator[Dispatcher]:
-    stop = asyncio.Event()
-    d = Dispatcher(pool, settings, db_url)
-    task = asyncio.create_task(d.run(stop))
-    try:
-        yield d
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-
-
 async def _events_of(pool: asyncpg.Pool, tenant: int) -> set[str]:
     rows = await pool.fetch("SELECT event_id::text FROM alarm_events WHERE tenant_id = $1", tenant)
     return {r["event_id"] for r in rows}
@@ -120,7 +99,7 @@ async def test_signature_verifies_at_the_receiver(
     tenant = await _tenant(pool)
     _, secret = await hooks.create_endpoint(pool, tenant, receiver.url)
     [meter] = await _raise(pool, tenant, 1, "burst")
-    async with _dispatching(pool, db_url):
+    async with dispatching(pool, db_url):
         [event_id] = await receiver.wait_for(1)
     got = receiver.seen[0]
     headers = {k.lower(): v for k, v in got.headers.items()}
@@ -145,7 +124,7 @@ async def test_receiver_failing_three_times_gets_every_event_once(
     endpoint, _ = await hooks.create_endpoint(pool, tenant, receiver.url)
     receiver.fail_first = 3
     await _raise(pool, tenant, 6)
-    async with _dispatching(pool, db_url):
+    async with dispatching(pool, db_url):
         await receiver.wait_for(6)
         await asyncio.sleep(0.3)  # anything delivered twice would arrive meanwhile
     accepted = Counter(receiver.delivered())
@@ -200,7 +179,7 @@ async def test_kill_9_of_the_dispatcher_loses_no_event(
             first.kill()
     assert receiver.delivered() == []  # nothing was answered before the kill
     receiver.hang_s = 0.0
-    async with _dispatching(pool, db_url):
+    async with dispatching(pool, db_url):
         await receiver.wait_for(5)
     assert set(receiver.delivered()) == await _events_of(pool, tenant)
     states = await pool.fetch(
@@ -222,7 +201,7 @@ async def test_sustained_failure_disables_then_enable_and_replay(
     receiver.always_fail = True
     strict = FAST.model_copy(update={"disable_after_failures": 3, "disable_after_s": 0.0})
     await _raise(pool, tenant, 1)
-    async with _dispatching(pool, db_url, strict):
+    async with dispatching(pool, db_url, strict):
         deadline = time.monotonic() + 15
         while (await hooks.get_endpoint(pool, tenant, eid))["enabled"]:
             assert time.monotonic() < deadline, "endpoint never disabled"
@@ -262,7 +241,7 @@ async def test_filters_and_ack_events(pool: asyncpg.Pool, db_url: str, receiver:
         await _raise(pool, tenant, 1, "low_battery")
         [leak] = await alarms.list_alarms(pool, tenant, meter_id=leak_meter)
         await alarms.transition(pool, tenant, leak["alarm_id"], "acknowledge", key_id=None)
-        async with _dispatching(pool, db_url):
+        async with dispatching(pool, db_url):
             await receiver.wait_for(1)
             await other.wait_for(1)
             await asyncio.sleep(0.3)

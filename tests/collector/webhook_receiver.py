@@ -1,7 +1,8 @@
-"""A real HTTP receiver for webhook tests: a threaded server on a free loopback port.
+"""Webhook test kit: a real HTTP receiver (a threaded server on a free loopback port) and
+an in-process dispatcher with fast retries.
 
-It records every request (event id, headers, body, the status it answered) and answers
-by a script: `fail_first` requests get 500, requests while `hang_s` > 0 sleep first.
+The receiver records every request (event id, headers, body, the status it answered) and
+answers by a script: `fail_first` requests get 500, requests while `hang_s` > 0 sleep first.
 """
 
 from __future__ import annotations
@@ -9,9 +10,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+import asyncpg
+
+from collector.settings import WebhookSettings
+from collector.webhooks import Dispatcher
 
 
 @dataclass
@@ -93,3 +101,24 @@ def start_receiver(**script: Any) -> Receiver:
     holder.append(receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return receiver
+
+
+FAST = WebhookSettings(
+    timeout_s=2.0, lease_s=2.0, poll_s=0.1, backoff_base_s=0.05, backoff_max_s=0.2,
+    disable_after_failures=1000, disable_after_s=3600.0,
+)  # fmt: skip
+
+
+@asynccontextmanager
+async def dispatching(
+    pool: asyncpg.Pool, db_url: str, settings: WebhookSettings = FAST
+) -> AsyncIterator[Dispatcher]:
+    """A dispatcher delivering in this process until the block ends."""
+    stop = asyncio.Event()
+    d = Dispatcher(pool, settings, db_url)
+    task = asyncio.create_task(d.run(stop))
+    try:
+        yield d
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)

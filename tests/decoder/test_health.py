@@ -177,3 +177,13 @@ def test_wmbusmeters_power_low_is_battery_low(vector: dict) -> None:
         pytest.skip(f"not decoded here: {dec.error_message[0]}")
     extra = dec.extra_of(0)
     assert extra["battery_low"] is ("POWER_LOW" in vector["expected"]["status"])
+
+
+def test_driver_file_frames_carry_what_their_driver_declares() -> None:
+    """ACME NB-1 (a driver declaring low_battery): battery_low from its status and its own
+    battery_v / rsrp_dbm fields; nothing about meter errors, which it does not declare."""
+    extra = _one(bytes.fromhex("AC4E0186001234567887D61200804F1200807E0E6B00001C0EA13A39"))
+    assert extra["battery_low"] is False
+    assert "meter_error" not in extra
+    assert str(extra["battery_v"]) == "3.612"
+    assert extra["rsrp_dbm"] == -95
