@@ -51,6 +51,7 @@ SIGNATURE_HEADER = "Nbmeter-Signature"
 TIMESTAMP_HEADER = "Nbmeter-Timestamp"
 EVENT_HEADER = "Nbmeter-Event-Id"
 _MAX_ERROR = 300
+_MAX_ANSWER = 64 * 1024  # bytes of a receiver's answer read at most
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -188,8 +189,15 @@ class Dispatcher:
         status: int | None = None
         error: str | None = None
         try:
-            response = await client.post(c.url, content=c.body, headers=headers)
-            status = response.status_code
+            # at most _MAX_ANSWER bytes of the answer are read (a short one fully, so the
+            # connection is kept alive): a receiver cannot make us buffer a large body
+            async with client.stream("POST", c.url, content=c.body, headers=headers) as response:
+                status = response.status_code
+                seen = 0
+                async for chunk in response.aiter_raw():
+                    seen += len(chunk)
+                    if seen > _MAX_ANSWER:
+                        break
             if not 200 <= status < 300:
                 error = f"HTTP {status}"
         except httpx.HTTPError as exc:
