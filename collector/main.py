@@ -26,6 +26,7 @@ from collector.keys import MeterKeys
 from collector.logs import configure_logging
 from collector.mqtt import MqttSubscriber
 from collector.pipeline import Pipeline
+from collector.platform_http import PlatformServer, build_app
 from collector.redecode import Redecoder
 from collector.settings import CollectorSettings
 from collector.store import BatchStore
@@ -97,7 +98,26 @@ async def run(
             )
             if mqtt is not None:
                 await mqtt.start()
-            log.info("collector.started", coap_port=settings.coap.port, mqtt=mqtt is not None)
+            coaps = None
+            if settings.dtls.port:
+                from collector.coap_dtls import DtlsServer  # needs the `dtls` extra
+
+                coaps = DtlsServer(
+                    settings.dtls, settings.coap, pipeline, pool, key, settings.database_url
+                )
+                await coaps.start()
+            platform = None
+            if settings.platform.port:
+                app = build_app(settings.platform, pipeline, pool, key)
+                platform = PlatformServer(settings.platform, app)
+                await platform.start()
+            log.info(
+                "collector.started",
+                coap_port=settings.coap.port,
+                mqtt=mqtt is not None,
+                platform_port=settings.platform.port or None,
+                coaps_port=settings.dtls.port or None,
+            )
             if started is not None:
                 started.set()
             await stop.wait()
@@ -118,6 +138,10 @@ async def run(
                 await mqtt.drain_and_stop()
             await asyncio.sleep(0.05)  # let CoAP handlers send the answers just resolved
             await coap.shutdown()
+            if platform is not None:
+                await platform.shutdown()
+            if coaps is not None:
+                await coaps.shutdown()
     finally:
         if http is not None:
             with contextlib.suppress(Exception):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-TRANSPORT_NAMES = {1: "coap", 2: "coap_oscore", 3: "mqtt"}
+TRANSPORT_NAMES = {1: "coap", 2: "coap_oscore", 3: "mqtt", 6: "platform", 7: "coap_dtls"}
 
 UPLINKS = Counter(
     "nbmeter_collector_uplinks_total",
@@ -37,6 +37,11 @@ ACK_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 QUEUE_DEPTH = Gauge("nbmeter_collector_queue_depth", "Uplinks offered but not yet committed.")
+PLATFORM_REFUSED = Counter(
+    "nbmeter_collector_platform_refused_total",
+    "Platform pushes refused before the pipeline (malformed, bad signature, stale...), by code.",
+    ["code"],
+)
 DB_FAILURES = Counter(
     "nbmeter_collector_commit_failures_total", "Batch commits that failed and were retried."
 )

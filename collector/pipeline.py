@@ -46,6 +46,8 @@ class Transport(enum.IntEnum):
     COAP = 1  # plain CoAP, lab tenants only
     COAP_OSCORE = 2
     MQTT = 3
+    PLATFORM = 6  # an operator IoT platform's HTTP push (4 import/api, 5 bench/test)
+    COAP_DTLS = 7  # CoAP over DTLS 1.2 PSK
 
 
 class PipelineFull(Exception):

@@ -4,7 +4,9 @@ Top level: NBMETER_DATABASE_URL (required, from storage.settings), NBMETER_MQTT_
 no MQTT), NBMETER_CREDENTIALS_KEY (base64 32 bytes; opens the sealed OSCORE secrets),
 NBMETER_METRICS_PORT (0: off).
 Sections use a double underscore: NBMETER_COAP__PORT=5684, NBMETER_PIPELINE__BATCH_MAX=256,
-NBMETER_MQTT__CLIENT_ID=collector-b. A misspelt key inside a section fails at startup.
+NBMETER_MQTT__CLIENT_ID=collector-b,
+NBMETER_PLATFORM__PORT=8443 (the operator-platform push endpoint). A misspelt key inside
+a section fails at startup.
 """
 
 from __future__ import annotations
@@ -127,6 +129,33 @@ class WebhookSettings(_Section):
     pool_size: int = Field(3, ge=2)
 
 
+class DtlsSettings(_Section):
+    """CoAP over DTLS 1.2 PSK (collector.coap_dtls); port 0: off. Needs the `dtls` extra."""
+
+    host: str = "127.0.0.1"  # one address: the transport cannot bind the any-address
+    port: int = Field(0, ge=0, le=65535)  # 5684 is coaps' port
+    reload_s: float = Field(5.0, gt=0)  # a new or rotated PSK takes effect within this
+    max_sessions: int = Field(10_000, ge=1)  # DTLS sessions kept (LRU beyond)
+
+
+class PlatformSettings(_Section):
+    """The operator-platform push endpoint (collector.platform_http); port 0: off."""
+
+    host: str = "127.0.0.1"  # where the platforms (or the TLS proxy in front) reach it
+    port: int = Field(0, ge=0, le=65535)
+    tls_certfile: str | None = None  # HTTPS straight from uvicorn (else a proxy terminates)
+    tls_keyfile: str | None = None
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    ack_wait_s: float = Field(10.0, gt=0)  # longest a push waits before a 503
+    retry_after_s: int = Field(30, ge=0)  # Retry-After of a 503
+    max_pending: int = Field(20_000, ge=1)  # pipeline depth past which pushes get 503
+    # a message's platform time may be this old (platforms retry and back-log) or ahead
+    max_age_s: float = Field(3600.0, gt=0)
+    max_ahead_s: float = Field(300.0, ge=0)
+    secret_ttl_s: float = Field(5.0, gt=0)  # a rotated endpoint secret takes effect within
+    device_ttl_s: float = Field(30.0, gt=0)  # a re-mapped platform identity takes effect within
+
+
 class CollectorSettings(DatabaseSettings):
     """Everything `collector.main.run` needs; read from the environment (prefix NBMETER_)."""
 
@@ -147,3 +176,5 @@ class CollectorSettings(DatabaseSettings):
     pipeline: PipelineSettings = PipelineSettings()
     redecode: RedecodeSettings = RedecodeSettings()
     webhooks: WebhookSettings = WebhookSettings()  # the alert dispatcher (collector.webhooks)
+    platform: PlatformSettings = PlatformSettings()
+    dtls: DtlsSettings = DtlsSettings()

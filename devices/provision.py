@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import string
 from dataclasses import dataclass, field
 
 from devices.broker import BrokerError, dynsec
 from devices.topics import device_username, uplink_topic
-from storage import credentials
+from storage import credentials, dtls
+from storage import platforms as platform_store
 from storage.pool import Connection, connected
 
 OSCORE_ALGORITHM = "AES-CCM-16-64-128"  # RFC 8613 default; HKDF SHA-256
 SERVER_SENDER_ID = b"\x00"  # our Sender ID: unique per context, so one value serves all
+_PSK_ALPHABET = string.ascii_letters + string.digits
 
 
 class ProvisionError(Exception):
@@ -40,6 +43,8 @@ class ProvisionedDevice:
     address: str
     oscore: dict[str, str] = field(default_factory=dict)  # hex; the device's point of view
     mqtt: dict[str, str] = field(default_factory=dict)  # username, password, topic
+    platforms: dict[str, str] = field(default_factory=dict)  # platform -> its device identity
+    dtls: dict[str, str] = field(default_factory=dict)  # psk_identity, psk (and its hex)
 
 
 def _broker_commands(username: str, password: str, topic: str) -> list[dict[str, object]]:
@@ -75,14 +80,24 @@ async def provision_device(
     meter_format: str = "cjt188",
     oscore: bool = True,
     aes_key: bytes | None = None,
+    platform_ids: dict[str, str] | None = None,
+    dtls_psk: bool = False,
 ) -> ProvisionedDevice:
     """Create or rotate the credentials of meter `address` of tenant `tenant_slug`.
 
     OSCORE when `oscore`; an MQTT account when `mqtt_admin_url` (the broker's admin URL,
     NBMETER_MQTT_ADMIN_URL) is given; the meter's AES-128 key (16 bytes, OMS security
-    mode 5 / ELL) is stored sealed when `aes_key` is given, and never returned. Returns
+    mode 5 / ELL) is stored sealed when `aes_key` is given, and never returned.
+    `platform_ids` maps an operator platform (onenet, oceanconnect) to the identity it
+    names the meter by (device id or IMEI), so that platform's pushes reach it.
+    `dtls_psk` makes a DTLS-PSK identity and key for coaps:// (stored sealed). Returns
     the secrets to show once.
     """
+    platform_ids = platform_ids or {}
+    for platform, device_id in platform_ids.items():
+        if platform not in platform_store.PLATFORMS or not 1 <= len(device_id) <= 128:
+            msg = f"platform identity {platform}={device_id!r}: name one of"
+            raise ProvisionError(f"{msg} {', '.join(platform_store.PLATFORMS)}, 1-128 chars")
     try:
         key = credentials.parse_key(credentials_key)
     except ValueError as exc:
@@ -103,6 +118,18 @@ async def provision_device(
         meter = credentials.MeterRef(meter_id, tenant[0], address)
         if aes_key is not None:
             await credentials.store_aes_key(conn, key, meter, aes_key)
+        for platform, device_id in platform_ids.items():
+            await platform_store.store_device(conn, meter, platform, device_id)
+        dtls_out: dict[str, str] = {}
+        if dtls_psk:
+            # random identity: it travels in the clear in the handshake, so it names
+            # neither tenant nor meter. The key: 16 bytes (tinydtls' DTLS_PSK_MAX_KEY_LEN)
+            # of letters and digits (about 95 bits), since coap-client and many modules
+            # take it as text; psk_hex for those that take hex
+            identity = secrets.token_hex(8)
+            psk = "".join(secrets.choice(_PSK_ALPHABET) for _ in range(16))
+            await dtls.store_psk(conn, key, meter, identity, psk.encode())
+            dtls_out = {"psk_identity": identity, "psk": psk, "psk_hex": psk.encode().hex()}
         oscore_out: dict[str, str] = {}
         if oscore:
             oscore_out = await _new_oscore(conn, key, meter)
@@ -121,7 +148,31 @@ async def provision_device(
             # broker last, inside the transaction: a failure leaves no half-made row
             await _apply_on_broker(mqtt_admin_url, username, password, topic)
             mqtt_out = {"username": username, "password": password, "topic": topic}
-    return ProvisionedDevice(meter_id, tenant_slug, address, oscore_out, mqtt_out)
+    return ProvisionedDevice(
+        meter_id, tenant_slug, address, oscore_out, mqtt_out, dict(platform_ids), dtls_out
+    )
+
+
+async def create_platform_secret(
+    database_url: str, tenant_slug: str, platform: str, *, credentials_key: str
+) -> str:
+    """Create (or rotate) tenant `tenant_slug`'s endpoint secret for `platform`; return it.
+
+    Stored sealed under the credentials key; shown once. The old secret stops working
+    within the collectors' `secret_ttl_s` (5 s)."""
+    if platform not in platform_store.PLATFORMS:
+        raise ProvisionError(f"no platform {platform!r}: {', '.join(platform_store.PLATFORMS)}")
+    try:
+        key = credentials.parse_key(credentials_key)
+    except ValueError as exc:
+        raise ProvisionError(f"NBMETER_CREDENTIALS_KEY: {exc}") from exc
+    secret = secrets.token_urlsafe(24)  # URL-safe: OceanConnect carries it in the URL
+    async with connected(database_url, "creating a platform secret") as conn, conn.transaction():
+        tenant = await credentials.tenant_by_slug(conn, tenant_slug)
+        if tenant is None:
+            raise ProvisionError(f"no tenant {tenant_slug!r}: create it first")
+        await platform_store.store_secret(conn, key, tenant[0], platform, secret.encode())
+    return secret
 
 
 @dataclass(frozen=True)
@@ -133,6 +184,7 @@ class RevokedDevice:
     address: str
     oscore: bool  # an OSCORE context was deleted
     mqtt: str | None  # the broker account deleted, if there was one
+    dtls: bool = False  # a DTLS-PSK credential was deleted
 
 
 async def revoke_device(
@@ -152,6 +204,7 @@ async def revoke_device(
         if meter_id is None:
             raise ProvisionError(f"no active meter {address!r} in tenant {tenant_slug!r}")
         had_oscore = await credentials.revoke_oscore(conn, meter_id)
+        had_dtls = await dtls.revoke_psk(conn, meter_id)
         username = await credentials.revoke_mqtt(conn, meter_id)
         if username is not None:
             if mqtt_admin_url is None:
@@ -162,7 +215,7 @@ async def revoke_device(
                 raise ProvisionError(msg)
             # broker last, inside the transaction: a failure leaves the account in both
             await _delete_on_broker(mqtt_admin_url, username)
-    return RevokedDevice(meter_id, tenant_slug, address, had_oscore, username)
+    return RevokedDevice(meter_id, tenant_slug, address, had_oscore, username, had_dtls)
 
 
 async def _delete_on_broker(admin_url: str, username: str) -> None:

@@ -139,11 +139,14 @@ async def provision_credentials(
     tenant: str,
     mqtt_admin_url: str | None,
     aes_keys: dict[str, bytes] | None = None,
+    dtls: set[str] | None = None,
+    platform: set[str] | None = None,
 ) -> dict[str, DeviceCredentials]:
     """ADAPTER: OSCORE/MQTT secrets per (address, kind, format, oscore, mqtt), in-process.
 
     Calls `devices.provision.provision_device` for each meter (see the module docstring);
-    `aes_keys` (address -> OMS AES-128 key) are stored with their meters.
+    `aes_keys` (address -> OMS AES-128 key) are stored with their meters; the addresses in
+    `dtls` get a DTLS-PSK credential, those in `platform` a OneNET identity (an IMEI).
     """
     from devices.provision import ProvisionError, provision_device
 
@@ -154,15 +157,40 @@ async def provision_credentials(
                 database_url, tenant, address, credentials_key=credentials_key,
                 mqtt_admin_url=mqtt_admin_url if want_mqtt else None, kind=kind,
                 meter_format=fmt, oscore=want_oscore, aes_key=(aes_keys or {}).get(address),
+                dtls_psk=address in (dtls or ()),
+                platform_ids={"onenet": imei_of(address)} if address in (platform or ()) else None,
             )  # fmt: skip
         except ProvisionError as exc:
             raise BackendError(f"provision {address}: {exc}") from exc
-        out[address] = credentials_from(dev.oscore, dev.mqtt)
+        out[address] = credentials_from(dev.oscore, dev.mqtt, dev.dtls, dev.platforms)
     return out
 
 
-def credentials_from(oscore: dict[str, str], mqtt: dict[str, str]) -> DeviceCredentials:
-    """`DeviceCredentials` from the provisioning output (hex OSCORE, MQTT account)."""
+def imei_of(address: str) -> str:
+    """A 15-digit IMEI-like platform identity for a simulated meter (stable per address)."""
+    digits = "".join(c for c in address if c.isdigit())
+    return ("86" + digits)[-15:].rjust(15, "0")
+
+
+async def create_platform_secret(database_url: str, tenant: str, credentials_key: str) -> str:
+    """ADAPTER: the tenant's OneNET endpoint secret (created or rotated), in-process."""
+    from devices.provision import ProvisionError
+    from devices.provision import create_platform_secret as create
+
+    try:
+        return await create(database_url, tenant, "onenet", credentials_key=credentials_key)
+    except ProvisionError as exc:
+        raise BackendError(f"platform secret: {exc}") from exc
+
+
+def credentials_from(
+    oscore: dict[str, str],
+    mqtt: dict[str, str],
+    dtls: dict[str, str] | None = None,
+    platforms: dict[str, str] | None = None,
+) -> DeviceCredentials:
+    """`DeviceCredentials` from the provisioning output (hex OSCORE, MQTT account, DTLS
+    identity and key, platform identities)."""
     return DeviceCredentials(
         oscore=OscoreCredentials(
             sender_id=bytes.fromhex(oscore["sender_id"]),
@@ -173,6 +201,8 @@ def credentials_from(oscore: dict[str, str], mqtt: dict[str, str]) -> DeviceCred
         if oscore
         else None,
         mqtt=MqttCredentials(mqtt["username"], mqtt["password"], mqtt["topic"]) if mqtt else None,
+        dtls=(dtls["psk_identity"], dtls["psk"]) if dtls else None,
+        platform_id=(platforms or {}).get("onenet"),
     )
 
 
@@ -191,10 +221,19 @@ def credentials_json(creds: dict[str, DeviceCredentials]) -> dict[str, Any]:
         if c.mqtt:
             entry["mqtt"] = {"username": c.mqtt.username, "password": c.mqtt.password,
                              "topic": c.mqtt.topic}  # fmt: skip
+        if c.dtls:
+            entry["dtls"] = {"psk_identity": c.dtls[0], "psk": c.dtls[1]}
+        if c.platform_id:
+            entry["platforms"] = {"onenet": c.platform_id}
         out[address] = entry
     return out
 
 
 def credentials_load(obj: dict[str, Any]) -> dict[str, DeviceCredentials]:
     """Inverse of `credentials_json`."""
-    return {a: credentials_from(e.get("oscore") or {}, e.get("mqtt") or {}) for a, e in obj.items()}
+    return {
+        a: credentials_from(
+            e.get("oscore") or {}, e.get("mqtt") or {}, e.get("dtls"), e.get("platforms")
+        )
+        for a, e in obj.items()
+    }

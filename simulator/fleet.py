@@ -47,11 +47,24 @@ class Transport(enum.StrEnum):
     COAP_NON = "coap-non"
     MQTT_QOS0 = "mqtt-qos0"
     MQTT_QOS1 = "mqtt-qos1"
+    COAP_DTLS = "coap-dtls"  # CON over a DTLS-PSK session the device keeps open
+    PLATFORM_ONENET = "platform-onenet"  # through an operator platform's HTTP push
 
     @property
     def is_coap(self) -> bool:
-        """True for the two CoAP message types."""
+        """True for the two plain/OSCORE CoAP message types (raw UDP in the simulator)."""
         return self in (Transport.COAP_CON, Transport.COAP_NON)
+
+    @property
+    def is_mqtt(self) -> bool:
+        """True for the two MQTT QoS levels."""
+        return self in (Transport.MQTT_QOS0, Transport.MQTT_QOS1)
+
+    @property
+    def answers_refusals(self) -> bool:
+        """True when the collector's refusal reaches the device (MQTT acknowledges a
+        quarantined message: the device learns nothing)."""
+        return not self.is_mqtt
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,10 @@ class FleetSpec:
     gas_share: float = 0.3
     report_window_s: tuple[int, int] = (1 * SECONDS_PER_HOUR, 5 * SECONDS_PER_HOUR)
     tenant: str = "sim"
+    # shares of the fleet moved to DTLS-PSK CoAP and to an operator platform (OneNET push),
+    # drawn from a stream of their own: with both 0 the fleet is the same as without them
+    dtls_share: float = 0.0
+    platform_share: float = 0.0
 
     def __post_init__(self) -> None:
         """Reject impossible specs early, with the field that is wrong."""
@@ -138,6 +155,11 @@ class FleetSpec:
             raise ValueError(f"days must be >= 1, got {self.days}")
         if self.start_s % SECONDS_PER_DAY:
             raise ValueError("start_s must be a UTC midnight")
+        if (
+            not 0 <= self.dtls_share + self.platform_share <= 1
+            or min(self.dtls_share, self.platform_share) < 0
+        ):
+            raise ValueError("dtls_share and platform_share must be >= 0 and sum to <= 1")
         lo, hi = self.report_window_s
         if not 0 <= lo < hi <= SECONDS_PER_DAY:
             raise ValueError(f"report window {self.report_window_s} is not within one day")
@@ -223,6 +245,7 @@ def build_fleet(spec: FleetSpec) -> Fleet:
     sizes = rng.lognormal(mean=0.0, sigma=0.35, size=n)
     transports = list(TRANSPORT_MIX)
     transport_pick = _pick(rng, dict(TRANSPORT_MIX), n)
+    moved = np.random.default_rng([spec.seed, 0xD715]).random(n)
     water_formats, gas_formats = list(FORMAT_MIX[Kind.WATER]), list(FORMAT_MIX[Kind.GAS])
     water_pick = _pick(rng, dict(FORMAT_MIX[Kind.WATER]), n)
     gas_pick = _pick(rng, dict(FORMAT_MIX[Kind.GAS]), n)
@@ -241,7 +264,7 @@ def build_fleet(spec: FleetSpec) -> Fleet:
                 service_point=f"sp-{prefix:07d}-{i:06d}",
                 kind=kind,
                 format=fmt,
-                transport=transports[transport_pick[i]],
+                transport=_moved(transports[transport_pick[i]], float(moved[i]), spec),
                 register=reg,
                 report_offset_s=int(offsets[i]),
                 seed=int(seeds[i]),
@@ -253,6 +276,14 @@ def build_fleet(spec: FleetSpec) -> Fleet:
             )
         )
     return Fleet(spec=spec, meters=tuple(meters))
+
+
+def _moved(transport: Transport, draw: float, spec: FleetSpec) -> Transport:
+    if draw < spec.dtls_share:
+        return Transport.COAP_DTLS
+    if draw < spec.dtls_share + spec.platform_share:
+        return Transport.PLATFORM_ONENET
+    return transport
 
 
 def meter_prefix(fleet: Fleet) -> int:

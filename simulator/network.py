@@ -85,6 +85,8 @@ def draw(model: NetworkModel, transport: Transport, rng: np.random.Generator) ->
         # the ACK can be lost only if a retransmission is still allowed to follow
         reply_lost = lost_tx < MAX_RETRANSMIT and bool(rng.random() < model.loss)
         return Delivery(lost_tx, reply_lost, False, round(latency))
-    if transport is Transport.MQTT_QOS1:
+    if transport in (Transport.MQTT_QOS1, Transport.COAP_DTLS, Transport.PLATFORM_ONENET):
+        # TCP, or a DTLS session whose CON retransmissions the library makes (the emulator
+        # cannot drop records inside it), or the platform's own delivery: not lost here
         return Delivery(latency_ms=round(latency))
     return Delivery(lost=bool(rng.random() < model.loss), latency_ms=round(latency))

@@ -21,10 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from simulator import truthfile
-from simulator.backend import Backend, credentials_json, iso, m3_text, provision_credentials
+from simulator.backend import (
+    Backend,
+    create_platform_secret,
+    credentials_json,
+    iso,
+    m3_text,
+    provision_credentials,
+)
 from simulator.faults import Fault
-from simulator.fleet import Meter
-from simulator.runner import DeviceCredentials
+from simulator.fleet import Meter, Transport
+from simulator.runner import PLATFORM_SECRET, DeviceCredentials
 from simulator.schedule import Uplink
 from simulator.truth import Truth
 
@@ -132,13 +139,21 @@ class Provisioning:
             return
         wanted = [
             (m.address, str(m.kind), str(m.format),
-             m.transport.is_coap and not target.plain_coap, not m.transport.is_coap)
+             m.transport.is_coap and not target.plain_coap, m.transport.is_mqtt)
             for m in meters
         ]  # fmt: skip
+        platform = {m.address for m in meters if m.transport is Transport.PLATFORM_ONENET}
+        if platform and PLATFORM_SECRET not in self.creds:
+            secret = await create_platform_secret(
+                target.database_url, target.tenant, target.credentials_key
+            )
+            self.creds[PLATFORM_SECRET] = DeviceCredentials(platform_id=secret)
         self.creds.update(await provision_credentials(
             wanted, database_url=target.database_url, credentials_key=target.credentials_key,
             tenant=target.tenant, mqtt_admin_url=target.mqtt_admin_url,
             aes_keys={m.address: m.oms_key for m in meters if m.oms_key},
+            dtls={m.address for m in meters if m.transport is Transport.COAP_DTLS},
+            platform=platform,
         ))  # fmt: skip
 
     async def start(self, *, exchanges_now: bool) -> dict[str, DeviceCredentials]:

@@ -33,10 +33,13 @@ from dataclasses import dataclass, field
 from simulator import backlog, frames
 from simulator.backlog import ACKED, DeviceLog
 from simulator.coap import CoapEndpoint, CoapResult, DeviceContext, OscoreCredentials
+from simulator.dtls import DtlsDevices
 from simulator.faults import Outcome
 from simulator.fleet import SECONDS_PER_DAY, Transport
 from simulator.mqtt import MqttCredentials, MqttResult, publish
 from simulator.network import Delivery, NetworkModel
+from simulator.platform import Message as PlatformMessage
+from simulator.platform import PlatformEmulator
 from simulator.schedule import Uplink
 from simulator.truth import Truth
 
@@ -45,10 +48,15 @@ BUSY_RETRIES = 3
 
 @dataclass(frozen=True)
 class DeviceCredentials:
-    """What one simulated device authenticates with (either may be absent)."""
+    """What one simulated device authenticates with (any may be absent)."""
 
     oscore: OscoreCredentials | None = None
     mqtt: MqttCredentials | None = None
+    dtls: tuple[str, str] | None = None  # (PSK identity, PSK text)
+    platform_id: str | None = None  # how the operator platform names it (IMEI)
+
+
+PLATFORM_SECRET = "_platform_secret"  # the tenant's push endpoint secret, in the creds map
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,8 @@ class RunConfig:
     time_scale: float = 0.5
     sockets: int = 32
     network: NetworkModel | None = None  # the emulated network resends go through
+    coaps_port: int = 5684  # DTLS-PSK meters (coap_host)
+    platform_url: str = "http://127.0.0.1:8443"  # the collector's push endpoint
 
 
 @dataclass
@@ -211,6 +221,16 @@ class Sender:
         self.seqs_start = first_resend_seq  # resends are numbered from here on
         self.seqs = itertools.count(first_resend_seq)
         self.summary = Summary()
+        self.dtls = DtlsDevices(config.coap_host, config.coaps_port)
+        secret = creds.get(PLATFORM_SECRET)
+        self.platform = (
+            PlatformEmulator(
+                "onenet", config.platform_url, config.tenant, secret.platform_id,
+                batch_max=1, time_scale=config.time_scale,
+            )
+            if secret is not None and secret.platform_id
+            else None
+        )  # fmt: skip
 
     async def open(self) -> None:
         """Open the CoAP sockets (each is one device 'address')."""
@@ -280,6 +300,10 @@ class Sender:
     async def _send(self, up: Uplink) -> str:
         s, meter = self.summary, self.truth.meters[up.meter]
         payload = frames.encode(self.truth, up, self.registers)
+        if meter.transport is Transport.COAP_DTLS:
+            return await self._send_dtls(up, payload)
+        if meter.transport is Transport.PLATFORM_ONENET:
+            return await self._send_platform(up, payload)
         extra = up.copies - 1
         if meter.transport.is_coap:
             delivery = Delivery(up.lost_transmissions, False, up.outcome == "lost", up.latency_ms)
@@ -334,6 +358,60 @@ class Sender:
         elif backlog.category(word) == "timeout":
             s.timeouts += 1
         return word
+
+    async def _send_dtls(self, up: Uplink, payload: bytes) -> str:
+        s, meter = self.summary, self.truth.meters[up.meter]
+        cred = self.creds.get(meter.address)
+        if cred is None or cred.dtls is None:
+            return "no_dtls_credentials"
+        for _ in range(BUSY_RETRIES + 1):
+            result = await self.dtls.post(meter.address, cred.dtls, payload)
+            s.sent += 1
+            s.transmissions += 1
+            if result.code != "5.03":
+                break
+            s.busy += 1
+            await asyncio.sleep((result.max_age_s or 1) * self.config.time_scale)
+        return self._coap_word(result)
+
+    def _coap_word(self, result: CoapResult) -> str:
+        s = self.summary
+        if not result.answered:
+            s.timeouts += 1
+            return "timeout"
+        if result.code.startswith("2."):
+            s.acknowledged += 1
+            return ACKED
+        if result.code == "5.03":
+            return f"busy: {_reason(result)}"
+        if result.code.startswith("5."):
+            return f"server_error: {result.code} {_reason(result)}"
+        return _reason(result)
+
+    async def _send_platform(self, up: Uplink, payload: bytes) -> str:
+        s, meter = self.summary, self.truth.meters[up.meter]
+        cred = self.creds.get(meter.address)
+        if self.platform is None or cred is None or cred.platform_id is None:
+            return "no_platform_identity"
+        # the meter's CoAP reached the platform (acknowledged there); the push is the
+        # platform's: its verdict is what the meter's report became
+        got, pushes = await self.platform.send(
+            PlatformMessage(cred.platform_id, payload, time.time())
+        )
+        s.sent += 1
+        s.transmissions += pushes
+        s.retried += max(0, pushes - 1)
+        if got == "acked":
+            s.acknowledged += 1
+            return ACKED
+        if got.startswith("refused: "):  # "refused: 403 identity_mismatch" -> the reason
+            return got.split(" ", 2)[-1] or got
+        return f"busy: {got}"  # dropped after the platform's retries: resent next wake-up
+
+    async def aclose(self) -> None:
+        """Close the sockets and the DTLS sessions."""
+        self.close()
+        await self.dtls.close()
 
 
 def _release_at(ups: list[Uplink], config: RunConfig) -> Callable[[int], float]:
@@ -415,7 +493,7 @@ async def send_all(
         # a task group wraps what it ends with: show the simulator's own error as it is
         raise (group.exceptions[0] if len(group.exceptions) == 1 else group) from None
     finally:
-        sender.close()
+        await sender.aclose()
     summary = sender.summary
     for meter, log in sender.logs.items():
         removed = truth.meters[meter].removed_h < truth.fleet.spec.hours

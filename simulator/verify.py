@@ -251,7 +251,7 @@ def _account(
         elif outcome is Outcome.QUARANTINED:
             for u in by_fault.get((kind, meter), []):
                 got = results.get(u.seq, "")
-                if got == "acked" and m.transport.is_coap:
+                if got == "acked" and m.transport.answers_refusals:
                     why = f"uplink {u.seq} was stored, want quarantine {expect}"
             if meter in bad_meters:
                 why = why or "the meter's reads are wrong"

@@ -1,4 +1,5 @@
-"""A migrated scratch database on the stack's server, dropped afterwards.
+"""A migrated scratch database on the stack's server, dropped afterwards; a TCP proxy to
+it whose cut models a database outage.
 
 Shared by the session's `db_url` fixture (tests/conftest.py) and tests that need a database
 no other part of the session touches (e.g. one no running collector drains).
@@ -6,6 +7,8 @@ no other part of the session touches (e.g. one no running collector drains).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -41,3 +44,47 @@ async def migrated_database(server_url: str, prefix: str = "nbmeter_test") -> As
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to the database; `cut()` and `restore()` model an outage."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        """Listen (on the same port again after a cut); nothing if it listens already."""
+        if self._server is not None:
+            return
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        """Reset every open connection and refuse new ones."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        self._writers -= {writer, up_writer}

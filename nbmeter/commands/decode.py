@@ -3,6 +3,11 @@
 One JSON object per frame, in input order: `ok`, `format`, `meter_id`, `total_m3`, the
 other decoded fields with units in their names, and `error` when the frame fails. A bad
 line never stops the run; the exit code is 1 when any frame failed, so scripts notice.
+
+`--platform onenet|oceanconnect [FILE]` reads one operator-platform push body (the file,
+or stdin) instead: one line per message it carries, with the platform's device identity,
+its time and the payload, then what the payload decodes to. The push's signature is not
+checked here (that needs the tenant's secret: the collector checks it).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 from collector.drivers import install_files
 from decoder.drivers import DriverError
 from decoder.jsonl import json_lines
-from decoder.view import decode_frames, parse_input_line
+from decoder.view import decode_frames, frame_records, parse_input_line
 
 
 def _load_keys(path: str | None) -> dict[str, bytes]:
@@ -50,10 +55,44 @@ def _install_drivers(paths: list[str] | None) -> None:
         raise SystemExit(f"nbmeter decode: {exc}") from exc
 
 
+def _run_push(args: argparse.Namespace, keys: dict[str, bytes]) -> int:
+    from datetime import UTC, datetime
+
+    from devices import platforms
+
+    source = args.frames[0] if args.frames else "-"
+    try:
+        body = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+        envelope = platforms.read(args.platform, body)
+    except OSError as exc:
+        raise SystemExit(f"nbmeter decode: {source}: {exc}") from exc
+    except platforms.PushRejected as exc:
+        print(json.dumps({"ok": False, "error": f"{exc.code}: {exc.detail}"}))
+        return 1
+    received = args.received_at if args.received_at is not None else int(time.time())
+    frames = [m.payload for m in envelope.messages]
+    records = frame_records(frames, received, keys=keys, frame_keys={})
+    failed = 0
+    for message, record in zip(envelope.messages, records, strict=True):
+        failed += not record.get("ok", False)
+        head = {
+            "platform": envelope.platform,
+            "device_id": message.device_id,
+            "platform_time": datetime.fromtimestamp(message.at_s, UTC).isoformat(),
+            "payload_hex": message.payload.hex(),
+        }
+        print(json.dumps(head | record, ensure_ascii=False, default=str))
+    if envelope.ignored:
+        print(json.dumps({"ignored": envelope.ignored, "why": "no uplink data (status, commands)"}))
+    return 1 if failed else 0
+
+
 def run_decode(args: argparse.Namespace) -> int:
     """Decode the frames named by `args`, print JSON lines; 1 if any frame failed."""
     _install_drivers(args.driver)
     keys = _load_keys(args.keys)
+    if args.platform:
+        return _run_push(args, keys)
     lines = args.frames or [line for line in sys.stdin if line.strip()]
     received = args.received_at if args.received_at is not None else int(time.time())
     frames: list[bytes] = []
@@ -92,5 +131,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--received-at", type=int, help="receive time, UTC epoch seconds (default now)"
+    )
+    parser.add_argument(
+        "--platform",
+        choices=["onenet", "oceanconnect"],
+        help="the input (a FILE argument, or stdin) is one push body of this platform",
     )
     parser.set_defaults(func=run_decode)

@@ -1,8 +1,10 @@
 """`nbmeter demo`: the whole system with a demo fleet, then the bills checked against truth.
 
-Starts the collector (CoAP + MQTT) and the billing API as background processes, creates a
-fresh demo tenant with an admin API key, runs the simulator's fleet (1,000 meters over one
-billing cycle, every fault class on) through the real transports, then `sim verify`
+Starts the collector (CoAP + MQTT, coaps with the `dtls` extra, the platform push endpoint)
+and the billing API as background processes, creates a fresh demo tenant with an admin API
+key, runs the simulator's fleet (1,000 meters over one billing cycle, every fault class on;
+a tenth on DTLS-PSK and a tenth behind an emulated OneNET platform) through the real
+transports, then `sim verify`
 compares the API's billing-cycle reads with the ground truth and plots one meter. The
 collector and the API stay up afterwards so the printed curl works; `nbmeter demo --stop`
 stops them. Exit status is verify's.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import signal
 import socket
@@ -26,7 +29,10 @@ from nbmeter.stack.config import load_config
 
 API_PORT = 8000
 COAP_PORT = 5683
+COAPS_PORT = 5684  # DTLS-PSK meters, when the `dtls` extra is installed
+PUSH_PORT = 8443  # meters behind an emulated operator platform (OneNET push)
 METRICS_PORT = 9464
+SHARE = "0.1"  # of the fleet on DTLS-PSK, and again behind the platform
 
 
 def _say(message: str) -> None:
@@ -144,9 +150,12 @@ def _run(args: argparse.Namespace) -> int:
         if not env.get(var):
             msg = f'{var} is not set: run `make demo`, or eval "$(nbmeter stack env)" first'
             raise SystemExit(f"nbmeter demo: {msg}")
+    dtls = importlib.util.find_spec("DTLSSocket") is not None
     for port, kind, what in ((API_PORT, socket.SOCK_STREAM, "API"),
-                             (COAP_PORT, socket.SOCK_DGRAM, "CoAP")):  # fmt: skip
-        if not _free(port, kind):
+                             (COAP_PORT, socket.SOCK_DGRAM, "CoAP"),
+                             (COAPS_PORT if dtls else 0, socket.SOCK_DGRAM, "coaps"),
+                             (PUSH_PORT, socket.SOCK_STREAM, "platform push")):  # fmt: skip
+        if port and not _free(port, kind):
             raise SystemExit(f"nbmeter demo: port {port} for the {what} is taken")
     slug = f"demo-{uuid.uuid4().hex[:6]}"
     api_key = asyncio.run(_tenant(env["NBMETER_DATABASE_URL"], slug))
@@ -160,22 +169,29 @@ def _run(args: argparse.Namespace) -> int:
             **env,
             "NBMETER_MQTT__CLIENT_ID": "nbmeter-demo-collector",
             "NBMETER_MQTT__SHARE_GROUP": "nbmeter-demo",
+            "NBMETER_PLATFORM__PORT": str(PUSH_PORT),
+            **({"NBMETER_DTLS__PORT": str(COAPS_PORT)} if dtls else {}),
         },
     )
     api = _start("api", ["api", "--host", "127.0.0.1", "--port", str(API_PORT)], env)
     _wait_port(COAP_PORT, collector, "collector", udp=True)
     _wait_port(API_PORT, api, "api")
     api_url = f"http://127.0.0.1:{API_PORT}"
-    _say(f"collector on udp/{COAP_PORT} + MQTT, API on {api_url}")
+    coaps = f", coaps udp/{COAPS_PORT}" if dtls else " (no coaps: the dtls extra is not installed)"
+    _say(f"collector on udp/{COAP_PORT} + MQTT{coaps}, platform push tcp/{PUSH_PORT}")
+    _say(f"API on {api_url}")
     run_dir = _state_dir() / slug
     common = ["--tenant", slug, "--api-url", api_url, "--api-key", api_key,
-              "--coap-port", str(COAP_PORT), "--mqtt-url", env["NBMETER_MQTT_URL"]]  # fmt: skip
+              "--coap-port", str(COAP_PORT), "--mqtt-url", env["NBMETER_MQTT_URL"],
+              "--coaps-port", str(COAPS_PORT),
+              "--platform-url", f"http://127.0.0.1:{PUSH_PORT}"]  # fmt: skip
+    shares = ["--platform-share", SHARE, *(["--dtls-share", SHARE] if dtls else [])]
     sim_env = {**env, "NBMETER_API_KEY": api_key}
     started = time.monotonic()
     code = _sim(
         ["run", "--meters", str(args.meters), "--days", str(args.days), "--seed", "1",
          "--faults", "all", "--loss", "0.02", "--time-scale", "1",
-         "--run-dir", str(run_dir), *common],
+         "--run-dir", str(run_dir), *shares, *common],
         sim_env,
     )  # fmt: skip
     if code != 0:

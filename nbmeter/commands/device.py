@@ -5,6 +5,9 @@ Prints the secrets once, as JSON on stdout (the database keeps only sealed or ha
 copies). Needs NBMETER_CREDENTIALS_KEY and the database (NBMETER_DATABASE_URL, or the local
 stack's); an MQTT account is created when NBMETER_MQTT_ADMIN_URL is set and --no-mqtt is
 not given.
+`--dtls` adds a DTLS-PSK identity and key (coaps://, shown once, stored sealed).
+`--platform onenet=IMEI` (or `oceanconnect=DEVICE_ID`, repeatable) maps the identity an
+operator platform names the meter by, so that platform's pushes reach it.
 `--aes-key HEX` stores an OMS meter's AES-128 key (32 hex digits), sealed; it is not
 printed back. `revoke` deletes the OSCORE context and broker account (the meter and its
 readings stay); running collectors refuse the device as soon as it commits.
@@ -38,10 +41,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-oscore", action="store_true", help="no OSCORE context")
     p.add_argument("--no-mqtt", action="store_true", help="no broker account")
     p.add_argument(
+        "--dtls", action="store_true", help="a DTLS-PSK identity and key for coaps:// (udp/5684)"
+    )
+    p.add_argument(
         "--aes-key",
         type=_aes_key,
         metavar="HEX",
         help="the meter's OMS/wM-Bus AES-128 key, 32 hex digits (stored sealed)",
+    )
+    p.add_argument(
+        "--platform",
+        dest="platform_ids",
+        action="append",
+        type=_platform_id,
+        default=[],
+        metavar="PLATFORM=ID",
+        help="the identity an operator platform names the meter by, e.g. onenet=<IMEI> or"
+        " oceanconnect=<deviceId> (repeatable)",
     )
     p.set_defaults(func=_provision)
     r = sub.add_parser("revoke", help="delete a meter's OSCORE context and broker account")
@@ -74,6 +90,15 @@ def _aes_key(text: str) -> bytes:
     return raw
 
 
+def _platform_id(text: str) -> tuple[str, str]:
+    """`onenet=869...` -> ("onenet", "869..."); argparse reports the ValueError."""
+    platform, sep, device_id = text.partition("=")
+    if not sep or not platform or not device_id:
+        msg = "write PLATFORM=ID, e.g. onenet=869975031234567"
+        raise ValueError(msg)
+    return platform.strip(), device_id.strip()
+
+
 def _provision(args: argparse.Namespace) -> int:
     from devices.provision import ProvisionError, provision_device
     from storage.errors import StorageError
@@ -96,6 +121,8 @@ def _provision(args: argparse.Namespace) -> int:
                 meter_format=args.meter_format,
                 oscore=not args.no_oscore,
                 aes_key=args.aes_key,
+                platform_ids=dict(args.platform_ids),
+                dtls_psk=args.dtls,
             )
         )
     except (ProvisionError, StorageError) as exc:

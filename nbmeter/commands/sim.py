@@ -56,6 +56,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-scale", type=float, default=0.5,
                    help="scales CoAP timeouts and latency (1 = RFC 7252 timing)")  # fmt: skip
     p.add_argument("--cycle-days", type=int, default=10, help="billing cycle length")
+    p.add_argument(
+        "--dtls-share",
+        type=float,
+        default=0.0,
+        help="fraction of meters on DTLS-PSK CoAP (default 0)",
+    )
+    p.add_argument(
+        "--platform-share",
+        type=float,
+        default=0.0,
+        help="fraction of meters behind an operator platform (OneNET push)",
+    )
 
 
 def _conn_args(p: argparse.ArgumentParser) -> None:
@@ -67,6 +79,12 @@ def _conn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coap-port", type=int, default=int(_env("NBMETER_COAP_PORT", "5683") or 0))
     p.add_argument("--mqtt-url", default=_env("NBMETER_MQTT_URL", "mqtt://127.0.0.1:1883"))
     p.add_argument("--plain-coap", action="store_true", help="no OSCORE (lab tenants only)")
+    p.add_argument("--coaps-port", type=int, default=int(_env("NBMETER_COAPS_PORT", "5684") or 0))
+    p.add_argument(
+        "--platform-url",
+        default=_env("NBMETER_PLATFORM_URL", "http://127.0.0.1:8443"),
+        help="the collector's platform push endpoint (base URL)",
+    )
 
 
 def _spec(args: argparse.Namespace) -> FleetSpec:
@@ -76,7 +94,8 @@ def _spec(args: argparse.Namespace) -> FleetSpec:
     else:  # the simulated period ends today, so no reading is in the future
         start_s = (int(time.time()) // SECONDS_PER_DAY - args.days) * SECONDS_PER_DAY
     return FleetSpec(meters=args.meters, days=args.days, seed=args.seed, start_s=start_s,
-                     gas_share=args.gas_share, tenant=args.tenant)  # fmt: skip
+                     gas_share=args.gas_share, tenant=args.tenant,
+                     dtls_share=args.dtls_share, platform_share=args.platform_share)  # fmt: skip
 
 
 def _network(args: argparse.Namespace) -> NetworkModel:
@@ -149,7 +168,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         coap_host=args.coap_host, coap_port=args.coap_port, mqtt_url=args.mqtt_url,
         tenant=args.tenant, plain_coap=args.plain_coap, concurrency=args.concurrency,
         rate=args.rate, speed=args.speed, herd=args.herd, time_scale=args.time_scale,
-        network=_network(args),
+        network=_network(args), coaps_port=args.coaps_port, platform_url=args.platform_url,
     )  # fmt: skip
     creds_file = args.run_dir / "credentials.json"
     prov = None

@@ -4,6 +4,8 @@ nbmeter tenant create SLUG [--key-expires-in 90d]    a tenant and its first admi
 nbmeter tenant key create SLUG [--scope S]... [--expires-in 90d]
 nbmeter tenant key list SLUG
 nbmeter tenant key revoke SLUG KEY_ID                 refused at once by every API process
+nbmeter tenant platform-secret SLUG PLATFORM          the push endpoint secret (onenet,
+                                                      oceanconnect), shown once; rotates
 """
 
 from __future__ import annotations
@@ -117,6 +119,27 @@ async def _key_revoke(dsn: str, args: argparse.Namespace) -> None:
     print(f"API key {args.key_id} revoked", file=sys.stderr)
 
 
+async def _platform_secret(dsn: str, args: argparse.Namespace) -> None:
+    import os
+
+    from devices.provision import ProvisionError, create_platform_secret
+
+    key = os.environ.get("NBMETER_CREDENTIALS_KEY")
+    if not key:
+        msg = "set NBMETER_CREDENTIALS_KEY (eval $(nbmeter stack env))"
+        raise ValueError(msg)
+    try:
+        secret = await create_platform_secret(dsn, args.slug, args.platform, credentials_key=key)
+    except ProvisionError as exc:
+        raise ValueError(str(exc)) from exc
+    path = f"/p/{args.slug}/{args.platform}"
+    if args.platform == "oceanconnect":
+        path += f"/{secret}"
+    print(f"{args.platform} endpoint of tenant {args.slug}: POST <base URL>{path}", file=sys.stderr)
+    print("the secret is shown once (the platform's token), store it now:", file=sys.stderr)
+    print(secret)
+
+
 def _runner(action: Callable[[str, argparse.Namespace], Coroutine[Any, Any, None]]) -> Any:
     def run(args: argparse.Namespace) -> int:
         from nbmeter.commands._env import database_url
@@ -159,3 +182,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("slug")
     p.add_argument("key_id")
     p.set_defaults(func=_runner(_key_revoke))
+
+    p = actions.add_parser(
+        "platform-secret", help="create or rotate the tenant's push endpoint secret (shown once)"
+    )
+    p.add_argument("slug")
+    p.add_argument("platform", choices=["onenet", "oceanconnect"])
+    p.set_defaults(func=_runner(_platform_secret))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -255,6 +257,9 @@ def compose_command(cfg: StackConfig) -> list[str] | None:
     return None
 
 
+DTLS_SOCKET = "DTLSSocket==0.2.3"  # as pinned in pyproject's `dtls` extra
+
+
 def tools(cfg: StackConfig) -> list[str]:
     """Install the test tools (coap-client, docker compose v2) where possible; describe them."""
     notes: list[str] = []
@@ -263,9 +268,15 @@ def tools(cfg: StackConfig) -> list[str]:
             apt_install(["libcoap3-bin"])
         else:
             notes.append("coap-client missing (Debian package libcoap3-bin): interop test skips")
+    if importlib.util.find_spec("DTLSSocket") is None:  # the `dtls` extra (coaps://)
+        if is_root() and codename():
+            apt_install(["autoconf", "automake", "libtool"])  # it builds tinydtls
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", DTLS_SOCKET], check=False)
+        if importlib.util.find_spec("DTLSSocket") is None:
+            notes.append(f"{DTLS_SOCKET} missing (the dtls extra): DTLS-PSK tests skip")
     if compose_command(cfg) is None:
         if is_root() and (cfg.root / "usr/bin/apt-get").exists():
             apt_install(["docker-compose"], root=cfg.root)
         else:
             notes.append("docker compose v2 missing: the compose file check skips")
-    return notes or ["test tools present: coap-client, docker compose"]
+    return notes or ["test tools present: coap-client, DTLSSocket, docker compose"]

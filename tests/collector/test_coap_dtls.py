@@ -1,0 +1,171 @@
+"""DTLS-PSK CoAP (coaps://) interop: Debian's coap-client-openssl (libcoap3-bin), a DTLS
+client that is not ours, against an in-process collector with the coaps listener on.
+
+RFC 6347 (DTLS 1.2) with RFC 4279 PSK: the device sends its PSK identity in the
+handshake; the collector finds the key (and the meter) by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import shutil
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from brokerkit import free_port
+from collector_testkit import cjt188_frame, hour
+from conftest import count, new_address
+
+from collector.main import run
+from collector.settings import CoapSettings, CollectorSettings, DtlsSettings
+from devices.provision import provision_device, revoke_device
+
+CLIENT = shutil.which("coap-client-openssl")
+pytestmark = [
+    pytest.mark.skipif(
+        CLIENT is None, reason="coap-client-openssl not installed (nbmeter stack tools)"
+    ),
+    pytest.mark.skipif(
+        importlib.util.find_spec("DTLSSocket") is None,
+        reason="DTLSSocket (tinydtls) not installed: pip install '.[dtls]' (nbmeter stack tools)",
+    ),
+]
+
+_READINGS = "SELECT count(*) FROM readings r JOIN meters m USING (meter_id) WHERE m.address = $1"
+_ARCHIVED = (
+    "SELECT count(*) FROM raw_uplinks WHERE transport = 7"
+    " AND meter_id = (SELECT meter_id FROM meters WHERE address = $1)"
+)
+_QUARANTINED = (
+    "SELECT count(*) FROM quarantine q JOIN meters m USING (meter_id)"
+    " WHERE m.address = $1 AND q.reason = $2"
+)
+
+
+@pytest.fixture(scope="module")
+async def coaps_port(db_url: str, credentials_key: str) -> AsyncIterator[int]:
+    """An in-process collector with coaps on a free UDP port (credential reload 0.2 s)."""
+    port = free_port(socket.SOCK_DGRAM)
+    settings = CollectorSettings(
+        database_url=db_url,
+        mqtt_url=None,
+        credentials_key=credentials_key,  # type: ignore[arg-type]
+        metrics_port=0,
+        coap=CoapSettings(host="127.0.0.1", port=free_port(socket.SOCK_DGRAM)),
+        dtls=DtlsSettings(host="127.0.0.1", port=port, reload_s=0.2),
+    )
+    stop, started = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run(settings, stop=stop, started=started))
+    await asyncio.wait_for(started.wait(), 20)
+    yield port
+    stop.set()
+    await asyncio.wait_for(task, 40)
+
+
+@pytest.fixture
+async def dtls_device(
+    pool: asyncpg.Pool, db_url: str, credentials_key: str
+) -> tuple[str, dict[str, str]]:
+    """A meter provisioned with a DTLS-PSK credential (in a tenant of its own); waits for
+    the collector's credential table to pick it up."""
+    slug = f"d-{uuid.uuid4().hex[:12]}"
+    await pool.execute("INSERT INTO tenants (slug, name) VALUES ($1, $1)", slug)
+    address = new_address()
+    device = await provision_device(
+        db_url, slug, address, credentials_key=credentials_key, oscore=False, dtls_psk=True
+    )
+    await asyncio.sleep(0.5)  # > reload_s
+    return address, device.dtls
+
+
+async def _post(port: int, identity: str, key: str, frame: bytes, tmp: Path) -> tuple[int, str]:
+    """coap-client-openssl -u IDENTITY -k KEY POSTing `frame` to coaps://.../u."""
+    path = tmp / f"{uuid.uuid4().hex}.bin"
+    path.write_bytes(frame)
+    assert CLIENT is not None
+    proc = await asyncio.create_subprocess_exec(
+        CLIENT,
+        "-m", "post", "-f", str(path), "-u", identity, "-k", key, "-v", "7", "-B", "8",
+        f"coaps://127.0.0.1:{port}/u",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+async def test_psk_client_gets_changed_after_storage(
+    coaps_port: int, dtls_device: tuple[str, dict[str, str]], pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """coap-client-openssl with the provisioned identity and key gets 2.04, and the
+    reading is committed by then."""
+    address, cred = dtls_device
+    frame = cjt188_frame(address, 120_000, hour(50))
+    code, out = await _post(coaps_port, cred["psk_identity"], cred["psk"], frame, tmp_path)
+    assert "c:2.04" in out, out
+    assert code == 0, out
+    assert await count(pool, _READINGS, address) == 1
+
+
+@pytest.mark.parametrize("wrong", ["key", "identity"])
+async def test_wrong_key_or_unknown_identity_fails_the_handshake(
+    coaps_port: int,
+    dtls_device: tuple[str, dict[str, str]],
+    pool: asyncpg.Pool,
+    tmp_path: Path,
+    wrong: str,
+) -> None:
+    """A wrong key or an identity nobody has: no CoAP answer at all, nothing stored."""
+    address, cred = dtls_device
+    identity = cred["psk_identity"] if wrong == "key" else "0123456789abcdef"
+    key = "0" * 32 if wrong == "key" else cred["psk"]
+    frame = cjt188_frame(address, 130_000, hour(51))
+    _, out = await _post(coaps_port, identity, key, frame, tmp_path)
+    assert "c:2." not in out, out
+    assert "c:4." not in out, out
+    assert await count(pool, _READINGS, address) == 0
+    assert await count(pool, _ARCHIVED, address) == 0
+
+
+async def test_other_meters_frame_is_quarantined_403(
+    coaps_port: int, dtls_device: tuple[str, dict[str, str]], pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """A device using its PSK to send another meter's frame: 4.03, quarantined as
+    identity_mismatch under its own meter, nothing stored."""
+    address, cred = dtls_device
+    frame = cjt188_frame(new_address(), 140_000, hour(52))
+    _, out = await _post(coaps_port, cred["psk_identity"], cred["psk"], frame, tmp_path)
+    assert "c:4.03" in out, out
+    assert await count(pool, _READINGS, address) == 0
+    assert await count(pool, _QUARANTINED, address, "identity_mismatch") == 1
+
+
+async def test_revoked_key_fails_at_once(
+    coaps_port: int,
+    dtls_device: tuple[str, dict[str, str]],
+    pool: asyncpg.Pool,
+    db_url: str,
+    tmp_path: Path,
+) -> None:
+    """`device revoke` reaches the collector by NOTIFY (incremental reads only add keys):
+    0.1 s later a handshake with the old key fails and nothing more is stored."""
+    address, cred = dtls_device
+    ok = cjt188_frame(address, 150_000, hour(53))
+    _, out = await _post(coaps_port, cred["psk_identity"], cred["psk"], ok, tmp_path)
+    assert "c:2.04" in out, out
+    slug = await pool.fetchval(
+        "SELECT t.slug FROM tenants t JOIN meters m USING (tenant_id) WHERE m.address = $1",
+        address,
+    )
+    revoked = await revoke_device(db_url, slug, address)
+    assert revoked.dtls
+    await asyncio.sleep(0.1)
+    later = cjt188_frame(address, 160_000, hour(54))
+    _, out = await _post(coaps_port, cred["psk_identity"], cred["psk"], later, tmp_path)
+    assert "c:2." not in out, out
+    assert await count(pool, _READINGS, address) == 1
