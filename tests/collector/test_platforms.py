@@ -153,7 +153,9 @@ def test_decode_command_shows_what_a_push_carries(
     items = [_item(FRAME.hex(), now), {"type": 2, "dev_id": 42, "status": 0, "at": 1}]
     path = tmp_path / "push.json"
     path.write_bytes(onenet_body(items, b"t", "n"))
-    args = argparse.Namespace(frames=[str(path)], keys=None, received_at=None, platform="onenet")
+    args = argparse.Namespace(
+        frames=[str(path)], keys=None, received_at=None, platform="onenet", driver=None
+    )
     assert run_decode(args) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines[0]["device_id"] == "869975031234567"
