@@ -169,3 +169,32 @@ async def test_revoked_key_fails_at_once(
     _, out = await _post(coaps_port, cred["psk_identity"], cred["psk"], later, tmp_path)
     assert "c:2." not in out, out
     assert await count(pool, _READINGS, address) == 1
+
+
+async def test_open_session_of_a_revoked_key_gets_401(
+    coaps_port: int, dtls_device: tuple[str, dict[str, str]], pool: asyncpg.Pool, db_url: str
+) -> None:
+    """A device keeps its DTLS session open (as modules do); once its key is revoked its
+    next request on that same session gets 4.01 and stores nothing."""
+    from simulator.dtls import DtlsDevices
+
+    address, cred = dtls_device
+    devices = DtlsDevices("127.0.0.1", coaps_port, timeout_s=15)
+    try:
+        ok = await devices.post(
+            address, (cred["psk_identity"], cred["psk"]), cjt188_frame(address, 170_000, hour(55))
+        )
+        assert ok.code == "2.04"
+        slug = await pool.fetchval(
+            "SELECT t.slug FROM tenants t JOIN meters m USING (tenant_id) WHERE m.address = $1",
+            address,
+        )
+        await revoke_device(db_url, slug, address)
+        await asyncio.sleep(0.1)
+        after = await devices.post(
+            address, (cred["psk_identity"], cred["psk"]), cjt188_frame(address, 180_000, hour(56))
+        )
+    finally:
+        await devices.close()
+    assert after.code == "4.01", after
+    assert await count(pool, _READINGS, address) == 1
