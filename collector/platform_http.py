@@ -43,7 +43,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from collector import metrics
+from collector import metrics, reasons
 from collector.pipeline import (
     NOT_YET_DURABLE,
     Device,
@@ -63,8 +63,9 @@ from storage.pool import Pool, connection
 
 log = structlog.get_logger("collector.platform_http")
 
-# quarantine reason -> HTTP status (every other reason: 422, the payload is unusable)
-_STATUS = {"identity_mismatch": 403, "unknown_device": 404, "too_large": 413}
+# the reason's CoAP answer (collector.reasons, the one table) as HTTP; every other
+# quarantine reason (4.00: undecodable, clock...) is 422, the payload is unusable
+_HTTP = {reasons.FORBIDDEN: 403, reasons.NOT_FOUND: 404, reasons.REQUEST_ENTITY_TOO_LARGE: 413}
 _KIND = "platform"
 
 
@@ -211,7 +212,7 @@ class PushHandler:
         meter = meters.get(message.device_id)
         if meter is None:  # quarantined with the tenant: the frame is kept for a look
             reject = (
-                "unknown_device",
+                reasons.Reason.UNKNOWN_DEVICE,
                 f"no meter is provisioned as {platform} {message.device_id}",
             )
             return Uplink(
@@ -247,10 +248,12 @@ class PushHandler:
     def _answer(envelope: platforms.Envelope, outcomes: list[Outcome]) -> Response:
         counts = {"stored": 0, "duplicate": 0, "quarantined": 0, "ignored": envelope.ignored}
         refused: list[dict[str, object]] = []
+        status = 0
         for message, outcome in zip(envelope.messages, outcomes, strict=True):
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
             metrics.UPLINKS.labels(_KIND, outcome.status).inc()
             if outcome.status == "quarantined":
+                status = max(status, _HTTP.get(reasons.coap_code(outcome), 422))
                 refused.append(
                     {
                         "device_id": message.device_id,
@@ -260,7 +263,6 @@ class PushHandler:
                 )
         if not refused:
             return JSONResponse(counts)
-        status = max(_STATUS.get(str(r["reason"]), 422) for r in refused)
         first = refused[0]
         return _problem(
             status, str(first["reason"]), str(first["detail"]), refused=refused, **counts

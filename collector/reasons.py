@@ -39,6 +39,7 @@ class Reason(enum.StrEnum):
     TOO_LARGE = "too_large"
     BAD_TOPIC = "bad_topic"
     UNKNOWN_METER = "unknown_meter"
+    UNKNOWN_DEVICE = "unknown_device"
     IDENTITY_MISMATCH = "identity_mismatch"
     UNDECODABLE = "undecodable"
     DECODE_FAILED = "decode_failed"
@@ -66,6 +67,9 @@ ANSWERS: Final[dict[Reason, Answer]] = {
     Reason.BAD_TOPIC: Answer(BAD_REQUEST, True, "MQTT topic is not an uplink topic"),
     Reason.UNKNOWN_METER: Answer(
         NOT_FOUND, True, "no such meter: an MQTT topic or a plain CoAP frame's address"
+    ),
+    Reason.UNKNOWN_DEVICE: Answer(
+        NOT_FOUND, True, "a platform push names a device identity no meter is provisioned as"
     ),
     Reason.IDENTITY_MISMATCH: Answer(
         FORBIDDEN, True, "the frame reports another meter than the authenticated device"
