@@ -2,8 +2,14 @@
 
 The batch mixes real frames (libmbus wired RSP_UD frames, wmbusmeters standard-record
 wireless telegrams, repeated) with encoder-built variants (wired, plain and AES mode 5
-wireless frames of varying ids, registers and clocks). pyMeterBus (`meterbus`) decodes the
-same WIRED frames in the same run as the peer figure. Run:
+wireless frames of varying ids, registers and clocks). pyMeterBus (`meterbus`, a dev
+dependency) decodes the same WIRED frames in the same run as the peer figure.
+
+Then wireless throughput with vendor codecs in the mix, as many frames each: the batch's
+standard wireless frames (EN 13757-3 records, plain and AES), driver-decoded vendor
+frames (Diehl IZAR frames of varying ids and totals scrambled here with the published
+PRIOS default key, and the golden frames of every shipped wM-Bus driver file: Apator,
+Techem, Qundis, Zenner, BMT), and the two interleaved half and half. Run:
 
     .venv/bin/python bench/decode_mbus.py [n_frames]
 """
@@ -19,10 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from decoder import mbus
+from decoder import drivers, mbus
+from decoder.vendors import prios
 
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
 KEY = bytes.fromhex("000102030405060708090A0B0C0D0E0F")
+IZAR_KEY = bytes.fromhex(prios.DEFAULT_KEYS[0])
 
 
 def real_frames() -> tuple[list[bytes], list[bytes]]:
@@ -66,6 +74,39 @@ def build(n: int, rng: random.Random) -> tuple[list[bytes], dict[str, bytes]]:
     return frames, keys
 
 
+def izar_frame(i: int, total_l: int, last_l: int) -> bytes:
+    """A Diehl IZAR (PRIOS, CI A2) frame scrambled with the first published default key,
+    built here as the decoder's inverse: meter id 10,000,000 + i, totals in litres."""
+    head = bytes.fromhex("44304C") + (10_000_000 + i).to_bytes(4, "little") + b"\xd4\x01\xa2"
+    head += bytes.fromhex("011D0013")
+    plain = b"\x4b" + total_l.to_bytes(4, "little") + last_l.to_bytes(4, "little") + b"\x5e\x39"
+    frame = bytes([len(head) + len(plain)]) + head
+    # PRIOS seed: frame bytes 2..13 as three big-endian words, XOR the 32-bit key
+    seed = 0
+    for at in (2, 6, 10):
+        seed ^= int.from_bytes(frame[at : at + 4], "big")
+    seed ^= prios.key32(IZAR_KEY)
+    stream = prios.keystream(np.array([seed], np.uint32), len(plain))[0]
+    return frame + bytes(p ^ int(k) for p, k in zip(plain, stream, strict=True))
+
+
+def vendor_frames(n: int, rng: random.Random) -> list[bytes]:
+    """`n` driver-decoded wireless frames: half IZAR frames of varying ids and totals
+    (`izar_frame`), half the golden frames of every shipped wM-Bus driver file, repeated."""
+    golden = [
+        bytes.fromhex(e.hex)
+        for d in drivers.installed()
+        if d.match.transport == "wmbus"
+        for e in d.examples
+        if e.reject is None and e.key is None
+    ]
+    izar = []
+    for i in range(min(n, 20_000)):
+        total = rng.randrange(10**5, 10**9)
+        izar.append(izar_frame(i, total, total - rng.randrange(10**5)))
+    return [izar[i // 2 % len(izar)] if i % 2 else golden[i // 2 % len(golden)] for i in range(n)]
+
+
 def bench_ours(frames: list[bytes], keys: dict[str, bytes]) -> tuple[float, int]:
     """Seconds to decode `frames` in one batch, and the number of readings."""
     received = np.full(len(frames), 1_700_000_000, np.int64)
@@ -101,6 +142,20 @@ def main() -> None:
     print(f"nbmeter decoder, wired only  : {len(wired) / ours_wired_s:12,.0f} frames/s")
     print(f"pyMeterBus 0.8.5, wired only : {len(wired) / peer_s:12,.0f} frames/s ({peer_s:.2f} s)")
     print(f"ratio on wired frames        : {peer_s / ours_wired_s:12.1f} x")
+    standard = [f for f in frames if f[0] != 0x68]
+    vendor = vendor_frames(len(standard), random.Random(7))
+    mixed = [f for pair in zip(standard, vendor, strict=True) for f in pair][: len(standard)]
+    print(f"wireless, {len(standard)} frames each (vendor: IZAR built here + shipped drivers'"
+          " golden frames):")  # fmt: skip
+    std_s = 0.0
+    for name, batch in (
+        ("standard OMS", standard),
+        ("vendor drivers", vendor),
+        ("50/50 mix", mixed),
+    ):
+        took, _ = bench_ours(batch, keys)
+        std_s = std_s or took
+        print(f"  {name:<27}: {len(batch) / took:12,.0f} frames/s  ({std_s / took:.2f} x standard)")
 
 
 if __name__ == "__main__":
