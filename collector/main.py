@@ -64,14 +64,21 @@ async def run(
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+    driver_tenants: frozenset[str] = frozenset()
     if settings.drivers_dir is not None:  # a bad driver file stops the start (DriverError)
-        for driver in install_directory(settings.drivers_dir):
-            log.info("driver.installed", driver=driver.name, source=driver.source)
+        for tenant, mine in install_directory(settings.drivers_dir).items():
+            for driver in mine:
+                log.info(
+                    "driver.installed", driver=driver.name, tenant=tenant, source=driver.source
+                )
+            if tenant is not None:
+                driver_tenants |= {tenant}
     key = None
     if settings.credentials_key is not None:
         key = parse_key(settings.credentials_key.get_secret_value())
     pool = await _create_pool(settings)
-    pipeline = Pipeline(settings.pipeline, BatchStore(pool, MeterKeys(key)).commit)
+    store = BatchStore(pool, MeterKeys(key), driver_tenants=driver_tenants)
+    pipeline = Pipeline(settings.pipeline, store.commit)
     hooks_pool = None  # the alert dispatcher's own small pool: never the pipeline's
     if settings.webhooks.enabled:
         hooks_pool = await create_pool(

@@ -5,8 +5,10 @@ transaction has committed; it raises `StorageUnavailableError` when the database
 be reached (the pipeline retries the batch), never a raw asyncpg error. Per uplink:
 
 - decoded by `decoder.decode_batch`, with the AES keys of the batch's meters (OMS/wM-Bus,
-  `collector.keys`); an undecodable payload is quarantined (a wrong or missing key too:
-  `undecodable` with the decoder's decrypt_failed / no_key message);
+  `collector.keys`); a tenant with driver files of its own (`collector.drivers`) in a
+  decode call of its own, within its `decoder.drivers.scope`; an undecodable payload is
+  quarantined (a wrong or missing key too: `undecodable` with the decoder's decrypt_failed
+  / no_key message);
 - identity: every meter a frame reports must be the authenticated device's meter
   (OSCORE context or MQTT account), else quarantine `identity_mismatch`; plain CoAP
   frames must name a meter of the tenant given in the query, else `unknown_meter`;
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
@@ -51,6 +54,7 @@ from collector.keys import KeyRing, MeterKeys, Pair
 from collector.pipeline import Device, Outcome, Uplink
 from collector.reasons import Reason
 from decoder import decode_batch as _decode_batch
+from decoder import drivers
 from decoder.columns import Decoded, ErrorCode, concat
 from storage import credentials
 from storage.archive import ArchiveWriter, QuarantineRow, is_pg_text, pg_text
@@ -66,6 +70,7 @@ log = structlog.get_logger("collector.store")
 Decode = Callable[[list[bytes], np.ndarray, Mapping[str, bytes]], Decoded]
 
 _MAX_ERROR = 500  # characters of an exception kept in a quarantine detail
+_SCOPES_TTL_S = 60.0  # a tenant created after start gets its drivers within this
 
 
 class DecodeFailed(Exception):
@@ -91,13 +96,18 @@ def default_decode(
 class _Round:
     """Frames decoded together: one key ring, consistent (an address maps to one key)."""
 
-    def __init__(self, keys: dict[str, bytes], plain_tenant: int | None) -> None:
+    def __init__(
+        self, keys: dict[str, bytes], plain_tenant: int | None, scope: str | None = None
+    ) -> None:
         self.rows: list[int] = []
         self.keys = keys
         self.plain_tenant = plain_tenant  # plain CoAP: the one tenant of this round
+        self.scope = scope  # the one tenant (slug) whose own drivers decode this round
 
     def admits(self, keys: dict[str, bytes]) -> bool:
-        return self.plain_tenant is None and all(self.keys.get(a, k) == k for a, k in keys.items())
+        if self.plain_tenant is not None or self.scope is not None:
+            return False
+        return all(self.keys.get(a, k) == k for a, k in keys.items())
 
 
 class BatchStore:
@@ -109,8 +119,10 @@ class BatchStore:
         keys: MeterKeys,
         decode: Decode = default_decode,
         acquire_timeout_s: float = 5.0,
+        driver_tenants: frozenset[str] = frozenset(),
     ) -> None:
-        """Store through `pool`, decoding with `decode` and the AES keys from `keys`."""
+        """Store through `pool`, decoding with `decode` and the AES keys from `keys`;
+        `driver_tenants`: slugs of the tenants with drivers of their own."""
         self._pool = pool
         self._writer = ReadingWriter(pool)
         self._archive_writer = ArchiveWriter(pool)
@@ -120,6 +132,9 @@ class BatchStore:
         self._keys = keys
         self._decode = decode
         self._acquire_timeout_s = acquire_timeout_s
+        self._driver_tenants = driver_tenants
+        self._scopes: dict[int, str] = {}  # tenant_id -> slug, of `driver_tenants`
+        self._scopes_at = -_SCOPES_TTL_S
 
     async def commit(self, batch: list[Uplink]) -> list[Outcome]:
         """Store `batch` in one transaction; return its outcomes (see the module docstring).
@@ -203,6 +218,7 @@ class BatchStore:
         tenants whose keys disagree on an address (two tenants, one OMS id) never share a
         decode call.
         """
+        scopes = await self._driver_scopes(conn)
         wanted = {(u.device.tenant_id, u.device.address) for u in uplinks if u.device}
         known = await self._keys.get(conn, wanted) if wanted else {}
         per_tenant: dict[int, dict[str, bytes]] = {}
@@ -217,16 +233,17 @@ class BatchStore:
                 scope = uplink.tenant_id if uplink.tenant_id is not None else -1
                 rnd = by_plain_tenant.get(scope)
                 if rnd is None:
-                    rnd = by_plain_tenant[scope] = _Round({}, scope)
+                    rnd = by_plain_tenant[scope] = _Round({}, scope, scopes.get(scope))
                     rounds.append(rnd)
             else:
                 tenant = uplink.device.tenant_id
                 rnd = by_device_tenant.get(tenant)
                 if rnd is None:
                     mine = per_tenant.get(tenant, {})
-                    rnd = next((r for r in rounds if r.admits(mine)), None)
+                    own = scopes.get(tenant)  # a tenant with drivers of its own: alone
+                    rnd = None if own else next((r for r in rounds if r.admits(mine)), None)
                     if rnd is None:
-                        rnd = _Round({}, None)
+                        rnd = _Round({}, None, own)
                         rounds.append(rnd)
                     rnd.keys.update(mine)
                     by_device_tenant[tenant] = rnd
@@ -242,13 +259,27 @@ class BatchStore:
         ]
         return concat(parts, len(uplinks))
 
+    async def _driver_scopes(self, conn: Connection) -> dict[int, str]:
+        """tenant_id -> slug of the tenants with drivers of their own (looked up again
+        after `_SCOPES_TTL_S` while a slug names no tenant yet)."""
+        if not self._driver_tenants or len(self._scopes) == len(self._driver_tenants):
+            return self._scopes
+        now = time.monotonic()
+        if now - self._scopes_at >= _SCOPES_TTL_S:
+            self._scopes_at = now
+            found = await credentials.tenants_by_slug(conn, sorted(self._driver_tenants))
+            self._scopes = {tenant: slug for slug, tenant in found.items()}
+            if missing := sorted(self._driver_tenants - found.keys()):
+                log.warning("drivers.tenant_unknown", slugs=missing)
+        return self._scopes
+
     async def _decode_round(self, conn: Connection, uplinks: list[Uplink], rnd: _Round) -> Decoded:
         frames = [uplinks[n].payload for n in rnd.rows]
         # each frame's own receive time (a re-decoded frame keeps its original one): frames
         # without a clock, or with relative times, are dated by it
         rx = np.fromiter((int(uplinks[n].received_at) for n in rnd.rows), np.int64, len(rnd.rows))
         ring = KeyRing(rnd.keys)
-        dec = self._decoded(frames, rx, ring)
+        dec = self._decoded(frames, rx, ring, rnd.scope)
         if not ring.missed or not (dec.error_code == ErrorCode.NO_KEY).any():
             return dec
         # a key was missing: load the asked-for keys fresh (one provisioned since the
@@ -263,12 +294,16 @@ class BatchStore:
         more = {a: k for (_, a), k in found.items() if k is not None and a not in rnd.keys}
         if not more:
             return dec
-        return self._decoded(frames, rx, KeyRing({**rnd.keys, **more}))
+        return self._decoded(frames, rx, KeyRing({**rnd.keys, **more}), rnd.scope)
 
-    def _decoded(self, frames: list[bytes], rx: np.ndarray, ring: KeyRing) -> Decoded:
-        """`self._decode`, its exception (a decoder bug) raised as DecodeFailed."""
+    def _decoded(
+        self, frames: list[bytes], rx: np.ndarray, ring: KeyRing, scope: str | None
+    ) -> Decoded:
+        """`self._decode` in tenant `scope`'s drivers, its exception (a decoder bug) raised
+        as DecodeFailed."""
         try:
-            return self._decode(frames, rx, ring)
+            with drivers.scope(scope):
+                return self._decode(frames, rx, ring)
         except Exception as exc:
             raise DecodeFailed(_short(exc)) from exc
 

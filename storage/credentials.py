@@ -24,7 +24,7 @@ import base64
 import hashlib
 import json
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -121,6 +121,12 @@ async def tenant_by_slug(conn: asyncpg.Connection, slug: str) -> tuple[int, bool
         "SELECT tenant_id, allow_plain_coap FROM tenants WHERE slug = $1", slug
     )
     return None if row is None else (int(row[0]), bool(row[1]))
+
+
+async def tenants_by_slug(conn: asyncpg.Connection, slugs: Sequence[str]) -> dict[str, int]:
+    """Slug -> tenant_id of those of `slugs` that name a tenant (the others are left out)."""
+    rows = await conn.fetch("SELECT slug, tenant_id FROM tenants WHERE slug = ANY($1)", slugs)
+    return {str(r[0]): int(r[1]) for r in rows}
 
 
 async def plain_coap_tenants(conn: asyncpg.Connection) -> dict[str, int]:

@@ -19,12 +19,20 @@ Two kinds of driver:
 The shipped drivers (`builtin/*.toml`: Diehl IZAR, Apator 08 / 172 / NA-1, Techem
 MK Radio 3 / 4, Qundis walk-by CI 78, Zenner 0B, BMT RFM-TX1, and the made-up ACME NB-1
 example) are installed at import. `install(driver)` adds one (a duplicate name raises, as a format
-key does); the collector installs a tenant's driver directory at start.
+key does); the collector installs its drivers directory at start.
+
+Tenants: `install(driver, tenant="slug")` makes a driver apply only within `scope("slug")`
+(the collector decodes each tenant's frames in its tenant's scope), so one tenant's
+driver never claims another tenant's frames. Unscoped drivers apply everywhere; within a
+scope the tenant's own drivers are tried first, so a tenant's file may stand in for a
+shipped model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from importlib import resources
 
 import numpy as np
@@ -48,39 +56,61 @@ __all__ = [
     "installed",
     "load",
     "route_mbus",
+    "scope",
     "uninstall",
 ]
 
 Ints = npt.NDArray[np.int64]
-_DRIVERS: dict[str, Driver] = {}
-_WMBUS: dict[tuple[str, int], list[Driver]] = {}  # (manufacturer, CI) -> drivers
-_BY_HEADER: dict[bytes, list[Driver]] = {}  # frame bytes 2, 3 and 10 (M field, CI) -> drivers
-_RAW: list[Driver] = []
+Scoped = tuple[str | None, Driver]  # (tenant, driver): None applies to every tenant
+_DRIVERS: dict[tuple[str | None, str], Driver] = {}  # (tenant, name) -> driver
+_WMBUS: dict[tuple[str, int], list[Scoped]] = {}  # (manufacturer, CI) -> drivers
+_BY_HEADER: dict[bytes, list[Scoped]] = {}  # frame bytes 2, 3 and 10 (M field, CI) -> drivers
+_RAW: list[Scoped] = []
+_SCOPE: ContextVar[str | None] = ContextVar("driver_scope", default=None)
 
 
-def installed() -> tuple[Driver, ...]:
-    """Every installed driver, in installation order."""
-    return tuple(_DRIVERS.values())
+@contextmanager
+def scope(tenant: str | None) -> Iterator[None]:
+    """Within it (this thread or task), the drivers installed for `tenant` decode too,
+    before the unscoped ones; None: the unscoped drivers only."""
+    token = _SCOPE.set(tenant)
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
 
 
-def install(driver: Driver) -> Driver:
-    """Make `driver` decode frames from now on; DriverError if its name is taken by
-    another driver (installing the very same driver again is a no-op)."""
-    if _DRIVERS.get(driver.name) == driver:
+def _visible(group: Sequence[Scoped]) -> list[Driver]:
+    """The drivers of `group` that apply in the current scope, the tenant's own first."""
+    here = _SCOPE.get()
+    return [d for t, d in group if t is None or t == here]
+
+
+def installed(tenant: str | None = None) -> tuple[Driver, ...]:
+    """The installed drivers of `tenant` (None: the unscoped ones), in installation order."""
+    return tuple(d for (t, _), d in _DRIVERS.items() if t == tenant)
+
+
+def install(driver: Driver, tenant: str | None = None) -> Driver:
+    """Make `driver` decode frames from now on (only `tenant`'s, within `scope(tenant)`,
+    if given); DriverError if its name is taken in that scope by another driver
+    (installing the very same driver again is a no-op)."""
+    name = (tenant, driver.name)
+    if _DRIVERS.get(name) == driver:
         return driver
-    if driver.name in _DRIVERS:
+    if name in _DRIVERS:
         msg = f"{driver.source}: driver name {driver.name!r} already installed"
-        msg += f" (from {_DRIVERS[driver.name].source})"
+        msg += f" (from {_DRIVERS[name].source})"
         raise DriverError(msg)
-    _DRIVERS[driver.name] = driver
-    if driver.match.transport == "raw":
-        _RAW.append(driver)
-    else:
-        for man in driver.match.manufacturers:
-            for ci in driver.match.ci:
-                _WMBUS.setdefault((man, ci), []).append(driver)
-                for key in _header_keys(man, ci):
-                    _BY_HEADER.setdefault(key, []).append(driver)
+    _DRIVERS[name] = driver
+    entry: Scoped = (tenant, driver)
+    groups = [_RAW] if driver.match.transport == "raw" else []
+    for man in driver.match.manufacturers:
+        for ci in driver.match.ci:
+            groups.append(_WMBUS.setdefault((man, ci), []))
+            groups += [_BY_HEADER.setdefault(key, []) for key in _header_keys(man, ci)]
+    for group in groups:  # a tenant's own drivers are tried before the unscoped ones
+        group.insert(0 if tenant else len(group), entry)
     return driver
 
 
@@ -90,16 +120,13 @@ def _header_keys(man: str, ci: int) -> tuple[bytes, ...]:
     return tuple((m.to_bytes(2, "little") + bytes([ci])) for m in (code, code | 0x8000))
 
 
-def uninstall(name: str) -> None:
+def uninstall(name: str, tenant: str | None = None) -> None:
     """Remove an installed driver (tests, a reloaded directory); unknown names are ignored."""
-    driver = _DRIVERS.pop(name, None)
+    driver = _DRIVERS.pop((tenant, name), None)
     if driver is None:
         return
-    if driver in _RAW:
-        _RAW.remove(driver)
-    for group in (*_WMBUS.values(), *_BY_HEADER.values()):
-        if driver in group:
-            group.remove(driver)
+    for group in (_RAW, *_WMBUS.values(), *_BY_HEADER.values()):
+        group[:] = [e for e in group if e[1] is not driver or e[0] != tenant]
 
 
 def load(text: str, source: str = "<driver>") -> Driver:
@@ -185,17 +212,18 @@ def _header_ok(d: Driver, frame: bytes) -> bool:
     return not m.magic or frame[11 + m.magic_at : 11 + m.magic_at + len(m.magic)] == m.magic
 
 
-def _claim(frame: bytes) -> Driver | None:
-    """The installed wmbus driver that claims a CRC-stripped frame, or None."""
+def _claim(frame: bytes, here: str | None) -> Driver | None:
+    """The wmbus driver installed for all or for tenant `here` that claims a CRC-stripped
+    frame, or None."""
     group = _BY_HEADER.get(frame[2:4] + frame[10:11])  # one slice and lookup per frame
     if not group:
         return None
-    return next((d for d in group if _header_ok(d, frame)), None)
+    return next((d for t, d in group if (t is None or t == here) and _header_ok(d, frame)), None)
 
 
 def claims(frame: bytes) -> str | None:
-    """The name of the installed wmbus driver that would decode `frame`, or None."""
-    driver = _claim(frame)
+    """The name of the wmbus driver that would decode `frame` in this scope, or None."""
+    driver = _claim(frame, _SCOPE.get())
     return None if driver is None else driver.name
 
 
@@ -221,24 +249,25 @@ def route_mbus(
     """
     if not _WMBUS:
         return None
-    claimed: dict[tuple[str, int], list[int]] = {}
-    by_name: dict[str, Driver] = {}
+    claimed: dict[tuple[int, int], list[int]] = {}
+    by_id: dict[int, Driver] = {}
+    here = _SCOPE.get()
     for i, raw in enumerate(frames):  # per frame: one 3-byte key and one dict lookup
         frame = raw if isinstance(raw, bytes) else bytes(raw)
-        driver = _claim(frame)
+        driver = _claim(frame, here)
         if driver is not None:
-            claimed.setdefault((driver.name, len(frame)), []).append(i)
-            by_name[driver.name] = driver
+            claimed.setdefault((id(driver), len(frame)), []).append(i)
+            by_id[id(driver)] = driver
     if not claimed:
         return None
     n = len(frames)
     rx = np.asarray(received_at_s, np.int64)
     parts: list[tuple[Ints, Decoded]] = []
     taken = np.zeros(n, bool)
-    for (name, _), rows in claimed.items():
+    for (which, _), rows in claimed.items():
         idx = np.asarray(rows, np.int64)
         taken[idx] = True
-        driver = by_name[name]
+        driver = by_id[which]
         a = k.stack([bytes(frames[i]) for i in rows])
         ids = np.array([_meter_id(driver, bytes(frames[i])) for i in rows], object)
         off = utc_offset_s if isinstance(utc_offset_s, int) else utc_offset_s[idx]
@@ -268,15 +297,15 @@ def _raw_match(driver: Driver, a: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_
 
 
 def detect_raw_array(a: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
-    """Rows any installed raw driver claims."""
+    """Rows any raw driver of this scope claims."""
     hit = np.zeros(len(a), bool)
-    for d in _RAW:
+    for d in _visible(_RAW):
         hit |= _raw_match(d, a)
     return hit
 
 
 def detect_raw(frame: bytes) -> bool:
-    """Whether any installed raw driver claims `frame`."""
+    """Whether any raw driver of this scope claims `frame`."""
     return bool(_RAW) and bool(detect_raw_array(np.frombuffer(frame, np.uint8)[None, :])[0])
 
 
@@ -295,9 +324,9 @@ def decode_raw_array(
     rx = k.as_received(received_at_s, n)
     parts: list[tuple[Ints, Decoded]] = []
     free = np.ones(n, bool)
-    chosen = _RAW
+    chosen = _visible(_RAW)
     if variant is not None:
-        chosen = [d for d in _RAW if d.name == variant]
+        chosen = [d for d in chosen if d.name == variant][:1]
         if not chosen:
             return _refused(n, "driver", ErrorCode.UNSUPPORTED,
                             f"no raw driver named {variant!r} is installed")  # fmt: skip

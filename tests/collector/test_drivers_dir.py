@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from importlib import resources
 from pathlib import Path
 
@@ -100,3 +101,61 @@ async def test_collector_refuses_to_start_with_a_malformed_driver(
     with pytest.raises(DriverError, match=r"b_bad\.toml line \d+: field 'read_time'"):
         await run(settings, stop=asyncio.Event())
     assert "acme_tenant_test" not in {d.name for d in drivers.installed()}
+
+
+async def test_a_tenants_driver_decodes_only_that_tenants_frames(
+    tmp_path: Path, db_url: str, broker: Broker, credentials_key: str, pool: asyncpg.Pool,
+    lab_tenant: str,
+) -> None:  # fmt: skip
+    """A driver file in `<dir>/<tenant slug>/` decodes that tenant's frames only: the very
+    same frame sent for another tenant (same meter address) is refused, not read through
+    it; the shipped drivers still decode both tenants' frames."""
+    other = f"lab-{uuid.uuid4().hex[:12]}"
+    await pool.execute(
+        "INSERT INTO tenants (slug, name, allow_plain_coap) VALUES ($1, $1, true)", other
+    )
+    (tmp_path / lab_tenant).mkdir()
+    (tmp_path / lab_tenant / "acme_tenant.toml").write_text(_tenant_driver())
+    settings = collector_settings(db_url, broker, credentials_key).model_copy(
+        update={"drivers_dir": tmp_path}
+    )
+    address = "860000000043"
+    mine, theirs = await add_meter(pool, lab_tenant, address), await add_meter(pool, other, address)
+    when = int(time.time()) - 60
+    frame = _frame(address, 4242, when)
+    stop, started = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run(settings, stop=stop, started=started))
+    try:
+        await asyncio.wait_for(started.wait(), 20)
+        assert "acme_tenant_test" not in {d.name for d in drivers.installed()}  # not for all
+        assert "acme_tenant_test" in {d.name for d in drivers.installed(lab_tenant)}
+        client = await RawCoap.open(settings.coap.port)
+        try:
+            refused = await client.post(frame, query=f"t={other}")
+            stored = await client.post(frame, query=f"t={lab_tenant}")
+            shipped = await client.post(_acme(address), query=f"t={other}")
+        finally:
+            client.close()
+        assert (refused.code_str, stored.code_str) == ("4.00", "2.04"), refused.payload
+        assert shipped.code_str == "2.04", shipped.payload
+        rows = await pool.fetch(
+            "SELECT meter_id, register_ml FROM readings WHERE meter_id = ANY($1) ORDER BY 1, 2",
+            [mine, theirs],
+        )
+        assert [(r[0], r[1]) for r in rows] == [(mine, 424_200), (theirs, 500)]
+        reasons = await pool.fetch(
+            "SELECT q.reason FROM quarantine q JOIN tenants t USING (tenant_id) WHERE t.slug = $1",
+            other,
+        )
+        assert [r[0] for r in reasons] == ["undecodable"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 40)
+        drivers.uninstall("acme_tenant_test", lab_tenant)
+
+
+def _acme(address: str) -> bytes:
+    """A frame of the shipped ACME NB-1 driver (magic AC4E01): 0.5 L, read 30 s ago."""
+    body = bytearray(_frame(address, 5, int(time.time()) - 30)[:-2])
+    body[2] = 0x01
+    return bytes(body) + _crc_modbus(bytes(body)).to_bytes(2, "little")

@@ -255,3 +255,43 @@ def test_izar_batch_of_random_registers_decodes_exactly(
         else:
             assert res.error_code[i] == 0
             assert got == list(expected)
+
+
+def test_a_tenants_driver_applies_only_in_its_scope() -> None:
+    """A driver installed for a tenant decodes only within `scope(tenant)`, before the
+    shipped one of the same name; outside it (no scope, another tenant) the shipped
+    driver decodes, and the tenant's driver is not listed among everyone's."""
+    text = _acme_text().replace('scale = "0.1"', 'scale = "1"', 1)  # litres, not decilitres
+    tenants = drivers.parse_driver(text, "tenant-a/acme_nb1.toml")
+    drivers.install(tenants, "tenant-a")
+    try:
+        with drivers.scope("tenant-a"):
+            assert decode_batch([ACME], RX).register_ml.tolist() == [1_234_567_000]
+        for where in (None, "tenant-b"):
+            with drivers.scope(where):
+                assert decode_batch([ACME], RX).register_ml.tolist() == [123_456_700]
+        assert tenants not in drivers.installed()
+        assert drivers.installed("tenant-a") == (tenants,)
+    finally:
+        drivers.uninstall("acme_nb1", "tenant-a")
+    with drivers.scope("tenant-a"):
+        assert decode_batch([ACME], RX).register_ml.tolist() == [123_456_700]
+
+
+def test_a_tenants_wmbus_driver_claims_only_in_its_scope() -> None:
+    """A tenant's wM-Bus driver claims its model's frames only within its scope: an IZAR
+    frame is decoded by it there, by the shipped IZAR driver elsewhere."""
+    text = resources.files("decoder.drivers").joinpath("builtin/izar.toml").read_text()
+    tenants = drivers.parse_driver(text.replace('name = "izar"', 'name = "izar_t"'), "t.toml")
+    drivers.install(tenants, "tenant-a")
+    try:
+        with drivers.scope("tenant-a"):
+            assert drivers.claims(IZAR_SAP) == "izar_t"
+            assert mbus.decode([IZAR_SAP], np.array([RX])).extra[0]["driver"] == "izar_t"
+        with drivers.scope("tenant-b"):
+            assert drivers.claims(IZAR_SAP) == "izar"
+        assert drivers.claims(IZAR_SAP) == "izar"
+    finally:
+        drivers.uninstall("izar_t", "tenant-a")
+    with drivers.scope("tenant-a"):
+        assert drivers.claims(IZAR_SAP) == "izar"
