@@ -1,4 +1,5 @@
-"""Meter registry routes: create, list, get, update, bulk import, exchange, health, alarms."""
+"""Meter registry routes: create, list, get, update, bulk import, exchange, health, alarms,
+recent uplinks."""
 
 from __future__ import annotations
 
@@ -33,10 +34,13 @@ from api.schemas_meters import (
     MeterPage,
     MeterPatch,
     OpenAlarm,
+    Uplink,
 )
-from decoder.columns import Flag
+from api.schemas_quarantine import TRANSPORTS
+from decoder.columns import Flag, frame_flag_names
 from storage import alarms, registry
 from storage.apikeys import check_timezone
+from storage.archive import recent_uplinks
 from storage.errors import StorageError, StorageUnavailableError
 from storage.pool import Record, connection
 
@@ -311,3 +315,30 @@ async def tenant_alarms(
         return [OpenAlarm(**dict(r), occurred_at=r["last_seen_at"], detail=None) for r in rows]
     rows = await registry.open_alarms(pool, who.tenant_id, None)
     return [OpenAlarm(**dict(r)) for r in rows]
+
+
+_UPLINK_COLUMNS = ("uplink_id", "received_at", "format", "outcome", "n_readings", "n_new",
+                   "error_code", "error_message")  # fmt: skip
+
+
+@router.get("/meters/{meter_id}/uplinks", summary="Recent raw uplinks of a meter")
+async def meter_uplinks(
+    meter_id: MeterId,
+    who: Reader,
+    pool: Pool,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> list[Uplink]:
+    """The meter's last `limit` archived uplinks, newest first: bytes, outcome, decoder
+    error and the decoder's frame flags by name."""
+    await get_or_404(pool, who.tenant_id, meter_id)
+    rows = await recent_uplinks(pool, who.tenant_id, meter_id, limit)
+    return [
+        Uplink(
+            **{k: r[k] for k in _UPLINK_COLUMNS},
+            transport=TRANSPORTS.get(r["transport"], str(r["transport"])),
+            size_bytes=len(r["payload"]),
+            decode_flags=None if r["decode_flags"] is None else frame_flag_names(r["decode_flags"]),
+            payload_hex=bytes(r["payload"]).hex(),
+        )
+        for r in rows
+    ]

@@ -246,3 +246,23 @@ class OpenAlarm(BaseModel):
     acked_at: datetime | None = None
     acked_by: str | None = None
     ack_note: str | None = None
+
+
+class Uplink(BaseModel):
+    """One archived uplink of a meter, as received, with what the collector made of it."""
+
+    uplink_id: int
+    received_at: datetime
+    transport: str = Field(description="coap, coap+oscore, mqtt, ...")
+    size_bytes: int
+    format: str | None = Field(description="the decoder format that read it; null: none")
+    outcome: str = Field(description="stored, duplicate, quarantined")
+    n_readings: int
+    n_new: int
+    error_code: int | None = Field(description="the decoder's error code; null: decoded")
+    error_message: str | None
+    decode_flags: list[str] | None = Field(
+        description="what the decoder tolerated or left out of the frame (no_data,"
+        " trailing_junk, ...); null: archived before these were kept, or not decoded"
+    )
+    payload_hex: str

@@ -25,7 +25,7 @@ from typing import Literal
 
 import asyncpg
 
-from storage.pool import translated
+from storage.pool import translated, translating
 
 Outcome = Literal["stored", "duplicate", "quarantined", "pending"]
 
@@ -129,3 +129,19 @@ class ArchiveWriter:
             else:
                 await conn.copy_records_to_table(table, records=records, columns=columns)
         return len(records)
+
+
+@translating("reading a meter's recent uplinks")
+async def recent_uplinks(
+    conn: asyncpg.Connection | asyncpg.Pool, tenant_id: int, meter_id: int, limit: int
+) -> list[asyncpg.Record]:
+    """The meter's last `limit` archived uplinks, newest first (raw_uplinks_meter index)."""
+    return await conn.fetch(
+        "SELECT uplink_id, received_at, transport, format, outcome, n_readings, n_new,"
+        " error_code, error_message, decode_flags, payload FROM raw_uplinks"
+        " WHERE meter_id = $1 AND tenant_id = $2 ORDER BY received_at DESC, uplink_id DESC"
+        " LIMIT $3",
+        meter_id,
+        tenant_id,
+        limit,
+    )
