@@ -70,12 +70,12 @@ def _driver_rows(dec: Decoded) -> np.ndarray:
 
 
 def _declared_flags(name: str) -> Flag:
-    """The flags driver `name` declares alarms for (none if it is not installed)."""
+    """The flags driver `name` (of the current tenant scope) declares alarms for (none if
+    it is not installed)."""
     found = Flag.NONE
-    for d in drivers.installed():
-        if d.name == name:
-            for alarm in d.alarms:
-                found |= alarm.flag
+    driver = drivers.named(name)
+    for alarm in driver.alarms if driver is not None else ():
+        found |= alarm.flag
     return found
 
 

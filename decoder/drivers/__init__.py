@@ -55,6 +55,7 @@ __all__ = [
     "install",
     "installed",
     "load",
+    "named",
     "route_mbus",
     "scope",
     "uninstall",
@@ -84,6 +85,12 @@ def _visible(group: Sequence[Scoped]) -> list[Driver]:
     """The drivers of `group` that apply in the current scope, the tenant's own first."""
     here = _SCOPE.get()
     return [d for t, d in group if t is None or t == here]
+
+
+def named(name: str) -> Driver | None:
+    """The driver called `name` that applies in the current scope (the tenant's own
+    first), or None."""
+    return _DRIVERS.get((_SCOPE.get(), name)) or _DRIVERS.get((None, name))
 
 
 def installed(tenant: str | None = None) -> tuple[Driver, ...]:
