@@ -12,11 +12,13 @@ import asyncpg
 import pytest
 from brokerkit import Broker
 from collector_testkit import RawCoap
-from conftest import add_meter, collector_settings
+from conftest import add_meter, collector_settings, count, wait_count
+from test_mqtt import publish
 
 from collector.main import run
 from decoder import drivers
 from decoder.drivers import DriverError
+from devices.provision import provision_device
 
 
 def _crc_modbus(data: bytes) -> int:
@@ -159,3 +161,46 @@ def _acme(address: str) -> bytes:
     body = bytearray(_frame(address, 5, int(time.time()) - 30)[:-2])
     body[2] = 0x01
     return bytes(body) + _crc_modbus(bytes(body)).to_bytes(2, "little")
+
+
+async def test_authenticated_devices_frames_take_their_own_tenants_drivers(
+    tmp_path: Path, db_url: str, broker: Broker, credentials_key: str, pool: asyncpg.Pool,
+    tenant_slug: str,
+) -> None:  # fmt: skip
+    """MQTT devices of two tenants publish the same model's frames: the tenant with the
+    driver file in its folder stores its reading, the other tenant's frame is refused
+    (undecodable), whichever batch they share."""
+    other = f"t-{uuid.uuid4().hex[:12]}"
+    await pool.execute("INSERT INTO tenants (slug, name) VALUES ($1, $1)", other)
+    (tmp_path / tenant_slug).mkdir()
+    (tmp_path / tenant_slug / "acme_tenant.toml").write_text(_tenant_driver())
+    settings = collector_settings(db_url, broker, credentials_key).model_copy(
+        update={"drivers_dir": tmp_path}
+    )
+    devices = [
+        await provision_device(db_url, slug, address, credentials_key=credentials_key,
+                               mqtt_admin_url=broker.admin_url, oscore=False)
+        for slug, address in ((tenant_slug, "860000000051"), (other, "860000000052"))
+    ]  # fmt: skip
+    when = int(time.time()) - 60
+    stop, started = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run(settings, stop=stop, started=started))
+    try:
+        await asyncio.wait_for(started.wait(), 20)
+        mine, theirs = (d.meter_id for d in devices)
+        readings = "SELECT count(*) FROM readings WHERE meter_id = $1"
+        refused = "SELECT count(*) FROM quarantine WHERE meter_id = $1 AND reason = 'undecodable'"
+        for _ in range(20):  # the subscription is made in the background: send until in
+            for device in devices:
+                assert publish(broker, device, [_frame(device.address, 5151, when)]) == [0]
+            if await wait_count(pool, 1, readings, mine, within_s=1) == 1:
+                break
+        assert await count(pool, readings, mine) == 1
+        assert await wait_count(pool, 1, refused, theirs) >= 1
+        assert await count(pool, readings, theirs) == 0
+        got = await pool.fetchval("SELECT register_ml FROM readings WHERE meter_id = $1", mine)
+        assert got == 515_100
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 40)
+        drivers.uninstall("acme_tenant_test", tenant_slug)
