@@ -17,6 +17,7 @@ Techem, Qundis, Zenner, BMT), and the two interleaved half and half. Run:
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -136,6 +137,7 @@ def main() -> None:
     ours_s, readings = bench_ours(frames, keys)
     ours_wired_s, _ = bench_ours(wired, {})
     peer_s = bench_pymeterbus(wired)
+    print(f"cpus={os.cpu_count()} loadavg={', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"batch: {len(frames)} frames ({len(wired)} wired, {len(frames) - len(wired)} wireless,"
           f" {len(keys)} AES mode 5 meters), {readings} readings")  # fmt: skip
     print(f"nbmeter decoder, whole batch : {len(frames) / ours_s:12,.0f} frames/s ({ours_s:.2f} s)")
