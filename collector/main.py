@@ -71,7 +71,7 @@ async def run(
                 log.info(
                     "driver.installed", driver=driver.name, tenant=tenant, source=driver.source
                 )
-            if tenant is not None:
+            if tenant is not None and mine:
                 driver_tenants |= {tenant}
     key = None
     if settings.credentials_key is not None:

@@ -117,7 +117,7 @@ def install(driver: Driver, tenant: str | None = None) -> Driver:
             groups.append(_WMBUS.setdefault((man, ci), []))
             groups += [_BY_HEADER.setdefault(key, []) for key in _header_keys(man, ci)]
     for group in groups:  # a tenant's own drivers are tried before the unscoped ones
-        group.insert(0 if tenant else len(group), entry)
+        group.insert(0 if tenant is not None else len(group), entry)
     return driver
 
 
