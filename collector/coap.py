@@ -51,6 +51,8 @@ from aiocoap import error, resource
 from collector import metrics
 from collector.coap_guard import Block1Budget, EventLimiter, LogRateFilter, source_of
 from collector.coap_oscore import Busy, DeviceContext, DeviceContexts, OscoreSite
+from collector.downlink import Downlinks
+from collector.downlink_coap import ResultResource, with_commands
 from collector.coap_patches import (
     Context,
     Site,
@@ -133,8 +135,10 @@ class UplinkResource(resource.Resource):  # type: ignore[misc]  # aiocoap is unt
         pipeline: Pipeline,
         tenants: TenantDirectory,
         events: EventLimiter,
+        downlinks: Downlinks | None = None,
     ) -> None:
         super().__init__()
+        self._downlinks = downlinks  # issue 13: pending commands ride on the 2.04
         self._settings = settings
         self._pipeline = pipeline
         self._tenants = tenants
@@ -175,8 +179,9 @@ class UplinkResource(resource.Resource):  # type: ignore[misc]  # aiocoap is unt
                 raise error.RequestEntityTooLarge(f"at most {size} B per block")
             return msg
         outcome = await self._durable(uplink, kind)
+        answer = await with_commands(response(outcome), uplink.device, self._downlinks)
         metrics.ACK_SECONDS.observe(time.monotonic() - started)
-        return response(outcome)
+        return answer
 
     async def _plain_tenant(self, request: aiocoap.Message) -> int:
         slug = _slug(request)
@@ -261,11 +266,16 @@ def build_site(
     pool: Pool,
     key: bytes | None,
     events: EventLimiter | None = None,
+    downlinks: Downlinks | None = None,
 ) -> OscoreSite:
-    """The collector's one site: /u behind the OSCORE verifier."""
+    """The collector's one site: /u (and /c, device answers to commands, with
+    `downlinks`) behind the OSCORE verifier."""
     events = events or EventLimiter(settings.log_window_s, settings.log_per_window)
     site = Site()
-    site.add_resource(["u"], UplinkResource(settings, pipeline, TenantDirectory(pool), events))
+    uplinks = UplinkResource(settings, pipeline, TenantDirectory(pool), events, downlinks)
+    site.add_resource(["u"], uplinks)
+    if downlinks is not None:
+        site.add_resource(["c"], ResultResource(downlinks, settings.busy_max_age_s))
     contexts = DeviceContexts(pool, key, settings)
     return OscoreSite(site, contexts, settings, events, _recorded_response)
 
@@ -423,6 +433,7 @@ async def start_server(
     key: bytes | None,
     *,
     database_url: str | None = None,
+    downlinks: Downlinks | None = None,
 ) -> CoapServer:
     """Start the CoAP server (see the module docstring); call `.shutdown()` to stop.
 
@@ -430,8 +441,7 @@ async def start_server(
     runs with other settings. Without `database_url` nothing LISTENs: contexts then
     live `context_fallback_ttl_s`.
     """
-    server = CoapServer(
-        settings, pool, build_site(settings, pipeline, pool, key), key, database_url
-    )
+    site = build_site(settings, pipeline, pool, key, downlinks=downlinks)
+    server = CoapServer(settings, pool, site, key, database_url)
     await server.start()
     return server

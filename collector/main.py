@@ -22,6 +22,8 @@ from collector import metrics
 from collector.alerts_mqtt import AlertPublisher
 from collector.coap import start_server
 from collector.drivers import install_directory
+from collector.downlink import Downlinks
+from collector.downlink_mqtt import MqttDownlink
 from collector.keys import MeterKeys
 from collector.logs import configure_logging
 from collector.mqtt import MqttSubscriber
@@ -86,7 +88,18 @@ async def run(
             connect_timeout_s=5.0, command_timeout_s=30.0, reset=keep_session,
         )  # fmt: skip
     http = metrics.serve(settings.metrics_host, settings.metrics_port)
-    mqtt = MqttSubscriber(settings.mqtt_url, settings.mqtt, pipeline) if settings.mqtt_url else None
+    downlinks = Downlinks(pool)  # the mailbox's commands, in each device's window
+    down = MqttDownlink(settings.mqtt_url, settings.mqtt, downlinks) if settings.mqtt_url else None
+    mqtt = (
+        MqttSubscriber(
+            settings.mqtt_url,
+            settings.mqtt,
+            pipeline,
+            on_durable=down.uplink_stored if down is not None else None,
+        )
+        if settings.mqtt_url
+        else None
+    )
     try:
         async with asyncio.TaskGroup() as group:
             drained = group.create_task(pipeline.run(), name="pipeline")
@@ -100,9 +113,17 @@ async def run(
                     hooks_pool, settings.webhooks, settings.database_url, publisher=alerts
                 )
                 group.create_task(hooks.run(stop), name="webhooks")
+            expiry = group.create_task(downlinks.expire_forever(), name="downlink-expiry")
             coap = await start_server(
-                settings.coap, pipeline, pool, key, database_url=settings.database_url
+                settings.coap,
+                pipeline,
+                pool,
+                key,
+                database_url=settings.database_url,
+                downlinks=downlinks,
             )
+            if down is not None:
+                down.start()
             if mqtt is not None:
                 await mqtt.start()
             coaps = None
@@ -143,6 +164,9 @@ async def run(
             redecode.cancel()
             if mqtt is not None:
                 await mqtt.drain_and_stop()
+            expiry.cancel()
+            if down is not None:
+                await down.stop()
             await asyncio.sleep(0.05)  # let CoAP handlers send the answers just resolved
             await coap.shutdown()
             if platform is not None:

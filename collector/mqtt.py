@@ -78,8 +78,16 @@ def check_tls(address: BrokerAddress, context: ssl.SSLContext, ca_file: Path | N
 class MqttSubscriber:
     """Feeds uplinks from the broker into the pipeline and acks them once durable."""
 
-    def __init__(self, url: str, settings: MqttSettings, pipeline: Pipeline) -> None:
-        """Prepare (not yet connect) a subscriber to the broker at `url`."""
+    def __init__(
+        self,
+        url: str,
+        settings: MqttSettings,
+        pipeline: Pipeline,
+        on_durable: Callable[[tuple[str, str]], None] | None = None,
+    ) -> None:
+        """Prepare (not yet connect) a subscriber to the broker at `url`; `on_durable` gets
+        each stored uplink's (tenant slug, address) (the mailbox's downlinks)."""
+        self._on_durable = on_durable
         self._address = BrokerAddress.parse(url)
         self._settings = settings
         self._pipeline = pipeline
@@ -101,6 +109,7 @@ class MqttSubscriber:
             client_id=client_id,
             role=role,
             adopt=self._adopt,
+            on_durable=self._on_durable,
         )
 
     async def start(self) -> None:

@@ -110,9 +110,12 @@ class Session:
         client_id: str,
         role: Role,
         adopt: AdoptHook,
+        on_durable: Callable[[tuple[str, str]], None] | None = None,
     ) -> None:
-        """Prepare (not yet connect) the session `client_id` in `role`."""
+        """Prepare (not yet connect) the session `client_id` in `role`; `on_durable` is
+        called with an uplink's (tenant slug, address) once it is stored and acked."""
         self.client_id = client_id
+        self._on_durable = on_durable  # issue 13: the device's pending commands go out
         self.role = role
         self._host, self._port = host, port
         self._settings = settings
@@ -374,7 +377,7 @@ class Session:
             self._unclean.append("a message came after the pipeline closed")
             return  # not acked: it stays in the session, which is therefore kept
         self._inflight.add(future)
-        future.add_done_callback(lambda f: self._done(f, generation, mid, qos))
+        future.add_done_callback(lambda f: self._done(f, generation, mid, qos, claimed))
 
     def _will(self, generation: int, topic: str, wanted: bool, mid: int) -> None:
         peer = topic.split("/")[2]
@@ -387,7 +390,14 @@ class Session:
         """Remove the retained will of this session's client id (it was taken care of)."""
         self._client.publish(self._gone_topic, b"", qos=1, retain=True)
 
-    def _done(self, future: asyncio.Future[Outcome], generation: int, mid: int, qos: int) -> None:
+    def _done(
+        self,
+        future: asyncio.Future[Outcome],
+        generation: int,
+        mid: int,
+        qos: int,
+        claimed: tuple[str, str] | None = None,
+    ) -> None:
         self._inflight.discard(future)
         if future.cancelled() or future.exception() is not None:
             metrics.UPLINKS.labels("mqtt", "failed").inc()
@@ -399,3 +409,5 @@ class Session:
             self._unacked_in.add(generation)
             return
         self._ack(generation, mid, qos)
+        if self._on_durable is not None and claimed is not None and outcome.status != "quarantined":
+            self._on_durable(claimed)

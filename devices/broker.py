@@ -29,7 +29,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devices.address import BrokerAddress, MqttError, tls_context
-from devices.topics import CONTROL_ROOT, UPLINK_FILTER
+from devices.topics import CONTROL_ROOT, DOWN_FILTER, RESULT_FILTER, UPLINK_FILTER
 from storage.credentials import hash_password, new_key
 
 COLLECTOR_USER = "nbmeter-collector"
@@ -52,12 +52,17 @@ def _acl(acltype: str, topic: str, *, allow: bool = True) -> dict[str, Any]:
 
 
 # the collector's uplink subscription, its control topics (wills and drain markers,
-# see collector/mqtt_session.py) and the tenants' alert topics (collector/alerts_mqtt.py)
+# see collector/mqtt_session.py), the tenants' alert topics (collector/alerts_mqtt.py)
+# and the mailbox's commands and answers (collector/downlink_mqtt.py)
 _COLLECTOR_ACLS = (
     _acl("publishClientSend", "nbmeter/+/alerts"),
     _acl("subscribePattern", UPLINK_FILTER),
     _acl("subscribePattern", f"$share/+/{UPLINK_FILTER}"),
     _acl("publishClientReceive", UPLINK_FILTER),
+    _acl("publishClientSend", DOWN_FILTER),
+    _acl("subscribePattern", RESULT_FILTER),
+    _acl("subscribePattern", f"$share/+/{RESULT_FILTER}"),
+    _acl("publishClientReceive", RESULT_FILTER),
     _acl("publishClientSend", f"{CONTROL_ROOT}/#"),
     _acl("publishClientReceive", f"{CONTROL_ROOT}/#"),
     _acl("subscribePattern", f"{CONTROL_ROOT}/#"),

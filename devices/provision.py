@@ -20,7 +20,7 @@ import string
 from dataclasses import dataclass, field
 
 from devices.broker import BrokerError, dynsec
-from devices.topics import device_username, uplink_topic
+from devices.topics import device_username, down_topic, result_topic, uplink_topic
 from storage import credentials, dtls
 from storage import platforms as platform_store
 from storage.pool import Connection, connected
@@ -49,17 +49,21 @@ class ProvisionedDevice:
 
 def _broker_commands(username: str, password: str, topic: str) -> list[dict[str, object]]:
     role = f"device:{username}"
+    # its own topics only: publish uplinks and answers, subscribe to (and so receive) its
+    # own commands; the broker's default refuses every other publish and subscription
+    own = (
+        ("publishClientSend", topic),
+        ("publishClientSend", result_topic(topic)),
+        ("subscribeLiteral", down_topic(topic)),
+    )
     return [
         {"command": "deleteClient", "username": username},
         {"command": "deleteRole", "rolename": role},
         {"command": "createRole", "rolename": role},
-        {
-            "command": "addRoleACL",
-            "rolename": role,
-            "acltype": "publishClientSend",
-            "topic": topic,
-            "allow": True,
-        },
+        *(
+            {"command": "addRoleACL", "rolename": role, "acltype": t, "topic": f, "allow": True}
+            for t, f in own
+        ),
         {
             "command": "createClient",
             "username": username,

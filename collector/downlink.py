@@ -1,0 +1,125 @@
+"""Downlinks in the reachability window: the mailbox's pending commands for a meter that
+has just been heard from, and the device's answers.
+
+`Downlinks.for_meter(meter_id)` (CoAP) and `Downlinks.for_topic(slug, address)` (MQTT)
+run after the uplink is durable: they claim the meter's pending commands
+(`storage.mailbox.claim`, which marks them sent) and return the envelope to send
+(`decoder.commands.downlink`, encoded now: a clock set carries this collector's clock at
+the moment of sending). Claims arriving together (a committed batch answers many uplinks
+at once) go to the database in one query. A failed or slow claim gives an empty envelope
+(the uplink's answer is never held back): the commands go out in a later window.
+
+`Downlinks.answer(meter_id, address, payload)` records a device's answers
+(`decoder.commands.parse_results`): per command id `recorded`, `repeated` or `unknown`.
+Raises ValueError for a message that is not a result; StorageError from storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from typing import Final, TypeAlias
+
+import structlog
+
+from decoder.commands import downlink, parse_results
+from storage import mailbox
+from storage.errors import StorageError
+from storage.pool import Pool, connection
+
+log = structlog.get_logger("collector.downlink")
+
+Key: TypeAlias = int | tuple[str, str]  # meter id (CoAP) or (tenant slug, address) (MQTT)
+CLAIM_TIMEOUT_S: Final = 2.0
+EXPIRE_EVERY_S: Final = 10.0
+
+
+class Downlinks:
+    """Claims pending commands in batches and records answers, on one pool."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._waiting: dict[Key, list[asyncio.Future[bytes]]] = defaultdict(list)
+        self._flushing: set[asyncio.Task[None]] = set()
+        self._expired_at = 0.0
+
+    async def for_meter(self, meter_id: int) -> bytes:
+        """The envelope of meter `meter_id`'s pending commands (b"" when none)."""
+        return await self._claim(meter_id)
+
+    async def for_topic(self, slug: str, address: str) -> bytes:
+        """The envelope for the meter of MQTT topic (tenant slug, address) (b"" when none)."""
+        return await self._claim((slug, address))
+
+    async def _claim(self, key: Key) -> bytes:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        if not self._waiting:
+            task = loop.create_task(self._flush(), name="downlink-claim")
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+        self._waiting[key].append(future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), CLAIM_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("downlink.claim_slow", timeout_s=CLAIM_TIMEOUT_S)
+            return b""
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # the rest of this loop pass's answers join the batch
+        batch, self._waiting = self._waiting, defaultdict(list)
+        envelopes: dict[Key, bytes] = {}
+        try:
+            ids = [k for k in batch if isinstance(k, int)]
+            topics = [k for k in batch if isinstance(k, tuple)]
+            now_s = int(time.time())
+            async with connection(self._pool, "claiming commands", timeout_s=1.0) as conn:
+                claimed = await mailbox.claim(conn, meter_ids=ids) if ids else []
+                by_topic = await mailbox.claim(conn, topics=topics) if topics else []
+            per_key: dict[Key, list[mailbox.Claimed]] = defaultdict(list)
+            for c in claimed:
+                per_key[c.meter_id].append(c)
+            for c in by_topic:
+                per_key[(c.tenant_slug, c.pending.address)].append(c)
+            envelopes = {
+                k: downlink([c.pending for c in cs], now_s) for k, cs in per_key.items()
+            }
+            if claimed or by_topic:
+                log.info(
+                    "downlink.claimed",
+                    commands=len(claimed) + len(by_topic),
+                    meters=len(per_key),
+                )
+        except (StorageError, TimeoutError) as exc:
+            log.warning("downlink.claim_failed", error=str(exc), meters=len(batch))
+        finally:
+            for key, futures in batch.items():
+                for future in futures:
+                    if not future.done():
+                        future.set_result(envelopes.get(key, b""))
+
+    async def answer(self, meter_id: int, address: str, payload: bytes) -> dict[int, str]:
+        """Record the device's answers to its own commands (see the module docstring)."""
+        results = parse_results(payload, address)
+        async with connection(self._pool, "recording command results") as conn:
+            outcome = await mailbox.record_results(conn, meter_id, results)
+        log.info("downlink.answered", meter_id=meter_id, outcome=outcome)
+        return outcome
+
+    async def meter_of_topic(self, slug: str, address: str) -> int | None:
+        """The active meter of MQTT topic (tenant slug, address), or None."""
+        async with connection(self._pool, "looking up a meter") as conn:
+            return await mailbox.meter_of(conn, slug, address)
+
+    async def expire_forever(self) -> None:
+        """Move commands past their TTL to expired every EXPIRE_EVERY_S (a task's body)."""
+        while True:
+            await asyncio.sleep(EXPIRE_EVERY_S)
+            try:
+                async with connection(self._pool, "expiring commands") as conn:
+                    moved = await mailbox.expire_due(conn)
+                if moved:
+                    log.info("downlink.expired", commands=moved)
+            except StorageError as exc:
+                log.warning("downlink.expire_failed", error=str(exc))
