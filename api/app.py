@@ -27,6 +27,7 @@ from api import (
     errors,
     routes_admin,
     routes_alarms,
+    routes_commands,
     routes_cycles,
     routes_health,
     routes_manual,
@@ -160,6 +161,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(routes_manual.router)
     app.include_router(routes_alarms.router)
     app.include_router(routes_health.router)
+    app.include_router(routes_commands.router)
 
     unavailable: dict[int | str, dict[str, Any]] = {
         503: {**PROBLEM_RESPONSE, "description": "database down"}

@@ -26,6 +26,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from storage.apikeys import DuplicateTenantError, InvalidTimezoneError
+from storage.mailbox import (
+    IdempotencyConflictError,
+    InvalidCommandError,
+    NoSuchMeterError,
+    NotCancellableError,
+)
 from storage.errors import RowRefusedError, StorageError, StorageUnavailableError
 from storage.quarantine import AlreadyResolvedError, NothingToDecodeError, TooManyRowsError
 from storage.registry import DuplicateAddressError, ExchangeError
@@ -87,6 +93,10 @@ _TABLE: tuple[tuple[type[Exception], int, str], ...] = (
     (AlreadyResolvedError, 409, "already-resolved"),
     (NothingToDecodeError, 409, "nothing-to-decode"),
     (TooManyRowsError, 422, "too-many-rows"),
+    (NoSuchMeterError, 404, "not-found"),
+    (InvalidCommandError, 422, "invalid-command"),
+    (IdempotencyConflictError, 409, "idempotency-conflict"),
+    (NotCancellableError, 409, "not-cancellable"),
     # a value the database cannot take (SQLSTATE class 22: out of range, an impossible date;
     # class 23: a constraint; an argument asyncpg cannot encode): the request carried it
     (RowRefusedError, 422, "invalid-value"),
