@@ -1,0 +1,198 @@
+"""A meter's side of the mailbox for tests: OSCORE over raw UDP (so a CON can be sent twice
+with the same message id), MQTT with the device's own account, and a command executor that
+runs each command id once and answers repeats from memory, as the devices must."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import queue
+import secrets
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiocoap
+import paho.mqtt.client as paho
+from collector_testkit import DeviceOscore
+
+_MIDS = itertools.count(secrets.randbelow(65536))
+
+
+@dataclass
+class Executor:
+    """Executes commands once per id; a repeat is answered from memory."""
+
+    address: str
+    executed: Counter[int] = field(default_factory=Counter)
+    memory: dict[int, dict[str, Any]] = field(default_factory=dict)
+    valve: str = "open"
+
+    def run(self, envelope: bytes) -> list[dict[str, Any]]:
+        """The answers to every command of an envelope (b"": none)."""
+        if not envelope:
+            return []
+        body = json.loads(envelope)
+        assert body["v"] == 1
+        answers = []
+        for cmd in body["cmds"]:
+            cid = cmd["id"]
+            if cid not in self.memory:
+                self.executed[cid] += 1
+                if cmd["kind"] == "valve":
+                    self.valve = cmd["args"]["action"]
+                self.memory[cid] = self._answer(cmd)
+            answers.append(self.memory[cid])
+        return answers
+
+    def _answer(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        if "frame" not in cmd:
+            return {"id": cmd["id"], "ok": True, "result": {"done": cmd["kind"]}}
+        request = bytes.fromhex(cmd["frame"])
+        di, ser = request[11:13], request[13]
+        data = di + bytes([ser, 0x01 if self.valve == "close" else 0x00, 0x00])
+        body = bytes([0x68, request[1]]) + request[2:9] + bytes([0x84, len(data)]) + data
+        reply = body + bytes([sum(body) & 0xFF, 0x16])
+        return {"id": cmd["id"], "frame": reply.hex()}
+
+
+class Udp(asyncio.DatagramProtocol):
+    """A raw UDP socket; answers by CoAP token."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.by_token: dict[bytes, asyncio.Future[bytes]] = {}
+
+    @classmethod
+    async def open(cls, port: int) -> Udp:
+        """A socket to 127.0.0.1:`port`."""
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.create_datagram_endpoint(
+            cls, local_addr=("127.0.0.1", 0), remote_addr=("127.0.0.1", port)
+        )
+        return proto
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        if len(data) < 4 or data[1] == 0:
+            return
+        if (data[0] >> 4) & 3 == 0 and self.transport is not None:
+            self.transport.sendto(bytes([0x60, 0]) + data[2:4])
+        future = self.by_token.get(data[4 : 4 + (data[0] & 0x0F)])
+        if future is not None and not future.done():
+            future.set_result(data)
+
+    async def exchange(self, datagram: bytes, token: bytes, timeout_s: float = 10) -> bytes:
+        """Send `datagram` (again every 2 s) until the answer with `token` comes."""
+        assert self.transport is not None
+        future = self.by_token[token] = asyncio.get_running_loop().create_future()
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                self.transport.sendto(datagram)
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(asyncio.shield(future), 2.0)
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+        finally:
+            self.by_token.pop(token, None)
+
+    def close(self) -> None:
+        """Close the socket."""
+        if self.transport is not None:
+            self.transport.close()
+
+
+@dataclass
+class Reply:
+    """The decrypted answer: code (dotted) and payload."""
+
+    code: str
+    payload: bytes
+
+
+class OscoreMeter:
+    """A meter speaking OSCORE over raw UDP: uplinks to /u, answers to /c."""
+
+    def __init__(self, values: dict[str, str], udp: Udp) -> None:
+        self.ctx = DeviceOscore(values)
+        self.udp = udp
+
+    def request(self, path: str, payload: bytes) -> tuple[bytes, bytes, object]:
+        """(datagram, token, request id) of a protected CON POST with a new sequence number."""
+        msg = aiocoap.Message(code=aiocoap.POST, uri_path=(path,), payload=payload)
+        protected, request_id = self.ctx.protect(msg)
+        protected.mtype = aiocoap.CON
+        protected.mid = next(_MIDS) % 65536
+        protected.token = secrets.token_bytes(4)
+        return protected.encode(), protected.token, request_id
+
+    def reply(self, data: bytes, request_id: object) -> Reply:
+        """Decrypt an answer."""
+        msg = aiocoap.Message.decode(data)
+        inner, _ = self.ctx.unprotect(msg, request_id)
+        code = int(inner.code)
+        return Reply(f"{code >> 5}.{code & 0x1F:02d}", bytes(inner.payload))
+
+    async def post(self, path: str, payload: bytes) -> Reply:
+        """One protected exchange."""
+        datagram, token, request_id = self.request(path, payload)
+        return self.reply(await self.udp.exchange(datagram, token), request_id)
+
+
+class MqttMeter:
+    """A meter's MQTT client with its own account: subscribes to its down topic."""
+
+    def __init__(self, port: int, mqtt: dict[str, str]) -> None:
+        self.topic_up = mqtt["topic"]
+        self.topic_down = self.topic_up.removesuffix("/up") + "/down"
+        self.topic_res = self.topic_up.removesuffix("/up") + "/res"
+        self.received: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.subacks: queue.Queue[list[int]] = queue.Queue()
+        self._acked = threading.Event()
+        client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id=f"dev-{uuid.uuid4().hex[:8]}",
+            protocol=paho.MQTTv5,
+        )
+        client.username_pw_set(mqtt["username"], mqtt["password"])
+        client.on_message = lambda _c, _u, m: self.received.put((m.topic, bytes(m.payload)))
+        client.on_subscribe = lambda _c, _u, _m, reasons, _p: self.subacks.put(
+            [r.value for r in reasons]
+        )
+        connected = threading.Event()
+        client.on_connect = lambda *_a: connected.set()
+        self.client = client
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        assert connected.wait(10), "the broker did not accept the device's connection"
+
+    def subscribe(self, topic: str | None = None) -> list[int]:
+        """Subscribe (QoS 1) to `topic` (default: own down topic); the SUBACK reason codes."""
+        self.client.subscribe(topic or self.topic_down, qos=1)
+        return self.subacks.get(timeout=10)
+
+    def publish(self, topic: str, payload: bytes) -> int:
+        """Publish at QoS 1 and wait for the PUBACK; its reason code."""
+        info = self.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(10)
+        return info.rc
+
+    def next_message(self, timeout_s: float) -> tuple[str, bytes] | None:
+        """The next message received, or None after `timeout_s`."""
+        try:
+            return self.received.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.client.disconnect()
+        self.client.loop_stop()

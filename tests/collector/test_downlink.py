@@ -1,0 +1,218 @@
+"""The mailbox delivered through the real collector: a command queued while the meter sleeps
+goes out in its next window (CoAP: on the uplink's 2.04; MQTT: to its down topic), its
+answer moves it to acknowledged, duplicates (retransmitted CON, repeated uplink, MQTT
+redelivery) execute once, an expired command is never sent, and a device can neither read
+nor answer another device's commands."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+
+import asyncpg
+import pytest
+from collector_testkit import cjt188_frame, hour
+from conftest import Broker, RunningCollector, new_address
+from downlink_testkit import Executor, MqttMeter, OscoreMeter, Udp
+
+from collector.provision import ProvisionedDevice, provision_device
+from storage import mailbox
+
+
+async def queue_command(
+    pool: asyncpg.Pool, device: ProvisionedDevice, kind: str = "valve", ttl_s: int = 600, **args: object
+) -> int:
+    """Queue a command for the device's meter while it sleeps; its id."""
+    tenant_id = await pool.fetchval("SELECT tenant_id FROM meters WHERE meter_id = $1", device.meter_id)
+    async with pool.acquire() as conn:
+        cmd, _ = await mailbox.create(
+            conn,
+            tenant_id=tenant_id,
+            meter_id=device.meter_id,
+            kind=kind,
+            args=args or ({"action": "close"} if kind == "valve" else {}),
+            ttl_s=ttl_s,
+            created_by="test",
+        )
+    return cmd.command_id
+
+
+async def row(pool: asyncpg.Pool, command_id: int) -> asyncpg.Record:
+    """The command's lifecycle columns."""
+    return await pool.fetchrow(
+        "SELECT state, reason, attempts, result, sent_at FROM commands WHERE command_id = $1",
+        command_id,
+    )
+
+
+async def wait_state(pool: asyncpg.Pool, command_id: int, state: str, within_s: float = 15) -> asyncpg.Record:
+    """Poll until the command is in `state` (or fail naming where it is)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        got = await row(pool, command_id)
+        if got["state"] == state or time.monotonic() > deadline:
+            assert got["state"] == state, dict(got)
+            return got
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def meter(collector: RunningCollector, device: ProvisionedDevice) -> OscoreMeter:
+    """The provisioned device speaking OSCORE to the session's collector."""
+    udp = await Udp.open(collector.coap_port)
+    yield OscoreMeter(device.oscore, udp)  # type: ignore[misc]
+    udp.close()
+
+
+async def test_coap_command_rides_on_the_next_uplinks_answer(
+    pool: asyncpg.Pool, device: ProvisionedDevice, meter: OscoreMeter
+) -> None:
+    """Queued while asleep → in the 2.04 of the next uplink (CJ/T 188 A017 close frame) →
+    executed once → its answer to /c makes it acknowledged with the device's reply."""
+    cid = await queue_command(pool, device)
+    clock = await queue_command(pool, device, kind="clock")
+    assert (await row(pool, cid))["state"] == "queued"
+    dev = Executor(device.address)
+    reply = await meter.post("u", cjt188_frame(device.address, 10_000, hour(1)))
+    assert reply.code == "2.04"
+    envelope = json.loads(reply.payload)
+    assert [c["id"] for c in envelope["cmds"]] == [cid, clock]
+    frame = bytes.fromhex(envelope["cmds"][0]["frame"])
+    assert frame[9] == 0x04 and frame[11:13] == b"\xa0\x17" and frame[14] == 0x99
+    assert abs(envelope["cmds"][1]["args"]["utc_s"] - time.time()) < 30
+    sent = await row(pool, cid)
+    assert (sent["state"], sent["attempts"]) == ("sent", 1)
+    answers = dev.run(reply.payload)
+    assert dev.valve == "close"
+    answered = await meter.post("c", json.dumps(answers).encode())
+    assert answered.code == "2.04"
+    done = await row(pool, cid)
+    assert (done["state"], done["reason"]) == ("acknowledged", "device_confirmed")
+    assert json.loads(done["result"])["di"] == "a017"
+    assert (await row(pool, clock))["state"] == "acknowledged"
+    # the next window carries nothing
+    assert (await meter.post("u", cjt188_frame(device.address, 10_000, hour(2)))).payload == b""
+
+
+async def test_coap_duplicates_execute_once(
+    pool: asyncpg.Pool, device: ProvisionedDevice, meter: OscoreMeter
+) -> None:
+    """A retransmitted CON gets the same answer (no second claim); a repeated uplink while
+    the answer is outstanding carries the command again; the device runs it once, and a
+    repeated answer changes nothing."""
+    cid = await queue_command(pool, device)
+    dev = Executor(device.address)
+    frame = cjt188_frame(device.address, 20_000, hour(3))
+    datagram, token, request_id = meter.request("u", frame)
+    first = meter.reply(await meter.udp.exchange(datagram, token), request_id)
+    second = meter.reply(await meter.udp.exchange(datagram, token), request_id)  # same MID
+    assert first.payload == second.payload and json.loads(first.payload)["cmds"][0]["id"] == cid
+    assert (await row(pool, cid))["attempts"] == 1
+    dev.run(first.payload)
+    dev.run(second.payload)
+    again = await meter.post("u", frame)  # the device repeats its uplink (a duplicate)
+    assert again.code == "2.04" and json.loads(again.payload)["cmds"][0]["id"] == cid
+    assert (await row(pool, cid))["attempts"] == 2
+    answers = dev.run(again.payload)
+    assert dev.executed[cid] == 1
+    assert (await meter.post("c", json.dumps(answers).encode())).code == "2.04"
+    assert (await meter.post("c", json.dumps(answers).encode())).code == "2.04"  # repeat
+    assert (await row(pool, cid))["state"] == "acknowledged"
+
+
+async def test_coap_expired_never_sent_and_other_meters_commands_refused(
+    pool: asyncpg.Pool,
+    db_url: str,
+    tenant_slug: str,
+    broker: Broker,
+    credentials_key: str,
+    device: ProvisionedDevice,
+    meter: OscoreMeter,
+) -> None:
+    """A command past its TTL is not in the window and is reported expired; answering
+    another meter's command id is 4.04 and leaves it untouched."""
+    stale = await queue_command(pool, device, ttl_s=1)
+    await asyncio.sleep(1.2)
+    reply = await meter.post("u", cjt188_frame(device.address, 30_000, hour(4)))
+    assert reply.code == "2.04" and reply.payload == b""
+    await mailbox.expire_due(pool)
+    assert (await row(pool, stale))["reason"] == "ttl_passed_undelivered"
+    other = await provision_device(
+        db_url, tenant_slug, new_address(), credentials_key=credentials_key
+    )
+    theirs = await queue_command(pool, other)
+    await mailbox.claim(pool, meter_ids=[other.meter_id])  # sent to the other meter
+    forged = await meter.post("c", json.dumps({"id": theirs, "ok": True}).encode())
+    assert forged.code == "4.04"
+    assert (await row(pool, theirs))["state"] == "sent"
+    bad = await meter.post("c", b"not json")
+    assert bad.code == "4.00"
+
+
+async def test_mqtt_command_goes_to_the_down_topic_once_executed(
+    pool: asyncpg.Pool, broker: Broker, device: ProvisionedDevice, collector: RunningCollector
+) -> None:
+    """Queued while asleep → published QoS 1 to nbmeter/<t>/<a>/down after the next uplink →
+    an MQTT redelivery of the uplink carries it again → executed once → its answer on
+    /res makes it acknowledged."""
+    cid = await queue_command(pool, device, kind="clock")
+    dev = Executor(device.address)
+    client = MqttMeter(broker.port, device.mqtt)
+    try:
+        assert client.subscribe() == [1]
+        frame = cjt188_frame(device.address, 40_000, hour(5))
+        assert client.publish(client.topic_up, frame) == 0
+        got = await asyncio.to_thread(client.next_message, 15)
+        assert got is not None and got[0] == client.topic_down
+        assert json.loads(got[1])["cmds"][0]["id"] == cid
+        assert client.publish(client.topic_up, frame) == 0  # the same uplink again
+        again = await asyncio.to_thread(client.next_message, 15)
+        assert again is not None and json.loads(again[1])["cmds"][0]["id"] == cid
+        answers = dev.run(got[1]) + dev.run(again[1])
+        assert dev.executed[cid] == 1 and (await row(pool, cid))["attempts"] == 2
+        assert client.publish(client.topic_res, json.dumps(answers[:1]).encode()) == 0
+        done = await wait_state(pool, cid, "acknowledged")
+        assert done["reason"] == "device_confirmed"
+    finally:
+        client.close()
+
+
+async def test_mqtt_acl_keeps_devices_to_their_own_commands(
+    pool: asyncpg.Pool,
+    db_url: str,
+    tenant_slug: str,
+    broker: Broker,
+    credentials_key: str,
+    device: ProvisionedDevice,
+    collector: RunningCollector,
+) -> None:
+    """A device cannot subscribe to another device's down topic (SUBACK 0x87), receives
+    none of its commands, and its publish to the other's result topic is refused."""
+    other = await provision_device(
+        db_url, tenant_slug, new_address(), credentials_key=credentials_key,
+        mqtt_admin_url=broker.admin_url,
+    )
+    theirs = await queue_command(pool, other)
+    spy = MqttMeter(broker.port, device.mqtt)
+    victim = MqttMeter(broker.port, other.mqtt)
+    try:
+        assert spy.subscribe(victim.topic_down) == [0x87]
+        assert spy.subscribe("nbmeter/#") == [0x87]
+        assert victim.subscribe() == [1]
+        assert victim.publish(victim.topic_up, cjt188_frame(other.address, 1_000, hour(6))) == 0
+        got = await asyncio.to_thread(victim.next_message, 15)
+        assert got is not None and json.loads(got[1])["cmds"][0]["id"] == theirs
+        assert await asyncio.to_thread(spy.next_message, 1.0) is None
+        forged = json.dumps({"id": theirs, "ok": False}).encode()
+        with contextlib.suppress(RuntimeError):  # refused (the broker may also disconnect it)
+            spy.publish(victim.topic_res, forged)
+        spy.close()
+        spy = MqttMeter(broker.port, device.mqtt)
+        assert spy.publish(spy.topic_res, forged) == 0  # its own topic: not its command
+        await asyncio.sleep(1.0)
+        assert (await row(pool, theirs))["state"] == "sent"
+    finally:
+        spy.close()
+        victim.close()
