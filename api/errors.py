@@ -26,13 +26,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from storage.apikeys import DuplicateTenantError, InvalidTimezoneError
+from storage.errors import RowRefusedError, StorageError, StorageUnavailableError
 from storage.mailbox import (
     IdempotencyConflictError,
     InvalidCommandError,
     NoSuchMeterError,
     NotCancellableError,
 )
-from storage.errors import RowRefusedError, StorageError, StorageUnavailableError
 from storage.quarantine import AlreadyResolvedError, NothingToDecodeError, TooManyRowsError
 from storage.registry import DuplicateAddressError, ExchangeError
 

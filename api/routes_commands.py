@@ -11,8 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
 
-from api.deps import CONFLICT, PROBLEMS, MeterId, Pool, Reader, Writer
-from api.deps import decode_cursor, encode_cursor
+from api.deps import CONFLICT, PROBLEMS, MeterId, Pool, Reader, Writer, decode_cursor, encode_cursor
 from api.errors import NotFoundError, UnprocessableError
 from api.schemas_commands import (
     BulkCommand,
@@ -89,7 +88,12 @@ async def meter_commands(
 ) -> CommandPage:
     """The meter's commands in delivery order (id), optionally in one state."""
     cmds = await mailbox.list_commands(
-        pool, who.tenant_id, meter_id=meter_id, state=state, after=decode_cursor(cursor), limit=limit
+        pool,
+        who.tenant_id,
+        meter_id=meter_id,
+        state=state,
+        after=decode_cursor(cursor),
+        limit=limit,
     )
     return _page(cmds, limit)
 
@@ -126,9 +130,7 @@ async def get_command(command_id: CommandId, who: Reader, pool: Pool) -> Command
     return command_out(cmd)
 
 
-@router.post(
-    "/commands/{command_id}/cancel", responses=CONFLICT, summary="Cancel a queued command"
-)
+@router.post("/commands/{command_id}/cancel", responses=CONFLICT, summary="Cancel a queued command")
 async def cancel_command(command_id: CommandId, who: Writer, pool: Pool) -> Command:
     """Cancel it (reason `cancelled_by=api-key:<id>`); 409 once it was sent (the device
     may be executing it: queue the opposite command instead)."""

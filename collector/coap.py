@@ -51,8 +51,6 @@ from aiocoap import error, resource
 from collector import metrics
 from collector.coap_guard import Block1Budget, EventLimiter, LogRateFilter, source_of
 from collector.coap_oscore import Busy, DeviceContext, DeviceContexts, OscoreSite
-from collector.downlink import Downlinks
-from collector.downlink_coap import ResultResource, with_commands
 from collector.coap_patches import (
     Context,
     Site,
@@ -60,6 +58,8 @@ from collector.coap_patches import (
     patch_message_decode,
     patch_udp6_addresses,
 )
+from collector.downlink import Downlinks
+from collector.downlink_coap import ResultResource, with_commands
 from collector.pipeline import (
     NOT_YET_DURABLE,
     Outcome,

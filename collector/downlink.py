@@ -82,9 +82,7 @@ class Downlinks:
                 per_key[c.meter_id].append(c)
             for c in by_topic:
                 per_key[(c.tenant_slug, c.pending.address)].append(c)
-            envelopes = {
-                k: downlink([c.pending for c in cs], now_s) for k, cs in per_key.items()
-            }
+            envelopes = {k: downlink([c.pending for c in cs], now_s) for k, cs in per_key.items()}
             if claimed or by_topic:
                 log.info(
                     "downlink.claimed",

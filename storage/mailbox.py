@@ -116,7 +116,7 @@ class Claimed:
     tenant_slug: str
 
 
-def _command(row: Mapping[str, Any]) -> Command:
+def _command(row: asyncpg.Record) -> Command:
     values = dict(row)
     values["args"] = json.loads(values["args"])
     values["result"] = json.loads(values["result"]) if values["result"] is not None else None
@@ -369,7 +369,9 @@ async def expire_due(conn: asyncpg.Connection | asyncpg.Pool, tenant_id: int | N
 
 
 @translating("reading a command")
-async def get(conn: asyncpg.Connection | asyncpg.Pool, tenant_id: int, command_id: int) -> Command | None:
+async def get(
+    conn: asyncpg.Connection | asyncpg.Pool, tenant_id: int, command_id: int
+) -> Command | None:
     """The tenant's command, or None."""
     await expire_due(conn, tenant_id)
     row = await conn.fetchrow(

@@ -20,17 +20,23 @@ async def test_create_idempotent_and_superseded(api, make_tenant, add_meter):
     cmd = first.json()
     assert (cmd["state"], cmd["attempts"], cmd["kind"]) == ("queued", 0, "valve")
     again = await api.post(f"/v1/meters/{meter}/commands", json=body, headers=t.writer)
-    assert again.status_code == 200 and again.json()["command_id"] == cmd["command_id"]
+    assert again.status_code == 200
+    assert again.json()["command_id"] == cmd["command_id"]
     other = {**body, "args": {"action": "open"}}
     clash = await api.post(f"/v1/meters/{meter}/commands", json=other, headers=t.writer)
-    assert clash.status_code == 409 and clash.json()["type"] == "/problems/idempotency-conflict"
+    assert clash.status_code == 409
+    assert clash.json()["type"] == "/problems/idempotency-conflict"
     opened = await api.post(
-        f"/v1/meters/{meter}/commands", json={"kind": "valve", "args": {"action": "open"}},
+        f"/v1/meters/{meter}/commands",
+        json={"kind": "valve", "args": {"action": "open"}},
         headers=t.writer,
     )
     assert opened.status_code == 201
     old = (await api.get(f"/v1/commands/{cmd['command_id']}", headers=t.reader)).json()
-    assert (old["state"], old["reason"]) == ("cancelled", f"superseded_by={opened.json()['command_id']}")
+    assert (old["state"], old["reason"]) == (
+        "cancelled",
+        f"superseded_by={opened.json()['command_id']}",
+    )
     listed = await api.get(f"/v1/meters/{meter}/commands?state=queued", headers=t.reader)
     assert [c["command_id"] for c in listed.json()["items"]] == [opened.json()["command_id"]]
     everything = await api.get(f"/v1/commands?meter_id={meter}", headers=t.reader)
@@ -43,15 +49,19 @@ async def test_refusals_say_why(api, make_tenant, add_meter):
     t = await make_tenant()
     cjt = await add_meter(t.tenant_id)
     r = await api.post(
-        f"/v1/meters/{cjt}/commands", json={"kind": "reporting", "args": {"interval_s": 600}},
+        f"/v1/meters/{cjt}/commands",
+        json={"kind": "reporting", "args": {"interval_s": 600}},
         headers=t.writer,
     )
-    assert r.status_code == 422 and "cannot take a reporting" in r.json()["detail"]
+    assert r.status_code == 422
+    assert "cannot take a reporting" in r.json()["detail"]
     r = await api.post("/v1/meters/999999999/commands", json={"kind": "clock"}, headers=t.writer)
     assert r.status_code == 404
     r = await api.post(f"/v1/meters/{cjt}/commands", json={"kind": "clock"}, headers=t.reader)
     assert r.status_code == 403
-    r = await api.post(f"/v1/meters/{cjt}/commands", json={"kind": "clock", "ttl_s": 5}, headers=t.writer)
+    r = await api.post(
+        f"/v1/meters/{cjt}/commands", json={"kind": "clock", "ttl_s": 5}, headers=t.writer
+    )
     assert r.status_code == 422
 
 
@@ -59,17 +69,23 @@ async def test_cancel_only_while_queued(api, make_tenant, add_meter, pool):
     """Cancel a queued command (reason cancelled_by=api-key:<id>); a sent one answers 409."""
     t = await make_tenant()
     meter = await add_meter(t.tenant_id)
-    a = (await api.post(f"/v1/meters/{meter}/commands", json={"kind": "clock"}, headers=t.writer)).json()
+    a = (
+        await api.post(f"/v1/meters/{meter}/commands", json={"kind": "clock"}, headers=t.writer)
+    ).json()
     r = await api.post(f"/v1/commands/{a['command_id']}/cancel", headers=t.writer)
-    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert r.status_code == 200
+    assert r.json()["state"] == "cancelled"
     assert r.json()["reason"].startswith("cancelled_by=api-key:")
-    b = (await api.post(f"/v1/meters/{meter}/commands", json={"kind": "clock"}, headers=t.writer)).json()
+    b = (
+        await api.post(f"/v1/meters/{meter}/commands", json={"kind": "clock"}, headers=t.writer)
+    ).json()
     await pool.execute(
         "UPDATE commands SET state = 'sent', sent_at = now(), attempts = 1 WHERE command_id = $1",
         b["command_id"],
     )
     r = await api.post(f"/v1/commands/{b['command_id']}/cancel", headers=t.writer)
-    assert r.status_code == 409 and r.json()["type"] == "/problems/not-cancellable"
+    assert r.status_code == 409
+    assert r.json()["type"] == "/problems/not-cancellable"
 
 
 async def test_bulk_by_query_and_list(api, make_tenant, add_meter):
@@ -78,8 +94,12 @@ async def test_bulk_by_query_and_list(api, make_tenant, add_meter):
     t = await make_tenant()
     gas = [await add_meter(t.tenant_id, kind="gas") for _ in range(4)]
     await add_meter(t.tenant_id, kind="water")
-    body = {"kind": "valve", "args": {"action": "close"}, "query": {"kind": "gas"},
-            "idempotency_key": "gas-close"}
+    body = {
+        "kind": "valve",
+        "args": {"action": "close"},
+        "query": {"kind": "gas"},
+        "idempotency_key": "gas-close",
+    }
     r = await api.post("/v1/commands/bulk", json=body, headers=t.writer)
     assert r.status_code == 202, r.text
     job = r.json()
@@ -91,10 +111,12 @@ async def test_bulk_by_query_and_list(api, make_tenant, add_meter):
     items = await api.get(f"/v1/commands?job_id={job['job_id']}", headers=t.reader)
     assert sorted(c["meter_id"] for c in items.json()["items"]) == gas
     listed = await api.post(
-        "/v1/commands/bulk", json={"kind": "valve", "args": {"action": "open"}, "meter_ids": gas[:2]},
+        "/v1/commands/bulk",
+        json={"kind": "valve", "args": {"action": "open"}, "meter_ids": gas[:2]},
         headers=t.writer,
     )
-    assert listed.status_code == 202 and listed.json()["n_commands"] == 2
+    assert listed.status_code == 202
+    assert listed.json()["n_commands"] == 2
     after = await api.get(f"/v1/command-jobs/{job['job_id']}", headers=t.reader)
     assert after.json()["counts"] == {"queued": 2, "cancelled": 2}
     both = await api.post(
@@ -109,17 +131,24 @@ async def test_tenants_never_see_each_others_commands(api, make_tenant, add_mete
     """Another tenant's command, meter and job are 404 (ids do not leak)."""
     a, b = await make_tenant(), await make_tenant()
     meter = await add_meter(a.tenant_id)
-    cmd = (await api.post(f"/v1/meters/{meter}/commands", json={"kind": "clock"}, headers=a.writer)).json()
-    job = (await api.post(
-        "/v1/commands/bulk", json={"kind": "clock", "meter_ids": [meter]}, headers=a.writer
-    )).json()
+    cmd = (
+        await api.post(f"/v1/meters/{meter}/commands", json={"kind": "clock"}, headers=a.writer)
+    ).json()
+    job = (
+        await api.post(
+            "/v1/commands/bulk", json={"kind": "clock", "meter_ids": [meter]}, headers=a.writer
+        )
+    ).json()
     for r in (
         await api.get(f"/v1/commands/{cmd['command_id']}", headers=b.reader),
         await api.post(f"/v1/commands/{cmd['command_id']}/cancel", headers=b.writer),
         await api.post(f"/v1/meters/{meter}/commands", json={"kind": "clock"}, headers=b.writer),
         await api.get(f"/v1/command-jobs/{job['job_id']}", headers=b.reader),
     ):
-        assert isinstance(r, httpx.Response) and r.status_code == 404
-    bulk = await api.post("/v1/commands/bulk", json={"kind": "clock", "meter_ids": [meter]}, headers=b.writer)
+        assert isinstance(r, httpx.Response)
+        assert r.status_code == 404
+    bulk = await api.post(
+        "/v1/commands/bulk", json={"kind": "clock", "meter_ids": [meter]}, headers=b.writer
+    )
     assert bulk.status_code == 422
     assert (await api.get("/v1/commands", headers=b.reader)).json()["items"] == []

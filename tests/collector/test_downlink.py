@@ -22,10 +22,16 @@ from storage import mailbox
 
 
 async def queue_command(
-    pool: asyncpg.Pool, device: ProvisionedDevice, kind: str = "valve", ttl_s: int = 600, **args: object
+    pool: asyncpg.Pool,
+    device: ProvisionedDevice,
+    kind: str = "valve",
+    ttl_s: int = 600,
+    **args: object,
 ) -> int:
     """Queue a command for the device's meter while it sleeps; its id."""
-    tenant_id = await pool.fetchval("SELECT tenant_id FROM meters WHERE meter_id = $1", device.meter_id)
+    tenant_id = await pool.fetchval(
+        "SELECT tenant_id FROM meters WHERE meter_id = $1", device.meter_id
+    )
     async with pool.acquire() as conn:
         cmd, _ = await mailbox.create(
             conn,
@@ -47,7 +53,9 @@ async def row(pool: asyncpg.Pool, command_id: int) -> asyncpg.Record:
     )
 
 
-async def wait_state(pool: asyncpg.Pool, command_id: int, state: str, within_s: float = 15) -> asyncpg.Record:
+async def wait_state(
+    pool: asyncpg.Pool, command_id: int, state: str, within_s: float = 15
+) -> asyncpg.Record:
     """Poll until the command is in `state` (or fail naming where it is)."""
     deadline = time.monotonic() + within_s
     while True:
@@ -80,7 +88,9 @@ async def test_coap_command_rides_on_the_next_uplinks_answer(
     envelope = json.loads(reply.payload)
     assert [c["id"] for c in envelope["cmds"]] == [cid, clock]
     frame = bytes.fromhex(envelope["cmds"][0]["frame"])
-    assert frame[9] == 0x04 and frame[11:13] == b"\xa0\x17" and frame[14] == 0x99
+    assert frame[9] == 0x04
+    assert frame[11:13] == b"\xa0\x17"
+    assert frame[14] == 0x99
     assert abs(envelope["cmds"][1]["args"]["utc_s"] - time.time()) < 30
     sent = await row(pool, cid)
     assert (sent["state"], sent["attempts"]) == ("sent", 1)
@@ -108,12 +118,14 @@ async def test_coap_duplicates_execute_once(
     datagram, token, request_id = meter.request("u", frame)
     first = meter.reply(await meter.udp.exchange(datagram, token), request_id)
     second = meter.reply(await meter.udp.exchange(datagram, token), request_id)  # same MID
-    assert first.payload == second.payload and json.loads(first.payload)["cmds"][0]["id"] == cid
+    assert first.payload == second.payload
+    assert json.loads(first.payload)["cmds"][0]["id"] == cid
     assert (await row(pool, cid))["attempts"] == 1
     dev.run(first.payload)
     dev.run(second.payload)
     again = await meter.post("u", frame)  # the device repeats its uplink (a duplicate)
-    assert again.code == "2.04" and json.loads(again.payload)["cmds"][0]["id"] == cid
+    assert again.code == "2.04"
+    assert json.loads(again.payload)["cmds"][0]["id"] == cid
     assert (await row(pool, cid))["attempts"] == 2
     answers = dev.run(again.payload)
     assert dev.executed[cid] == 1
@@ -136,7 +148,8 @@ async def test_coap_expired_never_sent_and_other_meters_commands_refused(
     stale = await queue_command(pool, device, ttl_s=1)
     await asyncio.sleep(1.2)
     reply = await meter.post("u", cjt188_frame(device.address, 30_000, hour(4)))
-    assert reply.code == "2.04" and reply.payload == b""
+    assert reply.code == "2.04"
+    assert reply.payload == b""
     await mailbox.expire_due(pool)
     assert (await row(pool, stale))["reason"] == "ttl_passed_undelivered"
     other = await provision_device(
@@ -165,13 +178,16 @@ async def test_mqtt_command_goes_to_the_down_topic_once_executed(
         frame = cjt188_frame(device.address, 40_000, hour(5))
         assert client.publish(client.topic_up, frame) == 0
         got = await asyncio.to_thread(client.next_message, 15)
-        assert got is not None and got[0] == client.topic_down
+        assert got is not None
+        assert got[0] == client.topic_down
         assert json.loads(got[1])["cmds"][0]["id"] == cid
         assert client.publish(client.topic_up, frame) == 0  # the same uplink again
         again = await asyncio.to_thread(client.next_message, 15)
-        assert again is not None and json.loads(again[1])["cmds"][0]["id"] == cid
+        assert again is not None
+        assert json.loads(again[1])["cmds"][0]["id"] == cid
         answers = dev.run(got[1]) + dev.run(again[1])
-        assert dev.executed[cid] == 1 and (await row(pool, cid))["attempts"] == 2
+        assert dev.executed[cid] == 1
+        assert (await row(pool, cid))["attempts"] == 2
         assert client.publish(client.topic_res, json.dumps(answers[:1]).encode()) == 0
         done = await wait_state(pool, cid, "acknowledged")
         assert done["reason"] == "device_confirmed"
@@ -191,7 +207,10 @@ async def test_mqtt_acl_keeps_devices_to_their_own_commands(
     """A device cannot subscribe to another device's down topic (SUBACK 0x87), receives
     none of its commands, and its publish to the other's result topic is refused."""
     other = await provision_device(
-        db_url, tenant_slug, new_address(), credentials_key=credentials_key,
+        db_url,
+        tenant_slug,
+        new_address(),
+        credentials_key=credentials_key,
         mqtt_admin_url=broker.admin_url,
     )
     theirs = await queue_command(pool, other)
@@ -203,7 +222,8 @@ async def test_mqtt_acl_keeps_devices_to_their_own_commands(
         assert victim.subscribe() == [1]
         assert victim.publish(victim.topic_up, cjt188_frame(other.address, 1_000, hour(6))) == 0
         got = await asyncio.to_thread(victim.next_message, 15)
-        assert got is not None and json.loads(got[1])["cmds"][0]["id"] == theirs
+        assert got is not None
+        assert json.loads(got[1])["cmds"][0]["id"] == theirs
         assert await asyncio.to_thread(spy.next_message, 1.0) is None
         forged = json.dumps({"id": theirs, "ok": False}).encode()
         with contextlib.suppress(RuntimeError):  # refused (the broker may also disconnect it)

@@ -53,7 +53,9 @@ def test_valve_write_matches_published_frames(vec: dict) -> None:
     assert got == want
 
 
-def _reply(address: str, di: bytes, ser: int, control: int = 0x84, st: bytes = b"\x00\x00") -> bytes:
+def _reply(
+    address: str, di: bytes, ser: int, control: int = 0x84, st: bytes = b"\x00\x00"
+) -> bytes:
     data = di + bytes([ser]) + st
     body = bytes([0x68, 0x10]) + bytes.fromhex(address)[::-1] + bytes([control, len(data)]) + data
     return body + bytes([sum(body) & 0xFF, 0x16])
@@ -70,7 +72,7 @@ def test_envelope_for_a_cjt188_meter_carries_its_own_frames() -> None:
     body = json.loads(downlink(cmds, now_s))
     assert body["v"] == 1
     valve, clock = body["cmds"]
-    head = bytes.fromhex("681044332211003378" "0404" "a017" "2c" "99")  # 300 mod 256 = 0x2c
+    head = bytes.fromhex("6810443322110033780404a0172c99")  # 300 mod 256 = 0x2c
     assert valve == {
         "id": 300,
         "kind": "valve",
@@ -78,7 +80,9 @@ def test_envelope_for_a_cjt188_meter_carries_its_own_frames() -> None:
         "frame": (head + bytes([sum(head) & 0xFF, 0x16])).hex(),
     }
     clk = bytes.fromhex(clock["frame"])
-    assert clk[1] == 0x30 and clk[9:11] == bytes([0x04, 0x0A]) and clk[11:14] == b"\xa0\x15\x2d"
+    assert clk[1] == 0x30
+    assert clk[9:11] == bytes([0x04, 0x0A])
+    assert clk[11:14] == b"\xa0\x15\x2d"
     assert clk[14:21] == bytes.fromhex("05300007122620")  # 00:30:05 on 2026-12-07 in Beijing
     assert clock["args"] == {"utc_s": now_s}
     assert downlink([], now_s) == b""
@@ -98,7 +102,8 @@ def test_reply_round_trip(command_id: int, abnormal: bool) -> None:
     """A reply to the command's SER from the meter itself parses; C4 means failed."""
     raw = _reply(ADDRESS, b"\xa0\x17", command_id & 0xFF, 0xC4 if abnormal else 0x84)
     got = parse_cjt188_reply(b"\xfe\xfe" + raw, ADDRESS, command_id)
-    assert got.command_id == command_id and got.ok is not abnormal
+    assert got.command_id == command_id
+    assert got.ok is not abnormal
 
 
 @pytest.mark.parametrize(
@@ -121,7 +126,9 @@ def test_parse_results_json_and_frames() -> None:
     """A list mixing a JSON answer and a CJ/T 188 reply; bad bodies say what is wrong."""
     reply = _reply(ADDRESS, b"\xa0\x15", 9).hex()
     got = parse_results(
-        json.dumps([{"id": 3, "ok": False, "result": {"error": "jammed"}}, {"id": 9, "frame": reply}]).encode(),
+        json.dumps(
+            [{"id": 3, "ok": False, "result": {"error": "jammed"}}, {"id": 9, "frame": reply}]
+        ).encode(),
         ADDRESS,
     )
     assert [(r.command_id, r.ok) for r in got] == [(3, False), (9, True)]

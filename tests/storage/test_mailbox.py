@@ -5,7 +5,9 @@ the command was for."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import json
 import uuid
 
 import asyncpg
@@ -79,11 +81,17 @@ async def to_state(pool: asyncpg.Pool, tenant_id: int, meter_id: int, state: str
             await mailbox.cancel(conn, tenant_id, cid, "test")
         return cid
     if state == "expired":
-        await pool.execute("UPDATE commands SET expires_at = created_at + interval '1 microsecond'"
-                           " WHERE command_id = $1", cid)
+        await pool.execute(
+            "UPDATE commands SET expires_at = created_at + interval '1 microsecond'"
+            " WHERE command_id = $1",
+            cid,
+        )
         await mailbox.claim(pool, meter_ids=[meter_id])  # expired ones are never handed out
-        await pool.execute("UPDATE commands SET sent_at = now(), state = 'sent',"
-                           " finished_at = NULL WHERE command_id = $1", cid)
+        await pool.execute(
+            "UPDATE commands SET sent_at = now(), state = 'sent',"
+            " finished_at = NULL WHERE command_id = $1",
+            cid,
+        )
         await mailbox.expire_due(pool, tenant_id)
         return cid
     await mailbox.claim(pool, meter_ids=[meter_id])
@@ -98,13 +106,14 @@ async def move(pool: asyncpg.Pool, tenant_id: int, meter_id: int, cid: int, new:
         await mailbox.claim(pool, meter_ids=[meter_id])
     elif new == "cancelled":
         async with pool.acquire() as conn:
-            try:
+            with contextlib.suppress(NotCancellableError):
                 await mailbox.cancel(conn, tenant_id, cid, "test")
-            except NotCancellableError:
-                pass
     elif new == "expired":
-        await pool.execute("UPDATE commands SET expires_at = created_at + interval '1 microsecond'"
-                           " WHERE command_id = $1 AND expires_at > now()", cid)
+        await pool.execute(
+            "UPDATE commands SET expires_at = created_at + interval '1 microsecond'"
+            " WHERE command_id = $1 AND expires_at > now()",
+            cid,
+        )
         await mailbox.expire_due(pool, tenant_id)
     elif new in ("acknowledged", "failed"):
         await mailbox.record_results(pool, meter_id, [DeviceResult(cid, new == "acknowledged")])
@@ -142,22 +151,32 @@ async def test_every_edge_is_taken_exactly_when_the_table_allows_it(
         assert state == old
 
 
-async def test_idempotency_key_returns_the_same_command(
-    pool: asyncpg.Pool, tenant_id: int
-) -> None:
+async def test_idempotency_key_returns_the_same_command(pool: asyncpg.Pool, tenant_id: int) -> None:
     """The same key and body answer the first command; another body with it is a conflict."""
     meter = await a_meter(pool, tenant_id)
     first = await queue(pool, tenant_id, meter, key="k-1")
     async with pool.acquire() as conn:
         again, created = await mailbox.create(
-            conn, tenant_id=tenant_id, meter_id=meter, kind="valve",
-            args={"action": "close"}, ttl_s=60, created_by="x", idempotency_key="k-1",
+            conn,
+            tenant_id=tenant_id,
+            meter_id=meter,
+            kind="valve",
+            args={"action": "close"},
+            ttl_s=60,
+            created_by="x",
+            idempotency_key="k-1",
         )
         assert (again.command_id, created) == (first.command_id, False)
         with pytest.raises(IdempotencyConflictError, match="k-1"):
             await mailbox.create(
-                conn, tenant_id=tenant_id, meter_id=meter, kind="valve",
-                args={"action": "open"}, ttl_s=60, created_by="x", idempotency_key="k-1",
+                conn,
+                tenant_id=tenant_id,
+                meter_id=meter,
+                kind="valve",
+                args={"action": "open"},
+                ttl_s=60,
+                created_by="x",
+                idempotency_key="k-1",
             )
     assert await pool.fetchval("SELECT count(*) FROM commands WHERE meter_id = $1", meter) == 1
 
@@ -172,7 +191,9 @@ async def test_a_later_command_supersedes_a_queued_one_not_a_sent_one(
     clock = await queue(pool, tenant_id, meter, kind="clock", args={})
     opened = await queue(pool, tenant_id, meter, args={"action": "open"})
     assert await state_of(pool, close.command_id) == (
-        "cancelled", f"superseded_by={opened.command_id}", 0
+        "cancelled",
+        f"superseded_by={opened.command_id}",
+        0,
     )
     assert (await state_of(pool, clock.command_id))[0] == "queued"
     await mailbox.claim(pool, meter_ids=[meter])  # clock and open are sent now
@@ -180,7 +201,9 @@ async def test_a_later_command_supersedes_a_queued_one_not_a_sent_one(
     assert (await state_of(pool, opened.command_id))[0] == "sent"
     claimed = await mailbox.claim(pool, meter_ids=[meter])
     assert [c.pending.command_id for c in claimed] == [
-        clock.command_id, opened.command_id, again.command_id
+        clock.command_id,
+        opened.command_id,
+        again.command_id,
     ]
 
 
@@ -197,11 +220,19 @@ async def test_per_meter_order_and_window_limit(pool: asyncpg.Pool, tenant_id: i
     claimed = await mailbox.claim(pool, meter_ids=[meter])
     assert [c.pending.command_id for c in claimed] == [ids[-1].command_id, clocks[0].command_id]
     many = await a_meter(pool, tenant_id, "senml")
-    for kind, args in [("valve", {"action": "open"}), ("clock", {}), ("reporting", {"interval_s": 600})] * 4:
+    for kind, args in [
+        ("valve", {"action": "open"}),
+        ("clock", {}),
+        ("reporting", {"interval_s": 600}),
+    ] * 4:
         await pool.execute(
             "INSERT INTO commands (tenant_id, meter_id, kind, setting, args, created_by,"
-            " expires_at) VALUES ($1, $2, $3, $3 || random(), $4::jsonb, 't', now() + interval '1h')",
-            tenant_id, many, kind, __import__("json").dumps(args),
+            " expires_at) VALUES ($1, $2, $3, $3 || random(), $4::jsonb, 't',"
+            " now() + interval '1h')",
+            tenant_id,
+            many,
+            kind,
+            json.dumps(args),
         )
     first = await mailbox.claim(pool, meter_ids=[many])
     assert len(first) == mailbox.MAX_PER_WINDOW
@@ -269,33 +300,64 @@ async def test_bulk_job_by_list_and_by_query(pool: asyncpg.Pool, tenant_id: int)
     meters = [await a_meter(pool, tenant_id) for _ in range(5)]
     async with pool.acquire() as conn:
         job, created = await mailbox.bulk(
-            conn, tenant_id=tenant_id, kind="valve", args={"action": "close"},
-            selection={"meter_ids": meters[:3]}, ttl_s=600, created_by="t", idempotency_key="j1",
+            conn,
+            tenant_id=tenant_id,
+            kind="valve",
+            args={"action": "close"},
+            selection={"meter_ids": meters[:3]},
+            ttl_s=600,
+            created_by="t",
+            idempotency_key="j1",
         )
-        assert created and job.n_commands == 3 and job.counts == {"queued": 3}
+        assert created
+        assert job.n_commands == 3
+        assert job.counts == {"queued": 3}
         same, created = await mailbox.bulk(
-            conn, tenant_id=tenant_id, kind="valve", args={"action": "close"},
-            selection={"meter_ids": meters[:3]}, ttl_s=600, created_by="t", idempotency_key="j1",
+            conn,
+            tenant_id=tenant_id,
+            kind="valve",
+            args={"action": "close"},
+            selection={"meter_ids": meters[:3]},
+            ttl_s=600,
+            created_by="t",
+            idempotency_key="j1",
         )
         assert (same.job_id, created) == (job.job_id, False)
         second, _ = await mailbox.bulk(
-            conn, tenant_id=tenant_id, kind="valve", args={"action": "open"},
-            selection={"query": {"format": "cjt188"}}, ttl_s=600, created_by="t",
+            conn,
+            tenant_id=tenant_id,
+            kind="valve",
+            args={"action": "open"},
+            selection={"query": {"format": "cjt188"}},
+            ttl_s=600,
+            created_by="t",
         )
         assert second.n_commands == 5
         await a_meter(pool, tenant_id, "mbus")
         with pytest.raises(InvalidCommandError, match="1 selected meter"):
             await mailbox.bulk(
-                conn, tenant_id=tenant_id, kind="valve", args={"action": "open"},
-                selection={"query": {}}, ttl_s=600, created_by="t",
+                conn,
+                tenant_id=tenant_id,
+                kind="valve",
+                args={"action": "open"},
+                selection={"query": {}},
+                ttl_s=600,
+                created_by="t",
             )
         with pytest.raises(InvalidCommandError, match="no active meter for meter_ids"):
             await mailbox.bulk(
-                conn, tenant_id=tenant_id, kind="valve", args={"action": "open"},
-                selection={"meter_ids": [2**62]}, ttl_s=600, created_by="t",
+                conn,
+                tenant_id=tenant_id,
+                kind="valve",
+                args={"action": "open"},
+                selection={"meter_ids": [2**62]},
+                ttl_s=600,
+                created_by="t",
             )
     first = await mailbox.get_job(pool, tenant_id, job.job_id)
-    assert first is not None and first.counts == {"cancelled": 3}
+    assert first is not None
+    assert first.counts == {"cancelled": 3}
     await mailbox.claim(pool, meter_ids=meters[:2])
     latest = await mailbox.get_job(pool, tenant_id, second.job_id)
-    assert latest is not None and latest.counts == {"sent": 2, "queued": 3}
+    assert latest is not None
+    assert latest.counts == {"sent": 2, "queued": 3}
