@@ -8,6 +8,7 @@
   nbmeter tenant create               a tenant and its first admin API key
   nbmeter tenant key create|list|revoke  API keys (with expiry)
   nbmeter quarantine list|show|redecode  quarantined uplinks; re-decode them
+  nbmeter command send|bulk|list|show|cancel|job  commands to meters (the mailbox)
   nbmeter reads manual|import         manual reads and historical imports
   nbmeter device provision|revoke     per-meter transport credentials
   nbmeter sim ...                     the device-fleet simulator
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from nbmeter.commands import (
     api,
     collector,
+    command,
     db,
     decode,
     demo,
@@ -48,6 +50,7 @@ COMMANDS = (
     ("api", api, "api commands"),
     ("tenant", tenant, "tenant commands"),
     ("quarantine", quarantine, "quarantine commands"),
+    ("command", command, "commands to meters: valve, clock, reporting"),
     ("reads", reads, "reads commands"),
     ("device", device, "device commands"),
     ("sim", sim, "sim commands"),
