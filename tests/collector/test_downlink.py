@@ -236,3 +236,42 @@ async def test_mqtt_acl_keeps_devices_to_their_own_commands(
     finally:
         spy.close()
         victim.close()
+
+
+async def test_kill_9_loses_no_command_and_runs_none_twice(
+    pool: asyncpg.Pool, db_url: str, device: ProvisionedDevice, credentials_key: str
+) -> None:
+    """Queued, then the collector is killed -9 before the meter shows up: the restarted one
+    delivers it; killed again after delivery, before the answer: the next window carries it
+    again, the device runs it once and its answer to the third process acknowledges it."""
+    from collector_testkit import free_udp_port
+    from test_coap_security import CollectorProcess
+
+    cid = await queue_command(pool, device)
+    dev = Executor(device.address)
+    proc = CollectorProcess(db_url, credentials_key, free_udp_port())
+    udp = await Udp.open(proc.port)
+    oscore = OscoreMeter(device.oscore, udp)
+    try:
+        await proc.start()
+        proc.kill()  # between queueing and delivery
+        await proc.wait()
+        await proc.start()
+        first = await oscore.post("u", cjt188_frame(device.address, 50_000, hour(7)))
+        assert json.loads(first.payload)["cmds"][0]["id"] == cid
+        answers = dev.run(first.payload)
+        proc.kill()  # between delivery and acknowledgement: the answer was never sent
+        await proc.wait()
+        assert (await row(pool, cid))["state"] == "sent"
+        await proc.start()
+        second = await oscore.post("u", cjt188_frame(device.address, 51_000, hour(8)))
+        answers = dev.run(second.payload)
+        assert dev.executed[cid] == 1
+        assert (await oscore.post("c", json.dumps(answers).encode())).code == "2.04"
+    finally:
+        udp.close()
+        if proc.proc is not None and proc.proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    done = await row(pool, cid)
+    assert (done["state"], done["attempts"]) == ("acknowledged", 2)
