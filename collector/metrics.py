@@ -36,6 +36,11 @@ ACK_SECONDS = Histogram(
     "From an uplink's arrival to its answer (durable or not).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+COMMANDS = Counter(
+    "nbmeter_collector_commands_total",
+    "Mailbox commands handed to devices (sent, again included) and answers recorded.",
+    ["event"],
+)
 QUEUE_DEPTH = Gauge("nbmeter_collector_queue_depth", "Uplinks offered but not yet committed.")
 PLATFORM_REFUSED = Counter(
     "nbmeter_collector_platform_refused_total",
