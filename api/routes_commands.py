@@ -11,7 +11,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
 
-from api.deps import CONFLICT, PROBLEMS, MeterId, Pool, Reader, Writer, decode_cursor, encode_cursor
+from api.cursors import decode_cursor, encode_cursor
+from api.deps import CONFLICT, PROBLEMS, MeterId, Pool, Reader, Writer
 from api.errors import NotFoundError, UnprocessableError
 from api.schemas_commands import (
     BulkCommand,

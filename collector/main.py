@@ -21,9 +21,9 @@ import structlog
 from collector import metrics
 from collector.alerts_mqtt import AlertPublisher
 from collector.coap import start_server
-from collector.drivers import install_directory
 from collector.downlink import Downlinks
 from collector.downlink_mqtt import MqttDownlink
+from collector.drivers import install_directory
 from collector.keys import MeterKeys
 from collector.logs import configure_logging
 from collector.mqtt import MqttSubscriber

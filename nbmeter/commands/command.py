@@ -18,12 +18,11 @@ import sys
 from datetime import datetime
 from typing import Any
 
-import asyncpg
-
 from storage import mailbox
 from storage.command_states import STATES
 from storage.credentials import tenant_by_slug
 from storage.errors import StorageError
+from storage.pool import Connection, connected
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -53,7 +52,7 @@ def _arg(text: str) -> tuple[str, object]:
     return name, int(value) if value.isdigit() else value
 
 
-async def _meter(conn: asyncpg.Connection, args: argparse.Namespace) -> int | None:
+async def _meter(conn: Connection, args: argparse.Namespace) -> int | None:
     if args.meter_id is not None:
         return int(args.meter_id)
     if args.address is None:
@@ -75,8 +74,7 @@ def _selection(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _run_async(args: argparse.Namespace, dsn: str) -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn, "the command mailbox") as conn:
         tenant = await tenant_by_slug(conn, args.tenant)
         if tenant is None:
             print(f"nbmeter: no tenant {args.tenant!r}", file=sys.stderr)
@@ -127,11 +125,9 @@ async def _run_async(args: argparse.Namespace, dsn: str) -> int:
         else:
             return await _one(conn, args, tenant_id, by)
         return 0
-    finally:
-        await conn.close()
 
 
-async def _one(conn: asyncpg.Connection, args: argparse.Namespace, tenant_id: int, by: str) -> int:
+async def _one(conn: Connection, args: argparse.Namespace, tenant_id: int, by: str) -> int:
     if args.id is None:
         print(f"nbmeter: command {args.action} needs an id", file=sys.stderr)
         return 2
@@ -164,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
     except mailbox.MailboxError as exc:
         print(f"nbmeter: {exc}", file=sys.stderr)
         return 1
-    except (StorageError, OSError, asyncpg.PostgresError) as exc:
+    except (StorageError, OSError) as exc:
         print(f"nbmeter: {exc}", file=sys.stderr)
         return 1
 

@@ -13,11 +13,11 @@ import time
 
 import asyncpg
 import pytest
+from devices.provision import ProvisionedDevice, provision_device
 from collector_testkit import cjt188_frame, hour
 from conftest import Broker, RunningCollector, new_address
 from downlink_testkit import Executor, MqttMeter, OscoreMeter, Udp
 
-from collector.provision import ProvisionedDevice, provision_device
 from storage import mailbox
 
 
