@@ -253,7 +253,11 @@ async def bulk(
                 idempotency_key,
             )
             if old is not None:
-                same = old["kind"] == kind and json.loads(old["selection"]) == dict(selection)
+                same = (
+                    old["kind"] == kind
+                    and json.loads(old["args"]) == dict(args)
+                    and json.loads(old["selection"]) == dict(selection)
+                )
                 if not same:
                     msg = f"idempotency key {idempotency_key!r} was used for job {old['job_id']}"
                     raise IdempotencyConflictError(msg)

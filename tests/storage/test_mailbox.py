@@ -323,6 +323,17 @@ async def test_bulk_job_by_list_and_by_query(pool: asyncpg.Pool, tenant_id: int)
             idempotency_key="j1",
         )
         assert (same.job_id, created) == (job.job_id, False)
+        with pytest.raises(IdempotencyConflictError, match="j1"):
+            await mailbox.bulk(
+                conn,
+                tenant_id=tenant_id,
+                kind="valve",
+                args={"action": "open"},
+                selection={"meter_ids": meters[:3]},
+                ttl_s=600,
+                created_by="t",
+                idempotency_key="j1",
+            )
         second, _ = await mailbox.bulk(
             conn,
             tenant_id=tenant_id,
