@@ -181,6 +181,17 @@ def downlink(commands: Sequence[Pending], now_s: int) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def cjt188_reply(request: bytes, *, abnormal: bool = False, status: int = 0) -> bytes:
+    """The meter's reply to a CJ/T 188 write request (the simulator's side): C=84, or C4
+    when `abnormal`, echoing DI and SER, then the ST word (`status`, byte0 first)."""
+    start = request.find(b"\x68")
+    body = request[start:]
+    data = body[11:14] + status.to_bytes(2, "little")  # DI(2) SER(1) ST(2)
+    head = body[:9] + bytes([0xC4 if abnormal else 0x84, len(data)])
+    frame = head + data
+    return frame + bytes([sum(frame) & 0xFF, 0x16])
+
+
 def parse_cjt188_reply(frame: bytes, address: str, command_id: int) -> DeviceResult:
     """A CJ/T 188 write reply for `command_id` from meter `address`; ValueError if it is not
     one (bad checksum, another meter, not a write reply, another SER)."""

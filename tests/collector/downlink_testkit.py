@@ -1,64 +1,24 @@
 """A meter's side of the mailbox for tests: OSCORE over raw UDP (so a CON can be sent twice
-with the same message id), MQTT with the device's own account, and a command executor that
-runs each command id once and answers repeats from memory, as the devices must."""
+with the same message id) and MQTT with the device's own account; the meter's command
+handling is the simulator's (`simulator.commands.CommandExecutor`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import itertools
-import json
 import queue
 import secrets
 import threading
 import time
 import uuid
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import aiocoap
 import paho.mqtt.client as paho
 from collector_testkit import DeviceOscore
 
 _MIDS = itertools.count(secrets.randbelow(65536))
-
-
-@dataclass
-class Executor:
-    """Executes commands once per id; a repeat is answered from memory."""
-
-    address: str
-    executed: Counter[int] = field(default_factory=Counter)
-    memory: dict[int, dict[str, Any]] = field(default_factory=dict)
-    valve: str = "open"
-
-    def run(self, envelope: bytes) -> list[dict[str, Any]]:
-        """The answers to every command of an envelope (b"": none)."""
-        if not envelope:
-            return []
-        body = json.loads(envelope)
-        assert body["v"] == 1
-        answers = []
-        for cmd in body["cmds"]:
-            cid = cmd["id"]
-            if cid not in self.memory:
-                self.executed[cid] += 1
-                if cmd["kind"] == "valve":
-                    self.valve = cmd["args"]["action"]
-                self.memory[cid] = self._answer(cmd)
-            answers.append(self.memory[cid])
-        return answers
-
-    def _answer(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        if "frame" not in cmd:
-            return {"id": cmd["id"], "ok": True, "result": {"done": cmd["kind"]}}
-        request = bytes.fromhex(cmd["frame"])
-        di, ser = request[11:13], request[13]
-        data = di + bytes([ser, 0x01 if self.valve == "close" else 0x00, 0x00])
-        body = bytes([0x68, request[1]]) + request[2:9] + bytes([0x84, len(data)]) + data
-        reply = body + bytes([sum(body) & 0xFF, 0x16])
-        return {"id": cmd["id"], "frame": reply.hex()}
 
 
 class Udp(asyncio.DatagramProtocol):

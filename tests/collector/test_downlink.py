@@ -13,11 +13,12 @@ import time
 
 import asyncpg
 import pytest
-from devices.provision import ProvisionedDevice, provision_device
 from collector_testkit import cjt188_frame, hour
 from conftest import Broker, RunningCollector, new_address
-from downlink_testkit import Executor, MqttMeter, OscoreMeter, Udp
+from downlink_testkit import MqttMeter, OscoreMeter, Udp
 
+from devices.provision import ProvisionedDevice, provision_device
+from simulator.commands import CommandExecutor
 from storage import mailbox
 
 
@@ -43,6 +44,13 @@ async def queue_command(
             created_by="test",
         )
     return cmd.command_id
+
+
+def run(device: CommandExecutor, envelope: bytes) -> bytes:
+    """The simulated meter executes an envelope now; its answer."""
+    answer = device.handle(envelope, int(time.time()))
+    assert answer is not None
+    return answer
 
 
 async def row(pool: asyncpg.Pool, command_id: int) -> asyncpg.Record:
@@ -82,7 +90,7 @@ async def test_coap_command_rides_on_the_next_uplinks_answer(
     cid = await queue_command(pool, device)
     clock = await queue_command(pool, device, kind="clock")
     assert (await row(pool, cid))["state"] == "queued"
-    dev = Executor(device.address)
+    dev = CommandExecutor(device.address, "cjt188")
     reply = await meter.post("u", cjt188_frame(device.address, 10_000, hour(1)))
     assert reply.code == "2.04"
     envelope = json.loads(reply.payload)
@@ -94,9 +102,9 @@ async def test_coap_command_rides_on_the_next_uplinks_answer(
     assert abs(envelope["cmds"][1]["args"]["utc_s"] - time.time()) < 30
     sent = await row(pool, cid)
     assert (sent["state"], sent["attempts"]) == ("sent", 1)
-    answers = dev.run(reply.payload)
-    assert dev.valve == "close"
-    answered = await meter.post("c", json.dumps(answers).encode())
+    answers = run(dev, reply.payload)
+    assert dev.state.valve_closed
+    answered = await meter.post("c", answers)
     assert answered.code == "2.04"
     done = await row(pool, cid)
     assert (done["state"], done["reason"]) == ("acknowledged", "device_confirmed")
@@ -113,7 +121,7 @@ async def test_coap_duplicates_execute_once(
     the answer is outstanding carries the command again; the device runs it once, and a
     repeated answer changes nothing."""
     cid = await queue_command(pool, device)
-    dev = Executor(device.address)
+    dev = CommandExecutor(device.address, "cjt188")
     frame = cjt188_frame(device.address, 20_000, hour(3))
     datagram, token, request_id = meter.request("u", frame)
     first = meter.reply(await meter.udp.exchange(datagram, token), request_id)
@@ -121,16 +129,16 @@ async def test_coap_duplicates_execute_once(
     assert first.payload == second.payload
     assert json.loads(first.payload)["cmds"][0]["id"] == cid
     assert (await row(pool, cid))["attempts"] == 1
-    dev.run(first.payload)
-    dev.run(second.payload)
+    run(dev, first.payload)
+    run(dev, second.payload)
     again = await meter.post("u", frame)  # the device repeats its uplink (a duplicate)
     assert again.code == "2.04"
     assert json.loads(again.payload)["cmds"][0]["id"] == cid
     assert (await row(pool, cid))["attempts"] == 2
-    answers = dev.run(again.payload)
+    answers = run(dev, again.payload)
     assert dev.executed[cid] == 1
-    assert (await meter.post("c", json.dumps(answers).encode())).code == "2.04"
-    assert (await meter.post("c", json.dumps(answers).encode())).code == "2.04"  # repeat
+    assert (await meter.post("c", answers)).code == "2.04"
+    assert (await meter.post("c", answers)).code == "2.04"  # repeat
     assert (await row(pool, cid))["state"] == "acknowledged"
 
 
@@ -171,7 +179,7 @@ async def test_mqtt_command_goes_to_the_down_topic_once_executed(
     an MQTT redelivery of the uplink carries it again → executed once → its answer on
     /res makes it acknowledged."""
     cid = await queue_command(pool, device, kind="clock")
-    dev = Executor(device.address)
+    dev = CommandExecutor(device.address, "cjt188")
     client = MqttMeter(broker.port, device.mqtt)
     try:
         assert client.subscribe() == [1]
@@ -185,10 +193,11 @@ async def test_mqtt_command_goes_to_the_down_topic_once_executed(
         again = await asyncio.to_thread(client.next_message, 15)
         assert again is not None
         assert json.loads(again[1])["cmds"][0]["id"] == cid
-        answers = dev.run(got[1]) + dev.run(again[1])
+        answers = run(dev, got[1])
+        assert run(dev, again[1]) == answers  # from memory
         assert dev.executed[cid] == 1
         assert (await row(pool, cid))["attempts"] == 2
-        assert client.publish(client.topic_res, json.dumps(answers[:1]).encode()) == 0
+        assert client.publish(client.topic_res, answers) == 0
         done = await wait_state(pool, cid, "acknowledged")
         assert done["reason"] == "device_confirmed"
     finally:
@@ -248,7 +257,7 @@ async def test_kill_9_loses_no_command_and_runs_none_twice(
     from test_coap_security import CollectorProcess
 
     cid = await queue_command(pool, device)
-    dev = Executor(device.address)
+    dev = CommandExecutor(device.address, "cjt188")
     proc = CollectorProcess(db_url, credentials_key, free_udp_port())
     udp = await Udp.open(proc.port)
     oscore = OscoreMeter(device.oscore, udp)
@@ -259,15 +268,15 @@ async def test_kill_9_loses_no_command_and_runs_none_twice(
         await proc.start()
         first = await oscore.post("u", cjt188_frame(device.address, 50_000, hour(7)))
         assert json.loads(first.payload)["cmds"][0]["id"] == cid
-        answers = dev.run(first.payload)
+        run(dev, first.payload)
         proc.kill()  # between delivery and acknowledgement: the answer was never sent
         await proc.wait()
         assert (await row(pool, cid))["state"] == "sent"
         await proc.start()
         second = await oscore.post("u", cjt188_frame(device.address, 51_000, hour(8)))
-        answers = dev.run(second.payload)
+        answers = run(dev, second.payload)
         assert dev.executed[cid] == 1
-        assert (await oscore.post("c", json.dumps(answers).encode())).code == "2.04"
+        assert (await oscore.post("c", answers)).code == "2.04"
     finally:
         udp.close()
         if proc.proc is not None and proc.proc.returncode is None:
