@@ -32,7 +32,9 @@ from storage.pool import Pool, connection
 log = structlog.get_logger("collector.downlink")
 
 Key: TypeAlias = int | tuple[str, str]  # meter id (CoAP) or (tenant slug, address) (MQTT)
-CLAIM_TIMEOUT_S: Final = 2.0
+# the device listens 10-20 s after it transmits (and aiocoap's empty ACK stops its CON
+# retransmissions meanwhile): a busy pool may hold the answer this long, not longer
+CLAIM_TIMEOUT_S: Final = 5.0
 EXPIRE_EVERY_S: Final = 10.0
 
 
@@ -75,7 +77,7 @@ class Downlinks:
             ids = [k for k in batch if isinstance(k, int)]
             topics = [k for k in batch if isinstance(k, tuple)]
             now_s = int(time.time())
-            async with connection(self._pool, "claiming commands", timeout_s=1.0) as conn:
+            async with connection(self._pool, "claiming commands", timeout_s=4.0) as conn:
                 claimed = await mailbox.claim(conn, meter_ids=ids) if ids else []
                 by_topic = await mailbox.claim(conn, topics=topics) if topics else []
             per_key: dict[Key, list[mailbox.Claimed]] = defaultdict(list)
