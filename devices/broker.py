@@ -171,6 +171,9 @@ def dynsec(
     cannot be reached or does not answer within `timeout_s`.
     """
     address = BrokerAddress.parse(admin_url)
+    # every admin connection gets every response: ours are the ones echoing our tag
+    tag = secrets.token_hex(8)
+    commands = [{**c, "correlationData": f"{tag}:{i}"} for i, c in enumerate(commands)]
     done = threading.Event()
     ready = threading.Event()
     answer: dict[str, Any] = {}
@@ -195,8 +198,14 @@ def dynsec(
         ready.set()
 
     def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        answer.update(json.loads(msg.payload))
-        done.set()
+        body = json.loads(msg.payload)
+        mine = [
+            r for r in body.get("responses", [])
+            if str(r.get("correlationData", "")).startswith(f"{tag}:")
+        ]  # fmt: skip
+        if mine:  # another connection's answer (or a bare error of its own) is not ours
+            answer["responses"] = mine
+            done.set()
 
     client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
     try:
