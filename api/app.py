@@ -1,7 +1,7 @@
 """The billing API application: `create_app(settings)` builds it; its lifespan owns the pool.
 
-Routes: /v1 meters, reads, cycles, admin; /healthz (database reachable); /metrics
-(Prometheus text). Every error is RFC 9457 problem+json (api.errors).
+Routes: /v1 meters, reads, cycles, admin; /console (the operations console); /healthz
+(database reachable); /metrics (Prometheus text). Every error is RFC 9457 problem+json (api.errors).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from api import (
     routes_admin,
     routes_alarms,
     routes_commands,
+    routes_console,
     routes_cycles,
     routes_health,
     routes_manual,
@@ -162,6 +163,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(routes_alarms.router)
     app.include_router(routes_health.router)
     app.include_router(routes_commands.router)
+    app.include_router(routes_console.router)
+    app.include_router(routes_console.pages)
 
     unavailable: dict[int | str, dict[str, Any]] = {
         503: {**PROBLEM_RESPONSE, "description": "database down"}

@@ -258,10 +258,12 @@ def compose_command(cfg: StackConfig) -> list[str] | None:
 
 
 DTLS_SOCKET = "DTLSSocket==0.2.3"  # as pinned in pyproject's `dtls` extra
+CHROMIUM = "/usr/bin/chromium"
 
 
 def tools(cfg: StackConfig) -> list[str]:
-    """Install the test tools (coap-client, docker compose v2) where possible; describe them."""
+    """Install the test tools (coap-client, DTLSSocket, Chromium, docker compose v2) where
+    possible; describe them."""
     notes: list[str] = []
     if not shutil.which("coap-client-notls"):
         if is_root() and codename():
@@ -274,9 +276,15 @@ def tools(cfg: StackConfig) -> list[str]:
             subprocess.run([sys.executable, "-m", "pip", "install", "-q", DTLS_SOCKET], check=False)
         if importlib.util.find_spec("DTLSSocket") is None:
             notes.append(f"{DTLS_SOCKET} missing (the dtls extra): DTLS-PSK tests skip")
+    # the console's browser tests drive Debian's Chromium (Playwright cannot fetch its own)
+    if not Path(CHROMIUM).exists():
+        if is_root() and codename():
+            apt_install(["chromium"])
+        else:
+            notes.append("chromium missing (Debian package chromium): console browser tests skip")
     if compose_command(cfg) is None:
         if is_root() and (cfg.root / "usr/bin/apt-get").exists():
             apt_install(["docker-compose"], root=cfg.root)
         else:
             notes.append("docker compose v2 missing: the compose file check skips")
-    return notes or ["test tools present: coap-client, DTLSSocket, docker compose"]
+    return notes or ["test tools present: coap-client, DTLSSocket, chromium, docker compose"]

@@ -1,0 +1,316 @@
+"""The operations console in a real browser: Playwright driving Debian's Chromium against
+the API under uvicorn on the session's database, with a demo-like tenant seeded in it.
+
+The browser tests skip when Playwright or /usr/bin/chromium is absent (`nbmeter stack
+tools` installs Chromium). Set NBMETER_CONSOLE_SCREENSHOTS to a folder to keep a PNG of
+each page there (the README's docs/console/*.png come from this run).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+
+from api.app import create_app
+from api.settings import ApiSettings
+from decoder.encode_cjt188 import encode_cjt188
+from storage.apikeys import create_api_key, create_tenant
+from storage.events import EventRow, write_events
+from storage.health import HealthRow, write_health
+
+CHROMIUM = "/usr/bin/chromium"
+try:
+    from playwright.async_api import Browser, Page, async_playwright, expect
+except ImportError:  # pragma: no cover - the dev extras pin it
+    async_playwright = None
+
+needs_browser = pytest.mark.skipif(
+    async_playwright is None or not Path(CHROMIUM).exists(),
+    reason="console browser tests need playwright (dev extras) and Debian's chromium at"
+    f" {CHROMIUM} (`nbmeter stack tools` installs it)",
+)
+HOSTILE = '<img src=x onerror="window.pwned=1">'
+
+
+@dataclass(frozen=True)
+class Seeded:
+    """The demo-like tenant: its writer key, meters, open alarm ids and today's uplinks."""
+
+    key: str
+    meters: list[int]
+    alarms: dict[str, int]  # kind -> alarm id
+    uplinks_today: int
+    read_today: int
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(settings: ApiSettings) -> Iterator[str]:
+    """The API under uvicorn in a thread (its own loop and pool); yields its base URL."""
+    port = _free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, name="uvicorn-console", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=20)
+
+
+async def seed(pool: asyncpg.Pool, n_meters: int = 24, days: int = 14) -> Seeded:
+    """A tenant like the demo's: hourly reads, daily health with battery decay and three
+    cells, a few alarms of each severity, today's uplinks for most meters."""
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    slug = f"console-{uuid.uuid4().hex[:8]}"
+    async with pool.acquire() as conn:
+        tid = await create_tenant(conn, slug, "Console demo water", "UTC")
+        key = await create_api_key(conn, tid, ["meters:write", "readings:read"])
+        meters = [
+            await conn.fetchval(
+                "INSERT INTO meters (tenant_id, address, service_point, kind, format)"
+                " VALUES ($1, $2, $3, 'water', 'cjt188') RETURNING meter_id",
+                tid,
+                f"{20260000000000 + i:014d}",
+                HOSTILE if i == 1 else f"SP-{i:04d}",
+            )
+            for i in range(n_meters)
+        ]
+        readings, uplinks, health = [], [], []
+        silent = set(meters[-3:])  # no uplink today: the read rate is below 100 %
+        for i, m in enumerate(meters):
+            total = 100_000 * (i + 1)
+            for h in range(days * 24, -1, -1):
+                at = now - timedelta(hours=h)
+                if m in silent and at.date() == now.date():
+                    continue
+                hourly = (20_000 if 6 <= at.hour <= 22 else 2_000) * (1 + i % 4)
+                total += hourly * (8 + (at.day * 7 + i) % 5) // 10 + (i == 5) * 15_000
+                readings.append((m, at, total, 0, 1, at + timedelta(minutes=1)))
+            for d in range(days, -1, -1):
+                at = now - timedelta(days=d)
+                mv = 3650 - 9 * (days - d) - 40 * (i % 7) - (500 if i == 3 else 0)
+                rsrp = -8500 - 350 * (i % 9) - (2500 if i % 11 == 4 else 0)
+                sinr, ecl, pct = 1200 - 150 * (i % 9), min(2, i % 9 // 3), max(0, (mv - 2900) // 8)
+                low, cell = mv < 3200, 4101 + i % 3
+                health.append(HealthRow(m, at, mv, rsrp, sinr, ecl, at, pct, low, i == 7, cell))
+            if m not in silent:
+                frame = encode_cjt188(
+                    address=f"{20260000000000 + i:014d}", total_ml=total - total % 10_000
+                )
+                uplinks.append((datetime.now(UTC), tid, m, 1, frame, "cjt188", "stored", 1, 1, 0))
+        await conn.copy_records_to_table(
+            "readings", records=readings,
+            columns=["meter_id", "read_at", "register_ml", "flags", "transport", "received_at"],
+        )  # fmt: skip
+        await conn.executemany(
+            "INSERT INTO raw_uplinks (received_at, tenant_id, meter_id, transport, payload, format,"
+            " outcome, n_readings, n_new, decode_flags) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
+            uplinks,
+        )
+        await write_health(conn, health)
+        kinds = {"leak": meters[5], "burst": meters[2], "low_battery": meters[3],
+                 "tamper": meters[9], "meter_error": meters[7]}  # fmt: skip
+        async with conn.transaction():
+            await write_events(conn, [EventRow(m, now, k, now) for k, m in kinds.items()])
+        rows = await conn.fetch("SELECT kind, alarm_id FROM alarms WHERE tenant_id = $1", tid)
+    read_today = n_meters - len(silent)
+    return Seeded(key, meters, {r["kind"]: r["alarm_id"] for r in rows}, len(uplinks), read_today)
+
+
+@pytest.fixture(scope="module")
+async def seeded(pool: asyncpg.Pool) -> Seeded:
+    """One demo-like tenant for the module's tests."""
+    return await seed(pool)
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:  # only used by @needs_browser tests
+    """Debian's Chromium, headless, driven by Playwright (never a downloaded browser)."""
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        await b.close()
+
+
+async def signed_in(browser: Browser, server: str, key: str) -> Page:
+    """A fresh page (own context, so its own sessionStorage) signed in with `key`."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    # a 404 from an endpoint not on this server yet (uplinks, commands, districts) is logged
+    # by the browser as a failed load; the console shows its placeholder for it
+    page.on(
+        "console",
+        lambda m: (
+            errors.append(m.text)
+            if m.type == "error" and not m.text.startswith("Failed to load resource")
+            else None
+        ),
+    )
+    await page.goto(f"{server}/console")
+    await page.fill("#key", key)
+    await page.click("#login button[type=submit]")
+    await expect(page.locator("#view[data-view=overview]")).to_be_visible()
+    page.errors = errors  # type: ignore[attr-defined]  # collected for the asserts
+    return page
+
+
+SHOTS = os.environ.get("NBMETER_CONSOLE_SCREENSHOTS")
+
+
+async def shoot(page: Page, name: str) -> None:
+    """Keep a full-page PNG when NBMETER_CONSOLE_SCREENSHOTS names a folder."""
+    if SHOTS:  # Playwright creates the folder
+        await page.screenshot(path=f"{SHOTS}/{name}.png", full_page=True)
+
+
+async def view(page: Page, fragment: str, name: str) -> None:
+    """Navigate inside the console and wait until the view has rendered."""
+    await page.evaluate("f => { location.hash = f; }", fragment)
+    await expect(page.locator(f"#view[data-view={name}][aria-busy=false]")).to_be_visible()
+
+
+def test_console_served_with_security_headers(server: str) -> None:
+    """/console and its files carry a CSP with no inline script; only its own files are
+    served (no path joined); the overview JSON needs a key."""
+    with httpx.Client(base_url=server) as c:
+        page = c.get("/console")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp
+        assert "unsafe-inline" not in csp
+        assert "frame-ancestors 'none'" in csp
+        assert "<script" in page.text
+        assert "<script>" not in page.text  # no inline script: the CSP would block it
+        js = c.get("/console/console.js")
+        assert js.headers["content-type"].startswith("text/javascript")
+        assert "innerHTML" not in js.text
+        assert c.get("/console/app.py").status_code == 404
+        assert c.get("/console/..%2Fapp.py").status_code == 404
+        assert c.get("/v1/overview").status_code == 401
+
+
+async def test_overview_counts_today(server: str, seeded: Seeded) -> None:
+    """/v1/overview counts today's uplinks, the read rate and open alarms by kind."""
+    async with httpx.AsyncClient(base_url=server) as c:
+        got = (
+            await c.get("/v1/overview", headers={"Authorization": f"Bearer {seeded.key}"})
+        ).json()
+    assert got["uplinks"] == seeded.uplinks_today == got["uplinks_by_outcome"]["stored"]
+    assert (got["meters_read"], got["meters_active"]) == (seeded.read_today, len(seeded.meters))
+    assert got["read_rate"] == round(seeded.read_today / len(seeded.meters), 4)
+    kinds = {(a["kind"], a["severity"], a["state"]): a["alarms"] for a in got["open_alarms"]}
+    assert kinds[("burst", "critical", "open")] == 1
+    assert sum(kinds.values()) == len(seeded.alarms)
+
+
+@needs_browser
+async def test_pages_render_seeded_data(browser: Browser, server: str, seeded: Seeded) -> None:
+    """Signed in with a key, each page shows the tenant's data: today's uplinks and read
+    rate, alarm counts and health charts; the alarm list; a meter's register plot, health
+    history and raw frames; the districts page (placeholder until districts exist)."""
+    page = await signed_in(browser, server, seeded.key)
+    kpi = page.locator("[data-testid=kpi-uplinks] .value")
+    assert await kpi.text_content() == str(seeded.uplinks_today)
+    rate = await page.locator("[data-testid=kpi-read-rate] .sub").text_content()
+    assert rate == f"{seeded.read_today} of {len(seeded.meters)} meters"
+    await expect(page.locator("[data-testid=alarm-counts]")).to_contain_text("tamper")
+    assert await page.locator("svg.chart rect.bar").count() > 3
+    await shoot(page, "overview")
+
+    await view(page, "#/alarms", "alarms")
+    rows = page.locator("[data-testid=alarm-table] tbody tr")
+    assert await rows.count() == len(seeded.alarms)
+    await expect(rows.first.locator("button[data-action=acknowledge]")).to_be_visible()
+    await shoot(page, "alarms")
+
+    meter = seeded.meters[5]
+    await view(page, f"#/meters/{meter}?days=7", "meters")
+    await expect(page.locator("[data-testid=meter-title]")).to_contain_text("20260000000005")
+    assert await page.locator("svg.chart path.line").count() >= 2  # register, battery
+    assert await page.locator("[data-testid=health-table] tbody tr").count() == 8
+    frames = page.locator("[data-testid=uplink-table]")
+    if await frames.count():  # GET /v1/meters/{id}/uplinks is on this server
+        await expect(frames).to_contain_text("cjt188")
+        await expect(frames.locator("td.mono").first).to_contain_text("68")  # CJ/T 188 start
+    else:
+        await expect(page.locator(".placeholder")).to_contain_text("raw uplinks")
+    await shoot(page, "meter")
+
+    await view(page, "#/districts", "districts")
+    await expect(page.locator("#view h1")).to_have_text("Districts")
+    await shoot(page, "districts")
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+@needs_browser
+async def test_acknowledge_in_browser_reaches_api(
+    browser: Browser, server: str, seeded: Seeded
+) -> None:
+    """An acknowledge clicked in the console is the alarm's state in GET /v1/alarms/{id},
+    recorded with the signed-in key; the row then offers only Close."""
+    page = await signed_in(browser, server, seeded.key)
+    await view(page, "#/alarms", "alarms")
+    alarm_id = seeded.alarms["leak"]
+    row = page.locator("[data-testid=alarm-table] tbody tr", has_text=f"{alarm_id}")
+    row = row.filter(has=page.locator("td:first-child", has_text=f"{alarm_id}"))
+    await row.locator("button[data-action=acknowledge]").click()
+    await expect(page.locator("[data-testid=alarm-status]")).to_have_text(
+        f"Alarm {alarm_id} is acknowledged."
+    )
+    async with httpx.AsyncClient(base_url=server) as c:
+        got = (
+            await c.get(f"/v1/alarms/{alarm_id}", headers={"Authorization": f"Bearer {seeded.key}"})
+        ).json()
+    assert got["state"] == "acknowledged"
+    assert got["acked_by"] is not None
+    assert got["acked_by"] in seeded.key
+    await expect(row.locator("button[data-action=acknowledge]")).to_have_count(0)
+    await expect(row.locator("button[data-action=close]")).to_be_visible()
+
+
+@needs_browser
+async def test_values_are_text_and_bad_key_refused(
+    browser: Browser, server: str, seeded: Seeded
+) -> None:
+    """A service point holding markup is shown as text (no element, no script run); a wrong
+    key is refused on the sign-in form and nothing is shown."""
+    page = await signed_in(browser, server, seeded.key)
+    await view(page, "#/meters", "meters")
+    cell = page.locator("[data-testid=meter-table] td", has_text="onerror")
+    assert await cell.text_content() == HOSTILE
+    assert await page.locator("[data-testid=meter-table] img").count() == 0
+    assert await page.evaluate("() => window.pwned") is None
+    await shoot(page, "meters")
+
+    context = await browser.new_context()
+    other = await context.new_page()
+    await other.goto(f"{server}/console")
+    await other.fill("#key", "nbm_nothere_" + "x" * 32)
+    await other.click("#login button[type=submit]")
+    await expect(other.locator("#login-error")).to_contain_text("refused")
+    assert await other.locator("#view").inner_html() == ""
+    assert await other.evaluate("() => sessionStorage.length") == 0
