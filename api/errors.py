@@ -4,6 +4,7 @@ ApiError                  raised by routes on purpose
 ├── NotFoundError    404  unknown id, or another tenant's (never 403: ids do not leak)
 ├── ConflictError    409  the request contradicts the current state
 ├── UnprocessableError 422  well-formed but semantically invalid
+├── UnavailableError 503  the server lacks a setting this request needs
 └── KeyRefusedError  401  the key is known and its secret right, but it expired or was revoked
 Storage errors are translated in `_TABLE`; HTTP and validation errors by their handlers
 (a JSON body FastAPI cannot parse is a 422 naming its line, never FastAPI's 400).
@@ -71,6 +72,13 @@ class UnprocessableError(ApiError):
     """The request is well-formed but its values cannot be used."""
 
     status, slug = 422, "unprocessable"
+
+
+class UnavailableError(ApiError):
+    """The server lacks what this request needs (a setting); retrying will not help until
+    an operator fixes it."""
+
+    status, slug = 503, "service-unavailable"
 
 
 class KeyRefusedError(ApiError):

@@ -10,10 +10,10 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 
-from api.deps import CONFLICT, PROBLEMS, Admin, Pool, Reader, Writer
-from api.errors import ConflictError, NotFoundError, UnprocessableError
+from api.deps import CONFLICT, PROBLEM_RESPONSE, PROBLEMS, Admin, Pool, Reader, Writer
+from api.errors import ConflictError, NotFoundError, UnavailableError, UnprocessableError
 from api.schemas_alarms import (
     Alarm,
     AlarmNote,
@@ -28,6 +28,7 @@ from api.schemas_alarms import (
 )
 from storage import alarms
 from storage import webhooks as hooks
+from storage.credentials import parse_key
 
 router = APIRouter(prefix="/v1", tags=["alarms"], responses=PROBLEMS)
 AlarmId = Annotated[int, Path(ge=1, le=2**63 - 1, description="alarm id")]
@@ -92,11 +93,24 @@ async def put_rule(kind: Kind, rule: AlarmRule, who: Admin, pool: Pool) -> Effec
     return EffectiveRule(**dict(got))
 
 
-@router.post("/webhooks", summary="Add a webhook endpoint", status_code=201)
-async def add_endpoint(body: EndpointCreate, who: Admin, pool: Pool) -> EndpointCreated:
-    """A new endpoint; the answer carries its signing secret, shown this once."""
+@router.post(
+    "/webhooks", summary="Add a webhook endpoint", status_code=201,
+    responses={503: {**PROBLEM_RESPONSE, "description": "no credentials key to seal secrets"}},
+)  # fmt: skip
+async def add_endpoint(
+    body: EndpointCreate, who: Admin, pool: Pool, request: Request
+) -> EndpointCreated:
+    """A new endpoint; the answer carries its signing secret, shown this once (it is
+    stored sealed under the credentials key)."""
+    key = request.app.state.settings.credentials_key
+    if key is None:
+        raise UnavailableError(
+            "webhook secrets are stored sealed: start the API with NBMETER_CREDENTIALS_KEY"
+            " (the collector's credentials key)"
+        )
     row, secret = await hooks.create_endpoint(
-        pool, who.tenant_id, str(body.url), secret=body.secret, kinds=body.kinds,
+        pool, who.tenant_id, str(body.url), key=parse_key(key.get_secret_value()),
+        secret=body.secret, kinds=body.kinds,
         event_types=body.event_types, min_severity=body.min_severity,
     )  # fmt: skip
     return EndpointCreated(**dict(row), secret=secret)

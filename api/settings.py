@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from billing.boundary import Tuning
@@ -35,6 +35,8 @@ class ApiSettings(DatabaseSettings):
     max_body_bytes: int = Field(16 << 20, ge=1024)
     # VEE: a gap between readings longer than this is reported
     max_gap_h: int = Field(48, ge=1)
+    # seals webhook signing secrets (the collector's key: its dispatcher opens them)
+    credentials_key: SecretStr | None = None
     # VEE: equal registers spanning at least this many days are a zero-consumption streak
     zero_streak_days: int = Field(3, ge=1)
 

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from decoder.interval import encode_interval  # noqa: E402
 from storage import webhooks  # noqa: E402
+from storage.credentials import parse_key  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_collector", ROOT / "bench" / "collector.py")
 assert _spec is not None
@@ -141,7 +142,8 @@ async def main(args: argparse.Namespace) -> None:
     try:
         conn = await asyncpg.connect(db_url)
         tenant = await conn.fetchval("SELECT tenant_id FROM tenants WHERE slug = 'bench'")
-        await webhooks.create_endpoint(conn, tenant, url, event_types=["alarm.opened"])
+        key = parse_key(os.environ["NBMETER_CREDENTIALS_KEY"])  # the collector opens it
+        await webhooks.create_endpoint(conn, tenant, url, key=key, event_types=["alarm.opened"])
         await conn.close()
         port = bc._free_udp_port()
         collector = bc._start_collector(db_url, port, bc._free_tcp_port())

@@ -110,8 +110,9 @@ async def run(
                     AlertPublisher(settings.mqtt_url, hooks_pool) if settings.mqtt_url else None
                 )
                 hooks = Dispatcher(
-                    hooks_pool, settings.webhooks, settings.database_url, publisher=alerts
-                )
+                    hooks_pool, settings.webhooks, settings.database_url, publisher=alerts,
+                    credentials_key=key,
+                )  # fmt: skip
                 group.create_task(hooks.run(stop), name="webhooks")
             expiry = group.create_task(downlinks.expire_forever(), name="downlink-expiry")
             coap = await start_server(

@@ -19,6 +19,10 @@ A request: POST the event's JSON (the same bytes on every attempt) with headers
 `v1=<hex HMAC-SHA256(secret, "<timestamp>." + body)>` (`sign`, `verify`). A 2xx answer
 is delivered; anything else, or no answer within `timeout_s`, is retried after
 `backoff(attempt)`: exponential, capped, with full jitter in its upper half.
+
+The signing secrets are stored sealed (migration 0045) and opened with the collector's
+credentials key; a secret that does not open is a failed attempt with that reason (so the
+endpoint is disabled with it in the end), never an unsigned request.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from collector.logs import configure_logging
 from collector.settings import CollectorSettings, WebhookSettings
 from storage import alarms as alarm_store
 from storage import webhooks as store
+from storage.credentials import parse_key
 from storage.errors import StorageError
 from storage.pool import Pool, create_pool, keep_session
 
@@ -52,6 +57,10 @@ TIMESTAMP_HEADER = "Nbmeter-Timestamp"
 EVENT_HEADER = "Nbmeter-Event-Id"
 _MAX_ERROR = 300
 _MAX_ANSWER = 64 * 1024  # bytes of a receiver's answer read at most
+NO_SECRET = (
+    "the endpoint's signing secret does not open with this dispatcher's credentials key"
+    " (NBMETER_CREDENTIALS_KEY): not sent unsigned"
+)
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -98,8 +107,11 @@ class Dispatcher:
         database_url: str,
         client: httpx.AsyncClient | None = None,
         publisher: AlertPublisher | None = None,
+        *,
+        credentials_key: bytes | None = None,
     ) -> None:
         self._pool = pool
+        self._key = credentials_key  # opens the sealed signing secrets (migration 0045)
         self._publisher = publisher
         self._settings = settings
         self._dsn = database_url
@@ -121,6 +133,8 @@ class Dispatcher:
             self._publisher.start()
         next_sweep = 0.0
         try:
+            if self._key is not None:
+                await self._seal_clear_secrets(self._key)
             while not stop.is_set():
                 self._wake.clear()
                 try:
@@ -151,10 +165,20 @@ class Dispatcher:
             if self._client is None:
                 await client.aclose()
 
+    async def _seal_clear_secrets(self, key: bytes) -> None:
+        """Seal secrets left in clear from before migration 0045 (once, at start)."""
+        try:
+            n = await store.seal_clear_secrets(self._pool, key)
+        except StorageError as exc:
+            log.warning("webhooks.sealing_failed", error=str(exc))
+            return
+        if n:
+            log.info("webhook_secrets.sealed", endpoints=n)
+
     async def step(self, client: httpx.AsyncClient) -> bool:
         """Claim one batch and deliver it; True when a full batch was claimed (more due)."""
         s = self._settings
-        claimed = await store.claim(self._pool, s.batch_max, s.lease_s)
+        claimed = await store.claim(self._pool, s.batch_max, s.lease_s, self._key)
         if not claimed:
             return False
         attempts = await asyncio.gather(*(self._send(client, c) for c in claimed))
@@ -178,6 +202,8 @@ class Dispatcher:
     async def _send(self, client: httpx.AsyncClient, c: store.Claimed) -> store.Attempt:
         at = datetime.now(UTC)
         ts = int(at.timestamp())
+        if c.secret is None:  # never send unsigned: a failed attempt, with the reason
+            return self._attempt(c, at, None, NO_SECRET, 0)
         headers = {
             "Content-Type": "application/json",
             EVENT_HEADER: c.event_id,
@@ -202,7 +228,11 @@ class Dispatcher:
                 error = f"HTTP {status}"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR]
-        ms = int((time.perf_counter() - started) * 1000)
+        return self._attempt(c, at, status, error, int((time.perf_counter() - started) * 1000))
+
+    def _attempt(
+        self, c: store.Claimed, at: datetime, status: int | None, error: str | None, ms: int
+    ) -> store.Attempt:
         ok = error is None
         retry_at = None
         if not ok:
@@ -215,7 +245,10 @@ class Dispatcher:
 
 
 async def run_alone(
-    database_url: str, settings: WebhookSettings, mqtt_url: str | None = None
+    database_url: str,
+    settings: WebhookSettings,
+    mqtt_url: str | None = None,
+    credentials_key: bytes | None = None,
 ) -> None:
     """Run only the dispatcher (its own pool) until cancelled or SIGTERM."""
     import signal
@@ -229,7 +262,9 @@ async def run_alone(
     )
     try:
         publisher = AlertPublisher(mqtt_url, pool) if mqtt_url else None
-        await Dispatcher(pool, settings, database_url, publisher=publisher).run(stop)
+        await Dispatcher(
+            pool, settings, database_url, publisher=publisher, credentials_key=credentials_key
+        ).run(stop)
     finally:
         await pool.close()
 
@@ -238,7 +273,9 @@ def main() -> int:
     """`python -m collector.webhooks`: the collector's settings, only the dispatcher."""
     settings = CollectorSettings()
     configure_logging(settings.log_json)
-    asyncio.run(run_alone(settings.database_url, settings.webhooks, settings.mqtt_url))
+    key = settings.credentials_key
+    opened = parse_key(key.get_secret_value()) if key is not None else None
+    asyncio.run(run_alone(settings.database_url, settings.webhooks, settings.mqtt_url, opened))
     return 0
 
 

@@ -13,6 +13,10 @@ Outbox states move along `OUTBOX_TRANSITIONS` only:
 
 An endpoint whose attempts keep failing (`failures` consecutive, for at least
 `disable_after_s`) is disabled with a reason; `enable` turns it back on.
+
+Signing secrets are sealed (migration 0045) under the credentials key, the same key and
+AES-256-GCM as the OSCORE secrets (storage.credentials), bound to the endpoint id:
+`create_endpoint` seals, `claim` opens, `seal_clear_secrets` seals rows from before 0045.
 Errors: `EndpointNotFoundError`, other `storage.errors`.
 """
 
@@ -27,7 +31,8 @@ import asyncpg
 import structlog
 
 from storage import notify
-from storage.errors import StorageError
+from storage.credentials import CredentialsError, seal, unseal
+from storage.errors import RowRefusedError, StorageError
 from storage.pool import translating
 
 log = structlog.get_logger("storage.webhooks")
@@ -63,7 +68,7 @@ class Claimed:
     endpoint_id: int
     attempt: int
     url: str
-    secret: str
+    secret: str | None  # None: the sealed secret does not open with the dispatcher's key
     body: bytes
     created_at: datetime  # the event row's time, in the transaction that raised it
 
@@ -88,32 +93,78 @@ def new_secret() -> str:
     return secrets.token_urlsafe(32)
 
 
+MIN_SECRET_CHARS = 16
+_PURPOSE = "webhook"  # the AAD is "<endpoint_id>/webhook": a secret opens for its row only
+
+
+def seal_secret(key: bytes, endpoint_id: int, secret: str) -> bytes:
+    """The endpoint's signing secret sealed under the credentials `key`."""
+    return seal(key, secret.encode(), endpoint_id, _PURPOSE)
+
+
+def open_secret(key: bytes | None, endpoint_id: int, sealed: bytes) -> str | None:
+    """The signing secret `seal_secret` sealed, or None when it does not open with `key`
+    (no key, another key, or a row moved to another endpoint id)."""
+    if key is None:
+        return None
+    try:
+        return unseal(key, sealed, endpoint_id, _PURPOSE).decode()
+    except CredentialsError:
+        return None
+
+
 @translating("creating a webhook endpoint")
 async def create_endpoint(
     conn: asyncpg.Connection | asyncpg.Pool,
     tenant_id: int,
     url: str,
     *,
+    key: bytes,
     secret: str | None = None,
     kinds: Sequence[str] | None = None,
     event_types: Sequence[str] | None = None,
     min_severity: str = "info",
 ) -> tuple[asyncpg.Record, str]:
-    """A new enabled endpoint and its signing secret (shown once); RowRefusedError for a
-    URL that is not http(s), a short secret or an unknown severity."""
+    """A new enabled endpoint and its signing secret (shown once, stored sealed under the
+    credentials `key`); RowRefusedError for a URL that is not http(s), a short secret or
+    an unknown severity."""
     secret = secret or new_secret()
+    if len(secret) < MIN_SECRET_CHARS:
+        msg = f"a webhook secret needs at least {MIN_SECRET_CHARS} characters"
+        raise RowRefusedError(msg)
+    # the id first, so the sealed secret can be bound to it in the row's own INSERT
+    endpoint_id: int = await conn.fetchval(
+        "SELECT nextval(pg_get_serial_sequence('webhook_endpoints', 'endpoint_id'))"
+    )
     row = await conn.fetchrow(
-        "INSERT INTO webhook_endpoints (tenant_id, url, secret, kinds, event_types,"
-        f" min_severity) VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_ENDPOINT}",
+        "INSERT INTO webhook_endpoints (endpoint_id, tenant_id, url, secret_sealed, kinds,"
+        " event_types, min_severity) OVERRIDING SYSTEM VALUE"
+        f" VALUES ($7, $1, $2, $3, $4, $5, $6) RETURNING {_ENDPOINT}",
         tenant_id,
         url,
-        secret,
+        seal_secret(key, endpoint_id, secret),
         list(kinds) if kinds is not None else None,
         list(event_types) if event_types is not None else None,
         min_severity,
+        endpoint_id,
     )
     assert row is not None
     return row, secret
+
+
+@translating("sealing webhook secrets")
+async def seal_clear_secrets(pool: asyncpg.Pool, key: bytes) -> int:
+    """Seal every signing secret still stored in clear (rows from before migration 0045)
+    under `key`; returns how many were sealed."""
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            "SELECT endpoint_id, secret FROM webhook_endpoints WHERE secret IS NOT NULL FOR UPDATE"
+        )
+        await conn.executemany(
+            "UPDATE webhook_endpoints SET secret_sealed = $2, secret = NULL WHERE endpoint_id = $1",
+            [(r["endpoint_id"], seal_secret(key, r["endpoint_id"], r["secret"])) for r in rows],
+        )
+    return len(rows)
 
 
 @translating("listing webhook endpoints")
@@ -244,8 +295,11 @@ _BODY = (
 
 
 @translating("claiming webhook deliveries")
-async def claim(pool: asyncpg.Pool, limit: int, lease_s: float) -> list[Claimed]:
-    """Lease up to `limit` due rows of enabled endpoints for `lease_s` seconds."""
+async def claim(
+    pool: asyncpg.Pool, limit: int, lease_s: float, key: bytes | None = None
+) -> list[Claimed]:
+    """Lease up to `limit` due rows of enabled endpoints for `lease_s` seconds, each with
+    its signing secret opened with the credentials `key` (None when it does not open)."""
     rows = await pool.fetch(
         "WITH due AS (SELECT o.event_id, o.endpoint_id FROM webhook_outbox o"
         " JOIN webhook_endpoints e ON e.endpoint_id = o.endpoint_id AND e.enabled"
@@ -258,13 +312,21 @@ async def claim(pool: asyncpg.Pool, limit: int, lease_s: float) -> list[Claimed]
         " WHERE o.event_id = due.event_id AND o.endpoint_id = due.endpoint_id"
         " AND e.endpoint_id = o.endpoint_id AND ev.event_id = o.event_id"
         " RETURNING o.event_id::text, o.endpoint_id, o.attempts, e.url, e.secret,"
+        " e.secret_sealed,"
         f" ev.created_at, {_BODY} AS body",
         limit,
         lease_s,
     )
+    opened: dict[int, str | None] = {}
+    for r in rows:
+        if r["endpoint_id"] not in opened:
+            sealed = r["secret_sealed"]
+            opened[r["endpoint_id"]] = (
+                r["secret"] if sealed is None else open_secret(key, r["endpoint_id"], sealed)
+            )
     return [
-        Claimed(r["event_id"], r["endpoint_id"], r["attempts"], r["url"], r["secret"],
-                r["body"].encode(), r["created_at"])
+        Claimed(r["event_id"], r["endpoint_id"], r["attempts"], r["url"],
+                opened[r["endpoint_id"]], r["body"].encode(), r["created_at"])
         for r in rows
     ]  # fmt: skip
 

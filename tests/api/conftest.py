@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -17,10 +18,12 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from api.app import create_app
 from api.settings import ApiSettings
 from storage.apikeys import create_api_key, create_tenant
+from storage.credentials import new_key
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,12 @@ def bearer(key: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def settings(db_url: str) -> ApiSettings:
-    """API settings on the session database (key cache off, so revocation is immediate)."""
-    return ApiSettings(database_url=db_url, key_cache_ttl_s=0, api_pool_max=8)
+    """API settings on the session database (key cache off, so revocation is immediate;
+    the stack's credentials key, or a fresh one, seals webhook secrets)."""
+    key = os.environ.get("NBMETER_CREDENTIALS_KEY") or new_key()
+    return ApiSettings(
+        database_url=db_url, key_cache_ttl_s=0, api_pool_max=8, credentials_key=SecretStr(key)
+    )
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import httpx
 
+from api.app import create_app
+from storage.credentials import parse_key
 from storage.events import EventRow, write_events
 from storage.health import HealthRow, write_health
+from storage.webhooks import open_secret
 
 
 async def _event(pool: asyncpg.Pool, meter: int, kind: str, at: datetime) -> None:
@@ -44,7 +48,7 @@ async def test_acknowledge_and_close_over_http(api, make_tenant, add_meter, pool
     assert (await api.get(url, headers=other.reader)).status_code == 404
 
 
-async def test_rules_and_webhook_endpoints(api, make_tenant, pool) -> None:
+async def test_rules_and_webhook_endpoints(api, make_tenant, pool, settings) -> None:
     """An admin sets a rule and adds an endpoint (secret shown once); replay needs a
     selector; readers cannot manage webhooks."""
     t = await make_tenant()
@@ -64,6 +68,12 @@ async def test_rules_and_webhook_endpoints(api, make_tenant, pool) -> None:
     assert made.status_code == 201, made.text
     assert len(made.json()["secret"]) >= 16
     eid = made.json()["endpoint_id"]
+    stored = await pool.fetchrow(
+        "SELECT secret, secret_sealed FROM webhook_endpoints WHERE endpoint_id = $1", eid
+    )
+    assert stored["secret"] is None  # sealed (migration 0045), never kept in clear
+    key = parse_key(settings.credentials_key.get_secret_value())
+    assert open_secret(key, eid, stored["secret_sealed"]) == made.json()["secret"]
     [listed] = (await api.get("/v1/webhooks", headers=t.admin)).json()
     assert "secret" not in listed
     assert listed["kinds"] == ["leak"]
@@ -101,3 +111,18 @@ async def test_health_history_and_fleet(api, make_tenant, add_meter, pool) -> No
     assert fleet["ecl"] == {"0": 1, "2": 1}
     assert [c["cell_id"] for c in fleet["worst_cells"]] == [7, 9]  # -121 dBm before -88 dBm
     assert fleet["worst_cells"][0]["meters_ecl2"] == 1
+
+
+async def test_webhook_needs_the_credentials_key(make_tenant, settings) -> None:
+    """An API started without NBMETER_CREDENTIALS_KEY cannot seal a secret: adding an
+    endpoint is 503 naming the setting, and nothing is stored."""
+    app = create_app(settings.model_copy(update={"credentials_key": None}))
+    t = await make_tenant()
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c,
+    ):
+        made = await c.post("/v1/webhooks", headers=t.admin, json={"url": "http://127.0.0.1:9/"})
+        assert made.status_code == 503
+        assert "NBMETER_CREDENTIALS_KEY" in made.json()["detail"]
+        assert (await c.get("/v1/webhooks", headers=t.admin)).json() == []

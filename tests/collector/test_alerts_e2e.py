@@ -9,7 +9,7 @@ import time
 import asyncpg
 from collector_testkit import RawCoap, cjt188_frame, hour
 from conftest import add_meter, new_address
-from webhook_receiver import FAST, dispatching, start_receiver
+from webhook_receiver import FAST, KEY, dispatching, start_receiver
 
 from collector.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from decoder.columns import Flag
@@ -26,7 +26,7 @@ async def test_uplink_to_health_alarm_and_webhook(
     tenant = await pool.fetchval("SELECT tenant_id FROM tenants WHERE slug = $1", lab_tenant)
     receiver = start_receiver()
     try:
-        _, secret = await hooks.create_endpoint(pool, tenant, receiver.url)
+        _, secret = await hooks.create_endpoint(pool, tenant, receiver.url, key=KEY)
         cjt, nbm = new_address(), new_address()
         m_cjt, m_nbm = (
             await add_meter(pool, lab_tenant, cjt),

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from webhook_receiver import FAST, Receiver, dispatching, start_receiver
+from webhook_receiver import FAST, KEY, KEY_TEXT, Receiver, dispatching, start_receiver
 
 from collector.webhooks import (
     EVENT_HEADER,
+    NO_SECRET,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     backoff,
@@ -30,6 +31,7 @@ from collector.webhooks import (
 )
 from storage import alarms
 from storage import webhooks as hooks
+from storage.credentials import new_key, parse_key
 from storage.events import EventRow, write_events
 
 REPO = Path(__file__).parents[2]
@@ -97,7 +99,7 @@ async def test_signature_verifies_at_the_receiver(
 ) -> None:
     """A raised alarm arrives signed; the receiver verifies it with the endpoint's secret."""
     tenant = await _tenant(pool)
-    _, secret = await hooks.create_endpoint(pool, tenant, receiver.url)
+    _, secret = await hooks.create_endpoint(pool, tenant, receiver.url, key=KEY)
     [meter] = await _raise(pool, tenant, 1, "burst")
     async with dispatching(pool, db_url):
         [event_id] = await receiver.wait_for(1)
@@ -121,7 +123,7 @@ async def test_receiver_failing_three_times_gets_every_event_once(
     """Three 500s, then recovery: every event is accepted exactly once (by event id), the
     failures are in the delivery log, and the endpoint is healthy again."""
     tenant = await _tenant(pool)
-    endpoint, _ = await hooks.create_endpoint(pool, tenant, receiver.url)
+    endpoint, _ = await hooks.create_endpoint(pool, tenant, receiver.url, key=KEY)
     receiver.fail_first = 3
     await _raise(pool, tenant, 6)
     async with dispatching(pool, db_url):
@@ -148,7 +150,7 @@ async def test_kill_9_of_the_dispatcher_loses_no_event(
     """A dispatcher process killed (SIGKILL) while it holds leases: a second one delivers
     every event after the lease runs out (at least once; ids cover every event)."""
     tenant = await _tenant(pool)
-    await hooks.create_endpoint(pool, tenant, receiver.url)
+    await hooks.create_endpoint(pool, tenant, receiver.url, key=KEY)
     receiver.hang_s = 3.0  # the first process is mid-request when it dies
     env = {
         **os.environ,
@@ -156,6 +158,7 @@ async def test_kill_9_of_the_dispatcher_loses_no_event(
         "NBMETER_WEBHOOKS__LEASE_S": "1",
         "NBMETER_WEBHOOKS__POLL_S": "0.1",
         "NBMETER_LOG_JSON": "true",
+        "NBMETER_CREDENTIALS_KEY": KEY_TEXT,
     }
     first = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "collector.webhooks", cwd=REPO, env=env,
@@ -196,7 +199,7 @@ async def test_sustained_failure_disables_then_enable_and_replay(
     """An endpoint failing `disable_after_failures` times is disabled with its reason; while
     off it is not called; enable delivers what waited; replay sends an event again."""
     tenant = await _tenant(pool)
-    endpoint, _ = await hooks.create_endpoint(pool, tenant, receiver.url)
+    endpoint, _ = await hooks.create_endpoint(pool, tenant, receiver.url, key=KEY)
     eid = endpoint["endpoint_id"]
     receiver.always_fail = True
     strict = FAST.model_copy(update={"disable_after_failures": 3, "disable_after_s": 0.0})
@@ -232,9 +235,14 @@ async def test_filters_and_ack_events(pool: asyncpg.Pool, db_url: str, receiver:
     tenant = await _tenant(pool)
     other = start_receiver()
     try:
-        await hooks.create_endpoint(pool, tenant, receiver.url, kinds=["burst"])
+        await hooks.create_endpoint(pool, tenant, receiver.url, key=KEY, kinds=["burst"])
         await hooks.create_endpoint(
-            pool, tenant, other.url, event_types=["alarm.acknowledged"], min_severity="major"
+            pool,
+            tenant,
+            other.url,
+            key=KEY,
+            event_types=["alarm.acknowledged"],
+            min_severity="major",
         )
         [leak_meter] = await _raise(pool, tenant, 1, "leak")
         await _raise(pool, tenant, 1, "burst")
@@ -250,3 +258,52 @@ async def test_filters_and_ack_events(pool: asyncpg.Pool, db_url: str, receiver:
         assert (acked["type"], acked["data"]["kind"]) == ("alarm.acknowledged", "leak")
     finally:
         other.close()
+
+
+async def test_secrets_sealed_clear_ones_sealed_at_start_wrong_key_never_sends(
+    pool: asyncpg.Pool, db_url: str, receiver: Receiver
+) -> None:
+    """A new endpoint's secret is stored sealed, bound to its row; a dispatcher with another
+    credentials key sends nothing unsigned (the attempt fails with the reason in the log);
+    a row from before 0045 with a clear secret is sealed when a dispatcher with the key
+    starts, and its events still verify with that secret."""
+    tenant = await _tenant(pool)
+    endpoint, secret = await hooks.create_endpoint(pool, tenant, receiver.url, key=KEY)
+    eid = endpoint["endpoint_id"]
+    row = await pool.fetchrow(
+        "SELECT secret, secret_sealed FROM webhook_endpoints WHERE endpoint_id = $1", eid
+    )
+    assert row["secret"] is None
+    assert secret.encode() not in bytes(row["secret_sealed"])
+    assert hooks.open_secret(KEY, eid, row["secret_sealed"]) == secret
+    assert hooks.open_secret(KEY, eid + 1, row["secret_sealed"]) is None  # bound to its row
+
+    await _raise(pool, tenant, 1, "burst")
+    async with dispatching(pool, db_url, key=parse_key(new_key())):
+        deadline = time.monotonic() + 10
+        while not (log := await hooks.deliveries(pool, tenant, eid)):
+            assert time.monotonic() < deadline, "no attempt recorded"
+            await asyncio.sleep(0.05)
+    assert receiver.seen == []  # never sent unsigned
+    assert (log[0]["ok"], log[0]["error"]) == (False, NO_SECRET)
+    await hooks.delete_endpoint(pool, tenant, eid)
+
+    legacy = "legacy-clear-secret-0123456789"
+    old = await pool.fetchval(
+        "INSERT INTO webhook_endpoints (tenant_id, url, secret) VALUES ($1, $2, $3)"
+        " RETURNING endpoint_id",
+        tenant, receiver.url, legacy,
+    )  # fmt: skip
+    await _raise(pool, tenant, 1, "leak")
+    async with dispatching(pool, db_url):
+        [event_id] = await receiver.wait_for(1)
+    stored = await pool.fetchrow(
+        "SELECT secret, secret_sealed FROM webhook_endpoints WHERE endpoint_id = $1", old
+    )
+    assert stored["secret"] is None
+    assert hooks.open_secret(KEY, old, stored["secret_sealed"]) == legacy
+    [got] = receiver.seen
+    headers = {k.lower(): v for k, v in got.headers.items()}
+    assert headers[EVENT_HEADER.lower()] == event_id
+    assert verify(legacy, headers[TIMESTAMP_HEADER.lower()], got.body,
+                  headers[SIGNATURE_HEADER.lower()], now=time.time())  # fmt: skip

@@ -3,11 +3,14 @@ an in-process dispatcher with fast retries.
 
 The receiver records every request (event id, headers, body, the status it answered) and
 answers by a script: `fail_first` requests get 500, requests while `hang_s` > 0 sleep first.
+Signing secrets are sealed under `KEY` (the stack's credentials key, or a fresh one that
+`KEY_TEXT` hands to a dispatcher process).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +23,10 @@ import asyncpg
 
 from collector.settings import WebhookSettings
 from collector.webhooks import Dispatcher
+from storage.credentials import new_key, parse_key
+
+KEY_TEXT = os.environ.get("NBMETER_CREDENTIALS_KEY") or new_key()
+KEY = parse_key(KEY_TEXT)
 
 
 @dataclass
@@ -111,11 +118,12 @@ FAST = WebhookSettings(
 
 @asynccontextmanager
 async def dispatching(
-    pool: asyncpg.Pool, db_url: str, settings: WebhookSettings = FAST
+    pool: asyncpg.Pool, db_url: str, settings: WebhookSettings = FAST, key: bytes | None = KEY
 ) -> AsyncIterator[Dispatcher]:
-    """A dispatcher delivering in this process until the block ends."""
+    """A dispatcher delivering in this process (opening secrets with `key`) until the block
+    ends."""
     stop = asyncio.Event()
-    d = Dispatcher(pool, settings, db_url)
+    d = Dispatcher(pool, settings, db_url, credentials_key=key)
     task = asyncio.create_task(d.run(stop))
     try:
         yield d
