@@ -35,8 +35,7 @@ setup: stack
 	@$(WITH_ENV) $(BIN)/nbmeter db migrate
 
 # Tools some tests use: Debian's coap-client (CoAP interop), chromium (the console's browser
-# tests) and docker compose v2
-# (to check docker-compose.yml). Installed when missing and we are root; else they skip.
+# tests) and docker compose v2 (to check docker-compose.yml). Installed when missing and we are root; else they skip.
 test-tools: venv
 	@$(BIN)/nbmeter stack tools
 
