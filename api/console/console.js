@@ -188,12 +188,17 @@ async function overviewView() {
   ];
 }
 
+let flash = null;
+
 async function alarmsView(params) {
   const state = params.get("state") || "active";
   const states = state === "active" ? ["open", "acknowledged"] : [state];
   const query = states.map((s) => `state=${encodeURIComponent(s)}`).join("&");
   const rows = await api(`/v1/alarms?${query}`);
-  const status = el("p", { class: "error", role: "alert", "data-testid": "alarm-status" });
+  // the outcome of the last action survives the re-render that shows its effect
+  const status = el("p", { class: flash ? "muted" : "error", role: "alert", "data-testid": "alarm-status" },
+    flash || "");
+  flash = null;
   const select = el("select", { "aria-label": "state", onchange: (e) => { location.hash = `#/alarms?state=${e.target.value}`; } },
     ["active", "open", "acknowledged", "closed"].map((s) => el("option", { value: s, selected: s === state }, s)));
 
@@ -201,9 +206,7 @@ async function alarmsView(params) {
     button.disabled = true;
     try {
       const got = await api(`/v1/alarms/${alarm.alarm_id}/${action}`, { method: "POST", body: {} });
-      status.textContent = "";
-      status.className = "muted";
-      status.textContent = `Alarm ${got.alarm_id} is ${got.state}.`;
+      flash = `Alarm ${got.alarm_id} is ${got.state}.`;
       await route();
     } catch (err) {
       status.className = "error";
@@ -310,8 +313,9 @@ async function meterView(meterId, params) {
         ["Received", (u) => fmtTime(u.received_at)], ["Transport", (u) => u.transport],
         ["Format", (u) => u.format || "—"], ["Outcome", (u) => u.outcome],
         ["Readings", (u) => `${u.n_new}/${u.n_readings} new`, "num"],
-        ["Decode", (u) => (u.error_code !== null ? `error ${u.error_code}: ${u.error_message || ""}`
-          : (u.decode_flags || []).map((f) => el("span", { class: "flag" }, f)))],
+        ["Decode", (u) => (u.error_code !== null ? el("span", { class: "error" }, `error ${u.error_code}: ${u.error_message || ""}`)
+          : (u.decode_flags && u.decode_flags.length ? u.decode_flags.map((f) => el("span", { class: "flag" }, f))
+            : (u.format ? "decoded" : "—")))],
         ["Bytes", (u) => u.payload_hex, "mono"],
       ], uplinks, { "data-testid": "uplink-table" }) : el("p", { class: "muted" }, "No uplink archived.")),
     commands === null ? null : card("Commands", Array.isArray(commands) || (commands && commands.items)

@@ -9,6 +9,7 @@ each page there (the README's docs/console/*.png come from this run).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -118,14 +119,20 @@ async def seed(pool: asyncpg.Pool, n_meters: int = 24, days: int = 14) -> Seeded
                 frame = encode_cjt188(
                     address=f"{20260000000000 + i:014d}", total_ml=total - total % 10_000
                 )
-                uplinks.append((datetime.now(UTC), tid, m, 1, frame, "cjt188", "stored", 1, 1, 0))
+                got = datetime.now(UTC)
+                uplinks.append((got, tid, m, 1, frame, "cjt188", "stored", 1, 1, 0, None, None))
+                if i == 5:  # the same frame again, one byte hit on the way: quarantined
+                    bad = frame[:20] + bytes([frame[20] ^ 0x10]) + frame[21:]
+                    uplinks.append((got, tid, m, 1, bad, None, "quarantined", 0, 0, None,
+                                    5, "CJ/T 188 CS mismatch"))  # fmt: skip
         await conn.copy_records_to_table(
             "readings", records=readings,
             columns=["meter_id", "read_at", "register_ml", "flags", "transport", "received_at"],
         )  # fmt: skip
         await conn.executemany(
             "INSERT INTO raw_uplinks (received_at, tenant_id, meter_id, transport, payload, format,"
-            " outcome, n_readings, n_new, decode_flags) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
+            " outcome, n_readings, n_new, decode_flags, error_code, error_message)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             uplinks,
         )
         await write_health(conn, health)
@@ -219,7 +226,8 @@ async def test_overview_counts_today(server: str, seeded: Seeded) -> None:
         got = (
             await c.get("/v1/overview", headers={"Authorization": f"Bearer {seeded.key}"})
         ).json()
-    assert got["uplinks"] == seeded.uplinks_today == got["uplinks_by_outcome"]["stored"]
+    assert got["uplinks"] == seeded.uplinks_today
+    assert got["uplinks_by_outcome"] == {"quarantined": 1, "stored": seeded.read_today}
     assert (got["meters_read"], got["meters_active"]) == (seeded.read_today, len(seeded.meters))
     assert got["read_rate"] == round(seeded.read_today / len(seeded.meters), 4)
     kinds = {(a["kind"], a["severity"], a["state"]): a["alarms"] for a in got["open_alarms"]}
@@ -255,6 +263,7 @@ async def test_pages_render_seeded_data(browser: Browser, server: str, seeded: S
     frames = page.locator("[data-testid=uplink-table]")
     if await frames.count():  # GET /v1/meters/{id}/uplinks is on this server
         await expect(frames).to_contain_text("cjt188")
+        await expect(frames).to_contain_text("error 5: CJ/T 188 CS mismatch")
         await expect(frames.locator("td.mono").first).to_contain_text("68")  # CJ/T 188 start
     else:
         await expect(page.locator(".placeholder")).to_contain_text("raw uplinks")
@@ -271,12 +280,13 @@ async def test_acknowledge_in_browser_reaches_api(
     browser: Browser, server: str, seeded: Seeded
 ) -> None:
     """An acknowledge clicked in the console is the alarm's state in GET /v1/alarms/{id},
-    recorded with the signed-in key; the row then offers only Close."""
+    recorded with the signed-in key; the row then offers only Close, and a Close clicked
+    closes it (manual) and takes it off the active list."""
     page = await signed_in(browser, server, seeded.key)
     await view(page, "#/alarms", "alarms")
     alarm_id = seeded.alarms["leak"]
-    row = page.locator("[data-testid=alarm-table] tbody tr", has_text=f"{alarm_id}")
-    row = row.filter(has=page.locator("td:first-child", has_text=f"{alarm_id}"))
+    first_cell = page.locator("td:first-child", has_text=re.compile(rf"^{alarm_id}$"))
+    row = page.locator("[data-testid=alarm-table] tbody tr").filter(has=first_cell)
     await row.locator("button[data-action=acknowledge]").click()
     await expect(page.locator("[data-testid=alarm-status]")).to_have_text(
         f"Alarm {alarm_id} is acknowledged."
@@ -289,7 +299,16 @@ async def test_acknowledge_in_browser_reaches_api(
     assert got["acked_by"] is not None
     assert got["acked_by"] in seeded.key
     await expect(row.locator("button[data-action=acknowledge]")).to_have_count(0)
-    await expect(row.locator("button[data-action=close]")).to_be_visible()
+    await row.locator("button[data-action=close]").click()
+    await expect(page.locator("[data-testid=alarm-status]")).to_have_text(
+        f"Alarm {alarm_id} is closed."
+    )
+    await expect(row).to_have_count(0)  # the active list no longer holds it
+    async with httpx.AsyncClient(base_url=server) as c:
+        got = (
+            await c.get(f"/v1/alarms/{alarm_id}", headers={"Authorization": f"Bearer {seeded.key}"})
+        ).json()
+    assert (got["state"], got["close_reason"]) == ("closed", "manual")
 
 
 @needs_browser
