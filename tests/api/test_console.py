@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import httpx
@@ -233,6 +234,20 @@ async def test_overview_counts_today(server: str, seeded: Seeded) -> None:
     kinds = {(a["kind"], a["severity"], a["state"]): a["alarms"] for a in got["open_alarms"]}
     assert kinds[("burst", "critical", "open")] == 1
     assert sum(kinds.values()) == len(seeded.alarms)
+
+
+async def test_overview_of_an_empty_tenant(server: str, pool: asyncpg.Pool) -> None:
+    """A tenant with no meter and no uplink: zeros, no read rate (not a division by zero),
+    and its midnight in its own timezone."""
+    async with pool.acquire() as conn:
+        tid = await create_tenant(conn, f"empty-{uuid.uuid4().hex[:8]}", "Empty", "Asia/Shanghai")
+        key = await create_api_key(conn, tid, ["readings:read"])
+    async with httpx.AsyncClient(base_url=server) as c:
+        got = (await c.get("/v1/overview", headers={"Authorization": f"Bearer {key}"})).json()
+    assert (got["uplinks"], got["meters_active"], got["read_rate"]) == (0, 0, None)
+    assert got["open_alarms"] == []
+    since = datetime.fromisoformat(got["since"]).astimezone(ZoneInfo("Asia/Shanghai"))
+    assert (since.hour, since.minute) == (0, 0)
 
 
 @needs_browser
