@@ -268,7 +268,7 @@ async function meterView(meterId, params) {
     api(base), api(`${base}/health`),
     api(`${base}/readings?from=${encodeURIComponent(from)}&to=${encodeURIComponent(to)}&step=${step}`),
     api(`${base}/health/history?limit=500&since=${encodeURIComponent(from)}`),
-    optional(`${base}/uplinks?limit=20`), optional(`${base}/commands`),
+    optional(`${base}/uplinks?limit=20`), optional(`${base}/commands?limit=20`),
   ]);
   const known = reads.intervals.filter((i) => i.end_register_m3 !== null);
   const registerPts = known.map((i) => ({ x: Date.parse(i.end), y: Number(i.end_register_m3) }));
@@ -318,10 +318,20 @@ async function meterView(meterId, params) {
             : (u.format ? "decoded" : "—")))],
         ["Bytes", (u) => u.payload_hex, "mono"],
       ], uplinks, { "data-testid": "uplink-table" }) : el("p", { class: "muted" }, "No uplink archived.")),
-    commands === null ? null : card("Commands", Array.isArray(commands) || (commands && commands.items)
-      ? genericTable(Array.isArray(commands) ? commands : commands.items)
-      : el("p", { class: "muted" }, "—")),
+    commands === null ? null : card("Commands", commandTable(commands.items || [])),
   ];
+}
+
+function commandTable(items) {
+  if (!items.length) return el("p", { class: "muted" }, "No command for this meter.");
+  return table([
+    ["Id", (c) => c.command_id, "num"], ["Kind", (c) => c.kind],
+    ["Args", (c) => JSON.stringify(c.args), "mono"],
+    ["State", (c) => el("span", { class: `cmd-${String(c.state).replace(/[^a-z]/g, "")}` }, c.state)],
+    ["Reason", (c) => c.reason || "—"], ["Attempts", (c) => c.attempts, "num"],
+    ["Created", (c) => `${fmtTime(c.created_at)} by ${c.created_by}`],
+    ["Finished", (c) => fmtTime(c.finished_at)],
+  ], items.slice().reverse(), { "data-testid": "command-table" });
 }
 
 // a table of objects whose shape this page does not know (endpoints added later)

@@ -254,7 +254,8 @@ async def test_overview_of_an_empty_tenant(server: str, pool: asyncpg.Pool) -> N
 async def test_pages_render_seeded_data(browser: Browser, server: str, seeded: Seeded) -> None:
     """Signed in with a key, each page shows the tenant's data: today's uplinks and read
     rate, alarm counts and health charts; the alarm list; a meter's register plot, health
-    history and raw frames; the districts page (placeholder until districts exist)."""
+    history, raw frames with their decode and its commands; the districts page
+    (placeholder until districts exist)."""
     page = await signed_in(browser, server, seeded.key)
     kpi = page.locator("[data-testid=kpi-uplinks] .value")
     assert await kpi.text_content() == str(seeded.uplinks_today)
@@ -271,17 +272,22 @@ async def test_pages_render_seeded_data(browser: Browser, server: str, seeded: S
     await shoot(page, "alarms")
 
     meter = seeded.meters[5]
+    auth = {"Authorization": f"Bearer {seeded.key}"}
+    async with httpx.AsyncClient(base_url=server) as c:
+        queued = await c.post(f"/v1/meters/{meter}/commands", headers=auth,
+                              json={"kind": "valve", "args": {"action": "close"}})  # fmt: skip
     await view(page, f"#/meters/{meter}?days=7", "meters")
     await expect(page.locator("[data-testid=meter-title]")).to_contain_text("20260000000005")
     assert await page.locator("svg.chart path.line").count() >= 2  # register, battery
     assert await page.locator("[data-testid=health-table] tbody tr").count() == 8
     frames = page.locator("[data-testid=uplink-table]")
-    if await frames.count():  # GET /v1/meters/{id}/uplinks is on this server
-        await expect(frames).to_contain_text("cjt188")
-        await expect(frames).to_contain_text("error 5: CJ/T 188 CS mismatch")
-        await expect(frames.locator("td.mono").first).to_contain_text("68")  # CJ/T 188 start
-    else:
-        await expect(page.locator(".placeholder")).to_contain_text("raw uplinks")
+    await expect(frames).to_contain_text("cjt188")
+    await expect(frames).to_contain_text("error 5: CJ/T 188 CS mismatch")
+    await expect(frames.locator("td.mono").first).to_contain_text("68")  # CJ/T 188 start
+    assert queued.status_code == 201, queued.text
+    commands = page.locator("[data-testid=command-table]")
+    await expect(commands).to_contain_text('{"action":"close"}')
+    await expect(commands).to_contain_text("queued")
     await shoot(page, "meter")
 
     await view(page, "#/districts", "districts")
