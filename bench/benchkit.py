@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import secrets
 import socket
 import struct
@@ -90,8 +91,9 @@ class _Loader(asyncio.DatagramProtocol):
     def __init__(self, gen: LoadGenerator) -> None:
         self.gen = gen
         self.transport: asyncio.DatagramTransport | None = None
-        # token -> (first sent, last sent, template, datagram as sent)
-        self.outstanding: dict[bytes, tuple[float, float, bytes, bytes]] = {}
+        # token -> (first sent, next retransmission due, tries, template, datagram as sent)
+        self.outstanding: dict[bytes, tuple[float, float, int, bytes, bytes]] = {}
+        self.mids: dict[int, bytes] = {}  # Message ID -> token, for empty ACKs
         # RFC 7252 §4.4: a sender must not reuse a Message ID within EXCHANGE_LIFETIME
         # (247 s), or the server answers it from its deduplication cache; random MIDs
         # collide within seconds at this rate, sequential ones last 65536 / rate per socket
@@ -111,7 +113,8 @@ class _Loader(asyncio.DatagramProtocol):
         token = self.gen.tokens.to_bytes(4, "big")
         datagram = template[:2] + struct.pack("!H", self.mid) + token + template[8:]
         now = time.monotonic()
-        self.outstanding[token] = (now, now, template, datagram)
+        self.outstanding[token] = (now, now + _ack_timeout(0), 0, template, datagram)
+        self.mids[self.mid] = token
         assert self.transport is not None
         self.transport.sendto(datagram)
         self.gen.sent += 1
@@ -123,25 +126,46 @@ class _Loader(asyncio.DatagramProtocol):
         mtype, code = (data[0] >> 4) & 3, data[1]
         if mtype == 0:  # separate response as CON: ACK it
             self.transport.sendto(bytes([0x60, 0]) + data[2:4])
-        if code == 0:
+        if code == 0:  # an empty ACK: the answer comes later as a CON; stop retransmitting
+            acked = self.mids.pop(int.from_bytes(data[2:4], "big"), None)
+            sent = self.outstanding.get(acked or b"")
+            if sent is not None:
+                self.outstanding[acked] = (sent[0], float("inf"), *sent[2:])  # type: ignore[index]
             return
         token = data[4 : 4 + (data[0] & 0x0F)]
         sent = self.outstanding.pop(token, None)
         if sent is None:
             return
-        self.gen.answered(code, sent[0], sent[2])
+        self.gen.answered(code, sent[0], sent[3])
         if self.gen.closed_loop and self.gen.running:
             self.send_next()
 
     def retransmit(self) -> None:
-        """Resend CONs unanswered for 2 s (RFC 7252 ACK_TIMEOUT)."""
+        """Resend unacknowledged CONs as RFC 7252 §4.2 says (ACK_TIMEOUT 2 s, doubling)."""
         now = time.monotonic()
         assert self.transport is not None
-        for token, (first, sent, template, datagram) in list(self.outstanding.items()):
-            if now - sent > 2.0:  # the same Message ID: the server's dedup answers it
-                self.outstanding[token] = (first, now, template, datagram)
+        for token, (first, due, tries, template, datagram) in list(self.outstanding.items()):
+            if now >= due and tries < _MAX_RETRANSMIT:  # the same Message ID: deduplicated
+                self.outstanding[token] = (
+                    first,
+                    now + _ack_timeout(tries + 1),
+                    tries + 1,
+                    template,
+                    datagram,
+                )
                 self.transport.sendto(datagram)
                 self.gen.retransmitted += 1
+            elif now >= due:  # MAX_RETRANSMIT reached: given up (counted as code 0)
+                del self.outstanding[token]
+                self.gen.answered(0, first, template)
+
+
+_MAX_RETRANSMIT = 4
+
+
+def _ack_timeout(tries: int) -> float:
+    # RFC 7252 §4.8: ACK_TIMEOUT 2 s times a random factor up to ACK_RANDOM_FACTOR 1.5
+    return 2.0 * (1 + random.random() * 0.5) * 2**tries
 
 
 Watch = Callable[[], Awaitable[dict[str, list[int]]]]
@@ -156,12 +180,24 @@ class Measured:
     elapsed_s: float
     cpu_per_uplink_s: dict[str, float]
     latencies_s: list[float] = field(default_factory=list)
+    finished: list[float] = field(default_factory=list)  # monotonic time of each 2.04
     answers: dict[int, int] = field(default_factory=dict)
     retransmitted: int = 0
 
     def us(self, group: str) -> float:
         """CPU µs per answered uplink of process group `group`."""
         return self.cpu_per_uplink_s.get(group, 0.0) * 1e6
+
+    def bulk_rate(self) -> float:
+        """2.04s per second between the 10th and the 90th percentile of completions: the
+        sustained rate, without the ramp-up and the retransmission tail of a finite run."""
+        if len(self.finished) < 20:
+            return self.rate
+        lo, hi = (
+            self.finished[len(self.finished) // 10],
+            self.finished[len(self.finished) * 9 // 10],
+        )
+        return (len(self.finished) * 8 // 10) / max(hi - lo, 1e-9)
 
     def percentile_ms(self, q: float) -> float:
         """The `q`th percentile of the answer times, in ms."""
@@ -178,6 +214,7 @@ class LoadGenerator:
         self.source = source
         self.answers: dict[int, int] = {}
         self.latencies: list[float] = []
+        self.finished: list[float] = []  # when each 2.04 arrived
         self.running = True
         self.closed_loop = True
         self.tokens = secrets.randbelow(1 << 30)
@@ -187,7 +224,9 @@ class LoadGenerator:
         """Count an answer; a 5.03 puts the datagram back (the device retries later)."""
         self.answers[code] = self.answers.get(code, 0) + 1
         if code == CHANGED:
-            self.latencies.append(time.monotonic() - first_sent)
+            now = time.monotonic()
+            self.latencies.append(now - first_sent)
+            self.finished.append(now)
         elif code == SERVICE_UNAVAILABLE and isinstance(self.source, ListSource):
             self.source.again(template)
 
@@ -207,7 +246,7 @@ class LoadGenerator:
         window are empty (`limit_s` at most). CPU of the watched pids from after warm-up."""
         loop = asyncio.get_running_loop()
         loaders: list[_Loader] = []
-        self.answers, self.latencies, self.running = {}, [], True
+        self.answers, self.latencies, self.finished, self.running = {}, [], [], True
         self.closed_loop = rate is None
         for _ in range(sockets):
             _, proto = await loop.create_datagram_endpoint(
@@ -258,7 +297,10 @@ class LoadGenerator:
             await asyncio.sleep(0.005 if rate is not None else 0.1)
         elapsed = time.monotonic() - started
         done = self.answers.get(CHANGED, 0) - ok0
-        cpu = {g: sum(cpu_s(p) - cpu0[p] for p in group) for g, group in pids.items()}
+        # backends connected during the run count whole (their connection set-up too)
+        for g, group in (await watch()).items():
+            pids[g] = sorted({*pids.get(g, []), *group})
+        cpu = {g: sum(cpu_s(p) - cpu0.get(p, 0.0) for p in group) for g, group in pids.items()}
         self.running = False
         await asyncio.sleep(0.5)
         for proto in loaders:
@@ -270,6 +312,7 @@ class LoadGenerator:
             elapsed,
             {g: c / max(done, 1) for g, c in cpu.items()},
             self.latencies[lat0:],
+            self.finished[lat0:],
             dict(self.answers),
             self.retransmitted,
         )
@@ -369,6 +412,24 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+async def wait_ready(proc: subprocess.Popen[bytes], metrics_port: int, limit_s: float = 60) -> None:
+    """Wait until the collector answers on its metrics port (it binds CoAP before that)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            msg = f"the collector exited with {proc.returncode}"
+            raise RuntimeError(msg)
+        try:
+            batch_stats([metrics_port])
+        except OSError:
+            await asyncio.sleep(0.2)
+            continue
+        await asyncio.sleep(0.5)
+        return
+    msg = f"the collector did not start within {limit_s:.0f} s"
+    raise RuntimeError(msg)
 
 
 def batch_stats(metrics_ports: list[int]) -> tuple[float, float]:

@@ -33,6 +33,9 @@ class CoapSettings(_Section):
     ack_wait_s: float = Field(10.0, gt=0)  # longest a device waits before a 5.03
     busy_max_age_s: int = Field(30, ge=0)  # Max-Age of a 5.03: when the device may retry
     exchange_lifetime_s: float = Field(247.0, gt=0)  # RFC 7252 deduplication window
+    # answer in the ACK if ready this soon, else an empty ACK first (below ACK_TIMEOUT, 2 s,
+    # so the device does not retransmit); aiocoap's 0.1 s made most answers separate
+    empty_ack_delay_s: float = Field(1.0, gt=0, lt=2.0)
     dedup_max_entries: int = Field(200_000, ge=1000)  # bounds the dedup cache's memory
     # OSCORE contexts: cached this long while credential changes arrive by LISTEN, and
     # only context_fallback_ttl_s while that connection is down (the worst-case delay
