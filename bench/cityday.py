@@ -496,7 +496,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--compare", type=int, default=20_000, help="uplinks per comparison")
     parser.add_argument("--window", type=int, default=400, help="CONs outstanding (compare)")
-    parser.add_argument("--herd-window", type=int, default=2000, help="devices waiting at once")
+    parser.add_argument("--herd-window", type=int, default=1000, help="devices waiting at once")
     parser.add_argument("--sockets", type=int, default=16)
     parser.add_argument("--seed", type=int, default=16)
     parser.add_argument("--keep", action="store_true", help="keep the scratch database")
