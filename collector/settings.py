@@ -159,6 +159,18 @@ class PlatformSettings(_Section):
     device_ttl_s: float = Field(30.0, gt=0)  # a re-mapped platform identity takes effect within
 
 
+class RetentionSettings(_Section):
+    """Dropping expired chunks of the raw archive and the quarantine (storage.retention).
+
+    On by default in every collector (one at a time does it); the Apache edition of
+    TimescaleDB has no retention policies, so without this job both grow for ever."""
+
+    enabled: bool = True
+    raw_uplinks_days: int = Field(400, ge=1)  # a billing year plus a month for disputes
+    quarantine_days: int = Field(400, ge=1)
+    every_s: float = Field(3600.0, ge=60)
+
+
 class CollectorSettings(DatabaseSettings):
     """Everything `collector.main.run` needs; read from the environment (prefix NBMETER_)."""
 
@@ -181,3 +193,4 @@ class CollectorSettings(DatabaseSettings):
     webhooks: WebhookSettings = WebhookSettings()  # the alert dispatcher (collector.webhooks)
     platform: PlatformSettings = PlatformSettings()
     dtls: DtlsSettings = DtlsSettings()
+    retention: RetentionSettings = RetentionSettings()
