@@ -78,10 +78,10 @@ from benchkit import (
 )
 
 from billing.boundary import Tuning
-from collector.coap_oscore import derive
 from decoder.encode_cjt188 import GAS, WATER, encode_cjt188
 from decoder.encode_senml import encode_senml, water_pack
 from decoder.interval import encode_interval
+from devices.provision import derive
 from storage import billing, credentials
 from storage.export import stream_cycle
 from storage.pool import create_pool

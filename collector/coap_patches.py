@@ -65,7 +65,7 @@ def bound_dedup(mman: Any, lifetime_s: float, max_entries: int) -> None:
     mman._deduplicate_message = deduplicate
 
 
-class _Tuning(TransportTuning):
+class _Tuning(TransportTuning):  # type: ignore[misc]  # aiocoap: untyped base
     """aiocoap's transport tuning with our EMPTY_ACK_DELAY (set per server)."""
 
     def __init__(self, empty_ack_delay_s: float) -> None:
