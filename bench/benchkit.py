@@ -129,8 +129,13 @@ class _Loader(asyncio.DatagramProtocol):
         if code == 0:  # an empty ACK: the answer comes later as a CON; stop retransmitting
             acked = self.mids.pop(int.from_bytes(data[2:4], "big"), None)
             sent = self.outstanding.get(acked or b"")
-            if sent is not None:
-                self.outstanding[acked] = (sent[0], float("inf"), *sent[2:])  # type: ignore[index]
+            if sent is not None and acked is not None:  # wait for it, then give up
+                self.outstanding[acked] = (
+                    sent[0],
+                    time.monotonic() + 60,
+                    _MAX_RETRANSMIT,
+                    *sent[3:],
+                )
             return
         token = data[4 : 4 + (data[0] & 0x0F)]
         sent = self.outstanding.pop(token, None)
@@ -241,6 +246,7 @@ class LoadGenerator:
         rate: float | None = None,
         warmup_s: float = 0.0,
         limit_s: float = 900.0,
+        progress_s: float = 0.0,
     ) -> Measured:
         """Drive 127.0.0.1:`port`; stop after `seconds`, or when the source and the
         window are empty (`limit_s` at most). CPU of the watched pids from after warm-up."""
@@ -265,8 +271,7 @@ class LoadGenerator:
         ok0, lat0, started = self.answers.get(CHANGED, 0), len(self.latencies), time.monotonic()
         cpu0 = {pid: cpu_s(pid) for group in pids.values() for pid in group}
         paced = 0
-        exhausted = False
-        last_retransmit = started
+        last_retransmit = last_progress = started
         while True:
             now = time.monotonic()
             if seconds is not None and now - started >= seconds:
@@ -275,13 +280,12 @@ class LoadGenerator:
                 print(f"# stopped after limit_s={limit_s:.0f}", flush=True)
                 break
             outstanding = sum(len(p.outstanding) for p in loaders)
-            if rate is not None and not exhausted:
+            if rate is not None:
                 due = int(rate * (now - started)) - paced
                 i = 0
                 while due > 0 and outstanding < window:
                     if not loaders[i % sockets].send_next():
-                        exhausted = True
-                        break
+                        break  # none left now (a 5.03 may put one back)
                     i, due, paced, outstanding = i + 1, due - 1, paced + 1, outstanding + 1
             elif rate is None and outstanding < window and self.running:
                 # answered windows refill in datagram_received; this refills after a 5.03
@@ -290,6 +294,13 @@ class LoadGenerator:
                         pass
             if seconds is None and outstanding == 0 and not self.source.remaining():
                 break
+            if progress_s and now - last_progress > progress_s:
+                print(
+                    f"# t={now - started:.0f}s sent={self.sent} ok={self.answers.get(CHANGED, 0)}"
+                    f" outstanding={outstanding} left={self.source.remaining()}",
+                    flush=True,
+                )
+                last_progress = now
             if now - last_retransmit > 0.5:
                 for proto in loaders:
                     proto.retransmit()
