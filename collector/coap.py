@@ -57,6 +57,7 @@ from collector.coap_patches import (
     bound_dedup,
     patch_message_decode,
     patch_udp6_addresses,
+    piggyback_within,
 )
 from collector.downlink import Downlinks
 from collector.downlink_coap import ResultResource, with_commands
@@ -338,6 +339,7 @@ class CoapServer:
                 self._settings.exchange_lifetime_s,
                 self._settings.dedup_max_entries,
             )
+            piggyback_within(tman.token_interface, self._settings.empty_ack_delay_s)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="coap-registry"))
         log.info("coap.started", host=self._settings.host, port=self._settings.port)
 

@@ -33,7 +33,6 @@ import structlog
 from aiocoap import error, oscore
 from aiocoap.message import Direction
 from aiocoap.numbers.codes import FETCH, POST
-from aiocoap.pipe import IterablePipe, error_to_message, run_driving_pipe
 from aiocoap.transports.oscore import OSCOREAddress
 
 from collector import metrics
@@ -72,7 +71,10 @@ class DeviceContext(*_ContextBases):  # type: ignore[misc]  # aiocoap is untyped
         self.sender_id = secret.sender_id
         self.recipient_id = secret.kid
         self.id_context = None
-        self.derive_keys(secret.master_salt, secret.master_secret)
+        if secret.derived is None:
+            self.derive_keys(secret.master_salt, secret.master_secret)
+        else:  # derived by `derive` when it was provisioned
+            self.sender_key, self.recipient_key, self.common_iv = secret.derived
         self.sender_sequence_number = 0
         self.echo_recovery = secrets.token_bytes(8)
         self.recipient_replay_window = oscore.ReplayWindow(oscore.DEFAULT_WINDOWSIZE, _noop)
@@ -393,24 +395,23 @@ class OscoreSite:
     async def _render_inner(
         self, pipe: Any, sc: DeviceContext, inner_request: aiocoap.Message, request_id: Any
     ) -> None:
-        inner_pipe = IterablePipe(inner_request)
-        run_driving_pipe(
-            error_to_message(inner_pipe, _AiocoapLog(self._events)),
-            self._inner.render_to_pipe(inner_pipe),
-            name="oscore-render",
-        )
-        async for event in inner_pipe:
-            if event.exception is not None:
-                self._events.note("coap.render_failed", exc_info=event.exception)
-                message, is_last = aiocoap.Message(code=aiocoap.INTERNAL_SERVER_ERROR), True
-            else:
-                message, is_last = event.message, event.is_last
+        # the inner site renders in this task: aiocoap's own way (a pipe, a task driving
+        # it and an error-to-message pipe per request) cost a task and three pipe events
+        # per uplink for the same answers
+        def send(message: aiocoap.Message, is_last: bool) -> None:
             if not is_last:
                 message.opt.observe = 0
             protected, _ = sc.protect(message, request_id)
             pipe.add_response(protected, is_last=is_last)
-            if is_last:
-                break
+
+        inner = _InnerPipe(inner_request, send)
+        try:
+            await self._inner.render_to_pipe(inner)
+        except error.RenderableError as exc:
+            inner.add_response(exc.to_message(), is_last=True)
+        except Exception as exc:  # a bug: this request's 5.00, logged rarely
+            self._events.note("coap.render_failed", exc_info=exc)
+            inner.add_response(aiocoap.Message(code=aiocoap.INTERNAL_SERVER_ERROR), is_last=True)
 
     async def _answer_replay(
         self, pipe: Any, sc: DeviceContext, request: aiocoap.Message, unprotected: dict[int, Any]
@@ -437,23 +438,18 @@ class OscoreSite:
         pipe.add_response(protected, is_last=True)
 
 
-class _AiocoapLog:
-    """The logger aiocoap's error_to_message gets: renderable errors are normal answers
-    (not logged), anything else is a counted, rate-limited `coap.render_failed`."""
+class _InnerPipe:
+    """What aiocoap's Site and Resource use of a pipe (the request, `add_response`): the
+    decrypted request in, each answer out to `send` (protected there), none after the last."""
 
-    def __init__(self, events: EventLimiter) -> None:
-        self._events = events
+    def __init__(self, request: aiocoap.Message, send: Any) -> None:
+        self.request = request
+        self._send = send
+        self._done = False
 
-    def info(self, *args: Any, **kwargs: Any) -> None:
-        """Ignored (a renderable error is the normal answer path)."""
-
-    debug = info
-
-    def error(self, *args: Any, **kwargs: Any) -> None:
-        """An exception rendered as 5.00: count it, log it rarely."""
-        exc = kwargs.get("exc_info")
-        self._events.note(
-            "coap.render_failed", exc_info=exc if isinstance(exc, BaseException) else None
-        )
-
-    warning = warn = error
+    def add_response(self, response: aiocoap.Message, is_last: bool = False) -> None:
+        """Protect and pass on `response` (once the last one went, ignore the rest)."""
+        if self._done:
+            return
+        self._done = is_last
+        self._send(response, is_last)

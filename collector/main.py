@@ -18,7 +18,7 @@ import sys
 
 import structlog
 
-from collector import metrics
+from collector import metrics, retention
 from collector.alerts_mqtt import AlertPublisher
 from collector.coap import start_server
 from collector.downlink import Downlinks
@@ -115,6 +115,9 @@ async def run(
                 )  # fmt: skip
                 group.create_task(hooks.run(stop), name="webhooks")
             expiry = group.create_task(downlinks.expire_forever(), name="downlink-expiry")
+            chunk_expiry = group.create_task(
+                retention.run(pool, settings.retention), name="retention"
+            )
             coap = await start_server(
                 settings.coap,
                 pipeline,
@@ -163,6 +166,7 @@ async def run(
             # the re-decode batch under way records its outcomes, else it is re-queued
             await asyncio.wait({redecode}, timeout=5.0)
             redecode.cancel()
+            chunk_expiry.cancel()
             if mqtt is not None:
                 await mqtt.drain_and_stop()
             expiry.cancel()

@@ -33,6 +33,9 @@ class CoapSettings(_Section):
     ack_wait_s: float = Field(10.0, gt=0)  # longest a device waits before a 5.03
     busy_max_age_s: int = Field(30, ge=0)  # Max-Age of a 5.03: when the device may retry
     exchange_lifetime_s: float = Field(247.0, gt=0)  # RFC 7252 deduplication window
+    # answer in the ACK if ready this soon, else an empty ACK first (below ACK_TIMEOUT, 2 s,
+    # so the device does not retransmit); aiocoap's 0.1 s made most answers separate
+    empty_ack_delay_s: float = Field(1.0, gt=0, lt=2.0)
     dedup_max_entries: int = Field(200_000, ge=1000)  # bounds the dedup cache's memory
     # OSCORE contexts: cached this long while credential changes arrive by LISTEN, and
     # only context_fallback_ttl_s while that connection is down (the worst-case delay
@@ -156,6 +159,18 @@ class PlatformSettings(_Section):
     device_ttl_s: float = Field(30.0, gt=0)  # a re-mapped platform identity takes effect within
 
 
+class RetentionSettings(_Section):
+    """Dropping expired chunks of the raw archive and the quarantine (storage.retention).
+
+    On by default in every collector (one at a time does it); the Apache edition of
+    TimescaleDB has no retention policies, so without this job both grow for ever."""
+
+    enabled: bool = True
+    raw_uplinks_days: int = Field(400, ge=1)  # a billing year plus a month for disputes
+    quarantine_days: int = Field(400, ge=1)
+    every_s: float = Field(3600.0, ge=60)
+
+
 class CollectorSettings(DatabaseSettings):
     """Everything `collector.main.run` needs; read from the environment (prefix NBMETER_)."""
 
@@ -178,3 +193,4 @@ class CollectorSettings(DatabaseSettings):
     webhooks: WebhookSettings = WebhookSettings()  # the alert dispatcher (collector.webhooks)
     platform: PlatformSettings = PlatformSettings()
     dtls: DtlsSettings = DtlsSettings()
+    retention: RetentionSettings = RetentionSettings()

@@ -56,6 +56,33 @@ class OscoreSecret:
     master_salt: bytes
     replay_index: int | None
     replay_bits: int | None
+    # sender key, recipient key and common IV as derived from the two above (RFC 8613
+    # §3.2.1) when provisioning stored them: the collector then skips the three HKDFs a
+    # context costs (each meter reports once a day, so every uplink meets a cold cache)
+    derived: tuple[bytes, bytes, bytes] | None = None
+
+
+def oscore_blob(
+    master_secret: bytes, master_salt: bytes, derived: tuple[bytes, bytes, bytes] | None = None
+) -> bytes:
+    """The plaintext of a sealed OSCORE context: master secret, salt, derived keys if given."""
+    fields = {"secret": master_secret.hex(), "salt": master_salt.hex()}
+    if derived is not None:
+        sender_key, recipient_key, common_iv = derived
+        fields["sender_key"], fields["recipient_key"] = sender_key.hex(), recipient_key.hex()
+        fields["common_iv"] = common_iv.hex()
+    return json.dumps(fields).encode()
+
+
+def _derived(opened: dict[str, str]) -> tuple[bytes, bytes, bytes] | None:
+    try:
+        return (
+            bytes.fromhex(opened["sender_key"]),
+            bytes.fromhex(opened["recipient_key"]),
+            bytes.fromhex(opened["common_iv"]),
+        )
+    except KeyError:  # sealed before derived keys were stored
+        return None
 
 
 @dataclass(frozen=True)
@@ -207,9 +234,13 @@ async def store_oscore(
     sender_id: bytes,
     master_secret: bytes,
     master_salt: bytes,
+    derived: tuple[bytes, bytes, bytes] | None = None,
 ) -> None:
-    """Store (or replace) the OSCORE context of `meter`, sealed; reset its replay window."""
-    blob = json.dumps({"secret": master_secret.hex(), "salt": master_salt.hex()}).encode()
+    """Store (or replace) the OSCORE context of `meter`, sealed; reset its replay window.
+
+    `derived`: the context's sender key, recipient key and common IV (our point of view),
+    stored with the secrets so the collector need not derive them again."""
+    blob = oscore_blob(master_secret, master_salt, derived)
     await conn.execute(
         "INSERT INTO device_credentials (meter_id, tenant_id, oscore_kid, oscore_sender_id,"
         " oscore_sealed) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (meter_id) DO UPDATE SET"
@@ -277,6 +308,7 @@ async def load_oscore_many(
             master_salt=bytes.fromhex(opened["salt"]),
             replay_index=row[6],
             replay_bits=row[7],
+            derived=_derived(opened),
         )
     return found, unopenable
 

@@ -25,7 +25,8 @@ from collector import metrics
 from collector.coap import start_server
 from collector.pipeline import Pipeline
 from collector.settings import PipelineSettings
-from devices.provision import ProvisionedDevice, provision_device, revoke_device
+from devices.provision import ProvisionedDevice, derive, provision_device, revoke_device
+from storage import credentials
 from storage.coap_peers import PeerMismatchError
 from storage.credentials import parse_key
 
@@ -203,6 +204,47 @@ async def test_rotated_oscore_context_is_refused_within_the_bound(
         "SELECT register_ml FROM readings WHERE meter_id = $1 ORDER BY read_at", device.meter_id
     )
     assert [r[0] for r in stored] == [10_000, 990_000]
+
+
+async def test_contexts_stored_with_and_without_derived_keys_both_work(
+    collector: RunningCollector,
+    udp: Udp,
+    pool: asyncpg.Pool,
+    device: ProvisionedDevice,
+    credentials_key: str,
+) -> None:
+    """Provisioning seals the context's derived keys (equal to aiocoap's derivation from
+    the master secret); a context sealed without them (before) is derived on load: both
+    authenticate and store."""
+    key = parse_key(credentials_key)
+    kid = bytes.fromhex(device.oscore["sender_id"])
+    secret = bytes.fromhex(device.oscore["master_secret"])
+    salt = bytes.fromhex(device.oscore["master_salt"])
+    async with pool.acquire() as conn:
+        found, _ = await credentials.load_oscore_many(conn, key, [kid])
+    assert found[kid].derived == derive(kid, b"\x00", secret, salt)
+    dev = Device(device.oscore)
+    assert (await dev.post(udp, cjt188_frame(device.address, 10_000, hour(1)))).code == "2.04"
+    # a context as stored before derived keys were kept (master secret and salt only),
+    # under a key id never seen, so only loading that row can authenticate the device
+    legacy_kid = secrets.token_bytes(6)
+    meter = credentials.MeterRef(device.meter_id, found[kid].tenant_id, device.address)
+    async with pool.acquire() as conn:
+        await credentials.store_oscore(
+            conn,
+            key,
+            meter,
+            kid=legacy_kid,
+            sender_id=b"\x00",
+            master_secret=secret,
+            master_salt=salt,
+        )
+        legacy, _ = await credentials.load_oscore_many(conn, key, [legacy_kid])
+    assert legacy[legacy_kid].derived is None
+    old_dev = Device(dict(device.oscore, sender_id=legacy_kid.hex()))
+    frame = cjt188_frame(device.address, 20_000, hour(2))
+    assert (await old_dev.post(udp, frame)).code == "2.04"
+    assert await pool.fetchval(READINGS, device.meter_id) == 2
 
 
 async def test_revoked_device_is_refused_within_the_bound(
