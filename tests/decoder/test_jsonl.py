@@ -23,7 +23,7 @@ from decoder.encode_cjt188 import encode_cjt188
 from decoder.encode_senml import encode_senml, water_pack
 from decoder.jsonl import json_lines
 from decoder.view import WILDCARD_KEY, decode_frames, parse_input_line, records
-from nbmeter.commands.decode import run_decode
+from nbmeter.commands.decode import add_arguments, run_decode
 
 RX = 1_700_000_000
 WHEN = datetime(2024, 3, 5, 6, 7, 8, tzinfo=UTC)
@@ -141,6 +141,13 @@ def test_grouping_changes_no_record_of_the_vectors() -> None:
     assert grouped == _one_by_one(frames, inline)
 
 
+def _decode_args(*argv: str) -> argparse.Namespace:
+    # the command's own parser: a new option gets its default here too
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
 def test_command_output_and_exit_code(monkeypatch: pytest.MonkeyPatch) -> None:
     """`nbmeter decode` prints one line per input line (bad lines say which), in order,
     equal to the per-frame dicts, and exits 1 since some frames failed."""
@@ -148,7 +155,7 @@ def test_command_output_and_exit_code(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
     out = io.StringIO()
     with redirect_stdout(out):
-        code = run_decode(argparse.Namespace(frames=[], keys=None, received_at=RX, driver=None))
+        code = run_decode(_decode_args("--received-at", str(RX)))
     printed = out.getvalue().splitlines()
     frames, inline = _parse(lines)
     want = _one_by_one(frames, inline)
