@@ -57,7 +57,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--faults", default="", help="all, none, or name=rate,... (see docs)")
     p.add_argument("--gas-share", type=float, default=0.3)
-    p.add_argument("--start", help="first simulated day, YYYY-MM-DD (default: the latest period over by now)")
+    p.add_argument(
+        "--start", help="first simulated day, YYYY-MM-DD (default: the latest period over by now)"
+    )
     p.add_argument("--loss", type=float, default=0.0, help="emulated loss per transmission")
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--jitter-ms", type=float, default=0.0)

@@ -11,7 +11,7 @@ fast had its closing read (stamped 00:20) refused and estimated by billing, fail
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
+from datetime import datetime
 
 import pytest
 
