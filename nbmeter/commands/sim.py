@@ -2,7 +2,8 @@
 
   sim run --meters N --days D --seed S [--faults all|leak=0.02,...] [--rate R]
           build the fleet and its ground truth, provision it (first time), send every
-          uplink to the collector, save truth + results in --run-dir
+          uplink to the collector, save truth + results in --run-dir; the period is
+          the latest whose every uplink, the last wake-up included, is already due
   sim provision ...      only register the fleet and its credentials (same model options)
   sim device --meter A   send one meter's uplink now; show frame hex, the response and
                          what the backend stored
@@ -26,12 +27,19 @@ from pathlib import Path
 
 from simulator import truthfile
 from simulator.faults import FaultSpecError, format_faults, parse_faults
-from simulator.fleet import SECONDS_PER_DAY, FleetSpec
+from simulator.fleet import SECONDS_PER_DAY, SECONDS_PER_HOUR, FleetSpec
 from simulator.network import NetworkModel
 from simulator.schedule import build_schedule
 from simulator.truth import build_truth
 
 DEFAULT_RUN_DIR = "out/sim"
+# The virtual schedule runs past the period's end: each meter reports 1-5 h after every
+# midnight (FleetSpec.report_window_s) and wakes up once more the day after the period to
+# empty its log (simulator.backlog.flush_s); an hour more covers that wake-up's resends,
+# 20 s apart. Every uplink is sent at the real now, and the backend judges a meter clock by
+# its own: a reading stamped after its receipt (a clock running 20 min fast, sent at
+# 00:05 for a report due at 04:00) is clock_future and billing leaves it out.
+SCHEDULE_AFTER_END_S = SECONDS_PER_DAY + FleetSpec.report_window_s[1] + SECONDS_PER_HOUR
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -49,7 +57,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--faults", default="", help="all, none, or name=rate,... (see docs)")
     p.add_argument("--gas-share", type=float, default=0.3)
-    p.add_argument("--start", help="first simulated day, YYYY-MM-DD (default: DAYS ago)")
+    p.add_argument(
+        "--start", help="first simulated day, YYYY-MM-DD (default: the latest period over by now)"
+    )
     p.add_argument("--loss", type=float, default=0.0, help="emulated loss per transmission")
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--jitter-ms", type=float, default=0.0)
@@ -87,12 +97,31 @@ def _conn_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _spec(args: argparse.Namespace) -> FleetSpec:
+def latest_start_s(days: int, now_s: int) -> int:
+    """The latest first day (UTC midnight, epoch s) of a `days`-long period whose whole
+    virtual schedule, the last wake-up included, lies before `now_s`: no meter of the run
+    sends an uplink from a time that has not come yet."""
+    return ((now_s - SCHEDULE_AFTER_END_S) // SECONDS_PER_DAY - days) * SECONDS_PER_DAY
+
+
+def _spec(args: argparse.Namespace, now_s: int | None = None) -> FleetSpec:
+    """The fleet of `args`; the period defaults to the latest that is over by `now_s`.
+
+    Raises ValueError for a --start whose schedule reaches past now."""
+    now_s = int(time.time()) if now_s is None else now_s
+    latest = latest_start_s(args.days, now_s)
     if args.start:
         day = datetime.strptime(args.start, "%Y-%m-%d").replace(tzinfo=UTC)
         start_s = int(day.timestamp())
-    else:  # the simulated period ends today, so no reading is in the future
-        start_s = (int(time.time()) // SECONDS_PER_DAY - args.days) * SECONDS_PER_DAY
+        if start_s > latest:
+            last = datetime.fromtimestamp(latest, UTC).date()
+            raise ValueError(
+                f"--start {args.start}: the meters would report after now (their last wake-up"
+                f" is a day after the period), with readings the backend takes as from the"
+                f" future; start on {last} or earlier"
+            )
+    else:
+        start_s = latest
     return FleetSpec(meters=args.meters, days=args.days, seed=args.seed, start_s=start_s,
                      gas_share=args.gas_share, tenant=args.tenant,
                      dtls_share=args.dtls_share, platform_share=args.platform_share)  # fmt: skip
