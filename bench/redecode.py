@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from collector.keys import MeterKeys
 from collector.main import run
-from collector.pipeline import Transport, Uplink
 from collector.settings import (
     CoapSettings,
     CollectorSettings,
     RedecodeSettings,
 )
 from collector.store import BatchStore
+from collector.uplink import Transport, Uplink
 from decoder.mbus_encode import encode_oms_mode5
 from storage import credentials, quarantine
 from storage.migrate import migrate

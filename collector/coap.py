@@ -49,6 +49,7 @@ import structlog
 from aiocoap import error, resource
 
 from collector import metrics
+from collector.answers import coap_code
 from collector.coap_guard import Block1Budget, EventLimiter, LogRateFilter, source_of
 from collector.coap_oscore import Busy, DeviceContext, DeviceContexts, OscoreSite
 from collector.coap_patches import (
@@ -61,20 +62,13 @@ from collector.coap_patches import (
 )
 from collector.downlink import Downlinks
 from collector.downlink_coap import ResultResource, with_commands
-from collector.pipeline import (
-    NOT_YET_DURABLE,
-    Outcome,
-    Pipeline,
-    PipelineClosed,
-    PipelineFull,
-    Transport,
-    Uplink,
-)
-from collector.reasons import Reason, coap_code
+from collector.pipeline import Pipeline, PipelineClosed, PipelineFull
 from collector.settings import CoapSettings
+from collector.uplink import NOT_YET_DURABLE, Outcome, Transport, Uplink
 from storage import coap_peers, credentials, notify
 from storage.errors import StorageError
 from storage.pool import Pool, connection
+from storage.reasons import Reason
 
 log = structlog.get_logger("collector.coap")
 
@@ -238,7 +232,7 @@ class UplinkResource(resource.Resource):  # type: ignore[misc]  # aiocoap is unt
 
 def response(outcome: Outcome) -> aiocoap.Message:
     """The CoAP answer to an uplink's outcome (2.04, or the quarantine reason's 4.xx)."""
-    code = aiocoap.Code(coap_code(outcome))  # collector.reasons: the one answer table
+    code = aiocoap.Code(coap_code(outcome))  # collector.answers: the one answer table
     if outcome.status != "quarantined":
         return aiocoap.Message(code=code)
     return aiocoap.Message(code=code, payload=f"{outcome.reason}: {outcome.detail}".encode())

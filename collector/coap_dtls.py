@@ -36,8 +36,9 @@ from aiocoap.resource import Site
 from collector import metrics
 from collector.coap import TenantDirectory, UplinkResource
 from collector.coap_guard import EventLimiter
-from collector.pipeline import Device, Pipeline, Transport, Uplink
+from collector.pipeline import Pipeline
 from collector.settings import CoapSettings, DtlsSettings
+from collector.uplink import Device, Transport, Uplink
 from storage import dtls, notify
 from storage.errors import StorageError
 from storage.notify import CredentialChange

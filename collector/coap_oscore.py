@@ -37,8 +37,8 @@ from aiocoap.transports.oscore import OSCOREAddress
 
 from collector import metrics
 from collector.coap_guard import EventLimiter, source_of
-from collector.pipeline import Device
 from collector.settings import CoapSettings
+from collector.uplink import Device
 from storage import credentials
 from storage.errors import StorageError
 from storage.notify import CredentialChange

@@ -28,7 +28,7 @@ from aiocoap import error, resource
 
 from collector.coap_oscore import Busy, DeviceContext
 from collector.downlink import Downlinks
-from collector.pipeline import Device
+from collector.uplink import Device
 from storage.errors import StorageError
 
 JSON_FORMAT = 50  # RFC 7252 §12.3: application/json

@@ -54,10 +54,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from collector import metrics
-from collector.pipeline import Outcome, Pipeline, PipelineClosed, Transport, Uplink
-from collector.reasons import Reason, mqtt_acks
+from collector.answers import mqtt_acks
+from collector.pipeline import Pipeline, PipelineClosed
 from collector.settings import MqttSettings
+from collector.uplink import Outcome, Transport, Uplink
 from devices.topics import CONTROL_ROOT
+from storage.reasons import Reason
 
 
 def _properties(packet_type: int) -> Properties:
@@ -405,7 +407,7 @@ class Session:
             return  # not acked: redelivered after the next reconnect
         outcome = future.result()
         metrics.UPLINKS.labels("mqtt", outcome.status).inc()
-        if not mqtt_acks(outcome):  # collector.reasons: every durable outcome is acked
+        if not mqtt_acks(outcome):  # collector.answers: every durable outcome is acked
             self._unacked_in.add(generation)
             return
         self._ack(generation, mid, qos)

@@ -24,30 +24,18 @@ resolves every future of the batch with it, and the next batch goes on.
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import structlog
 
 from collector import metrics
-from collector.reasons import Reason
 from collector.settings import PipelineSettings
+from collector.uplink import NOT_YET_DURABLE, Outcome, Uplink
 from storage.errors import StorageUnavailableError
 
 log = structlog.get_logger("collector.pipeline")
-
-
-class Transport(enum.IntEnum):
-    """How an uplink arrived; stored as a smallint (see migration 0001)."""
-
-    COAP = 1  # plain CoAP, lab tenants only
-    COAP_OSCORE = 2
-    MQTT = 3
-    PLATFORM = 6  # an operator IoT platform's HTTP push (4 import/api, 5 bench/test)
-    COAP_DTLS = 7  # CoAP over DTLS 1.2 PSK
 
 
 class PipelineFull(Exception):
@@ -61,47 +49,6 @@ class PipelineClosed(Exception):
 class UplinkFailed(Exception):
     """This uplink could not be made durable, not even as a quarantine row (CoAP 5.00, MQTT
     no ack: the broker redelivers it after a reconnect)."""
-
-
-@dataclass(slots=True, frozen=True)
-class Device:
-    """The authenticated sender of an uplink: the one meter it may report for."""
-
-    meter_id: int
-    tenant_id: int
-    address: str
-
-
-@dataclass(slots=True, frozen=True)
-class Outcome:
-    """What became of one uplink. `status`: stored, duplicate, quarantined, or failed (not
-    durable at all: the pipeline turns it into `UplinkFailed`)."""
-
-    status: str
-    reason: str = ""  # quarantine reason (machine-readable)
-    detail: str = ""  # quarantine detail (for a person)
-    n_readings: int = 0
-    n_new: int = 0
-
-
-NOT_YET_DURABLE = Outcome("not_yet_durable")  # `answer_within_s` passed; still queued
-
-
-@dataclass(slots=True)
-class Uplink:
-    """One received payload and what the transport knows about its sender."""
-
-    payload: bytes
-    transport: Transport
-    peer: str
-    device: Device | None = None  # OSCORE / MQTT: who authenticated
-    tenant_id: int | None = None  # plain CoAP: the tenant named in the query
-    topic: tuple[str, str] | None = None  # MQTT: (tenant slug, meter address) of the topic
-    reject: tuple[Reason, str] | None = None  # decided before decoding: (reason, detail)
-    # OSCORE: (meter_id, replay index, replay bits, this request's partial IV, context kid)
-    replay_window: tuple[int, int, int, int, bytes] | None = None
-    received_at: float = field(default_factory=time.time)
-    future: asyncio.Future[Outcome] | None = None
 
 
 Commit = Callable[[list[Uplink]], Awaitable[list[Outcome]]]
@@ -146,14 +93,15 @@ class Pipeline:
         if not force and self._pending >= self._settings.max_pending:
             raise PipelineFull
         loop = asyncio.get_running_loop()
-        uplink.future = loop.create_future()
+        future: asyncio.Future[Outcome] = loop.create_future()
+        uplink.future = future
         if answer_within_s is not None:  # same delay for a transport: deadlines stay sorted
-            self._deadlines.append((loop.time() + answer_within_s, uplink.future))
+            self._deadlines.append((loop.time() + answer_within_s, future))
         self._queue.append(uplink)
         self._pending += 1
         metrics.QUEUE_DEPTH.set(self._pending)
         self._wakeup.set()
-        return uplink.future
+        return future
 
     def close(self) -> None:
         """Refuse new uplinks; `run()` returns once everything queued is committed."""

@@ -43,29 +43,22 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from collector import metrics, reasons
-from collector.pipeline import (
-    NOT_YET_DURABLE,
-    Device,
-    Outcome,
-    Pipeline,
-    PipelineClosed,
-    PipelineFull,
-    Transport,
-    Uplink,
-)
+from collector import answers, metrics
+from collector.pipeline import Pipeline, PipelineClosed, PipelineFull
 from collector.settings import PlatformSettings
+from collector.uplink import NOT_YET_DURABLE, Device, Outcome, Transport, Uplink
 from devices import platforms
 from storage import platforms as platform_store
 from storage.credentials import CredentialsError, MeterRef
 from storage.errors import StorageError
 from storage.pool import Pool, connection
+from storage.reasons import Reason
 
 log = structlog.get_logger("collector.platform_http")
 
-# the reason's CoAP answer (collector.reasons, the one table) as HTTP; every other
+# the reason's CoAP answer (collector.answers, the one table) as HTTP; every other
 # quarantine reason (4.00: undecodable, clock...) is 422, the payload is unusable
-_HTTP = {reasons.FORBIDDEN: 403, reasons.NOT_FOUND: 404, reasons.REQUEST_ENTITY_TOO_LARGE: 413}
+_HTTP = {answers.FORBIDDEN: 403, answers.NOT_FOUND: 404, answers.REQUEST_ENTITY_TOO_LARGE: 413}
 _KIND = "platform"
 
 
@@ -212,7 +205,7 @@ class PushHandler:
         meter = meters.get(message.device_id)
         if meter is None:  # quarantined with the tenant: the frame is kept for a look
             reject = (
-                reasons.Reason.UNKNOWN_DEVICE,
+                Reason.UNKNOWN_DEVICE,
                 f"no meter is provisioned as {platform} {message.device_id}",
             )
             return Uplink(
@@ -253,7 +246,7 @@ class PushHandler:
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
             metrics.UPLINKS.labels(_KIND, outcome.status).inc()
             if outcome.status == "quarantined":
-                status = max(status, _HTTP.get(reasons.coap_code(outcome), 422))
+                status = max(status, _HTTP.get(answers.coap_code(outcome), 422))
                 refused.append(
                     {
                         "device_id": message.device_id,

@@ -24,12 +24,13 @@ import contextlib
 
 import structlog
 
-from collector.pipeline import Device, Outcome, Pipeline, PipelineClosed, Transport, Uplink
-from collector.reasons import Reason
+from collector.pipeline import Pipeline, PipelineClosed
 from collector.settings import RedecodeSettings
+from collector.uplink import Device, Outcome, Transport, Uplink
 from storage import redecode_queue as queue
 from storage.errors import StorageError
 from storage.notify import STOPPED
+from storage.reasons import Reason
 
 log = structlog.get_logger("collector.redecode")
 

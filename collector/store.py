@@ -35,7 +35,7 @@ raw bytes; then without the bytes) is written on its own; only if that fails too
 outcome `failed` (not durable, not acknowledged). Text that PostgreSQL cannot hold (NUL,
 unpaired surrogates) in a reported address is never looked up: for an authenticated
 device it is an identity mismatch, for plain CoAP an unknown meter; archived text is
-escaped by `storage.archive.pg_text`.
+escaped by `storage.rows.pg_text`.
 """
 
 from __future__ import annotations
@@ -51,19 +51,20 @@ import structlog
 
 from collector import metrics, verdict
 from collector.keys import KeyRing, MeterKeys, Pair
-from collector.pipeline import Device, Outcome, Uplink
-from collector.reasons import Reason
+from collector.uplink import Device, Outcome, Uplink
 from decoder import decode_batch as _decode_batch
 from decoder import drivers
 from decoder.columns import Decoded, ErrorCode, concat
 from storage import credentials
-from storage.archive import ArchiveWriter, QuarantineRow, is_pg_text, pg_text
+from storage.archive import ArchiveWriter
 from storage.errors import StorageUnavailableError
 from storage.events import write_events
 from storage.health import write_health
 from storage.ingest import ReadingWriter
 from storage.meters import MeterDirectory
 from storage.pool import Connection, Pool, connection
+from storage.reasons import Reason
+from storage.rows import QuarantineRow, is_pg_text, pg_text
 
 log = structlog.get_logger("collector.store")
 

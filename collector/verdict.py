@@ -33,13 +33,19 @@ import numpy as np
 import numpy.typing as npt
 
 from collector.health import HealthColumns
-from collector.pipeline import Outcome, Uplink
-from collector.reasons import Reason
+from collector.uplink import Outcome, Uplink
 from decoder.columns import Decoded, ErrorCode, Flag
-from storage.archive import QuarantineRow, RawUplink, is_pg_text, pg_text
-from storage.events import EventRow
-from storage.health import HealthRow
-from storage.ingest import IngestResult, ReadingBatch
+from storage.reasons import Reason
+from storage.rows import (
+    EventRow,
+    HealthRow,
+    IngestResult,
+    QuarantineRow,
+    RawUplink,
+    ReadingBatch,
+    is_pg_text,
+    pg_text,
+)
 
 Int64s = npt.NDArray[np.int64]
 Verdicts = list[tuple[Reason, str] | None]

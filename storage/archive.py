@@ -19,68 +19,12 @@ StorageError, via `storage.pool.translated`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from datetime import datetime
-from typing import Literal
+from dataclasses import fields
 
 import asyncpg
 
 from storage.pool import translated, translating
-
-Outcome = Literal["stored", "duplicate", "quarantined", "pending"]
-
-
-@dataclass(frozen=True)
-class RawUplink:
-    """One received uplink as archived; `received_at` is timezone-aware UTC."""
-
-    received_at: datetime
-    tenant_id: int | None
-    meter_id: int | None
-    transport: int
-    peer: str | None
-    payload: bytes
-    format: str | None
-    outcome: Outcome
-    n_readings: int = 0
-    n_new: int = 0
-    error_code: int | None = None
-    error_message: str | None = None
-    decode_flags: int | None = None  # decoder.columns.FrameFlag bits; None: not decoded
-
-
-@dataclass(frozen=True)
-class QuarantineRow:
-    """One uplink or reading set aside; `reason` is a machine-readable code (see 0001)."""
-
-    received_at: datetime
-    tenant_id: int | None
-    meter_id: int | None
-    transport: int
-    peer: str | None
-    reason: str
-    detail: str
-    payload: bytes | None = None
-
-
-def is_pg_text(value: str) -> bool:
-    """True if PostgreSQL can store `value` as text as it is (no NUL, valid UTF-8)."""
-    if value.isascii():
-        return "\x00" not in value
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # an unpaired surrogate (JSON "\ud800" decodes to one)
-        return False
-    return "\x00" not in value
-
-
-def pg_text(value: str | None) -> str | None:
-    """`value` as PostgreSQL text can hold it: NUL becomes the four characters `\\x00`, an
-    unpaired surrogate `\\udXXX`; any other text is returned unchanged (and fast)."""
-    if value is None or is_pg_text(value):
-        return value
-    escaped = value.encode("utf-8", "backslashreplace").decode("utf-8")
-    return escaped.replace("\x00", "\\x00")
+from storage.rows import QuarantineRow, RawUplink, pg_text
 
 
 def _storable(value: object) -> object:

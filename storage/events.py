@@ -11,27 +11,13 @@ outside its list) raises RowRefusedError and writes nothing of the call; other e
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from datetime import datetime
+from dataclasses import fields
 from operator import attrgetter
 
 import asyncpg
 
+from storage.rows import EventRow
 from storage.staged import merge_records
-
-
-@dataclass(frozen=True)
-class EventRow:
-    """One alarm a meter reported; times timezone-aware UTC.
-
-    `kind` is one of the names the table's CHECK lists (migration 0001): leak, burst, ...
-    """
-
-    meter_id: int
-    occurred_at: datetime
-    kind: str
-    received_at: datetime
-
 
 _COLUMNS = tuple(f.name for f in fields(EventRow))
 _RECORD = attrgetter(*_COLUMNS)  # a row as a tuple (dataclasses.astuple deep-copies)

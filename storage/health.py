@@ -11,35 +11,13 @@ other errors are `storage.errors` too (see `storage.pool.translated`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from datetime import datetime
+from dataclasses import fields
 from operator import attrgetter
 
 import asyncpg
 
+from storage.rows import HealthRow
 from storage.staged import merge_records
-
-
-@dataclass(frozen=True)
-class HealthRow:
-    """What a modem reported about itself; None is a figure it did not report.
-
-    Units are in the names: millivolts, centi-dBm (-10550 = -105.5 dBm), centi-dB, percent;
-    `ecl` is the NB-IoT coverage enhancement level 0..2 (3GPP TS 36.331). Times are aware UTC.
-    """
-
-    meter_id: int
-    measured_at: datetime
-    battery_mv: int | None
-    rsrp_cdbm: int | None
-    sinr_cdb: int | None
-    ecl: int | None
-    received_at: datetime
-    battery_pct: int | None = None
-    battery_low: bool | None = None  # the meter's own low-battery status bit
-    meter_error: bool | None = None
-    cell_id: int | None = None  # E-UTRAN cell identity
-
 
 _COLUMNS = tuple(f.name for f in fields(HealthRow))
 _RECORD = attrgetter(*_COLUMNS)  # a row as a tuple (dataclasses.astuple deep-copies)

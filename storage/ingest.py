@@ -38,30 +38,28 @@ A batch whose columns disagree in length is a programming error: ValueError.
 
 from __future__ import annotations
 
-import enum
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import asyncpg
 import numpy as np
 import numpy.typing as npt
 
 from billing import units
-from decoder.columns import Decoded
 from storage import copybin
 from storage.pool import connection, translated
-
-Int64s = npt.NDArray[np.int64]
-Bools = npt.NDArray[np.bool_]
-Path = Literal["copy", "merge", "none"]
-
-# NB-IoT networks opened in 2016 (3GPP Release 13); a meter clock before 2015 is a reset
-# RTC (they typically restart at 2000-01-01), not a reading time.
-EARLIEST_READ_AT_S = 1_420_070_400  # 2015-01-01T00:00:00Z
-# a meter clock may run ahead of ours; a day ahead is a wrong clock, not drift
-MAX_CLOCK_AHEAD_S = 86_400
+from storage.rows import (
+    EARLIEST_READ_AT_S,
+    MAX_CLOCK_AHEAD_S,
+    Bools,
+    IngestResult,
+    Int64s,
+    Path,
+    ReadingBatch,
+    Rejection,
+    RejectReason,
+)
 
 _COLUMNS = ("meter_id", "read_at", "register_ml", "flags", "transport", "received_at")
 _STAGE = "nbmeter_readings_stage"
@@ -80,102 +78,6 @@ _MERGE = (
 MERGE_RUN_BATCHES = 8
 # known meter ids kept in memory; past this the cache is simply dropped and refilled
 _MAX_KNOWN_METERS = 4_000_000
-
-
-class RejectReason(enum.IntEnum):
-    """Why a row was not written; `.label` is the quarantine `reason` string."""
-
-    UNKNOWN_METER = 1  # no meter row with that id (or the address did not resolve: -1)
-    NEGATIVE_REGISTER = 2  # a register is a count of millilitres, never negative
-    CLOCK_PAST = 3  # read_at before 2015: the meter's clock was reset
-    CLOCK_FUTURE = 4  # read_at more than a day after the collector received it
-    BEFORE_INSTALLATION = 5  # read_at before the meter's installation: not its reading here
-
-    @property
-    def label(self) -> str:
-        """The machine-readable reason, as stored in `quarantine.reason`."""
-        return self.name.lower()
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """Row `index` of the batch was not written, because of `reason`."""
-
-    index: int
-    reason: RejectReason
-
-
-@dataclass(frozen=True)
-class ReadingBatch:
-    """Readings to write, as equal-length numpy columns (scalars for per-batch values).
-
-    `meter_id`: int64 database meter ids (-1 for an address that did not resolve);
-    `read_at_s`: int64 UTC epoch seconds (the decoder's unit); `register_ml`: int64 mL;
-    `flags`: uint32/int32 `decoder.columns.Flag` bits; `transport`: smallint code (see
-    0001: 1 coap, 2 coap+oscore, 3 mqtt, 4 import/api, 5 bench/test), per row or batch;
-    `received_at_us`: int64 UTC epoch microseconds, per row or batch. Raises ValueError
-    if the array columns differ in length.
-    """
-
-    meter_id: Int64s
-    read_at_s: Int64s
-    register_ml: Int64s
-    flags: npt.NDArray[np.uint32] | npt.NDArray[np.int32]
-    transport: int | npt.NDArray[np.int16]
-    received_at_us: int | Int64s
-
-    def __post_init__(self) -> None:
-        """Check that every array column has the length of `meter_id`."""
-        n = len(self.meter_id)
-        for name in ("read_at_s", "register_ml", "flags", "transport", "received_at_us"):
-            value = getattr(self, name)
-            if isinstance(value, np.ndarray) and value.shape != (n,):
-                msg = f"ReadingBatch.{name} has shape {value.shape}, meter_id has {n} rows"
-                raise ValueError(msg)
-
-    def __len__(self) -> int:
-        """Number of rows."""
-        return len(self.meter_id)
-
-    @classmethod
-    def from_decoded(
-        cls, decoded: Decoded, meter_ids: Int64s, *, transport: int, received_at_us: int
-    ) -> ReadingBatch:
-        """The readings of `decoded` with their addresses resolved to `meter_ids` (-1: unknown)."""
-        return cls(
-            meter_id=meter_ids,
-            read_at_s=decoded.read_at_s,
-            register_ml=decoded.register_ml,
-            flags=decoded.flags,
-            transport=transport,
-            received_at_us=received_at_us,
-        )
-
-
-@dataclass(frozen=True)
-class IngestResult:
-    """What one `write` did: per-batch counts for metrics, and which rows were new.
-
-    `rows == new + duplicate + len(rejected)`. `duplicate` counts rows whose key the
-    database already had, or that repeat an earlier row of the same batch (the first
-    one is kept). `new_mask[i]` is true if row i was inserted by this call. `path` is
-    the write path taken; `elapsed_s` the wall time of the whole call.
-    """
-
-    rows: int
-    new: int
-    duplicate: int
-    rejected: tuple[Rejection, ...]
-    new_mask: Bools = field(repr=False)
-    path: Path
-    elapsed_s: float
-
-    def rejected_by_reason(self) -> dict[str, int]:
-        """Rejected row counts keyed by reason label (only reasons that occurred)."""
-        counts: dict[str, int] = {}
-        for rejection in self.rejected:
-            counts[rejection.reason.label] = counts.get(rejection.reason.label, 0) + 1
-        return counts
 
 
 @dataclass(frozen=True)

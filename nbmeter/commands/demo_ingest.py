@@ -21,9 +21,10 @@ from decoder.encode_cjt188 import encode_cjt188
 from nbmeter.commands._env import database_url
 from storage.demo_fleet import count_tenant_readings, ensure_demo_fleet
 from storage.errors import StorageError
-from storage.ingest import ReadingBatch, ReadingWriter
+from storage.ingest import ReadingWriter
 from storage.meters import MeterDirectory
 from storage.pool import create_pool
+from storage.rows import ReadingBatch
 
 DEMO_TENANT = "demo"
 _TRANSPORT_IMPORT = 4

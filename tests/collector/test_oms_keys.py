@@ -13,8 +13,8 @@ from collector_testkit import RawCoap, cjt188_frame, hour, oscore_client
 from conftest import RunningCollector, count, new_address
 
 from collector.keys import KeyRing, MeterKeys
-from collector.pipeline import Device, Transport, Uplink
 from collector.store import BatchStore
+from collector.uplink import Device, Transport, Uplink
 from decoder.mbus_encode import encode_oms_mode5
 from devices.provision import ProvisionError, provision_device
 from storage import credentials

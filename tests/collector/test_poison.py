@@ -40,9 +40,10 @@ from conftest import (
 
 from collector.keys import MeterKeys
 from collector.main import run
-from collector.pipeline import Outcome, Pipeline, Transport, Uplink
+from collector.pipeline import Pipeline
 from collector.settings import PipelineSettings
 from collector.store import BatchStore, default_decode
+from collector.uplink import Outcome, Transport, Uplink
 from decoder.columns import Decoded
 from devices.broker import prepare_broker_files
 from devices.provision import ProvisionedDevice, provision_device

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from collector import verdict
-from collector.pipeline import Device, Outcome, Transport, Uplink
-from collector.reasons import ANSWERS, Reason, coap_code, mqtt_acks
+from collector.answers import ANSWERS, coap_code, mqtt_acks
+from collector.uplink import Device, Outcome, Transport, Uplink
 from decoder.columns import Column, Decoded, ErrorCode, Flag, FrameFlag
-from storage.ingest import IngestResult, Rejection, RejectReason
+from storage.reasons import DESCRIPTIONS, Reason
+from storage.rows import IngestResult, Rejection, RejectReason
 
 RX = 1_767_225_600.25  # received 2026-01-01T00:00:00.25Z
 DEVICE = Device(meter_id=70, tenant_id=1, address="A")
@@ -234,10 +235,16 @@ def test_health_comes_from_frames_that_carry_it() -> None:
 
 
 def test_every_reason_has_an_answer_and_writer_labels_are_reasons() -> None:
-    """The reason table is whole, the writer's reject labels are reasons, and the CoAP
-    codes are aiocoap's."""
-    assert set(ANSWERS) == set(Reason)
-    assert {r.label for r in RejectReason} <= {r.value for r in Reason}
+    """The reason table and the answer map are whole, each writer reject names its reason,
+    and the CoAP codes are aiocoap's."""
+    assert set(ANSWERS) == set(Reason) == set(DESCRIPTIONS)
+    assert {r.label for r in RejectReason} == {
+        Reason.UNKNOWN_METER,
+        Reason.NEGATIVE_REGISTER,
+        Reason.CLOCK_PAST,
+        Reason.CLOCK_FUTURE,
+        Reason.BEFORE_INSTALLATION,
+    }
     assert ANSWERS[Reason.IDENTITY_MISMATCH].coap == aiocoap.FORBIDDEN
     assert ANSWERS[Reason.UNKNOWN_METER].coap == aiocoap.NOT_FOUND
     assert ANSWERS[Reason.TOO_LARGE].coap == aiocoap.REQUEST_ENTITY_TOO_LARGE
