@@ -15,7 +15,7 @@ from api.schemas import IsoDay, Problem
 from storage import pool as storage_pool
 from storage import registry
 from storage.apikeys import Principal
-from storage.pool import Executor, Record
+from storage.pool import Executor
 
 Pool = Annotated[storage_pool.Pool, Depends(get_pool)]
 Reader = Annotated[Principal, Depends(require("readings:read"))]
@@ -45,7 +45,7 @@ CycleId = Annotated[
 ]
 
 
-async def get_or_404(conn: Executor, tenant_id: int, meter_id: int) -> Record:
+async def get_or_404(conn: Executor, tenant_id: int, meter_id: int) -> registry.MeterRow:
     """The tenant's meter row, or NotFoundError."""
     row = await registry.get_meter(conn, tenant_id, meter_id)
     if row is None:

@@ -42,7 +42,8 @@ from storage import alarms, registry
 from storage.apikeys import check_timezone
 from storage.archive import recent_uplinks
 from storage.errors import StorageError, StorageUnavailableError
-from storage.pool import Record, connection
+from storage.pool import connection
+from storage.registry import MeterRow
 
 router = APIRouter(prefix="/v1", tags=["meters"], responses=PROBLEMS)
 MAX_IMPORT_ROWS = 10_000
@@ -58,30 +59,25 @@ def credentials_ref(creds: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
 
-def meter_out(row: Record) -> Meter:
-    """The API view of a meters row."""
-    scale = row["register_scale"]
+def meter_out(row: MeterRow) -> Meter:
+    """The API view of a meter: its registers in m3 text, its credentials only as a flag."""
+    scale = row.register_scale
     return Meter(
-        **{
-            k: row[k]
-            for k in (
-                "meter_id",
-                "address",
-                "service_point",
-                "kind",
-                "format",
-                "unit",
-                "register_scale",
-                "register_digits",
-                "timezone",
-                "installed_at",
-                "removed_at",
-                "created_at",
-            )
-        },
-        initial_register_m3=to_m3(row["initial_register_ml"], scale),
-        final_register_m3=to_m3(row["final_register_ml"], scale),
-        has_credentials=row["credentials_ref"] is not None,
+        meter_id=row.meter_id,
+        address=row.address,
+        service_point=row.service_point,
+        kind=row.kind,
+        format=row.format,
+        unit=row.unit,
+        register_scale=scale,
+        register_digits=row.register_digits,
+        timezone=row.timezone,
+        installed_at=row.installed_at,
+        removed_at=row.removed_at,
+        created_at=row.created_at,
+        initial_register_m3=to_m3(row.initial_register_ml, scale),
+        final_register_m3=to_m3(row.final_register_ml, scale),
+        has_credentials=row.credentials_ref is not None,
     )
 
 
@@ -133,7 +129,7 @@ async def list_meters(
     more = len(rows) == limit
     return MeterPage(
         items=[meter_out(r) for r in rows],
-        next_cursor=encode_cursor(rows[-1]["meter_id"]) if more else None,
+        next_cursor=encode_cursor(rows[-1].meter_id) if more else None,
     )
 
 
@@ -149,9 +145,7 @@ async def update_meter(meter_id: MeterId, body: MeterPatch, who: Writer, pool: P
     async with connection(pool, "updating a meter") as conn:
         old = await get_or_404(conn, who.tenant_id, meter_id)
         scale = (
-            body.register_scale
-            if "register_scale" in body.model_fields_set
-            else old["register_scale"]
+            body.register_scale if "register_scale" in body.model_fields_set else old.register_scale
         )
         row = await registry.update_meter(conn, who.tenant_id, meter_id, _fields(body, scale))
     if row is None:
@@ -222,7 +216,7 @@ async def import_meters(request: Request, who: Writer, pool: Pool) -> ImportResu
             except StorageError as exc:
                 errors.append(ImportRowError(row=number, detail=public_detail(exc)))
             else:
-                created.append(row["meter_id"])
+                created.append(row.meter_id)
     return ImportResult(created=len(created), meter_ids=created, errors=errors)
 
 
@@ -250,7 +244,7 @@ async def exchange_meter(
         }
         if new.credentials is not None:
             fields["credentials_ref"] = credentials_ref(new.credentials.model_dump())
-        final_ml = to_ml(body.final_register_m3, old["register_scale"], "final_register_m3")
+        final_ml = to_ml(body.final_register_m3, old.register_scale, "final_register_m3")
         done = await registry.exchange_meter(
             conn,
             who.tenant_id,
@@ -275,7 +269,7 @@ async def meter_health(meter_id: MeterId, who: Reader, pool: Pool) -> DeviceHeal
         last_read_at=seen["last_read_at"],
         last_received_at=seen["last_received_at"],
         last_uplink_at=seen["last_uplink_at"],
-        last_register_m3=to_m3(seen["register_ml"], meter["register_scale"]),
+        last_register_m3=to_m3(seen["register_ml"], meter.register_scale),
         last_flags=[f.name.lower() for f in Flag if f and flags & f and f.name],
         **{
             k: (health[k] if health else None)

@@ -9,9 +9,8 @@ same identity, dedup and quarantine checks as a live uplink. Follow the job at
 from __future__ import annotations
 
 import base64
-import json
 import re
-from collections.abc import Mapping
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
@@ -24,10 +23,10 @@ from api.errors import NotFoundError
 from api.schemas import Address, Instant
 from api.schemas_quarantine import (
     TRANSPORTS,
+    Code,
     QuarantineDetail,
     QuarantinePage,
     QuarantineRow,
-    Reason,
     RedecodeAttempt,
     RedecodeFilter,
     RedecodeItem,
@@ -35,9 +34,9 @@ from api.schemas_quarantine import (
     RedecodeJob,
 )
 from storage import quarantine
-from storage.pool import Record, connection
+from storage.pool import connection
 from storage.quarantine import Filter
-from storage.redecode_queue import ITEM_OUTCOMES
+from storage.reasons import Reason
 
 router = APIRouter(prefix="/v1", tags=["quarantine"], responses=PROBLEMS)
 Id = Annotated[int, Path(ge=1, le=2**63 - 1, description="quarantine row id", examples=[1])]
@@ -56,40 +55,39 @@ def requested_by(key_id: str) -> str:
 _Row = TypeVar("_Row", bound=QuarantineRow)
 
 
-def row_out(row: Mapping[str, Any] | Record, model: type[_Row], **more: Any) -> _Row:
+def row_out(row: quarantine.Quarantined, model: type[_Row], **more: Any) -> _Row:
     """The API view of a quarantine row (`model` with `more` fields for the detail)."""
-    match = _ERROR_CODE.match(row["detail"]) if row["reason"] == "undecodable" else None
+    match = _ERROR_CODE.match(row.detail) if row.reason == Reason.UNDECODABLE else None
     return model(
-        **{
-            k: row[k]
-            for k in (
-                "quarantine_id",
-                "received_at",
-                "meter_id",
-                "peer",
-                "reason",
-                "detail",
-                "size_bytes",
-                "resolved_at",
-                "resolution",
-                "resolved_by_job",
-                "superseded_by",
-            )
-        },
-        transport=TRANSPORTS.get(row["transport"], str(row["transport"])),
+        quarantine_id=row.quarantine_id,
+        received_at=row.received_at,
+        meter_id=row.meter_id,
+        peer=row.peer,
+        reason=row.reason,
+        detail=row.detail,
+        size_bytes=row.size_bytes,
+        resolved_at=row.resolved_at,
+        resolution=row.resolution,
+        resolved_by_job=row.resolved_by_job,
+        superseded_by=row.superseded_by,
+        transport=TRANSPORTS.get(row.transport, str(row.transport)),
         decoder_error=match.group(1) if match else None,
         **more,
     )
 
 
-def job_out(row: Mapping[str, Any] | Record) -> RedecodeJob:
-    """The API view of a job row with its counts."""
+def job_out(job: quarantine.Job) -> RedecodeJob:
+    """The API view of a job with its counts."""
     return RedecodeJob(
-        **{k: row[k] for k in ("job_id", "state", "requested_by", "requested_at", "finished_at")},
-        selection=json.loads(row["selection"]),
-        n_items=row["n_items"],
-        counts={s: row[s] for s in ("queued", *ITEM_OUTCOMES)},
-        readings_new=row["n_new"],
+        job_id=job.job_id,
+        state=job.state,
+        requested_by=job.requested_by,
+        requested_at=job.requested_at,
+        finished_at=job.finished_at,
+        selection=job.selection,
+        n_items=job.n_items,
+        counts=job.counts,
+        readings_new=job.n_new,
     )
 
 
@@ -114,8 +112,8 @@ def decode_row_cursor(cursor: str | None) -> tuple[datetime, int] | None:
 async def list_quarantine(
     who: Reader,
     pool: Pool,
-    reason: Reason | None = None,
-    error: Annotated[Reason | None, Query(description="decoder error: no_key, ...")] = None,
+    reason: Annotated[Code | None, Query(description="reason: undecodable, ...")] = None,
+    error: Annotated[Code | None, Query(description="decoder error: no_key, ...")] = None,
     meter_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
     address: Annotated[Address | None, Query(description="the tenant's meter address")] = None,
     received_from: Annotated[Instant | None, Query(description="inclusive")] = None,
@@ -134,7 +132,7 @@ async def list_quarantine(
     return QuarantinePage(
         items=[row_out(r, QuarantineRow) for r in rows],
         next_cursor=(
-            encode_row_cursor(last["received_at"], last["quarantine_id"]) if more and last else None
+            encode_row_cursor(last.received_at, last.quarantine_id) if more and last else None
         ),
     )
 
@@ -145,14 +143,14 @@ async def get_quarantine(quarantine_id: Id, who: Reader, pool: Pool) -> Quaranti
     row = await quarantine.get_row(pool, who.tenant_id, quarantine_id)
     if row is None:
         raise NotFoundError(f"no quarantine row {quarantine_id}")
-    payload = bytes(row["payload"]) if row["payload"] is not None else None
+    payload = row.payload
     attempts = await quarantine.history(pool, who.tenant_id, quarantine_id)
     return row_out(
         row,
         QuarantineDetail,
         payload_hex=payload.hex() if payload is not None else None,
         payload_base64=base64.b64encode(payload).decode() if payload is not None else None,
-        history=[RedecodeAttempt(**dict(a)) for a in attempts],
+        history=[RedecodeAttempt(**asdict(a)) for a in attempts],
     )
 
 
@@ -214,6 +212,6 @@ async def job_items(
     )
     more = len(rows) == limit
     return RedecodeItemPage(
-        items=[RedecodeItem(**dict(r)) for r in rows],
-        next_cursor=encode_cursor(rows[-1]["quarantine_id"]) if more else None,
+        items=[RedecodeItem(**asdict(r)) for r in rows],
+        next_cursor=encode_cursor(rows[-1].quarantine_id) if more else None,
     )

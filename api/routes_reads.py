@@ -37,16 +37,16 @@ from billing.localtime import (
 )
 from storage import billing, meter_cycle
 from storage.apikeys import tenant_timezone
-from storage.pool import Executor, Record, connection
+from storage.pool import Executor, connection
+from storage.registry import MeterRow
 
 router = APIRouter(prefix="/v1", tags=["reads"], responses=PROBLEMS)
 _BASELINE = timedelta(days=90)
 
 
-async def meter_zone(conn: Executor, tenant_id: int, meter: Record) -> str:
+async def meter_zone(conn: Executor, tenant_id: int, meter: MeterRow) -> str:
     """The meter's timezone, else its tenant's."""
-    tz: str = meter["timezone"] or await tenant_timezone(conn, tenant_id)
-    return tz
+    return meter.timezone or await tenant_timezone(conn, tenant_id)
 
 
 @router.get("/meters/{meter_id}/readings", summary="Interval reads in local-time steps")
@@ -70,7 +70,7 @@ async def interval_reads(
         raise UnprocessableError(str(exc)) from exc
     async with connection(pool, "reading interval reads") as conn:
         rows = await billing.interval_reads(conn, meter_id, bounds, settings.tuning())
-    scale = meter["register_scale"]
+    scale = meter.register_scale
     intervals = [
         Interval(
             start=a.at,

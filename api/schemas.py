@@ -25,6 +25,8 @@ from pydantic import (
 
 from api.errors import UnprocessableError
 from billing import units
+from billing.consumption import Kind
+from storage.registry import MeterFormat
 
 # at most 12 integer digits: 10^12 m3 in mL stays inside bigint (9.2e18)
 M3 = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,12}(\.[0-9]{1,6})?$")]
@@ -104,8 +106,7 @@ def _not_bool(value: object) -> object:
 
 
 Integer = Annotated[int, BeforeValidator(_not_bool)]
-Kind = Literal["water", "gas"]
-Format = Literal["cjt188", "oms", "mbus", "senml", "interval"]
+Format = MeterFormat  # the meters table's CHECKs, as storage reads them (Kind: billing's)
 Scope = Literal["readings:read", "meters:write", "admin"]
 Method = Literal["actual", "interpolated", "estimated", "installation", "removal", "missing"]
 Basis = Literal["reference_day", "average_daily_use", "last_read"]

@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 
-from api.schemas import M3, Address, Format, Instant, Integer, Kind, Text, Zone
+from api.schemas import M3, Address, Format, Instant, Integer, Text, Zone
+from billing.consumption import Kind
 
 
 class Credentials(BaseModel):

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from api.schemas import Address, Instant, Integer
+from storage import reasons
+from storage.quarantine import ItemState, JobState, Resolution
+from storage.reasons import Reason
 
 # transports as stored (migration 0001); the collector owns the numbers
 TRANSPORTS: dict[int, str] = {1: "coap", 2: "coap+oscore", 3: "mqtt", 4: "import", 5: "test"}
-Reason = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
-ItemState = Literal["queued", "stored", "duplicate", "quarantined", "skipped", "failed"]
-JobState = Literal["queued", "done", "failed"]
+Code = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]  # a filter's code
 
 
 class QuarantineRow(BaseModel):
@@ -24,14 +25,14 @@ class QuarantineRow(BaseModel):
     meter_id: int | None = Field(description="the authenticated device's meter, when known")
     transport: str
     peer: str | None
-    reason: str = Field(description="machine-readable: undecodable, identity_mismatch, ...")
+    reason: str = Field(description=f"machine-readable, one of: {reasons.listed()}")
     decoder_error: str | None = Field(
         description="for undecodable rows, the decoder's error code: no_key, decrypt_failed, ..."
     )
     detail: str
     size_bytes: int | None = Field(description="payload length; null when none was kept")
     resolved_at: datetime | None
-    resolution: Literal["stored", "duplicate", "quarantined"] | None = Field(
+    resolution: Resolution | None = Field(
         description="what re-decoding did with the frame; quarantined: see superseded_by"
     )
     resolved_by_job: int | None
@@ -75,11 +76,11 @@ class RedecodeFilter(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"reason": "undecodable", "error": "no_key", "meter_id": 7}]
+            "examples": [{"reason": Reason.UNDECODABLE.value, "error": "no_key", "meter_id": 7}]
         },
     )
-    reason: Reason | None = None
-    error: Reason | None = Field(None, description="decoder error code of undecodable rows")
+    reason: Code | None = Field(None, description="a quarantine reason: undecodable, ...")
+    error: Code | None = Field(None, description="decoder error code of undecodable rows")
     meter_id: Integer | None = Field(None, ge=1, le=2**63 - 1)
     address: Address | None = None
     received_from: Instant | None = None

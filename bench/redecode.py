@@ -42,6 +42,7 @@ from collector.uplink import Transport, Uplink
 from decoder.mbus_encode import encode_oms_mode5
 from storage import credentials, quarantine
 from storage.migrate import migrate
+from storage.reasons import Reason
 
 HOUR0 = int(datetime(2025, 6, 1, tzinfo=UTC).timestamp())
 
@@ -52,11 +53,11 @@ def _free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _wait_done(pool: asyncpg.Pool, tenant_id: int, job_id: int) -> asyncpg.Record:
+async def _wait_done(pool: asyncpg.Pool, tenant_id: int, job_id: int) -> quarantine.Job:
     while True:
         job = await quarantine.get_job(pool, tenant_id, job_id)
         assert job is not None
-        if job["state"] != "queued":
+        if job.state != "queued":
             return job
         await asyncio.sleep(0.005)
 
@@ -120,23 +121,23 @@ async def bench(args: argparse.Namespace, db_url: str) -> None:
         async with pool.acquire() as conn:
             job = await quarantine.request_one(conn, tenant_id, first, "bench")
         assert job is not None
-        done = await _wait_done(pool, tenant_id, job["job_id"])
-        print(f"single_ms={(time.perf_counter() - t0) * 1000:.0f} state={done['state']}")
-        flt = quarantine.Filter(reason="undecodable", error="no_key")
+        done = await _wait_done(pool, tenant_id, job.job_id)
+        print(f"single_ms={(time.perf_counter() - t0) * 1000:.0f} state={done.state}")
+        flt = quarantine.Filter(reason=Reason.UNDECODABLE, error="no_key")
         t0 = time.perf_counter()
         async with pool.acquire() as conn:
             job = await quarantine.request_matching(conn, tenant_id, flt, "bench")
-        done = await _wait_done(pool, tenant_id, job["job_id"])
+        done = await _wait_done(pool, tenant_id, job.job_id)
         took = time.perf_counter() - t0
         print(
-            f"bulk_frames={job['n_items']} bulk_s={took:.2f}"
-            f" bulk_frames_per_s={job['n_items'] / took:.0f} state={done['state']}"
-            f" stored={done['stored']} readings_new={done['n_new']}"
+            f"bulk_frames={job.n_items} bulk_s={took:.2f}"
+            f" bulk_frames_per_s={job.n_items / took:.0f} state={done.state}"
+            f" stored={done.counts['stored']} readings_new={done.n_new}"
         )
         async with pool.acquire() as conn:
             again = await quarantine.request_matching(conn, tenant_id, flt, "bench")
         readings = await pool.fetchval("SELECT count(*) FROM readings")
-        print(f"again_items={again['n_items']} readings_total={readings}")
+        print(f"again_items={again.n_items} readings_total={readings}")
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)

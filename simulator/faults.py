@@ -2,7 +2,8 @@
 
 Every fault kind is one row of `CATALOGUE`: its scope (a whole meter, or one uplink), its
 default rate, which meters can have it, and what the backend must do with what it causes
-(`Outcome` plus an `expect` word: the event kind, quarantine reason or correction).
+(`Outcome` plus an `expect` word: the event kind, quarantine reason (`storage.reasons`,
+the collector's own table) or correction).
 `verify` reads those rows back from the ground truth to account for every fault.
 
 A rate is exact, not a coin flip per item: `round(rate * eligible)` items are chosen
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from simulator.fleet import Format, Kind, Meter, Transport
+from storage.reasons import Reason
 
 
 class Outcome(enum.StrEnum):
@@ -105,7 +107,7 @@ CATALOGUE: tuple[FaultKind, ...] = (
               _any, "the clock resets to 1970 or jumps to the future for 1-3 days"),
     FaultKind("missed_days", Scope.METER, 0.03, Outcome.STORED, "catch_up",
               _any, "no coverage (PSM) for 1-6 days, then a catch-up of the last 3 days"),
-    FaultKind("identity", Scope.METER, 0.005, Outcome.QUARANTINED, "identity_mismatch",
+    FaultKind("identity", Scope.METER, 0.005, Outcome.QUARANTINED, Reason.IDENTITY_MISMATCH,
               _any, "the device sends one frame with another meter's address"),
     FaultKind("coap_retransmit", Scope.UPLINK, 0.02, Outcome.DUPLICATE, "coap_dedup",
               lambda m: m.transport is Transport.COAP_CON,
@@ -117,7 +119,7 @@ CATALOGUE: tuple[FaultKind, ...] = (
               _any, "the batch is sent 1-6 h late and overlaps the next one"),
     FaultKind("out_of_order", Scope.UPLINK, 0.02, Outcome.STORED, "out_of_order",
               _any, "the uplink arrives after the meter's next one"),
-    FaultKind("corrupt", Scope.UPLINK, 0.01, Outcome.QUARANTINED, "undecodable",
+    FaultKind("corrupt", Scope.UPLINK, 0.01, Outcome.QUARANTINED, Reason.UNDECODABLE,
               _any, "bytes damaged on the way (checksum, JSON or ciphertext broken)"),
 )  # fmt: skip
 

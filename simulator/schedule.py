@@ -25,6 +25,7 @@ from simulator.faults import Outcome
 from simulator.fleet import BATCH_CAPACITY, CLOCK_EPOCH_S, SECONDS_PER_DAY, Meter
 from simulator.network import NetworkModel, draw
 from simulator.truth import Truth
+from storage.reasons import Reason
 
 FUTURE_CLOCK_S = 30 * 365 * SECONDS_PER_DAY  # a "future" clock reset lands ~30 years ahead
 CATCH_UP_GAP_S = 20  # seconds between the uplinks of one catch-up burst
@@ -129,7 +130,7 @@ def _identity_uplinks(truth: Truth) -> list[Uplink]:
         send_s = _send_s(truth, m, f.day) + 7
         out.append(
             Uplink(send_s, m.index, f.params["victim"], f.day, first_h, last_h, Outcome.QUARANTINED,
-                   "identity_mismatch", fault="identity")
+                   Reason.IDENTITY_MISMATCH, fault="identity")
         )  # fmt: skip
     return out
 
@@ -174,7 +175,7 @@ def _apply_uplink_faults(truth: Truth, ups: list[Uplink]) -> list[Uplink]:
                 ups[i] = dataclasses.replace(u, send_s=late, fault="out_of_order")
             elif kind.name == "corrupt":
                 ups[i] = dataclasses.replace(
-                    u, corrupt=True, outcome=Outcome.QUARANTINED, expect="undecodable",
+                    u, corrupt=True, outcome=Outcome.QUARANTINED, expect=Reason.UNDECODABLE,
                     fault="corrupt",
                 )  # fmt: skip
     return ups

@@ -7,7 +7,9 @@ A re-decode request is a job of the durable queue in storage.redecode_queue (mig
 0032): what a caller asked for (one row, or every open row matching a `Filter`), with one
 item per row. `request_one` and `request_matching` enqueue in one transaction and NOTIFY
 the collectors; asking again for a row that has an open item joins that item's job, so
-nothing is queued twice; a row already re-decoded (resolved) is refused.
+nothing is queued twice; a row already re-decoded (resolved) is refused. Rows cross this
+boundary as frozen dataclasses (`Quarantined`, `Attempt`, `Job`, `JobItem`); the API and
+the CLI render them.
 
 Errors (all StorageError):
 ├── AlreadyResolvedError    the row was re-decoded already; the message says with what result
@@ -18,9 +20,9 @@ Errors (all StorageError):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import asyncpg
 
@@ -29,8 +31,86 @@ from storage.pool import translating
 from storage.redecode_queue import CHANNEL, ITEM_OUTCOMES, JOBS, Move, transition
 
 Conn = asyncpg.Connection | asyncpg.Pool
+# the CHECKs of migration 0032 (item states: queued and ITEM_OUTCOMES)
+Resolution = Literal["stored", "duplicate", "quarantined"]
+JobState = Literal["queued", "done", "failed"]
+ItemState = Literal["queued", "stored", "duplicate", "quarantined", "skipped", "failed"]
 MAX_JOB_ITEMS: Final = 50_000
 _END: Final = datetime.max.replace(tzinfo=UTC)  # the keyset start: after every row
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """A quarantine row of a tenant; `payload` only from `get_row` (None: none was kept).
+
+    `transport` is the smallint code of migration 0001; `reason` a `storage.reasons.Reason`
+    value (`detail` of an undecodable row is '<decoder error code>: <message>').
+    """
+
+    quarantine_id: int
+    received_at: datetime
+    tenant_id: int | None
+    meter_id: int | None
+    transport: int
+    peer: str | None
+    reason: str
+    detail: str
+    size_bytes: int | None
+    resolved_at: datetime | None
+    resolution: Resolution | None  # quarantined: see superseded_by
+    resolved_by_job: int | None
+    superseded_by: int | None
+    payload: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobItem:
+    """What became of one row of a re-decode job."""
+
+    quarantine_id: int
+    state: ItemState
+    reason: str | None
+    detail: str | None
+    n_readings: int | None
+    n_new: int | None
+    new_quarantine_id: int | None
+    done_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One re-decode of a row: its job's requester and time, and the item's result."""
+
+    job_id: int
+    requested_by: str
+    requested_at: datetime
+    quarantine_id: int  # the row re-decoded (this one, or its predecessor)
+    state: ItemState
+    reason: str | None
+    detail: str | None
+    n_readings: int | None
+    n_new: int | None
+    new_quarantine_id: int | None
+    done_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A re-decode job: what was asked, its items per state, and readings stored (n_new)."""
+
+    job_id: int
+    state: JobState
+    selection: dict[str, Any]
+    requested_by: str
+    requested_at: datetime
+    finished_at: datetime | None
+    n_items: int
+    counts: dict[ItemState, int]  # items per state
+    n_new: int
+
+
+def _cols(cls: type, prefix: str) -> str:
+    return ", ".join(f"{prefix}{f.name}" for f in fields(cls))
 
 
 _ROW = (
@@ -111,11 +191,11 @@ async def list_rows(
     *,
     after: tuple[datetime, int] | None,
     limit: int,
-) -> list[asyncpg.Record]:
+) -> list[Quarantined]:
     """Up to `limit` rows newest first, by (received_at, quarantine_id), after `after`."""
     where, args = flt.where(4)
     when, qid = after if after is not None else (_END, 2**63 - 1)
-    return await conn.fetch(
+    rows = await conn.fetch(
         f"SELECT {_ROW} FROM quarantine q WHERE q.tenant_id = $1"
         f" AND (q.received_at, q.quarantine_id) < ($2, $3){where}"
         f" ORDER BY q.received_at DESC, q.quarantine_id DESC LIMIT {int(limit)}",
@@ -124,51 +204,61 @@ async def list_rows(
         qid,
         *args,
     )
+    return [Quarantined(**r) for r in rows]
 
 
 @translating("reading a quarantined uplink")
-async def get_row(conn: Conn, tenant_id: int, quarantine_id: int) -> asyncpg.Record | None:
+async def get_row(conn: Conn, tenant_id: int, quarantine_id: int) -> Quarantined | None:
     """The tenant's row `quarantine_id` with its payload, or None."""
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         f"SELECT {_ROW}, q.payload FROM quarantine q"
         " WHERE q.quarantine_id = $1 AND q.tenant_id = $2",
         quarantine_id,
         tenant_id,
     )
+    return None if row is None else Quarantined(**row)
 
 
 @translating("reading a quarantined uplink's history")
-async def history(conn: Conn, tenant_id: int, quarantine_id: int) -> list[asyncpg.Record]:
-    """Re-decode attempts of a row, oldest first; the first may be the one it came from.
-
-    Each: job_id, requested_by, requested_at, quarantine_id (the row re-decoded), state,
-    reason, detail, n_readings, n_new, new_quarantine_id, done_at.
-    """
-    return await conn.fetch(
-        "SELECT i.job_id, j.requested_by, j.requested_at, i.quarantine_id, i.state, i.reason,"
-        " i.detail, i.n_readings, i.n_new, i.new_quarantine_id, i.done_at"
+async def history(conn: Conn, tenant_id: int, quarantine_id: int) -> list[Attempt]:
+    """Re-decode attempts of a row, oldest first; the first may be the one it came from."""
+    rows = await conn.fetch(
+        f"SELECT j.requested_by, j.requested_at, {_cols(JobItem, 'i.')}, i.job_id"
         " FROM redecode_items i JOIN redecode_jobs j ON j.job_id = i.job_id"
         " WHERE j.tenant_id = $2 AND (i.quarantine_id = $1 OR i.new_quarantine_id = $1)"
         " ORDER BY i.job_id, i.quarantine_id",
         quarantine_id,
         tenant_id,
     )
+    return [Attempt(**r) for r in rows]
 
 
 @translating("reading a re-decode job")
-async def get_job(conn: Conn, tenant_id: int, job_id: int) -> asyncpg.Record | None:
+async def get_job(conn: Conn, tenant_id: int, job_id: int) -> Job | None:
     """The tenant's job with its item counts per state and readings stored (n_new), or None."""
-    return await conn.fetchrow(_JOB, job_id, tenant_id)
+    row = await conn.fetchrow(_JOB, job_id, tenant_id)
+    if row is None:
+        return None
+    return Job(
+        job_id=row["job_id"],
+        state=row["state"],
+        selection=json.loads(row["selection"]),
+        requested_by=row["requested_by"],
+        requested_at=row["requested_at"],
+        finished_at=row["finished_at"],
+        n_items=row["n_items"],
+        counts={s: row[s] for s in ("queued", *ITEM_OUTCOMES)},
+        n_new=row["n_new"],
+    )
 
 
 @translating("listing a re-decode job's items")
 async def job_items(
     conn: Conn, tenant_id: int, job_id: int, *, after: int, limit: int
-) -> list[asyncpg.Record]:
+) -> list[JobItem]:
     """Up to `limit` items of the tenant's job with quarantine_id > `after`, in id order."""
-    return await conn.fetch(
-        "SELECT i.quarantine_id, i.state, i.reason, i.detail, i.n_readings, i.n_new,"
-        " i.new_quarantine_id, i.done_at FROM redecode_items i"
+    rows = await conn.fetch(
+        f"SELECT {_cols(JobItem, 'i.')} FROM redecode_items i"
         " JOIN redecode_jobs j ON j.job_id = i.job_id"
         " WHERE i.job_id = $1 AND j.tenant_id = $2 AND i.quarantine_id > $3"
         f" ORDER BY i.quarantine_id LIMIT {int(limit)}",
@@ -176,6 +266,7 @@ async def job_items(
         tenant_id,
         after,
     )
+    return [JobItem(**r) for r in rows]
 
 
 def _resolution(row: asyncpg.Record) -> str:
@@ -191,7 +282,7 @@ def _resolution(row: asyncpg.Record) -> str:
 @translating("requesting a re-decode")
 async def request_one(
     conn: asyncpg.Connection, tenant_id: int, quarantine_id: int, requested_by: str
-) -> asyncpg.Record | None:
+) -> Job | None:
     """Queue a re-decode of one row; its job (the open one if it is queued already), or None.
 
     Raises AlreadyResolvedError or NothingToDecodeError.
@@ -239,7 +330,7 @@ async def request_one(
 @translating("requesting re-decodes")
 async def request_matching(
     conn: asyncpg.Connection, tenant_id: int, flt: Filter, requested_by: str
-) -> asyncpg.Record:
+) -> Job:
     """Queue a re-decode of every open row matching `flt` that has a payload; its job.
 
     Rows already queued in another job stay there (not counted here); a job of no rows

@@ -1,7 +1,8 @@
 """Meter registry queries for the API, every one scoped to a tenant.
 
 A meter of another tenant is indistinguishable from a missing one: functions return None
-(the API answers 404). Registers cross this boundary as int millilitres.
+(the API answers 404). A meter crosses this boundary as a `MeterRow` (registers as int
+millilitres); the API renders it.
 
 Errors (all `StorageError`):
 ├── DuplicateAddressError  an active meter of the tenant already has this address
@@ -10,21 +11,43 @@ Errors (all `StorageError`):
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
+from billing.consumption import Kind
 from storage.errors import RowRefusedError, StorageError
 from storage.pool import translating
 
 Conn = asyncpg.Connection | asyncpg.Pool
+# the meters table's CHECKs (migration 0001)
+MeterFormat = Literal["cjt188", "oms", "mbus", "senml", "interval"]
 
-METER_COLUMNS = (
-    "meter_id, address, service_point, kind, format, unit, register_scale, register_digits,"
-    " timezone, installed_at, removed_at, initial_register_ml, final_register_ml,"
-    " credentials_ref, created_at"
-)
+
+@dataclass(frozen=True, slots=True)
+class MeterRow:
+    """A `meters` row of one tenant: times aware UTC, registers int mL (None: not given)."""
+
+    meter_id: int
+    address: str
+    service_point: str | None
+    kind: Kind
+    format: MeterFormat
+    unit: Literal["m3"]
+    register_scale: int  # the register's smallest digit in m3 as a power of ten
+    register_digits: int
+    timezone: str | None  # None: the tenant's
+    installed_at: datetime
+    removed_at: datetime | None
+    initial_register_ml: int | None
+    final_register_ml: int | None
+    credentials_ref: str | None
+    created_at: datetime
+
+
+METER_COLUMNS = ", ".join(f.name for f in fields(MeterRow))
 WRITABLE = frozenset(
     {
         "address",
@@ -57,10 +80,10 @@ def _translate(exc: asyncpg.PostgresError, address: object) -> StorageError:
 
 @translating("registering a meter")
 async def insert_meter(
-    conn: asyncpg.Connection, tenant_id: int, fields: dict[str, Any]
-) -> asyncpg.Record:
-    """Insert a meter from `fields` (keys in WRITABLE); return its row."""
-    cols = [k for k in fields if k in WRITABLE]
+    conn: asyncpg.Connection, tenant_id: int, values: dict[str, Any]
+) -> MeterRow:
+    """Insert a meter from `values` (keys in WRITABLE); return its row."""
+    cols = [k for k in values if k in WRITABLE]
     placeholders = ", ".join(f"${i}" for i in range(2, len(cols) + 2))
     sql = (
         f"INSERT INTO meters (tenant_id{''.join(', ' + c for c in cols)})"
@@ -68,21 +91,22 @@ async def insert_meter(
     )
     try:
         async with conn.transaction():
-            row = await conn.fetchrow(sql, tenant_id, *(fields[c] for c in cols))
+            row = await conn.fetchrow(sql, tenant_id, *(values[c] for c in cols))
     except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
-        raise _translate(exc, fields.get("address")) from exc
+        raise _translate(exc, values.get("address")) from exc
     assert row is not None  # INSERT ... RETURNING returns the row it inserted
-    return row
+    return MeterRow(**row)
 
 
 @translating("reading a meter")
-async def get_meter(conn: Conn, tenant_id: int, meter_id: int) -> asyncpg.Record | None:
+async def get_meter(conn: Conn, tenant_id: int, meter_id: int) -> MeterRow | None:
     """The tenant's meter `meter_id`, or None."""
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         f"SELECT {METER_COLUMNS} FROM meters WHERE tenant_id = $1 AND meter_id = $2",
         tenant_id,
         meter_id,
     )
+    return None if row is None else MeterRow(**row)
 
 
 @translating("listing meters")
@@ -95,9 +119,9 @@ async def list_meters(
     address: str | None = None,
     service_point: str | None = None,
     active: bool | None = None,
-) -> list[asyncpg.Record]:
+) -> list[MeterRow]:
     """Up to `limit` meters with id > `after`, in id order, optionally filtered."""
-    return await conn.fetch(
+    rows = await conn.fetch(
         f"SELECT {METER_COLUMNS} FROM meters WHERE tenant_id = $1 AND meter_id > $2"
         " AND ($4::text IS NULL OR address = $4) AND ($5::text IS NULL OR service_point = $5)"
         " AND ($6::boolean IS NULL OR (removed_at IS NULL) = $6)"
@@ -109,12 +133,13 @@ async def list_meters(
         service_point,
         active,
     )
+    return [MeterRow(**r) for r in rows]
 
 
 @translating("updating a meter")
 async def update_meter(
     conn: asyncpg.Connection, tenant_id: int, meter_id: int, changes: dict[str, Any]
-) -> asyncpg.Record | None:
+) -> MeterRow | None:
     """Apply `changes` (keys in WRITABLE) to the tenant's meter; its new row, or None."""
     cols = [k for k in changes if k in WRITABLE]
     if not cols:
@@ -125,9 +150,10 @@ async def update_meter(
     )
     try:
         async with conn.transaction():
-            return await conn.fetchrow(sql, tenant_id, meter_id, *(changes[c] for c in cols))
+            row = await conn.fetchrow(sql, tenant_id, meter_id, *(changes[c] for c in cols))
     except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
         raise _translate(exc, changes.get("address")) from exc
+    return None if row is None else MeterRow(**row)
 
 
 @translating("exchanging a meter")
@@ -139,7 +165,7 @@ async def exchange_meter(
     exchanged_at: datetime,
     final_register_ml: int,
     new_meter: dict[str, Any],
-) -> tuple[asyncpg.Record, asyncpg.Record] | None:
+) -> tuple[MeterRow, MeterRow] | None:
     """Remove the meter with its final read and install `new_meter` at its service point.
 
     Both in one transaction; the new meter's `installed_at` is `exchanged_at` and it
@@ -168,15 +194,15 @@ async def exchange_meter(
             final_register_ml,
         )
         assert removed is not None  # the row was locked above (FOR UPDATE): UPDATE finds it
-        fields = {
+        values = {
             "service_point": old["service_point"],
             "kind": old["kind"],
             "timezone": old["timezone"],
             **new_meter,
             "installed_at": exchanged_at,
         }
-        installed = await insert_meter(conn, tenant_id, fields)
-    return removed, installed
+        installed = await insert_meter(conn, tenant_id, values)
+    return MeterRow(**removed), installed
 
 
 @translating("reading the meter's device health")

@@ -14,13 +14,14 @@ import getpass
 import json
 import sys
 import time
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from storage import quarantine
+from storage import quarantine, reasons
 from storage.credentials import tenant_by_slug
 from storage.errors import StorageError
-from storage.pool import Record, connected
+from storage.pool import connected
 
 
 def _plain(value: Any) -> Any:
@@ -31,11 +32,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _record(row: Record) -> dict[str, Any]:
-    out = {k: _plain(v) for k, v in row.items()}
-    if isinstance(out.get("selection"), str):
-        out["selection"] = json.loads(out["selection"])
-    return out
+def _record(row: quarantine.Quarantined | quarantine.Attempt | quarantine.Job) -> dict[str, Any]:
+    return {k: _plain(v) for k, v in asdict(row).items()}
 
 
 def _filter(args: argparse.Namespace, resolved: bool | None) -> quarantine.Filter:
@@ -64,10 +62,9 @@ async def _run_async(args: argparse.Namespace, dsn: str) -> int:
             flt = _filter(args, False if args.open else None)
             rows = await quarantine.list_rows(conn, tenant_id, flt, after=None, limit=args.limit)
             for r in rows:
-                state = r["resolution"] or "open"
                 print(
-                    f"{r['quarantine_id']}\t{r['received_at'].isoformat()}\t"
-                    f"meter={r['meter_id']}\t{r['reason']}\t{state}\t{r['detail'][:80]}"
+                    f"{r.quarantine_id}\t{r.received_at.isoformat()}\tmeter={r.meter_id}\t"
+                    f"{r.reason}\t{r.resolution or 'open'}\t{r.detail[:80]}"
                 )
             return 0
         if args.action == "show":
@@ -90,12 +87,12 @@ async def _run_async(args: argparse.Namespace, dsn: str) -> int:
         else:
             job = await quarantine.request_matching(conn, tenant_id, _filter(args, None), by)
         deadline = time.monotonic() + args.wait
-        while job["state"] == "queued" and time.monotonic() < deadline:
+        while job.state == "queued" and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
-            job = await quarantine.get_job(conn, tenant_id, job["job_id"])
+            job = await quarantine.get_job(conn, tenant_id, job.job_id)
             assert job is not None
         print(json.dumps(_record(job), indent=2))
-        return 0 if job["state"] == "done" or not args.wait else 1
+        return 0 if job.state == "done" or not args.wait else 1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -121,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["list", "show", "redecode"])
     parser.add_argument("id", nargs="?", type=int, help="show/redecode: the quarantine row id")
     parser.add_argument("--tenant", required=True, help="tenant slug")
-    parser.add_argument("--reason", help="e.g. undecodable, identity_mismatch")
+    parser.add_argument("--reason", help=f"one of: {', '.join(reasons.Reason)}")
     parser.add_argument("--error", help="decoder error of undecodable rows, e.g. no_key")
     parser.add_argument("--meter-id", type=int)
     parser.add_argument("--address", help="the tenant's meter address")

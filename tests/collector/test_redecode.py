@@ -38,16 +38,16 @@ async def tenant_of(pool: asyncpg.Pool, slug: str) -> int:
     return int(await pool.fetchval("SELECT tenant_id FROM tenants WHERE slug = $1", slug))
 
 
-async def finished(pool: asyncpg.Pool, tenant_id: int, job_id: int) -> asyncpg.Record:
+async def finished(pool: asyncpg.Pool, tenant_id: int, job_id: int) -> quarantine.Job:
     """The job once it is no longer queued (within 20 s), else fail."""
     deadline = time.monotonic() + 20
     while True:
         job = await quarantine.get_job(pool, tenant_id, job_id)
         assert job is not None
-        if job["state"] != "queued":
+        if job.state != "queued":
             return job
         if time.monotonic() > deadline:
-            pytest.fail(f"re-decode job {job_id} still queued after 20 s: {dict(job)}")
+            pytest.fail(f"re-decode job {job_id} still queued after 20 s: {job}")
         await asyncio.sleep(0.05)
 
 
@@ -96,8 +96,8 @@ async def test_no_key_frame_is_stored_once_after_its_key_arrives(
     async with pool.acquire() as conn:
         job = await quarantine.request_one(conn, tenant_id, row["quarantine_id"], "test")
     assert job is not None
-    done = await finished(pool, tenant_id, job["job_id"])
-    assert (done["state"], done["stored"], done["n_new"]) == ("done", 1, 1)
+    done = await finished(pool, tenant_id, job.job_id)
+    assert (done.state, done.counts["stored"], done.n_new) == ("done", 1, 1)
     readings = await pool.fetch(
         "SELECT register_ml, extract(epoch FROM read_at)::bigint AS at, transport, received_at"
         " FROM readings WHERE meter_id = $1",
@@ -108,7 +108,7 @@ async def test_no_key_frame_is_stored_once_after_its_key_arrives(
     ]
     assert readings[0]["received_at"] == row["received_at"]  # the original reception
     [resolved] = await pool.fetch(ROW, frame)
-    assert (resolved["resolution"], resolved["resolved_by_job"]) == ("stored", job["job_id"])
+    assert (resolved["resolution"], resolved["resolved_by_job"]) == ("stored", job.job_id)
     # asking again: the single row is refused with what became of it, a bulk request
     # finds nothing open, and no reading is stored twice
     async with pool.acquire() as conn:
@@ -117,7 +117,7 @@ async def test_no_key_frame_is_stored_once_after_its_key_arrives(
         again = await quarantine.request_matching(
             conn, tenant_id, quarantine.Filter(reason="undecodable", error="no_key"), "test"
         )
-    assert (again["state"], again["n_items"]) == ("done", 0)
+    assert (again.state, again.n_items) == ("done", 0)
     assert (
         await count(pool, "SELECT count(*) FROM readings WHERE meter_id = $1", device.meter_id) == 1
     )
@@ -146,9 +146,9 @@ async def test_a_meters_no_key_rows_are_redecoded_in_bulk_as_its_device(
     flt = quarantine.Filter(reason="undecodable", error="no_key", meter_id=device.meter_id)
     async with pool.acquire() as conn:
         job = await quarantine.request_matching(conn, tenant_id, flt, "test")
-    assert job["n_items"] == 3
-    done = await finished(pool, tenant_id, job["job_id"])
-    assert (done["state"], done["stored"], done["n_new"]) == ("done", 3, 3)
+    assert job.n_items == 3
+    done = await finished(pool, tenant_id, job.job_id)
+    assert (done.state, done.counts["stored"], done.n_new) == ("done", 3, 3)
     rows = await pool.fetch(
         "SELECT register_ml, extract(epoch FROM read_at)::bigint AS at, transport"
         " FROM readings WHERE meter_id = $1 ORDER BY read_at",
@@ -184,18 +184,18 @@ async def test_frame_naming_another_meter_is_quarantined_again_as_identity_misma
     async with pool.acquire() as conn:
         job = await quarantine.request_one(conn, tenant_id, first["quarantine_id"], "test")
     assert job is not None
-    done = await finished(pool, tenant_id, job["job_id"])
-    assert (done["state"], done["quarantined"], done["n_new"]) == ("done", 1, 0)
+    done = await finished(pool, tenant_id, job.job_id)
+    assert (done.state, done.counts["quarantined"], done.n_new) == ("done", 1, 0)
     old, new = await pool.fetch(ROW, frame)
     assert (old["resolution"], old["superseded_by"]) == ("quarantined", new["quarantine_id"])
     assert (new["reason"], new["resolved_at"]) == ("identity_mismatch", None)
     assert (new["received_at"], new["meter_id"]) == (first["received_at"], device.meter_id)
-    [item] = await quarantine.job_items(pool, tenant_id, job["job_id"], after=0, limit=10)
-    assert (item["state"], item["reason"]) == ("quarantined", "identity_mismatch")
-    assert item["new_quarantine_id"] == new["quarantine_id"]
+    [item] = await quarantine.job_items(pool, tenant_id, job.job_id, after=0, limit=10)
+    assert (item.state, item.reason) == ("quarantined", "identity_mismatch")
+    assert item.new_quarantine_id == new["quarantine_id"]
     # the new row's history names the row it came from
     [attempt] = await quarantine.history(pool, tenant_id, new["quarantine_id"])
-    assert attempt["quarantine_id"] == first["quarantine_id"]
+    assert attempt.quarantine_id == first["quarantine_id"]
     assert (
         await count(
             pool,

@@ -50,7 +50,7 @@ async def a_job(pool: asyncpg.Pool, tenant_id: int, payload: bytes) -> tuple[int
     async with pool.acquire() as conn:
         job = await quarantine.request_one(conn, tenant_id, qid, "test")
     assert job is not None
-    return job["job_id"], qid
+    return job.job_id, qid
 
 
 def edges(machine: Machine) -> list[tuple[str, str]]:
