@@ -1,17 +1,22 @@
 """Test helpers for the collector: CJ/T 188 frames, a raw-UDP CoAP client, an OSCORE
-client context. Shared by tests/collector, tests/e2e and bench/collector.py."""
+client context, a collector subprocess. Shared by tests/collector, tests/e2e and bench/."""
 
 from __future__ import annotations
 
 import asyncio
 import calendar
+import contextlib
+import os
 import secrets
+import signal
 import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass
 
 import aiocoap
+import pytest
 from aiocoap import oscore
 
 
@@ -103,6 +108,7 @@ class CoapReply:
     mid: int
     token: bytes
     payload: bytes
+    raw: bytes  # the whole datagram (to decode it with aiocoap: OSCORE answers)
 
     @property
     def code_str(self) -> str:
@@ -118,7 +124,7 @@ def parse_reply(data: bytes) -> CoapReply:
     token = data[4 : 4 + tkl]
     marker = data.find(b"\xff", 4 + tkl)
     payload = data[marker + 1 :] if marker >= 0 else b""
-    return CoapReply(mtype, data[1], mid, token, payload)
+    return CoapReply(mtype, data[1], mid, token, payload, data)
 
 
 def coap_ack(mid: int) -> bytes:
@@ -194,6 +200,22 @@ class RawCoap(asyncio.DatagramProtocol):
                 if time.monotonic() > deadline or not confirmable:
                     raise
 
+    async def exchange(self, datagram: bytes, token: bytes, timeout_s: float = 10) -> bytes:
+        """Send a datagram built elsewhere (an OSCORE request: `token` is its token) every
+        2 s until its answer arrives; the answer's whole datagram."""
+        future: asyncio.Future[CoapReply] = asyncio.get_running_loop().create_future()
+        self.waiting[token] = future
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                self.send(datagram)
+                with contextlib.suppress(TimeoutError):
+                    return (await asyncio.wait_for(asyncio.shield(future), 2.0)).raw
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+        finally:
+            self.waiting.pop(token, None)
+
     async def post_blockwise(self, payload: bytes, query: str, szx: int = 0) -> CoapReply:
         """POST /u in Block1 blocks of 2**(szx+4) bytes; return the final answer."""
         size = 2 ** (szx + 4)
@@ -253,3 +275,78 @@ def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class CollectorProcess:
+    """`python -m collector.main` on its own CoAP port: for kill -9, SIGTERM, outages.
+
+    `env` adds NBMETER_* settings to the process's environment (no MQTT: CoAP only).
+    """
+
+    def __init__(self, db_url: str, port: int | None = None, **env: str) -> None:
+        self.db_url = db_url
+        self.port = free_udp_port() if port is None else port
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+
+    def environ(self) -> dict[str, str]:
+        """The process's environment."""
+        env = dict(
+            os.environ,
+            NBMETER_DATABASE_URL=self.db_url,
+            NBMETER_METRICS_PORT="0",
+            NBMETER_COAP__HOST="127.0.0.1",
+            NBMETER_COAP__PORT=str(self.port),
+            NBMETER_LOG_JSON="true",
+            **self.env,
+        )
+        env.pop("NBMETER_MQTT_URL", None)
+        return env
+
+    async def start(self) -> None:
+        """Start the process and wait until it answers CoAP (any answer: it is up)."""
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "collector.main",
+            env=self.environ(),
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        client = await RawCoap.open(self.port)
+        try:
+            for _ in range(150):
+                with contextlib.suppress(TimeoutError):
+                    await client.post(b"ping", query="t=-", confirmable=False, timeout_s=0.2)
+                    return
+                if self.proc.returncode is not None:
+                    break
+        finally:
+            client.close()
+        pytest.fail("the collector did not start")
+
+    async def run_to_exit(self, timeout_s: float = 60) -> tuple[int | None, bytes]:
+        """Run the process until it exits by itself (a refused start); (exit code, stderr)."""
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "collector.main",
+            env=self.environ(),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(child.communicate(), timeout_s)
+        return child.returncode, err
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the process."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """kill -9, if it still runs."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.signal(signal.SIGKILL)
+
+    async def wait(self, timeout_s: float = 60) -> int:
+        """Wait for exit; return the exit code."""
+        assert self.proc is not None
+        return await asyncio.wait_for(self.proc.wait(), timeout_s)

@@ -5,12 +5,9 @@ answers survive kill -9, and a process with other settings cannot join the port.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import os
 import secrets
 import struct
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,7 +15,15 @@ from dataclasses import dataclass
 import aiocoap
 import asyncpg
 import pytest
-from collector_testkit import DeviceOscore, RawCoap, cjt188_frame, coap_post, free_udp_port, hour
+from collector_testkit import (
+    CollectorProcess,
+    DeviceOscore,
+    RawCoap,
+    cjt188_frame,
+    coap_post,
+    free_udp_port,
+    hour,
+)
 from conftest import Broker, RunningCollector, count, new_address
 
 from collector import metrics
@@ -53,62 +58,6 @@ class Answer:
         return f"{code >> 5}.{code & 0x1F:02d}"
 
 
-class Udp(asyncio.DatagramProtocol):
-    """A raw UDP socket that keeps every datagram received, by CoAP token."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.DatagramTransport | None = None
-        self.by_token: dict[bytes, asyncio.Future[bytes]] = {}
-        self.received: list[bytes] = []
-
-    @classmethod
-    async def open(cls, port: int, local: str = "127.0.0.1") -> Udp:
-        """A socket from `local` to 127.0.0.1:`port`."""
-        loop = asyncio.get_running_loop()
-        _, proto = await loop.create_datagram_endpoint(
-            cls, local_addr=(local, 0), remote_addr=("127.0.0.1", port)
-        )
-        return proto
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: object) -> None:
-        if len(data) < 4 or data[1] == 0:  # an empty ACK: the answer comes separately
-            return
-        if (data[0] >> 4) & 3 == 0 and self.transport is not None:  # CON answer: ACK it
-            self.transport.sendto(bytes([0x60, 0]) + data[2:4])
-        self.received.append(data)
-        future = self.by_token.get(data[4 : 4 + (data[0] & 0x0F)])
-        if future is not None and not future.done():
-            future.set_result(data)
-
-    async def exchange(self, datagram: bytes, token: bytes, timeout_s: float = 10) -> bytes:
-        """Send `datagram` (again every 2 s) until the answer with `token` arrives."""
-        assert self.transport is not None
-        future = self.by_token[token] = asyncio.get_running_loop().create_future()
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                self.transport.sendto(datagram)
-                with contextlib.suppress(TimeoutError):
-                    return await asyncio.wait_for(asyncio.shield(future), 2.0)
-                if time.monotonic() > deadline:
-                    raise TimeoutError
-        finally:
-            self.by_token.pop(token, None)
-
-    def send(self, datagram: bytes) -> None:
-        """Send one datagram, expecting nothing."""
-        assert self.transport is not None
-        self.transport.sendto(datagram)
-
-    def close(self) -> None:
-        """Close the socket."""
-        if self.transport is not None:
-            self.transport.close()
-
-
 class Device:
     """A meter's side of OSCORE over raw UDP: protect, send, decrypt the answer."""
 
@@ -132,7 +81,7 @@ class Device:
         inner, _ = self.ctx.unprotect(msg, request_id)
         return Answer(int(msg.code), int(inner.code))
 
-    async def post(self, udp: Udp, payload: bytes) -> Answer:
+    async def post(self, udp: RawCoap, payload: bytes) -> Answer:
         """Send one protected uplink and return its answer."""
         datagram, token, request_id = self.request(payload)
         return self.answer(await udp.exchange(datagram, token), request_id)
@@ -152,7 +101,7 @@ def _oscore_datagram(option: bytes, payload: bytes = b"\x00" * 12) -> tuple[byte
 
 
 async def _post_until(
-    device: Device, udp: Udp, payload_of: object, want: str, within_s: float
+    device: Device, udp: RawCoap, payload_of: object, want: str, within_s: float
 ) -> float:
     """Post new uplinks until one is answered `want`; return the seconds it took."""
     started = time.monotonic()
@@ -168,16 +117,16 @@ async def _post_until(
 
 
 @pytest.fixture
-async def udp(collector: RunningCollector) -> AsyncIterator[Udp]:
+async def udp(collector: RunningCollector) -> AsyncIterator[RawCoap]:
     """A raw UDP socket to the session's collector."""
-    sock = await Udp.open(collector.coap_port)
+    sock = await RawCoap.open(collector.coap_port)
     yield sock
     sock.close()
 
 
 async def test_rotated_oscore_context_is_refused_within_the_bound(
     collector: RunningCollector,
-    udp: Udp,
+    udp: RawCoap,
     pool: asyncpg.Pool,
     db_url: str,
     device: ProvisionedDevice,
@@ -248,7 +197,11 @@ async def test_contexts_stored_with_and_without_derived_keys_both_work(
 
 
 async def test_revoked_device_is_refused_within_the_bound(
-    collector: RunningCollector, udp: Udp, db_url: str, device: ProvisionedDevice, broker: Broker
+    collector: RunningCollector,
+    udp: RawCoap,
+    db_url: str,
+    device: ProvisionedDevice,
+    broker: Broker,
 ) -> None:
     """`device revoke` makes the device's next OSCORE request a 4.01 within 1 s."""
     dev = Device(device.oscore)
@@ -270,7 +223,7 @@ async def test_revoked_device_is_refused_within_the_bound(
 
 async def test_rotation_while_the_listener_is_down_is_refused_within_the_fallback_ttl(
     collector: RunningCollector,
-    udp: Udp,
+    udp: RawCoap,
     pool: asyncpg.Pool,
     db_url: str,
     device: ProvisionedDevice,
@@ -302,7 +255,7 @@ async def test_rotation_while_the_listener_is_down_is_refused_within_the_fallbac
 
 
 async def test_unknown_kid_flood_costs_a_query_per_batch_not_per_datagram(
-    collector: RunningCollector, udp: Udp
+    collector: RunningCollector, udp: RawCoap
 ) -> None:
     """3,000 requests with made-up key ids all get 4.01, from a tenth as many queries or less;
     sent again, they are answered from the negative cache with no query at all."""
@@ -331,7 +284,7 @@ async def test_unknown_kid_flood_costs_a_query_per_batch_not_per_datagram(
 
 
 async def test_unknown_kid_negative_cache_is_cleared_by_provisioning(
-    collector: RunningCollector, udp: Udp, db_url: str, tenant_slug: str, credentials_key: str
+    collector: RunningCollector, udp: RawCoap, db_url: str, tenant_slug: str, credentials_key: str
 ) -> None:
     """A key id first seen unknown works as soon as a device is provisioned with it."""
     # provision, revoke (kid known-unknown after a request), provision again: the new kid
@@ -351,7 +304,7 @@ async def test_unknown_kid_negative_cache_is_cleared_by_provisioning(
 
 
 async def test_malformed_oscore_options_get_4_02_without_a_traceback(
-    collector: RunningCollector, udp: Udp, capsys: pytest.CaptureFixture[str]
+    collector: RunningCollector, udp: RawCoap, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Undecodable OSCORE options are answered 4.02 Bad Option (RFC 8613 §8.2), never 5.00;
     nothing is logged with a traceback and at most a few lines per 10 s window."""
@@ -377,7 +330,7 @@ async def test_malformed_oscore_options_get_4_02_without_a_traceback(
 
 
 async def test_unauthenticated_block1_starts_keep_bounded_state(
-    collector: RunningCollector, udp: Udp, lab_tenant: str
+    collector: RunningCollector, udp: RawCoap, lab_tenant: str
 ) -> None:
     """Block1 starts without a lab tenant are refused (4.01) before any state is kept; a
     lab tenant's source holds at most `block1_max_per_source` transfers, the older ones
@@ -392,7 +345,7 @@ async def test_unauthenticated_block1_starts_keep_bounded_state(
     assert {aiocoap.Message.decode(a).code for a in refused} == {aiocoap.UNAUTHORIZED}
     assert metrics.BLOCK1_TRANSFERS._value.get() == base
     # a transfer is its endpoint plus its options (RFC 7959 §2.4), so one socket each
-    senders = [await Udp.open(collector.coap_port) for _ in range(20)]
+    senders = [await RawCoap.open(collector.coap_port) for _ in range(20)]
     try:
         for n, sender in enumerate(senders):
             token = secrets.token_bytes(4)
@@ -421,61 +374,15 @@ async def test_unauthenticated_block1_starts_keep_bounded_state(
             sender.close()
 
 
-class CollectorProcess:
-    """`python -m collector.main` on a given CoAP port, for kill -9."""
-
-    def __init__(self, db_url: str, key: str, port: int) -> None:
-        self.db_url, self.key, self.port = db_url, key, port
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self, **extra: str) -> None:
-        """Start it and wait until it answers CoAP."""
-        env = dict(
-            os.environ,
-            NBMETER_DATABASE_URL=self.db_url,
-            NBMETER_CREDENTIALS_KEY=self.key,
-            NBMETER_METRICS_PORT="0",
-            NBMETER_COAP__HOST="127.0.0.1",
-            NBMETER_COAP__PORT=str(self.port),
-            NBMETER_LOG_JSON="true",
-            **extra,
-        )
-        env.pop("NBMETER_MQTT_URL", None)
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "collector.main", env=env, stderr=asyncio.subprocess.PIPE
-        )
-        client = await RawCoap.open(self.port)
-        try:
-            for _ in range(150):
-                with contextlib.suppress(TimeoutError):
-                    await client.post(b"ping", query="t=-", confirmable=False, timeout_s=0.2)
-                    return
-                if self.proc.returncode is not None:
-                    break
-        finally:
-            client.close()
-        pytest.fail("the collector did not start")
-
-    def kill(self) -> None:
-        """kill -9."""
-        assert self.proc is not None
-        self.proc.kill()
-
-    async def wait(self) -> int:
-        """Its exit code."""
-        assert self.proc is not None
-        return await asyncio.wait_for(self.proc.wait(), 30)
-
-
 async def test_retransmission_after_kill_9_gets_the_stored_answer(
     pool: asyncpg.Pool, db_url: str, device: ProvisionedDevice, credentials_key: str
 ) -> None:
     """A CON stored just before kill -9, sent again to the restarted collector, gets 2.04
     protected with a fresh server sequence number (not 4.01 "Replay detected"), and
     nothing is stored twice."""
-    proc = CollectorProcess(db_url, credentials_key, free_udp_port())
+    proc = CollectorProcess(db_url, NBMETER_CREDENTIALS_KEY=credentials_key)
     await proc.start()
-    udp = await Udp.open(proc.port)
+    udp = await RawCoap.open(proc.port)
     try:
         dev = Device(device.oscore)
         datagram, token, request_id = dev.request(cjt188_frame(device.address, 70_000, hour(7)))
@@ -495,7 +402,7 @@ async def test_retransmission_after_kill_9_gets_the_stored_answer(
         udp.close()
         if proc.proc is not None and proc.proc.returncode is None:
             proc.kill()
-            await proc.wait()
+            await proc.wait(30)
     assert await count(pool, READINGS, device.meter_id) == 2
     assert await count(pool, RAW, device.meter_id) == 2
 
@@ -524,23 +431,14 @@ async def test_second_collector_process_with_other_settings_exits(
 ) -> None:
     """`python -m collector.main` on a busy port with other settings exits 2, saying which
     setting differs."""
-    proc = CollectorProcess(db_url, credentials_key, collector.coap_port)
-    env = dict(
-        os.environ,
-        NBMETER_DATABASE_URL=db_url,
+    proc = CollectorProcess(
+        db_url,
+        collector.coap_port,
         NBMETER_CREDENTIALS_KEY=credentials_key,
-        NBMETER_METRICS_PORT="0",
-        NBMETER_COAP__HOST="127.0.0.1",
-        NBMETER_COAP__PORT=str(proc.port),
         NBMETER_COAP__ACK_WAIT_S="3",
-        NBMETER_LOG_JSON="true",
     )
-    env.pop("NBMETER_MQTT_URL", None)
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "collector.main", env=env, stderr=asyncio.subprocess.PIPE
-    )
-    _, err = await asyncio.wait_for(child.communicate(), 60)
-    assert child.returncode == 2, err.decode()[-3000:]
+    code, err = await proc.run_to_exit()
+    assert code == 2, err.decode()[-3000:]
     assert b"ack_wait_s" in err
     assert b"Traceback" not in err
 
@@ -551,7 +449,7 @@ async def _never_commit(batch: list[object]) -> list[object]:
 
 async def test_retransmission_to_another_process_gets_the_recorded_answer(
     collector: RunningCollector,
-    udp: Udp,
+    udp: RawCoap,
     pool: asyncpg.Pool,
     device: ProvisionedDevice,
     credentials_key: str,
@@ -569,7 +467,7 @@ async def test_retransmission_to_another_process_gets_the_recorded_answer(
         pool,
         parse_key(credentials_key),
     )
-    sock = await Udp.open(other_settings.port)
+    sock = await RawCoap.open(other_settings.port)
     try:
         again = dev.answer(await sock.exchange(datagram, token), request_id)
     finally:

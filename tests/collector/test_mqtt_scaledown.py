@@ -12,9 +12,11 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+import pytest
 from brokerkit import Broker, free_port, start_broker
 from collector_testkit import cjt188_frame, hour
 from conftest import wait_count
@@ -28,84 +30,101 @@ N = 900
 RATE_PER_S = 300.0
 
 
-def _frames(device: ProvisionedDevice, n: int) -> list[bytes]:
-    return [cjt188_frame(device.address, 1_000 * (h + 1), hour(h)) for h in range(n)]
+@dataclass
+class Scene:
+    """What each scale-down test runs on: its own broker, one device, the database."""
 
+    tmp_path: Path
+    db_url: str
+    broker: Broker
+    key: str
+    pool: asyncpg.Pool
+    device: ProvisionedDevice
 
-def _pair(
-    tmp_path: Path, db_url: str, broker: Broker, key: str, will_delay_s: int
-) -> tuple[CollectorProcess, CollectorProcess]:
-    group = f"g-{uuid.uuid4().hex[:8]}"
-    a, b = (
-        CollectorProcess(
-            tmp_path,
-            db_url=db_url,
-            mqtt_url=broker.url,
-            key=key,
-            client_id=f"{name}-{uuid.uuid4().hex[:8]}",
+    def collector(self, client_id: str, group: str, will_delay_s: int = 60) -> CollectorProcess:
+        """A collector process of share group `group` (started, not waited for)."""
+        return CollectorProcess(
+            self.tmp_path,
+            db_url=self.db_url,
+            mqtt_url=self.broker.url,
+            key=self.key,
+            client_id=client_id,
             group=group,
             will_delay_s=will_delay_s,
         )
-        for name in ("a", "b")
-    )
-    for c in (a, b):
+
+    def member(self, client_id: str, group: str, will_delay_s: int = 60) -> CollectorProcess:
+        """A collector once it is connected as a member of `group`."""
+        c = self.collector(client_id, group, will_delay_s)
         c.wait_log("broker.connected", client_id=c.client_id, role="member")
-    return a, b
+        return c
+
+    def pair(self, will_delay_s: int) -> tuple[CollectorProcess, CollectorProcess]:
+        """Two connected collectors of one new share group."""
+        group = f"g-{uuid.uuid4().hex[:8]}"
+        a, b = (self.collector(f"{n}-{uuid.uuid4().hex[:8]}", group, will_delay_s) for n in "ab")
+        for c in (a, b):
+            c.wait_log("broker.connected", client_id=c.client_id, role="member")
+        return a, b
+
+    def stream(self, n: int) -> Streamer:
+        """The device publishing `n` hourly frames at RATE_PER_S (started)."""
+        frames = [cjt188_frame(self.device.address, 1_000 * (h + 1), hour(h)) for h in range(n)]
+        streamer = Streamer(self.broker.url, self.broker.port, self.device.mqtt, frames)
+        streamer.start(RATE_PER_S)
+        return streamer
+
+    async def stored(self, n: int, within_s: float) -> int:
+        """The device's readings once `n` are stored or `within_s` has passed."""
+        return await wait_count(self.pool, n, MINE, self.device.meter_id, within_s=within_s)
 
 
-async def test_sigterm_leaves_the_share_group_with_nothing_waiting(
+@pytest.fixture
+def scene(
     tmp_path: Path,
     db_url: str,
     own_broker: Broker,
     credentials_key: str,
     pool: asyncpg.Pool,
     own_broker_device: ProvisionedDevice,
-) -> None:
+) -> Scene:
+    """The test's own broker, device and database."""
+    return Scene(tmp_path, db_url, own_broker, credentials_key, pool, own_broker_device)
+
+
+async def test_sigterm_leaves_the_share_group_with_nothing_waiting(scene: Scene) -> None:
     """A collector stopped with SIGTERM mid-stream ends its session: every message stored."""
-    a, b = _pair(tmp_path, db_url, own_broker, credentials_key, will_delay_s=60)
+    a, b = scene.pair(will_delay_s=60)
     try:
-        streamer = Streamer(
-            own_broker.url, own_broker.port, own_broker_device.mqtt, _frames(own_broker_device, N)
-        )
-        streamer.start(RATE_PER_S)
+        streamer = scene.stream(N)
         streamer.wait_sent(N // 3)
         stopping = time.monotonic()
         assert a.terminate() == 0
         stop_s = time.monotonic() - stopping
         assert streamer.finish() == [0] * N
-        assert await wait_count(pool, N, MINE, own_broker_device.meter_id, within_s=30) == N
+        assert await scene.stored(N, within_s=30) == N
         assert a.events("broker.session_ended"), "the stopped collector kept its session"
         assert not a.events("broker.session_kept")
-        assert not session_present(own_broker.url, a.client_id)
+        assert not session_present(scene.broker.url, a.client_id)
         print(f"graceful stop of a collector under {RATE_PER_S:.0f}/s: {stop_s:.2f} s")
     finally:
         a.close()
         b.close()
 
 
-async def test_killed_collectors_share_is_stored_within_the_will_delay(
-    tmp_path: Path,
-    db_url: str,
-    own_broker: Broker,
-    credentials_key: str,
-    pool: asyncpg.Pool,
-    own_broker_device: ProvisionedDevice,
-) -> None:
+async def test_killed_collectors_share_is_stored_within_the_will_delay(scene: Scene) -> None:
     """A collector killed with -9 mid-stream: a survivor takes its session over and stores
     its share within the will delay plus the takeover time."""
     will_delay_s = 3
-    a, b = _pair(tmp_path, db_url, own_broker, credentials_key, will_delay_s=will_delay_s)
+    a, b = scene.pair(will_delay_s=will_delay_s)
     try:
-        streamer = Streamer(
-            own_broker.url, own_broker.port, own_broker_device.mqtt, _frames(own_broker_device, N)
-        )
-        streamer.start(RATE_PER_S)
+        streamer = scene.stream(N)
         streamer.wait_sent(N // 3)
         b.kill()
         killed = time.monotonic()
         assert streamer.finish() == [0] * N
         bound_s = will_delay_s + 10
-        got = await wait_count(pool, N, MINE, own_broker_device.meter_id, within_s=bound_s + 5)
+        got = await scene.stored(N, within_s=bound_s + 5)
         all_stored_s = time.monotonic() - killed
         assert got == N
         assert all_stored_s <= bound_s
@@ -116,7 +135,7 @@ async def test_killed_collectors_share_is_stored_within_the_will_delay(
         # ("out of memory" in its log): the session then stays, empty, its will is
         # published again and it is taken over a second time
         await asyncio.sleep(will_delay_s + 3)
-        assert not session_present(own_broker.url, b.client_id)
+        assert not session_present(scene.broker.url, b.client_id)
         print(
             f"kill -9 under {RATE_PER_S:.0f}/s: all {N} stored {all_stored_s:.2f} s after the "
             f"kill (will delay {will_delay_s} s), {adopted['messages']} taken over"
@@ -126,46 +145,22 @@ async def test_killed_collectors_share_is_stored_within_the_will_delay(
         b.close()
 
 
-async def test_restart_under_the_same_client_id_resumes_the_session(
-    tmp_path: Path,
-    db_url: str,
-    own_broker: Broker,
-    credentials_key: str,
-    pool: asyncpg.Pool,
-    own_broker_device: ProvisionedDevice,
-) -> None:
+async def test_restart_under_the_same_client_id_resumes_the_session(scene: Scene) -> None:
     """Messages that came while the only collector was dead are stored after its restart."""
     group, client_id = f"g-{uuid.uuid4().hex[:8]}", f"solo-{uuid.uuid4().hex[:8]}"
-
-    def start() -> CollectorProcess:
-        c = CollectorProcess(
-            tmp_path,
-            db_url=db_url,
-            mqtt_url=own_broker.url,
-            key=credentials_key,
-            client_id=client_id,
-            group=group,
-        )
-        c.wait_log("broker.connected", client_id=client_id, role="member")
-        return c
-
-    first = start()
+    first = scene.member(client_id, group)
     first.kill()
     first.close()
     n = 200
-    streamer = Streamer(
-        own_broker.url, own_broker.port, own_broker_device.mqtt, _frames(own_broker_device, n)
-    )
-    streamer.start(RATE_PER_S)
-    assert streamer.finish() == [0] * n
-    assert await wait_count(pool, 1, MINE, own_broker_device.meter_id, within_s=0.5) == 0
-    second = start()
+    assert scene.stream(n).finish() == [0] * n
+    assert await scene.stored(1, within_s=0.5) == 0
+    second = scene.member(client_id, group)
     try:
         # the member's connection, not the watcher's (which always starts clean and may
         # connect first)
         member = [e for e in second.events("broker.connected") if e.get("role") == "member"]
         assert member[0]["session_present"] is True
-        assert await wait_count(pool, n, MINE, own_broker_device.meter_id, within_s=20) == n
+        assert await scene.stored(n, within_s=20) == n
     finally:
         second.close()
 
@@ -190,39 +185,22 @@ def test_an_older_broker_state_gets_the_control_acls_live(tmp_path: Path) -> Non
 
 
 async def test_share_of_a_collector_that_died_while_none_was_alive_is_taken_over_later(
-    tmp_path: Path,
-    db_url: str,
-    own_broker: Broker,
-    credentials_key: str,
-    pool: asyncpg.Pool,
-    own_broker_device: ProvisionedDevice,
+    scene: Scene,
 ) -> None:
     """Both collectors killed, uplinks keep coming: the first one back resumes its own
     session and takes the other's over from its retained will; every uplink is stored."""
-    a, b = _pair(tmp_path, db_url, own_broker, credentials_key, will_delay_s=1)
+    a, b = scene.pair(will_delay_s=1)
     a.kill()
     b.kill()
     a.close()
     b.close()
     n = 300
-    streamer = Streamer(
-        own_broker.url, own_broker.port, own_broker_device.mqtt, _frames(own_broker_device, n)
-    )
-    streamer.start(RATE_PER_S)
-    assert streamer.finish() == [0] * n
+    assert scene.stream(n).finish() == [0] * n
     await asyncio.sleep(2)  # both wills are published (retained) while no collector is alive
-    assert await wait_count(pool, 1, MINE, own_broker_device.meter_id, within_s=0.2) == 0
-    back = CollectorProcess(
-        tmp_path,
-        db_url=db_url,
-        mqtt_url=own_broker.url,
-        key=credentials_key,
-        client_id=a.client_id,
-        group=a.group,
-        will_delay_s=1,
-    )
+    assert await scene.stored(1, within_s=0.2) == 0
+    back = scene.collector(a.client_id, a.group, will_delay_s=1)
     try:
-        assert await wait_count(pool, n, MINE, own_broker_device.meter_id, within_s=20) == n
+        assert await scene.stored(n, within_s=20) == n
         adopted = back.wait_log("broker.session_adopted", peer=b.client_id)
         assert adopted["messages"] > 0
     finally:

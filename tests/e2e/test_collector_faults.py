@@ -24,60 +24,13 @@ import asyncpg
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "collector"))
-from collector_testkit import RawCoap, cjt188_frame, free_udp_port, hour
+from collector_testkit import CollectorProcess, RawCoap, cjt188_frame, hour
 from dbkit import TcpProxy
 
 pytestmark = pytest.mark.slow
 OUTAGE_S = float(os.environ.get("NBMETER_E2E_OUTAGE_S", "30"))
-
-
-class CollectorProcess:
-    """`python -m collector.main` with its own CoAP port, talking to the DB via `db_url`."""
-
-    def __init__(self, db_url: str) -> None:
-        self.db_url = db_url
-        self.port = free_udp_port()
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        """Start the process and wait until it answers CoAP."""
-        env = dict(
-            os.environ,
-            NBMETER_DATABASE_URL=self.db_url,
-            NBMETER_METRICS_PORT="0",
-            NBMETER_COAP__HOST="127.0.0.1",
-            NBMETER_COAP__PORT=str(self.port),
-            NBMETER_COAP__ACK_WAIT_S="2",
-            NBMETER_COAP__BUSY_MAX_AGE_S="1",
-            NBMETER_LOG_JSON="true",
-        )
-        env.pop("NBMETER_MQTT_URL", None)
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "collector.main",
-            env=env,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        client = await RawCoap.open(self.port)
-        try:  # any answer (even 4.01 to this unknown tenant) means it is up
-            for _ in range(100):
-                with contextlib.suppress(TimeoutError):
-                    await client.post(b"ping", query="t=-", confirmable=False, timeout_s=0.2)
-                    return
-        finally:
-            client.close()
-        pytest.fail("the collector did not start")
-
-    def signal(self, sig: int) -> None:
-        """Send `sig` to the process."""
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    async def wait(self) -> int:
-        """Wait for exit; return the exit code."""
-        assert self.proc is not None
-        return await asyncio.wait_for(self.proc.wait(), 60)
+# under load: an answer within 2 s, else 5.03 with Max-Age 1 (the load retries)
+_ANSWER_FAST = {"NBMETER_COAP__ACK_WAIT_S": "2", "NBMETER_COAP__BUSY_MAX_AGE_S": "1"}
 
 
 class Load:
@@ -160,7 +113,7 @@ async def test_kill_9_loses_no_acknowledged_reading(db_url: str, pool: asyncpg.P
     """kill -9 under load: every reading answered 2.04 is stored, none twice; a restart
     on the same port carries on."""
     slug, addresses = await _lab(pool, 20)
-    first = CollectorProcess(db_url)
+    first = CollectorProcess(db_url, **_ANSWER_FAST)
     await first.start()
     load = Load(slug, addresses, first.port)
     async with load.running_on(first.port):
@@ -168,7 +121,7 @@ async def test_kill_9_loses_no_acknowledged_reading(db_url: str, pool: asyncpg.P
         first.signal(signal.SIGKILL)
         await first.wait()
         acked_at_kill = set(load.acked)
-        second = CollectorProcess(db_url)
+        second = CollectorProcess(db_url, **_ANSWER_FAST)
         second.port = first.port
         await second.start()
         await _until(lambda: len(load.acked) >= len(acked_at_kill) + 100)
@@ -190,7 +143,7 @@ async def test_database_outage_loses_nothing_and_recovers(db_url: str, pool: asy
         parts._replace(netloc=f"{parts.netloc.rsplit('@', 1)[0]}@127.0.0.1:{proxy.port}")
     )
     slug, addresses = await _lab(pool, 20)
-    collector = CollectorProcess(via_proxy)
+    collector = CollectorProcess(via_proxy, **_ANSWER_FAST)
     await collector.start()
     load = Load(slug, addresses, collector.port)
     async with load.running_on(collector.port):
@@ -214,7 +167,7 @@ async def test_database_outage_loses_nothing_and_recovers(db_url: str, pool: asy
 async def test_sigterm_drains_before_exit(db_url: str, pool: asyncpg.Pool) -> None:
     """SIGTERM under load: the collector answers what it accepted, stores it, exits 0."""
     slug, addresses = await _lab(pool, 20)
-    collector = CollectorProcess(db_url)
+    collector = CollectorProcess(db_url, **_ANSWER_FAST)
     await collector.start()
     load = Load(slug, addresses, collector.port)
     async with load.running_on(collector.port):
