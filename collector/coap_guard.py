@@ -58,16 +58,6 @@ class Block1Budget:
     _by_source: dict[str, int] = field(default_factory=dict)
     _bytes: int = 0
 
-    @property
-    def transfers(self) -> int:
-        """Transfers being assembled now."""
-        return len(self._transfers)
-
-    @property
-    def held_bytes(self) -> int:
-        """Payload bytes held for transfers being assembled."""
-        return self._bytes
-
     def feed_and_take(self, req: aiocoap.Message) -> aiocoap.Message:
         """The whole request once its last block is in; ContinueException before that.
 

@@ -121,10 +121,6 @@ class MqttSubscriber:
         self._own.start()
         self._watcher.start()
 
-    async def wait_connected(self, timeout_s: float) -> None:
-        """Wait until subscribed (raise TimeoutError after `timeout_s`)."""
-        await self._own.wait_connected(timeout_s)
-
     async def leave(self) -> None:
         """Leave the share group: take in what our session holds, finish running adoptions.
 

@@ -1,6 +1,6 @@
 """The verdict on one decoded batch: which readings to write, what becomes of each uplink.
 
-Pure: no I/O, no asyncio (it builds `storage`'s row dataclasses, it never writes them). The
+Pure: no I/O, no asyncio (it builds `storage.rows` dataclasses, it never writes them). The
 store shell (`collector.store`) decodes, resolves addresses and writes; this module
 decides, in three steps over numpy columns, with Python loops over uplinks only (their
 details are text), never over readings:

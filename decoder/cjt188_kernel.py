@@ -33,10 +33,6 @@ DI_901F = 0x901F
 KNOWN_DI = np.zeros(1 << 16, bool)
 KNOWN_DI[[0x901F, 0x907F, 0x810A, *range(0xD120, 0xD12C), *range(0xA010, 0xA01A)]] = True
 KNOWN_DI[[*range(0x8102, 0x8107), *range(0xA101, 0xA108)]] = True
-FIELDS_901F = {  # name -> (offset from 0x68, width); the declarative table of §1.2
-    "total": (14, 4), "total_unit": (18, 1), "settlement": (19, 4), "settlement_unit": (23, 1),
-    "clock": (24, 7), "status": (31, 2),
-}  # fmt: skip
 
 
 def locate(a: k.Frames, t_ok: np.ndarray) -> tuple[Int64s, k.Bools]:

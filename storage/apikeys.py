@@ -163,12 +163,6 @@ async def check_api_key(
     return Principal(row["tenant_id"], key_id, frozenset(row["scopes"]), row["expires_at"])
 
 
-async def verify_api_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> Principal | None:
-    """The Principal of a live, well-formed `key`, or None (never says which failed)."""
-    found = await check_api_key(conn, key)
-    return found if isinstance(found, Principal) else None
-
-
 @translating("revoking an API key")
 async def revoke_api_key(
     conn: asyncpg.Connection | asyncpg.Pool, tenant_id: int, key_id: str
