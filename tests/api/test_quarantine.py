@@ -16,7 +16,8 @@ import httpx
 import pytest
 from apihelpers import utc
 
-from storage.archive import ArchiveWriter, QuarantineRow
+from storage.archive import ArchiveWriter
+from storage.rows import QuarantineRow
 
 T0 = utc(2025, 3, 1)
 

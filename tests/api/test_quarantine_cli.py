@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from storage.archive import ArchiveWriter, QuarantineRow
+from storage.archive import ArchiveWriter
+from storage.rows import QuarantineRow
 
 
 async def nbmeter(db_url: str, *args: str) -> tuple[int, str, str]:

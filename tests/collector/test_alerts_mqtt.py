@@ -18,7 +18,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from collector.alerts_mqtt import AlertPublisher, consumer_commands, topic_of
 from collector.mqtt import BrokerAddress
 from devices.broker import dynsec
-from storage.events import EventRow, write_events
+from storage.events import write_events
+from storage.rows import EventRow
 
 
 def _subscriber(

@@ -15,7 +15,7 @@ from simulator.faults import Outcome, parse_faults
 from simulator.fleet import FleetSpec, Format
 from simulator.schedule import build_schedule
 from simulator.truth import build_truth
-from storage.ingest import EARLIEST_READ_AT_S, MAX_CLOCK_AHEAD_S
+from storage.rows import EARLIEST_READ_AT_S, MAX_CLOCK_AHEAD_S
 
 SPEC = FleetSpec(meters=120, days=6, seed=21)
 TRUTH = build_truth(SPEC, parse_faults("all,low_battery=0.3,valve_closed=0.3,corrupt=0.05"))

@@ -9,8 +9,9 @@ import asyncpg
 import pytest
 
 from storage import alarms
-from storage.events import EventRow, write_events
-from storage.health import HealthRow, write_health
+from storage.events import write_events
+from storage.health import write_health
+from storage.rows import EventRow, HealthRow
 
 T0 = datetime(2026, 3, 1, 8, tzinfo=UTC)
 

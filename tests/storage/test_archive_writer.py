@@ -8,9 +8,10 @@ import asyncpg
 import numpy as np
 import pytest
 
-from storage.archive import ArchiveWriter, QuarantineRow, RawUplink
+from storage.archive import ArchiveWriter
 from storage.errors import StorageError
-from storage.ingest import ReadingBatch, ReadingWriter
+from storage.ingest import ReadingWriter
+from storage.rows import QuarantineRow, RawUplink, ReadingBatch
 
 NOW = datetime(2026, 1, 31, 12, 0, tzinfo=UTC)
 

@@ -8,8 +8,9 @@ import asyncpg
 import pytest
 
 from storage.errors import RowRefusedError
-from storage.events import EventRow, write_events
-from storage.health import HealthRow, write_health
+from storage.events import write_events
+from storage.health import write_health
+from storage.rows import EventRow, HealthRow
 
 NOW = datetime(2026, 1, 31, 12, 0, 0, 250_000, tzinfo=UTC)
 

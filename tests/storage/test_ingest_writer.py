@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from decoder.columns import Decoded
-from storage.ingest import MERGE_RUN_BATCHES, ReadingBatch, ReadingWriter, RejectReason
+from storage.ingest import MERGE_RUN_BATCHES, ReadingWriter
 from storage.meters import MeterDirectory
+from storage.rows import ReadingBatch, RejectReason
 
 T0_S = 1_767_225_600  # 2026-01-01T00:00:00Z
 RECEIVED_US = (T0_S + 30 * 86_400) * 1_000_000

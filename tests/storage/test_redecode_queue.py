@@ -14,8 +14,9 @@ import pytest
 from dbkit import migrated_database
 
 from storage import quarantine, redecode_queue
-from storage.archive import ArchiveWriter, QuarantineRow
+from storage.archive import ArchiveWriter
 from storage.redecode_queue import ITEMS, JOBS, InvalidTransitionError, Machine
+from storage.rows import QuarantineRow
 
 
 @pytest.fixture(scope="module")
