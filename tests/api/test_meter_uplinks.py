@@ -8,7 +8,8 @@ from datetime import timedelta
 from apihelpers import utc
 
 from decoder.columns import FrameFlag
-from storage.archive import ArchiveWriter, RawUplink
+from storage.archive import ArchiveWriter
+from storage.rows import RawUplink
 
 T0 = utc(2026, 11, 30)
 
