@@ -9,8 +9,9 @@ import httpx
 
 from api.app import create_app
 from storage.credentials import parse_key
-from storage.events import EventRow, write_events
-from storage.health import HealthRow, write_health
+from storage.events import write_events
+from storage.health import write_health
+from storage.rows import EventRow, HealthRow
 from storage.webhooks import open_secret
 
 

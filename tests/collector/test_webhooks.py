@@ -32,7 +32,8 @@ from collector.webhooks import (
 from storage import alarms
 from storage import webhooks as hooks
 from storage.credentials import new_key, parse_key
-from storage.events import EventRow, write_events
+from storage.events import write_events
+from storage.rows import EventRow
 
 REPO = Path(__file__).parents[2]
 
