@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import UTC, date, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import (
     AfterValidator,
@@ -24,8 +24,7 @@ from pydantic import (
 )
 
 from api.errors import UnprocessableError
-from billing import units
-from billing.consumption import Kind
+from billing import consumption, units
 from storage.registry import MeterFormat
 
 # at most 12 integer digits: 10^12 m3 in mL stays inside bigint (9.2e18)
@@ -106,7 +105,8 @@ def _not_bool(value: object) -> object:
 
 
 Integer = Annotated[int, BeforeValidator(_not_bool)]
-Format = MeterFormat  # the meters table's CHECKs, as storage reads them (Kind: billing's)
+Format: TypeAlias = MeterFormat  # the meters table's CHECKs, as storage reads them
+Kind: TypeAlias = consumption.Kind
 Scope = Literal["readings:read", "meters:write", "admin"]
 Method = Literal["actual", "interpolated", "estimated", "installation", "removal", "missing"]
 Basis = Literal["reference_day", "average_daily_use", "last_read"]
