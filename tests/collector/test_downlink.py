@@ -13,7 +13,7 @@ import time
 
 import asyncpg
 import pytest
-from collector_testkit import cjt188_frame, hour
+from collector_testkit import CollectorProcess, cjt188_frame, hour
 from conftest import Broker, RunningCollector, new_address
 from downlink_testkit import MqttMeter, OscoreMeter, Udp
 
@@ -253,12 +253,9 @@ async def test_kill_9_loses_no_command_and_runs_none_twice(
     """Queued, then the collector is killed -9 before the meter shows up: the restarted one
     delivers it; killed again after delivery, before the answer: the next window carries it
     again, the device runs it once and its answer to the third process acknowledges it."""
-    from collector_testkit import free_udp_port
-    from test_coap_security import CollectorProcess
-
     cid = await queue_command(pool, device)
     dev = CommandExecutor(device.address, "cjt188")
-    proc = CollectorProcess(db_url, credentials_key, free_udp_port())
+    proc = CollectorProcess(db_url, NBMETER_CREDENTIALS_KEY=credentials_key)
     udp = await Udp.open(proc.port)
     oscore = OscoreMeter(device.oscore, udp)
     try:
