@@ -157,7 +157,7 @@ async def test_rotated_oscore_context_is_refused_within_the_bound(
 
 async def test_contexts_stored_with_and_without_derived_keys_both_work(
     collector: RunningCollector,
-    udp: Udp,
+    udp: RawCoap,
     pool: asyncpg.Pool,
     device: ProvisionedDevice,
     credentials_key: str,
