@@ -234,14 +234,14 @@ def lifecycle(planned: list[Planned], states: dict[int, dict[str, Any]]) -> Life
     lines = [
         f"commands      {len(planned)} queued: "
         + ", ".join(f"{k} {v}" for k, v in sorted(count.items())),
-        f"  {'kind':<10}{'args':<24}{'meter':<16}{'id':>6} {'exec h':>6} {'runs':>4}  state",
+        f"  {'kind':<10}{'args':<24}{'meter':<28}{'id':>6} {'exec h':>6} {'runs':>4}  state",
     ]
     for p in planned:
         st = states.get(p.command_id, {})
         args = ",".join(f"{k}={v}" for k, v in p.args.items()) or "-"
         state = st.get("state", "missing") + (f" ({st['reason']})" if st.get("reason") else "")
         lines.append(
-            f"  {p.kind:<10}{args:<24}{p.address:<16}{p.command_id:>6} "
+            f"  {p.kind:<10}{args:<24}{p.address:<28}{p.command_id:>6} "
             f"{p.executed_h:>6} {p.executions:>4}  {state}"
         )
     delivered = sum(1 for p in planned if p.executions)
