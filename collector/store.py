@@ -322,12 +322,20 @@ class BatchStore:
             tenant = rnd.plain_tenant
             wanted |= {(tenant, a) for a in ring.asked if is_pg_text(a)}
         pending = await self._keys.pending(conn, wanted) if wanted else {}
-        if not pending:
+        # a key promoted meanwhile (by the rotate_key answer, or another collector) is
+        # newer than this process's cache: tried too, and the cache refreshed
+        current = await self._keys.get(conn, wanted, fresh=True) if wanted else {}
+        newer = {
+            pair: (0, aes) for pair, aes in current.items()
+            if aes is not None and dict.get(ring, pair[1]) != aes
+        }  # fmt: skip
+        candidates = {**newer, **pending}
+        if not candidates:
             return dec
         # a device's frame: only if its own meter has a pending key; a plain frame: always
-        retried = [i for i in failed if i not in device_pair or device_pair[i] in pending]
+        retried = [i for i in failed if i not in device_pair or device_pair[i] in candidates]
         idx = np.asarray(retried, np.int64)
-        keys = {**ring, **{a: k for (_, a), (_, k) in pending.items()}}
+        keys = {**ring, **{a: k for (_, a), (_, k) in candidates.items()}}
         retry = self._decoded([frames[i] for i in idx], rx[idx], KeyRing(keys), rnd.scope)
         confirmed: dict[Pair, tuple[int, bytes]] = {}
         for local in np.flatnonzero(retry.error_code == ErrorCode.OK).tolist():
@@ -338,9 +346,10 @@ class BatchStore:
             )
             if pair in pending:
                 confirmed[pair] = pending[pair]
-        if not confirmed:
+        if not confirmed and not (retry.error_code == ErrorCode.OK).any():
             return dec
-        await self._keys.promote(conn, confirmed)
+        if confirmed:
+            await self._keys.promote(conn, confirmed)
         rest = np.setdiff1d(np.arange(len(frames), dtype=np.int64), idx)
         again = self._decoded([frames[i] for i in rest], rx[rest], KeyRing(dict(ring)), rnd.scope)
         return concat([(rest, again), (idx, retry)], len(frames))

@@ -42,6 +42,7 @@ class MeterState:
     clock_offset_s: int = 0  # the meter's clock minus the true time
     interval_s: int = 3600
     report_time: str | None = None
+    aes_key: bytes | None = None  # the OMS key a rotate_key gave it (None: its first)
 
 
 @dataclass
@@ -80,6 +81,8 @@ class CommandExecutor:
             self.state.valve_closed = args["action"] == "close"
         elif kind == "clock":
             self.state.clock_offset_s = int(args["utc_s"]) - now_s
+        elif kind == "rotate_key" and "aes_key" in args:
+            self.state.aes_key = bytes.fromhex(args["aes_key"])
         elif kind == "reporting":
             self.state.interval_s = int(args.get("interval_s", self.state.interval_s))
             self.state.report_time = args.get("report_time", self.state.report_time)

@@ -11,4 +11,18 @@
 ALTER TABLE device_credentials
     ADD COLUMN aes_key_pending_sealed bytea
         CHECK (aes_key_pending_sealed IS NULL OR length(aes_key_pending_sealed) = 12 + 16 + 16),
-    ADD COLUMN aes_key_pending_at timestamptz;
+    ADD COLUMN aes_key_pending_at timestamptz,
+    -- the rotate_key command that staged the pending key, and the one whose key is the
+    -- current one: a command sent again after its key was confirmed carries that key
+    -- again instead of staging another (which its device, answering from memory, would
+    -- never take)
+    ADD COLUMN aes_key_pending_command bigint,
+    ADD COLUMN aes_key_command bigint;
+
+-- The command that starts a rollover (decoder.commands: OMS meters). Its args are empty:
+-- the collector stages the new key when it first sends the command and puts it in the
+-- envelope (OSCORE-protected, or MQTT over TLS); the key never passes through the API.
+-- The device's acknowledgement confirms the key as its first frame under it would.
+ALTER TABLE commands DROP CONSTRAINT commands_kind_check;
+ALTER TABLE commands ADD CONSTRAINT commands_kind_check
+    CHECK (kind IN ('valve', 'clock', 'reporting', 'rotate_key'));

@@ -94,3 +94,63 @@ async def test_oscore_oms_meter_confirms_the_new_key_by_its_first_frame(
         await client.shutdown()
     assert await _keys(pool, device.meter_id, credentials_key) == [new, None]
     assert [r[0] for r in await pool.fetch(READINGS, device.meter_id)] == [s[1] for s in sent]
+
+
+@pytest.mark.parametrize("answer_lost", [True, False])
+async def test_rotate_key_command_never_strands_the_meter(
+    collector: RunningCollector, pool: asyncpg.Pool, db_url: str, tenant_slug: str,
+    credentials_key: str, answer_lost: bool,
+) -> None:  # fmt: skip
+    """A rotate_key queued while the meter sleeps rides on its next 2.04 with a key the
+    collector staged (never in the API's args); the meter switches. Its answer lost once:
+    the next frame, under the new key, is stored and confirms the key, and the command
+    sent again is answered from memory and acknowledged. Its answer arriving: the answer
+    confirms the key. Either way every frame is stored and the old key is gone."""
+    from test_downlink import queue_command
+
+    from simulator.commands import CommandExecutor
+
+    address, old = oms_address(), secrets.token_bytes(16)
+    device = await provision_device(
+        db_url, tenant_slug, address, credentials_key=credentials_key, meter_format="oms",
+        aes_key=old,
+    )  # fmt: skip
+    cid = await queue_command(pool, device, "rotate_key")
+    assert await pool.fetchval("SELECT args FROM commands WHERE command_id = $1", cid) == "{}"
+    meter = CommandExecutor(address, "oms")
+    client = await oscore_client(collector.coap_port, device.oscore)
+    base = f"coap://127.0.0.1:{collector.coap_port}"
+
+    async def post(path: str, payload: bytes) -> aiocoap.Message:
+        msg = aiocoap.Message(code=aiocoap.POST, uri=f"{base}/{path}", payload=payload)
+        response = await client.request(msg).response
+        assert response.code == aiocoap.CHANGED, response.payload
+        return response
+
+    try:
+        envelope = (await post("u", oms_frame(address, old, 3_000_000, hour(60)))).payload
+        answer = meter.handle(envelope, 0)
+        new = meter.state.aes_key
+        assert answer is not None
+        assert new is not None
+        assert new != old
+        assert await _keys(pool, device.meter_id, credentials_key) == [old, new]
+        if not answer_lost:
+            await post("c", answer)
+            assert await _keys(pool, device.meter_id, credentials_key) == [new, None]
+        again = (await post("u", oms_frame(address, new, 3_100_000, hour(61)))).payload
+        assert await _keys(pool, device.meter_id, credentials_key) == [new, None]
+        if answer_lost:  # sent again in this window, with the same key: answered from memory
+            assert meter.handle(again, 0) == answer
+            await post("c", answer)
+        else:
+            assert not again
+        await post("u", oms_frame(address, new, 3_200_000, hour(62)))
+    finally:
+        await client.shutdown()
+    state = await pool.fetchrow("SELECT state, attempts FROM commands WHERE command_id = $1", cid)
+    assert (state["state"], state["attempts"]) == ("acknowledged", 2 if answer_lost else 1)
+    assert meter.executed[cid] == 1
+    assert [r[0] for r in await pool.fetch(READINGS, device.meter_id)] == [
+        3_000_000, 3_100_000, 3_200_000,
+    ]  # fmt: skip
