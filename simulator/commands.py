@@ -13,9 +13,9 @@ interval/SenML devices act on `args`. The effects land in `MeterState`: a closed
 (the frames then carry the valve flag and no consumption), the clock offset (a set clock
 has none left), the reporting interval and time.
 
-Not yet wired into `sim run` (issue 13, item 5): the runner must queue commands through
-the API, hand each 2.04 payload here and post the answer, the truth must apply the state
-from the hour a command executed, and `sim verify` must check each command's lifecycle.
+`sim run --commands N` drives it (`simulator.command_run`): commands queued through the
+API, each 2.04's payload handed here, the answer posted to `/c`, the truth changed from
+the hour a command executed. A rotate_key (OMS) keeps the key it carried in the state.
 """
 
 from __future__ import annotations
