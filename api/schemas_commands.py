@@ -9,14 +9,16 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from api.schemas import Address, Format, Integer, Kind
 
-CommandKind = Literal["valve", "clock", "reporting"]
+CommandKind = Literal["valve", "clock", "reporting", "rotate_key"]
 CommandState = Literal["queued", "sent", "acknowledged", "failed", "expired", "cancelled"]
 IdempotencyKey = Annotated[str, StringConstraints(pattern=r"^[!-~]{1,200}$")]
 ArgValue = Annotated[str, StringConstraints(max_length=64)] | Integer
 TtlS = Annotated[Integer, Field(ge=60, le=30 * 86400, description="seconds until it expires")]
 _ARGS_DOC = (
     "valve: {action: open|close}; clock: {} (the collector's clock when it is sent);"
-    " reporting: {interval_s: 60..604800, report_time: 'HH:MM'} (senml/interval meters)"
+    " reporting: {interval_s: 60..604800, report_time: 'HH:MM'} (senml/interval meters);"
+    " rotate_key: {} (OMS meters: a new AES key, staged beside the current one by the"
+    " collector; the old key is accepted until the device confirms the new one)"
 )
 
 

@@ -17,6 +17,7 @@ Raises ValueError for a message that is not a result; StorageError from storage.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import defaultdict
 from typing import Final, TypeAlias
@@ -25,9 +26,9 @@ import structlog
 
 from collector import metrics
 from decoder.commands import downlink, parse_results
-from storage import mailbox
+from storage import credentials, mailbox
 from storage.errors import StorageError
-from storage.pool import Pool, connection
+from storage.pool import Connection, Pool, connection
 
 log = structlog.get_logger("collector.downlink")
 
@@ -41,8 +42,9 @@ EXPIRE_EVERY_S: Final = 10.0
 class Downlinks:
     """Claims pending commands in batches and records answers, on one pool."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, credentials_key: bytes | None = None) -> None:
         self._pool = pool
+        self._key = credentials_key  # opens/seals the AES keys a rotate_key carries
         self._waiting: dict[Key, list[asyncio.Future[bytes]]] = defaultdict(list)
         self._flushing: set[asyncio.Task[None]] = set()
         self._expired_at = 0.0
@@ -80,6 +82,8 @@ class Downlinks:
             async with connection(self._pool, "claiming commands", timeout_s=4.0) as conn:
                 claimed = await mailbox.claim(conn, meter_ids=ids) if ids else []
                 by_topic = await mailbox.claim(conn, topics=topics) if topics else []
+                claimed = await self._with_keys(conn, claimed)
+                by_topic = await self._with_keys(conn, by_topic)
             per_key: dict[Key, list[mailbox.Claimed]] = defaultdict(list)
             for c in claimed:
                 per_key[c.meter_id].append(c)
@@ -96,11 +100,33 @@ class Downlinks:
                     if not future.done():
                         future.set_result(envelopes.get(key, b""))
 
+    async def _with_keys(
+        self, conn: Connection, claimed: list[mailbox.Claimed]
+    ) -> list[mailbox.Claimed]:
+        """A rotate_key command carries the meter's pending AES key (staged on first send,
+        the same one when resent); without a credentials key it goes out without one and
+        the device refuses it."""
+        out = []
+        for c in claimed:
+            if c.pending.kind == "rotate_key" and self._key is not None:
+                aes = await credentials.pending_aes_key(
+                    conn, self._key, c.meter_id, c.pending.command_id
+                )
+                if aes is not None:
+                    args = {**c.pending.args, "aes_key": aes.hex()}
+                    c = dataclasses.replace(c, pending=dataclasses.replace(c.pending, args=args))
+            out.append(c)
+        return out
+
     async def answer(self, meter_id: int, address: str, payload: bytes) -> dict[int, str]:
-        """Record the device's answers to its own commands (see the module docstring)."""
+        """Record the device's answers to its own commands (see the module docstring); an
+        acknowledged rotate_key makes the meter's pending AES key its current one."""
         results = parse_results(payload, address)
         async with connection(self._pool, "recording command results") as conn:
             outcome = await mailbox.record_results(conn, meter_id, results)
+            ids = [cid for cid, what in outcome.items() if what != "unknown"]
+            if ids and await credentials.promote_acknowledged_rotation(conn, meter_id, ids):
+                log.info("aes_key.promoted", meter_id=meter_id, by="answer")
         metrics.COMMANDS.labels("answered").inc(sum(v == "recorded" for v in outcome.values()))
         log.info("downlink.answered", meter_id=meter_id, outcome=outcome)
         return outcome

@@ -35,10 +35,13 @@ class KeyRing(dict[str, bytes]):
         """Start with `keys` and no recorded misses."""
         super().__init__(keys or {})
         self.missed: set[str] = set()
+        self.asked: set[str] = set()  # every meter id looked up (key rollover: the pending)
 
     def get(self, meter_id: str, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
         """The key of `meter_id`, recording a miss (the decoder's lookup)."""
         found = super().get(meter_id)
+        if meter_id != "*":
+            self.asked.add(meter_id)
         if found is None:
             if meter_id != "*":  # the decoder's wildcard fallback, not a meter
                 self.missed.add(meter_id)
@@ -101,6 +104,30 @@ class MeterKeys:
         except credentials.CredentialsError:
             log.error("aes_key.unopenable", meter_id=sealed[0])
             return None
+
+    async def pending(
+        self, conn: Connection, pairs: Iterable[Pair]
+    ) -> dict[Pair, tuple[int, bytes]]:
+        """(meter_id, pending key) of the pairs with a key staged beside the current one
+        (always from the database: asked only for frames the current key did not open)."""
+        if self._key is None:
+            return {}
+        found = await credentials.sealed_pending_aes_keys(conn, pairs)
+        out: dict[Pair, tuple[int, bytes]] = {}
+        for pair, sealed in found.items():
+            aes = self._open(sealed)
+            if aes is not None:
+                out[pair] = (sealed[0], aes)
+        return out
+
+    async def promote(self, conn: Connection, confirmed: dict[Pair, tuple[int, bytes]]) -> None:
+        """The devices in `confirmed` sent under their pending key: it becomes current."""
+        done = set(await credentials.promote_aes_keys(conn, [m for m, _ in confirmed.values()]))
+        expires = time.monotonic() + self._ttl_s
+        for pair, (meter_id, aes) in confirmed.items():
+            if meter_id in done:
+                self._cache[pair] = (aes, expires)
+                log.info("aes_key.promoted", meter_id=meter_id)
 
     def forget(self) -> None:
         """Drop every cached entry (after keys were rotated)."""

@@ -88,7 +88,7 @@ async def run(
             connect_timeout_s=5.0, command_timeout_s=30.0, reset=keep_session,
         )  # fmt: skip
     http = metrics.serve(settings.metrics_host, settings.metrics_port)
-    downlinks = Downlinks(pool)  # the mailbox's commands, in each device's window
+    downlinks = Downlinks(pool, key)  # the mailbox's commands, in each device's window
     down = MqttDownlink(settings.mqtt_url, settings.mqtt, downlinks) if settings.mqtt_url else None
     mqtt = (
         MqttSubscriber(

@@ -282,7 +282,7 @@ class BatchStore:
         ring = KeyRing(rnd.keys)
         dec = self._decoded(frames, rx, ring, rnd.scope)
         if not ring.missed or not (dec.error_code == ErrorCode.NO_KEY).any():
-            return dec
+            return await self._with_pending_keys(conn, uplinks, rnd, frames, rx, dec, ring)
         # a key was missing: load the asked-for keys fresh (one provisioned since the
         # cache said "none"), and decode the round again if that found any
         if rnd.plain_tenant is not None:
@@ -295,7 +295,65 @@ class BatchStore:
         more = {a: k for (_, a), k in found.items() if k is not None and a not in rnd.keys}
         if not more:
             return dec
-        return self._decoded(frames, rx, KeyRing({**rnd.keys, **more}), rnd.scope)
+        ring = KeyRing({**rnd.keys, **more})
+        dec = self._decoded(frames, rx, ring, rnd.scope)
+        return await self._with_pending_keys(conn, uplinks, rnd, frames, rx, dec, ring)
+
+    async def _with_pending_keys(
+        self, conn: Connection, uplinks: list[Uplink], rnd: _Round, frames: list[bytes],
+        rx: np.ndarray, dec: Decoded, ring: KeyRing,
+    ) -> Decoded:  # fmt: skip
+        """Key rollover (migration 0047): the frames the current key did not decrypt, of
+        meters with a key staged beside it, decoded again with that key; those that now
+        decode confirm it (it becomes the current key) and replace their failed rows.
+
+        An authenticated device's frame is its own meter's; a plain CoAP frame names its
+        meter only inside (a failed frame's meter id is not reported), so the pending keys
+        of every meter id the round looked up are tried."""
+        failed = np.flatnonzero(dec.error_code == ErrorCode.DECRYPT_FAILED).tolist()
+        if not failed:
+            return dec
+        device_pair: dict[int, Pair] = {}
+        for i in failed:
+            device = uplinks[rnd.rows[i]].device
+            if device is not None:
+                device_pair[i] = (device.tenant_id, device.address)
+        wanted = set(device_pair.values())
+        if rnd.plain_tenant is not None and len(device_pair) < len(failed):
+            tenant = rnd.plain_tenant
+            wanted |= {(tenant, a) for a in ring.asked if is_pg_text(a)}
+        pending = await self._keys.pending(conn, wanted) if wanted else {}
+        # a key promoted meanwhile (by the rotate_key answer, or another collector) is
+        # newer than this process's cache: tried too, and the cache refreshed
+        current = await self._keys.get(conn, wanted, fresh=True) if wanted else {}
+        newer = {
+            pair: (0, aes) for pair, aes in current.items()
+            if aes is not None and dict.get(ring, pair[1]) != aes
+        }  # fmt: skip
+        candidates = {**newer, **pending}
+        if not candidates:
+            return dec
+        # a device's frame: only if its own meter has a pending key; a plain frame: always
+        retried = [i for i in failed if i not in device_pair or device_pair[i] in candidates]
+        idx = np.asarray(retried, np.int64)
+        keys = {**ring, **{a: k for (_, a), (_, k) in candidates.items()}}
+        retry = self._decoded([frames[i] for i in idx], rx[idx], KeyRing(keys), rnd.scope)
+        confirmed: dict[Pair, tuple[int, bytes]] = {}
+        for local in np.flatnonzero(retry.error_code == ErrorCode.OK).tolist():
+            row = int(idx[local])
+            pair = device_pair.get(row) or (
+                rnd.plain_tenant or -1,
+                str(retry.meter_of_frame[local]),
+            )
+            if pair in pending:
+                confirmed[pair] = pending[pair]
+        if not confirmed and not (retry.error_code == ErrorCode.OK).any():
+            return dec
+        if confirmed:
+            await self._keys.promote(conn, confirmed)
+        rest = np.setdiff1d(np.arange(len(frames), dtype=np.int64), idx)
+        again = self._decoded([frames[i] for i in rest], rx[rest], KeyRing(dict(ring)), rnd.scope)
+        return concat([(rest, again), (idx, retry)], len(frames))
 
     def _decoded(
         self, frames: list[bytes], rx: np.ndarray, ring: KeyRing, scope: str | None

@@ -45,10 +45,10 @@ SUPPORTED: Final[Mapping[str, frozenset[str]]] = {
     "cjt188": frozenset({"valve", "clock"}),
     "senml": frozenset({"valve", "clock", "reporting"}),
     "interval": frozenset({"valve", "clock", "reporting"}),
-    "oms": frozenset(),
+    "oms": frozenset({"rotate_key"}),  # the AES key (migration 0047), not a meter write
     "mbus": frozenset(),
 }
-KINDS: Final = ("valve", "clock", "reporting")
+KINDS: Final = ("valve", "clock", "reporting", "rotate_key")
 # CJ/T 188 write DIs (big-endian on the wire, as the published valve frames)
 _DI_VALVE, _DI_CLOCK = b"\xa0\x17", b"\xa0\x15"
 _VALVE_CODES: Final = {"open": 0x55, "close": 0x99}
@@ -89,7 +89,10 @@ def check_args(kind: str, meter_format: str, args: Mapping[str, Any]) -> dict[st
     if kind not in SUPPORTED.get(meter_format, frozenset()):
         msg = f"a {meter_format} meter cannot take a {kind} command"
         raise ValueError(msg)
-    allowed = {"valve": {"action"}, "clock": set(), "reporting": {"interval_s", "report_time"}}
+    allowed: dict[str, set[str]] = {
+        "valve": {"action"}, "clock": set(), "reporting": {"interval_s", "report_time"},
+        "rotate_key": set(),  # the collector adds the new key when it sends the command
+    }  # fmt: skip
     extra = sorted(set(args) - allowed[kind])
     if extra:
         msg = f"{kind}: unknown argument(s) {extra}"
@@ -99,8 +102,8 @@ def check_args(kind: str, meter_format: str, args: Mapping[str, Any]) -> dict[st
             msg = "valve: action must be 'open' or 'close'"
             raise ValueError(msg)
         return {"action": args["action"]}
-    if kind == "clock":
-        return {}  # the collector's clock at the moment of sending
+    if kind in ("clock", "rotate_key"):
+        return {}  # the collector's clock / the key it stages, at the moment of sending
     interval = args.get("interval_s")
     report_time = args.get("report_time")
     if interval is None and report_time is None:

@@ -101,6 +101,16 @@ class Backend:
         items = [m for m in page["items"] if m.get("removed_at") is None] or page["items"]
         return items[0] if items else None
 
+    async def queue_command(self, meter_id: int, body: dict[str, Any]) -> dict[str, Any]:
+        """Queue a command for a meter (the mailbox); returns the command."""
+        out: dict[str, Any] = await self._call("POST", f"/v1/meters/{meter_id}/commands", json=body)
+        return out
+
+    async def command(self, command_id: int) -> dict[str, Any]:
+        """One command as the mailbox has it now."""
+        out: dict[str, Any] = await self._call("GET", f"/v1/commands/{command_id}")
+        return out
+
     async def cycle_reads(self, cycle: date) -> AsyncIterator[dict[str, Any]]:
         """Every meter's cycle read rows (the NDJSON export)."""
         path = f"/v1/cycles/{cycle.isoformat()}/reads"

@@ -136,8 +136,10 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         delivery: Delivery | None = None,
         extra_copies: int = 0,
         time_scale: float = 1.0,
+        path: str = "u",
     ) -> CoapResult:
-        """POST `payload` to /u and return the response, acting out `delivery`.
+        """POST `payload` to /`path` (/u: uplinks, /c: command answers) and return the
+        response, acting out `delivery`.
 
         `extra_copies` ACKs are ignored (as if lost), each causing one retransmission.
         """
@@ -150,7 +152,7 @@ class CoapEndpoint(asyncio.DatagramProtocol):
             _mtype=mtype,
             code=aiocoap.POST,
             payload=payload,
-            uri_path=("u",),
+            uri_path=(path,),
             uri_query=query,
         )
         request_id = None

@@ -13,9 +13,9 @@ interval/SenML devices act on `args`. The effects land in `MeterState`: a closed
 (the frames then carry the valve flag and no consumption), the clock offset (a set clock
 has none left), the reporting interval and time.
 
-Not yet wired into `sim run` (issue 13, item 5): the runner must queue commands through
-the API, hand each 2.04 payload here and post the answer, the truth must apply the state
-from the hour a command executed, and `sim verify` must check each command's lifecycle.
+`sim run --commands N` drives it (`simulator.command_run`): commands queued through the
+API, each 2.04's payload handed here, the answer posted to `/c`, the truth changed from
+the hour a command executed. A rotate_key (OMS) keeps the key it carried in the state.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class MeterState:
     clock_offset_s: int = 0  # the meter's clock minus the true time
     interval_s: int = 3600
     report_time: str | None = None
+    aes_key: bytes | None = None  # the OMS key a rotate_key gave it (None: its first)
 
 
 @dataclass
@@ -80,6 +81,8 @@ class CommandExecutor:
             self.state.valve_closed = args["action"] == "close"
         elif kind == "clock":
             self.state.clock_offset_s = int(args["utc_s"]) - now_s
+        elif kind == "rotate_key" and "aes_key" in args:
+            self.state.aes_key = bytes.fromhex(args["aes_key"])
         elif kind == "reporting":
             self.state.interval_s = int(args.get("interval_s", self.state.interval_s))
             self.state.report_time = args.get("report_time", self.state.report_time)

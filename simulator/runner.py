@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from simulator import backlog, frames
 from simulator.backlog import ACKED, DeviceLog
 from simulator.coap import CoapEndpoint, CoapResult, DeviceContext, OscoreCredentials
+from simulator.command_run import CommandDriver
 from simulator.dtls import DtlsDevices
 from simulator.faults import Outcome
 from simulator.fleet import SECONDS_PER_DAY, Transport
@@ -104,6 +105,8 @@ class Summary:
     resends: list[Uplink] = field(default_factory=list)
     unacked: Counter[str] = field(default_factory=Counter)
     refused_good: list[tuple[int, str]] = field(default_factory=list)
+    adjusted: dict[int, Uplink] = field(default_factory=dict)  # sent as a command changed it
+    answers: Counter[str] = field(default_factory=Counter)  # command answers POSTed to /c
 
     @property
     def rate(self) -> float:
@@ -121,7 +124,8 @@ class Summary:
 
     def uplinks(self, scheduled: list[Uplink]) -> list[Uplink]:
         """What was sent: the schedule (widened where a backlog rode along), then resends."""
-        return [self.sent_as.get(u.seq, u) for u in scheduled] + sorted(
+        got = self.adjusted
+        return [got.get(u.seq) or self.sent_as.get(u.seq, u) for u in scheduled] + sorted(
             self.resends, key=lambda u: u.seq
         )
 
@@ -143,6 +147,10 @@ class Summary:
             f"unacknowledged {sum(self.unacked.values())} reports at the end: {unacked}",
             f"rejected      {sum(self.rejected.values())}: {rejected}",
         ]
+        if self.answers:
+            out.append(
+                "command answers " + ", ".join(f"{k} {v}" for k, v in sorted(self.answers.items()))
+            )
         if self.refused_good:
             out.append(
                 f"REFUSED       {len(self.refused_good)} uplinks of good readings: "
@@ -221,6 +229,7 @@ class Sender:
         self.seqs_start = first_resend_seq  # resends are numbered from here on
         self.seqs = itertools.count(first_resend_seq)
         self.summary = Summary()
+        self.commands: CommandDriver | None = None  # the run's commands (simulator.command_run)
         self.dtls = DtlsDevices(config.coap_host, config.coaps_port)
         secret = creds.get(PLATFORM_SECRET)
         self.platform = (
@@ -280,6 +289,11 @@ class Sender:
     async def _one(self, up: Uplink, log: DeviceLog) -> str:
         """Send one planned uplink, record its result and log it again if not acked."""
         s = self.summary
+        if self.commands is not None:
+            moved = self.commands.adjust(up)
+            if moved is not up and up.resend_of < 0:
+                s.adjusted[up.seq] = moved
+            up = moved
         if up.resend_of >= 0:
             if up.seq >= self.seqs_start:
                 s.resends.append(up)
@@ -335,6 +349,8 @@ class Sender:
                 return "timeout"
             if result.code.startswith("2."):
                 s.acknowledged += 1
+                if result.payload and context is not None and self.commands is not None:
+                    await self._answer(up, result.payload, ep, context)
                 return ACKED
             if result.code == "5.03":
                 return f"busy: {_reason(result)}"
@@ -358,6 +374,21 @@ class Sender:
         elif backlog.category(word) == "timeout":
             s.timeouts += 1
         return word
+
+    async def _answer(
+        self, up: Uplink, payload: bytes, ep: CoapEndpoint, context: DeviceContext
+    ) -> None:
+        """Execute the commands a 2.04 carried; POST the meter's answer to /c (OSCORE)."""
+        assert self.commands is not None
+        reply = self.commands.answer(up, payload)
+        if reply is None:
+            return
+        result = await ep.post(
+            reply, confirmable=True, context=context, time_scale=self.config.time_scale,
+            path="c",
+        )  # fmt: skip
+        # unanswered: the collector sends the command again next window, answered from memory
+        self.summary.answers[result.code or "timeout"] += 1
 
     async def _send_dtls(self, up: Uplink, payload: bytes) -> str:
         s, meter = self.summary, self.truth.meters[up.meter]
@@ -438,15 +469,22 @@ async def send_all(
     *,
     progress: bool = True,
     events: list[tuple[int, Callable[[], Awaitable[None]]]] | None = None,
+    commands: CommandDriver | None = None,
 ) -> Summary:
     """Send every uplink (in schedule order) and return the summary.
 
     `events` are (virtual instant, action) pairs in time order, such as a meter exchange
     registered with the backend: before the first uplink sent at or after an event's
     instant, every earlier uplink is finished and then the action is awaited.
+    `commands` (simulator.command_run) adds its queueing events, executes what a 2.04
+    carries and answers it over OSCORE `POST /c`.
     """
     sender = Sender(truth, creds, config, first_resend_seq=len(uplinks))
     todo = list(events or [])
+    if commands is not None:  # queued through the API at their virtual instants
+        commands.registers = sender.registers
+        sender.commands = commands
+        todo = sorted(todo + commands.events(), key=lambda e: e[0])
     running: set[asyncio.Task[None]] = set()
     await sender.open()
     bar = Progress(len(uplinks), progress)

@@ -486,3 +486,98 @@ async def sealed_aes_keys(
         [a for _, a in wanted],
     )
     return {(int(r[0]), str(r[1])): (int(r[2]), bytes(r[3])) for r in rows}
+
+
+async def stage_aes_key(
+    conn: asyncpg.Connection, key: bytes, meter_id: int, aes_key: bytes,
+    command_id: int | None = None,
+) -> bool:  # fmt: skip
+    """Stage `aes_key` as `meter_id`'s pending OMS key beside its current one (migration
+    0047), by rotate_key `command_id` if any; False when the meter has no current AES key.
+    ValueError unless 16 bytes."""
+    if len(aes_key) != AES_KEY_BYTES:
+        msg = f"an OMS AES key is {AES_KEY_BYTES} bytes (got {len(aes_key)})"
+        raise ValueError(msg)
+    done = await conn.execute(
+        "UPDATE device_credentials SET aes_key_pending_sealed = $2, aes_key_pending_at = now(),"
+        " aes_key_pending_command = $3 WHERE meter_id = $1 AND aes_key_sealed IS NOT NULL",
+        meter_id,
+        seal(key, aes_key, meter_id, _AES_PURPOSE),
+        command_id,
+    )
+    return done.split()[-1] == "1"
+
+
+async def sealed_pending_aes_keys(
+    conn: asyncpg.Connection, pairs: Iterable[tuple[int, str]]
+) -> dict[tuple[int, str], tuple[int, bytes]]:
+    """(meter_id, sealed pending AES key) of the active meters (tenant_id, address) in
+    `pairs` that have one; open each with `open_aes_key`."""
+    wanted = sorted(set(pairs))
+    if not wanted:
+        return {}
+    rows = await conn.fetch(
+        "SELECT m.tenant_id, m.address, m.meter_id, c.aes_key_pending_sealed FROM meters m"
+        " JOIN unnest($1::bigint[], $2::text[]) AS w(tenant_id, address)"
+        " ON m.tenant_id = w.tenant_id AND m.address = w.address"
+        " JOIN device_credentials c ON c.meter_id = m.meter_id"
+        " WHERE m.removed_at IS NULL AND c.aes_key_pending_sealed IS NOT NULL",
+        [t for t, _ in wanted],
+        [a for _, a in wanted],
+    )
+    return {(int(r[0]), str(r[1])): (int(r[2]), bytes(r[3])) for r in rows}
+
+
+async def promote_aes_keys(conn: asyncpg.Connection, meter_ids: Iterable[int]) -> list[int]:
+    """The pending AES key becomes the current one (the device confirmed it); returns the
+    meter ids promoted (a meter with no pending key any more is left as it is)."""
+    rows = await conn.fetch(
+        "UPDATE device_credentials SET aes_key_sealed = aes_key_pending_sealed,"
+        " aes_key_command = aes_key_pending_command, aes_key_pending_sealed = NULL,"
+        " aes_key_pending_at = NULL, aes_key_pending_command = NULL, rotated_at = now()"
+        " WHERE meter_id = ANY($1::bigint[]) AND aes_key_pending_sealed IS NOT NULL"
+        " RETURNING meter_id",
+        sorted(set(meter_ids)),
+    )
+    return [int(r[0]) for r in rows]
+
+
+async def pending_aes_key(
+    conn: asyncpg.Connection, key: bytes, meter_id: int, command_id: int
+) -> bytes | None:
+    """The AES key rotate_key `command_id` carries to `meter_id`: the key it staged
+    (pending, or already confirmed and current), else a fresh one staged now. None when
+    the meter has no current key to roll over from."""
+    row = await conn.fetchrow(
+        "SELECT aes_key_sealed, aes_key_command, aes_key_pending_sealed,"
+        " aes_key_pending_command FROM device_credentials"
+        " WHERE meter_id = $1 AND aes_key_sealed IS NOT NULL",
+        meter_id,
+    )
+    if row is None:
+        return None
+    if row["aes_key_pending_command"] == command_id and row["aes_key_pending_sealed"]:
+        return open_aes_key(key, meter_id, bytes(row["aes_key_pending_sealed"]))
+    if row["aes_key_command"] == command_id:  # confirmed by a frame under it already
+        return open_aes_key(key, meter_id, bytes(row["aes_key_sealed"]))
+    fresh = secrets.token_bytes(AES_KEY_BYTES)
+    return fresh if await stage_aes_key(conn, key, meter_id, fresh, command_id) else None
+
+
+async def promote_acknowledged_rotation(
+    conn: asyncpg.Connection, meter_id: int, command_ids: Sequence[int]
+) -> bool:
+    """Promote `meter_id`'s pending AES key if the rotate_key command that staged it is
+    among `command_ids` and acknowledged (the device confirmed it by answering)."""
+    done = await conn.execute(
+        "UPDATE device_credentials SET aes_key_sealed = aes_key_pending_sealed,"
+        " aes_key_command = aes_key_pending_command, aes_key_pending_sealed = NULL,"
+        " aes_key_pending_at = NULL, aes_key_pending_command = NULL, rotated_at = now()"
+        " WHERE meter_id = $1 AND aes_key_pending_sealed IS NOT NULL"
+        " AND aes_key_pending_command = ANY($2::bigint[]) AND EXISTS ("
+        " SELECT 1 FROM commands WHERE command_id = aes_key_pending_command"
+        " AND kind = 'rotate_key' AND state = 'acknowledged')",
+        meter_id,
+        list(command_ids),
+    )
+    return done.split()[-1] == "1"

@@ -3,7 +3,8 @@
 The same storage calls as the API's /v1/.../commands routes: a command waits until its
 meter is next heard from, and a running collector sends it in that window. `send` and
 `bulk` take the command kind and `--arg name=value` (valve: action=open|close; clock:
-none; reporting: interval_s=900 and/or report_time=02:30). Commands record `cli:<user>`.
+none; reporting: interval_s=900 and/or report_time=02:30; rotate_key: none, OMS meters:
+the collector stages the new AES key). Commands record `cli:<user>`.
 Output is JSON (`list`: one line per command).
 """
 
@@ -170,7 +171,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["send", "bulk", "list", "show", "cancel", "job"])
     parser.add_argument("id", nargs="?", type=int, help="show/cancel: command id; job: job id")
     parser.add_argument("--tenant", required=True, help="tenant slug")
-    parser.add_argument("--kind", dest="what", choices=["valve", "clock", "reporting"])
+    parser.add_argument(
+        "--kind", dest="what", choices=["valve", "clock", "reporting", "rotate_key"]
+    )
     parser.add_argument(
         "--arg", action="append", type=_arg, help="name=value, e.g. action=close (repeatable)"
     )

@@ -4,8 +4,9 @@ Starts the collector (CoAP + MQTT, coaps with the `dtls` extra, the platform pus
 and the billing API as background processes, creates a fresh demo tenant with an admin API
 key, runs the simulator's fleet (1,000 meters over one billing cycle, every fault class on;
 a tenth on DTLS-PSK and a tenth behind an emulated OneNET platform) through the real
-transports, then `sim verify`
-compares the API's billing-cycle reads with the ground truth and plots one meter. The
+transports (queueing commands on the way: valves closed and opened again, clock sets,
+reporting changes), then `sim verify` compares the API's billing-cycle reads with the
+ground truth, plots one meter and ends with the command lifecycle table. The
 collector and the API stay up afterwards so the printed curl works; `nbmeter demo --stop`
 stops them. Exit status is verify's.
 """
@@ -190,7 +191,7 @@ def _run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     code = _sim(
         ["run", "--meters", str(args.meters), "--days", str(args.days), "--seed", "1",
-         "--faults", "all", "--loss", "0.02", "--time-scale", "1",
+         "--faults", "all", "--loss", "0.02", "--time-scale", "1", "--commands", "3",
          "--run-dir", str(run_dir), *shares, *common],
         sim_env,
     )  # fmt: skip

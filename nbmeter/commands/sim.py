@@ -24,13 +24,20 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from simulator import truthfile
+from simulator import command_run, truthfile
 from simulator.faults import FaultSpecError, format_faults, parse_faults
 from simulator.fleet import SECONDS_PER_DAY, SECONDS_PER_HOUR, FleetSpec
 from simulator.network import NetworkModel
 from simulator.schedule import build_schedule
 from simulator.truth import build_truth
+
+if TYPE_CHECKING:  # the heavy modules load only for the command that needs them
+    from simulator.provision import Provisioning
+    from simulator.runner import DeviceCredentials, RunConfig, Summary
+    from simulator.schedule import Uplink
+    from simulator.truth import Truth
 
 DEFAULT_RUN_DIR = "out/sim"
 # The virtual schedule runs past the period's end: each meter reports 1-5 h after every
@@ -183,7 +190,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     """
     from simulator.backend import BackendError, credentials_load
     from simulator.provision import save_run
-    from simulator.runner import RunConfig, send_all
+    from simulator.runner import RunConfig
 
     try:
         truth, uplinks = _build(args)
@@ -207,8 +214,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         else:  # exchanges are registered during the run, at their virtual time
             prov = _provisioning(args, truth, uplinks)
             creds = asyncio.run(prov.start(exchanges_now=False))
-        summary = asyncio.run(send_all(truth, uplinks, creds, config, progress=not args.quiet,
-                                       events=prov.events() if prov else None))  # fmt: skip
+        driver = _driver(args, truth, creds, prov.ids if prov else {})
+        summary = asyncio.run(_send(args, truth, uplinks, creds, config, prov, driver))
     except BackendError as exc:
         return _fail(str(exc))
     # the ground truth records what was sent: reports widened over a backlog, and resends
@@ -219,8 +226,68 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         truthfile.save(args.run_dir, truth, sent, truthfile.load_extra(args.run_dir))
     (args.run_dir / "results.json").write_text(json.dumps(summary.results))
+    if driver is not None:
+        driver.save(args.run_dir)
+    else:
+        (args.run_dir / command_run.COMMANDS_FILE).unlink(missing_ok=True)
     print("\n".join(summary.lines()))
     return 0 if summary.ok else 1
+
+
+def _driver(
+    args: argparse.Namespace, truth: Truth, creds: dict[str, DeviceCredentials],
+    ids: dict[str, int],
+) -> command_run.CommandDriver | None:  # fmt: skip
+    """The run's CommandDriver (simulator.command_run), or None without --commands."""
+    oscore = {a for a, c in creds.items() if c.oscore is not None}
+    planned = command_run.plan(truth, oscore, args.commands) if not args.plain_coap else []
+    if not planned:
+        return None
+    missing = sorted({p.address for p in planned} - set(ids))
+    if missing:  # --no-provision: the meter ids are in the saved manifest
+        ids = {**truthfile.load_extra(args.run_dir).get("meter_ids", {}), **ids}
+    return command_run.CommandDriver(truth, planned, _Queuer(args.api_url, args.api_key, ids))
+
+
+class _Queuer:
+    """Queues a run's commands through the API (one client, opened on first use)."""
+
+    def __init__(self, api_url: str, api_key: str, ids: dict[str, int]) -> None:
+        self.api_url, self.api_key, self.ids = api_url, api_key, ids
+        self.backend: Any = None
+
+    async def __call__(
+        self, address: str, kind: str, cmd_args: dict[str, Any], key: str, ttl_s: int
+    ) -> int:
+        from simulator.backend import Backend
+
+        if self.backend is None:
+            self.backend = Backend(self.api_url, self.api_key)
+        body = {"kind": kind, "args": cmd_args, "idempotency_key": key, "ttl_s": ttl_s}
+        out = await self.backend.queue_command(int(self.ids[address]), body)
+        return int(out["command_id"])
+
+    async def aclose(self) -> None:
+        """Close the client."""
+        if self.backend is not None:
+            await self.backend.close()
+
+
+async def _send(
+    args: argparse.Namespace, truth: Truth, uplinks: list[Uplink],
+    creds: dict[str, DeviceCredentials], config: RunConfig, prov: Provisioning | None,
+    driver: command_run.CommandDriver | None,
+) -> Summary:  # fmt: skip
+    from simulator.runner import send_all
+
+    try:
+        return await send_all(
+            truth, uplinks, creds, config, progress=not args.quiet,
+            events=prov.events() if prov else None, commands=driver,
+        )  # fmt: skip
+    finally:
+        if driver is not None and isinstance(driver.queue, _Queuer):
+            await driver.queue.aclose()
 
 
 def _cmd_device(args: argparse.Namespace) -> int:
@@ -240,8 +307,36 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         report = asyncio.run(fetch_and_check(args, truth, uplinks, extra))
     except (truthfile.TruthFileError, BackendError) as exc:
         return _fail(str(exc))
-    print("\n".join(report.table()))
-    return 0 if report.ok else 1
+    planned = command_run.load(args.run_dir)
+    lines = report.table()
+    if planned:  # the verdict comes after the command table
+        lines = [x for x in lines if not x.startswith("verify: ")]
+    print("\n".join(lines))
+    ok = report.ok
+    if planned:
+        try:
+            cycle = asyncio.run(_lifecycle(args, planned))
+        except BackendError as exc:
+            return _fail(str(exc))
+        print("\n".join(cycle.lines))
+        ok = ok and cycle.ok
+        print(f"verify: {'OK' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+async def _lifecycle(
+    args: argparse.Namespace, planned: list[command_run.Planned]
+) -> command_run.Lifecycle:
+    """The command lifecycle table of a run, from the mailbox through the API."""
+    from simulator.backend import Backend
+
+    backend = Backend(args.api_url, args.api_key)
+    try:
+        states = {p.command_id: await backend.command(p.command_id)
+                  for p in planned if p.command_id}  # fmt: skip
+    finally:
+        await backend.close()
+    return command_run.lifecycle(planned, states)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -259,6 +354,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="reuse credentials.json of --run-dir instead of provisioning")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="build and save truth, send nothing")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--commands", type=int, default=0, metavar="N",
+                   help="queue commands during the run: N meters' valves closed and opened"
+                   " again, clock sets, reporting changes (0: none)")  # fmt: skip
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("provision", help="register the fleet and its credentials")

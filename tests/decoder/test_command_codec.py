@@ -161,3 +161,14 @@ def test_check_args_normalizes_and_refuses() -> None:
     ]:
         with pytest.raises(ValueError, match=why):
             check_args(kind, fmt, args)
+
+
+def test_rotate_key_is_for_oms_meters_and_takes_no_key_from_the_caller() -> None:
+    """The AES key of a rollover is the collector's to stage: a caller cannot pass one."""
+    from decoder.commands import check_args
+
+    assert check_args("rotate_key", "oms", {}) == {}
+    with pytest.raises(ValueError, match="unknown argument"):
+        check_args("rotate_key", "oms", {"aes_key": "00" * 16})
+    with pytest.raises(ValueError, match="cannot take"):
+        check_args("rotate_key", "cjt188", {})

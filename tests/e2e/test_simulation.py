@@ -180,3 +180,30 @@ async def test_dtls_and_platform_meters_verify(stack: Stack, tmp_path: Path) -> 
     code, out = await _sim(stack, "verify", "--run-dir", run_dir)
     print(out)
     assert code == 0, out
+
+
+@pytest.mark.timeout(1200)
+async def test_commands_during_a_run_verify(stack: Stack, tmp_path: Path) -> None:
+    """`sim run --commands 2`: two valves closed and opened again, clock sets for the
+    drifting meters, reporting changes (one to a meter that never answers) go through the
+    mailbox in the meters' windows; `sim verify` finds the bills of the changed truth
+    (frozen registers while closed) and every command's lifecycle as expected."""
+    run_dir = str(tmp_path / "run")
+    code, out = await _sim(
+        stack, "run", "--meters", "60", "--days", "12", "--seed", "4",
+        "--faults", "clock_drift=0.2", "--time-scale", "1", "--run-dir", run_dir,
+        "--commands", "2", "--quiet",
+    )  # fmt: skip
+    print(out)
+    assert code == 0, out
+    assert re.search(r"^command answers 2\.04 \d+", out, re.MULTILINE), out
+    code, out = await _sim(stack, "verify", "--run-dir", run_dir)
+    print(out)
+    assert code == 0, out
+    assert out.rstrip().endswith("verify: OK"), out
+    rows = re.findall(r"^  valve\s+action=(close|open)\s+\S+\s+\d+\s+(\d+)\s+1  (\w+)", out,
+                      re.MULTILINE)  # fmt: skip
+    assert [a for a, _, _ in rows] == ["close", "close", "open", "open"], out
+    assert {state for _, _, state in rows} == {"acknowledged"}, out
+    assert re.search(r"never-answering meters 1 ", out), out
+    assert re.search(r"^  reporting .* (sent|expired)", out, re.MULTILINE), out
