@@ -128,7 +128,7 @@ def plain_lookups(batch: list[Uplink], lay: Layout, dec: Decoded) -> list[Lookup
     out = []
     for tenant in np.unique(row_tenant[row_tenant >= 0]).tolist():
         rows = np.flatnonzero(row_tenant == tenant)
-        distinct, index = _factorize(dec.meter_id[rows])
+        distinct, index = _factorize(dec.address[rows])
         storable = np.fromiter((is_pg_text(a) for a in distinct), bool, len(distinct))
         keep = storable[index]
         renumber = np.cumsum(storable) - 1
@@ -210,12 +210,12 @@ def check(batch: list[Uplink], lay: Layout, dec: Decoded, plain_meter: Int64s) -
     dev_meter = np.fromiter((u.device.meter_id if u.device else -1 for u in batch), np.int64, n)
     dev_address = np.array([u.device.address if u.device else "" for u in batch], object)
     owner = lay.owner
-    address = dec.meter_id.astype(object, copy=False)
+    address = dec.address.astype(object, copy=False)
     row_device = is_device[owner]
     row_meter = np.where(row_device, dev_meter[owner], plain_meter)
     bad_row = np.where(row_device, address != dev_address[owner], plain_meter < 0)
     code = _per_uplink(lay, dec.error_code, 0)
-    claim = _per_uplink(lay, dec.meter_of_frame.astype(object, copy=False), "")
+    claim = _per_uplink(lay, dec.address_of_frame.astype(object, copy=False), "")
     failed = np.bincount(owner[bad_row], minlength=n) > 0
     failed |= code != 0
     failed |= is_device & (claim != "") & (claim != dev_address)

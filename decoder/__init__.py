@@ -69,8 +69,8 @@ def _check_shape(got: object, n: int) -> Decoded:
         msg = f"decoder returned {type(got).__name__} for {n} frames"
         raise ValueError(msg)
     m = got.n_readings
-    columns = (got.frame_index, got.meter_id, got.read_at_s, got.flags)
-    per_frame = (got.format, got.meter_of_frame, got.error_message, got.frame_flags_or_zero)
+    columns = (got.frame_index, got.address, got.read_at_s, got.flags)
+    per_frame = (got.format, got.address_of_frame, got.error_message, got.frame_flags_or_zero)
     if any(len(c) != m for c in columns) or any(len(c) != n for c in per_frame):
         msg = "decoder returned columns of different lengths"
         raise ValueError(msg)

@@ -151,19 +151,19 @@ MODELS: Mapping[str, Model] = {
 EXAMPLES: tuple[tuple[str, Mapping[str, object]], ...] = (
     (
         "68104433221100337881161F9000007766552C007766552C3101221105152021841316",
-        {"meter_id": "78330011223344", "total_ml": 556_677_000_000, "total_m3": "556677.00",
+        {"address": "78330011223344", "total_ml": 556_677_000_000, "total_m3": "556677.00",
          "settlement_m3": "556677.00", "read_at_s": 1431352891,  # 2015-05-11 22:01:31 +08:00
          "status_hex": "2184",
          "valve": "closed", "flags": Flag.VALVE_CLOSED, "error_code": ErrorCode.OK},
     ),
     (
         "6810880527101520008116901F01000000002C000000002C0620170901172000008E16",
-        {"meter_id": "00201510270588", "total_ml": 0, "read_at_s": 1483953606,  # 17:20:06 +08:00
+        {"address": "00201510270588", "total_ml": 0, "read_at_s": 1483953606,  # 17:20:06 +08:00
          "flags": Flag.NONE, "error_code": ErrorCode.OK},
     ),
     (
         "FEFE68108967452301337883030A81A73416",
-        {"meter_id": "78330123456789", "error_code": ErrorCode.NO_REGISTER},
+        {"address": "78330123456789", "error_code": ErrorCode.NO_REGISTER},
     ),
 )  # fmt: skip
 

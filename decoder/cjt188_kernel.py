@@ -275,12 +275,12 @@ def decode_frames(
     }
     out = Decoded(
         frame_index=np.zeros(0, np.int32),
-        meter_id=meter[:0],
+        address=meter[:0],
         read_at_s=np.zeros(0, np.int64),
         register_ml=np.zeros(0, np.int64),
         flags=np.zeros(0, np.uint32),
         format=k.text_column(n, "cjt188"),
-        meter_of_frame=meter,
+        address_of_frame=meter,
         error_code=code,
         error_message=msg,
         fields=fields,
@@ -349,19 +349,19 @@ def _with_readings(
     )
     if every:
         rows = np.arange(len(ok), dtype=np.int32)
-        meter_id, read_at, reg, flags = meter, cols.read_at_s, cols.register_ml, cols.flags
+        address, read_at, reg, flags = meter, cols.read_at_s, cols.register_ml, cols.flags
     else:
         rows = np.flatnonzero(ok).astype(np.int32)
-        meter_id, read_at = meter[rows], cols.read_at_s[rows]
+        address, read_at = meter[rows], cols.read_at_s[rows]
         reg, flags = cols.register_ml[rows], cols.flags[rows]
     return Decoded(
         frame_index=rows,
-        meter_id=meter_id,
+        address=address,
         read_at_s=read_at,
         register_ml=reg,
         flags=flags,
         format=out.format,
-        meter_of_frame=out.meter_of_frame,
+        address_of_frame=out.address_of_frame,
         error_code=out.error_code,
         error_message=out.error_message,
         fields=out.fields,

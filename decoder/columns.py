@@ -179,11 +179,11 @@ class Column:
 class Decoded:
     """Readings and per-frame outcomes of one decoded batch.
 
-    Reading columns (length M): `frame_index` (which input frame), `meter_id` (address as
+    Reading columns (length M): `frame_index` (which input frame), `address` (address as
     the meter reports it: a numpy str or object array, elements compare as str),
     `read_at_s` (UTC epoch seconds), `register_ml` (int64 mL), `flags` (uint32 of `Flag`).
     Frame columns (length N): `format` (str key of the format that decoded it, or ""),
-    `meter_of_frame` (str or ""), `error_code` (uint16 of `ErrorCode`), `error_message`
+    `address_of_frame` (str or ""), `error_code` (uint16 of `ErrorCode`), `error_message`
     (str or ""), `fields` (name -> `Column`, other decoded fields with units in their
     names, e.g. `battery_v`, `rsrp_dbm`, `settlement_m3`), `sparse` (frame -> dict of
     rare fields) and `frame_flags` (uint32 of `FrameFlag`, or None: no notes; read it
@@ -192,12 +192,12 @@ class Decoded:
     """
 
     frame_index: Int32s
-    meter_id: np.ndarray
+    address: np.ndarray
     read_at_s: Int64s
     register_ml: Int64s
     flags: UInt32s
     format: Objects
-    meter_of_frame: np.ndarray
+    address_of_frame: np.ndarray
     error_code: UInt16s
     error_message: Objects
     fields: dict[str, Column] = field(default_factory=dict)
@@ -267,12 +267,12 @@ def empty(n_frames: int = 0) -> Decoded:
     """A result with no readings and `n_frames` frames all marked OK (to be filled in)."""
     return Decoded(
         frame_index=np.zeros(0, np.int32),
-        meter_id=np.zeros(0, object),
+        address=np.zeros(0, object),
         read_at_s=np.zeros(0, np.int64),
         register_ml=np.zeros(0, np.int64),
         flags=np.zeros(0, np.uint32),
         format=np.full(n_frames, "", object),
-        meter_of_frame=np.full(n_frames, "", object),
+        address_of_frame=np.full(n_frames, "", object),
         error_code=np.zeros(n_frames, np.uint16),
         error_message=np.full(n_frames, "", object),
     )
@@ -333,11 +333,11 @@ def concat(parts: list[tuple[npt.NDArray[np.int64], Decoded]], n_frames: int) ->
     sparse: dict[int, Mapping[str, object]] = {}
     frame_flags = np.zeros(n_frames, np.uint32)
     cols: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("frame_index", "meter_id", "read_at_s", "register_ml", "flags")
+        k: [] for k in ("frame_index", "address", "read_at_s", "register_ml", "flags")
     }
     for where, part in parts:
         out_format[where] = part.format
-        out_meter[where] = part.meter_of_frame
+        out_meter[where] = part.address_of_frame
         out_code[where] = part.error_code
         out_msg[where] = part.error_message
         if part.frame_flags is not None:
@@ -346,13 +346,13 @@ def concat(parts: list[tuple[npt.NDArray[np.int64], Decoded]], n_frames: int) ->
             local = np.fromiter(part.sparse, np.int64, len(part.sparse))
             sparse.update(zip(where[local].tolist(), part.sparse.values(), strict=True))
         cols["frame_index"].append(where[part.frame_index].astype(np.int32))
-        cols["meter_id"].append(part.meter_id)
+        cols["address"].append(part.address)
         cols["read_at_s"].append(part.read_at_s)
         cols["register_ml"].append(part.register_ml)
         cols["flags"].append(part.flags)
     dtypes = {
         "frame_index": np.int32,
-        "meter_id": object,
+        "address": object,
         "read_at_s": np.int64,
         "register_ml": np.int64,
         "flags": np.uint32,
@@ -361,12 +361,12 @@ def concat(parts: list[tuple[npt.NDArray[np.int64], Decoded]], n_frames: int) ->
     order = np.argsort(merged["frame_index"], kind="stable")
     return Decoded(
         frame_index=merged["frame_index"][order],
-        meter_id=merged["meter_id"][order],
+        address=merged["address"][order],
         read_at_s=merged["read_at_s"][order],
         register_ml=merged["register_ml"][order],
         flags=merged["flags"][order],
         format=out_format,
-        meter_of_frame=out_meter,
+        address_of_frame=out_meter,
         error_code=out_code,
         error_message=out_msg,
         fields=_merge_fields(parts, n_frames),

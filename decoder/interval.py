@@ -119,12 +119,12 @@ def _assemble(
     rows = np.repeat(np.flatnonzero(ok), per).astype(np.int32)
     return Decoded(
         frame_index=rows,
-        meter_id=meter[rows],
+        address=meter[rows],
         read_at_s=times[ok].ravel(),
         register_ml=ml[ok].ravel(),
         flags=flags[ok].ravel().astype(np.uint32),
         format=out.format,
-        meter_of_frame=out.meter_of_frame,
+        address_of_frame=out.address_of_frame,
         error_code=out.error_code,
         error_message=out.error_message,
         fields=out.fields,
@@ -184,7 +184,7 @@ def decode_nbm1(a: k.Frames) -> Decoded:
     base_t = k.u_le(a, 11, 4)
     _fail(out, base_t % HOUR != 0, ErrorCode.BAD_TIME, "base time is not a whole hour")
     meter = k.hex_digits(a, 4, 7, reverse=True)
-    out.meter_of_frame[:] = meter
+    out.address_of_frame[:] = meter
     times, ml, flags = _series(base_t, k.u_le(a, 15, 4), _deltas(a, 21, count, 16))
     flags[:, -1] |= k.u_le(a, 19, 2) & ~np.int64(Flag.INTERVAL)
     out.fields["total_m3"] = _litres_as_m3(ml[:, -1])

@@ -93,7 +93,7 @@ def json_lines(decoded: Decoded) -> list[str]:
             total[i] = f'"total_m3": "{m3_text(register[newest])}"'
     # the other extras, column by column, in `extra_of`'s order (a sparse value replaces
     # its column's in place; new sparse keys follow)
-    skip = {"ok", "format", "meter_id", "total_m3"}
+    skip = {"ok", "format", "address", "total_m3"}
     extra: list[list[str]] = [[] for _ in range(n)]
     names = [name for name in decoded.fields if name not in skip]
     for name in names:
@@ -104,7 +104,7 @@ def json_lines(decoded: Decoded) -> list[str]:
     notes = decoded.frame_flags_or_zero.tolist()
     codes = decoded.error_code.tolist()
     formats = decoded.format.tolist()
-    meters = decoded.meter_of_frame.tolist()
+    meters = decoded.address_of_frame.tolist()
     messages = decoded.error_message.tolist()
     out: list[str] = []
     for i in range(n):
@@ -112,7 +112,7 @@ def json_lines(decoded: Decoded) -> list[str]:
         parts = [
             '"ok": true' if code == 0 else '"ok": false',
             '"format": ' + (_encode(formats[i]) if formats[i] else "null"),
-            '"meter_id": ' + (_encode(meters[i]) if meters[i] else "null"),
+            '"address": ' + (_encode(meters[i]) if meters[i] else "null"),
         ]
         if (head := total[i]) is not None:
             parts.append(head)

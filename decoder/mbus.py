@@ -118,12 +118,12 @@ class _Batch:
         rows = rows[keep][order]
         return Decoded(
             frame_index=rows.astype(np.int32),
-            meter_id=self.meter[rows],
+            address=self.meter[rows],
             read_at_s=at[keep][order],
             register_ml=reg[keep][order],
             flags=fl[keep][order],
             format=self.format,
-            meter_of_frame=self.meter,
+            address_of_frame=self.meter,
             error_code=self.code,
             error_message=self.message,
             fields={name: Column.of_objects(col) for name, col in self.columns.items()},
@@ -141,7 +141,7 @@ def decode(
 ) -> Decoded:
     """Decode a batch of wired long / wireless M-Bus frames; bad frames get error codes.
 
-    `keys` maps meter_id -> 16-byte AES key (security mode 5 / ELL CTR), `keys["*"]` is
+    `keys` maps address -> 16-byte AES key (security mode 5 / ELL CTR), `keys["*"]` is
     the key for a meter with none of its own; `cache` learns the format signatures of full
     frames (and is updated in place) so compact frames of the same model decode.
     `utc_offset_s` (int or one per frame, default 0: UTC) is how far east of UTC the meter
@@ -175,7 +175,7 @@ def decode(
             out.fail([i], *got)
             continue
         envs[i] = got
-        out.meter[i] = got.meter_id
+        out.meter[i] = got.address
         out.flags[i] = got.flags
         out.notes[i] = got.notes
         for name, value in got.extra.items():  # link/TPL fields (access number, status)

@@ -23,11 +23,11 @@ def manufacturer_field(code: str) -> bytes:
     return m.to_bytes(2, "little")
 
 
-def id_field(meter_id: str) -> bytes:
+def id_field(ident: str) -> bytes:
     """An 8-digit id -> 4 BCD bytes, low byte first."""
-    if len(meter_id) != 8 or not meter_id.isdigit():
-        raise ValueError(f"meter_id must be 8 decimal digits, got {meter_id!r}")
-    return bytes.fromhex(meter_id)[::-1]
+    if len(ident) != 8 or not ident.isdigit():
+        raise ValueError(f"an M-Bus id must be 8 decimal digits, got {ident!r}")
+    return bytes.fromhex(ident)[::-1]
 
 
 def _volume_record(total_ml: int, storage: int) -> bytes:
@@ -74,7 +74,7 @@ def records(
 
 
 def encode_oms_plain(
-    meter_id: str,
+    ident: str,
     manufacturer: str,
     version: int,
     device_type: int,
@@ -89,7 +89,7 @@ def encode_oms_plain(
     """An unencrypted wM-Bus SND_NR frame (short TPL 7A, security mode 0), CRCs stripped."""
     tpl = bytes([0x7A, access_no & 0xFF, status & 0xFF, 0x00, 0x00])
     return _wireless(
-        meter_id,
+        ident,
         manufacturer,
         version,
         device_type,
@@ -98,7 +98,7 @@ def encode_oms_plain(
 
 
 def encode_oms_mode5(
-    meter_id: str,
+    ident: str,
     manufacturer: str,
     version: int,
     device_type: int,
@@ -118,17 +118,17 @@ def encode_oms_mode5(
     blocks = len(plain) // oms_crypto.BLOCK
     if blocks > 15:
         raise ValueError("mode 5 payload exceeds 15 AES blocks")
-    a_field = id_field(meter_id) + bytes([version & 0xFF, device_type & 0xFF])
+    a_field = id_field(ident) + bytes([version & 0xFF, device_type & 0xFF])
     iv = oms_crypto.mode5_iv(manufacturer_field(manufacturer), a_field, access_no)
     cw = (5 << 8) | (blocks << 4)  # OMS CW: mode in bits 8-12, encrypted blocks in 4-7
     tpl = bytes([0x7A, access_no & 0xFF, status & 0xFF]) + cw.to_bytes(2, "little")
     return _wireless(
-        meter_id, manufacturer, version, device_type, tpl + oms_crypto.cbc_encrypt(key, iv, plain)
+        ident, manufacturer, version, device_type, tpl + oms_crypto.cbc_encrypt(key, iv, plain)
     )
 
 
 def encode_wired(
-    meter_id: str,
+    ident: str,
     manufacturer: str,
     version: int,
     device_type: int,
@@ -142,7 +142,7 @@ def encode_wired(
     address: int = 0,
 ) -> bytes:
     """A wired RSP_UD long frame (68 L L 68 08 A 72 …) with a long TPL header, CS and 16."""
-    body = bytes([RSP_UD, address & 0xFF, 0x72]) + id_field(meter_id)
+    body = bytes([RSP_UD, address & 0xFF, 0x72]) + id_field(ident)
     body += manufacturer_field(manufacturer) + bytes(
         [version & 0xFF, device_type & 0xFF, access_no & 0xFF, status & 0xFF, 0, 0]
     )
@@ -152,11 +152,9 @@ def encode_wired(
     return bytes([0x68, len(body), len(body), 0x68]) + body + bytes([sum(body) & 0xFF, 0x16])
 
 
-def _wireless(
-    meter_id: str, manufacturer: str, version: int, device_type: int, rest: bytes
-) -> bytes:
+def _wireless(ident: str, manufacturer: str, version: int, device_type: int, rest: bytes) -> bytes:
     """L C M A(ID V T) + `rest` (CI onwards)."""
-    head = bytes([SND_NR]) + manufacturer_field(manufacturer) + id_field(meter_id)
+    head = bytes([SND_NR]) + manufacturer_field(manufacturer) + id_field(ident)
     frame = head + bytes([version & 0xFF, device_type & 0xFF]) + rest
     if len(frame) > 255:
         raise ValueError("wireless frame longer than 255 bytes")

@@ -32,7 +32,7 @@ Failure = tuple[ErrorCode, str]
 class Envelope:
     """A frame's identity and plaintext application data, ready for the record layer."""
 
-    meter_id: str
+    address: str
     manufacturer: str
     version: int
     device_type: int
@@ -56,7 +56,7 @@ def manufacturer_code(m_field: bytes) -> str:
     return "".join(chr(((m >> s) & 0x1F) + 64) for s in (10, 5, 0))
 
 
-def meter_id(id_field: bytes) -> str:
+def address_of(id_field: bytes) -> str:
     """The 4-byte BCD id printed as wmbusmeters does (last byte first, lowercase hex)."""
     return id_field[::-1].hex()
 
@@ -143,7 +143,7 @@ def _wired(frame: bytes, keys: Mapping[str, bytes]) -> Envelope | Failure:
         if len(body) != 16:
             return ErrorCode.TRUNCATED, "fixed data structure needs 16 bytes"
         medium = (body[6] >> 6) | ((body[7] >> 4) & 0x0C)
-        env = Envelope(meter_id(body[0:4]), "", 0, medium, body, fixed=True)
+        env = Envelope(address_of(body[0:4]), "", 0, medium, body, fixed=True)
         env.flags = status_flags(body[5])
         env.extra.update(access_number=body[4], status=body[5])
         return env
@@ -195,7 +195,7 @@ def _ell_ii(
     if crc16_en13757(payload) == stored:
         return frame  # plaintext (or decrypted upstream by the receiver)
     encrypted = (int.from_bytes(sn, "little") >> 29) & 0x07
-    mid = meter_id(a[0:4])
+    mid = address_of(a[0:4])
     if encrypted != 1:
         return ErrorCode.BAD_CHECKSUM, "ELL payload CRC mismatch"
     key = key_for(keys, mid)
@@ -231,22 +231,22 @@ def _tpl(
     if size == 12:  # long TPL: the identity is the TPL's (repeaters, converters, wired)
         a = head[0:4] + head[6:8]
         m = head[4:6]
-    env = Envelope(meter_id(a[0:4]), manufacturer_code(m), a[4], a[5], b"", ci in COMPACT)
+    env = Envelope(address_of(a[0:4]), manufacturer_code(m), a[4], a[5], b"", ci in COMPACT)
     body = frame[pos + size :]
     if size:
         acc, sts, cw = head[-4], head[-3], int.from_bytes(head[-2:], "little")
         env.flags = status_flags(sts)
         env.extra.update(access_number=acc, status=sts)
         mode = (cw >> 8) & 0x1F  # OMS: CW bits 8-12 = security mode
-        key = key_for(keys, env.meter_id)
+        key = key_for(keys, env.address)
         if mode == 5:
-            got = _mode5(env.meter_id, m, a, acc, (cw >> 4) & 0x0F, body, key)
+            got = _mode5(env.address, m, a, acc, (cw >> 4) & 0x0F, body, key)
             if not isinstance(got, _Plain):
                 return got
             body = got.data
             env.notes |= FrameFlag.CLEAR_PAYLOAD if got.clear else 0
         elif mode == 2:  # EN 13757-7 mode 2 (deprecated): DES-CBC, zero IV, check 2F2F
-            got2 = _mode2(env.meter_id, body, keys)
+            got2 = _mode2(env.address, body, keys)
             if isinstance(got2, tuple):
                 return got2
             body = got2
@@ -255,7 +255,7 @@ def _tpl(
             body = body[1:]
             if key or body[:2] != oms_crypto.MODE5_CHECK:
                 return ErrorCode.UNSUPPORTED, (
-                    f"security mode 7 (AES-CBC, CMAC KDF) of meter {env.meter_id} is not decrypted"
+                    f"security mode 7 (AES-CBC, CMAC KDF) of meter {env.address} is not decrypted"
                 )  # only a payload decrypted upstream (2F2F, no key given) is accepted
             env.notes |= FrameFlag.CLEAR_PAYLOAD
         elif mode and mode < 16 and key is None and _in_clear(body):

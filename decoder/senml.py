@@ -9,7 +9,7 @@ CBOR floats become Decimal(shortest repr), CBOR tag 4 decimal fractions are Deci
 Readings are the volume records: LwM2M `…/3424/<inst>/1` (cumulated water volume, m3) or
 any record with unit `m3` or `l`/`L`. `read_at_s` is the resolved time floored to whole
 seconds. Resources 9..13 of the same 3424 instance and time set LEAK / REVERSE_FLOW /
-METER_ERROR / TAMPER. `meter_id` is the name before `/3424/…` (or bn without its trailing
+METER_ERROR / TAMPER. `address` is the name before `/3424/…` (or bn without its trailing
 separator); LwM2M paths (`/3424/0/1`) carry no identity, so it is "" and the collector
 attaches the endpoint name. All resolved records go to `extra["records"]`. Device health
 from LwM2M objects 3 and 4 (battery mV/%, RSRP, SINR, cell id, coverage level) goes to
@@ -65,7 +65,7 @@ EXAMPLES: tuple[tuple[bytes, int, Mapping[str, object]], ...] = (
         b'[{"bn":"urn:imei:861234567890123/3424/0/","bt":1700000000,"n":"1","u":"m3",'
         b'"v":123.456},{"n":"1","t":3600,"v":123.789},{"n":"10","t":3600,"vb":true}]',
         1700007200,
-        {"meter_id": "urn:imei:861234567890123", "register_ml": [123_456_000, 123_789_000],
+        {"address": "urn:imei:861234567890123", "register_ml": [123_456_000, 123_789_000],
          "read_at_s": [1700000000, 1700003600], "flags": [Flag.NONE, Flag.LEAK]},
     ),
 )  # fmt: skip
@@ -210,7 +210,7 @@ def _floor(t: object) -> int:
     return int(t.to_integral_value("ROUND_FLOOR"))
 
 
-def _meter_id(name: str, base: str) -> str:
+def _address_of(name: str, base: str) -> str:
     lwm2m = WATER_VOLUME.search(name)
     if lwm2m:
         return name[: lwm2m.start()].rstrip("/:")
@@ -237,7 +237,7 @@ def health_of(resolved: Sequence[Mapping[str, object]]) -> dict[str, object]:
 def decode_one(
     frame: bytes, received_at_s: int
 ) -> tuple[list[tuple[int, int, int]], str, dict[str, object]]:
-    """One pack -> ([(read_at_s, register_ml, flags)], meter_id, extra); raises SenMLError."""
+    """One pack -> ([(read_at_s, register_ml, flags)], address, extra); raises SenMLError."""
     records, encoding = parse(frame)
     resolved = resolve(records, received_at_s)
     alarms: dict[str, int] = {}
@@ -256,7 +256,7 @@ def decode_one(
     extra["total_m3"] = last[3]
     extra.update(health_of(resolved))
     bases = [str(r.get("bn", "")) for r in records if "bn" in r]
-    return readings, _meter_id(str(last_rec["n"]), bases[0] if bases else ""), extra
+    return readings, _address_of(str(last_rec["n"]), bases[0] if bases else ""), extra
 
 
 # cbor2's CBORDecodeError is not a ValueError; RecursionError cannot pass `decoder.limits`
@@ -295,16 +295,16 @@ def decode(
         except _PACK_ERRORS as exc:
             out.error_code[i], out.error_message[i] = ErrorCode.BAD_RECORD, f"bad pack: {exc}"
             continue
-        out.meter_of_frame[i], out.sparse[i] = meter, extra  # a pack's fields: no columns
+        out.address_of_frame[i], out.sparse[i] = meter, extra  # a pack's fields: no columns
         rows.extend((i, t, ml, fl, meter) for t, ml, fl in got)
     return Decoded(
         frame_index=np.array([r[0] for r in rows], np.int32),
-        meter_id=np.array([r[4] for r in rows] or [], object),
+        address=np.array([r[4] for r in rows] or [], object),
         read_at_s=np.array([r[1] for r in rows], np.int64),
         register_ml=np.array([r[2] for r in rows], np.int64),
         flags=np.array([r[3] for r in rows], np.uint32),
         format=out.format,
-        meter_of_frame=out.meter_of_frame,
+        address_of_frame=out.address_of_frame,
         error_code=out.error_code,
         error_message=out.error_message,
         sparse=out.sparse,

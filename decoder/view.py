@@ -1,6 +1,6 @@
 """JSON view of decoded frames for `nbmeter decode`: one JSON-serialisable dict per frame.
 
-Shape: `ok`, `format`, `meter_id`, `total_m3` (a decimal string at the meter's own
+Shape: `ok`, `format`, `address`, `total_m3` (a decimal string at the meter's own
 precision, "556677.00"; from `extra["total_m3"]`, else the newest register in mL), the
 format's other fields from `Decoded.extra_of` (units in their names; Decimal -> string), and either
 `read_at` / `flags` for a single reading or `readings` for several, `decode_flags` (the
@@ -76,7 +76,7 @@ def records(decoded: Decoded) -> list[dict[str, object]]:
         rec: dict[str, object] = {
             "ok": code == 0,
             "format": decoded.format[i] or None,
-            "meter_id": decoded.meter_of_frame[i] or None,
+            "address": decoded.address_of_frame[i] or None,
         }
         extra = decoded.extra_of(i)
         rows = by_frame.get(i, [])

@@ -15,7 +15,7 @@ def describe(fmt: object, payload: bytes, received_at_s: int, meter: Meter) -> l
     if out.error_code[0]:
         return [f"error {int(out.error_code[0])}: {out.error_message[0]}"]
     return [
-        f"{out.meter_id[j]} read_at={int(out.read_at_s[j])} register_ml={int(out.register_ml[j])}"
+        f"{out.address[j]} read_at={int(out.read_at_s[j])} register_ml={int(out.register_ml[j])}"
         f" flags={int(out.flags[j]):#x}"
         for j in range(out.n_readings)
     ]

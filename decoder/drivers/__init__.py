@@ -163,8 +163,8 @@ def check_examples(driver: Driver) -> None:
             raise DriverError(f"{where} total {current} mL, expected {ex.total_ml} mL")
         if ex.target_ml is not None and billing != [ex.target_ml]:
             raise DriverError(f"{where} billing {billing} mL, expected {ex.target_ml} mL")
-        if ex.meter_id is not None and str(got.meter_of_frame[0]) != ex.meter_id:
-            raise DriverError(f"{where} meter id {got.meter_of_frame[0]!r}, not {ex.meter_id!r}")
+        if ex.address is not None and str(got.address_of_frame[0]) != ex.address:
+            raise DriverError(f"{where} meter id {got.address_of_frame[0]!r}, not {ex.address!r}")
         flags = int(got.flags[0]) & ~(3 << 9)  # clock-missing / billing bits are not alarms
         if flags != ex.flags:
             raise DriverError(f"{where} alarm flags {flags:#x}, expected {ex.flags:#x}")
@@ -180,7 +180,7 @@ def _decode_one(driver: Driver, frame: bytes, keys: Mapping[str, bytes]) -> Deco
         return decode_rows(driver, a, rx)
     if not _header_ok(driver, frame):
         return _refused(1, driver.key, ErrorCode.UNKNOWN_FORMAT, "header does not match")
-    ids = np.array([_meter_id(driver, frame)], object)
+    ids = np.array([_address_of(driver, frame)], object)
     return decode_rows(driver, a, rx, ids, keys)
 
 
@@ -234,9 +234,9 @@ def claims(frame: bytes) -> str | None:
     return None if driver is None else driver.name
 
 
-def _meter_id(driver: Driver, frame: bytes) -> str:
+def _address_of(driver: Driver, frame: bytes) -> str:
     """The meter id as the vendor prints it."""
-    if driver.match.meter_id == "diehl" and frame[2:4] != b"\x30\x4c":  # not SAP
+    if driver.match.address == "diehl" and frame[2:4] != b"\x30\x4c":  # not SAP
         return frame[6:10][::-1].hex()  # PRIOS: version/type first, then the address
     return frame[4:8][::-1].hex()
 
@@ -276,7 +276,7 @@ def route_mbus(
         taken[idx] = True
         driver = by_id[which]
         a = k.stack([bytes(frames[i]) for i in rows])
-        ids = np.array([_meter_id(driver, bytes(frames[i])) for i in rows], object)
+        ids = np.array([_address_of(driver, bytes(frames[i])) for i in rows], object)
         off = utc_offset_s if isinstance(utc_offset_s, int) else utc_offset_s[idx]
         parts.append((idx, decode_rows(driver, a, rx[idx], ids, keys, off)))
     rest = np.flatnonzero(~taken)

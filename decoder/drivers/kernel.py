@@ -183,7 +183,7 @@ def decode_rows(
     driver: Driver,
     frames: Frames,
     received_at_s: Ints,
-    meter_ids: npt.NDArray[np.object_] | None = None,
+    addresses: npt.NDArray[np.object_] | None = None,
     keys: Mapping[str, bytes] | None = None,
     utc_offset_s: int | Ints = 0,
 ) -> Decoded:
@@ -196,7 +196,7 @@ def decode_rows(
     if driver.checksum is not None:
         out.fail(~checksum_ok(frames, driver.checksum), ErrorCode.BAD_CHECKSUM,
                  f"{driver.checksum.kind} checksum mismatch")  # fmt: skip
-    ids = meter_ids if meter_ids is not None else k.text_column(n, "")
+    ids = addresses if addresses is not None else k.text_column(n, "")
     if driver.transform is not None:
         payload, code, why = TRANSFORMS[driver.transform](frames, ids, keys or {})
         for c in np.unique(code[code != 0]).tolist():
@@ -345,7 +345,7 @@ def _raw_ids(
     values: dict[str, tuple[Ints, Bools]],
 ) -> np.ndarray:  # fmt: skip
     """Meter ids of a raw driver: its address field as text."""
-    name = driver.meter_id_field or ""
+    name = driver.address_field or ""
     if name in fields and driver.field(name).kind == "hex":
         return fields.pop(name).values
     f = driver.field(name)
@@ -388,12 +388,12 @@ def _result(
         meter = ids[rows]
     return Decoded(
         frame_index=rows.astype(np.int32),
-        meter_id=meter,
+        address=meter,
         read_at_s=read_at,
         register_ml=reg,
         flags=fl,
         format=k.text_column(len(out.code), driver.format_key),
-        meter_of_frame=ids,
+        address_of_frame=ids,
         error_code=out.code,
         error_message=out.msg,
         fields=fields,

@@ -79,7 +79,7 @@ class Example:
 
     hex: str
     line: int
-    meter_id: str | None = None
+    address: str | None = None
     total_ml: int | None = None
     target_ml: int | None = None
     reject: ErrorCode | None = None
@@ -98,7 +98,7 @@ class Match:
     versions: tuple[int, ...] = ()
     device_types: tuple[int, ...] = ()
     ci: tuple[int, ...] = ()
-    meter_id: str = "a_field"
+    address: str = "a_field"
     magic: bytes = b""  # raw: bytes the frame carries at `magic_at`; wmbus: the payload
     magic_at: int = 0  # (after the CI) at `magic_at`, e.g. a manufacturer record header
 
@@ -123,7 +123,7 @@ class Driver:
     match: Match
     fields: tuple[FieldSpec, ...]
     current: tuple[str, ...]  # register = sum of these volume fields
-    meter_id_field: str | None = None  # raw transport: the field holding the address
+    address_field: str | None = None  # raw transport: the field holding the address
     current_time: str | None = None  # a date field, else the receive time
     billing: str | None = None
     billing_time: str | None = None
@@ -277,7 +277,7 @@ def _known(table: dict[str, Any], allowed: set[str], name: str, i: int, where: _
 def _match(t: dict[str, Any], where: _Lines) -> Match:
     """The [match] table."""
     allowed = {"transport", "min_length", "max_length", "manufacturer", "version"}
-    allowed |= {"device_type", "ci", "meter_id", "magic", "magic_at"}
+    allowed |= {"device_type", "ci", "address", "magic", "magic_at"}
     _known(t, allowed, "match", 0, where)
     transport = t.get("transport")
     if transport not in TRANSPORTS:
@@ -311,12 +311,12 @@ def _match(t: dict[str, Any], where: _Lines) -> Match:
         lists[key] = got
     if not lists["ci"]:
         raise where.error("match", 0, "ci", "a wmbus driver names its CI byte(s)")
-    meter_id = t.get("meter_id", "a_field")
-    if meter_id not in METER_IDS:
-        raise where.error("match", 0, "meter_id", f"meter_id {meter_id!r}; one of {METER_IDS}")
+    address = t.get("address", "a_field")
+    if address not in METER_IDS:
+        raise where.error("match", 0, "address", f"address {address!r}; one of {METER_IDS}")
     return Match(
         "wmbus", max(lo, 12), hi, tuple(mans), lists["version"], lists["device_type"],
-        lists["ci"], meter_id, magic, at,
+        lists["ci"], address, magic, at,
     )  # fmt: skip
 
 
@@ -390,7 +390,7 @@ def _register(
     t: dict[str, Any], fields: tuple[FieldSpec, ...], match: Match, where: _Lines
 ) -> dict[str, Any]:
     """The [register] table: which fields are the current and billing registers."""
-    allowed = {"current", "current_time", "billing", "billing_time", "meter_id"}
+    allowed = {"current", "current_time", "billing", "billing_time", "address"}
     allowed |= {"billing_not_above_current"}
     _known(t, allowed, "register", 0, where)
     by_name = {f.name: f for f in fields}
@@ -411,18 +411,18 @@ def _register(
         n = t.get(key)
         if n is not None and (n not in by_name or by_name[n].kind not in DATE_KINDS):
             raise where.error("register", 0, key, f"{key}: {n!r} is not a date field")
-    meter_id = t.get("meter_id")
+    address = t.get("address")
     if match.transport == "raw":
-        if meter_id not in by_name or by_name[meter_id].kind not in ("hex", "bcd", "uint"):
-            raise where.error("register", 0, "meter_id", "a raw driver names its address field")
-    elif meter_id is not None:
-        raise where.error("register", 0, "meter_id", "a wmbus driver takes the id from the header")
+        if address not in by_name or by_name[address].kind not in ("hex", "bcd", "uint"):
+            raise where.error("register", 0, "address", "a raw driver names its address field")
+    elif address is not None:
+        raise where.error("register", 0, "address", "a wmbus driver takes the id from the header")
     flag = t.get("billing_not_above_current", False)
     if not isinstance(flag, bool):
         raise where.error("register", 0, "billing_not_above_current", "true or false")
     return {
         "current": current,
-        "meter_id_field": meter_id,
+        "address_field": address,
         "current_time": t.get("current_time"),
         "billing": t.get("billing"),
         "billing_time": t.get("billing_time"),
@@ -503,7 +503,7 @@ def _examples(raw: Any, where: _Lines) -> tuple[Example, ...]:
     """The [[example]] array (golden frames)."""
     if not isinstance(raw, list) or not raw:
         raise DriverError(f"{where.source} line 1: a driver carries at least one [[example]]")
-    allowed = {"hex", "meter_id", "total_m3", "target_m3", "reject", "flags", "key", "note"}
+    allowed = {"hex", "address", "total_m3", "target_m3", "reject", "flags", "key", "note"}
     out: list[Example] = []
     for i, t in enumerate(raw):
         _known(t, allowed, "example", i, where)
@@ -534,7 +534,7 @@ def _examples(raw: Any, where: _Lines) -> tuple[Example, ...]:
             Example(
                 frame.hex(),
                 where.of("example", i),
-                t.get("meter_id"),
+                t.get("address"),
                 total,
                 target,
                 ErrorCode[reject] if reject else None,

@@ -5,7 +5,7 @@ transform turns the frames of a batch into the plain payload the driver's fields
 Transforms are vectorized over the batch where the algorithm allows (the Diehl PRIOS
 LFSR runs over all frames at once); AES modes are per frame (one cipher call each).
 
-Every transform takes `(frames (N, L) uint8, meter_ids (N,) str, keys)` and returns
+Every transform takes `(frames (N, L) uint8, addresses (N,) str, keys)` and returns
 `(payload (N, P) uint8, code (N,) uint16, message)`: rows with a nonzero code are
 refused with that code and message, never decoded from a guess.
 

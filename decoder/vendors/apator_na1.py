@@ -23,7 +23,7 @@ Frames = npt.NDArray[np.uint8]
 
 
 def decrypt(
-    frames: Frames, meter_ids: npt.NDArray[np.object_], keys: Mapping[str, bytes]
+    frames: Frames, addresses: npt.NDArray[np.object_], keys: Mapping[str, bytes]
 ) -> tuple[Frames, npt.NDArray[np.uint16], str]:
     """`(N, L)` NA-1 frames -> payload after the CI with its AES block decrypted."""
     payload = frames[:, 11:].copy()
@@ -31,7 +31,7 @@ def decrypt(
     if payload.shape[1] < ENCRYPTED_AT + ENCRYPTED:
         code[:] = ErrorCode.TRUNCATED
         return payload, code, "NA-1 payload shorter than its AES block"
-    for i, mid in enumerate(meter_ids.tolist()):  # one AES call per frame (CBC, own IV)
+    for i, mid in enumerate(addresses.tolist()):  # one AES call per frame (CBC, own IV)
         key = key_for(keys or {}, str(mid))
         if key is None or len(key) != oms_crypto.BLOCK:
             code[i] = ErrorCode.NO_KEY

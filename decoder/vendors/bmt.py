@@ -30,10 +30,10 @@ REGISTER_AT = 6  # payload offset (after the CI) of the 4 hidden register bytes
 
 
 def unmask(
-    frames: Frames, meter_ids: npt.NDArray[np.object_], keys: Mapping[str, bytes]
+    frames: Frames, addresses: npt.NDArray[np.object_], keys: Mapping[str, bytes]
 ) -> tuple[Frames, npt.NDArray[np.uint16], str]:
     """`(N, L)` RFM-TX1 frames -> payload after the CI with the register bytes in clear."""
-    del meter_ids, keys  # a fixed table, no per-meter key
+    del addresses, keys  # a fixed table, no per-meter key
     payload = frames[:, 11:].copy()
     acc = payload[:, 0]
     span = slice(REGISTER_AT, REGISTER_AT + 4)

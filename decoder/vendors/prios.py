@@ -51,7 +51,7 @@ def keystream(seed: npt.NDArray[np.uint32], n: int) -> Frames:
 
 
 def descramble(
-    frames: Frames, meter_ids: npt.NDArray[np.object_], keys: Mapping[str, bytes]
+    frames: Frames, addresses: npt.NDArray[np.object_], keys: Mapping[str, bytes]
 ) -> tuple[Frames, npt.NDArray[np.uint16], str]:
     """`(N, L)` PRIOS frames -> payload after the CI (header in clear, rest descrambled).
 
@@ -65,7 +65,7 @@ def descramble(
     done = np.zeros(n, bool)
     own = np.zeros(n, np.uint32)
     has_own = np.zeros(n, bool)
-    for i, mid in enumerate(meter_ids.tolist()):  # per-frame only where a key table is given
+    for i, mid in enumerate(addresses.tolist()):  # per-frame only where a key table is given
         own_key = keys.get(str(mid)) if keys else None
         if own_key is not None and (
             len(own_key) == 8 or (len(own_key) == 16 and own_key[:8] == own_key[8:])

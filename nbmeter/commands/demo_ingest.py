@@ -69,7 +69,7 @@ async def _run(meters: int, hours: int) -> int:
             f"encoded {n} frames in {t1 - t0:.2f} s, decoded in {t2 - t1:.3f} s"
             f" ({n / max(t2 - t1, 1e-9):,.0f} frames/s)"
         )
-        ids = await MeterDirectory(pool).resolve(tenant_id, decoded.meter_id)
+        ids = await MeterDirectory(pool).resolve(tenant_id, decoded.address)
         batch = ReadingBatch.from_decoded(
             decoded, ids, transport=_TRANSPORT_IMPORT, received_at_us=int(time.time() * 1e6)
         )

@@ -24,7 +24,7 @@ Reading = tuple[str, int, int, int]  # address, read_at_s, register_ml, flags
 def decoded(
     frames: list[list[Reading]],
     codes: list[int] | None = None,
-    meter_of_frame: list[str] | None = None,
+    address_of_frame: list[str] | None = None,
     fields: dict[str, Column] | None = None,
 ) -> Decoded:
     """A Decoded of `frames` (each a list of readings), all OK unless `codes` says."""
@@ -32,12 +32,12 @@ def decoded(
     n = len(frames)
     return Decoded(
         frame_index=np.array([r[0] for r in rows], np.int32),
-        meter_id=np.array([r[1] for r in rows], object),
+        address=np.array([r[1] for r in rows], object),
         read_at_s=np.array([r[2] for r in rows], np.int64),
         register_ml=np.array([r[3] for r in rows], np.int64),
         flags=np.array([r[4] for r in rows], np.uint32),
         format=np.full(n, "test", object),
-        meter_of_frame=np.array(meter_of_frame or [""] * n, object),
+        address_of_frame=np.array(address_of_frame or [""] * n, object),
         error_code=np.array(codes or [0] * n, np.uint16),
         error_message=np.array(["bad" if c else "" for c in codes or [0] * n], object),
         fields=fields or {},
@@ -108,7 +108,7 @@ def test_the_frames_own_meter_must_be_the_devices_too() -> None:
     """A frame naming another meter in its header is an identity mismatch even with no
     reading; an empty header address is no claim."""
     batch = [device_uplink(), device_uplink()]
-    dec = decoded([[], [("A", 1, 1, 0)]], meter_of_frame=["Q", ""])
+    dec = decoded([[], [("A", 1, 1, 0)]], address_of_frame=["Q", ""])
     checked = run(batch, dec)
     assert checked.verdicts[0] is not None
     assert checked.verdicts[0][0] is Reason.IDENTITY_MISMATCH

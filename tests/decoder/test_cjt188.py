@@ -40,7 +40,7 @@ def _one(
     rows = [
         (int(d.register_ml[j]), int(d.read_at_s[j]), int(d.flags[j])) for j in range(d.n_readings)
     ]
-    return int(d.error_code[0]), d.extra[0], rows, str(d.meter_of_frame[0])
+    return int(d.error_code[0]), d.extra[0], rows, str(d.address_of_frame[0])
 
 
 def _local_epoch(text: str) -> int:
@@ -52,7 +52,7 @@ def test_golden_examples(hex_: str, want: dict) -> None:
     """The module's golden frames (FORMATS §1.2 example with the correct CS 13) decode."""
     code, extra, rows, meter = _one(bytes.fromhex(hex_))
     assert code == want["error_code"]
-    assert meter == want["meter_id"]
+    assert meter == want["address"]
     if "total_ml" in want:
         assert rows[0][0] == want["total_ml"]
         assert rows[0][1] == want["read_at_s"]
@@ -250,7 +250,7 @@ def test_round_trip(
     assume(not all(k.bcd_clock(clock_bytes, big_endian=be)[1][0] for be in (False, True)))
     d = decode_batch([frame], RX)
     assert d.error_code[0] == ErrorCode.OK, d.error_message[0]
-    assert d.meter_id.tolist() == [address]
+    assert d.address.tolist() == [address]
     assert d.register_ml.tolist() == [total * int(per)]
     want_t = RX if clock is None else int(clock.replace(microsecond=0).timestamp())
     assert d.read_at_s.tolist() == [want_t]

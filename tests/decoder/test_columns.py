@@ -110,9 +110,9 @@ def test_mixed_batch_extra_matches_single_frame_decodes() -> None:
 def test_cjt188_fields_are_arrays_not_objects() -> None:
     """A CJ/T 188 batch keeps ids as a numpy str array and every extra field as numbers."""
     d = decode_batch([_cjt(i) for i in range(50)], RX)
-    assert d.meter_of_frame.dtype.kind == "U"
-    assert d.meter_id.tolist()[:2] == ["00000000000000", "00000000000001"]
-    assert d.meter_id[1] == "00000000000001"
+    assert d.address_of_frame.dtype.kind == "U"
+    assert d.address.tolist()[:2] == ["00000000000000", "00000000000001"]
+    assert d.address[1] == "00000000000001"
     assert {name: c.values.dtype.kind for name, c in d.fields.items()}.keys() >= {
         "total_m3", "valve", "status_hex", "di", "medium", "clock",
     }  # fmt: skip
@@ -138,7 +138,7 @@ def test_bytearray_frames_decode_like_bytes() -> None:
     a = decode_batch([bytearray(f) for f in frames], RX)
     b = decode_batch(frames, RX)
     assert a.register_ml.tolist() == b.register_ml.tolist()
-    assert a.meter_id.tolist() == b.meter_id.tolist()
+    assert a.address.tolist() == b.address.tolist()
 
 
 def test_cjt188_clock_default_is_beijing_time() -> None:
@@ -201,7 +201,7 @@ def test_view_inline_key_decodes_encrypted_line() -> None:
     assert recs[0]["total_m3"] == "123.456789"
     assert recs[1]["error_code"] == ErrorCode.NO_KEY
     assert recs[2]["total_m3"] == "1234.56"
-    assert recs[2]["meter_id"] == "00000000000001"
+    assert recs[2]["address"] == "00000000000001"
 
 
 def test_decoded_type_is_exported() -> None:

@@ -23,11 +23,11 @@ NBM1 = interval.encode_interval("00000000000007", RX - RX % 3600, 0, [1000] * 23
 
 def _invariants(d: Decoded, n: int) -> None:
     assert d.n_frames == n
-    for col in (d.format, d.meter_of_frame, d.error_code, d.error_message):
+    for col in (d.format, d.address_of_frame, d.error_code, d.error_message):
         assert len(col) == n
     assert len(d.extra) == n
     m = d.n_readings
-    for col in (d.frame_index, d.meter_id, d.read_at_s, d.register_ml, d.flags):
+    for col in (d.frame_index, d.address, d.read_at_s, d.register_ml, d.flags):
         assert len(col) == m
     assert d.register_ml.dtype == np.int64
     assert d.read_at_s.dtype == np.int64
@@ -133,7 +133,7 @@ def test_view_record_shape() -> None:
     rec, senml_rec, bad = frame_records([CJT, SENML, b"\x01\x02"], RX)
     assert rec["ok"] is True
     assert rec["total_m3"] == "556677.00"
-    assert rec["meter_id"] == "78330011223344"
+    assert rec["address"] == "78330011223344"
     assert rec["flags"] == ["clock_missing"]
     assert len(senml_rec["readings"]) == 2
     assert senml_rec["total_m3"] == "0.002000"

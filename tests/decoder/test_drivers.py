@@ -111,7 +111,7 @@ def test_raw_driver_through_decode_batch() -> None:
     res = decode_batch([ACME, ACME_ALARM], RX)
     assert res.error_code.tolist() == [0, 0]
     assert res.format.tolist() == ["driver", "driver"]
-    assert res.meter_of_frame.tolist() == ["860012345678", "860012345679"]
+    assert res.address_of_frame.tolist() == ["860012345678", "860012345679"]
     assert res.register_ml.tolist() == [123_456_700, 5_000]
     assert res.extra[0]["billing_day_m3"] == Decimal("120")
     assert res.read_at_s[0] == 1_796_112_000  # 2026-12-01T08:00Z from the frame
@@ -179,7 +179,7 @@ def test_mbus_batch_mixes_driver_and_standard_frames_in_order() -> None:
     assert res.extra[0]["total_m3"] == Decimal("6842.784")
     assert res.extra[1]["driver"] == "izar"
     assert res.extra[1]["total_m3"] == Decimal("123.456")
-    assert res.meter_of_frame.tolist()[1] == "12345678"
+    assert res.address_of_frame.tolist()[1] == "12345678"
 
 
 def test_prios_keystream_is_its_own_inverse() -> None:

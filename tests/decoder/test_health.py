@@ -37,10 +37,10 @@ def test_annotate_examples(key: str, flags: int, want: dict[str, bool]) -> None:
     dec = empty(1)
     dec.format[:] = key
     dec = Decoded(
-        frame_index=np.zeros(1, np.int32), meter_id=np.array(["1"], object),
+        frame_index=np.zeros(1, np.int32), address=np.array(["1"], object),
         read_at_s=np.zeros(1, np.int64), register_ml=np.zeros(1, np.int64),
         flags=np.array([flags], np.uint32), format=dec.format,
-        meter_of_frame=dec.meter_of_frame, error_code=dec.error_code,
+        address_of_frame=dec.address_of_frame, error_code=dec.error_code,
         error_message=dec.error_message,
     )  # fmt: skip
     out = health.annotate(dec).extra_of(0, health.HEALTH_COLUMNS)

@@ -159,7 +159,7 @@ def test_round_trip(address: str, hour: int, base_l: int, deltas_l: list[int], s
     assert d.error_code[0] == ErrorCode.OK
     assert d.read_at_s.tolist() == [(hour + i) * 3600 for i in range(len(deltas_l) + 1)]
     assert d.register_ml.tolist() == (np.cumsum([base_l, *deltas_l]) * 1000).tolist()
-    assert d.meter_id.tolist() == [address] * (len(deltas_l) + 1)
+    assert d.address.tolist() == [address] * (len(deltas_l) + 1)
     assert d.flags[0] == 0
     assert d.flags[-1] == Flag.INTERVAL | status
 

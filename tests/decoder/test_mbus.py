@@ -62,7 +62,7 @@ def test_mode5_frame_decodes_register_clock_and_billing() -> None:
     assert res.extra[0]["target_m3"] == 100
     assert res.extra[0]["target_date"] == "2023-12-31"
     assert res.extra[0]["meter_datetime"] == "2024-03-05 06:07:08"
-    assert res.meter_id.tolist() == ["12345678"] * 2
+    assert res.address.tolist() == ["12345678"] * 2
     assert res.format[0] == "wmbus"
 
 
@@ -83,7 +83,7 @@ def test_wired_long_frame_uses_secondary_address() -> None:
     """A wired RSP_UD frame decodes with the CI 72 secondary-address id."""
     frame = mbus.encode_wired("87654321", "ACW", 0x14, 0x07, 3, 54_321_000, WHEN, address=5)
     res = _decode(frame)
-    assert res.meter_of_frame.tolist() == ["87654321"]
+    assert res.address_of_frame.tolist() == ["87654321"]
     assert res.format[0] == "mbus_wired"
     assert res.register_ml.tolist() == [54_321_000]
     assert mbus.looks_like(frame)
@@ -241,7 +241,7 @@ def test_mode5_round_trip(mid, man, ver, dev, acc, total, key, when) -> None:
     """encode_oms_mode5 -> decode returns the id, register and clock that went in."""
     res = _decode(mbus.encode_oms_mode5(mid, man, ver, dev, acc, total, key, when), keys={mid: key})
     assert res.error_code.tolist() == [0], res.error_message[0]
-    assert res.meter_id.tolist() == [mid]
+    assert res.address.tolist() == [mid]
     assert res.register_ml.tolist() == [total]
     assert res.read_at_s.tolist() == [int(when.replace(microsecond=0).timestamp())]
 

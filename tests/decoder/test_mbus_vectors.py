@@ -122,7 +122,7 @@ def test_wmbusmeters_vector(i: int) -> None:
         pytest.skip(reason)
     exp, extra = v["expected"], res.extra[i]
     assert res.error_code[i] == ErrorCode.OK, res.error_message[i]
-    assert res.meter_of_frame[i] == exp["id"]
+    assert res.address_of_frame[i] == exp["id"]
     if "total_m3" in exp:
         assert Decimal(str(extra["total_m3"])) == Decimal(str(exp["total_m3"]))
         current = res.register_ml[(res.frame_index == i) & ~(res.flags & Flag.BILLING_DATE > 0)]
@@ -154,7 +154,7 @@ def test_libmbus_vector(i: int) -> None:
     v = lines[i]
     records = v["expected"]["records"]
     exp_id = v["expected"]["slave"]["Id"]
-    assert res.meter_of_frame[i].lstrip("0") == exp_id.lstrip("0")
+    assert res.address_of_frame[i].lstrip("0") == exp_id.lstrip("0")
     if "StorageNumber" not in records[0]:  # EN 1434-3 fixed data structure (CI 73)
         assert res.error_code[i] == ErrorCode.OK, res.error_message[i]
         assert res.register_ml[res.frame_index == i].tolist() == [1000, 135000]  # 1 l, 135 l

@@ -24,10 +24,10 @@ def frame_of(d: Decoded, i: int) -> tuple[int, str, list[Reading]]:
     """Frame i's code, meter and readings: what must not depend on the rest of the batch."""
     rows = np.flatnonzero(d.frame_index == i).tolist()
     readings = [
-        (str(d.meter_id[r]), int(d.read_at_s[r]), int(d.register_ml[r]), int(d.flags[r]))
+        (str(d.address[r]), int(d.read_at_s[r]), int(d.register_ml[r]), int(d.flags[r]))
         for r in rows
     ]
-    return int(d.error_code[i]), str(d.meter_of_frame[i]), readings
+    return int(d.error_code[i]), str(d.address_of_frame[i]), readings
 
 
 def alone(frame: bytes) -> tuple[int, str, list[Reading]]:
@@ -40,8 +40,8 @@ def check_batch(frames: list[bytes]) -> Decoded:
     d = decode_batch(frames, RX)
     n = len(frames)
     assert d.n_frames == n
-    assert len(d.error_message) == len(d.format) == len(d.meter_of_frame) == n
-    assert {len(c) for c in (d.frame_index, d.meter_id, d.read_at_s, d.flags)} <= {d.n_readings}
+    assert len(d.error_message) == len(d.format) == len(d.address_of_frame) == n
+    assert {len(c) for c in (d.frame_index, d.address, d.read_at_s, d.flags)} <= {d.n_readings}
     codes = d.error_code.tolist()
     assert set(codes) <= {int(c) for c in ErrorCode}
     assert all(d.error_message[i] for i, c in enumerate(codes) if c), "a code without a reason"

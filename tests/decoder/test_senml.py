@@ -102,7 +102,7 @@ def test_golden_examples(frame: bytes, rx: int, want: dict) -> None:
     """The module's LwM2M 3424 example yields exact mL readings, times and leak flag."""
     d = decode_batch([frame], rx)
     assert d.error_code[0] == ErrorCode.OK
-    assert d.meter_of_frame[0] == want["meter_id"]
+    assert d.address_of_frame[0] == want["address"]
     assert d.register_ml.tolist() == want["register_ml"]
     assert d.read_at_s.tolist() == want["read_at_s"]
     assert d.flags.tolist() == [int(f) for f in want["flags"]]
@@ -161,7 +161,7 @@ def test_round_trip(points: list[tuple[int, int]], cbor: bool, relative: bool, l
     d = decode_batch([encode_senml(records, cbor=cbor)], now)
     assert d.error_code[0] == ErrorCode.OK, d.error_message[0]
     assert list(zip(d.read_at_s.tolist(), d.register_ml.tolist(), strict=True)) == points
-    assert d.meter_of_frame[0] == "urn:imei:1"
+    assert d.address_of_frame[0] == "urn:imei:1"
     assert bool(d.flags[-1] & Flag.LEAK) == leak
 
 

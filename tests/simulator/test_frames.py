@@ -82,7 +82,7 @@ def test_frames_decode_back_to_truth(fmt: Format) -> None:
         if fmt is Format.INTERVAL:  # nbm1: the alarms latched over the batch, on the newest
             latched = np.bitwise_or.reduce(TRUTH.flags[u.meter, u.first_h : u.last_h + 1])
             assert got[u.last_h][1] & CARRIED[fmt] == latched & CARRIED[fmt]
-        assert {out.meter_id[j] for j in mine} <= {TRUTH.meters[u.claimed].address}
+        assert {out.address[j] for j in mine} <= {TRUTH.meters[u.claimed].address}
 
 
 @pytest.mark.parametrize("fmt", list(Format))

@@ -327,16 +327,16 @@ async def test_from_decoded_resolved_addresses(pool: asyncpg.Pool, tenant_id: in
     meters = await make_meters(pool, tenant_id, 2)
     decoded = Decoded(
         frame_index=np.array([0, 1, 2], np.int32),
-        meter_id=np.array(["m1", "m2", "zz"], object),
+        address=np.array(["m1", "m2", "zz"], object),
         read_at_s=np.full(3, T0_S, np.int64),
         register_ml=np.array([1, 2, 3], np.int64),
         flags=np.zeros(3, np.uint32),
         format=np.array(["cjt188"] * 3, object),
-        meter_of_frame=np.array(["m1", "m2", "zz"], object),
+        address_of_frame=np.array(["m1", "m2", "zz"], object),
         error_code=np.zeros(3, np.uint16),
         error_message=np.array([""] * 3, object),
     )
-    ids = await MeterDirectory(pool).resolve(tenant_id, decoded.meter_id)
+    ids = await MeterDirectory(pool).resolve(tenant_id, decoded.address)
     batch = ReadingBatch.from_decoded(decoded, ids, transport=3, received_at_us=RECEIVED_US)
     result = await ReadingWriter(pool).write(batch)
     assert ids[:2].tolist() == meters.tolist()
