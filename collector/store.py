@@ -343,7 +343,7 @@ class BatchStore:
             row = int(idx[local])
             pair = device_pair.get(row) or (
                 rnd.plain_tenant or -1,
-                str(retry.meter_of_frame[local]),
+                str(retry.address_of_frame[local]),
             )
             if pair in pending:
                 confirmed[pair] = pending[pair]
