@@ -42,7 +42,7 @@ from typing import Any, Final
 
 import aiocoap
 import structlog
-from aiocoap import error, interfaces, resource
+from aiocoap import error, resource
 
 from collector import metrics
 from collector.coap import TenantDirectory, UplinkResource, _peer, response
@@ -94,7 +94,7 @@ class Lwm2m:
         """Deliver the meter's pending commands to `remote` (in the background)."""
         if registration.meter_id in self._delivering:
             return
-        if getattr(remote, "security_context", None) is not None:
+        if isinstance(getattr(remote, "security_context", None), DeviceContext):
             return  # OSCORE: server-initiated requests are not protected yet (module doc)
         self._delivering.add(registration.meter_id)
         task = asyncio.get_running_loop().create_task(
@@ -145,7 +145,7 @@ class Lwm2m:
         for op in ops:
             msg = aiocoap.Message(
                 code=aiocoap.Code.PUT if op.method == "PUT" else aiocoap.Code.POST,
-                mtype=aiocoap.CON,
+                transport_tuning=aiocoap.Reliable,  # CON: retransmitted until answered
                 uri_path=op.path,
                 payload=op.payload,
             )
@@ -219,7 +219,7 @@ class RegisterResource(resource.Resource):
         return aiocoap.Message(code=aiocoap.CREATED, location_path=("rd", reg.registration_id))
 
 
-class RegistrationResource(resource.Resource, interfaces.PathCapable):
+class RegistrationResource(resource.Resource, resource.PathCapable):
     """POST /rd/<id> Update, DELETE /rd/<id> De-register (mounted as a sub-site)."""
 
     def __init__(self, shared: Lwm2m) -> None:

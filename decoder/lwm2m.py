@@ -135,7 +135,10 @@ def with_endpoint(pack: bytes, endpoint: str) -> bytes:
         records, encoding = senml.parse(pack)
     except senml.SenMLError:
         return pack
-    names = [str(r.get("bn", "")) + str(r.get("n", "")) for r in records]
+    names, base = [], ""
+    for rec in records:
+        base = str(rec.get("bn", base))  # RFC 8428 §4.6: bn holds until the next bn
+        names.append(base + str(rec.get("n", "")))
     if not names or not all(n.startswith("/") or n == "" for n in names):
         return pack
     if encoding == "cbor":

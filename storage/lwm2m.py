@@ -112,8 +112,8 @@ async def register(  # noqa: PLR0913  # a registration's own fields, all keyword
         row = await conn.fetchrow(
             "INSERT INTO lwm2m_registrations (registration_id, tenant_id, meter_id, endpoint,"
             " lwm2m_version, lifetime_s, binding, queue_mode, peer, transport, objects,"
-            " expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
-            f" now() + make_interval(secs => $6)) RETURNING {_COLUMNS}",
+            " expires_at) VALUES ($1, $2, $3, $4, $5, $6::integer, $7, $8, $9, $10, $11,"
+            f" now() + make_interval(secs => $6::integer)) RETURNING {_COLUMNS}",
             secrets.token_hex(8),
             tenant_id,
             meter_id,
@@ -146,9 +146,9 @@ async def update(  # noqa: PLR0913  # what an Update may change, all keyword-onl
     NoRegistrationError if there is none. A new lifetime restarts the expiry."""
     row = await conn.fetchrow(
         "UPDATE lwm2m_registrations SET peer = $3, updated_at = now(),"
-        " lifetime_s = coalesce($4, lifetime_s), binding = coalesce($5, binding),"
+        " lifetime_s = coalesce($4::integer, lifetime_s), binding = coalesce($5, binding),"
         " queue_mode = coalesce($6, queue_mode), objects = coalesce($7, objects),"
-        " expires_at = now() + make_interval(secs => coalesce($4, lifetime_s))"
+        " expires_at = now() + make_interval(secs => coalesce($4::integer, lifetime_s))"
         " WHERE registration_id = $1 AND ($2::bigint IS NULL OR meter_id = $2)"
         " AND deregistered_at IS NULL AND expires_at > now()"
         f" RETURNING {_COLUMNS}",
