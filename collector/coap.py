@@ -271,7 +271,7 @@ def build_site(
     uplinks = UplinkResource(settings, pipeline, tenants, events, downlinks)
     site.add_resource(["u"], uplinks)
     # LwM2M 1.1 (/rd, /dp): builds on this module's resources, so imported here
-    from collector import lwm2m  # noqa: PLC0415
+    from collector import lwm2m
 
     lwm2m.mount(site, settings, pipeline, pool, tenants, events)
     if downlinks is not None:

@@ -73,7 +73,7 @@ def _context_of(remote: Any) -> Any:
 
     aiocoap (0.4) has no public way from a received request to its Context; this is the
     chain its own UDP transport keeps (interface → message manager → token manager)."""
-    return remote.interface._ctx.token_manager.context  # noqa: SLF001  # see the docstring
+    return remote.interface._ctx.token_manager.context  # see the docstring
 
 
 class Lwm2m:
@@ -184,7 +184,8 @@ class RegisterResource(resource.Resource):
             params = registration_params(request.opt.uri_query, register=True)
         except ValueError as exc:
             raise error.BadRequest(str(exc)) from None
-        assert params.endpoint is not None and params.lifetime_s is not None
+        assert params.endpoint is not None
+        assert params.lifetime_s is not None
         device = self._s.device_of(request)
         slug = dict(q.partition("=")[::2] for q in request.opt.uri_query).get("t") or None
         try:

@@ -88,7 +88,7 @@ async def lab_meter(
 
 
 @translating("registering an LwM2M client")
-async def register(  # noqa: PLR0913  # a registration's own fields, all keyword-only
+async def register(  # a registration's own fields, all keyword-only
     conn: asyncpg.Connection,
     *,
     tenant_id: int,
@@ -131,7 +131,7 @@ async def register(  # noqa: PLR0913  # a registration's own fields, all keyword
 
 
 @translating("updating an LwM2M registration")
-async def update(  # noqa: PLR0913  # what an Update may change, all keyword-only
+async def update(  # what an Update may change, all keyword-only
     conn: asyncpg.Connection | asyncpg.Pool,
     registration_id: str,
     *,
