@@ -133,8 +133,8 @@ def with_endpoint(pack: bytes, endpoint: str) -> bytes:
     decoder then refuses it with its own reason)."""
     try:
         records, encoding = senml.parse(pack)
-    except senml.SenMLError:
-        return pack
+    except (ValueError, TypeError, LookupError, RecursionError, cbor2.CBORError):
+        return pack  # cbor2's errors are not ValueErrors
     names, base = [], ""
     for rec in records:
         base = str(rec.get("bn", base))  # RFC 8428 §4.6: bn holds until the next bn
