@@ -28,8 +28,9 @@ Mounted by `collector.coap.build_site` next to /u, behind the same OSCORE verifi
   command acknowledges it, a 4.xx/5.xx fails it (result: each operation's code); a
   command the client cannot take (no such object) fails without being sent; no answer
   leaves it `sent`, to go out again in the next window (every operation is idempotent).
-  One delivery per meter at a time. Over OSCORE the requests would have to be protected
-  with the device's context: not done yet, OSCORE clients' commands stay queued.
+  One delivery per meter at a time. Over OSCORE each request is protected with the
+  device's context (server sequence numbers reserved in the database first) and its
+  answer verified with it.
 """
 # aiocoap is untyped (as in collector.coap)
 # mypy: disable-error-code="no-untyped-call,misc,no-any-return"
@@ -42,7 +43,7 @@ from typing import Any, Final
 
 import aiocoap
 import structlog
-from aiocoap import error, resource
+from aiocoap import error, oscore, resource
 
 from collector import metrics
 from collector.coap import TenantDirectory, UplinkResource, _peer, response
@@ -59,13 +60,14 @@ from decoder.lwm2m import (
     registration_params,
     with_endpoint,
 )
-from storage import lwm2m, mailbox
+from storage import credentials, lwm2m, mailbox
 from storage.errors import StorageError
 from storage.pool import Pool, connection
 
 log = structlog.get_logger("collector.lwm2m")
 
 OP_TIMEOUT_S: Final = 15.0  # a sleeping client's window is 10-20 s: give up, try next window
+_SEQNO_BLOCK: Final = 16  # server OSCORE sequence numbers reserved per database round trip
 
 
 def _context_of(remote: Any) -> Any:
@@ -94,8 +96,6 @@ class Lwm2m:
         """Deliver the meter's pending commands to `remote` (in the background)."""
         if registration.meter_id in self._delivering:
             return
-        if isinstance(getattr(remote, "security_context", None), DeviceContext):
-            return  # OSCORE: server-initiated requests are not protected yet (module doc)
         self._delivering.add(registration.meter_id)
         task = asyncio.get_running_loop().create_task(
             self._deliver(registration, remote), name="lwm2m-delivery"
@@ -141,7 +141,6 @@ class Lwm2m:
         except ValueError as exc:
             return DeviceResult(pending.command_id, False, {"error": str(exc)})
         done: list[dict[str, str]] = []
-        context = _context_of(remote)
         for op in ops:
             msg = aiocoap.Message(
                 code=aiocoap.Code.PUT if op.method == "PUT" else aiocoap.Code.POST,
@@ -151,12 +150,9 @@ class Lwm2m:
             )
             if op.content_format is not None:
                 msg.opt.content_format = op.content_format
-            msg.remote = remote
             try:
-                answer = await asyncio.wait_for(
-                    context.request(msg, handle_blockwise=False).response, OP_TIMEOUT_S
-                )
-            except (TimeoutError, error.Error) as exc:
+                answer = await asyncio.wait_for(self._request(msg, remote), OP_TIMEOUT_S)
+            except (TimeoutError, error.Error, oscore.ProtectionInvalid) as exc:
                 log.info("lwm2m.unanswered", command_id=pending.command_id, error=str(exc))
                 return None
             code = int(answer.code)
@@ -164,6 +160,32 @@ class Lwm2m:
             if not answer.code.is_successful():
                 return DeviceResult(pending.command_id, False, {"ops": done})
         return DeviceResult(pending.command_id, True, {"ops": done})
+
+    async def _request(self, msg: aiocoap.Message, remote: Any) -> aiocoap.Message:
+        """Send `msg` to `remote` from the server's socket; the (unprotected) answer.
+
+        Over OSCORE the request is protected with the device's context, with a server
+        sequence number reserved in the database first (as `collector.coap_oscore` does
+        for its second answers: a number is never used twice, across restarts)."""
+        sc = getattr(remote, "security_context", None)
+        if not isinstance(sc, DeviceContext):
+            msg.remote = remote
+            return await _context_of(remote).request(msg, handle_blockwise=False).response
+        if not sc.has_grant():
+            async with connection(self.pool, "reserving sequence numbers", timeout_s=5.0) as conn:
+                last = await credentials.next_server_seqno(
+                    conn, sc.device.meter_id, sc.recipient_id, _SEQNO_BLOCK
+                )
+            if last is None:  # the context was revoked or rotated meanwhile
+                raise error.Error("OSCORE context gone")
+            sc.grant(last, _SEQNO_BLOCK)
+        protected, request_id = sc.protect(msg)
+        protected.transport_tuning = aiocoap.Reliable
+        protected.remote = remote.underlying_address
+        context = _context_of(remote.underlying_address)
+        answer = await context.request(protected, handle_blockwise=False).response
+        inner, _ = sc.unprotect(answer, request_id)
+        return inner
 
     async def close(self) -> None:
         """Cancel the deliveries under way (their commands stay `sent`)."""

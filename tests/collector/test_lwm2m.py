@@ -17,6 +17,10 @@ import asyncpg
 import cbor2
 import pytest
 from aiocoap import resource
+from aiocoap.credentials import CredentialsMap
+from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
+from aiocoap.transports.oscore import OSCOREAddress
+from collector_testkit import DeviceOscore
 from conftest import RunningCollector, count, free_port, wait_count
 from downlink_testkit import OscoreMeter, Udp
 
@@ -29,13 +33,17 @@ OBJECTS = b"</1/0>,</3/0>,</4/0>,</3306/0>,</3424/0>"
 class Recorder(resource.Resource):  # type: ignore[misc]  # aiocoap is untyped
     """A client resource: records each Write (PUT) / Execute (POST) and answers 2.04."""
 
-    def __init__(self, path: str, seen: list[tuple[str, str, bytes]]) -> None:
+    def __init__(
+        self, path: str, seen: list[tuple[str, str, bytes]], secured: list[bool] | None = None
+    ) -> None:
         super().__init__()
         self._path = path
         self._seen = seen
+        self._secured = secured if secured is not None else []
 
     async def render_put(self, request: aiocoap.Message) -> aiocoap.Message:
         self._seen.append(("write", self._path, bytes(request.payload)))
+        self._secured.append(isinstance(request.remote, OSCOREAddress))
         return aiocoap.Message(code=aiocoap.CHANGED)
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
@@ -290,3 +298,44 @@ async def test_a_client_cannot_be_another_meter(
         "SELECT transport FROM lwm2m_registrations WHERE meter_id = $1", device.meter_id
     )
     assert transport == 2  # OSCORE
+
+
+async def test_oscore_client_gets_its_queued_commands_protected(
+    pool: asyncpg.Pool, collector: RunningCollector, device: ProvisionedDevice
+) -> None:
+    """An OSCORE client: commands queued before it registers go out on its Register as
+    requests protected with its context, and its protected answers acknowledge them."""
+    valve = await queue(pool, device.meter_id, "valve", {"action": "close"})
+    clock = await queue(pool, device.meter_id, "clock", {})
+    sc = DeviceOscore(device.oscore)
+    server_credentials = CredentialsMap()
+    server_credentials[":collector"] = sc  # the collector's requests to us
+    seen: list[tuple[str, str, bytes]] = []
+    secured: list[bool] = []
+    site = resource.Site()
+    for path in ("3/0/13", "3306/0/5850"):
+        site.add_resource(path.split("/"), Recorder(path, seen, secured))
+    ctx = await aiocoap.Context.create_server_context(
+        OscoreSiteWrapper(site, server_credentials),
+        bind=("127.0.0.1", free_port(socket.SOCK_DGRAM)),
+        transports=["oscore", "udp6"],
+    )
+    server = f"coap://127.0.0.1:{collector.coap_port}"
+    ctx.client_credentials[f"{server}/*"] = sc  # our requests to the collector
+    try:
+        msg = aiocoap.Message(code=aiocoap.POST, uri=f"{server}/rd", payload=OBJECTS)
+        msg.opt.uri_query = (f"ep={device.address}", "lwm2m=1.1", "lt=300", "Q")
+        reg = await asyncio.wait_for(ctx.request(msg).response, 20)
+        assert code(reg) == "2.01"
+        sql = "SELECT count(*) FROM commands WHERE meter_id = $1 AND state = 'acknowledged'"
+        assert await wait_count(pool, 2, sql, device.meter_id) == 2
+    finally:
+        await ctx.shutdown()
+    assert [(op, path) for op, path, _ in seen] == [("write", "3306/0/5850"), ("write", "3/0/13")]
+    assert secured == [True, True]  # both came OSCORE-protected with the device's context
+    assert cbor2.loads(seen[0][2]) == [{-2: "/3306/0/5850", 4: False}]
+    rows = await pool.fetch(
+        "SELECT command_id, attempts FROM commands WHERE meter_id = $1 ORDER BY 1",
+        device.meter_id,
+    )
+    assert [tuple(r) for r in rows] == [(valve, 1), (clock, 1)]
