@@ -78,6 +78,13 @@ def _context_of(remote: Any) -> Any:
     return remote.interface._ctx.token_manager.context  # see the docstring
 
 
+async def _no_block1(request: aiocoap.Message) -> bool:
+    """/rd takes no Block1 (aiocoap's own spool is unbounded): 4.13 for a block."""
+    if request.opt.block1 is not None:
+        raise error.RequestEntityTooLarge("registration payloads come in one message")
+    return False
+
+
 class Lwm2m:
     """What the LwM2M resources share: the pool, the busy answer, the deliveries."""
 
@@ -187,11 +194,6 @@ class Lwm2m:
         inner, _ = sc.unprotect(answer, request_id)
         return inner
 
-    async def close(self) -> None:
-        """Cancel the deliveries under way (their commands stay `sent`)."""
-        for task in list(self._tasks):
-            task.cancel()
-
 
 class RegisterResource(resource.Resource):
     """POST /rd: Register (see the module docstring)."""
@@ -199,6 +201,10 @@ class RegisterResource(resource.Resource):
     def __init__(self, shared: Lwm2m) -> None:
         super().__init__()
         self._s = shared
+
+    async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
+        """No Block1 (see `_no_block1`)."""
+        return await _no_block1(request)
 
     async def render_post(self, request: aiocoap.Message) -> Any:
         """Register the client as its meter; 2.01 with Location-Path rd/<id>."""
@@ -248,6 +254,10 @@ class RegistrationResource(resource.Resource, resource.PathCapable):
     def __init__(self, shared: Lwm2m) -> None:
         super().__init__()
         self._s = shared
+
+    async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
+        """No Block1 (see `_no_block1`)."""
+        return await _no_block1(request)
 
     def _id(self, request: aiocoap.Message) -> str:
         path = request.opt.uri_path
@@ -314,7 +324,12 @@ class SendResource(UplinkResource):
         self._s = shared
 
     async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
-        """Assemble Block1 Sends (the size limit is checked on the whole pack)."""
+        """Assemble Block1 Sends in this resource's bounded spool (`Block1Budget`),
+        refusing (4.13) a transfer that would exceed the payload limit."""
+        block1 = request.opt.block1
+        limit = self._settings.max_payload_bytes
+        if block1 is not None and (block1.block_number + 1) * block1.size > limit:
+            raise error.RequestEntityTooLarge(f"at most {limit} B")
         return True
 
     async def render_post(self, request: aiocoap.Message, *, too_large: bool = False) -> Any:
@@ -362,7 +377,7 @@ def mount(
     tenants: TenantDirectory,
     events: EventLimiter,
 ) -> Lwm2m:
-    """Add /rd, /rd/<id> and /dp to `site`; the shared state (its `close()` at shutdown)."""
+    """Add /rd, /rd/<id> and /dp to `site`; their shared state."""
     shared = Lwm2m(pool, settings)
     site.add_resource(["rd"], RegisterResource(shared))
     site.add_resource(["rd"], RegistrationResource(shared))  # a sub-site: /rd/<id>

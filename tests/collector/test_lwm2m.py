@@ -339,3 +339,21 @@ async def test_oscore_client_gets_its_queued_commands_protected(
         device.meter_id,
     )
     assert [tuple(r) for r in rows] == [(valve, 1), (clock, 1)]
+
+
+async def test_refusals_bad_query_block1_registration_and_wrong_content_format(
+    pool: asyncpg.Pool, client: Client, lab_tenant: str
+) -> None:
+    """A Register without lwm2m version is 4.00, one sent block-wise 4.13 (no unbounded
+    assembly); a Send that is not SenML CBOR/JSON is 4.15."""
+    _, ep = await lab_meter(pool, lab_tenant)
+    bad = await client.call(aiocoap.POST, "rd", (f"ep={ep}",))
+    assert code(bad) == "4.00"
+    assert b"lwm2m" in bad.payload
+    big = b",".join(f"</{i}/0>".encode() for i in range(30000, 30400))
+    assert len(big) > 2048  # aiocoap sends it in Block1 blocks
+    assert code(await client.call(aiocoap.POST, "rd", (f"ep={ep}", "lwm2m=1.1"), big)) == "4.13"
+    reg = await client.call(aiocoap.POST, "rd", (f"ep={ep}", "lwm2m=1.1"), OBJECTS)
+    assert code(reg) == "2.01"
+    text = await client.call(aiocoap.POST, "dp", payload=b"12.5", content_format=0)
+    assert code(text) == "4.15"
