@@ -304,7 +304,8 @@ async def test_oscore_client_gets_its_queued_commands_protected(
     pool: asyncpg.Pool, collector: RunningCollector, device: ProvisionedDevice
 ) -> None:
     """An OSCORE client: commands queued before it registers go out on its Register as
-    requests protected with its context, and its protected answers acknowledge them."""
+    requests protected with its context, its protected answers acknowledge them, and its
+    Send is stored as its meter's reading."""
     valve = await queue(pool, device.meter_id, "valve", {"action": "close"})
     clock = await queue(pool, device.meter_id, "clock", {})
     sc = DeviceOscore(device.oscore)
@@ -329,6 +330,11 @@ async def test_oscore_client_gets_its_queued_commands_protected(
         assert code(reg) == "2.01"
         sql = "SELECT count(*) FROM commands WHERE meter_id = $1 AND state = 'acknowledged'"
         assert await wait_count(pool, 2, sql, device.meter_id) == 2
+        pack = b'[{"bn":"/3424/0/","bt":1700000000,"n":"1","v":4.25}]'
+        msg = aiocoap.Message(code=aiocoap.POST, uri=f"{server}/dp", payload=pack)
+        msg.opt.content_format = 110
+        sent = await asyncio.wait_for(ctx.request(msg).response, 20)
+        assert code(sent) == "2.04"
     finally:
         await ctx.shutdown()
     assert [(op, path) for op, path, _ in seen] == [("write", "3306/0/5850"), ("write", "3/0/13")]
@@ -339,6 +345,10 @@ async def test_oscore_client_gets_its_queued_commands_protected(
         device.meter_id,
     )
     assert [tuple(r) for r in rows] == [(valve, 1), (clock, 1)]
+    reading = await pool.fetchrow(
+        "SELECT register_ml, transport FROM readings WHERE meter_id = $1", device.meter_id
+    )
+    assert tuple(reading) == (4_250_000, 2)  # the Send, stored as OSCORE
 
 
 async def test_refusals_bad_query_block1_registration_and_wrong_content_format(
