@@ -207,6 +207,15 @@ async def test_register_send_update_deregister_with_queue_mode_delivery(
     assert [(r["command_id"], r["attempts"]) for r in rows] == [(valve, 1), (interval, 1)]
     assert '"execute /1/0/8"' in rows[1]["result"]
 
+    # a Send opens a window too
+    client.seen.clear()
+    clock = await queue(pool, meter_id, "clock", {})
+    later = cbor2.dumps([{-2: "/3424/0/", -3: t0 + 3600, 0: "1", 2: 12.5}])
+    assert code(await client.call(aiocoap.POST, "dp", payload=later, content_format=112)) == "2.04"
+    sql = "SELECT count(*) FROM commands WHERE command_id = $1 AND state = 'acknowledged'"
+    assert await wait_count(pool, 1, sql, clock) == 1
+    assert [(op, path) for op, path, _ in client.seen] == [("write", "3/0/13")]
+
     bye = await client.call(aiocoap.DELETE, reg_path)
     assert code(bye) == "2.02"
     assert code(await client.call(aiocoap.POST, reg_path)) == "4.04"
