@@ -49,8 +49,9 @@ from collector import metrics
 from collector.coap import TenantDirectory, UplinkResource, _peer, response
 from collector.coap_guard import EventLimiter
 from collector.coap_oscore import Busy, DeviceContext
-from collector.pipeline import Device, Pipeline, Transport, Uplink
+from collector.pipeline import Pipeline
 from collector.settings import CoapSettings
+from collector.uplink import Device, Transport, Uplink
 from decoder.commands import DeviceResult
 from decoder.lwm2m import (
     SENML_CBOR,
