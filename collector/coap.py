@@ -264,11 +264,16 @@ def build_site(
     downlinks: Downlinks | None = None,
 ) -> OscoreSite:
     """The collector's one site: /u (and /c, device answers to commands, with
-    `downlinks`) behind the OSCORE verifier."""
+    `downlinks`), LwM2M's /rd and /dp (`collector.lwm2m`), behind the OSCORE verifier."""
     events = events or EventLimiter(settings.log_window_s, settings.log_per_window)
     site = Site()
-    uplinks = UplinkResource(settings, pipeline, TenantDirectory(pool), events, downlinks)
+    tenants = TenantDirectory(pool)
+    uplinks = UplinkResource(settings, pipeline, tenants, events, downlinks)
     site.add_resource(["u"], uplinks)
+    # LwM2M 1.1 (/rd, /dp): builds on this module's resources, so imported here
+    from collector import lwm2m
+
+    lwm2m.mount(site, settings, pipeline, pool, tenants, events)
     if downlinks is not None:
         site.add_resource(["c"], ResultResource(downlinks, settings.busy_max_age_s))
     contexts = DeviceContexts(pool, key, settings)

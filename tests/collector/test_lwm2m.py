@@ -1,0 +1,378 @@
+"""LwM2M 1.1 on the collector's CoAP endpoint, against the real collector and database: an
+LwM2M client written here with aiocoap (one socket that both sends its requests and
+serves the server's Device Management requests, as a real client does)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiocoap
+import asyncpg
+import cbor2
+import pytest
+from aiocoap import resource
+from aiocoap.credentials import CredentialsMap
+from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
+from aiocoap.transports.oscore import OSCOREAddress
+from collector_testkit import DeviceOscore
+from conftest import RunningCollector, count, free_port, wait_count
+from downlink_testkit import OscoreMeter, Udp
+
+from devices.provision import ProvisionedDevice
+from storage import mailbox
+
+OBJECTS = b"</1/0>,</3/0>,</4/0>,</3306/0>,</3424/0>"
+
+
+class Recorder(resource.Resource):  # type: ignore[misc]  # aiocoap is untyped
+    """A client resource: records each Write (PUT) / Execute (POST) and answers 2.04."""
+
+    def __init__(
+        self, path: str, seen: list[tuple[str, str, bytes]], secured: list[bool] | None = None
+    ) -> None:
+        super().__init__()
+        self._path = path
+        self._seen = seen
+        self._secured = secured if secured is not None else []
+
+    async def render_put(self, request: aiocoap.Message) -> aiocoap.Message:
+        self._seen.append(("write", self._path, bytes(request.payload)))
+        self._secured.append(isinstance(request.remote, OSCOREAddress))
+        return aiocoap.Message(code=aiocoap.CHANGED)
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        self._seen.append(("execute", self._path, bytes(request.payload)))
+        return aiocoap.Message(code=aiocoap.CHANGED)
+
+
+class Client:
+    """An LwM2M client: objects 1, 3, 3306 served on the socket it talks from."""
+
+    def __init__(self, ctx: Any, server: str) -> None:
+        self.ctx = ctx
+        self.server = server
+        self.seen: list[tuple[str, str, bytes]] = []
+        self.port = 0
+
+    @classmethod
+    async def start(cls, port: int) -> Client:
+        """A client bound to a free loopback port, talking to the collector on `port`."""
+        site = resource.Site()
+        client = cls(None, f"coap://127.0.0.1:{port}")
+        client.port = free_port(socket.SOCK_DGRAM)
+        for path in ("1/0/1", "1/0/8", "3/0/13", "3306/0/5850"):
+            site.add_resource(path.split("/"), Recorder(path, client.seen))
+        client.ctx = await aiocoap.Context.create_server_context(
+            site, bind=("127.0.0.1", client.port), transports=["udp6"]
+        )
+        return client
+
+    async def call(
+        self,
+        code: aiocoap.Code,
+        path: str,
+        query: tuple[str, ...] = (),
+        payload: bytes = b"",
+        content_format: int | None = None,
+    ) -> aiocoap.Message:
+        """One CON request to the collector; its answer."""
+        msg = aiocoap.Message(code=code, uri=f"{self.server}/{path}", payload=payload)
+        msg.opt.uri_query = query
+        if content_format is not None:
+            msg.opt.content_format = content_format
+        return await asyncio.wait_for(self.ctx.request(msg).response, 20)
+
+    async def close(self) -> None:
+        """Close the socket."""
+        await self.ctx.shutdown()
+
+
+async def lab_meter(pool: asyncpg.Pool, slug: str) -> tuple[int, str]:
+    """A SenML water meter named by an IMEI endpoint in lab tenant `slug`."""
+    ep = f"urn:imei:{uuid.uuid4().int % 10**15:015d}"
+    meter_id = await pool.fetchval(
+        "INSERT INTO meters (tenant_id, address, kind, format) SELECT tenant_id, $2, 'water',"
+        " 'senml' FROM tenants WHERE slug = $1 RETURNING meter_id",
+        slug,
+        ep,
+    )
+    return int(meter_id), ep
+
+
+@pytest.fixture
+async def client(collector: RunningCollector) -> AsyncIterator[Client]:
+    """An LwM2M client pointed at the session's collector."""
+    c = await Client.start(collector.coap_port)
+    yield c
+    await c.close()
+
+
+def code(msg: aiocoap.Message) -> str:
+    """Dotted response code."""
+    value = int(msg.code)
+    return f"{value >> 5}.{value & 0x1F:02d}"
+
+
+async def queue(pool: asyncpg.Pool, meter_id: int, kind: str, args: dict[str, Any]) -> int:
+    """Put a command in the meter's mailbox; its id."""
+    tenant_id = await pool.fetchval("SELECT tenant_id FROM meters WHERE meter_id = $1", meter_id)
+    async with pool.acquire() as conn:
+        cmd, _ = await mailbox.create(
+            conn,
+            tenant_id=tenant_id,
+            meter_id=meter_id,
+            kind=kind,
+            args=args,
+            ttl_s=600,
+            created_by="test",
+        )
+    return cmd.command_id
+
+
+async def test_register_send_update_deregister_with_queue_mode_delivery(
+    pool: asyncpg.Pool, client: Client, lab_tenant: str
+) -> None:
+    """Register (Queue Mode) → Send stored as readings and health → commands queued while
+    the client sleeps go out as Write/Execute on its Update and are acknowledged →
+    De-register; afterwards Update and Send are refused."""
+    meter_id, ep = await lab_meter(pool, lab_tenant)
+    query = (f"ep={ep}", "lt=300", "lwm2m=1.1", "b=U", "Q")
+    reg = await client.call(aiocoap.POST, "rd", query, OBJECTS)
+    assert code(reg) == "2.01", reg.payload
+    assert reg.opt.location_path[0] == "rd"
+    reg_path = "/".join(reg.opt.location_path)
+    row = await pool.fetchrow(
+        "SELECT * FROM lwm2m_registrations WHERE registration_id = $1", reg.opt.location_path[1]
+    )
+    assert row["meter_id"] == meter_id
+    assert (row["lifetime_s"], row["binding"], row["queue_mode"]) == (300, "U", True)
+    assert row["peer"] == f"[::ffff:127.0.0.1]:{client.port}"  # where commands will go
+    assert row["objects"] == OBJECTS.decode()
+
+    t0 = (int(time.time()) // 3600 - 1) * 3600
+    pack = cbor2.dumps(
+        [
+            {-2: "/3424/0/", -3: t0, 0: "1", 2: 12.345},
+            {-2: "/3/0/", 0: "7", 2: 3600},
+            {0: "9", 2: 87},
+            {-2: "/4/0/", 0: "2", 2: -97},
+            {0: "8", 2: 12345},
+        ]
+    )
+    sent = await client.call(aiocoap.POST, "dp", payload=pack, content_format=112)
+    assert code(sent) == "2.04", sent.payload
+    reading = await pool.fetchrow(
+        "SELECT register_ml, transport FROM readings WHERE meter_id = $1", meter_id
+    )
+    assert tuple(reading) == (12_345_000, 1)
+    health = await pool.fetchrow(
+        "SELECT battery_mv, rsrp_cdbm FROM device_health WHERE meter_id = $1", meter_id
+    )
+    assert tuple(health) == (3600, -9700)
+    again = await client.call(aiocoap.POST, "dp", payload=pack, content_format=112)
+    assert code(again) == "2.04"  # a duplicate: answered, stored once
+    assert await count(pool, "SELECT count(*) FROM readings WHERE meter_id = $1", meter_id) == 1
+
+    # the client sleeps: commands wait in the mailbox
+    valve = await queue(pool, meter_id, "valve", {"action": "close"})
+    interval = await queue(pool, meter_id, "reporting", {"interval_s": 600})
+    await asyncio.sleep(0.5)
+    assert client.seen == []
+    update = await client.call(aiocoap.POST, reg_path)
+    assert code(update) == "2.04"
+    done = await wait_count(
+        pool,
+        2,
+        "SELECT count(*) FROM commands WHERE meter_id = $1 AND state = 'acknowledged'",
+        meter_id,
+    )
+    assert done == 2
+    assert [(op, path) for op, path, _ in client.seen] == [
+        ("write", "3306/0/5850"),
+        ("write", "1/0/1"),
+        ("execute", "1/0/8"),
+    ]
+    assert cbor2.loads(client.seen[0][2]) == [{-2: "/3306/0/5850", 4: False}]
+    assert cbor2.loads(client.seen[1][2]) == [{-2: "/1/0/1", 2: 600}]
+    rows = await pool.fetch(
+        "SELECT command_id, attempts, result FROM commands WHERE meter_id = $1 ORDER BY 1",
+        meter_id,
+    )
+    assert [(r["command_id"], r["attempts"]) for r in rows] == [(valve, 1), (interval, 1)]
+    assert '"execute /1/0/8"' in rows[1]["result"]
+
+    # a Send opens a window too
+    client.seen.clear()
+    clock = await queue(pool, meter_id, "clock", {})
+    later = cbor2.dumps([{-2: "/3424/0/", -3: t0 + 3600, 0: "1", 2: 12.5}])
+    assert code(await client.call(aiocoap.POST, "dp", payload=later, content_format=112)) == "2.04"
+    sql = "SELECT count(*) FROM commands WHERE command_id = $1 AND state = 'acknowledged'"
+    assert await wait_count(pool, 1, sql, clock) == 1
+    assert [(op, path) for op, path, _ in client.seen] == [("write", "3/0/13")]
+
+    bye = await client.call(aiocoap.DELETE, reg_path)
+    assert code(bye) == "2.02"
+    assert code(await client.call(aiocoap.POST, reg_path)) == "4.04"
+    late = await client.call(aiocoap.POST, "dp", payload=pack, content_format=112)
+    assert code(late) == "4.04"
+
+
+async def test_clock_and_unfit_commands_and_expired_registration(
+    pool: asyncpg.Pool, client: Client, lab_tenant: str
+) -> None:
+    """A clock set is a Write of /3/0/13 with the server's time; a valve command to a client
+    without object 3306 fails unsent; an expired registration is ignored."""
+    meter_id, ep = await lab_meter(pool, lab_tenant)
+    clock = await queue(pool, meter_id, "clock", {})
+    valve = await queue(pool, meter_id, "valve", {"action": "open"})
+    before = int(time.time())
+    reg = await client.call(
+        aiocoap.POST, "rd", (f"ep={ep}", "lt=120", "lwm2m=1.1", "b=UQ"), b"</1/0>,</3/0>"
+    )
+    assert code(reg) == "2.01"
+    sql = "SELECT count(*) FROM commands WHERE meter_id = $1 AND finished_at IS NOT NULL"
+    assert await wait_count(pool, 2, sql, meter_id) == 2
+    states = dict(
+        await pool.fetch("SELECT command_id, state FROM commands WHERE meter_id = $1", meter_id)
+    )
+    assert states == {clock: "acknowledged", valve: "failed"}
+    assert [(op, path) for op, path, _ in client.seen] == [("write", "3/0/13")]
+    (record,) = cbor2.loads(client.seen[0][2])
+    assert before <= record[2] <= time.time() + 1
+    reason = await pool.fetchval("SELECT result FROM commands WHERE command_id = $1", valve)
+    assert "no object 3306" in reason
+    queue_mode = await pool.fetchval(
+        "SELECT queue_mode FROM lwm2m_registrations WHERE meter_id = $1", meter_id
+    )
+    assert queue_mode is True  # LwM2M 1.0 style b=UQ
+
+    await pool.execute(
+        "UPDATE lwm2m_registrations SET expires_at = now() - interval '1 s',"
+        " registered_at = now() - interval '1 h', updated_at = now() - interval '1 h'"
+        " WHERE meter_id = $1",
+        meter_id,
+    )
+    assert code(await client.call(aiocoap.POST, "/".join(reg.opt.location_path))) == "4.04"
+    pack = b'[{"bn":"/3424/0/","n":"1","v":1.5}]'
+    assert code(await client.call(aiocoap.POST, "dp", payload=pack, content_format=110)) == "4.04"
+
+
+async def test_a_client_cannot_be_another_meter(
+    pool: asyncpg.Pool,
+    client: Client,
+    lab_tenant: str,
+    collector: RunningCollector,
+    device: ProvisionedDevice,
+) -> None:
+    """Plain CoAP: an endpoint outside the lab tenants is refused, and a Send naming
+    another meter is quarantined (4.03); OSCORE: only the context's own meter registers."""
+    _, ep = await lab_meter(pool, lab_tenant)
+    other_id, other = await lab_meter(pool, lab_tenant)
+    refused = await client.call(aiocoap.POST, "rd", (f"ep={device.address}", "lwm2m=1.1"))
+    assert code(refused) == "4.04"  # an OSCORE tenant's meter: not for plain CoAP
+    reg = await client.call(aiocoap.POST, "rd", (f"ep={ep}", "lwm2m=1.1"), OBJECTS)
+    assert code(reg) == "2.01"
+    pack = f'[{{"bn":"{other}/3424/0/","n":"1","v":2.5}}]'.encode()
+    sent = await client.call(aiocoap.POST, "dp", payload=pack, content_format=110)
+    assert code(sent) == "4.03"
+    assert await count(pool, "SELECT count(*) FROM readings WHERE meter_id = $1", other_id) == 0
+
+    udp = await Udp.open(collector.coap_port)
+    meter = OscoreMeter(device.oscore, udp)
+    try:
+        for ep_asked, want in ((other, "4.03"), (device.address, "2.01")):
+            msg = aiocoap.Message(
+                code=aiocoap.POST,
+                uri_path=("rd",),
+                uri_query=(f"ep={ep_asked}", "lwm2m=1.1", "lt=300"),
+                payload=OBJECTS,
+            )
+            protected, request_id = meter.ctx.protect(msg)
+            protected.mtype = aiocoap.CON
+            protected.mid = secrets.randbelow(65536)
+            protected.token = secrets.token_bytes(4)
+            answer = meter.reply(
+                await udp.exchange(protected.encode(), protected.token), request_id
+            )
+            assert answer.code == want
+    finally:
+        udp.close()
+    transport = await pool.fetchval(
+        "SELECT transport FROM lwm2m_registrations WHERE meter_id = $1", device.meter_id
+    )
+    assert transport == 2  # OSCORE
+
+
+async def test_oscore_client_gets_its_queued_commands_protected(
+    pool: asyncpg.Pool, collector: RunningCollector, device: ProvisionedDevice
+) -> None:
+    """An OSCORE client: commands queued before it registers go out on its Register as
+    requests protected with its context, its protected answers acknowledge them, and its
+    Send is stored as its meter's reading."""
+    valve = await queue(pool, device.meter_id, "valve", {"action": "close"})
+    clock = await queue(pool, device.meter_id, "clock", {})
+    sc = DeviceOscore(device.oscore)
+    server_credentials = CredentialsMap()
+    server_credentials[":collector"] = sc  # the collector's requests to us
+    seen: list[tuple[str, str, bytes]] = []
+    secured: list[bool] = []
+    site = resource.Site()
+    for path in ("3/0/13", "3306/0/5850"):
+        site.add_resource(path.split("/"), Recorder(path, seen, secured))
+    ctx = await aiocoap.Context.create_server_context(
+        OscoreSiteWrapper(site, server_credentials),
+        bind=("127.0.0.1", free_port(socket.SOCK_DGRAM)),
+        transports=["oscore", "udp6"],
+    )
+    server = f"coap://127.0.0.1:{collector.coap_port}"
+    ctx.client_credentials[f"{server}/*"] = sc  # our requests to the collector
+    try:
+        msg = aiocoap.Message(code=aiocoap.POST, uri=f"{server}/rd", payload=OBJECTS)
+        msg.opt.uri_query = (f"ep={device.address}", "lwm2m=1.1", "lt=300", "Q")
+        reg = await asyncio.wait_for(ctx.request(msg).response, 20)
+        assert code(reg) == "2.01"
+        sql = "SELECT count(*) FROM commands WHERE meter_id = $1 AND state = 'acknowledged'"
+        assert await wait_count(pool, 2, sql, device.meter_id) == 2
+        pack = b'[{"bn":"/3424/0/","bt":1700000000,"n":"1","v":4.25}]'
+        msg = aiocoap.Message(code=aiocoap.POST, uri=f"{server}/dp", payload=pack)
+        msg.opt.content_format = 110
+        sent = await asyncio.wait_for(ctx.request(msg).response, 20)
+        assert code(sent) == "2.04"
+    finally:
+        await ctx.shutdown()
+    assert [(op, path) for op, path, _ in seen] == [("write", "3306/0/5850"), ("write", "3/0/13")]
+    assert secured == [True, True]  # both came OSCORE-protected with the device's context
+    assert cbor2.loads(seen[0][2]) == [{-2: "/3306/0/5850", 4: False}]
+    rows = await pool.fetch(
+        "SELECT command_id, attempts FROM commands WHERE meter_id = $1 ORDER BY 1",
+        device.meter_id,
+    )
+    assert [tuple(r) for r in rows] == [(valve, 1), (clock, 1)]
+    reading = await pool.fetchrow(
+        "SELECT register_ml, transport FROM readings WHERE meter_id = $1", device.meter_id
+    )
+    assert tuple(reading) == (4_250_000, 2)  # the Send, stored as OSCORE
+
+
+async def test_refusals_bad_query_block1_registration_and_wrong_content_format(
+    pool: asyncpg.Pool, client: Client, lab_tenant: str
+) -> None:
+    """A Register without lwm2m version is 4.00, one sent block-wise 4.13 (no unbounded
+    assembly); a Send that is not SenML CBOR/JSON is 4.15."""
+    _, ep = await lab_meter(pool, lab_tenant)
+    bad = await client.call(aiocoap.POST, "rd", (f"ep={ep}",))
+    assert code(bad) == "4.00"
+    assert b"lwm2m" in bad.payload
+    big = b",".join(f"</{i}/0>".encode() for i in range(30000, 30400))
+    assert len(big) > 2048  # aiocoap sends it in Block1 blocks
+    assert code(await client.call(aiocoap.POST, "rd", (f"ep={ep}", "lwm2m=1.1"), big)) == "4.13"
+    reg = await client.call(aiocoap.POST, "rd", (f"ep={ep}", "lwm2m=1.1"), OBJECTS)
+    assert code(reg) == "2.01"
+    text = await client.call(aiocoap.POST, "dp", payload=b"12.5", content_format=0)
+    assert code(text) == "4.15"

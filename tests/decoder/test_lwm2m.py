@@ -1,0 +1,117 @@
+"""LwM2M server side, pure parts: registration queries, Send packs named by the endpoint,
+mailbox commands as Write/Execute operations."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import cbor2
+import pytest
+
+from decoder import senml
+from decoder.commands import Pending
+from decoder.lwm2m import (
+    SENML_CBOR,
+    objects_of,
+    operations,
+    registration_params,
+    with_endpoint,
+)
+
+EP = "urn:imei:861234567890123"
+
+
+def test_register_query_with_queue_mode_in_both_spellings() -> None:
+    """1.1 `Q` and 1.0 `b=UQ` both mean Queue Mode; lt defaults to 86400 s; binding U."""
+    q11 = registration_params([f"ep={EP}", "lwm2m=1.1", "Q"], register=True)
+    assert (q11.endpoint, q11.lifetime_s, q11.binding, q11.queue_mode) == (EP, 86400, "U", True)
+    q10 = registration_params([f"ep={EP}", "lwm2m=1.0", "lt=300", "b=UQ"], register=True)
+    assert (q10.lifetime_s, q10.binding, q10.queue_mode) == (300, "UQ", True)
+    update = registration_params(["lt=600"], register=False)
+    assert (update.endpoint, update.lifetime_s, update.queue_mode) == (None, 600, None)
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        (["lwm2m=1.1"], "ep must"),
+        ([f"ep={EP}", "lwm2m=2.0"], "lwm2m must"),
+        ([f"ep={EP}", "lwm2m=1.1", "lt=5"], "lt must"),
+        ([f"ep={EP}", "lwm2m=1.1", "b=X"], "b must"),
+    ],
+)
+def test_register_query_refused(query: list[str], says: str) -> None:
+    """A query without a usable endpoint, version, lifetime or binding says which."""
+    with pytest.raises(ValueError, match=says):
+        registration_params(query, register=True)
+
+
+def test_objects_of_link_format() -> None:
+    """Object instances from the registration payload; an object without instance: []."""
+    assert objects_of('</>;rt="oma.lwm2m",</1/0>,</3/0>,</3306/2>,</3424>') == {
+        1: [0],
+        3: [0],
+        3306: [2],
+        3424: [],
+    }
+
+
+def test_send_pack_gets_the_endpoint_as_base_name_json_keeps_literals() -> None:
+    """Bare object paths get the endpoint in front (JSON text kept: exact numbers), and
+    the SenML decoder then attributes the readings and health to that meter."""
+    pack = (
+        b'[{"bn":"/3424/0/","bt":1700000000,"n":"1","v":123.456},'
+        b'{"bn":"/3/0/","n":"7","v":3600},{"n":"9","v":87}]'
+    )
+    fixed = with_endpoint(pack, EP)
+    assert b"123.456" in fixed
+    readings, meter, extra = senml.decode_one(fixed, 1700000100)
+    assert meter == EP
+    assert readings == [(1700000000, 123_456_000, 0)]
+    assert (extra["battery_mv"], extra["battery_pct"]) == (3600, 87)
+
+
+def test_send_pack_cbor_without_base_name_and_named_packs_unchanged() -> None:
+    """A CBOR pack without bn gets one; a pack naming a meter is left as it is."""
+    pack = cbor2.dumps([{0: "/3424/0/1", 6: 1700000000, 2: Decimal("1.5")}])
+    readings, meter, _ = senml.decode_one(with_endpoint(pack, EP), 1700000100)
+    assert (meter, readings) == (EP, [(1700000000, 1_500_000, 0)])
+    named = b'[{"bn":"urn:imei:1/3424/0/","n":"1","v":1}]'
+    assert with_endpoint(named, EP) == named
+    assert with_endpoint(b"not senml", EP) == b"not senml"
+
+
+def _pending(kind: str, **args: object) -> Pending:
+    return Pending(7, kind, args, "senml", "water", EP)
+
+
+def test_commands_as_operations() -> None:
+    """valve → Write /3306/i/5850, clock → Write /3/0/13 now, reporting → Write /1/i/1 and
+    Execute /1/i/8; SenML CBOR bodies."""
+    objects = {1: [0], 3: [0], 3306: [1]}
+    (valve,) = operations(_pending("valve", action="open"), objects, 1_700_000_000)
+    assert (valve.method, valve.path, valve.content_format) == (
+        "PUT",
+        ("3306", "1", "5850"),
+        SENML_CBOR,
+    )
+    assert cbor2.loads(valve.payload) == [{-2: "/3306/1/5850", 4: True}]
+    (clock,) = operations(_pending("clock"), objects, 1_700_000_000)
+    assert cbor2.loads(clock.payload) == [{-2: "/3/0/13", 2: 1_700_000_000}]
+    write, execute = operations(_pending("reporting", interval_s=900), objects, 0)
+    assert (write.name, execute.name) == ("write /1/0/1", "execute /1/0/8")
+    assert cbor2.loads(write.payload) == [{-2: "/1/0/1", 2: 900}]
+    assert execute.payload == b""
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        (_pending("valve", action="close"), "no object 3306"),
+        (_pending("reporting", report_time="02:00"), "report_time"),
+    ],
+)
+def test_commands_a_client_cannot_take(command: Pending, says: str) -> None:
+    """A valve without object 3306, a report time: refused with the reason."""
+    with pytest.raises(ValueError, match=says):
+        operations(command, {1: [0], 3: [0]}, 0)
