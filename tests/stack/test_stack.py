@@ -6,7 +6,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import asyncpg
@@ -49,20 +48,21 @@ async def test_timescaledb_extension_is_loaded(server_url: str) -> None:
 
 
 def test_second_up_is_a_fast_no_op() -> None:
-    """`nbmeter stack up` on a running stack changes nothing and returns in under 10 s."""
+    """`nbmeter stack up` on a running stack changes nothing: it builds, installs and starts
+    nothing (what it says shows it; a time bound would only measure the machine's load)."""
     if not _uses_own_stack():
         pytest.skip("NBMETER_DATABASE_URL points at an external server: no stack to check")
     env = {
         k: v for k, v in os.environ.items() if k not in ("NBMETER_DATABASE_URL", "NBMETER_MQTT_URL")
     }
-    started = time.monotonic()
     proc = subprocess.run(
         [*NBMETER, "stack", "up"], capture_output=True, text=True, env=env, check=False
     )
-    elapsed = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr
     assert "already running" in proc.stderr
-    assert elapsed < 10
+    said = proc.stderr.lower()
+    for step in ("debootstrap", "installing", "initdb", "starting", "restarting"):
+        assert step not in said, f"a second `stack up` did {step!r}:\n{proc.stderr}"
 
 
 def test_env_lines_evaluate_in_a_shell() -> None:
