@@ -81,8 +81,7 @@ def _out(s: manual_reads.Stored) -> ManualRead:
         read_at=s.read_at,
         register_m3=to_m3(s.register_ml, s.register_scale),
         quality=s.quality,
-        # storage returns the column's text; its CHECK holds it to the schema's literals
-        source=s.source,  # type: ignore[arg-type]
+        source=s.source,  # type: ignore[arg-type]  # text; the column's CHECK holds it to these
         note=s.note,
         entered_by=s.entered_by,
         entered_at=s.entered_at,

@@ -70,15 +70,15 @@ class MeterPatch(BaseModel):
     )
     # the `None` defaults of address, format, register_scale and register_digits stand for
     # "absent" only and are never validated (see above): not values of their types
-    address: Address = Field(None, description=_KEEP, json_schema_extra=_absent_only)  # type: ignore[assignment]
+    address: Address = Field(None, description=_KEEP, json_schema_extra=_absent_only)  # type: ignore[assignment]  # None: absent
     service_point: Text | None = None
-    format: Format = Field(None, description=_KEEP, json_schema_extra=_absent_only)  # type: ignore[arg-type]
+    format: Format = Field(None, description=_KEEP, json_schema_extra=_absent_only)  # type: ignore[arg-type]  # None: absent
     register_scale: Integer = Field(
         None, ge=-6, le=0, description=_KEEP, json_schema_extra=_absent_only
-    )  # type: ignore[assignment]
+    )  # type: ignore[assignment]  # None: absent
     register_digits: Integer = Field(
         None, ge=4, le=14, description=_KEEP, json_schema_extra=_absent_only
-    )  # type: ignore[assignment]
+    )  # type: ignore[assignment]  # None: absent
     timezone: Zone | None = None
     credentials: Credentials | None = None
 

@@ -219,5 +219,5 @@ def patch_message_decode() -> None:
             msg = f"undecodable message: {type(exc).__name__}"
             raise error.UnparsableMessage(msg) from None
 
-    decode.nbm_patched = True  # type: ignore[attr-defined]
+    decode.nbm_patched = True  # type: ignore[attr-defined]  # a mark: patch only once
     message_cls.decode = classmethod(decode)

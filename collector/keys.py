@@ -37,7 +37,7 @@ class KeyRing(dict[str, bytes]):
         self.missed: set[str] = set()
         self.asked: set[str] = set()  # every meter id looked up (key rollover: the pending)
 
-    def get(self, meter_id: str, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
+    def get(self, meter_id: str, default: bytes | None = None) -> bytes | None:  # type: ignore[override]  # str keys only
         """The key of `meter_id`, recording a miss (the decoder's lookup)."""
         found = super().get(meter_id)
         if meter_id != "*":

@@ -181,7 +181,7 @@ async def run(
     finally:
         if http is not None:
             with contextlib.suppress(Exception):
-                http.shutdown()  # type: ignore[attr-defined]
+                http.shutdown()
         await pool.close()
         if hooks_pool is not None:
             await hooks_pool.close()

@@ -6,7 +6,12 @@ Names follow Prometheus conventions (`_total`, `_seconds`); labels are bounded s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 TRANSPORT_NAMES = {1: "coap", 2: "coap_oscore", 3: "mqtt", 6: "platform", 7: "coap_dtls"}
 
@@ -96,7 +101,7 @@ COAP_PEERS = Gauge(
 )
 
 
-def serve(host: str, port: int) -> object | None:
+def serve(host: str, port: int) -> WSGIServer | None:
     """Start the /metrics HTTP server on host:port in a thread; None when port is 0."""
     if port == 0:
         return None

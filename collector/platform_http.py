@@ -35,6 +35,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import structlog
 import uvicorn
@@ -66,9 +67,12 @@ class Unavailable(Exception):
     """Answer 503 with Retry-After: nothing was refused, the platform must push again."""
 
 
+T = TypeVar("T")
+
+
 @dataclass
-class _Cached:
-    value: object
+class _Cached(Generic[T]):
+    value: T
     until: float
 
 
@@ -83,15 +87,15 @@ class Directory:
         self._pool = pool
         self._key = key
         self._settings = settings
-        self._secrets: dict[tuple[str, str], _Cached] = {}
-        self._devices: dict[tuple[int, str, str], _Cached] = {}
+        self._secrets: dict[tuple[str, str], _Cached[tuple[int, bytes] | None]] = {}
+        self._devices: dict[tuple[int, str, str], _Cached[MeterRef]] = {}
 
     async def secret(self, slug: str, platform: str) -> tuple[int, bytes] | None:
         """(tenant id, secret) of `slug`'s endpoint for `platform`; None when it has none."""
         now = time.monotonic()
         hit = self._secrets.get((slug, platform))
         if hit is not None and hit.until > now:
-            return hit.value  # type: ignore[return-value]
+            return hit.value
         if self._key is None:
             return None  # no credentials key: no secret opens
         try:
@@ -112,7 +116,7 @@ class Directory:
         for device_id in ids:
             hit = self._devices.get((tenant_id, platform, device_id))
             if hit is not None and hit.until > now:
-                out[device_id] = hit.value  # type: ignore[assignment]
+                out[device_id] = hit.value
         missing = ids - out.keys()
         if missing:
             async with connection(self._pool, "resolving platform devices", timeout_s=5.0) as c:

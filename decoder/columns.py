@@ -252,8 +252,7 @@ class _ExtraView(Sequence[dict[str, object]]):
     def __len__(self) -> int:
         return self._decoded.n_frames
 
-    # by index only (no slices): narrower than Sequence's, on purpose
-    def __getitem__(self, i: int) -> dict[str, object]:  # type: ignore[override]
+    def __getitem__(self, i: int) -> dict[str, object]:  # type: ignore[override]  # no slices
         n = self._decoded.n_frames
         if not -n <= i < n:
             raise IndexError(i)

@@ -228,9 +228,10 @@ def _read_oceanconnect(body: bytes) -> Envelope:
     else:
         # the parameter table names the list `services`; the page's own request example
         # sends it as `service`: take either
-        services = doc.get("services", doc.get("service"))  # type: ignore[assignment]
-        if not isinstance(services, list) or not services:
+        listed = doc.get("services", doc.get("service"))
+        if not isinstance(listed, list) or not listed:
             raise _malformed("deviceDatasChanged needs a non-empty services list")
+        services = listed
     if len(services) > MAX_MESSAGES:
         raise PushRejected(413, "too_many", f"more than {MAX_MESSAGES} services in one push")
     messages = []

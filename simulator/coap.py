@@ -100,8 +100,7 @@ class CoapEndpoint(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Keep the socket."""
-        # a datagram endpoint's transport, though the protocol's signature says BaseTransport
-        self._transport = transport  # type: ignore[assignment]
+        self._transport = transport  # type: ignore[assignment]  # a datagram endpoint's
 
     def close(self) -> None:
         """Close the socket."""

@@ -89,17 +89,17 @@ async def _plot(
     reg = truth.register_ml()[m.index, hours] / 1e6
     fig, ax = plt.subplots(figsize=(11, 5))
     # matplotlib plots datetimes through its date converter; its stubs list numbers only
-    ax.plot(when, reg, label="true register", lw=1)  # type: ignore[arg-type]
+    ax.plot(when, reg, label="true register", lw=1)  # type: ignore[arg-type]  # datetimes
     got = await backend.readings(ids[address], spec.start_s + m.installed_h * 3600,
                                  spec.start_s + m.removed_h * 3600)  # fmt: skip
     pts = [(datetime.fromisoformat(i["end"]), ml_of(i.get("end_register_m3")))
            for i in got.get("intervals", []) if i.get("end_method") == "actual"]  # fmt: skip
     if pts:
-        ax.plot([p[0] for p in pts], [(p[1] or 0) / 1e6 for p in pts], ".", ms=3,  # type: ignore[arg-type]
+        ax.plot([p[0] for p in pts], [(p[1] or 0) / 1e6 for p in pts], ".", ms=3,  # type: ignore[arg-type]  # datetimes
                 label="stored reads")  # fmt: skip
     bounds = [(r[s]["at"], ml_of(r[s].get("register_m3"))) for r in rows
               if r["address"] == address for s in ("opening", "closing")]  # fmt: skip
-    ax.plot([datetime.fromisoformat(b[0]) for b in bounds],  # type: ignore[arg-type]
+    ax.plot([datetime.fromisoformat(b[0]) for b in bounds],  # type: ignore[arg-type]  # datetimes
             [(b[1] or 0) / 1e6 for b in bounds], "rs", label="cycle reads")  # fmt: skip
     ax.set(title=f"meter {address} ({m.kind}, {m.format})", ylabel="register (m3)")
     ax.legend()

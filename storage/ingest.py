@@ -264,8 +264,7 @@ class ReadingWriter:
             async with conn.transaction():
                 await conn.copy_to_table(
                     "readings",
-                    # asyncpg sends any bytes-like chunk; its stubs accept bytes only
-                    source=self._payload(batch, plan),  # type: ignore[arg-type]
+                    source=self._payload(batch, plan),  # type: ignore[arg-type]  # bytes-like ok
                     columns=_COLUMNS,
                     format="binary",
                 )
@@ -288,8 +287,7 @@ class ReadingWriter:
             await conn.execute(f"TRUNCATE pg_temp.{_STAGE}")
             await conn.copy_to_table(
                 _STAGE,
-                # bytes-like chunks, as in _copy: the stubs accept bytes only
-                source=self._payload(batch, plan),  # type: ignore[arg-type]
+                source=self._payload(batch, plan),  # type: ignore[arg-type]  # as in _copy
                 columns=_COLUMNS,
                 format="binary",
             )

@@ -30,7 +30,7 @@ shipped model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from importlib import resources
@@ -247,7 +247,7 @@ def route_mbus(
     keys: Mapping[str, bytes] | None,
     cache: object,
     utc_offset_s: int | Ints,
-    standard: object,
+    standard: Callable[..., Decoded],
 ) -> Decoded | None:
     """Frames a wmbus driver claims, decoded by it, merged with `standard(rest)`.
 
@@ -283,7 +283,7 @@ def route_mbus(
     if rest.size:
         off = utc_offset_s if isinstance(utc_offset_s, int) else utc_offset_s[rest]
         decode = standard  # the standard path: it calls route_mbus again, which claims none
-        got = decode([frames[i] for i in rest.tolist()], rx[rest], keys, cache,  # type: ignore[operator]
+        got = decode([frames[i] for i in rest.tolist()], rx[rest], keys, cache,
                      utc_offset_s=off)  # fmt: skip
         parts.append((rest, got))
     return concat(parts, n)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -22,11 +23,12 @@ def _run(args: argparse.Namespace) -> int:
     from collector.main import run
     from collector.settings import CollectorSettings
 
-    overrides: dict[str, object] = {"database_url": database_url()}
+    # values of any type: pydantic validates each against its field
+    overrides: dict[str, Any] = {"database_url": database_url()}
     if args.metrics_port is not None:
         overrides["metrics_port"] = args.metrics_port
     try:
-        settings = CollectorSettings(**overrides)  # type: ignore[arg-type]
+        settings = CollectorSettings(**overrides)
         if args.coap_port is not None:
             coap = settings.coap.model_copy(update={"port": args.coap_port})
             settings = settings.model_copy(update={"coap": coap})

@@ -138,7 +138,7 @@ def _network(args: argparse.Namespace) -> NetworkModel:
     return NetworkModel(args.loss, args.latency_ms, args.jitter_ms, args.time_scale)
 
 
-def _provisioning(args: argparse.Namespace, truth, uplinks):  # type: ignore[no-untyped-def]
+def _provisioning(args: argparse.Namespace, truth: Truth, uplinks: list[Uplink]) -> Provisioning:
     from simulator.provision import Provisioning, Target
 
     if not args.api_key:
@@ -152,11 +152,13 @@ def _provisioning(args: argparse.Namespace, truth, uplinks):  # type: ignore[no-
     return Provisioning(truth, uplinks, target, args.run_dir, args.cycle_days)
 
 
-async def _provision(args: argparse.Namespace, truth, uplinks):  # type: ignore[no-untyped-def]
+async def _provision(
+    args: argparse.Namespace, truth: Truth, uplinks: list[Uplink]
+) -> dict[str, DeviceCredentials]:
     return await _provisioning(args, truth, uplinks).start(exchanges_now=True)
 
 
-def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _build(args: argparse.Namespace) -> tuple[Truth, list[Uplink]]:
     truth = build_truth(_spec(args), parse_faults(args.faults))
     uplinks = build_schedule(truth, _network(args))
     print(
