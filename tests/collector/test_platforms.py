@@ -19,7 +19,7 @@ from collector_testkit import cjt188_frame
 
 from devices import platforms
 from devices.platforms import PushRejected, Window, oceanconnect_body, onenet_body
-from nbmeter.commands.decode import run_decode
+from nbmeter.commands.decode import add_arguments, run_decode
 
 NOW = 1_800_000_000.0
 FRAME = cjt188_frame("12345678901234", 1_230_000, 1_799_996_400)
@@ -153,12 +153,11 @@ def test_decode_command_shows_what_a_push_carries(
     items = [_item(FRAME.hex(), now), {"type": 2, "dev_id": 42, "status": 0, "at": 1}]
     path = tmp_path / "push.json"
     path.write_bytes(onenet_body(items, b"t", "n"))
-    args = argparse.Namespace(
-        frames=[str(path)], keys=None, received_at=None, platform="onenet", driver=None
-    )
-    assert run_decode(args) == 0
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)  # the command's own parser: a new option gets its default here too
+    assert run_decode(parser.parse_args([str(path), "--platform", "onenet"])) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines[0]["device_id"] == "869975031234567"
-    assert lines[0]["meter_id"] == "12345678901234"
+    assert lines[0]["address"] == "12345678901234"
     assert lines[0]["total_m3"] == "1.23"
     assert lines[1]["ignored"] == 1
