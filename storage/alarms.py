@@ -197,7 +197,8 @@ async def rules(conn: asyncpg.Connection | asyncpg.Pool, tenant_id: int) -> list
         "SELECT k.kind, coalesce(r.enabled, true) AS enabled,"
         " coalesce(r.severity, k.severity) AS severity,"
         " coalesce(r.auto_close_after_s, k.auto_close_after_s) AS auto_close_after_s,"
-        " r.threshold FROM alarm_kinds k"
+        " coalesce(r.threshold, k.threshold) AS threshold,"
+        " coalesce(r.periods, k.periods) AS periods FROM alarm_kinds k"
         " LEFT JOIN alarm_rules r ON r.tenant_id = $1 AND r.kind = k.kind ORDER BY k.kind",
         tenant_id,
     )
@@ -213,17 +214,20 @@ async def set_rule(
     severity: str | None = None,
     auto_close_after_s: int | None = None,
     threshold: int | None = None,
+    periods: int | None = None,
 ) -> None:
     """Set the tenant's rule for `kind` (None: the kind's default); RowRefusedError for an
     unknown kind or severity."""
     await conn.execute(
         "INSERT INTO alarm_rules (tenant_id, kind, enabled, severity, auto_close_after_s,"
-        " threshold) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, kind) DO UPDATE"
-        " SET enabled = $3, severity = $4, auto_close_after_s = $5, threshold = $6",
+        " threshold, periods) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        " ON CONFLICT (tenant_id, kind) DO UPDATE SET enabled = $3, severity = $4,"
+        " auto_close_after_s = $5, threshold = $6, periods = $7",
         tenant_id,
         kind,
         enabled,
         severity,
         auto_close_after_s,
         threshold,
+        periods,
     )
