@@ -27,6 +27,7 @@ from api import (
     errors,
     routes_admin,
     routes_alarms,
+    routes_analytics,
     routes_commands,
     routes_console,
     routes_cycles,
@@ -165,6 +166,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(routes_commands.router)
     app.include_router(routes_console.router)
     app.include_router(routes_console.pages)
+    app.include_router(routes_analytics.router)
 
     unavailable: dict[int | str, dict[str, Any]] = {
         503: {**PROBLEM_RESPONSE, "description": "database down"}

@@ -27,6 +27,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from storage.apikeys import DuplicateTenantError, InvalidTimezoneError
+from storage.districts import (
+    DistrictConflictError,
+    DistrictMeterError,
+    DistrictNotFoundError,
+)
 from storage.errors import RowRefusedError, StorageError, StorageUnavailableError
 from storage.mailbox import (
     IdempotencyConflictError,
@@ -105,6 +110,9 @@ _TABLE: tuple[tuple[type[Exception], int, str], ...] = (
     (InvalidCommandError, 422, "invalid-command"),
     (IdempotencyConflictError, 409, "idempotency-conflict"),
     (NotCancellableError, 409, "not-cancellable"),
+    (DistrictNotFoundError, 404, "not-found"),
+    (DistrictMeterError, 422, "district-meter"),
+    (DistrictConflictError, 409, "district-conflict"),
     # a value the database cannot take (SQLSTATE class 22: out of range, an impossible date;
     # class 23: a constraint; an argument asyncpg cannot encode): the request carried it
     (RowRefusedError, 422, "invalid-value"),

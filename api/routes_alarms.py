@@ -82,12 +82,15 @@ async def get_rules(who: Reader, pool: Pool) -> list[EffectiveRule]:
 
 @router.put("/alarm-rules/{kind}", summary="Set the rule of an alarm kind")
 async def put_rule(kind: Kind, rule: AlarmRule, who: Admin, pool: Pool) -> EffectiveRule:
-    """Enable/disable a kind, its severity, auto-close delay and (low_battery) threshold."""
+    """Enable/disable a kind, its severity, auto-close delay, threshold and periods."""
     known = {r["kind"]: r for r in await alarms.rules(pool, who.tenant_id)}
     if kind not in known:
         raise NotFoundError(f"no alarm kind {kind!r}; kinds: {', '.join(sorted(known))}")
-    if rule.threshold is not None and kind != "low_battery":
-        raise UnprocessableError("a threshold applies to low_battery only")
+    tunable = kind == "low_battery" or known[kind]["periods"] is not None
+    if rule.threshold is not None and not tunable:
+        raise UnprocessableError("a threshold applies to low_battery and the analytics kinds")
+    if rule.periods is not None and known[kind]["periods"] is None:
+        raise UnprocessableError("periods apply to the analytics kinds only")
     await alarms.set_rule(pool, who.tenant_id, kind, **rule.model_dump())
     [got] = [r for r in await alarms.rules(pool, who.tenant_id) if r["kind"] == kind]
     return EffectiveRule(**dict(got))

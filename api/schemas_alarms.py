@@ -54,8 +54,15 @@ class AlarmRule(_Body):
         description="seconds cleared before the alarm closes by itself; -1: never",
     )  # fmt: skip
     threshold: int | None = Field(
-        None, ge=0, le=10_000, description="low_battery only: battery_mv below this raises it"
-    )
+        None, ge=0, le=2**31 - 1,
+        description="low_battery: battery_mv below this raises it; an analytics kind: its"
+        " threshold (night_flow, gas_night_use, gas_overuse, valve_closed_flow: mL;"
+        " silent: seconds between expected reports; district_loss: % of the bulk volume)",
+    )  # fmt: skip
+    periods: int | None = Field(
+        None, ge=1, le=366,
+        description="analytics kinds: days (silent: expected reports) the condition must hold",
+    )  # fmt: skip
 
 
 class EffectiveRule(BaseModel):
@@ -66,6 +73,7 @@ class EffectiveRule(BaseModel):
     severity: Severity
     auto_close_after_s: int | None
     threshold: int | None
+    periods: int | None
 
 
 class EndpointCreate(_Body):

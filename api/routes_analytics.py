@@ -1,0 +1,99 @@
+"""Analytics routes: district metered areas, their daily balance, the daily read rate.
+
+The figures come from the day rollup (`storage.analytics`, run by the collector or
+`nbmeter analytics run`); an answer says when its day was rolled up (null: not yet, the
+figures are then empty). Alarms the analytics raise are ordinary alarms (/v1/alarms).
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+
+from api.deps import PROBLEMS, Admin, Pool, Reader
+from api.schemas_analytics import (
+    Balance,
+    District,
+    DistrictCreate,
+    DistrictMeters,
+    ReadRate,
+    ReadRateDay,
+)
+from storage import analytics, districts
+
+router = APIRouter(prefix="/v1", tags=["analytics"], responses=PROBLEMS)
+DistrictId = Annotated[int, Path(ge=1, le=2**63 - 1, description="district id")]
+Day = Annotated[date, Query(description="the tenant's local day")]
+_PLACES = Decimal("0.0001")
+
+
+def _ratio(num: int, den: int) -> Decimal | None:
+    if den <= 0:
+        return None
+    return (Decimal(num) / Decimal(den)).quantize(_PLACES, ROUND_HALF_EVEN)
+
+
+@router.post("/districts", status_code=201, summary="Define a district")
+async def create_district(body: DistrictCreate, who: Admin, pool: Pool) -> District:
+    """A new district: its bulk meter and customer meters, all of the tenant's."""
+    row = await districts.create(pool, who.tenant_id, body.name, body.bulk_meter_id, body.meter_ids)
+    return District(**dict(row))
+
+
+@router.get("/districts", summary="List districts")
+async def list_districts(who: Reader, pool: Pool) -> list[District]:
+    """The tenant's districts with their meters."""
+    return [District(**dict(r)) for r in await districts.list_all(pool, who.tenant_id)]
+
+
+@router.get("/districts/{district_id}", summary="One district")
+async def get_district(district_id: DistrictId, who: Reader, pool: Pool) -> District:
+    """A district with its meters."""
+    return District(**dict(await districts.get(pool, who.tenant_id, district_id)))
+
+
+@router.put("/districts/{district_id}/meters", summary="Set a district's customer meters")
+async def put_meters(
+    district_id: DistrictId, body: DistrictMeters, who: Admin, pool: Pool
+) -> District:
+    """Replace the customer meters (the bulk meter stays)."""
+    row = await districts.set_meters(pool, who.tenant_id, district_id, body.meter_ids)
+    return District(**dict(row))
+
+
+@router.delete("/districts/{district_id}", status_code=204, summary="Remove a district")
+async def delete_district(district_id: DistrictId, who: Admin, pool: Pool) -> None:
+    """The district goes; its meters and their readings stay."""
+    await districts.delete(pool, who.tenant_id, district_id)
+
+
+@router.get("/districts/{district_id}/balance", summary="A district's daily water balance")
+async def get_balance(district_id: DistrictId, day: Day, who: Reader, pool: Pool) -> Balance:
+    """Bulk volume, customers' volume, non-revenue water and the coverage of that day."""
+    row = await districts.balance(pool, who.tenant_id, district_id, day)
+    complete = row["bulk_ml"] is not None and row["n_covered"] == row["n_customers"]
+    nrw = row["nrw_ml"]
+    return Balance(
+        **{k: row[k] for k in row.keys() if k != "nrw_ml"},  # noqa: SIM118 (a Record)
+        complete=complete,
+        nrw_ml=nrw,
+        nrw_ratio=_ratio(nrw, row["bulk_ml"]) if complete and nrw is not None else None,
+    )
+
+
+@router.get("/kpi/read-rate", summary="The daily read success rate")
+async def get_read_rate(day: Day, who: Reader, pool: Pool) -> ReadRateDay:
+    """Meters read at least once that day over the meters installed: tenant and districts."""
+    rows = await analytics.read_rate(pool, who.tenant_id, day)
+    rates = [
+        ReadRate(**dict(r), read_rate=_ratio(r["meters_read"], r["meters_active"])) for r in rows
+    ]
+    return ReadRateDay(
+        day=day,
+        computed_at=await analytics.day_computed_at(pool, who.tenant_id, day),
+        tenant=rates[0],
+        districts=rates[1:],
+    )
