@@ -18,7 +18,7 @@ import sys
 
 import structlog
 
-from collector import metrics, retention
+from collector import analytics, metrics, retention
 from collector.alerts_mqtt import AlertPublisher
 from collector.coap import start_server
 from collector.downlink import Downlinks
@@ -118,6 +118,11 @@ async def run(
             chunk_expiry = group.create_task(
                 retention.run(pool, settings.retention), name="retention"
             )
+            if settings.analytics.enabled:
+                group.create_task(
+                    analytics.run(settings.database_url, settings.analytics, stop),
+                    name="analytics",
+                )
             coap = await start_server(
                 settings.coap,
                 pipeline,

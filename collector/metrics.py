@@ -125,3 +125,16 @@ WEBHOOK_DISABLED = Counter(
 ALERTS_MQTT = Counter(
     "nbmeter_alerts_mqtt_published_total", "Alarm events acknowledged by the broker."
 )
+
+# the analytics run (collector.analytics)
+ANALYTICS_SECONDS = Histogram(
+    "nbmeter_analytics_run_seconds", "Duration of one analytics run (rollups and rules).",
+    buckets=(0.05, 0.25, 1, 5, 15, 60, 300, 1800),
+)  # fmt: skip
+ANALYTICS_DAYS = Counter("nbmeter_analytics_days_total", "Tenant-days rolled up.")
+ANALYTICS_ALARMS = Counter(
+    "nbmeter_analytics_alarms_total",
+    "Alarms the analytics raised (or renewed) and marked cleared, by kind.",
+    ["kind", "change"],
+)
+SILENT_METERS = Gauge("nbmeter_silent_meters", "Meters past their silent limit at the last run.")

@@ -171,6 +171,14 @@ class RetentionSettings(_Section):
     every_s: float = Field(3600.0, ge=60)
 
 
+class AnalyticsSettings(_Section):
+    """The analytics run (collector.analytics): NBMETER_ANALYTICS__EVERY_S=300, ..."""
+
+    enabled: bool = True
+    every_s: float = Field(300.0, gt=0)  # silent meters are judged this often
+    command_timeout_s: float = Field(1800.0, gt=0)  # a day's rollup of a large tenant
+
+
 class CollectorSettings(DatabaseSettings):
     """Everything `collector.main.run` needs; read from the environment (prefix NBMETER_)."""
 
@@ -194,3 +202,4 @@ class CollectorSettings(DatabaseSettings):
     platform: PlatformSettings = PlatformSettings()
     dtls: DtlsSettings = DtlsSettings()
     retention: RetentionSettings = RetentionSettings()
+    analytics: AnalyticsSettings = AnalyticsSettings()  # collector.analytics

@@ -12,6 +12,7 @@
   nbmeter reads manual|import         manual reads and historical imports
   nbmeter device provision|revoke     per-meter transport credentials
   nbmeter sim ...                     the device-fleet simulator
+  nbmeter analytics run [--day D]     night flow, districts, silent meters (once)
   nbmeter demo                        the whole system with a demo fleet, verified
 
 Every command exits 0 on success, 1 on a failure it explains, 2 on a usage error.
@@ -24,6 +25,7 @@ import sys
 from collections.abc import Callable
 
 from nbmeter.commands import (
+    analytics,
     api,
     collector,
     command,
@@ -54,6 +56,7 @@ COMMANDS = (
     ("reads", reads, "reads commands"),
     ("device", device, "device commands"),
     ("sim", sim, "sim commands"),
+    ("analytics", analytics, "night flow, districts, silent meters: run the analytics"),
 )
 
 

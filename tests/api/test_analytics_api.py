@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -82,3 +86,27 @@ async def test_analytics_rules_over_http(api, make_tenant) -> None:
     assert (put.json()["threshold"], put.json()["periods"]) == (2000, 5)
     bad = await api.put("/v1/alarm-rules/leak", headers=t.admin, json={"periods": 2})
     assert bad.status_code == 422
+
+
+async def test_cli_recomputes_a_day(db_url: str, pool, make_tenant, add_meter) -> None:
+    """`nbmeter analytics run --tenant S --day D` rolls the day up and prints what it did:
+    a meter leaking 6 L/h all night on one day is no night_flow alarm (3 nights needed)."""
+    t = await make_tenant()
+    slug = await pool.fetchval("SELECT slug FROM tenants WHERE tenant_id = $1", t.tenant_id)
+    meter = await add_meter(t.tenant_id)
+    await _hourly(pool, meter, 6000)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nbmeter.cli", "analytics", "run", "--tenant", slug,
+        "--day", DAY.isoformat(),
+        env={**os.environ, "NBMETER_DATABASE_URL": db_url},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    summary = json.loads(out)
+    assert summary["days"] == [[t.tenant_id, DAY.isoformat()]]
+    assert (summary["meter_days"], summary["raised"]["night_flow"]) == (1, 0)
+    night = await pool.fetchval(
+        "SELECT night_min_ml FROM meter_days WHERE meter_id = $1 AND day = $2", meter, DAY
+    )
+    assert night == 6000

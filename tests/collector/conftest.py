@@ -23,6 +23,7 @@ from collector_testkit import RawCoap, cjt188_frame
 
 from collector.main import run
 from collector.settings import (
+    AnalyticsSettings,
     CoapSettings,
     CollectorSettings,
     MqttSettings,
@@ -62,6 +63,7 @@ def collector_settings(
         pipeline=PipelineSettings(**pipeline),  # type: ignore[arg-type]
         # the webhook tests run dispatchers of their own, whose timing they control
         webhooks=WebhookSettings(enabled=False),
+        analytics=AnalyticsSettings(enabled=False),  # the analytics tests run it themselves
     )
 
 
