@@ -48,17 +48,20 @@ _ROLLUP = f"""
 WITH b AS ({_BOUNDS}),
 r AS (
     SELECT r.meter_id, r.read_at, r.register_ml,
-           lag(r.register_ml) OVER w AS prev_ml, lag(r.read_at) OVER w AS prev_at
+           lag(r.register_ml) OVER w AS prev_ml, lag(r.read_at) OVER w AS prev_at,
+           lead(r.read_at) OVER w AS next_at
     FROM readings r JOIN meters m ON m.meter_id = r.meter_id, b
     WHERE m.tenant_id = $1 AND r.read_at > b.s - interval '1 hour' AND r.read_at <= b.e
     WINDOW w AS (PARTITION BY r.meter_id ORDER BY r.read_at)),
 g AS (
     SELECT r.meter_id,
         count(*) FILTER (WHERE r.read_at >= b.s AND r.read_at < b.e) AS n,
-        (array_agg(r.register_ml ORDER BY r.read_at DESC)
-            FILTER (WHERE r.read_at <= b.s))[1] AS start_ml,
-        (array_agg(r.register_ml ORDER BY r.read_at DESC)
-            FILTER (WHERE r.read_at > b.e - interval '1 hour'))[1] AS end_ml,
+        -- the newest reading at or before a boundary is the one whose next is past it
+        -- (one row each: max() just picks it, without sorting again)
+        max(r.register_ml) FILTER (WHERE r.read_at <= b.s
+            AND (r.next_at IS NULL OR r.next_at > b.s)) AS start_ml,
+        max(r.register_ml) FILTER (WHERE r.read_at > b.e - interval '1 hour'
+            AND r.next_at IS NULL) AS end_ml,
         min(r.register_ml - r.prev_ml) FILTER (WHERE r.prev_at >= b.n2 AND r.read_at <= b.n5
             AND r.read_at - r.prev_at = interval '1 hour') AS night_ml
     FROM r, b GROUP BY r.meter_id)
