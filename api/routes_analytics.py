@@ -7,13 +7,14 @@ figures are then empty). Alarms the analytics raise are ordinary alarms (/v1/ala
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
 from api.deps import PROBLEMS, Admin, Pool, Reader
+from api.errors import ConflictError, UnprocessableError
 from api.schemas_analytics import (
     Balance,
     District,
@@ -21,6 +22,7 @@ from api.schemas_analytics import (
     DistrictMeters,
     ReadRate,
     ReadRateDay,
+    RunResult,
 )
 from storage import analytics, districts
 
@@ -28,6 +30,7 @@ router = APIRouter(prefix="/v1", tags=["analytics"], responses=PROBLEMS)
 DistrictId = Annotated[int, Path(ge=1, le=2**63 - 1, description="district id")]
 Day = Annotated[date, Query(description="the tenant's local day")]
 _PLACES = Decimal("0.0001")
+MAX_RUN_DAYS = 92
 
 
 def _ratio(num: int, den: int) -> Decimal | None:
@@ -97,3 +100,24 @@ async def get_read_rate(day: Day, who: Reader, pool: Pool) -> ReadRateDay:
         tenant=rates[0],
         districts=rates[1:],
     )
+
+
+@router.post("/analytics/run", summary="Recompute the analytics of some days")
+async def run_analytics(
+    who: Admin,
+    pool: Pool,
+    day_from: Annotated[date, Query(alias="from", description="first local day")],
+    day_to: Annotated[date, Query(alias="to", description="last local day")],
+) -> RunResult:
+    """Roll up and judge the tenant's days again (late data, an import); silent meters too."""
+    span = (day_to - day_from).days
+    if not 0 <= span < MAX_RUN_DAYS:
+        raise UnprocessableError(f"from..to must be 1 to {MAX_RUN_DAYS} days, in order")
+    days = [day_from + timedelta(days=k) for k in range(span + 1)]
+    report = await analytics.run(pool, days=days, tenant_id=who.tenant_id)
+    if report.skipped:
+        raise ConflictError("another analytics run is under way: try again")
+    return RunResult(
+        days=[d for _, d in report.days], meter_days=report.meter_days,
+        raised=report.raised, cleared=report.cleared, silent=report.silent,
+    )  # fmt: skip

@@ -75,3 +75,13 @@ class ReadRateDay(BaseModel):
     computed_at: datetime | None = Field(description="null: the day is not rolled up yet")
     tenant: ReadRate
     districts: list[ReadRate]
+
+
+class RunResult(BaseModel):
+    """What an analytics run did for the tenant."""
+
+    days: list[date]
+    meter_days: int
+    raised: dict[str, int] = Field(description="alarms raised (or renewed), by kind")
+    cleared: dict[str, int] = Field(description="alarms marked cleared, by kind")
+    silent: int = Field(description="the tenant's meters past their silent limit")

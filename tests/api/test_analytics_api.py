@@ -11,8 +11,6 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from storage import analytics
-
 DAY = date(2026, 4, 2)
 TZ = ZoneInfo("Asia/Shanghai")
 
@@ -53,7 +51,13 @@ async def test_district_balance_and_read_rate(api, make_tenant, add_meter, pool)
 
     before = (await api.get(f"{url}/balance?day={DAY}", headers=t.reader)).json()
     assert (before["computed_at"], before["complete"], before["nrw_ml"]) == (None, False, None)
-    await analytics.run(pool, days=[DAY], tenant_id=t.tenant_id)
+    run_url = f"/v1/analytics/run?from={DAY}&to={DAY}"
+    assert (await api.post(run_url, headers=t.reader)).status_code == 403
+    ran = await api.post(run_url, headers=t.admin)
+    assert ran.status_code == 200
+    assert (ran.json()["days"], ran.json()["meter_days"]) == ([DAY.isoformat()], 3)
+    backwards = f"/v1/analytics/run?from={DAY}&to={DAY - timedelta(days=1)}"
+    assert (await api.post(backwards, headers=t.admin)).status_code == 422
     got = (await api.get(f"{url}/balance?day={DAY}", headers=t.reader)).json()
     assert (got["bulk_ml"], got["customers_ml"], got["nrw_ml"]) == (48_000, 36_000, 12_000)
     assert (got["n_customers"], got["n_covered"], got["complete"]) == (2, 2, True)
