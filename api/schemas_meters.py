@@ -247,6 +247,7 @@ class OpenAlarm(BaseModel):
     acked_at: datetime | None = None
     acked_by: str | None = None
     ack_note: str | None = None
+    opened_at: datetime | None = Field(None, description="with `state`: the first event's time")
 
 
 class Uplink(BaseModel):

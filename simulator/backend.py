@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -131,6 +131,21 @@ class Backend:
             "GET", f"/v1/meters/{meter_id}/cycles/{cycle.isoformat()}"
         )
         return out
+
+    async def run_analytics(self, first: date, last: date) -> None:
+        """Have the backend roll up and judge the days first..last (an admin key)."""
+        day = first
+        while day <= last:  # the API takes at most 92 days a call
+            end = min(last, day + timedelta(days=91))
+            params = {"from": day.isoformat(), "to": end.isoformat()}
+            await self._call("POST", "/v1/analytics/run", params=params)
+            day = end + timedelta(days=1)
+
+    async def alarms(self) -> list[dict[str, Any]]:
+        """Every lifecycle alarm of the tenant (open, acknowledged, closed; at most 1,000)."""
+        states = [("state", s) for s in ("open", "acknowledged", "closed")]
+        got: list[dict[str, Any]] = await self._call("GET", "/v1/alarms", params=states)
+        return got
 
     async def readings(self, meter_id: int, start_s: int, end_s: int) -> dict[str, Any]:
         """Hourly interval reads of a meter between two instants."""

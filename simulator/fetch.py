@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from simulator import alarm_table
 from simulator.backend import Backend, BackendError, ml_of
 from simulator.faults import Outcome
 from simulator.provision import cycle_starts
 from simulator.schedule import Uplink
 from simulator.truth import Truth
-from simulator.verify import Report, check
+from simulator.verify import Mismatch, Report, check
 
 
 def _cycles(truth: Truth, cycle_days: int) -> list[date]:
@@ -62,9 +63,33 @@ async def fetch_and_check(
             alarms[address] = kinds
         if args.plot:
             await _plot(args, truth, backend, ids, rows)
+        seen = await _alarms_seen(truth, backend, ids)
     finally:
         await backend.close()
-    return check(truth, uplinks, rows, alarms, results)
+    report = check(truth, uplinks, rows, alarms, results)
+    table, failures = alarm_table.table(alarm_table.incidents(truth), seen)
+    report.alarm_table = alarm_table.lines(table)
+    report.mismatches += [Mismatch(f.split()[-1], "alarm", "as injected", f) for f in failures]
+    return report
+
+
+async def _alarms_seen(
+    truth: Truth, backend: Backend, ids: dict[str, int]
+) -> list[alarm_table.Seen]:
+    """Run the analytics over the simulated days, then every alarm the tenant has."""
+    spec = truth.fleet.spec
+    first = datetime.fromtimestamp(spec.start_s, UTC).date()
+    await backend.run_analytics(first, first + timedelta(days=spec.days - 1))
+    address = {v: k for k, v in ids.items()}
+    return [
+        alarm_table.Seen(address[a["meter_id"]], a["kind"], _epoch(a["opened_at"]))
+        for a in await backend.alarms()
+        if a["meter_id"] in address and a.get("opened_at")
+    ]
+
+
+def _epoch(text: str) -> int:
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
 
 
 async def _plot(

@@ -72,6 +72,7 @@ class Report:
     skipped: int = 0
     unacked: Counter[str] = field(default_factory=Counter)  # readings, by last result
     resent_acked: int = 0  # resends (frames or widened reports) the collector acknowledged
+    alarm_table: list[str] = field(default_factory=list)  # simulator.alarm_table.lines
 
     @property
     def ok(self) -> bool:
@@ -101,6 +102,8 @@ class Report:
             f"readings never acked      {sum(self.unacked.values())} ({unacked}): "
             "not required, checked exactly where stored",
         ]
+        if self.alarm_table:
+            out += ["", *self.alarm_table]
         if self.mismatches:
             out += ["", f"{len(self.mismatches)} mismatch(es):"]
             out += [
