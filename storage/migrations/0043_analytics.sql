@@ -22,8 +22,9 @@ INSERT INTO alarm_kinds (kind, flag_bit, severity, auto_close_after_s, threshold
     -- district: non-revenue water >= threshold % of the bulk volume on `periods` days
     -- running, counted only on days with every meter of the district covered
     ('district_loss',     0, 'major',   86400, 20, 2),
-    -- gas: night use as night_flow, and a day's volume >= threshold mL
-    ('gas_night_use',     0, 'warning', 86400, 1000, 3),
+    -- gas: night use as night_flow (no default threshold: off until a tenant sets one,
+    -- as space heating draws gas all night), and a day's volume >= threshold mL
+    ('gas_night_use',     0, 'warning', 86400, NULL, 3),
     ('gas_overuse',       0, 'warning', 86400, 10000000, 1),
     -- a day's volume >= threshold mL while a valve_closed alarm was open all day
     ('valve_closed_flow', 0, 'major',   86400, 1000, 1);

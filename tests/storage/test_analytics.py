@@ -90,6 +90,7 @@ async def test_a_day_of_every_rule(pool: asyncpg.Pool, tenant_id: int) -> None:
     d2 = await districts.create(pool, tenant_id, "south", bulk2, [w3, w4])
     await alarms.set_rule(pool, tenant_id, "district_loss", threshold=15)  # % of the bulk
     await alarms.set_rule(pool, tenant_id, "gas_overuse", threshold=40_000)  # mL a day
+    await alarms.set_rule(pool, tenant_id, "gas_night_use", threshold=1000)  # off by default
 
     report = await analytics.run(
         pool,
@@ -102,7 +103,7 @@ async def test_a_day_of_every_rule(pool: asyncpg.Pool, tenant_id: int) -> None:
     assert await _alarm_set(pool, tenant_id) == {
         (w1, "night_flow"),  # 6000 >= 5000 mL/h on 3 nights
         (bulk, "district_loss"),  # 72 L of 396 L = 18 % >= 15 % on 2 covered days
-        (gas, "gas_night_use"),  # 2000 >= 1000 mL/h on 3 nights
+        (gas, "gas_night_use"),  # 2000 >= 1000 mL/h on 3 nights (the tenant's rule)
         (gas, "gas_overuse"),  # 48 L >= 40 L in a day
         (valve, "valve_closed"),  # the meter's own event
         (valve, "valve_closed_flow"),  # 2.4 L on D, the valve closed all day
