@@ -11,8 +11,9 @@ Incidents come from the ground truth:
   a cause but not a promise: an alarm there is neither missed nor a false positive.
 
 An alarm of a kind on a meter with no cause of that kind is a false positive. The check
-fails on a missed `night_flow` incident and on any false positive; a flag kind's misses
-are the fault accounting's business (a fault no stored uplink carried is unobservable).
+fails on a missed `night_flow` or `district_loss` incident and on any false positive; a
+flag kind's misses are the fault accounting's business (a fault no stored uplink carried
+is unobservable).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from statistics import median
+
+import numpy as np
 
 from simulator.faults import BY_NAME, Outcome
 from simulator.fleet import SECONDS_PER_DAY, SECONDS_PER_HOUR, Format, Kind
@@ -29,6 +32,7 @@ from simulator.truth import Truth
 NIGHT_FLOW_ML_H = 5000
 NIGHTS = 3
 NIGHT_START_H, NIGHT_END_H = 2, 5
+DISTRICT_LOSS_PCT, DISTRICT_DAYS = 20, 2  # district_loss: % of the bulk volume, days running
 _HOURLY = (Format.INTERVAL, Format.SENML)  # formats that report every hour
 
 
@@ -81,6 +85,28 @@ def _night_flow(truth: Truth) -> list[Incident]:
     return out
 
 
+def _district_loss(truth: Truth) -> list[Incident]:
+    """A pipe leak is promised once DISTRICT_DAYS whole days running lose >= the threshold
+    (plus a margin for whole-unit registers) of the bulk volume, by the truth's registers."""
+    spec, out = truth.fleet.spec, []
+    units = truth.units()
+    unit_ml = np.array([m.unit_ml for m in truth.meters], np.int64)
+    midnights = np.arange(0, spec.hours + 1, 24)
+    for d in truth.districts:
+        if not d.loss_ml_h:
+            continue
+        ml = units[:, midnights] * unit_ml[:, None]
+        bulk = np.diff(ml[d.bulk])
+        customers = np.diff(ml[list(d.customers)], axis=1).sum(axis=0)
+        lossy = (bulk - customers) * 100 >= (DISTRICT_LOSS_PCT + 1) * bulk
+        run = max((len(r) for r in "".join("1" if x else "0" for x in lossy).split("0")),
+                  default=0)  # fmt: skip
+        address = truth.meters[d.bulk].address
+        start_s = spec.start_s + d.loss_start_h * 3600
+        out.append(Incident(address, "district_loss", start_s, run >= DISTRICT_DAYS))
+    return out
+
+
 def incidents(truth: Truth) -> list[Incident]:
     """Every cause of an alarm the truth holds (see the module docstring)."""
     spec = truth.fleet.spec
@@ -89,7 +115,7 @@ def incidents(truth: Truth) -> list[Incident]:
                  spec.start_s + f.start_h * 3600)
         for f in truth.faults if BY_NAME[f.kind].outcome is Outcome.FLAGGED
     ]  # fmt: skip
-    return flagged + _night_flow(truth)
+    return flagged + _night_flow(truth) + _district_loss(truth)
 
 
 def table(causes: list[Incident], seen: list[Seen]) -> tuple[list[Row], list[str]]:
@@ -114,7 +140,7 @@ def table(causes: list[Incident], seen: list[Seen]) -> tuple[list[Row], list[str
         waits = [first[c.address, c.kind] - c.start_s for c in hit]
         rows.append(Row(kind, len(by_kind[kind]), len(hit),
                         median(waits) if waits else None, len(fps[kind])))  # fmt: skip
-        if kind == "night_flow":
+        if kind in ("night_flow", "district_loss"):
             failures += [f"night_flow not alarmed on {c.address}" for c in by_kind[kind]
                          if c not in hit]  # fmt: skip
         failures += [f"{kind} alarmed on {a} without cause" for a in sorted(fps[kind])]

@@ -132,6 +132,12 @@ class Backend:
         )
         return out
 
+    async def create_district(self, name: str, bulk_id: int, customer_ids: list[int]) -> int:
+        """Define a district metered area (an admin key); its id."""
+        body = {"name": name, "bulk_meter_id": bulk_id, "meter_ids": customer_ids}
+        out = await self._call("POST", "/v1/districts", json=body)
+        return int(out["district_id"])
+
     async def run_analytics(self, first: date, last: date) -> None:
         """Have the backend roll up and judge the days first..last (an admin key)."""
         day = first

@@ -162,6 +162,11 @@ class Provisioning:
         try:
             self.ids = await import_fleet(self.truth, backend)
             await backend.set_cycle_dates(cycle_starts(self.truth, self.cycle_days))
+            for d in self.truth.districts:
+                await backend.create_district(
+                    d.name, self.ids[self.truth.meters[d.bulk].address],
+                    [self.ids[self.truth.meters[c].address] for c in d.customers],
+                )  # fmt: skip
         finally:
             await backend.close()
         await self._credentials_of([m for m in self.truth.meters if m.installed_h == 0])

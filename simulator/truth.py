@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from decoder.columns import Flag
 from simulator import consumption, faults
+from simulator.districts import District
 from simulator.faults import Fault  # in Truth's body `faults` is the field, not the module
 from simulator.fleet import Fleet, FleetSpec, Meter, address_for, build_fleet, meter_prefix
 
@@ -38,6 +39,7 @@ class Truth:
     steps: npt.NDArray[np.int32]  # (N, H) signed unit steps between consecutive hours
     flags: npt.NDArray[np.uint32]  # (N, H+1) decoder.columns.Flag bits the meter reports
     faults: tuple[faults.Fault, ...]
+    districts: tuple[District, ...] = ()  # simulator.districts.add_districts
 
     @property
     def meters(self) -> tuple[Meter, ...]:

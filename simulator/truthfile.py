@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from simulator.districts import District
 from simulator.faults import Fault, Outcome
 from simulator.fleet import Fleet, FleetSpec, Format, Kind, Meter, RegisterSpec, Transport
 from simulator.schedule import Uplink
@@ -74,6 +75,7 @@ def save(
         "rates": truth.rates,
         "meters": [_meter_json(m) for m in truth.meters],
         "faults": [f.to_json() for f in truth.faults],
+        "districts": [d.to_json() for d in truth.districts],
         "uplink_text": [[str(u.outcome), u.expect, u.fault] for u in uplinks],
         "extra": extra or {},
     }
@@ -110,6 +112,7 @@ def load(directory: Path) -> tuple[Truth, list[Uplink], dict[str, Any]]:
         steps=arrays["steps"],
         flags=arrays["flags"],
         faults=tuple(Fault.from_json(f) for f in manifest["faults"]),
+        districts=tuple(District.from_json(d) for d in manifest.get("districts", [])),
     )
     # each NpzFile item access reads and inflates the array again: take the columns once;
     # files written before resends were recorded have no resend_of column (all -1)

@@ -85,6 +85,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="fraction of meters behind an operator platform (OneNET push)",
     )
+    p.add_argument(
+        "--districts",
+        type=int,
+        default=0,
+        help="district metered areas: a bulk meter and 6 customer meters each",
+    )
+    p.add_argument(
+        "--pipe-leaks",
+        type=float,
+        default=0.5,
+        help="share of the districts with a leak between bulk and customers",
+    )
 
 
 def _conn_args(p: argparse.ArgumentParser) -> None:
@@ -159,7 +171,10 @@ async def _provision(
 
 
 def _build(args: argparse.Namespace) -> tuple[Truth, list[Uplink]]:
+    from simulator.districts import add_districts
+
     truth = build_truth(_spec(args), parse_faults(args.faults))
+    truth = add_districts(truth, args.districts, args.pipe_leaks)
     uplinks = build_schedule(truth, _network(args))
     print(
         f"fleet: {len(truth.meters)} meters, {truth.fleet.spec.days} days, "

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from simulator import alarm_table
+from simulator import alarm_table, truthfile
 from simulator.alarm_table import Incident, Seen
+from simulator.districts import add_districts
 from simulator.fleet import FleetSpec, Format, Kind
 from simulator.truth import build_truth
 
@@ -53,3 +54,34 @@ def test_table_counts_and_fails() -> None:
     assert rows == [alarm_table.Row("night_flow", 2, 1, 30 * 3600, 1)]
     assert failures == ["night_flow not alarmed on b", "night_flow alarmed on d without cause"]
     assert alarm_table.lines(rows)[1].split() == ["night_flow", "2", "1", "30.0", "h", "1"]
+
+
+def test_districts_bulk_counts_customers_and_the_pipe_leak(tmp_path) -> None:
+    """A bulk meter's true register is its customers' true use plus the pipe leak, in
+    whole litres; customers are clean hourly water meters; truth.json keeps districts;
+    a lossy district is a promised district_loss incident, a sound one no cause at all."""
+    truth = add_districts(build_truth(SPEC, {"leak": 0.05, "missed_days": 0.05}), 4, 0.5)
+    assert len(truth.districts) == 4
+    assert sum(1 for d in truth.districts if d.loss_ml_h) == 2
+    units, hours = truth.units(), SPEC.hours
+    faulty = {f.meter for f in truth.faults if f.kind == "missed_days"}
+    for d in truth.districts:
+        bulk = truth.meters[d.bulk]
+        assert (bulk.format, bulk.kind, bulk.index) == (Format.INTERVAL, Kind.WATER, d.bulk)
+        for c in d.customers:
+            m = truth.meters[c]
+            assert m.format in (Format.INTERVAL, Format.SENML)
+            assert c not in faulty
+        used = sum((units[c, -1] - units[c, 0]) * truth.meters[c].unit_ml for c in d.customers)
+        lost = d.loss_ml_h * (hours - d.loss_start_h)
+        assert units[d.bulk, -1] - units[d.bulk, 0] == (used + lost) // 1000
+    causes = {(c.address, c.kind): c for c in alarm_table.incidents(truth)}
+    for d in truth.districts:
+        key = (truth.meters[d.bulk].address, "district_loss")
+        assert (key in causes) is bool(d.loss_ml_h)
+        if d.loss_ml_h:  # 40 % of the customers' use: 29 % of the bulk, >= 2 days
+            assert causes[key].promised is (SPEC.days - d.loss_start_h / 24 >= 3)
+    truthfile.save(tmp_path, truth, [])
+    again, _, _ = truthfile.load(tmp_path)
+    assert again.districts == truth.districts
+    assert (again.units()[-1] == units[-1]).all()
