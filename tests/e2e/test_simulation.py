@@ -122,12 +122,16 @@ async def test_simulated_fleet_verifies_against_ground_truth(stack: Stack, tmp_p
     code, out = await _sim(
         stack, "run", "--meters", str(METERS), "--days", str(DAYS), "--seed", "6",
         "--faults", "all", "--loss", "0.05", "--time-scale", "1", "--run-dir", run_dir,
-        "--quiet",
+        "--quiet", "--districts", "3",
     )  # fmt: skip
     print(out)  # the run summary, shown with the verify table when this test fails
     assert code == 0, out
     code, out = await _sim(stack, "verify", "--run-dir", run_dir)
     assert code == 0, out
+    # the alarm table: pipe leaks injected in districts were all alarmed (else exit 1)
+    loss = re.search(r"^district_loss\s+(\d+)\s+(\d+)", out, re.MULTILINE)
+    assert loss is not None, out
+    assert int(loss.group(1)) == int(loss.group(2)) > 0, out
     resent = re.search(r"^resends acknowledged\s+(\d+)$", out, re.MULTILINE)
     assert resent is not None, out
     assert int(resent.group(1)) > 0, out
