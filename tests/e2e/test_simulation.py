@@ -127,6 +127,7 @@ async def test_simulated_fleet_verifies_against_ground_truth(stack: Stack, tmp_p
     print(out)  # the run summary, shown with the verify table when this test fails
     assert code == 0, out
     code, out = await _sim(stack, "verify", "--run-dir", run_dir)
+    print(out)  # the verify tables: boundary reads, faults, alarms
     assert code == 0, out
     # the alarm table: pipe leaks injected in districts were all alarmed (else exit 1)
     loss = re.search(r"^district_loss\s+(\d+)\s+(\d+)", out, re.MULTILINE)
