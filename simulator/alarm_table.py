@@ -24,6 +24,7 @@ from statistics import median
 
 import numpy as np
 
+from simulator.command_run import Planned
 from simulator.faults import BY_NAME, Outcome
 from simulator.fleet import SECONDS_PER_DAY, SECONDS_PER_HOUR, Format, Kind
 from simulator.truth import Truth
@@ -116,6 +117,20 @@ def incidents(truth: Truth) -> list[Incident]:
         for f in truth.faults if BY_NAME[f.kind].outcome is Outcome.FLAGGED
     ]  # fmt: skip
     return flagged + _night_flow(truth) + _district_loss(truth)
+
+
+def commanded(planned: list[Planned]) -> list[Incident]:
+    """A valve closed by a command of the run causes its meter's valve_closed alarm (the
+    meter reports the closed valve as a real one does); not promised: the flag decides.
+    Known gap, counted here rather than hidden: the backend does not yet clear valve_closed
+    when later readings come without the valve flag, so flow after the reopen command
+    raises valve_closed_flow on that meter; it is listed as caused by the reopen."""
+    out = []
+    for p in planned:
+        if p.kind == "valve" and p.executions > 0:
+            kind = "valve_closed" if p.args.get("action") == "close" else "valve_closed_flow"
+            out.append(Incident(p.address, kind, p.at_s, promised=False))
+    return out
 
 
 def table(causes: list[Incident], seen: list[Seen]) -> tuple[list[Row], list[str]]:

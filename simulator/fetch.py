@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from simulator import alarm_table
+from simulator import alarm_table, command_run
 from simulator.backend import Backend, BackendError, ml_of
 from simulator.faults import Outcome
 from simulator.provision import cycle_starts
@@ -67,7 +67,8 @@ async def fetch_and_check(
     finally:
         await backend.close()
     report = check(truth, uplinks, rows, alarms, results)
-    table, failures = alarm_table.table(alarm_table.incidents(truth), seen)
+    causes = alarm_table.incidents(truth) + alarm_table.commanded(command_run.load(args.run_dir))
+    table, failures = alarm_table.table(causes, seen)
     report.alarm_table = alarm_table.lines(table)
     report.mismatches += [Mismatch(f.split()[-1], "alarm", "as injected", f) for f in failures]
     return report
