@@ -113,7 +113,10 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str, *, udp: bool
 async def _tenant(dsn: str, slug: str) -> str:
     from nbmeter.commands.tenant import create
 
-    _, key = await create(dsn, slug, "Demo water & gas utility", "Asia/Shanghai")
+    # UTC, like the simulator's clock: its consumption profile (night lows, morning peaks)
+    # runs in UTC hours, so a tenant in another zone would see the simulated evening peak
+    # in its local night window and the night-flow analytics would alarm on it
+    _, key = await create(dsn, slug, "Demo water & gas utility", "UTC")
     return key
 
 
@@ -160,7 +163,7 @@ def _run(args: argparse.Namespace) -> int:
             raise SystemExit(f"nbmeter demo: port {port} for the {what} is taken")
     slug = f"demo-{uuid.uuid4().hex[:6]}"
     api_key = asyncio.run(_tenant(env["NBMETER_DATABASE_URL"], slug))
-    _say(f"tenant {slug} created (timezone Asia/Shanghai) with an admin API key")
+    _say(f"tenant {slug} created (timezone UTC) with an admin API key")
     collector = _start(
         "collector",
         ["collector", "--coap-port", str(COAP_PORT), "--metrics-port", str(METRICS_PORT)],
