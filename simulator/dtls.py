@@ -24,6 +24,11 @@ class DtlsDevices:
 
     def __init__(self, host: str, port: int, timeout_s: float = 30.0) -> None:
         self.uri = f"coaps://{host}:{port}/u"
+        self._patterns = (
+            [f"coaps://{host}:{port}/*", f"coaps://{host}/*"]
+            if port == 5684
+            else [f"coaps://{host}:{port}/*"]
+        )
         self.timeout_s = timeout_s
         self._contexts: dict[str, Any] = {}
 
@@ -31,13 +36,10 @@ class DtlsDevices:
         ctx = self._contexts.get(address)
         if ctx is None:
             ctx = await aiocoap.Context.create_client_context(transports=["tinydtls"])
-            ctx.client_credentials.load_from_dict(
-                {
-                    self.uri.rsplit("/", 1)[0] + "/*": {
-                        "dtls": {"psk": {"ascii": psk}, "client-identity": {"ascii": identity}}
-                    }
-                }
-            )
+            dtls = {"dtls": {"psk": {"ascii": psk}, "client-identity": {"ascii": identity}}}
+            # aiocoap matches credentials on the request's URI as it renders it, which drops
+            # the default port (5684, as `make demo` uses): register both spellings
+            ctx.client_credentials.load_from_dict({pattern: dtls for pattern in self._patterns})
             self._contexts[address] = ctx
         return ctx
 
