@@ -17,8 +17,9 @@ TtlS = Annotated[Integer, Field(ge=60, le=30 * 86400, description="seconds until
 _ARGS_DOC = (
     "valve: {action: open|close}; clock: {} (the collector's clock when it is sent);"
     " reporting: {interval_s: 60..604800, report_time: 'HH:MM'} (senml/interval meters);"
-    " rotate_key: {} (OMS meters: a new AES key, staged beside the current one by the"
-    " collector; the old key is accepted until the device confirms the new one)"
+    " rotate_key: {key?: aes|oscore} (default: aes for OMS meters, else oscore; a new AES"
+    " key or OSCORE context, staged beside the current one by the collector; the old one"
+    " is accepted until the device confirms the new one)"
 )
 
 

@@ -204,6 +204,7 @@ class UplinkResource(resource.Resource):  # type: ignore[misc]  # aiocoap is unt
                 replay_window=None
                 if piv is None
                 else (meter_id, index, bits, piv, ctx.recipient_id),
+                new_context=ctx.pending,
             )
         tenant = await self._plain_tenant(request)
         return Uplink(bytes(request.payload), Transport.COAP, peer, tenant_id=tenant)

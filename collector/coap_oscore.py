@@ -85,6 +85,9 @@ class DeviceContext(*_ContextBases):  # type: ignore[misc]  # aiocoap is untyped
                 {"index": secret.replay_index, "bitfield": secret.replay_bits or 0}
             )
         self.device = Device(secret.meter_id, secret.tenant_id, secret.address)
+        # staged by a rotate_key beside the current context (migration 0048): a request
+        # verified under it confirms it when its uplink commits (`collector.store`)
+        self.pending = secret.pending
         self._granted: list[int] = []  # server sequence numbers reserved in the database
 
     def grant(self, last: int, count: int) -> None:

@@ -25,8 +25,9 @@ from typing import Final, TypeAlias
 import structlog
 
 from collector import metrics
-from decoder.commands import downlink, parse_results
-from storage import credentials, mailbox
+from decoder.commands import downlink, parse_results, rotate_target
+from devices import provision
+from storage import credentials, mailbox, oscore_rollover
 from storage.errors import StorageError
 from storage.pool import Connection, Pool, connection
 
@@ -82,8 +83,8 @@ class Downlinks:
             async with connection(self._pool, "claiming commands", timeout_s=4.0) as conn:
                 claimed = await mailbox.claim(conn, meter_ids=ids) if ids else []
                 by_topic = await mailbox.claim(conn, topics=topics) if topics else []
-                claimed = await self._with_keys(conn, claimed)
-                by_topic = await self._with_keys(conn, by_topic)
+                claimed = await self._with_keys(conn, claimed, oscore=True)
+                by_topic = await self._with_keys(conn, by_topic, oscore=False)
             per_key: dict[Key, list[mailbox.Claimed]] = defaultdict(list)
             for c in claimed:
                 per_key[c.meter_id].append(c)
@@ -101,32 +102,47 @@ class Downlinks:
                         future.set_result(envelopes.get(key, b""))
 
     async def _with_keys(
-        self, conn: Connection, claimed: list[mailbox.Claimed]
+        self, conn: Connection, claimed: list[mailbox.Claimed], *, oscore: bool
     ) -> list[mailbox.Claimed]:
-        """A rotate_key command carries the meter's pending AES key (staged on first send,
-        the same one when resent); without a credentials key it goes out without one and
-        the device refuses it."""
+        """A rotate_key command carries the new key, staged on first send (the same one
+        when resent): an OMS meter's pending AES key (`args.aes_key`), or a new OSCORE
+        context (`args.oscore`, only in an OSCORE-protected answer: `oscore`, the CoAP
+        claims; an MQTT device has no context to roll). Without a credentials key, or
+        nothing to roll over from, it goes out without one and the device refuses it."""
         out = []
         for c in claimed:
-            if c.pending.kind == "rotate_key" and self._key is not None:
-                aes = await credentials.pending_aes_key(
-                    conn, self._key, c.meter_id, c.pending.command_id
-                )
-                if aes is not None:
-                    args = {**c.pending.args, "aes_key": aes.hex()}
-                    c = dataclasses.replace(c, pending=dataclasses.replace(c.pending, args=args))
+            cmd = c.pending
+            if cmd.kind == "rotate_key" and self._key is not None:
+                target = rotate_target(cmd.meter_format, cmd.args)
+                extra: dict[str, object] = {}
+                if target == "aes":
+                    aes = await credentials.pending_aes_key(
+                        conn, self._key, c.meter_id, cmd.command_id
+                    )
+                    extra = {} if aes is None else {"aes_key": aes.hex()}
+                elif oscore:
+                    context = await provision.rotation_oscore(
+                        conn, self._key, c.meter_id, cmd.command_id
+                    )
+                    extra = {} if context is None else {"oscore": context}
+                if extra:
+                    args = {**cmd.args, **extra}
+                    c = dataclasses.replace(c, pending=dataclasses.replace(cmd, args=args))
             out.append(c)
         return out
 
     async def answer(self, meter_id: int, address: str, payload: bytes) -> dict[int, str]:
         """Record the device's answers to its own commands (see the module docstring); an
-        acknowledged rotate_key makes the meter's pending AES key its current one."""
+        acknowledged rotate_key makes the meter's pending AES key or OSCORE context its
+        current one."""
         results = parse_results(payload, address)
         async with connection(self._pool, "recording command results") as conn:
             outcome = await mailbox.record_results(conn, meter_id, results)
             ids = [cid for cid, what in outcome.items() if what != "unknown"]
             if ids and await credentials.promote_acknowledged_rotation(conn, meter_id, ids):
                 log.info("aes_key.promoted", meter_id=meter_id, by="answer")
+            if ids and await oscore_rollover.promote_acknowledged(conn, meter_id, ids):
+                log.info("oscore_context.promoted", meter_id=meter_id, by="answer")
         metrics.COMMANDS.labels("answered").inc(sum(v == "recorded" for v in outcome.values()))
         log.info("downlink.answered", meter_id=meter_id, outcome=outcome)
         return outcome

@@ -361,6 +361,7 @@ class SendResource(UplinkResource):
         if isinstance(ctx, DeviceContext) and piv is not None:
             meter_id, index, bits = ctx.replay_state()
             uplink.replay_window = (meter_id, index, bits, piv, ctx.recipient_id)
+            uplink.new_context = ctx.pending
         kind = metrics.TRANSPORT_NAMES[int(transport)]
         if len(payload) > self._settings.max_payload_bytes:
             raise error.RequestEntityTooLarge(f"at most {self._settings.max_payload_bytes} B")

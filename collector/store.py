@@ -55,7 +55,7 @@ from collector.uplink import Device, Outcome, Uplink
 from decoder import decode_batch as _decode_batch
 from decoder import drivers
 from decoder.columns import Decoded, ErrorCode, concat
-from storage import credentials
+from storage import credentials, oscore_rollover
 from storage.archive import ArchiveWriter
 from storage.errors import StorageUnavailableError
 from storage.events import write_events
@@ -404,6 +404,12 @@ class BatchStore:
         await self._archive_writer.write_quarantine(settled.quarantine, conn=conn)
         await write_events(conn, settled.events)
         await write_health(conn, settled.health)
+        # a request verified under a staged OSCORE context confirms it (migration 0048):
+        # promoted first, so its replay window lands on the now current context
+        confirming = [u.replay_window[4] for u in batch if u.new_context and u.replay_window]
+        if confirming:
+            for meter_id in await oscore_rollover.promote(conn, confirming):
+                log.info("oscore_context.promoted", meter_id=meter_id, by="request")
         await credentials.save_replay_windows(
             conn,
             [

@@ -65,6 +65,9 @@ class Uplink:
     reject: tuple[Reason, str] | None = None  # decided before decoding: (reason, detail)
     # OSCORE: (meter_id, replay index, replay bits, this request's partial IV, context kid)
     replay_window: tuple[int, int, int, int, bytes] | None = None
+    # OSCORE: verified under the context a rotate_key staged (migration 0048): committing
+    # it confirms that context (it becomes the current one)
+    new_context: bool = False
     received_at: float = field(default_factory=time.time)
     future: Waiter | None = None  # set by Pipeline.offer: an asyncio future
 

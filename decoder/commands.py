@@ -15,6 +15,11 @@ own payload for interval/SenML devices; `frame` is added for a CJ/T 188 meter, i
 write frame (C=04): DI A017 valve control (55 open, 99 close: the forced codes both
 published sources agree on, FORMATS.md §1.2) or DI A015 set time (the collector's clock
 at the moment of sending, Beijing local time, `ss mm hh DD MM YY CC`). SER = id mod 256.
+A rotate_key is for the device's own stack on any meter (no frame): the collector adds
+the new key to its args when it sends it, `aes_key` (hex, OMS) or `oscore` (the new
+context as provisioning shows it: sender_id, recipient_id, master_secret, master_salt,
+algorithm, kdf; the device's point of view), and the device answers it as an
+interval/SenML device does.
 
 Answer (JSON): one object or a list of them,
 
@@ -40,14 +45,19 @@ ENVELOPE_VERSION: Final = 1
 MAX_RESULTS: Final = 64  # answers in one message
 _HHMM = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
 
-# what each meter format can be told (M-Bus/OMS: no standard write on these meters yet)
+# what each meter format can be told (M-Bus/OMS: no standard write on these meters yet);
+# rotate_key is no meter write: the AES key of an OMS meter (migration 0047) or the OSCORE
+# context of the device's modem (0048), whatever its frames' format
 SUPPORTED: Final[Mapping[str, frozenset[str]]] = {
-    "cjt188": frozenset({"valve", "clock"}),
-    "senml": frozenset({"valve", "clock", "reporting"}),
-    "interval": frozenset({"valve", "clock", "reporting"}),
-    "oms": frozenset({"rotate_key"}),  # the AES key (migration 0047), not a meter write
-    "mbus": frozenset(),
+    "cjt188": frozenset({"valve", "clock", "rotate_key"}),
+    "senml": frozenset({"valve", "clock", "reporting", "rotate_key"}),
+    "interval": frozenset({"valve", "clock", "reporting", "rotate_key"}),
+    "oms": frozenset({"rotate_key"}),
+    "mbus": frozenset({"rotate_key"}),
 }
+# rotate_key's `key`: which key it rolls; without one, the AES key of an OMS meter and the
+# OSCORE context of any other
+ROTATE_KEYS: Final = ("aes", "oscore")
 KINDS: Final = ("valve", "clock", "reporting", "rotate_key")
 # CJ/T 188 write DIs (big-endian on the wire, as the published valve frames)
 _DI_VALVE, _DI_CLOCK = b"\xa0\x17", b"\xa0\x15"
@@ -76,6 +86,11 @@ class DeviceResult:
     result: Mapping[str, Any] = field(default_factory=dict)
 
 
+def rotate_target(meter_format: str, args: Mapping[str, Any]) -> str:
+    """Which key a rotate_key with `args` rolls on a `meter_format` meter: aes or oscore."""
+    return str(args.get("key") or ("aes" if meter_format == "oms" else "oscore"))
+
+
 def setting_of(kind: str) -> str:
     """The setting a command of `kind` changes (a later one supersedes a queued earlier)."""
     return kind
@@ -91,7 +106,7 @@ def check_args(kind: str, meter_format: str, args: Mapping[str, Any]) -> dict[st
         raise ValueError(msg)
     allowed: dict[str, set[str]] = {
         "valve": {"action"}, "clock": set(), "reporting": {"interval_s", "report_time"},
-        "rotate_key": set(),  # the collector adds the new key when it sends the command
+        "rotate_key": {"key"},  # the collector adds the new key when it sends the command
     }  # fmt: skip
     extra = sorted(set(args) - allowed[kind])
     if extra:
@@ -102,8 +117,16 @@ def check_args(kind: str, meter_format: str, args: Mapping[str, Any]) -> dict[st
             msg = "valve: action must be 'open' or 'close'"
             raise ValueError(msg)
         return {"action": args["action"]}
-    if kind in ("clock", "rotate_key"):
-        return {}  # the collector's clock / the key it stages, at the moment of sending
+    if kind == "clock":
+        return {}  # the collector's clock at the moment of sending
+    if kind == "rotate_key":  # the key itself: staged by the collector when it sends it
+        if "key" in args and args["key"] not in ROTATE_KEYS:
+            msg = "rotate_key: key must be 'aes' (OMS meters) or 'oscore'"
+            raise ValueError(msg)
+        if rotate_target(meter_format, args) == "aes" and meter_format != "oms":
+            msg = f"rotate_key: a {meter_format} meter has no OMS AES key"
+            raise ValueError(msg)
+        return {"key": args["key"]} if "key" in args else {}
     interval = args.get("interval_s")
     report_time = args.get("report_time")
     if interval is None and report_time is None:
@@ -152,7 +175,7 @@ def _clock_bytes(now_s: int) -> bytes:
 
 
 def _frame(cmd: Pending, now_s: int) -> bytes | None:
-    if cmd.meter_format != "cjt188":
+    if cmd.meter_format != "cjt188" or cmd.kind == "rotate_key":  # the modem's, not the meter's
         return None
     if cmd.kind == "valve":
         data = bytes([_VALVE_CODES[cmd.args["action"]]])

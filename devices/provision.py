@@ -7,7 +7,10 @@ the database keeps a hash), and stores the meter's OMS/wM-Bus AES-128 key when g
 (sealed; it is the meter's factory key, so it is never generated or shown here). Calling
 it again rotates the credentials: the old ones stop working. `revoke_device(...)` deletes
 a meter's OSCORE context and broker account (its readings and meter stay). Either change
-reaches running collectors when its transaction commits (NOTIFY, migration 0030). Both
+reaches running collectors when its transaction commits (NOTIFY, migration 0030).
+`rotation_oscore(...)` is the rollover without a gap instead (a rotate_key command): a new
+context staged beside the current one, which keeps working until the device confirms
+the new one (migration 0048, `storage.oscore_rollover`). They
 raise `ProvisionError` with a message for the operator, and storage errors
 (`storage.errors`) when the database fails.
 """
@@ -23,7 +26,7 @@ from aiocoap import oscore
 
 from devices.broker import BrokerError, dynsec
 from devices.topics import device_username, down_topic, result_topic, uplink_topic
-from storage import credentials, dtls
+from storage import credentials, dtls, oscore_rollover
 from storage import platforms as platform_store
 from storage.pool import Connection, connected
 
@@ -256,13 +259,31 @@ def derive(
     return bytes(ctx.sender_key), bytes(ctx.recipient_key), bytes(ctx.common_iv)
 
 
-async def _new_oscore(conn: Connection, key: bytes, meter: credentials.MeterRef) -> dict[str, str]:
+async def _free_kid(conn: Connection, meter_id: int) -> bytes:
     for _ in range(5):  # a random 6-byte kid collides with odds ~n/2^48; retry anyway
         kid = secrets.token_bytes(6)
-        if not await credentials.oscore_kid_taken(conn, kid, meter.meter_id):
-            break
-    else:  # pragma: no cover
-        raise ProvisionError("could not draw a unique OSCORE key id; try again")
+        if not await credentials.oscore_kid_taken(conn, kid, meter_id):
+            return kid
+    raise ProvisionError("could not draw a unique OSCORE key id; try again")  # pragma: no cover
+
+
+def device_oscore(
+    kid: bytes, sender_id: bytes, master_secret: bytes, master_salt: bytes
+) -> dict[str, str]:
+    """A context as the device loads it (hex, the device's point of view), from ours:
+    `kid` is the device's Sender ID, `sender_id` ours."""
+    return {
+        "sender_id": kid.hex(),
+        "recipient_id": sender_id.hex(),
+        "master_secret": master_secret.hex(),
+        "master_salt": master_salt.hex(),
+        "algorithm": OSCORE_ALGORITHM,
+        "kdf": "HKDF-SHA256",
+    }
+
+
+async def _new_oscore(conn: Connection, key: bytes, meter: credentials.MeterRef) -> dict[str, str]:
+    kid = await _free_kid(conn, meter.meter_id)
     master_secret, master_salt = secrets.token_bytes(16), secrets.token_bytes(8)
     await credentials.store_oscore(
         conn,
@@ -274,14 +295,35 @@ async def _new_oscore(conn: Connection, key: bytes, meter: credentials.MeterRef)
         master_salt=master_salt,
         derived=derive(kid, SERVER_SENDER_ID, master_secret, master_salt),
     )
-    return {
-        "sender_id": kid.hex(),  # the device's
-        "recipient_id": SERVER_SENDER_ID.hex(),
-        "master_secret": master_secret.hex(),
-        "master_salt": master_salt.hex(),
-        "algorithm": OSCORE_ALGORITHM,
-        "kdf": "HKDF-SHA256",
-    }
+    return device_oscore(kid, SERVER_SENDER_ID, master_secret, master_salt)
+
+
+async def rotation_oscore(
+    conn: Connection, key: bytes, meter_id: int, command_id: int
+) -> dict[str, str] | None:
+    """The new OSCORE context rotate_key `command_id` carries to `meter_id` (the device's
+    point of view, as provisioning shows it): the one staged for it before (a resend
+    carries the same), else a fresh one staged now beside the current context (migration
+    0048: a new master secret, salt and key id). None when the meter has no OSCORE
+    context to roll over from. Storage errors and CredentialsError as `storage` raises."""
+    for _ in range(2):  # a concurrent staging wins: take what it staged
+        staged = await oscore_rollover.staged_for(conn, key, meter_id, command_id)
+        if not staged.rollable:
+            return None
+        if staged.context is not None:
+            ctx = staged.context
+            return device_oscore(ctx.kid, ctx.sender_id, ctx.master_secret, ctx.master_salt)
+        kid = await _free_kid(conn, meter_id)
+        master_secret, master_salt = secrets.token_bytes(16), secrets.token_bytes(8)
+        fresh = await oscore_rollover.stage(
+            conn, key, meter_id, kid=kid, sender_id=SERVER_SENDER_ID,
+            master_secret=master_secret, master_salt=master_salt,
+            derived=derive(kid, SERVER_SENDER_ID, master_secret, master_salt),
+            command_id=command_id,
+        )  # fmt: skip
+        if fresh:
+            return device_oscore(kid, SERVER_SENDER_ID, master_secret, master_salt)
+    return None
 
 
 async def _apply_on_broker(admin_url: str, username: str, password: str, topic: str) -> None:

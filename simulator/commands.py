@@ -15,7 +15,8 @@ has none left), the reporting interval and time.
 
 `sim run --commands N` drives it (`simulator.command_run`): commands queued through the
 API, each 2.04's payload handed here, the answer posted to `/c`, the truth changed from
-the hour a command executed. A rotate_key (OMS) keeps the key it carried in the state.
+the hour a command executed. A rotate_key keeps the key it carried in the state: the
+OMS AES key, or the new OSCORE context (any format: it is the modem's, not the meter's).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class MeterState:
     interval_s: int = 3600
     report_time: str | None = None
     aes_key: bytes | None = None  # the OMS key a rotate_key gave it (None: its first)
+    oscore: dict[str, str] | None = None  # the OSCORE context a rotate_key gave it
 
 
 @dataclass
@@ -74,7 +76,7 @@ class CommandExecutor:
         return json.dumps(answers, separators=(",", ":")).encode()
 
     def _execute(self, cmd: dict[str, Any], now_s: int) -> dict[str, Any]:
-        if self.meter_format == "cjt188":
+        if self.meter_format == "cjt188" and cmd["kind"] != "rotate_key":
             return self._cjt188(cmd, now_s)
         kind, args = cmd["kind"], cmd["args"]
         if kind == "valve":
@@ -83,6 +85,8 @@ class CommandExecutor:
             self.state.clock_offset_s = int(args["utc_s"]) - now_s
         elif kind == "rotate_key" and "aes_key" in args:
             self.state.aes_key = bytes.fromhex(args["aes_key"])
+        elif kind == "rotate_key" and "oscore" in args:
+            self.state.oscore = dict(args["oscore"])
         elif kind == "reporting":
             self.state.interval_s = int(args.get("interval_s", self.state.interval_s))
             self.state.report_time = args.get("report_time", self.state.report_time)

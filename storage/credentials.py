@@ -37,6 +37,10 @@ KEY_BYTES = 32
 AES_KEY_BYTES = 16  # OMS / EN 13757-7: AES-128
 _NONCE_BYTES = 12
 _AES_PURPOSE = "oms-aes"
+_NO_PENDING_OSCORE = (
+    "oscore_pending_kid = NULL, oscore_pending_sender_id = NULL, oscore_pending_sealed = NULL,"
+    " oscore_pending_at = NULL, oscore_pending_command = NULL"
+)
 
 
 class CredentialsError(StorageError):
@@ -60,6 +64,9 @@ class OscoreSecret:
     # §3.2.1) when provisioning stored them: the collector then skips the three HKDFs a
     # context costs (each meter reports once a day, so every uplink meets a cold cache)
     derived: tuple[bytes, bytes, bytes] | None = None
+    # the context a rotate_key staged beside the current one (migration 0048): a request
+    # that verifies under it confirms it (`promote_oscore`); its window starts empty
+    pending: bool = False
 
 
 def oscore_blob(
@@ -74,15 +81,22 @@ def oscore_blob(
     return json.dumps(fields).encode()
 
 
-def _derived(opened: dict[str, str]) -> tuple[bytes, bytes, bytes] | None:
+def open_oscore_blob(
+    key: bytes, sealed: bytes, meter_id: int
+) -> tuple[bytes, bytes, tuple[bytes, bytes, bytes] | None]:
+    """(master secret, salt, derived keys or None) of `meter_id`'s sealed OSCORE context;
+    CredentialsError if it does not open with `key`."""
+    opened = json.loads(unseal(key, sealed, meter_id))
+    secret, salt = bytes.fromhex(opened["secret"]), bytes.fromhex(opened["salt"])
     try:
-        return (
+        derived = (
             bytes.fromhex(opened["sender_key"]),
             bytes.fromhex(opened["recipient_key"]),
             bytes.fromhex(opened["common_iv"]),
         )
     except KeyError:  # sealed before derived keys were stored
-        return None
+        derived = None
+    return secret, salt, derived
 
 
 @dataclass(frozen=True)
@@ -236,7 +250,8 @@ async def store_oscore(
     master_salt: bytes,
     derived: tuple[bytes, bytes, bytes] | None = None,
 ) -> None:
-    """Store (or replace) the OSCORE context of `meter`, sealed; reset its replay window.
+    """Store (or replace) the OSCORE context of `meter`, sealed; reset its replay window
+    and drop a context a rotate_key staged (provisioning again replaces everything).
 
     `derived`: the context's sender key, recipient key and common IV (our point of view),
     stored with the secrets so the collector need not derive them again."""
@@ -246,7 +261,8 @@ async def store_oscore(
         " oscore_sealed) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (meter_id) DO UPDATE SET"
         " oscore_kid = EXCLUDED.oscore_kid, oscore_sender_id = EXCLUDED.oscore_sender_id,"
         " oscore_sealed = EXCLUDED.oscore_sealed, oscore_replay_index = NULL,"
-        " oscore_replay_bits = NULL, oscore_server_seq = 0, rotated_at = now()",
+        " oscore_replay_bits = NULL, oscore_server_seq = 0, rotated_at = now(),"
+        f" oscore_command = NULL, {_NO_PENDING_OSCORE}",
         meter.meter_id,
         meter.tenant_id,
         kid,
@@ -276,24 +292,35 @@ async def load_oscore_many(
 ) -> tuple[dict[bytes, OscoreSecret], list[int]]:
     """The OSCORE contexts of `kids` in one query: (kid -> opened secret, unopenable meters).
 
-    Unknown kids are absent. A row whose secret does not open with `key` is left out and
-    its meter id listed, so one bad row does not hide the others.
+    A kid is a meter's current context's or the one a rotate_key staged beside it
+    (`pending`, migration 0048; its replay window starts empty). Unknown kids are absent.
+    A row whose secret does not open with `key` is left out and its meter id listed, so
+    one bad row does not hide the others.
     """
     wanted = sorted(set(kids))
     if not wanted:
         return {}, []
+    # one row per (meter, context): the current context, and a pending one if its kid
+    # was asked for; the OR of two indexed equalities stays two index scans (BitmapOr)
     rows = await conn.fetch(
-        "SELECT c.oscore_kid, c.meter_id, c.tenant_id, m.address, c.oscore_sender_id,"
-        " c.oscore_sealed, c.oscore_replay_index, c.oscore_replay_bits"
+        "SELECT x.kid, c.meter_id, c.tenant_id, m.address, x.sender_id, x.sealed,"
+        " x.replay_index, x.replay_bits, x.pending"
         " FROM device_credentials c JOIN meters m USING (meter_id)"
-        " WHERE c.oscore_kid = ANY($1::bytea[]) AND m.removed_at IS NULL",
+        " CROSS JOIN LATERAL (VALUES"
+        " (c.oscore_kid, c.oscore_sender_id, c.oscore_sealed, c.oscore_replay_index,"
+        " c.oscore_replay_bits, false),"
+        " (c.oscore_pending_kid, c.oscore_pending_sender_id, c.oscore_pending_sealed,"
+        " NULL::bigint, NULL::bigint, true))"
+        " AS x(kid, sender_id, sealed, replay_index, replay_bits, pending)"
+        " WHERE (c.oscore_kid = ANY($1::bytea[]) OR c.oscore_pending_kid = ANY($1::bytea[]))"
+        " AND x.kid = ANY($1::bytea[]) AND m.removed_at IS NULL",
         wanted,
     )
     found: dict[bytes, OscoreSecret] = {}
     unopenable: list[int] = []
     for row in rows:
         try:
-            opened = json.loads(unseal(key, bytes(row[5]), int(row[1])))
+            secret, salt, derived = open_oscore_blob(key, bytes(row[5]), int(row[1]))
         except CredentialsError:
             unopenable.append(int(row[1]))
             continue
@@ -304,19 +331,22 @@ async def load_oscore_many(
             address=str(row[3]),
             kid=kid,
             sender_id=bytes(row[4]),
-            master_secret=bytes.fromhex(opened["secret"]),
-            master_salt=bytes.fromhex(opened["salt"]),
+            master_secret=secret,
+            master_salt=salt,
             replay_index=row[6],
             replay_bits=row[7],
-            derived=_derived(opened),
+            derived=derived,
+            pending=bool(row[8]),
         )
     return found, unopenable
 
 
 async def oscore_kid_taken(conn: asyncpg.Connection, kid: bytes, meter_id: int) -> bool:
-    """True when another meter than `meter_id` holds the OSCORE key id `kid`."""
+    """True when another meter than `meter_id` holds the OSCORE key id `kid` (as its
+    current or its pending context's)."""
     taken = await conn.fetchval(
-        "SELECT 1 FROM device_credentials WHERE oscore_kid = $1 AND meter_id <> $2",
+        "SELECT 1 FROM device_credentials WHERE (oscore_kid = $1 OR oscore_pending_kid = $1)"
+        " AND meter_id <> $2",
         kid,
         meter_id,
     )
@@ -324,12 +354,13 @@ async def oscore_kid_taken(conn: asyncpg.Connection, kid: bytes, meter_id: int) 
 
 
 async def revoke_oscore(conn: asyncpg.Connection, meter_id: int) -> bool:
-    """Delete `meter_id`'s OSCORE context (its requests get 4.01); False if it had none."""
+    """Delete `meter_id`'s OSCORE context, and one staged beside it (its requests get
+    4.01); False if it had none."""
     kid = await conn.fetchval(
-        "UPDATE device_credentials SET oscore_kid = NULL, oscore_sender_id = NULL,"
-        " oscore_sealed = NULL, oscore_replay_index = NULL, oscore_replay_bits = NULL,"
-        " rotated_at = now() WHERE meter_id = $1 AND oscore_kid IS NOT NULL"
-        " RETURNING meter_id",
+        f"UPDATE device_credentials SET {_NO_PENDING_OSCORE}, oscore_kid = NULL,"
+        " oscore_sender_id = NULL, oscore_sealed = NULL, oscore_replay_index = NULL,"
+        " oscore_replay_bits = NULL, oscore_command = NULL, rotated_at = now()"
+        " WHERE meter_id = $1 AND oscore_kid IS NOT NULL RETURNING meter_id",
         meter_id,
     )
     return kid is not None
