@@ -163,12 +163,31 @@ def test_check_args_normalizes_and_refuses() -> None:
             check_args(kind, fmt, args)
 
 
-def test_rotate_key_is_for_oms_meters_and_takes_no_key_from_the_caller() -> None:
-    """The AES key of a rollover is the collector's to stage: a caller cannot pass one."""
-    from decoder.commands import check_args
+def test_rotate_key_takes_no_key_from_the_caller() -> None:
+    """The key of a rollover is the collector's to stage: a caller cannot pass one, only
+    name which key (an OMS meter's AES key by default, any other meter's OSCORE context)."""
+    from decoder.commands import check_args, rotate_target
 
     assert check_args("rotate_key", "oms", {}) == {}
     with pytest.raises(ValueError, match="unknown argument"):
         check_args("rotate_key", "oms", {"aes_key": "00" * 16})
-    with pytest.raises(ValueError, match="cannot take"):
-        check_args("rotate_key", "cjt188", {})
+    with pytest.raises(ValueError, match="unknown argument"):
+        check_args("rotate_key", "senml", {"oscore": {"master_secret": "00"}})
+    assert check_args("rotate_key", "cjt188", {}) == {}
+    assert rotate_target("cjt188", {}) == "oscore"
+    assert rotate_target("oms", {}) == "aes"
+    assert check_args("rotate_key", "oms", {"key": "oscore"}) == {"key": "oscore"}
+    assert rotate_target("oms", {"key": "oscore"}) == "oscore"
+    with pytest.raises(ValueError, match="no OMS AES key"):
+        check_args("rotate_key", "interval", {"key": "aes"})
+    with pytest.raises(ValueError, match="key must be"):
+        check_args("rotate_key", "senml", {"key": "psk"})
+
+
+def test_rotate_key_of_a_cjt188_meter_has_no_meter_frame() -> None:
+    """A CJ/T 188 meter's rotate_key is for its modem's OSCORE stack: args, no write frame."""
+    from decoder.commands import Pending, downlink
+
+    cmd = Pending(9, "rotate_key", {"oscore": {"sender_id": "01"}}, "cjt188", "water", "1" * 14)
+    body = json.loads(downlink([cmd], 0))
+    assert body["cmds"] == [{"id": 9, "kind": "rotate_key", "args": {"oscore": {"sender_id": "01"}}}]
