@@ -190,4 +190,6 @@ def test_rotate_key_of_a_cjt188_meter_has_no_meter_frame() -> None:
 
     cmd = Pending(9, "rotate_key", {"oscore": {"sender_id": "01"}}, "cjt188", "water", "1" * 14)
     body = json.loads(downlink([cmd], 0))
-    assert body["cmds"] == [{"id": 9, "kind": "rotate_key", "args": {"oscore": {"sender_id": "01"}}}]
+    assert body["cmds"] == [
+        {"id": 9, "kind": "rotate_key", "args": {"oscore": {"sender_id": "01"}}}
+    ]
