@@ -3,8 +3,9 @@
 The same storage calls as the API's /v1/.../commands routes: a command waits until its
 meter is next heard from, and a running collector sends it in that window. `send` and
 `bulk` take the command kind and `--arg name=value` (valve: action=open|close; clock:
-none; reporting: interval_s=900 and/or report_time=02:30; rotate_key: none, OMS meters:
-the collector stages the new AES key). Commands record `cli:<user>`.
+none; reporting: interval_s=900 and/or report_time=02:30; rotate_key: optional key=aes
+(the default for OMS meters) or key=oscore (the default for the others): the collector
+stages the new AES key or OSCORE context). Commands record `cli:<user>`.
 Output is JSON (`list`: one line per command).
 """
 
