@@ -108,7 +108,11 @@ class Downlinks:
         when resent): an OMS meter's pending AES key (`args.aes_key`), or a new OSCORE
         context (`args.oscore`, only in an OSCORE-protected answer: `oscore`, the CoAP
         claims; an MQTT device has no context to roll). Without a credentials key, or
-        nothing to roll over from, it goes out without one and the device refuses it."""
+        nothing to roll over from, it goes out without one and the device refuses it.
+
+        Staged outside the claim's transaction (whose commit skips the WAL flush): each
+        staging commits durably before the envelope leaves, so no device ever holds a key
+        the database lost in a crash."""
         out = []
         for c in claimed:
             cmd = c.pending

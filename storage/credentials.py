@@ -2,7 +2,8 @@
 
 The collector authenticates a device (OSCORE context, MQTT broker account) and must then
 know which meter it is. This module is the SQL side of that: it creates meters and their
-credential rows, looks them up by OSCORE key id, tenant slug or MQTT topic, and persists
+credential rows, looks them up by OSCORE key id (a current context's, or one a rotate_key
+staged beside it: `storage.oscore_rollover`), tenant slug or MQTT topic, and persists
 OSCORE replay windows with the answer given to each OSCORE uplink (migration 0030: a
 retransmission after a crash gets that answer again). Changes to a context are announced
 by a trigger (NOTIFY nbmeter_credentials, see `storage.notify`). Secrets cross it only
