@@ -99,6 +99,8 @@ async def test_rotate_key_moves_the_device_to_a_new_context_without_a_gap(
     assert new_kid != old_kid
     assert sent["master_secret"] != device.oscore["master_secret"]
     assert await _kids(pool, device.meter_id) == (old_kid, new_kid)  # staged, not confirmed
+    stored = await pool.fetchval("SELECT args::text FROM commands WHERE command_id = $1", cid)
+    assert sent["master_secret"] not in stored  # the mailbox never holds the key
     answer = dev.handle(reply.payload, 0)
     assert answer is not None
     assert dev.state.oscore == sent
