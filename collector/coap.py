@@ -51,7 +51,13 @@ from aiocoap import error, resource
 from collector import metrics
 from collector.answers import coap_code
 from collector.coap_guard import Block1Budget, EventLimiter, LogRateFilter, source_of
-from collector.coap_oscore import Busy, DeviceContext, DeviceContexts, OscoreSite
+from collector.coap_oscore import (
+    Busy,
+    DeviceContext,
+    DeviceContexts,
+    OscoreSite,
+    ReplayedRequest,
+)
 from collector.coap_patches import (
     Context,
     Site,
@@ -227,6 +233,9 @@ class UplinkResource(resource.Resource):  # type: ignore[misc]  # aiocoap is unt
             # still queued: it will be stored; the device's retry is then a duplicate
             metrics.UPLINKS.labels(kind, "busy").inc()
             raise Busy(busy, "not yet durable, retry after Max-Age")
+        if outcome.replayed:
+            metrics.UPLINKS.labels(kind, "replayed").inc()
+            raise ReplayedRequest
         metrics.UPLINKS.labels(kind, outcome.status).inc()
         return outcome
 

@@ -14,7 +14,11 @@ does not decode → 4.02 Bad Option; no context for the kid → 4.01; a failed d
 → 4.00 (§8.2 step 6); a reused sequence number → the answer recorded for that uplink
 (`storage.credentials.oscore_answer`), protected with a fresh server sequence number,
 or 5.03 + Max-Age if none was recorded yet (the device sends it again as a new
-request). NON requests get no error answers. None of these logs a traceback: each is a
+request). A cached window can be behind another process's (processes sharing a port
+each cache a context up to `context_ttl_s`): a sequence number it admits is checked
+again when its uplink commits, against the answers recorded by every process, and one
+recorded already is answered the same way (`ReplayedRequest`), its context reloaded.
+NON requests get no error answers. None of these logs a traceback: each is a
 counted, rate-limited event (`collector.coap_guard.EventLimiter`).
 """
 # aiocoap is untyped (mypy sees its names as Any): the two classes that must subclass
@@ -252,6 +256,14 @@ class DeviceContexts:
                 del self._answers[key]
         metrics.OSCORE_INVALIDATIONS.labels(cause).inc(dropped)
 
+    def forget(self, ctx: DeviceContext) -> None:
+        """Drop `ctx` from the cache (its replay window is stale): the next request of its
+        kid loads it again, with the window persisted in the database."""
+        hit = self._cache.get(ctx.recipient_id)
+        if hit is not None and hit[0] is ctx:
+            del self._cache[ctx.recipient_id]
+            metrics.OSCORE_INVALIDATIONS.labels("replay").inc()
+
     def set_listening(self, listening: bool, cause: str) -> None:
         """Switch between the long and the short TTL; drop everything either way."""
         self.listening = listening
@@ -289,6 +301,12 @@ class DeviceContexts:
         """Stop the loader task."""
         if self._loader is not None:
             self._loader.cancel()
+
+
+class ReplayedRequest(Exception):  # a signal to OscoreSite, not a failure
+    """Raised by a resource whose uplink's sequence number turned out, at commit, to have
+    been admitted before (`storage.credentials.save_replay_windows`): OscoreSite answers
+    it as a replay (the recorded answer with a fresh sequence number of ours)."""
 
 
 class Busy(error.ConstructionRenderableError):  # type: ignore[misc]  # aiocoap untyped: Any base
@@ -393,7 +411,16 @@ class OscoreSite:
             return
         inner_request.remote = OSCOREAddress(sc, request.remote)
         inner_request.nbm_piv = int.from_bytes(unprotected[oscore.COSE_PIV], "big")
-        await self._render_inner(pipe, sc, inner_request, request_id)
+        try:
+            await self._render_inner(pipe, sc, inner_request, request_id)
+        except ReplayedRequest:
+            # admitted before by another process (counted as uplinks{outcome="replayed"}):
+            # this process's cached window is behind the database's, so the context is
+            # loaded again for the next request, and this one is answered as the replay
+            # it is (RFC 8613 §7.4: never processed as new; §7.5.1: no second first answer)
+            self.contexts.forget(sc)
+            if request.mtype == aiocoap.CON:
+                await self._answer_replay(pipe, sc, request, unprotected)
 
     async def _render_inner(
         self, pipe: Any, sc: DeviceContext, inner_request: aiocoap.Message, request_id: Any
@@ -410,6 +437,8 @@ class OscoreSite:
         inner = _InnerPipe(inner_request, send)
         try:
             await self._inner.render_to_pipe(inner)
+        except ReplayedRequest:
+            raise
         except error.RenderableError as exc:
             inner.add_response(exc.to_message(), is_last=True)
         except Exception as exc:  # a bug: this request's 5.00, logged rarely

@@ -17,7 +17,8 @@ TRANSPORT_NAMES = {1: "coap", 2: "coap_oscore", 3: "mqtt", 6: "platform", 7: "co
 
 UPLINKS = Counter(
     "nbmeter_collector_uplinks_total",
-    "Uplinks answered, by transport and outcome (stored, duplicate, quarantined, busy, failed).",
+    "Uplinks answered, by transport and outcome (stored, duplicate, quarantined, busy, failed,"
+    " replayed: an OSCORE sequence number another process admitted before).",
     ["transport", "outcome"],
 )
 QUARANTINED = Counter(
@@ -83,7 +84,7 @@ OSCORE_LOOKUP_KIDS = Counter(
 )
 OSCORE_INVALIDATIONS = Counter(
     "nbmeter_collector_oscore_invalidations_total",
-    "Cached OSCORE contexts dropped, by cause (notify, listener_lost, listener_ready).",
+    "Cached OSCORE contexts dropped, by cause (notify, listener_lost, listener_ready, replay).",
     ["cause"],
 )
 CREDENTIALS_LISTENING = Gauge(

@@ -20,7 +20,9 @@ be reached (the pipeline retries the batch), never a raw asyncpg error. Per upli
   (not again for a repeat of the uplink that stores nothing new: a `duplicate`);
 - every uplink is archived in raw_uplinks; alarms from stored or duplicate readings go to
   meter_events, modem figures to device_health; OSCORE replay windows are persisted with
-  the batch.
+  the batch, and an OSCORE uplink whose (kid, sequence number) is recorded already (a
+  replay another process admitted, its cached window being behind) is archived nowhere
+  and comes back `replayed`, to be answered from the record.
 
 The decisions (identity, which readings, outcomes, archive rows) are `collector.verdict`'s,
 a pure module; this shell loads keys and meters, decodes and writes.
@@ -400,17 +402,14 @@ class BatchStore:
         checked = verdict.check(batch, lay, dec, verdict.place(dec.n_readings, lookups, found))
         written = await self._writer.write(checked.readings, conn=conn)
         settled = verdict.settle(batch, dec, checked, written)
-        await self._archive_writer.write_uplinks(settled.raw, conn=conn)
-        await self._archive_writer.write_quarantine(settled.quarantine, conn=conn)
-        await write_events(conn, settled.events)
-        await write_health(conn, settled.health)
         # a request verified under a staged OSCORE context confirms it (migration 0048):
         # promoted first, so its replay window lands on the now current context
         confirming = [u.replay_window[4] for u in batch if u.new_context and u.replay_window]
         if confirming:
             for meter_id in await oscore_rollover.promote(conn, confirming):
                 log.info("oscore_context.promoted", meter_id=meter_id, by="request")
-        await credentials.save_replay_windows(
+        # the OSCORE answers first: a sequence number recorded already is a replay
+        replayed = await credentials.save_replay_windows(
             conn,
             [
                 (*u.replay_window, o.status, o.reason, o.detail)
@@ -418,7 +417,28 @@ class BatchStore:
                 if u.replay_window is not None
             ],
         )
-        return settled.outcomes
+        outcomes = settled.outcomes
+        if replayed:
+            # admitted before, by a process whose window this one's cached copy had not
+            # seen: its payload is the one stored then (its readings were duplicates),
+            # it leaves no archive row, and its answer is the recorded one
+            # (`collector.coap_oscore`), never a second first answer
+            again = {
+                i
+                for i, u in enumerate(batch)
+                if u.replay_window is not None
+                and (u.replay_window[4], u.replay_window[3]) in replayed
+            }
+            settled = settled.without(again)
+            outcomes = [
+                dataclasses.replace(o, replayed=True) if i in again else o
+                for i, o in enumerate(outcomes)
+            ]
+        await self._archive_writer.write_uplinks(settled.raw, conn=conn)
+        await self._archive_writer.write_quarantine(settled.quarantine, conn=conn)
+        await write_events(conn, settled.events)
+        await write_health(conn, settled.health)
+        return outcomes
 
     @staticmethod
     async def _resolve_topics(conn: Connection, batch: list[Uplink]) -> None:

@@ -40,13 +40,16 @@ class Device:
 @dataclass(slots=True, frozen=True)
 class Outcome:
     """What became of one uplink. `status`: stored, duplicate, quarantined, or failed (not
-    durable at all: the pipeline turns it into `UplinkFailed`)."""
+    durable at all: the pipeline turns it into `UplinkFailed`). `replayed`: an OSCORE
+    uplink whose sequence number was admitted before (by another process sharing the
+    port): it must be answered as a replay, from the recorded answer."""
 
     status: str
     reason: str = ""  # quarantine reason (machine-readable)
     detail: str = ""  # quarantine detail (for a person)
     n_readings: int = 0
     n_new: int = 0
+    replayed: bool = False
 
 
 NOT_YET_DURABLE = Outcome("not_yet_durable")  # `answer_within_s` passed; still queued

@@ -286,11 +286,27 @@ class Verdict:
     """One outcome per uplink and the rows that record them."""
 
     outcomes: list[Outcome]
-    raw: list[RawUplink]
+    raw: list[RawUplink]  # one per uplink, in batch order
     quarantine: list[QuarantineRow]
     events: list[EventRow]
     health: list[HealthRow]
     n_new: int
+    quarantine_of: list[int]  # the uplink (batch index) of each quarantine row
+    health_of: list[int]  # the uplink of each health row
+
+    def without(self, skip: set[int]) -> Verdict:
+        """The same verdict minus the archive rows of uplinks `skip` (batch indices):
+        OSCORE replays, which were received before and leave no second trace."""
+        return Verdict(
+            self.outcomes,
+            [r for i, r in enumerate(self.raw) if i not in skip],
+            [q for q, i in zip(self.quarantine, self.quarantine_of, strict=True) if i not in skip],
+            self.events,  # alarms of readings already stored: none new (see settle)
+            [h for h, i in zip(self.health, self.health_of, strict=True) if i not in skip],
+            self.n_new,
+            [i for i in self.quarantine_of if i not in skip],
+            [i for i in self.health_of if i not in skip],
+        )
 
 
 def _rejected_per_uplink(
@@ -330,7 +346,9 @@ def settle(batch: list[Uplink], dec: Decoded, checked: Checked, written: IngestR
             outcomes.append(Outcome("duplicate", detail=note, n_readings=n_read[i]))
         else:
             outcomes.append(Outcome("stored", "", note, n_read[i], n_new[i]))
-    raw, quarantine, health, received = _archive(batch, dec, checked, outcomes)
+    raw, (quarantine, quarantine_of), (health, health_of), received = _archive(
+        batch, dec, checked, outcomes
+    )
     return Verdict(
         outcomes,
         raw,
@@ -338,17 +356,27 @@ def settle(batch: list[Uplink], dec: Decoded, checked: Checked, written: IngestR
         _events(checked.readings, owner, written, received),
         health,
         int(written.new_mask.sum()),
+        quarantine_of,
+        health_of,
     )
 
 
 def _archive(
     batch: list[Uplink], dec: Decoded, checked: Checked, outcomes: list[Outcome]
-) -> tuple[list[RawUplink], list[QuarantineRow], list[HealthRow], list[datetime]]:
+) -> tuple[
+    list[RawUplink],
+    tuple[list[QuarantineRow], list[int]],
+    tuple[list[HealthRow], list[int]],
+    list[datetime],
+]:
     """Every uplink's raw row, the quarantine rows (refused uplinks, and the rejected
-    readings of stored ones), modem health of the not quarantined; receive times."""
+    readings of stored ones), modem health of the not quarantined, the latter two with
+    their uplinks' indices; receive times."""
     raw: list[RawUplink] = []
     quarantine: list[QuarantineRow] = []
+    quarantine_of: list[int] = []
     health: list[HealthRow] = []
+    health_of: list[int] = []
     received: list[datetime] = []
     lay = checked.layout
     # per uplink, as Python values once (the loop below builds one row object each)
@@ -396,12 +424,14 @@ def _archive(
                     uplink.payload,
                 )
             )
+            quarantine_of.append(i)
         j = frame_of[i]
         figures = health_of_frame.figures(j) if not quarantined and j >= 0 else None
         if figures is not None and meter is not None:
             measured_at = _utc(int(uplink.received_at))
             health.append(HealthRow(meter, measured_at, received_at=received_at, **figures))
-    return raw, quarantine, health, received
+            health_of.append(i)
+    return raw, (quarantine, quarantine_of), (health, health_of), received
 
 
 def _events(

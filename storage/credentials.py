@@ -389,17 +389,23 @@ async def active_meter(conn: asyncpg.Connection, tenant_id: int, address: str) -
 OscoreCommit = tuple[int, int, int, int, bytes, str, str, str]
 
 
-async def save_replay_windows(conn: asyncpg.Connection, commits: Iterable[OscoreCommit]) -> None:
-    """Persist the replay windows and record each uplink's answer, in the caller's transaction.
+async def save_replay_windows(
+    conn: asyncpg.Connection, commits: Iterable[OscoreCommit]
+) -> set[tuple[bytes, int]]:
+    """Persist the replay windows and record each uplink's answer, in the caller's
+    transaction; return the (kid, partial IV) pairs that were recorded already.
 
     A window is the context's (meter and kid: an uplink of a rotated-out context moves
     nothing); it never moves backwards, and windows of several processes merge (bitwise
     OR at the newer index), so a sequence number one process admitted stays seen. Each
-    (kid, partial IV) is recorded once with its outcome, for `oscore_answer`.
+    (kid, partial IV) is recorded once with its outcome, for `oscore_answer`. A pair
+    recorded already was admitted before, by another process whose window this one's
+    cached copy had not seen (or by this one before a restart): the request is a replay,
+    and its caller must answer it as one (the recorded answer, `oscore_answer`).
     """
     rows = list(commits)
     if not rows:
-        return
+        return set()
     latest: dict[tuple[int, bytes], tuple[int, int]] = {}
     for meter_id, index, bits, _piv, kid, *_ in rows:  # arrival order: the newest last
         if (meter_id, kid) not in latest or latest[meter_id, kid][0] <= index:
@@ -419,10 +425,12 @@ async def save_replay_windows(conn: asyncpg.Connection, commits: Iterable[Oscore
         [v[0] for v in latest.values()],
         [v[1] for v in latest.values()],
     )
-    await conn.execute(
+    # the primary key decides, across processes: a concurrent insert of the same pair waits
+    # for the other transaction and then inserts nothing
+    inserted = await conn.fetch(
         "INSERT INTO oscore_answers (meter_id, piv, kid, status, reason, detail)"
         " SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::text[],"
-        " $5::text[], $6::text[]) ON CONFLICT (kid, piv) DO NOTHING",
+        " $5::text[], $6::text[]) ON CONFLICT (kid, piv) DO NOTHING RETURNING kid, piv",
         [r[0] for r in rows],
         [r[3] for r in rows],
         [r[4] for r in rows],
@@ -430,6 +438,8 @@ async def save_replay_windows(conn: asyncpg.Connection, commits: Iterable[Oscore
         [r[6] for r in rows],
         [r[7] for r in rows],
     )
+    new = {(bytes(r[0]), int(r[1])) for r in inserted}
+    return {(r[4], r[3]) for r in rows} - new
 
 
 async def oscore_answer(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
+import itertools
 import os
 import secrets
 import signal
@@ -261,6 +262,57 @@ class DeviceOscore(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityContex
 
     def post_seqnoincrease(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class OscoreAnswer:
+    """A raw answer: outer code, the inner (decrypted) code when it was protected, and
+    whether it carried a Partial IV of its own (RFC 8613 §7.5.1: a second answer to a
+    request already answered, never the first)."""
+
+    outer: int
+    inner: int | None
+    own_piv: bool = False
+
+    @property
+    def code(self) -> str:
+        """The code the device acts on, dotted (inner when protected)."""
+        code = self.inner if self.inner is not None else self.outer
+        return f"{code >> 5}.{code & 0x1F:02d}"
+
+
+MIDS = itertools.count(secrets.randbelow(65536))  # distinct message ids (no dedup hits)
+
+
+class OscoreMeter:
+    """A meter's side of OSCORE over raw UDP: protect, send, decrypt the answer."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.ctx = DeviceOscore(values)
+
+    def request(self, payload: bytes) -> tuple[bytes, bytes, object]:
+        """(datagram, token, request id) of a protected CON POST /u with a new sequence number."""
+        msg = aiocoap.Message(code=aiocoap.POST, uri_path=("u",), payload=payload)
+        protected, request_id = self.ctx.protect(msg)
+        protected.mtype = aiocoap.CON
+        protected.mid = next(MIDS) % 65536
+        protected.token = secrets.token_bytes(4)
+        return protected.encode(), protected.token, request_id
+
+    def answer(self, data: bytes, request_id: object) -> OscoreAnswer:
+        """The answer's codes, decrypting it when it is protected."""
+        msg = aiocoap.Message.decode(data)
+        if msg.opt.oscore is None:
+            return OscoreAnswer(int(msg.code), None)
+        inner, _ = self.ctx.unprotect(msg, request_id)
+        # the OSCORE option's flags byte: the low 3 bits are the Partial IV's length
+        own_piv = bool(msg.opt.oscore) and msg.opt.oscore[0] & 0x07 > 0
+        return OscoreAnswer(int(msg.code), int(inner.code), own_piv)
+
+    async def post(self, udp: RawCoap, payload: bytes) -> OscoreAnswer:
+        """Send one protected uplink and return its answer."""
+        datagram, token, request_id = self.request(payload)
+        return self.answer(await udp.exchange(datagram, token), request_id)
 
 
 async def oscore_client(port: int, values: dict[str, str]) -> aiocoap.Context:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,15 @@ class CollectorProcess:
         group: str,
         will_delay_s: int = 60,
         ca_file: Path | None = None,
+        coap_port: int | None = None,
+        **extra: str,
     ) -> None:
-        """Start the collector (not waiting for it: see `wait_log`)."""
+        """Start the collector (not waiting for it: see `wait_log`) on `coap_port` (a free
+        one by default; processes given the same port share it), with `extra` NBMETER_*
+        settings."""
         self.client_id = client_id
         self.group = group
+        self.metrics_port = int(extra.get("NBMETER_METRICS_PORT", "0"))
         self.log_path = log_dir / f"{client_id}-{uuid.uuid4().hex[:6]}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("NBMETER_")}
         env |= {
@@ -56,7 +62,7 @@ class CollectorProcess:
             "NBMETER_METRICS_PORT": "0",
             "NBMETER_LOG_JSON": "true",
             "NBMETER_COAP__HOST": "127.0.0.1",
-            "NBMETER_COAP__PORT": str(free_port(socket.SOCK_DGRAM)),
+            "NBMETER_COAP__PORT": str(coap_port or free_port(socket.SOCK_DGRAM)),
             "NBMETER_MQTT__CLIENT_ID": client_id,
             "NBMETER_MQTT__SHARE_GROUP": group,
             "NBMETER_MQTT__WILL_DELAY_S": str(will_delay_s),
@@ -64,6 +70,7 @@ class CollectorProcess:
         }
         if ca_file is not None:
             env["NBMETER_MQTT__CA_FILE"] = str(ca_file)
+        env |= extra
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "collector.main"],
@@ -98,6 +105,22 @@ class CollectorProcess:
             time.sleep(0.05)
         tail = self.log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
         pytest.fail(f"{self.client_id}: no {name} {fields} within {within_s} s; log:\n{tail}")
+
+    def counter(self, name: str, **labels: str) -> float:
+        """The value of `name`{labels} on the process's /metrics (give it a metrics port
+        with NBMETER_METRICS_PORT); 0 when that series was never counted."""
+        assert self.metrics_port, "started without a metrics port"
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        want = {f'{k}="{v}"' for k, v in labels.items()}
+        for line in text.splitlines():
+            series, _, value = line.rpartition(" ")
+            if series.split("{")[0] == name and want <= set(
+                series.partition("{")[2].rstrip("}").split(",")
+            ):
+                return float(value)
+        return 0.0
 
     def terminate(self, within_s: float = 60) -> int:
         """SIGTERM (graceful stop); return the exit code."""

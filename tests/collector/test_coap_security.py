@@ -5,19 +5,18 @@ answers survive kill -9, and a process with other settings cannot join the port.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import secrets
 import struct
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import aiocoap
 import asyncpg
 import pytest
 from collector_testkit import (
+    MIDS,
     CollectorProcess,
-    DeviceOscore,
+    OscoreMeter,
     RawCoap,
     cjt188_frame,
     coap_post,
@@ -44,56 +43,10 @@ READINGS = "SELECT count(*) FROM readings WHERE meter_id = $1"
 RAW = "SELECT count(*) FROM raw_uplinks WHERE meter_id = $1"
 
 
-@dataclass
-class Answer:
-    """A raw answer: outer code, and the inner (decrypted) code when it was protected."""
-
-    outer: int
-    inner: int | None
-
-    @property
-    def code(self) -> str:
-        """The code the device acts on, dotted (inner when protected)."""
-        code = self.inner if self.inner is not None else self.outer
-        return f"{code >> 5}.{code & 0x1F:02d}"
-
-
-class Device:
-    """A meter's side of OSCORE over raw UDP: protect, send, decrypt the answer."""
-
-    def __init__(self, values: dict[str, str]) -> None:
-        self.ctx = DeviceOscore(values)
-
-    def request(self, payload: bytes) -> tuple[bytes, bytes, object]:
-        """(datagram, token, request id) of a protected CON POST /u with a new sequence number."""
-        msg = aiocoap.Message(code=aiocoap.POST, uri_path=("u",), payload=payload)
-        protected, request_id = self.ctx.protect(msg)
-        protected.mtype = aiocoap.CON
-        protected.mid = next(_MIDS) % 65536
-        protected.token = secrets.token_bytes(4)
-        return protected.encode(), protected.token, request_id
-
-    def answer(self, data: bytes, request_id: object) -> Answer:
-        """The answer's codes, decrypting it when it is protected."""
-        msg = aiocoap.Message.decode(data)
-        if msg.opt.oscore is None:
-            return Answer(int(msg.code), None)
-        inner, _ = self.ctx.unprotect(msg, request_id)
-        return Answer(int(msg.code), int(inner.code))
-
-    async def post(self, udp: RawCoap, payload: bytes) -> Answer:
-        """Send one protected uplink and return its answer."""
-        datagram, token, request_id = self.request(payload)
-        return self.answer(await udp.exchange(datagram, token), request_id)
-
-
-_MIDS = itertools.count(secrets.randbelow(65536))  # distinct message ids (no dedup hits)
-
-
 def _oscore_datagram(option: bytes, payload: bytes = b"\x00" * 12) -> tuple[bytes, bytes]:
     """A CON POST /u carrying `option` as its OSCORE option (9); (datagram, token)."""
     token = secrets.token_bytes(4)
-    head = bytes([0x44, 0x02]) + struct.pack("!H", next(_MIDS) % 65536) + token
+    head = bytes([0x44, 0x02]) + struct.pack("!H", next(MIDS) % 65536) + token
     # option 9 (OSCORE) then 11 (Uri-Path "u"); lengths < 13 here
     assert len(option) < 13
     out = head + bytes([(9 << 4) | len(option)]) + option + bytes([(2 << 4) | 1]) + b"u"
@@ -101,7 +54,7 @@ def _oscore_datagram(option: bytes, payload: bytes = b"\x00" * 12) -> tuple[byte
 
 
 async def _post_until(
-    device: Device, udp: RawCoap, payload_of: object, want: str, within_s: float
+    device: OscoreMeter, udp: RawCoap, payload_of: object, want: str, within_s: float
 ) -> float:
     """Post new uplinks until one is answered `want`; return the seconds it took."""
     started = time.monotonic()
@@ -134,7 +87,7 @@ async def test_rotated_oscore_context_is_refused_within_the_bound(
 ) -> None:
     """After `device provision` rotates a device, its old context gets 4.01 within 1 s and
     the new one is stored."""
-    old = Device(device.oscore)
+    old = OscoreMeter(device.oscore)
     assert (await old.post(udp, cjt188_frame(device.address, 10_000, hour(1)))).code == "2.04"
     rotated = await provision_device(
         db_url, device.tenant, device.address, credentials_key=credentials_key
@@ -147,7 +100,7 @@ async def test_rotated_oscore_context_is_refused_within_the_bound(
         LISTENING_BOUND_S,
     )
     assert took < LISTENING_BOUND_S
-    new = Device(rotated.oscore)
+    new = OscoreMeter(rotated.oscore)
     assert (await new.post(udp, cjt188_frame(device.address, 990_000, hour(99)))).code == "2.04"
     stored = await pool.fetch(
         "SELECT register_ml FROM readings WHERE meter_id = $1 ORDER BY read_at", device.meter_id
@@ -172,7 +125,7 @@ async def test_contexts_stored_with_and_without_derived_keys_both_work(
     async with pool.acquire() as conn:
         found, _ = await credentials.load_oscore_many(conn, key, [kid])
     assert found[kid].derived == derive(kid, b"\x00", secret, salt)
-    dev = Device(device.oscore)
+    dev = OscoreMeter(device.oscore)
     assert (await dev.post(udp, cjt188_frame(device.address, 10_000, hour(1)))).code == "2.04"
     # a context as stored before derived keys were kept (master secret and salt only),
     # under a key id never seen, so only loading that row can authenticate the device
@@ -190,7 +143,7 @@ async def test_contexts_stored_with_and_without_derived_keys_both_work(
         )
         legacy, _ = await credentials.load_oscore_many(conn, key, [legacy_kid])
     assert legacy[legacy_kid].derived is None
-    old_dev = Device(dict(device.oscore, sender_id=legacy_kid.hex()))
+    old_dev = OscoreMeter(dict(device.oscore, sender_id=legacy_kid.hex()))
     frame = cjt188_frame(device.address, 20_000, hour(2))
     assert (await old_dev.post(udp, frame)).code == "2.04"
     assert await pool.fetchval(READINGS, device.meter_id) == 2
@@ -204,7 +157,7 @@ async def test_revoked_device_is_refused_within_the_bound(
     broker: Broker,
 ) -> None:
     """`device revoke` makes the device's next OSCORE request a 4.01 within 1 s."""
-    dev = Device(device.oscore)
+    dev = OscoreMeter(device.oscore)
     assert (await dev.post(udp, cjt188_frame(device.address, 10_000, hour(1)))).code == "2.04"
     revoked = await revoke_device(
         db_url, device.tenant, device.address, mqtt_admin_url=broker.admin_url
@@ -231,7 +184,7 @@ async def test_rotation_while_the_listener_is_down_is_refused_within_the_fallbac
 ) -> None:
     """With its LISTEN connection killed, the collector drops its contexts and a rotated
     credential is still refused within the stated worst case (5 s)."""
-    old = Device(device.oscore)
+    old = OscoreMeter(device.oscore)
     assert (await old.post(udp, cjt188_frame(device.address, 10_000, hour(1)))).code == "2.04"
     killed = await pool.fetchval(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
@@ -291,12 +244,12 @@ async def test_unknown_kid_negative_cache_is_cleared_by_provisioning(
     # is unknown first, then known; the NOTIFY of the provisioning clears the negative entry
     address = new_address()
     first = await provision_device(db_url, tenant_slug, address, credentials_key=credentials_key)
-    dev = Device(first.oscore)
+    dev = OscoreMeter(first.oscore)
     assert (await dev.post(udp, cjt188_frame(address, 10_000, hour(1)))).code == "2.04"
     await revoke_device(db_url, tenant_slug, address)
     await _post_until(dev, udp, lambda n: cjt188_frame(address, 10_000, hour(1 + n)), "4.01", 1.0)
     again = await provision_device(db_url, tenant_slug, address, credentials_key=credentials_key)
-    new = Device(again.oscore)
+    new = OscoreMeter(again.oscore)
     took = await _post_until(
         new, udp, lambda n: cjt188_frame(address, 10_000 * n, hour(10 + n)), "2.04", 1.0
     )
@@ -340,7 +293,7 @@ async def test_unauthenticated_block1_starts_keep_bounded_state(
     refused = []
     for _ in range(50):
         token = secrets.token_bytes(4)
-        dgram = coap_post(next(_MIDS) % 65536, token, b"x" * 16, block1=(0 << 4) | 8 | 0)
+        dgram = coap_post(next(MIDS) % 65536, token, b"x" * 16, block1=(0 << 4) | 8 | 0)
         refused.append(await udp.exchange(dgram, token))
     assert {aiocoap.Message.decode(a).code for a in refused} == {aiocoap.UNAUTHORIZED}
     assert metrics.BLOCK1_TRANSFERS._value.get() == base
@@ -350,7 +303,7 @@ async def test_unauthenticated_block1_starts_keep_bounded_state(
         for n, sender in enumerate(senders):
             token = secrets.token_bytes(4)
             dgram = coap_post(
-                next(_MIDS) % 65536, token, b"x" * 16, query=f"t={lab_tenant}", block1=8
+                next(MIDS) % 65536, token, b"x" * 16, query=f"t={lab_tenant}", block1=8
             )
             reply = aiocoap.Message.decode(await sender.exchange(dgram, token))
             assert reply.code == aiocoap.CONTINUE, n
@@ -358,14 +311,14 @@ async def test_unauthenticated_block1_starts_keep_bounded_state(
         # the oldest transfer was evicted: its last block is 4.08 Request Entity Incomplete
         token = secrets.token_bytes(4)
         dgram = coap_post(
-            next(_MIDS) % 65536, token, b"y" * 16, query=f"t={lab_tenant}", block1=(1 << 4)
+            next(MIDS) % 65536, token, b"y" * 16, query=f"t={lab_tenant}", block1=(1 << 4)
         )
         reply = aiocoap.Message.decode(await senders[0].exchange(dgram, token))
         assert reply.code == aiocoap.REQUEST_ENTITY_INCOMPLETE
         # the newest is still held: its last block completes the upload (undecodable: 4.00)
         token = secrets.token_bytes(4)
         dgram = coap_post(
-            next(_MIDS) % 65536, token, b"y" * 16, query=f"t={lab_tenant}", block1=(1 << 4)
+            next(MIDS) % 65536, token, b"y" * 16, query=f"t={lab_tenant}", block1=(1 << 4)
         )
         reply = aiocoap.Message.decode(await senders[-1].exchange(dgram, token))
         assert reply.code == aiocoap.BAD_REQUEST
@@ -384,7 +337,7 @@ async def test_retransmission_after_kill_9_gets_the_stored_answer(
     await proc.start()
     udp = await RawCoap.open(proc.port)
     try:
-        dev = Device(device.oscore)
+        dev = OscoreMeter(device.oscore)
         datagram, token, request_id = dev.request(cjt188_frame(device.address, 70_000, hour(7)))
         first = dev.answer(await udp.exchange(datagram, token), request_id)
         assert first.code == "2.04"
@@ -457,7 +410,7 @@ async def test_retransmission_to_another_process_gets_the_recorded_answer(
     """A CON stored through one collector, sent again to another process of the same
     database (as after a NAT rebinding between processes sharing a port), gets 2.04 there
     too, from the recorded answer; nothing is stored twice."""
-    dev = Device(device.oscore)
+    dev = OscoreMeter(device.oscore)
     datagram, token, request_id = dev.request(cjt188_frame(device.address, 60_000, hour(6)))
     assert dev.answer(await udp.exchange(datagram, token), request_id).code == "2.04"
     other_settings = collector.settings.coap.model_copy(update={"port": free_udp_port()})
