@@ -56,6 +56,11 @@ def coap_post(payload: bytes, query: bytes = b"", *, path: bytes = b"u") -> byte
     return head + b"\xff" + payload
 
 
+def stamp(template: bytes, mid: int, token: bytes) -> bytes:
+    """`template` (a CoAP message with a 4-byte token) with this Message ID and token."""
+    return template[:2] + struct.pack("!H", mid) + token + template[8:]
+
+
 class Source(Protocol):
     """Datagrams to send, each with a 4-byte token; None when there are no more."""
 
@@ -111,7 +116,7 @@ class _Loader(asyncio.DatagramProtocol):
         self.mid = (self.mid + 1) & 0xFFFF
         self.gen.tokens += 1
         token = self.gen.tokens.to_bytes(4, "big")
-        datagram = template[:2] + struct.pack("!H", self.mid) + token + template[8:]
+        datagram = stamp(template, self.mid, token)
         now = time.monotonic()
         self.outstanding[token] = (now, now + _ack_timeout(0), 0, template, datagram)
         self.mids[self.mid] = token

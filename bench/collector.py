@@ -29,43 +29,40 @@ import argparse
 import asyncio
 import os
 import secrets
-import socket
-import struct
-import subprocess
 import sys
 import time
-import urllib.request
-import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import aiocoap
 import asyncpg
 import numpy as np
 from aiocoap import oscore
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from collector.downlink import Downlinks  # noqa: E402
-from decoder import kernels  # noqa: E402
-from storage import credentials  # noqa: E402
-from storage.migrate import migrate  # noqa: E402
+from benchkit import (
+    Watch,
+    batch_stats,
+    coap_post,
+    cpu_s,
+    drop_database,
+    free_tcp_port,
+    free_udp_port,
+    rss_mb,
+    scratch_database,
+    stamp,
+    start_bare_aiocoap,
+    start_collector,
+    wait_ready,
+    watcher,
+)
+
+from collector.downlink import Downlinks
+from decoder import kernels
+from storage import credentials
 
 DAY = 86_400
-
-
-def _post(mid: int, token: bytes, payload: bytes, query: bytes) -> bytes:
-    # RFC 7252: CON POST, Uri-Path "u" (11), Uri-Query (15, delta 4, extended length)
-    head = bytes([0x40 | len(token), 0x02]) + struct.pack("!H", mid) + token + b"\xb1u"
-    q = (
-        bytes([0x4D, len(query) - 13]) + query
-        if len(query) >= 13
-        else bytes([0x40 | len(query)]) + query
-    )
-    return head + q + b"\xff" + payload
 
 
 class Loader(asyncio.DatagramProtocol):
@@ -142,7 +139,7 @@ class LoadGenerator:
 
     def datagram(self, mid: int, token: bytes) -> bytes:
         """The next uplink as a CON POST /u?t=<slug> with this MID and token."""
-        return _post(mid, token, self.next_payload(), self.query)
+        return stamp(coap_post(self.next_payload(), self.query), mid, token)
 
     def next_payload(self) -> bytes:
         """The next uplink: meter n % M, day n // M before the base."""
@@ -178,23 +175,20 @@ class LoadGenerator:
         await asyncio.sleep(min(2.0, seconds / 5))  # warm-up
         pids = await watch()  # after the warm-up: the collector's pool connections exist
         start_ok, started = self.answers.get(0x44, 0), time.monotonic()
-        cpu0 = {pid: _cpu_s(pid) for group in pids.values() for pid in group}
+        cpu0 = {pid: cpu_s(pid) for group in pids.values() for pid in group}
         while time.monotonic() - started < seconds:
             await asyncio.sleep(0.5)
             for p in protos:
                 p.retransmit()
         elapsed = time.monotonic() - started
         done = self.answers.get(0x44, 0) - start_ok
-        cpu = {g: sum(_cpu_s(p) - cpu0[p] for p in group) for g, group in pids.items()}
+        cpu = {g: sum(cpu_s(p) - cpu0[p] for p in group) for g, group in pids.items()}
         self.running = False
         await asyncio.sleep(1.0)
         for p in protos:
             assert p.transport is not None
             p.transport.close()
         return Measured(done / elapsed, {g: c / max(done, 1) for g, c in cpu.items()})
-
-
-Watch = Callable[[], Awaitable[dict[str, list[int]]]]
 
 
 @dataclass(frozen=True)
@@ -209,92 +203,9 @@ def _le(values: np.ndarray) -> np.ndarray:
     return values.view(np.uint8).reshape(len(values), -1)
 
 
-def _cpu_s(pid: int) -> float:
-    """utime + stime of `pid` in seconds (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-BARE = """
-import asyncio, sys, aiocoap, aiocoap.resource as r
-class U(r.Resource):
-    async def render_post(self, request):
-        return aiocoap.Message(code=aiocoap.CHANGED)
-async def main():
-    site = r.Site(); site.add_resource(["u"], U())
-    await aiocoap.Context.create_server_context(
-        site, bind=("127.0.0.1", int(sys.argv[1])), transports=["udp6"])
-    await asyncio.get_running_loop().create_future()
-asyncio.run(main())
-"""
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-PROFILE = os.environ.get("NBMETER_BENCH_PROFILE")  # a path: cProfile the collector there
-
-
-def _free_tcp_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _start_collector(db_url: str, port: int, metrics_port: int) -> subprocess.Popen[bytes]:
-    env = dict(
-        os.environ,
-        NBMETER_DATABASE_URL=db_url,
-        NBMETER_METRICS_PORT=str(metrics_port),
-        NBMETER_COAP__HOST="127.0.0.1",
-        NBMETER_COAP__PORT=str(port),
-        NBMETER_LOG_JSON="true",
-        PYTHONPATH=str(ROOT),
-    )
-    env.pop("NBMETER_MQTT_URL", None)
-    profile = ["-m", "cProfile", "-o", PROFILE] if PROFILE else []
-    return subprocess.Popen(
-        [sys.executable, *profile, "-m", "collector.main"],
-        env=env,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-    )
-
-
-def _rss_mb(pid: int, field: str = "VmHWM") -> float:
-    """VmHWM (peak RSS) or VmRSS of `pid`, MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _batch_stats(metrics_ports: list[int]) -> tuple[float, float]:
-    """(batches, uplinks) committed so far, summed over the collectors' /metrics."""
-    batches = uplinks = 0.0
-    for port in metrics_ports:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            for line in resp.read().decode().splitlines():
-                if line.startswith("nbmeter_collector_batch_uplinks_count"):
-                    batches += float(line.split()[-1])
-                elif line.startswith("nbmeter_collector_batch_uplinks_sum"):
-                    uplinks += float(line.split()[-1])
-    return batches, uplinks
-
-
 async def _setup(server_url: str) -> tuple[str, str, list[str]]:
-    name = f"nbmeter_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(server_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    db_url = urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
-    await migrate(db_url)
+    """A scratch database with a lab tenant and 2,000 interval meters: (name, url, addresses)."""
+    name, db_url = await scratch_database(server_url)
     conn = await asyncpg.connect(db_url)
     slug = "bench"
     tenant = await conn.fetchval(
@@ -312,47 +223,8 @@ async def _setup(server_url: str) -> tuple[str, str, list[str]]:
     return name, db_url, addresses
 
 
-async def _drop(server_url: str, name: str) -> None:
-    admin = await asyncpg.connect(server_url)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.close()
-
-
-def _watcher(server_url: str, db_name: str | None, servers: list[int]) -> Watch:
-    """The server pids, and the PostgreSQL backends serving `db_name` (same host)."""
-
-    async def watch() -> dict[str, list[int]]:
-        groups = {"server": servers}
-        if db_name is not None:
-            conn = await asyncpg.connect(server_url)
-            try:
-                rows = await conn.fetch(
-                    "SELECT pid FROM pg_stat_activity WHERE datname = $1", db_name
-                )
-            finally:
-                await conn.close()
-            groups["db"] = [int(r[0]) for r in rows if _cpu_s(int(r[0])) > 0]
-        return groups
-
-    return watch
-
-
 def _us(m: Measured, group: str) -> str:
     return f"{m.cpu_per_uplink_s.get(group, 0.0) * 1e6:.0f}"
-
-
-async def _started(metrics_ports: list[int], within_s: float = 60.0) -> None:
-    """Wait until every collector answers /metrics (a loaded machine starts one in more
-    than the 2 s this bench used to sleep)."""
-    deadline = time.monotonic() + within_s
-    while True:
-        try:
-            _batch_stats(metrics_ports)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
 
 
 async def _collectors(
@@ -365,15 +237,16 @@ async def _collectors(
     label: str = "",
     window: int | None = None,
 ) -> Measured:
-    port = _free_udp_port()
-    metrics_ports = [_free_tcp_port() for _ in range(n)]
-    servers = [_start_collector(db_url, port, mp) for mp in metrics_ports]
-    await _started(metrics_ports)
-    watch = _watcher(server_url, name, [s.pid for s in servers])
-    b0 = _batch_stats(metrics_ports)
+    port = free_udp_port()
+    metrics_ports = [free_tcp_port() for _ in range(n)]
+    servers = [start_collector(db_url, port, mp) for mp in metrics_ports]
+    for server, metrics_port in zip(servers, metrics_ports, strict=True):
+        await wait_ready(server, metrics_port)
+    watch = watcher(server_url, name, [s.pid for s in servers])
+    b0 = batch_stats(metrics_ports)
     got = await gen.run(port, args.seconds, window or args.window, args.sockets, watch)
-    b1 = _batch_stats(metrics_ports)
-    rss = max(_rss_mb(s.pid) for s in servers)
+    b1 = batch_stats(metrics_ports)
+    rss = max(rss_mb(s.pid) for s in servers)
     for s in servers:
         s.terminate()
     for s in servers:
@@ -392,22 +265,22 @@ async def _collectors(
 async def _sustain(
     args: argparse.Namespace, gen: LoadGenerator, server_url: str, name: str, db_url: str
 ) -> None:
-    port = _free_udp_port()
-    server = _start_collector(db_url, port, 0)
+    port = free_udp_port()
+    server = start_collector(db_url, port, 0)
     await asyncio.sleep(2.0)
-    watch = _watcher(server_url, None, [server.pid])
+    watch = watcher(server_url, None, [server.pid])
     run = asyncio.create_task(gen.run(port, args.sustain_s, args.window, args.sockets, watch))
     started = time.monotonic()
     while not run.done():
         await asyncio.sleep(min(10.0, args.sustain_s / 6))
         print(
-            f"sustain t={time.monotonic() - started:.0f}s rss_mb={_rss_mb(server.pid, 'VmRSS'):.0f}"
-            f" peak_rss_mb={_rss_mb(server.pid):.0f} uplinks_sent={gen.n}",
+            f"sustain t={time.monotonic() - started:.0f}s rss_mb={rss_mb(server.pid, 'VmRSS'):.0f}"
+            f" peak_rss_mb={rss_mb(server.pid):.0f} uplinks_sent={gen.n}",
             flush=True,
         )
     got = await run
     print(
-        f"sustain_uplinks_per_s={got.rate:.0f} final_peak_rss_mb={_rss_mb(server.pid):.0f}",
+        f"sustain_uplinks_per_s={got.rate:.0f} final_peak_rss_mb={rss_mb(server.pid):.0f}",
         flush=True,
     )
     server.terminate()
@@ -452,14 +325,14 @@ class OscoreGenerator(LoadGenerator):
             msg = aiocoap.Message(code=aiocoap.POST, uri_path=("u",), payload=self.next_payload())
             protected, _ = self.contexts[meter].protect(msg)
             protected.mtype, protected.mid, protected.token = aiocoap.CON, 0, bytes(4)
-            out.append(protected.encode()[8:])  # after header (4) and token (4)
+            out.append(protected.encode())  # Message ID and token: set by `datagram`
         self._protected = out[::-1]
 
     def datagram(self, mid: int, token: bytes) -> bytes:
         """The next protected uplink with this MID and token."""
         if not self._protected:
             self.prepare(1000)  # ran out: protect more now (counted in the generator's CPU)
-        return bytes([0x44, 0x02]) + struct.pack("!H", mid) + token + self._protected.pop()
+        return stamp(self._protected.pop(), mid, token)
 
 
 async def _provision_oscore(db_url: str, key: bytes) -> list[_DeviceContext]:
@@ -589,10 +462,10 @@ async def main(args: argparse.Namespace) -> None:
             await _downlinks(args, server_url, name, db_url)
             return
         gen = LoadGenerator("bench", addresses)
-        port = _free_udp_port()
-        bare = subprocess.Popen([sys.executable, "-c", BARE, str(port)])  # noqa: ASYNC220
+        port = free_udp_port()
+        bare = start_bare_aiocoap(port)
         await asyncio.sleep(1.5)
-        watch = _watcher(server_url, None, [bare.pid])
+        watch = watcher(server_url, None, [bare.pid])
         base = await gen.run(port, args.seconds, args.window, args.sockets, watch)
         bare.terminate()
         bare.wait()
@@ -613,7 +486,7 @@ async def main(args: argparse.Namespace) -> None:
         if not args.no_downlink:
             await _downlinks(args, server_url, name, db_url)
     finally:
-        await _drop(server_url, name)
+        await drop_database(server_url, name)
 
 
 if __name__ == "__main__":
