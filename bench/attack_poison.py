@@ -37,13 +37,13 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import paho.mqtt.client as paho
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchkit import ROOT, drop_database, scratch_database  # puts ROOT first on sys.path
+
 for helper in ("tests", "tests/collector", "tests/decoder"):  # after the packages
     sys.path.append(str(ROOT / helper))
 
@@ -68,29 +68,8 @@ from collector.settings import (  # noqa: E402
 from decoder import decode_batch  # noqa: E402
 from devices.broker import prepare_broker_files  # noqa: E402
 from devices.provision import ProvisionedDevice, provision_device  # noqa: E402
-from storage.migrate import migrate  # noqa: E402
 
 WAIT_S = 120
-
-
-async def _scratch(server_url: str) -> tuple[str, str]:
-    name = f"nbmeter_attack_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    db_url = urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
-    await migrate(db_url)
-    return name, db_url
-
-
-async def _drop(server_url: str, name: str) -> None:
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def _lab(conn: asyncpg.Connection) -> tuple[str, int]:
@@ -341,11 +320,11 @@ async def main(args: argparse.Namespace) -> None:
     """Part 1 on a scratch database, then part 2."""
     configure_logging(json=True, level=logging.CRITICAL)  # thousands of quarantine lines
     server_url = os.environ["NBMETER_DATABASE_URL"]
-    name, db_url = await _scratch(server_url)
+    name, db_url = await scratch_database(server_url, prefix="nbmeter_attack")
     try:
         await attack(args, db_url)
     finally:
-        await _drop(server_url, name)
+        await drop_database(server_url, name)
     mutation_run(args.mutations)
 
 

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+if sys.path[:1] != [str(ROOT)]:  # first: bench/collector.py must not shadow the package
     sys.path.insert(0, str(ROOT))
 
 from storage.migrate import migrate  # noqa: E402
@@ -461,9 +461,9 @@ def batch_stats(metrics_ports: list[int]) -> tuple[float, float]:
     return batches, uplinks
 
 
-async def scratch_database(server_url: str) -> tuple[str, str]:
-    """(name, url) of a new database on `server_url`'s server, migrated."""
-    name = f"nbmeter_bench_{uuid.uuid4().hex[:8]}"
+async def scratch_database(server_url: str, prefix: str = "nbmeter_bench") -> tuple[str, str]:
+    """(name, url) of a new database `<prefix>_<random>` on `server_url`'s server, migrated."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(server_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
