@@ -1,6 +1,7 @@
 """API test fixtures: the app on the session's database, tenants with keys, reading writers.
 
 `api` is an httpx.AsyncClient on create_app through ASGITransport (lifespan run by hand);
+`server` is the same app under a real uvicorn on a loopback port (one per test module);
 `make_tenant` returns a Tenant with an admin key and a read-only key; `add_meter` and
 `add_readings` write rows with plain SQL/COPY (tests never depend on the ingest writer).
 """
@@ -8,8 +9,10 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,6 +20,8 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import uvicorn
+from brokerkit import free_port
 from fastapi import FastAPI
 from pydantic import SecretStr
 
@@ -57,6 +62,23 @@ async def app(settings: ApiSettings) -> AsyncIterator[FastAPI]:
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         yield application
+
+
+@pytest.fixture(scope="module")
+def server(settings: ApiSettings) -> Iterator[str]:
+    """The API under uvicorn in a thread (its own event loop and pool); yields its base URL."""
+    port = free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started and time.monotonic() < deadline:  # uvicorn has no started event
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=20)
 
 
 @pytest.fixture

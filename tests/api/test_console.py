@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import threading
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,10 +20,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import httpx
 import pytest
-import uvicorn
 
-from api.app import create_app
-from api.settings import ApiSettings
 from decoder.encode_cjt188 import encode_cjt188
 from storage.apikeys import create_api_key, create_tenant
 from storage.events import EventRow, write_events
@@ -55,29 +49,6 @@ class Seeded:
     alarms: dict[str, int]  # kind -> alarm id
     uplinks_today: int
     read_today: int
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def server(settings: ApiSettings) -> Iterator[str]:
-    """The API under uvicorn in a thread (its own loop and pool); yields its base URL."""
-    port = _free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, name="uvicorn-console", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=20)
 
 
 async def seed(pool: asyncpg.Pool, n_meters: int = 24, days: int = 14) -> Seeded:

@@ -5,16 +5,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import socket
 import threading
-import time
+import uuid
 from collections import Counter
-from collections.abc import Iterator
 
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 from fastapi.routing import APIRoute
 from hypothesis import HealthCheck, given, seed, settings
 from schemathesis import checks as st_checks
@@ -28,29 +25,6 @@ from api.settings import ApiSettings
 from storage.apikeys import create_api_key, create_tenant
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def server(settings: ApiSettings) -> Iterator[str]:
-    """The API under uvicorn in a thread (its own event loop and pool); yields its base URL."""
-    port = _free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=20)
-
-
 @pytest.fixture(scope="module")
 def admin_key(db_url: str) -> str:
     """An admin key of a tenant with one meter (created on a private loop)."""
@@ -60,7 +34,7 @@ def admin_key(db_url: str) -> str:
 
         conn = await asyncpg.connect(db_url)
         try:
-            tid = await create_tenant(conn, f"fuzz-{_free_port()}", "fuzz")
+            tid = await create_tenant(conn, f"fuzz-{uuid.uuid4().hex[:8]}", "fuzz")
             await conn.execute(
                 "INSERT INTO meters (tenant_id, address, kind, format)"
                 " VALUES ($1, 'F1', 'water', 'oms')",
