@@ -13,7 +13,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from api.deps import PROBLEMS, Admin, Pool, Reader
+from api.deps import CONFLICT, PROBLEMS, Admin, Pool, Reader
 from api.errors import ConflictError, UnprocessableError
 from api.schemas_analytics import (
     Balance,
@@ -39,7 +39,7 @@ def _ratio(num: int, den: int) -> Decimal | None:
     return (Decimal(num) / Decimal(den)).quantize(_PLACES, ROUND_HALF_EVEN)
 
 
-@router.post("/districts", status_code=201, summary="Define a district")
+@router.post("/districts", status_code=201, responses=CONFLICT, summary="Define a district")
 async def create_district(body: DistrictCreate, who: Admin, pool: Pool) -> District:
     """A new district: its bulk meter and customer meters, all of the tenant's."""
     row = await districts.create(pool, who.tenant_id, body.name, body.bulk_meter_id, body.meter_ids)
@@ -102,7 +102,7 @@ async def get_read_rate(day: Day, who: Reader, pool: Pool) -> ReadRateDay:
     )
 
 
-@router.post("/analytics/run", summary="Recompute the analytics of some days")
+@router.post("/analytics/run", responses=CONFLICT, summary="Recompute the analytics of some days")
 async def run_analytics(
     who: Admin,
     pool: Pool,
