@@ -1,73 +1,19 @@
-"""A meter's side of the mailbox for tests: OSCORE over raw UDP (so a CON can be sent twice
-with the same message id) and MQTT with the device's own account; the meter's command
-handling is the simulator's (`simulator.commands.CommandExecutor`)."""
+"""A meter's side of the mailbox for tests: OSCORE over raw UDP (collector_testkit's
+RawCoap, so a CON can be sent twice with the same message id) and MQTT with the device's
+own account; the meter's command handling is the simulator's
+(`simulator.commands.CommandExecutor`)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
 import queue
 import secrets
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 
 import aiocoap
 import paho.mqtt.client as paho
-from collector_testkit import DeviceOscore
-
-_MIDS = itertools.count(secrets.randbelow(65536))
-
-
-class Udp(asyncio.DatagramProtocol):
-    """A raw UDP socket; answers by CoAP token."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.DatagramTransport | None = None
-        self.by_token: dict[bytes, asyncio.Future[bytes]] = {}
-
-    @classmethod
-    async def open(cls, port: int) -> Udp:
-        """A socket to 127.0.0.1:`port`."""
-        loop = asyncio.get_running_loop()
-        _, proto = await loop.create_datagram_endpoint(
-            cls, local_addr=("127.0.0.1", 0), remote_addr=("127.0.0.1", port)
-        )
-        return proto
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: object) -> None:
-        if len(data) < 4 or data[1] == 0:
-            return
-        if (data[0] >> 4) & 3 == 0 and self.transport is not None:
-            self.transport.sendto(bytes([0x60, 0]) + data[2:4])
-        future = self.by_token.get(data[4 : 4 + (data[0] & 0x0F)])
-        if future is not None and not future.done():
-            future.set_result(data)
-
-    async def exchange(self, datagram: bytes, token: bytes, timeout_s: float = 10) -> bytes:
-        """Send `datagram` (again every 2 s) until the answer with `token` comes."""
-        assert self.transport is not None
-        future = self.by_token[token] = asyncio.get_running_loop().create_future()
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                self.transport.sendto(datagram)
-                with contextlib.suppress(TimeoutError):
-                    return await asyncio.wait_for(asyncio.shield(future), 2.0)
-                if time.monotonic() > deadline:
-                    raise TimeoutError
-        finally:
-            self.by_token.pop(token, None)
-
-    def close(self) -> None:
-        """Close the socket."""
-        if self.transport is not None:
-            self.transport.close()
+from collector_testkit import DeviceOscore, RawCoap
 
 
 @dataclass
@@ -81,7 +27,7 @@ class Reply:
 class OscoreMeter:
     """A meter speaking OSCORE over raw UDP: uplinks to /u, answers to /c."""
 
-    def __init__(self, values: dict[str, str], udp: Udp) -> None:
+    def __init__(self, values: dict[str, str], udp: RawCoap) -> None:
         self.ctx = DeviceOscore(values)
         self.udp = udp
 
@@ -90,7 +36,7 @@ class OscoreMeter:
         msg = aiocoap.Message(code=aiocoap.POST, uri_path=(path,), payload=payload)
         protected, request_id = self.ctx.protect(msg)
         protected.mtype = aiocoap.CON
-        protected.mid = next(_MIDS) % 65536
+        protected.mid = self.udp.next_mid()
         protected.token = secrets.token_bytes(4)
         return protected.encode(), protected.token, request_id
 

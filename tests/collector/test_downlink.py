@@ -13,9 +13,9 @@ import time
 
 import asyncpg
 import pytest
-from collector_testkit import CollectorProcess, cjt188_frame, hour
+from collector_testkit import CollectorProcess, RawCoap, cjt188_frame, hour
 from conftest import Broker, RunningCollector, new_address
-from downlink_testkit import MqttMeter, OscoreMeter, Udp
+from downlink_testkit import MqttMeter, OscoreMeter
 
 from devices.provision import ProvisionedDevice, provision_device
 from simulator.commands import CommandExecutor
@@ -77,7 +77,7 @@ async def wait_state(
 @pytest.fixture
 async def meter(collector: RunningCollector, device: ProvisionedDevice) -> OscoreMeter:
     """The provisioned device speaking OSCORE to the session's collector."""
-    udp = await Udp.open(collector.coap_port)
+    udp = await RawCoap.open(collector.coap_port)
     yield OscoreMeter(device.oscore, udp)  # type: ignore[misc]
     udp.close()
 
@@ -256,7 +256,7 @@ async def test_kill_9_loses_no_command_and_runs_none_twice(
     cid = await queue_command(pool, device)
     dev = CommandExecutor(device.address, "cjt188")
     proc = CollectorProcess(db_url, NBMETER_CREDENTIALS_KEY=credentials_key)
-    udp = await Udp.open(proc.port)
+    udp = await RawCoap.open(proc.port)
     oscore = OscoreMeter(device.oscore, udp)
     try:
         await proc.start()

@@ -20,9 +20,9 @@ from aiocoap import resource
 from aiocoap.credentials import CredentialsMap
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 from aiocoap.transports.oscore import OSCOREAddress
-from collector_testkit import DeviceOscore
+from collector_testkit import DeviceOscore, RawCoap
 from conftest import RunningCollector, count, free_port, wait_count
-from downlink_testkit import OscoreMeter, Udp
+from downlink_testkit import OscoreMeter
 
 from devices.provision import ProvisionedDevice
 from storage import mailbox
@@ -283,7 +283,7 @@ async def test_a_client_cannot_be_another_meter(
     assert code(sent) == "4.03"
     assert await count(pool, "SELECT count(*) FROM readings WHERE meter_id = $1", other_id) == 0
 
-    udp = await Udp.open(collector.coap_port)
+    udp = await RawCoap.open(collector.coap_port)
     meter = OscoreMeter(device.oscore, udp)
     try:
         for ep_asked, want in ((other, "4.03"), (device.address, "2.01")):

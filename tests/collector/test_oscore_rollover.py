@@ -14,9 +14,9 @@ import aiocoap
 import asyncpg
 import pytest
 from aiocoap.message import Direction
-from collector_testkit import cjt188_frame, hour
+from collector_testkit import RawCoap, cjt188_frame, hour
 from conftest import RunningCollector
-from downlink_testkit import OscoreMeter, Udp
+from downlink_testkit import OscoreMeter
 from test_downlink import queue_command
 
 from devices.provision import ProvisionedDevice
@@ -31,10 +31,10 @@ KIDS = (
 
 
 @pytest.fixture
-async def udp(collector: RunningCollector) -> AsyncIterator[Udp]:
+async def udp(collector: RunningCollector) -> AsyncIterator[RawCoap]:
     """A raw UDP socket to the session's collector (old and new context share it, as the
     device's one modem would)."""
-    sock = await Udp.open(collector.coap_port)
+    sock = await RawCoap.open(collector.coap_port)
     yield sock
     sock.close()
 
@@ -77,7 +77,7 @@ def _rotation(envelope: bytes, cid: int) -> dict[str, str]:
 
 @pytest.mark.parametrize("answered_under", ["old", "new", "lost"])
 async def test_rotate_key_moves_the_device_to_a_new_context_without_a_gap(
-    pool: asyncpg.Pool, device: ProvisionedDevice, udp: Udp, answered_under: str
+    pool: asyncpg.Pool, device: ProvisionedDevice, udp: RawCoap, answered_under: str
 ) -> None:
     """Queued while asleep → a new context in the next (protected) 2.04, staged with a new
     kid; the device switches. Its answer arriving (under the old context or already under
@@ -135,7 +135,7 @@ async def test_rotate_key_moves_the_device_to_a_new_context_without_a_gap(
 
 
 async def test_device_that_missed_rotate_key_keeps_reporting_and_gets_it_again(
-    pool: asyncpg.Pool, device: ProvisionedDevice, udp: Udp
+    pool: asyncpg.Pool, device: ProvisionedDevice, udp: RawCoap
 ) -> None:
     """The device never got (or never applied) the command: its uplinks under the old
     context are still stored, and each window carries the command again with the same
@@ -166,7 +166,7 @@ async def test_device_that_missed_rotate_key_keeps_reporting_and_gets_it_again(
 
 
 async def test_pending_context_is_found_by_its_kid_and_dropped_by_provisioning(
-    pool: asyncpg.Pool, device: ProvisionedDevice, udp: Udp, credentials_key: str
+    pool: asyncpg.Pool, device: ProvisionedDevice, udp: RawCoap, credentials_key: str
 ) -> None:
     """The batched loader finds a context by its current or its pending kid (flagged
     pending, its window empty); provisioning the device again drops the staged one."""
