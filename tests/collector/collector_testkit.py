@@ -266,13 +266,15 @@ class DeviceOscore(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityContex
 
 @dataclass(frozen=True)
 class OscoreAnswer:
-    """A raw answer: outer code, the inner (decrypted) code when it was protected, and
+    """A raw answer: outer code, the inner (decrypted) code when it was protected,
     whether it carried a Partial IV of its own (RFC 8613 §7.5.1: a second answer to a
-    request already answered, never the first)."""
+    request already answered, never the first), and the payload (decrypted when
+    protected: a downlink envelope rides there)."""
 
     outer: int
     inner: int | None
     own_piv: bool = False
+    payload: bytes = b""
 
     @property
     def code(self) -> str:
@@ -290,9 +292,10 @@ class OscoreMeter:
     def __init__(self, values: dict[str, str]) -> None:
         self.ctx = DeviceOscore(values)
 
-    def request(self, payload: bytes) -> tuple[bytes, bytes, object]:
-        """(datagram, token, request id) of a protected CON POST /u with a new sequence number."""
-        msg = aiocoap.Message(code=aiocoap.POST, uri_path=("u",), payload=payload)
+    def request(self, payload: bytes, path: str = "u") -> tuple[bytes, bytes, object]:
+        """(datagram, token, request id) of a protected CON POST /`path` (uplinks to /u,
+        command answers to /c) with a new sequence number."""
+        msg = aiocoap.Message(code=aiocoap.POST, uri_path=(path,), payload=payload)
         protected, request_id = self.ctx.protect(msg)
         protected.mtype = aiocoap.CON
         protected.mid = next(MIDS) % 65536
@@ -303,15 +306,15 @@ class OscoreMeter:
         """The answer's codes, decrypting it when it is protected."""
         msg = aiocoap.Message.decode(data)
         if msg.opt.oscore is None:
-            return OscoreAnswer(int(msg.code), None)
+            return OscoreAnswer(int(msg.code), None, payload=bytes(msg.payload))
         inner, _ = self.ctx.unprotect(msg, request_id)
         # the OSCORE option's flags byte: the low 3 bits are the Partial IV's length
         own_piv = bool(msg.opt.oscore) and msg.opt.oscore[0] & 0x07 > 0
-        return OscoreAnswer(int(msg.code), int(inner.code), own_piv)
+        return OscoreAnswer(int(msg.code), int(inner.code), own_piv, bytes(inner.payload))
 
-    async def post(self, udp: RawCoap, payload: bytes) -> OscoreAnswer:
-        """Send one protected uplink and return its answer."""
-        datagram, token, request_id = self.request(payload)
+    async def post(self, udp: RawCoap, payload: bytes, path: str = "u") -> OscoreAnswer:
+        """Send one protected POST /`path` and return its answer."""
+        datagram, token, request_id = self.request(payload, path)
         return self.answer(await udp.exchange(datagram, token), request_id)
 
 

@@ -1,56 +1,14 @@
-"""A meter's side of the mailbox for tests: OSCORE over raw UDP (collector_testkit's
-RawCoap, so a CON can be sent twice with the same message id) and MQTT with the device's
-own account; the meter's command handling is the simulator's
-(`simulator.commands.CommandExecutor`)."""
+"""A meter's side of the mailbox over MQTT for tests, with the device's own account (over
+CoAP, collector_testkit's OscoreMeter and RawCoap); the meter's command handling is the
+simulator's (`simulator.commands.CommandExecutor`)."""
 
 from __future__ import annotations
 
 import queue
-import secrets
 import threading
 import uuid
-from dataclasses import dataclass
 
-import aiocoap
 import paho.mqtt.client as paho
-from collector_testkit import DeviceOscore, RawCoap
-
-
-@dataclass
-class Reply:
-    """The decrypted answer: code (dotted) and payload."""
-
-    code: str
-    payload: bytes
-
-
-class OscoreMeter:
-    """A meter speaking OSCORE over raw UDP: uplinks to /u, answers to /c."""
-
-    def __init__(self, values: dict[str, str], udp: RawCoap) -> None:
-        self.ctx = DeviceOscore(values)
-        self.udp = udp
-
-    def request(self, path: str, payload: bytes) -> tuple[bytes, bytes, object]:
-        """(datagram, token, request id) of a protected CON POST with a new sequence number."""
-        msg = aiocoap.Message(code=aiocoap.POST, uri_path=(path,), payload=payload)
-        protected, request_id = self.ctx.protect(msg)
-        protected.mtype = aiocoap.CON
-        protected.mid = self.udp.next_mid()
-        protected.token = secrets.token_bytes(4)
-        return protected.encode(), protected.token, request_id
-
-    def reply(self, data: bytes, request_id: object) -> Reply:
-        """Decrypt an answer."""
-        msg = aiocoap.Message.decode(data)
-        inner, _ = self.ctx.unprotect(msg, request_id)
-        code = int(inner.code)
-        return Reply(f"{code >> 5}.{code & 0x1F:02d}", bytes(inner.payload))
-
-    async def post(self, path: str, payload: bytes) -> Reply:
-        """One protected exchange."""
-        datagram, token, request_id = self.request(path, payload)
-        return self.reply(await self.udp.exchange(datagram, token), request_id)
 
 
 class MqttMeter:

@@ -13,9 +13,9 @@ import time
 
 import asyncpg
 import pytest
-from collector_testkit import CollectorProcess, RawCoap, cjt188_frame, hour
+from collector_testkit import CollectorProcess, OscoreMeter, RawCoap, cjt188_frame, hour
 from conftest import Broker, RunningCollector, new_address
-from downlink_testkit import MqttMeter, OscoreMeter
+from downlink_testkit import MqttMeter
 
 from devices.provision import ProvisionedDevice, provision_device
 from simulator.commands import CommandExecutor
@@ -75,15 +75,13 @@ async def wait_state(
 
 
 @pytest.fixture
-async def meter(collector: RunningCollector, device: ProvisionedDevice) -> OscoreMeter:
-    """The provisioned device speaking OSCORE to the session's collector."""
-    udp = await RawCoap.open(collector.coap_port)
-    yield OscoreMeter(device.oscore, udp)  # type: ignore[misc]
-    udp.close()
+def meter(device: ProvisionedDevice) -> OscoreMeter:
+    """The provisioned device's side of OSCORE (it speaks through the `raw` socket)."""
+    return OscoreMeter(device.oscore)
 
 
 async def test_coap_command_rides_on_the_next_uplinks_answer(
-    pool: asyncpg.Pool, device: ProvisionedDevice, meter: OscoreMeter
+    pool: asyncpg.Pool, device: ProvisionedDevice, meter: OscoreMeter, raw: RawCoap
 ) -> None:
     """Queued while asleep → in the 2.04 of the next uplink (CJ/T 188 A017 close frame) →
     executed once → its answer to /c makes it acknowledged with the device's reply."""
@@ -91,7 +89,7 @@ async def test_coap_command_rides_on_the_next_uplinks_answer(
     clock = await queue_command(pool, device, kind="clock")
     assert (await row(pool, cid))["state"] == "queued"
     dev = CommandExecutor(device.address, "cjt188")
-    reply = await meter.post("u", cjt188_frame(device.address, 10_000, hour(1)))
+    reply = await meter.post(raw, cjt188_frame(device.address, 10_000, hour(1)))
     assert reply.code == "2.04"
     envelope = json.loads(reply.payload)
     assert [c["id"] for c in envelope["cmds"]] == [cid, clock]
@@ -104,18 +102,18 @@ async def test_coap_command_rides_on_the_next_uplinks_answer(
     assert (sent["state"], sent["attempts"]) == ("sent", 1)
     answers = run(dev, reply.payload)
     assert dev.state.valve_closed
-    answered = await meter.post("c", answers)
+    answered = await meter.post(raw, answers, path="c")
     assert answered.code == "2.04"
     done = await row(pool, cid)
     assert (done["state"], done["reason"]) == ("acknowledged", "device_confirmed")
     assert json.loads(done["result"])["di"] == "a017"
     assert (await row(pool, clock))["state"] == "acknowledged"
     # the next window carries nothing
-    assert (await meter.post("u", cjt188_frame(device.address, 10_000, hour(2)))).payload == b""
+    assert (await meter.post(raw, cjt188_frame(device.address, 10_000, hour(2)))).payload == b""
 
 
 async def test_coap_duplicates_execute_once(
-    pool: asyncpg.Pool, device: ProvisionedDevice, meter: OscoreMeter
+    pool: asyncpg.Pool, device: ProvisionedDevice, meter: OscoreMeter, raw: RawCoap
 ) -> None:
     """A retransmitted CON gets the same answer (no second claim); a repeated uplink while
     the answer is outstanding carries the command again; the device runs it once, and a
@@ -123,22 +121,22 @@ async def test_coap_duplicates_execute_once(
     cid = await queue_command(pool, device)
     dev = CommandExecutor(device.address, "cjt188")
     frame = cjt188_frame(device.address, 20_000, hour(3))
-    datagram, token, request_id = meter.request("u", frame)
-    first = meter.reply(await meter.udp.exchange(datagram, token), request_id)
-    second = meter.reply(await meter.udp.exchange(datagram, token), request_id)  # same MID
+    datagram, token, request_id = meter.request(frame)
+    first = meter.answer(await raw.exchange(datagram, token), request_id)
+    second = meter.answer(await raw.exchange(datagram, token), request_id)  # same MID
     assert first.payload == second.payload
     assert json.loads(first.payload)["cmds"][0]["id"] == cid
     assert (await row(pool, cid))["attempts"] == 1
     run(dev, first.payload)
     run(dev, second.payload)
-    again = await meter.post("u", frame)  # the device repeats its uplink (a duplicate)
+    again = await meter.post(raw, frame)  # the device repeats its uplink (a duplicate)
     assert again.code == "2.04"
     assert json.loads(again.payload)["cmds"][0]["id"] == cid
     assert (await row(pool, cid))["attempts"] == 2
     answers = run(dev, again.payload)
     assert dev.executed[cid] == 1
-    assert (await meter.post("c", answers)).code == "2.04"
-    assert (await meter.post("c", answers)).code == "2.04"  # repeat
+    assert (await meter.post(raw, answers, path="c")).code == "2.04"
+    assert (await meter.post(raw, answers, path="c")).code == "2.04"  # repeat
     assert (await row(pool, cid))["state"] == "acknowledged"
 
 
@@ -150,12 +148,13 @@ async def test_coap_expired_never_sent_and_other_meters_commands_refused(
     credentials_key: str,
     device: ProvisionedDevice,
     meter: OscoreMeter,
+    raw: RawCoap,
 ) -> None:
     """A command past its TTL is not in the window and is reported expired; answering
     another meter's command id is 4.04 and leaves it untouched."""
     stale = await queue_command(pool, device, ttl_s=1)
     await asyncio.sleep(1.2)
-    reply = await meter.post("u", cjt188_frame(device.address, 30_000, hour(4)))
+    reply = await meter.post(raw, cjt188_frame(device.address, 30_000, hour(4)))
     assert reply.code == "2.04"
     assert reply.payload == b""
     await mailbox.expire_due(pool)
@@ -165,10 +164,10 @@ async def test_coap_expired_never_sent_and_other_meters_commands_refused(
     )
     theirs = await queue_command(pool, other)
     await mailbox.claim(pool, meter_ids=[other.meter_id])  # sent to the other meter
-    forged = await meter.post("c", json.dumps({"id": theirs, "ok": True}).encode())
+    forged = await meter.post(raw, json.dumps({"id": theirs, "ok": True}).encode(), path="c")
     assert forged.code == "4.04"
     assert (await row(pool, theirs))["state"] == "sent"
-    bad = await meter.post("c", b"not json")
+    bad = await meter.post(raw, b"not json", path="c")
     assert bad.code == "4.00"
 
 
@@ -257,23 +256,23 @@ async def test_kill_9_loses_no_command_and_runs_none_twice(
     dev = CommandExecutor(device.address, "cjt188")
     proc = CollectorProcess(db_url, NBMETER_CREDENTIALS_KEY=credentials_key)
     udp = await RawCoap.open(proc.port)
-    oscore = OscoreMeter(device.oscore, udp)
+    oscore = OscoreMeter(device.oscore)
     try:
         await proc.start()
         proc.kill()  # between queueing and delivery
         await proc.wait()
         await proc.start()
-        first = await oscore.post("u", cjt188_frame(device.address, 50_000, hour(7)))
+        first = await oscore.post(udp, cjt188_frame(device.address, 50_000, hour(7)))
         assert json.loads(first.payload)["cmds"][0]["id"] == cid
         run(dev, first.payload)
         proc.kill()  # between delivery and acknowledgement: the answer was never sent
         await proc.wait()
         assert (await row(pool, cid))["state"] == "sent"
         await proc.start()
-        second = await oscore.post("u", cjt188_frame(device.address, 51_000, hour(8)))
+        second = await oscore.post(udp, cjt188_frame(device.address, 51_000, hour(8)))
         answers = run(dev, second.payload)
         assert dev.executed[cid] == 1
-        assert (await oscore.post("c", answers)).code == "2.04"
+        assert (await oscore.post(udp, answers, path="c")).code == "2.04"
     finally:
         udp.close()
         if proc.proc is not None and proc.proc.returncode is None:

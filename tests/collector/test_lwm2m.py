@@ -20,9 +20,8 @@ from aiocoap import resource
 from aiocoap.credentials import CredentialsMap
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 from aiocoap.transports.oscore import OSCOREAddress
-from collector_testkit import DeviceOscore, RawCoap
+from collector_testkit import DeviceOscore, OscoreMeter, RawCoap
 from conftest import RunningCollector, count, free_port, wait_count
-from downlink_testkit import OscoreMeter
 
 from devices.provision import ProvisionedDevice
 from storage import mailbox
@@ -284,7 +283,7 @@ async def test_a_client_cannot_be_another_meter(
     assert await count(pool, "SELECT count(*) FROM readings WHERE meter_id = $1", other_id) == 0
 
     udp = await RawCoap.open(collector.coap_port)
-    meter = OscoreMeter(device.oscore, udp)
+    meter = OscoreMeter(device.oscore)
     try:
         for ep_asked, want in ((other, "4.03"), (device.address, "2.01")):
             msg = aiocoap.Message(
@@ -297,7 +296,7 @@ async def test_a_client_cannot_be_another_meter(
             protected.mtype = aiocoap.CON
             protected.mid = secrets.randbelow(65536)
             protected.token = secrets.token_bytes(4)
-            answer = meter.reply(
+            answer = meter.answer(
                 await udp.exchange(protected.encode(), protected.token), request_id
             )
             assert answer.code == want

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator
 
 import aiocoap
 import asyncpg
 import pytest
 from aiocoap.message import Direction
-from collector_testkit import RawCoap, cjt188_frame, hour
-from conftest import RunningCollector
-from downlink_testkit import OscoreMeter
+from collector_testkit import OscoreMeter, RawCoap, cjt188_frame, hour
 from test_downlink import queue_command
 
 from devices.provision import ProvisionedDevice
@@ -28,15 +25,6 @@ KIDS = (
     "SELECT oscore_kid, oscore_pending_kid, oscore_replay_index, oscore_server_seq"
     " FROM device_credentials WHERE meter_id = $1"
 )
-
-
-@pytest.fixture
-async def udp(collector: RunningCollector) -> AsyncIterator[RawCoap]:
-    """A raw UDP socket to the session's collector (old and new context share it, as the
-    device's one modem would)."""
-    sock = await RawCoap.open(collector.coap_port)
-    yield sock
-    sock.close()
 
 
 async def _kids(pool: asyncpg.Pool, meter_id: int) -> tuple[bytes | None, bytes | None]:
@@ -77,7 +65,7 @@ def _rotation(envelope: bytes, cid: int) -> dict[str, str]:
 
 @pytest.mark.parametrize("answered_under", ["old", "new", "lost"])
 async def test_rotate_key_moves_the_device_to_a_new_context_without_a_gap(
-    pool: asyncpg.Pool, device: ProvisionedDevice, udp: RawCoap, answered_under: str
+    pool: asyncpg.Pool, device: ProvisionedDevice, raw: RawCoap, answered_under: str
 ) -> None:
     """Queued while asleep → a new context in the next (protected) 2.04, staged with a new
     kid; the device switches. Its answer arriving (under the old context or already under
@@ -88,11 +76,11 @@ async def test_rotate_key_moves_the_device_to_a_new_context_without_a_gap(
     cid = await queue_command(pool, device, "rotate_key")
     assert await pool.fetchval("SELECT args FROM commands WHERE command_id = $1", cid) == "{}"
     old_kid = bytes.fromhex(device.oscore["sender_id"])
-    old = OscoreMeter(device.oscore, udp)
+    old = OscoreMeter(device.oscore)
     dev = CommandExecutor(device.address, "cjt188")
 
-    first = old.request("u", cjt188_frame(device.address, 100_000, hour(1)))
-    reply = old.reply(await udp.exchange(first[0], first[1]), first[2])
+    first = old.request(cjt188_frame(device.address, 100_000, hour(1)))
+    reply = old.answer(await raw.exchange(first[0], first[1]), first[2])
     assert reply.code == "2.04"
     sent = _rotation(reply.payload, cid)
     new_kid = bytes.fromhex(sent["sender_id"])
@@ -104,30 +92,30 @@ async def test_rotate_key_moves_the_device_to_a_new_context_without_a_gap(
     answer = dev.handle(reply.payload, 0)
     assert answer is not None
     assert dev.state.oscore == sent
-    new = OscoreMeter(sent, udp)
+    new = OscoreMeter(sent)  # on the same socket: the device's one modem
     answer_lost = answered_under == "lost"
     if not answer_lost:
         answering = old if answered_under == "old" else new
-        assert (await answering.post("c", answer)).code == "2.04"
+        assert (await answering.post(raw, answer, path="c")).code == "2.04"
         assert await _kids(pool, device.meter_id) == (new_kid, None)
 
-    again = await new.post("u", cjt188_frame(device.address, 110_000, hour(2)))
+    again = await new.post(raw, cjt188_frame(device.address, 110_000, hour(2)))
     assert again.code == "2.04"
     assert await _kids(pool, device.meter_id) == (new_kid, None)  # confirmed either way
     if answer_lost:  # sent again, carrying the same context: answered from memory
         assert _rotation(again.payload, cid) == sent
         assert dev.handle(again.payload, 0) == answer
-        assert (await new.post("c", answer)).code == "2.04"
+        assert (await new.post(raw, answer, path="c")).code == "2.04"
     else:
         assert again.payload == b""
     assert await _state(pool, cid) == ("acknowledged", 2 if answer_lost else 1)
     assert dev.executed[cid] == 1
 
     # the old context is gone: its replayed request and a new one are refused
-    assert _code(await udp.exchange(*_resent(first[0]))) == "4.01"
-    stale = old.request("u", cjt188_frame(device.address, 1200_000, hour(3)))
-    assert _code(await udp.exchange(stale[0], stale[1])) == "4.01"
-    assert (await new.post("u", cjt188_frame(device.address, 1300_000, hour(4)))).code == "2.04"
+    assert _code(await raw.exchange(*_resent(first[0]))) == "4.01"
+    stale = old.request(cjt188_frame(device.address, 1200_000, hour(3)))
+    assert _code(await raw.exchange(stale[0], stale[1])) == "4.01"
+    assert (await new.post(raw, cjt188_frame(device.address, 1300_000, hour(4)))).code == "2.04"
     row = await pool.fetchrow(KIDS, device.meter_id)
     assert row["oscore_replay_index"] is not None  # the new context's own window, persisted
     readings = [r[0] for r in await pool.fetch(READINGS, device.meter_id)]
@@ -135,18 +123,18 @@ async def test_rotate_key_moves_the_device_to_a_new_context_without_a_gap(
 
 
 async def test_device_that_missed_rotate_key_keeps_reporting_and_gets_it_again(
-    pool: asyncpg.Pool, device: ProvisionedDevice, udp: RawCoap
+    pool: asyncpg.Pool, device: ProvisionedDevice, raw: RawCoap
 ) -> None:
     """The device never got (or never applied) the command: its uplinks under the old
     context are still stored, and each window carries the command again with the same
     staged context, until the device takes it; its first request under the new context
     confirms it."""
     cid = await queue_command(pool, device, "rotate_key")
-    old = OscoreMeter(device.oscore, udp)
+    old = OscoreMeter(device.oscore)
     dev = CommandExecutor(device.address, "cjt188")
-    lost = await old.post("u", cjt188_frame(device.address, 200_000, hour(5)))
+    lost = await old.post(raw, cjt188_frame(device.address, 200_000, hour(5)))
     sent = _rotation(lost.payload, cid)  # ... but the 2.04 never reached the device
-    retry = await old.post("u", cjt188_frame(device.address, 210_000, hour(6)))
+    retry = await old.post(raw, cjt188_frame(device.address, 210_000, hour(6)))
     assert retry.code == "2.04"
     assert _rotation(retry.payload, cid) == sent
     assert await _state(pool, cid) == ("sent", 2)
@@ -155,24 +143,24 @@ async def test_device_that_missed_rotate_key_keeps_reporting_and_gets_it_again(
 
     answer = dev.handle(retry.payload, 0)  # this time it switches; its answer is lost
     assert answer is not None
-    new = OscoreMeter(sent, udp)
-    confirmed = await new.post("u", cjt188_frame(device.address, 220_000, hour(7)))
+    new = OscoreMeter(sent)
+    confirmed = await new.post(raw, cjt188_frame(device.address, 220_000, hour(7)))
     assert confirmed.code == "2.04"
     assert await _kids(pool, device.meter_id) == (bytes.fromhex(sent["sender_id"]), None)
-    assert (await new.post("c", dev.handle(confirmed.payload, 0) or b"")).code == "2.04"
+    assert (await new.post(raw, dev.handle(confirmed.payload, 0) or b"", path="c")).code == "2.04"
     assert await _state(pool, cid) == ("acknowledged", 3)
     readings = [r[0] for r in await pool.fetch(READINGS, device.meter_id)]
     assert readings == [200_000, 210_000, 220_000]
 
 
 async def test_pending_context_is_found_by_its_kid_and_dropped_by_provisioning(
-    pool: asyncpg.Pool, device: ProvisionedDevice, udp: RawCoap, credentials_key: str
+    pool: asyncpg.Pool, device: ProvisionedDevice, raw: RawCoap, credentials_key: str
 ) -> None:
     """The batched loader finds a context by its current or its pending kid (flagged
     pending, its window empty); provisioning the device again drops the staged one."""
     cid = await queue_command(pool, device, "rotate_key")
-    reply = await OscoreMeter(device.oscore, udp).post(
-        "u", cjt188_frame(device.address, 300_000, hour(8))
+    reply = await OscoreMeter(device.oscore).post(
+        raw, cjt188_frame(device.address, 300_000, hour(8))
     )
     sent = _rotation(reply.payload, cid)
     old_kid, new_kid = bytes.fromhex(device.oscore["sender_id"]), bytes.fromhex(sent["sender_id"])
