@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import json
 import pstats
 import random
 import statistics
@@ -65,7 +64,13 @@ sys.path.insert(0, str(ROOT))  # ahead of bench/, whose collector.py is not the 
 
 from collector.coap import TenantDirectory, UplinkResource, _recorded_response  # noqa: E402
 from collector.coap_guard import EventLimiter  # noqa: E402
-from collector.coap_oscore import DeviceContext, DeviceContexts, OscoreSite, _InnerPipe  # noqa: E402
+from collector.coap_oscore import (  # noqa: E402
+    DeviceContext,
+    DeviceContexts,
+    OscoreSite,
+    ReplayedRequest,
+    _InnerPipe,
+)
 from collector.coap_patches import Site, patch_message_decode, patch_udp6_addresses  # noqa: E402
 from collector.settings import CoapSettings  # noqa: E402
 from collector.uplink import Outcome  # noqa: E402
@@ -178,7 +183,13 @@ class LeanOscoreSite(OscoreSite):
         inner_request, lean, seqno = got
         inner_request.remote = OSCOREAddress(lean.ctx, request.remote)
         inner_request.nbm_piv = seqno
-        await self._render_inner(pipe, lean.ctx, inner_request, lean)
+        try:
+            await self._render_inner(pipe, lean.ctx, inner_request, lean)
+        except ReplayedRequest:  # as OscoreSite._render: admitted before by another process
+            self.contexts.forget(lean.ctx)
+            if request.mtype == aiocoap.CON:
+                piv = {oscore.COSE_PIV: lean.request_id.partial_iv}
+                await self._answer_replay(pipe, lean.ctx, request, piv)
 
     async def _render_inner(self, pipe: Any, sc: Any, inner_request: Any, request_id: Any) -> None:
         if not isinstance(request_id, LeanRequest):
@@ -194,6 +205,8 @@ class LeanOscoreSite(OscoreSite):
         inner = _InnerPipe(inner_request, send)
         try:
             await self._inner.render_to_pipe(inner)
+        except ReplayedRequest:
+            raise
         except aiocoap.error.RenderableError as exc:
             inner.add_response(exc.to_message(), is_last=True)
 
@@ -230,18 +243,18 @@ def sealed_row(meter: Meter) -> bytes:
 
 def open_row(meter: Meter, sealed: bytes) -> credentials.OscoreSecret:
     """What `storage.credentials.load_oscore_many` makes of the row (no replay state yet)."""
-    opened = json.loads(credentials.unseal(CREDENTIALS_KEY, sealed, meter.meter_id))
+    secret, salt, derived = credentials.open_oscore_blob(CREDENTIALS_KEY, sealed, meter.meter_id)
     return credentials.OscoreSecret(
         meter_id=meter.meter_id,
         tenant_id=1,
         address=meter.address,
         kid=meter.kid,
         sender_id=SERVER_SENDER_ID,
-        master_secret=bytes.fromhex(opened["secret"]),
-        master_salt=bytes.fromhex(opened["salt"]),
+        master_secret=secret,
+        master_salt=salt,
         replay_index=None,
         replay_bits=None,
-        derived=credentials._derived(opened),
+        derived=derived,
     )
 
 
