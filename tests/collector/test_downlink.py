@@ -17,6 +17,7 @@ from collector_testkit import CollectorProcess, OscoreMeter, RawCoap, cjt188_fra
 from conftest import Broker, RunningCollector, new_address
 from downlink_testkit import MqttMeter
 
+from collector import downlink
 from devices.provision import ProvisionedDevice, provision_device
 from simulator.commands import CommandExecutor
 from storage import mailbox
@@ -110,6 +111,26 @@ async def test_coap_command_rides_on_the_next_uplinks_answer(
     assert (await row(pool, clock))["state"] == "acknowledged"
     # the next window carries nothing
     assert (await meter.post(raw, cjt188_frame(device.address, 10_000, hour(2)))).payload == b""
+
+
+async def test_a_slow_claim_answers_nothing_and_keeps_the_command(
+    pool: asyncpg.Pool, device: ProvisionedDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim slower than CLAIM_TIMEOUT_S answers the uplink with no envelope and is
+    cancelled with it: the command stays queued and goes out in the next window."""
+    cid = await queue_command(pool, device)
+    monkeypatch.setattr(downlink, "CLAIM_TIMEOUT_S", 0.5)
+    downlinks = downlink.Downlinks(pool)
+    async with pool.acquire() as locker, locker.transaction():
+        await locker.execute("LOCK TABLE commands IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        assert await downlinks.for_meter(device.meter_id) == b""
+        assert time.monotonic() - started < 3
+    await asyncio.sleep(0.5)  # a claim still running would have marked it sent by now
+    assert (await row(pool, cid))["state"] == "queued"
+    envelope = json.loads(await downlinks.for_meter(device.meter_id))
+    assert [c["id"] for c in envelope["cmds"]] == [cid]
+    assert (await row(pool, cid))["state"] == "sent"
 
 
 async def test_coap_duplicates_execute_once(
