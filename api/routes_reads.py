@@ -187,7 +187,6 @@ async def cycle_read(
         open_at=open_at,
         close_at=close_at,
         now=now,
-        tolerance=timedelta(seconds=settings.future_tolerance_s),
         max_gap=timedelta(hours=settings.max_gap_h),
         zero_streak=timedelta(days=settings.zero_streak_days),
         boundary_gaps=found.gaps,

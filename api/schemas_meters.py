@@ -218,6 +218,7 @@ class DeviceHealth(BaseModel):
     )
     meter_id: int
     last_read_at: datetime | None
+    # when readings last arrived: the newest uplink that stored new ones, or an entered read
     last_received_at: datetime | None
     last_uplink_at: datetime | None
     last_register_m3: str | None

@@ -20,7 +20,9 @@ class ApiSettings(DatabaseSettings):
     api_pool_max: int = Field(10, ge=1)
     # a reading within this many seconds of a boundary is the boundary's actual read
     actual_window_s: int = Field(3600, ge=0, le=86400)
-    # readings dated more than this after their received_at are a wrong clock: excluded
+    # an entered (manual or imported) read dated more than this after now is refused; a
+    # device reading dated more than storage.rows.FUTURE_TOLERANCE_S after it was received
+    # is flagged clock_ahead at ingest and left out of billing
     future_tolerance_s: int = Field(300, ge=0)
     # verified keys are cached this long; a revocation still takes effect at once (NOTIFY)
     key_cache_ttl_s: float = Field(30.0, ge=0)
@@ -44,6 +46,5 @@ class ApiSettings(DatabaseSettings):
         """The boundary-read tuning storage.billing needs."""
         return Tuning(
             actual_window=timedelta(seconds=self.actual_window_s),
-            future_tolerance=timedelta(seconds=self.future_tolerance_s),
             max_gap=timedelta(hours=self.max_gap_h),
         )

@@ -51,17 +51,13 @@ ROW = np.dtype(
     [
         ("n", ">i2"),
         ("l1", ">i4"),
-        ("meter", ">i8"),
+        ("meter", ">i4"),  # readings.meter_id is int4 (0049)
         ("l2", ">i4"),
         ("t", ">i8"),
         ("l3", ">i4"),
         ("reg", ">i8"),
         ("l4", ">i4"),
         ("flags", ">i4"),
-        ("l5", ">i4"),
-        ("tr", ">i2"),
-        ("l6", ">i4"),
-        ("recv", ">i8"),
     ]
 )
 HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
@@ -77,16 +73,13 @@ def day_block(first_id: int, n: int, day: int) -> bytes:
     """Binary COPY rows of one day's reading for n meters (time of day varies per meter)."""
     rows = np.zeros(n, ROW)
     ids = np.arange(first_id, first_id + n, dtype=np.int64)
-    rows["n"], rows["l1"], rows["l2"], rows["l3"] = 6, 8, 8, 8
-    rows["l4"], rows["l5"], rows["l6"] = 4, 2, 8
+    rows["n"], rows["l1"], rows["l2"], rows["l3"], rows["l4"] = 4, 4, 8, 8, 4
     rows["meter"] = ids
     day_us = (int(FIRST_DAY.timestamp()) + day * 86400) * 1_000_000 - PG_EPOCH_US
     offset_us = (ids * 7919 % 86400) * 1_000_000  # spread over the day: mostly interpolated
     rows["t"] = day_us + offset_us
-    rows["recv"] = rows["t"] + 60_000_000
     per_day_ml = 100_000 + (ids % 400) * 1_000  # 100..499 L/day
     rows["reg"] = (ids % 1000) * 1_000_000 + per_day_ml * day
-    rows["tr"] = 5
     return rows.tobytes()
 
 
@@ -114,7 +107,7 @@ async def build(dsn: str, meters: int) -> tuple[str, int]:
                 "readings",
                 source=_chunks(data),
                 format="binary",
-                columns=["meter_id", "read_at", "register_ml", "flags", "transport", "received_at"],
+                columns=["meter_id", "read_at", "register_ml", "flags"],
             )
             if day % 10 == 9 or day == DAYS - 1:
                 done = meters * (day + 1)

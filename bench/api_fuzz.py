@@ -82,14 +82,11 @@ async def build(dsn: str) -> str:
                 f"FUZZ{n:04d}",
                 first - timedelta(days=1),
             )
-            rows = [
-                (meter, first + timedelta(days=d), 1000 * d, 0, 5, first + timedelta(days=d))
-                for d in range(60)
-            ]
+            rows = [(meter, first + timedelta(days=d), 1000 * d, 0) for d in range(60)]
             await conn.copy_records_to_table(
                 "readings",
                 records=rows,
-                columns=["meter_id", "read_at", "register_ml", "flags", "transport", "received_at"],
+                columns=["meter_id", "read_at", "register_ml", "flags"],
             )
         return await create_api_key(conn, tenant, ["admin"])
     finally:

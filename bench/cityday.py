@@ -306,7 +306,7 @@ async def billing_side(db_url: str, tenant: int, day: date) -> None:
     """Close the cycle ending after `day` for every meter, then stream its NDJSON export."""
     pool = await create_pool(db_url, min_size=2, max_size=4)
     try:
-        tuning = Tuning(timedelta(hours=1), timedelta(minutes=5))
+        tuning = Tuning(timedelta(hours=1))
         start, end = day - timedelta(days=30), day + timedelta(days=1)
         async with pool.acquire() as conn:
             # the day's chunk is new: without its statistics (autovacuum gathers them a

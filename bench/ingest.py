@@ -41,7 +41,6 @@ from storage.ingest import ReadingBatch, ReadingWriter
 from storage.migrate import migrate
 
 T0_S = 1_767_225_600  # 2026-01-01T00:00:00Z
-TRANSPORT_BENCH = 5  # 0001: 5 = bench/test
 _RAW_DDL = """
 CREATE TABLE bench_raw (LIKE readings INCLUDING ALL);
 SELECT create_hypertable('bench_raw', by_range('read_at', INTERVAL '1 day'));
@@ -71,7 +70,6 @@ def make_batches(meter_ids: np.ndarray, n_rows: int, seed: int) -> list[ReadingB
                 read_at_s=read_at,
                 register_ml=mid * 1_000 + hour * 10,
                 flags=np.zeros(take, np.uint32),
-                transport=TRANSPORT_BENCH,
                 received_at_us=(T0_S + hour * 3600 + 90) * 1_000_000,
             )
         )
@@ -86,21 +84,21 @@ def by_key(batch: ReadingBatch) -> ReadingBatch:
         read_at_s=batch.read_at_s[order],
         register_ml=batch.register_ml[order],
         flags=batch.flags[order],
-        transport=batch.transport,
         received_at_us=batch.received_at_us,
     )
+
+
+RAW_COLUMNS = ("read_at", "register_ml", "meter_id", "flags")
 
 
 def raw_payload(batch: ReadingBatch) -> bytes:
     """The binary COPY payload of `batch` in its own row order, no validation or sorting."""
     epoch_us = copybin.PG_EPOCH_S * copybin.US_PER_S
-    columns: list[copybin.Column] = [
-        ("meter_id", "bigint", batch.meter_id),
+    columns: list[copybin.Column] = [  # the table's column order (0049)
         ("read_at", "timestamptz", batch.read_at_s * copybin.US_PER_S - epoch_us),
         ("register_ml", "bigint", batch.register_ml),
+        ("meter_id", "integer", batch.meter_id),
         ("flags", "integer", batch.flags),
-        ("transport", "smallint", batch.transport),
-        ("received_at", "timestamptz", batch.received_at_us - epoch_us),
     ]
     return copybin.encode(columns, len(batch))
 
@@ -232,14 +230,20 @@ async def measure(url: str, args: argparse.Namespace) -> None:
             async def raw(i: int) -> str:
                 async with conn.transaction():
                     await conn.copy_to_table(
-                        "bench_raw", source=memoryview(payloads[i]), format="binary"
+                        "bench_raw",
+                        source=memoryview(payloads[i]),
+                        columns=RAW_COLUMNS,
+                        format="binary",
                     )
                 return "copy"
 
             async def raw_sorted(i: int) -> str:
                 async with conn.transaction():
                     await conn.copy_to_table(
-                        "bench_raw_sorted", source=memoryview(sorted_payloads[i]), format="binary"
+                        "bench_raw_sorted",
+                        source=memoryview(sorted_payloads[i]),
+                        columns=RAW_COLUMNS,
+                        format="binary",
                     )
                 return "copy"
 

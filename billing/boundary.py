@@ -1,6 +1,6 @@
 """Boundary reads of one meter: the register at an instant, and how it was obtained.
 
-Python twin of SQL `nbm_boundary_read` (migrations 0020/0021/0033). The whole-tenant
+Python twin of SQL `nbm_boundary_read` (migrations 0020/0021/0033/0049). The whole-tenant
 export computes boundary reads set-wise in SQL. A single-meter cycle read would pay ~8 ms
 of planning for that statement (a dozen lookups on the `readings` hypertable, each
 expanded into its chunks), so storage fetches the meter's readings around the cycle once
@@ -37,6 +37,9 @@ _DAY = timedelta(days=1)
 # an actual read is questionable (quality 10) when its meter flags any of these (832, as
 # the SQL function has it)
 _QUESTIONABLE_FLAGS = int(Flag.TAMPER | Flag.METER_ERROR | Flag.CLOCK_MISSING)
+# a reading dated too far after it was received (a clock ahead, flagged at ingest) is never
+# used (4096, as the SQL function has it)
+CLOCK_AHEAD = int(Flag.CLOCK_AHEAD)
 
 
 # how a read was obtained, and the basis of an estimated one
@@ -52,18 +55,17 @@ class Reading:
     read_at: datetime
     register_ml: int
     flags: int
-    received_at: datetime
     # ESPI quality it was entered with (manual read, import); None for a device reading
     quality: int | None = None
 
 
 @dataclass(frozen=True)
 class Tuning:
-    """Boundary-read tuning: the actual-read window, the future-clock tolerance, and the
-    VEE gap limit (a boundary read interpolated across a longer outage is flagged `gap`)."""
+    """Boundary-read tuning: the actual-read window and the VEE gap limit (a boundary
+    read interpolated across a longer outage is flagged `gap`). A clock running ahead is
+    judged at ingest (Flag.CLOCK_AHEAD, storage.rows.FUTURE_TOLERANCE_S)."""
 
     actual_window: timedelta
-    future_tolerance: timedelta
     max_gap: timedelta = timedelta(hours=48)
 
 
@@ -137,13 +139,12 @@ class History:
         edge: str | None,
         bound: datetime,
         actual_window: timedelta,
-        future_tolerance: timedelta,
     ) -> BoundaryRead:
         """The register at `at`: SQL `nbm_boundary_read(...)` with its default reach."""
         removed = m.removed_at or datetime.max.replace(tzinfo=at.tzinfo)
 
         def usable(r: Reading) -> bool:
-            return r.read_at >= m.installed_at and r.read_at <= r.received_at + future_tolerance
+            return r.read_at >= m.installed_at and not r.flags & CLOCK_AHEAD
 
         p = next(
             (

@@ -17,7 +17,9 @@ Thresholds (stated, and reported with each issue):
   billing.consumption.rolled_over, the rule every consumption uses);
   reverse_flow: any other drop (negative consumption), or the REVERSE_FLOW flag.
 - clock_future / before_installation / after_removal: readings excluded from billing
-  (reported when dated in the cycle or the 7 days before it, or received in it).
+  (reported when dated in the cycle or the 7 days before it; clock_future also when dated
+  in the day after it, as a reading received in the cycle can be). clock_future is a
+  reading ingest flagged Flag.CLOCK_AHEAD: dated more than 5 minutes after it was received.
 """
 
 from __future__ import annotations
@@ -46,10 +48,15 @@ _ALARM_FLAGS = {
 }
 _ANY_ALARM = sum(_ALARM_FLAGS)
 _REVERSE_FLOW = int(Flag.REVERSE_FLOW)
+_CLOCK_AHEAD = int(Flag.CLOCK_AHEAD)
 _SEVERITY = {"error": 0, "warning": 1, "info": 2}
 DAY = timedelta(days=1)
 _SECOND = timedelta(seconds=1)
 _NEAR = timedelta(days=7)  # excluded readings this close to the cycle could have been used
+# storage.rows.MAX_CLOCK_AHEAD_S: a reading dated later than this after its receipt is
+# never stored, so one received in the cycle is dated before its end plus this
+_NONE = timedelta(0)
+_LATE = {"clock_future": timedelta(days=1)}
 
 
 @dataclass(frozen=True)
@@ -112,8 +119,15 @@ def _m3(ml: int) -> str:
     return str(units.m3(ml, -3))  # detail text: litres, exact
 
 
-def _valid(r: Reading, s: Span, tolerance: timedelta) -> str | None:
-    if r.read_at > r.received_at + tolerance:
+_WHY = {
+    "clock_future": " (more than 5 minutes after it was received: a clock ahead)",
+    "before_installation": " (before the meter's installation)",
+    "after_removal": " (after the meter's removal)",
+}
+
+
+def _valid(r: Reading, s: Span) -> str | None:
+    if r.flags & _CLOCK_AHEAD:
         return "clock_future"
     if r.read_at < s.installed_at:
         return "before_installation"
@@ -130,7 +144,6 @@ def check_cycle(
     open_at: datetime,
     close_at: datetime,
     now: datetime,
-    tolerance: timedelta,
     max_gap: timedelta,
     zero_streak: timedelta,
     boundary_gaps: Sequence[BoundaryGap] = (),
@@ -159,10 +172,10 @@ def check_cycle(
         mine = [r for r in readings if r.meter_id == s.meter_id]
         good: list[Reading] = []
         for r in mine:
-            why = _valid(r, s, tolerance)
+            why = _valid(r, s)
             if why is None:
                 good.append(r)
-            elif open_at - _NEAR <= r.read_at < close_at or open_at <= r.received_at < close_at:
+            elif open_at - _NEAR <= r.read_at < close_at + _LATE.get(why, _NONE):
                 report.issues.append(
                     Issue(
                         why,
@@ -170,9 +183,7 @@ def check_cycle(
                         s.meter_id,
                         r.read_at,
                         r.read_at,
-                        f"reading dated {r.read_at.isoformat()}"
-                        f" received {r.received_at.isoformat()}"
-                        " excluded from billing",
+                        f"reading dated {r.read_at.isoformat()}{_WHY[why]} excluded from billing",
                     )
                 )
         mine_gaps = [g for g in boundary_gaps if g.meter_id == s.meter_id]

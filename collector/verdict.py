@@ -241,7 +241,6 @@ def check(batch: list[Uplink], lay: Layout, dec: Decoded, plain_meter: Int64s) -
     plain_first[has_rows] = row_meter[first[has_rows]]
     meter_of = np.where(is_device, dev_meter, plain_first).tolist()
     keep = passed[owner]
-    transport = np.fromiter((int(u.transport) for u in batch), np.int16, n)
     # the receive time as float seconds (time.time()) to µs, once per uplink
     received_s = np.fromiter((u.received_at for u in batch), np.float64, n)
     received_us = (received_s * 1e6).astype(np.int64)
@@ -251,7 +250,6 @@ def check(batch: list[Uplink], lay: Layout, dec: Decoded, plain_meter: Int64s) -
         read_at_s=dec.read_at_s[keep],
         register_ml=dec.register_ml[keep],
         flags=dec.flags[keep],
-        transport=transport[kept_owner],
         received_at_us=received_us[kept_owner],
     )
     meters = [m if m >= 0 else None for m in meter_of]

@@ -76,6 +76,11 @@ class Flag(enum.IntFlag):
     CLOCK_MISSING = 1 << 9  # read time taken from the receive time, not the meter
     BILLING_DATE = 1 << 10  # a settlement-day / storage>=1 register, not the current one
     INTERVAL = 1 << 11  # expanded from an interval batch (not the head register)
+    # dated more than storage.rows.FUTURE_TOLERANCE_S after the collector received it: a
+    # clock running ahead, so billing leaves it out. Set by storage at ingest from the
+    # receive time (which readings do not keep), never by a decoder: ingest clears it
+    # from decoded flags first (an interval frame's status bits are the device's word).
+    CLOCK_AHEAD = 1 << 12
 
 
 class FrameFlag(enum.IntFlag):

@@ -1,7 +1,7 @@
 """Billing queries: cycle calendar, cycle boundary reads (set-wise), publication, interval reads.
 
 Set-wise boundary reads (export, cycle close, interval series) come from the SQL function
-`nbm_boundary_read` (migrations 0020/0021/0033). A single meter's cycle read computes the
+`nbm_boundary_read` (migrations 0020/0021/0033/0049). A single meter's cycle read computes the
 same reads in Python from one range scan (billing.boundary, storage.meter_cycle), held
 equal to the SQL by tests/api/test_boundary_twin.py: every path agrees to the millilitre.
 The SQL here is the set-wise twin of the billing core, kept for the export's speed:
@@ -45,20 +45,20 @@ def _m3(ml: str, scale: str) -> str:
 
 
 # $1 tenant, $2 cycle start date, $3 cycle end date (local), $4 after meter_id, $5 limit
-# (NULL: all), $6 actual window, $7 future tolerance, $8 / $9 the cycle's start / end
-# instants in zone $10: one query per timezone, so the boundaries are plan-time constants
-# (see nbm_boundary_read on chunk exclusion); $11 the last meter_id (a segment's end);
-# $12 the VEE gap limit (every statement names it, so each takes the same arguments).
+# (NULL: all), $6 actual window, $7 / $8 the cycle's start / end
+# instants in zone $9: one query per timezone, so the boundaries are plan-time constants
+# (see nbm_boundary_read on chunk exclusion); $10 the last meter_id (a segment's end);
+# $11 the VEE gap limit (every statement names it, so each takes the same arguments).
 _CORE = f"""
 WITH m AS (
     SELECT m.meter_id, m.address, m.service_point, m.kind, m.register_scale AS scale,
            m.register_digits AS digits, m.installed_at, m.removed_at, m.initial_register_ml,
            m.final_register_ml, {_max_flow_sql("m.kind")} AS max_flow, w.open_at, w.close_at,
-           $2::date AS cycle_start, $3::date AS cycle_end, $12::interval AS max_gap
+           $2::date AS cycle_start, $3::date AS cycle_end, $11::interval AS max_gap
     FROM meters m JOIN tenants t ON t.tenant_id = m.tenant_id
-    CROSS JOIN LATERAL (SELECT $8::timestamptz AS open_at, $9::timestamptz AS close_at) w
-    WHERE m.tenant_id = $1 AND m.meter_id > $4 AND m.meter_id <= $11
-      AND coalesce(m.timezone, t.timezone) = $10
+    CROSS JOIN LATERAL (SELECT $7::timestamptz AS open_at, $8::timestamptz AS close_at) w
+    WHERE m.tenant_id = $1 AND m.meter_id > $4 AND m.meter_id <= $10
+      AND coalesce(m.timezone, t.timezone) = $9
       AND m.installed_at < w.close_at AND (m.removed_at IS NULL OR m.removed_at > w.open_at)
     ORDER BY m.meter_id LIMIT $5
 ), b AS (
@@ -72,12 +72,12 @@ SELECT {{columns}}
 FROM b
 -- OFFSET 0 keeps each boundary read a computed row: flattened, every reference to one of its
 -- columns would re-evaluate the function's CASE arithmetic (3x slower export)
-CROSS JOIN LATERAL (SELECT * FROM nbm_boundary_read(b.meter_id, b.o_at, b.o_edge, $8,
+CROSS JOIN LATERAL (SELECT * FROM nbm_boundary_read(b.meter_id, b.o_at, b.o_edge, $7,
     b.installed_at, b.removed_at, b.initial_register_ml, b.final_register_ml, b.scale, b.digits,
-    b.max_flow, $6, $7) OFFSET 0) o
-CROSS JOIN LATERAL (SELECT * FROM nbm_boundary_read(b.meter_id, b.c_at, b.c_edge, $9,
+    b.max_flow, $6) OFFSET 0) o
+CROSS JOIN LATERAL (SELECT * FROM nbm_boundary_read(b.meter_id, b.c_at, b.c_edge, $8,
     b.installed_at, b.removed_at, b.initial_register_ml, b.final_register_ml, b.scale, b.digits,
-    b.max_flow, $6, $7) OFFSET 0) c
+    b.max_flow, $6) OFFSET 0) c
 CROSS JOIN LATERAL (SELECT nbm_consumption(o.register_ml, c.register_ml,
     extract(epoch FROM b.c_at - b.o_at), b.scale, b.digits, b.max_flow) AS ml) u
 {{published}}
@@ -193,7 +193,7 @@ class CycleQuery:
     def args(
         self, *, after: int = 0, limit: int | None = None, upto: int = LAST_ID
     ) -> tuple[Any, ...]:
-        """Positional arguments $1..$12 of CYCLE_JSON_SQL / CYCLE_CSV_SQL / PUBLISH_SQL."""
+        """Positional arguments $1..$11 of CYCLE_JSON_SQL / CYCLE_CSV_SQL / PUBLISH_SQL."""
         tz = ZoneInfo(self.zone)
         open_at = datetime.combine(self.start, time(), tzinfo=tz).astimezone(UTC)
         close_at = datetime.combine(self.end, time(), tzinfo=tz).astimezone(UTC)
@@ -204,7 +204,6 @@ class CycleQuery:
             after,
             limit,
             self.tuning.actual_window,
-            self.tuning.future_tolerance,
             open_at,
             close_at,
             self.zone,
@@ -289,7 +288,7 @@ async def interval_reads(
         FROM meters m CROSS JOIN unnest($2::timestamptz[]) AS t(at)
         LEFT JOIN LATERAL nbm_boundary_read(m.meter_id, t.at, NULL, t.at, m.installed_at,
             m.removed_at, NULL, NULL, m.register_scale, m.register_digits,
-            {_max_flow_sql("m.kind")}, $3, $4) r
+            {_max_flow_sql("m.kind")}, $3) r
             ON t.at >= m.installed_at AND t.at <= coalesce(m.removed_at, 'infinity')
                AND t.at <= now()
         WHERE m.meter_id = $1
@@ -298,7 +297,6 @@ async def interval_reads(
             meter_id,
             boundaries,
             tuning.actual_window,
-            tuning.future_tolerance,
         )
     return [
         StepRead(r["at"], r["register_ml"], r["method"], r["quality"], r["used_ml"]) for r in rows
@@ -311,7 +309,7 @@ async def readings_between(
 ) -> list[Reading]:
     """All stored readings (valid or not) of the meters in [start, end), by meter and time."""
     rows = await conn.fetch(
-        "SELECT meter_id, read_at, register_ml, flags, received_at, quality FROM readings"
+        "SELECT meter_id, read_at, register_ml, flags, quality FROM readings"
         " WHERE meter_id = ANY($1) AND read_at >= $2 AND read_at < $3 ORDER BY meter_id, read_at",
         meter_ids,
         start,

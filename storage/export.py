@@ -39,8 +39,8 @@ _SPLIT_SQL = (
     "SELECT meter_id FROM meters WHERE tenant_id = $1 AND meter_id > $2"
     " ORDER BY meter_id OFFSET $3 - 1 LIMIT 1"
 )
-# query args: $1 tenant, $4 after, $5 limit, $11 last meter id (storage.billing._CORE)
-_AFTER, _LIMIT, _UPTO = 3, 4, 10
+# query args: $1 tenant, $4 after, $5 limit, $10 last meter id (storage.billing._CORE)
+_AFTER, _LIMIT, _UPTO = 3, 4, 9
 
 
 @dataclass

@@ -22,6 +22,11 @@ order, which makes the COPY itself faster than one of rows in arrival order
 (bench/ingest.py measures both). The binary COPY stream is built from the numpy
 columns (`storage.copybin`) one chunk at a time while earlier chunks are in flight.
 
+A reading dated more than `future_tolerance_s` (5 min) after its uplink was received is
+written with Flag.CLOCK_AHEAD set (billing leaves it out); more than a day after is a
+clock_future rejection. The receive time itself is not stored with the reading (the raw
+archive keeps it per uplink): the flag is what billing needs of it (migration 0049).
+
 A duplicate is a key already stored, whatever its values: the first write of a
 (meter_id, read_at) wins, and a later different register for it is counted as a
 duplicate, not an update (corrections are a billing concern, not an ingest one).
@@ -47,10 +52,12 @@ import numpy as np
 import numpy.typing as npt
 
 from billing import units
+from decoder.columns import Flag
 from storage import copybin
 from storage.pool import connection, translated
 from storage.rows import (
     EARLIEST_READ_AT_S,
+    FUTURE_TOLERANCE_S,
     MAX_CLOCK_AHEAD_S,
     Bools,
     IngestResult,
@@ -61,7 +68,8 @@ from storage.rows import (
     RejectReason,
 )
 
-_COLUMNS = ("meter_id", "read_at", "register_ml", "flags", "transport", "received_at")
+# the table's own column order (0049: packed, no padding); meter_id is int4 there
+_COLUMNS = ("read_at", "register_ml", "meter_id", "flags")
 _STAGE = "nbmeter_readings_stage"
 _CREATE_STAGE = (
     f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (LIKE readings INCLUDING DEFAULTS)"
@@ -71,8 +79,9 @@ _COLS_SQL = ", ".join(_COLUMNS)
 # ORDER BY: insert in key order, so that racing merges wait in one order (no deadlock)
 _MERGE = (
     f"INSERT INTO readings ({_COLS_SQL}) SELECT {_COLS_SQL} FROM pg_temp.{_STAGE}"
-    " ORDER BY meter_id, read_at ON CONFLICT DO NOTHING RETURNING meter_id, read_at"
+    " ORDER BY meter_id, read_at ON CONFLICT DO NOTHING RETURNING meter_id::bigint, read_at"
 )
+_CLOCK_AHEAD = int(Flag.CLOCK_AHEAD)
 # after a merge, skip the copy attempt for this many batches (a failed copy costs a
 # whole batch of work; replays come in runs)
 MERGE_RUN_BATCHES = 8
@@ -86,6 +95,7 @@ class _Plan:
 
     write: npt.NDArray[np.intp]
     reject_code: npt.NDArray[np.uint8]  # per batch row: 0 or a RejectReason
+    flags: Int64s  # per batch row: the flags to store (Flag.CLOCK_AHEAD set here only)
 
 
 class ReadingWriter:
@@ -97,10 +107,12 @@ class ReadingWriter:
         *,
         earliest_read_at_s: int = EARLIEST_READ_AT_S,
         max_clock_ahead_s: int = MAX_CLOCK_AHEAD_S,
+        future_tolerance_s: int = FUTURE_TOLERANCE_S,
         chunk_rows: int = 65_536,
         copy_first: bool = True,
     ) -> None:
-        """Write through `pool`; rows outside [earliest, received + ahead] are rejected.
+        """Write through `pool`; rows outside [earliest, received + ahead] are rejected,
+        rows dated after received + future_tolerance_s are flagged Flag.CLOCK_AHEAD.
 
         `copy_first=False` always takes the merge path (for a feed known to be mostly
         replays, such as a re-import, where a failed COPY attempt would be wasted work).
@@ -109,6 +121,7 @@ class ReadingWriter:
         self._copy_first = copy_first
         self._earliest_read_at_s = earliest_read_at_s
         self._max_clock_ahead_s = max_clock_ahead_s
+        self._future_tolerance_s = future_tolerance_s
         self._chunk_rows = chunk_rows
         self._known_meters: Int64s = np.zeros(0, np.int64)  # sorted, unique
         self._installed_s: Int64s = np.zeros(0, np.int64)  # installed_at of each known meter
@@ -168,6 +181,9 @@ class ReadingWriter:
         code = np.zeros(n, np.uint8)
         received_s = np.asarray(batch.received_at_us, np.int64) // copybin.US_PER_S
         code[batch.read_at_s > received_s + self._max_clock_ahead_s] = RejectReason.CLOCK_FUTURE
+        # the flag is ours alone: a device's status bits must not set (or clear) it
+        flags = np.asarray(batch.flags).astype(np.int64) & ~_CLOCK_AHEAD
+        flags[batch.read_at_s > received_s + self._future_tolerance_s] |= _CLOCK_AHEAD
         code[batch.read_at_s < self._earliest_read_at_s] = RejectReason.CLOCK_PAST
         code[units.negative(batch.register_ml)] = RejectReason.NEGATIVE_REGISTER
         candidates = np.flatnonzero(code == 0)
@@ -190,10 +206,7 @@ class ReadingWriter:
         repeat = np.zeros(len(order), np.bool_)
         repeat[1:] = (meters[1:] == meters[:-1]) & (read_at[1:] == read_at[:-1])
         order = order[~repeat]
-        return _Plan(
-            write=order,
-            reject_code=code,
-        )
+        return _Plan(write=order, reject_code=code, flags=flags)
 
     async def _known(self, sorted_meters: Int64s, conn: asyncpg.Connection) -> tuple[Bools, Int64s]:
         """Per row of `sorted_meters` (ascending): does the meter exist, and its installed_at
@@ -243,14 +256,13 @@ class ReadingWriter:
 
     def _payload(self, batch: ReadingBatch, plan: _Plan) -> AsyncIterator[memoryview | bytes]:
         """The binary COPY stream of the planned rows, encoded chunk by chunk as it is sent."""
-        epoch_us = copybin.PG_EPOCH_S * copybin.US_PER_S
+        # meter_id narrows to int4 here: only known meters are written, and meters'
+        # CHECK keeps every id below 2^31 (0049)
         columns: list[copybin.Column] = [
-            ("meter_id", "bigint", batch.meter_id),
             ("read_at", "timestamptz", _pg_us(batch.read_at_s)),
             ("register_ml", "bigint", batch.register_ml),
-            ("flags", "integer", batch.flags),
-            ("transport", "smallint", batch.transport),
-            ("received_at", "timestamptz", batch.received_at_us - epoch_us),
+            ("meter_id", "integer", batch.meter_id),
+            ("flags", "integer", plan.flags),
         ]
         return _aiter(
             copybin.encode_chunks(

@@ -1,11 +1,12 @@
 """Readings entered by people: manual reads (a visit, a customer's photo) and imports.
 
-An entered reading is a row of `readings` (transport 4, import/api) with its own ESPI
-quality in `readings.quality`, so boundary reads, exports and VEE use it as any reading;
-`manual_reads` keeps who entered it, when, from what source, with which note, and from
-which import (migration 0033). An entered reading never replaces a stored one: `store`
-inserts with ON CONFLICT DO NOTHING, and a row already there is either the same reading
-again (a retry: nothing is stored twice) or a conflict. A whole import is checked first
+An entered reading is a row of `readings` with its own ESPI quality in `readings.quality`
+(a device reading has NULL there), so boundary reads, exports and VEE use it as any
+reading; `manual_reads` (a row at the same key) keeps who entered it, when, from what
+source, with which note, and from which import (migration 0033). An entered reading
+never replaces a stored one: `store` inserts with ON CONFLICT DO NOTHING, and a row
+already there is either the same reading again (a retry: nothing is stored twice) or a
+conflict. A whole import is checked first
 and stored in one transaction, or refused with every bad row and nothing stored.
 
 StorageError
@@ -33,7 +34,6 @@ from storage.pool import translated
 QUALITIES = quality.OF_READING
 MANUAL_QUALITY = quality.MANUALLY_EDITED  # a reading a person entered: every manual read
 Source = Literal["visit", "customer_photo", "other", "import"]
-TRANSPORT_ENTERED = 4  # readings.transport: import/api (0001)
 _MAX_INT64 = 2**63 - 1
 
 
@@ -104,9 +104,9 @@ SELECT meter_id, address, installed_at, removed_at, register_scale, register_dig
 FROM meters WHERE tenant_id = $1 AND (meter_id = ANY($2::bigint[]) OR address = ANY($3::text[]))
 ORDER BY installed_at DESC, meter_id DESC"""
 _INSERT_READINGS_SQL = """
-INSERT INTO readings (meter_id, read_at, register_ml, flags, transport, received_at, quality)
-SELECT m, t, r, 0, $4, $5, q FROM unnest($1::bigint[], $2::timestamptz[], $3::bigint[],
-    $6::smallint[]) AS u(m, t, r, q)
+INSERT INTO readings (meter_id, read_at, register_ml, flags, quality)
+SELECT m, t, r, 0, q FROM unnest($1::bigint[], $2::timestamptz[], $3::bigint[],
+    $4::smallint[]) AS u(m, t, r, q)
 ORDER BY m, t
 ON CONFLICT DO NOTHING RETURNING meter_id, read_at"""
 _INSERT_MANUAL_SQL = """
@@ -301,8 +301,6 @@ async def _store(
         ids,
         times,
         [r.register_ml for r, _ in good],
-        TRANSPORT_ENTERED,
-        now,
         [r.quality for r, _ in good],
     )
     new = {(r["meter_id"], r["read_at"]) for r in inserted}

@@ -174,9 +174,7 @@ async def meter_cycle(
         if spec.removed_at is not None and spec.removed_at <= close_at:
             c_at, c_edge = spec.removed_at, "remove"
         o_read, c_read = (
-            history.boundary_read(
-                spec, at, edge, bound, tuning.actual_window, tuning.future_tolerance
-            )
+            history.boundary_read(spec, at, edge, bound, tuning.actual_window)
             for at, edge, bound in ((o_at, o_edge, open_at), (c_at, c_edge, close_at))
         )
         ends.append(((o_at, o_read), (c_at, c_read)))

@@ -33,6 +33,9 @@ Path = Literal["copy", "merge", "none"]
 EARLIEST_READ_AT_S = 1_420_070_400  # 2015-01-01T00:00:00Z
 # a meter clock may run ahead of ours; a day ahead is a wrong clock, not drift
 MAX_CLOCK_AHEAD_S = 86_400
+# a reading dated more than this after it was received is stored but flagged
+# Flag.CLOCK_AHEAD, which billing leaves out (readings keep no receive time: migration 0049)
+FUTURE_TOLERANCE_S = 300
 
 
 UplinkOutcome = Literal["stored", "duplicate", "quarantined", "pending"]
@@ -154,23 +157,22 @@ class ReadingBatch:
 
     `meter_id`: int64 database meter ids (-1 for an address that did not resolve);
     `read_at_s`: int64 UTC epoch seconds (the decoder's unit); `register_ml`: int64 mL;
-    `flags`: uint32/int32 `decoder.columns.Flag` bits; `transport`: smallint code (see
-    0001: 1 coap, 2 coap+oscore, 3 mqtt, 4 import/api, 5 bench/test), per row or batch;
-    `received_at_us`: int64 UTC epoch microseconds, per row or batch. Raises ValueError
-    if the array columns differ in length.
+    `flags`: uint32/int32 `decoder.columns.Flag` bits; `received_at_us`: int64 UTC epoch
+    microseconds, per row or batch: checked against read_at at ingest (clock_future,
+    Flag.CLOCK_AHEAD), not stored with the reading (the uplink's raw archive row keeps it,
+    and its transport). Raises ValueError if the array columns differ in length.
     """
 
     meter_id: Int64s
     read_at_s: Int64s
     register_ml: Int64s
     flags: npt.NDArray[np.uint32] | npt.NDArray[np.int32]
-    transport: int | npt.NDArray[np.int16]
     received_at_us: int | Int64s
 
     def __post_init__(self) -> None:
         """Check that every array column has the length of `meter_id`."""
         n = len(self.meter_id)
-        for name in ("read_at_s", "register_ml", "flags", "transport", "received_at_us"):
+        for name in ("read_at_s", "register_ml", "flags", "received_at_us"):
             value = getattr(self, name)
             if isinstance(value, np.ndarray) and value.shape != (n,):
                 msg = f"ReadingBatch.{name} has shape {value.shape}, meter_id has {n} rows"
@@ -182,7 +184,7 @@ class ReadingBatch:
 
     @classmethod
     def from_decoded(
-        cls, decoded: Decoded, meter_ids: Int64s, *, transport: int, received_at_us: int
+        cls, decoded: Decoded, meter_ids: Int64s, *, received_at_us: int
     ) -> ReadingBatch:
         """The readings of `decoded` with their addresses resolved to `meter_ids` (-1: unknown)."""
         return cls(
@@ -190,7 +192,6 @@ class ReadingBatch:
             read_at_s=decoded.read_at_s,
             register_ml=decoded.register_ml,
             flags=decoded.flags,
-            transport=transport,
             received_at_us=received_at_us,
         )
 

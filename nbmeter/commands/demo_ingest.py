@@ -27,7 +27,6 @@ from storage.pool import create_pool
 from storage.rows import ReadingBatch
 
 DEMO_TENANT = "demo"
-_TRANSPORT_IMPORT = 4
 
 
 def _say(message: str) -> None:
@@ -70,9 +69,7 @@ async def _run(meters: int, hours: int) -> int:
             f" ({n / max(t2 - t1, 1e-9):,.0f} frames/s)"
         )
         ids = await MeterDirectory(pool).resolve(tenant_id, decoded.address)
-        batch = ReadingBatch.from_decoded(
-            decoded, ids, transport=_TRANSPORT_IMPORT, received_at_us=int(time.time() * 1e6)
-        )
+        batch = ReadingBatch.from_decoded(decoded, ids, received_at_us=int(time.time() * 1e6))
         writer = ReadingWriter(pool)
         first = await writer.write(batch)
         t3 = time.perf_counter()

@@ -27,8 +27,10 @@ from pydantic import SecretStr
 
 from api.app import create_app
 from api.settings import ApiSettings
+from decoder.columns import Flag
 from storage.apikeys import create_api_key, create_tenant
 from storage.credentials import new_key
+from storage.rows import FUTURE_TOLERANCE_S
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,11 @@ AddReadings = Callable[..., Awaitable[None]]
 
 @pytest.fixture
 def add_readings(pool: asyncpg.Pool) -> AddReadings:
-    """Factory: COPY readings (read_at, register_ml[, flags[, received_at]]) of one meter."""
+    """Factory: COPY readings (read_at, register_ml[, flags[, received_at]]) of one meter.
+
+    A reading dated more than FUTURE_TOLERANCE_S after the `received_at` given gets
+    Flag.CLOCK_AHEAD, as ingest sets it (readings keep no receive time).
+    """
 
     async def add(meter_id: int, rows: list[tuple[Any, ...]]) -> None:
         records = []
@@ -143,12 +149,14 @@ def add_readings(pool: asyncpg.Pool) -> AddReadings:
             read_at, ml = row[0], row[1]
             flags = row[2] if len(row) > 2 else 0
             received = row[3] if len(row) > 3 else read_at + timedelta(minutes=2)
-            records.append((meter_id, read_at, ml, flags, 5, received))
+            if read_at > received + timedelta(seconds=FUTURE_TOLERANCE_S):
+                flags |= Flag.CLOCK_AHEAD
+            records.append((meter_id, read_at, ml, int(flags)))
         async with pool.acquire() as conn:
             await conn.copy_records_to_table(
                 "readings",
                 records=records,
-                columns=["meter_id", "read_at", "register_ml", "flags", "transport", "received_at"],
+                columns=["meter_id", "read_at", "register_ml", "flags"],
             )
 
     return add

@@ -79,7 +79,7 @@ async def seed(pool: asyncpg.Pool, n_meters: int = 24, days: int = 14) -> Seeded
                     continue
                 hourly = (20_000 if 6 <= at.hour <= 22 else 2_000) * (1 + i % 4)
                 total += hourly * (8 + (at.day * 7 + i) % 5) // 10 + (i == 5) * 15_000
-                readings.append((m, at, total, 0, 1, at + timedelta(minutes=1)))
+                readings.append((m, at, total, 0))
             for d in range(days, -1, -1):
                 at = now - timedelta(days=d)
                 mv = 3650 - 9 * (days - d) - 40 * (i % 7) - (500 if i == 3 else 0)
@@ -99,7 +99,7 @@ async def seed(pool: asyncpg.Pool, n_meters: int = 24, days: int = 14) -> Seeded
                                     5, "CJ/T 188 CS mismatch"))  # fmt: skip
         await conn.copy_records_to_table(
             "readings", records=readings,
-            columns=["meter_id", "read_at", "register_ml", "flags", "transport", "received_at"],
+            columns=["meter_id", "read_at", "register_ml", "flags"],
         )  # fmt: skip
         await conn.executemany(
             "INSERT INTO raw_uplinks (received_at, tenant_id, meter_id, transport, payload, format,"

@@ -193,10 +193,10 @@ async def test_cli_enters_a_manual_read(pool, db_url, make_tenant, add_meter):
     code, _, err = await run(cmd, env)
     assert code == 0, err
     row = await pool.fetchrow(
-        "SELECT r.register_ml, r.quality, r.transport, mr.entered_by, mr.source FROM readings r"
+        "SELECT r.register_ml, r.quality, mr.entered_by, mr.source FROM readings r"
         " JOIN manual_reads mr USING (meter_id, read_at) WHERE r.meter_id = $1",
         m,
     )
-    assert tuple(row) == (12_500_000, 7, 4, "cli:reader-7", "customer_photo")
+    assert tuple(row) == (12_500_000, 7, "cli:reader-7", "customer_photo")
     code, out, err = await run(cmd, env)
     assert (code, out.strip()) == (0, "already stored (same read)"), err

@@ -46,16 +46,16 @@ async def test_csv_import_stores_every_row_once(api, pool, make_tenant, add_mete
         False,
     )
     rows = await pool.fetch(
-        "SELECT r.meter_id, r.register_ml, r.quality, r.transport, mr.source, mr.import_id,"
+        "SELECT r.meter_id, r.register_ml, r.quality, mr.source, mr.import_id,"
         " mr.entered_by FROM readings r JOIN manual_reads mr USING (meter_id, read_at)"
         " WHERE r.meter_id = ANY($1::bigint[]) ORDER BY r.meter_id, r.read_at",
         [a, b],
     )
     by = "key:" + t.writer["Authorization"].split("_")[1]
     assert [tuple(x) for x in rows] == [
-        (a, 101_250_000, 0, 4, "import", first["import_id"], by),
-        (a, 110_500_000, 7, 4, "import", first["import_id"], by),
-        (b, 5_000_000, 7, 4, "import", first["import_id"], by),  # quality defaults to 7
+        (a, 101_250_000, 0, "import", first["import_id"], by),
+        (a, 110_500_000, 7, "import", first["import_id"], by),
+        (b, 5_000_000, 7, "import", first["import_id"], by),  # quality defaults to 7
     ]
     again = await api.post("/v1/reads/import", headers={**t.writer, **CSV}, content=body)
     assert again.json() == {**first, "stored": 0, "duplicates": 3, "replayed": True}

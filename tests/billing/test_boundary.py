@@ -9,12 +9,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from billing.boundary import BoundaryRead, History, Meter, Reading, gap_across
+from decoder.columns import Flag
 
 AT = datetime(2024, 2, 1, tzinfo=UTC)
 H = timedelta(hours=1)
 D = timedelta(days=1)
 WINDOW = H
-TOLERANCE = timedelta(minutes=5)
 METER = Meter(
     installed_at=datetime(2023, 1, 1, tzinfo=UTC),
     removed_at=None,
@@ -27,13 +27,13 @@ METER = Meter(
 
 
 def r(at: datetime, ml: int, flags: int = 0, quality: int | None = None) -> Reading:
-    """A reading received two minutes after it was taken."""
-    return Reading(1, at, ml, flags, at + timedelta(minutes=2), quality)
+    """One reading of meter 1."""
+    return Reading(1, at, ml, flags, quality)
 
 
 def read(readings: list[Reading], meter: Meter = METER, edge: str | None = None) -> BoundaryRead:
     """The boundary read at AT."""
-    return History(readings).boundary_read(meter, AT, edge, AT, WINDOW, TOLERANCE)
+    return History(readings).boundary_read(meter, AT, edge, AT, WINDOW)
 
 
 def test_actual_read_within_the_window() -> None:
@@ -84,8 +84,9 @@ def test_installation_and_removal_registers() -> None:
 
 
 def test_future_clock_and_preinstallation_readings_are_unused() -> None:
-    """A reading dated after it was received (+tolerance) or before installation is skipped."""
-    future = Reading(1, AT, 9_000_000, 0, AT - D, None)
+    """A reading ingest flagged clock-ahead (dated after it was received + the tolerance) or
+    one before installation is skipped."""
+    future = Reading(1, AT, 9_000_000, int(Flag.CLOCK_AHEAD), None)
     assert read([future]).method == "missing"
     meter = Meter(AT - H, None, None, None, -3, 5, 10_000_000)
     assert read([r(AT - 2 * H, 1_000_000)], meter).method == "missing"

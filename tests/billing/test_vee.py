@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from billing.boundary import Reading
 from billing.vee import Event, Report, Span, check_cycle
+from decoder.columns import Flag
 
 OPEN = datetime(2024, 2, 1, tzinfo=UTC)
 CLOSE = datetime(2024, 3, 1, tzinfo=UTC)
@@ -15,11 +16,8 @@ SPAN = Span(1, "water", 5, -3, datetime(2023, 1, 1, tzinfo=UTC), None)
 
 
 def daily(registers: list[int], start: datetime = OPEN, flags: int = 0) -> list[Reading]:
-    """One reading a day from `start`, received a minute later."""
-    return [
-        Reading(1, start + k * D, ml, flags, start + k * D + timedelta(minutes=1))
-        for k, ml in enumerate(registers)
-    ]
+    """One reading a day from `start`."""
+    return [Reading(1, start + k * D, ml, flags) for k, ml in enumerate(registers)]
 
 
 def check(
@@ -33,7 +31,6 @@ def check(
         open_at=OPEN,
         close_at=CLOSE,
         now=CLOSE + 10 * D,
-        tolerance=timedelta(minutes=5),
         max_gap=timedelta(hours=48),
         zero_streak=timedelta(days=7),
     )
@@ -73,9 +70,10 @@ def test_gaps_and_zero_streaks() -> None:
 
 
 def test_exchange_excluded_readings_and_alarms() -> None:
-    """A second meter is an exchange; a future-dated reading is excluded; events are alarms."""
+    """A second meter is an exchange; a reading ingest flagged clock-ahead is excluded (and
+    reported); events are alarms."""
     new = Span(2, "water", 5, -3, OPEN + 10 * D, None)
-    future = Reading(1, OPEN + 3 * D, 1, 0, OPEN + 2 * D)
+    future = Reading(1, OPEN + 3 * D, 1, int(Flag.CLOCK_AHEAD))
     events = [Event(1, "leak", OPEN + D, True, None)]
     report = check([*daily([10_000_000 + k for k in range(29)]), future], [SPAN, new], events)
     assert "meter_exchange" in codes(report)

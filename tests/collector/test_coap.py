@@ -26,11 +26,15 @@ async def test_plain_con_stores_the_reading(
     reply = await raw.post(cjt188_frame(address, 1_230_000, hour(1)), query=f"t={lab_tenant}")
     assert reply.code_str == "2.04"
     row = await pool.fetchrow(
-        "SELECT register_ml, transport, extract(epoch FROM read_at)::bigint AS at"
+        "SELECT register_ml, extract(epoch FROM read_at)::bigint AS at"
         " FROM readings WHERE meter_id = $1",
         meter_id,
     )
-    assert (row["register_ml"], row["transport"], row["at"]) == (1_230_000, 1, hour(1))
+    assert (row["register_ml"], row["at"]) == (1_230_000, hour(1))
+    transport = await pool.fetchval(
+        "SELECT transport FROM raw_uplinks WHERE meter_id = $1 AND outcome = 'stored'", meter_id
+    )
+    assert transport == 1  # plain CoAP, kept per uplink
 
 
 async def test_plain_non_stores_the_reading(
@@ -158,10 +162,14 @@ async def test_oscore_con_and_non_store_the_readings(
     finally:
         await client.shutdown()
     rows = await pool.fetch(
-        "SELECT register_ml, transport FROM readings WHERE meter_id = $1 ORDER BY read_at",
+        "SELECT register_ml FROM readings WHERE meter_id = $1 ORDER BY read_at", device.meter_id
+    )
+    assert [r["register_ml"] for r in rows] == [20_000, 40_000]
+    transports = await pool.fetch(
+        "SELECT DISTINCT transport FROM raw_uplinks WHERE meter_id = $1 AND outcome = 'stored'",
         device.meter_id,
     )
-    assert [(r["register_ml"], r["transport"]) for r in rows] == [(20_000, 2), (40_000, 2)]
+    assert [r[0] for r in transports] == [2]  # coap+oscore, kept per uplink
 
 
 async def test_oscore_device_reporting_another_meter_is_forbidden(

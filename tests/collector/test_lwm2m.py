@@ -166,10 +166,12 @@ async def test_register_send_update_deregister_with_queue_mode_delivery(
     )
     sent = await client.call(aiocoap.POST, "dp", payload=pack, content_format=112)
     assert code(sent) == "2.04", sent.payload
-    reading = await pool.fetchrow(
-        "SELECT register_ml, transport FROM readings WHERE meter_id = $1", meter_id
+    reading = await pool.fetchrow("SELECT register_ml FROM readings WHERE meter_id = $1", meter_id)
+    assert tuple(reading) == (12_345_000,)
+    transport = await pool.fetchval(
+        "SELECT transport FROM raw_uplinks WHERE meter_id = $1 AND outcome = 'stored'", meter_id
     )
-    assert tuple(reading) == (12_345_000, 1)
+    assert transport == 1  # plain CoAP, kept per uplink
     health = await pool.fetchrow(
         "SELECT battery_mv, rsrp_cdbm FROM device_health WHERE meter_id = $1", meter_id
     )
@@ -353,10 +355,15 @@ async def test_oscore_client_gets_its_queued_commands_protected(
         device.meter_id,
     )
     assert [tuple(r) for r in rows] == [(valve, 1), (clock, 1)]
-    reading = await pool.fetchrow(
-        "SELECT register_ml, transport FROM readings WHERE meter_id = $1", device.meter_id
+    reading = await pool.fetchval(
+        "SELECT register_ml FROM readings WHERE meter_id = $1", device.meter_id
     )
-    assert tuple(reading) == (4_250_000, 2)  # the Send, stored as OSCORE
+    assert reading == 4_250_000
+    transports = await pool.fetch(
+        "SELECT DISTINCT transport FROM raw_uplinks WHERE meter_id = $1 AND outcome = 'stored'",
+        device.meter_id,
+    )
+    assert [r[0] for r in transports] == [2]  # the Send, archived as OSCORE
 
 
 async def test_refusals_bad_query_block1_registration_and_wrong_content_format(

@@ -50,12 +50,14 @@ def publish(
 async def test_qos1_uplinks_store_exactly_the_readings(
     broker: Broker, pool: asyncpg.Pool, device: ProvisionedDevice
 ) -> None:
-    """QoS 1 uplinks from a device account are stored once each, with transport 3."""
+    """QoS 1 uplinks from a device account are stored once each; their uplinks are archived
+    with transport 3 (readings keep no transport: the raw archive has it per uplink)."""
     frames = [cjt188_frame(device.address, 10_000 * (h + 1), hour(h)) for h in range(5)]
     assert publish(broker, device, frames) == [0] * 5
     assert await wait_count(pool, 5, MINE, device.meter_id) == 5
     transports = await pool.fetch(
-        "SELECT DISTINCT transport FROM readings WHERE meter_id = $1", device.meter_id
+        "SELECT DISTINCT transport FROM raw_uplinks WHERE meter_id = $1 AND outcome = 'stored'",
+        device.meter_id,
     )
     assert [r[0] for r in transports] == [3]
 

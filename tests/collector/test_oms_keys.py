@@ -58,13 +58,11 @@ async def test_oms_uplink_over_oscore_is_decrypted_and_stored(
         await client.shutdown()
     assert response.code == aiocoap.CHANGED, response.payload
     rows = await pool.fetch(
-        "SELECT register_ml, extract(epoch FROM read_at)::bigint AS at, transport"
+        "SELECT register_ml, extract(epoch FROM read_at)::bigint AS at"
         " FROM readings WHERE meter_id = $1",
         device.meter_id,
     )
-    assert [(r["register_ml"], r["at"], r["transport"]) for r in rows] == [
-        (123_456_000, hour(30), 2)
-    ]
+    assert [(r["register_ml"], r["at"]) for r in rows] == [(123_456_000, hour(30))]
 
 
 async def test_oms_uplink_over_plain_coap_finds_the_key_by_reported_id(

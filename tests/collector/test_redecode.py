@@ -99,14 +99,17 @@ async def test_no_key_frame_is_stored_once_after_its_key_arrives(
     done = await finished(pool, tenant_id, job.job_id)
     assert (done.state, done.counts["stored"], done.n_new) == ("done", 1, 1)
     readings = await pool.fetch(
-        "SELECT register_ml, extract(epoch FROM read_at)::bigint AS at, transport, received_at"
+        "SELECT register_ml, extract(epoch FROM read_at)::bigint AS at"
         " FROM readings WHERE meter_id = $1",
         device.meter_id,
     )
-    assert [(r["register_ml"], r["at"], r["transport"]) for r in readings] == [
-        (4_321_000, hour(50), 1)
-    ]
-    assert readings[0]["received_at"] == row["received_at"]  # the original reception
+    assert [(r["register_ml"], r["at"]) for r in readings] == [(4_321_000, hour(50))]
+    archived = await pool.fetch(
+        "SELECT received_at, transport FROM raw_uplinks WHERE meter_id = $1 AND outcome = 'stored'",
+        device.meter_id,
+    )
+    # the uplink is archived with its original reception (readings keep no receive time)
+    assert [tuple(a) for a in archived] == [(row["received_at"], 1)]
     [resolved] = await pool.fetch(ROW, frame)
     assert (resolved["resolution"], resolved["resolved_by_job"]) == ("stored", job.job_id)
     # asking again: the single row is refused with what became of it, a bulk request
@@ -150,11 +153,11 @@ async def test_a_meters_no_key_rows_are_redecoded_in_bulk_as_its_device(
     done = await finished(pool, tenant_id, job.job_id)
     assert (done.state, done.counts["stored"], done.n_new) == ("done", 3, 3)
     rows = await pool.fetch(
-        "SELECT register_ml, extract(epoch FROM read_at)::bigint AS at, transport"
+        "SELECT register_ml, extract(epoch FROM read_at)::bigint AS at"
         " FROM readings WHERE meter_id = $1 ORDER BY read_at",
         device.meter_id,
     )
-    assert [tuple(r) for r in rows] == [(1_000_000 * (n + 1), hour(60 + n), 2) for n in range(3)]
+    assert [tuple(r) for r in rows] == [(1_000_000 * (n + 1), hour(60 + n)) for n in range(3)]
     open_rows = await quarantine.list_rows(
         pool, tenant_id, quarantine.Filter(meter_id=device.meter_id, resolved=False),
         after=None, limit=10,

@@ -96,7 +96,6 @@ def test_readings_of_passing_uplinks_are_masked_in_with_their_uplink_columns() -
     assert r.meter_id.tolist() == [70, 70, 90]
     assert r.read_at_s.tolist() == [100, 200, 300]
     assert r.register_ml.tolist() == [1_000, 2_000, 3_000]
-    assert np.asarray(r.transport).tolist() == [3, 3, 1]
     assert np.asarray(r.received_at_us).tolist() == [1_767_225_600_250_000] * 2 + [
         1_767_225_601_250_000
     ]

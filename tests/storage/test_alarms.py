@@ -119,8 +119,7 @@ async def test_auto_close_after_the_condition_cleared(pool: asyncpg.Pool, tenant
     await alarms.set_rule(pool, tenant_id, "leak", auto_close_after_s=3600)
     await _events(pool, [EventRow(m, T0, "leak", T0)])
     await pool.executemany(
-        "INSERT INTO readings (meter_id, read_at, register_ml, flags, transport, received_at)"
-        " VALUES ($1, $2, 1000, $3, 1, $2)",
+        "INSERT INTO readings (meter_id, read_at, register_ml, flags) VALUES ($1, $2, 1000, $3)",
         [(m, T0, 8), (m, T0 + timedelta(hours=1), 2048), (m, T0 + timedelta(hours=2), 0)],
     )
     assert await alarms.sweep(pool, T0 + timedelta(hours=2, minutes=30)) == (1, 0)
@@ -141,8 +140,7 @@ async def test_flag_again_before_auto_close_keeps_it_open(
     m = await _meter(pool, tenant_id, "al5")
     await _events(pool, [EventRow(m, T0, "leak", T0)])
     await pool.execute(
-        "INSERT INTO readings (meter_id, read_at, register_ml, flags, transport, received_at)"
-        " VALUES ($1, $2, 1000, 0, 1, $2)",
+        "INSERT INTO readings (meter_id, read_at, register_ml, flags) VALUES ($1, $2, 1000, 0)",
         m,
         T0 + timedelta(hours=1),
     )

@@ -43,12 +43,12 @@ async def _hourly(pool: asyncpg.Pool, meter_id: int, flow: Flow, days: int = 3) 
     register, rows = 1_000_000, []
     for k in range(days * 24 + 1):
         at = local(D0) + timedelta(hours=k)
-        rows.append((meter_id, at, register, 0, 5, at))
+        rows.append((meter_id, at, register, 0))
         register += flow(k // 24, k % 24)
     await pool.copy_records_to_table(
         "readings",
         records=rows,
-        columns=["meter_id", "read_at", "register_ml", "flags", "transport", "received_at"],
+        columns=["meter_id", "read_at", "register_ml", "flags"],
     )
 
 

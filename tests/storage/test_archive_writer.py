@@ -28,7 +28,6 @@ async def test_archive_commits_with_the_readings(pool: asyncpg.Pool, tenant_id: 
         read_at_s=np.array([int(NOW.timestamp()) - 60], np.int64),
         register_ml=np.array([1_000], np.int64),
         flags=np.zeros(1, np.uint32),
-        transport=3,
         received_at_us=int(NOW.timestamp()) * 1_000_000,
     )
     payload = b"\x68\x10\x00\x16"

@@ -9,10 +9,10 @@ import asyncpg
 import numpy as np
 import pytest
 
-from decoder.columns import Decoded
+from decoder.columns import Decoded, Flag
 from storage.ingest import MERGE_RUN_BATCHES, ReadingWriter
 from storage.meters import MeterDirectory
-from storage.rows import ReadingBatch, RejectReason
+from storage.rows import FUTURE_TOLERANCE_S, ReadingBatch, RejectReason
 
 T0_S = 1_767_225_600  # 2026-01-01T00:00:00Z
 RECEIVED_US = (T0_S + 30 * 86_400) * 1_000_000
@@ -39,7 +39,6 @@ def hourly(meter_ids: np.ndarray, hours: range) -> ReadingBatch:
         read_at_s=read_at,
         register_ml=mid * 1_000_000 + (read_at - T0_S),
         flags=np.zeros(len(mid), np.uint32),
-        transport=5,
         received_at_us=RECEIVED_US,
     )
 
@@ -51,7 +50,6 @@ def subset(batch: ReadingBatch, rows: np.ndarray) -> ReadingBatch:
         read_at_s=batch.read_at_s[rows],
         register_ml=batch.register_ml[rows],
         flags=batch.flags[rows],
-        transport=batch.transport,
         received_at_us=batch.received_at_us,
     )
 
@@ -72,7 +70,6 @@ async def test_fresh_batch_is_copied_with_every_value(pool: asyncpg.Pool, tenant
         read_at_s=np.array([T0_S + 1, T0_S, T0_S + 2], np.int64),
         register_ml=np.array([123_456_789_012, 0, 7], np.int64),
         flags=np.array([0, 1 << 3, (1 << 31) | 1], np.uint32),
-        transport=np.array([1, 2, 3], np.int16),
         received_at_us=np.array([RECEIVED_US, RECEIVED_US + 1, RECEIVED_US + 999_999], np.int64),
     )
     result = await ReadingWriter(pool).write(batch)
@@ -90,16 +87,48 @@ async def test_fresh_batch_is_copied_with_every_value(pool: asyncpg.Pool, tenant
             int((r["read_at"] - epoch).total_seconds()),
             r["register_ml"],
             r["flags"],
-            r["transport"],
-            (r["received_at"] - epoch) // timedelta(microseconds=1),
+            r["quality"],
         )
         for r in rows
     ]
     assert got == [
-        (meters[0], T0_S, 0, 8, 2, RECEIVED_US + 1),
-        (meters[2], T0_S + 1, 123_456_789_012, 0, 1, RECEIVED_US),
+        (meters[0], T0_S, 0, 8, None),
+        (meters[2], T0_S + 1, 123_456_789_012, 0, None),
         # uint32 bit 31 is stored as the integer with the same bits
-        (meters[1], T0_S + 2, 7, -(1 << 31) + 1, 3, RECEIVED_US + 999_999),
+        (meters[1], T0_S + 2, 7, -(1 << 31) + 1, None),
+    ]
+    # the row is the packed one of 0049: no per-uplink columns
+    assert list(rows[0].keys()) == ["read_at", "register_ml", "meter_id", "flags", "quality"]
+
+
+async def test_clock_ahead_is_flagged_by_the_receive_time(
+    pool: asyncpg.Pool, tenant_id: int
+) -> None:
+    """A reading dated more than FUTURE_TOLERANCE_S after its receipt is stored flagged
+    CLOCK_AHEAD (billing leaves it out); within it, not; a device cannot set or clear it."""
+    meters = await make_meters(pool, tenant_id, 4)
+    received_s = RECEIVED_US // 1_000_000
+    ahead, device_bits = int(Flag.CLOCK_AHEAD), int(Flag.LEAK | Flag.CLOCK_AHEAD)
+    late = [FUTURE_TOLERANCE_S, FUTURE_TOLERANCE_S + 1, 3600, -60]  # s after the receipt
+    batch = ReadingBatch(
+        meter_id=meters,
+        read_at_s=received_s + np.array(late, np.int64),
+        register_ml=np.array([1, 2, 3, 4], np.int64),
+        flags=np.array([0, 0, Flag.LEAK, device_bits], np.uint32),
+        received_at_us=RECEIVED_US,
+    )
+    result = await ReadingWriter(pool).write(batch)
+    assert (result.new, result.rejected) == (4, ())
+    rows = await pool.fetch(
+        "SELECT register_ml, flags FROM readings WHERE meter_id = ANY($1::bigint[])"
+        " ORDER BY register_ml",
+        meters.tolist(),
+    )
+    assert [(r["register_ml"], r["flags"]) for r in rows] == [
+        (1, 0),
+        (2, ahead),
+        (3, int(Flag.LEAK) | ahead),
+        (4, int(Flag.LEAK)),  # the device's own CLOCK_AHEAD bit is not ours: cleared
     ]
 
 
@@ -136,7 +165,7 @@ async def test_unknown_meter_does_not_sink_the_batch(pool: asyncpg.Pool, tenant_
     ghost = int(await pool.fetchval("SELECT max(meter_id) FROM meters")) + 1_000_000
     mid = batch.meter_id.copy()
     mid[[1, 7]] = [ghost, -1]  # -1: an address MeterDirectory could not resolve
-    bad = ReadingBatch(mid, batch.read_at_s, batch.register_ml, batch.flags, 5, RECEIVED_US)
+    bad = ReadingBatch(mid, batch.read_at_s, batch.register_ml, batch.flags, RECEIVED_US)
     result = await ReadingWriter(pool).write(bad)
     assert (result.new, result.duplicate) == (8, 0)
     assert [(r.index, r.reason) for r in result.rejected] == [
@@ -156,7 +185,6 @@ async def test_absurd_values_are_rejected(pool: asyncpg.Pool, tenant_id: int) ->
         read_at_s=np.array([T0_S, T0_S, 946_684_800, received_s + 3 * 86_400], np.int64),
         register_ml=np.array([5, -1, 5, 5], np.int64),
         flags=np.zeros(4, np.uint32),
-        transport=5,
         received_at_us=RECEIVED_US,
     )
     result = await ReadingWriter(pool).write(batch)
@@ -205,7 +233,6 @@ async def test_repeat_within_a_batch_keeps_the_first(pool: asyncpg.Pool, tenant_
         read_at_s=np.full(3, T0_S, np.int64),
         register_ml=np.array([10, 20, 30], np.int64),
         flags=np.zeros(3, np.uint32),
-        transport=5,
         received_at_us=RECEIVED_US,
     )
     result = await ReadingWriter(pool).write(batch)
@@ -265,7 +292,6 @@ def test_mismatched_columns_are_a_programming_error() -> None:
             read_at_s=np.zeros(2, np.int64),
             register_ml=np.zeros(3, np.int64),
             flags=np.zeros(3, np.uint32),
-            transport=5,
             received_at_us=0,
         )
 
@@ -294,7 +320,7 @@ async def test_copy_first_off_always_merges(pool: asyncpg.Pool, tenant_id: int) 
 async def test_empty_batch_writes_nothing(pool: asyncpg.Pool) -> None:
     """An empty batch returns zero counts and takes no write path."""
     empty = np.zeros(0, np.int64)
-    batch = ReadingBatch(empty, empty, empty, np.zeros(0, np.uint32), 5, RECEIVED_US)
+    batch = ReadingBatch(empty, empty, empty, np.zeros(0, np.uint32), RECEIVED_US)
     result = await ReadingWriter(pool).write(batch)
     assert (result.rows, result.new, result.duplicate, result.path) == (0, 0, 0, "none")
 
@@ -337,7 +363,7 @@ async def test_from_decoded_resolved_addresses(pool: asyncpg.Pool, tenant_id: in
         error_message=np.array([""] * 3, object),
     )
     ids = await MeterDirectory(pool).resolve(tenant_id, decoded.address)
-    batch = ReadingBatch.from_decoded(decoded, ids, transport=3, received_at_us=RECEIVED_US)
+    batch = ReadingBatch.from_decoded(decoded, ids, received_at_us=RECEIVED_US)
     result = await ReadingWriter(pool).write(batch)
     assert ids[:2].tolist() == meters.tolist()
     assert (result.new, [(r.index, r.reason.label) for r in result.rejected]) == (

@@ -32,8 +32,7 @@ async def _fill(conn: asyncpg.Connection) -> None:
             f" VALUES ({when}, 1, 'undecodable', 'test')"
         )
         await conn.execute(
-            "INSERT INTO readings (meter_id, read_at, register_ml, transport, received_at)"
-            f" VALUES (1, {when}, 1, 1, {when})"
+            f"INSERT INTO readings (meter_id, read_at, register_ml) VALUES (1, {when}, 1)"
         )
 
 
