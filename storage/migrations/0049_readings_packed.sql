@@ -64,8 +64,13 @@ FROM readings;
 
 DROP TABLE readings;
 ALTER TABLE readings_packed RENAME TO readings;
--- the idempotency key, and the index every cycle-boundary lookup walks (as 0001)
-CREATE UNIQUE INDEX readings_meter_time ON readings (meter_id, read_at DESC);
+-- the idempotency key, and the index every cycle-boundary lookup walks (as 0001). Leaf
+-- pages are built full (fillfactor 100, the default is 90): an index built over a chunk
+-- (here, or a REINDEX of a closed day's chunk) is 28.6 B per reading instead of 31.7 B.
+-- Ingest's random-meter inserts into the open chunk split pages half and half whatever
+-- the fillfactor (~70% full: ~40 B per reading). Chunks inherit the setting.
+CREATE UNIQUE INDEX readings_meter_time ON readings (meter_id, read_at DESC)
+    WITH (fillfactor = 100);
 
 -- as 0002: compression segmented by meter where the license has it; Apache: nothing
 DO $$

@@ -113,6 +113,12 @@ async def test_existing_readings_move_to_the_packed_table(before_0049: str) -> N
             "SELECT indexname FROM pg_indexes WHERE tablename = 'readings' ORDER BY 1"
         )
         assert [i["indexname"] for i in indexes] == ["readings_meter_time"]
+        options = await conn.fetch(
+            "SELECT c.reloptions FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " WHERE i.indrelid IN (SELECT format('%I.%I', chunk_schema, chunk_name)::regclass"
+            " FROM timescaledb_information.chunks WHERE hypertable_name = 'readings')"
+        )
+        assert [o["reloptions"] for o in options] == [["fillfactor=100"]]  # one chunk: T0's
         with pytest.raises(asyncpg.UniqueViolationError):
             await conn.execute(
                 "INSERT INTO readings (meter_id, read_at, register_ml) VALUES ($1, $2, 5)",
