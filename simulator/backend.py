@@ -223,14 +223,7 @@ def credentials_from(
     """`DeviceCredentials` from the provisioning output (hex OSCORE, MQTT account, DTLS
     identity and key, platform identities)."""
     return DeviceCredentials(
-        oscore=OscoreCredentials(
-            sender_id=bytes.fromhex(oscore["sender_id"]),
-            recipient_id=bytes.fromhex(oscore["recipient_id"]),
-            master_secret=bytes.fromhex(oscore["master_secret"]),
-            master_salt=bytes.fromhex(oscore["master_salt"]),
-        )
-        if oscore
-        else None,
+        oscore=OscoreCredentials.from_hex(oscore) if oscore else None,
         mqtt=MqttCredentials(mqtt["username"], mqtt["password"], mqtt["topic"]) if mqtt else None,
         dtls=(dtls["psk_identity"], dtls["psk"]) if dtls else None,
         platform_id=(platforms or {}).get("onenet"),

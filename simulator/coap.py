@@ -39,6 +39,17 @@ class OscoreCredentials:
     master_secret: bytes
     master_salt: bytes
 
+    @classmethod
+    def from_hex(cls, context: dict[str, str]) -> OscoreCredentials:
+        """From a context as provisioning (or a rotate_key) gives it to the device: hex
+        `sender_id`, `recipient_id`, `master_secret`, `master_salt`."""
+        return cls(
+            sender_id=bytes.fromhex(context["sender_id"]),
+            recipient_id=bytes.fromhex(context["recipient_id"]),
+            master_secret=bytes.fromhex(context["master_secret"]),
+            master_salt=bytes.fromhex(context["master_salt"]),
+        )
+
 
 _ContextBases = (oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityContextUtils)
 

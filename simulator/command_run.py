@@ -1,22 +1,37 @@
 """Commands during `sim run`: queue through the API, execute on the meter, change the truth.
 
-`plan(truth, creds, n_valve)` picks, deterministically, the commands of a run: `n_valve`
-OSCORE CoAP (CON) meters without faults get a valve close at a third of the period and
-an open at two thirds; drifting OSCORE CoAP meters get a clock set at the middle; one
-senml/interval meter gets a reporting interval change, and one more gets one as a meter
-of the `mute` fault class (executes, never answers: its command stays `sent` until its
-TTL, then `expired`). No command is planned for other transports yet (MQTT `down`,
-DTLS, the platform): see the README.
+`plan(truth, oscore, n_valve, mqtt)` picks, deterministically, the commands of a run:
+`n_valve` meters without faults, taken in turn from the OSCORE CoAP (CON) meters and the
+MQTT QoS 1 meters (`mqtt`: the addresses with a broker account), get a valve close at a
+third of the period and an open at two thirds; drifting meters of both kinds get a clock
+set at the middle; one senml/interval meter gets a reporting interval change, and one
+more gets one as a meter of the `mute` fault class (executes, never answers: its command
+stays `sent` until its TTL, then `expired`); one OSCORE CoAP OMS meter gets a rotate_key
+of its OMS AES key and one other OSCORE CoAP meter a rotate_key of its OSCORE context,
+both at half the period. No command is planned for DTLS and platform meters yet (see the
+README).
 
 `CommandDriver` acts it out: `events()` queue each command through the API at its virtual
-instant (`runner.send_all`'s events); `answer(meter, up, payload)` hands a 2.04's payload
-to the meter's `simulator.commands.CommandExecutor` and returns the answer to POST to
-`/c`; `adjust(up)` applies the meter's state to an uplink about to be sent. The ground
-truth changes from the hour a command executed (the last hour the carrying uplink
-reported): a closed valve freezes the register (no consumption) and sets the valve flag
-on the following readings, an open valve restores consumption; a clock set removes the
-drift accumulated so far from the later uplinks. A reporting change is recorded (the
-executor's state) but does not change the schedule's cadence.
+instant (`runner.send_all`'s events); `answer(meter, up, payload)` hands an envelope (a
+2.04's payload, or a message on the MQTT down topic) to the meter's
+`simulator.commands.CommandExecutor` and returns the answer to send (`POST /c`, or the
+MQTT result topic); `adjust(up)` applies the meter's state to an uplink about to be sent;
+`awaits(up)` says whether the meter still has a queued command it has not executed (an
+MQTT meter then listens a window after its uplink). The ground truth changes from the
+hour a command executed (the last hour the carrying uplink reported): a closed valve
+freezes the register (no consumption) and sets the valve flag on the following readings,
+an open valve restores consumption; a clock set removes the drift accumulated so far from
+the later uplinks. A rotate_key switches the meter's keys from then on: `oms_keys` holds
+the AES key its later frames are encrypted with, `oscore` the context its later requests
+are protected with (the answer itself still goes under the old one: the collector accepts
+both until the device confirms).
+
+A reporting change is recorded (`reporting` in `commands.json`: the meter's interval from
+the hour it executed) but does not change the schedule's cadence: the schedule is built,
+seeded and sorted for the whole run before the first uplink (`simulator.schedule`), every
+uplink is one daily report of whole truth hours, and the truth, the billing check and the
+backlog model all count in those hours; a meter changing cadence mid-run would need the
+schedule rebuilt around it. The readings the truth expects are the same either way.
 
 `lifecycle(records, states)` is what `sim verify` prints and checks (`commands.json`).
 """
@@ -24,6 +39,7 @@ executor's state) but does not change the schedule's cadence.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -42,6 +58,7 @@ COMMANDS_FILE = "commands.json"
 MUTE_TTL_S = 60  # the API's shortest TTL: a mute meter's command expires soon after
 _TTL_S = 7 * 86_400
 _COMMANDABLE = frozenset({Format.CJT188, Format.SENML, Format.INTERVAL})
+_REACHABLE = frozenset({Transport.COAP_CON, Transport.MQTT_QOS1})
 Event = tuple[int, Callable[[], Awaitable[None]]]
 Queue = Callable[[str, str, dict[str, Any], str, int], Awaitable[int]]
 
@@ -60,9 +77,13 @@ class Planned:
     command_id: int = 0
     executed_h: int = -1  # truth hour it took effect from (-1: never executed)
     executions: int = 0
+    reporting: dict[str, int] = field(default_factory=dict)  # the interval from then on
+    via: str = ""  # coap or mqtt: how the meter gets it
 
 
-def plan(truth: Truth, oscore: set[str], n_valve: int) -> list[Planned]:
+def plan(
+    truth: Truth, oscore: set[str], n_valve: int, mqtt: set[str] | frozenset[str] = frozenset()
+) -> list[Planned]:
     """The commands of a run (see the module docstring); [] when `n_valve` is 0."""
     if n_valve <= 0:
         return []
@@ -70,26 +91,44 @@ def plan(truth: Truth, oscore: set[str], n_valve: int) -> list[Planned]:
     faulty = {f.meter for f in truth.faults}
     drift = {f.meter for f in truth.faults_of("clock_drift")}
 
-    def fit(m: Any) -> bool:
+    def reachable(m: Any) -> bool:
         return (
-            m.transport is Transport.COAP_CON and m.address in oscore
-            and m.format in _COMMANDABLE and m.installed_h == 0 and m.removed_h >= hours
-        )  # fmt: skip
+            (m.transport is Transport.COAP_CON and m.address in oscore)
+            or (m.transport is Transport.MQTT_QOS1 and m.address in mqtt)
+        ) and m.installed_h == 0 and m.removed_h >= hours  # fmt: skip
+
+    def fit(m: Any) -> bool:
+        return reachable(m) and m.format in _COMMANDABLE
 
     at = [spec.start_s + hours * 3600 * k // 6 for k in range(7)]
     out: list[Planned] = []
     calm = [m for m in truth.meters if fit(m) and m.index not in faulty]
-    for m in calm[:n_valve]:
+    coap = [m for m in calm if m.transport is Transport.COAP_CON]
+    by_mqtt = [m for m in calm if m.transport is Transport.MQTT_QOS1]
+    turns = [m for pair in itertools.zip_longest(coap, by_mqtt) for m in pair if m is not None]
+    valve = turns[:n_valve]
+    for m in valve:
         for when, action in ((at[2], "close"), (at[4], "open")):
             out.append(Planned(m.index, m.address, when, "valve", {"action": action},
                                f"sim-valve-{action}-{m.address}"))  # fmt: skip
     for m in (m for m in truth.meters if fit(m) and m.index in drift):
         out.append(Planned(m.index, m.address, at[3], "clock", {}, f"sim-clock-{m.address}"))
-    plain = [m for m in calm[n_valve:] if m.format is not Format.CJT188][:2]
+    taken = {m.index for m in valve}
+    plain = [m for m in coap if m.index not in taken and m.format is not Format.CJT188][:2]
     for i, m in enumerate(plain):
         args = {"interval_s": 1800 if i == 0 else 7200}
         out.append(Planned(m.index, m.address, at[1], "reporting", args,
                            f"sim-reporting-{m.address}", mute=i == 1))  # fmt: skip
+    taken |= {m.index for m in plain}
+    quiet = [m for m in truth.meters if reachable(m) and m.index not in faulty | taken]
+    oms = [m for m in quiet if m.format is Format.OMS and m.transport is Transport.COAP_CON]
+    other = [m for m in quiet if m.format is not Format.OMS and m.transport is Transport.COAP_CON]
+    for m, key in ((oms[:1], "aes"), (other[:1], "oscore")):
+        for one in m:
+            out.append(Planned(one.index, one.address, at[3], "rotate_key", {"key": key},
+                               f"sim-rotate-{key}-{one.address}"))  # fmt: skip
+    for p in out:
+        p.via = "mqtt" if truth.meters[p.meter].transport.is_mqtt else "coap"
     return sorted(out, key=lambda p: (p.at_s, p.meter))
 
 
@@ -103,6 +142,8 @@ class CommandDriver:
     registers: np.ndarray[Any, Any] | None = None  # the sender's, updated in place
     executors: dict[int, CommandExecutor] = field(default_factory=dict)
     clock_base_s: dict[int, int] = field(default_factory=dict)
+    oms_keys: dict[int, bytes] = field(default_factory=dict)  # a rotated OMS AES key
+    oscore: dict[int, dict[str, str]] = field(default_factory=dict)  # a rotated context
     _base_steps: np.ndarray[Any, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -123,6 +164,14 @@ class CommandDriver:
             p.command_id = await self.queue(p.address, p.kind, p.args, p.key, ttl)
 
         return go
+
+    def awaits(self, up: Uplink) -> bool:
+        """True while `up`'s meter has a command queued (at or before `up`) that it has
+        not executed yet: it listens for it after this uplink."""
+        return any(
+            p.meter == up.meter and p.command_id and not p.executions and p.at_s <= up.send_s
+            for p in self.planned
+        )
 
     def adjust(self, up: Uplink) -> Uplink:
         """`up` as the meter sends it now: its clock less the drift a clock set removed."""
@@ -162,6 +211,14 @@ class CommandDriver:
             self._refresh(m)
         elif p.kind == "clock":
             self.clock_base_s[m] = up.clock_offset_s + self.clock_base_s.get(m, 0)
+        elif p.kind == "rotate_key":
+            state = self.executors[m].state
+            if state.aes_key is not None:
+                self.oms_keys[m] = state.aes_key
+            if state.oscore is not None:
+                self.oscore[m] = state.oscore
+        elif p.kind == "reporting":  # recorded, the cadence stays (module docstring)
+            p.reporting = {"interval_s": self.executors[m].state.interval_s, "from_h": hour}
 
     def _refresh(self, m: int) -> None:
         if self.registers is None:
@@ -230,18 +287,22 @@ def lifecycle(planned: list[Planned], states: dict[int, dict[str, Any]]) -> Life
             problems.append(f"{what}: executed, state {state} {st.get('reason')}")
         elif p.executions == 0:
             problems.append(f"{what}: never delivered (state {state})")
+        wanted = p.args.get("interval_s")
+        if p.kind == "reporting" and p.reporting and p.reporting["interval_s"] != wanted:
+            problems.append(f"{what}: the meter's interval became {p.reporting}")
     mute = sorted({p.address for p in planned if p.mute})
     lines = [
         f"commands      {len(planned)} queued: "
         + ", ".join(f"{k} {v}" for k, v in sorted(count.items())),
-        f"  {'kind':<10}{'args':<24}{'meter':<28}{'id':>6} {'exec h':>6} {'runs':>4}  state",
+        f"  {'kind':<11}{'args':<20}{'via':<6}{'meter':<28}{'id':>6} {'exec h':>6} {'runs':>4}"
+        "  state",
     ]
     for p in planned:
         st = states.get(p.command_id, {})
         args = ",".join(f"{k}={v}" for k, v in p.args.items()) or "-"
         state = st.get("state", "missing") + (f" ({st['reason']})" if st.get("reason") else "")
         lines.append(
-            f"  {p.kind:<10}{args:<24}{p.address:<28}{p.command_id:>6} "
+            f"  {p.kind:<11}{args:<20}{p.via or '-':<6}{p.address:<28}{p.command_id:>6} "
             f"{p.executed_h:>6} {p.executions:>4}  {state}"
         )
     delivered = sum(1 for p in planned if p.executions)

@@ -21,8 +21,9 @@ format's length, checksum, JSON or ciphertext check, so it must be quarantined.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -167,12 +168,18 @@ ENCODERS: dict[Format, Callable[[Meter, str, list[Reading], int], bytes]] = {
 }
 
 
-def encode(truth: Truth, uplink: Uplink, registers: npt.NDArray[np.int64]) -> bytes:
+def encode(
+    truth: Truth, uplink: Uplink, registers: npt.NDArray[np.int64],
+    oms_keys: Mapping[int, bytes] | None = None,
+) -> bytes:  # fmt: skip
     """The payload of `uplink`, as its sender's format puts it on the wire.
 
-    `registers` is `truth.register_ml()` (passed in so a run computes it once).
+    `registers` is `truth.register_ml()` (passed in so a run computes it once);
+    `oms_keys` the OMS AES keys a rotate_key gave meters during the run (by index).
     """
     sender = truth.meters[uplink.meter]
+    if oms_keys and uplink.meter in oms_keys:
+        sender = dataclasses.replace(sender, oms_key=oms_keys[uplink.meter])
     claimed = truth.meters[uplink.claimed]
     payload = ENCODERS[sender.format](
         sender, claimed.address, readings(truth, uplink, registers), uplink.seq

@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from devices.topics import down_topic, result_topic
 from simulator import backlog, frames
 from simulator.backlog import ACKED, DeviceLog
 from simulator.coap import CoapEndpoint, CoapResult, DeviceContext, OscoreCredentials
@@ -37,7 +38,7 @@ from simulator.command_run import CommandDriver
 from simulator.dtls import DtlsDevices
 from simulator.faults import Outcome
 from simulator.fleet import SECONDS_PER_DAY, Transport
-from simulator.mqtt import MqttCredentials, MqttResult, publish
+from simulator.mqtt import Downlink, MqttCredentials, MqttResult, publish
 from simulator.network import Delivery, NetworkModel
 from simulator.platform import Message as PlatformMessage
 from simulator.platform import PlatformEmulator
@@ -45,6 +46,7 @@ from simulator.schedule import Uplink
 from simulator.truth import Truth
 
 BUSY_RETRIES = 3
+MQTT_WINDOW_S = 10.0  # how long a meter expecting a command listens after its uplink
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,8 @@ class Summary:
     unacked: Counter[str] = field(default_factory=Counter)
     refused_good: list[tuple[int, str]] = field(default_factory=list)
     adjusted: dict[int, Uplink] = field(default_factory=dict)  # sent as a command changed it
-    answers: Counter[str] = field(default_factory=Counter)  # command answers POSTed to /c
+    # command answers: POSTed to /c (by CoAP code), published on MQTT res ("mqtt res")
+    answers: Counter[str] = field(default_factory=Counter)
 
     @property
     def rate(self) -> float:
@@ -230,6 +233,7 @@ class Sender:
         self.seqs = itertools.count(first_resend_seq)
         self.summary = Summary()
         self.commands: CommandDriver | None = None  # the run's commands (simulator.command_run)
+        self.rotated: dict[int, dict[str, str]] = {}  # the OSCORE context each meter now uses
         self.dtls = DtlsDevices(config.coap_host, config.coaps_port)
         secret = creds.get(PLATFORM_SECRET)
         self.platform = (
@@ -313,7 +317,8 @@ class Sender:
 
     async def _send(self, up: Uplink) -> str:
         s, meter = self.summary, self.truth.meters[up.meter]
-        payload = frames.encode(self.truth, up, self.registers)
+        keys = self.commands.oms_keys if self.commands is not None else None
+        payload = frames.encode(self.truth, up, self.registers, keys)
         if meter.transport is Transport.COAP_DTLS:
             return await self._send_dtls(up, payload)
         if meter.transport is Transport.PLATFORM_ONENET:
@@ -364,7 +369,12 @@ class Sender:
         if cred is None or cred.mqtt is None:
             return "no_mqtt_credentials"
         qos = 1 if meter.transport is Transport.MQTT_QOS1 else 0
-        res = await publish(self.config.mqtt_url, cred.mqtt, payload, qos=qos, copies=up.copies)
+        res = await publish(
+            self.config.mqtt_url, cred.mqtt, payload, qos=qos, copies=up.copies,
+            downlink=self._downlink(up, cred.mqtt),
+        )  # fmt: skip
+        if res.answers:
+            s.answers["mqtt res"] += res.answers
         s.sent += 1 if res.sent else 0
         s.transmissions += res.sent
         s.retried += max(0, res.sent - 1)
@@ -374,6 +384,20 @@ class Sender:
         elif backlog.category(word) == "timeout":
             s.timeouts += 1
         return word
+
+    def _downlink(self, up: Uplink, cred: MqttCredentials) -> Downlink | None:
+        """A commandable meter's side of the mailbox for this connection (or None): it
+        listens a window after the uplink while it has a command not yet executed."""
+        if self.commands is None or up.meter not in self.commands.executors:
+            return None
+        commands = self.commands
+        return Downlink(
+            client_id="sim-" + cred.username.replace("/", "-"),
+            down=down_topic(cred.topic),
+            res=result_topic(cred.topic),
+            handle=lambda envelope: commands.answer(up, envelope),
+            window_s=MQTT_WINDOW_S * self.config.time_scale if commands.awaits(up) else 0.0,
+        )
 
     async def _answer(
         self, up: Uplink, payload: bytes, ep: CoapEndpoint, context: DeviceContext
@@ -389,6 +413,12 @@ class Sender:
         )  # fmt: skip
         # unanswered: the collector sends the command again next window, answered from memory
         self.summary.answers[result.code or "timeout"] += 1
+        rotated = self.commands.oscore.get(up.meter)
+        if rotated is not None and self.rotated.get(up.meter) is not rotated:
+            # the answer went under the old context; from now on the meter speaks the new
+            # one (its first request under the new kid confirms it if the answer was lost)
+            self.rotated[up.meter] = rotated
+            self.contexts[up.meter] = DeviceContext(OscoreCredentials.from_hex(rotated))
 
     async def _send_dtls(self, up: Uplink, payload: bytes) -> str:
         s, meter = self.summary, self.truth.meters[up.meter]

@@ -257,7 +257,8 @@ def _driver(
 ) -> command_run.CommandDriver | None:  # fmt: skip
     """The run's CommandDriver (simulator.command_run), or None without --commands."""
     oscore = {a for a, c in creds.items() if c.oscore is not None}
-    planned = command_run.plan(truth, oscore, args.commands) if not args.plain_coap else []
+    mqtt = {a for a, c in creds.items() if c.mqtt is not None}
+    planned = command_run.plan(truth, oscore, args.commands, mqtt) if not args.plain_coap else []
     if not planned:
         return None
     missing = sorted({p.address for p in planned} - set(ids))
@@ -373,7 +374,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--commands", type=int, default=0, metavar="N",
                    help="queue commands during the run: N meters' valves closed and opened"
-                   " again, clock sets, reporting changes (0: none)")  # fmt: skip
+                   " again (CoAP and MQTT meters), clock sets, reporting changes, OMS and"
+                   " OSCORE key rollovers (0: none)")  # fmt: skip
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("provision", help="register the fleet and its credentials")

@@ -189,10 +189,13 @@ async def test_dtls_and_platform_meters_verify(stack: Stack, tmp_path: Path) -> 
 
 @pytest.mark.timeout(1200)
 async def test_commands_during_a_run_verify(stack: Stack, tmp_path: Path) -> None:
-    """`sim run --commands 2`: two valves closed and opened again, clock sets for the
-    drifting meters, reporting changes (one to a meter that never answers) go through the
-    mailbox in the meters' windows; `sim verify` finds the bills of the changed truth
-    (frozen registers while closed) and every command's lifecycle as expected."""
+    """`sim run --commands 2`: two valves, one on an OSCORE CoAP meter (on its 2.04) and
+    one on an MQTT meter (its down topic, answered on its result topic), closed and opened
+    again; clock sets for the drifting meters, reporting changes (one to a meter that
+    never answers) and an OMS AES and an OSCORE key rollover go through the mailbox in the
+    meters' windows; `sim verify` finds the bills of the changed truth (frozen registers
+    while closed; every reading of the rotated meters, sent under their new keys, stored)
+    and every command's lifecycle as expected."""
     run_dir = str(tmp_path / "run")
     code, out = await _sim(
         stack, "run", "--meters", "60", "--days", "12", "--seed", "4",
@@ -201,14 +204,19 @@ async def test_commands_during_a_run_verify(stack: Stack, tmp_path: Path) -> Non
     )  # fmt: skip
     print(out)
     assert code == 0, out
-    assert re.search(r"^command answers 2\.04 \d+", out, re.MULTILINE), out
+    assert re.search(r"^command answers 2\.04 \d+, mqtt res \d+", out, re.MULTILINE), out
     code, out = await _sim(stack, "verify", "--run-dir", run_dir)
     print(out)
     assert code == 0, out
     assert out.rstrip().endswith("verify: OK"), out
-    rows = re.findall(r"^  valve\s+action=(close|open)\s+\S+\s+\d+\s+(\d+)\s+1  (\w+)", out,
-                      re.MULTILINE)  # fmt: skip
-    assert [a for a, _, _ in rows] == ["close", "close", "open", "open"], out
-    assert {state for _, _, state in rows} == {"acknowledged"}, out
+    valve = r"^  valve\s+action=(close|open)\s+(coap|mqtt)\s+\S+\s+\d+\s+(\d+)\s+1  (\w+)"
+    rows = re.findall(valve, out, re.MULTILINE)
+    assert sorted((a, via) for a, via, _, _ in rows) == [
+        ("close", "coap"), ("close", "mqtt"), ("open", "coap"), ("open", "mqtt")
+    ], out  # fmt: skip
+    assert {state for *_, state in rows} == {"acknowledged"}, out
+    for key in ("aes", "oscore"):  # each rollover executed once and confirmed
+        assert re.search(rf"^  rotate_key +key={key} +coap .* 1  acknowledged ", out,
+                         re.MULTILINE), out  # fmt: skip
     assert re.search(r"never-answering meters 1 ", out), out
     assert re.search(r"^  reporting .* (sent|expired)", out, re.MULTILINE), out

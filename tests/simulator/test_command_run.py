@@ -9,6 +9,7 @@ import dataclasses
 
 from decoder.columns import Flag
 from decoder.commands import Pending, downlink
+from simulator import frames
 from simulator.command_run import CommandDriver, Planned, lifecycle, plan
 from simulator.fleet import FleetSpec
 from simulator.network import NetworkModel
@@ -99,3 +100,74 @@ def test_lifecycle_table_checks_each_command() -> None:
     assert not lifecycle([ok], {5: {"state": "sent"}}).ok
     expired = {6: {"state": "expired", "reason": "ttl_passed_unanswered"}}
     assert lifecycle([mute], expired).ok
+
+
+def _rollovers():  # type: ignore[no-untyped-def]
+    truth = _truth()
+    everyone = {m.address for m in truth.meters}
+    return truth, plan(truth, everyone, 2, everyone)
+
+
+def test_plan_takes_mqtt_meters_in_turn_and_rolls_keys() -> None:
+    """With broker accounts, valves alternate between OSCORE CoAP and MQTT QoS 1 meters,
+    and one OMS meter gets an AES rollover and one other CoAP meter an OSCORE one."""
+    truth, planned = _rollovers()
+    valve = [p for p in planned if p.kind == "valve" and p.args["action"] == "close"]
+    assert sorted(p.via for p in valve) == ["coap", "mqtt"]
+    assert {str(truth.meters[p.meter].transport) for p in valve} == {"coap-con", "mqtt-qos1"}
+    keys = {p.args["key"]: truth.meters[p.meter] for p in planned if p.kind == "rotate_key"}
+    assert set(keys) == {"aes", "oscore"}
+    assert str(keys["aes"].format) == "oms"
+    assert str(keys["oscore"].format) != "oms"
+    assert {str(m.transport) for m in keys.values()} == {"coap-con"}
+    only_coap = plan(truth, {m.address for m in truth.meters}, 2)
+    assert {p.via for p in only_coap} == {"coap"}
+
+
+def test_rotate_key_switches_the_meters_keys_from_then_on() -> None:
+    """After an executed rotate_key the OMS meter's later frames are sealed with the new
+    AES key, and the OSCORE meter's new context is kept for its later requests."""
+    truth, planned = _rollovers()
+    driver = CommandDriver(truth, planned, _never, registers=truth.register_ml())
+    aes, ctx = (next(p for p in planned if p.args.get("key") == k) for k in ("aes", "oscore"))
+    aes.command_id, ctx.command_id = 31, 32
+    new_key = bytes(range(16))
+    oscore = {"sender_id": "0a", "recipient_id": "00", "master_secret": "11" * 16,
+              "master_salt": "22" * 8, "algorithm": "AES-CCM-16-64-128", "kdf": "HKDF-SHA256"}  # fmt: skip
+    for p, extra in ((aes, {"aes_key": new_key.hex()}), (ctx, {"oscore": oscore})):
+        up = next(u for u in build_schedule(truth, NetworkModel())
+                  if u.meter == p.meter and u.send_s > p.at_s)  # fmt: skip
+        m = truth.meters[p.meter]
+        envelope = downlink([Pending(
+            p.command_id, p.kind, {**p.args, **extra}, str(m.format), str(m.kind), m.address
+        )], 0)  # fmt: skip
+        assert driver.answer(up, envelope) is not None
+        assert p.executions == 1
+    assert driver.oms_keys == {aes.meter: new_key}
+    assert driver.oscore == {ctx.meter: oscore}
+    later = next(u for u in build_schedule(truth, NetworkModel())
+                 if u.meter == aes.meter and u.send_s > aes.at_s + 86_400)  # fmt: skip
+    regs = truth.register_ml()
+    assert frames.encode(truth, later, regs, driver.oms_keys) != frames.encode(truth, later, regs)
+
+
+def test_reporting_change_is_recorded_not_rescheduled() -> None:
+    """An executed reporting change records the meter's interval and the hour it took
+    effect from; the truth's readings stay as they were (the cadence is not changed)."""
+    truth, planned = _rollovers()
+    steps = truth.steps.copy()
+    driver = CommandDriver(truth, planned, _never)
+    p = next(p for p in planned if p.kind == "reporting" and not p.mute)
+    p.command_id = 41
+    up = next(u for u in build_schedule(truth, NetworkModel())
+              if u.meter == p.meter and u.send_s > p.at_s)  # fmt: skip
+    assert not driver.awaits(dataclasses.replace(up, send_s=p.at_s - 1))
+    assert driver.awaits(up)
+    driver.answer(up, _envelope(p, truth, 41))
+    assert not driver.awaits(up)
+    hour = (up.send_s - truth.fleet.spec.start_s) // 3600
+    assert p.reporting == {"interval_s": p.args["interval_s"], "from_h": hour}
+    assert (truth.steps == steps).all()
+    assert lifecycle([p], {41: {"state": "acknowledged"}}).ok
+    wrong = dataclasses.replace(p, reporting={"interval_s": 3600, "from_h": hour})
+    assert not lifecycle([wrong], {41: {"state": "acknowledged"}}).ok

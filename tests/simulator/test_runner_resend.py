@@ -113,10 +113,10 @@ async def test_a_simulator_exception_ends_the_run_as_it_is(
     _, port = collector
     real = frames.encode
 
-    def encode(truth: Any, up: Uplink, registers: Any) -> bytes:
+    def encode(truth: Any, up: Uplink, registers: Any, keys: Any = None) -> bytes:
         if up.seq == REPORTS[1].seq:
             raise ValueError("simulated bug in an encoder")
-        return real(truth, up, registers)
+        return real(truth, up, registers, keys)
 
     monkeypatch.setattr(frames, "encode", encode)
     with pytest.raises(ValueError, match="simulated bug"):
