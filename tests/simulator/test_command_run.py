@@ -132,8 +132,10 @@ def test_rotate_key_switches_the_meters_keys_from_then_on() -> None:
     aes, ctx = (next(p for p in planned if p.args.get("key") == k) for k in ("aes", "oscore"))
     aes.command_id, ctx.command_id = 31, 32
     new_key = bytes(range(16))
-    oscore = {"sender_id": "0a", "recipient_id": "00", "master_secret": "11" * 16,
-              "master_salt": "22" * 8, "algorithm": "AES-CCM-16-64-128", "kdf": "HKDF-SHA256"}  # fmt: skip
+    oscore = {
+        "sender_id": "0a", "recipient_id": "00", "master_secret": "11" * 16,
+        "master_salt": "22" * 8, "algorithm": "AES-CCM-16-64-128", "kdf": "HKDF-SHA256",
+    }  # fmt: skip
     for p, extra in ((aes, {"aes_key": new_key.hex()}), (ctx, {"oscore": oscore})):
         up = next(u for u in build_schedule(truth, NetworkModel())
                   if u.meter == p.meter and u.send_s > p.at_s)  # fmt: skip
