@@ -14,9 +14,11 @@ interval/SenML devices act on `args`. The effects land in `MeterState`: a closed
 has none left), the reporting interval and time.
 
 `sim run --commands N` drives it (`simulator.command_run`): commands queued through the
-API, each 2.04's payload handed here, the answer posted to `/c`, the truth changed from
-the hour a command executed. A rotate_key keeps the key it carried in the state: the
-OMS AES key, or the new OSCORE context (any format: it is the modem's, not the meter's).
+API, each 2.04's payload (or MQTT down message) handed here, the answer posted to `/c`
+(or published on the result topic), the truth changed from the hour a command executed.
+A rotate_key keeps the key it carried in the state: the OMS AES key, or the new OSCORE
+context (any format: it is the modem's, not the meter's); the run switches the meter to
+it from then on.
 """
 
 from __future__ import annotations
