@@ -14,7 +14,9 @@ details are text), never over readings:
   and the frame's own meter if it names one) must be the device's, else
   `identity_mismatch`; a plain CoAP reading must name a meter of the uplink's tenant,
   else `unknown_meter`; a frame the decoder refused is `undecodable` (`decode_failed`
-  for the decoder's INTERNAL code, it raised on that frame);
+  for the decoder's INTERNAL code, it raised on that frame), except an authenticated
+  device's frame with no register that reports health (an LwM2M Send of objects 3/4
+  alone): it passes with no reading and its health is stored;
 - `settle(batch, dec, checked, written)` → `Verdict`: with the writer's result, one
   `Outcome` per uplink and the rows to archive (raw uplinks, quarantine, meter events,
   modem health). If every reading of an uplink was rejected by the writer, the uplink is
@@ -161,6 +163,7 @@ class Checked:
     readings: ReadingBatch  # the readings of the uplinks that passed
     owner: Int64s  # per row of `readings`: its uplink
     layout: Layout
+    health_only: set[int]  # passed uplinks whose frame has no register, only health
 
 
 def _undecodable(code: int, message: str) -> tuple[Reason, str]:
@@ -215,6 +218,8 @@ def check(batch: list[Uplink], lay: Layout, dec: Decoded, plain_meter: Int64s) -
     row_meter = np.where(row_device, dev_meter[owner], plain_meter)
     bad_row = np.where(row_device, address != dev_address[owner], plain_meter < 0)
     code = _per_uplink(lay, dec.error_code, 0)
+    health_only = _health_only(is_device & (code == ErrorCode.NO_REGISTER), lay, dec)
+    code[list(health_only)] = 0
     claim = _per_uplink(lay, dec.address_of_frame.astype(object, copy=False), "")
     failed = np.bincount(owner[bad_row], minlength=n) > 0
     failed |= code != 0
@@ -253,7 +258,22 @@ def check(batch: list[Uplink], lay: Layout, dec: Decoded, plain_meter: Int64s) -
         received_at_us=received_us[kept_owner],
     )
     meters = [m if m >= 0 else None for m in meter_of]
-    return Checked(verdicts, meters, readings, kept_owner, lay)
+    health_only -= set(np.flatnonzero(failed).tolist())
+    return Checked(verdicts, meters, readings, kept_owner, lay, health_only)
+
+
+def _health_only(candidates: npt.NDArray[np.bool_], lay: Layout, dec: Decoded) -> set[int]:
+    """The uplinks among `candidates` (authenticated, frame NO_REGISTER) whose frame
+    reports health figures: stored for those, with no reading (a modem's health is its
+    own; a plain CoAP frame without a reading names no meter we could trust for it)."""
+    if not candidates.any():
+        return set()
+    figures = HealthColumns(dec)
+    return {
+        i
+        for i in np.flatnonzero(candidates).tolist()
+        if figures.figures(int(lay.frame_of[i])) is not None
+    }
 
 
 def _utc(epoch_s: float) -> datetime:
@@ -380,6 +400,8 @@ def _archive(
     # per uplink, as Python values once (the loop below builds one row object each)
     fmt = _per_uplink(lay, dec.format.astype(object, copy=False), "").tolist()
     code = _per_uplink(lay, dec.error_code, 0).tolist()
+    for i in checked.health_only:
+        code[i] = 0  # decoded: its health is stored, it has no reading to store
     notes = _per_uplink(lay, dec.frame_flags_or_zero.astype(np.int64), -1).tolist()  # FrameFlag
     health_of_frame = HealthColumns(dec)  # collector.health: arrays, built once
     frame_of = lay.frame_of.tolist()

@@ -13,7 +13,10 @@ METER_ERROR / TAMPER. `address` is the name before `/3424/…` (or bn without it
 separator); LwM2M paths (`/3424/0/1`) carry no identity, so it is "" and the collector
 attaches the endpoint name. All resolved records go to `extra["records"]`. Device health
 from LwM2M objects 3 and 4 (battery mV/%, RSRP, SINR, cell id, coverage level) goes to
-extra fields named with their units (`HEALTH_FIELDS`).
+extra fields named with their units (`HEALTH_FIELDS`), only from the records of the
+readings' meter (or bare paths). A pack of health alone is NO_REGISTER but keeps its health
+fields and, as the frame's address, the one meter its health records name (records naming
+two meters: no health); the collector stores that health for an authenticated device.
 """
 
 from __future__ import annotations
@@ -75,11 +78,16 @@ class SenMLError(ValueError):
     """One pack is unusable; carries the ErrorCode the frame gets."""
 
     def __init__(
-        self, code: ErrorCode, message: str, extra: dict[str, object] | None = None
+        self,
+        code: ErrorCode,
+        message: str,
+        extra: dict[str, object] | None = None,
+        address: str = "",
     ) -> None:
         super().__init__(message)
         self.code = code
         self.extra = extra or {}
+        self.address = address  # the meter the refused pack names, if one
 
 
 def _num(value: object, field: str) -> Decimal:
@@ -217,11 +225,26 @@ def _address_of(name: str, base: str) -> str:
     return base.rstrip("/:") if base else name
 
 
-def health_of(resolved: Sequence[Mapping[str, object]]) -> dict[str, object]:
+def _health_owner(name: str) -> str | None:
+    """The meter a health record's name reports ("": a bare LwM2M path); None: no health."""
+    hit = HEALTH_RESOURCE.search(name)
+    if hit is None or (hit.group(1), hit.group(2)) not in HEALTH_FIELDS:
+        return None
+    return name[: hit.start()].rstrip("/:")
+
+
+def health_of(
+    resolved: Sequence[Mapping[str, object]], address: str | None = None
+) -> dict[str, object]:
     """LwM2M objects 3/4 records -> health extra fields (the newest of each; a non-numeric
-    or fractional value where a whole number is due is no figure)."""
+    or fractional value where a whole number is due is no figure). With `address`, only
+    the records of that meter (or bare paths) count: another meter's battery is not this
+    one's."""
     found: dict[str, tuple[Decimal, Decimal]] = {}  # field -> (time, value)
     for rec in resolved:
+        owner = _health_owner(str(rec["n"]))
+        if owner is None or (address is not None and owner not in ("", address)):
+            continue
         hit = HEALTH_RESOURCE.search(str(rec["n"]))
         name = HEALTH_FIELDS.get((hit.group(1), hit.group(2))) if hit else None
         value, t = rec.get("v"), rec.get("t")
@@ -250,13 +273,20 @@ def decode_one(
     extra: dict[str, object] = {"senml": encoding, "records": resolved}
     if not found:
         msg = "pack has no water volume record (unit m3/l or LwM2M /3424/x/1)"
+        # health alone (objects 3/4) is still reported, with the one meter it names; the
+        # collector stores it for an authenticated device (`collector.verdict`)
+        owners = {o for rec in resolved if (o := _health_owner(str(rec["n"]))) is not None}
+        if len(owners) == 1:
+            extra.update(health_of(resolved))
+            raise SenMLError(ErrorCode.NO_REGISTER, msg, extra, address=owners.pop())
         raise SenMLError(ErrorCode.NO_REGISTER, msg, extra)
     readings = [(t, ml, alarms.get(key, 0)) for _, (t, ml, key, _) in found]
     last_rec, last = max(found, key=lambda item: item[1][0])
     extra["total_m3"] = last[3]
-    extra.update(health_of(resolved))
     bases = [str(r.get("bn", "")) for r in records if "bn" in r]
-    return readings, _address_of(str(last_rec["n"]), bases[0] if bases else ""), extra
+    address = _address_of(str(last_rec["n"]), bases[0] if bases else "")
+    extra.update(health_of(resolved, address))
+    return readings, address, extra
 
 
 # cbor2's CBORDecodeError is not a ValueError; RecursionError cannot pass `decoder.limits`
@@ -289,6 +319,7 @@ def decode(
             got, meter, extra = decode_one(bytes(frame), int(rx[i]))
         except SenMLError as exc:
             out.error_code[i], out.error_message[i] = exc.code, str(exc)
+            out.address_of_frame[i] = exc.address
             if exc.extra:
                 out.sparse[i] = exc.extra
             continue

@@ -382,3 +382,37 @@ async def test_refusals_bad_query_block1_registration_and_wrong_content_format(
     assert code(reg) == "2.01"
     text = await client.call(aiocoap.POST, "dp", payload=b"12.5", content_format=0)
     assert code(text) == "4.15"
+
+
+async def test_a_send_of_health_alone_stores_the_health(
+    pool: asyncpg.Pool, client: Client, lab_tenant: str
+) -> None:
+    """A Send of objects 3/4 only (no volume) is answered 2.04: its health is stored, its
+    raw uplink archived as stored with no reading; one naming another meter is 4.03 and
+    stores nothing."""
+    meter_id, ep = await lab_meter(pool, lab_tenant)
+    _, other = await lab_meter(pool, lab_tenant)
+    reg = await client.call(aiocoap.POST, "rd", (f"ep={ep}", "lwm2m=1.1", "Q"), OBJECTS)
+    assert code(reg) == "2.01"
+    pack = cbor2.dumps([{-2: "/3/0/", 0: "9", 2: 64}, {-2: "/4/0/", 0: "2", 2: -101}])
+    sent = await client.call(aiocoap.POST, "dp", payload=pack, content_format=112)
+    assert code(sent) == "2.04", sent.payload
+    health = await pool.fetchrow(
+        "SELECT battery_pct, rsrp_cdbm FROM device_health WHERE meter_id = $1", meter_id
+    )
+    assert tuple(health) == (64, -10100)
+    raw = await pool.fetchrow(
+        "SELECT outcome, n_readings, error_code FROM raw_uplinks WHERE meter_id = $1", meter_id
+    )
+    assert tuple(raw) == ("stored", 0, None)
+    assert await count(pool, "SELECT count(*) FROM readings WHERE meter_id = $1", meter_id) == 0
+    assert await count(pool, "SELECT count(*) FROM quarantine WHERE meter_id = $1", meter_id) == 0
+
+    foreign = f'[{{"bn":"{other}/3/0/","n":"9","v":5}}]'.encode()
+    refused = await client.call(aiocoap.POST, "dp", payload=foreign, content_format=110)
+    assert code(refused) == "4.03"
+    sql = "SELECT count(*) FROM device_health WHERE meter_id = $1"
+    assert await count(pool, sql, meter_id) == 1  # not the other meter's battery
+    nothing = b'[{"bn":"/3/0/","n":"0","vs":"ACME"}]'  # object 3 but no health figure
+    kept = await client.call(aiocoap.POST, "dp", payload=nothing, content_format=110)
+    assert code(kept) == "4.00"  # undecodable: no_register, as before

@@ -233,6 +233,29 @@ def test_health_comes_from_frames_that_carry_it() -> None:
     assert settled.health[0].measured_at.timestamp() == int(RX)
 
 
+def test_health_alone_is_stored_for_a_device_only() -> None:
+    """A NO_REGISTER frame that reports health: a device's uplink is stored with no reading
+    and its health (raw row without the error code); one naming another meter is an
+    identity mismatch; a plain uplink's, and a device's without health, stay undecodable."""
+    no = int(ErrorCode.NO_REGISTER)
+    batch = [device_uplink(), device_uplink(), device_uplink(), plain_uplink()]
+    battery = Column(np.array([3600, 3600, 0, 3600]), np.array([True, True, False, True]))
+    dec = decoded(
+        [[], [], [], []],
+        codes=[no, no, no, no],
+        address_of_frame=["A", "B", "", "A"],
+        fields={"battery_mv": battery},
+    )
+    checked = run(batch, dec)
+    assert checked.health_only == {0}
+    reasons = [v[0] if v else None for v in checked.verdicts]
+    assert reasons == [None, Reason.IDENTITY_MISMATCH, Reason.UNDECODABLE, Reason.UNDECODABLE]
+    settled = verdict.settle(batch, dec, checked, written(0))
+    assert settled.outcomes[0] == Outcome("stored", "", "", 0, 0)
+    assert (settled.raw[0].outcome, settled.raw[0].error_code) == ("stored", None)
+    assert [(h.meter_id, h.battery_mv) for h in settled.health] == [(70, 3600)]
+
+
 def test_every_reason_has_an_answer_and_writer_labels_are_reasons() -> None:
     """The reason table and the answer map are whole, each writer reject names its reason,
     and the CoAP codes are aiocoap's."""

@@ -170,3 +170,32 @@ def test_iso_receive_time_is_utc() -> None:
     rx = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp())
     d = decode_batch([b'[{"n":"x","u":"m3","v":2}]'], rx)
     assert d.read_at_s.tolist() == [rx]
+
+
+def test_health_only_pack_reports_its_health_and_meter() -> None:
+    """A pack of objects 3/4 alone is NO_REGISTER with no reading, but keeps its health
+    figures and the one meter it names (the collector stores them for a device)."""
+    frame = b'[{"bn":"urn:imei:1/3/0/","n":"9","v":87},{"bn":"urn:imei:1/4/0/","n":"2","v":-97}]'
+    d = decode_batch([frame], 1_700_000_000, hints=["senml"])
+    assert d.error_code[0] == ErrorCode.NO_REGISTER
+    assert d.n_readings == 0
+    assert d.address_of_frame[0] == "urn:imei:1"
+    assert d.extra[0]["battery_pct"] == 87
+    assert d.extra[0]["rsrp_dbm"] == Decimal(-97)
+
+
+def test_health_of_two_meters_is_no_health() -> None:
+    """Health records naming two meters with no reading: no figure, no meter (never one
+    meter's battery on another); beside a reading only the reading's meter's count."""
+    two = b'[{"n":"urn:imei:1/3/0/9","v":87},{"n":"urn:imei:2/3/0/9","v":10}]'
+    d = decode_batch([two], 1_700_000_000, hints=["senml"])
+    assert d.error_code[0] == ErrorCode.NO_REGISTER
+    assert "battery_pct" not in d.extra[0]
+    assert d.address_of_frame[0] == ""
+    mixed = (
+        b'[{"n":"urn:imei:1/3424/0/1","v":1.5,"t":1700000000},'
+        b'{"n":"urn:imei:2/3/0/9","v":10},{"n":"urn:imei:1/3/0/9","v":87}]'
+    )
+    d = decode_batch([mixed], 1_700_000_000, hints=["senml"])
+    assert d.error_code[0] == ErrorCode.OK
+    assert d.extra[0]["battery_pct"] == 87
