@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from api.schemas import Address, Format, Integer, Kind
 
-CommandKind = Literal["valve", "clock", "reporting", "rotate_key"]
+CommandKind = Literal["valve", "clock", "reporting", "rotate_key", "read"]
 CommandState = Literal["queued", "sent", "acknowledged", "failed", "expired", "cancelled"]
 IdempotencyKey = Annotated[str, StringConstraints(pattern=r"^[!-~]{1,200}$")]
 ArgValue = Annotated[str, StringConstraints(max_length=64)] | Integer
@@ -19,7 +19,9 @@ _ARGS_DOC = (
     " reporting: {interval_s: 60..604800, report_time: 'HH:MM'} (senml/interval meters);"
     " rotate_key: {key?: aes|oscore} (default: aes for OMS meters, else oscore; a new AES"
     " key or OSCORE context, staged beside the current one by the collector; the old one"
-    " is accepted until the device confirms the new one)"
+    " is accepted until the device confirms the new one);"
+    " read: {path: '/3/0/9'} (LwM2M clients only: an LwM2M Read of an object, instance,"
+    " resource or resource instance; the client's answer, decoded, becomes the result)"
 )
 
 

@@ -23,9 +23,10 @@ Mounted by `collector.coap.build_site` next to /u, behind the same OSCORE verifi
 - Queue Mode delivery (§6.5): mailbox commands wait while the client sleeps. After each
   Register, Update or stored Send, the meter's pending commands are claimed
   (`storage.mailbox.claim`, they become `sent`) and go out as server-initiated CON
-  requests (Write = PUT, Execute = POST; `decoder.lwm2m.operations`) from the server's own
-  socket to the address the message came from. A 2.xx answer to every operation of a
-  command acknowledges it, a 4.xx/5.xx fails it (result: each operation's code); a
+  requests (Write = PUT, Execute = POST, Read = GET; `decoder.lwm2m.operations`) from the
+  server's own socket to the address the message came from. A 2.xx answer to every
+  operation of a command acknowledges it, a 4.xx/5.xx fails it (result: each operation's
+  code; a Read's result has the content too, `decoder.lwm2m.read_content`); a
   command the client cannot take (no such object) fails without being sent; no answer
   leaves it `sent`, to go out again in the next window (every operation is idempotent).
   One delivery per meter at a time. Over OSCORE each request is protected with the
@@ -58,6 +59,7 @@ from decoder.lwm2m import (
     SENML_JSON,
     objects_of,
     operations,
+    read_content,
     registration_params,
     with_endpoint,
 )
@@ -67,6 +69,7 @@ from storage.pool import Pool, connection
 
 log = structlog.get_logger("collector.lwm2m")
 
+_METHODS: Final = {"PUT": aiocoap.Code.PUT, "POST": aiocoap.Code.POST, "GET": aiocoap.Code.GET}
 OP_TIMEOUT_S: Final = 15.0  # a sleeping client's window is 10-20 s: give up, try next window
 _SEQNO_BLOCK: Final = 16  # server OSCORE sequence numbers reserved per database round trip
 
@@ -151,7 +154,7 @@ class Lwm2m:
         done: list[dict[str, str]] = []
         for op in ops:
             msg = aiocoap.Message(
-                code=aiocoap.Code.PUT if op.method == "PUT" else aiocoap.Code.POST,
+                code=_METHODS[op.method],
                 transport_tuning=aiocoap.Reliable,  # CON: retransmitted until answered
                 uri_path=op.path,
                 payload=op.payload,
@@ -167,6 +170,8 @@ class Lwm2m:
             done.append({"op": op.name, "code": f"{code >> 5}.{code & 0x1F:02d}"})
             if not answer.code.is_successful():
                 return DeviceResult(pending.command_id, False, {"ops": done})
+            if op.method == "GET":
+                return DeviceResult(pending.command_id, True, {"ops": done, **_content(answer)})
         return DeviceResult(pending.command_id, True, {"ops": done})
 
     async def _request(self, msg: aiocoap.Message, remote: Any) -> aiocoap.Message:
@@ -194,6 +199,17 @@ class Lwm2m:
         answer = await context.request(protected, handle_blockwise=False).response
         inner, _ = sc.unprotect(answer, request_id)
         return inner
+
+
+def _content(answer: aiocoap.Message) -> dict[str, object]:
+    """A Read answer's content for the command's result (`decoder.lwm2m.read_content`).
+    Deliveries do not reassemble Block2: a content past one block is reported as cut."""
+    fmt = answer.opt.content_format
+    block2 = answer.opt.block2
+    if block2 is not None and block2.more:
+        cut = "content larger than one block (Block2): not read"
+        return {"content": {"content_format": fmt, "error": cut}}
+    return {"content": read_content(fmt, bytes(answer.payload), int(time.time()))}
 
 
 class RegisterResource(resource.Resource):

@@ -37,7 +37,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 from decoder.cjt188 import BEIJING_UTC_OFFSET_S
 
@@ -50,7 +50,7 @@ _HHMM = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
 # context of the device's modem (0048), whatever its frames' format
 SUPPORTED: Final[Mapping[str, frozenset[str]]] = {
     "cjt188": frozenset({"valve", "clock", "rotate_key"}),
-    "senml": frozenset({"valve", "clock", "reporting", "rotate_key"}),
+    "senml": frozenset({"valve", "clock", "reporting", "rotate_key", "read"}),
     "interval": frozenset({"valve", "clock", "reporting", "rotate_key"}),
     "oms": frozenset({"rotate_key"}),
     "mbus": frozenset({"rotate_key"}),
@@ -58,7 +58,11 @@ SUPPORTED: Final[Mapping[str, frozenset[str]]] = {
 # rotate_key's `key`: which key it rolls; without one, the AES key of an OMS meter and the
 # OSCORE context of any other
 ROTATE_KEYS: Final = ("aes", "oscore")
-KINDS: Final = ("valve", "clock", "reporting", "rotate_key")
+KINDS: Final = ("valve", "clock", "reporting", "rotate_key", "read")
+# read's `path`: an LwM2M object, instance, resource or resource instance (LwM2M 1.1
+# §7.2: ids 0..65534 each; 65535 is reserved)
+_LWM2M_PATH = re.compile(r"^(?:/[0-9]{1,5}){1,4}$")
+_LWM2M_ID_MAX: Final = 65534
 # CJ/T 188 write DIs (big-endian on the wire, as the published valve frames)
 _DI_VALVE, _DI_CLOCK = b"\xa0\x17", b"\xa0\x15"
 _VALVE_CODES: Final = {"open": 0x55, "close": 0x99}
@@ -91,9 +95,17 @@ def rotate_target(meter_format: str, args: Mapping[str, Any]) -> str:
     return str(args.get("key") or ("aes" if meter_format == "oms" else "oscore"))
 
 
-def setting_of(kind: str) -> str:
-    """The setting a command of `kind` changes (a later one supersedes a queued earlier)."""
+def setting_of(kind: str, args: Mapping[str, Any] | None = None) -> str:
+    """The setting a command of `kind` with (checked) `args` changes: a later one
+    supersedes a queued earlier one. A read changes nothing: only a read of the same
+    path supersedes it."""
+    if kind == "read" and args is not None:
+        return f"read {args['path']}"
     return kind
+
+
+def _is_path(path: object) -> TypeGuard[str]:
+    return isinstance(path, str) and _LWM2M_PATH.match(path) is not None
 
 
 def check_args(kind: str, meter_format: str, args: Mapping[str, Any]) -> dict[str, Any]:
@@ -107,6 +119,7 @@ def check_args(kind: str, meter_format: str, args: Mapping[str, Any]) -> dict[st
     allowed: dict[str, set[str]] = {
         "valve": {"action"}, "clock": set(), "reporting": {"interval_s", "report_time"},
         "rotate_key": {"key"},  # the collector adds the new key when it sends the command
+        "read": {"path"},
     }  # fmt: skip
     extra = sorted(set(args) - allowed[kind])
     if extra:
@@ -119,6 +132,15 @@ def check_args(kind: str, meter_format: str, args: Mapping[str, Any]) -> dict[st
         return {"action": args["action"]}
     if kind == "clock":
         return {}  # the collector's clock at the moment of sending
+    if kind == "read":  # LwM2M clients only: storage.mailbox checks the meter registered
+        path = args.get("path")
+        ids = [int(i) for i in path[1:].split("/")] if _is_path(path) else [-1]
+        if min(ids) < 0 or max(ids) > _LWM2M_ID_MAX:
+            msg = (
+                "read: path must be an LwM2M path /object[/instance[/resource[/ri]]] (ids < 65535)"
+            )
+            raise ValueError(msg)
+        return {"path": "/" + "/".join(map(str, ids))}
     if kind == "rotate_key":  # the key itself: staged by the collector when it sends it
         if "key" in args and args["key"] not in ROTATE_KEYS:
             msg = "rotate_key: key must be 'aes' (OMS meters) or 'oscore'"

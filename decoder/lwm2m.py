@@ -17,6 +17,7 @@
   | clock set                | Write /3/0/13 (Device Current Time, the collector's clock)|
   | reporting interval_s     | Write /1/i/1 (Server Lifetime) then Execute /1/i/8        |
   |                          | (Registration Update Trigger: the client updates now)     |
+  | read path                | Read (GET) of the path, of an object the client registered|
 
   OMA 3424 (water meter, v1.0) has no valve resource (FORMATS.md §3 lists its resources),
   so the valve is the IPSO Actuation object 3306 instance the client registered. A
@@ -24,6 +25,8 @@
   written again, an update triggered again), which is what makes at-least-once delivery
   safe for LwM2M clients, which know no command ids. Writes carry SenML CBOR (content
   format 112, RFC 8428 §6), one of LwM2M 1.1's data formats.
+- `read_content(format, payload, now_s)`: a Read answer's content as a command result
+  (SenML JSON/CBOR records, plain text, TLV entries, else hex).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Final
 
 import cbor2
@@ -41,6 +45,14 @@ from decoder.commands import Pending
 
 SENML_JSON: Final = 110  # RFC 8428 §12.3 CoAP content formats
 SENML_CBOR: Final = 112
+TEXT_PLAIN: Final = 0  # LwM2M 1.1 §7.3: plain text for a single resource value
+OPAQUE: Final = 42
+TLV: Final = 11542  # OMA-TLV (LwM2M 1.0's and 1.1's)
+_FORMAT_NAMES: Final = {
+    SENML_JSON: "senml+json", SENML_CBOR: "senml+cbor", TEXT_PLAIN: "text", OPAQUE: "opaque",
+    TLV: "tlv",
+}  # fmt: skip
+_TLV_TYPES: Final = ("object_instance", "resource_instance", "multiple_resource", "resource")
 LIFETIME_MIN_S: Final = 60
 LIFETIME_MAX_S: Final = 31 * 86400
 DEFAULT_LIFETIME_S: Final = 86400  # LwM2M 1.1 §6.2.1: lt defaults to 86400 s
@@ -77,7 +89,7 @@ class Op:
     @property
     def name(self) -> str:
         """`write /3/0/13` style, for results and logs."""
-        kind = "write" if self.method == "PUT" else "execute"
+        kind = {"PUT": "write", "GET": "read"}.get(self.method, "execute")
         return f"{kind} /{'/'.join(self.path)}"
 
 
@@ -183,5 +195,74 @@ def operations(command: Pending, objects: Mapping[int, list[int]], now_s: int) -
         inst = _instance(objects, 1) if 1 in objects else 0
         lifetime = int(command.args["interval_s"])
         return [_write((1, inst, 1), lifetime), Op("POST", ("1", str(inst), "8"))]
+    if command.kind == "read":
+        path = tuple(str(command.args["path"]).strip("/").split("/"))
+        _instance(objects, int(path[0]))
+        return [Op("GET", path)]
     msg = f"no LwM2M operation for a {command.kind} command"
     raise ValueError(msg)
+
+
+def _plain(value: object) -> object:
+    """A resolved SenML value as JSON: exact (a fractional number as its decimal text)."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return value if isinstance(value, str | int | bool) or value is None else str(value)
+
+
+def _tlv(data: bytes, depth: int = 0) -> list[dict[str, object]]:
+    """OMA-TLV (LwM2M 1.1 §7.4.3) -> entries {type, id, hex | entries}; ValueError if
+    malformed. Values stay hex: TLV carries no types, the object model says them."""
+    out: list[dict[str, object]] = []
+    i = 0
+    while i < len(data):
+        head = data[i]
+        id_len = 2 if head & 0x20 else 1
+        len_len = (head >> 3) & 0x03
+        start = i + 1 + id_len + len_len
+        if start > len(data):
+            msg = "TLV header runs past the payload"
+            raise ValueError(msg)
+        ident = int.from_bytes(data[i + 1 : i + 1 + id_len], "big")
+        size = int.from_bytes(data[i + 1 + id_len : start], "big") if len_len else head & 0x07
+        value = data[start : start + size]
+        if len(value) != size:
+            msg = "TLV value runs past the payload"
+            raise ValueError(msg)
+        kind = _TLV_TYPES[head >> 6]
+        entry: dict[str, object] = {"type": kind, "id": ident}
+        if kind in ("object_instance", "multiple_resource") and depth < 2:
+            entry["entries"] = _tlv(value, depth + 1)
+        else:
+            entry["hex"] = value.hex()
+        out.append(entry)
+        i = start + size
+    return out
+
+
+def read_content(content_format: int | None, payload: bytes, now_s: int) -> dict[str, object]:
+    """A Read answer's content as the command's result: SenML JSON/CBOR as resolved
+    records (name, value; a fractional number as its exact decimal text), text/plain as
+    its text, TLV as its entries (values hex), anything else (opaque, unknown) as hex.
+    A content that does not parse as its format says so and keeps its bytes (hex)."""
+    # no Content-Format: opaque bytes as far as the server can tell
+    fmt = "opaque" if content_format is None else _FORMAT_NAMES.get(content_format, "other")
+    out: dict[str, object] = {"content_format": content_format, "format": fmt}
+    try:
+        if content_format in (SENML_JSON, SENML_CBOR):
+            records, _ = senml.parse(payload)
+            resolved = senml.resolve(records, now_s)
+            out["records"] = [{key: _plain(v) for key, v in rec.items()} for rec in resolved]
+            return out
+        if content_format == TEXT_PLAIN:
+            out["value"] = payload.decode("utf-8")
+            return out
+        if content_format == TLV:
+            out["entries"] = _tlv(payload)
+            return out
+    except (ValueError, TypeError, LookupError, RecursionError, cbor2.CBORError) as exc:
+        out["error"] = f"content is not {fmt}: {exc}"
+    out["hex"] = payload.hex()
+    return out

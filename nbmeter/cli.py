@@ -52,7 +52,7 @@ COMMANDS = (
     ("api", api, "api commands"),
     ("tenant", tenant, "tenant commands"),
     ("quarantine", quarantine, "quarantine commands"),
-    ("command", command, "commands to meters: valve, clock, reporting"),
+    ("command", command, "commands to meters: valve, clock, reporting, rotate_key, read"),
     ("reads", reads, "reads commands"),
     ("device", device, "device commands"),
     ("sim", sim, "sim commands"),

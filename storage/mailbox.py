@@ -140,6 +140,24 @@ async def _meter(conn: asyncpg.Connection, tenant_id: int, meter_id: int) -> asy
     return row
 
 
+async def _require_lwm2m(conn: asyncpg.Connection, kind: str, meter_ids: Sequence[int]) -> None:
+    """A read is an LwM2M Device Management operation: every meter must be an LwM2M client
+    (it registered at /rd at least once); else InvalidCommandError naming one that is not."""
+    if kind != "read":
+        return
+    other = await conn.fetchval(
+        "SELECT m FROM unnest($1::bigint[]) AS m WHERE NOT EXISTS"
+        " (SELECT 1 FROM lwm2m_registrations r WHERE r.meter_id = m) ORDER BY m LIMIT 1",
+        list(meter_ids),
+    )
+    if other is not None:
+        msg = (
+            f"read: meter {other} is no LwM2M client (it never registered at /rd); a read"
+            " is an LwM2M Device Management operation, for LwM2M clients only"
+        )
+        raise InvalidCommandError(msg)
+
+
 async def _supersede(conn: asyncpg.Connection, new_ids: Sequence[int]) -> int:
     """Cancel the queued commands that `new_ids` (just inserted) supersede; how many."""
     done = await conn.execute(
@@ -174,6 +192,7 @@ async def create(
             clean = check_args(kind, meter["format"], args)
         except ValueError as exc:
             raise InvalidCommandError(str(exc)) from exc
+        await _require_lwm2m(conn, kind, [meter_id])
         row = await conn.fetchrow(
             "INSERT INTO commands (tenant_id, meter_id, idempotency_key, kind, setting, args,"
             " created_by, expires_at)"
@@ -183,7 +202,7 @@ async def create(
             meter_id,
             idempotency_key,
             kind,
-            setting_of(kind),
+            setting_of(kind, clean),
             _canonical(clean),
             created_by,
             float(ttl_s),
@@ -274,6 +293,7 @@ async def bulk(
         )
         _check_bulk(kind, args, selection, meters)
         clean = check_args(kind, meters[0]["format"], args)
+        await _require_lwm2m(conn, kind, [r["meter_id"] for r in meters])
         job_id = await conn.fetchval(
             "INSERT INTO command_jobs (tenant_id, idempotency_key, kind, args, selection,"
             " n_commands, created_by) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7)"
@@ -294,7 +314,7 @@ async def bulk(
             tenant_id,
             job_id,
             kind,
-            setting_of(kind),
+            setting_of(kind, clean),
             _canonical(clean),
             created_by,
             float(ttl_s),

@@ -5,7 +5,8 @@ meter is next heard from, and a running collector sends it in that window. `send
 `bulk` take the command kind and `--arg name=value` (valve: action=open|close; clock:
 none; reporting: interval_s=900 and/or report_time=02:30; rotate_key: optional key=aes
 (the default for OMS meters) or key=oscore (the default for the others): the collector
-stages the new AES key or OSCORE context). Commands record `cli:<user>`.
+stages the new AES key or OSCORE context); read: path=/3/0/9 (LwM2M clients only: an
+LwM2M Read, the client's answer becomes the result). Commands record `cli:<user>`.
 Output is JSON (`list`: one line per command).
 """
 
@@ -173,7 +174,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", nargs="?", type=int, help="show/cancel: command id; job: job id")
     parser.add_argument("--tenant", required=True, help="tenant slug")
     parser.add_argument(
-        "--kind", dest="what", choices=["valve", "clock", "reporting", "rotate_key"]
+        "--kind", dest="what", choices=["valve", "clock", "reporting", "rotate_key", "read"]
     )
     parser.add_argument(
         "--arg", action="append", type=_arg, help="name=value, e.g. action=close (repeatable)"

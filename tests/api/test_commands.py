@@ -6,6 +6,8 @@ No collector runs in the API tests: delivery is tests/collector/test_downlink.py
 
 from __future__ import annotations
 
+import uuid
+
 import httpx
 
 
@@ -63,6 +65,53 @@ async def test_refusals_say_why(api, make_tenant, add_meter):
         f"/v1/meters/{cjt}/commands", json={"kind": "clock", "ttl_s": 5}, headers=t.writer
     )
     assert r.status_code == 422
+
+
+async def test_read_is_for_lwm2m_clients_only(api, make_tenant, add_meter, pool):
+    """A read of an LwM2M path: 422 for a meter that never registered as an LwM2M client
+    (and for a cjt188 meter, and for a bad path); 201 once it has a registration; a read of
+    another path does not supersede it, a read of the same path does."""
+    t = await make_tenant()
+    senml = await add_meter(t.tenant_id, format="senml")
+    cjt = await add_meter(t.tenant_id)
+    read = {"kind": "read", "args": {"path": "/3/0/9"}}
+    r = await api.post(f"/v1/meters/{senml}/commands", json=read, headers=t.writer)
+    assert r.status_code == 422
+    assert "is no LwM2M client" in r.json()["detail"]
+    r = await api.post(f"/v1/meters/{cjt}/commands", json=read, headers=t.writer)
+    assert r.status_code == 422
+    assert "cannot take a read" in r.json()["detail"]
+    await pool.execute(
+        "INSERT INTO lwm2m_registrations (registration_id, tenant_id, meter_id, endpoint,"
+        " lwm2m_version, lifetime_s, binding, queue_mode, peer, transport, expires_at)"
+        " VALUES ($1, $2, $3, 'ep', '1.1', 300, 'U', true, '[::1]:5683', 1, now())",
+        uuid.uuid4().hex[:16],
+        t.tenant_id,
+        senml,
+    )
+    bad = {"kind": "read", "args": {"path": "3/0/9"}}
+    r = await api.post(f"/v1/meters/{senml}/commands", json=bad, headers=t.writer)
+    assert r.status_code == 422
+    assert "LwM2M path" in r.json()["detail"]
+    first = await api.post(f"/v1/meters/{senml}/commands", json=read, headers=t.writer)
+    assert first.status_code == 201
+    assert first.json()["args"] == {"path": "/3/0/9"}
+    other = {"kind": "read", "args": {"path": "/3424/0"}}
+    assert (
+        await api.post(f"/v1/meters/{senml}/commands", json=other, headers=t.writer)
+    ).status_code == 201
+    again = await api.post(f"/v1/meters/{senml}/commands", json=read, headers=t.writer)
+    assert again.status_code == 201
+    states = await pool.fetch(
+        "SELECT args->>'path' AS path, state FROM commands WHERE meter_id = $1"
+        " ORDER BY 1, command_id",
+        senml,
+    )
+    assert [tuple(r) for r in states] == [
+        ("/3/0/9", "cancelled"),
+        ("/3/0/9", "queued"),
+        ("/3424/0", "queued"),
+    ]
 
 
 async def test_cancel_only_while_queued(api, make_tenant, add_meter, pool):

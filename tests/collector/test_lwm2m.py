@@ -5,6 +5,7 @@ serves the server's Device Management requests, as a real client does)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import socket
 import time
@@ -50,6 +51,22 @@ class Recorder(resource.Resource):  # type: ignore[misc]  # aiocoap is untyped
         return aiocoap.Message(code=aiocoap.CHANGED)
 
 
+class Readable(resource.Resource):  # type: ignore[misc]  # aiocoap is untyped
+    """A client resource that answers a Read (GET) with fixed content."""
+
+    def __init__(self, content_format: int, payload: bytes) -> None:
+        super().__init__()
+        self._format = content_format
+        self._payload = payload
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        del request
+        return aiocoap.Message(content_format=self._format, payload=self._payload)
+
+
+METER_OBJECT = cbor2.dumps([{-2: "/3424/0/", 0: "1", 2: 12.345}, {0: "3", 2: 2}])
+
+
 class Client:
     """An LwM2M client: objects 1, 3, 3306 served on the socket it talks from."""
 
@@ -67,6 +84,8 @@ class Client:
         client.port = free_port(socket.SOCK_DGRAM)
         for path in ("1/0/1", "1/0/8", "3/0/13", "3306/0/5850"):
             site.add_resource(path.split("/"), Recorder(path, client.seen))
+        site.add_resource(["3", "0", "9"], Readable(0, b"87"))  # battery level, text/plain
+        site.add_resource(["3424", "0"], Readable(112, METER_OBJECT))  # SenML CBOR
         client.ctx = await aiocoap.Context.create_server_context(
             site, bind=("127.0.0.1", client.port), transports=["udp6"]
         )
@@ -416,3 +435,50 @@ async def test_a_send_of_health_alone_stores_the_health(
     nothing = b'[{"bn":"/3/0/","n":"0","vs":"ACME"}]'  # object 3 but no health figure
     kept = await client.call(aiocoap.POST, "dp", payload=nothing, content_format=110)
     assert code(kept) == "4.00"  # undecodable: no_register, as before
+
+
+async def test_read_through_the_mailbox(
+    pool: asyncpg.Pool, client: Client, lab_tenant: str
+) -> None:
+    """Reads queued while the client sleeps go out as GETs on its Register: a text/plain
+    resource and a SenML CBOR instance are acknowledged with the decoded content, a path
+    the client does not serve fails with 4.04, one of an object it did not register fails
+    unsent."""
+    meter_id, ep = await lab_meter(pool, lab_tenant)
+    query = (f"ep={ep}", "lt=300", "lwm2m=1.1", "Q")
+    assert code(await client.call(aiocoap.POST, "rd", query, OBJECTS)) == "2.01"
+    bye = await client.call(
+        aiocoap.DELETE,
+        "rd/"
+        + await pool.fetchval(
+            "SELECT registration_id FROM lwm2m_registrations WHERE meter_id = $1", meter_id
+        ),
+    )
+    assert code(bye) == "2.02"  # now an LwM2M client: it may be sent reads
+    battery = await queue(pool, meter_id, "read", {"path": "/3/0/9"})
+    instance = await queue(pool, meter_id, "read", {"path": "/3424/0"})
+    missing = await queue(pool, meter_id, "read", {"path": "/3/0/99"})
+    unregistered = await queue(pool, meter_id, "read", {"path": "/5/0/1"})
+    assert code(await client.call(aiocoap.POST, "rd", query, OBJECTS)) == "2.01"
+    sql = "SELECT count(*) FROM commands WHERE meter_id = $1 AND finished_at IS NOT NULL"
+    assert await wait_count(pool, 4, sql, meter_id) == 4
+    rows = {
+        r["command_id"]: (r["state"], json.loads(r["result"]))
+        for r in await pool.fetch(
+            "SELECT command_id, state, result FROM commands WHERE meter_id = $1", meter_id
+        )
+    }
+    assert rows[battery] == (
+        "acknowledged",
+        {
+            "ops": [{"op": "read /3/0/9", "code": "2.05"}],
+            "content": {"content_format": 0, "format": "text", "value": "87"},
+        },
+    )
+    state, result = rows[instance]
+    assert state == "acknowledged"
+    records = [{k: v for k, v in r.items() if k != "t"} for r in result["content"]["records"]]
+    assert records == [{"n": "/3424/0/1", "v": "12.345"}, {"n": "/3424/0/3", "v": 2}]
+    assert rows[missing] == ("failed", {"ops": [{"op": "read /3/0/99", "code": "4.04"}]})
+    assert rows[unregistered][0] == "failed"
+    assert "no object 5" in rows[unregistered][1]["error"]

@@ -9,11 +9,15 @@ import cbor2
 import pytest
 
 from decoder import senml
-from decoder.commands import Pending
+from decoder.commands import Pending, check_args, setting_of
 from decoder.lwm2m import (
     SENML_CBOR,
+    SENML_JSON,
+    TEXT_PLAIN,
+    TLV,
     objects_of,
     operations,
+    read_content,
     registration_params,
     with_endpoint,
 )
@@ -109,9 +113,62 @@ def test_commands_as_operations() -> None:
     [
         (_pending("valve", action="close"), "no object 3306"),
         (_pending("reporting", report_time="02:00"), "report_time"),
+        (_pending("read", path="/3424/0"), "no object 3424"),
     ],
 )
 def test_commands_a_client_cannot_take(command: Pending, says: str) -> None:
     """A valve without object 3306, a report time: refused with the reason."""
     with pytest.raises(ValueError, match=says):
         operations(command, {1: [0], 3: [0]}, 0)
+
+
+def test_read_as_a_get_and_its_args() -> None:
+    """read → GET of the path (of a registered object); the path is checked and written
+    plainly; a read supersedes only a read of the same path."""
+    (get,) = operations(_pending("read", path="/3/0/9"), {3: [0]}, 0)
+    assert (get.method, get.path, get.name, get.payload) == (
+        "GET",
+        ("3", "0", "9"),
+        "read /3/0/9",
+        b"",
+    )
+    assert check_args("read", "senml", {"path": "/3/00/7/0"}) == {"path": "/3/0/7/0"}
+    for bad in ("3/0/9", "/3/0/9/1/2", "/65535", "/a", "/", 7):
+        with pytest.raises(ValueError, match="LwM2M path"):
+            check_args("read", "senml", {"path": bad})
+    with pytest.raises(ValueError, match="cannot take a read"):
+        check_args("read", "cjt188", {"path": "/3/0/9"})
+    assert setting_of("read", {"path": "/3/0/9"}) != setting_of("read", {"path": "/3/0/7"})
+
+
+def test_read_content_in_each_format() -> None:
+    """SenML JSON/CBOR → records with exact values (fractions as decimal text), text/plain
+    → its text, TLV → entries with hex values, opaque → hex; a bad content says so."""
+    pack = b'[{"bn":"/3424/0/","bt":1700000000,"n":"1","v":12.345},{"n":"3","v":2}]'
+    got = read_content(SENML_JSON, pack, 1_700_000_100)
+    assert got["format"] == "senml+json"
+    assert got["records"] == [
+        {"n": "/3424/0/1", "t": 1_700_000_000, "v": "12.345"},
+        {"n": "/3424/0/3", "t": 1_700_000_000, "v": 2},
+    ]
+    cbor = cbor2.dumps([{-2: "/3/0/9", 2: 87}])
+    assert read_content(SENML_CBOR, cbor, 5)["records"] == [{"n": "/3/0/9", "t": 5, "v": 87}]
+    assert read_content(TEXT_PLAIN, b"87", 0)["value"] == "87"
+    # TLV: object instance 0 holding resource 9 (1 byte, 87) and resource 0 (text "AB")
+    inner = bytes([0xC1, 9, 87, 0xC2, 0, 0x41, 0x42])
+    tlv = read_content(TLV, bytes([0x08, 0, len(inner)]) + inner, 0)
+    assert tlv["entries"] == [
+        {"type": "object_instance", "id": 0, "entries": [
+            {"type": "resource", "id": 9, "hex": "57"},
+            {"type": "resource", "id": 0, "hex": "4142"},
+        ]}
+    ]  # fmt: skip
+    assert read_content(42, b"\x01\x02", 0) == {
+        "content_format": 42,
+        "format": "opaque",
+        "hex": "0102",
+    }
+    broken = read_content(TLV, bytes([0xC4, 9, 1]), 0)
+    assert "runs past" in str(broken["error"])
+    assert broken["hex"] == "c40901"
+    assert "not senml+json" in str(read_content(SENML_JSON, b"[{]", 0)["error"])
