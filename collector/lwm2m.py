@@ -32,6 +32,16 @@ Mounted by `collector.coap.build_site` next to /u, behind the same OSCORE verifi
   One delivery per meter at a time. Over OSCORE each request is protected with the
   device's context (server sequence numbers reserved in the database first) and its
   answer verified with it.
+- Information Reporting (§6.4, RFC 7641): after each Register (the client has dropped
+  its observations then) the server observes the meter object, `GET /3424` with Observe
+  0 and Accept SenML CBOR, in the same window. The first answer and every notification
+  go through the pipeline as a Send does (same identity, same dedup: a notification
+  repeated stores nothing new), as long as the registration they belong to is open; a
+  new Register or a De-register ends the observation. A notification is ACKed by the
+  CoAP layer before it is stored: one dropped (pipeline full, database down) is logged,
+  and the meter's cumulative register comes again with the next. Plain CoAP clients
+  only for now: an OSCORE notification would need the device's replay window per
+  notification, which this module does not keep.
 """
 # aiocoap is untyped (as in collector.coap)
 # mypy: disable-error-code="no-untyped-call,misc,no-any-return"
@@ -40,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from typing import Any, Final
 
 import aiocoap
@@ -50,7 +61,7 @@ from collector import metrics
 from collector.coap import TenantDirectory, UplinkResource, _peer, response
 from collector.coap_guard import EventLimiter
 from collector.coap_oscore import Busy, DeviceContext
-from collector.pipeline import Pipeline
+from collector.pipeline import Pipeline, PipelineClosed, PipelineFull
 from collector.settings import CoapSettings
 from collector.uplink import Device, Transport, Uplink
 from decoder.commands import DeviceResult
@@ -70,6 +81,7 @@ from storage.pool import Pool, connection
 log = structlog.get_logger("collector.lwm2m")
 
 _METHODS: Final = {"PUT": aiocoap.Code.PUT, "POST": aiocoap.Code.POST, "GET": aiocoap.Code.GET}
+VALUE_OBJECT: Final = 3424  # OMA water meter: observed after each Register
 OP_TIMEOUT_S: Final = 15.0  # a sleeping client's window is 10-20 s: give up, try next window
 _SEQNO_BLOCK: Final = 16  # server OSCORE sequence numbers reserved per database round trip
 
@@ -90,31 +102,62 @@ async def _no_block1(request: aiocoap.Message) -> bool:
 
 
 class Lwm2m:
-    """What the LwM2M resources share: the pool, the busy answer, the deliveries."""
+    """What the LwM2M resources share: the pool, the busy answer, the deliveries, the
+    observations."""
 
-    def __init__(self, pool: Pool, settings: CoapSettings) -> None:
+    def __init__(self, pool: Pool, settings: CoapSettings, pipeline: Pipeline) -> None:
         self.pool = pool
         self.busy_s = settings.busy_max_age_s
+        self._pipeline = pipeline
         self._delivering: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        # meter -> (its registration, the observation request, the task following it)
+        self._observations: dict[int, tuple[str, Any, asyncio.Task[None] | None]] = {}
 
     def device_of(self, request: aiocoap.Message) -> Device | None:
         """The OSCORE-authenticated device, or None (plain CoAP)."""
         ctx = getattr(request.remote, "security_context", None)
         return ctx.device if isinstance(ctx, DeviceContext) else None
 
-    def kick(self, registration: lwm2m.Registration, remote: Any) -> None:
-        """Deliver the meter's pending commands to `remote` (in the background)."""
-        if registration.meter_id in self._delivering:
-            return
-        self._delivering.add(registration.meter_id)
-        task = asyncio.get_running_loop().create_task(
-            self._deliver(registration, remote), name="lwm2m-delivery"
-        )
+    def kick(self, registration: lwm2m.Registration, remote: Any, *, observe: bool = False) -> None:
+        """Deliver the meter's pending commands to `remote` (in the background); with
+        `observe` (a Register), then observe its meter object (`_observe`)."""
+        if observe:
+            self.forget(registration.meter_id)  # a new Register ends the old observation
+        if registration.meter_id not in self._delivering:
+            self._delivering.add(registration.meter_id)
+            self._spawn(self._deliver(registration, remote, observe=observe), "lwm2m-delivery")
+        elif observe:  # one delivery per meter at a time: observe beside it
+            self._spawn(self._observe(registration, remote), "lwm2m-observe")
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
-    async def _deliver(self, registration: lwm2m.Registration, remote: Any) -> None:
+    def forget(self, meter_id: int) -> None:
+        """End the meter's observation, if any (De-register, a new Register)."""
+        gone = self._observations.pop(meter_id, None)
+        if gone is None:
+            return
+        _, request, task = gone
+        if request.observation is not None and not request.observation.cancelled:
+            request.observation.cancel()
+        if task is not None:
+            task.cancel()
+
+    async def _deliver(
+        self, registration: lwm2m.Registration, remote: Any, *, observe: bool = False
+    ) -> None:
+        try:
+            await self._commands(registration, remote)
+        finally:
+            self._delivering.discard(registration.meter_id)
+        if observe:
+            await self._observe(registration, remote)
+
+    async def _commands(self, registration: lwm2m.Registration, remote: Any) -> None:
         meter_id = registration.meter_id
         try:
             async with connection(self.pool, "claiming LwM2M commands", timeout_s=5.0) as conn:
@@ -140,8 +183,106 @@ class Lwm2m:
             log.warning("lwm2m.delivery_failed", meter_id=meter_id, error=str(exc))
         except Exception:  # a task's top level: log it, the command goes out next window
             log.exception("lwm2m.delivery_crashed", meter_id=meter_id)
+
+    async def _observe(self, registration: lwm2m.Registration, remote: Any) -> None:
+        """Observe the client's meter object (GET /3424, Observe 0, Accept SenML CBOR):
+        its first answer and every notification are stored as a Send is. Plain CoAP
+        clients only (see the module docstring); never raises."""
+        meter_id = registration.meter_id
+        if VALUE_OBJECT not in objects_of(registration.objects):
+            return
+        if isinstance(getattr(remote, "security_context", None), DeviceContext):
+            log.info("lwm2m.observe_skipped", meter_id=meter_id, why="OSCORE client")
+            return
+        msg = aiocoap.Message(
+            code=aiocoap.Code.GET,
+            transport_tuning=aiocoap.Reliable,
+            uri_path=(str(VALUE_OBJECT),),
+            observe=0,
+        )
+        msg.opt.accept = SENML_CBOR
+        msg.remote = remote
+        request = _context_of(remote).request(msg, handle_blockwise=False)
+        self._observations[meter_id] = (registration.registration_id, request, None)
+        try:
+            first = await asyncio.wait_for(request.response, OP_TIMEOUT_S)
+        except (TimeoutError, error.Error) as exc:
+            log.info("lwm2m.observe_unanswered", meter_id=meter_id, error=str(exc))
+            self._drop(meter_id, request)
+            return
+        if not first.code.is_successful():
+            log.info("lwm2m.observe_refused", meter_id=meter_id, code=str(first.code))
+            self._drop(meter_id, request)
+            return
+        await self._notified(registration, remote, first)
+        if (
+            first.opt.observe is None
+            or self._observations.get(meter_id, (0, None))[1] is not request
+        ):
+            self._drop(meter_id, request)  # not observable, or replaced meanwhile
+            return
+        task = self._spawn(self._follow(registration, remote, request), "lwm2m-observation")
+        self._observations[meter_id] = (registration.registration_id, request, task)
+        log.info("lwm2m.observing", meter_id=meter_id, path=f"/{VALUE_OBJECT}")
+
+    def _drop(self, meter_id: int, request: Any) -> None:
+        """End `request`'s observation; forget it if it is still the meter's."""
+        if self._observations.get(meter_id, (0, None))[1] is request:
+            del self._observations[meter_id]
+        if request.observation is not None and not request.observation.cancelled:
+            request.observation.cancel()
+
+    async def _follow(self, registration: lwm2m.Registration, remote: Any, request: Any) -> None:
+        """Store each notification until the observation ends (the client cancels it, a
+        new Register or De-register replaces it, the registration is gone)."""
+        meter_id = registration.meter_id
+        try:
+            async for note in request.observation:
+                if not await self._notified(registration, remote, note):
+                    break
+        except error.Error as exc:  # NotObservable, ObservationCancelled, a transport error
+            log.info("lwm2m.observation_ended", meter_id=meter_id, error=repr(exc))
+        except Exception:  # a task's top level: log it; the next Register observes again
+            log.exception("lwm2m.observation_crashed", meter_id=meter_id)
         finally:
-            self._delivering.discard(meter_id)
+            if self._observations.get(meter_id, (0, None))[1] is request:
+                self._drop(meter_id, request)
+
+    async def _notified(
+        self, registration: lwm2m.Registration, remote: Any, note: aiocoap.Message
+    ) -> bool:
+        """Store one notification (or the Observe's first answer) through the pipeline as
+        the registered meter; False when the registration is no longer open."""
+        meter_id = registration.meter_id
+        try:
+            reg = await lwm2m.current(self.pool, meter_id=meter_id)
+        except StorageError as exc:
+            log.warning("lwm2m.notification_dropped", meter_id=meter_id, error=str(exc))
+            return True  # the database is down: this one is lost, not the observation
+        if reg is None or reg.registration_id != registration.registration_id:
+            log.info("lwm2m.notification_refused", meter_id=meter_id, why="not registered")
+            return False
+        if not note.code.is_successful():
+            return True
+        uplink = Uplink(
+            with_endpoint(bytes(note.payload), reg.endpoint),
+            Transport.COAP,
+            _peer(remote),
+            device=Device(reg.meter_id, reg.tenant_id, reg.endpoint),
+        )
+        try:
+            outcome = await self._pipeline.offer(uplink)
+        except (PipelineFull, PipelineClosed) as exc:
+            metrics.UPLINKS.labels("coap", "busy").inc()
+            log.warning("lwm2m.notification_dropped", meter_id=meter_id, error=repr(exc))
+            return True
+        except Exception:  # the store failed on it: logged; the next notification follows
+            metrics.UPLINKS.labels("coap", "failed").inc()
+            log.exception("lwm2m.notification_failed", meter_id=meter_id)
+            return True
+        metrics.UPLINKS.labels("coap", outcome.status).inc()
+        log.info("lwm2m.notified", meter_id=meter_id, outcome=outcome.status, n_new=outcome.n_new)
+        return True
 
     async def _run(
         self, pending: Any, objects: dict[int, list[int]], remote: Any
@@ -261,7 +402,7 @@ class RegisterResource(resource.Resource):
         except StorageError as exc:
             raise Busy(self._s.busy_s, "database unavailable") from exc
         log.info("lwm2m.registered", meter_id=meter_id, registration=reg.registration_id)
-        self._s.kick(reg, request.remote)
+        self._s.kick(reg, request.remote, observe=True)
         return aiocoap.Message(code=aiocoap.CREATED, location_path=("rd", reg.registration_id))
 
 
@@ -322,6 +463,7 @@ class RegistrationResource(resource.Resource, resource.PathCapable):
             raise error.NotFound("no such registration") from None
         except StorageError as exc:
             raise Busy(self._s.busy_s, "database unavailable") from exc
+        self._s.forget(reg.meter_id)
         log.info("lwm2m.deregistered", meter_id=reg.meter_id, registration=reg_id)
         return aiocoap.Message(code=aiocoap.DELETED)
 
@@ -396,7 +538,7 @@ def mount(
     events: EventLimiter,
 ) -> Lwm2m:
     """Add /rd, /rd/<id> and /dp to `site`; their shared state."""
-    shared = Lwm2m(pool, settings)
+    shared = Lwm2m(pool, settings, pipeline)
     site.add_resource(["rd"], RegisterResource(shared))
     site.add_resource(["rd"], RegistrationResource(shared))  # a sub-site: /rd/<id>
     site.add_resource(["dp"], SendResource(settings, pipeline, tenants, events, shared))

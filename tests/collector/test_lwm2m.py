@@ -64,6 +64,26 @@ class Readable(resource.Resource):  # type: ignore[misc]  # aiocoap is untyped
         return aiocoap.Message(content_format=self._format, payload=self._payload)
 
 
+class MeterObject(resource.ObservableResource):  # type: ignore[misc]  # aiocoap is untyped
+    """The client's /3424: a SenML CBOR pack of its register; `show` notifies observers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pack = b""
+        self.observers: list[bytes] = []  # the token of each GET with Observe 0
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        # aiocoap renders each notification with the observing request again
+        if request.opt.observe == 0 and request.token not in self.observers:
+            self.observers.append(request.token)
+        return aiocoap.Message(content_format=112, payload=self.pack)
+
+    def show(self, t: int, m3: float) -> None:
+        """The register is now `m3` at `t`: notify."""
+        self.pack = cbor2.dumps([{-2: "/3424/0/", -3: t, 0: "1", 2: m3}])
+        self.updated_state()
+
+
 METER_OBJECT = cbor2.dumps([{-2: "/3424/0/", 0: "1", 2: 12.345}, {0: "3", 2: 2}])
 
 
@@ -77,9 +97,12 @@ class Client:
         self.port = 0
 
     @classmethod
-    async def start(cls, port: int) -> Client:
-        """A client bound to a free loopback port, talking to the collector on `port`."""
+    async def start(cls, port: int, meter: MeterObject | None = None) -> Client:
+        """A client bound to a free loopback port, talking to the collector on `port`;
+        with `meter`, its observable /3424."""
         site = resource.Site()
+        if meter is not None:
+            site.add_resource(["3424"], meter)
         client = cls(None, f"coap://127.0.0.1:{port}")
         client.port = free_port(socket.SOCK_DGRAM)
         for path in ("1/0/1", "1/0/8", "3/0/13", "3306/0/5850"):
@@ -482,3 +505,55 @@ async def test_read_through_the_mailbox(
     assert rows[missing] == ("failed", {"ops": [{"op": "read /3/0/99", "code": "4.04"}]})
     assert rows[unregistered][0] == "failed"
     assert "no object 5" in rows[unregistered][1]["error"]
+
+
+async def test_the_server_observes_the_meter_object(
+    pool: asyncpg.Pool, collector: RunningCollector, lab_tenant: str
+) -> None:
+    """On Register the server observes /3424: its first answer and each notification are
+    stored as readings; a notification repeated is stored once; a new Register observes
+    again; after De-register a notification stores nothing."""
+    meter_id, ep = await lab_meter(pool, lab_tenant)
+    meter = MeterObject()
+    t0 = (int(time.time()) // 3600 - 3) * 3600
+    meter.pack = cbor2.dumps([{-2: "/3424/0/", -3: t0, 0: "1", 2: 10.5}])
+    client = await Client.start(collector.coap_port, meter)
+    readings = "SELECT count(*) FROM readings WHERE meter_id = $1"
+    try:
+        query = (f"ep={ep}", "lt=300", "lwm2m=1.1", "Q")
+        reg = await client.call(aiocoap.POST, "rd", query, OBJECTS)
+        assert code(reg) == "2.01"
+        assert await wait_count(pool, 1, readings, meter_id) == 1  # the Observe's answer
+        assert len(meter.observers) == 1
+        meter.show(t0 + 3600, 11.25)
+        assert await wait_count(pool, 2, readings, meter_id) == 2
+        meter.show(t0 + 7200, 12.0)
+        assert await wait_count(pool, 3, readings, meter_id) == 3
+        meter.show(t0 + 7200, 12.0)  # the same notification again (a new Observe number)
+        await asyncio.sleep(1.0)
+        assert await count(pool, readings, meter_id) == 3
+        raw = "SELECT count(*) FROM raw_uplinks WHERE meter_id = $1 AND outcome = 'duplicate'"
+        assert await wait_count(pool, 1, raw, meter_id) == 1  # received, stored nothing new
+        rows = await pool.fetch(
+            "SELECT register_ml, transport FROM readings WHERE meter_id = $1 ORDER BY read_at",
+            meter_id,
+        )
+        assert [tuple(r) for r in rows] == [(10_500_000, 1), (11_250_000, 1), (12_000_000, 1)]
+
+        again = await client.call(aiocoap.POST, "rd", query, OBJECTS)  # re-register
+        assert code(again) == "2.01"
+        for _ in range(100):
+            if len(meter.observers) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert len(meter.observers) == 2  # observed again
+        meter.show(t0 + 10800, 12.5)
+        assert await wait_count(pool, 4, readings, meter_id) == 4
+
+        bye = await client.call(aiocoap.DELETE, "/".join(again.opt.location_path))
+        assert code(bye) == "2.02"
+        meter.show(t0 + 14400, 13.0)
+        await asyncio.sleep(1.0)
+        assert await count(pool, readings, meter_id) == 4  # the observation ended
+    finally:
+        await client.close()
