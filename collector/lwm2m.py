@@ -33,11 +33,13 @@ Mounted by `collector.coap.build_site` next to /u, behind the same OSCORE verifi
   device's context (server sequence numbers reserved in the database first) and its
   answer verified with it.
 - Information Reporting (§6.4, RFC 7641): after each Register (the client has dropped
-  its observations then) the server observes the meter object, `GET /3424` with Observe
-  0 and Accept SenML CBOR, in the same window. The first answer and every notification
-  go through the pipeline as a Send does (same identity, same dedup: a notification
-  repeated stores nothing new), as long as the registration they belong to is open; a
-  new Register or a De-register ends the observation. A notification is ACKed by the
+  its observations then), and after an Update when this process has no observation of
+  the meter (the last one failed, or the collector restarted), the server observes the
+  meter object, `GET /3424` with Observe 0 and Accept SenML CBOR, in the same window.
+  The first answer and every notification go through the pipeline as a Send does (same
+  identity, same dedup: a notification repeated stores nothing new), as long as the
+  registration they belong to is open; a new Register or a De-register ends the
+  observation. A notification is ACKed by the
   CoAP layer before it is stored: one dropped (pipeline full, database down) is logged,
   and the meter's cumulative register comes again with the next. Plain CoAP clients
   only for now: an OSCORE notification would need the device's replay window per
@@ -135,6 +137,10 @@ class Lwm2m:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def observing(self, meter_id: int) -> bool:
+        """True while this process observes (or is setting up an observation of) the meter."""
+        return meter_id in self._observations
 
     def forget(self, meter_id: int) -> None:
         """End the meter's observation, if any (De-register, a new Register)."""
@@ -448,7 +454,9 @@ class RegistrationResource(resource.Resource, resource.PathCapable):
             raise error.NotFound("no such registration (expired?): register again") from None
         except StorageError as exc:
             raise Busy(self._s.busy_s, "database unavailable") from exc
-        self._s.kick(reg, request.remote)
+        # no observation here (it failed, or this process restarted since the Register):
+        # set one up in this window
+        self._s.kick(reg, request.remote, observe=not self._s.observing(reg.meter_id))
         return aiocoap.Message(code=aiocoap.CHANGED)
 
     async def render_delete(self, request: aiocoap.Message) -> Any:

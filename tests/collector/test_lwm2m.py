@@ -71,8 +71,12 @@ class MeterObject(resource.ObservableResource):  # type: ignore[misc]  # aiocoap
         super().__init__()
         self.pack = b""
         self.observers: list[bytes] = []  # the token of each GET with Observe 0
+        self.refuse = 0  # GETs to answer 5.03 first
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        if self.refuse:
+            self.refuse -= 1
+            return aiocoap.Message(code=aiocoap.SERVICE_UNAVAILABLE)
         # aiocoap renders each notification with the observing request again
         if request.opt.observe == 0 and request.token not in self.observers:
             self.observers.append(request.token)
@@ -555,5 +559,40 @@ async def test_the_server_observes_the_meter_object(
         meter.show(t0 + 14400, 13.0)
         await asyncio.sleep(1.0)
         assert await count(pool, readings, meter_id) == 4  # the observation ended
+    finally:
+        await client.close()
+
+
+async def test_an_update_observes_when_the_register_could_not(
+    pool: asyncpg.Pool, collector: RunningCollector, lab_tenant: str
+) -> None:
+    """The client refuses the Observe after its Register (5.03): its next Update sets the
+    observation up, and its notifications are stored; a later Update does not observe
+    again while the observation lives."""
+    meter_id, ep = await lab_meter(pool, lab_tenant)
+    meter = MeterObject()
+    meter.refuse = 1
+    t0 = (int(time.time()) // 3600 - 3) * 3600
+    meter.pack = cbor2.dumps([{-2: "/3424/0/", -3: t0, 0: "1", 2: 1.5}])
+    client = await Client.start(collector.coap_port, meter)
+    readings = "SELECT count(*) FROM readings WHERE meter_id = $1"
+    try:
+        reg = await client.call(aiocoap.POST, "rd", (f"ep={ep}", "lwm2m=1.1", "Q"), OBJECTS)
+        assert code(reg) == "2.01"
+        for _ in range(100):
+            if meter.refuse == 0:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        assert meter.refuse == 0  # asked, refused
+        assert (meter.observers, await count(pool, readings, meter_id)) == ([], 0)
+        reg_path = "/".join(reg.opt.location_path)
+        assert code(await client.call(aiocoap.POST, reg_path)) == "2.04"
+        assert await wait_count(pool, 1, readings, meter_id) == 1
+        assert len(meter.observers) == 1
+        assert code(await client.call(aiocoap.POST, reg_path)) == "2.04"
+        meter.show(t0 + 3600, 2.5)
+        assert await wait_count(pool, 2, readings, meter_id) == 2
+        assert len(meter.observers) == 1  # the second Update kept the observation
     finally:
         await client.close()
