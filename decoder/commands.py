@@ -50,7 +50,7 @@ _HHMM = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
 # context of the device's modem (0048), whatever its frames' format
 SUPPORTED: Final[Mapping[str, frozenset[str]]] = {
     "cjt188": frozenset({"valve", "clock", "rotate_key"}),
-    "senml": frozenset({"valve", "clock", "reporting", "rotate_key", "read"}),
+    "senml": frozenset({"valve", "clock", "reporting", "rotate_key"}),
     "interval": frozenset({"valve", "clock", "reporting", "rotate_key"}),
     "oms": frozenset({"rotate_key"}),
     "mbus": frozenset({"rotate_key"}),
@@ -113,7 +113,9 @@ def check_args(kind: str, meter_format: str, args: Mapping[str, Any]) -> dict[st
     if kind not in KINDS:
         msg = f"unknown command kind {kind!r} (one of {', '.join(KINDS)})"
         raise ValueError(msg)
-    if kind not in SUPPORTED.get(meter_format, frozenset()):
+    # a read is an LwM2M operation on the client, whatever its frames' format: the gate is
+    # that the meter is an LwM2M client (storage.mailbox), not its format
+    if kind != "read" and kind not in SUPPORTED.get(meter_format, frozenset()):
         msg = f"a {meter_format} meter cannot take a {kind} command"
         raise ValueError(msg)
     allowed: dict[str, set[str]] = {

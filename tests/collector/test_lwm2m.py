@@ -360,10 +360,19 @@ async def test_oscore_client_gets_its_queued_commands_protected(
     pool: asyncpg.Pool, collector: RunningCollector, device: ProvisionedDevice
 ) -> None:
     """An OSCORE client: commands queued before it registers go out on its Register as
-    requests protected with its context, its protected answers acknowledge them, and its
-    Send is stored as its meter's reading."""
+    requests protected with its context, its protected answers acknowledge them (a Read's
+    with its content), and its Send is stored as its meter's reading."""
     valve = await queue(pool, device.meter_id, "valve", {"action": "close"})
     clock = await queue(pool, device.meter_id, "clock", {})
+    await pool.execute(  # a read is for LwM2M clients: this meter registered before
+        "INSERT INTO lwm2m_registrations (registration_id, tenant_id, meter_id, endpoint,"
+        " lwm2m_version, lifetime_s, binding, queue_mode, peer, transport, expires_at,"
+        " deregistered_at, reason) SELECT $1, tenant_id, meter_id, address, '1.1', 60, 'U',"
+        " true, '[::1]:1', 2, now(), now(), 'deregistered' FROM meters WHERE meter_id = $2",
+        secrets.token_hex(8),
+        device.meter_id,
+    )
+    battery = await queue(pool, device.meter_id, "read", {"path": "/3/0/9"})
     sc = DeviceOscore(device.oscore)
     server_credentials = CredentialsMap()
     server_credentials[":collector"] = sc  # the collector's requests to us
@@ -372,6 +381,7 @@ async def test_oscore_client_gets_its_queued_commands_protected(
     site = resource.Site()
     for path in ("3/0/13", "3306/0/5850"):
         site.add_resource(path.split("/"), Recorder(path, seen, secured))
+    site.add_resource(["3", "0", "9"], Readable(0, b"42"))
     ctx = await aiocoap.Context.create_server_context(
         OscoreSiteWrapper(site, server_credentials),
         bind=("127.0.0.1", free_port(socket.SOCK_DGRAM)),
@@ -385,7 +395,7 @@ async def test_oscore_client_gets_its_queued_commands_protected(
         reg = await asyncio.wait_for(ctx.request(msg).response, 20)
         assert code(reg) == "2.01"
         sql = "SELECT count(*) FROM commands WHERE meter_id = $1 AND state = 'acknowledged'"
-        assert await wait_count(pool, 2, sql, device.meter_id) == 2
+        assert await wait_count(pool, 3, sql, device.meter_id) == 3
         pack = b'[{"bn":"/3424/0/","bt":1700000000,"n":"1","v":4.25}]'
         msg = aiocoap.Message(code=aiocoap.POST, uri=f"{server}/dp", payload=pack)
         msg.opt.content_format = 110
@@ -400,7 +410,9 @@ async def test_oscore_client_gets_its_queued_commands_protected(
         "SELECT command_id, attempts FROM commands WHERE meter_id = $1 ORDER BY 1",
         device.meter_id,
     )
-    assert [tuple(r) for r in rows] == [(valve, 1), (clock, 1)]
+    assert [tuple(r) for r in rows] == [(valve, 1), (clock, 1), (battery, 1)]
+    result = await pool.fetchval("SELECT result FROM commands WHERE command_id = $1", battery)
+    assert json.loads(result)["content"] == {"content_format": 0, "format": "text", "value": "42"}
     reading = await pool.fetchval(
         "SELECT register_ml FROM readings WHERE meter_id = $1", device.meter_id
     )
