@@ -19,7 +19,9 @@ A rotate_key is for the device's own stack on any meter (no frame): the collecto
 the new key to its args when it sends it, `aes_key` (hex, OMS) or `oscore` (the new
 context as provisioning shows it: sender_id, recipient_id, master_secret, master_salt,
 algorithm, kdf; the device's point of view), and the device answers it as an
-interval/SenML device does.
+interval/SenML device does. A read is an LwM2M Read (`collector.lwm2m` sends it to LwM2M
+clients); should an LwM2M client's meter also take an envelope, it goes there with its
+args only (no frame), as any command the device may not know.
 
 Answer (JSON): one object or a list of them,
 
@@ -199,7 +201,8 @@ def _clock_bytes(now_s: int) -> bytes:
 
 
 def _frame(cmd: Pending, now_s: int) -> bytes | None:
-    if cmd.meter_format != "cjt188" or cmd.kind == "rotate_key":  # the modem's, not the meter's
+    # rotate_key is the modem's, read the LwM2M client's (collector.lwm2m): not the meter's
+    if cmd.meter_format != "cjt188" or cmd.kind in ("rotate_key", "read"):
         return None
     if cmd.kind == "valve":
         data = bytes([_VALVE_CODES[cmd.args["action"]]])

@@ -193,3 +193,15 @@ def test_rotate_key_of_a_cjt188_meter_has_no_meter_frame() -> None:
     assert body["cmds"] == [
         {"id": 9, "kind": "rotate_key", "args": {"oscore": {"sender_id": "01"}}}
     ]
+
+
+def test_read_of_a_cjt188_meter_has_no_meter_frame() -> None:
+    """A read is an LwM2M Read: in an envelope (a CJ/T 188 LwM2M client's meter that also
+    takes one) it goes with its args and no write frame, never sinking the envelope."""
+    from decoder.commands import Pending, downlink
+
+    read = Pending(10, "read", {"path": "/3/0/9"}, "cjt188", "water", "1" * 14)
+    valve = Pending(11, "valve", {"action": "close"}, "cjt188", "water", "1" * 14)
+    body = json.loads(downlink([read, valve], 0))
+    assert body["cmds"][0] == {"id": 10, "kind": "read", "args": {"path": "/3/0/9"}}
+    assert "frame" in body["cmds"][1]
