@@ -167,7 +167,7 @@ class Lwm2m:
         meter_id = registration.meter_id
         try:
             async with connection(self.pool, "claiming LwM2M commands", timeout_s=5.0) as conn:
-                claimed = await mailbox.claim(conn, meter_ids=[meter_id])
+                claimed = await mailbox.claim(conn, meter_ids=[meter_id], lwm2m=True)
             if not claimed:
                 return
             metrics.COMMANDS.labels("sent").inc(len(claimed))

@@ -470,6 +470,7 @@ FROM (
     CROSS JOIN LATERAL (
         SELECT command_id FROM commands
         WHERE meter_id = w.meter_id AND state = ANY($3::text[]) AND expires_at > now()
+            AND (kind <> 'read' OR $4::bool)
         ORDER BY command_id LIMIT {limit}
         FOR UPDATE SKIP LOCKED
     ) AS d
@@ -497,10 +498,13 @@ async def claim(
     *,
     meter_ids: Sequence[int] = (),
     topics: Sequence[tuple[str, str]] = (),
+    lwm2m: bool = False,
 ) -> list[Claimed]:
     """Hand out the pending commands of these meters (by id, or by MQTT topic's (tenant
     slug, address)): each becomes `sent`, attempts + 1; at most MAX_PER_WINDOW a meter,
-    in order. Commands another collector is handing out right now are skipped.
+    in order. Commands another collector is handing out right now are skipped. A `read`
+    (an LwM2M GET, migration 0051) goes out only in an LwM2M window (`lwm2m=True`): a
+    meter that also uplinks on /u or MQTT would not understand it in a JSON envelope.
 
     Committed without waiting for the WAL flush (synchronous_commit off): the answer it
     rides on waits for no second fsync after the uplink's own. A `sent` mark lost in a
@@ -509,14 +513,17 @@ async def claim(
     """
     if isinstance(conn, asyncpg.Pool):
         async with connection(conn, "claiming commands") as held:
-            return await claim(held, meter_ids=meter_ids, topics=topics)
+            return await claim(held, meter_ids=meter_ids, topics=topics, lwm2m=lwm2m)
     async with conn.transaction():
         await conn.execute("SET LOCAL synchronous_commit TO off")
-        return await _claim(conn, meter_ids, topics)
+        return await _claim(conn, meter_ids, topics, lwm2m)
 
 
 async def _claim(
-    conn: asyncpg.Connection, meter_ids: Sequence[int], topics: Sequence[tuple[str, str]]
+    conn: asyncpg.Connection,
+    meter_ids: Sequence[int],
+    topics: Sequence[tuple[str, str]],
+    lwm2m: bool,
 ) -> list[Claimed]:
     if topics:
         sql = _CLAIM.format(source=_BY_TOPIC, limit=MAX_PER_WINDOW)
@@ -524,7 +531,7 @@ async def _claim(
     else:
         sql = _CLAIM.format(source=_BY_ID, limit=MAX_PER_WINDOW)
         args = [list(meter_ids), None]
-    rows = await conn.fetch(sql, *args, sources("sent"))
+    rows = await conn.fetch(sql, *args, sources("sent"), lwm2m)
     rows = sorted(rows, key=lambda r: r["command_id"])
     return [
         Claimed(

@@ -240,6 +240,29 @@ async def test_per_meter_order_and_window_limit(pool: asyncpg.Pool, tenant_id: i
     assert ids_first == sorted(ids_first)
 
 
+async def test_a_read_goes_out_only_in_an_lwm2m_window(pool: asyncpg.Pool, tenant_id: int) -> None:
+    """A queued read (an LwM2M GET) is left alone by the /u and MQTT claim, which would put
+    it in a JSON envelope the meter cannot act on; the LwM2M window takes it."""
+    meter = await a_meter(pool, tenant_id, "senml")
+    read_id = await pool.fetchval(
+        "INSERT INTO commands (tenant_id, meter_id, kind, setting, args, created_by,"
+        " expires_at) VALUES ($1, $2, 'read', 'read:/3/0/9', '{\"path\": \"/3/0/9\"}',"
+        " 't', now() + interval '1h') RETURNING command_id",
+        tenant_id,
+        meter,
+    )
+    valve = await queue(pool, tenant_id, meter, "valve", {"action": "close"})
+    plain = await mailbox.claim(pool, meter_ids=[meter])
+    assert [c.pending.command_id for c in plain] == [valve.command_id]
+    assert (await state_of(pool, read_id))[0] == "queued"
+    window = await mailbox.claim(pool, meter_ids=[meter], lwm2m=True)  # the valve: again
+    assert [(c.pending.command_id, c.pending.kind) for c in window] == [
+        (read_id, "read"),
+        (valve.command_id, "valve"),
+    ]
+    assert (await state_of(pool, read_id))[:2] == ("sent", None)
+
+
 async def test_ttl_expiry_reports_whether_it_was_delivered(
     pool: asyncpg.Pool, tenant_id: int
 ) -> None:
