@@ -122,15 +122,13 @@ def incidents(truth: Truth) -> list[Incident]:
 def commanded(planned: list[Planned]) -> list[Incident]:
     """A valve closed by a command of the run causes its meter's valve_closed alarm (the
     meter reports the closed valve as a real one does); not promised: the flag decides.
-    Known gap, counted here rather than hidden: the backend does not yet clear valve_closed
-    when later readings come without the valve flag, so flow after the reopen command
-    raises valve_closed_flow on that meter; it is listed as caused by the reopen."""
-    out = []
-    for p in planned:
-        if p.kind == "valve" and p.executions > 0:
-            kind = "valve_closed" if p.args.get("action") == "close" else "valve_closed_flow"
-            out.append(Incident(p.address, kind, p.at_s, promised=False))
-    return out
+    The reopen causes nothing: the backend marks valve_closed cleared at the first reading
+    without the valve flag, so a valve_closed_flow after it is a false positive."""
+    return [
+        Incident(p.address, "valve_closed", p.at_s, promised=False)
+        for p in planned
+        if p.kind == "valve" and p.executions > 0 and p.args.get("action") == "close"
+    ]
 
 
 def table(causes: list[Incident], seen: list[Seen]) -> tuple[list[Row], list[str]]:

@@ -18,18 +18,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import asyncpg
 
+from decoder.columns import Flag
 from storage.errors import StorageError
 from storage.pool import translating
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+# a connection of its own or one taken from a pool
+Conn: TypeAlias = "asyncpg.Connection | PoolConnectionProxy[asyncpg.Record]"
 
 State = Literal["open", "acknowledged", "closed"]
 Action = Literal["acknowledge", "close", "clear"]
 STATES: tuple[State, ...] = ("open", "acknowledged", "closed")
 SWEEP_LOCK = 0x6E626D_616C726D  # advisory lock key of `sweep` ("nbm" "alrm")
 SEVERITIES = ("info", "warning", "major", "critical")
+# readings with no status of their own: no evidence that a flag's condition cleared
+_NO_STATUS = int(Flag.INTERVAL | Flag.BILLING_DATE)
 
 # (state, action) -> (next state, the alarm event it logs)
 TRANSITIONS: Mapping[tuple[State, Action], tuple[State, str]] = {
@@ -141,32 +150,46 @@ async def transition(
         return row
 
 
+async def mark_cleared(conn: Conn, at: datetime, tenant_id: int | None = None) -> int:
+    """Mark cleared (at that reading's time) the flag-raised alarms not closed whose meter
+    sent a reading without the flag after the alarm was last seen and by `at`, of one
+    tenant or all; returns how many. The sweep's first step, and the analytics' before
+    they judge a day by an alarm's state (valve_closed_flow), so the verdict never depends
+    on whether the sweep has come round since the valve reopened.
+
+    Readings expanded from an interval batch or a billing-date register (Flag INTERVAL,
+    BILLING_DATE) carry no status of their own and are not evidence of a clear condition.
+    """
+    got = await conn.fetchval(
+        "WITH c AS (SELECT a.alarm_id, (SELECT min(r.read_at) FROM readings r"
+        " WHERE r.meter_id = a.meter_id AND r.read_at > a.last_seen_at AND r.read_at <= $1"
+        " AND r.flags & (k.flag_bit | $3::int) = 0) AS read_at"
+        " FROM alarms a JOIN alarm_kinds k ON k.kind = a.kind"
+        " WHERE a.state <> 'closed' AND a.cleared_at IS NULL AND k.flag_bit <> 0"
+        " AND ($2::bigint IS NULL OR a.tenant_id = $2)),"
+        " u AS (UPDATE alarms SET cleared_at = c.read_at FROM c"
+        " WHERE alarms.alarm_id = c.alarm_id AND c.read_at IS NOT NULL RETURNING 1)"
+        " SELECT count(*) FROM u",
+        at,
+        tenant_id,
+        _NO_STATUS,
+    )
+    return int(got)
+
+
 @translating("sweeping alarms")
 async def sweep(pool: asyncpg.Pool, now: datetime | None = None) -> tuple[int, int]:
     """Mark cleared the alarms whose meter sent a reading without the flag since the alarm
     was last seen, then close (`clear`) those cleared for their rule's auto_close_after_s
     by `now` (default: the database's now). Returns (newly cleared, closed); (0, 0) when
-    another process is sweeping.
-
-    Readings expanded from an interval batch or a billing-date register (Flag INTERVAL,
-    BILLING_DATE) carry no status of their own and are not evidence of a clear condition.
+    another process is sweeping. The clearing is `mark_cleared`.
     """
     async with pool.acquire() as conn, conn.transaction():
         # one sweeper at a time across collector processes (the others skip this round)
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SWEEP_LOCK):
             return 0, 0
         at = now or await conn.fetchval("SELECT now()")
-        cleared = await conn.fetchval(
-            "WITH c AS (SELECT a.alarm_id, (SELECT min(r.read_at) FROM readings r"
-            " WHERE r.meter_id = a.meter_id AND r.read_at > a.last_seen_at AND r.read_at <= $1"
-            " AND r.flags & (k.flag_bit | 3072) = 0) AS read_at"
-            " FROM alarms a JOIN alarm_kinds k ON k.kind = a.kind"
-            " WHERE a.state <> 'closed' AND a.cleared_at IS NULL AND k.flag_bit <> 0),"
-            " u AS (UPDATE alarms SET cleared_at = c.read_at FROM c"
-            " WHERE alarms.alarm_id = c.alarm_id AND c.read_at IS NOT NULL RETURNING 1)"
-            " SELECT count(*) FROM u",
-            at,
-        )
+        cleared = await mark_cleared(conn, at)
         due = await conn.fetch(
             "SELECT a.alarm_id, a.state FROM alarms a JOIN alarm_kinds k ON k.kind = a.kind"
             " LEFT JOIN alarm_rules r ON r.tenant_id = a.tenant_id AND r.kind = a.kind"

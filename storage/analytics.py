@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
 
+from storage import alarms
 from storage.pool import translating
 
 if TYPE_CHECKING:
@@ -258,6 +259,10 @@ async def run(
             at,
             tenant_id,
         )
+        # the alarms the readings show cleared, before a day is judged by an alarm's
+        # state: a valve reported open again ends valve_closed there, whether or not the
+        # alarm sweep has run since
+        await alarms.mark_cleared(conn, at, tenant_id)
         for t in tenants:
             todo = list(days) if days is not None else await _due(conn, t["tenant_id"], t["today"])
             for day in sorted(todo):

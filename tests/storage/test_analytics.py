@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import pytest
 
+from decoder.columns import Flag
 from storage import alarms, analytics, districts
 from storage.events import EventRow, write_events
 
@@ -19,6 +20,7 @@ TZ = ZoneInfo("Asia/Shanghai")  # the tenants' default zone
 D = date(2026, 3, 10)  # the last day of the data; D0 = D - 2 is the first
 D0 = D - timedelta(days=2)
 Flow = Callable[[int, int], int]  # (day index from D0, local hour) -> mL in that hour
+VALVE_CLOSED = int(Flag.VALVE_CLOSED)
 
 
 def local(day: date, hour: int = 0) -> datetime:
@@ -37,13 +39,20 @@ async def _meter(pool: asyncpg.Pool, tenant_id: int, kind: str = "water") -> int
     return meter_id
 
 
-async def _hourly(pool: asyncpg.Pool, meter_id: int, flow: Flow, days: int = 3) -> None:
+async def _hourly(
+    pool: asyncpg.Pool,
+    meter_id: int,
+    flow: Flow,
+    days: int = 3,
+    flags: Callable[[datetime], int] = lambda _at: 0,
+) -> None:
     """Readings on every local hour from D0 00:00 to the end of `days` days (inclusive),
-    the register growing by flow(day, hour) over each hour; it starts at 1 m3."""
+    the register growing by flow(day, hour) over each hour; it starts at 1 m3. A reading's
+    status flags are flags(its time)."""
     register, rows = 1_000_000, []
     for k in range(days * 24 + 1):
         at = local(D0) + timedelta(hours=k)
-        rows.append((meter_id, at, register, 0))
+        rows.append((meter_id, at, register, flags(at)))
         register += flow(k // 24, k % 24)
     await pool.copy_records_to_table(
         "readings",
@@ -82,10 +91,11 @@ async def test_a_day_of_every_rule(pool: asyncpg.Pool, tenant_id: int) -> None:
     await _hourly(pool, bulk, lambda day, h: 6000 + _daytime(day, h) + 3000)
     await _hourly(pool, bulk2, lambda day, _h: (6000 if day >= 1 else 0) + 5000)
     await _hourly(pool, gas, _leak(2000))
-    await _hourly(pool, valve, _leak(100))
+    closed_at = local(D - timedelta(days=1), 10)
+    # the valve flag on every reading from then on, as a meter reports its closed valve
+    await _hourly(pool, valve, _leak(100), flags=lambda at: VALVE_CLOSED * (at >= closed_at))
     async with pool.acquire() as conn, conn.transaction():
-        at = local(D - timedelta(days=1), 10)
-        await write_events(conn, [EventRow(valve, at, "valve_closed", at)])
+        await write_events(conn, [EventRow(valve, closed_at, "valve_closed", closed_at)])
     d1 = await districts.create(pool, tenant_id, "north", bulk, [w1, w2])
     d2 = await districts.create(pool, tenant_id, "south", bulk2, [w3, w4])
     await alarms.set_rule(pool, tenant_id, "district_loss", threshold=15)  # % of the bulk
@@ -141,6 +151,29 @@ async def test_a_day_of_every_rule(pool: asyncpg.Pool, tenant_id: int) -> None:
     )
     assert sum(again.raised.values()) == 0  # a repeated day renews nothing
     assert by_kind[w1, "night_flow"]["occurrences"] == 1
+
+
+async def test_valve_reopened_clears_valve_closed(pool: asyncpg.Pool, tenant_id: int) -> None:
+    """A valve reported closed on D0 10:00 and open again (readings without the valve flag)
+    from D0+1 10:00: the analytics mark valve_closed cleared at the first reading without
+    the flag, without waiting for the alarm sweep, so the flow after the reopen raises no
+    valve_closed_flow (100 mL/h = 2.4 L on D would be over the 1 L threshold)."""
+    valve = await _meter(pool, tenant_id)
+    closed_at, opened_at = local(D0, 10), local(D0 + timedelta(days=1), 10)
+    await _hourly(pool, valve, _leak(100),
+                  flags=lambda at: VALVE_CLOSED * (closed_at <= at < opened_at))  # fmt: skip
+    async with pool.acquire() as conn, conn.transaction():
+        await write_events(conn, [EventRow(valve, closed_at, "valve_closed", closed_at)])
+
+    report = await analytics.run(
+        pool, now=local(D, 12) + timedelta(days=1), days=[D0, D0 + timedelta(days=1), D],
+        tenant_id=tenant_id,
+    )  # fmt: skip
+
+    assert await _alarm_set(pool, tenant_id) == {(valve, "valve_closed")}
+    row = (await alarms.list_alarms(pool, tenant_id, meter_id=valve))[0]
+    assert (row["state"], row["cleared_at"]) == ("open", opened_at)  # the sweep closes it
+    assert report.raised.get("valve_closed_flow", 0) == 0
 
 
 async def test_night_flow_clears_and_closes(pool: asyncpg.Pool, tenant_id: int) -> None:
