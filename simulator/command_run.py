@@ -1,9 +1,9 @@
 """Commands during `sim run`: queue through the API, execute on the meter, change the truth.
 
 `plan(truth, oscore, n_valve, mqtt)` picks, deterministically, the commands of a run:
-`n_valve` meters without faults, taken in turn from the OSCORE CoAP (CON) meters and the
-MQTT QoS 1 meters (`mqtt`: the addresses with a broker account), get a valve close at a
-third of the period and an open at two thirds; drifting meters of both kinds get a clock
+`n_valve` meters without faults and outside districts, taken in turn from the OSCORE CoAP
+(CON) meters and the MQTT QoS 1 meters (`mqtt`: the addresses with a broker account), get
+a valve close at a third of the period and an open at two thirds; drifting meters of both kinds get a clock
 set at the middle; one senml/interval meter gets a reporting interval change, and one
 more gets one as a meter of the `mute` fault class (executes, never answers: its command
 stays `sent` until its TTL, then `expired`); one OSCORE CoAP OMS meter gets a rotate_key
@@ -88,7 +88,11 @@ def plan(
     if n_valve <= 0:
         return []
     spec, hours = truth.fleet.spec, truth.fleet.spec.hours
-    faulty = {f.meter for f in truth.faults}
+    # a district's meters are left alone: a valve closed on one of its customers (or its
+    # bulk meter) after the bulk's register was drawn would read as a district loss
+    faulty = {f.meter for f in truth.faults} | {
+        i for d in truth.districts for i in (d.bulk, *d.customers)
+    }
     drift = {f.meter for f in truth.faults_of("clock_drift")}
 
     def reachable(m: Any) -> bool:
