@@ -7,9 +7,10 @@ figures are then empty). Alarms the analytics raise are ordinary alarms (/v1/ala
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import date, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 
@@ -31,6 +32,7 @@ DistrictId = Annotated[int, Path(ge=1, le=2**63 - 1, description="district id")]
 Day = Annotated[date, Query(description="the tenant's local day")]
 _PLACES = Decimal("0.0001")
 MAX_RUN_DAYS = 92
+MAX_BALANCE_DAYS = 366
 
 
 def _ratio(num: int, den: int) -> Decimal | None:
@@ -73,18 +75,37 @@ async def delete_district(district_id: DistrictId, who: Admin, pool: Pool) -> No
     await districts.delete(pool, who.tenant_id, district_id)
 
 
-@router.get("/districts/{district_id}/balance", summary="A district's daily water balance")
-async def get_balance(district_id: DistrictId, day: Day, who: Reader, pool: Pool) -> Balance:
-    """Bulk volume, customers' volume, non-revenue water and the coverage of that day."""
-    row = await districts.balance(pool, who.tenant_id, district_id, day)
+def _balance(row: Mapping[str, Any]) -> Balance:
     complete = row["bulk_ml"] is not None and row["n_covered"] == row["n_customers"]
     nrw = row["nrw_ml"]
     return Balance(
-        **{k: row[k] for k in row.keys() if k != "nrw_ml"},  # noqa: SIM118 (a Record)
+        **{k: v for k, v in row.items() if k != "nrw_ml"},
         complete=complete,
         nrw_ml=nrw,
         nrw_ratio=_ratio(nrw, row["bulk_ml"]) if complete and nrw is not None else None,
     )
+
+
+@router.get("/districts/{district_id}/balance", summary="A district's daily water balance")
+async def get_balance(district_id: DistrictId, day: Day, who: Reader, pool: Pool) -> Balance:
+    """Bulk volume, customers' volume, non-revenue water and the coverage of that day."""
+    return _balance(dict(await districts.balance(pool, who.tenant_id, district_id, day)))
+
+
+@router.get("/districts/{district_id}/balances", summary="A district's balance, day by day")
+async def get_balances(
+    district_id: DistrictId,
+    who: Reader,
+    pool: Pool,
+    day_from: Annotated[date, Query(alias="from", description="first local day")],
+    day_to: Annotated[date, Query(alias="to", description="last local day")],
+) -> list[Balance]:
+    """The balance of each day from..to (at most 366 days, in order), as `balance` has it:
+    what the console's district chart draws."""
+    if not 0 <= (day_to - day_from).days < MAX_BALANCE_DAYS:
+        raise UnprocessableError(f"from..to must be 1 to {MAX_BALANCE_DAYS} days, in order")
+    rows = await districts.balances(pool, who.tenant_id, district_id, day_from, day_to)
+    return [_balance(dict(r)) for r in rows]
 
 
 @router.get("/kpi/read-rate", summary="The daily read success rate")

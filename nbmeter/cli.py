@@ -14,6 +14,7 @@
   nbmeter sim ...                     the device-fleet simulator
   nbmeter analytics run [--day D]     night flow, districts, silent meters (once)
   nbmeter demo                        the whole system with a demo fleet, verified
+  nbmeter screenshots --out DIR       a PNG of every console page (Playwright + Chromium)
 
 Every command exits 0 on success, 1 on a failure it explains, 2 on a usage error.
 """
@@ -35,6 +36,7 @@ from nbmeter.commands import (
     device,
     quarantine,
     reads,
+    screenshots,
     sim,
     stack,
     tenant,
@@ -57,6 +59,7 @@ COMMANDS = (
     ("device", device, "device commands"),
     ("sim", sim, "sim commands"),
     ("analytics", analytics, "night flow, districts, silent meters: run the analytics"),
+    ("screenshots", screenshots, "a PNG of every console page, from a running API"),
 )
 
 

@@ -155,16 +155,32 @@ async def balance(
     """The district's water balance of `day`: bulk_ml (NULL: the bulk meter is not covered),
     customers_ml (the covered customers' sum), n_customers, n_covered, nrw_ml (NULL unless
     the bulk meter is covered), computed_at (NULL: the day is not rolled up yet)."""
+    return (await _balances(conn, tenant_id, district_id, day, day))[0]
+
+
+@translating("reading a district's balances")
+async def balances(
+    conn: Conn | asyncpg.Pool, tenant_id: int, district_id: int, day_from: date, day_to: date
+) -> list[asyncpg.Record]:
+    """The district's balance of each day from `day_from` to `day_to` (inclusive), by day,
+    with the columns of `balance`; DistrictNotFoundError if there is no such district."""
+    return await _balances(conn, tenant_id, district_id, day_from, day_to)
+
+
+async def _balances(
+    conn: Conn | asyncpg.Pool, tenant_id: int, district_id: int, day_from: date, day_to: date
+) -> list[asyncpg.Record]:
     await _get(conn, tenant_id, district_id)
-    row = await conn.fetchrow(
+    rows = await conn.fetch(
         "SELECT b.district_id, b.day, b.bulk_meter_id, b.bulk_ml, b.n_customers,"
-        " b.n_covered, b.customers_ml, b.bulk_ml - b.customers_ml AS nrw_ml,"
-        " (SELECT computed_at FROM analytics_days a WHERE a.tenant_id = $1 AND a.day = $3)"
-        " AS computed_at"
-        " FROM nbm_district_balance($1, $3, $3) b WHERE b.district_id = $2",
+        " b.n_covered, b.customers_ml, b.bulk_ml - b.customers_ml AS nrw_ml, a.computed_at"
+        " FROM nbm_district_balance($1, $3, $4) b"
+        " LEFT JOIN analytics_days a ON a.tenant_id = $1 AND a.day = b.day"
+        " WHERE b.district_id = $2 ORDER BY b.day",
         tenant_id,
         district_id,
-        day,
+        day_from,
+        day_to,
     )
-    assert row is not None  # the district exists: the function has its row
-    return row
+    assert day_from > day_to or rows  # the district exists: the function has its rows
+    return rows

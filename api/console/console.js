@@ -334,33 +334,136 @@ function commandTable(items) {
   ], items.slice().reverse(), { "data-testid": "command-table" });
 }
 
-// a table of objects whose shape this page does not know (endpoints added later)
-function genericTable(rows) {
-  if (!rows.length) return el("p", { class: "muted" }, "None.");
-  const keys = Object.keys(rows[0]).filter((k) => typeof rows[0][k] !== "object" || rows[0][k] === null).slice(0, 9);
-  return table(keys.map((k) => [k, (r) => (r[k] === null ? "—" : String(r[k]))]), rows);
+const m3 = (ml) => (ml === null || ml === undefined ? null : Number(ml) / 1e6);
+const fmtM3 = (ml) => (ml === null || ml === undefined ? "—" : (Number(ml) / 1e6).toFixed(3));
+
+// The daily water balance of a district: per day the bulk meter's volume beside the sum of
+// the covered customer meters' (bars), non-revenue water = bulk - customers (line and
+// dots), and the day's coverage (covered customers / customers) under each day; a day
+// not fully covered is drawn faded, a day without figures is left empty.
+function balanceChart(days, { width = 760, height = 260 } = {}) {
+  const pad = { l: 56, r: 8, t: 22, b: 48 };
+  const vals = days.flatMap((d) => [m3(d.bulk_ml), m3(d.customers_ml), m3(d.nrw_ml)])
+    .filter((v) => v !== null);
+  const hi = Math.max(0.001, ...vals);
+  const lo = Math.min(0, ...vals);
+  const plotH = height - pad.t - pad.b;
+  const sy = (v) => pad.t + (plotH * (hi - v)) / (hi - lo);
+  const w = (width - pad.l - pad.r) / Math.max(1, days.length);
+  const svg = el("svg:svg", { class: "chart balance", viewBox: `0 0 ${width} ${height}`, role: "img",
+    "data-testid": "balance-chart", "aria-label": "daily water balance" });
+  svg.append(el("svg:line", { class: "axis", x1: pad.l, y1: sy(0), x2: width - pad.r, y2: sy(0) }));
+  svg.append(el("svg:text", { x: 2, y: pad.t + 8 }, `${fmtAxis(hi)} m³`));
+  svg.append(el("svg:text", { x: 2, y: sy(0) }, "0"));
+  if (lo < 0) svg.append(el("svg:text", { x: 2, y: height - pad.b }, fmtAxis(lo)));
+  const legend = [["bar", "bulk"], ["bar alt", "customers"], ["nrw", "non-revenue water"]];
+  legend.forEach(([cls, text], i) => {
+    const x = pad.l + i * 130;
+    svg.append(el("svg:rect", { class: cls === "nrw" ? "nrw-key" : cls, x, y: 4, width: 10, height: 10 }));
+    svg.append(el("svg:text", { x: x + 14, y: 13 }, text));
+  });
+  const every = Math.ceil(days.length / 16);
+  const nrwPts = [];
+  days.forEach((d, i) => {
+    const x = pad.l + i * w;
+    const bw = Math.max(1, (w - 4) / 2);
+    const faded = d.complete ? "" : " partial";
+    const coverage = `${d.n_covered}/${d.n_customers}`;
+    const g = el("svg:g", { "data-day": d.day, class: d.complete ? "day" : "day incomplete" });
+    const tip = `${d.day}: bulk ${fmtM3(d.bulk_ml)} m³, customers ${fmtM3(d.customers_ml)} m³,`
+      + ` NRW ${fmtM3(d.nrw_ml)} m³, ${coverage} customers covered`
+      + (d.computed_at ? "" : " (not rolled up)");
+    g.append(el("svg:title", {}, tip));
+    for (const [ml, cls, dx] of [[d.bulk_ml, "bar", 1], [d.customers_ml, "bar alt", 1 + bw]]) {
+      const v = m3(ml);
+      if (v === null || !d.computed_at) continue;
+      g.append(el("svg:rect", { class: cls + faded, x: x + dx, y: sy(Math.max(v, 0)), width: bw,
+        height: Math.abs(sy(v) - sy(0)) }));
+    }
+    if (d.computed_at) {
+      g.append(el("svg:text", { class: d.complete ? "coverage" : "coverage short", x: x + w / 2,
+        y: height - pad.b + 26, "text-anchor": "middle" }, coverage));
+    }
+    svg.append(g);
+    if (i % every === 0) {
+      svg.append(el("svg:text", { x: x + w / 2, y: height - pad.b + 13, "text-anchor": "middle" },
+        String(d.day).slice(5)));
+    }
+    const nrw = m3(d.nrw_ml);
+    if (nrw !== null && d.computed_at) nrwPts.push([x + w / 2, sy(nrw), d]);
+  });
+  svg.append(el("svg:text", { x: 2, y: height - pad.b + 26 }, "covered"));
+  if (nrwPts.length) {
+    const path = nrwPts.map(([x, y], i) => `${i ? "L" : "M"}${x.toFixed(1)},${y.toFixed(1)}`).join("");
+    svg.append(el("svg:path", { class: "line nrw", d: path }));
+    for (const [x, y, d] of nrwPts) {
+      svg.append(el("svg:circle", { class: d.complete ? "dot nrw" : "dot nrw partial", cx: x, cy: y, r: 3 },
+        el("svg:title", {}, `${d.day}: NRW ${fmtM3(d.nrw_ml)} m³`)));
+    }
+  }
+  return svg;
 }
 
 async function districtsView() {
-  const districts = await optional("/v1/districts");
-  if (districts === null) {
+  const list = await optional("/v1/districts");
+  if (list === null) {
     return [el("h1", {}, "Districts"), el("p", { class: "placeholder", "data-testid": "districts-placeholder" },
       "District metered areas and their water balance are not available on this server yet.")];
   }
-  const list = Array.isArray(districts) ? districts : districts.items || [];
-  const out = [el("h1", {}, "Districts"), card("Districts", genericTable(list))];
-  for (const d of list.slice(0, 6)) {
-    const id = d.district_id ?? d.id;
-    if (id === undefined) continue;
-    const balance = await optional(`/v1/districts/${encodeURIComponent(id)}/balance`);
-    const days = balance === null ? [] : (Array.isArray(balance) ? balance : balance.days || []);
-    if (!days.length) continue;
-    const nrwKey = Object.keys(days[0]).find((k) => k.startsWith("nrw") || k.startsWith("non_revenue"));
-    out.push(card(`Balance of ${d.name || id}`,
-      nrwKey ? bars(days.map((r) => ({ x: String(r.day || r.date || "").slice(5), y: Number(r[nrwKey]) || 0 })), { alt: true }) : null,
-      genericTable(days)));
-  }
-  return out;
+  return [
+    el("h1", {}, "Districts"),
+    el("div", { class: "card" }, list.length ? table([
+      ["Id", (d) => d.district_id, "num"],
+      ["Name", (d) => el("a", { href: `#/districts/${Number(d.district_id)}` }, d.name)],
+      ["Bulk meter", (d) => el("a", { href: `#/meters/${Number(d.bulk_meter_id)}` }, d.bulk_meter_id)],
+      ["Customer meters", (d) => d.meter_ids.length, "num"],
+      ["Defined", (d) => fmtTime(d.created_at)],
+    ], list, { "data-testid": "district-table" })
+      : el("p", { class: "muted" }, "No district defined (POST /v1/districts).")),
+  ];
+}
+
+async function districtView(districtId, params) {
+  const days = Math.min(366, Math.max(2, Number(params.get("days")) || 30));
+  // the tenant's days end at its midnight; the last finished day is yesterday in UTC or
+  // later, so ask up to today and let the days not rolled up show as empty
+  const to = new Date();
+  const from = new Date(to.getTime() - (days - 1) * 86400e3);
+  const [district, rows] = await Promise.all([
+    api(`/v1/districts/${districtId}`),
+    api(`/v1/districts/${districtId}/balances?from=${day(from.getTime())}&to=${day(to.getTime())}`),
+  ]);
+  const done = rows.filter((r) => r.computed_at);
+  const full = done.filter((r) => r.complete);
+  const sum = (key) => full.reduce((n, r) => n + Number(r[key]), 0);
+  const ratio = full.length && sum("bulk_ml") > 0
+    ? `${((100 * sum("nrw_ml")) / sum("bulk_ml")).toFixed(1)} %` : "—";
+  const last = done.length ? done[done.length - 1] : null;
+  const range = el("select", { "aria-label": "days", onchange: (e) => { location.hash = `#/districts/${districtId}?days=${e.target.value}`; } },
+    [7, 14, 30, 90].map((d) => el("option", { value: d, selected: d === days }, `${d} days`)));
+  return [
+    el("h1", { "data-testid": "district-title" }, `District ${district.name}`),
+    el("div", { class: "toolbar" }, el("span", { class: "muted" }, "bulk meter "),
+      el("a", { href: `#/meters/${Number(district.bulk_meter_id)}` }, district.bulk_meter_id),
+      el("span", { class: "muted" }, `· ${district.meter_ids.length} customer meters`), range),
+    el("div", { class: "kpis" },
+      kpi("NRW, complete days", ratio, `${full.length} of ${done.length} rolled-up days fully covered`, "kpi-nrw"),
+      kpi("Last day", last ? `${fmtM3(last.nrw_ml)} m³` : "—",
+        last ? `${last.day}: NRW of ${fmtM3(last.bulk_ml)} m³ bulk` : "no day rolled up", "kpi-last-day"),
+      kpi("Coverage, last day", last ? `${last.n_covered}/${last.n_customers}` : "—",
+        last ? (last.bulk_ml === null ? "bulk meter not covered" : "customer meters covered") : "", "kpi-coverage")),
+    card(`Daily water balance (m³), last ${days} days`, done.length ? balanceChart(rows)
+      : el("p", { class: "muted" }, "No day of this range rolled up yet (nbmeter analytics run).")),
+    card("Days", table([
+      ["Day", (r) => r.day], ["Bulk m³", (r) => fmtM3(r.bulk_ml), "num"],
+      ["Customers m³", (r) => fmtM3(r.customers_ml), "num"],
+      ["NRW m³", (r) => fmtM3(r.nrw_ml), "num"],
+      ["NRW %", (r) => (r.nrw_ratio === null ? "—" : (Number(r.nrw_ratio) * 100).toFixed(1)), "num"],
+      ["Coverage", (r) => el("span", { class: r.complete ? "" : "short" }, `${r.n_covered}/${r.n_customers}`
+        + (r.bulk_ml === null ? ", bulk missing" : "")), "num"],
+      ["Rolled up", (r) => fmtTime(r.computed_at)],
+    ], done.slice().reverse(), { "data-testid": "balance-table" })),
+  ];
 }
 
 // ---- routing -----------------------------------------------------------------------
@@ -394,6 +497,7 @@ async function route() {
     if (name === "alarms") content = await alarmsView(params);
     else if (name === "meters" && /^\d{1,18}$/.test(parts[1] || "")) content = await meterView(parts[1], params);
     else if (name === "meters") content = await metersView();
+    else if (name === "districts" && /^\d{1,18}$/.test(parts[1] || "")) content = await districtView(parts[1], params);
     else if (name === "districts") content = await districtsView();
     else content = await overviewView();
   } catch (err) {

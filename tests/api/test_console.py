@@ -8,8 +8,10 @@ each page there (the README's docs/console/*.png come from this run).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import struct
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ import httpx
 import pytest
 
 from decoder.encode_cjt188 import encode_cjt188
+from nbmeter.commands import screenshots
+from storage import analytics, districts
 from storage.apikeys import create_api_key, create_tenant
 from storage.events import EventRow, write_events
 from storage.health import HealthRow, write_health
@@ -38,6 +42,7 @@ needs_browser = pytest.mark.skipif(
     f" {CHROMIUM} (`nbmeter stack tools` installs it)",
 )
 HOSTILE = '<img src=x onerror="window.pwned=1">'
+DISTRICT_CUSTOMERS = range(10, 16)  # meter indices; meters[0] is their bulk meter
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class Seeded:
     alarms: dict[str, int]  # kind -> alarm id
     uplinks_today: int
     read_today: int
+    district: int  # bulk meters[0], customers meters[10..15]
 
 
 async def seed(pool: asyncpg.Pool, n_meters: int = 24, days: int = 14) -> Seeded:
@@ -71,14 +77,25 @@ async def seed(pool: asyncpg.Pool, n_meters: int = 24, days: int = 14) -> Seeded
         ]
         readings, uplinks, health = [], [], []
         silent = set(meters[-3:])  # no uplink today: the read rate is below 100 %
+
+        def use_ml(i: int, at: datetime) -> int:
+            """Meter i's volume in the hour before `at`; meter 0 is the bulk meter of the
+            district of meters 10..15, so it counts theirs plus a pipe leak, bigger from
+            five days ago (the non-revenue water the district chart shows)."""
+            if i == 0:
+                leak = 60_000 if at >= now - timedelta(days=5) else 8_000
+                return sum(use_ml(c, at) for c in DISTRICT_CUSTOMERS) + leak
+            hourly = (20_000 if 6 <= at.hour <= 22 else 2_000) * (1 + i % 4)
+            return hourly * (8 + (at.day * 7 + i) % 5) // 10 + (i == 5) * 15_000
+
+        gap = (now - timedelta(days=3)).replace(hour=0)  # meter 15 misses one midnight read
         for i, m in enumerate(meters):
             total = 100_000 * (i + 1)
             for h in range(days * 24, -1, -1):
                 at = now - timedelta(hours=h)
-                if m in silent and at.date() == now.date():
+                total += use_ml(i, at)
+                if (m in silent and at.date() == now.date()) or (i == 15 and at == gap):
                     continue
-                hourly = (20_000 if 6 <= at.hour <= 22 else 2_000) * (1 + i % 4)
-                total += hourly * (8 + (at.day * 7 + i) % 5) // 10 + (i == 5) * 15_000
                 readings.append((m, at, total, 0))
             for d in range(days, -1, -1):
                 at = now - timedelta(days=d)
@@ -113,8 +130,17 @@ async def seed(pool: asyncpg.Pool, n_meters: int = 24, days: int = 14) -> Seeded
         async with conn.transaction():
             await write_events(conn, [EventRow(m, now, k, now) for k, m in kinds.items()])
         rows = await conn.fetch("SELECT kind, alarm_id FROM alarms WHERE tenant_id = $1", tid)
+    district = await districts.create(
+        pool, tid, "Centre", meters[0], [meters[c] for c in DISTRICT_CUSTOMERS]
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        for d in range(days - 1, 0, -1):  # the finished days: their balance (no alarm judged)
+            await analytics.rollup(conn, tid, now.date() - timedelta(days=d))
     read_today = n_meters - len(silent)
-    return Seeded(key, meters, {r["kind"]: r["alarm_id"] for r in rows}, len(uplinks), read_today)
+    return Seeded(
+        key, meters, {r["kind"]: r["alarm_id"] for r in rows}, len(uplinks), read_today,
+        district["district_id"],
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -225,8 +251,7 @@ async def test_overview_of_an_empty_tenant(server: str, pool: asyncpg.Pool) -> N
 async def test_pages_render_seeded_data(browser: Browser, server: str, seeded: Seeded) -> None:
     """Signed in with a key, each page shows the tenant's data: today's uplinks and read
     rate, alarm counts and health charts; the alarm list; a meter's register plot, health
-    history, raw frames with their decode and its commands; the districts page
-    (placeholder until districts exist)."""
+    history, raw frames with their decode and its commands; the districts list."""
     page = await signed_in(browser, server, seeded.key)
     kpi = page.locator("[data-testid=kpi-uplinks] .value")
     assert await kpi.text_content() == str(seeded.uplinks_today)
@@ -263,7 +288,60 @@ async def test_pages_render_seeded_data(browser: Browser, server: str, seeded: S
 
     await view(page, "#/districts", "districts")
     await expect(page.locator("#view h1")).to_have_text("Districts")
+    await expect(page.locator("[data-testid=district-table]")).to_contain_text("Centre")
     await shoot(page, "districts")
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+@needs_browser
+async def test_district_page_draws_the_balance(
+    browser: Browser, server: str, seeded: Seeded
+) -> None:
+    """The district page charts the seeded balance: per rolled-up day a bulk and a
+    customers bar, an NRW point, and that day's coverage; the two days around the
+    midnight read customer meter 15 missed show 5/6, faded; the figures are the API's."""
+    page = await signed_in(browser, server, seeded.key)
+    await view(page, "#/districts", "districts")
+    await page.click("[data-testid=district-table] a >> text=Centre")
+    await expect(page.locator("[data-testid=district-title]")).to_have_text("District Centre")
+    chart = page.locator("[data-testid=balance-chart]")
+    await expect(chart).to_be_visible()
+    auth = {"Authorization": f"Bearer {seeded.key}"}
+    today = datetime.now(UTC).date()
+    async with httpx.AsyncClient(base_url=server) as c:
+        got = await c.get(
+            f"/v1/districts/{seeded.district}/balances", headers=auth,
+            params={"from": str(today - timedelta(days=29)), "to": str(today)},
+        )  # fmt: skip
+    assert got.status_code == 200, got.text
+    days = [d for d in got.json() if d["computed_at"] is not None]
+    assert len(days) == 13  # the seeded finished days (the first one is partial)
+    partial = {d["day"] for d in days if not d["complete"]}
+    gap = today - timedelta(days=3)
+    assert partial >= {str(gap - timedelta(days=1)), str(gap)}
+    full = [d for d in days if d["complete"]]
+    assert all(d["n_covered"] == 6 and d["nrw_ml"] > 0 for d in full)
+    assert full[-1]["nrw_ml"] == 60_000 * 24  # the leak of the last five days, exactly
+
+    groups = chart.locator("g[data-day]")
+    assert await groups.count() == 30  # every day of the range has its slot
+    assert await groups.locator("rect.bar:not(.alt)").count() == len(days)
+    assert await groups.locator("rect.bar.alt").count() == len(days)
+    assert await chart.locator("circle.dot.nrw").count() == len(days)
+    assert await chart.locator("circle.dot.nrw.partial").count() == len(partial)
+    short = chart.locator(f"g[data-day='{gap}'] text.coverage")
+    await expect(short).to_have_text("5/6")
+    assert "short" in (await short.get_attribute("class") or "")
+    await expect(chart.locator(f"g[data-day='{full[-1]['day']}'] text.coverage")).to_have_text(
+        "6/6"
+    )
+    tip = await chart.locator(f"g[data-day='{full[-1]['day']}'] > title").text_content()
+    assert tip is not None
+    assert "NRW 1.440 m³" in tip
+    table = page.locator("[data-testid=balance-table] tbody tr")
+    assert await table.count() == len(days)
+    await expect(table.first).to_contain_text("1.440")
+    await shoot(page, "district")
     assert page.errors == []  # type: ignore[attr-defined]
 
 
@@ -325,3 +403,36 @@ async def test_values_are_text_and_bad_key_refused(
     await expect(other.locator("#login-error")).to_contain_text("refused")
     assert await other.locator("#view").inner_html() == ""
     assert await other.evaluate("() => sessionStorage.length") == 0
+
+
+@needs_browser
+async def test_screenshots_command_shoots_every_page(
+    server: str, seeded: Seeded, tmp_path: Path
+) -> None:
+    """`nbmeter screenshots` (what makes docs/console/*.png from the demo's data) signs in
+    with the key and writes a full-page PNG of each page: the meter shot is the one with a
+    valve command, the district shot has its balance chart; a refused key is an error."""
+    meter = seeded.meters[4]
+    auth = {"Authorization": f"Bearer {seeded.key}"}
+    async with httpx.AsyncClient(base_url=server) as c:
+        queued = await c.post(f"/v1/meters/{meter}/commands", headers=auth,
+                              json={"kind": "valve", "args": {"action": "open"}})  # fmt: skip
+    assert queued.status_code == 201, queued.text
+    shots = await asyncio.to_thread(screenshots.pages, server, seeded.key, 30)
+    by_name = {s.name: s.fragment for s in shots}
+    # the first valve command of the tenant: the one the browser test queued, else this one
+    valve_meters = {seeded.meters[5], meter}
+    assert int(by_name["meter"].split("/")[2].split("?")[0]) in valve_meters
+    assert by_name["district"] == f"#/districts/{seeded.district}?days=30"
+
+    written = await screenshots.take(server, seeded.key, tmp_path / "shots", chromium=CHROMIUM)
+    names = ["overview", "alarms", "meters", "meter", "districts", "district"]
+    assert written == [tmp_path / "shots" / f"{n}.png" for n in names]
+    for path in written:
+        head = path.read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", head[16:24])
+        assert width == 1280
+        assert height >= 600  # a full page, not an empty one
+    with pytest.raises(screenshots.ScreenshotError, match="refused"):
+        await screenshots.take(server, "nbm_nothere_" + "x" * 32, tmp_path / "no")
