@@ -199,6 +199,9 @@ def env_lines(cfg: StackConfig, *, export: bool = False) -> list[str]:
 
 def _compose(args: list[str], cfg: StackConfig | None = None) -> str:
     env = dict(os.environ)
+    # compose reads the whole file, so the collector's and API's required key must have a
+    # value even for the services this starts (TimescaleDB, Mosquitto), which never see it
+    env.setdefault("NBMETER_CREDENTIALS_KEY", "unused-by-the-stack-services")
     if cfg is not None:
         collector_url = urlsplit(mosquitto.prepare_credentials(cfg).get("NBMETER_MQTT_URL", ""))
         env |= {
@@ -220,6 +223,7 @@ def _compose_running() -> bool:
         return False
     proc = subprocess.run(
         ["docker", "compose", "-f", str(COMPOSE_FILE), "ps", "-q"],
+        env={"NBMETER_CREDENTIALS_KEY": "unused-by-the-stack-services", **os.environ},
         capture_output=True,
         text=True,
         check=False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from nbmeter.stack.config import load_config
 from nbmeter.stack.control import compose_command, env_lines
+from storage.credentials import new_key
 
 REPO = Path(__file__).resolve().parents[2]
 NBMETER = [sys.executable, "-m", "nbmeter.cli"]
@@ -95,10 +97,39 @@ def test_compose_file_is_valid() -> None:
         [*compose, "-f", str(REPO / "docker-compose.yml"), "config", "--services"],
         capture_output=True,
         text=True,
+        env={**os.environ, "NBMETER_CREDENTIALS_KEY": new_key()},
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert set(proc.stdout.split()) == {"timescaledb", "mosquitto", "collector", "api"}
+
+
+def test_compose_needs_the_credentials_key() -> None:
+    """Without NBMETER_CREDENTIALS_KEY compose refuses the file with a message naming it
+    (the collector and API would otherwise run with no key: adding a webhook answers 503)."""
+    compose = compose_command(load_config())
+    if compose is None:
+        pytest.skip("no docker compose v2 here (`nbmeter stack tools` installs it as root)")
+    env = {k: v for k, v in os.environ.items() if k != "NBMETER_CREDENTIALS_KEY"}
+    proc = subprocess.run(
+        [*compose, "-f", str(REPO / "docker-compose.yml"), "config", "--services"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "set NBMETER_CREDENTIALS_KEY to the 32-byte base64 key" in proc.stderr
+    rendered = subprocess.run(
+        [*compose, "-f", str(REPO / "docker-compose.yml"), "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env={**env, "NBMETER_CREDENTIALS_KEY": "k3y"},
+        check=True,
+    )
+    services = json.loads(rendered.stdout)["services"]
+    for name in ("collector", "api"):
+        assert services[name]["environment"]["NBMETER_CREDENTIALS_KEY"] == "k3y"
 
 
 def test_bad_port_setting_is_a_clear_error() -> None:
