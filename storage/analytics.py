@@ -106,11 +106,12 @@ DAY_RULES: Mapping[str, DayRule] = {
     ),
     "gas_night_use": DayRule("m.kind = 'gas'", "d.night_min_ml", "n5"),
     "gas_overuse": DayRule("m.kind = 'gas'", "d.volume_ml", "e"),
-    # the valve was reported closed before the day began and not reopened before it ended
+    # the valve was reported closed before the day began and not reopened by its end: a
+    # reading without the flag at the very end (a daily meter) shows it open by then
     # (judged for that day: a day rolled up after the reopen must not see today's state)
     "valve_closed_flow": DayRule(
         "EXISTS (SELECT 1 FROM alarms v WHERE v.meter_id = m.meter_id"
-        " AND v.kind = 'valve_closed' AND (v.cleared_at IS NULL OR v.cleared_at >= b.e)"
+        " AND v.kind = 'valve_closed' AND (v.cleared_at IS NULL OR v.cleared_at > b.e)"
         " AND coalesce(v.closed_at, 'infinity') >= b.e AND v.opened_at <= b.s)",
         "d.volume_ml",
         "e",

@@ -157,22 +157,38 @@ async def test_valve_reopened_clears_valve_closed(pool: asyncpg.Pool, tenant_id:
     """A valve reported closed on D0 10:00 and open again (readings without the valve flag)
     from D0+1 10:00: the analytics mark valve_closed cleared at the first reading without
     the flag, without waiting for the alarm sweep, so the flow after the reopen raises no
-    valve_closed_flow (100 mL/h = 2.4 L on D would be over the 1 L threshold)."""
+    valve_closed_flow (100 mL/h = 2.4 L on D would be over the 1 L threshold). Nor does a
+    daily meter's flow on a day whose closing read shows the valve open again."""
     valve = await _meter(pool, tenant_id)
     closed_at, opened_at = local(D0, 10), local(D0 + timedelta(days=1), 10)
     await _hourly(pool, valve, _leak(100),
                   flags=lambda at: VALVE_CLOSED * (closed_at <= at < opened_at))  # fmt: skip
+    # a daily meter (CJ/T 188 reads at midnight): closed at D0 and D0+1 00:00, open at D
+    # 00:00, 50 L flowed during D0+1: open by that day's end, so not closed all day
+    daily = await _meter(pool, tenant_id)
+    await pool.copy_records_to_table(
+        "readings",
+        records=[(daily, local(D0 + timedelta(days=k)), ml, flag, 5, local(D0))
+                 for k, ml, flag in ((0, 10**6, 1), (1, 10**6, 1), (2, 10**6 + 50_000, 0),
+                                     (3, 10**6 + 90_000, 0))],
+        columns=["meter_id", "read_at", "register_ml", "flags", "transport", "received_at"],
+    )  # fmt: skip
     async with pool.acquire() as conn, conn.transaction():
-        await write_events(conn, [EventRow(valve, closed_at, "valve_closed", closed_at)])
+        await write_events(conn, [EventRow(valve, closed_at, "valve_closed", closed_at),
+                                  EventRow(daily, local(D0), "valve_closed", local(D0)),
+                                  EventRow(daily, local(D0 + timedelta(days=1)), "valve_closed",
+                                           local(D0 + timedelta(days=1)))])  # fmt: skip
 
     report = await analytics.run(
         pool, now=local(D, 12) + timedelta(days=1), days=[D0, D0 + timedelta(days=1), D],
         tenant_id=tenant_id,
     )  # fmt: skip
 
-    assert await _alarm_set(pool, tenant_id) == {(valve, "valve_closed")}
+    assert await _alarm_set(pool, tenant_id) == {(valve, "valve_closed"), (daily, "valve_closed")}
     row = (await alarms.list_alarms(pool, tenant_id, meter_id=valve))[0]
     assert (row["state"], row["cleared_at"]) == ("open", opened_at)  # the sweep closes it
+    row = (await alarms.list_alarms(pool, tenant_id, meter_id=daily))[0]
+    assert row["cleared_at"] == local(D)
     assert report.raised.get("valve_closed_flow", 0) == 0
 
 
