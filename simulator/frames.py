@@ -12,8 +12,9 @@
   resources 10/11/13 for leak, back-flow and tamper at the hours they are active, and the
   modem's health (`simulator.modem`) as LwM2M objects 3 and 4;
 - interval: our `nbm1` v2 layout (`decoder.interval.encode_interval`): base register and
-  hourly deltas in litres, one status: the alarms latched since the previous report
-  (the decoder puts it on the newest reading), and the modem's health block.
+  hourly deltas in litres, one status: the alarms latched since the previous report and
+  the valve's position at the newest hour (the decoder puts it on the newest reading), and
+  the modem's health block.
 
 Corruption (`uplink.corrupt`) cuts the frame in half: a truncated frame fails every
 format's length, checksum, JSON or ciphertext check, so it must be quarantined.
@@ -139,6 +140,9 @@ def _lwm2m_health(m: Meter, address: str, last: Reading, t: int) -> list[dict[st
     ]
 
 
+_VALVE = int(Flag.VALVE_CLOSED)
+
+
 def _interval(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
     # nbm1: base register + whole-litre hourly deltas and one status word (the decoder
     # puts it on the newest reading). The meter latches an alarm until it has reported
@@ -146,10 +150,14 @@ def _interval(m: Meter, address: str, rs: list[Reading], seq: int) -> bytes:
     # with only the status of the newest hour, a burst of a few hours between two daily
     # reports would never reach the backend.
     # a drifting clock still freezes at its own whole hours: the base time is whole too
+    # The valve is a state, not an alarm: the status tells its position at the newest hour
+    # (latched, a valve reopened in the batch's first hour would read closed at its end,
+    # on a day the meter registered flow).
     regs = [r.register_ml for r in rs]
     latched = 0
     for r in rs:
         latched |= r.flags
+    latched = latched & ~_VALVE | rs[-1].flags & _VALVE
     return encode_interval(
         address,
         (rs[0].read_at_s + 1800) // 3600 * 3600,

@@ -80,7 +80,10 @@ def test_frames_decode_back_to_truth(fmt: Format) -> None:
             if fmt is not Format.INTERVAL:
                 assert got[h][1] & CARRIED[fmt] == TRUTH.flags[u.meter, h] & CARRIED[fmt]
         if fmt is Format.INTERVAL:  # nbm1: the alarms latched over the batch, on the newest
+            # hour, with the valve's position at that hour (a state, not latched)
             latched = np.bitwise_or.reduce(TRUTH.flags[u.meter, u.first_h : u.last_h + 1])
+            valve = int(Flag.VALVE_CLOSED)
+            latched = int(latched) & ~valve | int(TRUTH.flags[u.meter, u.last_h]) & valve
             assert got[u.last_h][1] & CARRIED[fmt] == latched & CARRIED[fmt]
         assert {out.address[j] for j in mine} <= {TRUTH.meters[u.claimed].address}
 
