@@ -154,7 +154,7 @@ def table(causes: list[Incident], seen: list[Seen]) -> tuple[list[Row], list[str
         rows.append(Row(kind, len(by_kind[kind]), len(hit),
                         median(waits) if waits else None, len(fps[kind])))  # fmt: skip
         if kind in ("night_flow", "district_loss"):
-            failures += [f"night_flow not alarmed on {c.address}" for c in by_kind[kind]
+            failures += [f"{kind} not alarmed on {c.address}" for c in by_kind[kind]
                          if c not in hit]  # fmt: skip
         failures += [f"{kind} alarmed on {a} without cause" for a in sorted(fps[kind])]
     return rows, failures

@@ -3,13 +3,13 @@
 `plan(truth, oscore, n_valve, mqtt)` picks, deterministically, the commands of a run:
 `n_valve` meters without faults and outside districts, taken in turn from the OSCORE CoAP
 (CON) meters and the MQTT QoS 1 meters (`mqtt`: the addresses with a broker account), get
-a valve close at a third of the period and an open at two thirds; drifting meters of both kinds get a clock
-set at the middle; one senml/interval meter gets a reporting interval change, and one
-more gets one as a meter of the `mute` fault class (executes, never answers: its command
-stays `sent` until its TTL, then `expired`); one OSCORE CoAP OMS meter gets a rotate_key
-of its OMS AES key and one other OSCORE CoAP meter a rotate_key of its OSCORE context,
-both at half the period. No command is planned for DTLS and platform meters yet (see the
-README).
+a valve close at a third of the period and an open at two thirds; drifting meters of both
+kinds get a clock set at the middle; one senml/interval meter gets a reporting interval
+change, and one more gets one as a meter of the `mute` fault class (executes, never
+answers: its command stays `sent` until its TTL, then `expired`); one OSCORE CoAP OMS
+meter gets a rotate_key of its OMS AES key and one other OSCORE CoAP meter a rotate_key of
+its OSCORE context, both at half the period. No command is planned for DTLS and platform
+meters yet (see the README).
 
 `CommandDriver` acts it out: `events()` queue each command through the API at its virtual
 instant (`runner.send_all`'s events); `answer(meter, up, payload)` hands an envelope (a

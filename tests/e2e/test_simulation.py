@@ -116,13 +116,15 @@ async def _sim(stack: Stack, *argv: str) -> tuple[int, str]:
 
 @pytest.mark.timeout(1800)
 async def test_simulated_fleet_verifies_against_ground_truth(stack: Stack, tmp_path: Path) -> None:
-    """200 meters x 40 days with every fault class: `sim verify` finds the truth (exit 0),
-    readings lost on the way and resent on the next wake-up included."""
+    """200 meters x 40 days with every fault class, 3 districts and valve commands (as
+    `nbmeter demo` runs it): `sim verify` finds the truth (exit 0), readings lost on the
+    way and resent on the next wake-up included, every pipe leak alarmed, and no
+    valve_closed_flow after a valve reopened (it would be a false positive)."""
     run_dir = str(tmp_path / "run")
     code, out = await _sim(
         stack, "run", "--meters", str(METERS), "--days", str(DAYS), "--seed", "6",
         "--faults", "all", "--loss", "0.05", "--time-scale", "1", "--run-dir", run_dir,
-        "--quiet", "--districts", "3",
+        "--quiet", "--districts", "3", "--commands", "2",
     )  # fmt: skip
     print(out)  # the run summary, shown with the verify table when this test fails
     assert code == 0, out
@@ -133,6 +135,9 @@ async def test_simulated_fleet_verifies_against_ground_truth(stack: Stack, tmp_p
     loss = re.search(r"^district_loss\s+(\d+)\s+(\d+)", out, re.MULTILINE)
     assert loss is not None, out
     assert int(loss.group(1)) == int(loss.group(2)) > 0, out
+    # the valves closed and opened again: valve_closed raised, nothing raised after the reopen
+    assert re.search(r"^valve_closed\s+\d+\s+\d+\s+\S+( h)?\s+0$", out, re.MULTILINE), out
+    assert "valve_closed_flow" not in out, out
     resent = re.search(r"^resends acknowledged\s+(\d+)$", out, re.MULTILINE)
     assert resent is not None, out
     assert int(resent.group(1)) > 0, out
