@@ -61,6 +61,17 @@ async def test_district_balance_and_read_rate(api, make_tenant, add_meter, pool)
     assert (got["n_customers"], got["n_covered"], got["complete"]) == (2, 2, True)
     assert got["nrw_ratio"] == "0.2500"
     assert got["computed_at"] is not None
+    # the range form: the same day between two days not rolled up, in order
+    span = f"{url}/balances?from={DAY - timedelta(days=1)}&to={DAY + timedelta(days=1)}"
+    days = (await api.get(span, headers=t.reader)).json()
+    assert [d["day"] for d in days] == [str(DAY + timedelta(days=k)) for k in (-1, 0, 1)]
+    assert days[1] == got
+    assert [d["computed_at"] for d in (days[0], days[2])] == [None, None]
+    assert (await api.get(span, headers=other.reader)).status_code == 404
+    reversed_span = f"{url}/balances?from={DAY}&to={DAY - timedelta(days=1)}"
+    assert (await api.get(reversed_span, headers=t.reader)).status_code == 422
+    too_long = f"{url}/balances?from={DAY}&to={DAY + timedelta(days=366)}"
+    assert (await api.get(too_long, headers=t.reader)).status_code == 422
 
     rate = (await api.get(f"/v1/kpi/read-rate?day={DAY}", headers=t.reader)).json()
     assert rate["tenant"] == {
