@@ -168,10 +168,10 @@ async def test_valve_reopened_clears_valve_closed(pool: asyncpg.Pool, tenant_id:
     daily = await _meter(pool, tenant_id)
     await pool.copy_records_to_table(
         "readings",
-        records=[(daily, local(D0 + timedelta(days=k)), ml, flag, 5, local(D0))
+        records=[(daily, local(D0 + timedelta(days=k)), ml, flag)
                  for k, ml, flag in ((0, 10**6, 1), (1, 10**6, 1), (2, 10**6 + 50_000, 0),
                                      (3, 10**6 + 90_000, 0))],
-        columns=["meter_id", "read_at", "register_ml", "flags", "transport", "received_at"],
+        columns=["meter_id", "read_at", "register_ml", "flags"],
     )  # fmt: skip
     async with pool.acquire() as conn, conn.transaction():
         await write_events(conn, [EventRow(valve, closed_at, "valve_closed", closed_at),
