@@ -359,7 +359,10 @@ async def record(
                 "UPDATE webhook_outbox SET state = $3, lease_until = NULL, last_error = $4,"
                 " delivered_at = CASE WHEN $5::boolean THEN $6::timestamptz END,"
                 " next_attempt_at = coalesce($7::timestamptz, next_attempt_at)"
-                " WHERE event_id = $1 AND endpoint_id = $2 AND state = 'pending'",
+                # a row replayed while this attempt was in flight lost its lease: it
+                # stays pending, due now, and goes out again as the replay asked
+                " WHERE event_id = $1 AND endpoint_id = $2 AND state = 'pending'"
+                " AND lease_until IS NOT NULL",
                 a.event_id, a.endpoint_id, state, a.error, a.ok, a.attempted_at, a.retry_at,
             )  # fmt: skip
         for endpoint_id in sorted({a.endpoint_id for a in attempts}):

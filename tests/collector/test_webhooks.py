@@ -78,6 +78,38 @@ async def _events_of(pool: asyncpg.Pool, tenant: int) -> set[str]:
     return {r["event_id"] for r in rows}
 
 
+async def test_a_replay_asked_while_its_delivery_is_in_flight_is_kept(
+    pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    """Replay an event whose delivery is leased and under way: the attempt's success is
+    logged but does not mark the row delivered, so the replay still goes out."""
+    tenant = await _tenant(pool)
+    endpoint, _ = await hooks.create_endpoint(pool, tenant, receiver.url, key=KEY)
+    eid = endpoint["endpoint_id"]
+    await _raise(pool, tenant, 1)
+    (leased,) = [c for c in await hooks.claim(pool, 100, 30.0, KEY) if c.endpoint_id == eid]
+    assert await hooks.replay(pool, tenant, eid, event_ids=[leased.event_id]) == 1
+    now = datetime.now(UTC)
+    done = hooks.Attempt(leased.event_id, eid, leased.attempt, now, True, 200, None, 5, None)
+    await hooks.record(
+        pool, [done], max_attempts=5, disable_after_failures=10, disable_after_s=60.0
+    )
+    row = await pool.fetchrow(
+        "SELECT state, lease_until FROM webhook_outbox WHERE event_id = $1::uuid"
+        " AND endpoint_id = $2",
+        leased.event_id,
+        eid,
+    )
+    assert (row["state"], row["lease_until"]) == ("pending", None)
+    logged = await pool.fetchval(
+        "SELECT count(*) FROM webhook_deliveries WHERE event_id = $1::uuid AND ok",
+        leased.event_id,
+    )
+    assert logged == 1
+    (again,) = [c for c in await hooks.claim(pool, 100, 30.0, KEY) if c.endpoint_id == eid]
+    assert again.event_id == leased.event_id
+
+
 def test_sign_and_backoff() -> None:
     """The signature covers timestamp and body; backoff doubles, caps and jitters upward."""
     sig = sign("s" * 32, 1_700_000_000, b'{"a":1}')
