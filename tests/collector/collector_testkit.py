@@ -201,6 +201,18 @@ class RawCoap(asyncio.DatagramProtocol):
                 if time.monotonic() > deadline or not confirmable:
                     raise
 
+    async def post_until_stored(
+        self, payload: bytes, *, query: str | None = None, tries: int = 10
+    ) -> CoapReply:
+        """POST /u as a meter does: a 5.03 (busy, or not yet durable on a loaded machine)
+        is sent again, as a new request, after a pause; the first other answer."""
+        for _ in range(tries - 1):
+            reply = await self.post(payload, query=query)
+            if reply.code_str != "5.03":
+                return reply
+            await asyncio.sleep(1.0)
+        return await self.post(payload, query=query)
+
     async def exchange(self, datagram: bytes, token: bytes, timeout_s: float = 10) -> bytes:
         """Send a datagram built elsewhere (an OSCORE request: `token` is its token) every
         2 s until its answer arrives; the answer's whole datagram."""

@@ -33,7 +33,7 @@ async def test_uplink_to_health_alarm_and_webhook(
             await add_meter(pool, lab_tenant, nbm),
         )
         async with dispatching(pool, db_url, FAST):
-            reply = await raw.post(
+            reply = await raw.post_until_stored(
                 cjt188_frame(cjt, 1_230_000, hour(5), status=0x04), query=f"t={lab_tenant}"
             )
             assert reply.code_str == "2.04"
@@ -41,7 +41,7 @@ async def test_uplink_to_health_alarm_and_webhook(
                 nbm, hour(5), 2_000_000, [1_000] * 3, Flag.LEAK,
                 ModemHealth(3420, -11250, -150, 1, 0x2A00007),
             )  # fmt: skip
-            reply = await raw.post(frame, query=f"t={lab_tenant}")
+            reply = await raw.post_until_stored(frame, query=f"t={lab_tenant}")
             assert reply.code_str == "2.04"
             got = await receiver.wait_for(2)
         kinds = sorted(json.loads(r.body)["data"]["kind"] for r in receiver.seen)
