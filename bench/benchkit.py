@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import secrets
@@ -393,7 +394,8 @@ def start_bare_aiocoap(port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", BARE, str(port)])
 
 
-PROFILE = os.environ.get("NBMETER_BENCH_PROFILE")  # a path: cProfile the collector there
+PROFILE = os.environ.get("NBMETER_BENCH_PROFILE")  # a path: cProfile each collector there
+_profiled = itertools.count(1)
 
 
 def start_collector(
@@ -411,7 +413,8 @@ def start_collector(
         **(env or {}),
     )
     full.pop("NBMETER_MQTT_URL", None)
-    profile = ["-m", "cProfile", "-o", PROFILE] if PROFILE else []
+    # one stats file per collector process, numbered in start order (PROFILE.1, PROFILE.2…)
+    profile = ["-m", "cProfile", "-o", f"{PROFILE}.{next(_profiled)}"] if PROFILE else []
     return subprocess.Popen(
         [sys.executable, *profile, "-m", "collector.main"],
         env=full,

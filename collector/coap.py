@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import socket
@@ -164,6 +165,22 @@ class UplinkResource(resource.Resource):  # type: ignore[misc]  # aiocoap is unt
             await self.render_post(request, too_large=True)
         return True
 
+    async def render_to_pipe(self, pipe: Any) -> None:
+        """aiocoap's rendering, without its block-wise work for a request that has no
+        Block1 or Block2 option (nearly every uplink): only an answer over the peer's
+        payload size goes through aiocoap's Block2 cache, which keeps it and sends its
+        first block (RFC 7959 §2.2), as aiocoap's own path would."""
+        request = pipe.request
+        if request.opt.block1 is not None or request.opt.block2 is not None:
+            await super().render_to_pipe(pipe)
+            return
+        answer = await self.render(request)
+        if len(answer.payload) > request.remote.maximum_payload_size:
+            answer = await self._block2.extract_or_insert(
+                request, functools.partial(_ready, answer)
+            )
+        pipe.add_response(answer, is_last=True)
+
     async def render_post(self, request: aiocoap.Message, *, too_large: bool = False) -> Any:
         """Offer the uplink to the pipeline; answer from its durable outcome."""
         started = time.monotonic()
@@ -238,6 +255,10 @@ class UplinkResource(resource.Resource):  # type: ignore[misc]  # aiocoap is unt
             raise ReplayedRequest
         metrics.UPLINKS.labels(kind, outcome.status).inc()
         return outcome
+
+
+async def _ready(answer: aiocoap.Message) -> aiocoap.Message:
+    return answer
 
 
 def response(outcome: Outcome) -> aiocoap.Message:

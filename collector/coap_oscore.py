@@ -121,6 +121,13 @@ def _noop() -> None:
     return None
 
 
+def _fail(futures: list[asyncio.Future[None]], exc: Exception) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(exc)
+            future.exception()  # retrieved: nobody may be awaiting it any more
+
+
 class DeviceContexts:
     """OSCORE contexts by kid: cached, negatively cached, loaded in batches, invalidated."""
 
@@ -130,7 +137,9 @@ class DeviceContexts:
         self._s = settings
         self._cache: OrderedDict[bytes, tuple[DeviceContext, float]] = OrderedDict()
         self._unknown: OrderedDict[bytes, float] = OrderedDict()
-        self._waiting: dict[bytes, asyncio.Future[None]] = {}
+        # a future per waiting request (awaited directly: a cancelled request cancels its
+        # own, and no shield per uplink is needed to keep the others' alive)
+        self._waiting: dict[bytes, list[asyncio.Future[None]]] = {}
         self._wakeup = asyncio.Event()
         self._loader: asyncio.Task[None] | None = None
         self._generation = 0  # bumped by every invalidation
@@ -153,26 +162,26 @@ class DeviceContexts:
         gone = self._unknown.get(kid)
         if gone is not None and gone > now:
             return
-        future = self._waiting.get(kid)
-        if future is None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting = self._waiting.get(kid)
+        if waiting is None:
             if len(self._waiting) >= self._s.lookup_max_pending:
                 raise ContextsUnavailable("too many key ids waiting for the database")
-            future = asyncio.get_running_loop().create_future()
-            self._waiting[kid] = future
+            self._waiting[kid] = [future]
             self._wakeup.set()
             if self._loader is None or self._loader.done():
                 self._loader = asyncio.create_task(self._load_batches(), name="oscore-loader")
-        await asyncio.shield(future)
+        else:
+            waiting.append(future)
+        await future
 
     async def _load_batches(self) -> None:
         try:
             await self._load_forever()
         except Exception as exc:  # a bug: fail the waiting requests (5.03), never hang them
             log.exception("oscore_context.loader_failed")
-            for future in self._waiting.values():
-                if not future.done():
-                    future.set_exception(ContextsUnavailable(str(exc)))
-                    future.exception()
+            for futures in self._waiting.values():
+                _fail(futures, ContextsUnavailable(str(exc)))
             self._waiting.clear()
 
     async def _load_forever(self) -> None:
@@ -196,10 +205,7 @@ class DeviceContexts:
                 except StorageError as exc:
                     log.warning("oscore_context.unavailable", error=str(exc), kids=len(kids))
                     for kid in kids:
-                        future = self._waiting.pop(kid)
-                        if not future.done():
-                            future.set_exception(ContextsUnavailable(str(exc)))
-                            future.exception()  # retrieved: nobody may be awaiting it
+                        _fail(self._waiting.pop(kid), ContextsUnavailable(str(exc)))
                     continue
                 metrics.OSCORE_LOOKUPS.inc()
                 metrics.OSCORE_LOOKUP_KIDS.inc(len(kids))
@@ -223,9 +229,9 @@ class DeviceContexts:
                 self._cache.move_to_end(kid)
                 while len(self._cache) > self._s.context_cache_max:
                     self._cache.popitem(last=False)
-            future = self._waiting.pop(kid, None)
-            if future is not None and not future.done():
-                future.set_result(None)
+            for future in self._waiting.pop(kid, ()):
+                if not future.done():
+                    future.set_result(None)
 
     def find_oscore(self, unprotected: dict[int, Any]) -> DeviceContext:
         """The cached context for the request's kid; KeyError when there is none."""

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aiocoap
 import asyncpg
 import pytest
-from collector_testkit import RawCoap, cjt188_frame, hour, oscore_client
+from collector_testkit import RawCoap, cjt188_frame, free_udp_port, hour, oscore_client
 from conftest import RunningCollector, add_meter, count, new_address
 
+from collector.coap import UplinkResource
+from collector.coap_guard import EventLimiter
+from collector.coap_patches import Site
+from collector.settings import CoapSettings
 from devices.provision import ProvisionedDevice
 
 READINGS = "SELECT count(*) FROM readings r JOIN meters m USING (meter_id) WHERE m.address = $1"
@@ -212,3 +217,42 @@ async def test_oscore_with_wrong_key_is_unauthorized(
     assert (
         await count(pool, "SELECT count(*) FROM readings WHERE meter_id = $1", device.meter_id) == 0
     )
+
+
+class _BigAnswer(UplinkResource):
+    """/u answering every POST with `size` bytes (what a long command envelope would be)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(CoapSettings(), None, None, EventLimiter())  # type: ignore[arg-type]  # render_post below uses neither
+        self.size = size
+
+    async def render_post(self, request: aiocoap.Message, *, too_large: bool = False) -> Any:
+        """2.04 with a payload of `size` bytes counting up."""
+        return aiocoap.Message(
+            code=aiocoap.CHANGED, payload=bytes(i % 251 for i in range(self.size))
+        )
+
+
+@pytest.mark.parametrize("size", [40, 3000])
+async def test_an_answer_over_one_block_goes_out_block_wise(size: int) -> None:
+    """A request without Block1/Block2 skips aiocoap's block-wise machinery, yet an answer
+    over the peer's payload size still goes out in Block2 blocks (RFC 7959 §2.2) that the
+    client reassembles; a small one goes out whole."""
+    port = free_udp_port()
+    site = Site()
+    site.add_resource(["u"], _BigAnswer(size))
+    server = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
+    client = await aiocoap.Context.create_client_context()
+    try:
+        request = aiocoap.Message(code=aiocoap.POST, uri=f"coap://127.0.0.1:{port}/u", payload=b"x")
+        response = await client.request(request).response
+    finally:
+        await client.shutdown()
+        await server.shutdown()
+    assert response.code == aiocoap.CHANGED
+    assert response.payload == bytes(i % 251 for i in range(size))
+    if size > 1024:
+        assert response.opt.block2 is not None
+        assert response.opt.block2.block_number > 0
+    else:
+        assert response.opt.block2 is None
