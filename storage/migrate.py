@@ -69,8 +69,10 @@ async def _require_timescaledb(conn: asyncpg.Connection) -> None:
         raise SchemaError(msg)
 
 
-async def migrate(dsn: str) -> list[str]:
-    """Apply pending migrations to the database at `dsn`; return the names applied."""
+async def migrate(dsn: str, *, before: int | None = None) -> list[str]:
+    """Apply pending migrations to the database at `dsn` (only those numbered below
+    `before`, if given: a migration's test starts from the schema it meets); return the
+    names applied."""
     with translated("connecting to the database to migrate it"):
         conn = await asyncpg.connect(dsn)
     try:
@@ -78,14 +80,14 @@ async def migrate(dsn: str) -> list[str]:
             await _require_timescaledb(conn)
             await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
             try:
-                return await _apply_pending(conn)
+                return await _apply_pending(conn, before)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     finally:
         await conn.close()
 
 
-async def _apply_pending(conn: asyncpg.Connection) -> list[str]:
+async def _apply_pending(conn: asyncpg.Connection, before: int | None) -> list[str]:
     await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
     await conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -103,6 +105,8 @@ async def _apply_pending(conn: asyncpg.Connection) -> list[str]:
         raise SchemaError(msg)
     applied: list[str] = []
     for migration in shipped:
+        if before is not None and migration.number >= before:
+            break
         if migration.number in done:
             continue
         try:

@@ -25,9 +25,11 @@ def with_database(url: str, database: str) -> str:
 
 
 @asynccontextmanager
-async def migrated_database(server_url: str, prefix: str = "nbmeter_test") -> AsyncIterator[str]:
-    """Create a database on `server_url`'s server, apply every migration, yield its URL,
-    then drop it (even if connections are still open)."""
+async def migrated_database(
+    server_url: str, prefix: str = "nbmeter_test", *, before: int | None = None
+) -> AsyncIterator[str]:
+    """Create a database on `server_url`'s server, apply every migration (or those numbered
+    below `before`), yield its URL, then drop it (even if connections are still open)."""
     name = f"{prefix}_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(server_url)
     try:
@@ -36,7 +38,7 @@ async def migrated_database(server_url: str, prefix: str = "nbmeter_test") -> As
         await admin.close()
     try:
         url = with_database(server_url, name)
-        await migrate(url)
+        await migrate(url, before=before)
         yield url
     finally:
         admin = await asyncpg.connect(server_url)

@@ -3,13 +3,12 @@ the packed layout, the clock-ahead flag set from the dropped received_at, the ke
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
-from dbkit import with_database
+from dbkit import migrated_database
 
 from decoder.columns import Flag
 from storage.migrate import available, migrate
@@ -22,40 +21,8 @@ MIN = timedelta(minutes=1)
 @pytest.fixture
 async def before_0049(server_url: str) -> AsyncIterator[str]:
     """A scratch database migrated up to, not including, 0049 (dropped afterwards)."""
-    name = f"nbmeter_test_packed_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = with_database(server_url, name)
-    try:
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-            await conn.execute(
-                "CREATE TABLE schema_migrations (number integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            for m in available():
-                if m.number >= PACKED:
-                    break
-                async with conn.transaction():
-                    await conn.execute(m.sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (number, name) VALUES ($1, $2)",
-                        m.number,
-                        m.name,
-                    )
-        finally:
-            await conn.close()
+    async with migrated_database(server_url, "nbmeter_test_packed", before=PACKED) as url:
         yield url
-    finally:
-        admin = await asyncpg.connect(server_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 async def test_existing_readings_move_to_the_packed_table(before_0049: str) -> None:
