@@ -51,7 +51,7 @@ import numpy as np
 from decoder.columns import Flag
 from simulator.commands import CommandExecutor
 from simulator.fleet import Format, Transport
-from simulator.schedule import Uplink
+from simulator.schedule import Event, Uplink
 from simulator.truth import Truth
 
 COMMANDS_FILE = "commands.json"
@@ -59,7 +59,6 @@ MUTE_TTL_S = 60  # the API's shortest TTL: a mute meter's command expires soon a
 _TTL_S = 7 * 86_400
 _COMMANDABLE = frozenset({Format.CJT188, Format.SENML, Format.INTERVAL})
 _REACHABLE = frozenset({Transport.COAP_CON, Transport.MQTT_QOS1})
-Event = tuple[int, Callable[[], Awaitable[None]]]
 Queue = Callable[[str, str, dict[str, Any], str, int], Awaitable[int]]
 
 
@@ -160,7 +159,7 @@ class CommandDriver:
 
     def events(self) -> list[Event]:
         """(virtual instant, queue this command) pairs in time order."""
-        return [(p.at_s, self._queuer(p)) for p in self.planned]
+        return [Event(p.at_s, self._queuer(p), frozenset({p.meter})) for p in self.planned]
 
     def _queuer(self, p: Planned) -> Callable[[], Awaitable[None]]:
         async def go() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -32,7 +31,7 @@ from simulator.backend import (
 from simulator.faults import Fault
 from simulator.fleet import Meter, Transport
 from simulator.runner import PLATFORM_SECRET, DeviceCredentials
-from simulator.schedule import Uplink
+from simulator.schedule import Event, Uplink
 from simulator.truth import Truth
 
 
@@ -105,9 +104,6 @@ async def exchange_one(truth: Truth, backend: Backend, ids: dict[str, int], faul
     )
     ids[new.address] = int(out["installed"]["meter_id"])
     return ids[new.address]
-
-
-Event = tuple[int, Callable[[], Awaitable[None]]]
 
 
 class Provisioning:
@@ -190,8 +186,15 @@ class Provisioning:
         """The exchanges still to register: (virtual instant, action), in time order."""
         start = self.truth.fleet.spec.start_s
         return sorted(
-            ((start + f.start_h * 3600, functools.partial(self.exchange, f)) for f in self.pending),
-            key=lambda e: e[0],
+            (
+                Event(
+                    start + f.start_h * 3600,
+                    functools.partial(self.exchange, f),
+                    frozenset({f.meter, f.params["new_meter"]}),
+                )
+                for f in self.pending
+            ),
+            key=lambda e: e.at_s,
         )
 
     def save(self) -> None:

@@ -27,7 +27,7 @@ import itertools
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from devices.topics import down_topic, result_topic
@@ -42,7 +42,7 @@ from simulator.mqtt import Downlink, MqttCredentials, MqttResult, publish
 from simulator.network import Delivery, NetworkModel
 from simulator.platform import Message as PlatformMessage
 from simulator.platform import PlatformEmulator
-from simulator.schedule import Uplink
+from simulator.schedule import Event, Uplink
 from simulator.truth import Truth
 
 BUSY_RETRIES = 3
@@ -498,14 +498,16 @@ async def send_all(
     config: RunConfig,
     *,
     progress: bool = True,
-    events: list[tuple[int, Callable[[], Awaitable[None]]]] | None = None,
+    events: list[Event] | None = None,
     commands: CommandDriver | None = None,
 ) -> Summary:
     """Send every uplink (in schedule order) and return the summary.
 
-    `events` are (virtual instant, action) pairs in time order, such as a meter exchange
-    registered with the backend: before the first uplink sent at or after an event's
-    instant, every earlier uplink is finished and then the action is awaited.
+    `events` are backend actions at virtual instants, in time order, such as a meter
+    exchange registered with the backend: before the first uplink sent at or after an
+    event's instant, the earlier uplinks of the meters it concerns are finished (the rest
+    of the fleet's keep flowing: waiting for every uplink in flight meant waiting for the
+    slowest retransmission each time) and then the action is awaited.
     `commands` (simulator.command_run) adds its queueing events, executes what a 2.04
     carries and answers it over OSCORE `POST /c`.
     """
@@ -514,8 +516,8 @@ async def send_all(
     if commands is not None:  # queued through the API at their virtual instants
         commands.registers = sender.registers
         sender.commands = commands
-        todo = sorted(todo + commands.events(), key=lambda e: e[0])
-    running: set[asyncio.Task[None]] = set()
+        todo = sorted(todo + commands.events(), key=lambda e: e.at_s)
+    running: dict[int, set[asyncio.Task[None]]] = {}  # a meter's uplinks in flight
     await sender.open()
     bar = Progress(len(uplinks), progress)
     release = _release_at(uplinks, config)
@@ -541,14 +543,17 @@ async def send_all(
     try:
         async with asyncio.TaskGroup() as tg:
             for i, up in enumerate(uplinks):
-                while todo and todo[0][0] <= up.send_s:
-                    if running:
-                        await asyncio.wait(running)
-                    await todo.pop(0)[1]()
+                while todo and todo[0].at_s <= up.send_s:
+                    event = todo.pop(0)
+                    earlier = set().union(*(running.get(m, ()) for m in event.meters))
+                    if earlier:
+                        await asyncio.wait(earlier)
+                    await event.action()
                 await slots.acquire()
                 task = tg.create_task(one(i, up), name=f"uplink-{up.seq}")
-                running.add(task)
-                task.add_done_callback(running.discard)
+                mine = running.setdefault(up.meter, set())
+                mine.add(task)
+                task.add_done_callback(mine.discard)
         # the wake-up after the period, for the meters still installed (a removed meter
         # is in the workshop: its log is never sent)
         end_h = truth.fleet.spec.hours

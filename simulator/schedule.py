@@ -15,7 +15,9 @@ copies (`copies` > 1: CoAP retransmission, MQTT re-delivery) must be duplicates.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -224,3 +226,13 @@ def expected_readings(
         if u.outcome is Outcome.STORED and u.claimed == u.meter:
             held[u.meter, u.first_h : u.last_h + 1] = True
     return held
+
+
+class Event(NamedTuple):
+    """A backend action at a virtual instant (an exchange registered, a command queued).
+    `runner.send_all` finishes the earlier uplinks of `meters` (those the action concerns;
+    the rest of the fleet keeps flowing), then awaits `action`."""
+
+    at_s: int
+    action: Callable[[], Awaitable[None]]
+    meters: frozenset[int]
