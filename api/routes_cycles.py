@@ -168,7 +168,7 @@ async def close_cycle(cycle: CycleId, who: Admin, pool: Pool, request: Request) 
     async with connection(pool, "closing a billing cycle") as conn:
         for zone in await billing.zones(conn, who.tenant_id):
             q = billing.CycleQuery(who.tenant_id, start, end, zone, settings.tuning())
-            row = await billing.publish(conn, q.args())
+            row = await billing.publish_cycle(conn, q)
             totals = [
                 totals[0] + row["boundaries"],
                 totals[1] + row["published"],

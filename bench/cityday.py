@@ -318,8 +318,8 @@ async def billing_side(db_url: str, tenant: int, day: date) -> None:
             t0 = time.monotonic()
             totals = [0, 0]
             for zone in zones:
-                got = await billing.publish(
-                    conn, billing.CycleQuery(tenant, start, end, zone, tuning).args()
+                got = await billing.publish_cycle(
+                    conn, billing.CycleQuery(tenant, start, end, zone, tuning)
                 )
                 totals = [totals[0] + got["boundaries"], totals[1] + got["published"]]
             close_s = time.monotonic() - t0

@@ -244,6 +244,24 @@ async def publish(conn: Conn, args: tuple[Any, ...]) -> dict[str, int]:
     return {k: row[k] for k in ("boundaries", "published", "revised")}
 
 
+PUBLISH_WINDOW = 20_000  # meter ids per PUBLISH_SQL statement
+
+
+@translating("publishing billing-cycle reads")
+async def publish_cycle(conn: Conn, q: CycleQuery, window: int | None = None) -> dict[str, int]:
+    """`publish` for every meter of `q`, in windows of `window` meter ids: each statement's
+    cost grows with its meters, and one statement over a whole 200k-meter tenant took a
+    plan that did not finish in 24 min where 20k-id windows take ~0.1 ms a meter
+    (bench/cityday.py). Returns the summed counts."""
+    step = window or PUBLISH_WINDOW
+    top = await conn.fetchval("SELECT max(meter_id) FROM meters WHERE tenant_id = $1", q.tenant_id)
+    totals = {"boundaries": 0, "published": 0, "revised": 0}
+    for after in range(0, int(top or 0), step):
+        got = await publish(conn, q.args(after=after, upto=after + step))
+        totals = {k: totals[k] + got[k] for k in totals}
+    return totals
+
+
 @translating("reading published revisions")
 async def revisions(conn: Conn, meter_ids: list[int], at: list[datetime]) -> list[Published]:
     """Every published revision of the given meters at the given boundaries, oldest first."""

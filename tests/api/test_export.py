@@ -7,7 +7,10 @@ import io
 import json
 from datetime import timedelta
 
+import pytest
 from apihelpers import daily, local
+
+from storage import billing
 
 SH = "Asia/Shanghai"
 OPEN, CLOSE = local(SH, 2024, 2, 1), local(SH, 2024, 3, 1)
@@ -63,8 +66,14 @@ async def test_ndjson_and_csv_streams_agree(api, make_tenant, add_meter, add_rea
     assert len(r.text.splitlines()) == len(ids)
 
 
-async def test_close_publishes_then_revises(api, make_tenant, add_meter, add_readings):
-    """Closing publishes every boundary once; a late reading then shows up as a revision."""
+@pytest.mark.parametrize("window", [None, 1], ids=["one_window", "a_window_per_meter_id"])
+async def test_close_publishes_then_revises(
+    api, make_tenant, add_meter, add_readings, monkeypatch, window
+):
+    """Closing publishes every boundary once (whatever the meter-id windows it publishes
+    in); a late reading then shows up as a revision."""
+    if window is not None:
+        monkeypatch.setattr(billing, "PUBLISH_WINDOW", window)
     t, ids = await _fleet(make_tenant, add_meter, add_readings, n=3)
     r = await api.post("/v1/cycles/2024-02-01/close", headers=t.admin)
     assert r.json() == {"cycle": "2024-02-01", "boundaries": 6, "published": 6, "revised": 0}
