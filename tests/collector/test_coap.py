@@ -238,10 +238,16 @@ async def test_an_answer_over_one_block_goes_out_block_wise(size: int) -> None:
     """A request without Block1/Block2 skips aiocoap's block-wise machinery, yet an answer
     over the peer's payload size still goes out in Block2 blocks (RFC 7959 §2.2) that the
     client reassembles; a small one goes out whole."""
-    port = free_udp_port()
     site = Site()
     site.add_resource(["u"], _BigAnswer(size))
-    server = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
+    for attempt in range(5):  # a free port can be taken before the bind (another process)
+        port = free_udp_port()
+        try:
+            server = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
+            break
+        except OSError:
+            if attempt == 4:
+                raise
     client = await aiocoap.Context.create_client_context()
     try:
         request = aiocoap.Message(code=aiocoap.POST, uri=f"coap://127.0.0.1:{port}/u", payload=b"x")
