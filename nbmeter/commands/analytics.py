@@ -9,7 +9,7 @@ backfill. Prints a JSON summary (days, meter-days, alarms raised and cleared per
 from __future__ import annotations
 
 import argparse
-import asyncio
+import functools
 import json
 import sys
 import time
@@ -17,7 +17,6 @@ from datetime import date, timedelta
 
 from storage import analytics
 from storage.credentials import tenant_by_slug
-from storage.errors import StorageError
 from storage.pool import connected, create_pool
 
 
@@ -58,13 +57,9 @@ async def _run_async(args: argparse.Namespace, dsn: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from nbmeter.commands._env import database_url
+    from nbmeter.commands._env import run_on_database
 
-    try:
-        return asyncio.run(_run_async(args, database_url()))
-    except StorageError as exc:
-        print(f"nbmeter: {exc}", file=sys.stderr)
-        return 1
+    return run_on_database(functools.partial(_run_async, args))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

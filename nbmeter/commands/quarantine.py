@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import getpass
 import json
 import sys
@@ -20,7 +21,6 @@ from typing import Any
 
 from storage import quarantine, reasons
 from storage.credentials import tenant_by_slug
-from storage.errors import StorageError
 from storage.pool import connected
 
 
@@ -96,13 +96,9 @@ async def _run_async(args: argparse.Namespace, dsn: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from nbmeter.commands._env import database_url
+    from nbmeter.commands._env import run_on_database
 
-    try:
-        return asyncio.run(_run_async(args, database_url()))
-    except StorageError as exc:
-        print(f"nbmeter: {exc}", file=sys.stderr)
-        return 1
+    return run_on_database(functools.partial(_run_async, args))
 
 
 def _when(text: str) -> datetime:
