@@ -82,7 +82,7 @@ from decoder.encode_cjt188 import GAS, WATER, encode_cjt188
 from decoder.encode_senml import encode_senml, water_pack
 from decoder.interval import encode_interval
 from devices.provision import derive
-from storage import billing, credentials
+from storage import billing, compaction, credentials
 from storage.export import stream_cycle
 from storage.pool import create_pool
 
@@ -302,6 +302,37 @@ async def wal_bytes(db_url: str, since: str) -> int:
         await conn.close()
 
 
+_CHUNK_SQL = """
+SELECT format('%I.%I', c.chunk_schema, c.chunk_name), s.table_bytes, s.index_bytes
+FROM timescaledb_information.chunks c
+JOIN chunks_detailed_size('readings') s
+  ON s.chunk_schema = c.chunk_schema AND s.chunk_name = c.chunk_name
+WHERE c.hypertable_name = 'readings' AND c.range_start <= $1 AND c.range_end > $1
+"""
+
+
+async def compacted(db_url: str, day: datetime) -> None:
+    """Compact the closed chunks (storage.compaction, as the collector does once a day's
+    chunk is closed) and print the city day's chunk's bytes per reading after it."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        t0 = time.monotonic()
+        done = await compaction.compact_closed(conn, after=timedelta(0))
+        took = time.monotonic() - t0
+        row = await conn.fetchrow(_CHUNK_SQL, day)
+        assert row is not None
+        assert done
+        n = max(int(await conn.fetchval(f"SELECT count(*) FROM {row[0]}")), 1)
+        print(
+            f"bytes_per_reading_compacted={(row[1] + row[2]) / n:.1f}"
+            f" (heap {row[1] / n:.1f} + indexes {row[2] / n:.1f}; the city day's chunk of"
+            f" {n:,} readings after storage.compaction: {len(done)} chunks in {took:.1f}s)",
+            flush=True,
+        )
+    finally:
+        await conn.close()
+
+
 async def billing_side(db_url: str, tenant: int, day: date) -> None:
     """Close the cycle ending after `day` for every meter, then stream its NDJSON export."""
     pool = await create_pool(db_url, min_size=2, max_size=4)
@@ -482,6 +513,8 @@ async def main(args: argparse.Namespace) -> None:
             " (server-wide WAL: an upper bound)",
             flush=True,
         )
+
+        await compacted(db_url, datetime.fromtimestamp(day_s, UTC))
 
         # 3. the billing side
         await billing_side(db_url, tenant, datetime.fromtimestamp(day_s, UTC).date())

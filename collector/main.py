@@ -118,7 +118,7 @@ async def run(
                 group.create_task(hooks.run(stop), name="webhooks")
             expiry = group.create_task(downlinks.expire_forever(), name="downlink-expiry")
             chunk_expiry = group.create_task(
-                retention.run(pool, settings.retention), name="retention"
+                retention.run(pool, settings.retention, settings.database_url), name="retention"
             )
             if settings.analytics.enabled:
                 group.create_task(

@@ -160,7 +160,8 @@ class PlatformSettings(_Section):
 
 
 class RetentionSettings(_Section):
-    """Dropping expired chunks of the raw archive and the quarantine (storage.retention).
+    """Dropping expired chunks of the raw archive and the quarantine (storage.retention),
+    and compacting closed readings chunks (storage.compaction).
 
     On by default in every collector (one at a time does it); the Apache edition of
     TimescaleDB has no retention policies, so without this job both grow for ever."""
@@ -169,6 +170,10 @@ class RetentionSettings(_Section):
     raw_uplinks_days: int = Field(400, ge=1)  # a billing year plus a month for disputes
     quarantine_days: int = Field(400, ge=1)
     every_s: float = Field(3600.0, ge=60)
+    # closed readings chunks get their indexes rebuilt packed (storage.compaction): a day's
+    # chunk once its day ended this long ago (its last uplinks arrive the next day)
+    compact: bool = True
+    compact_after_h: float = Field(48.0, ge=0)
 
 
 class AnalyticsSettings(_Section):
