@@ -21,10 +21,12 @@ two meters: no health); the collector stores that health for an authenticated de
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
+from typing import NamedTuple
 
 import cbor2
 import numpy as np
@@ -49,7 +51,9 @@ ALARM_FLAGS: Mapping[str, Flag] = {  # 3424: 9/10 leak suspected/detected, 11 ba
     "9": Flag.LEAK, "10": Flag.LEAK, "11": Flag.REVERSE_FLOW,  # 12 blocked, 13 fraud
     "12": Flag.METER_ERROR, "13": Flag.TAMPER,
 }  # fmt: skip
-_VALUE_KEYS = ("v", "vs", "vb", "vd", "s")
+_VALUE_KEYS = frozenset({"v", "vs", "vb", "vd", "s"})
+_BASE_KEYS = frozenset({"bver", "bn", "bt", "bu", "bv", "bs"})
+_LABELS = frozenset(LABEL_OF)
 # LwM2M device health (OMA objects 3 Device and 4 Connectivity Monitoring): path -> the
 # extra field it fills. 3/7 is a multiple-instance resource (/3/0/7/0 in LwM2M 1.1 paths).
 HEALTH_RESOURCE = re.compile(r"(?:^|/)(3|4)/\d+/(\d+)(?:/\d+)?$")
@@ -92,6 +96,11 @@ class SenMLError(ValueError):
 
 def _num(value: object, field: str) -> Decimal:
     """A SenML number -> exact Decimal (bool is not a number; NaN/inf are refused)."""
+    if type(value) is Decimal:  # the common cases first: a JSON literal, parsed exact
+        if value.is_finite():
+            return value
+    elif type(value) is int:
+        return Decimal(value)
     if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
         raise SenMLError(ErrorCode.BAD_RECORD, f"{field} must be a number, got {value!r}")
     if isinstance(value, float):
@@ -130,7 +139,11 @@ def parse(frame: bytes) -> tuple[list[dict[str, object]], str]:
     for rec in pack:
         if not isinstance(rec, dict):
             raise SenMLError(ErrorCode.BAD_RECORD, "a SenML record is a map/object")
-        records.append({CBOR_LABELS.get(key, str(key)): val for key, val in rec.items()})
+        # JSON keys are names already; CBOR's are labels (or, past RFC 8428, anything)
+        if encoding == "json":
+            records.append(rec)
+        else:
+            records.append({CBOR_LABELS.get(key, str(key)): val for key, val in rec.items()})
     return records, encoding
 
 
@@ -139,21 +152,24 @@ def resolve(records: Sequence[Mapping[str, object]], received_at_s: int) -> list
     bn, bt, bu, bv, bs, bs_set = "", Decimal(0), None, Decimal(0), Decimal(0), False
     out: list[dict[str, object]] = []
     for rec in records:
-        if must := [key for key in rec if key.endswith("_")]:
+        keys = rec.keys()
+        labelled = keys <= _LABELS  # no must-understand field, nothing to copy over as is
+        if not labelled and (must := [key for key in rec if key.endswith("_")]):
             raise SenMLError(ErrorCode.UNSUPPORTED, f"must-understand field(s) {must}")
-        if "bver" in rec and _num(rec["bver"], "bver") > MAX_VERSION:
-            raise SenMLError(ErrorCode.UNSUPPORTED, f"SenML version {rec['bver']} > 10")
-        if "bn" in rec:
-            bn = _text(rec["bn"], "bn")
-        if "bt" in rec:
-            bt = _num(rec["bt"], "bt")
-        if "bu" in rec:
-            bu = _text(rec["bu"], "bu")
-        if "bv" in rec:
-            bv = _num(rec["bv"], "bv")
-        if "bs" in rec:
-            bs, bs_set = _num(rec["bs"], "bs"), True
-        if not any(key in rec for key in _VALUE_KEYS):
+        if not keys.isdisjoint(_BASE_KEYS):
+            if "bver" in rec and _num(rec["bver"], "bver") > MAX_VERSION:
+                raise SenMLError(ErrorCode.UNSUPPORTED, f"SenML version {rec['bver']} > 10")
+            if "bn" in rec:
+                bn = _text(rec["bn"], "bn")
+            if "bt" in rec:
+                bt = _num(rec["bt"], "bt")
+            if "bu" in rec:
+                bu = _text(rec["bu"], "bu")
+            if "bv" in rec:
+                bv = _num(rec["bv"], "bv")
+            if "bs" in rec:
+                bs, bs_set = _num(rec["bs"], "bs"), True
+        if keys.isdisjoint(_VALUE_KEYS):
             continue  # a record of base fields only
         name = bn + _text(rec.get("n", ""), "n")
         if not name:
@@ -169,18 +185,43 @@ def resolve(records: Sequence[Mapping[str, object]], received_at_s: int) -> list
             res["v"] = bv + _num(rec["v"], "v")
         if "s" in rec or bs_set:
             res["s"] = bs + _num(rec.get("s", 0), "s")
-        for key in ("vs", "vd"):
-            if key in rec:
-                res[key] = _text(rec[key], key)
+        if "vs" in rec:
+            res["vs"] = _text(rec["vs"], "vs")
+        if "vd" in rec:
+            res["vd"] = _text(rec["vd"], "vd")
         if "vb" in rec:
             if not isinstance(rec["vb"], bool):
                 raise SenMLError(ErrorCode.BAD_RECORD, "vb must be a boolean")
             res["vb"] = rec["vb"]
         if "ut" in rec:
             res["ut"] = _num(rec["ut"], "ut")
-        res.update({key: val for key, val in rec.items() if key not in LABEL_OF})
+        if not labelled:
+            res.update({key: val for key, val in rec.items() if key not in LABEL_OF})
         out.append(res)
     return out
+
+
+class _Name(NamedTuple):
+    """What a resolved record's name says, worked out once per name (`_name`)."""
+
+    volume: str | None  # LwM2M 3424/x/1: the name up to the instance (the reading's key)
+    address: str | None  # ... and the meter's address (the name before /3424/)
+    alarm: tuple[str, Flag] | None  # 3424/x/9..13: (name up to the instance, its flag)
+    health: tuple[str, str] | None  # objects 3/4: (the meter it names, the extra field)
+
+
+@functools.lru_cache(maxsize=1 << 16)  # a pack repeats its names; a fleet's are many
+def _name(name: str) -> _Name:
+    volume = WATER_VOLUME.search(name)
+    alarm = WATER_ALARM.search(name)
+    health = HEALTH_RESOURCE.search(name)
+    field = HEALTH_FIELDS.get((health.group(1), health.group(2))) if health else None
+    return _Name(
+        name[: volume.end(1)] if volume else None,
+        name[: volume.start()].rstrip("/:") if volume else None,
+        (name[: alarm.end(1)], ALARM_FLAGS[alarm.group(2)]) if alarm else None,
+        (name[: health.start()].rstrip("/:"), field) if health and field else None,
+    )
 
 
 def _text(value: object, field: str) -> str:
@@ -192,8 +233,8 @@ def _text(value: object, field: str) -> str:
 def _reading(rec: Mapping[str, object]) -> tuple[int, int, str, Decimal] | None:
     """A resolved volume record -> (read_at_s, register_ml, instance key, m3); else None."""
     name, unit = str(rec["n"]), rec.get("u")
-    lwm2m = WATER_VOLUME.search(name)
-    if not lwm2m and unit not in VOLUME_ML_PER_UNIT:
+    prefix = _name(name).volume
+    if prefix is None and unit not in VOLUME_ML_PER_UNIT:
         return None
     unit = "m3" if unit is None else unit
     if unit not in VOLUME_ML_PER_UNIT:
@@ -207,9 +248,9 @@ def _reading(rec: Mapping[str, object]) -> tuple[int, int, str, Decimal] | None:
     t = rec["t"]
     if not isinstance(t, Decimal) or not 0 <= t < 2**40:
         raise SenMLError(ErrorCode.BAD_TIME, f"{name}: time {t} is not a plausible epoch")
-    prefix = name[: lwm2m.end(1)] if lwm2m else name
     m3 = raw if unit == "m3" else raw.scaleb(-3)
-    return _floor(t), int(ml), f"{prefix}|{_floor(t)}", m3
+    at = _floor(t)
+    return at, int(ml), f"{prefix or name}|{at}", m3
 
 
 def _floor(t: object) -> int:
@@ -219,18 +260,16 @@ def _floor(t: object) -> int:
 
 
 def _address_of(name: str, base: str) -> str:
-    lwm2m = WATER_VOLUME.search(name)
-    if lwm2m:
-        return name[: lwm2m.start()].rstrip("/:")
+    address = _name(name).address
+    if address is not None:
+        return address
     return base.rstrip("/:") if base else name
 
 
 def _health_owner(name: str) -> str | None:
     """The meter a health record's name reports ("": a bare LwM2M path); None: no health."""
-    hit = HEALTH_RESOURCE.search(name)
-    if hit is None or (hit.group(1), hit.group(2)) not in HEALTH_FIELDS:
-        return None
-    return name[: hit.start()].rstrip("/:")
+    health = _name(name).health
+    return None if health is None else health[0]
 
 
 def health_of(
@@ -242,13 +281,14 @@ def health_of(
     one's."""
     found: dict[str, tuple[Decimal, Decimal]] = {}  # field -> (time, value)
     for rec in resolved:
-        owner = _health_owner(str(rec["n"]))
-        if owner is None or (address is not None and owner not in ("", address)):
+        health = _name(str(rec["n"])).health
+        if health is None:
             continue
-        hit = HEALTH_RESOURCE.search(str(rec["n"]))
-        name = HEALTH_FIELDS.get((hit.group(1), hit.group(2))) if hit else None
+        owner, name = health
+        if address is not None and owner not in ("", address):
+            continue
         value, t = rec.get("v"), rec.get("t")
-        if name is None or not isinstance(value, Decimal) or not isinstance(t, Decimal):
+        if not isinstance(value, Decimal) or not isinstance(t, Decimal):
             continue
         if name in _WHOLE and value != value.to_integral_value():
             continue
@@ -265,10 +305,10 @@ def decode_one(
     resolved = resolve(records, received_at_s)
     alarms: dict[str, int] = {}
     for rec in resolved:
-        hit = WATER_ALARM.search(str(rec["n"]))
-        if hit and (rec.get("vb") is True or rec.get("v", 0) != 0):
-            key = f"{str(rec['n'])[: hit.end(1)]}|{_floor(rec['t'])}"
-            alarms[key] = alarms.get(key, 0) | ALARM_FLAGS[hit.group(2)]
+        alarm = _name(str(rec["n"])).alarm
+        if alarm and (rec.get("vb") is True or rec.get("v", 0) != 0):
+            key = f"{alarm[0]}|{_floor(rec['t'])}"
+            alarms[key] = alarms.get(key, 0) | alarm[1]
     found = [(rec, got) for rec in resolved if (got := _reading(rec)) is not None]
     extra: dict[str, object] = {"senml": encoding, "records": resolved}
     if not found:
