@@ -30,9 +30,11 @@ uplink meets a cold context cache, as a meter reporting once a day does):
 
 Printed: uplinks/s and readings/s sustained (the herd), CPU µs per uplink in the
 collector and in its PostgreSQL backends, answer times p50/p99 per phase, uplinks per
-committed batch, peak RSS; bytes on disk per reading (readings heap + indexes) and per
-uplink (raw archive, OSCORE answers, WAL written: the server's WAL is shared by every
-database on it, so that figure is an upper bound on a shared server); the billing
+committed batch, peak RSS; bytes on disk per reading (readings heap + indexes) as
+ingested and, in the city day's chunk, once `storage.compaction` (the collector's job for
+closed chunks) has rebuilt its indexes, and per uplink (raw archive, OSCORE answers, WAL
+written: the server's WAL is shared by every database on it, so that figure is an upper
+bound on a shared server); the billing
 times; then the projection for a Shenzhen day (26.6 M uplinks) from the CPU µs per
 uplink: on a loaded shared machine CPU per uplink is the robust figure (rates fall with
 the neighbours' load, CPU time per uplink much less). Last line `shenzhen_day_hours=<x>`.

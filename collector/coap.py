@@ -62,6 +62,7 @@ from collector.coap_oscore import (
 from collector.coap_patches import (
     Context,
     Site,
+    acyclic_requests,
     bound_dedup,
     patch_message_decode,
     patch_udp6_addresses,
@@ -364,6 +365,7 @@ class CoapServer:
             await self.shutdown()  # the listener and our registry row go too
             raise
         for tman in self._ctx.request_interfaces:
+            acyclic_requests(tman)
             bound_dedup(
                 tman.token_interface,
                 self._settings.exchange_lifetime_s,
