@@ -248,11 +248,17 @@ class ReadingWriter:
         if len(self._known_meters) + len(found) > _MAX_KNOWN_METERS:
             self._known_meters = np.zeros(0, np.int64)
             self._installed_s = np.zeros(0, np.int64)
-        # fresh answers first: np.unique keeps the first occurrence of each id
-        ids_all = np.concatenate([found, self._known_meters])
-        at_all = np.concatenate([at, self._installed_s])
-        self._known_meters, first = np.unique(ids_all, return_index=True)
-        self._installed_s = at_all[first]
+        # merged into the sorted cache (a batch's few ids into a city's: an insert, not a
+        # sort of the whole cache per batch); a fresh answer replaces a cached one
+        order = np.argsort(found, kind="stable")
+        found, at = found[order], at[order]
+        known = self._known_meters
+        pos = np.searchsorted(known, found)
+        cached = pos < len(known)
+        cached[cached] = known[pos[cached]] == found[cached]
+        self._installed_s[pos[cached]] = at[cached]
+        self._known_meters = np.insert(known, pos[~cached], found[~cached])
+        self._installed_s = np.insert(self._installed_s, pos[~cached], at[~cached])
 
     def _payload(self, batch: ReadingBatch, plan: _Plan) -> AsyncIterator[memoryview | bytes]:
         """The binary COPY stream of the planned rows, encoded chunk by chunk as it is sent."""
