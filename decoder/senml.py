@@ -210,7 +210,7 @@ class _Name(NamedTuple):
     health: tuple[str, str] | None  # objects 3/4: (the meter it names, the extra field)
 
 
-@functools.lru_cache(maxsize=1 << 16)  # a pack repeats its names; a fleet's are many
+@functools.lru_cache(maxsize=4096)  # a pack repeats its names; bare LwM2M paths recur
 def _name(name: str) -> _Name:
     volume = WATER_VOLUME.search(name)
     alarm = WATER_ALARM.search(name)
