@@ -17,8 +17,9 @@ the load generator only sends bytes.
 Same run, one phase after the other, each against a fresh process (so each OSCORE
 uplink meets a cold context cache, as a meter reporting once a day does):
 1. compare: `--compare` nbm1 uplinks closed loop (window `--window`) against a bare
-   aiocoap server (2.04 at once), the collector on plain CoAP (a lab tenant), and the
-   collector on OSCORE (the fleet's nbm1 meters, the day before);
+   aiocoap server (2.04 at once), then `--compare-rounds` alternating rounds of the
+   collector on plain CoAP (a lab tenant) and on OSCORE (other nbm1 meters of the fleet
+   each round, the day before); the ratios are of the rounds' medians;
 2. the city day: (1 - `--herd`) of the fleet arrives paced at `--spread-load` times the
    OSCORE rate of phase 1 (reports spread over the reporting window; faster if needed
    to end within `--budget-s`), then the rest at once (the herd after an outage:
@@ -46,6 +47,7 @@ import argparse
 import asyncio
 import os
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -313,6 +315,21 @@ WHERE c.hypertable_name = 'readings' AND c.range_start <= $1 AND c.range_end > $
 """
 
 
+class Medians:
+    """The median of several runs' figures, read as one run's (`bulk_rate`, `us`)."""
+
+    def __init__(self, runs: list[Measured]) -> None:
+        self._runs = runs
+
+    def bulk_rate(self) -> float:
+        """Median uplinks per second."""
+        return statistics.median(r.bulk_rate() for r in self._runs)
+
+    def us(self, who: str) -> float:
+        """Median CPU µs per uplink of `who` ("server" or "db")."""
+        return statistics.median(r.us(who) for r in self._runs)
+
+
 async def compacted(db_url: str, day: datetime) -> None:
     """Compact the closed chunks (storage.compaction, as the collector does once a day's
     chunk is closed) and print the city day's chunk's bytes per reading after it."""
@@ -381,18 +398,27 @@ async def main(args: argparse.Namespace) -> None:
         key_text = credentials.new_key()
         key = credentials.parse_key(key_text)
         tenant, lab, meters = await provision_fleet(db_url, args.meters, key, rng)
-        compare = min(args.compare, sum(m.fmt == "interval" for m in meters))
+        rounds = max(1, args.compare_rounds)
+        compare = min(args.compare, sum(m.fmt == "interval" for m in meters) // rounds)
         labs = await lab_meters(db_url, lab, compare)
         print(f"setup_s={time.monotonic() - t_setup:.1f}", flush=True)
 
         today = int(time.time()) // DAY * DAY
         day_s = today - 2 * DAY  # the city day: ended, so its cycle can close
         t0 = time.monotonic()
-        plain = [
-            coap_post(encode_interval(a, day_s, 1_000_000, [1000] * 23), b"t=lab") for a in labs
+        # each round its own readings: the lab meters' day k before, other nbm1 meters
+        plains = [
+            [
+                coap_post(encode_interval(a, day_s - k * DAY, 1_000_000, [1000] * 23), b"t=lab")
+                for a in labs
+            ]
+            for k in range(rounds)
         ]
-        nbm1 = [m for m in meters if m.fmt == "interval"][:compare]
-        oscore_cmp = [protect(m, payload(m, day_s - DAY, rng)[0], 0) for m in nbm1]
+        nbm1 = [m for m in meters if m.fmt == "interval"][: compare * rounds]
+        oscores = [
+            [protect(m, payload(m, day_s - DAY, rng)[0], 0) for m in nbm1[k::rounds]]
+            for k in range(rounds)
+        ]
         order = list(meters)
         rng.shuffle(order)
         city: list[bytes] = []
@@ -412,7 +438,7 @@ async def main(args: argparse.Namespace) -> None:
         port = free_udp_port()
         bare = start_bare_aiocoap(port)
         await asyncio.sleep(1.5)
-        base = await LoadGenerator(ListSource(list(plain))).run(
+        base = await LoadGenerator(ListSource(list(plains[0]))).run(
             port,
             window=args.window,
             sockets=args.sockets,
@@ -425,18 +451,32 @@ async def main(args: argparse.Namespace) -> None:
             flush=True,
         )
         phase = Phase(server_url, name, db_url, key_text)
-        lab_run = await phase.run(plain, window=args.window, sockets=args.sockets)
-        print(_line("plain_coap", *lab_run, 24), flush=True)
-        osc_run = await phase.run(oscore_cmp, window=args.window, sockets=args.sockets)
-        print(_line("oscore", *osc_run, 24), flush=True)
-        p, o = lab_run[0], osc_run[0]
+        # alternating rounds, each against a fresh collector: a round lasts seconds, so
+        # one alone moves with whatever else the machine does then; the medians do not
+        plain_runs, oscore_runs = [], []
+        for k in range(rounds):
+            lab_run = await phase.run(plains[k], window=args.window, sockets=args.sockets)
+            print(_line(f"plain_coap[{k + 1}]", *lab_run, 24), flush=True)
+            osc_run = await phase.run(oscores[k], window=args.window, sockets=args.sockets)
+            print(_line(f"oscore[{k + 1}]", *osc_run, 24), flush=True)
+            plain_runs.append(lab_run[0])
+            oscore_runs.append(osc_run[0])
+        p, o = Medians(plain_runs), Medians(oscore_runs)
         p_all, o_all = p.us("server") + p.us("db"), o.us("server") + o.us("db")
+        per_round = " ".join(
+            f"{b.bulk_rate() / max(a.bulk_rate(), 1e-9):.2f}"
+            for a, b in zip(plain_runs, oscore_runs, strict=True)
+        )
         print(
-            f"oscore_vs_plain: rate_ratio={o.bulk_rate() / max(p.bulk_rate(), 1e-9):.2f}"
+            f"oscore_vs_plain (medians of {rounds} alternating rounds of {compare} uplinks):"
+            f" rate_ratio={o.bulk_rate() / max(p.bulk_rate(), 1e-9):.2f}"
             f" cpu_ratio={p.us('server') / max(o.us('server'), 1e-9):.2f}"
             f" cpu_ratio_with_db={p_all / max(o_all, 1e-9):.2f}"
             f" (plain CPU per uplink / OSCORE CPU per uplink; >= 0.8 is the target)"
-            f" plain_vs_bare_aiocoap_cpu={base.us('server') / max(p.us('server'), 1e-9):.2f}",
+            f" plain_vs_bare_aiocoap_cpu={base.us('server') / max(p.us('server'), 1e-9):.2f};"
+            f" rate ratio per round {per_round}; medians: plain {p.bulk_rate():.0f}/s"
+            f" {p.us('server'):.0f}+{p.us('db'):.0f} µs, OSCORE {o.bulk_rate():.0f}/s"
+            f" {o.us('server'):.0f}+{o.us('db'):.0f} µs",
             flush=True,
         )
 
@@ -562,6 +602,9 @@ if __name__ == "__main__":
         "--budget-s", type=float, default=780, help="pace the spread share to end by then"
     )
     parser.add_argument("--compare", type=int, default=20_000, help="uplinks per comparison")
+    parser.add_argument(
+        "--compare-rounds", type=int, default=3, help="alternating plain/OSCORE rounds (medians)"
+    )
     parser.add_argument("--window", type=int, default=400, help="CONs outstanding (compare)")
     parser.add_argument("--herd-window", type=int, default=1000, help="devices waiting at once")
     parser.add_argument("--sockets", type=int, default=16)
