@@ -27,6 +27,14 @@ Offset = int | Int64s  # meter clock UTC offset in s: one for all rows, or one p
 MIN_FRAME = 13
 MAX_FRAME = 512
 SEARCH_WINDOW = 96  # FE preamble + an ASCII DTU prefix (`CTRL:&2017...` is 22 bytes)
+# What may come before the 0x68 (FORMATS §1.4): the FE wake-up preamble, a DTU's ASCII
+# prefix (printable, tab, CR, LF) and a buffer's zero padding (python_cjt188's
+# find_frame_in_buff fixture). A 0x68 after any other byte is inside something else:
+# an `nbm1` batch whose deltas happened to read 68 <type> ... 16 was taken for a CJ/T
+# 188 frame with a bad checksum, and quarantined instead of decoded (bench/cityday.py,
+# 1 uplink in 200,000).
+PREFIX_OK = np.zeros(256, bool)
+PREFIX_OK[[0x00, 0xFE, 0x09, 0x0A, 0x0D, *range(0x20, 0x7F)]] = True
 L_901F = 0x16  # 22 data bytes (water/gas)
 L_HISTORY = 8  # DI SER BCD(4) unit
 DI_901F = 0x901F
@@ -36,7 +44,8 @@ KNOWN_DI[[*range(0x8102, 0x8107), *range(0xA101, 0xA108)]] = True
 
 
 def locate(a: k.Frames, t_ok: np.ndarray) -> tuple[Int64s, k.Bools]:
-    """Start of the frame (a 0x68 then a known T whose L puts a 0x16 inside the row) per row.
+    """Start of the frame (a 0x68 then a known T whose L puts a 0x16 inside the row, after
+    nothing but FE and ASCII: `PREFIX_OK`) per row.
 
     The first 0x68 is tried for all rows at once; only rows where it fails (a 0x68 inside
     an ASCII prefix or address) are searched again from the next position.
@@ -49,7 +58,11 @@ def locate(a: k.Frames, t_ok: np.ndarray) -> tuple[Int64s, k.Bools]:
     if n and (fast := _uniform_start(a, t_ok, window)) is not None:
         return fast
     is68 = a[:, :window] == 0x68
+    # a 0x68 counts only up to the first byte no prefix has (itself included: 0x68 is 'h')
+    foreign = ~PREFIX_OK[a[:, :window]]
+    last = np.where(foreign.any(axis=1), foreign.argmax(axis=1), window)
     cols = np.arange(window)
+    is68 &= cols <= last[:, None]
     pending = np.arange(n)
     first = np.zeros(n, np.int64)
     while len(pending):
@@ -78,7 +91,7 @@ def _uniform_start(a: k.Frames, t_ok: np.ndarray, window: int) -> tuple[Int64s, 
         return None  # some rows need the general search
     if not t_ok[a[:, s + 1]].all() or not (a[:, stop] == 0x16).all():
         return None
-    if s and (a[:, :s] == 0x68).any():
+    if s and ((a[:, :s] == 0x68).any() or not PREFIX_OK[a[:, :s]].all()):
         return None
     return np.full(len(a), s, np.int64), np.ones(len(a), bool)
 

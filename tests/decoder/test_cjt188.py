@@ -273,3 +273,39 @@ def test_vectorized_batch_matches_single() -> None:
     singles = [decode_batch([f], RX) for f in frames]
     assert batch.error_code.tolist() == [int(s.error_code[0]) for s in singles]
     assert batch.register_ml.tolist() == [int(r) for s in singles for r in s.register_ml]
+
+
+# Two nbm1 interval batches made by our encoder (bench/cityday.py's fleet) whose hourly
+# deltas happen to read 68 <water type> ... 16 where a CJ/T 188 L field would put its
+# stop byte. Before the prefix rule, detection took them for CJ/T 188 frames with a bad
+# checksum: the uplink was quarantined and its 24 readings were not stored.
+NBM1_LOOKING_LIKE_CJT188 = (
+    "4e490117008218000000000054136b681000000000140012001a001b0014000c0008001900090020"
+    "0010000a0025001b001b00060016002600160020001f0012000600b7c5",
+    "4e490117568405000000008002126b6811000000000b000a001c0018002100140008000b0007001f"
+    "0023001700120002002500030019001600140008000b000c00120059ad",
+)
+
+
+@pytest.mark.parametrize("hex_frame", NBM1_LOOKING_LIKE_CJT188)
+def test_a_0x68_inside_another_format_is_not_a_cjt188_frame(hex_frame: str) -> None:
+    """Only FE, ASCII and zero bytes may come before the 0x68: these batches decode as
+    the nbm1 frames they are, 24 readings each, alone and in a batch of CJ/T frames."""
+    frame = bytes.fromhex(hex_frame)
+    assert not cjt188.looks_like(frame)
+    code, _, rows, _ = _one(frame)
+    assert code == ErrorCode.OK
+    assert len(rows) == 24
+    real = encode_cjt188(address="12345678901234", total_ml=1_230_000, meter_type=WATER)
+    d = decode_batch([real, frame, b"CTRL:&2017\xfe\xfe" + real], [RX] * 3)
+    assert list(d.format) == ["cjt188", "interval", "cjt188"]
+    assert list(d.error_code) == [ErrorCode.OK] * 3
+
+
+def test_a_frame_after_a_binary_header_is_not_located() -> None:
+    """A 0x68 after bytes no DTU prefix has (a vendor's binary header) is not taken: such
+    framing needs a driver, never a guess."""
+    real = encode_cjt188(address="12345678901234", total_ml=1_230_000, meter_type=WATER)
+    assert cjt188.looks_like(b"\xfe\xfe" + real)
+    assert cjt188.looks_like(b"\x00\x00\x00\x00\xfe\xfe" + real)
+    assert not cjt188.looks_like(b"\x01\x84" + real)
