@@ -18,9 +18,9 @@ from storage.pool import Pool, connection
 log = structlog.get_logger("collector.retention")
 
 
-async def run(pool: Pool, settings: RetentionSettings, database_url: str | None = None) -> None:
+async def run(pool: Pool, settings: RetentionSettings, database_url: str) -> None:
     """Drop expired chunks and compact closed ones now and every `settings.every_s` until
-    cancelled (compaction only with `database_url`)."""
+    cancelled."""
     if not settings.enabled:
         return
     policy = retention.Retention(settings.raw_uplinks_days, settings.quarantine_days)
@@ -32,7 +32,7 @@ async def run(pool: Pool, settings: RetentionSettings, database_url: str | None 
                 log.info("retention.dropped", **{t: len(c) for t, c in dropped.items()})
         except (StorageError, TimeoutError) as exc:  # the next round tries again
             log.warning("retention.failed", error=str(exc))
-        if database_url is not None and settings.compact:
+        if settings.compact:
             await _compact(database_url, timedelta(hours=settings.compact_after_h))
         await asyncio.sleep(settings.every_s)
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-import asyncpg
-
-from storage.pool import Connection, translated, translating
+from storage.pool import Connection, connected, translating
 
 DEFAULT_AFTER = timedelta(days=2)  # a day's chunk fills until the next day's last uplinks
 _LOCK = 0x6E626D5F636D7031  # "nbm_cmp1": pg_try_advisory_lock key
@@ -97,9 +95,5 @@ async def compact_closed_at(
     database_url: str, *, after: timedelta = DEFAULT_AFTER, limit: int = 7, dry_run: bool = False
 ) -> list[Compacted] | None:
     """`compact_closed` on a connection of its own to `database_url` (the command's way)."""
-    with translated("connecting to compact closed chunks"):
-        conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url, "compacting closed chunks") as conn:
         return await compact_closed(conn, after=after, limit=limit, dry_run=dry_run)
-    finally:
-        await conn.close()

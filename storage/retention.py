@@ -16,9 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import asyncpg
-
-from storage.pool import Connection, translated, translating
+from storage.pool import Connection, connected, translating
 
 DEFAULT_DAYS = 400
 _LOCK = 0x6E626D5F72657431  # "nbm_ret1": pg_try_advisory_xact_lock key
@@ -70,9 +68,5 @@ async def drop_expired_at(
     database_url: str, retention: Retention, *, dry_run: bool = False
 ) -> dict[str, list[str]] | None:
     """`drop_expired` on a connection of its own to `database_url` (the command's way)."""
-    with translated("connecting to drop expired chunks"):
-        conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url, "dropping expired chunks") as conn:
         return await drop_expired(conn, retention, dry_run=dry_run)
-    finally:
-        await conn.close()
