@@ -248,12 +248,12 @@ PUBLISH_WINDOW = 20_000  # meter ids per PUBLISH_SQL statement
 
 
 @translating("publishing billing-cycle reads")
-async def publish_cycle(conn: Conn, q: CycleQuery, window: int | None = None) -> dict[str, int]:
-    """`publish` for every meter of `q`, in windows of `window` meter ids: each statement's
+async def publish_cycle(conn: Conn, q: CycleQuery) -> dict[str, int]:
+    """`publish` for every meter of `q`, in windows of PUBLISH_WINDOW meter ids: each statement's
     cost grows with its meters, and one statement over a whole 200k-meter tenant took a
     plan that did not finish in 24 min where 20k-id windows take ~0.1 ms a meter
     (bench/cityday.py). Returns the summed counts."""
-    step = window or PUBLISH_WINDOW
+    step = PUBLISH_WINDOW
     top = await conn.fetchval("SELECT max(meter_id) FROM meters WHERE tenant_id = $1", q.tenant_id)
     totals = {"boundaries": 0, "published": 0, "revised": 0}
     for after in range(0, int(top or 0), step):

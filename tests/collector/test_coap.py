@@ -234,6 +234,23 @@ class _BigAnswer(UplinkResource):
         )
 
 
+async def _server_on_a_free_port(site: Site, **kwargs: Any) -> tuple[Any, int]:
+    """An aiocoap server context for `site` on a free loopback port (picked again when
+    another process takes it between the pick and the bind)."""
+    for attempt in range(5):
+        port = free_udp_port()
+        try:
+            ctx = await aiocoap.Context.create_server_context(
+                site, bind=("127.0.0.1", port), **kwargs
+            )
+        except OSError:
+            if attempt == 4:
+                raise
+        else:
+            return ctx, port
+    raise AssertionError("unreachable")
+
+
 @pytest.mark.parametrize("size", [40, 3000])
 async def test_an_answer_over_one_block_goes_out_block_wise(size: int) -> None:
     """A request without Block1/Block2 skips aiocoap's block-wise machinery, yet an answer
@@ -241,14 +258,7 @@ async def test_an_answer_over_one_block_goes_out_block_wise(size: int) -> None:
     client reassembles; a small one goes out whole."""
     site = Site()
     site.add_resource(["u"], _BigAnswer(size))
-    for attempt in range(5):  # a free port can be taken before the bind (another process)
-        port = free_udp_port()
-        try:
-            server = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
-            break
-        except OSError:
-            if attempt == 4:
-                raise
+    server, port = await _server_on_a_free_port(site)
     client = await aiocoap.Context.create_client_context()
     try:
         request = aiocoap.Message(code=aiocoap.POST, uri=f"coap://127.0.0.1:{port}/u", payload=b"x")
@@ -276,16 +286,7 @@ async def test_an_answered_request_leaves_no_cyclic_garbage() -> None:
     Upstream's `on_event`/`stop` cycle left ~15 objects per request for it (see the patch)."""
     site = Site()
     site.add_resource(["u"], _Ok())
-    for attempt in range(5):  # a free port can be taken before the bind (another process)
-        port = free_udp_port()
-        try:
-            server = await aiocoap.Context.create_server_context(
-                site, bind=("127.0.0.1", port), transports=["udp6"]
-            )
-            break
-        except OSError:
-            if attempt == 4:
-                raise
+    server, port = await _server_on_a_free_port(site, transports=["udp6"])
     for tman in server.request_interfaces:
         acyclic_requests(tman)
     loop = asyncio.get_running_loop()
