@@ -103,8 +103,8 @@ def acyclic_requests(tman: Any) -> None:
     and remote: ~15 objects) outlives its last reference until the cyclic garbage
     collector finds it. In the city day (`bench/cityday.py`) that was 2.9 M objects
     freed by young and full collections, and those collections took ~20% of the
-    collector's CPU. Here `on_event` reaches `stop` through a list that the end of the
-    pipe's interest empties, so reference counting frees a request when it is done.
+    collector's CPU. Here the end of the pipe's interest drops `on_event`'s reference to
+    `stop`, so reference counting frees a request when it is done.
     """
     incoming = tman.incoming_requests
 
@@ -114,7 +114,7 @@ def acyclic_requests(tman: Any) -> None:
             _, previous = incoming.pop(key)
             previous()
         pipe = Pipe(request, tman.log)
-        stop_ref: list[Any] = []
+        stop: Any = None  # set below, before any event; dropped when the interest ends
 
         def on_event(ev: Any) -> bool | None:
             if ev.message is not None:
@@ -122,26 +122,22 @@ def acyclic_requests(tman: Any) -> None:
                 m.token = request.token
                 m.remote = request.remote.as_response_address()
                 m.request = request
-                tman.token_interface.send_message(m, stop_ref[0] if stop_ref else _nothing)
+                tman.token_interface.send_message(m, stop)
             else:
                 tman.log.error("Requests shouldn't receive errors at this level: %s", ev)
             return True if not ev.is_last else None
 
         def on_end() -> None:
+            nonlocal stop
             incoming.pop(key, None)
-            stop_ref.clear()  # on_event -> stop -> on_event: broken here
+            stop = None  # on_event -> stop -> on_event: broken here
 
         stop = pipe.on_event(on_event)
-        stop_ref.append(stop)
         pipe.on_interest_end(on_end)
         incoming[key] = (pipe, stop)
         tman.context.render_to_pipe(pipe)
 
     tman.process_request = process_request
-
-
-def _nothing() -> None:
-    return None
 
 
 class _ResponseView:

@@ -58,11 +58,11 @@ def locate(a: k.Frames, t_ok: np.ndarray) -> tuple[Int64s, k.Bools]:
     if n and (fast := _uniform_start(a, t_ok, window)) is not None:
         return fast
     is68 = a[:, :window] == 0x68
-    # a 0x68 counts only up to the first byte no prefix has (itself included: 0x68 is 'h')
+    # a 0x68 counts only before the first byte no prefix has
     foreign = ~PREFIX_OK[a[:, :window]]
     last = np.where(foreign.any(axis=1), foreign.argmax(axis=1), window)
     cols = np.arange(window)
-    is68 &= cols <= last[:, None]
+    is68 &= cols < last[:, None]
     pending = np.arange(n)
     first = np.zeros(n, np.int64)
     while len(pending):
