@@ -69,18 +69,19 @@ async def compact_closed(
         for row in await conn.fetch(_CLOSED, after, limit):
             chunk = str(row["chunk"])
             before = await _index_bytes(conn, chunk)
-            if not dry_run:
-                # the name comes from the catalog, quoted by format(%I.%I)
-                await conn.execute(f"REINDEX TABLE CONCURRENTLY {chunk}")
-            now = before if dry_run else await _index_bytes(conn, chunk)
-            if not dry_run:
-                await conn.execute(
-                    "INSERT INTO compacted_chunks (chunk, index_bytes_before, index_bytes_after)"
-                    " VALUES ($1, $2, $3) ON CONFLICT (chunk) DO NOTHING",
-                    chunk,
-                    before,
-                    now,
-                )
+            if dry_run:
+                done.append(Compacted(chunk, before, before))
+                continue
+            # the name comes from the catalog, quoted by format(%I.%I)
+            await conn.execute(f"REINDEX TABLE CONCURRENTLY {chunk}")
+            now = await _index_bytes(conn, chunk)
+            await conn.execute(
+                "INSERT INTO compacted_chunks (chunk, index_bytes_before, index_bytes_after)"
+                " VALUES ($1, $2, $3) ON CONFLICT (chunk) DO NOTHING",
+                chunk,
+                before,
+                now,
+            )
             done.append(Compacted(chunk, before, now))
         return done
     finally:
