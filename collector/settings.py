@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from storage import compaction, retention
 from storage.settings import DatabaseSettings
 
 
@@ -167,13 +168,13 @@ class RetentionSettings(_Section):
     TimescaleDB has no retention policies, so without this job both grow for ever."""
 
     enabled: bool = True
-    raw_uplinks_days: int = Field(400, ge=1)  # a billing year plus a month for disputes
-    quarantine_days: int = Field(400, ge=1)
+    raw_uplinks_days: int = Field(retention.DEFAULT_DAYS, ge=1)  # a billing year + a month
+    quarantine_days: int = Field(retention.DEFAULT_DAYS, ge=1)
     every_s: float = Field(3600.0, ge=60)
     # closed readings chunks get their indexes rebuilt packed (storage.compaction): a day's
     # chunk once its day ended this long ago (its last uplinks arrive the next day)
     compact: bool = True
-    compact_after_h: float = Field(48.0, ge=0)
+    compact_after_h: float = Field(compaction.DEFAULT_AFTER.total_seconds() / 3600, ge=0)
 
 
 class AnalyticsSettings(_Section):
