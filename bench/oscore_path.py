@@ -1,8 +1,7 @@
-"""CPU per uplink of the CoAP server path, in process: OSCORE as the collector runs it, plain
-CoAP, and a lean OSCORE path built from aiocoap's own primitives.
+"""CPU per uplink of the CoAP server path, in process: OSCORE as the collector runs it,
+plain CoAP, and OSCORE through aiocoap's own unprotect/protect.
 
     .venv/bin/python bench/oscore_path.py [--uplinks 3000] [--rounds 5] [--profile 10]
-        [--cityday-plain-us 530] [--cityday-oscore-us 818]
 
 No network, no database: every figure is `time.process_time` over `--uplinks` datagrams
 (best of `--rounds`), so it holds on a loaded machine. The uplinks are a city day's mix
@@ -13,29 +12,23 @@ aiocoap context). Each path goes from datagram bytes to answer bytes, through th
 `/u` resource (`collector.coap.UplinkResource`, its pipeline answering "stored" at once):
 
 (a) collector: `Message.decode`, then `collector.coap_oscore.OscoreSite` (verify_start,
-    context cache, aiocoap's `unprotect`, the inner site, aiocoap's `protect`), the
-    answer encoded as a piggybacked ACK;
+    context cache, the common case's unprotect and first answer from aiocoap's pieces,
+    `collector.oscore_lean`, the inner site), the answer encoded as a piggybacked ACK;
 (b) plain: the same with a plain-CoAP uplink of a lab tenant (`?t=lab`) through the same
     `OscoreSite`, which hands it to the inner site;
-(c) lean: `LeanOscoreSite`, the collector's site with unprotect/protect done from
-    aiocoap's lowest-level pieces (its option decompression, external AAD, nonce
-    construction, replay window and the context's AEAD algorithm object): no message
-    copies, no eager debug formatting, the AAD and nonce of the request reused for the
-    answer (RFC 8613 §8.3: a first answer reuses the request's nonce). Anything but the
-    common case (a replay, a kid context, a group message, a second answer) goes to
-    aiocoap's full path.
+(c) full: `FullOscoreSite`, the collector's site with every request through aiocoap's
+    `unprotect` and `protect` (the collector before `collector.oscore_lean`).
 
 What aiocoap's transport does around that (deduplication, tokens, the pipe's task) is
 the same for all three and not included. Before anything is timed, every uplink goes
-through (a) and (c) on separate contexts: the inner requests must be equal, the answers
-byte-identical, and the device's aiocoap context must unprotect each answer.
+through (a) and (c) on separate contexts: the inner requests must be equal, the replay
+windows too, the answers byte-identical, and the device's aiocoap context must
+unprotect each answer.
 
-Printed: µs per uplink for (a), (b), (c) and the ratios plain/(a), plain/(c); the cost
-of a cold context (a city-day uplink meets one: unseal, parse, build) and of waiting for
-the downlink claim an OSCORE uplink's answer makes (two ways); a projection onto
-the collector's whole path from `bench/cityday.py`'s CPU per uplink (defaults: 530 µs
-plain, 818 µs OSCORE), and a one-line decision. With `--profile N`: the top N
-cumulative entries of (a) under cProfile, ours and aiocoap's apart.
+Printed: µs per uplink for (a), (b), (c), the ratios plain/(a), plain/(c) and what the
+lean step saves; the cost of a cold context (a city-day uplink meets one: unseal, parse,
+build). With `--profile N`: the top N cumulative entries of (a) under cProfile, ours and
+aiocoap's apart.
 """
 
 from __future__ import annotations
@@ -55,22 +48,15 @@ from typing import Any
 import aiocoap
 from aiocoap import oscore
 from aiocoap.message import Direction
-from aiocoap.numbers.codes import FETCH, POST
-from aiocoap.transports.oscore import OSCOREAddress
 from aiocoap.transports.udp6 import UDP6EndpointAddress
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # ahead of bench/, whose collector.py is not the package
 
+from collector import oscore_lean  # noqa: E402
 from collector.coap import TenantDirectory, UplinkResource, _recorded_response  # noqa: E402
 from collector.coap_guard import EventLimiter  # noqa: E402
-from collector.coap_oscore import (  # noqa: E402
-    DeviceContext,
-    DeviceContexts,
-    OscoreSite,
-    ReplayedRequest,
-    _InnerPipe,
-)
+from collector.coap_oscore import DeviceContext, DeviceContexts, OscoreSite  # noqa: E402
 from collector.coap_patches import Site, patch_message_decode, patch_udp6_addresses  # noqa: E402
 from collector.settings import CoapSettings  # noqa: E402
 from collector.uplink import Outcome  # noqa: E402
@@ -99,116 +85,17 @@ patch_udp6_addresses()  # as the collector's server does before it binds
 patch_message_decode()
 
 
-# --- the lean path -------------------------------------------------------------------
+# --- aiocoap's full path ----------------------------------------------------------------
 
 
-class LeanRequest:
-    """What the lean unprotect keeps for the answer: the context, the request's
-    identifiers (aiocoap's, so the nonce is reused once only), its AAD and nonce."""
+class FullOscoreSite(OscoreSite):
+    """The collector's site with every request through aiocoap's own unprotect/protect
+    (the collector before `collector.oscore_lean`)."""
 
-    __slots__ = ("aad", "ctx", "nonce", "request_id")
-
-    def __init__(self, ctx: DeviceContext, request_id: Any, aad: bytes, nonce: bytes) -> None:
-        self.ctx, self.request_id, self.aad, self.nonce = ctx, request_id, aad, nonce
-
-
-def lean_unprotect(contexts: DeviceContexts, request: aiocoap.Message) -> Any:
-    """(inner request, LeanRequest, partial IV) of an OSCORE request in the common case;
-    None when aiocoap's full path must decide (no context, replay, kid context, group
-    flag, no partial IV). Raises oscore.ProtectionInvalid when decryption fails."""
-    option = request.opt.oscore
-    if option is None or request.code not in (POST, FETCH):
+    @staticmethod
+    def lean_unprotect(ctx: Any, request: aiocoap.Message) -> None:
+        """Never the common case: aiocoap decides every request."""
         return None
-    _, _, unprotected, ciphertext = oscore.CanUnprotect._uncompress(option, request.payload)
-    kid = unprotected.pop(oscore.COSE_KID, None)
-    piv = unprotected.pop(oscore.COSE_PIV, None)
-    if kid is None or piv is None or unprotected:  # a kid context or a countersignature
-        return None
-    try:
-        ctx = contexts.find_oscore({oscore.COSE_KID: kid})
-    except KeyError:
-        return None
-    alg = ctx.alg_aead
-    seqno = int.from_bytes(piv, "big")
-    window = ctx.recipient_replay_window
-    if ctx.id_context is not None or not window.is_initialized() or not window.is_valid(seqno):
-        return None
-    if len(ciphertext) < alg.tag_bytes + 1:
-        raise oscore.ProtectionInvalid("Ciphertext too short")
-    request_id = oscore.RequestIdentifiers(kid, piv, True, request.code)
-    external_aad = ctx._extract_external_aad(request, request_id, local_is_sender=False)
-    aad = oscore.SymmetricEncryptionAlgorithm._build_encrypt0_structure({}, external_aad)
-    nonce = ctx._construct_nonce(piv, kid, alg)
-    plaintext = alg.decrypt(ciphertext, aad, ctx.recipient_key, nonce)
-    window.strike_out(seqno)
-    inner = aiocoap.Message(code=plaintext[0])
-    inner.payload = inner.opt.decode(plaintext[1:])
-    inner.direction = Direction.INCOMING
-    if request.opt.observe != 0:
-        inner.opt.observe = None
-    return inner, LeanRequest(ctx, request_id, aad, nonce), seqno
-
-
-def lean_protect(answer: aiocoap.Message, lean: LeanRequest) -> aiocoap.Message:
-    """The protected form of the first answer to `lean`'s request (the request's nonce and
-    AAD: RFC 8613 §8.3); a later answer goes to aiocoap's `protect` (a fresh one of ours)."""
-    ctx, request_id = lean.ctx, lean.request_id
-    if not request_id.can_reuse_nonce:
-        return ctx.protect(answer, request_id)[0]
-    request_id.get_reusable_kid_and_piv()  # aiocoap's flag: this nonce is now used
-    plaintext = bytes([answer.code]) + answer.opt.encode()
-    if answer.payload:
-        plaintext += b"\xff" + answer.payload
-    outer = aiocoap.Message(code=request_id.code_style.response)
-    outer.direction = Direction.OUTGOING
-    outer.transport_tuning = answer.transport_tuning
-    outer.opt.oscore = b""  # no partial IV, no kid: the request's nonce (RFC 8613 §6.1)
-    outer.payload = ctx.alg_aead.encrypt(plaintext, lean.aad, ctx.sender_key, lean.nonce)
-    return outer
-
-
-class LeanOscoreSite(OscoreSite):
-    """The collector's `OscoreSite` with the lean unprotect/protect in front (bench only:
-    not wired into the collector)."""
-
-    async def _render(self, pipe: Any) -> None:
-        request = pipe.request
-        try:
-            got = lean_unprotect(self.contexts, request)
-        except (oscore.ProtectionInvalid, ValueError):
-            got = None  # aiocoap's path answers it (4.00), with its events and metrics
-        if got is None:
-            await super()._render(pipe)
-            return
-        inner_request, lean, seqno = got
-        inner_request.remote = OSCOREAddress(lean.ctx, request.remote)
-        inner_request.nbm_piv = seqno
-        try:
-            await self._render_inner(pipe, lean.ctx, inner_request, lean)
-        except ReplayedRequest:  # as OscoreSite._render: admitted before by another process
-            self.contexts.forget(lean.ctx)
-            if request.mtype == aiocoap.CON:
-                piv = {oscore.COSE_PIV: lean.request_id.partial_iv}
-                await self._answer_replay(pipe, lean.ctx, request, piv)
-
-    async def _render_inner(self, pipe: Any, sc: Any, inner_request: Any, request_id: Any) -> None:
-        if not isinstance(request_id, LeanRequest):
-            await super()._render_inner(pipe, sc, inner_request, request_id)
-            return
-        lean = request_id
-
-        def send(message: aiocoap.Message, is_last: bool) -> None:
-            if not is_last:
-                message.opt.observe = 0
-            pipe.add_response(lean_protect(message, lean), is_last=is_last)
-
-        inner = _InnerPipe(inner_request, send)
-        try:
-            await self._inner.render_to_pipe(inner)
-        except ReplayedRequest:
-            raise
-        except aiocoap.error.RenderableError as exc:
-            inner.add_response(exc.to_message(), is_last=True)
 
 
 # --- the fleet, the server, one uplink -------------------------------------------------
@@ -359,31 +246,31 @@ def check_interop(meters: list[tuple[Meter, bytes]]) -> int:
     replay windows, byte-identical answers that the device's context unprotects to 2.04.
     Returns how many were checked; raises AssertionError on the first difference."""
     secrets_ = [open_row(m, sealed_row(m)) for m, _ in meters]
-    full, lean = Server(secrets_), Server(secrets_, LeanOscoreSite)
+    lean, full = Server(secrets_), Server(secrets_, FullOscoreSite)
     datagrams, clients = oscore_datagrams(meters)
     try:
         for datagram, (client, request_id), (meter, body) in zip(
             datagrams, clients, meters, strict=True
         ):
             request = aiocoap.Message.decode(datagram, REMOTE)
-            got = lean_unprotect(lean.contexts, request)
+            ctx_lean = lean.contexts.find_oscore({oscore.COSE_KID: meter.kid})
+            got = oscore_lean.unprotect(ctx_lean, request)
             assert got is not None, f"meter {meter.meter_id}: lean path declined a fresh uplink"
-            inner_lean, lean_req, _ = got
+            inner_lean, lean_req = got
             sc = full.contexts.find_oscore(oscore.verify_start(request))
             inner_full, _ = sc.unprotect(aiocoap.Message.decode(datagram, REMOTE))
             assert inner_lean.code == inner_full.code, meter
             assert inner_lean.opt.encode() == inner_full.opt.encode(), meter
             assert inner_lean.payload == inner_full.payload == body, meter
-            ctx_lean = lean.contexts.find_oscore({oscore.COSE_KID: meter.kid})
             assert ctx_lean.replay_state() == sc.replay_state(), meter
             # whole uplinks, each on a fresh pair of contexts (the checks above used them)
             one = [open_row(meter, sealed_row(meter))]
-            a, c = Server(one), Server(one, LeanOscoreSite)
+            a, c = Server(one), Server(one, FullOscoreSite)
             answer_a, answer_c = uplink(a.site, datagram), uplink(c.site, datagram)
             a.close()
             c.close()
             assert answer_a == answer_c, f"meter {meter.meter_id}: answers differ"
-            reply, _ = client.unprotect(aiocoap.Message.decode(answer_c), request_id)
+            reply, _ = client.unprotect(aiocoap.Message.decode(answer_a), request_id)
             assert reply.code == aiocoap.CHANGED, reply
             assert lean_req.request_id.can_reuse_nonce is True  # protect not called here
     finally:
@@ -437,38 +324,6 @@ def cold_context_us(meters: list[tuple[Meter, bytes]], rounds: int) -> tuple[flo
     return best_open, best_build
 
 
-def claim_wait_us(n: int, rounds: int) -> tuple[float, float]:
-    """(before, after) CPU µs per uplink of waiting for a downlink claim (`collector.downlink`,
-    which every OSCORE uplink's 2.04 makes, plain CoAP's none): a task per uplink awaiting
-    its future, resolved a hundred at a time as the claim's flush does, through
-    `wait_for(shield(future), 5)` (before) or plainly (after: one timeout per flush)."""
-
-    async def run(shielded: bool) -> float:
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[bytes]] = []
-
-        async def wait() -> bytes:
-            future: asyncio.Future[bytes] = loop.create_future()
-            futures.append(future)
-            if shielded:
-                return await asyncio.wait_for(asyncio.shield(future), 5.0)
-            return await future
-
-        t0 = time.process_time()
-        for _ in range(max(n // 100, 1)):
-            tasks = [loop.create_task(wait()) for _ in range(100)]
-            await asyncio.sleep(0)
-            for future in futures:
-                future.set_result(b"")
-            futures.clear()
-            await asyncio.gather(*tasks)
-        return (time.process_time() - t0) / (max(n // 100, 1) * 100) * 1e6
-
-    before = min(asyncio.run(run(True)) for _ in range(rounds))
-    after = min(asyncio.run(run(False)) for _ in range(rounds))
-    return before, after
-
-
 def profile(secrets_: list[credentials.OscoreSecret], datagrams: list[bytes], top: int) -> None:
     """cProfile of (a): the top `top` cumulative entries of ours and of aiocoap's."""
     server = Server(secrets_)
@@ -506,13 +361,11 @@ def profile(secrets_: list[credentials.OscoreSecret], datagrams: list[bytes], to
 
 
 def main() -> None:
-    """Check the lean path's interop, time (a), (b), (c), print the decision."""
+    """Check the lean step's interop, time (a), (b), (c), print the figures."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--uplinks", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", type=int, default=10, help="top entries (0: no profile)")
-    ap.add_argument("--cityday-plain-us", type=float, default=530.0)
-    ap.add_argument("--cityday-oscore-us", type=float, default=818.0)
     args = ap.parse_args()
 
     meters = fleet(args.uplinks)
@@ -528,55 +381,25 @@ def main() -> None:
         {
             "a": (lambda: Server(secrets_), protected),
             "b": (lambda: Server(secrets_), plain),
-            "c": (lambda: Server(secrets_, LeanOscoreSite), protected),
+            "c": (lambda: Server(secrets_, FullOscoreSite), protected),
         },
         args.rounds,
     )
     a_us, b_us, c_us = (min(runs[k]) for k in "abc")
     a_med, b_med, c_med = (statistics.median(runs[k]) for k in "abc")
-    saved_med = statistics.median(a - c for a, c in zip(runs["a"], runs["c"], strict=True))
+    saved_med = statistics.median(c - a for a, c in zip(runs["a"], runs["c"], strict=True))
     open_us, build_us = cold_context_us(meters, args.rounds)
     print(f"uplinks={len(meters)} rounds={args.rounds} (best; median in brackets)")
-    print(f"(a) collector OSCORE: {a_us:6.1f} µs/uplink ({a_med:.1f})")
-    print(f"(b) plain CoAP:       {b_us:6.1f} µs/uplink ({b_med:.1f})")
-    print(f"(c) lean OSCORE:      {c_us:6.1f} µs/uplink ({c_med:.1f})")
+    print(f"(a) collector OSCORE:  {a_us:6.1f} µs/uplink ({a_med:.1f})")
+    print(f"(b) plain CoAP:        {b_us:6.1f} µs/uplink ({b_med:.1f})")
+    print(f"(c) aiocoap's OSCORE:  {c_us:6.1f} µs/uplink ({c_med:.1f})")
     print(
         f"ratio plain/(a)={b_us / a_us:.2f} plain/(c)={b_us / c_us:.2f}"
-        f" saved_by_lean_us={a_us - c_us:.1f} (median of the rounds' own {saved_med:.1f})"
+        f" saved_by_lean_us={c_us - a_us:.1f} (median of the rounds' own {saved_med:.1f})"
     )
     print(
         f"cold context (per city-day uplink): open sealed row {open_us:.1f} µs,"
         f" build DeviceContext {build_us:.1f} µs"
-    )
-    before, after = claim_wait_us(len(meters), args.rounds)
-    print(
-        f"downlink claim wait per OSCORE uplink (task included): wait_for+shield {before:.1f}"
-        f" µs, plain await {after:.1f} µs (collector.downlink before/after this branch)"
-    )
-    plain_full, oscore_full = args.cityday_plain_us, args.cityday_oscore_us
-    saved_lean, saved_claim = a_us - c_us, before - after
-    now = plain_full / oscore_full
-    lean = plain_full / (oscore_full - saved_lean)
-    both = plain_full / (oscore_full - saved_lean - saved_claim)
-    ceiling = plain_full / (oscore_full - (a_us - b_us) - saved_claim)
-    print(
-        f"collector projection (cityday before this branch: plain {plain_full:.0f} µs, OSCORE"
-        f" {oscore_full:.0f} µs): plain/OSCORE CPU now {now:.2f}, with the lean path {lean:.2f},"
-        f" with the lean path and the claim fix {both:.2f}; ceiling {ceiling:.2f} (OSCORE's"
-        " whole in-process path at plain's cost, and the claim fix)"
-    )
-    if lean >= 0.8:
-        verdict = "the lean path alone reaches 0.8x: wire it after review"
-    elif both >= 0.8:
-        verdict = "the lean path reaches 0.8x only with the claim fix: wire it after review"
-    else:
-        verdict = (
-            "the lean path does not reach 0.8x: most of the gap is outside protect/unprotect"
-            " (context loads, command claims, replay persistence): do not wire it for this"
-        )
-    print(
-        f"decision: {verdict} (lean saves {saved_lean:.0f} µs, the claim fix {saved_claim:.0f},"
-        f" of the {oscore_full - plain_full:.0f} µs OSCORE costs over plain)"
     )
     if args.profile:
         profile(secrets_, protected, args.profile)

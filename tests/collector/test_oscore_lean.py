@@ -1,7 +1,8 @@
-"""The lean OSCORE path of `bench/oscore_path.py` against aiocoap's: same inner requests,
-byte-identical answers the device's context unprotects, the common case only.
+"""`collector.oscore_lean` against aiocoap's own OSCORE path: same inner requests and
+replay windows, byte-identical answers the device's context unprotects, the common case
+only (the rest declined to aiocoap's path).
 
-In process, no stack: the bench's figures mean something only while this holds."""
+In process, no stack (the fleet, contexts and sites of `bench/oscore_path.py`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 import aiocoap
 import pytest
 from aiocoap import oscore
+
+from collector import oscore_lean
 
 BENCH = str(Path(__file__).resolve().parents[2] / "bench")
 sys.path.append(BENCH)
@@ -28,25 +31,29 @@ def meters() -> list[tuple[lean.Meter, bytes]]:
 
 
 def test_lean_equals_aiocoap(meters: list[tuple[lean.Meter, bytes]]) -> None:
-    """Every format: the lean path unprotects the request aiocoap does and answers the
-    same bytes, which the device's aiocoap context unprotects to 2.04."""
+    """Every format: the collector's site (lean) unprotects the request aiocoap does and
+    answers the same bytes as aiocoap's path, which the device's context unprotects."""
     assert {m.fmt for m, _ in meters} == {"interval", "senml", "cjt188"}
     assert lean.check_interop(meters) == len(meters)
 
 
 def test_lean_declines_what_it_does_not_handle(meters: list[tuple[lean.Meter, bytes]]) -> None:
-    """A replayed sequence number and an unknown key id go to aiocoap's path (None); a
-    tampered ciphertext fails its tag."""
+    """A replayed sequence number and another context's request go to aiocoap's path
+    (None); a tampered ciphertext fails its tag and leaves the replay window alone."""
     server = lean.Server([lean.open_row(m, lean.sealed_row(m)) for m, _ in meters[:2]])
     (first, second), _ = lean.oscore_datagrams(meters[:2])
+    ctx_a = server.contexts.find_oscore({oscore.COSE_KID: meters[0][0].kid})
+    ctx_b = server.contexts.find_oscore({oscore.COSE_KID: meters[1][0].kid})
     try:
-        assert lean.lean_unprotect(server.contexts, aiocoap.Message.decode(first)) is not None
-        assert lean.lean_unprotect(server.contexts, aiocoap.Message.decode(first)) is None
-        (stranger,), _ = lean.oscore_datagrams(meters[2:3])
-        assert lean.lean_unprotect(server.contexts, aiocoap.Message.decode(stranger)) is None
+        assert oscore_lean.unprotect(ctx_a, aiocoap.Message.decode(first)) is not None
+        assert oscore_lean.unprotect(ctx_a, aiocoap.Message.decode(first)) is None
+        assert oscore_lean.unprotect(ctx_a, aiocoap.Message.decode(second)) is None
+        window = ctx_b.replay_state()
         tampered = second[:-1] + bytes([second[-1] ^ 1])
         with pytest.raises(oscore.ProtectionInvalid):
-            lean.lean_unprotect(server.contexts, aiocoap.Message.decode(tampered))
+            oscore_lean.unprotect(ctx_b, aiocoap.Message.decode(tampered))
+        assert ctx_b.replay_state() == window
+        assert oscore_lean.unprotect(ctx_b, aiocoap.Message.decode(second)) is not None
     finally:
         server.close()
 
@@ -59,14 +66,15 @@ def test_second_answer_gets_a_sequence_number_of_ours(
     meter = meters[0][0]
     server = lean.Server([lean.open_row(meter, lean.sealed_row(meter))])
     (datagram,), ((client, request_id),) = lean.oscore_datagrams(meters[:1])
+    ctx = server.contexts.find_oscore({oscore.COSE_KID: meter.kid})
     try:
-        got = lean.lean_unprotect(server.contexts, aiocoap.Message.decode(datagram))
+        got = oscore_lean.unprotect(ctx, aiocoap.Message.decode(datagram))
         assert got is not None
-        _, lean_request, _ = got
-        lean_request.ctx.grant(100, 1)
+        _, lean_request = got
+        ctx.grant(100, 1)
         answers = []
         for _ in range(2):
-            outer = lean.lean_protect(aiocoap.Message(code=aiocoap.CHANGED), lean_request)
+            outer = oscore_lean.protect(ctx, aiocoap.Message(code=aiocoap.CHANGED), lean_request)
             outer.mtype, outer.mid, outer.token = aiocoap.ACK, 1, b"\0\0\0\1"
             answers.append(aiocoap.Message.decode(outer.encode()))
         assert answers[0].opt.oscore == b""  # the request's nonce
