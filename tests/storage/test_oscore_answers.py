@@ -1,0 +1,77 @@
+"""OSCORE replay state on the real database (`storage.credentials.save_replay_windows`):
+windows move forward only, each (kid, partial IV) is recorded once, and a pair recorded
+by an earlier transaction comes back as a replay, while a pair twice in one batch does not.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+
+from storage import credentials
+
+KEY = bytes(range(32))
+
+
+async def oscore_meter(pool: asyncpg.Pool, tenant_id: int) -> tuple[int, bytes]:
+    """A new meter with an OSCORE context; (meter_id, kid)."""
+    address = f"{uuid.uuid4().int % 10**14:014d}"
+    kid = uuid.uuid4().bytes[:6]
+    async with pool.acquire() as conn:
+        meter_id = int(
+            await conn.fetchval(
+                "INSERT INTO meters (tenant_id, address, kind, format)"
+                " VALUES ($1, $2, 'water', 'interval') RETURNING meter_id",
+                tenant_id,
+                address,
+            )
+        )
+        await credentials.store_oscore(
+            conn,
+            KEY,
+            credentials.MeterRef(meter_id, tenant_id, address),
+            kid=kid,
+            sender_id=b"\x00",
+            master_secret=bytes(16),
+            master_salt=bytes(8),
+        )
+    return meter_id, kid
+
+
+def commit(meter_id: int, kid: bytes, piv: int) -> credentials.OscoreCommit:
+    """One committed uplink of partial IV `piv` (its window at `piv`, the bit below set)."""
+    return (meter_id, piv, 1, piv, kid, "stored", "", "")
+
+
+async def save(pool: asyncpg.Pool, rows: list[credentials.OscoreCommit]) -> set[tuple[bytes, int]]:
+    """`save_replay_windows` in a transaction of its own."""
+    async with pool.acquire() as conn, conn.transaction():
+        return await credentials.save_replay_windows(conn, rows)
+
+
+async def test_pairs_recorded_before_come_back_as_replays(
+    pool: asyncpg.Pool, tenant_id: int
+) -> None:
+    """New pairs: nothing back. A batch with two pairs recorded by an earlier transaction
+    and one new pair given twice: exactly the two old pairs back, all three recorded."""
+    meter_id, kid = await oscore_meter(pool, tenant_id)
+    assert await save(pool, [commit(meter_id, kid, 5), commit(meter_id, kid, 6)]) == set()
+    again = [commit(meter_id, kid, 5), commit(meter_id, kid, 7), commit(meter_id, kid, 7)]
+    again.append(commit(meter_id, kid, 6))
+    assert await save(pool, again) == {(kid, 5), (kid, 6)}
+    recorded = await pool.fetchval("SELECT count(*) FROM oscore_answers WHERE kid = $1", kid)
+    assert recorded == 3
+    async with pool.acquire() as conn:
+        assert await credentials.oscore_answer(conn, kid, 7) == ("stored", "", "")
+
+
+async def test_windows_never_move_backwards(pool: asyncpg.Pool, tenant_id: int) -> None:
+    """A window saved at index 9 stays there when an older uplink's (index 4) commits later."""
+    meter_id, kid = await oscore_meter(pool, tenant_id)
+    await save(pool, [commit(meter_id, kid, 9)])
+    await save(pool, [commit(meter_id, kid, 4)])
+    index = await pool.fetchval(
+        "SELECT oscore_replay_index FROM device_credentials WHERE meter_id = $1", meter_id
+    )
+    assert index == 9
