@@ -1,0 +1,73 @@
+"""M-Bus / OMS cases found by decoding real telegrams of other meter models.
+
+Each case reproduces, with frames built here (EN 13757-3/-4 records by hand or
+`decoder.mbus_encode`), the structure of a real telegram that was decoded wrong, lost
+its register or raised. The rule each one holds: a frame may be refused, but a value it
+reports is the meter's, and a bad or unknown secondary record never costs the register.
+"""
+
+from __future__ import annotations
+
+from decoder import decode_batch, mbus
+from decoder.columns import Decoded, ErrorCode, Flag
+from decoder.mbus_encode import id_field, manufacturer_field
+
+T0 = 1_700_000_000
+TOTAL = "0C1378563412"  # BCD 12345678 L = 12345.678 m3, storage 0
+TOTAL_ML = 12_345_678_000
+
+
+def _wm(
+    records_hex: str, ci: int = 0x78, *, tpl: bytes = b"", man: str = "ABC", vt: bytes = b"\x01\x07"
+) -> bytes:
+    """A CRC-stripped wM-Bus frame 12345678 of `man` (version, type `vt`) with records."""
+    body = b"\x44" + manufacturer_field(man) + id_field("12345678") + vt
+    body += bytes([ci]) + tpl + bytes.fromhex(records_hex)
+    return bytes([len(body)]) + body
+
+
+def _padded(length: int, man: str = "ABC") -> bytes:
+    """A frame of `length` bytes: the total, then manufacturer data (0F) filling it up."""
+    frame = _wm(TOTAL + "0F", man=man)
+    return _wm(TOTAL + "0F" + "00" * (length - len(frame)), man=man)
+
+
+def _current(res: Decoded, i: int = 0) -> list[int]:
+    """The current (non-billing) register readings of frame i, in mL."""
+    mine = (res.frame_index == i) & (res.flags & Flag.BILLING_DATE == 0)
+    return [int(v) for v in res.register_ml[mine]]
+
+
+def test_wmbus_frame_of_92_bytes_is_not_a_senml_json_pack() -> None:
+    """L = 0x5B is "[": a 92-byte wM-Bus frame (Kamstrup heat, eBZ electricity) was taken
+    for a SenML JSON pack and refused BAD_RECORD; it is M-Bus and keeps its register."""
+    frame = _padded(92)
+    assert frame[:2] == b"[D"
+    res = decode_batch([frame], T0)
+    assert res.error_code.tolist() == [ErrorCode.OK], res.error_message[0]
+    assert res.format[0] == mbus.FORMAT_WIRELESS
+    assert _current(res) == [TOTAL_ML]
+
+
+def test_wmbus_frame_of_153_bytes_is_not_a_senml_cbor_pack() -> None:
+    """L = 0x98 is a CBOR array head whose count (C = 0x44, 68 records) does not fit the
+    frame; with a Diehl M field (A5 11) the next byte is a CBOR map head."""
+    frame = _padded(153, man="DME")
+    assert frame[0] == 0x98
+    assert 0xA1 <= frame[2] <= 0xB9
+    res = decode_batch([frame], T0)
+    assert res.error_code.tolist() == [ErrorCode.OK], res.error_message[0]
+    assert res.format[0] == mbus.FORMAT_WIRELESS
+    assert _current(res) == [TOTAL_ML]
+
+
+def test_senml_packs_are_still_detected() -> None:
+    """JSON packs (any value after "[") and CBOR packs that fit are still SenML."""
+    packs = [
+        b'[{"n":"urn:m:1","u":"m3","v":1,"t":1700000000}]',
+        b' [ {"n":"urn:m:1","u":"m3","v":1,"t":1700000000}]',
+        b"\x81\xa3\x00\x67urn:m:1\x01\x62m3\x02\x01",
+    ]
+    res = decode_batch(packs, T0)
+    assert res.format.tolist() == ["senml"] * 3
+    assert res.error_code.tolist() == [ErrorCode.OK] * 3
