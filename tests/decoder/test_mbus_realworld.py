@@ -71,3 +71,21 @@ def test_senml_packs_are_still_detected() -> None:
     res = decode_batch(packs, T0)
     assert res.format.tolist() == ["senml"] * 3
     assert res.error_code.tolist() == [ErrorCode.OK] * 3
+
+
+QUNDIS_WALKBY = (  # CI 78, one 0DFF5F record of 53 bytes: the total (BCD) at offset 16
+    "0DFF5F3500824E00007F0007C113FFFF63961300DF2C82731200FE246381130000000000000000"
+    "0000000000000000000000000000000000002F046D0211F225"
+)
+
+
+def test_qundis_walkby_of_a_heat_cost_allocator_is_not_a_water_total() -> None:
+    """Qundis heat cost allocators (type 08) send the water meters' walk-by record with HCA
+    units where the litres sit: 97 units were reported as a total of 0.097 m3."""
+    water = _wm(QUNDIS_WALKBY, man="QDS", vt=b"\x16\x06")
+    hca = _wm(QUNDIS_WALKBY, man="QDS", vt=b"\x34\x08")
+    res = decode_batch([water, hca], T0)
+    assert res.error_code[0] == ErrorCode.OK
+    assert _current(res, 0) == [139_663_000]
+    assert res.error_code[1] != ErrorCode.OK
+    assert _current(res, 1) == []
