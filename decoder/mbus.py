@@ -169,7 +169,7 @@ def decode(
     envs: dict[int, Envelope] = {}
     for i, raw in enumerate(frames):  # per-frame Python: headers and AES only
         frame = bytes(raw)
-        out.format[i] = FORMAT_WIRED if frame[:1] == b"\x68" else FORMAT_WIRELESS
+        out.format[i] = FORMAT_WIRED if mbus_link.is_wired(frame) else FORMAT_WIRELESS
         got = mbus_link.parse(frame, keys)
         if isinstance(got, tuple):
             out.fail([i], *got)

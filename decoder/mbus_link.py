@@ -119,11 +119,17 @@ def key_for(keys: Mapping[str, bytes], meter: str) -> bytes | None:
     return keys.get(WILDCARD_KEY) if key is None else key
 
 
+def is_wired(frame: bytes) -> bool:
+    """Whether `frame` is read as a wired long frame: 68 L L 68 (EN 13757-2). A wireless
+    frame of 105 bytes starts with L = 0x68 too; its fourth byte is an M field byte."""
+    return frame[:1] == bytes([WIRED_START]) and (len(frame) < 12 or frame[3] == WIRED_START)
+
+
 def parse(frame: bytes, keys: Mapping[str, bytes]) -> Envelope | Failure:
     """Link + transport layers of one frame -> Envelope, or (code, message)."""
     if not frame:
         return ErrorCode.EMPTY, "empty frame"
-    if frame[0] == WIRED_START:
+    if is_wired(frame):
         return _wired(frame, keys)
     return _wireless(frame, keys)
 

@@ -89,3 +89,14 @@ def test_qundis_walkby_of_a_heat_cost_allocator_is_not_a_water_total() -> None:
     assert _current(res, 0) == [139_663_000]
     assert res.error_code[1] != ErrorCode.OK
     assert _current(res, 1) == []
+
+
+def test_wmbus_frame_of_105_bytes_is_not_a_wired_frame() -> None:
+    """L = 0x68 is the wired start byte: a 105-byte wireless frame was parsed as a wired
+    long frame and refused BAD_START_STOP; only 68 L L 68 is wired."""
+    frame = _padded(105)
+    assert frame[0] == 0x68
+    res = decode_batch([frame], T0)
+    assert res.error_code.tolist() == [ErrorCode.OK], res.error_message[0]
+    assert res.format[0] == mbus.FORMAT_WIRELESS
+    assert _current(res) == [TOTAL_ML]
