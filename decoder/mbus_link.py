@@ -167,6 +167,9 @@ def _wireless(frame: bytes, keys: Mapping[str, bytes]) -> Envelope | Failure:
         if abs(frame[0] - (len(frame) - 1)) > L_SLACK or frame[10] not in KNOWN_CI:
             return ErrorCode.BAD_LENGTH, f"L field {frame[0]} but {len(frame) - 1} bytes follow"
         notes = FrameFlag.LENGTH_MISMATCH
+        if frame[0] < len(frame) - 1 and frame[0] >= 11:  # bytes past the meter's L are
+            frame = frame[: frame[0] + 1]  # the receiver's (RSSI, LQI, a CRC): never records
+            notes |= FrameFlag.TRAILING_JUNK
     m_field, a_field = frame[2:4], frame[4:10]
     pos, ci = 11, frame[10]
     extra: dict[str, object] = {}

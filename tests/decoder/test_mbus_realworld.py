@@ -8,11 +8,14 @@ reports is the meter's, and a bad or unknown secondary record never costs the re
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from decoder import decode_batch, mbus
-from decoder.columns import Decoded, ErrorCode, Flag
-from decoder.mbus_encode import id_field, manufacturer_field
+from decoder.columns import Decoded, ErrorCode, Flag, FrameFlag
+from decoder.mbus_encode import encode_oms_mode5, id_field, manufacturer_field
 
 T0 = 1_700_000_000
+WHEN = datetime(2023, 11, 14, 12, 0, tzinfo=UTC)
 TOTAL = "0C1378563412"  # BCD 12345678 L = 12345.678 m3, storage 0
 TOTAL_ML = 12_345_678_000
 
@@ -100,3 +103,15 @@ def test_wmbus_frame_of_105_bytes_is_not_a_wired_frame() -> None:
     assert res.error_code.tolist() == [ErrorCode.OK], res.error_message[0]
     assert res.format[0] == mbus.FORMAT_WIRELESS
     assert _current(res) == [TOTAL_ML]
+
+
+def test_bytes_past_the_l_field_are_not_records() -> None:
+    """Bytes a receiver appends past the meter's L (RSSI, LQI) are not read as records:
+    `41 10 00` after an encrypted frame became a billing register of 0 mL."""
+    key = bytes(range(16))
+    frame = encode_oms_mode5("12345678", "KAM", 1, 7, 1, 1000, key, WHEN)
+    res = decode_batch([frame + bytes.fromhex("411000")], T0, keys={"12345678": key})
+    assert res.error_code.tolist() == [ErrorCode.OK], res.error_message[0]
+    assert res.register_ml.tolist() == [1000]
+    notes = FrameFlag(int(res.frame_flags_or_zero[0]))
+    assert notes == FrameFlag.LENGTH_MISMATCH | FrameFlag.TRAILING_JUNK
