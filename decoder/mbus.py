@@ -378,7 +378,7 @@ def _register(
     "no data" is absent (NO_DATA).
     """
     ml_exp = f.exponent + 6  # volume_m3 exponent -> mL (EN 13757-3 VIF 10..17 = 1e(n-6) m3)
-    gone = mbus_kernels.no_data(a, f)
+    gone = mbus_kernels.no_data(a, f) | f.record_error  # a record error: no value (see _values)
     bad: list[tuple[npt.NDArray[np.bool_], ErrorCode, str]] = []
     if f.kind not in (Kind.INT, Kind.BCD) or ml_exp < 0:
         why = "a float" if f.kind == Kind.REAL else f"scale 1e{f.exponent} m3 (finer than 1 mL)"
@@ -415,7 +415,9 @@ def _values(out: _Batch, rows: Ints, a: npt.NDArray[np.uint8], f: Field) -> list
     if f.kind == Kind.REAL:
         return mbus_kernels.real32(a, f)
     raw, ok = mbus_kernels.read_field(a, f)
-    gone = mbus_kernels.no_data(a, f)
+    # EN 13757-3 table 17: a record-error VIFE (no data, overflow, underflow, data error,
+    # premature end) says the value bytes are not a value: the record is absent
+    gone = mbus_kernels.no_data(a, f) | f.record_error
     if f.volume and f.function:  # a max / min / at-error volume below zero is junk
         ok &= raw >= 0  # (itron `7413 FEFEFEFE`, a "volume_m3_max -0.0053" after the data)
     out.note(rows, FrameFlag.NO_DATA, gone)

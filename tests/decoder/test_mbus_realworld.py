@@ -178,3 +178,21 @@ def test_bytes_past_the_l_field_are_not_records() -> None:
     assert res.register_ml.tolist() == [1000]
     notes = FrameFlag(int(res.frame_flags_or_zero[0]))
     assert notes == FrameFlag.LENGTH_MISMATCH | FrameFlag.TRAILING_JUNK
+
+
+def test_a_register_with_a_record_error_is_no_value() -> None:
+    """EN 13757-3 table 17: a VIFE 15..1C says the record holds no value (no data,
+    overflow, underflow, data error): its bytes were read as the current total, flagged
+    METER_ERROR but kept; now the record is absent (NO_DATA) and the meter's error shows."""
+    alone = decode_batch([_wm("0C9318" + "78563412")], T0)
+    assert alone.error_code.tolist() == [ErrorCode.NO_REGISTER]
+    assert alone.n_readings == 0
+    billing = "4C13" + "00100000" + "426CDF2C"  # 1 m3 on 2022-12-31
+    res = decode_batch([_wm("0C9315" + "78563412" + billing)], T0)
+    assert res.error_code.tolist() == [ErrorCode.OK]
+    assert _current(res) == []
+    assert res.register_ml.tolist() == [1_000_000]
+    assert res.flags[0] & Flag.BILLING_DATE
+    assert res.flags[0] & Flag.METER_ERROR
+    assert res.frame_flags_or_zero[0] & FrameFlag.NO_DATA
+    assert "total_m3" not in res.extra[0]
