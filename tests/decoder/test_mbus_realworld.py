@@ -196,3 +196,13 @@ def test_a_register_with_a_record_error_is_no_value() -> None:
     assert res.flags[0] & Flag.METER_ERROR
     assert res.frame_flags_or_zero[0] & FrameFlag.NO_DATA
     assert "total_m3" not in res.extra[0]
+
+
+def test_vifes_after_an_extension_or_manufacturer_vife_are_no_corrections() -> None:
+    """After VIFE FC the next VIFE is a code of the extension table, after FF every VIFE is
+    the manufacturer's: `74` there is no factor 10^-2 (an energy of 1 kWh read 0.01)."""
+    res = decode_batch([_wm(TOTAL + "0486FC7401000000" + "0486FF7401000000")], T0)
+    assert _current(res) == [TOTAL_ML]
+    extra = res.extra[0]
+    assert extra["energy_kwh_vife_7c74"] == 1
+    assert extra["energy_kwh_mfct"] == 1
