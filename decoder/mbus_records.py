@@ -385,6 +385,8 @@ def _compile_record(rec: RawRecord) -> Field | None:
     kind, _ = DATA_FIELD.get(dif & 0x0F, (Kind.INT, rec.width))
     if rec.lvar >= 0:
         kind = Kind.TEXT if rec.lvar <= 0xBF else (Kind.BCD if rec.lvar < 0xE0 else Kind.INT)
+        if 0xD0 <= rec.lvar <= 0xD9:  # EN 13757-3 table 5: LVAR Dx = negative BCD
+            multiplier = -multiplier
         if kind == Kind.TEXT and any("compact_profile" in q for q in qualifiers):
             kind = Kind.BYTES  # EN 13757-3 annex F: a binary profile, not text
         elif kind != Kind.TEXT and rec.width > 8:

@@ -9,6 +9,7 @@ reports is the meter's, and a bad or unknown secondary record never costs the re
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from decimal import Decimal
 
 from decoder import decode_batch, mbus
 from decoder.columns import Decoded, ErrorCode, Flag, FrameFlag
@@ -206,3 +207,12 @@ def test_vifes_after_an_extension_or_manufacturer_vife_are_no_corrections() -> N
     extra = res.extra[0]
     assert extra["energy_kwh_vife_7c74"] == 1
     assert extra["energy_kwh_mfct"] == 1
+
+
+def test_variable_length_negative_bcd_is_negative() -> None:
+    """EN 13757-3 table 5: LVAR D0..D9 is a negative BCD number (C0..C9 a positive one):
+    the flow `0D 3B D2 3412` (VIF 3B: l/h) is -3.412 m3/h, it was read as +3.412."""
+    res = decode_batch([_wm(TOTAL + "0D3BD21234" + "0D3BC21234")], T0)
+    assert _current(res) == [TOTAL_ML]
+    assert res.extra[0]["flow_m3h"] == Decimal("-3.412")
+    assert res.extra[0]["flow_m3h_2"] == Decimal("3.412")
