@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from decoder import kernels as k
-from decoder.columns import Column, Decoded, ErrorCode, Flag, concat, empty
+from decoder.columns import Column, Decoded, ErrorCode, Flag, FrameFlag, concat, empty
 
 if TYPE_CHECKING:
     from decoder.cjt188 import Model
@@ -166,6 +166,7 @@ class Columns(NamedTuple):
     settlement_ok: k.Bools
     clock_state: np.ndarray  # 0 le, 1 be, 2 all-zero, 3 FF, 4 invalid
     valve: np.ndarray
+    settlement_dropped: k.Bools  # a settlement total that is not one (bad digits or unit)
 
 
 def _clock(f: k.Frames, off: int, order: str) -> tuple[Int64s, np.ndarray]:
@@ -200,11 +201,12 @@ def read_901f(f: k.Frames, rx: Int64s, model: Model, utc_offset_s: Offset | None
     ml = table[f[:, 18]]
     settlement, s_bad = k.bcd_le(f, 19, 4)
     s_ff = k.all_equal(f, 19, 4, 0xFF)
+    # the settlement total is secondary: bad digits or a unit that is no volume (meters
+    # that keep no settlement send 00 or AA fill) drop it, never the current register
+    s_kept = ~s_ff & ~s_bad & (table[f[:, 23]] != 0)
     checks = (
         (total_bad, ErrorCode.BAD_BCD),
         (ml == 0, ErrorCode.BAD_UNIT),
-        (s_bad & ~s_ff, ErrorCode.BAD_BCD),
-        (~s_ff & (table[f[:, 23]] == 0), ErrorCode.BAD_UNIT),
     )
     if any(mask.any() for mask, _ in checks):
         for mask, c in checks:
@@ -219,8 +221,8 @@ def read_901f(f: k.Frames, rx: Int64s, model: Model, utc_offset_s: Offset | None
         flags = flags | np.where(missing, np.uint32(Flag.CLOCK_MISSING), np.uint32(0))
         read_at = np.where(missing, rx, read_at)
     return Columns(
-        code, code == 0, total * ml, read_at, flags, total, settlement, ~s_ff, state,
-        valve_table[st],
+        code, code == 0, total * ml, read_at, flags, total, settlement, s_kept, state,
+        valve_table[st], ~s_ff & ~s_kept,
     )  # fmt: skip
 
 
@@ -327,7 +329,7 @@ def _m3_column(
     return count * mult[unit], scale[unit] if ok.all() else np.where(ok, scale[unit], 0)
 
 
-_BCD_MSG = "total or settlement register is not packed BCD (and not FF fill)"
+_BCD_MSG = "total register is not packed BCD"
 _UNIT_MSG = "unit code is not a volume (L/m3 x1/x10/x100) exact in mL for this model"
 
 
@@ -367,6 +369,8 @@ def _with_readings(
         rows = np.flatnonzero(ok).astype(np.int32)
         address, read_at = meter[rows], cols.read_at_s[rows]
         reg, flags = cols.register_ml[rows], cols.flags[rows]
+    dropped = ok & cols.settlement_dropped
+    notes = np.where(dropped, np.uint32(FrameFlag.RECORD_DROPPED), np.uint32(0))
     return Decoded(
         frame_index=rows,
         address=address,
@@ -378,4 +382,5 @@ def _with_readings(
         error_code=out.error_code,
         error_message=out.error_message,
         fields=out.fields,
+        frame_flags=notes if dropped.any() else None,
     )

@@ -100,6 +100,7 @@ class FrameFlag(enum.IntFlag):
     CLEAR_PAYLOAD = 1 << 5  # a security mode is declared, the payload is in clear (2F2F)
     LINK_FIELD_KEPT = 1 << 6  # a data record named like a link-layer field was renamed
     BILLING_UNDATED = 1 << 7  # the billing register's date is invalid: no billing reading
+    LINK_CRCS_REMOVED = 1 << 8  # a wM-Bus frame came with its data-link CRCs: checked, removed
 
 
 def frame_flag_names(bits: int) -> list[str]:

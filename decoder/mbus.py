@@ -24,6 +24,7 @@ becomes `access_number_record`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 FORMAT_WIRED, FORMAT_WIRELESS = "mbus_wired", "wmbus"
+LONG_FORMAT_B = 128  # EN 13757-4 format B: a longer frame carries a CRC at bytes 126-127
 Ints = npt.NDArray[np.int64]
 INT64_MAX = np.iinfo(np.int64).max
 
@@ -158,18 +160,20 @@ def decode(
         utc_offset_s = offsets
     keys = keys or {}
     cache = cache if cache is not None else SignatureCache()
+    frames, crcs_removed = _without_link_crcs(frames)
     # vendor driver files (decoder.drivers): frames a driver claims skip the standard path
     routed = route_mbus(frames, received_at_s, keys, cache, utc_offset_s, decode)
     if routed is not None:
-        return routed
+        return _noted(routed, crcs_removed, FrameFlag.LINK_CRCS_REMOVED)
     out = _Batch(len(frames), received_at_s, utc_offset_s)
+    out.note(np.asarray(crcs_removed, np.int64), FrameFlag.LINK_CRCS_REMOVED)
     full: dict[tuple[tuple[str, int, int], int], list[int]] = {}
     compact: dict[tuple[tuple[str, int, int], bytes, int], list[int]] = {}
     fixed: list[int] = []
     envs: dict[int, Envelope] = {}
     for i, raw in enumerate(frames):  # per-frame Python: headers and AES only
         frame = bytes(raw)
-        out.format[i] = FORMAT_WIRED if frame[:1] == b"\x68" else FORMAT_WIRELESS
+        out.format[i] = FORMAT_WIRED if mbus_link.is_wired(frame) else FORMAT_WIRELESS
         got = mbus_link.parse(frame, keys)
         if isinstance(got, tuple):
             out.fail([i], *got)
@@ -177,7 +181,7 @@ def decode(
         envs[i] = got
         out.meter[i] = got.address
         out.flags[i] = got.flags
-        out.notes[i] = got.notes
+        out.notes[i] |= got.notes
         for name, value in got.extra.items():  # link/TPL fields (access number, status)
             out.column(name)[i] = value
         if got.fixed:
@@ -200,6 +204,33 @@ def decode(
     if fixed:
         _decode_fixed(out, np.asarray(fixed, np.int64), [envs[i].app for i in fixed])
     return out.result()
+
+
+def _without_link_crcs(frames: Sequence[bytes]) -> tuple[Sequence[bytes], list[int]]:
+    """`frames` with any wM-Bus data-link CRCs checked and removed, and the rows that had
+    them. Per frame only a length test, unless L disagrees with the length or the frame is
+    longer than 128 bytes (format B puts a CRC inside it)."""
+    removed: list[int] = []
+    out: list[bytes] | None = None
+    for i, raw in enumerate(frames):
+        n = len(raw)
+        if n < 12 or (raw[0] == n - 1 and n <= LONG_FORMAT_B) or mbus_link.is_wired(raw):
+            continue
+        plain = mbus_link.without_link_crcs(bytes(raw))
+        if plain is not None:
+            out = list(frames) if out is None else out
+            out[i] = plain
+            removed.append(i)
+    return (frames if out is None else out), removed
+
+
+def _noted(res: Decoded, rows: list[int], flag: int) -> Decoded:
+    """`res` with FrameFlag `flag` added to the frames `rows`."""
+    if not rows:
+        return res
+    notes = res.frame_flags_or_zero.copy()
+    notes[rows] |= np.uint32(flag)
+    return dataclasses.replace(res, frame_flags=notes)
 
 
 def _stack(apps: list[bytes]) -> npt.NDArray[np.uint8]:
@@ -347,7 +378,7 @@ def _register(
     "no data" is absent (NO_DATA).
     """
     ml_exp = f.exponent + 6  # volume_m3 exponent -> mL (EN 13757-3 VIF 10..17 = 1e(n-6) m3)
-    gone = mbus_kernels.no_data(a, f)
+    gone = mbus_kernels.no_data(a, f) | f.record_error  # a record error: no value (see _values)
     bad: list[tuple[npt.NDArray[np.bool_], ErrorCode, str]] = []
     if f.kind not in (Kind.INT, Kind.BCD) or ml_exp < 0:
         why = "a float" if f.kind == Kind.REAL else f"scale 1e{f.exponent} m3 (finer than 1 mL)"
@@ -384,7 +415,9 @@ def _values(out: _Batch, rows: Ints, a: npt.NDArray[np.uint8], f: Field) -> list
     if f.kind == Kind.REAL:
         return mbus_kernels.real32(a, f)
     raw, ok = mbus_kernels.read_field(a, f)
-    gone = mbus_kernels.no_data(a, f)
+    # EN 13757-3 table 17: a record-error VIFE (no data, overflow, underflow, data error,
+    # premature end) says the value bytes are not a value: the record is absent
+    gone = mbus_kernels.no_data(a, f) | f.record_error
     if f.volume and f.function:  # a max / min / at-error volume below zero is junk
         ok &= raw >= 0  # (itron `7413 FEFEFEFE`, a "volume_m3_max -0.0053" after the data)
     out.note(rows, FrameFlag.NO_DATA, gone)

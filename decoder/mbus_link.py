@@ -100,13 +100,62 @@ L_SLACK = 16
 
 def looks_like(frame: bytes) -> bool:
     """Cheap detection: a wired long frame (68 L L 68 … 16) or a wM-Bus frame (L = len-1,
-    or an L off by at most `L_SLACK` when the C field and the CI are M-Bus ones)."""
+    an L off by at most `L_SLACK` when the C field and the CI are M-Bus ones, or a frame
+    that still carries its format A data-link CRCs, the first of them sound)."""
     n = len(frame)
     if n >= 9 and frame[0] == WIRED_START and frame[3] == WIRED_START:
         return frame[1] == frame[2] and frame[-1] == WIRED_STOP and n == frame[1] + 6
     if n < 12 or frame[1] not in C_FIELDS:
         return False
-    return frame[0] == n - 1 or (abs(frame[0] - (n - 1)) <= L_SLACK and frame[10] in KNOWN_CI)
+    if frame[0] == n - 1 or (abs(frame[0] - (n - 1)) <= L_SLACK and frame[10] in KNOWN_CI):
+        return True
+    return n == _format_a_length(frame[0]) and _crc_at(frame, 0, FIRST_BLOCK)
+
+
+# EN 13757-4 data-link CRCs (CRC-16 0x3D65, sent big-endian after the bytes they cover).
+# Format A: after the first 10 bytes (L C M A), then after every 16 bytes and after the
+# last, shorter block; L counts no CRC. Format B: one CRC after the first 126 bytes (L to
+# the end of block 2) and, in a longer frame, one at the end; L counts both CRCs.
+FIRST_BLOCK, BLOCK, FORMAT_B_FIRST = 10, 16, 126
+CRC_SIZE = 2
+
+
+def _format_a_length(l_field: int) -> int:
+    """Bytes a format A frame of this L field takes with its CRCs."""
+    rest = max(l_field + 1 - FIRST_BLOCK, 0)
+    return l_field + 1 + CRC_SIZE * (1 + -(-rest // BLOCK))
+
+
+def _crc_at(frame: bytes, start: int, size: int) -> bool:
+    """Whether the CRC after frame[start : start + size] matches those bytes."""
+    stored = frame[start + size : start + size + CRC_SIZE]
+    return crc16_en13757(frame[start : start + size]).to_bytes(2, "big") == stored
+
+
+def without_link_crcs(frame: bytes) -> bytes | None:
+    """A wM-Bus frame received with its data-link CRCs -> the frame without them (and L
+    set to match), or None when `frame` does not carry them (every CRC must check).
+
+    Receivers that hand over the raw telegram keep them; left in, they shift the CI and
+    fall inside records. Format A is tried when L does not count the frame's bytes, format
+    B when a frame longer than 128 bytes has L = length - 1 (a CRC sits at 126-127).
+    """
+    n = len(frame)
+    if n < FIRST_BLOCK + CRC_SIZE + 1 or frame[1] not in C_FIELDS:
+        return None
+    if frame[0] != n - 1:  # format A
+        if n != _format_a_length(frame[0]):
+            return None
+        starts = [0, *range(FIRST_BLOCK + CRC_SIZE, n, BLOCK + CRC_SIZE)]
+        blocks = [(s, min(s + (FIRST_BLOCK if s == 0 else BLOCK), n - CRC_SIZE)) for s in starts]
+    elif n > FORMAT_B_FIRST + CRC_SIZE + CRC_SIZE:  # format B with a second CRC
+        blocks = [(0, FORMAT_B_FIRST), (FORMAT_B_FIRST + CRC_SIZE, n - CRC_SIZE)]
+    else:
+        return None
+    if not all(_crc_at(frame, s, e - s) for s, e in blocks):
+        return None
+    data = b"".join(frame[s:e] for s, e in blocks)
+    return bytes([len(data) - 1]) + data[1:]
 
 
 WILDCARD_KEY = "*"  # `keys["*"]`: the key for whichever meter is in the frame
@@ -119,11 +168,17 @@ def key_for(keys: Mapping[str, bytes], meter: str) -> bytes | None:
     return keys.get(WILDCARD_KEY) if key is None else key
 
 
+def is_wired(frame: bytes) -> bool:
+    """Whether `frame` is read as a wired long frame: 68 L L 68 (EN 13757-2). A wireless
+    frame of 105 bytes starts with L = 0x68 too; its fourth byte is an M field byte."""
+    return frame[:1] == bytes([WIRED_START]) and (len(frame) < 12 or frame[3] == WIRED_START)
+
+
 def parse(frame: bytes, keys: Mapping[str, bytes]) -> Envelope | Failure:
     """Link + transport layers of one frame -> Envelope, or (code, message)."""
     if not frame:
         return ErrorCode.EMPTY, "empty frame"
-    if frame[0] == WIRED_START:
+    if is_wired(frame):
         return _wired(frame, keys)
     return _wireless(frame, keys)
 
@@ -161,6 +216,9 @@ def _wireless(frame: bytes, keys: Mapping[str, bytes]) -> Envelope | Failure:
         if abs(frame[0] - (len(frame) - 1)) > L_SLACK or frame[10] not in KNOWN_CI:
             return ErrorCode.BAD_LENGTH, f"L field {frame[0]} but {len(frame) - 1} bytes follow"
         notes = FrameFlag.LENGTH_MISMATCH
+        if frame[0] < len(frame) - 1 and frame[0] >= 11:  # bytes past the meter's L are
+            frame = frame[: frame[0] + 1]  # the receiver's (RSSI, LQI, a CRC): never records
+            notes |= FrameFlag.TRAILING_JUNK
     m_field, a_field = frame[2:4], frame[4:10]
     pos, ci = 11, frame[10]
     extra: dict[str, object] = {}

@@ -367,19 +367,26 @@ def _compile_record(rec: RawRecord) -> Field | None:
         name, exponent, multiplier = _lookup(PRIMARY_VIF, vif, f"vif_{vif:02x}")
     qualifiers: list[str] = []
     record_error = False
-    for vife in vifes:
-        code = vife & 0x7F
+    codes = iter(v & 0x7F for v in vifes)
+    for code in codes:
         if code in RECORD_ERROR_VIFES:
             record_error = True
         elif 0x70 <= code <= 0x77:  # multiplicative correction 10^(nnn-6)
             exponent += code - 0x76
         elif code == 0x7D:  # multiplicative correction 10^3
             exponent += 3
+        elif code == 0x7C:  # EN 13757-3: the next VIFE is a code of the extension table
+            qualifiers.append(f"vife_7c{next(codes, 0):02x}")  # (not a correction, table 15)
+        elif code == 0x7F:  # manufacturer-specific: so are all the VIFEs after it
+            qualifiers.append(VIFE_SUFFIX[code])
+            break
         else:
             qualifiers.append(VIFE_SUFFIX.get(code, f"vife_{code:02x}"))
     kind, _ = DATA_FIELD.get(dif & 0x0F, (Kind.INT, rec.width))
     if rec.lvar >= 0:
         kind = Kind.TEXT if rec.lvar <= 0xBF else (Kind.BCD if rec.lvar < 0xE0 else Kind.INT)
+        if 0xD0 <= rec.lvar <= 0xD9:  # EN 13757-3 table 5: LVAR Dx = negative BCD
+            multiplier = -multiplier
         if kind == Kind.TEXT and any("compact_profile" in q for q in qualifiers):
             kind = Kind.BYTES  # EN 13757-3 annex F: a binary profile, not text
         elif kind != Kind.TEXT and rec.width > 8:

@@ -382,16 +382,36 @@ def decode(
     )
 
 
+# RFC 8259 §2: after an array's "[" (and whitespace) comes a value or the closing "]". A
+# wireless M-Bus frame of L = 0x5B (92 bytes) starts with "[" too, then its C field (44 "D",
+# 46 "F", 08, 06), which no JSON value starts with.
+_JSON_AFTER_BRACKET = frozenset(b'{["-0123456789tfn]')
+# RFC 8949 array heads: 0x80-0x97 hold the count, 0x98 / 0x99 have it in 1 / 2 bytes after
+_CBOR_COUNT_BYTES = {0x98: 1, 0x99: 2}
+_MIN_CBOR_RECORD = 3  # the smallest SenML record: a map of one pair (A1, label, value)
+
+
 def looks_like(frame: bytes) -> bool:
-    """A JSON array, or a CBOR array whose first item is a map (RFC 8428 §5/§6)."""
-    head = frame.lstrip()[:1]
-    if head == b"[":
-        return True
+    """A JSON array (its first item a JSON value or "]"), or a CBOR array whose first item
+    is a map and whose count of records fits in the frame (RFC 8428 §5/§6).
+
+    The count check keeps wireless M-Bus frames out: L = 0x98 reads as a CBOR array of
+    C = 0x44 (68) records, and 68 records of 3 bytes or more do not fit in 153 bytes.
+    """
+    body = frame.lstrip()
+    if body[:1] == b"[":
+        after = body[1:].lstrip()[:1]
+        return not after or after[0] in _JSON_AFTER_BRACKET
     if not frame or not (0x81 <= frame[0] <= 0x99 or frame[0] == 0x9F):
         return False
-    # RFC 8949: array lengths >= 24 follow the head in 1 (0x98) or 2 (0x99) bytes
-    first = 1 + {0x98: 1, 0x99: 2}.get(frame[0], 0)
-    return len(frame) > first and (0xA1 <= frame[first] <= 0xB9 or frame[first] == 0xBF)
+    size = _CBOR_COUNT_BYTES.get(frame[0], 0)
+    first = 1 + size
+    if len(frame) <= first or not (0xA1 <= frame[first] <= 0xB9 or frame[first] == 0xBF):
+        return False
+    if frame[0] == 0x9F:  # indefinite length: no count to check
+        return True
+    count = int.from_bytes(frame[1:first], "big") if size else frame[0] & 0x1F
+    return count * _MIN_CBOR_RECORD <= len(frame) - first
 
 
 FORMAT = register(Format(key="senml", detect=looks_like, decode=decode))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from decoder import cjt188, decode_batch
 from decoder import kernels as k
-from decoder.columns import ErrorCode, Flag
+from decoder.columns import ErrorCode, Flag, FrameFlag
 from decoder.encode_cjt188 import GAS, WATER, encode_cjt188
 
 VECTORS = Path(__file__).parents[2] / ".." / "shared" / "vectors"
@@ -218,6 +218,31 @@ def test_reject_code(frame: bytes, hint: str | None, code: ErrorCode) -> None:
     assert d.error_code[0] == code
     assert d.error_message[0]
     assert d.n_readings == 0
+
+
+def _settlement(frame: bytes, fill: bytes) -> bytes:
+    """`frame` with the settlement total and its unit (DATA 8..12) replaced by `fill`."""
+    for i, value in enumerate(fill):
+        frame = _mutate(frame, 19 + i, value)
+    return frame
+
+
+@pytest.mark.parametrize(
+    "fill",
+    ["0000000000", "AAAAAAAAAA", "EEEEEEEE2C", "0000010005"],
+    ids=["zero-fill", "aa-fill", "not-bcd", "not-a-volume"],
+)
+def test_bad_settlement_keeps_the_register(fill: str) -> None:
+    """A settlement total that is not one (00/AA fill of a meter that keeps none, bad
+    digits, a unit that is no volume) is left out, noted RECORD_DROPPED: it used to
+    refuse the frame (BAD_BCD / BAD_UNIT) and cost the meter its current register."""
+    frame = encode_cjt188(address="00000000000001", total_ml=5_000_000, settlement_ml=4_000_000)
+    d = decode_batch([_settlement(frame, bytes.fromhex(fill)), frame], RX)
+    assert d.error_code.tolist() == [ErrorCode.OK, ErrorCode.OK]
+    assert d.register_ml.tolist() == [5_000_000, 5_000_000]
+    assert "settlement_m3" not in d.extra[0]
+    assert d.extra[1]["settlement_m3"] == Decimal("4.00")
+    assert d.frame_flags_or_zero.tolist() == [FrameFlag.RECORD_DROPPED, 0]
 
 
 @given(
