@@ -79,6 +79,7 @@ class RunConfig:
     sockets: int = 32
     network: NetworkModel | None = None  # the emulated network resends go through
     coaps_port: int = 5684  # DTLS-PSK meters (coap_host)
+    dtls_timeout_s: float = 30.0  # a DTLS meter's wait for its answer (handshake included)
     platform_url: str = "http://127.0.0.1:8443"  # the collector's push endpoint
 
 
@@ -242,7 +243,7 @@ class Sender:
         self.summary = Summary()
         self.commands: CommandDriver | None = None  # the run's commands (simulator.command_run)
         self.rotated: dict[int, dict[str, str]] = {}  # the OSCORE context each meter now uses
-        self.dtls = DtlsDevices(config.coap_host, config.coaps_port)
+        self.dtls = DtlsDevices(config.coap_host, config.coaps_port, config.dtls_timeout_s)
         secret = creds.get(PLATFORM_SECRET)
         self.platform = (
             PlatformEmulator(
