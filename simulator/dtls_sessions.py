@@ -7,19 +7,27 @@ coaps://HOST:PORT/u over that meter's DTLS session and writes one JSON result a 
 writes is `{"ready": true}`, once aiocoap and tinydtls are loaded. At the end of stdin it
 closes every session and exits 0.
 
-tinydtls (aiocoap's `tinydtls` transport over the DTLSSocket C extension) does not survive
-every teardown order: a session shut down while its traffic is in flight, or reset while
-tinydtls still holds the peer, has ended the process with a double free (SIGABRT) or a
-segfault. Two rules keep that out of the simulator:
+tinydtls (aiocoap's `tinydtls` transport over the DTLSSocket C extension) can end the
+process that holds it. The crash seen (tests/simulator/test_dtls.py provokes it at will):
+shutting a session down resets its tinydtls peer, which sends a close_notify through
+aiocoap's write callback; when the collector's port was closed (it restarted), the
+socket holds an ICMP error that a loaded event loop has not read yet, so asyncio's
+`sendto` fails and calls the protocol's `error_received` at once, and aiocoap shuts the
+same session down again from inside the first shutdown. The inner reset frees the peer
+the outer one is still tearing down, and the outer frees it again (glibc aborts on the
+double free, SIGABRT; where it does not notice, the heap is corrupt and a later step
+segfaults). Three rules:
 
-- this process is the only one that loads tinydtls, so a crash here costs the uplinks in
-  flight (the parent counts them as unanswered: the meter keeps its data and resends)
-  and a new child, never the run;
-- here, no session is torn down while the run goes on. A session that failed (no answer
-  in time, an error from aiocoap) is retired: the meter's next uplink opens a new
-  session, and the failed one stays referenced, so neither our code nor the garbage
-  collector frees its DTLS object mid-run. Retired and live sessions are shut down at
-  the end only, one at a time, with the event loop running and no request in flight.
+- `guard_shutdown` makes that nested shutdown return; the outer one finishes the job;
+- no session is torn down while the run goes on. A session that failed (no answer in
+  time, an error from aiocoap) is retired: the meter's next uplink opens a new session,
+  and the failed one stays referenced, so neither our code nor the garbage collector
+  frees its DTLS object mid-run (tinydtls calls back into Python objects that teardown
+  leaves half gone). Retired and live sessions are shut down at the end only, one at a
+  time, with the event loop running and no request in flight;
+- this process is the only one that loads tinydtls, so whatever else tinydtls does wrong
+  costs the uplinks in flight (the parent counts them as unanswered: the meter keeps its
+  data and resends) and a new child, never the run.
 
 aiocoap's own reaction to an alert from the collector (it resets the peer from inside the
 alert callback) is left as it is: tinydtls unlinks that peer before calling back, so the
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import importlib
 import json
@@ -42,6 +51,28 @@ from typing import Any
 import aiocoap
 
 from simulator.coap import CoapResult
+
+
+def guard_shutdown() -> None:
+    """Make aiocoap's `DTLSClientConnection.shutdown` return when it is called from inside
+    itself (see the module docstring); the outer call finishes the teardown. Idempotent."""
+    from aiocoap.transports.tinydtls import DTLSClientConnection
+
+    shutdown = DTLSClientConnection.shutdown
+    if hasattr(shutdown, "__wrapped__"):
+        return
+
+    @functools.wraps(shutdown)
+    def guarded(self: Any) -> None:
+        if self.__dict__.get("_nbmeter_shutting_down"):
+            return
+        self._nbmeter_shutting_down = True
+        try:
+            shutdown(self)
+        finally:
+            self._nbmeter_shutting_down = False
+
+    DTLSClientConnection.shutdown = guarded
 
 
 @dataclass
@@ -68,6 +99,7 @@ class Sessions:
             else [f"coaps://{host}:{port}/*"]
         )
         self.timeout_s = timeout_s
+        guard_shutdown()
         self._live: dict[str, _Session] = {}
         self._retired: list[_Session] = []
 

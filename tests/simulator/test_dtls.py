@@ -2,7 +2,9 @@
 database: a session the collector dropped (it restarted) is unanswered, then replaced by
 a fresh one that gets answers; a crash of the child process that holds tinydtls costs
 only the uplinks it had in flight (unanswered: the meter resends), never the simulator;
-closing every session at the end ends both processes cleanly.
+closing every session at the end ends both processes cleanly; and the tinydtls double
+free that a shutdown with an ICMP error pending caused, provoked with and without
+`simulator.dtls_sessions.guard_shutdown`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 ROOT = Path(__file__).resolve().parents[2]
+_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+}
 _READINGS = "SELECT count(*) FROM readings r JOIN meters m USING (meter_id) WHERE m.address = $1"
 Meter = tuple[str, tuple[str, str]]  # address, (PSK identity, PSK)
 
@@ -186,7 +192,7 @@ _SIMULATOR = textwrap.dedent(
 
     async def main(port, dead_port, meters):
         live = DtlsDevices("127.0.0.1", port, timeout_s=5)
-        dead = DtlsDevices("127.0.0.1", dead_port, timeout_s=1)  # handshakes never finish
+        dead = DtlsDevices("127.0.0.1", dead_port, timeout_s=1)  # nobody there: all fail
         codes = []
         for n in range(1, 4):
             codes += [r.code for r in await asyncio.gather(
@@ -203,7 +209,7 @@ _SIMULATOR = textwrap.dedent(
 
 
 async def test_closing_every_session_at_the_end_exits_cleanly(
-    coaps: Coaps, meters: list[Meter]
+    coaps: Coaps, meters: list[Meter], tmp_path: Path
 ) -> None:
     """A simulator process with answered sessions and with sessions whose handshakes
     failed (retired, kept until the end) closes them all and exits 0 (a crash would show
@@ -212,7 +218,7 @@ async def test_closing_every_session_at_the_end_exits_cleanly(
     arg = json.dumps([[a, list(c), f] for (a, c), f in zip(meters, frames, strict=True)])
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _SIMULATOR, str(coaps.port), str(free_port(socket.SOCK_DGRAM)),
-        arg, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        arg, cwd=tmp_path, env=_ENV, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, _ = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, out
@@ -259,4 +265,64 @@ async def test_run_counts_an_uplink_of_a_broken_session_as_timeout_and_resends_i
     assert summary.timeouts == 1
     assert summary.unacked == {}
     assert summary.dtls_crashes == []
-    assert await pool.fetchval(_READINGS, meter.address) >= 2
+    assert await pool.fetchval(_READINGS, meter.address) == 2
+
+
+_NESTED = textwrap.dedent(
+    """
+    import asyncio, resource, sys
+    import aiocoap
+    from simulator.dtls_sessions import guard_shutdown
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the crash leaves no core file
+
+    async def main(port, identity, psk, frame, guarded):
+        if guarded:
+            guard_shutdown()
+        ctx = await aiocoap.Context.create_client_context(transports=["tinydtls"])
+        dtls = {"dtls": {"psk": {"ascii": psk}, "client-identity": {"ascii": identity}}}
+        ctx.client_credentials.load_from_dict({f"coaps://127.0.0.1:{port}/*": dtls})
+        uri = f"coaps://127.0.0.1:{port}/u"
+        request = aiocoap.Message(code=aiocoap.POST, uri=uri, payload=bytes.fromhex(frame))
+        reply = await ctx.request(request).response
+        print(reply.code, flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        # the collector is gone: a datagram to its port draws an ICMP port unreachable
+        # that the socket holds until someone reads it; the shutdown comes before that
+        connection = reply.remote
+        connection._transport.sendto(b"\\x17\\xfe\\xfd")
+        connection.shutdown()
+        print("survived", flush=True)
+        await ctx.shutdown()
+
+    asyncio.run(main(int(sys.argv[1]), *sys.argv[2:5], sys.argv[5] == "guarded"))
+    """
+)
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "aiocoap-as-is"])
+async def test_shutdown_with_an_icmp_error_pending_is_not_nested(
+    coaps: Coaps, meters: list[Meter], guarded: bool, tmp_path: Path
+) -> None:
+    """The crash, provoked: a session is shut down while its socket holds an ICMP error
+    (the collector's port closed); the close_notify's sendto fails, asyncio calls
+    error_received at once and aiocoap shuts the session down inside its own shutdown.
+    With `guard_shutdown` the process survives and exits 0; aiocoap as it is frees the
+    tinydtls peer twice (SIGABRT, or SIGSEGV): when that stops, the guard may go."""
+    address, (identity, psk) = meters[0]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _NESTED, str(coaps.port), identity, psk, _frame(address, 1).hex(),
+        "guarded" if guarded else "as-is", cwd=tmp_path, env=_ENV,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    answer = await asyncio.wait_for(proc.stdout.readline(), 60)
+    assert answer.startswith(b"2.04"), answer
+    await coaps.stop()
+    proc.stdin.write(b"go\n")
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    if guarded:
+        assert (proc.returncode, out) == (0, b"survived\n")
+    else:
+        assert proc.returncode in (-signal.SIGABRT, -signal.SIGSEGV), (proc.returncode, out)
