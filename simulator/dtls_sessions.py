@@ -43,6 +43,7 @@ import gc
 import importlib
 import json
 import os
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
@@ -103,11 +104,6 @@ class Sessions:
         self._live: dict[str, _Session] = {}
         self._retired: list[_Session] = []
 
-    @property
-    def retired(self) -> int:
-        """How many sessions failed during the run (each replaced by a new one)."""
-        return len(self._retired)
-
     async def _session(self, address: str, identity: str, psk: str) -> _Session:
         session = self._live.get(address)
         if session is None:
@@ -135,6 +131,9 @@ class Sessions:
             # handshake refused, collector restarted, request lost: a new session next time
             self._retire(address, session)
             return CoapResult("", b"", 1, False)
+        except Exception:
+            self._retire(address, session)  # not used again, whatever aiocoap did wrong
+            raise
         session.remote = reply.remote
         code = f"{int(reply.code) >> 5}.{int(reply.code) & 0x1F:02d}"
         return CoapResult(code, bytes(reply.payload), 1, True, reply.opt.max_age)
@@ -221,6 +220,9 @@ def main(argv: list[str]) -> None:
     results_fd = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    # Ctrl-C in a terminal reaches the whole process group: the parent ends this process
+    # by closing its input, after its own cleanup
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     asyncio.run(_main(host, port, timeout_s, results_fd))
 
 
