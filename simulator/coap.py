@@ -1,4 +1,7 @@
-"""CoAP device side: POST /u over UDP, CON or NON, optionally OSCORE. The only aiocoap module.
+"""CoAP device side: POST /u over UDP, CON or NON, optionally OSCORE.
+
+With `simulator.dtls_sessions` (the DTLS meters' client, in a process of its own), the
+only module of the simulator that imports aiocoap.
 
 aiocoap is used for what is pure in it (the message codec, OSCORE protect/unprotect); the
 exchange itself is driven here so the emulator controls every transmission: a lost
@@ -8,8 +11,7 @@ is the same bytes with the same Message ID (RFC 7252 §4.2), after the (scaled) 
 `CoapEndpoint` is one UDP socket (one device "address"); it matches replies by Message
 ID (ACK) and token (separate or NON responses) and ACKs separate CON responses.
 """
-# aiocoap is untyped; this module is the one place that touches it (its one subclass of
-# aiocoap's bases says so).
+# aiocoap is untyped; this module is the one place that subclasses its bases (and says so).
 
 from __future__ import annotations
 

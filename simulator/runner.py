@@ -35,7 +35,7 @@ from simulator import backlog, frames
 from simulator.backlog import ACKED, DeviceLog
 from simulator.coap import CoapEndpoint, CoapResult, DeviceContext, OscoreCredentials
 from simulator.command_run import CommandDriver
-from simulator.dtls import DtlsDevices
+from simulator.dtls import DtlsDevices, describe_exit
 from simulator.faults import Outcome
 from simulator.fleet import SECONDS_PER_DAY, Transport
 from simulator.mqtt import Downlink, MqttCredentials, MqttResult, publish
@@ -79,6 +79,7 @@ class RunConfig:
     sockets: int = 32
     network: NetworkModel | None = None  # the emulated network resends go through
     coaps_port: int = 5684  # DTLS-PSK meters (coap_host)
+    dtls_timeout_s: float = 30.0  # a DTLS meter's wait for its answer (handshake included)
     platform_url: str = "http://127.0.0.1:8443"  # the collector's push endpoint
 
 
@@ -110,6 +111,8 @@ class Summary:
     adjusted: dict[int, Uplink] = field(default_factory=dict)  # sent as a command changed it
     # command answers: POSTed to /c (by CoAP code), published on MQTT res ("mqtt res")
     answers: Counter[str] = field(default_factory=Counter)
+    # exit status of each DTLS client process that ended unasked (simulator.dtls)
+    dtls_crashes: list[int] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -150,6 +153,12 @@ class Summary:
             f"unacknowledged {sum(self.unacked.values())} reports at the end: {unacked}",
             f"rejected      {sum(self.rejected.values())}: {rejected}",
         ]
+        if self.dtls_crashes:
+            how = ", ".join(describe_exit(code) for code in self.dtls_crashes)
+            out.append(
+                f"DTLS client   {len(self.dtls_crashes)} processes crashed ({how}); the "
+                "uplinks each had in flight count as timed out"
+            )
         if self.answers:
             out.append(
                 "command answers " + ", ".join(f"{k} {v}" for k, v in sorted(self.answers.items()))
@@ -234,7 +243,7 @@ class Sender:
         self.summary = Summary()
         self.commands: CommandDriver | None = None  # the run's commands (simulator.command_run)
         self.rotated: dict[int, dict[str, str]] = {}  # the OSCORE context each meter now uses
-        self.dtls = DtlsDevices(config.coap_host, config.coaps_port)
+        self.dtls = DtlsDevices(config.coap_host, config.coaps_port, config.dtls_timeout_s)
         secret = creds.get(PLATFORM_SECRET)
         self.platform = (
             PlatformEmulator(
@@ -568,6 +577,7 @@ async def send_all(
     finally:
         await sender.aclose()
     summary = sender.summary
+    summary.dtls_crashes = list(sender.dtls.crashes)
     for meter, log in sender.logs.items():
         removed = truth.meters[meter].removed_h < truth.fleet.spec.hours
         for up in log.pending:
