@@ -324,5 +324,7 @@ async def test_shutdown_with_an_icmp_error_pending_is_not_nested(
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     if guarded:
         assert (proc.returncode, out) == (0, b"survived\n")
+    elif proc.returncode == 0:  # a double free is not always caught where it happens
+        pytest.skip("aiocoap as it is survived the nested shutdown this time (heap timing)")
     else:
         assert proc.returncode in (-signal.SIGABRT, -signal.SIGSEGV), (proc.returncode, out)
