@@ -40,8 +40,11 @@ Mounted by `collector.coap.build_site` next to /u, behind the same OSCORE verifi
   identity, same dedup: a notification repeated stores nothing new), as long as the
   registration they belong to is open; a new Register or a De-register ends the
   observation. A notification is ACKed by the
-  CoAP layer before it is stored: one dropped (pipeline full, database down) is logged,
-  and the meter's cumulative register comes again with the next. Plain CoAP clients
+  CoAP layer before it is stored, so it is kept whatever the load: it passes the
+  pipeline's bound, and while the database is away it is stored as the meter of the
+  registration its observation was set up under, once the database is back. Only one
+  arriving while the collector shuts down is lost (logged); the meter's cumulative
+  register comes again with the next. Plain CoAP clients
   only for now: an OSCORE notification would need the device's replay window per
   notification, which this module does not keep.
 """
@@ -63,7 +66,7 @@ from collector import metrics
 from collector.coap import TenantDirectory, UplinkResource, _peer, response
 from collector.coap_guard import EventLimiter
 from collector.coap_oscore import Busy, DeviceContext
-from collector.pipeline import Pipeline, PipelineClosed, PipelineFull
+from collector.pipeline import Pipeline, PipelineClosed
 from collector.settings import CoapSettings
 from collector.uplink import Device, Transport, Uplink
 from decoder.commands import DeviceResult
@@ -263,8 +266,11 @@ class Lwm2m:
         try:
             reg = await lwm2m.current(self.pool, meter_id=meter_id)
         except StorageError as exc:
-            log.warning("lwm2m.notification_dropped", meter_id=meter_id, error=str(exc))
-            return True  # the database is down: this one is lost, not the observation
+            # the database is away: the notification is ACKed already, so it is kept, as
+            # the meter of the registration the observation was set up under; the
+            # pipeline holds it until the database is back
+            log.warning("lwm2m.registration_unchecked", meter_id=meter_id, error=str(exc))
+            reg = registration
         if reg is None or reg.registration_id != registration.registration_id:
             log.info("lwm2m.notification_refused", meter_id=meter_id, why="not registered")
             return False
@@ -277,8 +283,11 @@ class Lwm2m:
             device=Device(reg.meter_id, reg.tenant_id, reg.endpoint),
         )
         try:
-            outcome = await self._pipeline.offer(uplink)
-        except (PipelineFull, PipelineClosed) as exc:
+            # force: past the pipeline's bound too (an ACKed notification has no retry to
+            # wait for; one per observation is in flight, CON notifications being paced by
+            # their ACKs, RFC 7641 §4.5.1)
+            outcome = await self._pipeline.offer(uplink, force=True)
+        except PipelineClosed as exc:  # shutting down: the ACK went before the store
             metrics.UPLINKS.labels("coap", "busy").inc()
             log.warning("lwm2m.notification_dropped", meter_id=meter_id, error=repr(exc))
             return True

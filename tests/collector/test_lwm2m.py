@@ -611,3 +611,48 @@ async def test_an_update_observes_when_the_register_could_not(
         assert len(meter.observers) == 1  # the second Update kept the observation
     finally:
         await client.close()
+
+
+async def test_a_notification_is_kept_when_the_pipeline_is_full_and_the_database_away() -> None:
+    """A notification is ACKed before it is stored, so it is never dropped: with the
+    database away (its registration cannot be checked) and the pipeline at its bound, it
+    is still queued, as the meter of the registration its observation was set up under."""
+    from datetime import UTC, datetime
+
+    from collector.lwm2m import Lwm2m
+    from collector.pipeline import Pipeline, PipelineFull
+    from collector.settings import CoapSettings, PipelineSettings
+    from collector.uplink import Transport, Uplink
+    from storage.lwm2m import Registration
+
+    async def never(batch: list[Uplink]) -> list[Any]:
+        raise AssertionError("nothing commits in this test")
+
+    away = await asyncpg.create_pool(
+        f"postgresql://nobody@127.0.0.1:{free_port(socket.SOCK_STREAM)}/none", min_size=0
+    )
+    pipeline = Pipeline(PipelineSettings(max_pending=1), never)
+    pipeline.offer(Uplink(b"\x00", Transport.COAP, "[::1]:1"))
+    with pytest.raises(PipelineFull):
+        pipeline.offer(Uplink(b"\x00", Transport.COAP, "[::1]:1"))
+    now = datetime.now(UTC)
+    reg = Registration(
+        "r1", 7, 42, "ep-42", "1.1", 300, "UQ", True, "[::1]:5683", 1, "</3424/0>", now, now,
+        now, None, "",
+    )  # fmt: skip
+    note = aiocoap.Message(code=aiocoap.CONTENT, payload=cbor2.dumps([{0: "/3424/0/1", 2: 1.5}]))
+    shared = Lwm2m(away, CoapSettings(), pipeline)
+    task = asyncio.create_task(shared._notified(reg, None, note))
+    try:
+        for _ in range(100):
+            if pipeline.pending == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert pipeline.pending == 2  # queued past the bound, not dropped
+        queued = pipeline._queue[-1]
+        assert queued.device is not None
+        assert (queued.device.meter_id, queued.device.tenant_id) == (42, 7)
+        assert not task.done()  # waiting for its outcome, which the database will give
+    finally:
+        task.cancel()
+        await away.close()
