@@ -90,3 +90,12 @@ class TcpProxy:
 
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
         self._writers -= {writer, up_writer}
+
+
+async def new_tenant(pool: asyncpg.Pool, prefix: str, *, plain_coap: bool = False) -> str:
+    """A tenant of its own (slug `prefix-<random>`), plain CoAP allowed or not; its slug."""
+    slug = f"{prefix}-{secrets.token_hex(6)}"
+    await pool.execute(
+        "INSERT INTO tenants (slug, name, allow_plain_coap) VALUES ($1, $1, $2)", slug, plain_coap
+    )
+    return slug

@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 from brokerkit import Broker, free_port
 from collector_testkit import RawCoap, cjt188_frame
+from dbkit import new_tenant
 
 from collector.main import run
 from collector.settings import (
@@ -106,19 +107,13 @@ async def raw(collector: RunningCollector) -> RawCoap:
 @pytest.fixture
 async def tenant_slug(pool: asyncpg.Pool) -> str:
     """A tenant of its own for one test, plain CoAP NOT allowed."""
-    slug = f"t-{uuid.uuid4().hex[:12]}"
-    await pool.execute("INSERT INTO tenants (slug, name) VALUES ($1, $1)", slug)
-    return slug
+    return await new_tenant(pool, "t")
 
 
 @pytest.fixture
 async def lab_tenant(pool: asyncpg.Pool) -> str:
     """A lab tenant (allow_plain_coap) of its own for one test; returns its slug."""
-    slug = f"lab-{uuid.uuid4().hex[:12]}"
-    await pool.execute(
-        "INSERT INTO tenants (slug, name, allow_plain_coap) VALUES ($1, $1, true)", slug
-    )
-    return slug
+    return await new_tenant(pool, "lab", plain_coap=True)
 
 
 def new_address() -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from brokerkit import free_port
+from dbkit import new_tenant
 
 from collector.main import run
 from collector.settings import CoapSettings, CollectorSettings, DtlsSettings
@@ -93,9 +94,7 @@ def key() -> str:
 @pytest.fixture
 async def tenant(pool: asyncpg.Pool) -> str:
     """A tenant of its own for one test."""
-    slug = f"dtls-{uuid.uuid4().hex[:10]}"
-    await pool.execute("INSERT INTO tenants (slug, name) VALUES ($1, $1)", slug)
-    return slug
+    return await new_tenant(pool, "dtls")
 
 
 @pytest.fixture
