@@ -74,6 +74,9 @@ Decode = Callable[[list[bytes], np.ndarray, Mapping[str, bytes]], Decoded]
 
 _MAX_ERROR = 500  # characters of an exception kept in a quarantine detail
 _SCOPES_TTL_S = 60.0  # a tenant created after start gets its drivers within this
+# meter formats that carry no OMS AES key: their devices' keys are not looked up before
+# decoding (a frame of another format that asks for one still gets it: the NO_KEY retry)
+_NO_AES_KEYS = frozenset({"cjt188", "senml", "interval"})
 
 
 class DecodeFailed(Exception):
@@ -222,7 +225,11 @@ class BatchStore:
         decode call.
         """
         scopes = await self._driver_scopes(conn)
-        wanted = {(u.device.tenant_id, u.device.address) for u in uplinks if u.device}
+        wanted = {
+            (d.tenant_id, d.address)
+            for u in uplinks
+            if (d := u.device) is not None and d.format not in _NO_AES_KEYS
+        }
         known = await self._keys.get(conn, wanted) if wanted else {}
         per_tenant: dict[int, dict[str, bytes]] = {}
         for (tenant, address), aes in known.items():

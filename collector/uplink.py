@@ -35,6 +35,10 @@ class Device:
     meter_id: int
     tenant_id: int
     address: str
+    # the meter's format as registered (`storage.registry.MeterFormat`), when the lookup
+    # that authenticated it had it: the store skips the AES-key lookup of formats that
+    # carry no OMS keys (None: unknown, looked up)
+    format: str | None = None
 
 
 @dataclass(slots=True, frozen=True)

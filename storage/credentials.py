@@ -72,6 +72,7 @@ class OscoreSecret(NamedTuple):
     # the context a rotate_key staged beside the current one (migration 0048): a request
     # that verifies under it confirms it (`promote_oscore`); its window starts empty
     pending: bool = False
+    meter_format: str | None = None  # meters.format, when the lookup read it
 
 
 def oscore_blob(
@@ -315,11 +316,11 @@ async def load_oscore_many(
     # current and pending kids each by their own unique index (one query, two probes)
     rows = await conn.fetch(
         "SELECT c.oscore_kid, c.meter_id, c.tenant_id, m.address, c.oscore_sender_id,"
-        " c.oscore_sealed, c.oscore_replay_index, c.oscore_replay_bits, false"
+        " c.oscore_sealed, c.oscore_replay_index, c.oscore_replay_bits, false, m.format"
         " FROM device_credentials c JOIN meters m USING (meter_id)"
         " WHERE c.oscore_kid = ANY($1::bytea[]) AND m.removed_at IS NULL"
         " UNION ALL SELECT c.oscore_pending_kid, c.meter_id, c.tenant_id, m.address,"
-        " c.oscore_pending_sender_id, c.oscore_pending_sealed, NULL, NULL, true"
+        " c.oscore_pending_sender_id, c.oscore_pending_sealed, NULL, NULL, true, m.format"
         " FROM device_credentials c JOIN meters m USING (meter_id)"
         " WHERE c.oscore_pending_kid = ANY($1::bytea[]) AND m.removed_at IS NULL",
         wanted,
@@ -345,6 +346,7 @@ async def load_oscore_many(
             replay_bits=row[7],
             derived=derived,
             pending=bool(row[8]),
+            meter_format=str(row[9]),
         )
     return found, unopenable
 

@@ -232,3 +232,47 @@ async def test_one_batch_mixes_tenants_transports_and_formats(
         (dev_b.meter_id, 2_000_000),
         (dev_c.meter_id, 30_000),
     }
+
+
+async def test_keys_are_looked_up_only_for_formats_that_carry_them(
+    pool: asyncpg.Pool, db_url: str, tenant_slug: str, credentials_key: str
+) -> None:
+    """A device registered as a CJ/T 188 meter costs no AES-key lookup before decoding;
+    one registered as `interval` that sends an OMS mode 5 frame after all still gets its
+    key (the decoder's NO_KEY retry) and is stored."""
+    tenant_id = await pool.fetchval("SELECT tenant_id FROM tenants WHERE slug = $1", tenant_slug)
+    cjt, oms = new_address(), oms_address()
+    aes = secrets.token_bytes(16)
+    dev_cjt = await provision_device(db_url, tenant_slug, cjt, credentials_key=credentials_key)
+    dev_oms = await provision_device(
+        db_url, tenant_slug, oms, credentials_key=credentials_key, meter_format="interval",
+        aes_key=aes,
+    )  # fmt: skip
+    keys = MeterKeys(credentials.parse_key(credentials_key))
+    store = BatchStore(pool, keys)
+    batch = [
+        Uplink(
+            cjt188_frame(cjt, 40_000, hour(50)),
+            Transport.COAP_OSCORE,
+            "[::1]:1",
+            device=Device(dev_cjt.meter_id, tenant_id, cjt, "cjt188"),
+        ),
+        Uplink(
+            oms_frame(oms, aes, 3_000_000, hour(50)),
+            Transport.COAP_OSCORE,
+            "[::1]:2",
+            device=Device(dev_oms.meter_id, tenant_id, oms, "interval"),
+        ),
+    ]
+    outcomes = await store.commit(batch)
+    assert [o.status for o in outcomes] == ["stored"] * 2, outcomes
+    assert (tenant_id, cjt) not in keys._cache  # never asked for
+    assert keys._cache[(tenant_id, oms)][0] == aes  # asked after the decoder missed it
+    rows = await pool.fetch(
+        "SELECT meter_id, register_ml FROM readings WHERE meter_id = ANY($1::bigint[])",
+        [dev_cjt.meter_id, dev_oms.meter_id],
+    )
+    assert {(r["meter_id"], r["register_ml"]) for r in rows} == {
+        (dev_cjt.meter_id, 40_000),
+        (dev_oms.meter_id, 3_000_000),
+    }
