@@ -41,6 +41,7 @@ import functools
 import hashlib
 import logging
 import socket
+import sys
 import time
 import uuid
 from typing import Any
@@ -372,8 +373,28 @@ class CoapServer:
                 self._settings.dedup_max_entries,
             )
             piggyback_within(tman.token_interface, self._settings.empty_ack_delay_s)
+            self._receive_buffer(tman.token_interface.message_interface)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="coap-registry"))
         log.info("coap.started", host=self._settings.host, port=self._settings.port)
+
+    def _receive_buffer(self, interface: Any) -> None:
+        """Ask for the configured socket receive buffer; warn when the kernel caps it."""
+        wanted = self._settings.receive_buffer_bytes
+        if not wanted:
+            return
+        sock = interface.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        if sys.platform.startswith("linux"):
+            granted //= 2  # Linux reports twice what it grants (its bookkeeping share)
+        metrics.COAP_RECEIVE_BUFFER.set(granted)
+        if granted < wanted:
+            log.warning(
+                "coap.receive_buffer_capped",
+                wanted=wanted,
+                granted=granted,
+                hint=f"raise net.core.rmem_max to {wanted} (sysctl) for the whole buffer",
+            )
 
     async def _join(self) -> None:
         digest, shown = self._fingerprint

@@ -100,6 +100,11 @@ COAP_PEERS = Gauge(
     "nbmeter_collector_coap_port_peers",
     "Other live collector processes sharing this process's CoAP port.",
 )
+COAP_RECEIVE_BUFFER = Gauge(
+    "nbmeter_collector_coap_receive_buffer_bytes",
+    "Receive buffer the kernel granted the CoAP socket (NBMETER_COAP__RECEIVE_BUFFER_BYTES,"
+    " capped at net.core.rmem_max).",
+)
 
 
 def serve(host: str, port: int) -> WSGIServer | None:

@@ -38,6 +38,11 @@ class CoapSettings(_Section):
     # so the device does not retransmit); aiocoap's 0.1 s made most answers separate
     empty_ack_delay_s: float = Field(1.0, gt=0, lt=2.0)
     dedup_max_entries: int = Field(200_000, ge=1000)  # bounds the dedup cache's memory
+    # the UDP socket's receive buffer (SO_RCVBUF; 0: the system's default, ~200 KiB on
+    # Linux, a few hundred datagrams): a herd of meters after an outage arrives faster than
+    # it is decoded, and each datagram the kernel drops costs its meter a retransmission
+    # 2-3 s later; the kernel caps the request at net.core.rmem_max (logged when it does)
+    receive_buffer_bytes: int = Field(4 * 1024 * 1024, ge=0)
     # OSCORE contexts: cached this long while credential changes arrive by LISTEN, and
     # only context_fallback_ttl_s while that connection is down (the worst-case delay
     # before a rotated or revoked credential is refused)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from pathlib import Path
 from typing import Any
 
 import aiocoap
@@ -322,3 +323,19 @@ async def test_an_answered_request_leaves_no_cyclic_garbage() -> None:
         await server.shutdown()
     assert codes == [(aiocoap.CHANGED, b"x%d" % i) for i in range(40)]
     assert pipes == []
+
+
+async def test_the_coap_socket_gets_its_receive_buffer(collector: RunningCollector) -> None:
+    """The collector asks for `receive_buffer_bytes` (4 MiB) on its UDP socket, so a herd's
+    burst waits in the kernel instead of being dropped; what the kernel granted is a
+    metric (capped at net.core.rmem_max, which the log names)."""
+    from prometheus_client import REGISTRY
+
+    granted = REGISTRY.get_sample_value("nbmeter_collector_coap_receive_buffer_bytes")
+    assert granted is not None
+    assert granted >= min(collector.settings.coap.receive_buffer_bytes, _rmem_max())
+
+
+def _rmem_max() -> int:
+    """The kernel's cap on a socket's receive buffer (Linux)."""
+    return int(Path("/proc/sys/net/core/rmem_max").read_text())
