@@ -34,16 +34,23 @@ from decoder import kernels as k
 from decoder import mbus_compact, mbus_fixed, mbus_kernels, mbus_link
 from decoder.columns import Column, Decoded, ErrorCode, Flag, FrameFlag
 from decoder.drivers import route_mbus
-from decoder.mbus_compact import SignatureCache
-from decoder.mbus_encode import encode_oms_mode5, encode_oms_plain, encode_wired
+from decoder.mbus_compact import DeferredCache, SignatureCache
+from decoder.mbus_encode import (
+    encode_oms_compact,
+    encode_oms_mode5,
+    encode_oms_plain,
+    encode_wired,
+)
 from decoder.mbus_link import Envelope, looks_like
 from decoder.mbus_records import REGISTER_QUALIFIERS, Field, Kind, Layout, compile_layout, walk
 
 __all__ = [
     "FORMAT_WIRED",
     "FORMAT_WIRELESS",
+    "DeferredCache",
     "SignatureCache",
     "decode",
+    "encode_oms_compact",
     "encode_oms_mode5",
     "encode_oms_plain",
     "encode_wired",
@@ -255,7 +262,7 @@ def _decode_full(
         same = np.all(a[pending][:, layout.header_at] == layout.header_bytes, axis=1)
         members = pending[same]
         if layout.stop < 0:  # a cut-short walk is not the model's format
-            cache.learn(model, layout.format_bytes)
+            cache.learn(model, layout.format_bytes, out.meter[rows[members]])
         _apply(out, rows[members], a[members], layout)
         pending = pending[~same]
 
@@ -271,12 +278,7 @@ def _decode_compact(
     """One (model, signature, length) group of compact frames, through the learned format."""
     fmt = cache.lookup(model, sig)
     if fmt is None:
-        who = f"{model[0]} v{model[1]} type 0x{model[2]:02X}"
-        out.fail(
-            rows,
-            ErrorCode.UNKNOWN_COMPACT,
-            f"compact frame signature {sig:04X} of {who} not learned yet; wait for a full frame",
-        )
+        out.fail(rows, ErrorCode.UNKNOWN_COMPACT, mbus_compact.not_learned(model, sig))
         return
     compiled = mbus_compact.compact_layout(fmt)
     if isinstance(compiled[0], ErrorCode):

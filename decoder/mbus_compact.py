@@ -5,12 +5,15 @@ A compact frame (CI 79 / 7B / 73) leaves out the DIF/VIF header and sends
 CRC-16 over the header bytes of the matching full frame (wmbusmeters `hash_to_format_`).
 `SignatureCache` remembers those header bytes per meter model; the decoder stays pure
 because the caller owns the cache and can persist it with `to_dict()` / `from_dict()`.
+`DeferredCache` is a view of one for a single decode call: what the call learns is kept
+apart, with the meters that taught it, until the caller trusts those meters' frames
+(the collector: once they are stored), so a refused frame teaches nothing.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from decoder.columns import ErrorCode
 from decoder.mbus_link import crc16_en13757
@@ -18,17 +21,30 @@ from decoder.mbus_records import Layout, Skeleton, compile_layout, walk_format
 from decoder.vendors.compact_formats import known_format
 
 Model = tuple[str, int, int]  # (manufacturer, version, device type)
+Key = tuple[str, int, int, int]  # (manufacturer, version, device type, signature)
+
+
+def not_learned(model: Model, signature: int) -> str:
+    """The UNKNOWN_COMPACT message of a compact frame of `model` whose format `signature`
+    no cache holds. Stable text: a caller finds the frames it refused by it once the
+    format is learned (the collector re-decodes them)."""
+    who = f"{model[0]} v{model[1]} type 0x{model[2]:02X}"
+    return (
+        f"compact frame signature {signature:04X} of {who} not learned yet; wait for a full frame"
+    )
 
 
 class SignatureCache:
     """(manufacturer, version, device type, signature) -> DIF/VIF format bytes; dict-like."""
 
-    def __init__(self, entries: Mapping[tuple[str, int, int, int], bytes] | None = None) -> None:
+    def __init__(self, entries: Mapping[Key, bytes] | None = None) -> None:
         """An empty cache, or one holding `entries`."""
-        self._formats: dict[tuple[str, int, int, int], bytes] = dict(entries or {})
+        self._formats: dict[Key, bytes] = dict(entries or {})
 
-    def learn(self, model: Model, format_bytes: bytes) -> int:
-        """Remember the header of a full frame of `model`; returns its format signature."""
+    def learn(self, model: Model, format_bytes: bytes, meters: Iterable[str] = ()) -> int:
+        """Remember the header of a full frame of `model` (sent by `meters`, which this
+        cache does not keep); returns its format signature."""
+        del meters
         sig = crc16_en13757(format_bytes)
         self._formats[(*model, sig)] = bytes(format_bytes)
         return sig
@@ -43,7 +59,7 @@ class SignatureCache:
         """Number of learned formats."""
         return len(self._formats)
 
-    def __iter__(self) -> Iterator[tuple[str, int, int, int]]:
+    def __iter__(self) -> Iterator[Key]:
         """The learned (manufacturer, version, device type, signature) keys."""
         return iter(self._formats)
 
@@ -60,11 +76,43 @@ class SignatureCache:
     @classmethod
     def from_dict(cls, data: Mapping[str, str]) -> SignatureCache:
         """Inverse of `to_dict`; raises ValueError on a malformed key or hex string."""
-        entries: dict[tuple[str, int, int, int], bytes] = {}
+        entries: dict[Key, bytes] = {}
         for key, fmt in data.items():
             man, version, dev, sig = key.split("/")
             entries[(man, int(version, 16), int(dev, 16), int(sig, 16))] = bytes.fromhex(fmt)
         return cls(entries)
+
+
+class DeferredCache(SignatureCache):
+    """One decode call's view of `known`: lookups see `known` (and the vendor table) only;
+    what the call learns is kept in `learned`, with the meters that taught it in
+    `teachers`, and is used by none of the call's own frames.
+
+    The caller adds a learned format to `known` once it trusts a meter that taught it, so
+    a frame that is refused after decoding (an unknown meter, another device's frame)
+    never teaches the format its neighbours in the batch are read with.
+    """
+
+    def __init__(self, known: SignatureCache | None = None) -> None:
+        """A view of `known` (None: an empty cache: the vendor table only)."""
+        super().__init__()
+        self.known = known if known is not None else SignatureCache()
+        self.teachers: dict[Key, set[str]] = {}
+
+    def learn(self, model: Model, format_bytes: bytes, meters: Iterable[str] = ()) -> int:
+        """Keep the header of a full frame of `model` apart, with the `meters` that sent it."""
+        sig = super().learn(model, format_bytes)
+        self.teachers.setdefault((*model, sig), set()).update(str(m) for m in meters)
+        return sig
+
+    def lookup(self, model: Model, signature: int) -> bytes | None:
+        """The format `known` holds for `model` under `signature` (never one learned here)."""
+        return self.known.lookup(model, signature)
+
+    @property
+    def learned(self) -> dict[Key, bytes]:
+        """The formats learned during the call: key -> format bytes."""
+        return dict(self._formats)
 
 
 def split(app: bytes) -> tuple[int, int, bytes] | tuple[ErrorCode, str]:

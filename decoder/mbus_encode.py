@@ -3,6 +3,8 @@
 Frames carry a volume register (litres as int32 when exact, else mL as int64), an
 optional type I meter clock (to the second, UTC) and an optional billing-date register
 (storage 1) with its type G date. Wireless frames are CRC-stripped, as the decoder expects.
+`encode_oms_compact` sends the same records as an EN 13757-3 compact frame (CI 7B):
+the format signature of their DIF/VIF headers, the data CRC and the values alone.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 
 from decoder import oms_crypto
+from decoder.mbus_link import crc16_en13757
 
 SND_NR = 0x44  # EN 13757-4 C field: send/no reply (periodic meter telegram)
 RSP_UD = 0x08  # EN 13757-2 C field: respond user data
@@ -30,14 +33,14 @@ def id_field(ident: str) -> bytes:
     return bytes.fromhex(ident)[::-1]
 
 
-def _volume_record(total_ml: int, storage: int) -> bytes:
-    """DIF/VIF/value of a volume register: litres int32 if exact, else mL int64."""
+def _volume_record(total_ml: int, storage: int) -> tuple[bytes, bytes]:
+    """(DIF/VIF, value) of a volume register: litres int32 if exact, else mL int64."""
     st = 0x40 if storage else 0x00  # DIF bit 6 = storage number LSB (EN 13757-3)
     if total_ml % 1000 == 0 and -(2**31) <= total_ml // 1000 < 2**31:
-        return bytes([0x04 | st, 0x13]) + (total_ml // 1000).to_bytes(4, "little", signed=True)
+        return bytes([0x04 | st, 0x13]), (total_ml // 1000).to_bytes(4, "little", signed=True)
     if not -(2**63) <= total_ml < 2**63:
         raise ValueError("total_ml does not fit int64")
-    return bytes([0x07 | st, 0x10]) + total_ml.to_bytes(8, "little", signed=True)
+    return bytes([0x07 | st, 0x10]), total_ml.to_bytes(8, "little", signed=True)
 
 
 def _type_i(when: datetime) -> bytes:
@@ -59,18 +62,35 @@ def _type_g(day: date) -> bytes:
     return bytes([((y & 0x07) << 5) | day.day, ((y & 0x78) << 1) | day.month])
 
 
+def record_parts(
+    total_ml: int, when: datetime | None, target_ml: int | None, target_date: date | None
+) -> list[tuple[bytes, bytes]]:
+    """The data records as (DIF/VIF header, value) pairs: register, meter clock, billing
+    register and its date."""
+    out = [_volume_record(total_ml, 0)]
+    if when is not None:
+        out.append((b"\x06\x6d", _type_i(when)))  # meter clock, to the second
+    if target_ml is not None:
+        out.append(_volume_record(target_ml, 1))
+        if target_date is not None:
+            out.append((b"\x42\x6c", _type_g(target_date)))
+    return out
+
+
 def records(
     total_ml: int, when: datetime | None, target_ml: int | None, target_date: date | None
 ) -> bytes:
     """The data records: register, meter clock, billing register and its date."""
-    out = _volume_record(total_ml, 0)
-    if when is not None:
-        out += b"\x06\x6d" + _type_i(when)  # meter clock, to the second
-    if target_ml is not None:
-        out += _volume_record(target_ml, 1)
-        if target_date is not None:
-            out += b"\x42\x6c" + _type_g(target_date)
-    return out
+    return b"".join(h + v for h, v in record_parts(total_ml, when, target_ml, target_date))
+
+
+def compact_records(parts: list[tuple[bytes, bytes]]) -> bytes:
+    """EN 13757-3 compact form of `parts`: format signature (CRC-16/EN 13757 of the
+    headers, LE), data CRC (of the full records, headers and values, LE), the values."""
+    signature = crc16_en13757(b"".join(h for h, _ in parts))
+    data_crc = crc16_en13757(b"".join(h + v for h, v in parts))
+    values = b"".join(v for _, v in parts)
+    return signature.to_bytes(2, "little") + data_crc.to_bytes(2, "little") + values
 
 
 def encode_oms_plain(
@@ -95,6 +115,26 @@ def encode_oms_plain(
         device_type,
         tpl + records(total_ml, when, target_ml, target_date),
     )
+
+
+def encode_oms_compact(
+    ident: str,
+    manufacturer: str,
+    version: int,
+    device_type: int,
+    access_no: int,
+    total_ml: int,
+    when: datetime | None = None,
+    *,
+    target_ml: int | None = None,
+    target_date: date | None = None,
+    status: int = 0,
+) -> bytes:
+    """`encode_oms_plain`'s frame as a compact frame (CI 7B, short TPL, mode 0): decodes
+    only through the format a full frame of the same model taught (or a known one)."""
+    tpl = bytes([0x7B, access_no & 0xFF, status & 0xFF, 0x00, 0x00])
+    parts = record_parts(total_ml, when, target_ml, target_date)
+    return _wireless(ident, manufacturer, version, device_type, tpl + compact_records(parts))
 
 
 def encode_oms_mode5(

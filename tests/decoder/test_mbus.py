@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from decoder import mbus
+from decoder import mbus, mbus_compact
 from decoder.columns import Decoded, ErrorCode, Flag, FrameFlag
 from decoder.mbus_encode import id_field, manufacturer_field
 from decoder.mbus_link import crc16_en13757
@@ -117,6 +117,47 @@ def test_kamstrup_compact_frame_through_learned_signature() -> None:
     restored = mbus.SignatureCache.from_dict(cache.to_dict())
     assert _code(compact, cache=restored) == ErrorCode.OK
     assert len(restored) == 1
+
+
+# a header whose signature collides with `04 13 06 6D` (register in litres, type I clock):
+# the register's VIF says 10 L, and the free DIFE bits of a trailing no-data manufacturer
+# record (80 80 80 31 7F) were searched until CRC-16/EN 13757 of the whole equals the true
+# header's. Read through it, a compact frame's register would come out 10 times too large.
+TRUE_HEADER = bytes.fromhex("0413066D")
+COLLIDING_HEADER = bytes.fromhex("0414066D808080317F")
+
+
+def test_colliding_learned_format_is_refused_by_the_data_crc() -> None:
+    """A learned format with the frame's signature but other headers (a CRC-16 collision,
+    or a poisoned cache) never reads the frame: its data CRC, over the full records
+    rebuilt with the learned headers, does not match, so it is BAD_CHECKSUM."""
+    assert crc16_en13757(COLLIDING_HEADER) == crc16_en13757(TRUE_HEADER)
+    compact = mbus.encode_oms_compact("22222222", "ZZZ", 1, 7, 1, 5_000_000, WHEN)
+    sig = crc16_en13757(TRUE_HEADER)
+    poisoned = mbus.SignatureCache({("ZZZ", 1, 7, sig): COLLIDING_HEADER})
+    res = _decode(compact, cache=poisoned)
+    assert res.error_code.tolist() == [ErrorCode.BAD_CHECKSUM]
+    assert res.n_readings == 0
+    right = mbus.SignatureCache({("ZZZ", 1, 7, sig): TRUE_HEADER})
+    assert _decode(compact, cache=right).register_ml.tolist() == [5_000_000]
+
+
+def test_deferred_cache_keeps_what_a_call_learns_apart() -> None:
+    """A DeferredCache answers lookups from the cache it views only: a full frame teaches
+    its format (kept in `learned`, with the meter that sent it) but no compact frame of
+    the same call is read with it; a later call through a cache holding it reads them."""
+    full = mbus.encode_oms_plain("11111111", "ZZZ", 1, 7, 1, 5_000_000, WHEN)
+    compact = mbus.encode_oms_compact("22222222", "ZZZ", 1, 7, 1, 6_000_000, WHEN)
+    view = mbus_compact.DeferredCache()
+    res = _decode(full, compact, cache=view)
+    assert res.error_code.tolist() == [ErrorCode.OK, ErrorCode.UNKNOWN_COMPACT]
+    key = ("ZZZ", 1, 7, crc16_en13757(TRUE_HEADER))
+    assert res.error_message[1] == mbus_compact.not_learned(key[:3], key[3])
+    assert view.learned == {key: TRUE_HEADER}
+    assert view.teachers == {key: {"11111111"}}
+    assert len(view.known) == 0
+    later = mbus_compact.DeferredCache(mbus.SignatureCache(view.learned))
+    assert _decode(compact, cache=later).register_ml.tolist() == [6_000_000]
 
 
 def test_fixed_data_structure() -> None:
@@ -262,6 +303,26 @@ def test_plain_and_wired_round_trip(mid, total_l, target_l, day) -> None:
         assert res.register_ml.tolist() == [total_l * 1000, target_l * 1000]
         midnight = datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
         assert res.read_at_s.tolist() == [T0, int(midnight)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids, ids, st.integers(0, 255), st.integers(-(2**40), 2**40), whens,
+       st.integers(0, 2**31 - 1), st.dates(date(2000, 1, 1), date(2080, 12, 31)))  # fmt: skip
+def test_compact_round_trip(mid, other, ver, total, when, target_l, day) -> None:
+    """encode_oms_compact -> decode, through the format a full frame of another meter of
+    the model (same records) taught, returns what the full frame of the same values returns."""
+    kw = {"target_ml": target_l * 1000, "target_date": day}
+    cache = mbus.SignatureCache()
+    _decode(mbus.encode_oms_plain(other, "ZZZ", ver, 7, 1, total, when, **kw), cache=cache)
+    compact = _decode(
+        mbus.encode_oms_compact(mid, "ZZZ", ver, 7, 2, total, when, **kw), cache=cache
+    )
+    full = _decode(mbus.encode_oms_plain(mid, "ZZZ", ver, 7, 2, total, when, **kw))
+    assert compact.error_code.tolist() == [0], compact.error_message[0]
+    assert compact.register_ml.tolist() == full.register_ml.tolist()
+    assert compact.read_at_s.tolist() == full.read_at_s.tolist()
+    assert compact.flags.tolist() == full.flags.tolist()
+    assert compact.address.tolist() == [mid] * len(full.address)
 
 
 @settings(max_examples=200, deadline=None)
