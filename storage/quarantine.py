@@ -7,7 +7,10 @@ A re-decode request is a job of the durable queue in storage.redecode_queue (mig
 0032): what a caller asked for (one row, or every open row matching a `Filter`), with one
 item per row. `request_one` and `request_matching` enqueue in one transaction and NOTIFY
 the collectors; asking again for a row that has an open item joins that item's job, so
-nothing is queued twice; a row already re-decoded (resolved) is refused. Rows cross this
+nothing is queued twice; a row already re-decoded (resolved) is refused.
+`request_all_matching` queues every match in as many jobs as it takes (for requests no
+one sizes by hand: the collector's, when a learned compact format decodes what it had
+to refuse, storage.compact_formats). Rows cross this
 boundary as frozen dataclasses (`Quarantined`, `Attempt`, `Job`, `JobItem`); the API and
 the CLI render them.
 
@@ -151,6 +154,7 @@ class Filter:
     received_from: datetime | None = None  # inclusive
     received_to: datetime | None = None  # exclusive
     resolved: bool | None = None
+    detail_prefix: str | None = None  # e.g. one decoder message, '<code>: <message>'
 
     def selection(self) -> dict[str, Any]:
         """The given conditions as JSON-able values, recorded with a job."""
@@ -180,6 +184,12 @@ _CONDITIONS: Final = (
     ("received_from", "q.received_at >= $?"),
     ("received_to", "q.received_at < $?"),
     ("resolved", "(q.resolved_at IS NOT NULL) = $?"),
+    ("detail_prefix", "starts_with(q.detail, $?)"),
+)
+# a row some job is about to re-decode already (asking again joins that job)
+_QUEUED: Final = (
+    "EXISTS (SELECT 1 FROM redecode_items o"
+    " WHERE o.quarantine_id = q.quarantine_id AND o.state = 'queued')"
 )
 
 
@@ -343,9 +353,7 @@ async def request_matching(
         status = await conn.execute(
             "INSERT INTO redecode_items (job_id, quarantine_id, received_at)"
             " SELECT $1, q.quarantine_id, q.received_at FROM quarantine q"
-            f" WHERE q.tenant_id = $2 AND q.payload IS NOT NULL{where}"
-            " AND NOT EXISTS (SELECT 1 FROM redecode_items o"
-            "  WHERE o.quarantine_id = q.quarantine_id AND o.state = 'queued')"
+            f" WHERE q.tenant_id = $2 AND q.payload IS NOT NULL{where} AND NOT {_QUEUED}"
             f" ORDER BY q.received_at, q.quarantine_id LIMIT {MAX_JOB_ITEMS + 1}"
             " ON CONFLICT DO NOTHING",
             job_id,
@@ -367,6 +375,31 @@ async def request_matching(
         job = await get_job(conn, tenant_id, job_id)
     assert job is not None
     return job
+
+
+@translating("requesting re-decodes")
+async def request_all_matching(
+    conn: asyncpg.Connection, tenant_id: int, flt: Filter, requested_by: str
+) -> list[Job]:
+    """`request_matching` in as many jobs as it takes, oldest rows first, each of at most
+    MAX_JOB_ITEMS rows (cut at a receive time); no job at all when no open row matches."""
+    where, args = replace(flt, resolved=False).where(3)
+    after = (
+        "SELECT q.received_at FROM quarantine q WHERE q.tenant_id = $1"
+        f" AND q.payload IS NOT NULL{where} AND NOT {_QUEUED}"
+        " ORDER BY q.received_at, q.quarantine_id OFFSET $2 LIMIT 1"
+    )
+    jobs: list[Job] = []
+    while await conn.fetchval(after, tenant_id, 0, *args) is not None:
+        cut = await conn.fetchval(after, tenant_id, MAX_JOB_ITEMS, *args)
+        part = flt
+        if cut is not None and (flt.received_to is None or cut < flt.received_to):
+            part = replace(flt, received_to=cut)  # the rows before the first one left over
+        job = await request_matching(conn, tenant_id, part, requested_by)
+        jobs.append(job)
+        if not job.n_items:  # a cut no row lies before (a tie at one instant): give up
+            break
+    return jobs
 
 
 async def _new_job(
