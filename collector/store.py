@@ -4,11 +4,16 @@
 transaction has committed; it raises `StorageUnavailableError` when the database cannot
 be reached (the pipeline retries the batch), never a raw asyncpg error. Per uplink:
 
-- decoded by `decoder.decode_batch`, with the AES keys of the batch's meters (OMS/wM-Bus,
-  `collector.keys`); a tenant with driver files of its own (`collector.drivers`) in a
-  decode call of its own, within its `decoder.drivers.scope`; an undecodable payload is
+- decoded by `decoder.decode_batch`, one decode call per tenant, with the AES keys of the
+  batch's meters (OMS/wM-Bus, `collector.keys`), the compact-frame formats the tenant's
+  stored full frames taught (`collector.compact`), and a tenant's own driver files
+  (`collector.drivers`) within its `decoder.drivers.scope`; an undecodable payload is
   quarantined (a wrong or missing key too: `undecodable` with the decoder's decrypt_failed
-  / no_key message);
+  / no_key message; a compact frame whose format no full frame taught yet:
+  unknown_compact, re-decoded once one does, storage.compact_formats);
+- a full frame teaches its model's compact format only if its uplink is stored (in the
+  batch's transaction, only when the format is new to the process); no frame of the
+  batch is decoded with a format the batch itself taught;
 - identity: every meter a frame reports must be the authenticated device's meter
   (OSCORE context or MQTT account), else quarantine `identity_mismatch`; plain CoAP
   frames must name a meter of the tenant given in the query, else `unknown_meter`;
@@ -52,14 +57,16 @@ import numpy as np
 import structlog
 
 from collector import metrics, verdict
+from collector.compact import CompactFormats
 from collector.keys import KeyRing, MeterKeys, Pair
 from collector.uplink import Device, Outcome, Uplink
 from decoder import decode_batch as _decode_batch
 from decoder import drivers
 from decoder.columns import Decoded, ErrorCode, concat
+from decoder.mbus_compact import DeferredCache, Key, SignatureCache
 from storage import credentials, oscore_rollover
 from storage.archive import ArchiveWriter
-from storage.errors import StorageUnavailableError
+from storage.errors import StorageError, StorageUnavailableError
 from storage.events import write_events
 from storage.health import write_health
 from storage.ingest import ReadingWriter
@@ -70,13 +77,14 @@ from storage.rows import QuarantineRow, is_pg_text, pg_text
 
 log = structlog.get_logger("collector.store")
 
-Decode = Callable[[list[bytes], np.ndarray, Mapping[str, bytes]], Decoded]
+Decode = Callable[[list[bytes], np.ndarray, Mapping[str, bytes], SignatureCache], Decoded]
 
 _MAX_ERROR = 500  # characters of an exception kept in a quarantine detail
 _SCOPES_TTL_S = 60.0  # a tenant created after start gets its drivers within this
 # meter formats that carry no OMS AES key: their devices' keys are not looked up before
 # decoding (a frame of another format that asks for one still gets it: the NO_KEY retry)
 _NO_AES_KEYS = frozenset({"cjt188", "senml", "interval"})
+_TEACHING = frozenset({"stored", "duplicate"})  # outcomes whose full frames teach formats
 
 
 class DecodeFailed(Exception):
@@ -93,27 +101,32 @@ def _utc(epoch_s: float) -> datetime:
 
 
 def default_decode(
-    frames: list[bytes], received_at_s: np.ndarray, keys: Mapping[str, bytes]
+    frames: list[bytes],
+    received_at_s: np.ndarray,
+    keys: Mapping[str, bytes],
+    compact: SignatureCache,
 ) -> Decoded:
-    """Decode with the project's decoder dispatcher; `keys`: meter id -> AES key."""
-    return _decode_batch(frames, received_at_s, keys=keys)
+    """Decode with the project's decoder dispatcher; `keys`: meter id -> AES key,
+    `compact`: the compact-frame formats to read with (it learns from full frames)."""
+    return _decode_batch(frames, received_at_s, keys=keys, compact_cache=compact)
 
 
 class _Round:
-    """Frames decoded together: one key ring, consistent (an address maps to one key)."""
+    """Frames decoded together: one tenant's, with its key ring and compact formats."""
 
     def __init__(
-        self, keys: dict[str, bytes], plain_tenant: int | None, scope: str | None = None
+        self,
+        tenant: int | None,
+        keys: dict[str, bytes],
+        plain_tenant: int | None,
+        scope: str | None = None,
     ) -> None:
         self.rows: list[int] = []
+        self.tenant = tenant  # None: plain CoAP naming no tenant (refused anyway)
         self.keys = keys
         self.plain_tenant = plain_tenant  # plain CoAP: the one tenant of this round
         self.scope = scope  # the one tenant (slug) whose own drivers decode this round
-
-    def admits(self, keys: dict[str, bytes]) -> bool:
-        if self.plain_tenant is not None or self.scope is not None:
-            return False
-        return all(self.keys.get(a, k) == k for a, k in keys.items())
+        self.compact = DeferredCache()  # the decode calls' view of the tenant's formats
 
 
 class BatchStore:
@@ -141,6 +154,7 @@ class BatchStore:
         self._driver_tenants = driver_tenants
         self._scopes: dict[int, str] = {}  # tenant_id -> slug, of `driver_tenants`
         self._scopes_at = -_SCOPES_TTL_S
+        self._compact = CompactFormats()
 
     async def commit(self, batch: list[Uplink]) -> list[Outcome]:
         """Store `batch` in one transaction; return its outcomes (see the module docstring).
@@ -214,15 +228,18 @@ class BatchStore:
         )
         return Outcome("failed", reason, f"{detail}; not even a quarantine row could be written")
 
-    async def _decode_keyed(self, conn: Connection, uplinks: list[Uplink]) -> Decoded:
-        """Decode `uplinks` with their meters' AES keys (see the module docstring).
+    async def _decode_keyed(
+        self, conn: Connection, uplinks: list[Uplink]
+    ) -> tuple[Decoded, list[_Round]]:
+        """Decode `uplinks` with their meters' AES keys (see the module docstring); the
+        result and the rounds (decode calls) it took.
 
         An authenticated device reports its own meter, so its key is known before decoding
         (cache, else one bulk query). A plain CoAP frame names its meter only inside the
         frame: its tenant's frames are decoded on their own, and if a key was missing they
         are decoded again with the keys of the meter ids the decoder asked for. Frames of
-        tenants whose keys disagree on an address (two tenants, one OMS id) never share a
-        decode call.
+        two tenants never share a decode call: their keys may disagree on an address (two
+        tenants, one OMS id), and a tenant's compact formats are its own.
         """
         scopes = await self._driver_scopes(conn)
         wanted = {
@@ -243,23 +260,19 @@ class BatchStore:
                 scope = uplink.tenant_id if uplink.tenant_id is not None else -1
                 rnd = by_plain_tenant.get(scope)
                 if rnd is None:
-                    rnd = by_plain_tenant[scope] = _Round({}, scope, scopes.get(scope))
+                    rnd = _Round(uplink.tenant_id, {}, scope, scopes.get(scope))
+                    by_plain_tenant[scope] = rnd
                     rounds.append(rnd)
             else:
                 tenant = uplink.device.tenant_id
                 rnd = by_device_tenant.get(tenant)
                 if rnd is None:
-                    mine = per_tenant.get(tenant, {})
-                    own = scopes.get(tenant)  # a tenant with drivers of its own: alone
-                    rnd = None if own else next((r for r in rounds if r.admits(mine)), None)
-                    if rnd is None:
-                        rnd = _Round({}, None, own)
-                        rounds.append(rnd)
-                    rnd.keys.update(mine)
-                    by_device_tenant[tenant] = rnd
+                    mine = dict(per_tenant.get(tenant, {}))
+                    rnd = by_device_tenant[tenant] = _Round(tenant, mine, None, scopes.get(tenant))
+                    rounds.append(rnd)
             rnd.rows.append(n)
         if len(rounds) == 1:
-            return await self._decode_round(conn, uplinks, rounds[0])
+            return await self._decode_round(conn, uplinks, rounds[0]), rounds
         parts = [
             (
                 np.asarray(r.rows, np.int64),
@@ -267,7 +280,7 @@ class BatchStore:
             )
             for r in rounds
         ]
-        return concat(parts, len(uplinks))
+        return concat(parts, len(uplinks)), rounds
 
     async def _driver_scopes(self, conn: Connection) -> dict[int, str]:
         """tenant_id -> slug of the tenants with drivers of their own (looked up again
@@ -284,12 +297,23 @@ class BatchStore:
         return self._scopes
 
     async def _decode_round(self, conn: Connection, uplinks: list[Uplink], rnd: _Round) -> Decoded:
+        """One round through `_decode_once`; if a compact frame found no format and the
+        tenant's formats, read again, bring one another process learned, once more."""
+        rnd.compact = await self._compact.view(conn, rnd.tenant)
+        dec = await self._decode_once(conn, uplinks, rnd)
+        missed = (dec.error_code == ErrorCode.UNKNOWN_COMPACT).any()
+        if missed and await self._compact.refresh(conn, rnd.tenant):
+            rnd.compact = await self._compact.view(conn, rnd.tenant)
+            dec = await self._decode_once(conn, uplinks, rnd)
+        return dec
+
+    async def _decode_once(self, conn: Connection, uplinks: list[Uplink], rnd: _Round) -> Decoded:
         frames = [uplinks[n].payload for n in rnd.rows]
         # each frame's own receive time (a re-decoded frame keeps its original one): frames
         # without a clock, or with relative times, are dated by it
         rx = np.fromiter((int(uplinks[n].received_at) for n in rnd.rows), np.int64, len(rnd.rows))
         ring = KeyRing(rnd.keys)
-        dec = self._decoded(frames, rx, ring, rnd.scope)
+        dec = self._decoded(frames, rx, ring, rnd)
         if not ring.missed or not (dec.error_code == ErrorCode.NO_KEY).any():
             return await self._with_pending_keys(conn, uplinks, rnd, frames, rx, dec, ring)
         # a key was missing: load the asked-for keys fresh (one provisioned since the
@@ -305,7 +329,7 @@ class BatchStore:
         if not more:
             return dec
         ring = KeyRing({**rnd.keys, **more})
-        dec = self._decoded(frames, rx, ring, rnd.scope)
+        dec = self._decoded(frames, rx, ring, rnd)
         return await self._with_pending_keys(conn, uplinks, rnd, frames, rx, dec, ring)
 
     async def _with_pending_keys(
@@ -346,7 +370,7 @@ class BatchStore:
         retried = [i for i in failed if i not in device_pair or device_pair[i] in candidates]
         idx = np.asarray(retried, np.int64)
         keys = {**ring, **{a: k for (_, a), (_, k) in candidates.items()}}
-        retry = self._decoded([frames[i] for i in idx], rx[idx], KeyRing(keys), rnd.scope)
+        retry = self._decoded([frames[i] for i in idx], rx[idx], KeyRing(keys), rnd)
         confirmed: dict[Pair, tuple[int, bytes]] = {}
         for local in np.flatnonzero(retry.error_code == ErrorCode.OK).tolist():
             row = int(idx[local])
@@ -361,17 +385,15 @@ class BatchStore:
         if confirmed:
             await self._keys.promote(conn, confirmed)
         rest = np.setdiff1d(np.arange(len(frames), dtype=np.int64), idx)
-        again = self._decoded([frames[i] for i in rest], rx[rest], KeyRing(dict(ring)), rnd.scope)
+        again = self._decoded([frames[i] for i in rest], rx[rest], KeyRing(dict(ring)), rnd)
         return concat([(rest, again), (idx, retry)], len(frames))
 
-    def _decoded(
-        self, frames: list[bytes], rx: np.ndarray, ring: KeyRing, scope: str | None
-    ) -> Decoded:
-        """`self._decode` in tenant `scope`'s drivers, its exception (a decoder bug) raised
-        as DecodeFailed."""
+    def _decoded(self, frames: list[bytes], rx: np.ndarray, ring: KeyRing, rnd: _Round) -> Decoded:
+        """`self._decode` in the round's drivers (its tenant's scope) with its compact
+        formats, its exception (a decoder bug) raised as DecodeFailed."""
         try:
-            with drivers.scope(scope):
-                return self._decode(frames, rx, ring)
+            with drivers.scope(rnd.scope):
+                return self._decode(frames, rx, ring, rnd.compact)
         except Exception as exc:
             raise DecodeFailed(_short(exc)) from exc
 
@@ -380,9 +402,12 @@ class BatchStore:
         async with connection(self._pool, "storing a batch", timeout_s=timeout_s) as conn:
             await self._resolve_topics(conn, batch)
             todo = [i for i, u in enumerate(batch) if u.reject is None]
-            dec = await self._decode_keyed(conn, [batch[i] for i in todo])
+            dec, rounds = await self._decode_keyed(conn, [batch[i] for i in todo])
             async with conn.transaction():
                 outcomes = await self._store(conn, batch, todo, dec)
+                learned = await self._learn(conn, todo, dec, rounds, outcomes)
+        for tenant, stored in learned:  # committed: every later round reads with them
+            self._compact.adopt(tenant, stored)
         n_new = 0
         for uplink, outcome in zip(batch, outcomes, strict=True):
             n_new += outcome.n_new
@@ -397,6 +422,35 @@ class BatchStore:
                 )
         metrics.READINGS_NEW.inc(n_new)
         return outcomes
+
+    async def _learn(
+        self,
+        conn: Connection,
+        todo: list[int],
+        dec: Decoded,
+        rounds: list[_Round],
+        outcomes: list[Outcome],
+    ) -> list[tuple[int, dict[Key, bytes]]]:
+        """Store the compact formats new to this process that a round's full frames taught,
+        if a meter that taught one had its uplink stored (inside the batch's transaction);
+        (tenant, formats now stored under their keys) to adopt once it committed."""
+        out: list[tuple[int, dict[Key, bytes]]] = []
+        for rnd in rounds:
+            if rnd.tenant is None or not rnd.compact.teachers:
+                continue
+            stored = [n for n in rnd.rows if outcomes[todo[n]].status in _TEACHING]
+            trusted = (str(a) for a in dec.address_of_frame[stored].tolist())
+            new = self._compact.lessons(rnd.tenant, rnd.compact, trusted)
+            if not new:
+                continue
+            try:
+                async with conn.transaction():  # a savepoint: a refused format costs no uplink
+                    out.append((rnd.tenant, await self._compact.persist(conn, rnd.tenant, new)))
+            except StorageUnavailableError:
+                raise
+            except StorageError as exc:
+                log.error("compact_format.unstorable", tenant_id=rnd.tenant, error=_short(exc))
+        return out
 
     async def _store(
         self, conn: Connection, batch: list[Uplink], todo: list[int], dec: Decoded

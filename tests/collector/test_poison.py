@@ -319,10 +319,10 @@ async def test_batch_store_isolates_a_raising_decode_and_an_unstorable_uplink(
     meter = await add_meter(pool, slug, address)
     marker = b"\xfeRAISE"
 
-    def decode(frames: list[bytes], rx: np.ndarray, keys: object) -> Decoded:
+    def decode(frames: list[bytes], rx: np.ndarray, keys: object, compact: object) -> Decoded:
         if any(f.startswith(marker) for f in frames):
             raise MemoryError("decoder bug")
-        return default_decode(frames, rx, keys)  # type: ignore[arg-type]
+        return default_decode(frames, rx, keys, compact)  # type: ignore[arg-type]
 
     batch = [_uplink(cjt188_frame(address, 10_000 * h, hour(100 + h)), tenant) for h in range(30)]
     batch.insert(7, _uplink(marker + b"1", tenant))
