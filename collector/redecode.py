@@ -15,6 +15,11 @@ frames then come out as duplicates.
 
 Live traffic goes first: no batch is claimed while the pipeline holds `yield_pending`
 uplinks or more.
+
+Before it claims, each round queues the work newly learned compact-frame formats make
+(storage.compact_formats.sweep): the tenant's frames quarantined as `unknown_compact`
+for that model and signature, requested by `collector:compact-format`. A store that
+learns a format wakes this loop (NOTIFY) when it commits.
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ import contextlib
 
 import structlog
 
+from collector.compact import SWEEP_AGAIN_S, key_name
 from collector.pipeline import Pipeline, PipelineClosed
 from collector.settings import RedecodeSettings
 from collector.uplink import Device, Outcome, Transport, Uplink
+from storage import compact_formats
 from storage import redecode_queue as queue
 from storage.errors import StorageError
 from storage.notify import STOPPED
+from storage.pool import connection
 from storage.reasons import Reason
 
 log = structlog.get_logger("collector.redecode")
@@ -133,7 +141,9 @@ class Redecoder:
         self.listening = up
 
     async def drain(self, stop: asyncio.Event | None = None) -> int:
-        """Carry out queued items batch by batch until none is left; how many were done."""
+        """Queue what learned compact formats decode, then carry out queued items batch by
+        batch until none is left; how many were done."""
+        await self.sweep()
         total = 0
         while stop is None or not stop.is_set():
             if self._pipeline.pending >= self._settings.yield_pending:
@@ -144,6 +154,20 @@ class Redecoder:
                 break
             total += n
         return total
+
+    async def sweep(self) -> int:
+        """Queue the quarantined frames newly learned compact formats decode; how many."""
+        async with connection(self._pool, "queueing what learned compact formats decode") as conn:
+            swept = await compact_formats.sweep(conn, again_after_s=SWEEP_AGAIN_S)
+        for s in swept:
+            log.info(
+                "compact_format.swept",
+                tenant_id=s.tenant_id,
+                key=key_name(s.key),
+                items=s.n_items,
+                job_ids=list(s.job_ids),
+            )
+        return sum(s.n_items for s in swept)
 
     async def _one_batch(self) -> int:
         async with queue.claimed(self._pool, self._settings.batch_max) as batch:
