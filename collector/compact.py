@@ -13,9 +13,9 @@ another's frames: every decode call is one tenant's (collector.store's rounds).
   apart, with the meters that taught it;
 - `refresh(conn, tenant)`: after a compact frame found no format, the tenant's formats
   are read again (at most every `refresh_s`), in case another process learned it;
-- `lessons(tenant, view, trusted)`: what the call learned that is new, of meters whose
-  uplink was stored (the caller says which): a frame refused after decoding teaches
-  nothing;
+- `unheld(tenant, view)`: what the call learned that is new to the process; the caller
+  keeps what meters whose uplink was stored taught: a frame refused after decoding
+  teaches nothing;
 - `persist(conn, tenant, formats)` in the batch's transaction, then `adopt(tenant,
   stored)` once it committed. Only a new format costs a write, never a frame.
 
@@ -25,7 +25,7 @@ A stored row whose signature is not the CRC-16 of its bytes (damaged) is not use
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import structlog
 
@@ -86,23 +86,17 @@ class CompactFormats:
         cache = self._caches[tenant] = SignatureCache(entries)
         return cache
 
-    def lessons(
-        self, tenant: int | None, view: DeferredCache, trusted: Iterable[str]
-    ) -> dict[Key, bytes]:
+    def unheld(self, tenant: int | None, view: DeferredCache) -> dict[Key, bytes]:
         """What `view`'s call learned that `tenant` does not hold yet (nor the vendor table
-        knows), taught by at least one of the `trusted` meters (their uplinks stored)."""
+        knows); the caller keeps those a trusted meter taught (`view.teachers`)."""
         if tenant is None or not view.teachers:
             return {}
         held = self._caches.get(tenant, SignatureCache())
-        new = {
+        return {
             key: fmt
             for key, fmt in view.learned.items()
             if key not in held and known_format(key[0], key[3]) != fmt
         }
-        if not new:
-            return {}
-        ok = set(trusted)
-        return {key: fmt for key, fmt in new.items() if view.teachers.get(key, set()) & ok}
 
     async def persist(
         self, conn: Connection, tenant: int, formats: Mapping[Key, bytes]

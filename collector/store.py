@@ -139,9 +139,11 @@ class BatchStore:
         decode: Decode = default_decode,
         acquire_timeout_s: float = 5.0,
         driver_tenants: frozenset[str] = frozenset(),
+        compact: CompactFormats | None = None,
     ) -> None:
         """Store through `pool`, decoding with `decode` and the AES keys from `keys`;
-        `driver_tenants`: slugs of the tenants with drivers of their own."""
+        `driver_tenants`: slugs of the tenants with drivers of their own; `compact`: the
+        process's compact-frame formats (default: a `CompactFormats` of its own)."""
         self._pool = pool
         self._writer = ReadingWriter(pool)
         self._archive_writer = ArchiveWriter(pool)
@@ -154,7 +156,7 @@ class BatchStore:
         self._driver_tenants = driver_tenants
         self._scopes: dict[int, str] = {}  # tenant_id -> slug, of `driver_tenants`
         self._scopes_at = -_SCOPES_TTL_S
-        self._compact = CompactFormats()
+        self._compact = compact if compact is not None else CompactFormats()
 
     async def commit(self, batch: list[Uplink]) -> list[Outcome]:
         """Store `batch` in one transaction; return its outcomes (see the module docstring).
@@ -436,11 +438,13 @@ class BatchStore:
         (tenant, formats now stored under their keys) to adopt once it committed."""
         out: list[tuple[int, dict[Key, bytes]]] = []
         for rnd in rounds:
-            if rnd.tenant is None or not rnd.compact.teachers:
+            new = self._compact.unheld(rnd.tenant, rnd.compact)
+            if rnd.tenant is None or not new:
                 continue
             stored = [n for n in rnd.rows if outcomes[todo[n]].status in _TEACHING]
-            trusted = (str(a) for a in dec.address_of_frame[stored].tolist())
-            new = self._compact.lessons(rnd.tenant, rnd.compact, trusted)
+            trusted = {str(a) for a in dec.address_of_frame[stored].tolist()}
+            teachers = rnd.compact.teachers
+            new = {key: fmt for key, fmt in new.items() if teachers.get(key, set()) & trusted}
             if not new:
                 continue
             try:
