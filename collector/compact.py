@@ -19,7 +19,9 @@ another's frames: every decode call is one tenant's (collector.store's rounds).
 - `persist(conn, tenant, formats)` in the batch's transaction, then `adopt(tenant,
   stored)` once it committed. Only a new format costs a write, never a frame.
 
-A stored row whose signature is not the CRC-16 of its bytes (damaged) is not used.
+A stored row whose signature is not the CRC-16 of its bytes (damaged) is not used, and
+its key is not written again: its compact frames stay quarantined (logged
+`compact_format.damaged`) until the row is deleted.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class CompactFormats:
         """Nothing read yet; a tenant's formats are read when it is first decoded."""
         self._refresh_s = refresh_s
         self._caches: dict[int, SignatureCache] = {}
+        self._damaged: dict[int, set[Key]] = {}  # rows not used, nor written again
         self._read_at: dict[int, float] = {}
 
     async def view(self, conn: Connection, tenant: int | None) -> DeferredCache:
@@ -78,9 +81,11 @@ class CompactFormats:
     async def _read(self, conn: Connection, tenant: int) -> SignatureCache:
         self._read_at[tenant] = time.monotonic()
         entries: dict[Key, bytes] = {}
+        damaged = self._damaged[tenant] = set()
         for key, fmt in (await compact_formats.load(conn, tenant)).items():
             if crc16_en13757(fmt) != key[3]:
                 log.warning("compact_format.damaged", tenant_id=tenant, key=key_name(key))
+                damaged.add(key)
                 continue
             entries[key] = fmt
         cache = self._caches[tenant] = SignatureCache(entries)
@@ -92,10 +97,11 @@ class CompactFormats:
         if tenant is None or not view.teachers:
             return {}
         held = self._caches.get(tenant, SignatureCache())
+        damaged = self._damaged.get(tenant, set())
         return {
             key: fmt
             for key, fmt in view.learned.items()
-            if key not in held and known_format(key[0], key[3]) != fmt
+            if key not in held and key not in damaged and known_format(key[0], key[3]) != fmt
         }
 
     async def persist(
@@ -119,3 +125,5 @@ class CompactFormats:
         for key, fmt in stored.items():
             if crc16_en13757(fmt) == key[3]:
                 cache.learn(key[:3], fmt)
+            else:
+                self._damaged.setdefault(tenant, set()).add(key)

@@ -15,7 +15,9 @@ import asyncpg
 from brokerkit import Broker
 from collector_testkit import RawCoap, hour
 from conftest import RunningCollector, collector_settings, count, wait_count
+from dbkit import new_tenant
 
+from collector.compact import CompactFormats
 from collector.keys import MeterKeys
 from collector.main import run
 from collector.store import BatchStore
@@ -60,13 +62,13 @@ def a_version() -> int:
 
 async def lab_tenant(pool: asyncpg.Pool) -> tuple[str, int]:
     """A new lab tenant (plain CoAP allowed): (slug, tenant_id)."""
-    slug = f"lab-{uuid.uuid4().hex[:12]}"
-    tenant = await pool.fetchval(
-        "INSERT INTO tenants (slug, name, allow_plain_coap) VALUES ($1, $1, true)"
-        " RETURNING tenant_id",
-        slug,
-    )
-    return slug, int(tenant)
+    slug = await new_tenant(pool, "lab", plain_coap=True)
+    return slug, int(await pool.fetchval("SELECT tenant_id FROM tenants WHERE slug = $1", slug))
+
+
+def plain(frame: bytes, tenant: int) -> Uplink:
+    """A plain-CoAP uplink of `tenant`."""
+    return Uplink(frame, Transport.COAP, "127.0.0.1:5683", tenant_id=tenant)
 
 
 async def meter(db_url: str, slug: str, key: str) -> ProvisionedDevice:
@@ -237,19 +239,18 @@ async def test_batch_store_learns_only_from_stored_frames_and_never_within_the_b
     c = await meter(db_url, slug2, credentials_key)
     version = a_version()
 
-    def up(frame: bytes, tenant: int) -> Uplink:
-        return Uplink(frame, Transport.COAP, "127.0.0.1:5683", tenant_id=tenant)
-
     async with asyncpg.create_pool(db_url, min_size=1, max_size=2) as own:
         store = BatchStore(own, MeterKeys(None))
-        stranger = await store.commit([up(full(oms_address(), version, 1_000, hour(60)), tenant1)])
+        stranger = await store.commit(
+            [plain(full(oms_address(), version, 1_000, hour(60)), tenant1)]
+        )
         assert [o.reason for o in stranger] == ["unknown_meter"]
         assert await learned(pool, tenant1) == {}
         first = await store.commit(
             [
-                up(full(a.address, version, 1_000, hour(61)), tenant1),
-                up(compact(b.address, version, 2_000, hour(62)), tenant1),
-                up(compact(c.address, version, 3_000, hour(63)), tenant2),
+                plain(full(a.address, version, 1_000, hour(61)), tenant1),
+                plain(compact(b.address, version, 2_000, hour(62)), tenant1),
+                plain(compact(c.address, version, 3_000, hour(63)), tenant2),
             ]
         )
         assert [o.status for o in first] == ["stored", "quarantined", "quarantined"]
@@ -257,8 +258,8 @@ async def test_batch_store_learns_only_from_stored_frames_and_never_within_the_b
         assert await learned(pool, tenant1) == {key_of(version): HEADER}
         second = await store.commit(
             [
-                up(compact(b.address, version, 4_000, hour(64)), tenant1),
-                up(compact(c.address, version, 5_000, hour(65)), tenant2),
+                plain(compact(b.address, version, 4_000, hour(64)), tenant1),
+                plain(compact(c.address, version, 5_000, hour(65)), tenant2),
             ]
         )
         assert [o.status for o in second] == ["stored", "quarantined"]
@@ -281,3 +282,49 @@ async def own_collector(db_url: str, broker: Broker, key: str) -> AsyncIterator[
     finally:
         stop.set()
         await asyncio.wait_for(task, 40)
+
+
+async def test_a_format_another_process_learned_is_read_after_a_miss(
+    pool: asyncpg.Pool, db_url: str, credentials_key: str
+) -> None:
+    """Two processes (two BatchStores): the second had read the tenant's formats before the
+    first learned one; its next compact frame of the model finds none, so it reads the
+    tenant's formats again (at most every refresh_s) and decodes the frame with it."""
+    slug, tenant = await lab_tenant(pool)
+    a, b = await meter(db_url, slug, credentials_key), await meter(db_url, slug, credentials_key)
+    version = a_version()
+    async with asyncpg.create_pool(db_url, min_size=1, max_size=2) as own:
+        first = BatchStore(own, MeterKeys(None))
+        second = BatchStore(own, MeterKeys(None), compact=CompactFormats(refresh_s=0))
+        [early] = await second.commit([plain(compact(b.address, version, 1_000, hour(70)), tenant)])
+        assert "unknown_compact" in early.detail
+        [taught] = await first.commit([plain(full(a.address, version, 1_000, hour(71)), tenant)])
+        assert taught.status == "stored"
+        [later] = await second.commit([plain(compact(b.address, version, 3_000, hour(72)), tenant)])
+    assert later.status == "stored", later.detail
+    assert (3_000, hour(72)) in await readings(pool, b.meter_id)
+
+
+async def test_a_damaged_stored_format_is_not_used(
+    pool: asyncpg.Pool, db_url: str, credentials_key: str
+) -> None:
+    """A stored format whose signature is not the CRC-16 of its bytes (a damaged or edited
+    row) reads no frame: the compact frame is quarantined unknown_compact, and a full
+    frame of the model does not replace the row."""
+    slug, tenant = await lab_tenant(pool)
+    a, b = await meter(db_url, slug, credentials_key), await meter(db_url, slug, credentials_key)
+    version = a_version()
+    await pool.execute(
+        "INSERT INTO compact_formats (tenant_id, manufacturer, version, device_type, signature,"
+        " format) VALUES ($1, $2, $3, 7, $4, $5)",
+        tenant, MAN, version, key_of(version)[3], COLLIDING_HEADER[:4],
+    )  # fmt: skip
+    async with asyncpg.create_pool(db_url, min_size=1, max_size=2) as own:
+        store = BatchStore(own, MeterKeys(None))
+        [refused] = await store.commit(
+            [plain(compact(b.address, version, 1_000, hour(80)), tenant)]
+        )
+        assert refused.detail == compact_formats.refused_detail(key_of(version))
+        [stored] = await store.commit([plain(full(a.address, version, 1_000, hour(81)), tenant)])
+        assert stored.status == "stored"
+    assert await learned(pool, tenant) == {key_of(version): COLLIDING_HEADER[:4]}
