@@ -66,7 +66,7 @@ async def learn(
     and the keys stored by this call; if there are any, the re-decode loops are woken
     (NOTIFY, delivered at commit) to sweep for the frames they decode.
     """
-    keys = list(formats)
+    keys = sorted(formats)  # one order for every writer: two batches never wait in a cycle
     new = await conn.fetch(
         f"INSERT INTO compact_formats (tenant_id, {_KEY}, format)"
         " SELECT $1, * FROM unnest($2::text[], $3::smallint[], $4::smallint[],"
