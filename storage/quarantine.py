@@ -10,9 +10,8 @@ the collectors; asking again for a row that has an open item joins that item's j
 nothing is queued twice; a row already re-decoded (resolved) is refused.
 `request_all_matching` queues every match in as many jobs as it takes (for requests no
 one sizes by hand: the collector's, when a learned compact format decodes what it had
-to refuse, storage.compact_formats). Rows cross this
-boundary as frozen dataclasses (`Quarantined`, `Attempt`, `Job`, `JobItem`); the API and
-the CLI render them.
+to refuse, storage.compact_formats). Rows cross this boundary as frozen dataclasses
+(`Quarantined`, `Attempt`, `Job`, `JobItem`); the API and the CLI render them.
 
 Errors (all StorageError):
 ├── AlreadyResolvedError    the row was re-decoded already; the message says with what result
