@@ -44,6 +44,11 @@ log = structlog.get_logger("collector.compact")
 # (SWEEP_AGAIN_S after the format was learned) finds every frame refused meanwhile
 REFRESH_S = 5.0
 SWEEP_AGAIN_S = 60.0
+# formats a tenant may hold: a fleet has a handful of models and layouts, so past this the
+# full frames teaching new ones are noise or an attack (one authenticated meter sending
+# ever new headers), which would grow memory, the table and its sweeps without end; their
+# compact frames stay quarantined (unknown_compact) and can be re-decoded by hand later
+MAX_FORMATS_PER_TENANT = 1000
 
 
 def key_name(key: Key) -> str:
@@ -54,9 +59,12 @@ def key_name(key: Key) -> str:
 class CompactFormats:
     """Per tenant: (manufacturer, version, device type, signature) -> DIF/VIF header."""
 
-    def __init__(self, *, refresh_s: float = REFRESH_S) -> None:
+    def __init__(
+        self, *, refresh_s: float = REFRESH_S, max_formats: int = MAX_FORMATS_PER_TENANT
+    ) -> None:
         """Nothing read yet; a tenant's formats are read when it is first decoded."""
         self._refresh_s = refresh_s
+        self._max_formats = max_formats
         self._caches: dict[int, SignatureCache] = {}
         self._damaged: dict[int, set[Key]] = {}  # rows not used, nor written again
         self._read_at: dict[int, float] = {}
@@ -98,11 +106,22 @@ class CompactFormats:
             return {}
         held = self._caches.get(tenant, SignatureCache())
         damaged = self._damaged.get(tenant, set())
-        return {
+        new = {
             key: fmt
             for key, fmt in view.learned.items()
             if key not in held and key not in damaged and known_format(key[0], key[3]) != fmt
         }
+        room = self._max_formats - len(held)
+        if len(new) > room:
+            log.warning(
+                "compact_format.limit_reached",
+                tenant_id=tenant,
+                held=len(held),
+                refused=len(new) - max(room, 0),
+                limit=self._max_formats,
+            )
+            new = dict(sorted(new.items())[: max(room, 0)])
+        return new
 
     async def persist(
         self, conn: Connection, tenant: int, formats: Mapping[Key, bytes]

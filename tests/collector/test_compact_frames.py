@@ -328,3 +328,26 @@ async def test_a_damaged_stored_format_is_not_used(
         [stored] = await store.commit([plain(full(a.address, version, 1_000, hour(81)), tenant)])
         assert stored.status == "stored"
     assert await learned(pool, tenant) == {key_of(version): COLLIDING_HEADER[:4]}
+
+
+async def test_a_tenant_holds_at_most_max_formats(
+    pool: asyncpg.Pool, db_url: str, credentials_key: str
+) -> None:
+    """Past its limit a tenant learns no more formats (one meter sending ever new headers
+    would grow memory and the table without end): the second model's full frame is stored,
+    teaches nothing, and that model's compact frames stay quarantined; the first model's
+    still decode."""
+    slug, tenant = await lab_tenant(pool)
+    a, b = await meter(db_url, slug, credentials_key), await meter(db_url, slug, credentials_key)
+    one, two = a_version(), a_version()
+    async with asyncpg.create_pool(db_url, min_size=1, max_size=2) as own:
+        store = BatchStore(own, MeterKeys(None), compact=CompactFormats(max_formats=1))
+        taught = await store.commit([plain(full(a.address, one, 1_000, hour(90)), tenant)])
+        refused = await store.commit([plain(full(b.address, two, 2_000, hour(90)), tenant)])
+        assert [o.status for o in taught + refused] == ["stored", "stored"]
+        assert set(await learned(pool, tenant)) == {key_of(one)}
+        [ok] = await store.commit([plain(compact(a.address, one, 3_000, hour(91)), tenant)])
+        [waits] = await store.commit([plain(compact(b.address, two, 4_000, hour(91)), tenant)])
+    assert ok.status == "stored", ok.detail
+    assert waits.detail == compact_formats.refused_detail(key_of(two))
+    assert set(await learned(pool, tenant)) == {key_of(one)}
