@@ -42,9 +42,11 @@ Mounted by `collector.coap.build_site` next to /u, behind the same OSCORE verifi
   observation. A notification is ACKed by the
   CoAP layer before it is stored, so it is kept whatever the load: it passes the
   pipeline's bound, and while the database is away it is stored as the meter of the
-  registration its observation was set up under, once the database is back. Only one
-  arriving while the collector shuts down is lost (logged); the meter's cumulative
-  register comes again with the next. Plain CoAP clients
+  registration its observation was set up under, once the database is back. Those that
+  arrive while one is being stored wait in order (`collector.notifications`; aiocoap's
+  own iterator would keep only the latest), up to 64. Only one arriving while the
+  collector shuts down is lost (logged); the meter's cumulative register comes again
+  with the next. Plain CoAP clients
   only for now: an OSCORE notification would need the device's replay window per
   notification, which this module does not keep.
 """
@@ -66,6 +68,7 @@ from collector import metrics
 from collector.coap import TenantDirectory, UplinkResource, _peer, response
 from collector.coap_guard import EventLimiter
 from collector.coap_oscore import Busy, DeviceContext
+from collector.notifications import Notifications
 from collector.pipeline import Pipeline, PipelineClosed
 from collector.settings import CoapSettings
 from collector.uplink import Device, Transport, Uplink
@@ -245,10 +248,16 @@ class Lwm2m:
         """Store each notification until the observation ends (the client cancels it, a
         new Register or De-register replaces it, the registration is gone)."""
         meter_id = registration.meter_id
+        notes = Notifications(request.observation)
         try:
-            async for note in request.observation:
+            async for note in notes:  # every one, in order (aiocoap's keeps the latest)
                 if not await self._notified(registration, remote, note):
                     break
+                if notes.dropped:
+                    log.warning(
+                        "lwm2m.notifications_flooded", meter_id=meter_id, dropped=notes.dropped
+                    )
+                    notes.dropped = 0
         except error.Error as exc:  # NotObservable, ObservationCancelled, a transport error
             log.info("lwm2m.observation_ended", meter_id=meter_id, error=repr(exc))
         except Exception:  # a task's top level: log it; the next Register observes again

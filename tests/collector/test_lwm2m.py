@@ -656,3 +656,26 @@ async def test_a_notification_is_kept_when_the_pipeline_is_full_and_the_database
     finally:
         task.cancel()
         await away.close()
+
+
+async def test_every_notification_is_kept_in_order_not_only_the_latest() -> None:
+    """Notifications that arrive while one is being stored all come out, in order (aiocoap's
+    own iterator keeps only the latest); past the limit a flood is dropped and counted; the
+    observation's end ends the iteration after them."""
+    from aiocoap.protocol import ClientObservation
+
+    from collector.notifications import Notifications
+
+    def note(n: int) -> aiocoap.Message:
+        return aiocoap.Message(code=aiocoap.CONTENT, payload=bytes([n]))
+
+    observation = ClientObservation()
+    notes = Notifications(observation, limit=3)
+    lossy = observation.__aiter__()  # aiocoap's iterator, beside ours
+    for n in range(5):  # arriving while nobody reads
+        observation.callback(note(n))
+    assert bytes((await lossy.__anext__()).payload) == b"\x04"  # aiocoap's: the latest only
+    observation.error(aiocoap.error.ObservationCancelled())
+    got = [bytes(m.payload)[0] async for m in notes]
+    assert got == [0, 1, 2]
+    assert notes.dropped == 2
