@@ -122,7 +122,9 @@ class _Round:
         scope: str | None = None,
     ) -> None:
         self.rows: list[int] = []
-        self.tenant = tenant  # None: plain CoAP naming no tenant (refused anyway)
+        # None: plain CoAP naming no tenant (refused anyway), or the devices of every
+        # tenant whose format needs no key and no compact format (one decode call)
+        self.tenant = tenant
         self.keys = keys
         self.plain_tenant = plain_tenant  # plain CoAP: the one tenant of this round
         self.scope = scope  # the one tenant (slug) whose own drivers decode this round
@@ -240,8 +242,12 @@ class BatchStore:
         (cache, else one bulk query). A plain CoAP frame names its meter only inside the
         frame: its tenant's frames are decoded on their own, and if a key was missing they
         are decoded again with the keys of the meter ids the decoder asked for. Frames of
-        two tenants never share a decode call: their keys may disagree on an address (two
-        tenants, one OMS id), and a tenant's compact formats are its own.
+        two tenants share a decode call only when their devices are registered with a
+        format that needs neither (CJ/T 188, SenML, interval; no drivers of their own):
+        otherwise their keys may disagree on an address (two tenants, one OMS id), and a
+        tenant's compact formats are its own. Such a shared call teaches no compact
+        format, and a key it turns out to need after all is loaded unless two tenants'
+        meters of that address disagree on it.
         """
         scopes = await self._driver_scopes(conn)
         wanted = {
@@ -257,6 +263,7 @@ class BatchStore:
         rounds: list[_Round] = []
         by_device_tenant: dict[int, _Round] = {}
         by_plain_tenant: dict[int, _Round] = {}
+        shared: _Round | None = None  # devices of every tenant whose format needs no keys
         for n, uplink in enumerate(uplinks):
             if uplink.device is None:  # plain CoAP (tenant_id is set): a round per tenant
                 scope = uplink.tenant_id if uplink.tenant_id is not None else -1
@@ -265,6 +272,14 @@ class BatchStore:
                     rnd = _Round(uplink.tenant_id, {}, scope, scopes.get(scope))
                     by_plain_tenant[scope] = rnd
                     rounds.append(rnd)
+            elif uplink.device.format in _NO_AES_KEYS and uplink.device.tenant_id not in scopes:
+                # no AES key, no compact format: their frames read alike for any tenant, so
+                # one decode call serves them all (per-tenant calls of a few frames each
+                # cost 2-4x the decoding of one call)
+                if shared is None:
+                    shared = _Round(None, {}, None)
+                    rounds.append(shared)
+                rnd = shared
             else:
                 tenant = uplink.device.tenant_id
                 rnd = by_device_tenant.get(tenant)
@@ -327,7 +342,15 @@ class BatchStore:
             pairs = {(d.tenant_id, d.address) for d in devices if d and d.address in ring.missed}
         pairs = {p for p in pairs if is_pg_text(p[1])}  # a NUL "meter id" is no meter
         found = await self._keys.get(conn, pairs, fresh=True) if pairs else {}
-        more = {a: k for (_, a), k in found.items() if k is not None and a not in rnd.keys}
+        more: dict[str, bytes] = {}
+        clash: set[str] = set()  # two tenants' meters, one address, two keys: neither
+        for (_, a), k in found.items():
+            if k is not None and a not in rnd.keys:
+                if more.get(a, k) != k:
+                    clash.add(a)
+                more[a] = k
+        for a in clash:
+            del more[a]
         if not more:
             return dec
         ring = KeyRing({**rnd.keys, **more})

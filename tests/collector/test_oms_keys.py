@@ -16,7 +16,7 @@ from collector.keys import KeyRing, MeterKeys
 from collector.store import BatchStore
 from collector.uplink import Device, Transport, Uplink
 from decoder.mbus_encode import encode_oms_mode5
-from devices.provision import ProvisionError, provision_device
+from devices.provision import ProvisionedDevice, ProvisionError, provision_device
 from storage import credentials
 
 QUARANTINED = "SELECT detail FROM quarantine WHERE reason = $1 AND payload = $2"
@@ -275,4 +275,56 @@ async def test_keys_are_looked_up_only_for_formats_that_carry_them(
     assert {(r["meter_id"], r["register_ml"]) for r in rows} == {
         (dev_cjt.meter_id, 40_000),
         (dev_oms.meter_id, 3_000_000),
+    }
+
+
+async def test_keyless_formats_of_two_tenants_share_one_decode_call(
+    pool: asyncpg.Pool, db_url: str, tenant_slug: str, lab_tenant: str, credentials_key: str
+) -> None:
+    """Devices registered as CJ/T 188 meters in two tenants decode in one call (no key, no
+    compact format to keep apart); two tenants' `interval` meters with one OMS id and two
+    keys that send OMS frames after all get neither key there: both wait as no_key
+    rather than one being read with the other's key."""
+    one = int(await pool.fetchval("SELECT tenant_id FROM tenants WHERE slug = $1", tenant_slug))
+    two = int(await pool.fetchval("SELECT tenant_id FROM tenants WHERE slug = $1", lab_tenant))
+    cjt_a, cjt_b, oms = new_address(), new_address(), oms_address()
+    key_a, key_b = secrets.token_bytes(16), secrets.token_bytes(16)
+    dev_a = await provision_device(db_url, tenant_slug, cjt_a, credentials_key=credentials_key)
+    dev_b = await provision_device(db_url, lab_tenant, cjt_b, credentials_key=credentials_key)
+    oms_a = await provision_device(
+        db_url, tenant_slug, oms, credentials_key=credentials_key, meter_format="interval",
+        aes_key=key_a,
+    )  # fmt: skip
+    oms_b = await provision_device(
+        db_url, lab_tenant, oms, credentials_key=credentials_key, meter_format="interval",
+        aes_key=key_b,
+    )  # fmt: skip
+
+    def device(frame: bytes, dev: ProvisionedDevice, tenant: int, address: str) -> Uplink:
+        fmt = "interval" if address == oms else "cjt188"
+        return Uplink(
+            frame, Transport.COAP_OSCORE, "[::1]:1",
+            device=Device(dev.meter_id, tenant, address, fmt),
+        )  # fmt: skip
+
+    store = BatchStore(pool, MeterKeys(credentials.parse_key(credentials_key)))
+    batch = [
+        device(cjt188_frame(cjt_a, 10_000, hour(55)), dev_a, one, cjt_a),
+        device(cjt188_frame(cjt_b, 20_000, hour(55)), dev_b, two, cjt_b),
+        device(oms_frame(oms, key_a, 1_000_000, hour(55)), oms_a, one, oms),
+        device(oms_frame(oms, key_b, 2_000_000, hour(55)), oms_b, two, oms),
+    ]
+    async with pool.acquire() as conn:
+        _, rounds = await store._decode_keyed(conn, batch)
+    assert len(rounds) == 1
+    outcomes = await store.commit(batch)
+    assert [o.status for o in outcomes] == ["stored", "stored", "quarantined", "quarantined"]
+    assert all("no_key" in o.detail for o in outcomes[2:]), outcomes
+    rows = await pool.fetch(
+        "SELECT meter_id, register_ml FROM readings WHERE meter_id = ANY($1::bigint[])",
+        [dev_a.meter_id, dev_b.meter_id, oms_a.meter_id, oms_b.meter_id],
+    )
+    assert {(r["meter_id"], r["register_ml"]) for r in rows} == {
+        (dev_a.meter_id, 10_000),
+        (dev_b.meter_id, 20_000),
     }
