@@ -5,7 +5,8 @@ A wM-Bus / OMS meter sends compact frames (EN 13757-3: signature, data CRC and v
 no DIF/VIF header) most of the time and a full frame now and then; a compact frame
 decodes only through the header a full frame of its model taught. `CompactFormats`
 holds what each tenant's full frames taught, and never lends one tenant's formats to
-another's frames: every decode call is one tenant's (collector.store's rounds).
+another's frames: every decode call that reads compact frames is one tenant's
+(collector.store's rounds; one shared by several tenants learns and lends nothing).
 
 - `view(conn, tenant)`: the `decoder.mbus_compact.DeferredCache` one decode call of the
   tenant uses: it reads with the tenant's formats (read from the database the first time

@@ -4,13 +4,14 @@
 transaction has committed; it raises `StorageUnavailableError` when the database cannot
 be reached (the pipeline retries the batch), never a raw asyncpg error. Per uplink:
 
-- decoded by `decoder.decode_batch`, one decode call per tenant, with the AES keys of the
-  batch's meters (OMS/wM-Bus, `collector.keys`), the compact-frame formats the tenant's
-  stored full frames taught (`collector.compact`), and a tenant's own driver files
-  (`collector.drivers`) within its `decoder.drivers.scope`; an undecodable payload is
-  quarantined (a wrong or missing key too: `undecodable` with the decoder's decrypt_failed
-  / no_key message; a compact frame whose format no full frame taught yet:
-  unknown_compact, re-decoded once one does, storage.compact_formats);
+- decoded by `decoder.decode_batch`, one decode call per tenant (the devices whose
+  registered format needs neither keys nor compact formats: one call for all), with the
+  AES keys of the batch's meters (OMS/wM-Bus, `collector.keys`), the compact-frame
+  formats the tenant's stored full frames taught (`collector.compact`), and a tenant's
+  own driver files (`collector.drivers`) within its `decoder.drivers.scope`; an
+  undecodable payload is quarantined (a wrong or missing key too: `undecodable` with the
+  decoder's decrypt_failed / no_key message; a compact frame whose format no full frame
+  taught yet: unknown_compact, re-decoded once one does, storage.compact_formats);
 - a full frame teaches its model's compact format only if its uplink is stored (in the
   batch's transaction, only when the format is new to the process); no frame of the
   batch is decoded with a format the batch itself taught;
@@ -112,7 +113,8 @@ def default_decode(
 
 
 class _Round:
-    """Frames decoded together: one tenant's, with its key ring and compact formats."""
+    """Frames decoded together: one tenant's, with its key ring and compact formats (or
+    keyless formats' devices of any tenant, with neither)."""
 
     def __init__(
         self,
