@@ -111,7 +111,7 @@ class PskTable:
             self._table, self._identity_of = {}, {}
         for p in psks:
             self.forget(p.meter.meter_id)  # a rotation may change the identity
-            device = Device(p.meter.meter_id, p.meter.tenant_id, p.meter.address)
+            device = Device(p.meter.meter_id, p.meter.tenant_id, p.meter.address, p.meter.format)
             self._table[p.identity] = (p.key, device)
             self._identity_of[p.meter.meter_id] = p.identity
         self._since = now

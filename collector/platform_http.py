@@ -215,7 +215,7 @@ class PushHandler:
             return Uplink(
                 message.payload, Transport.PLATFORM, peer, tenant_id=tenant_id, reject=reject
             )
-        device = Device(meter.meter_id, meter.tenant_id, meter.address)
+        device = Device(meter.meter_id, meter.tenant_id, meter.address, meter.format)
         return Uplink(message.payload, Transport.PLATFORM, peer, device=device)
 
     async def _durable(self, uplinks: list[Uplink]) -> list[Outcome]:

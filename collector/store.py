@@ -546,4 +546,4 @@ class BatchStore:
                 if uplink.reject is None:
                     uplink.reject = (Reason.UNKNOWN_METER, f"no meter for topic {uplink.topic}")
                 continue
-            uplink.device = Device(ref.meter_id, ref.tenant_id, ref.address)
+            uplink.device = Device(ref.meter_id, ref.tenant_id, ref.address, ref.format)

@@ -112,6 +112,7 @@ class MeterRef:
     meter_id: int
     tenant_id: int
     address: str
+    format: str | None = None  # meters.format, where the lookup read it
 
 
 def parse_key(text: str) -> bytes:
@@ -243,13 +244,15 @@ async def meters_by_topic(
     if not wanted:
         return {}
     rows = await conn.fetch(
-        "SELECT t.slug, m.address, m.meter_id, m.tenant_id FROM meters m JOIN tenants t"
+        "SELECT t.slug, m.address, m.meter_id, m.tenant_id, m.format FROM meters m JOIN tenants t"
         " USING (tenant_id) JOIN unnest($1::text[], $2::text[]) AS w(slug, address)"
         " ON t.slug = w.slug AND m.address = w.address WHERE m.removed_at IS NULL",
         [s for s, _ in wanted],
         [a for _, a in wanted],
     )
-    return {(str(r[0]), str(r[1])): MeterRef(int(r[2]), int(r[3]), str(r[1])) for r in rows}
+    return {
+        (str(r[0]), str(r[1])): MeterRef(int(r[2]), int(r[3]), str(r[1]), str(r[4])) for r in rows
+    }
 
 
 async def store_oscore(

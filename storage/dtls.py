@@ -66,7 +66,7 @@ async def load_psks(
     meters whose sealed key does not open, and the instant to pass as `since` next."""
     now = await conn.fetchval("SELECT now()")
     rows = await conn.fetch(
-        "SELECT d.psk_identity, d.psk_sealed, m.meter_id, m.tenant_id, m.address"
+        "SELECT d.psk_identity, d.psk_sealed, m.meter_id, m.tenant_id, m.address, m.format"
         " FROM dtls_credentials d JOIN meters m USING (meter_id) WHERE m.removed_at IS NULL"
         " AND ($1::timestamptz IS NULL OR d.rotated_at > $1)",
         None if since is None else since - _OVERLAP,
@@ -74,7 +74,9 @@ async def load_psks(
     out: list[Psk] = []
     broken: list[int] = []
     for r in rows:
-        meter = MeterRef(int(r["meter_id"]), int(r["tenant_id"]), str(r["address"]))
+        meter = MeterRef(
+            int(r["meter_id"]), int(r["tenant_id"]), str(r["address"]), str(r["format"])
+        )
         try:
             psk = unseal(key, bytes(r["psk_sealed"]), meter.meter_id, _PURPOSE)
         except CredentialsError:

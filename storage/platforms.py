@@ -56,14 +56,14 @@ async def devices_by_identity(
     if not wanted:
         return {}
     rows = await conn.fetch(
-        "SELECT p.platform_device_id, m.meter_id, m.address FROM platform_devices p"
+        "SELECT p.platform_device_id, m.meter_id, m.address, m.format FROM platform_devices p"
         " JOIN meters m USING (meter_id) WHERE p.tenant_id = $1 AND p.platform = $2"
         " AND p.platform_device_id = ANY($3::text[]) AND m.removed_at IS NULL",
         tenant_id,
         platform,
         wanted,
     )
-    return {str(r[0]): MeterRef(int(r[1]), tenant_id, str(r[2])) for r in rows}
+    return {str(r[0]): MeterRef(int(r[1]), tenant_id, str(r[2]), str(r[3])) for r in rows}
 
 
 async def store_secret(
