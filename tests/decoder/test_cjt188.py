@@ -164,6 +164,22 @@ def test_all_zero_clock_uses_receive_time() -> None:
     assert d.flags[0] & Flag.CLOCK_MISSING
 
 
+@pytest.mark.parametrize("order", ["be", "le"])
+def test_a_clock_valid_in_both_byte_orders_is_read_nearest_the_receive_time(order: str) -> None:
+    """`20 24 05 28 10 30 20` is BE 2024-05-28 10:30:20 and LE 2030-10-28 05:24:20: the
+    reading nearer the receive time is taken, in whichever order the meter sent it."""
+    clock = datetime(2024, 5, 28, 10, 30, 20, tzinfo=UTC) - CST
+    frame = encode_cjt188(
+        address="00005132764300", total_ml=17_040_000, clock=clock, clock_order=order
+    )
+    assert frame[24 + 0] == 0x20 if order == "be" else frame[24 + 6] == 0x20
+    rx = int(clock.timestamp()) + 3600
+    d = decode_batch([frame], rx)
+    assert d.read_at_s.tolist() == [int(clock.timestamp())]
+    assert not d.flags[0] & Flag.CLOCK_MISSING
+    assert d.extra[0]["clock"] == ("meter (CC..ss)" if order == "be" else "meter (ss..CC)")
+
+
 def test_status_map_is_configurable() -> None:
     """The sdqr model reads valve/battery from the reversed bit order (0xC0, 0x20)."""
     frame = encode_cjt188(address="00000000000001", total_ml=0, status=0x64)
