@@ -238,6 +238,7 @@ def read_901f(f: k.Frames, rx: Int64s, model: Model, utc_offset_s: Offset | None
     )  # fmt: skip
 
 
+_WILDCARD_MSG = "reply with a wildcard (AA) address byte: the reading names no meter"
 _DI_MSG = "read-data reply with a DI this decoder does not know (only 901F and D120..D12B)"
 
 
@@ -261,6 +262,8 @@ def decode_frames(
     fail((c & 0x40) != 0, ErrorCode.NO_REGISTER, "meter abnormal reply (C bit D6): no register")
     fail((c & 0x1F) == 3, ErrorCode.NO_REGISTER, "read-address reply: carries no register")
     fail((c & 0x1F) != 1, ErrorCode.NO_REGISTER, "not a read-data reply (C function != 01)")
+    # AA is the wildcard address byte (FORMATS §1.1): a reply carrying one names no meter
+    fail((f[:, 2:9] == 0xAA).any(axis=1), ErrorCode.UNSUPPORTED, _WILDCARD_MSG)
     di = np.zeros(n, np.uint16)
     if length >= 2:  # the DI as sent (big-endian), unless only the byte-swapped one is known
         be = f[:, 11:13].view(">u2")[:, 0].astype(np.uint16)

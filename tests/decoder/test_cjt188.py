@@ -222,6 +222,14 @@ REJECTS = [
     ("bad-length", bytes.fromhex("6810010000050800008103901F00B916"), None, ErrorCode.BAD_LENGTH),
     ("json-no-hex", b'{"data": "nothing here"}', "cjt188", ErrorCode.BAD_RECORD),
     ("model", GOOD, "cjt188:nosuch", ErrorCode.UNSUPPORTED),
+    # a reply echoing the broadcast / a vendor-wide wildcard address names no meter
+    ("wildcard-address", encode_cjt188(address="AA" * 7, total_ml=0), None, ErrorCode.UNSUPPORTED),
+    (
+        "wildcard-byte",
+        encode_cjt188(address="AAAAAAAAAA3378", total_ml=0),
+        None,
+        ErrorCode.UNSUPPORTED,
+    ),
 ]
 
 
