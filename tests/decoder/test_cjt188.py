@@ -180,6 +180,23 @@ def test_a_clock_valid_in_both_byte_orders_is_read_nearest_the_receive_time(orde
     assert d.extra[0]["clock"] == ("meter (CC..ss)" if order == "be" else "meter (ss..CC)")
 
 
+@pytest.mark.parametrize(
+    ("meter_type", "medium"), [(0x14, "water"), (0x19, "water"), (0x39, "gas")]
+)
+def test_a_vendor_code_in_the_family_range_is_decoded(meter_type: int, medium: str) -> None:
+    """T 10H..19H is water and 30H..39H gas (CJ/T 188 ranges), not only the named codes."""
+    frame = encode_cjt188(address="00201510270588", total_ml=123_450_000, meter_type=meter_type)
+    d = decode_batch([frame], RX)
+    assert d.register_ml.tolist() == [123_450_000]
+    assert d.extra[0]["medium"] == medium
+
+
+def test_a_heat_meter_vendor_code_is_still_not_a_volume_reading() -> None:
+    """T 25H is a heat meter: its 901F is not decoded as a water register."""
+    frame = encode_cjt188(address="00201510270588", total_ml=123_450_000, meter_type=0x25)
+    assert _one(frame)[0] == ErrorCode.UNSUPPORTED
+
+
 def test_status_map_is_configurable() -> None:
     """The sdqr model reads valve/battery from the reversed bit order (0xC0, 0x20)."""
     frame = encode_cjt188(address="00000000000001", total_ml=0, status=0x64)
