@@ -37,6 +37,7 @@ PREFIX_OK = np.zeros(256, bool)
 PREFIX_OK[[0x00, 0xFE, 0x09, 0x0A, 0x0D, *range(0x20, 0x7F)]] = True
 L_901F = 0x16  # 22 data bytes (water/gas)
 L_HISTORY = 8  # DI SER BCD(4) unit
+L_HEAT_901F = 0x2E  # heat meter 901F: 5 values + unit, 2 temperatures, hours, clock, ST
 DI_901F = 0x901F
 KNOWN_DI = np.zeros(1 << 16, bool)
 KNOWN_DI[[0x901F, 0x907F, 0x810A, *range(0xD120, 0xD12C), *range(0xA010, 0xA01A)]] = True
@@ -289,6 +290,8 @@ def decode_frames(
         no_volume = model.ml_per_count()[f[:, 18]] == 0
         fail(no_volume, ErrorCode.BAD_UNIT, "history unit code is not a volume")
     else:
+        heat = (di == DI_901F) & (family == 2) & (length == L_HEAT_901F)
+        fail(heat, ErrorCode.UNSUPPORTED, "heat meter 901F: not decoded")
         bad_len = (di == DI_901F) | ((di >= 0xD120) & (di <= 0xD12B))
         fail(bad_len, ErrorCode.BAD_LENGTH, f"L={length} does not fit the DI's layout")
         fail(np.ones(n, bool), ErrorCode.UNSUPPORTED, _DI_MSG)

@@ -197,6 +197,16 @@ def test_a_heat_meter_vendor_code_is_still_not_a_volume_reading() -> None:
     assert _one(frame)[0] == ErrorCode.UNSUPPORTED
 
 
+def test_a_heat_meter_901f_reply_is_unsupported_not_a_bad_length() -> None:
+    """A heat meter's own 901F layout (L = 2EH) is a known variant we do not decode."""
+    body = bytes.fromhex("6820" + "01000000000000" + "812E901F00") + bytes(43)
+    frame = body + bytes([sum(body) & 0xFF, 0x16])
+    d = decode_batch([frame], RX)
+    assert d.error_code[0] == ErrorCode.UNSUPPORTED
+    assert "heat" in d.error_message[0]
+    assert d.n_readings == 0
+
+
 def test_status_map_is_configurable() -> None:
     """The sdqr model reads valve/battery from the reversed bit order (0xC0, 0x20)."""
     frame = encode_cjt188(address="00000000000001", total_ml=0, status=0x64)
