@@ -39,8 +39,13 @@ from decoder.registry import Format, register
 MIN_FRAME = 13  # 68 T A(7) C L CS 16 with L = 0
 BEIJING_UTC_OFFSET_S = 8 * 3600
 
-# CJ/T 188 §meter type (FORMATS §1.1); the high nibble is the family.
+# CJ/T 188 §meter type (FORMATS §1.1); the high nibble is the family. The standard gives
+# each family a range (10H..19H water, 20H..29H heat, 30H..39H gas; 2018 Table, as
+# ng-gateway lists it) and names only some codes: the others are vendors' own, same family.
 METER_TYPES: Mapping[int, str] = {
+    **{t: "water" for t in range(0x10, 0x1A)},
+    **{t: "heat" for t in range(0x20, 0x2A)},
+    **{t: "gas" for t in range(0x30, 0x3A)},
     0x10: "cold water", 0x11: "domestic hot water", 0x12: "drinking water",
     0x13: "reclaimed water", 0x20: "heat", 0x21: "cooling", 0x22: "heat+cooling",
     0x30: "gas", **{t: "custom" for t in range(0x40, 0x4A)}, 0xAA: "wildcard",

@@ -37,6 +37,7 @@ PREFIX_OK = np.zeros(256, bool)
 PREFIX_OK[[0x00, 0xFE, 0x09, 0x0A, 0x0D, *range(0x20, 0x7F)]] = True
 L_901F = 0x16  # 22 data bytes (water/gas)
 L_HISTORY = 8  # DI SER BCD(4) unit
+L_HEAT_901F = 0x2E  # heat meter 901F: 5 values + unit, 2 temperatures, hours, clock, ST
 DI_901F = 0x901F
 KNOWN_DI = np.zeros(1 << 16, bool)
 KNOWN_DI[[0x901F, 0x907F, 0x810A, *range(0xD120, 0xD12C), *range(0xA010, 0xA01A)]] = True
@@ -169,23 +170,35 @@ class Columns(NamedTuple):
     settlement_dropped: k.Bools  # a settlement total that is not one (bad digits or unit)
 
 
-def _clock(f: k.Frames, off: int, order: str) -> tuple[Int64s, np.ndarray]:
+# A BE clock reads as a valid LE one when its seconds byte is a century (19..21) and its
+# hour a month: 2024-05-28 10:30:20 sent `20 24 05 28 10 30 20` is LE 2030-10-28 05:24:20.
+# Only rows whose first clock byte is a century can be read both ways.
+_CENTURY_FIRST = np.zeros(256, bool)
+_CENTURY_FIRST[[0x19, 0x20, 0x21]] = True
+
+
+def _clock(f: k.Frames, off: int, order: str, near: Int64s) -> tuple[Int64s, np.ndarray]:
     """7-byte BCD clock in either byte order -> (local epoch s, state 0 le/1 be/2..4 none).
 
     `ss mm hh DD MM YY CC` (standard, ng-gateway) is tried first; `CC YY MM DD hh mm ss`
-    (NB-IoT field devices) only for rows where that fails. Century 19..21 is required.
+    (NB-IoT field devices) for rows where that fails, and (order "auto") for rows that
+    read validly both ways: there the reading nearer `near` (the receive time on the
+    meter's local clock) wins. Century 19..21 is required.
     """
     n = len(f)
     epoch = np.zeros(n, np.int64)
     state = np.full(n, 4, np.int8)
+    both = _CENTURY_FIRST[f[:, off]] if order == "auto" else np.zeros(n, bool)
     if order != "be":
         le, le_ok = k.bcd_clock(f[:, off : off + 7], big_endian=False)
-        if le_ok.all():
+        if le_ok.all() and not both.any():
             return le, np.zeros(n, np.int8)
         epoch[le_ok], state[le_ok] = le[le_ok], 0
-    if order != "le" and (rest := np.flatnonzero(state == 4)).size:
+    if order != "le" and (rest := np.flatnonzero((state == 4) | both)).size:
         be, be_ok = k.bcd_clock(f[rest, off : off + 7], big_endian=True)
-        epoch[rest[be_ok]], state[rest[be_ok]] = be[be_ok], 1
+        nearer = np.abs(be - near[rest]) < np.abs(epoch[rest] - near[rest])
+        take = be_ok & ((state[rest] == 4) | nearer)
+        epoch[rest[take]], state[rest[take]] = be[take], 1
     if (rest := np.flatnonzero(state == 4)).size:
         state[rest[k.all_equal(f[rest], off, 7, 0)]] = 2
         state[rest[k.all_equal(f[rest], off, 7, 0xFF)]] = 3
@@ -211,10 +224,10 @@ def read_901f(f: k.Frames, rx: Int64s, model: Model, utc_offset_s: Offset | None
     if any(mask.any() for mask, _ in checks):
         for mask, c in checks:
             code[mask & (code == 0)] = c
-    local, state = _clock(f, 24, model.clock_order)
+    offset = model.clock_utc_offset_s if utc_offset_s is None else utc_offset_s
+    local, state = _clock(f, 24, model.clock_order, rx + offset)
     flag_table, valve_table = model.status_map.tables()
     st = f[:, 31 + model.status_map.byte]
-    offset = model.clock_utc_offset_s if utc_offset_s is None else utc_offset_s
     flags = flag_table[st]
     read_at = local - offset
     if (missing := state >= 2).any():
@@ -226,6 +239,7 @@ def read_901f(f: k.Frames, rx: Int64s, model: Model, utc_offset_s: Offset | None
     )  # fmt: skip
 
 
+_WILDCARD_MSG = "reply with a wildcard (AA) address byte: the reading names no meter"
 _DI_MSG = "read-data reply with a DI this decoder does not know (only 901F and D120..D12B)"
 
 
@@ -249,6 +263,8 @@ def decode_frames(
     fail((c & 0x40) != 0, ErrorCode.NO_REGISTER, "meter abnormal reply (C bit D6): no register")
     fail((c & 0x1F) == 3, ErrorCode.NO_REGISTER, "read-address reply: carries no register")
     fail((c & 0x1F) != 1, ErrorCode.NO_REGISTER, "not a read-data reply (C function != 01)")
+    # AA is the wildcard address byte (FORMATS §1.1): a reply carrying one names no meter
+    fail((f[:, 2:9] == 0xAA).any(axis=1), ErrorCode.UNSUPPORTED, _WILDCARD_MSG)
     di = np.zeros(n, np.uint16)
     if length >= 2:  # the DI as sent (big-endian), unless only the byte-swapped one is known
         be = f[:, 11:13].view(">u2")[:, 0].astype(np.uint16)
@@ -274,6 +290,8 @@ def decode_frames(
         no_volume = model.ml_per_count()[f[:, 18]] == 0
         fail(no_volume, ErrorCode.BAD_UNIT, "history unit code is not a volume")
     else:
+        heat = (di == DI_901F) & (family == 2) & (length == L_HEAT_901F)
+        fail(heat, ErrorCode.UNSUPPORTED, "heat meter 901F: not decoded")
         bad_len = (di == DI_901F) | ((di >= 0xD120) & (di <= 0xD12B))
         fail(bad_len, ErrorCode.BAD_LENGTH, f"L={length} does not fit the DI's layout")
         fail(np.ones(n, bool), ErrorCode.UNSUPPORTED, _DI_MSG)

@@ -164,6 +164,49 @@ def test_all_zero_clock_uses_receive_time() -> None:
     assert d.flags[0] & Flag.CLOCK_MISSING
 
 
+@pytest.mark.parametrize("order", ["be", "le"])
+def test_a_clock_valid_in_both_byte_orders_is_read_nearest_the_receive_time(order: str) -> None:
+    """`20 24 05 28 10 30 20` is BE 2024-05-28 10:30:20 and LE 2030-10-28 05:24:20: the
+    reading nearer the receive time is taken, in whichever order the meter sent it."""
+    clock = datetime(2024, 5, 28, 10, 30, 20, tzinfo=UTC) - CST
+    frame = encode_cjt188(
+        address="00005132764300", total_ml=17_040_000, clock=clock, clock_order=order
+    )
+    assert frame[24 + 0] == 0x20 if order == "be" else frame[24 + 6] == 0x20
+    rx = int(clock.timestamp()) + 3600
+    d = decode_batch([frame], rx)
+    assert d.read_at_s.tolist() == [int(clock.timestamp())]
+    assert not d.flags[0] & Flag.CLOCK_MISSING
+    assert d.extra[0]["clock"] == ("meter (CC..ss)" if order == "be" else "meter (ss..CC)")
+
+
+@pytest.mark.parametrize(
+    ("meter_type", "medium"), [(0x14, "water"), (0x19, "water"), (0x39, "gas")]
+)
+def test_a_vendor_code_in_the_family_range_is_decoded(meter_type: int, medium: str) -> None:
+    """T 10H..19H is water and 30H..39H gas (CJ/T 188 ranges), not only the named codes."""
+    frame = encode_cjt188(address="00201510270588", total_ml=123_450_000, meter_type=meter_type)
+    d = decode_batch([frame], RX)
+    assert d.register_ml.tolist() == [123_450_000]
+    assert d.extra[0]["medium"] == medium
+
+
+def test_a_heat_meter_vendor_code_is_still_not_a_volume_reading() -> None:
+    """T 25H is a heat meter: its 901F is not decoded as a water register."""
+    frame = encode_cjt188(address="00201510270588", total_ml=123_450_000, meter_type=0x25)
+    assert _one(frame)[0] == ErrorCode.UNSUPPORTED
+
+
+def test_a_heat_meter_901f_reply_is_unsupported_not_a_bad_length() -> None:
+    """A heat meter's own 901F layout (L = 2EH) is a known variant we do not decode."""
+    body = bytes.fromhex("6820" + "01000000000000" + "812E901F00") + bytes(43)
+    frame = body + bytes([sum(body) & 0xFF, 0x16])
+    d = decode_batch([frame], RX)
+    assert d.error_code[0] == ErrorCode.UNSUPPORTED
+    assert "heat" in d.error_message[0]
+    assert d.n_readings == 0
+
+
 def test_status_map_is_configurable() -> None:
     """The sdqr model reads valve/battery from the reversed bit order (0xC0, 0x20)."""
     frame = encode_cjt188(address="00000000000001", total_ml=0, status=0x64)
@@ -206,6 +249,14 @@ REJECTS = [
     ("bad-length", bytes.fromhex("6810010000050800008103901F00B916"), None, ErrorCode.BAD_LENGTH),
     ("json-no-hex", b'{"data": "nothing here"}', "cjt188", ErrorCode.BAD_RECORD),
     ("model", GOOD, "cjt188:nosuch", ErrorCode.UNSUPPORTED),
+    # a reply echoing the broadcast / a vendor-wide wildcard address names no meter
+    ("wildcard-address", encode_cjt188(address="AA" * 7, total_ml=0), None, ErrorCode.UNSUPPORTED),
+    (
+        "wildcard-byte",
+        encode_cjt188(address="AAAAAAAAAA3378", total_ml=0),
+        None,
+        ErrorCode.UNSUPPORTED,
+    ),
 ]
 
 
