@@ -6,15 +6,24 @@ A resolved time below 2**28 is relative to "now" (§4.5.3): it is anchored to th
 time the caller passes. Numbers stay exact: JSON floats parse as Decimal from the literal,
 CBOR floats become Decimal(shortest repr), CBOR tag 4 decimal fractions are Decimal.
 
-Readings are the volume records: LwM2M `…/3424/<inst>/1` (cumulated water volume, m3) or
-any record with unit `m3` or `l`/`L`. `read_at_s` is the resolved time floored to whole
-seconds. Resources 9..13 of the same 3424 instance and time set LEAK / REVERSE_FLOW /
-METER_ERROR / TAMPER. `address` is the name before `/3424/…` (or bn without its trailing
+Readings are the volume records: LwM2M `…/3424/<inst>/1` (cumulated water volume, m3) or,
+in a pack without one, a record with unit `m3` or `l`/`L` whose name is no LwM2M object
+path (an IPSO 3300 reading in m3 is no register). `read_at_s` is the resolved time floored
+to whole seconds, or the instance's 3424/x/5518 measurement timestamp where one is given.
+Values are exact: a number with more significant digits than a double holds (Zephyr prints
+123.456 as 123.456000000000003) is a printed double, read as the whole mL within its
+rounding; a float32's 12.345000267 m3 is no whole mL and is refused. Resources 9..13 of the
+same 3424 instance and time set LEAK / REVERSE_FLOW / METER_ERROR / TAMPER; a value its
+meter marks invalid (6042 quality 1/2, 6049 level 0) is not a reading. A record that cannot
+be read is dropped alone (`extra["dropped_records"]`, FrameFlag.RECORD_DROPPED); a bad base
+field refuses the pack. Readings of two 3424 instances or meters in one pack are refused.
+`address` is the name before `/3424/…` (or bn without its trailing
 separator); LwM2M paths (`/3424/0/1`) carry no identity, so it is "" and the collector
 attaches the endpoint name. All resolved records go to `extra["records"]`. Device health
 from LwM2M objects 3 and 4 (battery mV/%, RSRP, SINR, cell id, coverage level) goes to
 extra fields named with their units (`HEALTH_FIELDS`), only from the records of the
-readings' meter (or bare paths). A pack of health alone is NO_REGISTER but keeps its health
+readings' meter (or bare paths); battery mV only from a power source 3/0/6 calls a battery.
+A pack of health alone is NO_REGISTER but keeps its health
 fields and, as the frame's address, the one meter its health records name (records naming
 two meters: no health); the collector stores that health for an authenticated device.
 """
@@ -26,7 +35,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 import cbor2
 import numpy as np
@@ -34,7 +43,7 @@ import numpy.typing as npt
 
 from decoder import kernels as k
 from decoder import limits
-from decoder.columns import Decoded, ErrorCode, Flag, empty
+from decoder.columns import Decoded, ErrorCode, Flag, FrameFlag, empty
 from decoder.registry import Format, register
 
 REL_TIME_LIMIT = 2**28  # RFC 8428 §4.5.3
@@ -47,6 +56,23 @@ LABEL_OF = {name: label for label, name in CBOR_LABELS.items()}
 VOLUME_ML_PER_UNIT: Mapping[str, int] = {"m3": 1_000_000, "l": 1000, "L": 1000}
 WATER_VOLUME = re.compile(r"(?:^|/)3424/(\d+)/1$")  # OMA 3424 res 1: cumulated volume, m3
 WATER_ALARM = re.compile(r"(?:^|/)3424/(\d+)/(9|10|11|12|13)$")
+# 3424 v1.1 (IPSO common resources): 5518 Timestamp, when the measurement was performed;
+# 6042 Measurement Quality Indicator (1 REJECTED WITH CERTAINTY, 2 REJECTED WITH
+# PROBABILITY: "the measured value is (likely) invalid"); 6049 Measurement Quality Level
+# (0: "the measurement should certainly be rejected")
+WATER_NOTE = re.compile(r"(?:^|/)3424/(\d+)/(5518|6042|6049)$")
+REJECTED_QUALITY: Mapping[str, frozenset[Decimal]] = {
+    "6042": frozenset({Decimal(1), Decimal(2)}),
+    "6049": frozenset({Decimal(0)}),
+}
+# a name that ends in an LwM2M object path (/object/instance/resource[/instance]): a
+# unit m3/l on another object's resource (IPSO 3300 Generic Sensor, a tank) is no register
+LWM2M_PATH = re.compile(r"(?:^|/)\d{1,5}/\d{1,5}/\d{1,5}(?:/\d{1,5})?$")
+# IEEE 754 binary64 holds 15-17 significant decimal digits; a literal with more is a
+# printed double (Zephyr's lwm2m_ftoa writes 17 fraction digits rounded to 15:
+# 123.456 -> 123.456000000000003), whose digits past the double's precision are noise
+DOUBLE_DIGITS = 16
+ULPS = 4  # the printer's own arithmetic error on top of the double's rounding
 ALARM_FLAGS: Mapping[str, Flag] = {  # 3424: 9/10 leak suspected/detected, 11 back-flow,
     "9": Flag.LEAK, "10": Flag.LEAK, "11": Flag.REVERSE_FLOW,  # 12 blocked, 13 fraud
     "12": Flag.METER_ERROR, "13": Flag.TAMPER,
@@ -56,7 +82,9 @@ _BASE_KEYS = frozenset({"bver", "bn", "bt", "bu", "bv", "bs"})
 _LABELS = frozenset(LABEL_OF)
 # LwM2M device health (OMA objects 3 Device and 4 Connectivity Monitoring): path -> the
 # extra field it fills. 3/7 is a multiple-instance resource (/3/0/7/0 in LwM2M 1.1 paths).
-HEALTH_RESOURCE = re.compile(r"(?:^|/)(3|4)/\d+/(\d+)(?:/\d+)?$")
+HEALTH_RESOURCE = re.compile(r"(?:^|/)(3|4)/\d+/(\d+)(?:/(\d+))?$")
+POWER_SOURCES = re.compile(r"(?:^|/)3/\d+/6(?:/(\d+))?$")  # 3/0/6: Available Power Sources
+BATTERY_SOURCES = frozenset({Decimal(1), Decimal(2)})  # 1 internal, 2 external battery
 HEALTH_FIELDS: Mapping[tuple[str, str], str] = {
     ("3", "7"): "battery_mv",  # Power Source Voltage, mV
     ("3", "9"): "battery_pct",  # Battery Level, %
@@ -147,8 +175,18 @@ def parse(frame: bytes) -> tuple[list[dict[str, object]], str]:
     return records, encoding
 
 
-def resolve(records: Sequence[Mapping[str, object]], received_at_s: int) -> list[dict[str, object]]:
-    """Records -> resolved records (RFC 8428 §4.6) with absolute Decimal `t`; SenMLError."""
+def resolve(
+    records: Sequence[Mapping[str, object]],
+    received_at_s: int,
+    dropped: list[tuple[str, SenMLError]] | None = None,
+) -> list[dict[str, object]]:
+    """Records -> resolved records (RFC 8428 §4.6) with absolute Decimal `t`; SenMLError.
+
+    A bad base field (bn, bt, bu, bv, bs, bver) or a must-understand field refuses the
+    pack: every later record depends on it. A record whose own fields are bad (n, t, u, v,
+    vs, vb, vd, s, ut) raises too, unless `dropped` is given: then that record alone is
+    left out and (its name or "", the error) appended there, so one unreadable secondary
+    record does not cost the pack its register."""
     bn, bt, bu, bv, bs, bs_set = "", Decimal(0), None, Decimal(0), Decimal(0), False
     out: list[dict[str, object]] = []
     for rec in records:
@@ -171,34 +209,51 @@ def resolve(records: Sequence[Mapping[str, object]], received_at_s: int) -> list
                 bs, bs_set = _num(rec["bs"], "bs"), True
         if keys.isdisjoint(_VALUE_KEYS):
             continue  # a record of base fields only
-        name = bn + _text(rec.get("n", ""), "n")
-        if not name:
-            raise SenMLError(ErrorCode.BAD_RECORD, "record has no name (bn + n is empty)")
-        t = bt + _num(rec.get("t", 0), "t")
-        if t < REL_TIME_LIMIT:
-            t += received_at_s
-        res: dict[str, object] = {"n": name, "t": t}
-        unit = _text(rec["u"], "u") if "u" in rec else bu
-        if unit is not None:
-            res["u"] = unit
-        if "v" in rec:
-            res["v"] = bv + _num(rec["v"], "v")
-        if "s" in rec or bs_set:
-            res["s"] = bs + _num(rec.get("s", 0), "s")
-        if "vs" in rec:
-            res["vs"] = _text(rec["vs"], "vs")
-        if "vd" in rec:
-            res["vd"] = _text(rec["vd"], "vd")
-        if "vb" in rec:
-            if not isinstance(rec["vb"], bool):
-                raise SenMLError(ErrorCode.BAD_RECORD, "vb must be a boolean")
-            res["vb"] = rec["vb"]
-        if "ut" in rec:
-            res["ut"] = _num(rec["ut"], "ut")
+        try:
+            res = _record(rec, (bn, bt, bu, bv, bs, bs_set), received_at_s)
+        except SenMLError as exc:
+            if dropped is None:
+                raise
+            name = rec.get("n", "")
+            dropped.append((bn + name if isinstance(name, str) else bn, exc))
+            continue
         if not labelled:
             res.update({key: val for key, val in rec.items() if key not in LABEL_OF})
         out.append(res)
     return out
+
+
+_Bases: TypeAlias = tuple[str, Decimal, str | None, Decimal, Decimal, bool]
+
+
+def _record(rec: Mapping[str, object], bases: _Bases, received_at_s: int) -> dict[str, object]:
+    """One record's own fields resolved against the base values in force; SenMLError."""
+    bn, bt, bu, bv, bs, bs_set = bases
+    name = bn + _text(rec.get("n", ""), "n")
+    if not name:
+        raise SenMLError(ErrorCode.BAD_RECORD, "record has no name (bn + n is empty)")
+    t = bt + _num(rec.get("t", 0), "t")
+    if t < REL_TIME_LIMIT:
+        t += received_at_s
+    res: dict[str, object] = {"n": name, "t": t}
+    unit = _text(rec["u"], "u") if "u" in rec else bu
+    if unit is not None:
+        res["u"] = unit
+    if "v" in rec:
+        res["v"] = bv + _num(rec["v"], "v")
+    if "s" in rec or bs_set:
+        res["s"] = bs + _num(rec.get("s", 0), "s")
+    if "vs" in rec:
+        res["vs"] = _text(rec["vs"], "vs")
+    if "vd" in rec:
+        res["vd"] = _text(rec["vd"], "vd")
+    if "vb" in rec:
+        if not isinstance(rec["vb"], bool):
+            raise SenMLError(ErrorCode.BAD_RECORD, "vb must be a boolean")
+        res["vb"] = rec["vb"]
+    if "ut" in rec:
+        res["ut"] = _num(rec["ut"], "ut")
+    return res
 
 
 class _Name(NamedTuple):
@@ -207,20 +262,27 @@ class _Name(NamedTuple):
     volume: str | None  # LwM2M 3424/x/1: the name up to the instance (the reading's key)
     address: str | None  # ... and the meter's address (the name before /3424/)
     alarm: tuple[str, Flag] | None  # 3424/x/9..13: (name up to the instance, its flag)
-    health: tuple[str, str] | None  # objects 3/4: (the meter it names, the extra field)
+    health: tuple[str, str, str] | None  # objects 3/4: (meter, extra field, res. instance)
+    note: tuple[str, str] | None  # 3424/x/5518|6042|6049: (name up to the instance, res)
+    lwm2m: bool  # the name ends in an LwM2M object path
 
 
 @functools.lru_cache(maxsize=4096)  # a pack repeats its names; bare LwM2M paths recur
 def _name(name: str) -> _Name:
     volume = WATER_VOLUME.search(name)
     alarm = WATER_ALARM.search(name)
+    note = WATER_NOTE.search(name)
     health = HEALTH_RESOURCE.search(name)
     field = HEALTH_FIELDS.get((health.group(1), health.group(2))) if health else None
     return _Name(
         name[: volume.end(1)] if volume else None,
         name[: volume.start()].rstrip("/:") if volume else None,
         (name[: alarm.end(1)], ALARM_FLAGS[alarm.group(2)]) if alarm else None,
-        (name[: health.start()].rstrip("/:"), field) if health and field else None,
+        (name[: health.start()].rstrip("/:"), field, health.group(3) or "")
+        if health and field
+        else None,
+        (name[: note.end(1)], note.group(2)) if note else None,
+        LWM2M_PATH.search(name) is not None,
     )
 
 
@@ -230,11 +292,16 @@ def _text(value: object, field: str) -> str:
     return value
 
 
-def _reading(rec: Mapping[str, object]) -> tuple[int, int, str, Decimal] | None:
-    """A resolved volume record -> (read_at_s, register_ml, instance key, m3); else None."""
+def _reading(rec: Mapping[str, object], lwm2m: bool) -> tuple[int, int, str, Decimal] | None:
+    """A resolved volume record -> (read_at_s, register_ml, instance key, m3); else None.
+
+    A volume record is LwM2M 3424/x/1, or (in a pack with no 3424/x/1, under a name that
+    is no LwM2M object path) any record in m3 or l. SenMLError when it is one but not
+    usable."""
     name, unit = str(rec["n"]), rec.get("u")
-    prefix = _name(name).volume
-    if prefix is None and unit not in VOLUME_ML_PER_UNIT:
+    parts = _name(name)
+    prefix = parts.volume
+    if prefix is None and (unit not in VOLUME_ML_PER_UNIT or lwm2m or parts.lwm2m):
         return None
     unit = "m3" if unit is None else unit
     if unit not in VOLUME_ML_PER_UNIT:
@@ -242,15 +309,39 @@ def _reading(rec: Mapping[str, object]) -> tuple[int, int, str, Decimal] | None:
     raw = rec.get("v", rec.get("s"))
     if not isinstance(raw, Decimal):
         raise SenMLError(ErrorCode.BAD_RECORD, f"{name}: volume record has no numeric value")
-    ml = raw * VOLUME_ML_PER_UNIT[str(unit)]
-    if ml != ml.to_integral_value() or ml < 0 or ml >= 2**63:
+    ml = _whole_ml(raw, VOLUME_ML_PER_UNIT[str(unit)])
+    if ml is None or ml < 0 or ml >= 2**63:
         raise SenMLError(ErrorCode.BAD_UNIT, f"{name}: {raw} {unit} is not a whole mL >= 0")
     t = rec["t"]
     if not isinstance(t, Decimal) or not 0 <= t < 2**40:
         raise SenMLError(ErrorCode.BAD_TIME, f"{name}: time {t} is not a plausible epoch")
     m3 = raw if unit == "m3" else raw.scaleb(-3)
+    if m3.scaleb(6) != ml:  # a printed double's noise: the whole mL it carries
+        m3 = Decimal(ml).scaleb(-6)
     at = _floor(t)
-    return at, int(ml), f"{prefix or name}|{at}", m3
+    return at, ml, f"{prefix or name}|{at}", m3
+
+
+def _whole_ml(raw: Decimal, ml_per_unit: int) -> int | None:
+    """`raw` units as whole mL, or None when it is not a whole mL.
+
+    Exact, except for a number written with more significant digits than a double holds
+    (`DOUBLE_DIGITS`): that is a printed binary double, and a whole mL within the
+    double's rounding (`ULPS` ulps plus the last printed digit) is the value it carries,
+    provided that tolerance is far below one mL. A short float (float32 12.345 ->
+    12.345000267...) is far off any whole mL and stays refused."""
+    ml = raw * ml_per_unit
+    whole = ml.to_integral_value()
+    if ml == whole:
+        return int(whole)
+    if len(raw.as_tuple().digits) < DOUBLE_DIGITS:
+        return None
+    exponent = raw.as_tuple().exponent
+    assert isinstance(exponent, int)  # finite: `_num` refuses NaN and infinities
+    tolerance = (Decimal(ULPS * math.ulp(float(raw))) + Decimal(1).scaleb(exponent)) * ml_per_unit
+    if tolerance < Decimal("0.001") and abs(ml - whole) <= tolerance:
+        return int(whole)
+    return None
 
 
 def _floor(t: object) -> int:
@@ -278,40 +369,108 @@ def health_of(
     """LwM2M objects 3/4 records -> health extra fields (the newest of each; a non-numeric
     or fractional value where a whole number is due is no figure). With `address`, only
     the records of that meter (or bare paths) count: another meter's battery is not this
-    one's."""
+    one's. Power Source Voltage (3/0/7/i) is the battery's only for an instance i that
+    Available Power Sources (3/0/6/i) says is a battery (1 internal, 2 external), or, with
+    no 3/0/6 in the pack, when the pack has one voltage instance (3/0/7/1 may be USB)."""
     found: dict[str, tuple[Decimal, Decimal]] = {}  # field -> (time, value)
+    sources: dict[str, object] = {}  # 3/0/6 instance -> power source type
+    volts: set[str] = set()  # 3/0/7 instances
+    for rec in resolved:
+        name = str(rec["n"])
+        if source := POWER_SOURCES.search(name):
+            sources[source.group(1) or ""] = rec.get("v")
+        health = _name(name).health
+        if health is not None and health[1] == "battery_mv":
+            volts.add(health[2])
     for rec in resolved:
         health = _name(str(rec["n"])).health
         if health is None:
             continue
-        owner, name = health
+        owner, field, instance = health
         if address is not None and owner not in ("", address):
+            continue
+        if field == "battery_mv" and (
+            sources.get(instance) not in BATTERY_SOURCES if sources else len(volts) > 1
+        ):
             continue
         value, t = rec.get("v"), rec.get("t")
         if not isinstance(value, Decimal) or not isinstance(t, Decimal):
             continue
-        if name in _WHOLE and value != value.to_integral_value():
+        if field in _WHOLE and value != value.to_integral_value():
             continue
-        if name not in found or t >= found[name][0]:
-            found[name] = (t, value)
+        if field not in found or t >= found[field][0]:
+            found[field] = (t, value)
     return {name: int(v) if name in _WHOLE else v for name, (_, v) in found.items()}
+
+
+def _notes(
+    resolved: Sequence[Mapping[str, object]],
+) -> tuple[dict[str, int], dict[str, int], set[str]]:
+    """3424 alarms, measurement timestamps and rejecting quality marks, each keyed like a
+    reading (the name up to the instance | the SenML second): (flags, stamps, rejected)."""
+    alarms: dict[str, int] = {}
+    stamps: dict[str, int] = {}
+    rejected: set[str] = set()
+    for rec in resolved:
+        parts = _name(str(rec["n"]))
+        if parts.alarm is None and parts.note is None:
+            continue
+        value = rec.get("v")
+        if parts.alarm and (rec.get("vb") is True or rec.get("v", 0) != 0):
+            key = f"{parts.alarm[0]}|{_floor(rec['t'])}"
+            alarms[key] = alarms.get(key, 0) | parts.alarm[1]
+        if parts.note and isinstance(value, Decimal):
+            key = f"{parts.note[0]}|{_floor(rec['t'])}"
+            if parts.note[1] in REJECTED_QUALITY:
+                if value in REJECTED_QUALITY[parts.note[1]]:
+                    rejected.add(key)
+            elif REL_TIME_LIMIT <= value < 2**40:  # 5518: an absolute epoch (Time type)
+                stamps[key] = _floor(value)
+    return alarms, stamps, rejected
 
 
 def decode_one(
     frame: bytes, received_at_s: int
 ) -> tuple[list[tuple[int, int, int]], str, dict[str, object]]:
-    """One pack -> ([(read_at_s, register_ml, flags)], address, extra); raises SenMLError."""
+    """One pack -> ([(read_at_s, register_ml, flags)], address, extra); raises SenMLError.
+
+    A record that cannot be read (its own fields bad, a volume record not in whole mL, a
+    reading the meter marks invalid by 3424/x/6042 or 6049) is left out and listed in
+    `extra["dropped_records"]`; the pack is refused only when no reading is left (with
+    the error of its first unusable volume record, else NO_REGISTER). A reading's time is
+    its instance's 3424/x/5518 measurement timestamp where one is given. Readings of more
+    than one 3424 instance or meter are refused (a reading names no instance of its own
+    downstream: they would pass as one meter's)."""
     records, encoding = parse(frame)
-    resolved = resolve(records, received_at_s)
-    alarms: dict[str, int] = {}
+    dropped: list[tuple[str, SenMLError]] = []
+    resolved = resolve(records, received_at_s, dropped)
+    alarms, stamps, rejected = _notes(resolved)
+    lwm2m = any(_name(str(rec["n"])).volume is not None for rec in resolved)
+    found: list[tuple[Mapping[str, object], tuple[int, int, str, Decimal]]] = []
+    unusable = [exc for name, exc in dropped if _name(name).volume is not None]
     for rec in resolved:
-        alarm = _name(str(rec["n"])).alarm
-        if alarm and (rec.get("vb") is True or rec.get("v", 0) != 0):
-            key = f"{alarm[0]}|{_floor(rec['t'])}"
-            alarms[key] = alarms.get(key, 0) | alarm[1]
-    found = [(rec, got) for rec in resolved if (got := _reading(rec)) is not None]
+        try:
+            got = _reading(rec, lwm2m)
+        except SenMLError as exc:
+            dropped.append((str(rec["n"]), exc))
+            unusable.append(exc)
+            continue
+        if got is None:
+            continue
+        if got[2] in rejected:
+            why = f"{rec['n']}: the meter marks this value invalid (3424 quality)"
+            dropped.append((str(rec["n"]), SenMLError(ErrorCode.BAD_RECORD, why)))
+            unusable.append(dropped[-1][1])
+            continue
+        at, ml, key, m3 = got
+        at = stamps.get(key, at)
+        found.append((rec, (at, ml, key, m3)))
     extra: dict[str, object] = {"senml": encoding, "records": resolved}
+    if dropped:
+        extra["dropped_records"] = [f"{name}: {exc}" for name, exc in dropped]
     if not found:
+        if unusable:
+            raise SenMLError(unusable[0].code, str(unusable[0]), extra)
         msg = "pack has no water volume record (unit m3/l or LwM2M /3424/x/1)"
         # health alone (objects 3/4) is still reported, with the one meter it names; the
         # collector stores it for an authenticated device (`collector.verdict`)
@@ -320,11 +479,18 @@ def decode_one(
             extra.update(health_of(resolved))
             raise SenMLError(ErrorCode.NO_REGISTER, msg, extra, address=owners.pop())
         raise SenMLError(ErrorCode.NO_REGISTER, msg, extra)
+    instances = {key.rpartition("|")[0] for _, (_, _, key, _) in found}
+    if len(instances) > 1 and lwm2m:
+        msg = f"readings of {len(instances)} water meter instances in one pack"
+        raise SenMLError(ErrorCode.UNSUPPORTED, msg, extra)
     readings = [(t, ml, alarms.get(key, 0)) for _, (t, ml, key, _) in found]
     last_rec, last = max(found, key=lambda item: item[1][0])
     extra["total_m3"] = last[3]
     bases = [str(r.get("bn", "")) for r in records if "bn" in r]
     address = _address_of(str(last_rec["n"]), bases[0] if bases else "")
+    if len({_address_of(str(rec["n"]), bases[0] if bases else "") for rec, _ in found}) > 1:
+        msg = "readings of more than one meter in one pack"
+        raise SenMLError(ErrorCode.UNSUPPORTED, msg, extra)
     extra.update(health_of(resolved, address))
     return readings, address, extra
 
@@ -354,6 +520,7 @@ def decode(
     out = empty(n)
     out.format.fill("senml")
     rows: list[tuple[int, int, int, int, str]] = []
+    notes = np.zeros(n, np.uint32)
     for i, frame in enumerate(frames):  # JSON/CBOR parsing is per pack by nature
         try:
             got, meter, extra = decode_one(bytes(frame), int(rx[i]))
@@ -367,6 +534,8 @@ def decode(
             out.error_code[i], out.error_message[i] = ErrorCode.BAD_RECORD, f"bad pack: {exc}"
             continue
         out.address_of_frame[i], out.sparse[i] = meter, extra  # a pack's fields: no columns
+        if "dropped_records" in extra:
+            notes[i] = FrameFlag.RECORD_DROPPED
         rows.extend((i, t, ml, fl, meter) for t, ml, fl in got)
     return Decoded(
         frame_index=np.array([r[0] for r in rows], np.int32),
@@ -379,6 +548,7 @@ def decode(
         error_code=out.error_code,
         error_message=out.error_message,
         sparse=out.sparse,
+        frame_flags=notes if notes.any() else None,
     )
 
 

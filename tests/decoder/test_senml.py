@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -13,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from decoder import decode_batch, senml
-from decoder.columns import ErrorCode, Flag
+from decoder.columns import ErrorCode, Flag, FrameFlag
 from decoder.encode_senml import encode_senml, water_pack
 
 VECTORS = Path(__file__).parents[2] / ".." / "shared" / "vectors"
@@ -199,3 +200,115 @@ def test_health_of_two_meters_is_no_health() -> None:
     d = decode_batch([mixed], 1_700_000_000, hints=["senml"])
     assert d.error_code[0] == ErrorCode.OK
     assert d.extra[0]["battery_pct"] == 87
+
+
+RX = 1_700_000_000
+
+
+def _one(pack: bytes) -> tuple[int, list[tuple[int, int]], dict]:
+    d = decode_batch([pack], RX, hints=["senml"])
+    rows = list(zip(d.read_at_s.tolist(), d.register_ml.tolist(), strict=True))
+    return int(d.error_code[0]), rows, d.sparse.get(0) or {}
+
+
+@pytest.mark.parametrize(
+    "secondary",
+    [
+        b'{"bn":"/3/0/","n":"0","vs":5}',  # a string resource sent as a number
+        b'{"bn":"/3/0/","n":"9","v":"95"}',  # a number sent as a string
+        b'{"n":"10","vb":1}',  # a boolean sent as 1
+        b'{"n":"7","v":0.001,"t":"x"}',  # a time that is no number
+        b'{"n":7,"v":0.001}',  # a name that is no string
+        b'{"bn":"/3424/0/","n":"1","t":-60,"v":"1.2"}',  # one history point as a string
+        b'{"bn":"/3424/0/","n":"1","t":-3600,"u":"m3/h","v":1.4}',  # one history point bad
+    ],
+)
+def test_bad_secondary_record_keeps_the_register(secondary: bytes) -> None:
+    """One unreadable record is dropped (RECORD_DROPPED), the valid 3424 register stays."""
+    pack = b'[{"bn":"/3424/0/","n":"1","v":123.456},' + secondary + b"]"
+    d = decode_batch([pack], RX, hints=["senml"])
+    assert d.error_code[0] == ErrorCode.OK, d.error_message[0]
+    assert d.register_ml.tolist() == [123_456_000]
+    assert d.read_at_s.tolist() == [RX]
+    assert d.frame_flags_or_zero[0] == FrameFlag.RECORD_DROPPED
+    assert len(d.sparse[0]["dropped_records"]) == 1
+
+
+def test_unit_volume_of_another_object_is_no_register() -> None:
+    """An m3 record of another LwM2M object (IPSO 3300) is not the meter's register."""
+    code, rows, _ = _one(b'[{"n":"/3424/0/1","v":123.456},{"n":"/3300/0/5700","u":"m3","v":0.25}]')
+    assert (code, rows) == (ErrorCode.OK, [(RX, 123_456_000)])
+    code, rows, _ = _one(b'[{"n":"/3300/0/5700","u":"m3","v":0.25}]')
+    assert (code, rows) == (ErrorCode.NO_REGISTER, [])
+
+
+@pytest.mark.parametrize(
+    "quality", [b'{"n":"6042","v":1}', b'{"n":"6042","v":2}', b'{"n":"6049","v":0}']
+)
+def test_value_the_meter_marks_invalid_is_refused(quality: bytes) -> None:
+    """3424 Measurement Quality Indicator 1/2 or Level 0: the value is not reported."""
+    code, rows, _ = _one(b'[{"bn":"/3424/0/","n":"1","v":123.456},' + quality + b"]")
+    assert (code, rows) == (ErrorCode.BAD_RECORD, [])
+    code, rows, _ = _one(b'[{"bn":"/3424/0/","n":"1","v":123.456},{"n":"6042","v":4}]')
+    assert (code, rows) == (ErrorCode.OK, [(RX, 123_456_000)])
+
+
+def test_measurement_timestamp_is_the_read_time() -> None:
+    """3424/x/5518 (when the measurement was performed) dates a Read answer's register."""
+    pack = (
+        b'[{"bn":"/3424/0/","n":"1","v":123.456},{"n":"5518","v":1699990000},{"n":"10","vb":true}]'
+    )
+    d = decode_batch([pack], RX, hints=["senml"])
+    assert d.read_at_s.tolist() == [1_699_990_000]
+    assert d.register_ml.tolist() == [123_456_000]
+    assert d.flags.tolist() == [Flag.LEAK]
+
+
+@pytest.mark.parametrize(
+    "pack",
+    [
+        b'[{"bn":"/3424/0/","n":"1","v":123.456},{"bn":"/3424/1/","n":"1","v":7.0}]',
+        b'[{"n":"urn:imei:1/3424/0/1","v":1.5},{"n":"urn:imei:2/3424/0/1","v":2.5}]',
+    ],
+)
+def test_readings_of_two_meters_in_one_pack_are_refused(pack: bytes) -> None:
+    """Two 3424 instances or meters would pass downstream as one meter's readings."""
+    code, rows, _ = _one(pack)
+    assert (code, rows) == (ErrorCode.UNSUPPORTED, [])
+
+
+@pytest.mark.parametrize(
+    ("literal", "ml"),
+    [
+        (b"123.456000000000003", 123_456_000),  # a double printed to 15 fractional digits
+        (b"0.100000000000000005", 100_000),
+        (b"12.345000267028809", None),  # a float32's value: 0.27 mL off, not a whole mL
+        (b"12.3454567", None),  # exact and sub-mL
+    ],
+)
+def test_printed_double_carries_its_whole_ml(literal: bytes, ml: int | None) -> None:
+    """Digits past a double's precision are print noise; a float32 value is not rounded."""
+    code, rows, _ = _one(b'[{"n":"/3424/0/1","v":' + literal + b"}]")
+    assert (code, rows) == ((ErrorCode.OK, [(RX, ml)]) if ml else (ErrorCode.BAD_UNIT, []))
+
+
+def test_cbor_float_widths() -> None:
+    """CBOR half/single/double: exact whole mL kept; a float32 12.345 is refused, not rounded."""
+    head = bytes.fromhex("81a200692f333432342f302f3102")  # [{0: "/3424/0/1", 2: ...}]
+    assert _one(head + bytes.fromhex("f94100"))[1] == [(RX, 2_500_000)]  # half 2.5
+    assert _one(head + cbor2.dumps(12.345))[1] == [(RX, 12_345_000)]  # double
+    single = head + b"\xfa" + struct.pack(">f", 12.345)
+    assert _one(single)[:2] == (ErrorCode.BAD_UNIT, [])
+
+
+def test_battery_voltage_is_the_battery_power_source() -> None:
+    """3/0/7/i is battery_mv only where 3/0/6/i says battery; two unnamed sources: none."""
+    base = b'[{"bn":"/3424/0/","n":"1","v":1.0},{"bn":"/3/0/","n":"6/0","v":5},{"n":"6/1","v":1},'
+    _, _, extra = _one(base + b'{"n":"7/0","v":5000},{"n":"7/1","v":3600}]')
+    assert extra["battery_mv"] == 3600
+    _, _, extra = _one(
+        b'[{"n":"/3424/0/1","v":1.0},{"bn":"/3/0/7/","n":"0","v":3800},{"n":"1","v":5000}]'
+    )
+    assert "battery_mv" not in extra
+    _, _, extra = _one(b'[{"n":"/3424/0/1","v":1.0},{"n":"/3/0/7","v":3600}]')
+    assert extra["battery_mv"] == 3600
