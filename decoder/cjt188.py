@@ -117,6 +117,10 @@ class Model:
     clock_order: str = "auto"  # "le" ss..CC (standard), "be" CC..ss (field devices), "auto"
     clock_utc_offset_s: int = BEIJING_UTC_OFFSET_S  # meters keep China Standard Time
     checksum: str = "frame"  # "frame" (standard, from 0x68) or "data" (mfunhcu, non-standard)
+    # litre units (29H-2BH): vendors differ on their decimals (the standard's XXXXXX.XX, or
+    # the BCD as whole litres: FORMATS §1.3, a 100x difference), so a model reads them only
+    # when it says which; else such a frame is refused (BAD_UNIT), never guessed
+    reads_litres: bool = False
 
     @property
     def status_map(self) -> StatusMap:
@@ -132,12 +136,17 @@ class Model:
         """256-entry tables of `m3` in columns: unit code -> (multiplier, decimal scale)."""
         return _unit_tables(self.decimals)
 
+    def reads(self, unit: int) -> bool:
+        """Whether this model reads volume unit code `unit` (see `reads_litres`)."""
+        name = VOLUME_UNITS[unit][0] if unit in VOLUME_UNITS else None
+        return name == "m3" or (name == "L" and self.reads_litres)
+
     def ml_per_count(self) -> np.ndarray:
         """256-entry table: unit code -> mL per BCD count (0 = not a volume / not exact)."""
         table = np.zeros(256, np.int64)
         for code, (unit, mult) in VOLUME_UNITS.items():
             exp = (6 if unit == "m3" else 3) - self.decimals
-            table[code] = mult * 10**exp if exp >= 0 else 0
+            table[code] = mult * 10**exp if exp >= 0 and self.reads(code) else 0
         return table
 
 
@@ -145,10 +154,12 @@ MODELS: Mapping[str, Model] = {
     m.name: m
     for m in (
         Model("standard"),
+        Model("standard-litres", reads_litres=True),  # litre units as XXXXXX.XX too
         Model("mfunhcu", checksum="data"),  # linqiu126/mfunhcu: CS over DATA only
         Model("sdqr", status="sdqr"),  # xijunzhou sdqr cj188.h bit order
-        Model("bcd-integer", decimals=0),  # NB-IoT platform capture: BCD = whole litres
-        Model("cjs-tool", decimals=0, status="byte1"),  # cjt188-protocol.cjs test tool
+        # NB-IoT platform capture: BCD = whole litres
+        Model("bcd-integer", decimals=0, reads_litres=True),
+        Model("cjs-tool", decimals=0, status="byte1", reads_litres=True),  # cjt188-protocol.cjs
     )
 }
 

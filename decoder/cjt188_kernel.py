@@ -348,7 +348,11 @@ def _m3_column(
 
 
 _BCD_MSG = "total register is not packed BCD"
-_UNIT_MSG = "unit code is not a volume (L/m3 x1/x10/x100) exact in mL for this model"
+_UNIT_MSG = (
+    "unit code is not a volume this meter model reads exactly: m3 x1/x10/x100, or L"
+    " x1/x10/x100 only with a model that says its decimals (vendors read the BCD as"
+    " XXXXXX.XX or as whole litres: decode with cjt188:standard-litres or cjt188:bcd-integer)"
+)
 
 
 def _cs_msg(model: Model) -> str:

@@ -244,6 +244,8 @@ REJECTS = [
     ("too-large", b"\x00" * 600, "cjt188", ErrorCode.TOO_LARGE),
     ("bcd", _mutate(GOOD, 14, 0xAB), None, ErrorCode.BAD_BCD),
     ("unit", _mutate(GOOD, 18, 0x05), None, ErrorCode.BAD_UNIT),
+    # litres: the standard's XXXXXX.XX or whole litres by vendor (100x): never guessed
+    ("litres-unmodelled", _mutate(GOOD, 18, 0x29), None, ErrorCode.BAD_UNIT),
     ("heat", _mutate(GOOD, 1, 0x20), None, ErrorCode.UNSUPPORTED),
     ("request", bytes.fromhex("68100100000508000001031F90003916"), None, ErrorCode.NO_REGISTER),
     ("bad-length", bytes.fromhex("6810010000050800008103901F00B916"), None, ErrorCode.BAD_LENGTH),
@@ -313,8 +315,10 @@ def test_round_trip(
     address: str, total: int, settlement: int | None, meter_type: int, unit: int,
     clock: datetime | None, status: int, di_order: str, clock_order: str, preamble: int,
 ) -> None:  # fmt: skip
-    """encode_cjt188 -> decode_batch returns the address, mL total, clock and status bits."""
-    per = cjt188.MODELS["standard"].ml_per_count()[unit]
+    """encode_cjt188 -> decode_batch returns the address, mL total, clock and status bits
+    (litre units with the model that reads them as the standard's XXXXXX.XX)."""
+    model = "standard-litres" if unit == 0x29 else "standard"
+    per = cjt188.MODELS[model].ml_per_count()[unit]
     frame = encode_cjt188(
         address=address, total_ml=total * int(per), meter_type=meter_type, unit=unit,
         settlement_ml=None if settlement is None else settlement * int(per),
@@ -324,7 +328,7 @@ def test_round_trip(
     # A clock valid in both byte orders (CC YY MM DD hh mm ss with ss in 19..21 can also read
     # as ss mm hh DD MM YY CC) is ambiguous: the "auto" model reads it as the standard order.
     assume(not all(k.bcd_clock(clock_bytes, big_endian=be)[1][0] for be in (False, True)))
-    d = decode_batch([frame], RX)
+    d = decode_batch([frame], RX, hints=[f"cjt188:{model}"])
     assert d.error_code[0] == ErrorCode.OK, d.error_message[0]
     assert d.address.tolist() == [address]
     assert d.register_ml.tolist() == [total * int(per)]

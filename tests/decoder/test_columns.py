@@ -97,9 +97,11 @@ def test_mixed_batch_extra_matches_single_frame_decodes() -> None:
         mbus.encode_wired("87654321", "KAM", 1, 7, 1, 0, None, target_ml=500, address=5)[:-3]
         + b"\x00\x00\x16",  # a bad wired frame: no fields at all
     ]
-    batch = decode_batch(frames, RX)
+    # the litre-unit frame with the model that reads litres as the standard's XXXXXX.XX
+    hints = [None, None, None, None, "cjt188:standard-litres", None, None]
+    batch = decode_batch(frames, RX, hints=hints)
     for i, frame in enumerate(frames):
-        alone = decode_batch([frame], RX)
+        alone = decode_batch([frame], RX, hints=hints[i : i + 1])
         assert batch.extra_of(i) == alone.extra_of(0), i
         assert int(batch.error_code[i]) == int(alone.error_code[0])
     assert batch.error_code.tolist()[3:6] == [ErrorCode.EMPTY, 0, ErrorCode.UNKNOWN_FORMAT]
