@@ -36,7 +36,6 @@ from decoder.columns import Column, Decoded, ErrorCode, Flag, FrameFlag
 from decoder.drivers import route_mbus
 from decoder.mbus_compact import DeferredCache, SignatureCache
 from decoder.mbus_encode import (
-    encode_oms_compact,
     encode_oms_mode5,
     encode_oms_plain,
     encode_wired,
@@ -50,7 +49,6 @@ __all__ = [
     "DeferredCache",
     "SignatureCache",
     "decode",
-    "encode_oms_compact",
     "encode_oms_mode5",
     "encode_oms_plain",
     "encode_wired",

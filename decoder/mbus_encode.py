@@ -3,7 +3,7 @@
 Frames carry a volume register (litres as int32 when exact, else mL as int64), an
 optional type I meter clock (to the second, UTC) and an optional billing-date register
 (storage 1) with its type G date. Wireless frames are CRC-stripped, as the decoder expects.
-`encode_oms_compact` sends the same records as an EN 13757-3 compact frame (CI 7B):
+`encode_oms_plain(..., compact=True)` sends the same records as an EN 13757-3 compact frame (CI 7B):
 the format signature of their DIF/VIF headers, the data CRC and the values alone.
 """
 
@@ -105,36 +105,19 @@ def encode_oms_plain(
     target_ml: int | None = None,
     target_date: date | None = None,
     status: int = 0,
+    compact: bool = False,
 ) -> bytes:
-    """An unencrypted wM-Bus SND_NR frame (short TPL 7A, security mode 0), CRCs stripped."""
-    tpl = bytes([0x7A, access_no & 0xFF, status & 0xFF, 0x00, 0x00])
-    return _wireless(
-        ident,
-        manufacturer,
-        version,
-        device_type,
-        tpl + records(total_ml, when, target_ml, target_date),
+    """An unencrypted wM-Bus SND_NR frame (short TPL, security mode 0), CRCs stripped: CI 7A
+    with its DIF/VIF headers, or with `compact` the same records as a compact frame (CI 7B:
+    signature, data CRC, values), which decodes only through the format a full frame of
+    the same model taught (or a known one)."""
+    tpl = bytes([0x7B if compact else 0x7A, access_no & 0xFF, status & 0xFF, 0x00, 0x00])
+    body = (
+        compact_records(record_parts(total_ml, when, target_ml, target_date))
+        if compact
+        else records(total_ml, when, target_ml, target_date)
     )
-
-
-def encode_oms_compact(
-    ident: str,
-    manufacturer: str,
-    version: int,
-    device_type: int,
-    access_no: int,
-    total_ml: int,
-    when: datetime | None = None,
-    *,
-    target_ml: int | None = None,
-    target_date: date | None = None,
-    status: int = 0,
-) -> bytes:
-    """`encode_oms_plain`'s frame as a compact frame (CI 7B, short TPL, mode 0): decodes
-    only through the format a full frame of the same model taught (or a known one)."""
-    tpl = bytes([0x7B, access_no & 0xFF, status & 0xFF, 0x00, 0x00])
-    parts = record_parts(total_ml, when, target_ml, target_date)
-    return _wireless(ident, manufacturer, version, device_type, tpl + compact_records(parts))
+    return _wireless(ident, manufacturer, version, device_type, tpl + body)
 
 
 def encode_oms_mode5(

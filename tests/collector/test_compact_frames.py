@@ -22,7 +22,7 @@ from collector.keys import MeterKeys
 from collector.main import run
 from collector.store import BatchStore
 from collector.uplink import Transport, Uplink
-from decoder.mbus_encode import encode_oms_compact, encode_oms_plain
+from decoder.mbus_encode import encode_oms_plain
 from decoder.mbus_link import crc16_en13757
 from devices.provision import ProvisionedDevice, provision_device
 from storage import compact_formats, quarantine
@@ -52,7 +52,7 @@ def full(address: str, version: int, total_ml: int, at: int) -> bytes:
 def compact(address: str, version: int, total_ml: int, at: int) -> bytes:
     """The same model's compact frame (CI 7B): signature, data CRC, values only."""
     when = datetime.fromtimestamp(at, UTC)
-    return encode_oms_compact(address, MAN, version, 0x07, 1, total_ml, when)
+    return encode_oms_plain(address, MAN, version, 0x07, 1, total_ml, when, compact=True)
 
 
 def a_version() -> int:

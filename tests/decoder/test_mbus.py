@@ -132,7 +132,7 @@ def test_colliding_learned_format_is_refused_by_the_data_crc() -> None:
     or a poisoned cache) never reads the frame: its data CRC, over the full records
     rebuilt with the learned headers, does not match, so it is BAD_CHECKSUM."""
     assert crc16_en13757(COLLIDING_HEADER) == crc16_en13757(TRUE_HEADER)
-    compact = mbus.encode_oms_compact("22222222", "ZZZ", 1, 7, 1, 5_000_000, WHEN)
+    compact = mbus.encode_oms_plain("22222222", "ZZZ", 1, 7, 1, 5_000_000, WHEN, compact=True)
     sig = crc16_en13757(TRUE_HEADER)
     poisoned = mbus.SignatureCache({("ZZZ", 1, 7, sig): COLLIDING_HEADER})
     res = _decode(compact, cache=poisoned)
@@ -147,7 +147,7 @@ def test_deferred_cache_keeps_what_a_call_learns_apart() -> None:
     its format (kept in `learned`, with the meter that sent it) but no compact frame of
     the same call is read with it; a later call through a cache holding it reads them."""
     full = mbus.encode_oms_plain("11111111", "ZZZ", 1, 7, 1, 5_000_000, WHEN)
-    compact = mbus.encode_oms_compact("22222222", "ZZZ", 1, 7, 1, 6_000_000, WHEN)
+    compact = mbus.encode_oms_plain("22222222", "ZZZ", 1, 7, 1, 6_000_000, WHEN, compact=True)
     view = mbus_compact.DeferredCache()
     res = _decode(full, compact, cache=view)
     assert res.error_code.tolist() == [ErrorCode.OK, ErrorCode.UNKNOWN_COMPACT]
@@ -309,13 +309,13 @@ def test_plain_and_wired_round_trip(mid, total_l, target_l, day) -> None:
 @given(ids, ids, st.integers(0, 255), st.integers(-(2**40), 2**40), whens,
        st.integers(0, 2**31 - 1), st.dates(date(2000, 1, 1), date(2080, 12, 31)))  # fmt: skip
 def test_compact_round_trip(mid, other, ver, total, when, target_l, day) -> None:
-    """encode_oms_compact -> decode, through the format a full frame of another meter of
+    """encode_oms_plain(compact=True) -> decode, through the format a full frame of another meter of
     the model (same records) taught, returns what the full frame of the same values returns."""
     kw = {"target_ml": target_l * 1000, "target_date": day}
     cache = mbus.SignatureCache()
     _decode(mbus.encode_oms_plain(other, "ZZZ", ver, 7, 1, total, when, **kw), cache=cache)
     compact = _decode(
-        mbus.encode_oms_compact(mid, "ZZZ", ver, 7, 2, total, when, **kw), cache=cache
+        mbus.encode_oms_plain(mid, "ZZZ", ver, 7, 2, total, when, compact=True, **kw), cache=cache
     )
     full = _decode(mbus.encode_oms_plain(mid, "ZZZ", ver, 7, 2, total, when, **kw))
     assert compact.error_code.tolist() == [0], compact.error_message[0]
