@@ -82,8 +82,9 @@ Decode = Callable[[list[bytes], np.ndarray, Mapping[str, bytes], SignatureCache]
 
 _MAX_ERROR = 500  # characters of an exception kept in a quarantine detail
 _SCOPES_TTL_S = 60.0  # a tenant created after start gets its drivers within this
-# meter formats that carry no OMS AES key: their devices' keys are not looked up before
-# decoding (a frame of another format that asks for one still gets it: the NO_KEY retry)
+# meter formats that carry no OMS AES key and no compact frame: their devices' keys are
+# not looked up before decoding (a frame of another format that asks for one still gets
+# it: the NO_KEY retry), and their frames share one decode call across tenants
 _NO_AES_KEYS = frozenset({"cjt188", "senml", "interval"})
 _TEACHING = frozenset({"stored", "duplicate"})  # outcomes whose full frames teach formats
 

@@ -35,11 +35,7 @@ from decoder import mbus_compact, mbus_fixed, mbus_kernels, mbus_link
 from decoder.columns import Column, Decoded, ErrorCode, Flag, FrameFlag
 from decoder.drivers import route_mbus
 from decoder.mbus_compact import DeferredCache, SignatureCache
-from decoder.mbus_encode import (
-    encode_oms_mode5,
-    encode_oms_plain,
-    encode_wired,
-)
+from decoder.mbus_encode import encode_oms_mode5, encode_oms_plain, encode_wired
 from decoder.mbus_link import Envelope, looks_like
 from decoder.mbus_records import REGISTER_QUALIFIERS, Field, Kind, Layout, compile_layout, walk
 
