@@ -84,7 +84,7 @@ class CompactFormats:
         that brought a format this process did not hold."""
         if tenant is None or time.monotonic() - self._read_at.get(tenant, -1e9) < self._refresh_s:
             return False
-        before = dict(self._caches.get(tenant, SignatureCache()).to_dict())
+        before = self._caches.get(tenant, SignatureCache()).to_dict()
         return (await self._read(conn, tenant)).to_dict() != before
 
     async def _read(self, conn: Connection, tenant: int) -> SignatureCache:
