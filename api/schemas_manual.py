@@ -17,18 +17,23 @@ from pydantic import (
 
 from api.schemas import M3, Address
 from billing import units
+from storage.rows import READ_S_MAX_EPOCH
 
-_EARLIEST, _LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)
+# readings hold int4 seconds since 2000 (migration 0054): up to 2068-01-19T03:14:07Z
+_EARLIEST, _LATEST = (
+    datetime(1970, 1, 1, tzinfo=UTC),
+    datetime.fromtimestamp(READ_S_MAX_EPOCH + 1, UTC),
+)
 
 
 def _plausible(at: datetime) -> datetime:
-    """`at` in UTC if within 1970..2199 (the database and any meter's service fit there)."""
+    """`at` in UTC if within 1970-01-01 .. 2068-01-19T03:14:07Z (what a reading can hold)."""
     try:
         utc = at.astimezone(UTC)
     except OverflowError:
         utc = _LATEST
     if not _EARLIEST <= utc < _LATEST:
-        msg = "a time between 1970 and 2199, with its UTC offset"
+        msg = "a time between 1970-01-01 and 2068-01-19T03:14:07Z, with its UTC offset"
         raise ValueError(msg)
     return utc
 

@@ -161,8 +161,9 @@ async def mark_cleared(conn: Conn, at: datetime, tenant_id: int | None = None) -
     BILLING_DATE) carry no status of their own and are not evidence of a clear condition.
     """
     got = await conn.fetchval(
-        "WITH c AS (SELECT a.alarm_id, (SELECT min(r.read_at) FROM readings r"
-        " WHERE r.meter_id = a.meter_id AND r.read_at > a.last_seen_at AND r.read_at <= $1"
+        "WITH c AS (SELECT a.alarm_id, (SELECT nbm_at(min(r.read_s)) FROM readings r"
+        " WHERE r.meter_id = a.meter_id AND r.read_s > nbm_floor_s(a.last_seen_at)"
+        " AND r.read_s <= nbm_floor_s($1)"
         " AND r.flags & (k.flag_bit | $3::int) = 0) AS read_at"
         " FROM alarms a JOIN alarm_kinds k ON k.kind = a.kind"
         " WHERE a.state <> 'closed' AND a.cleared_at IS NULL AND k.flag_bit <> 0"

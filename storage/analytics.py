@@ -48,12 +48,13 @@ _BOUNDS = (
 _ROLLUP = f"""
 WITH b AS ({_BOUNDS}),
 r AS (
-    SELECT r.meter_id, r.read_at, r.register_ml,
-           lag(r.register_ml) OVER w AS prev_ml, lag(r.read_at) OVER w AS prev_at,
-           lead(r.read_at) OVER w AS next_at
+    SELECT r.meter_id, nbm_at(r.read_s) AS read_at, r.register_ml,
+           lag(r.register_ml) OVER w AS prev_ml, nbm_at(lag(r.read_s) OVER w) AS prev_at,
+           nbm_at(lead(r.read_s) OVER w) AS next_at
     FROM readings r JOIN meters m ON m.meter_id = r.meter_id, b
-    WHERE m.tenant_id = $1 AND r.read_at > b.s - interval '1 hour' AND r.read_at <= b.e
-    WINDOW w AS (PARTITION BY r.meter_id ORDER BY r.read_at)),
+    WHERE m.tenant_id = $1 AND r.read_s > nbm_floor_s(b.s - interval '1 hour')
+      AND r.read_s <= nbm_floor_s(b.e)
+    WINDOW w AS (PARTITION BY r.meter_id ORDER BY r.read_s)),
 g AS (
     SELECT r.meter_id,
         count(*) FILTER (WHERE r.read_at >= b.s AND r.read_at < b.e) AS n,

@@ -327,8 +327,9 @@ async def readings_between(
 ) -> list[Reading]:
     """All stored readings (valid or not) of the meters in [start, end), by meter and time."""
     rows = await conn.fetch(
-        "SELECT meter_id, read_at, register_ml, flags, quality FROM readings"
-        " WHERE meter_id = ANY($1) AND read_at >= $2 AND read_at < $3 ORDER BY meter_id, read_at",
+        "SELECT meter_id, nbm_at(read_s) AS read_at, register_ml, flags, quality FROM readings"
+        " WHERE meter_id = ANY($1) AND read_s >= nbm_ceil_s($2) AND read_s < nbm_ceil_s($3)"
+        " ORDER BY meter_id, read_s",
         meter_ids,
         start,
         end,

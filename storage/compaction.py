@@ -40,12 +40,13 @@ class Compacted:
 _CLOSED = """
 SELECT format('%I.%I', c.chunk_schema, c.chunk_name) AS chunk
 FROM timescaledb_information.chunks c
-WHERE c.hypertable_name = 'readings' AND c.range_end <= now() - $1::interval
+WHERE c.hypertable_name = 'readings'  -- chunks of int4 seconds since 2000 (0054)
+  AND c.range_end_integer <= nbm_floor_s(now() - $1::interval)
   AND NOT c.is_compressed
   AND NOT EXISTS (
       SELECT 1 FROM compacted_chunks k
       WHERE k.chunk = format('%I.%I', c.chunk_schema, c.chunk_name))
-ORDER BY c.range_end
+ORDER BY c.range_end_integer
 LIMIT $2
 """
 

@@ -9,13 +9,13 @@ Two paths, the same result:
 - copy: fresh data is the common case, so the rows are COPYed straight into `readings`
   inside a transaction (a savepoint when the caller's connection is in one). Every
   row is then new.
-- merge: if that COPY hits the unique key (meter_id, read_at), it is rolled back and
+- merge: if that COPY hits the unique key (meter_id, read_s), it is rolled back and
   the batch is COPYed into a per-connection temp table, then moved with
   `INSERT ... ON CONFLICT DO NOTHING RETURNING`, whose returned keys say exactly which
   rows were new. After a merge the next few batches go straight to merge (a replaying
   device makes overlap likely to continue), then the copy path is tried again.
 
-Rows are written in (meter_id, read_at) order, so concurrent writers of overlapping
+Rows are written in (meter_id, read_s) order, so concurrent writers of overlapping
 batches wait for each other in one global order and cannot deadlock; the loser of a
 race sees its rows as duplicates, never an error. Key order is also the unique index's
 order, which makes the COPY itself faster than one of rows in arrival order
@@ -25,10 +25,12 @@ columns (`storage.copybin`) one chunk at a time while earlier chunks are in flig
 A reading dated more than `future_tolerance_s` (5 min) after its uplink was received is
 written with Flag.CLOCK_AHEAD set (billing leaves it out); more than a day after is a
 clock_future rejection. The receive time itself is not stored with the reading (the raw
-archive keeps it per uplink): the flag is what billing needs of it (migration 0049).
+archive keeps it per uplink): the flag is what billing needs of it (migration 0049). The
+reading's own time is stored as int4 seconds since 2000 (`read_s`, migration 0054): the
+decoders' epoch seconds less READ_S_EPOCH.
 
 A duplicate is a key already stored, whatever its values: the first write of a
-(meter_id, read_at) wins, and a later different register for it is counted as a
+(meter_id, read_s) wins, and a later different register for it is counted as a
 duplicate, not an update (corrections are a billing concern, not an ingest one).
 
 A bad row is a rejection, never an exception: see `RejectReason`. Errors (all from
@@ -59,6 +61,9 @@ from storage.rows import (
     EARLIEST_READ_AT_S,
     FUTURE_TOLERANCE_S,
     MAX_CLOCK_AHEAD_S,
+    READ_S_EPOCH,
+    READ_S_MAX_EPOCH,
+    READ_S_MIN_EPOCH,
     Bools,
     IngestResult,
     Int64s,
@@ -68,8 +73,8 @@ from storage.rows import (
     RejectReason,
 )
 
-# the table's own column order (0049: packed, no padding); meter_id is int4 there
-_COLUMNS = ("read_at", "register_ml", "meter_id", "flags")
+# the table's own column order (0054: packed, no padding); read_s and meter_id are int4
+_COLUMNS = ("read_s", "meter_id", "register_ml", "flags")
 _STAGE = "nbmeter_readings_stage"
 _CREATE_STAGE = (
     f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (LIKE readings INCLUDING DEFAULTS)"
@@ -79,7 +84,7 @@ _COLS_SQL = ", ".join(_COLUMNS)
 # ORDER BY: insert in key order, so that racing merges wait in one order (no deadlock)
 _MERGE = (
     f"INSERT INTO readings ({_COLS_SQL}) SELECT {_COLS_SQL} FROM pg_temp.{_STAGE}"
-    " ORDER BY meter_id, read_at ON CONFLICT DO NOTHING RETURNING meter_id::bigint, read_at"
+    " ORDER BY meter_id, read_s ON CONFLICT DO NOTHING RETURNING meter_id::bigint, read_s::bigint"
 )
 _CLOCK_AHEAD = int(Flag.CLOCK_AHEAD)
 # after a merge, skip the copy attempt for this many batches (a failed copy costs a
@@ -119,7 +124,7 @@ class ReadingWriter:
         """
         self._pool = pool
         self._copy_first = copy_first
-        self._earliest_read_at_s = earliest_read_at_s
+        self._earliest_read_at_s = max(earliest_read_at_s, READ_S_MIN_EPOCH)
         self._max_clock_ahead_s = max_clock_ahead_s
         self._future_tolerance_s = future_tolerance_s
         self._chunk_rows = chunk_rows
@@ -180,7 +185,8 @@ class ReadingWriter:
         n = len(batch)
         code = np.zeros(n, np.uint8)
         received_s = np.asarray(batch.received_at_us, np.int64) // copybin.US_PER_S
-        code[batch.read_at_s > received_s + self._max_clock_ahead_s] = RejectReason.CLOCK_FUTURE
+        ahead = np.minimum(received_s + self._max_clock_ahead_s, READ_S_MAX_EPOCH)
+        code[batch.read_at_s > ahead] = RejectReason.CLOCK_FUTURE
         # the flag is ours alone: a device's status bits must not set (or clear) it
         flags = np.asarray(batch.flags).astype(np.int64) & ~_CLOCK_AHEAD
         flags[batch.read_at_s > received_s + self._future_tolerance_s] |= _CLOCK_AHEAD
@@ -262,12 +268,13 @@ class ReadingWriter:
 
     def _payload(self, batch: ReadingBatch, plan: _Plan) -> AsyncIterator[memoryview | bytes]:
         """The binary COPY stream of the planned rows, encoded chunk by chunk as it is sent."""
-        # meter_id narrows to int4 here: only known meters are written, and meters'
-        # CHECK keeps every id below 2^31 (0049)
+        # read_s and meter_id narrow to int4 here: _plan rejects times outside
+        # READ_S_MIN/MAX_EPOCH, only known meters are written, and meters' CHECK keeps
+        # every id below 2^31 (0049)
         columns: list[copybin.Column] = [
-            ("read_at", "timestamptz", _pg_us(batch.read_at_s)),
-            ("register_ml", "bigint", batch.register_ml),
+            ("read_s", "integer", batch.read_at_s - READ_S_EPOCH),
             ("meter_id", "integer", batch.meter_id),
+            ("register_ml", "bigint", batch.register_ml),
             ("flags", "integer", plan.flags),
         ]
         return _aiter(
@@ -312,24 +319,19 @@ class ReadingWriter:
             await conn.copy_from_query(_MERGE, output=collect, format="binary")
         inserted = copybin.decode_int8(b"".join(chunks), 2)
         return np.searchsorted(
-            _key(batch.meter_id[plan.write], _pg_us(batch.read_at_s[plan.write])),
+            _key(batch.meter_id[plan.write], batch.read_at_s[plan.write] - READ_S_EPOCH),
             _key(inserted[:, 0], inserted[:, 1]),
         )
 
 
-def _key(meter_id: Int64s, read_at_us: Int64s) -> npt.NDArray[np.void]:
-    """One comparable 16-byte value per (meter_id, read_at): memcmp order = key order."""
+def _key(meter_id: Int64s, read_s: Int64s) -> npt.NDArray[np.void]:
+    """One comparable 16-byte value per (meter_id, read_s): memcmp order = key order."""
     out = np.empty((len(meter_id), 2), ">u8")
     # flipping the sign bit maps signed order onto unsigned (big-endian bytewise) order
     sign = np.uint64(1 << 63)
     out[:, 0] = meter_id.view(np.uint64) ^ sign
-    out[:, 1] = np.ascontiguousarray(read_at_us, np.int64).view(np.uint64) ^ sign
+    out[:, 1] = np.ascontiguousarray(read_s, np.int64).view(np.uint64) ^ sign
     return out.view("V16").ravel()
-
-
-def _pg_us(epoch_s: Int64s) -> Int64s:
-    """UTC epoch seconds as PostgreSQL timestamptz microseconds (since 2000-01-01)."""
-    return (epoch_s - copybin.PG_EPOCH_S) * copybin.US_PER_S
 
 
 async def _aiter(chunks: Iterator[memoryview | bytes]) -> AsyncIterator[memoryview | bytes]:

@@ -8,6 +8,9 @@ never replaces a stored one: `store` inserts with ON CONFLICT DO NOTHING, and a 
 already there is either the same reading again (a retry: nothing is stored twice) or a
 conflict. A whole import is checked first
 and stored in one transaction, or refused with every bad row and nothing stored.
+Readings are kept to the second (migration 0054): an entered time's fraction of a
+second is dropped before anything else, and a time outside 1931-12-13 .. 2068-01-19
+(what int4 seconds since 2000 hold) is refused.
 
 StorageError
 └── EnteredReadError        the reads cannot be stored as given; `problems` says which
@@ -19,8 +22,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import asyncpg
@@ -28,6 +31,7 @@ import asyncpg
 from billing import quality, units
 from storage.errors import StorageError
 from storage.pool import translated
+from storage.rows import READ_S_MAX_EPOCH, READ_S_MIN_EPOCH
 
 # the ESPI codes an entered register reading may carry (billing.quality: 13 mixed and 15
 # normalized describe derived quantities, not a register)
@@ -35,6 +39,8 @@ QUALITIES = quality.OF_READING
 MANUAL_QUALITY = quality.MANUALLY_EDITED  # a reading a person entered: every manual read
 Source = Literal["visit", "customer_photo", "other", "import"]
 _MAX_INT64 = 2**63 - 1
+_FIRST_READ_AT = datetime.fromtimestamp(READ_S_MIN_EPOCH, UTC)
+_LAST_READ_AT = datetime.fromtimestamp(READ_S_MAX_EPOCH, UTC)
 
 
 class EnteredReadError(StorageError):
@@ -104,11 +110,11 @@ SELECT meter_id, address, installed_at, removed_at, register_scale, register_dig
 FROM meters WHERE tenant_id = $1 AND (meter_id = ANY($2::bigint[]) OR address = ANY($3::text[]))
 ORDER BY installed_at DESC, meter_id DESC"""
 _INSERT_READINGS_SQL = """
-INSERT INTO readings (meter_id, read_at, register_ml, flags, quality)
-SELECT m, t, r, 0, q FROM unnest($1::bigint[], $2::timestamptz[], $3::bigint[],
+INSERT INTO readings (meter_id, read_s, register_ml, flags, quality)
+SELECT m, nbm_floor_s(t), r, 0, q FROM unnest($1::bigint[], $2::timestamptz[], $3::bigint[],
     $4::smallint[]) AS u(m, t, r, q)
 ORDER BY m, t
-ON CONFLICT DO NOTHING RETURNING meter_id, read_at"""
+ON CONFLICT DO NOTHING RETURNING meter_id, nbm_at(read_s) AS read_at"""
 _INSERT_MANUAL_SQL = """
 INSERT INTO manual_reads (meter_id, read_at, source, quality, note, entered_by, entered_at,
     import_id)
@@ -118,14 +124,14 @@ SELECT m, t, $3, q, n, $4, $5, $6 FROM unnest($1::bigint[], $2::timestamptz[],
 _EXISTING_SQL = """
 SELECT u.m AS meter_id, u.t AS read_at, r.register_ml, mr.source
 FROM unnest($1::bigint[], $2::timestamptz[]) AS u(m, t)
-JOIN readings r ON r.meter_id = u.m AND r.read_at = u.t
+JOIN readings r ON r.meter_id = u.m AND r.read_s = nbm_floor_s(u.t)
 LEFT JOIN manual_reads mr ON mr.meter_id = u.m AND mr.read_at = u.t"""
 _LIST_SQL = """
 SELECT mr.meter_id, mr.read_at, r.register_ml, m.register_scale, mr.quality, mr.source, mr.note,
        mr.entered_by, mr.entered_at, mr.import_id
 FROM manual_reads mr
 JOIN meters m ON m.meter_id = mr.meter_id AND m.tenant_id = $1
-JOIN readings r ON r.meter_id = mr.meter_id AND r.read_at = mr.read_at
+JOIN readings r ON r.meter_id = mr.meter_id AND r.read_s = nbm_floor_s(mr.read_at)
 WHERE mr.meter_id = $2 AND ($3::timestamptz IS NULL OR mr.read_at = $3)
 ORDER BY mr.read_at DESC LIMIT $4"""
 
@@ -143,6 +149,11 @@ def _check(
     unit = units.unit_ml(meter["register_scale"])
     modulus = units.modulus_ml(meter["register_digits"], meter["register_scale"])
     at = read.read_at.isoformat()
+    if not _FIRST_READ_AT <= read.read_at <= _LAST_READ_AT:
+        return (
+            f"read_at {at} is outside the times a reading can have"
+            f" ({_FIRST_READ_AT.isoformat()} .. {_LAST_READ_AT.isoformat()})"
+        )
     if read.read_at > now + tolerance:
         return f"read_at {at} is in the future (now {now.isoformat()}): give the time it was read"
     if read.read_at < meter["installed_at"]:
@@ -169,6 +180,11 @@ def _check(
         codes = ", ".join(f"{k} {v}" for k, v in QUALITIES.items())
         return f"quality {read.quality} is not an ESPI code of a register reading ({codes})"
     return None
+
+
+def _whole(at: datetime) -> datetime:
+    """`at` to the second, as readings keep it (down: the reading was taken by then)."""
+    return at.replace(microsecond=0)
 
 
 def _resolve(
@@ -270,6 +286,9 @@ async def _store(
     import_id: int | None,
 ) -> ImportResult:
     bad = list(problems)
+    reads = [
+        r if not r.read_at.microsecond else replace(r, read_at=_whole(r.read_at)) for r in reads
+    ]
     by_id, by_address = await _meters(conn, tenant_id, reads)
     good: list[tuple[EnteredRead, int]] = []
     first_line: dict[tuple[int, datetime], int] = {}
@@ -365,7 +384,9 @@ async def manual_reads(
     read_at: datetime | None = None,
     limit: int = 100,
 ) -> list[Stored]:
-    """The meter's entered reads, newest first (empty for another tenant's meter)."""
+    """The meter's entered reads, newest first (empty for another tenant's meter); with
+    `read_at`, the one entered at that second."""
+    read_at = None if read_at is None else _whole(read_at)
     with translated("listing entered reads"):
         async with conn.transaction():
             # each read's register is one probe of readings: runtime chunk exclusion on

@@ -47,8 +47,8 @@ async def today(conn: Executor, tenant_id: int) -> Today:
     )
     meters = await conn.fetchrow(
         "SELECT count(*)::int AS active, count(*) FILTER (WHERE EXISTS ("
-        "  SELECT 1 FROM readings r WHERE r.meter_id = m.meter_id AND r.read_at >= $2"
-        "  AND r.read_at <= now() + interval '5 minutes'))::int AS read"
+        "  SELECT 1 FROM readings r WHERE r.meter_id = m.meter_id AND r.read_s >= nbm_ceil_s($2)"
+        "  AND r.read_s <= nbm_floor_s(now() + interval '5 minutes')))::int AS read"
         " FROM meters m WHERE m.tenant_id = $1 AND m.removed_at IS NULL",
         tenant_id,
         since,

@@ -218,11 +218,11 @@ async def device_health(conn: Conn, meter_id: int) -> tuple[asyncpg.Record | Non
     # uplink that stored new readings, or was entered by a person (manual_reads)
     seen = await conn.fetchrow(
         "SELECT (SELECT max(received_at) FROM raw_uplinks WHERE meter_id = $1) AS last_uplink_at,"
-        " r.read_at AS last_read_at, r.register_ml, r.flags,"
+        " nbm_at(r.read_s) AS last_read_at, r.register_ml, r.flags,"
         " greatest((SELECT max(received_at) FROM raw_uplinks WHERE meter_id = $1 AND n_new > 0),"
         " (SELECT max(entered_at) FROM manual_reads WHERE meter_id = $1)) AS last_received_at"
-        " FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT read_at, register_ml, flags"
-        " FROM readings WHERE meter_id = $1 ORDER BY read_at DESC LIMIT 1) r ON true",
+        " FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT read_s, register_ml, flags"
+        " FROM readings WHERE meter_id = $1 ORDER BY read_s DESC LIMIT 1) r ON true",
         meter_id,
     )
     assert seen is not None  # FROM (SELECT 1) LEFT JOIN: always exactly one row

@@ -36,6 +36,12 @@ MAX_CLOCK_AHEAD_S = 86_400
 # a reading dated more than this after it was received is stored but flagged
 # Flag.CLOCK_AHEAD, which billing leaves out (readings keep no receive time: migration 0049)
 FUTURE_TOLERANCE_S = 300
+# readings.read_s (migration 0054): int4 whole seconds since 2000-01-01T00:00:00Z, so a
+# stored reading lies in [READ_S_MIN_EPOCH, READ_S_MAX_EPOCH] (epoch seconds): 1931-12-13
+# .. 2068-01-19. Ingest never gets near either end (EARLIEST_READ_AT_S, MAX_CLOCK_AHEAD_S).
+READ_S_EPOCH = 946_684_800
+READ_S_MIN_EPOCH = READ_S_EPOCH - 2**31
+READ_S_MAX_EPOCH = READ_S_EPOCH + 2**31 - 1
 
 
 UplinkOutcome = Literal["stored", "duplicate", "quarantined", "pending"]

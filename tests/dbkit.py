@@ -1,5 +1,5 @@
 """A migrated scratch database on the stack's server, dropped afterwards; a TCP proxy to
-it whose cut models a database outage.
+it whose cut models a database outage; `read_s`, a time as readings store it.
 
 Shared by the session's `db_url` fixture (tests/conftest.py) and tests that need a database
 no other part of the session touches (e.g. one no running collector drains).
@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from storage.migrate import migrate
+from storage.rows import READ_S_EPOCH
+
+
+def read_s(at: datetime) -> int:
+    """`at` as readings.read_s: whole seconds since 2000-01-01T00:00:00Z (migration 0054),
+    for tests that COPY readings in directly."""
+    return math.floor(at.timestamp()) - READ_S_EPOCH
 
 
 def with_database(url: str, database: str) -> str:

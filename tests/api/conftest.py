@@ -22,6 +22,7 @@ import httpx
 import pytest
 import uvicorn
 from brokerkit import free_port
+from dbkit import read_s
 from fastapi import FastAPI
 from pydantic import SecretStr
 
@@ -151,12 +152,12 @@ def add_readings(pool: asyncpg.Pool) -> AddReadings:
             received = row[3] if len(row) > 3 else read_at + timedelta(minutes=2)
             if read_at > received + timedelta(seconds=FUTURE_TOLERANCE_S):
                 flags |= Flag.CLOCK_AHEAD
-            records.append((meter_id, read_at, ml, int(flags)))
+            records.append((meter_id, read_s(read_at), ml, int(flags)))
         async with pool.acquire() as conn:
             await conn.copy_records_to_table(
                 "readings",
                 records=records,
-                columns=["meter_id", "read_at", "register_ml", "flags"],
+                columns=["meter_id", "read_s", "register_ml", "flags"],
             )
 
     return add

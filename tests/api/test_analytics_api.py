@@ -10,6 +10,7 @@ from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import asyncpg
+from dbkit import read_s
 
 DAY = date(2026, 4, 2)
 TZ = ZoneInfo("Asia/Shanghai")
@@ -18,11 +19,11 @@ TZ = ZoneInfo("Asia/Shanghai")
 async def _hourly(pool: asyncpg.Pool, meter_id: int, ml_h: int) -> None:
     """Readings on each local hour of DAY and the next midnight, ml_h more each hour."""
     start = datetime(DAY.year, DAY.month, DAY.day, tzinfo=TZ)
-    rows = [(meter_id, start + timedelta(hours=k), 5_000 + k * ml_h, 0) for k in range(25)]
+    rows = [(meter_id, read_s(start + timedelta(hours=k)), 5_000 + k * ml_h, 0) for k in range(25)]
     await pool.copy_records_to_table(
         "readings",
         records=rows,
-        columns=["meter_id", "read_at", "register_ml", "flags"],
+        columns=["meter_id", "read_s", "register_ml", "flags"],
     )
 
 

@@ -123,8 +123,8 @@ async def test_single_meter_reads_equal_the_export(
         if rng.random() < 0.2:  # entered by hand near the boundaries: quality 7 (manual read)
             await pool.execute(
                 "UPDATE readings SET quality = 7 WHERE meter_id = $1"
-                " AND (abs(extract(epoch FROM read_at - $2)) < 7200"
-                "   OR abs(extract(epoch FROM read_at - $3)) < 7200)",
+                " AND (abs(extract(epoch FROM nbm_at(read_s) - $2)) < 7200"
+                "   OR abs(extract(epoch FROM nbm_at(read_s) - $3)) < 7200)",
                 meter_id,
                 *zone_window,
             )

@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import httpx
 import pytest
+from dbkit import read_s
 
 from decoder.encode_cjt188 import encode_cjt188
 from nbmeter.commands import screenshots
@@ -96,7 +97,7 @@ async def seed(pool: asyncpg.Pool, n_meters: int = 24, days: int = 14) -> Seeded
                 total += use_ml(i, at)
                 if (m in silent and at.date() == now.date()) or (i == 15 and at == gap):
                     continue
-                readings.append((m, at, total, 0))
+                readings.append((m, read_s(at), total, 0))
             for d in range(days, -1, -1):
                 at = now - timedelta(days=d)
                 mv = 3650 - 9 * (days - d) - 40 * (i % 7) - (500 if i == 3 else 0)
@@ -116,7 +117,7 @@ async def seed(pool: asyncpg.Pool, n_meters: int = 24, days: int = 14) -> Seeded
                                     5, "CJ/T 188 CS mismatch"))  # fmt: skip
         await conn.copy_records_to_table(
             "readings", records=readings,
-            columns=["meter_id", "read_at", "register_ml", "flags"],
+            columns=["meter_id", "read_s", "register_ml", "flags"],
         )  # fmt: skip
         await conn.executemany(
             "INSERT INTO raw_uplinks (received_at, tenant_id, meter_id, transport, payload, format,"

@@ -124,6 +124,35 @@ async def test_manual_read_never_overwrites_a_stored_reading(
     assert await pool.fetchval("SELECT count(*) FROM manual_reads WHERE meter_id = $1", m) == 1
 
 
+async def test_a_fraction_of_a_second_is_dropped(api, pool, make_tenant, add_meter):
+    """Readings are kept to the second (migration 0054): a manual read at 09:00:00.700 is
+    stored, echoed and listed at 09:00:00; the same read at 09:00:00.200 is the same
+    reading again (200), another register in that second a conflict (409)."""
+    t = await make_tenant()
+    m = await add_meter(t.tenant_id, installed_at=local(SH, 2023, 12, 1))
+    whole = local(SH, 2024, 2, 1, 9)
+    post = {"register_m3": "1.000", "source": "visit"}
+    first = await api.post(
+        f"/v1/meters/{m}/manual-reads",
+        headers=t.writer,
+        json={**post, "read_at": (whole + timedelta(milliseconds=700)).isoformat()},
+    )
+    assert first.status_code == 201, first.text
+    assert first.json()["read_at"] == whole.isoformat().replace("+00:00", "Z")
+    same_second = {**post, "read_at": (whole + timedelta(milliseconds=200)).isoformat()}
+    again = await api.post(f"/v1/meters/{m}/manual-reads", headers=t.writer, json=same_second)
+    other = await api.post(
+        f"/v1/meters/{m}/manual-reads",
+        headers=t.writer,
+        json={**same_second, "register_m3": "1.001"},
+    )
+    assert (again.status_code, other.status_code) == (200, 409), (again.text, other.text)
+    assert again.json() == first.json()
+    listed = (await api.get(f"/v1/meters/{m}/manual-reads", headers=t.reader)).json()
+    assert [x["read_at"] for x in listed] == [whole.isoformat().replace("+00:00", "Z")]
+    assert await pool.fetchval("SELECT count(*) FROM readings WHERE meter_id = $1", m) == 1
+
+
 async def test_bad_manual_reads_are_refused(api, pool, make_tenant, add_meter):
     """Future time, before installation, after removal, negative, finer or larger than the
     register, no offset or out of any calendar, two registers → 422; unknown or another
@@ -152,8 +181,19 @@ async def test_bad_manual_reads_are_refused(api, pool, make_tenant, add_meter):
         (m, {**ok, "register_m3": "1.0005"}, 422, "finer than"),
         (m, {**ok, "register_m3": "100.000"}, 422, "exceeds the register's range"),
         (m, {**ok, "read_at": "2024-02-01T09:00:00"}, 422, "read_at"),
-        (m, {**ok, "read_at": "0001-01-01T00:00:00+14:00"}, 422, "between 1970 and 2199"),
-        (m, {**ok, "read_at": "9999-12-31T23:59:59-14:00"}, 422, "between 1970 and 2199"),
+        (
+            m,
+            {**ok, "read_at": "0001-01-01T00:00:00+14:00"},
+            422,
+            "between 1970-01-01 and 2068-01-19",
+        ),
+        (
+            m,
+            {**ok, "read_at": "9999-12-31T23:59:59-14:00"},
+            422,
+            "between 1970-01-01 and 2068-01-19",
+        ),
+        (m, {**ok, "read_at": "2068-01-19T03:14:08Z"}, 422, "between 1970-01-01 and 2068-01-19"),
         (m, {**ok, "register_ml": 1_000_000}, 422, "not both"),
         (m, {**ok, "source": "guess"}, 422, "source"),
         (999_999_999, ok, 404, "no meter"),
@@ -194,7 +234,8 @@ async def test_cli_enters_a_manual_read(pool, db_url, make_tenant, add_meter):
     assert code == 0, err
     row = await pool.fetchrow(
         "SELECT r.register_ml, r.quality, mr.entered_by, mr.source FROM readings r"
-        " JOIN manual_reads mr USING (meter_id, read_at) WHERE r.meter_id = $1",
+        " JOIN manual_reads mr ON mr.meter_id = r.meter_id AND nbm_floor_s(mr.read_at) = r.read_s"
+        " WHERE r.meter_id = $1",
         m,
     )
     assert tuple(row) == (12_500_000, 7, "cli:reader-7", "customer_photo")

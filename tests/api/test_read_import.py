@@ -47,8 +47,9 @@ async def test_csv_import_stores_every_row_once(api, pool, make_tenant, add_mete
     )
     rows = await pool.fetch(
         "SELECT r.meter_id, r.register_ml, r.quality, mr.source, mr.import_id,"
-        " mr.entered_by FROM readings r JOIN manual_reads mr USING (meter_id, read_at)"
-        " WHERE r.meter_id = ANY($1::bigint[]) ORDER BY r.meter_id, r.read_at",
+        " mr.entered_by FROM readings r JOIN manual_reads mr ON mr.meter_id = r.meter_id"
+        " AND nbm_floor_s(mr.read_at) = r.read_s"
+        " WHERE r.meter_id = ANY($1::bigint[]) ORDER BY r.meter_id, r.read_s",
         [a, b],
     )
     by = "key:" + t.writer["Authorization"].split("_")[1]
@@ -88,7 +89,7 @@ async def test_json_import_overlapping_an_earlier_one(api, pool, make_tenant, ad
     assert r.status_code == 200, r.text
     assert (r.json()["stored"], r.json()["duplicates"], r.json()["replayed"]) == (2, 1, False)
     registers = await pool.fetch(
-        "SELECT register_ml FROM readings WHERE meter_id = $1 ORDER BY read_at", m
+        "SELECT register_ml FROM readings WHERE meter_id = $1 ORDER BY read_s", m
     )
     assert [x["register_ml"] for x in registers] == [1_000_000, 1_200_000, 1_300_000]
 
@@ -225,7 +226,8 @@ async def test_cli_imports_a_file(pool, db_url, make_tenant, add_meter, tmp_path
     assert (code, "1 rows, 1 stored" in out) == (0, True), err
     row = await pool.fetchrow(
         "SELECT r.register_ml, r.quality, mr.entered_by FROM readings r"
-        " JOIN manual_reads mr USING (meter_id, read_at) WHERE r.meter_id = $1",
+        " JOIN manual_reads mr ON mr.meter_id = r.meter_id AND nbm_floor_s(mr.read_at) = r.read_s"
+        " WHERE r.meter_id = $1",
         m,
     )
     assert tuple(row) == (3_250_000, 7, "cli:migration")

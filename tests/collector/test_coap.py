@@ -33,7 +33,7 @@ async def test_plain_con_stores_the_reading(
     reply = await raw.post(cjt188_frame(address, 1_230_000, hour(1)), query=f"t={lab_tenant}")
     assert reply.code_str == "2.04"
     row = await pool.fetchrow(
-        "SELECT register_ml, extract(epoch FROM read_at)::bigint AS at"
+        "SELECT register_ml, extract(epoch FROM nbm_at(read_s))::bigint AS at"
         " FROM readings WHERE meter_id = $1",
         meter_id,
     )
@@ -169,7 +169,7 @@ async def test_oscore_con_and_non_store_the_readings(
     finally:
         await client.shutdown()
     rows = await pool.fetch(
-        "SELECT register_ml FROM readings WHERE meter_id = $1 ORDER BY read_at", device.meter_id
+        "SELECT register_ml FROM readings WHERE meter_id = $1 ORDER BY read_s", device.meter_id
     )
     assert [r["register_ml"] for r in rows] == [20_000, 40_000]
     transports = await pool.fetch(

@@ -103,7 +103,7 @@ async def test_rotated_oscore_context_is_refused_within_the_bound(
     new = OscoreMeter(rotated.oscore)
     assert (await new.post(udp, cjt188_frame(device.address, 990_000, hour(99)))).code == "2.04"
     stored = await pool.fetch(
-        "SELECT register_ml FROM readings WHERE meter_id = $1 ORDER BY read_at", device.meter_id
+        "SELECT register_ml FROM readings WHERE meter_id = $1 ORDER BY read_s", device.meter_id
     )
     assert [r[0] for r in stored] == [10_000, 990_000]
 

@@ -32,9 +32,7 @@ HEADER = bytes.fromhex("0413066D")  # what encode_oms_*(…, when) sends: litres
 # signature-colliding header (tests/decoder/test_mbus.py): the register's VIF says 10 L
 COLLIDING_HEADER = bytes.fromhex("0414066D808080317F")
 COUNT = "SELECT count(*) FROM readings WHERE meter_id = $1"
-READINGS = (
-    "SELECT register_ml, extract(epoch FROM read_at)::bigint FROM readings WHERE meter_id = $1"
-)
+READINGS = "SELECT register_ml, read_s + 946684800 FROM readings WHERE meter_id = $1"
 
 
 def oms_address() -> str:
@@ -80,7 +78,7 @@ async def meter(db_url: str, slug: str, key: str) -> ProvisionedDevice:
 
 async def readings(pool: asyncpg.Pool, meter_id: int) -> list[tuple[int, int]]:
     """(register_ml, read_at epoch s) of a meter, by time."""
-    rows = await pool.fetch(READINGS + " ORDER BY read_at", meter_id)
+    rows = await pool.fetch(READINGS + " ORDER BY read_s", meter_id)
     return [(r[0], r[1]) for r in rows]
 
 

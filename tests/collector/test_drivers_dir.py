@@ -78,7 +78,7 @@ async def test_collector_stores_a_frame_of_a_tenant_driver(
             client.close()
         assert reply.code_str == "2.04", reply.payload
         rows = await pool.fetch(
-            "SELECT register_ml, extract(epoch FROM read_at)::bigint AS at FROM readings"
+            "SELECT register_ml, extract(epoch FROM nbm_at(read_s))::bigint AS at FROM readings"
             " WHERE meter_id = $1",
             meter_id,
         )

@@ -30,7 +30,7 @@ from mqtt_testkit import CollectorProcess, Streamer
 from devices.provision import ProvisionedDevice, provision_device
 
 READINGS = "SELECT count(*) FROM readings WHERE meter_id = $1"
-DISTINCT = "SELECT count(DISTINCT read_at) FROM readings WHERE meter_id = $1"
+DISTINCT = "SELECT count(DISTINCT read_s) FROM readings WHERE meter_id = $1"
 RAW = "SELECT count(*) FROM raw_uplinks WHERE meter_id = $1"
 RAW_STORED = "SELECT count(*) FROM raw_uplinks WHERE meter_id = $1 AND outcome = 'stored'"
 ANSWERS = "SELECT count(*) FROM oscore_answers WHERE meter_id = $1"

@@ -37,7 +37,7 @@ async def test_valid_total_is_stored_and_bad_billing_record_flagged(
     reply = await raw.post(frame, query=f"t={lab_tenant}")
     assert reply.code_str == "2.04", reply.payload
     rows = await pool.fetch(
-        "SELECT register_ml, extract(epoch FROM read_at)::bigint AS at FROM readings"
+        "SELECT register_ml, extract(epoch FROM nbm_at(read_s))::bigint AS at FROM readings"
         " WHERE meter_id = $1",
         device.meter_id,
     )

@@ -16,7 +16,7 @@ from test_oms_keys import oms_address, oms_frame
 from devices.provision import provision_device
 from storage import credentials
 
-READINGS = "SELECT register_ml FROM readings WHERE meter_id = $1 ORDER BY read_at"
+READINGS = "SELECT register_ml FROM readings WHERE meter_id = $1 ORDER BY read_s"
 SEALED = "SELECT aes_key_sealed, aes_key_pending_sealed FROM device_credentials WHERE meter_id = $1"
 
 

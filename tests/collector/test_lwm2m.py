@@ -551,7 +551,7 @@ async def test_the_server_observes_the_meter_object(
         raw = "SELECT count(*) FROM raw_uplinks WHERE meter_id = $1 AND outcome = 'duplicate'"
         assert await wait_count(pool, 1, raw, meter_id) == 1  # received, stored nothing new
         rows = await pool.fetch(
-            "SELECT register_ml FROM readings WHERE meter_id = $1 ORDER BY read_at", meter_id
+            "SELECT register_ml FROM readings WHERE meter_id = $1 ORDER BY read_s", meter_id
         )
         assert [r[0] for r in rows] == [10_500_000, 11_250_000, 12_000_000]
         transports = await pool.fetch(

@@ -58,7 +58,7 @@ async def test_oms_uplink_over_oscore_is_decrypted_and_stored(
         await client.shutdown()
     assert response.code == aiocoap.CHANGED, response.payload
     rows = await pool.fetch(
-        "SELECT register_ml, extract(epoch FROM read_at)::bigint AS at"
+        "SELECT register_ml, extract(epoch FROM nbm_at(read_s))::bigint AS at"
         " FROM readings WHERE meter_id = $1",
         device.meter_id,
     )

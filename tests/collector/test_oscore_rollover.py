@@ -20,7 +20,7 @@ from devices.provision import ProvisionedDevice
 from simulator.commands import CommandExecutor
 from storage import credentials
 
-READINGS = "SELECT register_ml FROM readings WHERE meter_id = $1 ORDER BY read_at"
+READINGS = "SELECT register_ml FROM readings WHERE meter_id = $1 ORDER BY read_s"
 KIDS = (
     "SELECT oscore_kid, oscore_pending_kid, oscore_replay_index, oscore_server_seq"
     " FROM device_credentials WHERE meter_id = $1"

@@ -365,7 +365,7 @@ async def test_platform_emulator_through_an_outage_stores_everything_once(
     assert await count(pool, _READINGS, slug) == len(messages)
     duplicates = await count(
         pool,
-        "SELECT count(*) FROM (SELECT meter_id, read_at FROM readings r JOIN meters m"
+        "SELECT count(*) FROM (SELECT meter_id, read_s FROM readings r JOIN meters m"
         " USING (meter_id) WHERE m.tenant_id = (SELECT tenant_id FROM tenants WHERE slug = $1)"
         " GROUP BY 1, 2 HAVING count(*) > 1) d",
         slug,

@@ -99,7 +99,7 @@ async def test_no_key_frame_is_stored_once_after_its_key_arrives(
     done = await finished(pool, tenant_id, job.job_id)
     assert (done.state, done.counts["stored"], done.n_new) == ("done", 1, 1)
     readings = await pool.fetch(
-        "SELECT register_ml, extract(epoch FROM read_at)::bigint AS at"
+        "SELECT register_ml, extract(epoch FROM nbm_at(read_s))::bigint AS at"
         " FROM readings WHERE meter_id = $1",
         device.meter_id,
     )
@@ -153,8 +153,8 @@ async def test_a_meters_no_key_rows_are_redecoded_in_bulk_as_its_device(
     done = await finished(pool, tenant_id, job.job_id)
     assert (done.state, done.counts["stored"], done.n_new) == ("done", 3, 3)
     rows = await pool.fetch(
-        "SELECT register_ml, extract(epoch FROM read_at)::bigint AS at"
-        " FROM readings WHERE meter_id = $1 ORDER BY read_at",
+        "SELECT register_ml, extract(epoch FROM nbm_at(read_s))::bigint AS at"
+        " FROM readings WHERE meter_id = $1 ORDER BY read_s",
         device.meter_id,
     )
     assert [tuple(r) for r in rows] == [(1_000_000 * (n + 1), hour(60 + n)) for n in range(3)]

@@ -95,7 +95,7 @@ async def _lab(pool: asyncpg.Pool, n: int) -> tuple[str, list[str]]:
 
 async def _stored(pool: asyncpg.Pool, slug: str) -> list[tuple[str, int]]:
     rows = await pool.fetch(
-        "SELECT m.address, extract(epoch FROM r.read_at)::bigint FROM readings r"
+        "SELECT m.address, extract(epoch FROM nbm_at(r.read_s))::bigint FROM readings r"
         " JOIN meters m USING (meter_id) JOIN tenants t USING (tenant_id) WHERE t.slug = $1",
         slug,
     )

@@ -119,7 +119,8 @@ async def test_auto_close_after_the_condition_cleared(pool: asyncpg.Pool, tenant
     await alarms.set_rule(pool, tenant_id, "leak", auto_close_after_s=3600)
     await _events(pool, [EventRow(m, T0, "leak", T0)])
     await pool.executemany(
-        "INSERT INTO readings (meter_id, read_at, register_ml, flags) VALUES ($1, $2, 1000, $3)",
+        "INSERT INTO readings (meter_id, read_s, register_ml, flags)"
+        " VALUES ($1, nbm_floor_s($2), 1000, $3)",
         [(m, T0, 8), (m, T0 + timedelta(hours=1), 2048), (m, T0 + timedelta(hours=2), 0)],
     )
     assert await alarms.sweep(pool, T0 + timedelta(hours=2, minutes=30)) == (1, 0)
@@ -140,7 +141,8 @@ async def test_flag_again_before_auto_close_keeps_it_open(
     m = await _meter(pool, tenant_id, "al5")
     await _events(pool, [EventRow(m, T0, "leak", T0)])
     await pool.execute(
-        "INSERT INTO readings (meter_id, read_at, register_ml, flags) VALUES ($1, $2, 1000, 0)",
+        "INSERT INTO readings (meter_id, read_s, register_ml, flags)"
+        " VALUES ($1, nbm_floor_s($2), 1000, 0)",
         m,
         T0 + timedelta(hours=1),
     )

@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
+from dbkit import read_s
 
 from decoder.columns import Flag
 from storage import alarms, analytics, districts
@@ -52,12 +53,12 @@ async def _hourly(
     register, rows = 1_000_000, []
     for k in range(days * 24 + 1):
         at = local(D0) + timedelta(hours=k)
-        rows.append((meter_id, at, register, flags(at)))
+        rows.append((meter_id, read_s(at), register, flags(at)))
         register += flow(k // 24, k % 24)
     await pool.copy_records_to_table(
         "readings",
         records=rows,
-        columns=["meter_id", "read_at", "register_ml", "flags"],
+        columns=["meter_id", "read_s", "register_ml", "flags"],
     )
 
 
@@ -168,10 +169,10 @@ async def test_valve_reopened_clears_valve_closed(pool: asyncpg.Pool, tenant_id:
     daily = await _meter(pool, tenant_id)
     await pool.copy_records_to_table(
         "readings",
-        records=[(daily, local(D0 + timedelta(days=k)), ml, flag)
+        records=[(daily, read_s(local(D0 + timedelta(days=k))), ml, flag)
                  for k, ml, flag in ((0, 10**6, 1), (1, 10**6, 1), (2, 10**6 + 50_000, 0),
                                      (3, 10**6 + 90_000, 0))],
-        columns=["meter_id", "read_at", "register_ml", "flags"],
+        columns=["meter_id", "read_s", "register_ml", "flags"],
     )  # fmt: skip
     async with pool.acquire() as conn, conn.transaction():
         await write_events(conn, [EventRow(valve, closed_at, "valve_closed", closed_at),

@@ -77,7 +77,8 @@ async def test_fresh_batch_is_copied_with_every_value(pool: asyncpg.Pool, tenant
     assert result.path == "copy"
     assert result.new_mask.tolist() == [True, True, True]
     rows = await pool.fetch(
-        "SELECT * FROM readings WHERE meter_id = ANY($1::bigint[]) ORDER BY read_at",
+        "SELECT meter_id, nbm_at(read_s) AS read_at, register_ml, flags, quality FROM readings"
+        " WHERE meter_id = ANY($1::bigint[]) ORDER BY read_s",
         meters.tolist(),
     )
     epoch = datetime(1970, 1, 1, tzinfo=UTC)
@@ -97,8 +98,18 @@ async def test_fresh_batch_is_copied_with_every_value(pool: asyncpg.Pool, tenant
         # uint32 bit 31 is stored as the integer with the same bits
         (meters[1], T0_S + 2, 7, -(1 << 31) + 1, None),
     ]
-    # the row is the packed one of 0049: no per-uplink columns
-    assert list(rows[0].keys()) == ["read_at", "register_ml", "meter_id", "flags", "quality"]
+    # the row is the packed one of 0054: no per-uplink columns, the time as int4 seconds
+    columns = await pool.fetch(
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'readings'::regclass"
+        " AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
+    )
+    assert [c["attname"] for c in columns] == [
+        "read_s",
+        "meter_id",
+        "register_ml",
+        "flags",
+        "quality",
+    ]
 
 
 async def test_clock_ahead_is_flagged_by_the_receive_time(
@@ -259,7 +270,7 @@ async def test_concurrent_overlapping_writers(pool: asyncpg.Pool, tenant_id: int
     assert await stored(pool, meters) == distinct
     dupes = await pool.fetchval(
         "SELECT count(*) FROM (SELECT 1 FROM readings WHERE meter_id = ANY($1::bigint[])"
-        " GROUP BY meter_id, read_at HAVING count(*) > 1) d",
+        " GROUP BY meter_id, read_s HAVING count(*) > 1) d",
         meters.tolist(),
     )
     assert dupes == 0

@@ -32,7 +32,8 @@ async def _fill(conn: asyncpg.Connection) -> None:
             f" VALUES ({when}, 1, 'undecodable', 'test')"
         )
         await conn.execute(
-            f"INSERT INTO readings (meter_id, read_at, register_ml) VALUES (1, {when}, 1)"
+            "INSERT INTO readings (meter_id, read_s, register_ml)"
+            f" VALUES (1, nbm_floor_s({when}), 1)"
         )
 
 
