@@ -39,13 +39,13 @@ from storage import analytics  # noqa: E402
 from storage.apikeys import create_tenant  # noqa: E402
 from storage.migrate import migrate  # noqa: E402
 
-PG_EPOCH_US = int(datetime(2000, 1, 1, tzinfo=UTC).timestamp()) * 1_000_000
+PG_EPOCH_S = int(datetime(2000, 1, 1, tzinfo=UTC).timestamp())  # readings.read_s (0054)
 FIRST_DAY = date(2026, 1, 1)  # local days from here
 UTC_OFFSET_S = 8 * 3600  # Asia/Shanghai, the tenant's default zone (no DST)
 PER_DISTRICT = 1000
 ROW = np.dtype(
-    [("n", ">i2"), ("l1", ">i4"), ("meter", ">i4"), ("l2", ">i4"), ("t", ">i8"),
-     ("l3", ">i4"), ("reg", ">i8"), ("l4", ">i4"), ("flags", ">i4")]  # readings (0049)
+    [("n", ">i2"), ("l1", ">i4"), ("meter", ">i4"), ("l2", ">i4"), ("t", ">i4"),
+     ("l3", ">i4"), ("reg", ">i8"), ("l4", ">i4"), ("flags", ">i4")]  # readings (0054)
 )  # fmt: skip
 HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 TRAILER = struct.pack(">h", -1)
@@ -75,11 +75,11 @@ def day_block(ids: Int64s, flows: Int64s, start: Int64s, day: int) -> bytes:
     """Binary COPY rows of one local day (readings at hours 0..23) for meters `ids`."""
     n = len(ids)
     rows = np.zeros((n, 24), ROW)
-    rows["n"], rows["l1"], rows["l2"], rows["l3"], rows["l4"] = 4, 4, 8, 8, 4
+    rows["n"], rows["l1"], rows["l2"], rows["l3"], rows["l4"] = 4, 4, 4, 8, 4
     rows["meter"] = ids[:, None]
     midnight_s = (FIRST_DAY - date(1970, 1, 1)).days * 86400 + day * 86400 - UTC_OFFSET_S
-    t_us = (midnight_s + np.arange(24, dtype=np.int64) * 3600) * 1_000_000 - PG_EPOCH_US
-    rows["t"] = t_us[None, :]
+    t_s = midnight_s + np.arange(24, dtype=np.int64) * 3600 - PG_EPOCH_S
+    rows["t"] = t_s[None, :]
     # the register at hour h: the day's start plus the flows of the hours before h
     rows["reg"] = start[:, None] + np.cumsum(flows, axis=1) - flows
     return rows.tobytes()
@@ -126,7 +126,7 @@ async def build(dsn: str, meters: int, days: int) -> tuple[int, int, int]:
         flows = np.concatenate([customers, bulk])
         start = np.full(len(ids), 1_000_000, dtype=np.int64)
         t0 = time.perf_counter()
-        cols = ["meter_id", "read_at", "register_ml", "flags"]
+        cols = ["meter_id", "read_s", "register_ml", "flags"]
         for day in range(days + 1):  # the last: only the closing midnight's reading
             block = day_block(ids, flows, start, day)
             if day == days:

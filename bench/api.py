@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from storage.apikeys import create_api_key, create_tenant  # noqa: E402
 from storage.migrate import migrate  # noqa: E402
 
-PG_EPOCH_US = int(datetime(2000, 1, 1, tzinfo=UTC).timestamp()) * 1_000_000
+PG_EPOCH_S = int(datetime(2000, 1, 1, tzinfo=UTC).timestamp())  # readings.read_s (0054)
 FIRST_DAY = datetime(2023, 12, 29, tzinfo=UTC)  # readings from here, daily
 DAYS = 66  # to 2024-03-04: covers cycles 2024-01-01 and 2024-02-01 (Asia/Shanghai) and margin
 CYCLE = "2024-02-01"
@@ -53,7 +53,7 @@ ROW = np.dtype(
         ("l1", ">i4"),
         ("meter", ">i4"),  # readings.meter_id is int4 (0049)
         ("l2", ">i4"),
-        ("t", ">i8"),
+        ("t", ">i4"),  # readings.read_s: int4 seconds since 2000 (0054)
         ("l3", ">i4"),
         ("reg", ">i8"),
         ("l4", ">i4"),
@@ -73,11 +73,11 @@ def day_block(first_id: int, n: int, day: int) -> bytes:
     """Binary COPY rows of one day's reading for n meters (time of day varies per meter)."""
     rows = np.zeros(n, ROW)
     ids = np.arange(first_id, first_id + n, dtype=np.int64)
-    rows["n"], rows["l1"], rows["l2"], rows["l3"], rows["l4"] = 4, 4, 8, 8, 4
+    rows["n"], rows["l1"], rows["l2"], rows["l3"], rows["l4"] = 4, 4, 4, 8, 4
     rows["meter"] = ids
-    day_us = (int(FIRST_DAY.timestamp()) + day * 86400) * 1_000_000 - PG_EPOCH_US
-    offset_us = (ids * 7919 % 86400) * 1_000_000  # spread over the day: mostly interpolated
-    rows["t"] = day_us + offset_us
+    day_s = int(FIRST_DAY.timestamp()) + day * 86400 - PG_EPOCH_S
+    offset_s = ids * 7919 % 86400  # spread over the day: mostly interpolated
+    rows["t"] = day_s + offset_s
     per_day_ml = 100_000 + (ids % 400) * 1_000  # 100..499 L/day
     rows["reg"] = (ids % 1000) * 1_000_000 + per_day_ml * day
     return rows.tobytes()
@@ -107,7 +107,7 @@ async def build(dsn: str, meters: int) -> tuple[str, int]:
                 "readings",
                 source=_chunks(data),
                 format="binary",
-                columns=["meter_id", "read_at", "register_ml", "flags"],
+                columns=["meter_id", "read_s", "register_ml", "flags"],
             )
             if day % 10 == 9 or day == DAYS - 1:
                 done = meters * (day + 1)
@@ -146,13 +146,13 @@ FROM meters m
 CROSS JOIN LATERAL (SELECT ('2024-02-01'::timestamp AT TIME ZONE 'Asia/Shanghai') AS o,
                            ('2024-03-01'::timestamp AT TIME ZONE 'Asia/Shanghai') AS c) b
 LEFT JOIN LATERAL (SELECT register_ml FROM readings r WHERE r.meter_id = m.meter_id
-    AND r.read_at <= b.o ORDER BY r.read_at DESC LIMIT 1) po ON true
+    AND r.read_s <= nbm_floor_s(b.o) ORDER BY r.read_s DESC LIMIT 1) po ON true
 LEFT JOIN LATERAL (SELECT register_ml FROM readings r WHERE r.meter_id = m.meter_id
-    AND r.read_at > b.o ORDER BY r.read_at LIMIT 1) no ON true
+    AND r.read_s > nbm_floor_s(b.o) ORDER BY r.read_s LIMIT 1) no ON true
 LEFT JOIN LATERAL (SELECT register_ml FROM readings r WHERE r.meter_id = m.meter_id
-    AND r.read_at <= b.c ORDER BY r.read_at DESC LIMIT 1) pc ON true
+    AND r.read_s <= nbm_floor_s(b.c) ORDER BY r.read_s DESC LIMIT 1) pc ON true
 LEFT JOIN LATERAL (SELECT register_ml FROM readings r WHERE r.meter_id = m.meter_id
-    AND r.read_at > b.c ORDER BY r.read_at LIMIT 1) nc ON true
+    AND r.read_s > nbm_floor_s(b.c) ORDER BY r.read_s LIMIT 1) nc ON true
 ORDER BY m.meter_id"""
 
 

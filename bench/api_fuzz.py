@@ -82,11 +82,12 @@ async def build(dsn: str) -> str:
                 f"FUZZ{n:04d}",
                 first - timedelta(days=1),
             )
-            rows = [(meter, first + timedelta(days=d), 1000 * d, 0) for d in range(60)]
+            since_2000 = int(first.timestamp()) - 946_684_800  # readings.read_s (0054)
+            rows = [(meter, since_2000 + d * 86400, 1000 * d, 0) for d in range(60)]
             await conn.copy_records_to_table(
                 "readings",
                 records=rows,
-                columns=["meter_id", "read_at", "register_ml", "flags"],
+                columns=["meter_id", "read_s", "register_ml", "flags"],
             )
         return await create_api_key(conn, tenant, ["admin"])
     finally:

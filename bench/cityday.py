@@ -311,7 +311,8 @@ SELECT format('%I.%I', c.chunk_schema, c.chunk_name), s.table_bytes, s.index_byt
 FROM timescaledb_information.chunks c
 JOIN chunks_detailed_size('readings') s
   ON s.chunk_schema = c.chunk_schema AND s.chunk_name = c.chunk_name
-WHERE c.hypertable_name = 'readings' AND c.range_start <= $1 AND c.range_end > $1
+WHERE c.hypertable_name = 'readings' AND c.range_start_integer <= nbm_floor_s($1)
+  AND c.range_end_integer > nbm_floor_s($1)
 """
 
 
