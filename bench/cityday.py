@@ -27,7 +27,7 @@ uplink meets a cold context cache, as a meter reporting once a day does):
    Answers are 2.04 only after commit; a 5.03 sends the uplink again later.
 3. the billing side: close the cycle that ends after that day for every meter (publish
    its boundary reads, as POST /v1/cycles/{id}/close) and stream the NDJSON export (the
-   export's storage path, without HTTP), each timed.
+   export's storage path, without HTTP, on sessions set up as the API's), each timed.
 
 Printed: uplinks/s and readings/s sustained (the herd), CPU µs per uplink in the
 collector and in its PostgreSQL backends, answer times p50/p99 per phase, uplinks per
@@ -81,6 +81,7 @@ from benchkit import (
     watcher,
 )
 
+from api.app import SERVER_SETTINGS
 from billing.boundary import Tuning
 from decoder.encode_cjt188 import GAS, WATER, encode_cjt188
 from decoder.encode_senml import encode_senml, water_pack
@@ -354,8 +355,9 @@ async def compacted(db_url: str, day: datetime) -> None:
 
 
 async def billing_side(db_url: str, tenant: int, day: date) -> None:
-    """Close the cycle ending after `day` for every meter, then stream its NDJSON export."""
-    pool = await create_pool(db_url, min_size=2, max_size=4)
+    """Close the cycle ending after `day` for every meter, then stream its NDJSON export,
+    on sessions set up as the API's (generic plans, no runtime chunk exclusion: api.app)."""
+    pool = await create_pool(db_url, min_size=2, max_size=4, server_settings=SERVER_SETTINGS)
     try:
         tuning = Tuning(timedelta(hours=1))
         start, end = day - timedelta(days=30), day + timedelta(days=1)

@@ -21,9 +21,11 @@
 -- nbm_floor_s(t) / nbm_ceil_s(t) turn a bound into seconds for an index condition:
 --   read_at <= t  is  read_s <= nbm_floor_s(t)     read_at > t  is  read_s > nbm_floor_s(t)
 --   read_at >= t  is  read_s >= nbm_ceil_s(t)      read_at < t  is  read_s < nbm_ceil_s(t)
--- (exact for any t; a bound outside int4 is clamped, so 'infinity' works). All three are
--- IMMUTABLE: an index condition on a query's constant still prunes chunks at executor
--- startup. nbm_now_s() is the hypertable's integer "now" (compression policies).
+-- (exact for any t: a double holds its seconds to well under a microsecond; a bound
+-- outside int4 is clamped, so 'infinity' works). All three are IMMUTABLE and inline into
+-- the query (no function call per row or per index rescan): an index condition on a
+-- query's constant still prunes chunks at executor startup. nbm_now_s() is the
+-- hypertable's integer "now" (compression policies).
 --
 -- The table is rebuilt as in 0049 (a column's type cannot change in place): a new
 -- hypertable with the same chunk interval in seconds, the rows copied, the old one dropped,
@@ -37,15 +39,20 @@ CREATE FUNCTION nbm_at(s integer) RETURNS timestamptz
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS
 $$ SELECT to_timestamp(s::bigint + 946684800) $$;
 
+-- Not STRICT, so that they inline (a STRICT SQL function inlines only if its body is
+-- strict, and least/greatest are not): NULL gives NULL through the CASE instead. Their
+-- epoch is that of an interval (immutable; a timestamptz's own is only stable).
 CREATE FUNCTION nbm_floor_s(t timestamptz) RETURNS integer
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS
-$$ SELECT least(greatest(floor(extract(epoch FROM t)) - 946684800, -2147483648),
-                2147483647)::integer $$;
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS
+$$ SELECT CASE WHEN t IS NOT NULL THEN least(greatest(
+       floor(date_part('epoch', t - timestamptz '2000-01-01 00:00:00+00')),
+       -2147483648), 2147483647)::integer END $$;
 
 CREATE FUNCTION nbm_ceil_s(t timestamptz) RETURNS integer
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS
-$$ SELECT least(greatest(ceil(extract(epoch FROM t)) - 946684800, -2147483648),
-                2147483647)::integer $$;
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS
+$$ SELECT CASE WHEN t IS NOT NULL THEN least(greatest(
+       ceil(date_part('epoch', t - timestamptz '2000-01-01 00:00:00+00')),
+       -2147483648), 2147483647)::integer END $$;
 
 CREATE FUNCTION nbm_now_s() RETURNS integer
 LANGUAGE sql STABLE PARALLEL SAFE AS $$ SELECT nbm_floor_s(now()) $$;
@@ -115,7 +122,8 @@ $$;
 -- nbm_boundary_read as in 0049 over read_s: the same arguments, results and plan (an
 -- index scan per chunk, chunks pruned at executor startup). Index conditions turn their
 -- bounds into seconds; the per-meter filters (`at`, installation, removal) compare
--- seconds by subtraction, so they stay filters as before. Twin: billing.boundary.
+-- nbm_at(read_s) by subtraction as 0049 compared read_at, so they stay filters.
+-- Twin: billing.boundary.
 CREATE OR REPLACE FUNCTION nbm_boundary_read(
     p_meter bigint, p_at timestamptz, p_edge text, p_bound timestamptz,
     p_installed timestamptz, p_removed timestamptz, p_initial_ml bigint, p_final_ml bigint,
@@ -177,18 +185,18 @@ LEFT JOIN LATERAL (
     SELECT nbm_at(r.read_s) AS read_at, r.register_ml, r.flags, r.quality FROM readings r
     WHERE r.meter_id = p_meter AND r.read_s <= nbm_floor_s(p_bound)
       AND r.read_s > nbm_floor_s(p_bound - least(p_reach, interval '35 days'))
-      AND r.read_s - nbm_floor_s(p_at) <= 0
-      AND r.read_s - nbm_ceil_s(p_installed) >= 0
-      AND nbm_floor_s(coalesce(p_removed, 'infinity')) - r.read_s >= 0
+      AND nbm_at(r.read_s) - p_at <= interval '0'
+      AND nbm_at(r.read_s) - p_installed >= interval '0'
+      AND coalesce(p_removed, 'infinity') - nbm_at(r.read_s) >= interval '0'
       AND r.flags & 4096 = 0
     ORDER BY r.read_s DESC LIMIT 1) p ON true
 LEFT JOIN LATERAL (
     SELECT nbm_at(r.read_s) AS read_at, r.register_ml, r.flags, r.quality FROM readings r
     WHERE r.meter_id = p_meter AND r.read_s >= nbm_ceil_s(p_bound)
       AND r.read_s <= nbm_floor_s(p_bound + least(p_reach, interval '35 days'))
-      AND r.read_s - nbm_floor_s(p_at) > 0
-      AND r.read_s - nbm_ceil_s(p_installed) >= 0
-      AND nbm_floor_s(coalesce(p_removed, 'infinity')) - r.read_s >= 0
+      AND nbm_at(r.read_s) - p_at > interval '0'
+      AND nbm_at(r.read_s) - p_installed >= interval '0'
+      AND coalesce(p_removed, 'infinity') - nbm_at(r.read_s) >= interval '0'
       AND r.flags & 4096 = 0
     ORDER BY r.read_s ASC LIMIT 1) n ON true
 CROSS JOIN LATERAL (
