@@ -14,7 +14,7 @@ The view is a set of meter ids, live only while all three hold:
   completed: a command committed before the load's snapshot is in the load, one
   committed after it is announced (notifications that arrive during the load are added
   to what it returns);
-- the set holds at most `cap` meters (a fleet-wide job queues one command to millions).
+- the set holds at most `cap` meters (fleet-wide jobs can queue commands to millions).
 Otherwise `may_have` is True for every meter: every window claims, as without the view.
 It is loaded again every `reload_every_s` (how long a meter whose commands have all been
 answered, expired or cancelled stays in the set), after every reconnect (notifications
