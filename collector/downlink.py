@@ -8,6 +8,9 @@ run after the uplink is durable: they claim the meter's pending commands
 the moment of sending). Claims arriving together (a committed batch answers many uplinks
 at once) go to the database in one query. A failed or slow claim gives an empty envelope
 (the uplink's answer is never held back): the commands go out in a later window.
+With a `collector.pending.PendingView`, a meter it says has nothing pending gets b""
+without a claim: the MQTT window names its meter id (`meter_id`, resolved from the topic
+when its uplink was stored) for that; without one, it claims by topic as before.
 
 `Downlinks.answer(meter_id, address, payload)` records a device's answers
 (`decoder.commands.parse_results`): per command id `recorded`, `repeated` or `unknown`.
@@ -25,6 +28,7 @@ from typing import Final, TypeAlias
 import structlog
 
 from collector import metrics
+from collector.pending import PendingView
 from decoder.commands import downlink, parse_results, rotate_target
 from devices import provision
 from storage import credentials, mailbox, oscore_rollover
@@ -43,20 +47,38 @@ EXPIRE_EVERY_S: Final = 10.0
 class Downlinks:
     """Claims pending commands in batches and records answers, on one pool."""
 
-    def __init__(self, pool: Pool, credentials_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        credentials_key: bytes | None = None,
+        pending: PendingView | None = None,
+    ) -> None:
         self._pool = pool
         self._key = credentials_key  # opens/seals the AES keys a rotate_key carries
+        self._pending = pending  # None: every window claims
         self._waiting: dict[Key, list[asyncio.Future[bytes]]] = defaultdict(list)
         self._flushing: set[asyncio.Task[None]] = set()
         self._expired_at = 0.0
 
     async def for_meter(self, meter_id: int) -> bytes:
         """The envelope of meter `meter_id`'s pending commands (b"" when none)."""
+        if self._nothing_for(meter_id):
+            return b""
         return await self._claim(meter_id)
 
-    async def for_topic(self, slug: str, address: str) -> bytes:
-        """The envelope for the meter of MQTT topic (tenant slug, address) (b"" when none)."""
+    async def for_topic(self, slug: str, address: str, meter_id: int | None = None) -> bytes:
+        """The envelope for the meter of MQTT topic (tenant slug, address) (b"" when none);
+        `meter_id`, the topic's meter when known, lets the pending view skip the claim."""
+        if meter_id is not None and self._nothing_for(meter_id):
+            return b""
         return await self._claim((slug, address))
+
+    def _nothing_for(self, meter_id: int) -> bool:
+        """True when the pending view says the meter has no command: no claim to run."""
+        if self._pending is None or self._pending.may_have(meter_id):
+            return False
+        metrics.COMMAND_CLAIMS_SKIPPED.inc()
+        return True
 
     async def _claim(self, key: Key) -> bytes:
         loop = asyncio.get_running_loop()

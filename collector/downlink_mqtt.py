@@ -108,14 +108,18 @@ class MqttDownlink:
 
     # -- commands out --------------------------------------------------------------------
 
-    def uplink_stored(self, topic: tuple[str, str]) -> None:
-        """A device's uplink is durable: send its pending commands (runs in a task)."""
-        task = asyncio.get_running_loop().create_task(self._send(*topic), name="downlink-mqtt")
+    def uplink_stored(self, topic: tuple[str, str], meter_id: int | None = None) -> None:
+        """A device's uplink is durable: send its pending commands (runs in a task).
+        `meter_id` (the topic's meter, when the store resolved it) lets the pending view
+        skip the claim."""
+        task = asyncio.get_running_loop().create_task(
+            self._send(*topic, meter_id), name="downlink-mqtt"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, slug: str, address: str) -> None:
-        envelope = await self._downlinks.for_topic(slug, address)
+    async def _send(self, slug: str, address: str, meter_id: int | None) -> None:
+        envelope = await self._downlinks.for_topic(slug, address, meter_id)
         if envelope:
             info = self._client.publish(down_topic(slug, address), envelope, qos=1)
             if info.rc != paho.MQTT_ERR_SUCCESS:  # goes out again in the next window

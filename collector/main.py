@@ -29,6 +29,7 @@ from collector.drivers import install_directory
 from collector.keys import MeterKeys
 from collector.logs import configure_logging
 from collector.mqtt import MqttSubscriber
+from collector.pending import PendingView
 from collector.pipeline import Pipeline
 from collector.platform_http import PlatformServer, build_app
 from collector.redecode import Redecoder
@@ -90,7 +91,10 @@ async def run(
             connect_timeout_s=5.0, command_timeout_s=30.0, reset=keep_session,
         )  # fmt: skip
     http = metrics.serve(settings.metrics_host, settings.metrics_port)
-    downlinks = Downlinks(pool, key)  # the mailbox's commands, in each device's window
+    # the mailbox's commands, in each device's window; claimed only for meters that may
+    # have one (the view's LISTEN connection is its own, not the pool's)
+    pending = PendingView(pool, settings.database_url)
+    downlinks = Downlinks(pool, key, pending)
     down = MqttDownlink(settings.mqtt_url, settings.mqtt, downlinks) if settings.mqtt_url else None
     mqtt = (
         MqttSubscriber(
@@ -117,6 +121,7 @@ async def run(
                 )  # fmt: skip
                 group.create_task(hooks.run(stop), name="webhooks")
             expiry = group.create_task(downlinks.expire_forever(), name="downlink-expiry")
+            pending_view = group.create_task(pending.run(), name="pending-commands")
             chunk_expiry = group.create_task(
                 retention.run(pool, settings.retention, settings.database_url), name="retention"
             )
@@ -177,6 +182,7 @@ async def run(
             if mqtt is not None:
                 await mqtt.drain_and_stop()
             expiry.cancel()
+            pending_view.cancel()
             if down is not None:
                 await down.stop()
             await asyncio.sleep(0.05)  # let CoAP handlers send the answers just resolved

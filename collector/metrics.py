@@ -47,6 +47,19 @@ COMMANDS = Counter(
     "Mailbox commands handed to devices (sent, again included) and answers recorded.",
     ["event"],
 )
+COMMAND_CLAIMS_SKIPPED = Counter(
+    "nbmeter_collector_command_claims_skipped_total",
+    "Windows that ran no claim: the meter has no pending command in the live pending view.",
+)
+PENDING_VIEW_LIVE = Gauge(
+    "nbmeter_collector_pending_view_live",
+    "1 while the pending-command view is live (windows of meters outside it skip the"
+    " claim), 0 while every window claims (not loaded yet, listener lost, over its cap).",
+)
+PENDING_VIEW_METERS = Gauge(
+    "nbmeter_collector_pending_view_meters",
+    "Meters that may have a pending command, in the live view (0 while it is not live).",
+)
 QUEUE_DEPTH = Gauge("nbmeter_collector_queue_depth", "Uplinks offered but not yet committed.")
 PLATFORM_REFUSED = Counter(
     "nbmeter_collector_platform_refused_total",

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import structlog
 
-from collector.mqtt_session import Role, Session, parse_topic
+from collector.mqtt_session import DurableHook, Role, Session, parse_topic
 from collector.pipeline import Pipeline
 from collector.settings import MqttSettings
 from devices.address import BrokerAddress, MqttError, tls_context
@@ -83,10 +83,10 @@ class MqttSubscriber:
         url: str,
         settings: MqttSettings,
         pipeline: Pipeline,
-        on_durable: Callable[[tuple[str, str]], None] | None = None,
+        on_durable: DurableHook | None = None,
     ) -> None:
         """Prepare (not yet connect) a subscriber to the broker at `url`; `on_durable` gets
-        each stored uplink's (tenant slug, address) (the mailbox's downlinks)."""
+        each stored uplink's (tenant slug, address) and meter id (the mailbox's downlinks)."""
         self._on_durable = on_durable
         self._address = BrokerAddress.parse(url)
         self._settings = settings

@@ -75,6 +75,8 @@ _DISCONNECT_WITH_WILL = 0x04
 # (peer client id, acknowledge the will) -> the collector takes the peer's session over
 AdoptHook = Callable[[str, Callable[[], None]], None]
 Role = Literal["member", "adopter", "watcher"]
+# (tenant slug, address), the topic's meter id (None: not resolved) -> its commands go out
+DurableHook = Callable[[tuple[str, str], int | None], None]
 _LIVE_WILLS, _RETAINED_WILLS = 1, 2  # subscription identifiers of the watcher
 
 
@@ -112,10 +114,11 @@ class Session:
         client_id: str,
         role: Role,
         adopt: AdoptHook,
-        on_durable: Callable[[tuple[str, str]], None] | None = None,
+        on_durable: DurableHook | None = None,
     ) -> None:
         """Prepare (not yet connect) the session `client_id` in `role`; `on_durable` is
-        called with an uplink's (tenant slug, address) once it is stored and acked."""
+        called with an uplink's (tenant slug, address) and meter id once it is stored and
+        acked."""
         self.client_id = client_id
         self._on_durable = on_durable  # issue 13: the device's pending commands go out
         self.role = role
@@ -379,7 +382,7 @@ class Session:
             self._unclean.append("a message came after the pipeline closed")
             return  # not acked: it stays in the session, which is therefore kept
         self._inflight.add(future)
-        future.add_done_callback(lambda f: self._done(f, generation, mid, qos, claimed))
+        future.add_done_callback(lambda f: self._done(f, generation, mid, qos, claimed, uplink))
 
     def _will(self, generation: int, topic: str, wanted: bool, mid: int) -> None:
         peer = topic.split("/")[2]
@@ -399,6 +402,7 @@ class Session:
         mid: int,
         qos: int,
         claimed: tuple[str, str] | None = None,
+        uplink: Uplink | None = None,
     ) -> None:
         self._inflight.discard(future)
         if future.cancelled() or future.exception() is not None:
@@ -412,4 +416,6 @@ class Session:
             return
         self._ack(generation, mid, qos)
         if self._on_durable is not None and claimed is not None and outcome.status != "quarantined":
-            self._on_durable(claimed)
+            # the store resolved the topic to its meter (uplink.device) in the same batch
+            device = None if uplink is None else uplink.device
+            self._on_durable(claimed, None if device is None else device.meter_id)

@@ -8,6 +8,10 @@
 acknowledged, failed and cancelled are final. Every state change goes through
 `storage.mailbox`, whose SQL takes the allowed source states from `sources()`; tests walk
 every edge of TRANSITIONS.
+
+A command that enters PENDING is announced to the collectors, whose pending view skips
+the claim for every other meter (migration 0055): today only by INSERT, as no transition
+leads back into PENDING; the migration's update trigger covers one that would.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ exception raised by a callback is logged (`notify_callback.failed`) and does not
 loop: a bug in one consumer must not silence its notifications for the process's life.
 
 Users: the OSCORE credentials (`listen_credentials`, CHANNEL, migration 0030),
-`storage.apikeys.listen_key_changes` (migration 0031) and the re-decode queue's
-`storage.redecode_queue.listen` (migration 0032).
+`storage.apikeys.listen_key_changes` (migration 0031), the re-decode queue's
+`storage.redecode_queue.listen` (migration 0032) and the collectors' pending-command view
+(`storage.pending_commands.listen`, migration 0055).
 """
 
 from __future__ import annotations

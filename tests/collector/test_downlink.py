@@ -17,7 +17,7 @@ from collector_testkit import CollectorProcess, OscoreMeter, RawCoap, cjt188_fra
 from conftest import Broker, RunningCollector, new_address
 from downlink_testkit import MqttMeter
 
-from collector import downlink
+from collector import downlink, metrics
 from devices.provision import ProvisionedDevice, provision_device
 from simulator.commands import CommandExecutor
 from storage import mailbox
@@ -301,3 +301,61 @@ async def test_kill_9_loses_no_command_and_runs_none_twice(
             await proc.wait()
     done = await row(pool, cid)
     assert (done["state"], done["attempts"]) == ("acknowledged", 2)
+
+
+# the collector's pending view hears of a command within moments of its commit (NOTIFY)
+ANNOUNCED_WITHIN_S = 0.5
+
+
+async def skipped_since(before: float, within_s: float) -> bool:
+    """True once a window has skipped its claim since the count was `before`."""
+    deadline = time.monotonic() + within_s
+    while metrics.COMMAND_CLAIMS_SKIPPED._value.get() == before:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def test_coap_windows_without_commands_run_no_claim(
+    pool: asyncpg.Pool, device: ProvisionedDevice, meter: OscoreMeter, raw: RawCoap
+) -> None:
+    """The running collector's pending view skips the claim of a meter with nothing
+    pending; a command queued afterwards is announced and rides on the next 2.04."""
+    before = metrics.COMMAND_CLAIMS_SKIPPED._value.get()
+    for n in range(20):  # the view is live moments after the collector starts
+        reply = await meter.post(raw, cjt188_frame(device.address, 60_000 + n, hour(20 + n)))
+        assert (reply.code, reply.payload) == ("2.04", b"")
+        if await skipped_since(before, 0.5):
+            break
+    assert metrics.COMMAND_CLAIMS_SKIPPED._value.get() > before
+    cid = await queue_command(pool, device)
+    await asyncio.sleep(ANNOUNCED_WITHIN_S)
+    reply = await meter.post(raw, cjt188_frame(device.address, 61_000, hour(50)))
+    assert json.loads(reply.payload)["cmds"][0]["id"] == cid
+
+
+async def test_mqtt_windows_without_commands_run_no_claim(
+    pool: asyncpg.Pool, broker: Broker, device: ProvisionedDevice, collector: RunningCollector
+) -> None:
+    """MQTT too: the meter the store resolved from the topic has nothing pending, so its
+    window runs no claim; a command queued afterwards goes to its down topic."""
+    client = MqttMeter(broker.port, device.mqtt)
+    try:
+        assert client.subscribe() == [1]
+        before = metrics.COMMAND_CLAIMS_SKIPPED._value.get()
+        for n in range(20):
+            frame = cjt188_frame(device.address, 70_000 + n, hour(60 + n))
+            assert client.publish(client.topic_up, frame) == 0
+            if await skipped_since(before, 1.0):
+                break
+        assert metrics.COMMAND_CLAIMS_SKIPPED._value.get() > before
+        assert await asyncio.to_thread(client.next_message, 0.5) is None
+        cid = await queue_command(pool, device)
+        await asyncio.sleep(ANNOUNCED_WITHIN_S)
+        assert client.publish(client.topic_up, cjt188_frame(device.address, 71_000, hour(90))) == 0
+        got = await asyncio.to_thread(client.next_message, 15)
+        assert got is not None
+        assert json.loads(got[1])["cmds"][0]["id"] == cid
+    finally:
+        client.close()
