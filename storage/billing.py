@@ -27,7 +27,7 @@ from billing.consumption import MAX_FLOW_ML_H
 from billing.cycle import Published
 from billing.units import ML_PER_M3
 from billing.vee import Event
-from storage.pool import translating
+from storage.pool import connection, translating
 
 Conn: TypeAlias = asyncpg.Connection | asyncpg.Pool
 
@@ -246,7 +246,7 @@ async def publish(conn: Conn, args: tuple[Any, ...]) -> dict[str, int]:
     to close 200k meters (bench/cityday.py).
     """
     if isinstance(conn, asyncpg.Pool):
-        async with conn.acquire() as held:
+        async with connection(conn, "publishing billing-cycle reads") as held:
             return await publish(held, args)
     async with conn.transaction():
         await conn.execute("SET LOCAL enable_seqscan = off")
