@@ -41,6 +41,19 @@ async def _meter(conn: asyncpg.Connection) -> int:
     )
 
 
+async def _read_at_one_hour(conn: asyncpg.Connection, meter: int) -> tuple[int, str]:
+    """The meter's boundary read at T0 + 1 h: (register, method)."""
+    row = await conn.fetchrow(
+        "SELECT register_ml, method FROM nbm_boundary_read($1, $2, NULL, $2, $3, NULL,"
+        " NULL, NULL, -3, 8, 10000000, interval '5 minutes')",
+        meter,
+        T0 + HOUR,
+        T0 - timedelta(days=30),
+    )
+    assert row is not None
+    return row["register_ml"], row["method"]
+
+
 async def test_existing_readings_move_to_int4_seconds(before_0054: str) -> None:
     """Rows keep their register, flags and quality; whole seconds stay exact; an entered
     read at .5 s lands on its second; of two within one second the earlier stays; the
@@ -60,13 +73,7 @@ async def test_existing_readings_move_to_int4_seconds(before_0054: str) -> None:
             " VALUES ($1, $2, $3, $4, $5)",
             [(meter, *row) for row in old],
         )
-        before = await conn.fetchrow(
-            "SELECT register_ml, method FROM nbm_boundary_read($1, $2, NULL, $2, $3, NULL,"
-            " NULL, NULL, -3, 8, 10000000, interval '5 minutes')",
-            meter,
-            T0 + HOUR,
-            T0 - timedelta(days=30),
-        )
+        before = await _read_at_one_hour(conn, meter)
         assert await migrate(before_0054) == [m.name for m in available() if m.number >= SECONDS]
         columns = await conn.fetch(
             "SELECT attname, format_type(atttypid, atttypmod) AS type FROM pg_attribute"
@@ -91,14 +98,8 @@ async def test_existing_readings_move_to_int4_seconds(before_0054: str) -> None:
             (read_s(T0 + 3 * HOUR), T0 + 3 * HOUR, 4_000, 0, 7),
             (read_s(T0 + 4 * HOUR), T0 + 4 * HOUR, 5_000, 0, 7),
         ]
-        after = await conn.fetchrow(
-            "SELECT register_ml, method FROM nbm_boundary_read($1, $2, NULL, $2, $3, NULL,"
-            " NULL, NULL, -3, 8, 10000000, interval '5 minutes')",
-            meter,
-            T0 + HOUR,
-            T0 - timedelta(days=30),
-        )
-        assert tuple(after) == tuple(before) == (2_000, "interpolated")
+        after = await _read_at_one_hour(conn, meter)
+        assert after == before == (2_000, "interpolated")
         indexes = await conn.fetch(
             "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'readings'"
         )
