@@ -256,20 +256,30 @@ async def publish(conn: Conn, args: tuple[Any, ...]) -> dict[str, int]:
 
 
 PUBLISH_WINDOW = 20_000  # meter ids per PUBLISH_SQL statement
+ANALYZE_AFTER_ROWS = 10_000  # a close that published this many refreshes the statistics
 
 
 @translating("publishing billing-cycle reads")
-async def publish_cycle(conn: Conn, q: CycleQuery) -> dict[str, int]:
+async def publish_cycle(
+    conn: Conn, q: CycleQuery, *, analyze_after: int = ANALYZE_AFTER_ROWS
+) -> dict[str, int]:
     """`publish` for every meter of `q`, in windows of PUBLISH_WINDOW meter ids: each statement's
     cost grows with its meters, and one statement over a whole 200k-meter tenant took a
     plan that did not finish in 24 min where 20k-id windows take ~0.1 ms a meter
-    (bench/cityday.py). Returns the summed counts."""
+    (bench/cityday.py). Returns the summed counts.
+
+    Having published `analyze_after` rows or more, it ANALYZEs published_boundary_reads:
+    the pages of cycle reads look each read up there, and a session's cached generic plan
+    made while the table was empty would scan it whole per meter until autovacuum's
+    statistics (a minute or so later) made the plans again; ANALYZE does that now."""
     step = PUBLISH_WINDOW
     top = await conn.fetchval("SELECT max(meter_id) FROM meters WHERE tenant_id = $1", q.tenant_id)
     totals = {"boundaries": 0, "published": 0, "revised": 0}
     for after in range(0, int(top or 0), step):
         got = await publish(conn, q.args(after=after, upto=after + step))
         totals = {k: totals[k] + got[k] for k in totals}
+    if totals["published"] + totals["revised"] >= analyze_after:
+        await conn.execute("ANALYZE published_boundary_reads")
     return totals
 
 

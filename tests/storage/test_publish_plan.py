@@ -38,8 +38,8 @@ async def _scans(conn: asyncpg.Connection) -> tuple[int, int]:
 
 
 async def test_first_close_looks_revisions_up_by_key(own_db: str) -> None:
-    """Every boundary is published once, by index lookups only; closing again publishes
-    nothing (the lookups find the revisions)."""
+    """Every boundary is published once, by index lookups only, and the table analyzed
+    after it; closing again publishes nothing (the lookups find the revisions)."""
     conn = await asyncpg.connect(own_db, server_settings=SERVER_SETTINGS)
     watcher = await asyncpg.connect(own_db)
     try:
@@ -67,8 +67,12 @@ async def test_first_close_looks_revisions_up_by_key(own_db: str) -> None:
         await conn.execute("ANALYZE published_boundary_reads")
         before = await _scans(watcher)
         q = billing.CycleQuery(tenant, START, END, "UTC", Tuning(timedelta(hours=1)))
-        first = await billing.publish_cycle(conn, q)
-        again = await billing.publish_cycle(conn, q)
+        first = await billing.publish_cycle(conn, q, analyze_after=2 * METERS)
+        analyzed = await watcher.fetchval(
+            "SELECT reltuples FROM pg_class WHERE relname = 'published_boundary_reads'"
+        )
+        assert analyzed == 2 * METERS  # statistics of what was just published
+        again = await billing.publish_cycle(conn, q, analyze_after=2 * METERS)
         assert first == {"boundaries": 2 * METERS, "published": 2 * METERS, "revised": 0}
         assert again == {"boundaries": 2 * METERS, "published": 0, "revised": 0}
         await conn.execute("SELECT pg_stat_force_next_flush()")
