@@ -306,7 +306,7 @@ def build_site(
     # LwM2M 1.1 (/rd, /dp): builds on this module's resources, so imported here
     from collector import lwm2m
 
-    lwm2m.mount(site, settings, pipeline, pool, tenants, events)
+    lwm2m.mount(site, settings, pipeline, pool, tenants, events, downlinks)
     if downlinks is not None:
         site.add_resource(["c"], ResultResource(downlinks, settings.busy_max_age_s))
     contexts = DeviceContexts(pool, key, settings)

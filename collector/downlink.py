@@ -62,19 +62,20 @@ class Downlinks:
 
     async def for_meter(self, meter_id: int) -> bytes:
         """The envelope of meter `meter_id`'s pending commands (b"" when none)."""
-        if self._nothing_for(meter_id):
+        if self.nothing_pending(meter_id):
             return b""
         return await self._claim(meter_id)
 
     async def for_topic(self, slug: str, address: str, meter_id: int | None = None) -> bytes:
         """The envelope for the meter of MQTT topic (tenant slug, address) (b"" when none);
         `meter_id`, the topic's meter when known, lets the pending view skip the claim."""
-        if meter_id is not None and self._nothing_for(meter_id):
+        if meter_id is not None and self.nothing_pending(meter_id):
             return b""
         return await self._claim((slug, address))
 
-    def _nothing_for(self, meter_id: int) -> bool:
-        """True when the pending view says the meter has no command: no claim to run."""
+    def nothing_pending(self, meter_id: int) -> bool:
+        """True when the pending view says the meter has no command: no claim to run (an
+        LwM2M window asks too, `collector.lwm2m`)."""
         if self._pending is None or self._pending.may_have(meter_id):
             return False
         metrics.COMMAND_CLAIMS_SKIPPED.inc()

@@ -68,6 +68,7 @@ from collector import metrics
 from collector.coap import TenantDirectory, UplinkResource, _peer, response
 from collector.coap_guard import EventLimiter
 from collector.coap_oscore import Busy, DeviceContext
+from collector.downlink import Downlinks
 from collector.notifications import Notifications
 from collector.pipeline import Pipeline, PipelineClosed
 from collector.settings import CoapSettings
@@ -113,10 +114,17 @@ class Lwm2m:
     """What the LwM2M resources share: the pool, the busy answer, the deliveries, the
     observations."""
 
-    def __init__(self, pool: Pool, settings: CoapSettings, pipeline: Pipeline) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        settings: CoapSettings,
+        pipeline: Pipeline,
+        downlinks: Downlinks | None = None,
+    ) -> None:
         self.pool = pool
         self.busy_s = settings.busy_max_age_s
         self._pipeline = pipeline
+        self._downlinks = downlinks  # its pending view skips windows with nothing to claim
         self._delivering: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         # meter -> (its registration, the observation request, the task following it)
@@ -171,6 +179,8 @@ class Lwm2m:
 
     async def _commands(self, registration: lwm2m.Registration, remote: Any) -> None:
         meter_id = registration.meter_id
+        if self._downlinks is not None and self._downlinks.nothing_pending(meter_id):
+            return
         try:
             async with connection(self.pool, "claiming LwM2M commands", timeout_s=5.0) as conn:
                 claimed = await mailbox.claim(conn, meter_ids=[meter_id], lwm2m=True)
@@ -562,9 +572,11 @@ def mount(
     pool: Pool,
     tenants: TenantDirectory,
     events: EventLimiter,
+    downlinks: Downlinks | None = None,
 ) -> Lwm2m:
-    """Add /rd, /rd/<id> and /dp to `site`; their shared state."""
-    shared = Lwm2m(pool, settings, pipeline)
+    """Add /rd, /rd/<id> and /dp to `site`; their shared state (`downlinks`: whose pending
+    view lets a window with nothing pending skip its claim)."""
+    shared = Lwm2m(pool, settings, pipeline, downlinks)
     site.add_resource(["rd"], RegisterResource(shared))
     site.add_resource(["rd"], RegistrationResource(shared))  # a sub-site: /rd/<id>
     site.add_resource(["dp"], SendResource(settings, pipeline, tenants, events, shared))

@@ -24,6 +24,7 @@ from aiocoap.transports.oscore import OSCOREAddress
 from collector_testkit import DeviceOscore, OscoreMeter, RawCoap
 from conftest import RunningCollector, count, free_port, wait_count
 
+from collector import metrics
 from devices.provision import ProvisionedDevice
 from storage import mailbox
 
@@ -225,6 +226,16 @@ async def test_register_send_update_deregister_with_queue_mode_delivery(
     again = await client.call(aiocoap.POST, "dp", payload=pack, content_format=112)
     assert code(again) == "2.04"  # a duplicate: answered, stored once
     assert await count(pool, "SELECT count(*) FROM readings WHERE meter_id = $1", meter_id) == 1
+
+    # nothing pending: the collector's pending view lets the update's window skip its claim
+    skipped = metrics.COMMAND_CLAIMS_SKIPPED._value.get()
+    assert code(await client.call(aiocoap.POST, reg_path)) == "2.04"
+    for _ in range(50):
+        if metrics.COMMAND_CLAIMS_SKIPPED._value.get() > skipped:
+            break
+        await asyncio.sleep(0.02)
+    assert metrics.COMMAND_CLAIMS_SKIPPED._value.get() > skipped
+    assert client.seen == []
 
     # the client sleeps: commands wait in the mailbox
     valve = await queue(pool, meter_id, "valve", {"action": "close"})
