@@ -43,6 +43,7 @@ from api.bodies import BodyLimits, known_query
 from api.deps import PROBLEM_RESPONSE, Pool
 from api.schemas import Health
 from api.settings import ApiSettings
+from storage.billing import SESSION_SETTINGS
 from storage.errors import StorageError, StorageUnavailableError
 from storage.pool import create_pool, keep_session, ping
 
@@ -104,20 +105,8 @@ class MetricsMiddleware:
         await self.app(scope, receive, tap)
 
 
-# Session settings as startup parameters: they survive the RESET ALL the pool runs when a
-# connection is released (a SET in the pool's `init` would be lost after the first query).
-# - UTC: JSON timestamps come out as +00:00.
-# - no JIT: compiling the wide cycle query costs seconds, far more than it saves.
-# - no runtime chunk exclusion: cycle boundaries are plan-time constants already, and
-#   re-checking ~60 chunks on every per-meter rescan cost 8x the index probes themselves.
-# - generic plans: the cycle query spans every chunk and takes ~100 ms to plan; planned once
-#   per connection, its boundary parameters still exclude chunks at executor startup.
-SERVER_SETTINGS = {
-    "TimeZone": "UTC",
-    "jit": "off",
-    "timescaledb.enable_runtime_exclusion": "off",
-    "plan_cache_mode": "force_generic_plan",
-}
+# the sessions the cycle queries are planned for (storage.billing.SESSION_SETTINGS)
+SERVER_SETTINGS = SESSION_SETTINGS
 
 
 def create_app(settings: ApiSettings) -> FastAPI:

@@ -81,7 +81,6 @@ from benchkit import (
     watcher,
 )
 
-from api.app import SERVER_SETTINGS
 from billing.boundary import Tuning
 from decoder.encode_cjt188 import GAS, WATER, encode_cjt188
 from decoder.encode_senml import encode_senml, water_pack
@@ -356,8 +355,11 @@ async def compacted(db_url: str, day: datetime) -> None:
 
 async def billing_side(db_url: str, tenant: int, day: date) -> None:
     """Close the cycle ending after `day` for every meter, then stream its NDJSON export,
-    on sessions set up as the API's (generic plans, no runtime chunk exclusion: api.app)."""
-    pool = await create_pool(db_url, min_size=2, max_size=4, server_settings=SERVER_SETTINGS)
+    on sessions set up as the API's (generic plans, no runtime chunk exclusion:
+    storage.billing.SESSION_SETTINGS)."""
+    pool = await create_pool(
+        db_url, min_size=2, max_size=4, server_settings=billing.SESSION_SETTINGS
+    )
     try:
         tuning = Tuning(timedelta(hours=1))
         start, end = day - timedelta(days=30), day + timedelta(days=1)

@@ -13,7 +13,6 @@ import asyncpg
 import pytest
 from dbkit import migrated_database, read_s
 
-from api.app import SERVER_SETTINGS
 from billing.boundary import Tuning
 from storage import billing
 
@@ -40,7 +39,7 @@ async def _scans(conn: asyncpg.Connection) -> tuple[int, int]:
 async def test_first_close_looks_revisions_up_by_key(own_db: str) -> None:
     """Every boundary is published once, by index lookups only, and the table analyzed
     after it; closing again publishes nothing (the lookups find the revisions)."""
-    conn = await asyncpg.connect(own_db, server_settings=SERVER_SETTINGS)
+    conn = await asyncpg.connect(own_db, server_settings=billing.SESSION_SETTINGS)
     watcher = await asyncpg.connect(own_db)
     try:
         tenant = await conn.fetchval(
