@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 from storage import analytics  # noqa: E402
 from storage.apikeys import create_tenant  # noqa: E402
 from storage.migrate import migrate  # noqa: E402
+from storage.rows import READ_S_EPOCH  # noqa: E402
 
-PG_EPOCH_S = int(datetime(2000, 1, 1, tzinfo=UTC).timestamp())  # readings.read_s (0054)
 FIRST_DAY = date(2026, 1, 1)  # local days from here
 UTC_OFFSET_S = 8 * 3600  # Asia/Shanghai, the tenant's default zone (no DST)
 PER_DISTRICT = 1000
@@ -78,7 +78,7 @@ def day_block(ids: Int64s, flows: Int64s, start: Int64s, day: int) -> bytes:
     rows["n"], rows["l1"], rows["l2"], rows["l3"], rows["l4"] = 4, 4, 4, 8, 4
     rows["meter"] = ids[:, None]
     midnight_s = (FIRST_DAY - date(1970, 1, 1)).days * 86400 + day * 86400 - UTC_OFFSET_S
-    t_s = midnight_s + np.arange(24, dtype=np.int64) * 3600 - PG_EPOCH_S
+    t_s = midnight_s + np.arange(24, dtype=np.int64) * 3600 - READ_S_EPOCH
     rows["t"] = t_s[None, :]
     # the register at hour h: the day's start plus the flows of the hours before h
     rows["reg"] = start[:, None] + np.cumsum(flows, axis=1) - flows

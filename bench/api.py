@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from storage.apikeys import create_api_key, create_tenant  # noqa: E402
 from storage.migrate import migrate  # noqa: E402
+from storage.rows import READ_S_EPOCH  # noqa: E402
 
-PG_EPOCH_S = int(datetime(2000, 1, 1, tzinfo=UTC).timestamp())  # readings.read_s (0054)
 FIRST_DAY = datetime(2023, 12, 29, tzinfo=UTC)  # readings from here, daily
 DAYS = 66  # to 2024-03-04: covers cycles 2024-01-01 and 2024-02-01 (Asia/Shanghai) and margin
 CYCLE = "2024-02-01"
@@ -75,7 +75,7 @@ def day_block(first_id: int, n: int, day: int) -> bytes:
     ids = np.arange(first_id, first_id + n, dtype=np.int64)
     rows["n"], rows["l1"], rows["l2"], rows["l3"], rows["l4"] = 4, 4, 4, 8, 4
     rows["meter"] = ids
-    day_s = int(FIRST_DAY.timestamp()) + day * 86400 - PG_EPOCH_S
+    day_s = int(FIRST_DAY.timestamp()) + day * 86400 - READ_S_EPOCH
     offset_s = ids * 7919 % 86400  # spread over the day: mostly interpolated
     rows["t"] = day_s + offset_s
     per_day_ml = 100_000 + (ids % 400) * 1_000  # 100..499 L/day

@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from storage.apikeys import create_api_key, create_tenant  # noqa: E402
 from storage.migrate import migrate  # noqa: E402
+from storage.rows import READ_S_EPOCH  # noqa: E402
 
 CHECKS = [
     st_checks.not_a_server_error,
@@ -82,7 +83,7 @@ async def build(dsn: str) -> str:
                 f"FUZZ{n:04d}",
                 first - timedelta(days=1),
             )
-            since_2000 = int(first.timestamp()) - 946_684_800  # readings.read_s (0054)
+            since_2000 = int(first.timestamp()) - READ_S_EPOCH  # readings.read_s (0054)
             rows = [(meter, since_2000 + d * 86400, 1000 * d, 0) for d in range(60)]
             await conn.copy_records_to_table(
                 "readings",

@@ -39,6 +39,7 @@ import numpy as np
 from storage import copybin
 from storage.ingest import ReadingBatch, ReadingWriter
 from storage.migrate import migrate
+from storage.rows import READ_S_EPOCH
 
 T0_S = 1_767_225_600  # 2026-01-01T00:00:00Z
 _RAW_DDL = """
@@ -94,7 +95,7 @@ RAW_COLUMNS = ("read_s", "meter_id", "register_ml", "flags")
 def raw_payload(batch: ReadingBatch) -> bytes:
     """The binary COPY payload of `batch` in its own row order, no validation or sorting."""
     columns: list[copybin.Column] = [  # the table's column order (0054)
-        ("read_s", "integer", batch.read_at_s - copybin.PG_EPOCH_S),
+        ("read_s", "integer", batch.read_at_s - READ_S_EPOCH),
         ("meter_id", "integer", batch.meter_id),
         ("register_ml", "bigint", batch.register_ml),
         ("flags", "integer", batch.flags),

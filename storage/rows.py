@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from decoder.columns import Decoded
+from storage.copybin import PG_EPOCH_S
 from storage.reasons import Reason
 
 Int64s = npt.NDArray[np.int64]
@@ -39,7 +40,7 @@ FUTURE_TOLERANCE_S = 300
 # readings.read_s (migration 0054): int4 whole seconds since 2000-01-01T00:00:00Z, so a
 # stored reading lies in [READ_S_MIN_EPOCH, READ_S_MAX_EPOCH] (epoch seconds): 1931-12-13
 # .. 2068-01-19. Ingest never gets near either end (EARLIEST_READ_AT_S, MAX_CLOCK_AHEAD_S).
-READ_S_EPOCH = 946_684_800
+READ_S_EPOCH = PG_EPOCH_S  # PostgreSQL's own epoch, as timestamptz counts
 READ_S_MIN_EPOCH = READ_S_EPOCH - 2**31
 READ_S_MAX_EPOCH = READ_S_EPOCH + 2**31 - 1
 
