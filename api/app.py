@@ -105,10 +105,6 @@ class MetricsMiddleware:
         await self.app(scope, receive, tap)
 
 
-# the sessions the cycle queries are planned for (storage.billing.SESSION_SETTINGS)
-SERVER_SETTINGS = SESSION_SETTINGS
-
-
 def create_app(settings: ApiSettings) -> FastAPI:
     """Build the API for `settings`; the pool is opened and closed by the app's lifespan."""
 
@@ -119,7 +115,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 settings.database_url,
                 min_size=settings.api_pool_min,
                 max_size=settings.api_pool_max,
-                server_settings=SERVER_SETTINGS,
+                server_settings=SESSION_SETTINGS,  # what the cycle queries are planned for
                 reset=keep_session,
             )
         except StorageError as exc:
