@@ -53,6 +53,7 @@ from aiocoap import error, resource
 from collector import metrics
 from collector.answers import coap_code
 from collector.coap_guard import Block1Budget, EventLimiter, LogRateFilter, source_of
+from collector.coap_lane import UplinkLane
 from collector.coap_oscore import (
     Busy,
     DeviceContext,
@@ -62,6 +63,7 @@ from collector.coap_oscore import (
 )
 from collector.coap_patches import (
     Context,
+    DedupTable,
     Site,
     acyclic_requests,
     bound_dedup,
@@ -100,6 +102,12 @@ class TenantDirectory:
         self._tenants: dict[str, int] = {}
         self._started_at = -1e9  # when the last reload started
         self._lock = asyncio.Lock()
+
+    def peek(self, slug: str) -> int | None:
+        """The tenant id of lab tenant `slug` when the directory holds it and is fresh."""
+        if time.monotonic() - self._started_at < self._ttl_s:
+            return self._tenants.get(slug)
+        return None
 
     async def lookup(self, slug: str) -> int | None:
         """The tenant id of lab tenant `slug`; None if no such tenant allows plain CoAP."""
@@ -152,6 +160,18 @@ class UplinkResource(resource.Resource):  # type: ignore[misc]  # aiocoap is unt
             per_source=settings.block1_max_per_source,
             max_bytes=settings.block1_max_bytes,
             lifetime_s=settings.block1_lifetime_s,
+        )
+
+    def lane(self, contexts: DeviceContexts, dedup: DedupTable) -> UplinkLane:
+        """The uplink lane for this resource's uplinks (`collector.coap_lane`)."""
+        return UplinkLane(
+            self._settings,
+            self._pipeline,
+            contexts,
+            self._tenants,
+            self._downlinks,
+            dedup,
+            response,
         )
 
     async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
@@ -310,7 +330,9 @@ def build_site(
     if downlinks is not None:
         site.add_resource(["c"], ResultResource(downlinks, settings.busy_max_age_s))
     contexts = DeviceContexts(pool, key, settings)
-    return OscoreSite(site, contexts, settings, events, _recorded_response)
+    oscore_site = OscoreSite(site, contexts, settings, events, _recorded_response)
+    oscore_site.uplinks = uplinks
+    return oscore_site
 
 
 class CoapServer:
@@ -336,6 +358,7 @@ class CoapServer:
         self._peers: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._ctx: Any = None
+        self.lane: UplinkLane | None = None
         self._subscribed = asyncio.Event()
         # every library record (aiocoap, asyncio, paho): ours go through structlog
         self._log_filter = LogRateFilter("", settings.log_window_s, settings.log_per_window)
@@ -367,13 +390,13 @@ class CoapServer:
             raise
         for tman in self._ctx.request_interfaces:
             acyclic_requests(tman)
-            bound_dedup(
-                tman.token_interface,
-                self._settings.exchange_lifetime_s,
-                self._settings.dedup_max_entries,
-            )
+            dedup = DedupTable(self._settings.exchange_lifetime_s, self._settings.dedup_max_entries)
+            bound_dedup(tman.token_interface, dedup)
             piggyback_within(tman.token_interface, self._settings.empty_ack_delay_s)
             self._receive_buffer(tman.token_interface.message_interface)
+            if self._settings.uplink_lane and self.site.uplinks is not None:
+                self.lane = self.site.uplinks.lane(self.contexts, dedup)
+                self.lane.install(tman.token_interface)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="coap-registry"))
         log.info("coap.started", host=self._settings.host, port=self._settings.port)
 
@@ -472,6 +495,8 @@ class CoapServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.contexts.close()
+        if self.lane is not None:
+            self.lane.close()
         with contextlib.suppress(StorageError):
             async with connection(self._pool, "leaving the CoAP registry", timeout_s=2.0) as conn:
                 await coap_peers.leave(conn, self.instance_id)

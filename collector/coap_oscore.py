@@ -153,15 +153,29 @@ class DeviceContexts:
 
     async def load(self, kid: bytes | None) -> None:
         """Make sure `kid` is cached (or known unknown); ContextsUnavailable if we can't ask."""
-        if kid is None or self._key is None:
+        if kid is None:
             return
+        future = self.wanted(kid)
+        if future is not None:
+            await future
+
+    def peek(self, kid: bytes) -> DeviceContext | None:
+        """`kid`'s cached context while it is fresh; None otherwise (not looked up)."""
+        hit = self._cache.get(kid)
+        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
+    def wanted(self, kid: bytes) -> asyncio.Future[None] | None:
+        """None when `kid` is cached (or known unknown); else the future of its loading,
+        done when it is (`peek` then tells). ContextsUnavailable if we can't ask."""
+        if self._key is None:
+            return None
         now = time.monotonic()
         hit = self._cache.get(kid)
         if hit is not None and hit[1] > now:
-            return
+            return None
         gone = self._unknown.get(kid)
         if gone is not None and gone > now:
-            return
+            return None
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiting = self._waiting.get(kid)
         if waiting is None:
@@ -173,7 +187,7 @@ class DeviceContexts:
                 self._loader = asyncio.create_task(self._load_batches(), name="oscore-loader")
         else:
             waiting.append(future)
-        await future
+        return future
 
     async def _load_batches(self) -> None:
         try:
@@ -337,6 +351,7 @@ class OscoreSite:
     # the common case's unprotect; None sends every request through aiocoap's (a bench
     # compares the two: bench/oscore_path.py)
     lean_unprotect = staticmethod(oscore_lean.unprotect)
+    uplinks: Any = None  # the /u resource (collector.coap.UplinkResource), for its lane
 
     def __init__(
         self,

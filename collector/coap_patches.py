@@ -33,34 +33,63 @@ def _dedup_key(remote: Any, mid: int) -> tuple[Any, ...]:
     return (sockaddr[0], sockaddr[1], mid) if sockaddr is not None else (remote, mid)
 
 
-def bound_dedup(mman: Any, lifetime_s: float, max_entries: int) -> None:
-    """Replace aiocoap's deduplication (a dict plus one timer per message, ~247 s) by an
-    insertion-ordered table trimmed on insert: same answers, bounded memory, no timers.
+class DedupTable:
+    """RFC 7252 deduplication: (host, port, MID) -> [expires_at, encoded answer | None],
+    insertion-ordered and trimmed on insert (no timer per message). aiocoap's message
+    layer (`bound_dedup`) and the uplink lane (`collector.coap_lane`) share one table, so
+    a retransmission finds its request's entry whichever of them took it."""
 
-    An entry is (host, port, MID) -> [expiry, encoded answer]: ~0.3 KB rather than the
-    answer `Message` and its endpoint (~2 KB), so `max_entries` (200,000) stay under
-    ~60 MB; a duplicate CON decodes the stored bytes and sends them again."""
-    recent: OrderedDict[Any, list[Any]] = OrderedDict()  # key -> [expires_at, bytes|None]
-    mman._recent_messages = _ResponseView(recent)
+    def __init__(self, lifetime_s: float, max_entries: int) -> None:
+        self.entries: OrderedDict[Any, list[Any]] = OrderedDict()
+        self._lifetime_s = lifetime_s
+        self._max_entries = max_entries
+
+    def recent(self, key: Any, now: float) -> list[Any] | None:
+        """The live entry of `key` ([expires_at, answer bytes or None]), or None."""
+        entry = self.entries.get(key)
+        return entry if entry is not None and entry[0] > now else None
+
+    def add(self, key: Any, now: float) -> list[Any]:
+        """A new entry for `key`, with no answer yet; the oldest expired ones go."""
+        entries = self.entries
+        while entries:
+            oldest = next(iter(entries.values()))
+            if oldest[0] > now and len(entries) < self._max_entries:
+                break
+            entries.popitem(last=False)
+        entry = entries[key] = [now + self._lifetime_s, None]
+        return entry
+
+    def forget(self, key: Any) -> None:
+        """Drop `key`'s entry (a request handed on to be taken again elsewhere)."""
+        self.entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def bound_dedup(mman: Any, table: DedupTable) -> None:
+    """Replace aiocoap's deduplication (a dict plus one timer per message, ~247 s) by
+    `table`: same answers, bounded memory, no timers.
+
+    An entry is ~0.3 KB rather than the answer `Message` and its endpoint (~2 KB), so
+    `max_entries` (200,000) stay under ~60 MB; a duplicate CON decodes the stored bytes
+    and sends them again."""
+    mman._recent_messages = _ResponseView(table.entries)
     loop = asyncio.get_running_loop()
 
     def deduplicate(message: aiocoap.Message) -> bool:
         key = _dedup_key(message.remote, message.mid)
         now = loop.time()
-        entry = recent.get(key)
-        if entry is not None and entry[0] > now:
+        entry = table.recent(key, now)
+        if entry is not None:
             if message.mtype is aiocoap.CON and entry[1] is not None:
                 # the stored answer, same MID and token, to the same peer
                 answer = aiocoap.Message.decode(entry[1], message.remote)
                 answer.direction = Direction.OUTGOING  # decode() marks it as received
                 mman._send_initially(answer)
             return True
-        while recent:
-            oldest = next(iter(recent.values()))
-            if oldest[0] > now and len(recent) < max_entries:
-                break
-            recent.popitem(last=False)
-        recent[key] = [now + lifetime_s, None]
+        table.add(key, now)
         return False
 
     mman._deduplicate_message = deduplicate
@@ -221,7 +250,7 @@ def _is_multicast_host(host: str) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _is_multicast_pktinfo(pktinfo: bytes) -> bool:
+def is_multicast_pktinfo(pktinfo: bytes) -> bool:
     # struct in6_pktinfo: 16-byte address first; v4-mapped ::ffff:a.b.c.d keeps a in byte 12
     addr = pktinfo[:16]
     if addr[:12] == b"\0" * 10 + b"\xff\xff":
@@ -240,7 +269,7 @@ def patch_udp6_addresses() -> None:
     cls = udp6.UDP6EndpointAddress
     cls.is_multicast = property(lambda self: _is_multicast_host(str(self.sockaddr[0])))
     cls.is_multicast_locally = property(
-        lambda self: self.pktinfo is not None and _is_multicast_pktinfo(bytes(self.pktinfo))
+        lambda self: self.pktinfo is not None and is_multicast_pktinfo(bytes(self.pktinfo))
     )
 
 

@@ -37,6 +37,13 @@ BATCH_SECONDS = Histogram(
     "Time to decode and commit one batch.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+COAP_LANE = Counter(
+    "nbmeter_collector_coap_lane_total",
+    "CoAP uplinks the uplink lane answered (answered) or handed to aiocoap's path after"
+    " looking at them (handed_on: a pending command, an inner request not POST /u, a failed"
+    " decryption, a replay; collector.coap_lane).",
+    ["outcome"],
+)
 ACK_SECONDS = Histogram(
     "nbmeter_collector_uplink_ack_seconds",
     "From an uplink's arrival to its answer (durable or not).",

@@ -48,6 +48,27 @@ def unprotect(ctx: Any, request: aiocoap.Message) -> tuple[aiocoap.Message, Lean
     piv = unprotected.pop(oscore.COSE_PIV, None)
     if protected or unprotected or kid != ctx.recipient_id or piv is None:
         return None
+    opened = open_request(ctx, kid, piv, ciphertext, request.code)
+    if opened is None:
+        return None
+    plaintext, lean = opened
+    admit(ctx, piv)
+    inner = aiocoap.Message(code=plaintext[0])
+    inner.payload = inner.opt.decode(plaintext[1:])
+    inner.direction = Direction.INCOMING
+    if request.opt.observe != 0:  # as aiocoap: only a registration keeps its Observe
+        inner.opt.observe = None
+    return inner, lean
+
+
+def open_request(
+    ctx: Any, kid: bytes, piv: bytes, ciphertext: bytes, code: Any
+) -> tuple[bytes, LeanRequest] | None:
+    """(plaintext, LeanRequest) of a request with key id `kid` and partial IV `piv` for
+    `ctx`, decrypted but not yet admitted: `admit` strikes its sequence number out of the
+    replay window once the caller takes it. None when aiocoap's full path must decide (a
+    kid context; a replayed or unchecked sequence number). Raises
+    oscore.ProtectionInvalid when it does not decrypt."""
     if ctx.id_context is not None:
         return None
     seqno = int.from_bytes(piv, "big")
@@ -57,18 +78,25 @@ def unprotect(ctx: Any, request: aiocoap.Message) -> tuple[aiocoap.Message, Lean
     alg = ctx.alg_aead
     if len(ciphertext) < alg.tag_bytes + 1:  # +1: the inner code
         raise oscore.ProtectionInvalid("Ciphertext too short")
-    request_id = oscore.RequestIdentifiers(kid, piv, True, request.code)
-    external_aad = ctx._extract_external_aad(request, request_id, local_is_sender=False)
+    request_id = oscore.RequestIdentifiers(kid, piv, True, code)
+    # the message is read only by group contexts (their OSCORE option): none here
+    external_aad = ctx._extract_external_aad(None, request_id, local_is_sender=False)
     aad = oscore.SymmetricEncryptionAlgorithm._build_encrypt0_structure({}, external_aad)
     nonce = ctx._construct_nonce(piv, kid, alg)
     plaintext = alg.decrypt(ciphertext, aad, ctx.recipient_key, nonce)
-    window.strike_out(seqno)
-    inner = aiocoap.Message(code=plaintext[0])
-    inner.payload = inner.opt.decode(plaintext[1:])
-    inner.direction = Direction.INCOMING
-    if request.opt.observe != 0:  # as aiocoap: only a registration keeps its Observe
-        inner.opt.observe = None
-    return inner, LeanRequest(request_id, aad, nonce)
+    return plaintext, LeanRequest(request_id, aad, nonce)
+
+
+def admit(ctx: Any, piv: bytes) -> None:
+    """Strike the request's sequence number out of `ctx`'s replay window."""
+    ctx.recipient_replay_window.strike_out(int.from_bytes(piv, "big"))
+
+
+def seal(ctx: Any, plaintext: bytes, lean: LeanRequest) -> bytes:
+    """The ciphertext of the first answer to `lean`'s request, whose inner code, options
+    and payload are `plaintext` (its AAD and nonce are the request's, RFC 8613 §8.3)."""
+    lean.request_id.get_reusable_kid_and_piv()  # aiocoap's flag: this nonce is now used
+    return ctx.alg_aead.encrypt(plaintext, lean.aad, ctx.sender_key, lean.nonce)
 
 
 def protect(ctx: Any, answer: aiocoap.Message, lean: LeanRequest) -> aiocoap.Message:
@@ -79,13 +107,15 @@ def protect(ctx: Any, answer: aiocoap.Message, lean: LeanRequest) -> aiocoap.Mes
     request_id = lean.request_id
     if not request_id.can_reuse_nonce:
         return ctx.protect(answer, request_id)[0]
-    request_id.get_reusable_kid_and_piv()  # aiocoap's flag: this nonce is now used
-    plaintext = bytes([answer.code]) + answer.opt.encode()
-    if answer.payload:
-        plaintext += b"\xff" + answer.payload
     outer = aiocoap.Message(code=request_id.code_style.response)
     outer.direction = Direction.OUTGOING
     outer.transport_tuning = answer.transport_tuning
     outer.opt.oscore = b""
-    outer.payload = ctx.alg_aead.encrypt(plaintext, lean.aad, ctx.sender_key, lean.nonce)
+    outer.payload = seal(ctx, plaintext(answer), lean)
     return outer
+
+
+def plaintext(answer: aiocoap.Message) -> bytes:
+    """An answer's OSCORE plaintext: its code, every option, its payload (RFC 8613 §5.3)."""
+    text = bytes([answer.code]) + answer.opt.encode()
+    return text + b"\xff" + answer.payload if answer.payload else text
