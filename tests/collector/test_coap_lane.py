@@ -12,6 +12,7 @@ import secrets
 import struct
 import time
 from collections.abc import AsyncIterator
+from typing import cast
 
 import aiocoap
 import asyncpg
@@ -180,7 +181,7 @@ async def test_a_late_answer_gets_an_empty_ack_then_a_separate_con(
     """While the commit waits (a lock held on the credentials table, longer than
     empty_ack_delay_s), the device gets an empty ACK at once, then the answer as a CON
     of ours, which it acknowledges; a retransmission meanwhile gets the empty ACK again."""
-    udp = await _Captured.open(collector.coap_port)
+    udp = cast(_Captured, await _Captured.open(collector.coap_port))
     dev = OscoreMeter(device.oscore)
     datagram, token, request_id = dev.request(cjt188_frame(device.address, 30_000, hour(3)))
     mid = int.from_bytes(datagram[2:4])
