@@ -2,7 +2,7 @@
 
     NBMETER_DATABASE_URL=... .venv/bin/python bench/cityday.py [--meters 200000]
         [--herd 0.3] [--spread-load 0.8] [--compare 20000] [--window 400] [--herd-window 1000]
-        [--budget-s 780] [--keep] [--compare-only]
+        [--budget-s 780] [--keep] [--compare-only] [--no-lane]
 
 A scratch database (created, migrated, dropped at the end) gets a tenant with `--meters`
 water and gas meters in three formats: 60% interval `nbm1` (a register and 23 hourly
@@ -39,6 +39,9 @@ bound on a shared server); the billing
 times; then the projection for a Shenzhen day (26.6 M uplinks) from the CPU µs per
 uplink: on a loaded shared machine CPU per uplink is the robust figure (rates fall with
 the neighbours' load, CPU time per uplink much less). Last line `shenzhen_day_hours=<x>`.
+
+The collectors answer the common uplink in the uplink lane (`collector.coap_lane`);
+`--no-lane` runs them on aiocoap's path alone, as before the lane, for comparison.
 """
 
 from __future__ import annotations
@@ -241,17 +244,15 @@ async def lab_meters(db_url: str, lab: int, n: int) -> list[str]:
 class Phase:
     """One collector process on a port of its own, driven by the load generator."""
 
-    def __init__(self, server_url: str, db_name: str, db_url: str, key: str) -> None:
-        self.server_url, self.db_name, self.db_url, self.key = server_url, db_name, db_url, key
+    def __init__(self, server_url: str, db_name: str, db_url: str, env: dict[str, str]) -> None:
+        self.server_url, self.db_name, self.db_url, self.env = server_url, db_name, db_url, env
 
     async def run(
         self, datagrams: list[bytes], *, window: int, sockets: int, rate: float | None = None
     ) -> tuple[Measured, float, float]:
         """(measured, uplinks per committed batch, peak RSS MiB) of one collector run."""
         port, metrics_port = free_udp_port(), free_tcp_port()
-        proc = start_collector(
-            self.db_url, port, metrics_port, {"NBMETER_CREDENTIALS_KEY": self.key}
-        )
+        proc = start_collector(self.db_url, port, metrics_port, self.env)
         try:
             await wait_ready(proc, metrics_port)
             watch = watcher(self.server_url, self.db_name, [proc.pid])
@@ -455,7 +456,10 @@ async def main(args: argparse.Namespace) -> None:
             f" cpu_us_per_uplink={base.us('server'):.0f}",
             flush=True,
         )
-        phase = Phase(server_url, name, db_url, key_text)
+        env = {"NBMETER_CREDENTIALS_KEY": key_text}
+        if args.no_lane:  # aiocoap's path for every uplink (collector.coap_lane off)
+            env["NBMETER_COAP__UPLINK_LANE"] = "false"
+        phase = Phase(server_url, name, db_url, env)
         # alternating rounds, each against a fresh collector: a round lasts seconds, so
         # one alone moves with whatever else the machine does then; the medians do not
         plain_runs, oscore_runs = [], []
@@ -501,7 +505,7 @@ async def main(args: argparse.Namespace) -> None:
             rate = len(spread) / max(left_s, 1.0)
             print(f"# paced at {rate:.0f}/s to stay within --budget-s {args.budget_s:.0f}")
         port, metrics_port = free_udp_port(), free_tcp_port()
-        proc = start_collector(db_url, port, metrics_port, {"NBMETER_CREDENTIALS_KEY": key_text})
+        proc = start_collector(db_url, port, metrics_port, env)
         try:
             await wait_ready(proc, metrics_port)
             watch = watcher(server_url, name, [proc.pid])
@@ -616,4 +620,7 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=16)
     parser.add_argument("--keep", action="store_true", help="keep the scratch database")
     parser.add_argument("--compare-only", action="store_true", help="phase 1 only (profiling)")
+    parser.add_argument(
+        "--no-lane", action="store_true", help="collectors without the uplink lane (aiocoap only)"
+    )
     asyncio.run(main(parser.parse_args()))
