@@ -27,8 +27,13 @@ unauthenticated; 4.02 OSCORE option that does not decode; 4.03 the frame reports
 meter than the authenticated device; 4.04 unknown meter (plain CoAP); 4.08 a Block1 block
 of a transfer not held; 4.13 too large (with Size1); 5.03 + Max-Age when the pipeline is
 full, the database is away longer than `ack_wait_s`, or the collector is stopping.
-Retransmitted CONs are answered from the deduplication table (`coap_patches.bound_dedup`);
+Retransmitted CONs are answered from the deduplication table (`coap_patches.DedupTable`);
 after a restart, or in another process, from the answer recorded with the uplink.
+
+The common uplink (a CON POST /u in one datagram, OSCORE or a lab tenant's, from a
+meter with no pending command) is taken off the socket by the uplink lane
+(`collector.coap_lane`, setting `uplink_lane`), which answers it as this module's
+resource would, beside aiocoap's message layer; everything else comes here.
 """
 # aiocoap is untyped (mypy sees its names as Any); this module, coap_oscore, coap_guard
 # and coap_patches touch it: each place that must subclass or read it says so.

@@ -68,11 +68,13 @@ def test_option_parser_agrees_with_aiocoap() -> None:
         parsed = options(raw, 4 + (raw[0] & 15)) if raw[0] & 15 <= 8 else None
         try:
             decoded = aiocoap.Message.decode(raw)
-        except aiocoap.error.UnparsableMessage:  # a format error: the lane's parser too
-            assert parsed is None, raw.hex()
-            refused += 1
-            continue
         except UnicodeDecodeError:  # a value aiocoap cannot read: not "u", never taken
+            continue
+        except aiocoap.error.UnparsableMessage as exc:
+            if str(exc).startswith("undecodable message"):  # the same, once the collector
+                continue  # ran (coap_patches.patch_message_decode)
+            assert parsed is None, raw.hex()  # a format error: the lane's parser too
+            refused += 1
             continue
         if parsed is None:
             continue
