@@ -177,6 +177,7 @@ class UplinkResource(resource.Resource):  # type: ignore[misc]  # aiocoap is unt
             self._downlinks,
             dedup,
             response,
+            self._events,
         )
 
     async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:

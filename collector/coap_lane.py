@@ -32,7 +32,11 @@ not ready within `empty_ack_delay_s` gets an empty ACK first, then goes as a sep
 CON through aiocoap's message layer (its retransmissions included). An uplink another
 process admitted first (`Outcome.replayed`) is handed to aiocoap after its commit, which
 answers it from the recorded answer (if an empty ACK went already, the device has to
-retry: the uplink itself is stored).
+retry: the uplink itself is stored). A fault in the lane itself (a bug) is noted
+(`coap_rejected{kind="coap_lane.failed"}`, rate-limited logs) and costs no uplink: before
+the lane answers, the datagram goes to aiocoap's path; after its commit, the
+deduplication entry is dropped, so the device's retransmission is answered from the
+recorded answer.
 """
 # aiocoap is untyped (as in collector.coap): the lane reads its transport's socket and
 # hands datagrams to its protocol object.
@@ -52,6 +56,7 @@ from aiocoap.transports import udp6
 from aiocoap.util import socknumbers
 
 from collector import metrics, oscore_lean
+from collector.coap_guard import EventLimiter
 from collector.coap_oscore import Busy, ContextsUnavailable, DeviceContext, DeviceContexts
 from collector.coap_patches import DedupTable, is_multicast_pktinfo
 from collector.downlink import Downlinks
@@ -171,8 +176,10 @@ class UplinkLane:
         downlinks: Downlinks | None,
         dedup: DedupTable,
         respond: Respond,
+        events: EventLimiter,
     ) -> None:
         self._settings = settings
+        self._events = events
         self._respond = respond  # collector.coap.response
         self._pipeline = pipeline
         self._contexts = contexts
@@ -187,6 +194,7 @@ class UplinkLane:
         self._sock: socket.socket | None = None
         self._waiting: dict[Any, _Request] = {}  # answers not sent yet, oldest first
         self._sweeper: asyncio.TimerHandle | None = None
+        self._counted: dict[tuple[str, str], Any] = {}  # UPLINKS children, looked up once
         self._answered = metrics.COAP_LANE.labels("answered")
         self._handed_on = metrics.COAP_LANE.labels("handed_on")
 
@@ -240,7 +248,12 @@ class UplinkLane:
             except OSError as exc:
                 protocol.error_received(exc)
                 return
-            if not self._take(data, ancdata, flags, address):
+            try:
+                taken = self._take(data, ancdata, flags, address)
+            except Exception as exc:  # a bug: aiocoap's path answers this one
+                self._failed(exc, data, address)
+                taken = False
+            if not taken:
                 protocol.datagram_msg_received(data, ancdata, flags, address)
 
     def _take(self, data: bytes, ancdata: Any, flags: int, address: Any) -> bool:
@@ -329,6 +342,15 @@ class UplinkLane:
     def _loaded(
         self, req: _Request, kid: bytes, piv: bytes, ciphertext: bytes, future: Any
     ) -> None:
+        try:
+            self._continue(req, kid, piv, ciphertext, future)
+        except Exception as exc:  # a bug: aiocoap's path answers this one
+            self._failed(exc, req.data, req.address)
+            self._hand_on(req)
+
+    def _continue(
+        self, req: _Request, kid: bytes, piv: bytes, ciphertext: bytes, future: Any
+    ) -> None:
         if not future.cancelled():
             future.exception()  # retrieved: a failed load is aiocoap's path's to answer
         ctx = self._contexts.peek(kid)
@@ -366,6 +388,20 @@ class UplinkLane:
         self._offer(req, uplink)
         return True
 
+    def _count(self, kind: str, outcome: str) -> None:
+        """uplinks_total{transport=kind, outcome} + 1."""
+        child = self._counted.get((kind, outcome))
+        if child is None:
+            child = self._counted[kind, outcome] = metrics.UPLINKS.labels(kind, outcome)
+        child.inc()
+
+    def _failed(self, exc: Exception, data: bytes, address: Any) -> None:
+        """A bug met in the lane: noted (rate-limited), the datagram's deduplication entry
+        dropped, so it (or the device's retransmission) is taken afresh elsewhere."""
+        self._events.note("coap_lane.failed", exc_info=exc, peer=str(address[0]))
+        if len(data) >= 4:
+            self._dedup.forget((address[0], address[1], data[2] << 8 | data[3]))
+
     def _hand_on(self, req: _Request) -> None:
         """Give a datagram the lane does not answer to aiocoap, as if just received."""
         self._dedup.forget(req.key)
@@ -380,7 +416,7 @@ class UplinkLane:
         try:
             future = self._pipeline.offer(uplink, answer_within_s=self._settings.ack_wait_s)
         except (PipelineFull, PipelineClosed):
-            metrics.UPLINKS.labels(kind, "busy").inc()
+            self._count(kind, "busy")
             self._answer(req, Busy(self._settings.busy_max_age_s).to_message())
             return
         self._waiting[req.key] = req
@@ -389,27 +425,33 @@ class UplinkLane:
         future.add_done_callback(functools.partial(self._outcome, req, kind))
 
     def _outcome(self, req: _Request, kind: str, future: asyncio.Future[Outcome]) -> None:
+        try:
+            self._answer_outcome(req, kind, future)
+        except Exception as exc:  # a bug: the uplink is durable; its retransmission is
+            self._failed(exc, req.data, req.address)  # then a duplicate, answered 2.04
+
+    def _answer_outcome(self, req: _Request, kind: str, future: asyncio.Future[Outcome]) -> None:
         self._waiting.pop(req.key, None)
         if self._sock is None:
             return
         outcome = None if future.cancelled() or future.exception() else future.result()
         if outcome is None:
-            metrics.UPLINKS.labels(kind, "failed").inc()
+            self._count(kind, "failed")
             answer = error.InternalServerError("could not store the uplink").to_message()
         elif outcome is NOT_YET_DURABLE:
             # still queued: it will be stored; the device's retry is then a duplicate
-            metrics.UPLINKS.labels(kind, "busy").inc()
+            self._count(kind, "busy")
             answer = Busy(self._settings.busy_max_age_s, "not yet durable").to_message()
         elif outcome.replayed:
             # admitted before by another process: its context is reloaded, and aiocoap's
             # path answers the datagram from the recorded answer (collector.coap_oscore)
-            metrics.UPLINKS.labels(kind, "replayed").inc()
+            self._count(kind, "replayed")
             if req.ctx is not None:
                 self._contexts.forget(req.ctx)
             self._hand_on(req)
             return
         else:
-            metrics.UPLINKS.labels(kind, outcome.status).inc()
+            self._count(kind, outcome.status)
             # stored or duplicate: 2.04 with nothing in it (`_CHANGED_ANSWER`), no Message
             answer = self._respond(outcome) if outcome.status == "quarantined" else None
         metrics.ACK_SECONDS.observe(time.monotonic() - req.started)

@@ -21,7 +21,7 @@ from collector_testkit import OscoreMeter, RawCoap, cjt188_frame, hour, parse_re
 from conftest import Broker, RunningCollector, add_meter, collector_settings, count
 from prometheus_client import REGISTRY
 
-from collector.coap_lane import options
+from collector.coap_lane import UplinkLane, options
 from collector.main import run
 from collector.settings import CoapSettings
 from devices.provision import ProvisionedDevice
@@ -243,3 +243,35 @@ async def test_without_the_lane_aiocoap_answers_the_same(
         udp.close()
     assert (lane("answered"), lane("handed_on")) == (answered, handed)
     assert await count(pool, READINGS, device.meter_id) == 1
+
+
+def _rejected(kind: str) -> float:
+    value = REGISTRY.get_sample_value("nbmeter_collector_coap_rejected_total", {"kind": kind})
+    return value or 0.0
+
+
+async def test_a_fault_in_the_lane_costs_no_uplink(
+    udp: RawCoap, pool: asyncpg.Pool, device: ProvisionedDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault (an exception injected where a bug would raise) before the lane admits an
+    uplink hands the datagram to aiocoap's path, which stores and answers it; one after
+    the commit drops the deduplication entry, so the device's retransmission is answered
+    from the recorded answer. Each is noted (coap_rejected{kind="coap_lane.failed"})."""
+
+    def fault(*args: object) -> None:
+        raise RuntimeError("injected")
+
+    dev = OscoreMeter(device.oscore)
+    noted = _rejected("coap_lane.failed")
+    with monkeypatch.context() as patch:
+        patch.setattr(UplinkLane, "_open", fault)
+        answer = await dev.post(udp, cjt188_frame(device.address, 50_000, hour(5)))
+    assert answer.code == "2.04"
+    assert _rejected("coap_lane.failed") == noted + 1
+    with monkeypatch.context() as patch:
+        patch.setattr(UplinkLane, "_answer_outcome", fault)
+        late = await dev.post(udp, cjt188_frame(device.address, 60_000, hour(6)))
+    assert (late.code, late.own_piv) == ("2.04", True)  # the retransmission's answer
+    assert _rejected("coap_lane.failed") == noted + 2
+    assert await count(pool, READINGS, device.meter_id) == 2
+    assert await count(pool, RAW, device.meter_id) == 2
