@@ -265,6 +265,7 @@ class _Name(NamedTuple):
     health: tuple[str, str, str] | None  # objects 3/4: (meter, extra field, res. instance)
     note: tuple[str, str] | None  # 3424/x/5518|6042|6049: (name up to the instance, res)
     lwm2m: bool  # the name ends in an LwM2M object path
+    power_source: str | None  # 3/x/6 Available Power Sources: its resource instance ("")
 
 
 @functools.lru_cache(maxsize=4096)  # a pack repeats its names; bare LwM2M paths recur
@@ -283,6 +284,7 @@ def _name(name: str) -> _Name:
         else None,
         (name[: note.end(1)], note.group(2)) if note else None,
         LWM2M_PATH.search(name) is not None,
+        (power.group(1) or "") if (power := POWER_SOURCES.search(name)) else None,
     )
 
 
@@ -292,8 +294,9 @@ def _text(value: object, field: str) -> str:
     return value
 
 
-def _reading(rec: Mapping[str, object], lwm2m: bool) -> tuple[int, int, str, Decimal] | None:
-    """A resolved volume record -> (read_at_s, register_ml, instance key, m3); else None.
+def _reading(rec: Mapping[str, object], lwm2m: bool) -> tuple[int, int, str, Decimal, str] | None:
+    """A resolved volume record -> (read_at_s, register_ml, instance key, value, unit);
+    else None.
 
     A volume record is LwM2M 3424/x/1, or (in a pack with no 3424/x/1, under a name that
     is no LwM2M object path) any record in m3 or l. SenMLError when it is one but not
@@ -315,11 +318,18 @@ def _reading(rec: Mapping[str, object], lwm2m: bool) -> tuple[int, int, str, Dec
     t = rec["t"]
     if not isinstance(t, Decimal) or not 0 <= t < 2**40:
         raise SenMLError(ErrorCode.BAD_TIME, f"{name}: time {t} is not a plausible epoch")
+    at = _floor(t)
+    return at, ml, f"{prefix or name}|{at}", raw, str(unit)
+
+
+def _m3(raw: Decimal, unit: str, ml: int) -> Decimal:
+    """A volume record's value in m3: as written, unless it is a printed double's noise
+    around whole mL (`_whole_ml`), then those whole mL (worked out for the register
+    reported, not for every record)."""
     m3 = raw if unit == "m3" else raw.scaleb(-3)
     if m3.scaleb(6) != ml:  # a printed double's noise: the whole mL it carries
         m3 = Decimal(ml).scaleb(-6)
-    at = _floor(t)
-    return at, ml, f"{prefix or name}|{at}", m3
+    return m3
 
 
 def _whole_ml(raw: Decimal, ml_per_unit: int) -> int | None:
@@ -377,9 +387,10 @@ def health_of(
     volts: set[str] = set()  # 3/0/7 instances
     for rec in resolved:
         name = str(rec["n"])
-        if source := POWER_SOURCES.search(name):
-            sources[source.group(1) or ""] = rec.get("v")
-        health = _name(name).health
+        parts = _name(name)
+        if parts.power_source is not None:
+            sources[parts.power_source] = rec.get("v")
+        health = parts.health
         if health is not None and health[1] == "battery_mv":
             volts.add(health[2])
     for rec in resolved:
@@ -446,7 +457,7 @@ def decode_one(
     resolved = resolve(records, received_at_s, dropped)
     alarms, stamps, rejected = _notes(resolved)
     lwm2m = any(_name(str(rec["n"])).volume is not None for rec in resolved)
-    found: list[tuple[Mapping[str, object], tuple[int, int, str, Decimal]]] = []
+    found: list[tuple[Mapping[str, object], tuple[int, int, str, Decimal, str]]] = []
     unusable = [exc for name, exc in dropped if _name(name).volume is not None]
     for rec in resolved:
         try:
@@ -462,9 +473,9 @@ def decode_one(
             dropped.append((str(rec["n"]), SenMLError(ErrorCode.BAD_RECORD, why)))
             unusable.append(dropped[-1][1])
             continue
-        at, ml, key, m3 = got
+        at, ml, key, raw, unit = got
         at = stamps.get(key, at)
-        found.append((rec, (at, ml, key, m3)))
+        found.append((rec, (at, ml, key, raw, unit)))
     extra: dict[str, object] = {"senml": encoding, "records": resolved}
     if dropped:
         extra["dropped_records"] = [f"{name}: {exc}" for name, exc in dropped]
@@ -479,13 +490,13 @@ def decode_one(
             extra.update(health_of(resolved))
             raise SenMLError(ErrorCode.NO_REGISTER, msg, extra, address=owners.pop())
         raise SenMLError(ErrorCode.NO_REGISTER, msg, extra)
-    instances = {key.rpartition("|")[0] for _, (_, _, key, _) in found}
+    instances = {key.rpartition("|")[0] for _, (_, _, key, _, _) in found}
     if len(instances) > 1 and lwm2m:
         msg = f"readings of {len(instances)} water meter instances in one pack"
         raise SenMLError(ErrorCode.UNSUPPORTED, msg, extra)
-    readings = [(t, ml, alarms.get(key, 0)) for _, (t, ml, key, _) in found]
+    readings = [(t, ml, alarms.get(key, 0)) for _, (t, ml, key, _, _) in found]
     last_rec, last = max(found, key=lambda item: item[1][0])
-    extra["total_m3"] = last[3]
+    extra["total_m3"] = _m3(last[3], last[4], last[1])
     bases = [str(r.get("bn", "")) for r in records if "bn" in r]
     address = _address_of(str(last_rec["n"]), bases[0] if bases else "")
     if len({_address_of(str(rec["n"]), bases[0] if bases else "") for rec, _ in found}) > 1:
