@@ -88,32 +88,28 @@ def options(data: bytes, pos: int) -> tuple[list[tuple[int, bytes]], int] | None
             byte = data[pos]
             if byte == 0xFF:
                 return (found, pos + 1) if pos + 1 < end else None
-            pos += 1
-            delta, length = byte >> 4, byte & 15
-            if delta == 13:
-                delta = data[pos] + 13
-                pos += 1
-            elif delta == 14:
-                delta = (data[pos] << 8 | data[pos + 1]) + 269
-                pos += 2
-            elif delta == 15:
-                return None
-            if length == 13:
-                length = data[pos] + 13
-                pos += 1
-            elif length == 14:
-                length = (data[pos] << 8 | data[pos + 1]) + 269
-                pos += 2
-            elif length == 15:
+            delta, pos = _extended(byte >> 4, data, pos + 1)
+            length, pos = _extended(byte & 15, data, pos)
+            if delta < 0 or length < 0 or pos + length > end:
                 return None
             number += delta
-            if pos + length > end:
-                return None
             found.append((number, data[pos : pos + length]))
             pos += length
     except IndexError:  # an extended delta or length past the end
         return None
     return found, end
+
+
+def _extended(nibble: int, data: bytes, pos: int) -> tuple[int, int]:
+    """(an option delta's or length's value, where the next field starts): 13 and 14 take
+    one and two bytes more (RFC 7252 §3.1); 15 is reserved (-1)."""
+    if nibble < 13:
+        return nibble, pos
+    if nibble == 13:
+        return data[pos] + 13, pos + 1
+    if nibble == 14:
+        return (data[pos] << 8 | data[pos + 1]) + 269, pos + 2
+    return -1, pos
 
 
 def _inner_uplink(plaintext: bytes) -> bytes | None:

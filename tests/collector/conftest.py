@@ -9,6 +9,7 @@ from `nbmeter/stack/mosquitto.conf` on a free loopback port in a temporary direc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -87,7 +88,13 @@ async def collector(
     db_url: str, broker: Broker, credentials_key: str
 ) -> AsyncIterator[RunningCollector]:
     """One collector for the session (tests use their own tenants, so they never collide)."""
-    settings = collector_settings(db_url, broker, credentials_key)
+    async with running(collector_settings(db_url, broker, credentials_key)) as collector:
+        yield collector
+
+
+@contextlib.asynccontextmanager
+async def running(settings: CollectorSettings) -> AsyncIterator[RunningCollector]:
+    """An in-process collector with `settings`, started, then stopped (drained)."""
     stop, started = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(run(settings, stop=stop, started=started))
     await asyncio.wait_for(started.wait(), 20)

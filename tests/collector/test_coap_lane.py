@@ -18,11 +18,10 @@ import aiocoap
 import asyncpg
 import pytest
 from collector_testkit import OscoreMeter, RawCoap, cjt188_frame, hour, parse_reply
-from conftest import Broker, RunningCollector, add_meter, collector_settings, count
+from conftest import Broker, RunningCollector, add_meter, collector_settings, count, running
 from prometheus_client import REGISTRY
 
 from collector.coap_lane import UplinkLane, options
-from collector.main import run
 from collector.settings import CoapSettings
 from devices.provision import ProvisionedDevice
 
@@ -94,27 +93,19 @@ def _new_mid(datagram: bytes, step: int) -> bytes:
     return datagram[:2] + struct.pack("!H", mid) + datagram[4:]
 
 
-@pytest.fixture
-async def udp(collector: RunningCollector) -> AsyncIterator[RawCoap]:
-    """A raw UDP socket to the session's collector."""
-    sock = await RawCoap.open(collector.coap_port)
-    yield sock
-    sock.close()
-
-
 async def test_lane_answers_an_oscore_uplink_and_its_retransmission(
-    udp: RawCoap, pool: asyncpg.Pool, device: ProvisionedDevice
+    raw: RawCoap, pool: asyncpg.Pool, device: ProvisionedDevice
 ) -> None:
     """An OSCORE uplink is answered by the lane (2.04, piggybacked, the device decrypts
     it); the same datagram again gets the same bytes, and is stored once."""
     dev = OscoreMeter(device.oscore)
     datagram, token, request_id = dev.request(cjt188_frame(device.address, 10_000, hour(1)))
     before = lane("answered")
-    first = await udp.exchange(datagram, token)
+    first = await raw.exchange(datagram, token)
     assert lane("answered") == before + 1
     assert parse_reply(first).mtype == 2  # ACK: piggybacked
     assert dev.answer(first, request_id).code == "2.04"
-    again = await udp.exchange(datagram, token)
+    again = await raw.exchange(datagram, token)
     assert again == first
     assert lane("answered") == before + 1
     assert await count(pool, READINGS, device.meter_id) == 1
@@ -122,7 +113,7 @@ async def test_lane_answers_an_oscore_uplink_and_its_retransmission(
 
 
 async def test_lane_hands_on_failed_decryption_and_replays(
-    udp: RawCoap, pool: asyncpg.Pool, device: ProvisionedDevice
+    raw: RawCoap, pool: asyncpg.Pool, device: ProvisionedDevice
 ) -> None:
     """A tampered ciphertext is aiocoap's path's 4.00 and leaves the replay window alone
     (the genuine request is then taken); its sequence number sent again under a new
@@ -133,14 +124,14 @@ async def test_lane_hands_on_failed_decryption_and_replays(
     # another message id: the same one would be a retransmission, answered as the first
     tampered = _new_mid(datagram[:-1] + bytes([datagram[-1] ^ 1]), 3)
     handed = lane("handed_on")
-    bad = dev.answer(await udp.exchange(tampered, token), request_id)
+    bad = dev.answer(await raw.exchange(tampered, token), request_id)
     assert bad.code == "4.00"
     assert lane("handed_on") == handed + 1
     answered = lane("answered")
-    good = await udp.exchange(datagram, token)
+    good = await raw.exchange(datagram, token)
     assert dev.answer(good, request_id).code == "2.04"
     assert lane("answered") == answered + 1
-    again = dev.answer(await udp.exchange(_new_mid(datagram, 7), token), request_id)
+    again = dev.answer(await raw.exchange(_new_mid(datagram, 7), token), request_id)
     assert (again.code, again.own_piv) == ("2.04", True)
     assert lane("handed_on") == handed + 2
     assert await count(pool, READINGS, device.meter_id) == 1
@@ -218,13 +209,8 @@ async def laneless(
     """An in-process collector with the lane switched off (aiocoap's path for all)."""
     settings = collector_settings(db_url, broker, credentials_key)
     coap = CoapSettings(**{**settings.coap.model_dump(), "uplink_lane": False})
-    settings = settings.model_copy(update={"coap": coap})
-    stop, started = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(run(settings, stop=stop, started=started))
-    await asyncio.wait_for(started.wait(), 20)
-    yield RunningCollector(settings, stop, task)
-    stop.set()
-    await asyncio.wait_for(task, 40)
+    async with running(settings.model_copy(update={"coap": coap})) as collector:
+        yield collector
 
 
 async def test_without_the_lane_aiocoap_answers_the_same(
@@ -251,7 +237,7 @@ def _rejected(kind: str) -> float:
 
 
 async def test_a_fault_in_the_lane_costs_no_uplink(
-    udp: RawCoap, pool: asyncpg.Pool, device: ProvisionedDevice, monkeypatch: pytest.MonkeyPatch
+    raw: RawCoap, pool: asyncpg.Pool, device: ProvisionedDevice, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A fault (an exception injected where a bug would raise) before the lane admits an
     uplink hands the datagram to aiocoap's path, which stores and answers it; one after
@@ -265,12 +251,12 @@ async def test_a_fault_in_the_lane_costs_no_uplink(
     noted = _rejected("coap_lane.failed")
     with monkeypatch.context() as patch:
         patch.setattr(UplinkLane, "_open", fault)
-        answer = await dev.post(udp, cjt188_frame(device.address, 50_000, hour(5)))
+        answer = await dev.post(raw, cjt188_frame(device.address, 50_000, hour(5)))
     assert answer.code == "2.04"
     assert _rejected("coap_lane.failed") == noted + 1
     with monkeypatch.context() as patch:
         patch.setattr(UplinkLane, "_answer_outcome", fault)
-        late = await dev.post(udp, cjt188_frame(device.address, 60_000, hour(6)))
+        late = await dev.post(raw, cjt188_frame(device.address, 60_000, hour(6)))
     assert (late.code, late.own_piv) == ("2.04", True)  # the retransmission's answer
     assert _rejected("coap_lane.failed") == noted + 2
     assert await count(pool, READINGS, device.meter_id) == 2
