@@ -30,7 +30,7 @@ full, the database is away longer than `ack_wait_s`, or the collector is stoppin
 Retransmitted CONs are answered from the deduplication table (`coap_patches.DedupTable`);
 after a restart, or in another process, from the answer recorded with the uplink.
 
-The common uplink (a CON POST /u in one datagram, OSCORE or a lab tenant's, from a
+The common uplink (a CON or NON POST /u in one datagram, OSCORE or a lab tenant's, from a
 meter with no pending command) is taken off the socket by the uplink lane
 (`collector.coap_lane`, setting `uplink_lane`), which answers it as this module's
 resource would, beside aiocoap's message layer; everything else comes here.

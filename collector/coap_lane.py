@@ -1,7 +1,8 @@
 """The uplink lane: the common CoAP uplink taken beside aiocoap's message layer.
 
-Nearly every datagram a collector gets is one meter's daily uplink: a CON POST to /u in
-one datagram (OSCORE, or plain for a lab tenant), answered in its ACK once durable.
+Nearly every datagram a collector gets is one meter's daily uplink: a POST to /u in one
+datagram (OSCORE, or plain for a lab tenant), answered once durable: in its ACK (CON) or
+as a NON of ours (NON, RFC 7252 §5.2.3).
 aiocoap gives each the whole general machinery (a `Message` and its options, the
 message and token layers, a pipe, a rendering task, the site, the answer's `Message`),
 which cost more CPU per uplink than our decoding, storing and OSCORE together
@@ -11,7 +12,7 @@ The lane reads the socket aiocoap opened (up to `_BATCH` datagrams per wakeup in
 of one, with one error-queue read, as aiocoap's own reader does per datagram) and takes
 a datagram only when it is:
 
-- a CON POST whose options are only OSCORE (then, inside, POST /u with at most a
+- a CON or NON POST whose options are only OSCORE (then, inside, POST /u with at most a
   Content-Format) or Uri-Path "u" and one Uri-Query "t=<lab tenant>" (plain);
 - from a device whose context (OSCORE) or lab tenant (plain) is known: an OSCORE key id
   not cached is loaded in the same batched lookup aiocoap's path uses, then taken;
@@ -19,7 +20,7 @@ a datagram only when it is:
 - from a meter with no pending command (`Downlinks.nothing_pending`): commands ride on
   the answer, which aiocoap's path builds.
 
-Everything else (block-wise, NON, other resources, LwM2M, /c, unknown key ids, failed
+Everything else (block-wise, other resources, LwM2M, /c, unknown key ids, failed
 decryption, replays, pending commands, a full pipeline's 5.03 for an unknown device)
 goes to aiocoap unchanged, which decides and answers as before: a datagram the lane
 hands on was never admitted (its replay window is untouched, its deduplication entry
@@ -132,6 +133,7 @@ class _Request:
     __slots__ = (
         "address",
         "ancdata",
+        "con",
         "ctx",
         "data",
         "flags",
@@ -150,6 +152,7 @@ class _Request:
         self.lean: oscore_lean.LeanRequest | None = None
         self.started = 0.0
         self.separate = False  # an empty ACK went: the answer is a separate CON
+        self.con = not data[0] & 0x10  # NON: answered NON, under a message id of ours
 
     @property
     def token(self) -> bytes:
@@ -254,7 +257,7 @@ class UplinkLane:
 
     def _take(self, data: bytes, ancdata: Any, flags: int, address: Any) -> bool:
         """True when the lane answers `data` (or it is a duplicate of a request taken)."""
-        if len(data) < 4 or data[0] & 0xF0 != 0x40 or data[1] != _POST:  # v1 CON, POST
+        if len(data) < 4 or data[0] & 0xE0 != 0x40 or data[1] != _POST:  # v1 CON/NON, POST
             return False
         tkl = data[0] & 15
         if tkl > 8:
@@ -266,8 +269,8 @@ class UplinkLane:
         key = (address[0], address[1], data[2] << 8 | data[3])
         now = self._loop.time()
         entry = self._dedup.recent(key, now)
-        if entry is not None:  # as aiocoap's deduplication: the answer again, if any
-            if entry[1] is not None:
+        if entry is not None:  # as aiocoap's deduplication: a CON's answer again, if any
+            if entry[1] is not None and not data[0] & 0x10:
                 self._send(entry[1], _pktinfo(ancdata), address)
             return True
         req = _Request(data, ancdata, flags, address, key)
@@ -415,6 +418,9 @@ class UplinkLane:
             self._count(kind, "busy")
             self._answer(req, Busy(self._settings.busy_max_age_s).to_message())
             return
+        if not req.con:  # no ACK to send: the answer is a NON whenever it is ready
+            future.add_done_callback(functools.partial(self._outcome, req, kind))
+            return
         self._waiting[req.key] = req
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(_SWEEP_S, self._sweep)
@@ -448,7 +454,7 @@ class UplinkLane:
             return
         else:
             self._count(kind, outcome.status)
-            # stored or duplicate: 2.04 with nothing in it (`_CHANGED_ANSWER`), no Message
+            # stored or duplicate: 2.04 with nothing in it (`_CHANGED_PLAINTEXT`), no Message
             answer = self._respond(outcome) if outcome.status == "quarantined" else None
         metrics.ACK_SECONDS.observe(time.monotonic() - req.started)
         self._answer(req, answer)
@@ -468,12 +474,18 @@ class UplinkLane:
             self._separate(req, code, body, answer)
             return
         data = req.data
-        out = bytes((0x60 | (data[0] & 15), code, data[2], data[3])) + req.token + opts
+        if req.con:  # piggybacked: an ACK with the request's message id
+            head = bytes((0x60 | (data[0] & 15), code, data[2], data[3]))
+        else:  # RFC 7252 §5.2.3: a NON, message id ours (aiocoap's counter, no clash)
+            mid = self._mman._next_message_id()
+            head = bytes((0x50 | (data[0] & 15), code, mid >> 8, mid & 0xFF))
+        out = head + req.token + opts
         if body:
             out += b"\xff" + body
-        entry = self._dedup.recent(req.key, self._loop.time())
-        if entry is not None:
-            entry[1] = out
+        if req.con:  # a NON's duplicate gets no answer (as aiocoap's deduplication)
+            entry = self._dedup.recent(req.key, self._loop.time())
+            if entry is not None:
+                entry[1] = out
         self._send(out, req.pktinfo, req.address)
 
     def _separate(

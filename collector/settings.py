@@ -38,7 +38,7 @@ class CoapSettings(_Section):
     # so the device does not retransmit); aiocoap's 0.1 s made most answers separate
     empty_ack_delay_s: float = Field(1.0, gt=0, lt=2.0)
     dedup_max_entries: int = Field(200_000, ge=1000)  # bounds the dedup cache's memory
-    # the common uplink (a CON POST to /u in one datagram, OSCORE or a lab tenant's plain
+    # the common uplink (a CON or NON POST to /u in one datagram, OSCORE or a lab tenant's plain
     # CoAP, no pending command) answered beside aiocoap's message layer (collector.coap_lane)
     uplink_lane: bool = True
     # the UDP socket's receive buffer (SO_RCVBUF; 0: the system's default, ~200 KiB on

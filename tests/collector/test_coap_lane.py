@@ -112,6 +112,28 @@ async def test_lane_answers_an_oscore_uplink_and_its_retransmission(
     assert await count(pool, RAW, device.meter_id) == 1
 
 
+async def test_lane_answers_a_non_uplink_with_a_non(
+    raw: RawCoap, pool: asyncpg.Pool, device: ProvisionedDevice
+) -> None:
+    """A NON uplink is the lane's too: its answer is a NON of ours (RFC 7252 §5.2.3) the
+    device decrypts to 2.04; the same datagram again is a duplicate, answered with
+    nothing and stored once."""
+    dev = OscoreMeter(device.oscore)
+    datagram, token, request_id = dev.request(cjt188_frame(device.address, 15_000, hour(1)))
+    non = bytes([datagram[0] | 0x10]) + datagram[1:]  # type 1: NON
+    before, seen = lane("answered"), len(raw.replies)
+    first = await raw.exchange(non, token)
+    reply = parse_reply(first)
+    assert reply.mtype == 1  # NON
+    assert dev.answer(first, request_id).code == "2.04"
+    assert lane("answered") == before + 1
+    raw.send(non)
+    await asyncio.sleep(0.5)
+    assert len(raw.replies) == seen + 1
+    assert lane("answered") == before + 1
+    assert await count(pool, READINGS, device.meter_id) == 1
+
+
 async def test_lane_hands_on_failed_decryption_and_replays(
     raw: RawCoap, pool: asyncpg.Pool, device: ProvisionedDevice
 ) -> None:
