@@ -382,7 +382,7 @@ class Session:
             self._unclean.append("a message came after the pipeline closed")
             return  # not acked: it stays in the session, which is therefore kept
         self._inflight.add(future)
-        future.add_done_callback(lambda f: self._done(f, generation, mid, qos, claimed, uplink))
+        future.add_done_callback(lambda f: self._done(f, generation, mid, qos, uplink))
 
     def _will(self, generation: int, topic: str, wanted: bool, mid: int) -> None:
         peer = topic.split("/")[2]
@@ -401,8 +401,7 @@ class Session:
         generation: int,
         mid: int,
         qos: int,
-        claimed: tuple[str, str] | None = None,
-        uplink: Uplink | None = None,
+        uplink: Uplink,
     ) -> None:
         self._inflight.discard(future)
         if future.cancelled() or future.exception() is not None:
@@ -415,7 +414,8 @@ class Session:
             self._unacked_in.add(generation)
             return
         self._ack(generation, mid, qos)
+        claimed = uplink.topic
         if self._on_durable is not None and claimed is not None and outcome.status != "quarantined":
             # the store resolved the topic to its meter (uplink.device) in the same batch
-            device = None if uplink is None else uplink.device
+            device = uplink.device
             self._on_durable(claimed, None if device is None else device.meter_id)
