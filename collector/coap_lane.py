@@ -144,10 +144,11 @@ class _Request:
         "started",
     )
 
-    def __init__(self, data: bytes, ancdata: Any, flags: int, address: Any, key: Any) -> None:
+    def __init__(
+        self, data: bytes, ancdata: Any, flags: int, address: Any, key: Any, pktinfo: bytes | None
+    ) -> None:
         self.data, self.ancdata, self.flags, self.address = data, ancdata, flags, address
-        self.key = key
-        self.pktinfo: bytes | None = None
+        self.key, self.pktinfo = key, pktinfo
         self.ctx: DeviceContext | None = None
         self.lean: oscore_lean.LeanRequest | None = None
         self.started = 0.0
@@ -256,7 +257,8 @@ class UplinkLane:
                 protocol.datagram_msg_received(data, ancdata, flags, address)
 
     def _take(self, data: bytes, ancdata: Any, flags: int, address: Any) -> bool:
-        """True when the lane answers `data` (or it is a duplicate of a request taken)."""
+        """True when the lane took `data` (to answer, as a duplicate, or to hand on itself
+        once it looked inside); False: aiocoap's, untouched."""
         if len(data) < 4 or data[0] & 0xE0 != 0x40 or data[1] != _POST:  # v1 CON/NON, POST
             return False
         tkl = data[0] & 15
@@ -268,15 +270,15 @@ class UplinkLane:
         found, start = parsed
         key = (address[0], address[1], data[2] << 8 | data[3])
         now = self._loop.time()
+        pktinfo = _pktinfo(ancdata)
         entry = self._dedup.recent(key, now)
         if entry is not None:  # as aiocoap's deduplication: a CON's answer again, if any
             if entry[1] is not None and not data[0] & 0x10:
-                self._send(entry[1], _pktinfo(ancdata), address)
+                self._send(entry[1], pktinfo, address)
             return True
-        req = _Request(data, ancdata, flags, address, key)
-        req.pktinfo = pktinfo = _pktinfo(ancdata)
         if pktinfo is not None and is_multicast_pktinfo(pktinfo):
             return False
+        req = _Request(data, ancdata, flags, address, key, pktinfo)
         option = None
         path: list[bytes] = []
         query: list[bytes] = []
@@ -332,11 +334,9 @@ class UplinkLane:
             future.add_done_callback(functools.partial(self._loaded, req, kid, piv, ciphertext))
             return True
         self._dedup.add(req.key, now)
-        if self._open(req, ctx, kid, piv, ciphertext):
-            return True
-        self._dedup.forget(req.key)
-        self._handed_on.inc()
-        return False
+        if not self._open(req, ctx, kid, piv, ciphertext):
+            self._hand_on(req)
+        return True
 
     def _loaded(
         self, req: _Request, kid: bytes, piv: bytes, ciphertext: bytes, future: Any

@@ -167,14 +167,10 @@ class DeviceContexts:
     def wanted(self, kid: bytes) -> asyncio.Future[None] | None:
         """None when `kid` is cached (or known unknown); else the future of its loading,
         done when it is (`peek` then tells). ContextsUnavailable if we can't ask."""
-        if self._key is None:
-            return None
-        now = time.monotonic()
-        hit = self._cache.get(kid)
-        if hit is not None and hit[1] > now:
+        if self._key is None or self.peek(kid) is not None:
             return None
         gone = self._unknown.get(kid)
-        if gone is not None and gone > now:
+        if gone is not None and gone > time.monotonic():
             return None
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiting = self._waiting.get(kid)

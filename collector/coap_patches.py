@@ -49,7 +49,7 @@ class DedupTable:
         entry = self.entries.get(key)
         return entry if entry is not None and entry[0] > now else None
 
-    def add(self, key: Any, now: float) -> list[Any]:
+    def add(self, key: Any, now: float) -> None:
         """A new entry for `key`, with no answer yet; the oldest expired ones go."""
         entries = self.entries
         while entries:
@@ -57,15 +57,11 @@ class DedupTable:
             if oldest[0] > now and len(entries) < self._max_entries:
                 break
             entries.popitem(last=False)
-        entry = entries[key] = [now + self._lifetime_s, None]
-        return entry
+        entries[key] = [now + self._lifetime_s, None]
 
     def forget(self, key: Any) -> None:
         """Drop `key`'s entry (a request handed on to be taken again elsewhere)."""
         self.entries.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self.entries)
 
 
 def bound_dedup(mman: Any, table: DedupTable) -> None:
