@@ -1,5 +1,6 @@
 """A migrated scratch database on the stack's server, dropped afterwards; a TCP proxy to
-it whose cut models a database outage; `read_s`, a time as readings store it.
+it whose cut models a database outage; `read_s`, a time as readings store it;
+`queue_command`, a command in a meter's mailbox.
 
 Shared by the session's `db_url` fixture (tests/conftest.py) and tests that need a database
 no other part of the session touches (e.g. one no running collector drains).
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from storage import mailbox
 from storage.migrate import migrate
 from storage.rows import READ_S_EPOCH
 
@@ -108,3 +110,35 @@ async def new_tenant(pool: asyncpg.Pool, prefix: str, *, plain_coap: bool = Fals
         "INSERT INTO tenants (slug, name, allow_plain_coap) VALUES ($1, $1, $2)", slug, plain_coap
     )
     return slug
+
+
+async def queue_command(
+    db: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy | asyncpg.Pool,
+    meter_id: int,
+    *,
+    tenant_id: int | None = None,
+    kind: str = "valve",
+    args: dict[str, object] | None = None,
+    ttl_s: int = 3600,
+    key: str | None = None,
+) -> mailbox.Command:
+    """Queue (and commit) one command to meter `meter_id`, a valve close unless told; the
+    tenant is the meter's unless given."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn:
+            return await queue_command(
+                conn, meter_id, tenant_id=tenant_id, kind=kind, args=args, ttl_s=ttl_s, key=key
+            )
+    if tenant_id is None:
+        tenant_id = await db.fetchval("SELECT tenant_id FROM meters WHERE meter_id = $1", meter_id)
+    cmd, _ = await mailbox.create(
+        db,
+        tenant_id=tenant_id,
+        meter_id=meter_id,
+        kind=kind,
+        args={"action": "close"} if args is None and kind == "valve" else (args or {}),
+        ttl_s=ttl_s,
+        created_by="test",
+        idempotency_key=key,
+    )
+    return cmd

@@ -12,6 +12,7 @@ import json
 import time
 
 import asyncpg
+import dbkit
 import pytest
 from collector_testkit import CollectorProcess, OscoreMeter, RawCoap, cjt188_frame, hour
 from conftest import Broker, RunningCollector, new_address
@@ -31,19 +32,9 @@ async def queue_command(
     **args: object,
 ) -> int:
     """Queue a command for the device's meter while it sleeps; its id."""
-    tenant_id = await pool.fetchval(
-        "SELECT tenant_id FROM meters WHERE meter_id = $1", device.meter_id
+    cmd = await dbkit.queue_command(
+        pool, device.meter_id, kind=kind, args=args or None, ttl_s=ttl_s
     )
-    async with pool.acquire() as conn:
-        cmd, _ = await mailbox.create(
-            conn,
-            tenant_id=tenant_id,
-            meter_id=device.meter_id,
-            kind=kind,
-            args=args or ({"action": "close"} if kind == "valve" else {}),
-            ttl_s=ttl_s,
-            created_by="test",
-        )
     return cmd.command_id
 
 

@@ -23,10 +23,10 @@ from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 from aiocoap.transports.oscore import OSCOREAddress
 from collector_testkit import DeviceOscore, OscoreMeter, RawCoap
 from conftest import RunningCollector, count, free_port, wait_count
+from dbkit import queue_command
 
 from collector import metrics
 from devices.provision import ProvisionedDevice
-from storage import mailbox
 
 OBJECTS = b"</1/0>,</3/0>,</4/0>,</3306/0>,</3424/0>"
 
@@ -167,18 +167,7 @@ def code(msg: aiocoap.Message) -> str:
 
 async def queue(pool: asyncpg.Pool, meter_id: int, kind: str, args: dict[str, Any]) -> int:
     """Put a command in the meter's mailbox; its id."""
-    tenant_id = await pool.fetchval("SELECT tenant_id FROM meters WHERE meter_id = $1", meter_id)
-    async with pool.acquire() as conn:
-        cmd, _ = await mailbox.create(
-            conn,
-            tenant_id=tenant_id,
-            meter_id=meter_id,
-            kind=kind,
-            args=args,
-            ttl_s=600,
-            created_by="test",
-        )
-    return cmd.command_id
+    return (await queue_command(pool, meter_id, kind=kind, args=args, ttl_s=600)).command_id
 
 
 async def test_register_send_update_deregister_with_queue_mode_delivery(

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from dbkit import TcpProxy, migrated_database, new_tenant
+from dbkit import TcpProxy, migrated_database, new_tenant, queue_command
 
 from collector import downlink, metrics
 from collector.downlink import Downlinks
@@ -65,16 +65,7 @@ async def new_meters(db: Db, n: int) -> list[int]:
 
 async def queue(db: Db, meter_id: int) -> int:
     """Queue a valve command to the meter (committed); its id."""
-    async with db.pool.acquire() as conn:
-        cmd, _ = await mailbox.create(
-            conn,
-            tenant_id=db.tenant_id,
-            meter_id=meter_id,
-            kind="valve",
-            args={"action": "close"},
-            ttl_s=600,
-            created_by="test",
-        )
+    cmd = await queue_command(db.pool, meter_id, tenant_id=db.tenant_id, ttl_s=600)
     return cmd.command_id
 
 

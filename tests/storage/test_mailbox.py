@@ -12,6 +12,7 @@ import uuid
 
 import asyncpg
 import pytest
+from dbkit import queue_command
 
 from decoder.commands import DeviceResult
 from storage import mailbox
@@ -48,18 +49,9 @@ async def queue(
     key: str | None = None,
 ) -> mailbox.Command:
     """Queue one command (valve close by default)."""
-    async with pool.acquire() as conn:
-        cmd, _ = await mailbox.create(
-            conn,
-            tenant_id=tenant_id,
-            meter_id=meter_id,
-            kind=kind,
-            args={"action": "close"} if args is None and kind == "valve" else (args or {}),
-            ttl_s=ttl_s,
-            created_by="test",
-            idempotency_key=key,
-        )
-    return cmd
+    return await queue_command(
+        pool, meter_id, tenant_id=tenant_id, kind=kind, args=args, ttl_s=ttl_s, key=key
+    )
 
 
 async def state_of(pool: asyncpg.Pool, command_id: int) -> tuple[str, str | None, int]:

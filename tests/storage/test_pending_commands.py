@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from dbkit import queue_command
 
 from decoder.commands import DeviceResult
 from storage import mailbox, pending_commands
@@ -31,16 +32,7 @@ async def a_meter(pool: asyncpg.Pool, tenant_id: int) -> int:
 
 async def queue(conn: asyncpg.Connection, tenant_id: int, meter_id: int) -> int:
     """Queue a valve command; its id."""
-    cmd, _ = await mailbox.create(
-        conn,
-        tenant_id=tenant_id,
-        meter_id=meter_id,
-        kind="valve",
-        args={"action": "close"},
-        ttl_s=3600,
-        created_by="test",
-    )
-    return cmd.command_id
+    return (await queue_command(conn, meter_id, tenant_id=tenant_id)).command_id
 
 
 class Heard:
