@@ -75,3 +75,30 @@ async def test_windows_never_move_backwards(pool: asyncpg.Pool, tenant_id: int) 
         "SELECT oscore_replay_index FROM device_credentials WHERE meter_id = $1", meter_id
     )
     assert index == 9
+
+
+async def test_window_updates_stay_on_their_page(pool: asyncpg.Pool, tenant_id: int) -> None:
+    """Migration 0056: contexts provisioned one after the other leave room on their pages,
+    so each one's window update is HOT (the row keeps its page, no index entry). One
+    uplink per transaction, as a day's uplinks of one page's meters come: a committed
+    update's old version is pruned when the page is next touched."""
+    meters = [await oscore_meter(pool, tenant_id) for _ in range(120)]
+    ids = [m for m, _ in meters]
+    blocks = (
+        "SELECT meter_id, (ctid::text::point)[0] FROM device_credentials WHERE meter_id = ANY($1)"
+    )
+    async with pool.acquire() as conn:
+        before = dict(await conn.fetch(blocks, ids))
+        options = await conn.fetchval(
+            "SELECT reloptions FROM pg_class WHERE oid = 'device_credentials'::regclass"
+        )
+    assert "fillfactor=70" in options
+    for m, kid in meters:
+        assert await save(pool, [commit(m, kid, 3)]) == set()
+    async with pool.acquire() as conn:
+        after = dict(await conn.fetch(blocks, ids))
+        windows = await conn.fetch(
+            "SELECT oscore_replay_index FROM device_credentials WHERE meter_id = ANY($1)", ids
+        )
+    assert [w[0] for w in windows] == [3] * len(ids)
+    assert after == before
