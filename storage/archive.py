@@ -31,7 +31,16 @@ def _storable(value: object) -> object:
     return pg_text(value) if isinstance(value, str) else value
 
 
-_UPLINK_COLUMNS = tuple(f.name for f in fields(RawUplink))
+def _uplink_record(row: RawUplink) -> tuple[object, ...]:
+    """`row` as its COPY record: itself (a tuple in column order) unless a text column
+    needs `pg_text` (one check of their concatenation: ASCII without NUL is the rule)."""
+    text = "".join(filter(None, (row.peer, row.format, row.outcome, row.error_message)))
+    if text.isascii() and "\x00" not in text:
+        return row
+    return tuple(_storable(value) for value in row)
+
+
+_UPLINK_COLUMNS = RawUplink._fields
 _QUARANTINE_COLUMNS = tuple(f.name for f in fields(QuarantineRow))
 
 
@@ -46,26 +55,28 @@ class ArchiveWriter:
         self, rows: Sequence[RawUplink], conn: asyncpg.Connection | None = None
     ) -> int:
         """Append `rows` to raw_uplinks (on `conn` if given); return how many were written."""
-        return await self._copy("raw_uplinks", _UPLINK_COLUMNS, rows, conn)
+        records = [_uplink_record(row) for row in rows]
+        return await self._copy("raw_uplinks", _UPLINK_COLUMNS, records, conn)
 
     async def write_quarantine(
         self, rows: Sequence[QuarantineRow], conn: asyncpg.Connection | None = None
     ) -> int:
         """Append `rows` to quarantine (on `conn` if given); return how many were written."""
-        return await self._copy("quarantine", _QUARANTINE_COLUMNS, rows, conn)
+        columns = _QUARANTINE_COLUMNS
+        records = [tuple(_storable(getattr(row, c)) for c in columns) for row in rows]
+        return await self._copy("quarantine", columns, records, conn)
 
     async def _copy(
         self,
         table: str,
         columns: tuple[str, ...],
-        rows: Sequence[RawUplink] | Sequence[QuarantineRow],
+        records: list[tuple[object, ...]],
         conn: asyncpg.Connection | None,
     ) -> int:
-        if not rows:
+        if not records:
             return 0
         # variable-width bytea/text columns: asyncpg's record encoder is the right tool
         # here (archive rows are per uplink, a small fraction of the reading volume)
-        records = [tuple(_storable(getattr(row, c)) for c in columns) for row in rows]
         with translated(f"archiving to {table}"):
             if conn is None:
                 async with self._pool.acquire() as pooled:

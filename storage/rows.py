@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -48,9 +48,11 @@ READ_S_MAX_EPOCH = READ_S_EPOCH + 2**31 - 1
 UplinkOutcome = Literal["stored", "duplicate", "quarantined", "pending"]
 
 
-@dataclass(frozen=True)
-class RawUplink:
-    """One received uplink as archived; `received_at` is timezone-aware UTC."""
+class RawUplink(NamedTuple):
+    """One received uplink as archived; `received_at` is timezone-aware UTC.
+
+    A named tuple in the table's column order, not a frozen dataclass: one is built per
+    uplink, and the archive's COPY takes it as its record as it is (`storage.archive`)."""
 
     received_at: datetime
     tenant_id: int | None

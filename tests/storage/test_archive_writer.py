@@ -66,3 +66,21 @@ async def test_bad_archive_row_is_a_storage_error(pool: asyncpg.Pool, tenant_id:
     row = RawUplink(NOW, tenant_id, None, 1, None, b"x", None, "lost")  # type: ignore[arg-type]
     with pytest.raises(StorageError, match="raw_uplinks"):
         await ArchiveWriter(pool).write_uplinks([row])
+
+
+async def test_text_postgresql_cannot_hold_is_escaped(pool: asyncpg.Pool, tenant_id: int) -> None:
+    """A raw uplink whose peer, format or error message holds a NUL or an unpaired
+    surrogate is archived with them escaped (`pg_text`); beside it, a plain row as is."""
+    odd = RawUplink(NOW, tenant_id, None, 1, "p\x00eer", b"\x01", "fmt\udc80", "quarantined",
+                    error_message="bad \ud800 text é")  # fmt: skip
+    plain = RawUplink(NOW, tenant_id, None, 1, "10.0.0.9:1", b"\x02", None, "stored")
+    assert await ArchiveWriter(pool).write_uplinks([odd, plain]) == 2
+    rows = await pool.fetch(
+        "SELECT peer, format, error_message FROM raw_uplinks WHERE tenant_id = $1"
+        " AND payload IN ('\\x01'::bytea, '\\x02'::bytea) ORDER BY payload",
+        tenant_id,
+    )
+    assert [tuple(r) for r in rows] == [
+        ("p\\x00eer", "fmt\\udc80", "bad \\ud800 text é"),
+        ("10.0.0.9:1", None, None),
+    ]
