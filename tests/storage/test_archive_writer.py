@@ -84,3 +84,39 @@ async def test_text_postgresql_cannot_hold_is_escaped(pool: asyncpg.Pool, tenant
         ("p\\x00eer", "fmt\\udc80", "bad \\ud800 text é"),
         ("10.0.0.9:1", None, None),
     ]
+
+
+async def test_one_batch_keeps_each_meters_newest_uplink(
+    pool: asyncpg.Pool, tenant_id: int
+) -> None:
+    """Migration 0057: a batch COPYed in one statement sets each meter's last uplink to
+    its newest in the batch (a meter twice: the later time, whatever the row order), never
+    moves one backwards, and passes over uplinks of no meter."""
+    ids = [
+        await pool.fetchval(
+            "INSERT INTO meters (tenant_id, address, kind, format)"
+            " VALUES ($1, $2, 'water', 'cjt188') RETURNING meter_id",
+            tenant_id,
+            f"seen-{n}-{tenant_id}",
+        )
+        for n in range(3)
+    ]
+    twice, ahead, fresh = ids
+    later = NOW.replace(hour=13)
+    await pool.execute(
+        "INSERT INTO meter_last_seen (meter_id, last_uplink_at) VALUES ($1, $2)", ahead, later
+    )
+    rows = [
+        RawUplink(later, tenant_id, twice, 1, None, b"\x01", None, "stored"),
+        RawUplink(NOW, tenant_id, twice, 1, None, b"\x02", None, "duplicate"),
+        RawUplink(NOW, tenant_id, ahead, 1, None, b"\x03", None, "stored"),
+        RawUplink(NOW, tenant_id, fresh, 1, None, b"\x04", None, "quarantined"),
+        RawUplink(NOW, tenant_id, None, 1, None, b"\x05", None, "quarantined"),
+    ]
+    assert await ArchiveWriter(pool).write_uplinks(rows) == len(rows)
+    seen = dict(
+        await pool.fetch(
+            "SELECT meter_id, last_uplink_at FROM meter_last_seen WHERE meter_id = ANY($1)", ids
+        )
+    )
+    assert seen == {twice: later, ahead: later, fresh: NOW}
