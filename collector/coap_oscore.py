@@ -88,7 +88,13 @@ class DeviceContext(*_ContextBases):  # type: ignore[misc]  # aiocoap is untyped
             self.recipient_replay_window.initialize_from_persisted(
                 {"index": secret.replay_index, "bitfield": secret.replay_bits or 0}
             )
-        self.device = Device(secret.meter_id, secret.tenant_id, secret.address, secret.meter_format)
+        self.device = Device(
+            secret.meter_id,
+            secret.tenant_id,
+            secret.address,
+            secret.meter_format,
+            secret.installed_s,
+        )
         # staged by a rotate_key beside the current context (migration 0048): a request
         # verified under it confirms it when its uplink commits (`collector.store`)
         self.pending = secret.pending

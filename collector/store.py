@@ -491,6 +491,14 @@ class BatchStore:
         # plain CoAP (lab tenants): reported address -> meter id, from the cached directory
         found = [await self._meters.resolve(k.tenant_id, k.addresses, conn=conn) for k in lookups]
         checked = verdict.check(batch, lay, dec, verdict.place(dec.n_readings, lookups, found))
+        # meters whose authentication read their installation time: no lookup of the writer's
+        known = {
+            d.meter_id: d.installed_s
+            for u in batch
+            if (d := u.device) and d.installed_s is not None
+        }
+        if known:
+            self._writer.learn(list(known), list(known.values()))
         written = await self._writer.write(checked.readings, conn=conn)
         settled = verdict.settle(batch, dec, checked, written)
         # a request verified under a staged OSCORE context confirms it (migration 0048):

@@ -39,6 +39,9 @@ class Device:
     # that authenticated it had it: the store skips the AES-key lookup of formats that
     # carry no OMS keys (None: unknown, looked up)
     format: str | None = None
+    # the meter's installed_at (epoch seconds, floor), when that lookup had it too: the
+    # reading writer then needs no query of its own for the meter (None: it asks)
+    installed_s: int | None = None
 
 
 @dataclass(slots=True, frozen=True)

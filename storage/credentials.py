@@ -73,6 +73,7 @@ class OscoreSecret(NamedTuple):
     # that verifies under it confirms it (`promote_oscore`); its window starts empty
     pending: bool = False
     meter_format: str | None = None  # meters.format, when the lookup read it
+    installed_s: int | None = None  # meters.installed_at (epoch s, floor), likewise
 
 
 def oscore_blob(
@@ -303,6 +304,10 @@ async def store_mqtt(
     )
 
 
+# meters.installed_at as `storage.ingest` keeps it (whole seconds, rounded down)
+_INSTALLED_S = "floor(extract(epoch FROM m.installed_at))::bigint"
+
+
 async def load_oscore_many(
     conn: asyncpg.Connection, key: bytes, kids: Iterable[bytes]
 ) -> tuple[dict[bytes, OscoreSecret], list[int]]:
@@ -319,11 +324,13 @@ async def load_oscore_many(
     # current and pending kids each by their own unique index (one query, two probes)
     rows = await conn.fetch(
         "SELECT c.oscore_kid, c.meter_id, c.tenant_id, m.address, c.oscore_sender_id,"
-        " c.oscore_sealed, c.oscore_replay_index, c.oscore_replay_bits, false, m.format"
+        " c.oscore_sealed, c.oscore_replay_index, c.oscore_replay_bits, false, m.format,"
+        f" {_INSTALLED_S}"
         " FROM device_credentials c JOIN meters m USING (meter_id)"
         " WHERE c.oscore_kid = ANY($1::bytea[]) AND m.removed_at IS NULL"
         " UNION ALL SELECT c.oscore_pending_kid, c.meter_id, c.tenant_id, m.address,"
-        " c.oscore_pending_sender_id, c.oscore_pending_sealed, NULL, NULL, true, m.format"
+        " c.oscore_pending_sender_id, c.oscore_pending_sealed, NULL, NULL, true, m.format,"
+        f" {_INSTALLED_S}"
         " FROM device_credentials c JOIN meters m USING (meter_id)"
         " WHERE c.oscore_pending_kid = ANY($1::bytea[]) AND m.removed_at IS NULL",
         wanted,
@@ -350,6 +357,7 @@ async def load_oscore_many(
             derived=derived,
             pending=bool(row[8]),
             meter_format=str(row[9]),
+            installed_s=int(row[10]),
         )
     return found, unopenable
 

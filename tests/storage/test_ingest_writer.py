@@ -381,3 +381,26 @@ async def test_from_decoded_resolved_addresses(pool: asyncpg.Pool, tenant_id: in
         2,
         [(2, "unknown_meter")],
     )
+
+
+async def test_learned_meters_need_no_lookup(pool: asyncpg.Pool, tenant_id: int) -> None:
+    """Meters the caller's own lookup read (`learn`, as the OSCORE context's does) are
+    written without the writer's meters query; a reading before the learned installation
+    still asks the database before it is refused (the learned time may be stale)."""
+    meters = await make_meters(pool, tenant_id, 3)
+    installed = datetime.fromtimestamp(T0_S + 2 * 3600, UTC)
+    await pool.execute(
+        "UPDATE meters SET installed_at = $1 WHERE meter_id = $2", installed, meters[0]
+    )
+    writer = ReadingWriter(pool)
+    writer.learn(meters.tolist(), [int(installed.timestamp()), 0, 0])
+    asked: list[str] = []
+    async with pool.acquire() as conn:
+        conn.add_query_logger(lambda record: asked.append(record.query))
+        result = await writer.write(hourly(meters, range(2, 4)), conn=conn)
+        assert (result.new, result.rejected) == (6, ())
+        assert not [q for q in asked if "FROM meters" in q]
+        early = await writer.write(hourly(meters[:1], range(1, 2)), conn=conn)
+    assert [r.reason.label for r in early.rejected] == ["before_installation"]
+    assert len([q for q in asked if "FROM meters" in q]) == 1
+    assert await stored(pool, meters) == 6
