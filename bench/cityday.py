@@ -2,7 +2,7 @@
 
     NBMETER_DATABASE_URL=... .venv/bin/python bench/cityday.py [--meters 200000]
         [--herd 0.3] [--spread-load 0.8] [--compare 20000] [--window 400] [--herd-window 1000]
-        [--budget-s 780] [--keep] [--compare-only] [--no-lane]
+        [--budget-s 780] [--collectors 1] [--keep] [--compare-only] [--no-lane]
 
 A scratch database (created, migrated, dropped at the end) gets a tenant with `--meters`
 water and gas meters in three formats: 60% interval `nbm1` (a register and 23 hourly
@@ -24,7 +24,9 @@ uplink meets a cold context cache, as a meter reporting once a day does):
    OSCORE rate of phase 1 (reports spread over the reporting window; faster if needed
    to end within `--budget-s`), then the rest at once (the herd after an outage:
    `--herd-window` devices waiting at any time, retransmitting as RFC 7252 says).
-   Answers are 2.04 only after commit; a 5.03 sends the uplink again later.
+   Answers are 2.04 only after commit; a 5.03 sends the uplink again later. The city day
+   runs `--collectors` collector processes on one port (SO_REUSEPORT; the generator's
+   `--sockets` source ports spread over them); its CPU per uplink is theirs together.
 3. the billing side: close the cycle that ends after that day for every meter (publish
    its boundary reads, as POST /v1/cycles/{id}/close) and stream the NDJSON export (the
    export's storage path, without HTTP, on sessions set up as the API's), each timed.
@@ -515,12 +517,16 @@ async def main(args: argparse.Namespace) -> None:
         if len(spread) / rate > left_s:
             rate = len(spread) / max(left_s, 1.0)
             print(f"# paced at {rate:.0f}/s to stay within --budget-s {args.budget_s:.0f}")
-        port, metrics_port = free_udp_port(), free_tcp_port()
-        proc = start_collector(db_url, port, metrics_port, env)
+        # --collectors processes share the port (SO_REUSEPORT), as a city's machine runs them
+        port = free_udp_port()
+        metrics_ports = [free_tcp_port() for _ in range(args.collectors)]
+        procs = []
         try:
-            await wait_ready(proc, metrics_port)
-            watch = with_generator(watcher(server_url, name, [proc.pid]))
-            b0 = batch_stats([metrics_port])
+            for metrics_port in metrics_ports:
+                procs.append(start_collector(db_url, port, metrics_port, env))
+                await wait_ready(procs[-1], metrics_port)
+            watch = with_generator(watcher(server_url, name, [p.pid for p in procs]))
+            b0 = batch_stats(metrics_ports)
             sm = await LoadGenerator(ListSource(spread)).run(
                 port,
                 window=args.herd_window,
@@ -529,14 +535,15 @@ async def main(args: argparse.Namespace) -> None:
                 rate=rate,
                 progress_s=60,
             )
-            b1 = batch_stats([metrics_port])
+            b1 = batch_stats(metrics_ports)
             hm = await LoadGenerator(ListSource(herd)).run(
                 port, window=args.herd_window, sockets=args.sockets, watch=watch, progress_s=60
             )
-            b2 = batch_stats([metrics_port])
-            rss = rss_mb(proc.pid)
+            b2 = batch_stats(metrics_ports)
+            rss = max(rss_mb(p.pid) for p in procs)
         finally:
-            stop(proc)
+            for proc in procs:
+                stop(proc)
         print(
             _line(
                 f"spread(paced {rate:.0f}/s)",
@@ -631,6 +638,9 @@ if __name__ == "__main__":
     parser.add_argument("--window", type=int, default=400, help="CONs outstanding (compare)")
     parser.add_argument("--herd-window", type=int, default=1000, help="devices waiting at once")
     parser.add_argument("--sockets", type=int, default=16)
+    parser.add_argument(
+        "--collectors", type=int, default=1, help="collector processes on the port (city day)"
+    )
     parser.add_argument("--seed", type=int, default=16)
     parser.add_argument("--keep", action="store_true", help="keep the scratch database")
     parser.add_argument("--compare-only", action="store_true", help="phase 1 only (profiling)")
