@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import NamedTuple, TypeAlias
 
@@ -73,6 +73,7 @@ LWM2M_PATH = re.compile(r"(?:^|/)\d{1,5}/\d{1,5}/\d{1,5}(?:/\d{1,5})?$")
 # 123.456 -> 123.456000000000003), whose digits past the double's precision are noise
 DOUBLE_DIGITS = 16
 ULPS = 4  # the printer's own arithmetic error on top of the double's rounding
+_ONE, _ML_TOLERANCE = Decimal(1), Decimal("0.001")  # (a printed double's noise is below)
 ALARM_FLAGS: Mapping[str, Flag] = {  # 3424: 9/10 leak suspected/detected, 11 back-flow,
     "9": Flag.LEAK, "10": Flag.LEAK, "11": Flag.REVERSE_FLOW,  # 12 blocked, 13 fraud
     "12": Flag.METER_ERROR, "13": Flag.TAMPER,
@@ -80,6 +81,14 @@ ALARM_FLAGS: Mapping[str, Flag] = {  # 3424: 9/10 leak suspected/detected, 11 ba
 _VALUE_KEYS = frozenset({"v", "vs", "vb", "vd", "s"})
 _BASE_KEYS = frozenset({"bver", "bn", "bt", "bu", "bv", "bs"})
 _LABELS = frozenset(LABEL_OF)
+# `_usual`, the one pass over a usual pack: its fields, and its numbers as Decimals (an
+# operation of two Decimals is faster than of a Decimal and an int, and exactly the same)
+_USUAL = frozenset({"bn", "bt", "bu", "n", "t", "u", "v", "vb"})
+_ZERO = Decimal(0)  # the default base value (RFC 8428 §4.6)
+_REL_TIME_LIMIT = Decimal(REL_TIME_LIMIT)
+_EPOCH_END = Decimal(2**40)  # a reading's time is an epoch second below this
+_ML_END = Decimal(2**63)  # and its register a number of mL below this
+_ML_PER_UNIT = {unit: Decimal(ml) for unit, ml in VOLUME_ML_PER_UNIT.items()}
 # LwM2M device health (OMA objects 3 Device and 4 Connectivity Monitoring): path -> the
 # extra field it fills. 3/7 is a multiple-instance resource (/3/0/7/0 in LwM2M 1.1 paths).
 HEALTH_RESOURCE = re.compile(r"(?:^|/)(3|4)/\d+/(\d+)(?:/(\d+))?$")
@@ -163,6 +172,8 @@ def parse(frame: bytes) -> tuple[list[dict[str, object]], str]:
         raise SenMLError(ErrorCode.MALFORMED, str(exc)) from exc
     if not isinstance(pack, list):
         raise SenMLError(ErrorCode.BAD_RECORD, "a SenML pack is an array of records")
+    if encoding == "json" and set(map(type, pack)) <= {dict}:
+        return pack, encoding  # JSON keys are names already
     records = []
     for rec in pack:
         if not isinstance(rec, dict):
@@ -171,7 +182,9 @@ def parse(frame: bytes) -> tuple[list[dict[str, object]], str]:
         if encoding == "json":
             records.append(rec)
         else:
-            records.append({CBOR_LABELS.get(key, str(key)): val for key, val in rec.items()})
+            records.append(
+                {CBOR_LABELS[key] if key in CBOR_LABELS else str(key): v for key, v in rec.items()}
+            )
     return records, encoding
 
 
@@ -266,6 +279,8 @@ class _Name(NamedTuple):
     note: tuple[str, str] | None  # 3424/x/5518|6042|6049: (name up to the instance, res)
     lwm2m: bool  # the name ends in an LwM2M object path
     power_source: str | None  # 3/x/6 Available Power Sources: its resource instance ("")
+    noted: bool  # an alarm or a note: a record `_notes` reads
+    healthy: bool  # health or a power source: a record `health_of` reads
 
 
 @functools.lru_cache(maxsize=4096)  # a pack repeats its names; bare LwM2M paths recur
@@ -285,6 +300,8 @@ def _name(name: str) -> _Name:
         (name[: note.end(1)], note.group(2)) if note else None,
         LWM2M_PATH.search(name) is not None,
         (power.group(1) or "") if (power := POWER_SOURCES.search(name)) else None,
+        bool(alarm or note),
+        bool((health and field) or power),
     )
 
 
@@ -344,12 +361,12 @@ def _whole_ml(raw: Decimal, ml_per_unit: int) -> int | None:
     whole = ml.to_integral_value()
     if ml == whole:
         return int(whole)
-    if len(raw.as_tuple().digits) < DOUBLE_DIGITS:
+    _, digits, exponent = raw.as_tuple()
+    if len(digits) < DOUBLE_DIGITS:
         return None
-    exponent = raw.as_tuple().exponent
     assert isinstance(exponent, int)  # finite: `_num` refuses NaN and infinities
-    tolerance = (Decimal(ULPS * math.ulp(float(raw))) + Decimal(1).scaleb(exponent)) * ml_per_unit
-    if tolerance < Decimal("0.001") and abs(ml - whole) <= tolerance:
+    tolerance = (Decimal(ULPS * math.ulp(float(raw))) + _ONE.scaleb(exponent)) * ml_per_unit
+    if tolerance < _ML_TOLERANCE and abs(ml - whole) <= tolerance:
         return int(whole)
     return None
 
@@ -385,19 +402,17 @@ def health_of(
     found: dict[str, tuple[Decimal, Decimal]] = {}  # field -> (time, value)
     sources: dict[str, object] = {}  # 3/0/6 instance -> power source type
     volts: set[str] = set()  # 3/0/7 instances
+    healthy: list[tuple[Mapping[str, object], tuple[str, str, str]]] = []  # (record, health)
     for rec in resolved:
-        name = str(rec["n"])
-        parts = _name(name)
+        parts = _name(str(rec["n"]))
         if parts.power_source is not None:
             sources[parts.power_source] = rec.get("v")
         health = parts.health
-        if health is not None and health[1] == "battery_mv":
-            volts.add(health[2])
-    for rec in resolved:
-        health = _name(str(rec["n"])).health
-        if health is None:
-            continue
-        owner, field, instance = health
+        if health is not None:
+            healthy.append((rec, health))
+            if health[1] == "battery_mv":
+                volts.add(health[2])
+    for rec, (owner, field, instance) in healthy:
         if address is not None and owner not in ("", address):
             continue
         if field == "battery_mv" and (
@@ -428,8 +443,8 @@ def _notes(
             continue
         value = rec.get("v")
         if parts.alarm and (rec.get("vb") is True or rec.get("v", 0) != 0):
-            key = f"{parts.alarm[0]}|{_floor(rec['t'])}"
-            alarms[key] = alarms.get(key, 0) | parts.alarm[1]
+            key, flag = f"{parts.alarm[0]}|{_floor(rec['t'])}", parts.alarm[1]
+            alarms[key] = alarms[key] | flag if key in alarms else flag  # (no enum op on 0)
         if parts.note and isinstance(value, Decimal):
             key = f"{parts.note[0]}|{_floor(rec['t'])}"
             if parts.note[1] in REJECTED_QUALITY:
@@ -438,6 +453,18 @@ def _notes(
             elif REL_TIME_LIMIT <= value < 2**40:  # 5518: an absolute epoch (Time type)
                 stamps[key] = _floor(value)
     return alarms, stamps, rejected
+
+
+# cbor2's CBORDecodeError is not a ValueError; RecursionError cannot pass `decoder.limits`
+# but one pack must never sink the batch
+_PACK_ERRORS = (
+    cbor2.CBORError,
+    ValueError,
+    TypeError,
+    ArithmeticError,
+    RecursionError,
+    LookupError,
+)
 
 
 def decode_one(
@@ -452,7 +479,164 @@ def decode_one(
     its instance's 3424/x/5518 measurement timestamp where one is given. Readings of more
     than one 3424 instance or meter are refused (a reading names no instance of its own
     downstream: they would pass as one meter's)."""
+    times, mls, flags, address, extra = _decode_one(frame, received_at_s)
+    return list(zip(times, mls, flags, strict=True)), address, extra
+
+
+# a pack's readings as columns (read_at_s, register_ml, flags), its address and extra
+_Pack: TypeAlias = tuple[Sequence[int], Sequence[int], Sequence[int], str, dict[str, object]]
+
+
+def _decode_one(frame: bytes, received_at_s: int) -> _Pack:
+    """`decode_one` with the readings as columns. The usual pack takes one pass (`_usual`),
+    any other the general steps (`_general`); both give the same result."""
     records, encoding = parse(frame)
+    usual = _usual(records, encoding, received_at_s)
+    if usual is not None:
+        return usual
+    readings, address, extra = _general(records, encoding, received_at_s)
+    times, mls, flags = zip(*readings, strict=True)  # a reading at least, or it raised
+    return times, mls, flags, address, extra
+
+
+def _usual(
+    records: Sequence[Mapping[str, object]], encoding: str, received_at_s: int
+) -> _Pack | None:
+    """`_general`'s result for the usual pack, in one pass over its records; None for
+    any other pack, whose result (or error) `_general` then gives.
+
+    Usual: fields bn, bt, bu, n, t, u, v and vb only, each one readable; readings of one
+    3424/x/1 name and unit only, each a whole mL (or a printed double's) at a plausible
+    time, none that the meter marks invalid (6042/6049) or dates (5518). For such a pack
+    each step is `resolve`'s, `_reading`'s or `_general`'s, with the same arithmetic;
+    an error of any kind leaves the pack to `_general`, which decides how it fails."""
+    bn, bt, bu = "", _ZERO, None  # the base fields in force (a usual pack sets no bv, bs)
+    base: str | None = None  # the first bn (`_address_of` falls back to it)
+    n: object = None  # the last record's n and bn, and their name: a pack repeats it
+    name, name_bn = "", ""
+    volume, volume_unit = "", ""  # the readings' one name and unit
+    resolved: list[dict[str, object]] = []
+    noted: list[dict[str, object]] = []  # all that `_notes` reads
+    healthy: list[dict[str, object]] = []  # all that `health_of` reads
+    values: list[Decimal] = []  # the readings' values and times, read at once below
+    stamps: list[Decimal] = []
+    try:
+        for rec in records:
+            valued = True
+            if len(rec) != 3 or "n" not in rec or "t" not in rec or "v" not in rec:
+                # not {n, t, v}, the usual history record: base fields to take, a value
+                # to look for
+                if not _USUAL.issuperset(rec):
+                    return None
+                if "bn" in rec:
+                    raw = rec["bn"]
+                    bn = raw if type(raw) is str else _text(raw, "bn")
+                    base = bn if base is None else base
+                if "bt" in rec:
+                    bt = _num(rec["bt"], "bt")
+                if "bu" in rec:
+                    bu = _text(rec["bu"], "bu")
+                valued = "v" in rec
+                if not valued and "vb" not in rec:
+                    continue  # a record of base fields only
+            raw = rec.get("n", "")
+            if raw != n or bn is not name_bn:
+                n, name_bn, name = raw, bn, bn + (raw if type(raw) is str else _text(raw, "n"))
+                if not name:
+                    return None
+            raw = rec.get("t", 0)  # Decimal + int converts the int exactly, as `_num` does
+            t = bt + (raw if type(raw) is int else _num(raw, "t"))
+            if t < _REL_TIME_LIMIT:
+                t += received_at_s
+            res: dict[str, object] = {"n": name, "t": t}
+            unit = "m3"  # a volume record's unit where it names none (`_reading`)
+            if "u" in rec:
+                unit = res["u"] = _text(rec["u"], "u")
+            elif bu is not None:
+                unit = res["u"] = bu
+            if valued:
+                raw = rec["v"]
+                if not ((type(raw) is Decimal and raw.is_finite()) or type(raw) is int):
+                    raw = _num(raw, "v")
+                value = res["v"] = _ZERO + raw
+            if "vb" in rec:
+                if type(rec["vb"]) is not bool:
+                    return None
+                res["vb"] = rec["vb"]
+            resolved.append(res)
+            if name != volume:  # (the readings' name says no more than the first time)
+                parts = _name(name)
+                if parts.noted:
+                    noted.append(res)
+                if parts.healthy:
+                    healthy.append(res)
+                if parts.volume is None:
+                    continue  # with a 3424/x/1 in the pack no other record is a volume record
+                if volume or parts.noted or parts.healthy:
+                    return None  # several meters or instances (or a name read as two things)
+                volume, volume_unit = name, unit
+            if unit != volume_unit or not valued:
+                return None
+            values.append(value)
+            stamps.append(t)
+        if not values:
+            return None  # no 3424/x/1: the general path looks for other volume records
+        # `_reading` of every reading at once: a time in the epoch (>= 0: int() truncates
+        # it to its `_floor`), whole mL >= 0 (`_whole_ml`, its exact case first)
+        ml_per_unit = _ML_PER_UNIT.get(volume_unit)
+        if ml_per_unit is None or min(stamps) < 0 or max(stamps) >= _EPOCH_END:
+            return None
+        ml = [value * ml_per_unit for value in values]
+        if min(ml) < 0 or max(ml) >= _ML_END:
+            return None  # (and no int() of a huge number here: `_general` has that to do)
+        mls = list(map(int, ml))
+        if ml != mls:  # not all whole mL as written: a printed double's, or none
+            mls = []
+            for value in values:
+                register_ml = _whole_ml(value, VOLUME_ML_PER_UNIT[volume_unit])
+                if register_ml is None or register_ml >= 2**63:
+                    return None
+                mls.append(register_ml)
+        times = list(map(int, stamps))
+    except _PACK_ERRORS:
+        return None
+    flags = [0] * len(times)
+    if noted:  # (what `_notes` raises `_general` raises too: it reads the same records)
+        alarms, marks, rejected = _notes(noted)
+        prefix = str(_name(volume).volume)
+        if marks or rejected:
+            read = set(times)
+            if not read.isdisjoint(_by_second(prefix, marks)) or not read.isdisjoint(
+                _by_second(prefix, rejected)
+            ):
+                return None
+        at_alarm = {at: alarms[key] for at, key in _by_second(prefix, alarms).items()}
+        if at_alarm:
+            flags = [at_alarm.get(at, 0) for at in times]
+    last = times.index(max(times))  # `_general` reports the first latest reading
+    extra: dict[str, object] = {"senml": encoding, "records": resolved}
+    extra["total_m3"] = _m3(values[last], volume_unit, mls[last])
+    address = _address_of(volume, base or "")
+    if healthy:
+        extra.update(health_of(healthy, address))
+    return times, mls, flags, address, extra
+
+
+def _by_second(prefix: str, keys: Iterable[str]) -> dict[int, str]:
+    """The `_notes` keys ("name up to the instance|second") of the instance `prefix`, by
+    their second (an int: its str has no "|", the last "|" is the one before it)."""
+    out: dict[int, str] = {}
+    for key in keys:
+        head, _, second = key.rpartition("|")
+        if head == prefix:
+            out[int(second)] = key
+    return out
+
+
+def _general(
+    records: Sequence[Mapping[str, object]], encoding: str, received_at_s: int
+) -> tuple[list[tuple[int, int, int]], str, dict[str, object]]:
+    """`decode_one` of parsed records, step by step over every record."""
     dropped: list[tuple[str, SenMLError]] = []
     resolved = resolve(records, received_at_s, dropped)
     alarms, stamps, rejected = _notes(resolved)
@@ -506,18 +690,6 @@ def decode_one(
     return readings, address, extra
 
 
-# cbor2's CBORDecodeError is not a ValueError; RecursionError cannot pass `decoder.limits`
-# but one pack must never sink the batch
-_PACK_ERRORS = (
-    cbor2.CBORError,
-    ValueError,
-    TypeError,
-    ArithmeticError,
-    RecursionError,
-    LookupError,
-)
-
-
 def decode(
     frames: Sequence[bytes],
     received_at_s: npt.ArrayLike,
@@ -527,14 +699,17 @@ def decode(
     """SenML JSON/CBOR packs -> Decoded; a bad pack gets its code, the batch goes on."""
     del keys, cache
     n = len(frames)
-    rx = k.as_received(received_at_s, n)
+    rx = k.as_received(received_at_s, n).tolist()
     out = empty(n)
     out.format.fill("senml")
-    rows: list[tuple[int, int, int, int, str]] = []
+    counts = [0] * n  # readings per frame; their columns are built as lists, then arrays
+    times: list[int] = []
+    mls: list[int] = []
+    flags: list[int] = []
     notes = np.zeros(n, np.uint32)
     for i, frame in enumerate(frames):  # JSON/CBOR parsing is per pack by nature
         try:
-            got, meter, extra = decode_one(bytes(frame), int(rx[i]))
+            at, ml, fl, meter, extra = _decode_one(bytes(frame), rx[i])
         except SenMLError as exc:
             out.error_code[i], out.error_message[i] = exc.code, str(exc)
             out.address_of_frame[i] = exc.address
@@ -547,13 +722,16 @@ def decode(
         out.address_of_frame[i], out.sparse[i] = meter, extra  # a pack's fields: no columns
         if "dropped_records" in extra:
             notes[i] = FrameFlag.RECORD_DROPPED
-        rows.extend((i, t, ml, fl, meter) for t, ml, fl in got)
+        counts[i] = len(at)
+        times += at
+        mls += ml
+        flags += fl
     return Decoded(
-        frame_index=np.array([r[0] for r in rows], np.int32),
-        address=np.array([r[4] for r in rows] or [], object),
-        read_at_s=np.array([r[1] for r in rows], np.int64),
-        register_ml=np.array([r[2] for r in rows], np.int64),
-        flags=np.array([r[3] for r in rows], np.uint32),
+        frame_index=np.repeat(np.arange(n, dtype=np.int32), counts),
+        address=np.repeat(out.address_of_frame, counts),
+        read_at_s=np.array(times, np.int64),
+        register_ml=np.array(mls, np.int64),
+        flags=np.array(flags, np.uint32),
         format=out.format,
         address_of_frame=out.address_of_frame,
         error_code=out.error_code,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -312,3 +313,175 @@ def test_battery_voltage_is_the_battery_power_source() -> None:
     assert "battery_mv" not in extra
     _, _, extra = _one(b'[{"n":"/3424/0/1","v":1.0},{"n":"/3/0/7","v":3600}]')
     assert extra["battery_mv"] == 3600
+
+
+# The usual pack (bn, bt, bu, n, t, u, v, vb; one 3424/x/1 name) is read in one pass
+# (`senml._usual`); every other pack by the general steps. The cases below pin the edges
+# that pass special-cases, with exact values (Decimal representations included).
+
+
+def _pack(frame: bytes) -> tuple[list[tuple[int, int, int]], str, dict]:
+    records, encoding = senml.parse(frame)
+    assert senml._usual(records, encoding, RX) is not None  # the one pass reads it
+    return senml.decode_one(frame, RX)
+
+
+def test_later_base_fields_apply_from_their_record() -> None:
+    """A later bn/bt applies from its record on: health between readings, then the meter's
+    base again with a new bt; the alarm takes the time of the bt in force."""
+    readings, address, extra = _pack(
+        b'[{"bn":"urn:imei:1/3424/0/","bt":1699990000,"u":"m3","n":"1","v":1.5},'
+        b'{"n":"1","t":3600,"v":1.75},{"bn":"urn:imei:1/3/0/","n":"9","v":87},'
+        b'{"bn":"urn:imei:1/3424/0/","bt":1699999000,"n":"1","v":2.0},{"n":"10","vb":true}]'
+    )
+    assert readings == [
+        (1_699_990_000, 1_500_000, 0),
+        (1_699_993_600, 1_750_000, 0),
+        (1_699_999_000, 2_000_000, Flag.LEAK),
+    ]
+    assert address == "urn:imei:1"
+    assert extra["battery_pct"] == 87
+    assert repr(extra["total_m3"]) == "Decimal('2.0')"
+    assert [(r["n"], r["t"]) for r in extra["records"]][2:] == [
+        ("urn:imei:1/3/0/9", Decimal(1_699_990_000)),
+        ("urn:imei:1/3424/0/1", Decimal(1_699_999_000)),
+        ("urn:imei:1/3424/0/10", Decimal(1_699_999_000)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("literal", "value", "ml"),
+    [
+        (b"5E+3", "Decimal('5000')", 5_000_000_000),  # 0 + 5E+3: exponent 0, not +3
+        (b"-0", "Decimal('0')", 0),  # 0 + -0 is +0
+        (b"-0.0", "Decimal('0.0')", 0),
+        (b"1.50", "Decimal('1.50')", 1_500_000),  # the trailing zero stays
+    ],
+)
+def test_value_is_the_sum_with_the_default_base(literal: bytes, value: str, ml: int) -> None:
+    """v resolves to bv + v with bv = 0 (RFC 8428 §4.6): the sum's exact representation."""
+    readings, _, extra = _pack(b'[{"n":"/3424/0/1","t":1699999000,"v":' + literal + b"}]")
+    assert readings == [(1_699_999_000, ml, 0)]
+    assert repr(extra["records"][0]["v"]) == value
+    assert repr(extra["total_m3"]) == value
+
+
+def test_relative_times_of_a_pack() -> None:
+    """bt below 2**28 anchors to the receive time; a fractional second floors; the first
+    of the latest readings is the total."""
+    readings, address, extra = _pack(
+        b'[{"bn":"urn:imei:7/3424/0/","bt":-7200,"n":"1","v":10.001},'
+        b'{"n":"1","t":3600,"v":10.002},{"n":"1","t":3599.5,"v":10.003}]'
+    )
+    assert readings == [
+        (1_699_992_800, 10_001_000, 0),
+        (1_699_996_400, 10_002_000, 0),
+        (1_699_996_399, 10_003_000, 0),
+    ]
+    assert address == "urn:imei:7"
+    assert [r["t"] for r in extra["records"]] == [
+        Decimal(1_699_992_800),
+        Decimal(1_699_996_400),
+        Decimal("1699996399.5"),
+    ]
+    assert repr(extra["total_m3"]) == "Decimal('10.002')"
+
+
+def test_printed_doubles_and_base_unit_of_a_pack() -> None:
+    """Printed doubles carry whole mL (the records keep the literal); bu applies to all."""
+    readings, _, extra = _pack(
+        b'[{"bn":"/3424/0/","n":"1","v":123.456000000000003,"t":1699996400},'
+        b'{"n":"1","v":123.457000000000001,"t":1699999999}]'
+    )
+    assert readings == [(1_699_996_400, 123_456_000, 0), (1_699_999_999, 123_457_000, 0)]
+    assert extra["records"][1]["v"] == Decimal("123.457000000000001")
+    assert repr(extra["total_m3"]) == "Decimal('123.457000')"
+    readings, _, extra = _pack(
+        b'[{"bn":"/3424/0/","bu":"l","n":"1","v":12.5,"t":1699996400},'
+        b'{"n":"1","v":13,"t":1699999999}]'
+    )
+    assert readings == [(1_699_996_400, 12_500, 0), (1_699_999_999, 13_000, 0)]
+    assert [r["u"] for r in extra["records"]] == ["l", "l"]
+    assert repr(extra["total_m3"]) == "Decimal('0.013')"
+
+
+def test_alarm_flags_the_reading_of_its_second() -> None:
+    """An alarm flags the reading of its own second only."""
+    readings, _, _ = _pack(
+        b'[{"bn":"/3424/0/","bt":1699990000,"n":"1","v":1},{"n":"1","v":2,"t":3600},'
+        b'{"n":"11","vb":true,"t":3600},{"n":"12","v":1}]'
+    )
+    assert readings == [
+        (1_699_990_000, 1_000_000, Flag.METER_ERROR),
+        (1_699_993_600, 2_000_000, Flag.REVERSE_FLOW),
+    ]
+
+
+def test_a_name_both_a_volume_and_a_health_resource() -> None:
+    """/4/3424/2/1 is a 3424 volume and an object 4 RSRP: the newest value is the RSRP."""
+    readings, _, extra = senml.decode_one(
+        b'[{"bn":"/4/3424/2/","n":"1","v":90,"t":1700000000},{"n":"1","v":80,"t":1700000010}]',
+        RX,
+    )
+    assert readings == [(1_700_000_000, 90_000_000, 0), (1_700_000_010, 80_000_000, 0)]
+    assert extra["rsrp_dbm"] == Decimal(80)
+
+
+_LITERALS = {  # field -> JSON literals, the usual ones repeated so that most packs are usual
+    "bn": ['"urn:imei:1/3424/0/"'] * 6 + ['"urn:imei:1/3/0/"', '"/3424/1/"', '"urn:imei:1/"'],
+    "bt": ["1700000000"] * 3 + ["-3600", "1699999999.5", "0"],
+    "bu": ['"l"', '"m3"'],
+    "u": ['"m3"', '"l"', '"L"'],
+    "n": ['"1"'] * 12 + ['"10"', '"13"', '"5518"', '"6042"', '"9"', '"6/0"', '"7"'],
+    "t": ["3600"] * 4 + ["0", "-60", "0.5", "7200.25"],
+    "v": ["1", "1.5", "1.50", "5E+3", "-0", "-0.0", "123.456000000000003", "2", "0.001",
+          "12.345000267", "1700000000", "3600.000"],
+    "vb": ["true", "false"],
+}  # fmt: skip
+_ODD = {  # and what leaves a pack to the general steps
+    "bn": ['""', "7"], "bt": ['"x"', "1e30"], "bu": ['"Cel"'], "u": ['""', '"m3/h"'],
+    "n": ["1", '""'], "t": ["1e15", "true"], "v": ["-1.5", "1e400", '"1"', "1e-7"],
+    "vb": ["1"], "vs": ['"x"'], "bv": ["1"], "x_": ["1"],
+}  # fmt: skip
+
+
+@st.composite
+def _packs(draw: st.DrawFn) -> bytes:
+    records = []
+    for i in range(draw(st.integers(1, 8))):
+        rec = {"n": draw(st.sampled_from(_LITERALS["n"]))}
+        for field in ("bn", "bt", "bu", "u", "t", "vb"):
+            if draw(st.integers(0, 9)) < (8 if i == 0 and field in ("bn", "bt") else 1):
+                rec[field] = draw(st.sampled_from(_LITERALS[field]))
+        if "vb" not in rec or draw(st.booleans()):
+            rec["v"] = draw(st.sampled_from(_LITERALS["v"]))
+        if draw(st.integers(0, 49)) == 0:
+            field = draw(st.sampled_from(sorted(_ODD)))
+            rec[field] = draw(st.sampled_from(_ODD[field]))
+        records.append("{" + ",".join(f'"{k}":{v}' for k, v in rec.items()) + "}")
+    return ("[" + ",".join(records) + "]").encode()
+
+
+def _outcome(read: Callable[[], object]) -> str:
+    try:
+        return repr(read())
+    except (ValueError, ArithmeticError) as exc:  # SenMLError is a ValueError
+        return f"{type(exc).__name__}: {exc}"
+
+
+@given(pack=_packs())
+def test_one_pass_gives_what_the_general_steps_give(pack: bytes) -> None:
+    """Wherever the one pass reads a pack, its readings, address and extra (records and
+    their Decimal representations included), or its error, are the general steps'."""
+    records, encoding = senml.parse(pack)
+
+    def one_pass() -> object:
+        got = senml._usual(records, encoding, RX)
+        if got is None:
+            return None
+        times, mls, flags, address, extra = got
+        return list(zip(times, mls, flags, strict=True)), address, extra
+
+    usual = _outcome(one_pass)
+    if usual != "None":
+        assert usual == _outcome(lambda: senml._general(records, encoding, RX))
