@@ -441,6 +441,11 @@ def _notes(
         parts = _name(str(rec["n"]))
         if parts.alarm is None and parts.note is None:
             continue
+        t = rec["t"]
+        if not isinstance(t, Decimal) or not 0 <= t < _EPOCH_END:
+            # no reading has that second (`_reading`): left out before its floor, which
+            # for an absurd time (1E+999999) would take seconds of CPU
+            continue
         value = rec.get("v")
         if parts.alarm and (rec.get("vb") is True or rec.get("v", 0) != 0):
             key, flag = f"{parts.alarm[0]}|{_floor(rec['t'])}", parts.alarm[1]

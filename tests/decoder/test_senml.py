@@ -485,3 +485,17 @@ def test_one_pass_gives_what_the_general_steps_give(pack: bytes) -> None:
     usual = _outcome(one_pass)
     if usual != "None":
         assert usual == _outcome(lambda: senml._general(records, encoding, RX))
+
+
+def test_notes_at_absurd_times_are_left_out() -> None:
+    """An alarm, quality mark or 5518 stamp at a time no reading can have (1E+999999, a
+    negative second) marks nothing, and costs no huge integer: the pack reads as without it."""
+    plain = b'[{"bn":"/3424/0/","bt":1699990000,"n":"1","v":1},{"n":"1","v":2,"t":3600}'
+    odd = (
+        b',{"n":"10","vb":true,"t":1E+999999},{"n":"6042","v":1,"t":-1E+999999},'
+        b'{"n":"5518","v":1699990000,"t":-1E+999999}'
+    )
+    readings, address, extra = senml.decode_one(plain + odd + b"]", RX)
+    assert (readings, address) == senml.decode_one(plain + b"]", RX)[:2]
+    assert readings == [(1_699_990_000, 1_000_000, 0), (1_699_993_600, 2_000_000, 0)]
+    assert "dropped_records" not in extra
