@@ -9,7 +9,7 @@ device reporting nonsense must not sink the batch.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import TypedDict, cast
 
 import numpy as np
@@ -35,13 +35,19 @@ _SCALED: Mapping[str, tuple[tuple[tuple[str, int], ...], tuple[int, int]]] = {
 _FLAGS = ("battery_low", "meter_error")
 
 
+_HUGE = 2**63  # past every column's range (int4, 0..2**32-1)
+
+
 def _scaled(extra: Mapping[str, object], names: tuple[tuple[str, int], ...]) -> int | None:
     for name, factor in names:
         value = extra.get(name)
         if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
             try:
-                return int(Decimal(str(value)) * factor)
-            except (InvalidOperation, ValueError, OverflowError):  # NaN, inf
+                scaled = Decimal(str(value)) * factor
+                # an absurd magnitude (1E+999999) is no figure, and int() of it would
+                # take seconds of CPU
+                return int(scaled) if abs(scaled) < _HUGE else None
+            except (ArithmeticError, ValueError):  # NaN, inf, past the decimal context
                 return None
     return None
 

@@ -88,6 +88,7 @@ _ZERO = Decimal(0)  # the default base value (RFC 8428 §4.6)
 _REL_TIME_LIMIT = Decimal(REL_TIME_LIMIT)
 _EPOCH_END = Decimal(2**40)  # a reading's time is an epoch second below this
 _ML_END = Decimal(2**63)  # and its register a number of mL below this
+_WHOLE_END = Decimal(2**63)  # a whole health figure (battery mV, %, cell id, ECL) below this
 _ML_PER_UNIT = {unit: Decimal(ml) for unit, ml in VOLUME_ML_PER_UNIT.items()}
 # LwM2M device health (OMA objects 3 Device and 4 Connectivity Monitoring): path -> the
 # extra field it fills. 3/7 is a multiple-instance resource (/3/0/7/0 in LwM2M 1.1 paths).
@@ -394,11 +395,12 @@ def health_of(
     resolved: Sequence[Mapping[str, object]], address: str | None = None
 ) -> dict[str, object]:
     """LwM2M objects 3/4 records -> health extra fields (the newest of each; a non-numeric
-    or fractional value where a whole number is due is no figure). With `address`, only
-    the records of that meter (or bare paths) count: another meter's battery is not this
-    one's. Power Source Voltage (3/0/7/i) is the battery's only for an instance i that
-    Available Power Sources (3/0/6/i) says is a battery (1 internal, 2 external), or, with
-    no 3/0/6 in the pack, when the pack has one voltage instance (3/0/7/1 may be USB)."""
+    or fractional value where a whole number is due, or one of 2**63 or more, is no
+    figure). With `address`, only the records of that meter (or bare paths) count: another
+    meter's battery is not this one's. Power Source Voltage (3/0/7/i) is the battery's
+    only for an instance i that Available Power Sources (3/0/6/i) says is a battery (1
+    internal, 2 external), or, with no 3/0/6 in the pack, when the pack has one voltage
+    instance (3/0/7/1 may be USB)."""
     found: dict[str, tuple[Decimal, Decimal]] = {}  # field -> (time, value)
     sources: dict[str, object] = {}  # 3/0/6 instance -> power source type
     volts: set[str] = set()  # 3/0/7 instances
@@ -422,8 +424,8 @@ def health_of(
         value, t = rec.get("v"), rec.get("t")
         if not isinstance(value, Decimal) or not isinstance(t, Decimal):
             continue
-        if field in _WHOLE and value != value.to_integral_value():
-            continue
+        if field in _WHOLE and (value != value.to_integral_value() or abs(value) >= _WHOLE_END):
+            continue  # (nor a whole number past int8: int() of 1E+999999 takes seconds)
         if field not in found or t >= found[field][0]:
             found[field] = (t, value)
     return {name: int(v) if name in _WHOLE else v for name, (_, v) in found.items()}

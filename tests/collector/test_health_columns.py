@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -70,3 +71,12 @@ def test_decimal_columns_scale_exactly(values: list[int], scale: int, name: str)
     cols = HealthColumns(dec)
     for j in range(3):
         assert cols.figures(j) == _per_frame(dec, j), j
+
+
+def test_absurd_magnitudes_are_no_figures() -> None:
+    """A health figure of absurd magnitude (1E+999999, past every column's range) is None,
+    without the seconds of CPU an int() of it would take; the others still count."""
+    huge = Decimal("1E+999999")
+    figures = health_of({"rsrp_dbm": huge, "sinr_db": -huge, "battery_mv": Decimal(3600)})
+    assert (figures["rsrp_cdbm"], figures["sinr_cdb"]) == (None, None)
+    assert figures["battery_mv"] == 3600

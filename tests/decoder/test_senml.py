@@ -499,3 +499,18 @@ def test_notes_at_absurd_times_are_left_out() -> None:
     assert (readings, address) == senml.decode_one(plain + b"]", RX)[:2]
     assert readings == [(1_699_990_000, 1_000_000, 0), (1_699_993_600, 2_000_000, 0)]
     assert "dropped_records" not in extra
+
+
+def test_health_of_absurd_magnitude_costs_no_register() -> None:
+    """A whole health figure of absurd magnitude (1E+999999) is no figure, read at once;
+    the pack keeps its register and its other health."""
+    readings, _, extra = senml.decode_one(
+        b'[{"bn":"urn:imei:1/3424/0/","bt":1699990000,"u":"m3","n":"1","v":1.5},'
+        b'{"bn":"urn:imei:1/3/0/","n":"9","v":1E+999999},{"n":"7","v":-1E+999999},'
+        b'{"bn":"urn:imei:1/4/0/","n":"2","v":-97}]',
+        RX,
+    )
+    assert readings == [(1_699_990_000, 1_500_000, 0)]
+    assert "battery_pct" not in extra
+    assert "battery_mv" not in extra
+    assert extra["rsrp_dbm"] == -97
