@@ -203,10 +203,15 @@ def operations(command: Pending, objects: Mapping[int, list[int]], now_s: int) -
     raise ValueError(msg)
 
 
+_INT8_END = Decimal(2**63)
+
+
 def _plain(value: object) -> object:
-    """A resolved SenML value as JSON: exact (a fractional number as its decimal text)."""
+    """A resolved SenML value as JSON: exact (a fractional number as its decimal text, and
+    a whole one past int8 too: int() of 1E+999999 would take seconds)."""
     if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else str(value)
+        whole = value == value.to_integral_value() and abs(value) < _INT8_END
+        return int(value) if whole else str(value)
     if isinstance(value, bytes):
         return value.hex()
     return value if isinstance(value, str | int | bool) or value is None else str(value)

@@ -171,3 +171,14 @@ def test_read_content_in_each_format() -> None:
     assert "runs past" in str(broken["error"])
     assert broken["hex"] == "c40901"
     assert "not senml+json" in str(read_content(SENML_JSON, b"[{]", 0)["error"])
+
+
+def test_read_content_keeps_a_huge_whole_number_as_text() -> None:
+    """A whole value past int8 (1E+999999) is its decimal text, read at once; smaller whole
+    values are numbers."""
+    pack = b'[{"bn":"/3/0/","n":"9","v":1E+999999,"t":1700000000},{"n":"7","v":3600}]'
+    got = read_content(SENML_JSON, pack, 1_700_000_100)
+    assert [(r["n"], r["v"]) for r in got["records"]] == [  # type: ignore[union-attr]
+        ("/3/0/9", "1.000000000000000000000000000E+999999"),  # bv + v: 28 digits
+        ("/3/0/7", 3600),
+    ]
