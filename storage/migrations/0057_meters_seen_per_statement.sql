@@ -6,9 +6,10 @@
 -- rows in its transition table and upserts each meter once, its newest uplink, in meter
 -- order (two collectors' batches of overlapping meters lock them in one order). The
 -- collector archives a batch with one COPY, so that is one upsert per batch; a
--- hand-written INSERT of one row is kept as before. TimescaleDB (2.19, both editions)
--- routes COPY and INSERT into a hypertable's chunks and still fills the hypertable's
--- transition table.
+-- hand-written INSERT of one row is kept as before. Statement triggers with transition
+-- tables work on hypertables since TimescaleDB 2.18 (both editions; an INSERT or COPY
+-- routed into chunks, compressed ones included, fills the hypertable's transition table;
+-- this project runs 2.19).
 --
 -- A row's update changes no indexed column: at fillfactor 70 it stays on its page (HOT),
 -- as for device_credentials (0056).
