@@ -14,6 +14,7 @@ from typing import TypedDict, cast
 
 import numpy as np
 
+from decoder import limits
 from decoder.columns import Column, Decoded
 
 # what `_health_fields` asks the decoded columns for
@@ -35,9 +36,6 @@ _SCALED: Mapping[str, tuple[tuple[tuple[str, int], ...], tuple[int, int]]] = {
 _FLAGS = ("battery_low", "meter_error")
 
 
-_HUGE = 2**63  # past every column's range (int4, 0..2**32-1)
-
-
 def _scaled(extra: Mapping[str, object], names: tuple[tuple[str, int], ...]) -> int | None:
     for name, factor in names:
         value = extra.get(name)
@@ -46,7 +44,7 @@ def _scaled(extra: Mapping[str, object], names: tuple[tuple[str, int], ...]) -> 
                 scaled = Decimal(str(value)) * factor
                 # an absurd magnitude (1E+999999) is no figure, and int() of it would
                 # take seconds of CPU
-                return int(scaled) if abs(scaled) < _HUGE else None
+                return int(scaled) if abs(scaled) < limits.INT8_END else None
             except (ArithmeticError, ValueError):  # NaN, inf, past the decimal context
                 return None
     return None

@@ -13,6 +13,9 @@ document a decoder reads goes through `load_json` / `load_cbor`:
 - CBOR tags: only numbers (RFC 8949 §3.4.3 bignums 2/3, §3.4.4 decimal fraction 4 and
   bigfloat 5) and the self-describe tag 55799; any other tag is refused.
 
+A number parsed exactly can still be absurd (JSON `1E+999999` is a Decimal): `int()` of
+one takes seconds of CPU, so a decoder turns a Decimal into an int only below `INT8_END`.
+
 Each refusal raises `LimitError` (a ValueError) saying which limit was passed.
 """
 
@@ -21,11 +24,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import cbor2
 import numpy as np
 
+INT8_END = Decimal(2**63)  # a device's number becomes an int only below this magnitude
 MAX_DOCUMENT_BYTES = 65_536  # Mosquitto's max_packet_size in the stack's broker
 # SenML packs are 2 deep (array of maps), 3 with a decimal fraction; platform JSON
 # envelopes (OceanConnect `services[0].data`) about 5: 32 leaves room, far from recursion

@@ -40,7 +40,7 @@ from typing import Final
 
 import cbor2
 
-from decoder import senml
+from decoder import limits, senml
 from decoder.commands import Pending
 
 SENML_JSON: Final = 110  # RFC 8428 §12.3 CoAP content formats
@@ -203,14 +203,11 @@ def operations(command: Pending, objects: Mapping[int, list[int]], now_s: int) -
     raise ValueError(msg)
 
 
-_INT8_END = Decimal(2**63)
-
-
 def _plain(value: object) -> object:
     """A resolved SenML value as JSON: exact (a fractional number as its decimal text, and
     a whole one past int8 too: int() of 1E+999999 would take seconds)."""
     if isinstance(value, Decimal):
-        whole = value == value.to_integral_value() and abs(value) < _INT8_END
+        whole = value == value.to_integral_value() and abs(value) < limits.INT8_END
         return int(value) if whole else str(value)
     if isinstance(value, bytes):
         return value.hex()

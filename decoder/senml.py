@@ -87,8 +87,6 @@ _USUAL = frozenset({"bn", "bt", "bu", "n", "t", "u", "v", "vb"})
 _ZERO = Decimal(0)  # the default base value (RFC 8428 §4.6)
 _REL_TIME_LIMIT = Decimal(REL_TIME_LIMIT)
 _EPOCH_END = Decimal(2**40)  # a reading's time is an epoch second below this
-_ML_END = Decimal(2**63)  # and its register a number of mL below this
-_WHOLE_END = Decimal(2**63)  # a whole health figure (battery mV, %, cell id, ECL) below this
 _ML_PER_UNIT = {unit: Decimal(ml) for unit, ml in VOLUME_ML_PER_UNIT.items()}
 # LwM2M device health (OMA objects 3 Device and 4 Connectivity Monitoring): path -> the
 # extra field it fills. 3/7 is a multiple-instance resource (/3/0/7/0 in LwM2M 1.1 paths).
@@ -424,7 +422,9 @@ def health_of(
         value, t = rec.get("v"), rec.get("t")
         if not isinstance(value, Decimal) or not isinstance(t, Decimal):
             continue
-        if field in _WHOLE and (value != value.to_integral_value() or abs(value) >= _WHOLE_END):
+        if field in _WHOLE and (
+            value != value.to_integral_value() or abs(value) >= limits.INT8_END
+        ):
             continue  # (nor a whole number past int8: int() of 1E+999999 takes seconds)
         if field not in found or t >= found[field][0]:
             found[field] = (t, value)
@@ -594,7 +594,7 @@ def _usual(
         if ml_per_unit is None or min(stamps) < 0 or max(stamps) >= _EPOCH_END:
             return None
         ml = [value * ml_per_unit for value in values]
-        if min(ml) < 0 or max(ml) >= _ML_END:
+        if min(ml) < 0 or max(ml) >= limits.INT8_END:
             return None  # (and no int() of a huge number here: `_general` has that to do)
         mls = list(map(int, ml))
         if ml != mls:  # not all whole mL as written: a printed double's, or none
