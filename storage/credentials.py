@@ -35,6 +35,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from storage.errors import StorageError
+from storage.rows import INSTALLED_S_SQL
 
 KEY_BYTES = 32
 AES_KEY_BYTES = 16  # OMS / EN 13757-7: AES-128
@@ -304,10 +305,6 @@ async def store_mqtt(
     )
 
 
-# meters.installed_at as `storage.ingest` keeps it (whole seconds, rounded down)
-_INSTALLED_S = "floor(extract(epoch FROM m.installed_at))::bigint"
-
-
 async def load_oscore_many(
     conn: asyncpg.Connection, key: bytes, kids: Iterable[bytes]
 ) -> tuple[dict[bytes, OscoreSecret], list[int]]:
@@ -325,12 +322,12 @@ async def load_oscore_many(
     rows = await conn.fetch(
         "SELECT c.oscore_kid, c.meter_id, c.tenant_id, m.address, c.oscore_sender_id,"
         " c.oscore_sealed, c.oscore_replay_index, c.oscore_replay_bits, false, m.format,"
-        f" {_INSTALLED_S}"
+        f" {INSTALLED_S_SQL}"  # meters' (device_credentials has no installed_at)
         " FROM device_credentials c JOIN meters m USING (meter_id)"
         " WHERE c.oscore_kid = ANY($1::bytea[]) AND m.removed_at IS NULL"
         " UNION ALL SELECT c.oscore_pending_kid, c.meter_id, c.tenant_id, m.address,"
         " c.oscore_pending_sender_id, c.oscore_pending_sealed, NULL, NULL, true, m.format,"
-        f" {_INSTALLED_S}"
+        f" {INSTALLED_S_SQL}"
         " FROM device_credentials c JOIN meters m USING (meter_id)"
         " WHERE c.oscore_pending_kid = ANY($1::bytea[]) AND m.removed_at IS NULL",
         wanted,

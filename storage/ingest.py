@@ -60,6 +60,7 @@ from storage.pool import connection, translated
 from storage.rows import (
     EARLIEST_READ_AT_S,
     FUTURE_TOLERANCE_S,
+    INSTALLED_S_SQL,
     MAX_CLOCK_AHEAD_S,
     READ_S_EPOCH,
     READ_S_MAX_EPOCH,
@@ -255,7 +256,7 @@ class ReadingWriter:
     async def _ask(self, ids: Int64s, conn: asyncpg.Connection) -> None:
         """Cache the existence and installation time of `ids` from the database."""
         rows = await conn.fetch(
-            "SELECT meter_id, floor(extract(epoch FROM installed_at))::bigint AS installed_s"
+            f"SELECT meter_id, {INSTALLED_S_SQL} AS installed_s"
             " FROM meters WHERE meter_id = ANY($1::bigint[])",
             ids.tolist(),
         )

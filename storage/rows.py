@@ -45,6 +45,10 @@ READ_S_MIN_EPOCH = READ_S_EPOCH - 2**31
 READ_S_MAX_EPOCH = READ_S_EPOCH + 2**31 - 1
 
 
+# a meter's installed_at as the reading writer keeps it, in whole epoch seconds rounded
+# down (`storage.ingest`; the OSCORE context load reads it alike for the writer to learn)
+INSTALLED_S_SQL = "floor(extract(epoch FROM installed_at))::bigint"
+
 UplinkOutcome = Literal["stored", "duplicate", "quarantined", "pending"]
 
 
