@@ -5,6 +5,7 @@ answers survive kill -9, and a process with other settings cannot join the port.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import struct
 import time
@@ -116,8 +117,9 @@ async def test_contexts_stored_with_and_without_derived_keys_both_work(
     credentials_key: str,
 ) -> None:
     """Provisioning seals the context's derived keys (equal to aiocoap's derivation from
-    the master secret); a context sealed without them (before) is derived on load: both
-    authenticate and store."""
+    the master secret); a context sealed without them (before) is derived on load, and
+    one sealed as JSON (the layout before the binary one) opens: all authenticate and
+    store."""
     key = parse_key(credentials_key)
     kid = bytes.fromhex(device.oscore["sender_id"])
     secret = bytes.fromhex(device.oscore["master_secret"])
@@ -147,6 +149,28 @@ async def test_contexts_stored_with_and_without_derived_keys_both_work(
     frame = cjt188_frame(device.address, 20_000, hour(2))
     assert (await old_dev.post(udp, frame)).code == "2.04"
     assert await pool.fetchval(READINGS, device.meter_id) == 2
+    # and one sealed as JSON of hex strings, the layout before the binary one
+    json_kid = secrets.token_bytes(6)
+    blob = json.dumps({"secret": secret.hex(), "salt": salt.hex()}).encode()
+    async with pool.acquire() as conn:
+        await credentials.store_oscore(
+            conn,
+            key,
+            meter,
+            kid=json_kid,
+            sender_id=b"\x00",
+            master_secret=secret,
+            master_salt=salt,
+        )
+        await conn.execute(
+            "UPDATE device_credentials SET oscore_sealed = $2 WHERE meter_id = $1",
+            device.meter_id,
+            credentials.seal(key, blob, device.meter_id),
+        )
+    json_dev = OscoreMeter(dict(device.oscore, sender_id=json_kid.hex()))
+    frame = cjt188_frame(device.address, 30_000, hour(3))
+    assert (await json_dev.post(udp, frame)).code == "2.04"
+    assert await pool.fetchval(READINGS, device.meter_id) == 3
 
 
 async def test_revoked_device_is_refused_within_the_bound(
