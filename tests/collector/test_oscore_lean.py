@@ -6,6 +6,7 @@ In process, no stack (the fleet, contexts and sites of `bench/oscore_path.py`)."
 
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 
@@ -82,5 +83,26 @@ def test_second_answer_gets_a_sequence_number_of_ours(
         for answer in answers:
             reply, _ = client.unprotect(answer, request_id)
             assert reply.code == aiocoap.CHANGED
+    finally:
+        server.close()
+
+
+def test_nonce_is_aiocoaps(meters: list[tuple[lean.Meter, bytes]]) -> None:
+    """`DeviceContext._construct_nonce` makes the bytes of aiocoap's own (RFC 8613 §5.2)
+    for every partial IV and key id length a context can meet, and leaves the lengths
+    aiocoap refuses to aiocoap's refusal."""
+    server = lean.Server([lean.open_row(m, lean.sealed_row(m)) for m, _ in meters[:1]])
+    ctx = server.contexts.find_oscore({oscore.COSE_KID: meters[0][0].kid})
+    try:
+        alg = ctx.alg_aead
+        rng = random.Random(7)
+        for _ in range(3000):
+            piv = rng.randbytes(rng.randint(0, 5))
+            kid = rng.randbytes(rng.randint(0, alg.iv_bytes - 6))
+            ours = ctx._construct_nonce(piv, kid, alg)
+            assert ours == oscore.BaseSecurityContext._construct_nonce(ctx, piv, kid, alg)
+            assert len(ours) == alg.iv_bytes
+        with pytest.raises(AssertionError):  # aiocoap's own check: a 6-byte partial IV
+            ctx._construct_nonce(bytes(6), b"\x01", alg)
     finally:
         server.close()
