@@ -324,34 +324,29 @@ class UplinkLane:
             return False
         ctx = self._contexts.peek(kid)
         if ctx is None:
+            loaded = functools.partial(self._loaded, req, kid, piv, ciphertext)
             try:
-                future = self._contexts.wanted(kid)
+                if not self._contexts.when_loaded(kid, loaded):
+                    return False  # a key id known unknown: aiocoap's path answers 4.01
             except ContextsUnavailable:
                 return False  # aiocoap's path answers 5.03
-            if future is None:
-                return False  # a key id known unknown: aiocoap's path answers 4.01
             self._dedup.add(req.key, now)  # a retransmission meanwhile is a duplicate
-            future.add_done_callback(functools.partial(self._loaded, req, kid, piv, ciphertext))
             return True
         self._dedup.add(req.key, now)
         if not self._open(req, ctx, kid, piv, ciphertext):
             self._hand_on(req)
         return True
 
-    def _loaded(
-        self, req: _Request, kid: bytes, piv: bytes, ciphertext: bytes, future: Any
-    ) -> None:
+    def _loaded(self, req: _Request, kid: bytes, piv: bytes, ciphertext: bytes) -> None:
+        """`kid`'s loading ended (called by the loader): a failed or empty one is aiocoap's
+        path's to answer."""
         try:
-            self._continue(req, kid, piv, ciphertext, future)
+            self._continue(req, kid, piv, ciphertext)
         except Exception as exc:  # a bug: aiocoap's path answers this one
             self._failed(exc, req.data, req.address)
             self._hand_on(req)
 
-    def _continue(
-        self, req: _Request, kid: bytes, piv: bytes, ciphertext: bytes, future: Any
-    ) -> None:
-        if not future.cancelled():
-            future.exception()  # retrieved: a failed load is aiocoap's path's to answer
+    def _continue(self, req: _Request, kid: bytes, piv: bytes, ciphertext: bytes) -> None:
         ctx = self._contexts.peek(kid)
         if self._sock is None:
             return

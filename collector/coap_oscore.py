@@ -30,6 +30,7 @@ import asyncio
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiocoap
@@ -158,11 +159,25 @@ def _noop() -> None:
     return None
 
 
-def _fail(futures: list[asyncio.Future[None]], exc: Exception) -> None:
-    for future in futures:
-        if not future.done():
-            future.set_exception(exc)
-            future.exception()  # retrieved: nobody may be awaiting it any more
+# who waits for a key id's context: an awaiting request's future (`wanted`), or the
+# uplink lane's callback (`when_loaded`), called when the loading ends, however it ended
+Waiter = asyncio.Future[None] | Callable[[], None]
+
+
+def _wake(waiters: Iterable[Waiter], exc: Exception | None = None) -> None:
+    for waiter in waiters:
+        if not isinstance(waiter, asyncio.Future):
+            try:
+                waiter()
+            except Exception:  # a bug in one caller: the others still get theirs
+                log.exception("oscore_context.waiter_failed")
+        elif waiter.done():
+            continue
+        elif exc is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(exc)
+            waiter.exception()  # retrieved: nobody may be awaiting it any more
 
 
 class DeviceContexts:
@@ -176,7 +191,7 @@ class DeviceContexts:
         self._unknown: OrderedDict[bytes, float] = OrderedDict()
         # a future per waiting request (awaited directly: a cancelled request cancels its
         # own, and no shield per uplink is needed to keep the others' alive)
-        self._waiting: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._waiting: dict[bytes, list[Waiter]] = {}
         self._wakeup = asyncio.Event()
         self._loader: asyncio.Task[None] | None = None
         self._generation = 0  # bumped by every invalidation
@@ -204,32 +219,48 @@ class DeviceContexts:
     def wanted(self, kid: bytes) -> asyncio.Future[None] | None:
         """None when `kid` is cached (or known unknown); else the future of its loading,
         done when it is (`peek` then tells). ContextsUnavailable if we can't ask."""
-        if self._key is None or self.peek(kid) is not None:
-            return None
-        gone = self._unknown.get(kid)
-        if gone is not None and gone > time.monotonic():
+        if not self._must_load(kid):
             return None
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._wait(kid, future)
+        return future
+
+    def when_loaded(self, kid: bytes, callback: Callable[[], None]) -> bool:
+        """`wanted` for a caller that would rather be called than await (the uplink lane:
+        no future and no loop turn per uplink). False when `kid` is cached (or known
+        unknown); else True, and `callback()` runs in the loader once `kid`'s loading
+        ends, however it ended (`peek` then tells). ContextsUnavailable if we can't ask."""
+        if not self._must_load(kid):
+            return False
+        self._wait(kid, callback)
+        return True
+
+    def _must_load(self, kid: bytes) -> bool:
+        if self._key is None or self.peek(kid) is not None:
+            return False
+        gone = self._unknown.get(kid)
+        return gone is None or gone <= time.monotonic()
+
+    def _wait(self, kid: bytes, waiter: Waiter) -> None:
         waiting = self._waiting.get(kid)
         if waiting is None:
             if len(self._waiting) >= self._s.lookup_max_pending:
                 raise ContextsUnavailable("too many key ids waiting for the database")
-            self._waiting[kid] = [future]
+            self._waiting[kid] = [waiter]
             self._wakeup.set()
             if self._loader is None or self._loader.done():
                 self._loader = asyncio.create_task(self._load_batches(), name="oscore-loader")
         else:
-            waiting.append(future)
-        return future
+            waiting.append(waiter)
 
     async def _load_batches(self) -> None:
         try:
             await self._load_forever()
         except Exception as exc:  # a bug: fail the waiting requests (5.03), never hang them
             log.exception("oscore_context.loader_failed")
-            for futures in self._waiting.values():
-                _fail(futures, ContextsUnavailable(str(exc)))
-            self._waiting.clear()
+            waiting, self._waiting = self._waiting, {}
+            for waiters in waiting.values():
+                _wake(waiters, ContextsUnavailable(str(exc)))
 
     async def _load_forever(self) -> None:
         key = self._key
@@ -252,7 +283,7 @@ class DeviceContexts:
                 except StorageError as exc:
                     log.warning("oscore_context.unavailable", error=str(exc), kids=len(kids))
                     for kid in kids:
-                        _fail(self._waiting.pop(kid), ContextsUnavailable(str(exc)))
+                        _wake(self._waiting.pop(kid), ContextsUnavailable(str(exc)))
                     continue
                 metrics.OSCORE_LOOKUPS.inc()
                 metrics.OSCORE_LOOKUP_KIDS.inc(len(kids))
@@ -277,9 +308,7 @@ class DeviceContexts:
                 self._cache.move_to_end(kid)
                 while len(self._cache) > self._s.context_cache_max:
                     self._cache.popitem(last=False)
-            for future in self._waiting.pop(kid, ()):
-                if not future.done():
-                    future.set_result(None)
+            _wake(self._waiting.pop(kid, ()))
 
     def find_oscore(self, unprotected: dict[int, Any]) -> DeviceContext:
         """The cached context for the request's kid; KeyError when there is none."""
