@@ -633,7 +633,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--compare", type=int, default=20_000, help="uplinks per comparison")
     parser.add_argument(
-        "--compare-rounds", type=int, default=3, help="alternating plain/OSCORE rounds (medians)"
+        "--compare-rounds", type=int, default=5, help="alternating plain/OSCORE rounds (medians)"
     )
     parser.add_argument("--window", type=int, default=400, help="CONs outstanding (compare)")
     parser.add_argument("--herd-window", type=int, default=1000, help="devices waiting at once")

@@ -195,6 +195,7 @@ class DeviceContexts:
         self._wakeup = asyncio.Event()
         self._loader: asyncio.Task[None] | None = None
         self._generation = 0  # bumped by every invalidation
+        self._flooded = False  # the last lookup found a quarter of its key ids unknown
         self.listening = False
         self._answers: OrderedDict[tuple[bytes, int], tuple[str, str, str]] = OrderedDict()
 
@@ -271,8 +272,9 @@ class DeviceContexts:
             self._wakeup.clear()
             while self._waiting:
                 if len(self._waiting) < self._s.lookup_batch_max:
-                    # a few ms for more key ids to arrive: one query serves them all
-                    await asyncio.sleep(self._s.lookup_gather_s)
+                    # one loop turn (what is ready queues its key ids too); while key ids
+                    # come back unknown, a pause for more: one query serves a flood's batch
+                    await asyncio.sleep(self._s.lookup_gather_s if self._flooded else 0)
                 kids = list(self._waiting)[: self._s.lookup_batch_max]
                 generation = self._generation
                 try:
@@ -289,6 +291,8 @@ class DeviceContexts:
                 metrics.OSCORE_LOOKUP_KIDS.inc(len(kids))
                 for meter_id in bad:
                     log.error("oscore_context.unopenable", meter_id=meter_id)
+                # a quarter or more unknown: made-up key ids, not a fleet's (see the pause)
+                self._flooded = 4 * (len(kids) - len(found) - len(bad)) >= len(kids)
                 if generation != self._generation:
                     continue  # a change was announced meanwhile: what we read may be old
                 self._store(kids, found)
