@@ -129,48 +129,35 @@ async def test_contexts_stored_with_and_without_derived_keys_both_work(
     assert found[kid].derived == derive(kid, b"\x00", secret, salt)
     dev = OscoreMeter(device.oscore)
     assert (await dev.post(udp, cjt188_frame(device.address, 10_000, hour(1)))).code == "2.04"
-    # a context as stored before derived keys were kept (master secret and salt only),
-    # under a key id never seen, so only loading that row can authenticate the device
-    legacy_kid = secrets.token_bytes(6)
     meter = credentials.MeterRef(device.meter_id, found[kid].tenant_id, device.address)
-    async with pool.acquire() as conn:
-        await credentials.store_oscore(
-            conn,
-            key,
-            meter,
-            kid=legacy_kid,
-            sender_id=b"\x00",
-            master_secret=secret,
-            master_salt=salt,
-        )
-        legacy, _ = await credentials.load_oscore_many(conn, key, [legacy_kid])
-    assert legacy[legacy_kid].derived is None
-    old_dev = OscoreMeter(dict(device.oscore, sender_id=legacy_kid.hex()))
-    frame = cjt188_frame(device.address, 20_000, hour(2))
-    assert (await old_dev.post(udp, frame)).code == "2.04"
-    assert await pool.fetchval(READINGS, device.meter_id) == 2
-    # and one sealed as JSON of hex strings, the layout before the binary one
-    json_kid = secrets.token_bytes(6)
-    blob = json.dumps({"secret": secret.hex(), "salt": salt.hex()}).encode()
-    async with pool.acquire() as conn:
-        await credentials.store_oscore(
-            conn,
-            key,
-            meter,
-            kid=json_kid,
-            sender_id=b"\x00",
-            master_secret=secret,
-            master_salt=salt,
-        )
-        await conn.execute(
-            "UPDATE device_credentials SET oscore_sealed = $2 WHERE meter_id = $1",
-            device.meter_id,
-            credentials.seal(key, blob, device.meter_id),
-        )
-    json_dev = OscoreMeter(dict(device.oscore, sender_id=json_kid.hex()))
-    frame = cjt188_frame(device.address, 30_000, hour(3))
-    assert (await json_dev.post(udp, frame)).code == "2.04"
-    assert await pool.fetchval(READINGS, device.meter_id) == 3
+    # then, each under a key id never seen (so only loading that row can authenticate the
+    # device): a context as stored before derived keys were kept (master secret and salt
+    # only), and one sealed as JSON of hex strings (the layout before the binary one)
+    json_blob = json.dumps({"secret": secret.hex(), "salt": salt.hex()}).encode()
+    for n, sealed_as in enumerate([None, json_blob], start=2):
+        new_kid = secrets.token_bytes(6)
+        async with pool.acquire() as conn:
+            await credentials.store_oscore(
+                conn,
+                key,
+                meter,
+                kid=new_kid,
+                sender_id=b"\x00",
+                master_secret=secret,
+                master_salt=salt,
+            )
+            if sealed_as is not None:
+                await conn.execute(
+                    "UPDATE device_credentials SET oscore_sealed = $2 WHERE meter_id = $1",
+                    device.meter_id,
+                    credentials.seal(key, sealed_as, device.meter_id),
+                )
+            loaded, _ = await credentials.load_oscore_many(conn, key, [new_kid])
+        assert loaded[new_kid].derived is None
+        old_dev = OscoreMeter(dict(device.oscore, sender_id=new_kid.hex()))
+        frame = cjt188_frame(device.address, n * 10_000, hour(n))
+        assert (await old_dev.post(udp, frame)).code == "2.04"
+        assert await pool.fetchval(READINGS, device.meter_id) == n
 
 
 async def test_revoked_device_is_refused_within_the_bound(
