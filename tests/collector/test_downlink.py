@@ -23,6 +23,9 @@ from devices.provision import ProvisionedDevice, provision_device
 from simulator.commands import CommandExecutor
 from storage import mailbox
 
+# the collector's pending view hears of a command within moments of its commit (NOTIFY)
+ANNOUNCED_WITHIN_S = 0.5
+
 
 async def queue_command(
     pool: asyncpg.Pool,
@@ -31,10 +34,19 @@ async def queue_command(
     ttl_s: int = 600,
     **args: object,
 ) -> int:
-    """Queue a command for the device's meter while it sleeps; its id."""
+    """Queue a command for the device's meter while it sleeps; its id. Returns once the
+    running collector's pending view has heard of it (the NOTIFY at commit), or its meter
+    was in the view already (then within ANNOUNCED_WITHIN_S): a window checked before that
+    carries the command only next time, as `collector.pending` says."""
+    heard = metrics.PENDING_VIEW_METERS._value.get()
     cmd = await dbkit.queue_command(
         pool, device.meter_id, kind=kind, args=args or None, ttl_s=ttl_s
     )
+    deadline = time.monotonic() + ANNOUNCED_WITHIN_S
+    while metrics.PENDING_VIEW_LIVE._value.get() and time.monotonic() < deadline:
+        if metrics.PENDING_VIEW_METERS._value.get() != heard:
+            break
+        await asyncio.sleep(0.01)
     return cmd.command_id
 
 
@@ -292,10 +304,6 @@ async def test_kill_9_loses_no_command_and_runs_none_twice(
             await proc.wait()
     done = await row(pool, cid)
     assert (done["state"], done["attempts"]) == ("acknowledged", 2)
-
-
-# the collector's pending view hears of a command within moments of its commit (NOTIFY)
-ANNOUNCED_WITHIN_S = 0.5
 
 
 async def skipped_since(before: float, within_s: float) -> bool:
