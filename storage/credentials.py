@@ -328,6 +328,31 @@ async def store_mqtt(
     )
 
 
+# The contexts of a batch of key ids ($1: a bytea[] literal, `storage.pgarrays`): current
+# and pending kids each by their own unique index (one query, two probes), each row's
+# meter by its primary key. The LIMIT keeps that a per-row probe: joined plainly, a batch
+# of a few hundred key ids was planned as a hash join over a sequential scan of every
+# meter (bench/pg_steps.py --explain), a cost that grows with the fleet, not the batch.
+_METER_OF_CREDENTIAL = (
+    " JOIN LATERAL (SELECT address, format, "
+    + INSTALLED_S_SQL  # meters' (device_credentials has no installed_at)
+    + " AS installed_s FROM meters WHERE meters.meter_id = c.meter_id"
+    " AND removed_at IS NULL LIMIT 1) m ON true"
+)
+LOAD_OSCORE_SQL = (
+    "SELECT c.oscore_kid, c.meter_id, c.tenant_id, m.address, c.oscore_sender_id,"
+    " c.oscore_sealed, c.oscore_replay_index, c.oscore_replay_bits, false, m.format,"
+    " m.installed_s FROM device_credentials c"
+    + _METER_OF_CREDENTIAL
+    + " WHERE c.oscore_kid = ANY($1::text::bytea[])"
+    " UNION ALL SELECT c.oscore_pending_kid, c.meter_id, c.tenant_id, m.address,"
+    " c.oscore_pending_sender_id, c.oscore_pending_sealed, NULL, NULL, true, m.format,"
+    " m.installed_s FROM device_credentials c"
+    + _METER_OF_CREDENTIAL
+    + " WHERE c.oscore_pending_kid = ANY($1::text::bytea[])"
+)
+
+
 async def load_oscore_many(
     conn: asyncpg.Connection, key: bytes, kids: Iterable[bytes]
 ) -> tuple[dict[bytes, OscoreSecret], list[int]]:
@@ -341,20 +366,7 @@ async def load_oscore_many(
     wanted = sorted(set(kids))
     if not wanted:
         return {}, []
-    # current and pending kids each by their own unique index (one query, two probes)
-    rows = await conn.fetch(
-        "SELECT c.oscore_kid, c.meter_id, c.tenant_id, m.address, c.oscore_sender_id,"
-        " c.oscore_sealed, c.oscore_replay_index, c.oscore_replay_bits, false, m.format,"
-        f" {INSTALLED_S_SQL}"  # meters' (device_credentials has no installed_at)
-        " FROM device_credentials c JOIN meters m USING (meter_id)"
-        " WHERE c.oscore_kid = ANY($1::text::bytea[]) AND m.removed_at IS NULL"
-        " UNION ALL SELECT c.oscore_pending_kid, c.meter_id, c.tenant_id, m.address,"
-        " c.oscore_pending_sender_id, c.oscore_pending_sealed, NULL, NULL, true, m.format,"
-        f" {INSTALLED_S_SQL}"
-        " FROM device_credentials c JOIN meters m USING (meter_id)"
-        " WHERE c.oscore_pending_kid = ANY($1::text::bytea[]) AND m.removed_at IS NULL",
-        pgarrays.byteas(wanted),  # a literal: no per-element checks in asyncpg
-    )
+    rows = await conn.fetch(LOAD_OSCORE_SQL, pgarrays.byteas(wanted))
     found: dict[bytes, OscoreSecret] = {}
     unopenable: list[int] = []
     for row in rows:

@@ -102,3 +102,22 @@ async def test_window_updates_stay_on_their_page(pool: asyncpg.Pool, tenant_id: 
         )
     assert [w[0] for w in windows] == [3] * len(ids)
     assert after == before
+
+
+async def test_a_removed_meters_context_is_not_loaded(pool: asyncpg.Pool, tenant_id: int) -> None:
+    """`load_oscore_many` finds a meter's context with its meter's address and install
+    time, and nothing once the meter is removed (its key id is then unknown)."""
+    meter_id, kid = await oscore_meter(pool, tenant_id)
+    async with pool.acquire() as conn:
+        found, bad = await credentials.load_oscore_many(conn, KEY, [kid, b"\x7f"])
+        assert list(found) == [kid]
+        assert bad == []
+        address, installed_s = await conn.fetchrow(
+            "SELECT address, floor(extract(epoch FROM installed_at))::bigint FROM meters"
+            " WHERE meter_id = $1",
+            meter_id,
+        )
+        assert (found[kid].meter_id, found[kid].address) == (meter_id, address)
+        assert found[kid].installed_s == installed_s
+        await conn.execute("UPDATE meters SET removed_at = now() WHERE meter_id = $1", meter_id)
+        assert await credentials.load_oscore_many(conn, KEY, [kid]) == ({}, [])
