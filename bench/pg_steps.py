@@ -43,6 +43,7 @@ from collector.keys import MeterKeys  # noqa: E402
 from collector.store import BatchStore  # noqa: E402
 from collector.uplink import Device, Transport, Uplink  # noqa: E402
 from storage import credentials, pgarrays  # noqa: E402
+from storage.pool import keep_session  # noqa: E402
 
 sys.path.insert(1, str(ROOT / "bench"))  # the city day's fleet (collector imported above)
 
@@ -134,7 +135,9 @@ async def main(args: argparse.Namespace) -> None:
         readings = sum(n for _, n in frames)
         order = list(range(len(meters)))
         rng.shuffle(order)
-        pool = await asyncpg.create_pool(db_url, min_size=1, max_size=1, connection_class=Clocked)
+        pool = await asyncpg.create_pool(  # as the collector's: no reset per release
+            db_url, min_size=1, max_size=1, connection_class=Clocked, reset=keep_session
+        )
         try:
             store = BatchStore(pool, MeterKeys(key))
             async with pool.acquire() as conn:
