@@ -161,10 +161,10 @@ def _noop() -> None:
 
 # who waits for a key id's context: an awaiting request's future (`wanted`), or the
 # uplink lane's callback (`when_loaded`), called when the loading ends, however it ended
-Waiter = asyncio.Future[None] | Callable[[], None]
+_ContextWaiter = asyncio.Future[None] | Callable[[], None]
 
 
-def _wake(waiters: Iterable[Waiter], exc: Exception | None = None) -> None:
+def _wake(waiters: Iterable[_ContextWaiter], exc: Exception | None = None) -> None:
     for waiter in waiters:
         if not isinstance(waiter, asyncio.Future):
             try:
@@ -189,9 +189,10 @@ class DeviceContexts:
         self._s = settings
         self._cache: OrderedDict[bytes, tuple[DeviceContext, float]] = OrderedDict()
         self._unknown: OrderedDict[bytes, float] = OrderedDict()
-        # a future per waiting request (awaited directly: a cancelled request cancels its
-        # own, and no shield per uplink is needed to keep the others' alive)
-        self._waiting: dict[bytes, list[Waiter]] = {}
+        # per key id being loaded, who waits: a future per awaiting request (awaited
+        # directly: a cancelled request cancels its own, no shield per uplink keeps the
+        # others' alive) or the lane's callback per uplink
+        self._waiting: dict[bytes, list[_ContextWaiter]] = {}
         self._wakeup = asyncio.Event()
         self._loader: asyncio.Task[None] | None = None
         self._generation = 0  # bumped by every invalidation
@@ -242,7 +243,7 @@ class DeviceContexts:
         gone = self._unknown.get(kid)
         return gone is None or gone <= time.monotonic()
 
-    def _wait(self, kid: bytes, waiter: Waiter) -> None:
+    def _wait(self, kid: bytes, waiter: _ContextWaiter) -> None:
         waiting = self._waiting.get(kid)
         if waiting is None:
             if len(self._waiting) >= self._s.lookup_max_pending:

@@ -11,8 +11,8 @@ more than the statement costs it otherwise. A literal is one `str` for asyncpg a
 - `texts`: `{"a","b \\"quoted\\"",NULL}`: every element double-quoted, its backslashes
   and double quotes escaped (PostgreSQL's array literal rules), None as NULL.
 
-`bench/oscore_path.py` and `tests/storage/test_pgarrays.py` hold each literal equal, on the
-real server, to the list asyncpg would have sent.
+`tests/storage/test_pgarrays.py` holds each literal equal, on the real server, to the
+list asyncpg would have sent.
 """
 
 from __future__ import annotations
