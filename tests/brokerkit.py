@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -23,9 +24,38 @@ import pytest
 
 from nbmeter.stack.tls import ensure_certificates
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ports_below_ephemeral() -> tuple[int, int]:
+    """Ports the kernel never picks for an outgoing connection: those below its ephemeral
+    range (10000 up to it), or (0, 0) when that range starts too low to leave room."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return (10000, low - 1) if low > 12000 else (0, 0)
+
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A loopback port nothing listens on right now."""
+    """A loopback port nothing listens on right now, for a server a test starts later.
+
+    It comes from below the kernel's ephemeral range: a port bound to 0 and closed again
+    comes from that range, and an outgoing connection (a pool's, a client's) made before
+    the server starts could take it (seen: the e2e collector's push server refused with
+    "address already in use"). Never the same port twice in one test process."""
+    low, high = _ports_below_ephemeral()
+    for _ in range(200 if high else 0):
+        port = random.randint(low, high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import aiocoap
 import pytest
 from aiocoap import oscore
+from brokerkit import free_port
 
 
 def _bcd(value: int, width: int) -> bytes:
@@ -338,10 +339,8 @@ async def oscore_client(port: int, values: dict[str, str]) -> aiocoap.Context:
 
 
 def free_udp_port() -> int:
-    """A free loopback UDP port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback UDP port (see brokerkit.free_port)."""
+    return free_port(socket.SOCK_DGRAM)
 
 
 class CollectorProcess:
