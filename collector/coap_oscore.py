@@ -117,11 +117,17 @@ class DeviceContext(*_ContextBases):  # type: ignore[misc]  # aiocoap is untyped
     def _construct_nonce(self, partial_iv_short: bytes, piv_generator_id: bytes, alg: Any) -> bytes:
         """The AEAD nonce of RFC 8613 §5.2, the bytes aiocoap's `_construct_nonce` makes
         (tests hold them equal): the same padding and layout XORed with the common IV as
-        one integer instead of byte by byte, and no debug formatting: 3 µs per uplink."""
+        one integer instead of byte by byte, and no debug formatting: 3 µs per uplink.
+        ValueError for a partial IV over 5 bytes or a key id over the nonce's room, which
+        aiocoap refuses by an assertion only (gone under `python -O`); both of its paths
+        (and the lane) answer a ValueError as a message that does not decrypt."""
         n = alg.iv_bytes
         if len(partial_iv_short) > 5 or len(piv_generator_id) > n - 6:
-            refused: bytes = super()._construct_nonce(partial_iv_short, piv_generator_id, alg)
-            return refused  # aiocoap's assertion refuses these lengths
+            msg = (
+                f"no nonce for a {len(partial_iv_short)}-byte partial IV"
+                f" and {len(piv_generator_id)}-byte key id"
+            )
+            raise ValueError(msg)
         components = (
             bytes([len(piv_generator_id)])
             + bytes(n - 6 - len(piv_generator_id))

@@ -48,9 +48,12 @@ def _oscore_datagram(option: bytes, payload: bytes = b"\x00" * 12) -> tuple[byte
     """A CON POST /u carrying `option` as its OSCORE option (9); (datagram, token)."""
     token = secrets.token_bytes(4)
     head = bytes([0x44, 0x02]) + struct.pack("!H", next(MIDS) % 65536) + token
-    # option 9 (OSCORE) then 11 (Uri-Path "u"); lengths < 13 here
-    assert len(option) < 13
-    out = head + bytes([(9 << 4) | len(option)]) + option + bytes([(2 << 4) | 1]) + b"u"
+    # option 9 (OSCORE; a length of 13 and more in one extra byte) then 11 (Uri-Path "u")
+    assert len(option) < 269
+    length = (
+        bytes([(9 << 4) | len(option)]) if len(option) < 13 else bytes([0x9D, len(option) - 13])
+    )
+    out = head + length + option + bytes([(2 << 4) | 1]) + b"u"
     return out + b"\xff" + payload, token
 
 
@@ -291,6 +294,37 @@ async def test_malformed_oscore_options_get_4_02_without_a_traceback(
     logged = out.out + out.err
     assert "Traceback" not in logged
     assert logged.count("oscore_option.rejected") <= 2 * collector.settings.coap.log_per_window
+
+
+async def test_a_partial_iv_past_5_bytes_gets_4_00_without_a_traceback(
+    collector: RunningCollector,
+    udp: RawCoap,
+    device: ProvisionedDevice,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A known key id with a 6- or 7-byte partial IV (the option's 3 bits allow them, RFC
+    8613 §6.1 reserves them) makes no nonce: 4.00 as a message that does not decrypt,
+    never 5.00, no lane fault, no traceback (aiocoap refuses such a nonce by an assertion
+    only; the collector refuses it itself)."""
+    capsys.readouterr()
+    kid = OscoreMeter(device.oscore).ctx.sender_id
+    failed = metrics.COAP_REJECTED.labels("coap_lane.failed")._value.get()
+    refused = metrics.COAP_REJECTED.labels("oscore_decrypt.failed")._value.get()
+    n = 20
+    datagrams = [
+        _oscore_datagram(bytes([0x08 | size]) + secrets.token_bytes(size) + kid)
+        for size in (6, 7)
+        for _ in range(n // 2)
+    ]
+    answers = await asyncio.gather(*(udp.exchange(d, t) for d, t in datagrams))
+    assert {aiocoap.Message.decode(a).code for a in answers} == {aiocoap.BAD_REQUEST}
+    assert metrics.COAP_REJECTED.labels("coap_lane.failed")._value.get() == failed
+    assert metrics.COAP_REJECTED.labels("oscore_decrypt.failed")._value.get() - refused == n
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+    # the meter's own uplinks are unaffected
+    meter = OscoreMeter(device.oscore)
+    assert (await meter.post(udp, cjt188_frame(device.address, 10_000, hour(1)))).code == "2.04"
 
 
 async def test_unauthenticated_block1_starts_keep_bounded_state(
