@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import secrets
 import struct
 import time
@@ -325,6 +326,59 @@ async def test_a_partial_iv_past_5_bytes_gets_4_00_without_a_traceback(
     # the meter's own uplinks are unaffected
     meter = OscoreMeter(device.oscore)
     assert (await meter.post(udp, cjt188_frame(device.address, 10_000, hour(1)))).code == "2.04"
+
+
+def _mutated(datagram: bytes, rng: random.Random) -> bytes:
+    """`datagram` under a new message id with 1-4 random byte changes, insertions,
+    deletions or a truncation past it, and now and then a random first byte (version,
+    type, token length)."""
+    b = bytearray(datagram)
+    b[2:4] = struct.pack("!H", next(MIDS) % 65536)
+    for _ in range(rng.randint(1, 4)):
+        op, at = rng.random(), rng.randrange(4, len(b) + 1)
+        if op < 0.5 and at < len(b):
+            b[at] = rng.randrange(256)
+        elif op < 0.7:
+            b[at:at] = bytes([rng.randrange(256)])
+        elif op < 0.9 and at < len(b):
+            del b[at]
+        else:
+            del b[at:]
+    b[0] = b[0] if len(b) > 4 and rng.random() < 0.9 else rng.randrange(256)
+    return bytes(b)
+
+
+async def test_mutated_uplinks_never_get_5_00(
+    collector: RunningCollector,
+    udp: RawCoap,
+    device: ProvisionedDevice,
+    lab_tenant: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Seeded mutations of valid OSCORE and plain uplinks (header, options, ciphertext,
+    lengths): every answer is a 2.04 or a 4.xx, never 5.00; no lane fault, no rendering
+    fault, no traceback; the meter's next real uplink is stored."""
+    capsys.readouterr()
+    rng = random.Random(16)
+    meter = OscoreMeter(device.oscore)
+    kinds = ("coap_lane.failed", "coap.render_failed")
+    faults = {kind: metrics.COAP_REJECTED.labels(kind)._value.get() for kind in kinds}
+    for i in range(600):
+        frame = cjt188_frame(device.address, 10_000 * (i + 1), hour(1 + i))
+        if i % 3:
+            datagram, _, _ = meter.request(frame)
+        else:
+            datagram = coap_post(0, secrets.token_bytes(4), frame, query=f"t={lab_tenant}")
+        udp.send(_mutated(datagram, rng))
+    await asyncio.sleep(2.0)  # the answers of the last ones
+    assert len(udp.replies) >= 200  # (seen: 338, nearly all 4.00 and 4.01)
+    codes = {reply.code >> 5 for reply in udp.replies}
+    assert codes <= {2, 4}, sorted(hex(reply.code) for reply in udp.replies if reply.code >> 5 == 5)
+    assert {kind: metrics.COAP_REJECTED.labels(kind)._value.get() for kind in kinds} == faults
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+    answer = await meter.post(udp, cjt188_frame(device.address, 9_990_000, hour(700)))
+    assert answer.code == "2.04"
 
 
 async def test_unauthenticated_block1_starts_keep_bounded_state(
