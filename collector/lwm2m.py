@@ -103,6 +103,17 @@ def _context_of(remote: Any) -> Any:
     return remote.interface._ctx.token_manager.context  # see the docstring
 
 
+def _end(request: Any) -> None:
+    """End an Observe request: its observation and, while its first answer has not come,
+    the request itself. aiocoap keeps a request whose observation alone was cancelled,
+    and its shutdown then raises for it ("Error raised in an already cancelled
+    ClientObservation"), which ended the collector's shutdown there."""
+    if request.observation is not None and not request.observation.cancelled:
+        request.observation.cancel()
+    if not request.response.done():
+        request.response.cancel()  # `_observe` awaiting it ends (cancelled)
+
+
 async def _no_block1(request: aiocoap.Message) -> bool:
     """/rd takes no Block1 (aiocoap's own spool is unbounded): 4.13 for a block."""
     if request.opt.block1 is not None:
@@ -162,8 +173,7 @@ class Lwm2m:
         if gone is None:
             return
         _, request, task = gone
-        if request.observation is not None and not request.observation.cancelled:
-            request.observation.cancel()
+        _end(request)
         if task is not None:
             task.cancel()
 
@@ -251,8 +261,7 @@ class Lwm2m:
         """End `request`'s observation; forget it if it is still the meter's."""
         if self._observations.get(meter_id, (0, None))[1] is request:
             del self._observations[meter_id]
-        if request.observation is not None and not request.observation.cancelled:
-            request.observation.cancel()
+        _end(request)
 
     async def _follow(self, registration: lwm2m.Registration, remote: Any, request: Any) -> None:
         """Store each notification until the observation ends (the client cancels it, a

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import secrets
 import socket
 import time
@@ -22,7 +23,15 @@ from aiocoap.credentials import CredentialsMap
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 from aiocoap.transports.oscore import OSCOREAddress
 from collector_testkit import DeviceOscore, OscoreMeter, RawCoap
-from conftest import RunningCollector, count, free_port, wait_count
+from conftest import (
+    Broker,
+    RunningCollector,
+    collector_settings,
+    count,
+    free_port,
+    running,
+    wait_count,
+)
 from dbkit import queue_command
 
 from collector import metrics
@@ -679,3 +688,117 @@ async def test_every_notification_is_kept_in_order_not_only_the_latest() -> None
     got = [bytes(m.payload)[0] async for m in notes]
     assert got == [0, 1, 2]
     assert notes.dropped == 2
+
+
+def _lwm2m_datagram(
+    code: aiocoap.Code,
+    path: str,
+    query: tuple[str, ...],
+    payload: bytes,
+    content_format: int | None = None,
+) -> bytes:
+    """A CON request as a raw datagram (its message id and token random)."""
+    msg = aiocoap.Message(code=code, payload=payload)
+    msg.mtype = aiocoap.CON
+    msg.opt.uri_path = tuple(path.split("/"))
+    msg.opt.uri_query = query
+    if content_format is not None:
+        msg.opt.content_format = content_format
+    msg.mid, msg.token = secrets.randbelow(65536), secrets.token_bytes(4)
+    return bytes(msg.encode())
+
+
+async def test_mutated_registrations_and_sends_never_get_5_00(
+    pool: asyncpg.Pool,
+    collector: RunningCollector,
+    lab_tenant: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Seeded mutations of Register, Update and Send requests (header, options, query,
+    link format, SenML CBOR/JSON) from a registered peer get 2.xx, 4.xx or the busy
+    5.03, never 5.00, and nothing is logged with a traceback."""
+    capsys.readouterr()
+    _, ep = await lab_meter(pool, lab_tenant)
+    udp = await RawCoap.open(collector.coap_port)
+    try:
+        register = _lwm2m_datagram(
+            aiocoap.POST, "rd", (f"ep={ep}", "lt=300", "lwm2m=1.1", "b=U"), OBJECTS
+        )
+        token = register[4:8]
+        reply = aiocoap.Message.decode(await udp.exchange(register, token))
+        assert reply.code == aiocoap.CREATED, reply
+        location = reply.opt.location_path
+        t0 = (int(time.time()) // 3600 - 1) * 3600
+        pack = cbor2.dumps(
+            [{-2: "/3424/0/", -3: t0, 0: "1", 2: 12.345}, {-2: "/3/0/", 0: "9", 2: 87}]
+        )
+        valid = [
+            register,
+            _lwm2m_datagram(aiocoap.POST, "/".join(location), ("lt=300",), b""),
+            _lwm2m_datagram(aiocoap.POST, "dp", (), pack, content_format=112),
+            _lwm2m_datagram(
+                aiocoap.POST,
+                "dp",
+                (),
+                json.dumps([{"bn": "/3424/0/", "n": "1", "v": 12.5, "bt": t0}]).encode(),
+                content_format=110,
+            ),
+        ]
+        rng = random.Random(16)
+        udp.replies.clear()
+        for i in range(600):
+            b = bytearray(valid[i % len(valid)])
+            b[2:8] = rng.randbytes(6)  # a message id and token of its own (4-byte tokens)
+            for _ in range(rng.randint(1, 4)):
+                at = rng.randrange(4, len(b) + 1)
+                op = rng.random()
+                if op < 0.5 and at < len(b):
+                    b[at] = rng.randrange(256)
+                elif op < 0.7:
+                    b[at:at] = bytes([rng.randrange(256)])
+                elif op < 0.9 and at < len(b):
+                    del b[at]
+                else:
+                    del b[at:]
+            udp.send(bytes(b))
+            if i % 50 == 49:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(2.0)
+        assert len(udp.replies) >= 200  # (seen: 352, most 4.00 and 4.04)
+        # 5.03 (with Max-Age) is the busy answer to a flood; any other 5.xx is a fault
+        faults = sorted({hex(r.code) for r in udp.replies if r.code >> 5 == 5} - {"0xa3"})
+        assert not faults, faults
+        out = capsys.readouterr()
+        assert "Traceback" not in out.out + out.err
+    finally:
+        udp.close()
+
+
+async def test_a_register_while_the_last_observe_waits_leaves_a_clean_shutdown(
+    pool: asyncpg.Pool, db_url: str, broker: Broker, credentials_key: str, lab_tenant: str
+) -> None:
+    """A client that ACKs the server's Observe but never answers it (asleep), then
+    registers again: the first observation ends with its request, and the collector
+    stops cleanly (aiocoap raised from its shutdown for an observation cancelled while
+    its request was still out)."""
+    _, ep = await lab_meter(pool, lab_tenant)
+    async with running(collector_settings(db_url, broker, credentials_key)) as collector:
+        udp = await RawCoap.open(collector.coap_port)
+        try:
+            for _ in range(2):
+                register = _lwm2m_datagram(
+                    aiocoap.POST, "rd", (f"ep={ep}", "lt=300", "lwm2m=1.1", "b=U"), OBJECTS
+                )
+                reply = aiocoap.Message.decode(await udp.exchange(register, register[4:8]))
+                assert reply.code == aiocoap.CREATED
+                for _ in range(100):  # the server's GET /3424 (Observe), ACKed by RawCoap
+                    if any(r.code == aiocoap.GET for r in udp.replies):
+                        break
+                    await asyncio.sleep(0.02)
+                else:
+                    pytest.fail("the collector sent no Observe after the Register")
+                udp.replies.clear()
+        finally:
+            udp.close()
+        collector.stop.set()
+        await asyncio.wait_for(collector.task, 40)  # raises what the collector raised
