@@ -83,6 +83,7 @@ class Window:
 
 
 MAX_MESSAGES = 1000  # per push; a platform batches far fewer
+_MAX_AT_MS = 253_402_300_800_000  # OneNET `at` (ms): before 10000-01-01, as a date holds it
 
 
 def _malformed(detail: str) -> PushRejected:
@@ -167,6 +168,8 @@ def _read_onenet(body: bytes) -> Envelope:
         at = item.get("at")
         if isinstance(at, bool) or not isinstance(at, int):
             raise _malformed(f"{where}.at (platform time, ms) is required")
+        if not 0 <= at < _MAX_AT_MS:
+            raise _malformed(f"{where}.at {at} is not a time in ms since 1970")
         who = item.get("imei") if item.get("imei") is not None else item.get("dev_id")
         value = payload_bytes(item.get("value"), f"{where}.value")
         messages.append(Message(_identity(who, f"{where}.imei/dev_id"), value, at / 1000))
@@ -305,6 +308,14 @@ def read(platform: str, body: bytes) -> Envelope:
     return spec.read(body)
 
 
+def _iso(at_s: float) -> str:
+    """`at_s` as an ISO 8601 UTC time, or as seconds where no date has it (year > 9999)."""
+    try:
+        return datetime.fromtimestamp(at_s, UTC).isoformat()
+    except (ValueError, OverflowError, OSError):
+        return f"{at_s:.0f} s since 1970"
+
+
 def verify(
     env: Envelope, secret: bytes, now_s: float, window: Window, url_token: str | None = None
 ) -> None:
@@ -312,7 +323,7 @@ def verify(
     PLATFORMS[env.platform].authenticate(env, secret, url_token)
     for message in env.messages:
         if now_s - message.at_s > window.max_age_s or message.at_s - now_s > window.max_ahead_s:
-            at = datetime.fromtimestamp(message.at_s, UTC).isoformat()
+            at = _iso(message.at_s)
             detail = (
                 f"message time {at} is outside the accepted window"
                 f" ({window.max_age_s:.0f} s old, {window.max_ahead_s:.0f} s ahead)"
