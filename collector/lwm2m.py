@@ -56,6 +56,7 @@ Mounted by `collector.coap.build_site` next to /u, behind the same OSCORE verifi
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Coroutine
 from typing import Any, Final
@@ -84,7 +85,7 @@ from decoder.lwm2m import (
     with_endpoint,
 )
 from storage import credentials, lwm2m, mailbox
-from storage.errors import StorageError
+from storage.errors import RowRefusedError, StorageError
 from storage.pool import Pool, connection
 
 log = structlog.get_logger("collector.lwm2m")
@@ -112,6 +113,20 @@ def _end(request: Any) -> None:
         request.observation.cancel()
     if not request.response.done():
         request.response.cancel()  # `_observe` awaiting it ends (cancelled)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _objects(request: aiocoap.Message) -> str:
+    """A Register's or Update's payload, the client's objects in CoRE link format (RFC
+    6690), as text (bytes that are no UTF-8 replaced, at most 4,000 characters);
+    BadRequest for control characters, which no link format holds (and a NUL no
+    PostgreSQL text)."""
+    text = bytes(request.payload).decode("utf-8", "replace")[:4000]
+    if _CONTROL.search(text):
+        raise error.BadRequest("the objects are not CoRE link format (control characters)")
+    return text
 
 
 async def _no_block1(request: aiocoap.Message) -> bool:
@@ -440,8 +455,10 @@ class RegisterResource(resource.Resource):
                     queue_mode=bool(params.queue_mode),
                     peer=_peer(request.remote),
                     transport=int(Transport.COAP if device is None else Transport.COAP_OSCORE),
-                    objects=bytes(request.payload).decode("utf-8", "replace")[:4000],
+                    objects=_objects(request),
                 )
+        except RowRefusedError as exc:  # the request's own values: sent again, refused again
+            raise error.BadRequest("the registration's values are refused") from exc
         except StorageError as exc:
             raise Busy(self._s.busy_s, "database unavailable") from exc
         log.info("lwm2m.registered", meter_id=meter_id, registration=reg.registration_id)
@@ -483,12 +500,12 @@ class RegistrationResource(resource.Resource, resource.PathCapable):
                 lifetime_s=params.lifetime_s,
                 binding=params.binding,
                 queue_mode=params.queue_mode,
-                objects=bytes(request.payload).decode("utf-8", "replace")[:4000]
-                if request.payload
-                else None,
+                objects=_objects(request) if request.payload else None,
             )
         except lwm2m.NoRegistrationError:
             raise error.NotFound("no such registration (expired?): register again") from None
+        except RowRefusedError as exc:  # the request's own values: sent again, refused again
+            raise error.BadRequest("the registration's values are refused") from exc
         except StorageError as exc:
             raise Busy(self._s.busy_s, "database unavailable") from exc
         # no observation here (it failed, or this process restarted since the Register):
@@ -506,6 +523,8 @@ class RegistrationResource(resource.Resource, resource.PathCapable):
             )
         except lwm2m.NoRegistrationError:
             raise error.NotFound("no such registration") from None
+        except RowRefusedError as exc:  # the request's own values: sent again, refused again
+            raise error.BadRequest("the registration's values are refused") from exc
         except StorageError as exc:
             raise Busy(self._s.busy_s, "database unavailable") from exc
         self._s.forget(reg.meter_id)
@@ -547,6 +566,8 @@ class SendResource(UplinkResource):
             reg = await lwm2m.current(
                 self._s.pool, meter_id=None if device is None else device.meter_id, peer=peer
             )
+        except RowRefusedError as exc:  # the request's own values: sent again, refused again
+            raise error.BadRequest("the registration's values are refused") from exc
         except StorageError as exc:
             raise Busy(self._s.busy_s, "database unavailable") from exc
         if reg is None:

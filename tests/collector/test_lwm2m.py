@@ -451,6 +451,24 @@ async def test_refusals_bad_query_block1_registration_and_wrong_content_format(
     assert code(text) == "4.15"
 
 
+async def test_a_register_or_update_with_control_characters_is_4_00(
+    pool: asyncpg.Pool, client: Client, lab_tenant: str
+) -> None:
+    """Objects (CoRE link format) with a NUL or another control character are refused
+    4.00, not answered 5.03 "database unavailable" (PostgreSQL text holds no NUL, and
+    the device would retry forever)."""
+    _, ep = await lab_meter(pool, lab_tenant)
+    query = (f"ep={ep}", "lwm2m=1.1")
+    bad = await client.call(aiocoap.POST, "rd", query, b"</1/0>,\x00</3/0>")
+    assert code(bad) == "4.00", bad.payload
+    assert b"control characters" in bad.payload
+    reg = await client.call(aiocoap.POST, "rd", query, OBJECTS)
+    assert code(reg) == "2.01"
+    path = "/".join(reg.opt.location_path)
+    assert code(await client.call(aiocoap.POST, path, (), b"</3/0>\x07")) == "4.00"
+    assert code(await client.call(aiocoap.POST, path, (), OBJECTS)) == "2.04"
+
+
 async def test_a_send_of_health_alone_stores_the_health(
     pool: asyncpg.Pool, client: Client, lab_tenant: str
 ) -> None:
