@@ -26,6 +26,7 @@ IdempotencyConflictError, NotCancellableError. Database errors as storage errors
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -125,6 +126,30 @@ def _command(row: asyncpg.Record) -> Command:
 
 def _canonical(args: Mapping[str, Any]) -> str:
     return json.dumps(args, sort_keys=True, separators=(",", ":"))
+
+
+def _storable(value: Any) -> Any:
+    """A device's result as jsonb holds it: a NUL character (no PostgreSQL text holds one)
+    becomes U+FFFD, a non-finite number (no JSON number) its name as text ("NaN",
+    "Infinity", "-Infinity"), in values and keys alike."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, float) and not math.isfinite(value):
+        return json.dumps(value)
+    if isinstance(value, Mapping):
+        return {_storable(str(key)): _storable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(item) for item in value]
+    return value
+
+
+def _result_json(result: Mapping[str, Any]) -> str:
+    """`_canonical` of a device's result, made `_storable` where it has to be."""
+    try:
+        text = json.dumps(result, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # a non-finite number
+        return _canonical(_storable(result))
+    return _canonical(_storable(result)) if "\\u0000" in text else text
 
 
 async def _meter(conn: asyncpg.Connection, tenant_id: int, meter_id: int) -> asyncpg.Record:
@@ -572,7 +597,7 @@ async def record_results(
         meter_id,
         ids,
         news,
-        [_canonical(answers[i].result) for i in ids],
+        [_result_json(answers[i].result) for i in ids],
         sorted(set(sources("acknowledged")) | set(sources("failed"))),
     )
     out = dict.fromkeys(ids, "unknown")

@@ -293,6 +293,23 @@ async def test_answers_count_only_for_the_meters_own_sent_commands(
     assert await state_of(pool, a.command_id) == ("acknowledged", "device_confirmed", 1)
 
 
+async def test_an_answer_with_a_nul_or_a_nan_is_recorded(
+    pool: asyncpg.Pool, tenant_id: int
+) -> None:
+    """A device's result holding a NUL character (in a value or a key) or a non-finite
+    number, which jsonb cannot hold, is recorded with U+FFFD for the NUL and the number
+    as text, not refused (refused, the answer would come again for ever)."""
+    meter = await a_meter(pool, tenant_id)
+    a = await queue(pool, tenant_id, meter)
+    await mailbox.claim(pool, meter_ids=[meter])
+    result = {"error": "jam\u0000med", "k\u0000": [float("nan"), float("-inf"), 1.5]}
+    got = await mailbox.record_results(pool, meter, [DeviceResult(a.command_id, False, result)])
+    assert got == {a.command_id: "recorded"}
+    stored = await pool.fetchval("SELECT result FROM commands WHERE command_id = $1", a.command_id)
+    assert json.loads(stored) == {"error": "jam\ufffdmed", "k\ufffd": ["NaN", "-Infinity", 1.5]}
+    assert (await state_of(pool, a.command_id))[0] == "failed"
+
+
 async def test_create_refuses_what_the_meter_cannot_take(
     pool: asyncpg.Pool, tenant_id: int
 ) -> None:
