@@ -13,6 +13,7 @@ Errors: asyncpg's (callers translate them at their boundary, as for `storage.cre
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import asyncpg
@@ -20,6 +21,9 @@ import asyncpg
 from storage.credentials import MeterRef, seal, unseal
 
 PLATFORMS = ("onenet", "oceanconnect", "ctwing")  # the CHECK of migration 0038
+# tenants.slug's CHECK (migration 0001): a slug outside it names no tenant (and one with a
+# NUL, from a push URL's %00, is no text PostgreSQL takes: refused, it read as an outage)
+TENANT_SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 
 def _purpose(platform: str) -> str:
@@ -86,6 +90,8 @@ async def load_secret(
     """(tenant id, opened secret) of tenant `tenant_slug` for `platform`; None if it has none.
 
     Raises CredentialsError when the row does not open with `key`."""
+    if not TENANT_SLUG.fullmatch(tenant_slug):
+        return None
     row = await conn.fetchrow(
         "SELECT s.tenant_id, s.secret_sealed FROM platform_secrets s JOIN tenants t"
         " USING (tenant_id) WHERE t.slug = $1 AND s.platform = $2",

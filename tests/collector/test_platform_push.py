@@ -438,3 +438,18 @@ async def test_mutated_pushes_never_get_500(
     assert len(statuses) >= 3, statuses  # (seen: several 4xx beside 200)
     out = capsys.readouterr()
     assert "Traceback" not in out.out + out.err
+
+
+async def test_a_slug_no_tenant_can_have_is_404_not_503(push_collector: PushCollector) -> None:
+    """A push or URL check to a tenant slug outside the slugs' rule (a NUL among them,
+    which PostgreSQL refuses as text) is 404 no_endpoint, not 503 with Retry-After (the
+    platform would retry for ever)."""
+    async with httpx.AsyncClient(base_url=push_collector.base_url, timeout=30) as client:
+        for path in ("/p/a%00b/onenet", "/p/a%00b/oceanconnect/x", "/p/UPPER/onenet"):
+            reply = await client.post(path, content=b"{}")
+            assert reply.status_code == 404, (path, reply.text)
+            assert reply.json()["error"] == "no_endpoint"
+        check = await client.get(
+            "/p/a%00b/onenet", params={"msg": "a", "nonce": "b", "signature": "c"}
+        )
+        assert check.status_code == 404, check.text
