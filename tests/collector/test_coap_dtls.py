@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import random
 import shutil
 import socket
 import time
@@ -209,4 +210,43 @@ async def test_open_session_of_a_revoked_key_gets_401(
     finally:
         await devices.close()
     assert after.code == "4.01", after
+    assert await count(pool, _READINGS, address) == 1
+
+
+def _dtls_garbage(rng: random.Random) -> bytes:
+    """Random bytes, or a DTLS 1.2 record header (handshake, alert, application data,
+    change cipher spec) with a random epoch, sequence number, length and body."""
+    if rng.random() < 0.3:
+        return rng.randbytes(rng.randrange(1, 200))
+    body = rng.randbytes(rng.randrange(0, 120))
+    if rng.random() < 0.5:  # a ClientHello's handshake header before it
+        body = bytes([1]) + rng.randbytes(3) + rng.randbytes(2) + bytes(3) + rng.randbytes(3) + body
+    head = bytes([rng.choice([20, 21, 22, 23, 99]), 0xFE, rng.choice([0xFD, 0xFF, 0x00])])
+    head += rng.randbytes(2) + rng.randbytes(6)  # epoch, sequence number
+    length = len(body) if rng.random() < 0.7 else rng.randrange(65536)
+    return head + length.to_bytes(2, "big") + body
+
+
+async def test_garbage_from_many_peers_leaves_the_listener_serving(
+    coaps_port: int, dtls_device: tuple[str, dict[str, str]], pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """2,000 datagrams of random bytes and malformed DTLS records from 50 source ports:
+    the coaps listener keeps serving (a real client's uplink is then stored) and the
+    collector keeps running."""
+    rng = random.Random(16)
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(50)]
+    try:
+        for i in range(2000):
+            socks[i % len(socks)].sendto(_dtls_garbage(rng), ("127.0.0.1", coaps_port))
+            if i % 100 == 99:
+                await asyncio.sleep(0.01)
+    finally:
+        for sock in socks:
+            sock.close()
+    await asyncio.sleep(0.5)
+    address, cred = dtls_device
+    frame = cjt188_frame(address, 130_000, hour(60))
+    code, out = await _post(coaps_port, cred["psk_identity"], cred["psk"], frame, tmp_path)
+    assert "c:2.04" in out, out
+    assert code == 0, out
     assert await count(pool, _READINGS, address) == 1
