@@ -8,6 +8,7 @@ import calendar
 import contextlib
 import itertools
 import os
+import random
 import secrets
 import signal
 import socket
@@ -336,6 +337,29 @@ async def oscore_client(port: int, values: dict[str, str]) -> aiocoap.Context:
     ctx = await aiocoap.Context.create_client_context()
     ctx.client_credentials[f"coap://127.0.0.1:{port}/*"] = DeviceOscore(values)
     return ctx
+
+
+def mutated(datagram: bytes, rng: random.Random) -> bytes:
+    """`datagram` under a new message id and token, with 1-4 random byte changes,
+    insertions, deletions or a truncation past its message id, and now and then a random
+    first byte (version, type, token length): for the attack tests."""
+    b = bytearray(datagram)
+    b[2:4] = struct.pack("!H", next(MIDS) % 65536)
+    tkl = b[0] & 15
+    b[4 : 4 + tkl] = secrets.token_bytes(min(tkl, 8))  # concurrent requests: own tokens
+    for _ in range(rng.randint(1, 4)):
+        op, at = rng.random(), rng.randrange(4, len(b) + 1)
+        if op < 0.5 and at < len(b):
+            b[at] = rng.randrange(256)
+        elif op < 0.7:
+            b[at:at] = bytes([rng.randrange(256)])
+        elif op < 0.9 and at < len(b):
+            del b[at]
+        else:
+            del b[at:]
+    if len(b) <= 4 or rng.random() < 0.1:
+        b[0:1] = bytes([rng.randrange(256)])
+    return bytes(b)
 
 
 def free_udp_port() -> int:

@@ -24,6 +24,7 @@ from collector_testkit import (
     coap_post,
     free_udp_port,
     hour,
+    mutated,
 )
 from conftest import Broker, RunningCollector, count, new_address
 
@@ -328,26 +329,6 @@ async def test_a_partial_iv_past_5_bytes_gets_4_00_without_a_traceback(
     assert (await meter.post(udp, cjt188_frame(device.address, 10_000, hour(1)))).code == "2.04"
 
 
-def _mutated(datagram: bytes, rng: random.Random) -> bytes:
-    """`datagram` under a new message id with 1-4 random byte changes, insertions,
-    deletions or a truncation past it, and now and then a random first byte (version,
-    type, token length)."""
-    b = bytearray(datagram)
-    b[2:4] = struct.pack("!H", next(MIDS) % 65536)
-    for _ in range(rng.randint(1, 4)):
-        op, at = rng.random(), rng.randrange(4, len(b) + 1)
-        if op < 0.5 and at < len(b):
-            b[at] = rng.randrange(256)
-        elif op < 0.7:
-            b[at:at] = bytes([rng.randrange(256)])
-        elif op < 0.9 and at < len(b):
-            del b[at]
-        else:
-            del b[at:]
-    b[0] = b[0] if len(b) > 4 and rng.random() < 0.9 else rng.randrange(256)
-    return bytes(b)
-
-
 async def test_mutated_uplinks_never_get_5_00(
     collector: RunningCollector,
     udp: RawCoap,
@@ -369,7 +350,7 @@ async def test_mutated_uplinks_never_get_5_00(
             datagram, _, _ = meter.request(frame)
         else:
             datagram = coap_post(0, secrets.token_bytes(4), frame, query=f"t={lab_tenant}")
-        udp.send(_mutated(datagram, rng))
+        udp.send(mutated(datagram, rng))
     await asyncio.sleep(2.0)  # the answers of the last ones
     assert len(udp.replies) >= 200  # (seen: 338, nearly all 4.00 and 4.01)
     codes = {reply.code >> 5 for reply in udp.replies}

@@ -22,7 +22,7 @@ from aiocoap import resource
 from aiocoap.credentials import CredentialsMap
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 from aiocoap.transports.oscore import OSCOREAddress
-from collector_testkit import DeviceOscore, OscoreMeter, RawCoap
+from collector_testkit import DeviceOscore, OscoreMeter, RawCoap, mutated
 from conftest import (
     Broker,
     RunningCollector,
@@ -765,20 +765,7 @@ async def test_mutated_registrations_and_sends_never_get_5_00(
         rng = random.Random(16)
         udp.replies.clear()
         for i in range(600):
-            b = bytearray(valid[i % len(valid)])
-            b[2:8] = rng.randbytes(6)  # a message id and token of its own (4-byte tokens)
-            for _ in range(rng.randint(1, 4)):
-                at = rng.randrange(4, len(b) + 1)
-                op = rng.random()
-                if op < 0.5 and at < len(b):
-                    b[at] = rng.randrange(256)
-                elif op < 0.7:
-                    b[at:at] = bytes([rng.randrange(256)])
-                elif op < 0.9 and at < len(b):
-                    del b[at]
-                else:
-                    del b[at:]
-            udp.send(bytes(b))
+            udp.send(mutated(valid[i % len(valid)], rng))
             if i % 50 == 49:
                 await asyncio.sleep(0.05)
         await asyncio.sleep(2.0)
