@@ -215,6 +215,16 @@ class RawCoap(asyncio.DatagramProtocol):
             await asyncio.sleep(1.0)
         return await self.post(payload, query=query)
 
+    async def settled(self, quiet_s: float = 1.0, limit_s: float = 20.0) -> list[CoapReply]:
+        """The replies once none came for `quiet_s` (at most `limit_s`): the answers to a
+        burst, on a loaded machine too."""
+        deadline = time.monotonic() + limit_s
+        seen = -1
+        while len(self.replies) != seen and time.monotonic() < deadline:
+            seen = len(self.replies)
+            await asyncio.sleep(quiet_s)
+        return self.replies
+
     async def exchange(self, datagram: bytes, token: bytes, timeout_s: float = 10) -> bytes:
         """Send a datagram built elsewhere (an OSCORE request: `token` is its token) every
         2 s until its answer arrives; the answer's whole datagram."""
