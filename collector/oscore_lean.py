@@ -79,9 +79,12 @@ def open_request(
     if len(ciphertext) < alg.tag_bytes + 1:  # +1: the inner code
         raise oscore.ProtectionInvalid("Ciphertext too short")
     request_id = oscore.RequestIdentifiers(kid, piv, True, code)
-    # the message is read only by group contexts (their OSCORE option): none here
-    external_aad = ctx._extract_external_aad(None, request_id, local_is_sender=False)
-    aad = oscore.SymmetricEncryptionAlgorithm._build_encrypt0_structure({}, external_aad)
+    request_aad = getattr(ctx, "request_aad", None)  # a DeviceContext's, without cbor2
+    if request_aad is not None:
+        aad = request_aad(kid, piv)
+    else:  # the message is read only by group contexts (their OSCORE option): none here
+        external_aad = ctx._extract_external_aad(None, request_id, local_is_sender=False)
+        aad = oscore.SymmetricEncryptionAlgorithm._build_encrypt0_structure({}, external_aad)
     nonce = ctx._construct_nonce(piv, kid, alg)
     plaintext = alg.decrypt(ciphertext, aad, ctx.recipient_key, nonce)
     return plaintext, LeanRequest(request_id, aad, nonce)

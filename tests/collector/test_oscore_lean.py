@@ -87,6 +87,26 @@ def test_second_answer_gets_a_sequence_number_of_ours(
         server.close()
 
 
+def test_request_aad_is_aiocoaps(meters: list[tuple[lean.Meter, bytes]]) -> None:
+    """`DeviceContext.request_aad` makes the bytes of aiocoap's external AAD in its
+    Encrypt0 structure (RFC 8613 §5.4) for every key id and partial IV length, its own
+    key id's and longer ones (where it takes aiocoap's way) included."""
+    server = lean.Server([lean.open_row(m, lean.sealed_row(m)) for m, _ in meters[:1]])
+    ctx = server.contexts.find_oscore({oscore.COSE_KID: meters[0][0].kid})
+    try:
+        rng = random.Random(7)
+        kids = [ctx.recipient_id] + [rng.randbytes(n) for n in range(0, 30)]
+        for kid in kids:
+            for n in range(0, 6):
+                piv = rng.randbytes(n)
+                request_id = oscore.RequestIdentifiers(kid, piv, True, aiocoap.POST)
+                external = ctx._extract_external_aad(None, request_id, local_is_sender=False)
+                want = oscore.SymmetricEncryptionAlgorithm._build_encrypt0_structure({}, external)
+                assert ctx.request_aad(kid, piv) == want, (kid.hex(), piv.hex())
+    finally:
+        server.close()
+
+
 def test_nonce_is_aiocoaps(meters: list[tuple[lean.Meter, bytes]]) -> None:
     """`DeviceContext._construct_nonce` makes the bytes of aiocoap's own (RFC 8613 §5.2)
     for every partial IV and key id length a context can meet, and refuses the lengths
