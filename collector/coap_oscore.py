@@ -125,7 +125,7 @@ class DeviceContext(*_ContextBases):  # type: ignore[misc]  # aiocoap is untyped
         ValueError for a partial IV over 5 bytes or a key id over the nonce's room, which
         aiocoap refuses by an assertion only (gone under `python -O`); both of its paths
         (and the lane) answer a ValueError as a message that does not decrypt."""
-        n = alg.iv_bytes
+        n: int = alg.iv_bytes
         if len(partial_iv_short) > 5 or len(piv_generator_id) > n - 6:
             msg = (
                 f"no nonce for a {len(partial_iv_short)}-byte partial IV"
