@@ -252,3 +252,44 @@ async def test_garbage_from_many_peers_leaves_the_listener_serving(
             sock.close()
     await asyncio.sleep(0.5)
     await _stored_once(coaps_port, dtls_device, pool, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "payload", "want"),
+    [
+        ("get", "u", b"", "4.05"),
+        ("put", "u", b"\x68" * 40, "4.05"),
+        ("delete", "u", b"", "4.05"),
+        ("post", "x", b"\x00" * 40, "4.04"),
+        ("post", "rd?ep=x&lwm2m=1.1", b"</3/0>", "4.04"),
+        ("post", "u", b"", "4.00"),
+        ("post", "u", bytes(range(256)) * 4, "4.00"),
+    ],
+)
+async def test_odd_requests_of_a_dtls_device_get_4_xx(
+    coaps_port: int,
+    dtls_device: tuple[str, dict[str, str]],
+    pool: asyncpg.Pool,
+    tmp_path: Path,
+    method: str,
+    path: str,
+    payload: bytes,
+    want: str,
+) -> None:
+    """Requests of an authenticated DTLS device other than its uplink (another method or
+    resource, an empty or undecodable payload, one sent in Block1 blocks) get a 4.xx
+    that says so, never 5.xx; nothing is stored as a reading."""
+    address, cred = dtls_device
+    file = tmp_path / "payload.bin"
+    file.write_bytes(payload)
+    assert CLIENT is not None
+    proc = await asyncio.create_subprocess_exec(
+        CLIENT,
+        "-m", method, "-f", str(file), "-u", cred["psk_identity"], "-k", cred["psk"],
+        "-v", "7", "-B", "8", f"coaps://127.0.0.1:{coaps_port}/{path}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out = (await asyncio.wait_for(proc.communicate(), 30))[0].decode(errors="replace")
+    assert f"c:{want}" in out, out
+    assert await count(pool, _READINGS, address) == 0
