@@ -458,7 +458,7 @@ class RegisterResource(resource.Resource):
                     objects=_objects(request),
                 )
         except RowRefusedError as exc:  # the request's own values: sent again, refused again
-            raise error.BadRequest("the registration's values are refused") from exc
+            raise error.BadRequest("the database refuses this request's values") from exc
         except StorageError as exc:
             raise Busy(self._s.busy_s, "database unavailable") from exc
         log.info("lwm2m.registered", meter_id=meter_id, registration=reg.registration_id)
@@ -505,7 +505,7 @@ class RegistrationResource(resource.Resource, resource.PathCapable):
         except lwm2m.NoRegistrationError:
             raise error.NotFound("no such registration (expired?): register again") from None
         except RowRefusedError as exc:  # the request's own values: sent again, refused again
-            raise error.BadRequest("the registration's values are refused") from exc
+            raise error.BadRequest("the database refuses this request's values") from exc
         except StorageError as exc:
             raise Busy(self._s.busy_s, "database unavailable") from exc
         # no observation here (it failed, or this process restarted since the Register):
@@ -524,7 +524,7 @@ class RegistrationResource(resource.Resource, resource.PathCapable):
         except lwm2m.NoRegistrationError:
             raise error.NotFound("no such registration") from None
         except RowRefusedError as exc:  # the request's own values: sent again, refused again
-            raise error.BadRequest("the registration's values are refused") from exc
+            raise error.BadRequest("the database refuses this request's values") from exc
         except StorageError as exc:
             raise Busy(self._s.busy_s, "database unavailable") from exc
         self._s.forget(reg.meter_id)
@@ -567,7 +567,7 @@ class SendResource(UplinkResource):
                 self._s.pool, meter_id=None if device is None else device.meter_id, peer=peer
             )
         except RowRefusedError as exc:  # the request's own values: sent again, refused again
-            raise error.BadRequest("the registration's values are refused") from exc
+            raise error.BadRequest("the database refuses this request's values") from exc
         except StorageError as exc:
             raise Busy(self._s.busy_s, "database unavailable") from exc
         if reg is None:
