@@ -20,22 +20,24 @@ a datagram only when it is:
 - from a meter with no pending command (`Downlinks.nothing_pending`): commands ride on
   the answer, which aiocoap's path builds.
 
-Everything else (block-wise, other resources, LwM2M, /c, unknown key ids, failed
-decryption, replays, pending commands, a full pipeline's 5.03 for an unknown device)
-goes to aiocoap unchanged, which decides and answers as before: a datagram the lane
-hands on was never admitted (its replay window is untouched, its deduplication entry
-dropped). What the lane takes is answered as aiocoap's path would: the uplink goes to
-the same pipeline, its answer (`collector.coap.response`: 2.04, the quarantine 4.xx,
-5.03 + Max-Age, 5.00) is piggybacked in the ACK once durable, protected with the
-request's nonce (`collector.oscore_lean`), and recorded in the deduplication table both
-share (`coap_patches.DedupTable`), so a retransmission gets the same bytes. An answer
-not ready within `empty_ack_delay_s` gets an empty ACK first, then goes as a separate
-CON through aiocoap's message layer (its retransmissions included). An uplink another
-process admitted first (`Outcome.replayed`) is handed to aiocoap after its commit, which
-answers it from the recorded answer (if an empty ACK went already, the device has to
-retry: the uplink itself is stored). A fault in the lane itself (a bug) is noted
-(`coap_rejected{kind="coap_lane.failed"}`, rate-limited logs) and costs no uplink: before
-the lane answers, the datagram goes to aiocoap's path; after its commit, the
+A request of a known context that does not decrypt gets aiocoap's path's answer here
+(4.00 "decryption failed" for a CON, nothing for a NON): a forged datagram costs one
+decryption, not aiocoap's machinery and a second one. Everything else (block-wise, other
+resources, LwM2M, /c, unknown key ids, replays, pending commands, a full pipeline's 5.03
+for an unknown device) goes to aiocoap unchanged, which decides and answers as before: a
+datagram the lane hands on was never admitted (its replay window is untouched, its
+deduplication entry dropped). What the lane takes is answered as aiocoap's path would:
+the uplink goes to the same pipeline, its answer (`collector.coap.response`: 2.04, the
+quarantine 4.xx, 5.03 + Max-Age, 5.00) is piggybacked in the ACK once durable, protected
+with the request's nonce (`collector.oscore_lean`), and recorded in the deduplication
+table both share (`coap_patches.DedupTable`), so a retransmission gets the same bytes.
+An answer not ready within `empty_ack_delay_s` gets an empty ACK first, then goes as a
+separate CON through aiocoap's message layer (its retransmissions included). An uplink
+another process admitted first (`Outcome.replayed`) is handed to aiocoap after its
+commit, which answers it from the recorded answer (if an empty ACK went already, the
+device has to retry: the uplink itself is stored). A fault in the lane itself (a bug) is
+noted (`coap_rejected{kind="coap_lane.failed"}`, rate-limited logs) and costs no uplink:
+before the lane answers, the datagram goes to aiocoap's path; after its commit, the
 deduplication entry is dropped, so the device's retransmission is answered from the
 recorded answer.
 """
@@ -361,7 +363,8 @@ class UplinkLane:
         try:
             opened = oscore_lean.open_request(ctx, kid, piv, ciphertext, aiocoap.POST)
         except (oscore.ProtectionInvalid, ValueError):
-            return False  # aiocoap's path answers 4.00 and notes it
+            self._undecryptable(req)
+            return True
         if opened is None:
             return False
         plaintext, lean = opened
@@ -381,6 +384,15 @@ class UplinkLane:
         )
         self._offer(req, uplink)
         return True
+
+    def _undecryptable(self, req: _Request) -> None:
+        """A request that does not decrypt (forged, or a partial IV no nonce takes), answered
+        here as aiocoap's path answers it (`collector.coap_oscore`): noted, a CON's ACK
+        carries 4.00 "decryption failed", a NON gets nothing; its replay window is
+        untouched. Handed on, it cost aiocoap's whole machinery and a second decryption."""
+        self._events.note("oscore_decrypt.failed", peer=str(req.address[0]))
+        if req.con:  # (a NON's duplicate, its deduplication entry kept, gets nothing either)
+            self._answer(req, error.BadRequest("decryption failed").to_message())
 
     def _count(self, kind: str, outcome: str) -> None:
         """uplinks_total{transport=kind, outcome} + 1."""

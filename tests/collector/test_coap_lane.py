@@ -21,6 +21,7 @@ from collector_testkit import OscoreMeter, RawCoap, cjt188_frame, hour, parse_re
 from conftest import Broker, RunningCollector, add_meter, collector_settings, count, running
 from prometheus_client import REGISTRY
 
+from collector import metrics
 from collector.coap_lane import UplinkLane, options
 from collector.settings import CoapSettings
 from devices.provision import ProvisionedDevice
@@ -134,28 +135,32 @@ async def test_lane_answers_a_non_uplink_with_a_non(
     assert await count(pool, READINGS, device.meter_id) == 1
 
 
-async def test_lane_hands_on_failed_decryption_and_replays(
+async def test_lane_answers_failed_decryption_and_hands_on_replays(
     raw: RawCoap, pool: asyncpg.Pool, device: ProvisionedDevice
 ) -> None:
-    """A tampered ciphertext is aiocoap's path's 4.00 and leaves the replay window alone
-    (the genuine request is then taken); its sequence number sent again under a new
-    message id is a replay: aiocoap's path answers the recorded 2.04 with a partial IV
-    of ours (RFC 8613 §7.5.1), and nothing is stored twice."""
+    """A tampered ciphertext gets the lane's 4.00 "decryption failed" (aiocoap's path's
+    answer, without its machinery and a second decryption), noted once, and leaves the
+    replay window alone (the genuine request is then taken); its sequence number sent
+    again under a new message id is a replay: aiocoap's path answers the recorded 2.04
+    with a partial IV of ours (RFC 8613 §7.5.1), and nothing is stored twice."""
     dev = OscoreMeter(device.oscore)
     datagram, token, request_id = dev.request(cjt188_frame(device.address, 20_000, hour(2)))
     # another message id: the same one would be a retransmission, answered as the first
     tampered = _new_mid(datagram[:-1] + bytes([datagram[-1] ^ 1]), 3)
-    handed = lane("handed_on")
-    bad = dev.answer(await raw.exchange(tampered, token), request_id)
-    assert bad.code == "4.00"
-    assert lane("handed_on") == handed + 1
-    answered = lane("answered")
+    handed, answered = lane("handed_on"), lane("answered")
+    refused = metrics.COAP_REJECTED.labels("oscore_decrypt.failed")._value.get()
+    reply = await raw.exchange(tampered, token)
+    bad = dev.answer(reply, request_id)
+    assert (bad.code, bad.payload) == ("4.00", b"decryption failed")
+    assert aiocoap.Message.decode(reply).mtype == aiocoap.ACK
+    assert (lane("handed_on"), lane("answered")) == (handed, answered + 1)
+    assert metrics.COAP_REJECTED.labels("oscore_decrypt.failed")._value.get() == refused + 1
     good = await raw.exchange(datagram, token)
     assert dev.answer(good, request_id).code == "2.04"
-    assert lane("answered") == answered + 1
+    assert lane("answered") == answered + 2
     again = dev.answer(await raw.exchange(_new_mid(datagram, 7), token), request_id)
     assert (again.code, again.own_piv) == ("2.04", True)
-    assert lane("handed_on") == handed + 2
+    assert lane("handed_on") == handed + 1
     assert await count(pool, READINGS, device.meter_id) == 1
 
 
