@@ -56,9 +56,10 @@ Mounted by `collector.coap.build_site` next to /u, behind the same OSCORE verifi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any, Final
 
 import aiocoap
@@ -113,6 +114,21 @@ def _end(request: Any) -> None:
         request.observation.cancel()
     if not request.response.done():
         request.response.cancel()  # `_observe` awaiting it ends (cancelled)
+
+
+@contextlib.contextmanager
+def _storage_answers(busy_s: int, missing: str = "") -> Iterator[None]:
+    """A registration request's storage errors as its answer: no such registration 4.04
+    (`missing` says why), values the database refuses as sent 4.00 (sent again, refused
+    again), anything else 5.03 + Max-Age (the database away: retry later)."""
+    try:
+        yield
+    except lwm2m.NoRegistrationError:
+        raise error.NotFound(missing) from None
+    except RowRefusedError as exc:
+        raise error.BadRequest("the database refuses this request's values") from exc
+    except StorageError as exc:
+        raise Busy(busy_s, "database unavailable") from exc
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -432,7 +448,7 @@ class RegisterResource(resource.Resource):
         assert params.lifetime_s is not None
         device = self._s.device_of(request)
         slug = dict(q.partition("=")[::2] for q in request.opt.uri_query).get("t") or None
-        try:
+        with _storage_answers(self._s.busy_s):
             if device is not None:
                 if params.endpoint != device.address:
                     raise error.Forbidden("the endpoint name is not this device's meter")
@@ -457,10 +473,6 @@ class RegisterResource(resource.Resource):
                     transport=int(Transport.COAP if device is None else Transport.COAP_OSCORE),
                     objects=_objects(request),
                 )
-        except RowRefusedError as exc:  # the request's own values: sent again, refused again
-            raise error.BadRequest("the database refuses this request's values") from exc
-        except StorageError as exc:
-            raise Busy(self._s.busy_s, "database unavailable") from exc
         log.info("lwm2m.registered", meter_id=meter_id, registration=reg.registration_id)
         self._s.kick(reg, request.remote, observe=True)
         return aiocoap.Message(code=aiocoap.CREATED, location_path=("rd", reg.registration_id))
@@ -491,7 +503,7 @@ class RegistrationResource(resource.Resource, resource.PathCapable):
         except ValueError as exc:
             raise error.BadRequest(str(exc)) from None
         device = self._s.device_of(request)
-        try:
+        with _storage_answers(self._s.busy_s, "no such registration (expired?): register again"):
             reg = await lwm2m.update(
                 self._s.pool,
                 reg_id,
@@ -502,12 +514,6 @@ class RegistrationResource(resource.Resource, resource.PathCapable):
                 queue_mode=params.queue_mode,
                 objects=_objects(request) if request.payload else None,
             )
-        except lwm2m.NoRegistrationError:
-            raise error.NotFound("no such registration (expired?): register again") from None
-        except RowRefusedError as exc:  # the request's own values: sent again, refused again
-            raise error.BadRequest("the database refuses this request's values") from exc
-        except StorageError as exc:
-            raise Busy(self._s.busy_s, "database unavailable") from exc
         # no observation here (it failed, or this process restarted since the Register):
         # set one up in this window
         self._s.kick(reg, request.remote, observe=not self._s.observing(reg.meter_id))
@@ -517,16 +523,10 @@ class RegistrationResource(resource.Resource, resource.PathCapable):
         """De-register; 2.02."""
         reg_id = self._id(request)
         device = self._s.device_of(request)
-        try:
+        with _storage_answers(self._s.busy_s, "no such registration"):
             reg = await lwm2m.deregister(
                 self._s.pool, reg_id, meter_id=None if device is None else device.meter_id
             )
-        except lwm2m.NoRegistrationError:
-            raise error.NotFound("no such registration") from None
-        except RowRefusedError as exc:  # the request's own values: sent again, refused again
-            raise error.BadRequest("the database refuses this request's values") from exc
-        except StorageError as exc:
-            raise Busy(self._s.busy_s, "database unavailable") from exc
         self._s.forget(reg.meter_id)
         log.info("lwm2m.deregistered", meter_id=reg.meter_id, registration=reg_id)
         return aiocoap.Message(code=aiocoap.DELETED)
@@ -562,14 +562,10 @@ class SendResource(UplinkResource):
             raise error.UnsupportedContentFormat("Send takes SenML CBOR (112) or JSON (110)")
         device = self._s.device_of(request)
         peer = _peer(request.remote)
-        try:
+        with _storage_answers(self._s.busy_s):
             reg = await lwm2m.current(
                 self._s.pool, meter_id=None if device is None else device.meter_id, peer=peer
             )
-        except RowRefusedError as exc:  # the request's own values: sent again, refused again
-            raise error.BadRequest("the database refuses this request's values") from exc
-        except StorageError as exc:
-            raise Busy(self._s.busy_s, "database unavailable") from exc
         if reg is None:
             raise error.NotFound("not registered (or the registration expired): register first")
         payload = with_endpoint(bytes(request.payload), reg.endpoint)
