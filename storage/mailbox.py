@@ -143,15 +143,6 @@ def _storable(value: Any) -> Any:
     return value
 
 
-def _result_json(result: Mapping[str, Any]) -> str:
-    """`_canonical` of a device's result, made `_storable` where it has to be."""
-    try:
-        text = json.dumps(result, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except ValueError:  # a non-finite number
-        return _canonical(_storable(result))
-    return _canonical(_storable(result)) if "\\u0000" in text else text
-
-
 async def _meter(conn: asyncpg.Connection, tenant_id: int, meter_id: int) -> asyncpg.Record:
     row = await conn.fetchrow(
         "SELECT meter_id, format FROM meters"
@@ -597,7 +588,7 @@ async def record_results(
         meter_id,
         ids,
         news,
-        [_result_json(answers[i].result) for i in ids],
+        [_canonical(_storable(answers[i].result)) for i in ids],
         sorted(set(sources("acknowledged")) | set(sources("failed"))),
     )
     out = dict.fromkeys(ids, "unknown")
