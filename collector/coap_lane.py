@@ -60,7 +60,13 @@ from aiocoap.util import socknumbers
 
 from collector import metrics, oscore_lean
 from collector.coap_guard import EventLimiter
-from collector.coap_oscore import Busy, ContextsUnavailable, DeviceContext, DeviceContexts
+from collector.coap_oscore import (
+    DECRYPTION_FAILED,
+    Busy,
+    ContextsUnavailable,
+    DeviceContext,
+    DeviceContexts,
+)
 from collector.coap_patches import DedupTable, is_multicast_pktinfo
 from collector.downlink import Downlinks
 from collector.pipeline import Pipeline, PipelineClosed, PipelineFull
@@ -392,7 +398,7 @@ class UplinkLane:
         untouched. Handed on, it cost aiocoap's whole machinery and a second decryption."""
         self._events.note("oscore_decrypt.failed", peer=str(req.address[0]))
         if req.con:  # (a NON's duplicate, its deduplication entry kept, gets nothing either)
-            self._answer(req, error.BadRequest("decryption failed").to_message())
+            self._answer(req, error.BadRequest(DECRYPTION_FAILED).to_message())
 
     def _count(self, kind: str, outcome: str) -> None:
         """uplinks_total{transport=kind, outcome} + 1."""

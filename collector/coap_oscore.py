@@ -52,6 +52,9 @@ from storage.pool import Pool, connection
 log = structlog.get_logger("collector.coap")
 
 _SEQNO_BLOCK = 16  # server sequence numbers taken per database round trip
+# the answer to a request of a known context that does not decrypt (its kind of event is
+# "oscore_decrypt.failed"), here and in the uplink lane
+DECRYPTION_FAILED = "decryption failed"
 # CBOR of an Encrypt0 structure before its external AAD: an array of 3, the text
 # "Encrypt0", the empty protected header (RFC 8152 §5.3)
 _ENCRYPT0_HEAD = b"\x83\x68Encrypt0\x40"
@@ -540,7 +543,7 @@ class OscoreSite:
         except (oscore.ProtectionInvalid, error.UnparsableMessage, ValueError):
             self._events.note("oscore_decrypt.failed", peer=source_of(request.remote))
             if con:
-                raise error.BadRequest("decryption failed") from None
+                raise error.BadRequest(DECRYPTION_FAILED) from None
             return
         inner_request.remote = OSCOREAddress(sc, request.remote)
         inner_request.nbm_piv = int.from_bytes(unprotected[oscore.COSE_PIV], "big")
