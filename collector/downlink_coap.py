@@ -29,7 +29,7 @@ from aiocoap import error, resource
 from collector.coap_oscore import Busy, DeviceContext
 from collector.downlink import Downlinks
 from collector.uplink import Device
-from storage.errors import StorageError
+from storage.errors import RowRefusedError, StorageError
 
 JSON_FORMAT = 50  # RFC 7252 §12.3: application/json
 
@@ -67,6 +67,8 @@ class ResultResource(resource.Resource):
             )
         except ValueError as exc:
             raise error.BadRequest(str(exc)[:200]) from None
+        except RowRefusedError as exc:  # sent again, refused again: not a busy database
+            raise error.BadRequest("the database refuses these results as sent") from exc
         except StorageError as exc:
             raise Busy(self._busy_s, "database unavailable") from exc
         unknown = sorted(cid for cid, what in outcome.items() if what == "unknown")

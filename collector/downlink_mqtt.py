@@ -32,7 +32,7 @@ from paho.mqtt.properties import Properties
 from collector.downlink import Downlinks
 from collector.mqtt import BrokerAddress, tls_context
 from collector.settings import MqttSettings
-from storage.errors import StorageError
+from storage.errors import RowRefusedError, StorageError
 
 log = structlog.get_logger("collector.downlink")
 
@@ -159,7 +159,9 @@ class MqttDownlink:
                 unknown = [cid for cid, what in outcome.items() if what == "unknown"]
                 if unknown:
                     log.warning("downlink.answer_unknown", meter_id=meter_id, commands=unknown)
-        except ValueError as exc:  # not a result: acknowledged, never redelivered forever
+        except (ValueError, RowRefusedError) as exc:
+            # not a result, or one the database refuses as sent: acknowledged, never
+            # redelivered for ever
             log.warning("downlink.answer_refused", topic=topic[:200], why=str(exc)[:200])
         except StorageError as exc:  # not acknowledged: it comes again after a reconnect
             log.warning("downlink.answer_deferred", error=str(exc))

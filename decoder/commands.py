@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeGuard
 
+from decoder import limits
 from decoder.cjt188 import BEIJING_UTC_OFFSET_S
 
 ENVELOPE_VERSION: Final = 1
@@ -276,9 +277,12 @@ def parse_cjt188_reply(frame: bytes, address: str, command_id: int) -> DeviceRes
 
 def parse_results(payload: bytes, address: str) -> list[DeviceResult]:
     """The answers in a device's result message (see the module docstring); ValueError if
-    the message is not one."""
+    the message is not one. Read within `decoder.limits` (size, nesting depth): a result
+    nested past the parser's recursion is refused as any other malformed one, never a
+    RecursionError that would leave it unanswered (CoAP 5.00) or unacknowledged (MQTT:
+    redelivered for ever)."""
     try:
-        body = json.loads(payload)
+        body = limits.load_json(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         msg = f"result is not JSON: {exc}"
         raise ValueError(msg) from exc

@@ -358,3 +358,35 @@ async def test_mqtt_windows_without_commands_run_no_claim(
         assert json.loads(got[1])["cmds"][0]["id"] == cid
     finally:
         client.close()
+
+
+async def test_results_nested_past_the_parser_are_refused_and_acknowledged(
+    pool: asyncpg.Pool,
+    broker: Broker,
+    device: ProvisionedDevice,
+    collector: RunningCollector,
+    meter: OscoreMeter,
+    raw: RawCoap,
+) -> None:
+    """A result message nested deeper than the JSON parser recurses is refused like any
+    malformed one: over MQTT acknowledged, so that more of them than the broker keeps in
+    flight (20) do not hold back the device's real answer behind them; over CoAP 4.00."""
+    deep = b"[" * 1500 + b"]" * 1500
+    cid = await queue_command(pool, device, kind="clock")
+    dev = CommandExecutor(device.address, "cjt188")
+    client = MqttMeter(broker.port, device.mqtt)
+    try:
+        assert client.subscribe() == [1]
+        assert client.publish(client.topic_up, cjt188_frame(device.address, 80_000, hour(7))) == 0
+        got = await asyncio.to_thread(client.next_message, 15)
+        assert got is not None
+        answers = run(dev, got[1])
+        for _ in range(30):
+            assert client.publish(client.topic_res, deep) == 0
+        assert client.publish(client.topic_res, answers) == 0
+        done = await wait_state(pool, cid, "acknowledged")
+        assert done["reason"] == "device_confirmed"
+    finally:
+        client.close()
+    shallow = b"[" * 300 + b"]" * 300  # (within one CoAP message) past the depth limit
+    assert (await meter.post(raw, shallow, path="c")).code == "4.00"

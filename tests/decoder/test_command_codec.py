@@ -139,6 +139,7 @@ def test_parse_results_json_and_frames() -> None:
         (b'{"id": "x", "ok": true}', "integer id"),
         (b'{"id": 1, "ok": "yes"}', "ok"),
         (b'{"id": 1, "frame": "zz"}', "hex"),
+        (b"[" * 2000 + b"]" * 2000, "nested 2000 levels"),  # past the parser's recursion
     ]:
         with pytest.raises(ValueError, match=why):
             parse_results(body, ADDRESS)
