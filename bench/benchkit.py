@@ -451,9 +451,10 @@ async def wait_ready(proc: subprocess.Popen[bytes], metrics_port: int, limit_s: 
     raise RuntimeError(msg)
 
 
-def batch_stats(metrics_ports: list[int]) -> tuple[float, float]:
-    """(batches, uplinks) committed so far, summed over the collectors' /metrics."""
-    batches = uplinks = 0.0
+def batch_stats(metrics_ports: list[int]) -> tuple[float, float, float, float]:
+    """(batches, uplinks) committed and (queries, key ids) of OSCORE context lookups so
+    far, summed over the collectors' /metrics."""
+    batches = uplinks = lookups = kids = 0.0
     for port in metrics_ports:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             for line in resp.read().decode().splitlines():
@@ -461,7 +462,11 @@ def batch_stats(metrics_ports: list[int]) -> tuple[float, float]:
                     batches += float(line.split()[-1])
                 elif line.startswith("nbmeter_collector_batch_uplinks_sum"):
                     uplinks += float(line.split()[-1])
-    return batches, uplinks
+                elif line.startswith("nbmeter_collector_oscore_lookups_total"):
+                    lookups += float(line.split()[-1])
+                elif line.startswith("nbmeter_collector_oscore_lookup_kids_total"):
+                    kids += float(line.split()[-1])
+    return batches, uplinks, lookups, kids
 
 
 async def scratch_database(server_url: str, prefix: str = "nbmeter_bench") -> tuple[str, str]:

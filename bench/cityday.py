@@ -252,8 +252,8 @@ class Phase:
 
     async def run(
         self, datagrams: list[bytes], *, window: int, sockets: int, rate: float | None = None
-    ) -> tuple[Measured, float, float]:
-        """(measured, uplinks per committed batch, peak RSS MiB) of one collector run."""
+    ) -> tuple[Measured, tuple[float, float], float]:
+        """(measured, `_per_batch`, peak RSS MiB) of one collector run."""
         port, metrics_port = free_udp_port(), free_tcp_port()
         proc = start_collector(self.db_url, port, metrics_port, self.env)
         try:
@@ -267,15 +267,26 @@ class Phase:
             rss = rss_mb(proc.pid)
         finally:
             stop(proc)
-        return got, (b1[1] - b0[1]) / max(b1[0] - b0[0], 1), rss
+        return got, _per_batch(b0, b1), rss
 
 
-def _line(name: str, m: Measured, per_batch: float, rss: float, readings: float) -> str:
+def _per_batch(
+    b0: tuple[float, float, float, float], b1: tuple[float, float, float, float]
+) -> tuple[float, float]:
+    """(uplinks per committed batch, key ids per OSCORE context lookup) between two
+    `batch_stats` readings."""
+    return (b1[1] - b0[1]) / max(b1[0] - b0[0], 1), (b1[3] - b0[3]) / max(b1[2] - b0[2], 1)
+
+
+def _line(
+    name: str, m: Measured, per_batch: tuple[float, float], rss: float, readings: float
+) -> str:
     return (
         f"{name}: uplinks_per_s={m.bulk_rate():.0f} readings_per_s={m.bulk_rate() * readings:.0f}"
         f" cpu_us_per_uplink={m.us('server'):.0f} db_cpu_us_per_uplink={m.us('db'):.0f}"
         f" p50_ms={m.percentile_ms(50):.0f} p99_ms={m.percentile_ms(99):.0f}"
-        f" uplinks_per_batch={per_batch:.1f} peak_rss_mb={rss:.0f} answered={m.done}"
+        f" uplinks_per_batch={per_batch[0]:.1f} kids_per_lookup={per_batch[1]:.1f}"
+        f" peak_rss_mb={rss:.0f} answered={m.done}"
         f" retransmitted={m.retransmitted} answers={ {hex(k): v for k, v in m.answers.items()} }"
     )
 
@@ -548,15 +559,13 @@ async def main(args: argparse.Namespace) -> None:
             _line(
                 f"spread(paced {rate:.0f}/s)",
                 sm,
-                (b1[1] - b0[1]) / max(b1[0] - b0[0], 1),
+                _per_batch(b0, b1),
                 rss,
                 per_uplink,
             ),
             flush=True,
         )
-        print(
-            _line("herd", hm, (b2[1] - b1[1]) / max(b2[0] - b1[0], 1), rss, per_uplink), flush=True
-        )
+        print(_line("herd", hm, _per_batch(b1, b2), rss, per_uplink), flush=True)
         after = await sizes(db_url)
         wal = await wal_bytes(db_url, before[6])
         d_readings, d_uplinks = after[4] - before[4], after[5] - before[5]
