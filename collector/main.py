@@ -7,6 +7,8 @@ leave the MQTT share group (taking in what the broker still holds for this colle
 refuse new uplinks (CoAP 5.03), commit everything already accepted, answer and PUBACK
 it, end the MQTT session, then close the sockets. The database
 may be down at start or at any time: batches wait and retry, nothing accepted is lost.
+`main` runs it on uvloop's event loop (`CollectorSettings.event_loop`: asyncio's own on
+request), as uvicorn runs the API.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 from typing import Final
 
 import structlog
+import uvloop
 
 from collector import analytics, metrics, retention
 from collector.alerts_mqtt import AlertPublisher
@@ -231,7 +234,10 @@ def main() -> int:
     configure_logging(settings.log_json)
     tune_gc()
     try:
-        asyncio.run(run(settings))
+        if settings.event_loop == "uvloop":
+            uvloop.run(run(settings))
+        else:
+            asyncio.run(run(settings))
     except KeyboardInterrupt:
         return 130
     except DriverError as exc:

@@ -2,7 +2,7 @@
 
 Top level: NBMETER_DATABASE_URL (required, from storage.settings), NBMETER_MQTT_URL (unset:
 no MQTT), NBMETER_CREDENTIALS_KEY (base64 32 bytes; opens the sealed OSCORE secrets),
-NBMETER_METRICS_PORT (0: off).
+NBMETER_METRICS_PORT (0: off), NBMETER_EVENT_LOOP (uvloop, the default, or asyncio).
 Sections use a double underscore: NBMETER_COAP__PORT=5684, NBMETER_PIPELINE__BATCH_MAX=256,
 NBMETER_MQTT__CLIENT_ID=collector-b,
 NBMETER_PLATFORM__PORT=8443 (the operator-platform push endpoint). A misspelt key inside
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
@@ -211,6 +212,10 @@ class CollectorSettings(DatabaseSettings):
     metrics_port: int = Field(9464, ge=0, le=65535)
     log_json: bool | None = None  # None: JSON unless stderr is a terminal
     shutdown_grace_s: float = Field(30.0, gt=0)
+    # the event loop the process runs on: uvloop's (libuv; the API's too), or asyncio's own
+    # selector loop. bench/cityday.py, same machine, alternating runs: OSCORE uplinks 94
+    # against 109 collector CPU µs each, plain CoAP 78 against 87.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     # driver files (*.toml) of the tenants' meter models, installed at start (all or none)
     drivers_dir: Path | None = None
     coap: CoapSettings = CoapSettings()

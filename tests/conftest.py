@@ -8,14 +8,16 @@ never see each other's rows. Tests that need the stack request `db_url`, `pool` 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
+import uvloop
 from brokerkit import Broker, free_port, start_broker
 from dbkit import migrated_database
 from hypothesis import settings
@@ -36,6 +38,15 @@ def _env(name: str) -> str:
     if not value:
         pytest.fail(f"{name} is not set: {_HOW}", pytrace=False)
     return value
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every test on uvloop's loop: the loop the collector and the API run on
+    (`collector.main`, uvicorn)."""
+    del config, item
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(scope="session")
