@@ -166,5 +166,9 @@ class MqttDownlink:
         except StorageError as exc:  # not acknowledged: it comes again after a reconnect
             log.warning("downlink.answer_deferred", error=str(exc))
             return
+        except Exception:  # a fault of ours: logged and acknowledged, for a message left
+            # unacknowledged holds back every later result of every device (the broker
+            # keeps at most 20 in flight to this subscriber) and would fail again anyway
+            log.exception("downlink.answer_failed", topic=topic[:200])
         if qos > 0:
             self._client.ack(mid, qos)

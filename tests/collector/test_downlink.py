@@ -390,3 +390,39 @@ async def test_results_nested_past_the_parser_are_refused_and_acknowledged(
         client.close()
     shallow = b"[" * 300 + b"]" * 300  # (within one CoAP message) past the depth limit
     assert (await meter.post(raw, shallow, path="c")).code == "4.00"
+
+
+async def test_a_result_that_fails_unexpectedly_is_acknowledged(
+    pool: asyncpg.Pool,
+    broker: Broker,
+    device: ProvisionedDevice,
+    collector: RunningCollector,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A result message whose handling fails for a reason no one foresaw (a fault of ours,
+    injected here) is logged and acknowledged: more of them than the broker keeps in
+    flight do not hold back the device's real answer."""
+    real = downlink.Downlinks.answer
+
+    async def faulty(
+        self: downlink.Downlinks, meter_id: int, address: str, body: bytes
+    ) -> dict[int, str]:
+        if body == b'{"fault":1}':
+            raise RuntimeError("injected")
+        return await real(self, meter_id, address, body)
+
+    monkeypatch.setattr(downlink.Downlinks, "answer", faulty)
+    cid = await queue_command(pool, device, kind="clock")
+    dev = CommandExecutor(device.address, "cjt188")
+    client = MqttMeter(broker.port, device.mqtt)
+    try:
+        assert client.subscribe() == [1]
+        assert client.publish(client.topic_up, cjt188_frame(device.address, 81_000, hour(8))) == 0
+        got = await asyncio.to_thread(client.next_message, 15)
+        assert got is not None
+        for _ in range(30):
+            assert client.publish(client.topic_res, b'{"fault":1}') == 0
+        assert client.publish(client.topic_res, run(dev, got[1])) == 0
+        assert (await wait_state(pool, cid, "acknowledged"))["reason"] == "device_confirmed"
+    finally:
+        client.close()
