@@ -360,6 +360,29 @@ async def test_mqtt_windows_without_commands_run_no_claim(
         client.close()
 
 
+async def answered_behind(
+    pool: asyncpg.Pool, broker: Broker, device: ProvisionedDevice, poison: bytes, h: int
+) -> None:
+    """A command's window over MQTT, then 30 result messages `poison` on the device's
+    result topic (more than the broker keeps in flight to the collector: 20) and then its
+    real answer, which must make the command acknowledged."""
+    cid = await queue_command(pool, device, kind="clock")
+    dev = CommandExecutor(device.address, "cjt188")
+    client = MqttMeter(broker.port, device.mqtt)
+    try:
+        assert client.subscribe() == [1]
+        frame = cjt188_frame(device.address, 80_000 + h, hour(h))
+        assert client.publish(client.topic_up, frame) == 0
+        got = await asyncio.to_thread(client.next_message, 15)
+        assert got is not None
+        for _ in range(30):
+            assert client.publish(client.topic_res, poison) == 0
+        assert client.publish(client.topic_res, run(dev, got[1])) == 0
+        assert (await wait_state(pool, cid, "acknowledged"))["reason"] == "device_confirmed"
+    finally:
+        client.close()
+
+
 async def test_results_nested_past_the_parser_are_refused_and_acknowledged(
     pool: asyncpg.Pool,
     broker: Broker,
@@ -370,24 +393,8 @@ async def test_results_nested_past_the_parser_are_refused_and_acknowledged(
 ) -> None:
     """A result message nested deeper than the JSON parser recurses is refused like any
     malformed one: over MQTT acknowledged, so that more of them than the broker keeps in
-    flight (20) do not hold back the device's real answer behind them; over CoAP 4.00."""
-    deep = b"[" * 1500 + b"]" * 1500
-    cid = await queue_command(pool, device, kind="clock")
-    dev = CommandExecutor(device.address, "cjt188")
-    client = MqttMeter(broker.port, device.mqtt)
-    try:
-        assert client.subscribe() == [1]
-        assert client.publish(client.topic_up, cjt188_frame(device.address, 80_000, hour(7))) == 0
-        got = await asyncio.to_thread(client.next_message, 15)
-        assert got is not None
-        answers = run(dev, got[1])
-        for _ in range(30):
-            assert client.publish(client.topic_res, deep) == 0
-        assert client.publish(client.topic_res, answers) == 0
-        done = await wait_state(pool, cid, "acknowledged")
-        assert done["reason"] == "device_confirmed"
-    finally:
-        client.close()
+    flight do not hold back the device's real answer behind them; over CoAP 4.00."""
+    await answered_behind(pool, broker, device, b"[" * 1500 + b"]" * 1500, 7)
     shallow = b"[" * 300 + b"]" * 300  # (within one CoAP message) past the depth limit
     assert (await meter.post(raw, shallow, path="c")).code == "4.00"
 
@@ -412,17 +419,4 @@ async def test_a_result_that_fails_unexpectedly_is_acknowledged(
         return await real(self, meter_id, address, body)
 
     monkeypatch.setattr(downlink.Downlinks, "answer", faulty)
-    cid = await queue_command(pool, device, kind="clock")
-    dev = CommandExecutor(device.address, "cjt188")
-    client = MqttMeter(broker.port, device.mqtt)
-    try:
-        assert client.subscribe() == [1]
-        assert client.publish(client.topic_up, cjt188_frame(device.address, 81_000, hour(8))) == 0
-        got = await asyncio.to_thread(client.next_message, 15)
-        assert got is not None
-        for _ in range(30):
-            assert client.publish(client.topic_res, b'{"fault":1}') == 0
-        assert client.publish(client.topic_res, run(dev, got[1])) == 0
-        assert (await wait_state(pool, cid, "acknowledged"))["reason"] == "device_confirmed"
-    finally:
-        client.close()
+    await answered_behind(pool, broker, device, b'{"fault":1}', 8)
