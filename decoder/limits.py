@@ -21,6 +21,7 @@ Each refusal raises `LimitError` (a ValueError) saying which limit was passed.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,10 +167,17 @@ def load_json(doc: bytes, **kwargs: Any) -> Any:
         raise LimitError(msg)
     text = doc.decode("utf-8")
     try:
-        return json.loads(text, **kwargs)
+        return _decoder(**kwargs).decode(text)  # what json.loads(text, **kwargs) does
     except RecursionError as exc:  # cannot happen within MAX_DEPTH; never escape anyway
         msg = f"JSON nesting exhausted the parser: {exc}"
         raise LimitError(msg) from exc
+
+
+@functools.lru_cache(maxsize=16)
+def _decoder(**kwargs: Any) -> json.JSONDecoder:
+    """One `json.JSONDecoder` per set of options (json.loads builds one per call when
+    given any: 2-3 µs of a SenML pack's 15)."""
+    return json.JSONDecoder(**kwargs)
 
 
 def _refused(tag: int) -> LimitError:
