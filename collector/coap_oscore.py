@@ -27,10 +27,11 @@ counted, rate-limited event (`collector.coap_guard.EventLimiter`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import aiocoap
@@ -45,7 +46,7 @@ from collector.coap_guard import EventLimiter, source_of
 from collector.settings import CoapSettings
 from collector.uplink import Device
 from storage import credentials
-from storage.errors import StorageError
+from storage.errors import RowRefusedError, StorageError
 from storage.notify import CredentialChange
 from storage.pool import Pool, connection
 
@@ -451,6 +452,19 @@ class Busy(error.ConstructionRenderableError):  # type: ignore[misc]  # aiocoap 
         msg = super().to_message()
         msg.opt.max_age = self.max_age_s
         return msg
+
+
+@contextlib.contextmanager
+def storage_answers(busy_s: int) -> Iterator[None]:
+    """A CoAP request's storage errors as its answer: values the database refuses as sent
+    4.00 (sent again, refused again: never "busy"), anything else 5.03 + Max-Age (the
+    database away: retry later)."""
+    try:
+        yield
+    except RowRefusedError as exc:
+        raise error.BadRequest("the database refuses this request's values") from exc
+    except StorageError as exc:
+        raise Busy(busy_s, "database unavailable") from exc
 
 
 class OscoreSite:

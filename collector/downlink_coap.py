@@ -26,10 +26,9 @@ from typing import Any
 import aiocoap
 from aiocoap import error, resource
 
-from collector.coap_oscore import Busy, DeviceContext
+from collector.coap_oscore import DeviceContext, storage_answers
 from collector.downlink import Downlinks
 from collector.uplink import Device
-from storage.errors import RowRefusedError, StorageError
 
 JSON_FORMAT = 50  # RFC 7252 §12.3: application/json
 
@@ -62,15 +61,12 @@ class ResultResource(resource.Resource):
             raise error.Unauthorized("answers need OSCORE")
         device = ctx.device
         try:
-            outcome = await self._downlinks.answer(
-                device.meter_id, device.address, bytes(request.payload)
-            )
+            with storage_answers(self._busy_s):
+                outcome = await self._downlinks.answer(
+                    device.meter_id, device.address, bytes(request.payload)
+                )
         except ValueError as exc:
             raise error.BadRequest(str(exc)[:200]) from None
-        except RowRefusedError as exc:  # sent again, refused again: not a busy database
-            raise error.BadRequest("the database refuses these results as sent") from exc
-        except StorageError as exc:
-            raise Busy(self._busy_s, "database unavailable") from exc
         unknown = sorted(cid for cid, what in outcome.items() if what == "unknown")
         if unknown:
             text = "no such command of this meter: " + ",".join(map(str, unknown[:20]))

@@ -69,7 +69,7 @@ from aiocoap import error, oscore, resource
 from collector import metrics
 from collector.coap import TenantDirectory, UplinkResource, _peer, response
 from collector.coap_guard import EventLimiter
-from collector.coap_oscore import Busy, DeviceContext
+from collector.coap_oscore import DeviceContext, storage_answers
 from collector.downlink import Downlinks
 from collector.notifications import Notifications
 from collector.pipeline import Pipeline, PipelineClosed
@@ -86,7 +86,7 @@ from decoder.lwm2m import (
     with_endpoint,
 )
 from storage import credentials, lwm2m, mailbox
-from storage.errors import RowRefusedError, StorageError
+from storage.errors import StorageError
 from storage.pool import Pool, connection
 
 log = structlog.get_logger("collector.lwm2m")
@@ -119,16 +119,13 @@ def _end(request: Any) -> None:
 @contextlib.contextmanager
 def _storage_answers(busy_s: int, missing: str = "") -> Iterator[None]:
     """A registration request's storage errors as its answer: no such registration 4.04
-    (`missing` says why), values the database refuses as sent 4.00 (sent again, refused
-    again), anything else 5.03 + Max-Age (the database away: retry later)."""
-    try:
-        yield
-    except lwm2m.NoRegistrationError:
-        raise error.NotFound(missing) from None
-    except RowRefusedError as exc:
-        raise error.BadRequest("the database refuses this request's values") from exc
-    except StorageError as exc:
-        raise Busy(busy_s, "database unavailable") from exc
+    (`missing` says why), the rest as every CoAP resource answers them
+    (`collector.coap_oscore.storage_answers`)."""
+    with storage_answers(busy_s):
+        try:
+            yield
+        except lwm2m.NoRegistrationError:
+            raise error.NotFound(missing) from None
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
