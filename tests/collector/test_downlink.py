@@ -395,8 +395,10 @@ async def test_results_nested_past_the_parser_are_refused_and_acknowledged(
     malformed one: over MQTT acknowledged, so that more of them than the broker keeps in
     flight do not hold back the device's real answer behind them; over CoAP 4.00."""
     await answered_behind(pool, broker, device, b"[" * 1500 + b"]" * 1500, 7)
-    shallow = b"[" * 300 + b"]" * 300  # (within one CoAP message) past the depth limit
-    assert (await meter.post(raw, shallow, path="c")).code == "4.00"
+    # a well-formed answer (read as one before the limit: 2.04 or 4.04, not 4.00) whose
+    # result nests past the depth limit, within one CoAP message
+    nested = b'{"id":1,"ok":true,"result":' + b'{"a":' * 40 + b"0" + b"}" * 41
+    assert (await meter.post(raw, nested, path="c")).code == "4.00"
 
 
 async def test_a_result_that_fails_unexpectedly_is_acknowledged(
